@@ -1,0 +1,210 @@
+// FlashAttention-2 forward for sm_80 and newer: mma.sync m16n8k16 (fp32 accumulation), ldmatrix,
+// cp.async, XOR-swizzled shared memory, online softmax in registers, P kept in registers.
+//
+// One CTA owns BLOCK_M query rows of one (batch, head) and streams the visible key tiles from last to
+// first: the first tile processed is the only one that can hold the seqlen_k tail, and causal/window
+// diagonals are the first few, so the mask branch is taken only on boundary tiles. Warps split the query
+// rows (MS m16 slabs each) and never share softmax state.
+//
+// Compile-time configuration (defines set by cuflash/dispatch.py):
+//   CF_DTYPE (CF_FP16 / CF_BF16), CF_HEAD_DIM (multiple of 64; the real head_dim may be smaller and is
+//   zero-padded on load), CF_BLOCK_M, CF_BLOCK_N, CF_WARPS, CF_MIN_BLOCKS, CF_IS_LOCAL (causal or
+//   window), CF_SOFTCAP, CF_ALIBI.
+#include "ptx/mma.cuh"
+#include "ptx/ldmatrix.cuh"
+#include "ptx/cp_async.cuh"
+#include "attention/params.cuh"
+#include "attention/smem_tile.cuh"
+#include "attention/score_mods.cuh"
+#include "attention/online_softmax.cuh"
+
+namespace {
+constexpr int kD = CF_HEAD_DIM;
+constexpr int kBM = CF_BLOCK_M;
+constexpr int kBN = CF_BLOCK_N;
+constexpr int kWarps = CF_WARPS;
+constexpr int kThreads = kWarps * 32;
+constexpr int kMS = kBM / (16 * kWarps);  // m16 slabs per warp
+constexpr int kNT8 = kBN / 8;             // n8 tiles of a score row
+constexpr int kDT8 = kD / 8;              // n8 tiles of an output row
+static_assert(kBM % (16 * kWarps) == 0, "BLOCK_M must be a multiple of 16 * warps");
+static_assert(kBN % 16 == 0 && kD % 16 == 0, "tile sizes must be multiples of 16");
+
+using QTile = SmemTile<kBM, kD>;
+using KVTile = SmemTile<kBN, kD>;
+}  // namespace
+
+// Which (query block, batch, head) a CTA owns. Rebuilt from blockIdx and the parameter bank where a
+// pointer is needed instead of being kept live: at 255 registers, every 64-bit pointer held across the
+// main loop is a spill.
+struct BlockCoords {
+    int m_block, b, h, hk;
+    __device__ __forceinline__ explicit BlockCoords(const AttentionParams& p) {
+        // Heaviest query blocks first: with causal masking the last blocks see the most keys.
+        const int bh_count = p.batch * p.heads_q;
+        m_block = p.num_m_blocks - 1 - (int)(blockIdx.x / bh_count);
+        const int bh = blockIdx.x % bh_count;
+        b = bh / p.heads_q;
+        h = bh % p.heads_q;
+        hk = h / (p.heads_q / p.heads_k);
+    }
+};
+__device__ __forceinline__ const u16* q_ptr(const AttentionParams& p, const BlockCoords& c) {
+    return (const u16*)p.q + (i64)c.b * p.q_batch_stride + (i64)c.h * p.q_head_stride;
+}
+__device__ __forceinline__ const u16* k_ptr(const AttentionParams& p, const BlockCoords& c) {
+    return (const u16*)p.k + (i64)c.b * p.k_batch_stride + (i64)c.hk * p.k_head_stride;
+}
+__device__ __forceinline__ const u16* v_ptr(const AttentionParams& p, const BlockCoords& c) {
+    return (const u16*)p.v + (i64)c.b * p.v_batch_stride + (i64)c.hk * p.v_head_stride;
+}
+__device__ __forceinline__ u16* o_ptr(const AttentionParams& p, const BlockCoords& c) {
+    return (u16*)p.o + (i64)c.b * p.o_batch_stride + (i64)c.h * p.o_head_stride;
+}
+__device__ __forceinline__ float* lse_ptr(const AttentionParams& p, const BlockCoords& c) {
+    return p.lse + ((i64)c.b * p.heads_q + c.h) * p.seqlen_q;
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads, CF_MIN_BLOCKS)
+attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const u32 sQ = smem_u32(smem);
+    const u32 sK = sQ + QTile::kBytes;
+    const u32 sV = sK + KVTile::kBytes;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const BlockCoords bc(p);
+    const int m_block = bc.m_block;
+    const int m_start = m_block * kBM;
+    const int i_last = min(m_start + kBM, p.seqlen_q) - 1;
+    const Visibility vis(p.seqlen_q, p.seqlen_k, p.window_left, p.window_right);
+    int n_lo, n_hi;
+    vis.key_tiles(m_start, i_last, kBN, &n_lo, &n_hi);
+
+    if (n_hi <= n_lo) {
+        u16* o = o_ptr(p, bc);
+        float* lse = lse_ptr(p, bc);
+        // No query row of this block sees any key: zeros and LSE = +inf, without touching K or V.
+        for (int c = tid; c < kBM * (kD / 8); c += kThreads) {
+            const int row = c / (kD / 8), col = (c % (kD / 8)) * 8;
+            if (m_start + row < p.seqlen_q && col < p.head_dim)
+                *(uint4*)(o + (i64)(m_start + row) * p.o_row_stride + col) = make_uint4(0, 0, 0, 0);
+        }
+        for (int row = tid; row < kBM; row += kThreads)
+            if (m_start + row < p.seqlen_q) lse[m_start + row] = CF_INF;
+        return;
+    }
+
+    const float slope = CF_ALIBI ? p.alibi[(i64)bc.b * p.alibi_batch_stride + bc.h] : 0.f;
+    const int warp_row0 = warp * kMS * 16;
+
+    QTile::load_async<kThreads>(sQ, q_ptr(p, BlockCoords(p)), p.q_row_stride, m_start, p.seqlen_q, p.head_dim, tid);
+    KVTile::load_async<kThreads>(sK, k_ptr(p, BlockCoords(p)), p.k_row_stride, (n_hi - 1) * kBN, p.seqlen_k, p.head_dim, tid);
+    cp_async_commit();
+
+    float acc_o[kMS][kDT8][4];
+#pragma unroll
+    for (int s = 0; s < kMS; ++s)
+#pragma unroll
+        for (int d = 0; d < kDT8; ++d)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_o[s][d][e] = 0.f;
+    OnlineSoftmax<kMS, kNT8> softmax;
+
+    for (int n_block = n_hi - 1; n_block >= n_lo; --n_block) {
+        // K of this tile has landed, and every warp is done reading the previous V: V may be overwritten.
+        cp_async_wait<0>();
+        __syncthreads();
+        KVTile::load_async<kThreads>(sV, v_ptr(p, BlockCoords(p)), p.v_row_stride, n_block * kBN, p.seqlen_k, p.head_dim, tid);
+        cp_async_commit();
+
+        float sc[kMS][kNT8][4];
+#pragma unroll
+        for (int s = 0; s < kMS; ++s)
+#pragma unroll
+            for (int n = 0; n < kNT8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) sc[s][n][e] = 0.f;
+        // Rolled on purpose: unrolled, ptxas hoists every k-step's fragments and spills.
+#pragma unroll 1
+        for (int kk = 0; kk < kD / 16; ++kk) {
+            u32 a[kMS][4];
+#pragma unroll
+            for (int s = 0; s < kMS; ++s)
+                ldmatrix_x4(a[s], sQ + QTile::offset(warp_row0 + s * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+            for (int nn = 0; nn < kBN / 16; ++nn) {
+                u32 bk[4];
+                ldmatrix_x4(bk, sK + KVTile::offset(nn * 16 + (lane & 7) + (lane >> 4) * 8, kk * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+                for (int s = 0; s < kMS; ++s) {
+                    mma_16816(sc[s][2 * nn], a[s], bk[0], bk[1]);
+                    mma_16816(sc[s][2 * nn + 1], a[s], bk[2], bk[3]);
+                }
+            }
+        }
+
+        const TileCoords<kMS, kNT8> tc(m_start + warp_row0, n_block * kBN, lane);
+        apply_score_mods<kMS, kNT8, CF_SOFTCAP, CF_ALIBI>(sc, tc, p.softmax_scale, p.softcap, slope, vis.off);
+        if (vis.tile_needs_mask<CF_IS_LOCAL>(m_start, i_last, n_block * kBN, kBN)) apply_mask(sc, tc, vis);
+
+        // V of this tile has landed and every warp is done with K: prefetch the next K under softmax + PV.
+        cp_async_wait<0>();
+        __syncthreads();
+        if (n_block > n_lo) {
+            KVTile::load_async<kThreads>(sK, k_ptr(p, BlockCoords(p)), p.k_row_stride, (n_block - 1) * kBN, p.seqlen_k, p.head_dim, tid);
+            cp_async_commit();
+        }
+
+        softmax.update(sc, acc_o, p.scale_log2);
+
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) {
+            u32 a[kMS][4];
+#pragma unroll
+            for (int s = 0; s < kMS; ++s) {
+                a[s][0] = pack2(sc[s][2 * kk][0], sc[s][2 * kk][1]);
+                a[s][1] = pack2(sc[s][2 * kk][2], sc[s][2 * kk][3]);
+                a[s][2] = pack2(sc[s][2 * kk + 1][0], sc[s][2 * kk + 1][1]);
+                a[s][3] = pack2(sc[s][2 * kk + 1][2], sc[s][2 * kk + 1][3]);
+            }
+#pragma unroll
+            for (int dd = 0; dd < kD / 16; ++dd) {
+                u32 bv[4];
+                ldmatrix_x4_trans(bv, sV + KVTile::offset(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dd * 16 + (lane >> 4) * 8));
+#pragma unroll
+                for (int s = 0; s < kMS; ++s) {
+                    mma_16816(acc_o[s][2 * dd], a[s], bv[0], bv[1]);
+                    mma_16816(acc_o[s][2 * dd + 1], a[s], bv[2], bv[3]);
+                }
+            }
+        }
+    }
+
+    float row_lse[kMS][2];
+    softmax.finalize(acc_o, row_lse, p.scale_log2);
+
+    u16* o = o_ptr(p, BlockCoords(p));
+    float* lse = lse_ptr(p, BlockCoords(p));
+    // Stage O through this warp's own rows of the Q tile (no other warp reads them), then write it out in
+    // 16-byte coalesced chunks.
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int s = 0; s < kMS; ++s)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int row = warp_row0 + s * 16 + g + hh * 8;
+#pragma unroll
+            for (int d = 0; d < kDT8; ++d)
+                *(u32*)(smem + QTile::offset(row, d * 8) + t * 4) = pack2(acc_o[s][d][2 * hh], acc_o[s][d][2 * hh + 1]);
+            if (t == 0 && m_start + row < p.seqlen_q) lse[m_start + row] = row_lse[s][hh];
+        }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kBM * (kD / 8) / kThreads; ++i) {
+        const int c = i * kThreads + tid;
+        const int row = c / (kD / 8), col = (c % (kD / 8)) * 8;
+        if (m_start + row < p.seqlen_q && col < p.head_dim)
+            *(uint4*)(o + (i64)(m_start + row) * p.o_row_stride + col) = *(const uint4*)(smem + QTile::offset(row, col));
+    }
+}

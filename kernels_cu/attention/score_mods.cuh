@@ -1,0 +1,46 @@
+// Score modifications and masking on a warp's accumulator tile, shared by the forward and backward.
+// Element e of n8 tile n in m16 slab s of a warp sits at row  row0 + 16 s + lane/4 + 8 (e/2)
+//                                                    and col  col0 + 8 n + 2 (lane%4) + e%2.
+#pragma once
+#include "attention/mask.cuh"
+#include "ptx/math.cuh"
+
+template <int MS, int NT8>
+struct TileCoords {
+    int row0, col0, g, t2;
+    __device__ __forceinline__ TileCoords(int r0, int c0, int lane) : row0(r0), col0(c0), g(lane >> 2), t2((lane & 3) * 2) {}
+    __device__ __forceinline__ int row(int s, int e) const { return row0 + s * 16 + g + (e >> 1) * 8; }
+    __device__ __forceinline__ int col(int n, int e) const { return col0 + n * 8 + t2 + (e & 1); }
+};
+
+// Turns raw q.k products into final scores: softcap * tanh(scale * x / softcap), then the ALiBi bias
+// -slope * |i + off - j|. Without either modification the raw products stay as they are and the softmax
+// folds the scale into its exponent instead (one FMA fewer per element).
+template <int MS, int NT8, bool SOFTCAP, bool ALIBI>
+__device__ __forceinline__ void apply_score_mods(float (&sc)[MS][NT8][4], const TileCoords<MS, NT8>& tc,
+                                                 float softmax_scale, float softcap, float slope, int off) {
+    if (!SOFTCAP && !ALIBI) return;
+    const float pre = SOFTCAP ? softmax_scale / softcap : softmax_scale;
+#pragma unroll
+    for (int s = 0; s < MS; ++s)
+#pragma unroll
+        for (int n = 0; n < NT8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float x = sc[s][n][e] * pre;
+                if (SOFTCAP) x = softcap * tanh_accurate(x);
+                if (ALIBI) x -= slope * fabsf((float)(tc.row(s, e) + off - tc.col(n, e)));
+                sc[s][n][e] = x;
+            }
+}
+
+template <int MS, int NT8>
+__device__ __forceinline__ void apply_mask(float (&sc)[MS][NT8][4], const TileCoords<MS, NT8>& tc, const Visibility& vis) {
+#pragma unroll
+    for (int s = 0; s < MS; ++s)
+#pragma unroll
+        for (int n = 0; n < NT8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                if (!vis.visible(tc.row(s, e), tc.col(n, e))) sc[s][n][e] = -CF_INF;
+}

@@ -1,0 +1,49 @@
+// Shared-memory tiles of ROWS x DIM 16-bit elements (DIM a multiple of 64).
+//
+// Layout: DIM/64 column blocks, each ROWS x 64 elements (128 bytes a row); inside a block the 16-byte
+// chunk c of row r sits at chunk position c ^ (r % 8). An ldmatrix phase reads 8 rows of one logical
+// chunk and a cp.async wave writes 8 chunks of one row; the XOR spreads both over all 32 banks, so
+// neither needs padding. 64-wide blocks (not full-DIM rows) also keep a row's chunks within one
+// 128-byte line, the shape of the global->shared copy FlashAttention-2 found fastest.
+#pragma once
+#include "ptx/cp_async.cuh"
+
+template <int ROWS, int DIM>
+struct SmemTile {
+    static_assert(DIM % 64 == 0, "tile width must be a multiple of 64 elements");
+    static constexpr int kElems = ROWS * DIM;
+    static constexpr int kBytes = kElems * 2;
+
+    // Byte offset of the 16-byte chunk holding (row, col..col+7); col is a multiple of 8.
+    static __device__ __forceinline__ u32 offset(int row, int col) {
+        const int chunk = col >> 3;
+        return (u32)(((chunk >> 3) * ROWS * 64 + row * 64 + (((chunk & 7) ^ (row & 7)) << 3)) * 2);
+    }
+
+    // Cooperative cp.async of rows [row0, row0 + ROWS) of a (seqlen, head_dim) slice with row stride
+    // `row_stride`; rows >= row_limit and columns >= head_dim are zero-filled.
+    // Each thread copies chunk t % 8 of rows t / 8 + k * (NTHREADS / 8) in every 64-wide column block. The
+    // row step is a multiple of 8, so the swizzle term is the same for all of a thread's rows and every
+    // shared address is the thread's base plus a compile-time constant: nothing to keep in registers
+    // across the main loop, where spare registers are scarce.
+    template <int NTHREADS>
+    static __device__ __forceinline__ void load_async(u32 smem, const u16* gmem, i64 row_stride, int row0,
+                                                      int row_limit, int head_dim, int tid) {
+        constexpr int kRowStep = NTHREADS / 8;
+        static_assert(kRowStep % 8 == 0 && ROWS % kRowStep == 0, "rows must split evenly over the threads");
+        const int r = tid >> 3, chunk = tid & 7;
+        const u32 dst = smem + (u32)((r * 64 + ((chunk ^ (r & 7)) << 3)) * 2);
+        const u16* src = gmem + (i64)(row0 + r) * row_stride + chunk * 8;
+        const i64 src_step = (i64)kRowStep * row_stride;
+#pragma unroll
+        for (int i = 0; i < ROWS / kRowStep; ++i) {
+            const bool row_ok = row0 + r + i * kRowStep < row_limit;
+#pragma unroll
+            for (int blk = 0; blk < DIM / 64; ++blk) {
+                const bool valid = row_ok && (blk * 64 + chunk * 8 < head_dim);
+                cp_async_16(dst + (u32)((blk * ROWS * 64 + i * kRowStep * 64) * 2), valid ? src + blk * 64 : gmem, valid);
+            }
+            src += src_step;
+        }
+    }
+};

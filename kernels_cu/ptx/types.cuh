@@ -1,0 +1,47 @@
+// Element types without cuda_fp16.h / cuda_bf16.h: NVRTC 13 ships neither header, so 16-bit values
+// travel as raw bits and every conversion is one PTX instruction.
+#pragma once
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+// No <math.h> under NVRTC: the IEEE infinity from its bit pattern.
+#define CF_INF __int_as_float(0x7f800000)
+
+#define CF_FP16 0
+#define CF_BF16 1
+
+// Two floats to one register holding two 16-bit values; `lo` lands in the low half, which is the element
+// with the smaller column index in every mma.sync fragment.
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 r;
+#if CF_DTYPE == CF_BF16
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
+
+__device__ __forceinline__ float to_float(u16 x) {
+    float f;
+#if CF_DTYPE == CF_BF16
+    // bf16 is the top half of an fp32.
+    f = __uint_as_float(((u32)x) << 16);
+#else
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+#endif
+    return f;
+}
+
+__device__ __forceinline__ u16 from_float(float f) {
+    u16 r;
+#if CF_DTYPE == CF_BF16
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+#endif
+    return r;
+}
