@@ -1,0 +1,26 @@
+"""cuflash: exact FlashAttention for any DLPack array, JIT-compiled at first use, nothing to build.
+
+    >>> import cuflash
+    >>> out = cuflash.attention(q, k, v, causal=True)
+
+See :func:`cuflash.attention`. ``import cuflash`` imports neither PyTorch nor JAX.
+"""
+
+from .api import attention
+from .jit import precompile
+
+__version__ = "0.1.0"
+
+
+def gpu_available() -> bool:
+    """True when CuPy is importable and sees a CUDA GPU of compute capability 8.0 or newer."""
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return False
+        return int(cupy.cuda.Device(0).compute_capability) >= 80
+    except Exception:
+        return False
+
+
+__all__ = ["attention", "precompile", "gpu_available", "__version__"]

@@ -1,0 +1,121 @@
+"""Array interop: any DLPack array in, the caller's own array type out, on the caller's stream.
+
+The kernels need only a pointer, a shape and element strides, so inputs become a :class:`DeviceArray`
+without a copy and without a CuPy array being built (PyTorch tensors are read directly, which also keeps
+the host cost of a call low). Outputs are allocated by the caller's framework (PyTorch's caching
+allocator, so a call can be captured in a CUDA graph), or by CuPy and handed over through DLPack (JAX).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import dlpack
+
+
+@dataclass
+class DeviceArray:
+    """A framework-neutral view of GPU memory: what ops.py needs to launch a kernel."""
+
+    ptr: int
+    shape: tuple
+    strides: tuple  # in elements
+    dtype: str      # "float16", "bfloat16", "float32", ...
+    device: int
+    owner: object = None  # keeps the memory alive (the framework array or an imported DLPack tensor)
+
+
+def framework_of(x) -> str:
+    """``numpy``, ``cupy``, ``torch``, ``jax`` or ``dlpack`` (any other ``__dlpack__`` producer)."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    mod = type(x).__module__.split(".", 1)[0]
+    if mod == "cupy":
+        return "cupy"
+    if mod == "torch":
+        return "torch"
+    if mod in ("jax", "jaxlib"):
+        return "jax"
+    if hasattr(x, "__dlpack__"):
+        return "dlpack"
+    raise TypeError(f"expected an array (NumPy, CuPy, PyTorch, JAX or any DLPack producer), got {type(x).__name__}")
+
+
+_TORCH_DTYPES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16", "torch.float32": "float32",
+                 "torch.float64": "float64"}
+
+
+def dtype_name(x, fw: str) -> str:
+    if fw == "torch":
+        return _TORCH_DTYPES.get(str(x.dtype), str(x.dtype))
+    if fw in ("numpy", "cupy"):
+        return str(x.dtype)
+    return str(getattr(x, "dtype", "unknown"))
+
+
+def device_of(x, fw: str):
+    """CUDA device ordinal, or ``"cpu"`` for host arrays."""
+    if fw == "numpy":
+        return "cpu"
+    if fw == "cupy":
+        return x.device.id
+    if fw == "torch":
+        return x.device.index if x.device.type == "cuda" else x.device.type
+    dev_type, dev_id = x.__dlpack_device__()
+    return dev_id if dev_type == dlpack.KDL_CUDA else ("cpu" if dev_type == dlpack.KDL_CPU else f"dlpack device {dev_type}")
+
+
+def current_stream(fw: str, device: int) -> int:
+    """The stream the caller's framework would run its next kernel on (a raw cudaStream_t)."""
+    if fw == "torch":
+        import torch
+        return torch.cuda.current_stream(device).cuda_stream
+    import cupy
+    with cupy.cuda.Device(device):
+        return cupy.cuda.get_current_stream().ptr
+
+
+def device_view(x, fw: str, stream: int) -> DeviceArray:
+    """Zero-copy view of a GPU array. ``stream`` is where it will be read (DLPack producers sync to it)."""
+    if fw == "torch":
+        if x.requires_grad:
+            x = x.detach()
+        return DeviceArray(x.data_ptr(), tuple(x.shape), tuple(x.stride()), dtype_name(x, fw), x.device.index, x)
+    if fw == "cupy":
+        item = x.dtype.itemsize
+        return DeviceArray(x.data.ptr, x.shape, tuple(s // item for s in x.strides), str(x.dtype), x.device.id, x)
+    # DLPack stream convention: 1 names the legacy default stream, which a raw 0 would mean "unspecified".
+    t = dlpack.ImportedTensor(x.__dlpack__(stream=stream or 1))
+    return DeviceArray(t.ptr, t.shape, t.strides, t.dtype, t.device_id, t)
+
+
+def empty(fw: str, shape, dtype: str, device: int, stream: int):
+    """Allocate a contiguous output through the caller's framework: (native array, DeviceArray view)."""
+    shape = tuple(int(s) for s in shape)
+    if fw == "torch":
+        import torch
+        t = torch.empty(shape, dtype=getattr(torch, dtype), device=f"cuda:{device}")
+        return t, device_view(t, "torch", stream)
+    import cupy
+    with cupy.cuda.Device(device), cupy.cuda.ExternalStream(stream, device):
+        # CuPy has no bfloat16: hold bf16 outputs as raw 16-bit words, retyped when exported.
+        c = cupy.empty(shape, dtype=np.uint16 if dtype == "bfloat16" else dtype)
+    view = DeviceArray(c.data.ptr, shape, tuple(s // c.dtype.itemsize for s in c.strides), dtype, device, c)
+    return (c if fw == "cupy" else None), view
+
+
+def to_caller(native, view: DeviceArray, fw: str, stream: int):
+    """The output in the caller's array type (``native`` is what :func:`empty` returned)."""
+    if fw in ("torch", "cupy"):
+        return native
+    import cupy
+    with cupy.cuda.Device(view.device):
+        ev = cupy.cuda.Event(disable_timing=True)
+        ev.record(cupy.cuda.ExternalStream(stream, view.device))
+    exp = dlpack.Exported(view.ptr, view.shape, view.strides, view.dtype, view.device, view.owner, ev)
+    if fw == "jax":
+        import jax.dlpack
+        return jax.dlpack.from_dlpack(exp)
+    return exp

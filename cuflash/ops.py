@@ -1,0 +1,91 @@
+"""Kernel launches on framework-neutral device views: fill the parameter block, pick the variant, launch.
+
+Everything here runs on the caller's stream and never synchronizes the host. Arguments arrive validated
+(api.py); this layer only translates them into what the kernels expect.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import dispatch, jit
+from .arrays import DeviceArray
+
+_LOG2E = 1.4426950408889634
+
+# Mirrors `struct AttentionParams` in kernels_cu/attention/params.cuh, field for field.
+_PTR = ["q", "k", "v", "o", "lse", "alibi", "dout", "delta", "dq_accum", "dq", "dk", "dv"]
+_STRIDED = ["q", "k", "v", "o", "do", "dq", "dk", "dv"]
+PARAMS_DTYPE = np.dtype(
+    [(n, np.uint64) for n in _PTR]
+    + [(f"{t}_{w}_stride", np.int64) for t in _STRIDED for w in ("batch", "row", "head")]
+    + [("alibi_batch_stride", np.int64)]
+    + [(n, np.int32) for n in ("batch", "heads_q", "heads_k", "seqlen_q", "seqlen_k", "head_dim",
+                              "window_left", "window_right")]
+    + [(n, np.float32) for n in ("softmax_scale", "scale_log2", "softcap")]
+    + [(n, np.int32) for n in ("num_m_blocks", "num_n_blocks", "pad_")],
+    align=True,
+)
+
+
+def _set_strides(p, name: str, a: DeviceArray) -> None:
+    # (batch, seqlen, heads, head_dim) views: row = sequence position.
+    p[f"{name}_batch_stride"], p[f"{name}_row_stride"], p[f"{name}_head_stride"] = a.strides[0], a.strides[1], a.strides[2]
+
+
+def _launch(fn, grid: int, threads: int, smem: int, stream: int, params: np.ndarray) -> None:
+    from cupy.cuda import driver
+    # One by-value struct argument: kernelParams is an array holding one pointer to the struct's bytes,
+    # which the driver copies at launch (and at graph capture), so `params` may die right after.
+    argv = np.array([params.ctypes.data], dtype=np.uint64)
+    driver.launchKernel(fn.ptr, grid, 1, 1, threads, 1, 1, smem, stream, argv.ctypes.data, 0)
+
+
+def common_params(q: DeviceArray, k: DeviceArray, v: DeviceArray, alibi, *, causal: bool, window_size,
+                  softmax_scale: float, softcap: float) -> np.ndarray:
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    seqlen_k, heads_k = k.shape[1], k.shape[2]
+    p = np.zeros((), dtype=PARAMS_DTYPE)
+    p["q"], p["k"], p["v"] = q.ptr, k.ptr, v.ptr
+    _set_strides(p, "q", q)
+    _set_strides(p, "k", k)
+    _set_strides(p, "v", v)
+    if alibi is not None:
+        p["alibi"] = alibi.ptr
+        p["alibi_batch_stride"] = alibi.strides[0] if len(alibi.shape) == 2 else 0
+    p["batch"], p["heads_q"], p["heads_k"] = batch, heads_q, heads_k
+    p["seqlen_q"], p["seqlen_k"], p["head_dim"] = seqlen_q, seqlen_k, head_dim
+    unbounded = seqlen_q + seqlen_k
+    left, right = window_size
+    if causal:
+        right = 0
+    p["window_left"] = unbounded if left < 0 else min(left, unbounded)
+    p["window_right"] = unbounded if right < 0 else min(right, unbounded)
+    p["softmax_scale"] = softmax_scale
+    p["softcap"] = softcap
+    # With softcap or ALiBi the kernel turns raw products into final scores before the softmax, so the
+    # exponent multiplier is log2(e) alone; otherwise the scale folds into it.
+    p["scale_log2"] = _LOG2E if (softcap > 0 or alibi is not None) else softmax_scale * _LOG2E
+    return p
+
+
+def is_local(causal: bool, window_size) -> bool:
+    return causal or window_size[0] >= 0 or window_size[1] >= 0
+
+
+def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, lse: DeviceArray, alibi, *,
+            causal: bool, window_size, softmax_scale: float, softcap: float, stream: int, arch: str) -> None:
+    dtype = "bf16" if q.dtype == "bfloat16" else "fp16"
+    key = dispatch.forward_key(dtype, q.shape[3], is_local=is_local(causal, window_size),
+                               softcap=softcap > 0, alibi=alibi is not None)
+    smem = dispatch.forward_smem_bytes(key)
+    fn = jit.get_function(key, arch, q.device, smem)
+    p = common_params(q, k, v, alibi, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
+                      softcap=softcap)
+    p["o"], p["lse"] = out.ptr, lse.ptr
+    _set_strides(p, "o", out)
+    batch, seqlen_q, heads_q = q.shape[:3]
+    p["num_m_blocks"] = math.ceil(seqlen_q / key.block_m)
+    _launch(fn, int(p["num_m_blocks"]) * batch * heads_q, key.threads, smem, stream, p)
