@@ -6,6 +6,7 @@ string names the disk-cache entry, the compile log line and error messages. Noth
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 # Head dims compiled natively; any other multiple of 8 up to 256 runs on the next one up with the extra
@@ -13,14 +14,14 @@ from dataclasses import dataclass
 PADDED_HEAD_DIMS = (64, 128, 192, 256)
 DTYPES = ("fp16", "bf16")
 
-# Forward tiles for the sm80 kernel: head dim -> (block_m, block_n, warps). 128 query rows per CTA keep
+# Forward tiles for the sm80 kernel: head dim -> (block_m, block_n, warps, min CTAs per SM). 128 query rows per CTA keep
 # the shared K/V tiles reused by 128 rows; the key tile shrinks as the head dim grows so that S (32 rows x
 # block_n per warp at 4 warps) and O stay within 255 registers without spilling.
 FWD_SM80_TILES = {
-    64: (128, 128, 4),
-    128: (128, 64, 4),
-    192: (128, 64, 8),
-    256: (128, 64, 8),
+    64: (128, 128, 4, 1),
+    128: (128, 64, 4, 1),
+    192: (128, 64, 8, 1),
+    256: (128, 64, 8, 1),
 }
 
 
@@ -63,6 +64,8 @@ class KernelKey:
             parts.append("alibi")
         parts += [f"{k.lower()}{v}" for k, v in self.extra]
         parts += [f"br{self.block_m}", f"bc{self.block_n}", f"w{self.warps}"]
+        if self.min_blocks > 1:
+            parts.append(f"mb{self.min_blocks}")
         return "_".join(parts)
 
     @property
@@ -92,10 +95,31 @@ class KernelKey:
         return self.name
 
 
+def _tile_overrides() -> dict:
+    """``CUFLASH_FWD_TILES="128=64x64x4,256=128x64x8x1"``: per padded head dim, block_m x block_n x warps
+    (x minimum resident CTAs per SM, a register-allocation hint; default 1).
+
+    A tuning knob for benchmarking other tile shapes without editing the package.
+    """
+    spec = os.environ.get("CUFLASH_FWD_TILES", "")
+    out = {}
+    for item in filter(None, spec.split(",")):
+        try:
+            d, tiles = item.split("=")
+            nums = [int(x) for x in tiles.split("x")]
+            if len(nums) == 3:
+                nums.append(1)
+            bm, bn, w, mb = nums
+            out[int(d)] = (bm, bn, w, mb)
+        except ValueError:
+            raise ValueError(f"CUFLASH_FWD_TILES entry {item!r} is not HEADDIM=BMxBNxWARPS") from None
+    return out
+
+
 def forward_key(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool) -> KernelKey:
     d = padded_head_dim(head_dim)
-    bm, bn, warps = FWD_SM80_TILES[d]
-    return KernelKey("fwd_sm80", "attention_fwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, warps)
+    bm, bn, warps, min_blocks = _tile_overrides().get(d) or FWD_SM80_TILES[d]
+    return KernelKey("fwd_sm80", "attention_fwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, warps, min_blocks)
 
 
 def forward_smem_bytes(key: KernelKey) -> int:

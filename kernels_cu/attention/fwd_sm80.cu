@@ -125,21 +125,50 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
             for (int n = 0; n < kNT8; ++n)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) sc[s][n][e] = 0.f;
-        // Rolled on purpose: unrolled, ptxas hoists every k-step's fragments and spills.
+        if constexpr (kMS == 1) {
+            // One slab per warp leaves registers to spare: fragments of k-step kk+1 are loaded while the
+            // MMAs of step kk issue, so ldmatrix latency hides behind tensor-core work.
+            u32 a[2][4], bk[2][kBN / 16][4];
+            auto load_step = [&](int kk, int buf) {
+                ldmatrix_x4(a[buf], sQ + QTile::offset(warp_row0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+                for (int nn = 0; nn < kBN / 16; ++nn)
+                    ldmatrix_x4(bk[buf][nn], sK + KVTile::offset(nn * 16 + (lane & 7) + (lane >> 4) * 8, kk * 16 + ((lane >> 3) & 1) * 8));
+            };
+            auto mma_step = [&](int buf) {
+#pragma unroll
+                for (int nn = 0; nn < kBN / 16; ++nn) {
+                    mma_16816(sc[0][2 * nn], a[buf], bk[buf][nn][0], bk[buf][nn][1]);
+                    mma_16816(sc[0][2 * nn + 1], a[buf], bk[buf][nn][2], bk[buf][nn][3]);
+                }
+            };
+            // Two k-steps per trip, rolled: fully unrolled, ptxas hoists every step's fragments and spills.
+            load_step(0, 0);
 #pragma unroll 1
-        for (int kk = 0; kk < kD / 16; ++kk) {
-            u32 a[kMS][4];
+            for (int kk = 0; kk < kD / 16; kk += 2) {
+                load_step(kk + 1, 1);
+                mma_step(0);
+                if (kk + 2 < kD / 16) load_step(kk + 2, 0);
+                mma_step(1);
+            }
+        } else {
+            // Two slabs per warp sit at the 255-register limit: no room for a second set of fragments.
+            // Rolled for the same reason as above.
+#pragma unroll 1
+            for (int kk = 0; kk < kD / 16; ++kk) {
+                u32 a[kMS][4];
 #pragma unroll
-            for (int s = 0; s < kMS; ++s)
-                ldmatrix_x4(a[s], sQ + QTile::offset(warp_row0 + s * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+                for (int s = 0; s < kMS; ++s)
+                    ldmatrix_x4(a[s], sQ + QTile::offset(warp_row0 + s * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
 #pragma unroll
-            for (int nn = 0; nn < kBN / 16; ++nn) {
-                u32 bk[4];
-                ldmatrix_x4(bk, sK + KVTile::offset(nn * 16 + (lane & 7) + (lane >> 4) * 8, kk * 16 + ((lane >> 3) & 1) * 8));
+                for (int nn = 0; nn < kBN / 16; ++nn) {
+                    u32 bk[4];
+                    ldmatrix_x4(bk, sK + KVTile::offset(nn * 16 + (lane & 7) + (lane >> 4) * 8, kk * 16 + ((lane >> 3) & 1) * 8));
 #pragma unroll
-                for (int s = 0; s < kMS; ++s) {
-                    mma_16816(sc[s][2 * nn], a[s], bk[0], bk[1]);
-                    mma_16816(sc[s][2 * nn + 1], a[s], bk[2], bk[3]);
+                    for (int s = 0; s < kMS; ++s) {
+                        mma_16816(sc[s][2 * nn], a[s], bk[0], bk[1]);
+                        mma_16816(sc[s][2 * nn + 1], a[s], bk[2], bk[3]);
+                    }
                 }
             }
         }

@@ -1,0 +1,54 @@
+// Small helpers shared by the backward kernels (bwd_sm80.cu, bwd_dq_sm80.cu).
+#pragma once
+#include "ptx/cp_async.cuh"
+#include "ptx/math.cuh"
+
+#ifndef CF_DETERMINISTIC
+#define CF_DETERMINISTIC 0
+#endif
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 4-byte cp.async (the .cg form only takes 16 bytes); src size 0 writes a zero. LSE and delta rows are
+// fp32 and start at arbitrary seqlen_q offsets, so 16-byte chunks would be misaligned.
+__device__ __forceinline__ void cp_async_4(u32 smem_addr, const void* gmem, bool valid) {
+    int src_bytes = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" :: "r"(smem_addr), "l"(gmem), "r"(src_bytes));
+}
+
+// Fire-and-forget fp32 atomic add of two neighbouring floats (addr 8-byte aligned). sm_90 has a vector
+// form that halves the number of atomic transactions.
+__device__ __forceinline__ void red_add_f32x2(float* addr, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(addr), "f"(a), "f"(b) : "memory");
+#else
+    asm volatile("red.global.add.f32 [%0], %1;\n" :: "l"(addr), "f"(a) : "memory");
+    asm volatile("red.global.add.f32 [%0], %1;\n" :: "l"(addr + 1), "f"(b) : "memory");
+#endif
+}
+
+// The backward recomputation of one score element, shared by the KV-parallel and the Q-parallel kernels:
+// from the raw q.k product `x`, query i and key j, returns P and overwrites `dp` (dO.v on entry) with dS.
+//   s  = x                                         (no softcap / ALiBi; c = softmax_scale * log2 e)
+//   s  = softcap * tanh(scale * x / softcap) - slope * |i + off - j|   (otherwise; c = log2 e)
+//   P  = 2^(s c - lse log2 e)       (0 where masked: s = -inf; 0 on rows with lse = +inf)
+//   dS = P (dP - D) [* (1 - tanh^2)]  -- neither softmax_scale nor any 16-bit rounding is applied here.
+template <bool SOFTCAP, bool ALIBI>
+__device__ __forceinline__ float bwd_score_element(float x, float& dp, float lse_l2, float delta, bool visible,
+                                                   float c, float pre, float softcap, float slope, int dist) {
+    float dtanh = 1.f;
+    if (SOFTCAP) {
+        const float t = tanh_accurate(x * pre);
+        x = softcap * t;
+        dtanh = fmaf(-t, t, 1.f);
+    } else if (ALIBI) {
+        x *= pre;
+    }
+    if (ALIBI) x -= slope * fabsf((float)dist);
+    if (!visible) x = -CF_INF;
+    const float pr = exp2_approx(fmaf(x, c, -lse_l2));
+    float ds = pr * (dp - delta);
+    if (SOFTCAP) ds *= dtanh;
+    dp = ds;
+    return pr;
+}

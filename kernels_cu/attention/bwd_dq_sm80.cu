@@ -1,0 +1,256 @@
+// Deterministic dQ for the FlashAttention-2 backward (sm_80 and newer), Q-parallel, used instead of the
+// atomic dQ of attention_bwd_sm80 when that kernel is built with CF_DETERMINISTIC=1.
+//
+// attention_bwd_dq_sm80
+//   grid  = num_m_blocks * batch * heads_q CTAs (1-D), num_m_blocks = ceil(seqlen_q / CF_BLOCK_M);
+//           blockIdx.x = (num_m_blocks - 1 - m_block) * (batch * heads_q) + b * heads_q + h (same order as
+//           the forward: heaviest causal query blocks first).
+//   block = CF_WARPS * 32;  dynamic smem = cf_bwd_dq_smem_bytes = 2*BM*D*2 + 3*BN*D*2
+//           (Q, dO resident; K double-buffered; V single-buffered).
+//   One CTA owns CF_BLOCK_M query rows of one (batch, query head); it walks the visible key tiles from
+//   last to first (a fixed order: bitwise reproducible), recomputes S, P, dP and dS exactly like the
+//   KV-parallel kernel, and accumulates dQ = dS.K in registers (warps split the query rows).
+//   Reads : q, k, v, dout, lse, delta, alibi; q_* k_* v_* do_* strides; the same scalars as the forward.
+//   Writes: dq (dq_* strides) = 16-bit(softmax_scale * dS.K), rows < seqlen_q, cols < head_dim (rows that
+//           see no key get 0). Does not touch dq_accum.
+//
+// Tile table (4 warps = 128 threads, CF_MIN_BLOCKS 1; BLOCK_N 128 at hd64/128 and 64 at hd256 spill):
+//   head dim | BM | BN | smem bytes
+//   64       | 64 | 64 |  40960
+//   128      | 64 | 64 |  81920
+//   192      | 64 | 64 | 122880
+//   256      | 64 | 32 | 114688
+#include "ptx/mma.cuh"
+#include "ptx/ldmatrix.cuh"
+#include "ptx/cp_async.cuh"
+#include "attention/params.cuh"
+#include "attention/smem_tile.cuh"
+#include "attention/mask.cuh"
+#include "attention/bwd_common.cuh"
+
+namespace {
+constexpr int kD = CF_HEAD_DIM;
+constexpr int kBM = CF_BLOCK_M;
+constexpr int kBN = CF_BLOCK_N;
+constexpr int kWarps = CF_WARPS;
+constexpr int kThreads = kWarps * 32;
+constexpr int kMS = kBM / (16 * kWarps);  // m16 slabs per warp
+constexpr int kNT8 = kBN / 8;
+constexpr int kDT8 = kD / 8;
+static_assert(kBM % (16 * kWarps) == 0, "BLOCK_M must be a multiple of 16 * warps");
+static_assert(kBN % 16 == 0 && kD % 16 == 0, "tile sizes must be multiples of 16");
+static_assert(kBM * (kD / 8) % kThreads == 0, "epilogue copy must split evenly");
+
+using QTile = SmemTile<kBM, kD>;
+using KVTile = SmemTile<kBN, kD>;
+constexpr int kSmemQ = 0;
+constexpr int kSmemDO = kSmemQ + QTile::kBytes;
+constexpr int kSmemK = kSmemDO + QTile::kBytes;   // two buffers
+constexpr int kSmemV = kSmemK + 2 * KVTile::kBytes;
+constexpr int kSmemBytes = kSmemV + KVTile::kBytes;
+}  // namespace
+
+extern "C" __device__ const int cf_bwd_dq_smem_bytes = kSmemBytes;
+
+struct DqCoords {
+    int m_block, b, h, hk;
+    __device__ __forceinline__ explicit DqCoords(const AttentionParams& p) {
+        const int bh_count = p.batch * p.heads_q;
+        m_block = p.num_m_blocks - 1 - (int)(blockIdx.x / bh_count);
+        const int bh = blockIdx.x % bh_count;
+        b = bh / p.heads_q;
+        h = bh % p.heads_q;
+        hk = h / (p.heads_q / p.heads_k);
+    }
+};
+
+__device__ __forceinline__ void load_kv_tile(const AttentionParams& p, bool is_v, u32 dst, int n_block, int tid) {
+    const DqCoords c(p);
+    if (is_v) {
+        const u16* v = (const u16*)p.v + (i64)c.b * p.v_batch_stride + (i64)c.hk * p.v_head_stride;
+        KVTile::load_async<kThreads>(dst, v, p.v_row_stride, n_block * kBN, p.seqlen_k, p.head_dim, tid);
+    } else {
+        const u16* k = (const u16*)p.k + (i64)c.b * p.k_batch_stride + (i64)c.hk * p.k_head_stride;
+        KVTile::load_async<kThreads>(dst, k, p.k_row_stride, n_block * kBN, p.seqlen_k, p.head_dim, tid);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads, CF_MIN_BLOCKS)
+attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const u32 sbase = smem_u32(smem);
+    const u32 sQ = sbase + kSmemQ, sDO = sbase + kSmemDO, sV = sbase + kSmemV;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3, t2 = t * 2;
+    const int m_start = DqCoords(p).m_block * kBM;
+    const int i_last = min(m_start + kBM, p.seqlen_q) - 1;
+    const Visibility vis(p.seqlen_q, p.seqlen_k, p.window_left, p.window_right);
+    int n_lo, n_hi;
+    vis.key_tiles(m_start, i_last, kBN, &n_lo, &n_hi);
+    const int warp_row0 = warp * kMS * 16;
+
+    if (n_hi > n_lo) {
+        const DqCoords c(p);
+        const u16* q = (const u16*)p.q + (i64)c.b * p.q_batch_stride + (i64)c.h * p.q_head_stride;
+        const u16* dout = (const u16*)p.dout + (i64)c.b * p.do_batch_stride + (i64)c.h * p.do_head_stride;
+        QTile::load_async<kThreads>(sQ, q, p.q_row_stride, m_start, p.seqlen_q, p.head_dim, tid);
+        QTile::load_async<kThreads>(sDO, dout, p.do_row_stride, m_start, p.seqlen_q, p.head_dim, tid);
+        load_kv_tile(p, false, sbase + kSmemK, n_hi - 1, tid);
+        cp_async_commit();
+        load_kv_tile(p, true, sV, n_hi - 1, tid);
+        cp_async_commit();
+    }
+
+    // Per-row LSE (times log2 e) and delta; rows past seqlen_q get LSE = +inf, hence P = 0.
+    float lse_l2[kMS][2], delta[kMS][2];
+    {
+        const DqCoords c(p);
+        const i64 row_base = ((i64)c.b * p.heads_q + c.h) * p.seqlen_q;
+#pragma unroll
+        for (int s = 0; s < kMS; ++s)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int i = m_start + warp_row0 + s * 16 + g + hh * 8;
+                const bool valid = i < p.seqlen_q;
+                lse_l2[s][hh] = valid ? p.lse[row_base + i] * kLog2e : CF_INF;
+                delta[s][hh] = valid ? p.delta[row_base + i] : 0.f;
+            }
+    }
+
+    float acc[kMS][kDT8][4];
+#pragma unroll
+    for (int s = 0; s < kMS; ++s)
+#pragma unroll
+        for (int d = 0; d < kDT8; ++d)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[s][d][e] = 0.f;
+
+#pragma unroll 1
+    for (int n_block = n_hi - 1; n_block >= n_lo; --n_block) {
+        const int buf = (n_hi - 1 - n_block) & 1;
+        const u32 sK = sbase + kSmemK + buf * KVTile::kBytes;
+        // Q, dO and this K have landed (V may still be in flight); every warp is done with the other K buffer.
+        cp_async_wait<1>();
+        __syncthreads();
+        if (n_block > n_lo) load_kv_tile(p, false, sbase + kSmemK + (buf ^ 1) * KVTile::kBytes, n_block - 1, tid);
+        cp_async_commit();
+
+        float sc[kMS][kNT8][4], dp[kMS][kNT8][4];
+#pragma unroll
+        for (int s = 0; s < kMS; ++s)
+#pragma unroll
+            for (int n = 0; n < kNT8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) { sc[s][n][e] = 0.f; dp[s][n][e] = 0.f; }
+#pragma unroll 1
+        for (int kk = 0; kk < kD / 16; ++kk) {
+            u32 a[kMS][4];
+#pragma unroll
+            for (int s = 0; s < kMS; ++s)
+                ldmatrix_x4(a[s], sQ + QTile::offset(warp_row0 + s * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+            for (int nn = 0; nn < kBN / 16; ++nn) {
+                u32 b[4];
+                ldmatrix_x4(b, sK + KVTile::offset(nn * 16 + (lane & 7) + (lane >> 4) * 8, kk * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+                for (int s = 0; s < kMS; ++s) {
+                    mma_16816(sc[s][2 * nn], a[s], b[0], b[1]);
+                    mma_16816(sc[s][2 * nn + 1], a[s], b[2], b[3]);
+                }
+            }
+        }
+        // V has landed (the K prefetch may still be in flight).
+        cp_async_wait<1>();
+        __syncthreads();
+#pragma unroll 1
+        for (int kk = 0; kk < kD / 16; ++kk) {
+            u32 a[kMS][4];
+#pragma unroll
+            for (int s = 0; s < kMS; ++s)
+                ldmatrix_x4(a[s], sDO + QTile::offset(warp_row0 + s * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+            for (int nn = 0; nn < kBN / 16; ++nn) {
+                u32 b[4];
+                ldmatrix_x4(b, sV + KVTile::offset(nn * 16 + (lane & 7) + (lane >> 4) * 8, kk * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+                for (int s = 0; s < kMS; ++s) {
+                    mma_16816(dp[s][2 * nn], a[s], b[0], b[1]);
+                    mma_16816(dp[s][2 * nn + 1], a[s], b[2], b[3]);
+                }
+            }
+        }
+        // Every warp is done with V: prefetch the next one under the elementwise work and dS.K.
+        __syncthreads();
+        if (n_block > n_lo) load_kv_tile(p, true, sV, n_block - 1, tid);
+        cp_async_commit();
+
+        {
+            const int n_start = n_block * kBN;
+            const bool need_mask = vis.tile_needs_mask<CF_IS_LOCAL>(m_start, i_last, n_start, kBN);
+            const float slope = CF_ALIBI ? p.alibi[(i64)DqCoords(p).b * p.alibi_batch_stride + DqCoords(p).h] : 0.f;
+            const float pre = CF_SOFTCAP ? p.softmax_scale / p.softcap : p.softmax_scale;
+            const float c = p.scale_log2, softcap = p.softcap;
+#pragma unroll
+            for (int s = 0; s < kMS; ++s)
+#pragma unroll
+                for (int n = 0; n < kNT8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int i = m_start + warp_row0 + s * 16 + g + (e >> 1) * 8;
+                        const int j = n_start + n * 8 + t2 + (e & 1);
+                        const bool visible = !need_mask || vis.visible(i, j);
+                        bwd_score_element<CF_SOFTCAP, CF_ALIBI>(sc[s][n][e], dp[s][n][e], lse_l2[s][e >> 1],
+                                                                delta[s][e >> 1], visible, c, pre, softcap, slope,
+                                                                i + vis.off - j);
+                    }
+        }
+
+        // dQ += dS.K: dS (rows = queries, k = keys) straight from the accumulators, K via ldmatrix.trans.
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) {
+            u32 a[kMS][4];
+#pragma unroll
+            for (int s = 0; s < kMS; ++s) {
+                a[s][0] = pack2(dp[s][2 * kk][0], dp[s][2 * kk][1]);
+                a[s][1] = pack2(dp[s][2 * kk][2], dp[s][2 * kk][3]);
+                a[s][2] = pack2(dp[s][2 * kk + 1][0], dp[s][2 * kk + 1][1]);
+                a[s][3] = pack2(dp[s][2 * kk + 1][2], dp[s][2 * kk + 1][3]);
+            }
+#pragma unroll
+            for (int dd = 0; dd < kD / 16; ++dd) {
+                u32 b[4];
+                ldmatrix_x4_trans(b, sK + KVTile::offset(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dd * 16 + (lane >> 4) * 8));
+#pragma unroll
+                for (int s = 0; s < kMS; ++s) {
+                    mma_16816(acc[s][2 * dd], a[s], b[0], b[1]);
+                    mma_16816(acc[s][2 * dd + 1], a[s], b[2], b[3]);
+                }
+            }
+        }
+    }
+
+    // Epilogue: dq = softmax_scale * acc, staged through this warp's own rows of the Q tile (only this warp
+    // ever reads them), then 16-byte coalesced stores.
+    const float scale = p.softmax_scale;
+#pragma unroll
+    for (int s = 0; s < kMS; ++s)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int row = warp_row0 + s * 16 + g + hh * 8;
+#pragma unroll
+            for (int d = 0; d < kDT8; ++d)
+                *(u32*)(smem + kSmemQ + QTile::offset(row, d * 8) + t * 4) =
+                    pack2(acc[s][d][2 * hh] * scale, acc[s][d][2 * hh + 1] * scale);
+        }
+    __syncthreads();
+    const DqCoords c(p);
+    u16* dq = (u16*)p.dq + (i64)c.b * p.dq_batch_stride + (i64)c.h * p.dq_head_stride;
+#pragma unroll
+    for (int i = 0; i < kBM * (kD / 8) / kThreads; ++i) {
+        const int cidx = i * kThreads + tid;
+        const int row = cidx / (kD / 8), col = (cidx % (kD / 8)) * 8;
+        if (m_start + row < p.seqlen_q && col < p.head_dim)
+            *(uint4*)(dq + (i64)(m_start + row) * p.dq_row_stride + col) = *(const uint4*)(smem + kSmemQ + QTile::offset(row, col));
+    }
+}

@@ -1,0 +1,408 @@
+// FlashAttention-2 backward for sm_80 and newer, KV-parallel: mma.sync m16n8k16 (fp32 accumulation),
+// ldmatrix, cp.async, XOR-swizzled shared memory.
+//
+// ---------------------------------------------------------------------------------------------------------
+// Backward pipeline (host side, in this order)
+//   1. attention_bwd_preprocess   (bwd_prepost.cu)  delta = rowsum(dO * O) from the stored 16-bit O; zeroes
+//                                                   dq_accum rows when p.dq_accum != nullptr.
+//   2. attention_bwd_sm80         (this file)       dK, dV (and, unless CF_DETERMINISTIC, dQ via fp32
+//                                                   atomics into dq_accum, UNSCALED).
+//   3a. non-deterministic: attention_bwd_postprocess (bwd_prepost.cu) dq = 16-bit(dq_accum * softmax_scale).
+//   3b. CF_DETERMINISTIC=1: attention_bwd_dq_sm80 (bwd_dq_sm80.cu) writes dq directly (scaled, 16-bit);
+//       no dq_accum needed (pass p.dq_accum = nullptr to the preprocess so that it zeroes nothing).
+//
+// attention_bwd_sm80
+//   grid  = num_n_blocks * batch * heads_k CTAs (1-D), num_n_blocks = ceil(seqlen_k / CF_BLOCK_N);
+//           blockIdx.x = n_block * (batch * heads_k) + b * heads_k + hk  (key block 0 first: with causal
+//           masking it sees the most query tiles).
+//   block = CF_WARPS * 32 threads;  dynamic smem = cf_bwd_smem_bytes (formula below).
+//   One CTA owns CF_BLOCK_N keys of kv head hk and loops over all heads_q / heads_k query heads of its
+//   group, and for each over the query tiles that can see its keys, so dK/dV of a kv head are the exact
+//   group sums, written once, with no atomics and no extra memory (GQA/MQA option (a)).
+//   Reads : q, k, v, dout, lse, delta, alibi (CF_ALIBI), all strides q_* k_* v_* do_*, alibi_batch_stride,
+//           batch, heads_q, heads_k, seqlen_q, seqlen_k, head_dim, window_left, window_right,
+//           softmax_scale, scale_log2 (same convention as the forward), softcap (CF_SOFTCAP).
+//   Writes: dk, dv (dk_*, dv_* strides; dK scaled by softmax_scale; only rows < seqlen_k, cols < head_dim);
+//           unless CF_DETERMINISTIC: atomically adds the unscaled dS.K into dq_accum, fp32, contiguous
+//           (batch, seqlen_q, heads_q, CF_HEAD_DIM), only rows < seqlen_q and cols < head_dim. dq_accum must
+//           be zero before this kernel (the preprocess does it).
+//
+// Dynamic shared memory (bytes), with D = CF_HEAD_DIM, BM = CF_BLOCK_M, BN = CF_BLOCK_N,
+// S = CF_Q_STAGES (1 or 2), WM = CF_WARPS / (BN / 16):
+//   smem = 2*BN*D*2            (K, V, resident)
+//        + 2*S*BM*D*2          (Q, dO tiles, S buffers each)
+//        + (WM > 1 ? 2 : 1)*BN*BM*2   (dS^T tile, and P^T when a warp does not own whole key rows)
+//        + 2*S*BM*4            (LSE, delta of the query tile)
+// also exported as the __device__ constant `cf_bwd_smem_bytes`.
+//
+// Tile table (8 warps = 256 threads, CF_MIN_BLOCKS 1):
+//   head dim | BM | BN  | S | WM | smem bytes | fits
+//   64       | 64 | 128 | 2 | 1  |  82944     | A100, H100
+//   128      | 64 | 128 | 2 | 1  | 148480     | A100, H100
+//   192      | 64 | 64  | 2 | 2  | 164864     | A100 (<= 166912), H100
+//   256      | 64 | 64  | 2 | 2  | 214016     | H100 only (<= 232448)
+//   256      | 64 | 64  | 1 | 2  | 147968     | A100
+//
+// Work split inside a CTA (per query tile of BM rows):
+//   warp w: wn = w % (BN/16) owns keys [16 wn, 16 wn + 16); wm = w / (BN/16) owns query columns
+//   [wm*BM/WM, ...) of the transposed score tile and head-dim columns [wm*D/WM, ...) of dK, dV.
+//     dP^T = V.dO^T and S^T = K.Q^T       (A = K/V rows from smem, B = dO/Q rows via ldmatrix)
+//     P^T, dS^T elementwise in registers  (LSE, delta per query column from smem)
+//     dV += P^T.dO,  dK += dS^T.Q         (A from registers when WM == 1, else from smem; B via ldmatrix.trans)
+//     dQ  = dS.K -> red.global.add        (dS^T from smem via ldmatrix.trans; warps split BM x D)
+//   Rows of the transposed tiles are keys, so P and dS never need a register transpose: only dS goes
+//   through shared memory (for dQ), and P too when WM > 1.
+// ---------------------------------------------------------------------------------------------------------
+#include "ptx/mma.cuh"
+#include "ptx/ldmatrix.cuh"
+#include "ptx/cp_async.cuh"
+#include "attention/params.cuh"
+#include "attention/smem_tile.cuh"
+#include "attention/mask.cuh"
+#include "attention/bwd_common.cuh"
+
+#ifndef CF_Q_STAGES
+#define CF_Q_STAGES 2
+#endif
+
+namespace {
+constexpr int kD = CF_HEAD_DIM;
+constexpr int kBM = CF_BLOCK_M;
+constexpr int kBN = CF_BLOCK_N;
+constexpr int kWarps = CF_WARPS;
+constexpr int kThreads = kWarps * 32;
+constexpr int kStages = CF_Q_STAGES;
+constexpr int kWN = kBN / 16;          // warps along keys
+constexpr int kWM = kWarps / kWN;      // warps along queries (scores) and along head dim (dK, dV)
+constexpr int kSN = kBM / kWM;         // query columns of a warp's score tile
+constexpr int kSNT8 = kSN / 8;
+constexpr int kKD = kD / kWM;          // head-dim columns of a warp's dK / dV tile
+constexpr int kKDT8 = kKD / 8;
+constexpr int kQW = kBM / 16;          // warps along queries for dQ
+constexpr int kQWD = kWarps / kQW;     // warps along head dim for dQ
+constexpr int kQD = kD / kQWD;         // head-dim columns of a warp's dQ tile
+constexpr int kQC = (kQD % 64 == 0) ? 64 : 32;  // dQ columns accumulated at a time
+#ifndef CF_BWD_A_REGS
+#define CF_BWD_A_REGS 0
+#endif
+constexpr bool kARegs = kWM == 1 && CF_BWD_A_REGS;  // P^T, dS^T A fragments for dV, dK from registers
+static_assert(kStages == 1 || kStages == 2, "CF_Q_STAGES must be 1 or 2");
+static_assert(kBN % 16 == 0 && kWarps % kWN == 0, "BLOCK_N / 16 must divide the warp count");
+static_assert(kBM % 64 == 0 && kSN % 16 == 0 && kKD % 16 == 0, "bad query / head-dim split");
+static_assert(kWarps % kQW == 0 && kQD % 32 == 0, "bad dQ split");
+static_assert(kThreads >= 2 * kBM, "LSE / delta loads need 2 * BLOCK_M threads");
+static_assert(kBN * (kD / 8) % kThreads == 0, "epilogue copy must split evenly");
+
+using QTile = SmemTile<kBM, kD>;
+using KVTile = SmemTile<kBN, kD>;
+using STile = SmemTile<kBN, kBM>;  // transposed score tiles: rows are keys, columns queries
+
+constexpr int kSmemK = 0;
+constexpr int kSmemV = kSmemK + KVTile::kBytes;
+constexpr int kSmemQ = kSmemV + KVTile::kBytes;
+constexpr int kSmemDO = kSmemQ + kStages * QTile::kBytes;
+constexpr int kSmemDS = kSmemDO + kStages * QTile::kBytes;
+constexpr int kSmemP = kSmemDS + STile::kBytes;
+constexpr int kSmemLSE = kSmemP + (kARegs ? 0 : STile::kBytes);
+constexpr int kSmemDelta = kSmemLSE + kStages * kBM * 4;
+constexpr int kSmemBytes = kSmemDelta + kStages * kBM * 4;
+}  // namespace
+
+extern "C" __device__ const int cf_bwd_smem_bytes = kSmemBytes;
+
+// Which (key block, batch, kv head) a CTA owns.
+struct BwdCoords {
+    int n_block, b, hk;
+    __device__ __forceinline__ explicit BwdCoords(const AttentionParams& p) {
+        const int bh_count = p.batch * p.heads_k;
+        n_block = (int)(blockIdx.x / bh_count);
+        const int bh = blockIdx.x % bh_count;
+        b = bh / p.heads_k;
+        hk = bh % p.heads_k;
+    }
+};
+
+// Loads Q, dO, LSE and delta of flat iteration `it` (query head hk * group + it / n_m, query tile
+// m_lo + it % n_m) into stage `st`. Pointers are rebuilt here, never kept across the main loop.
+__device__ __forceinline__ void load_query_tile(const AttentionParams& p, int it, int m_lo, int n_m, int st,
+                                                u32 sbase, int tid) {
+    const BwdCoords bc(p);
+    const int h = bc.hk * (p.heads_q / p.heads_k) + it / n_m;
+    const int m_start = (m_lo + it % n_m) * kBM;
+    const u16* q = (const u16*)p.q + (i64)bc.b * p.q_batch_stride + (i64)h * p.q_head_stride;
+    const u16* dout = (const u16*)p.dout + (i64)bc.b * p.do_batch_stride + (i64)h * p.do_head_stride;
+    QTile::load_async<kThreads>(sbase + kSmemQ + st * QTile::kBytes, q, p.q_row_stride, m_start, p.seqlen_q,
+                                p.head_dim, tid);
+    QTile::load_async<kThreads>(sbase + kSmemDO + st * QTile::kBytes, dout, p.do_row_stride, m_start,
+                                p.seqlen_q, p.head_dim, tid);
+    const i64 row_base = ((i64)bc.b * p.heads_q + h) * p.seqlen_q;
+    if (tid < 2 * kBM) {
+        const int r = tid % kBM;
+        const bool valid = m_start + r < p.seqlen_q;
+        const float* src = (tid < kBM ? (const float*)p.lse : (const float*)p.delta) + row_base + (valid ? m_start + r : 0);
+        const u32 dst = sbase + (tid < kBM ? kSmemLSE : kSmemDelta) + (st * kBM + r) * 4;
+        cp_async_4(dst, src, valid);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads, CF_MIN_BLOCKS)
+attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const u32 sbase = smem_u32(smem);
+    const u32 sK = sbase + kSmemK;
+    const u32 sV = sbase + kSmemV;
+    const u32 sDS = sbase + kSmemDS;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wn = warp % kWN, wm = warp / kWN;
+    const int g = lane >> 2, t = lane & 3, t2 = t * 2;
+    const int n_start = BwdCoords(p).n_block * kBN;
+    const Visibility vis(p.seqlen_q, p.seqlen_k, p.window_left, p.window_right);
+    int m_lo, m_hi;
+    vis.query_tiles(n_start, min(n_start + kBN, p.seqlen_k) - 1, kBM, &m_lo, &m_hi);
+    const int n_m = max(m_hi - m_lo, 0);
+    const int group = p.heads_q / p.heads_k;
+    const int n_iters = n_m * group;
+
+    float acc_dk[kKDT8][4], acc_dv[kKDT8][4];
+#pragma unroll
+    for (int d = 0; d < kKDT8; ++d)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) { acc_dk[d][e] = 0.f; acc_dv[d][e] = 0.f; }
+
+    if (n_iters > 0) {
+        const BwdCoords bc(p);
+        const u16* k = (const u16*)p.k + (i64)bc.b * p.k_batch_stride + (i64)bc.hk * p.k_head_stride;
+        const u16* v = (const u16*)p.v + (i64)bc.b * p.v_batch_stride + (i64)bc.hk * p.v_head_stride;
+        KVTile::load_async<kThreads>(sK, k, p.k_row_stride, n_start, p.seqlen_k, p.head_dim, tid);
+        KVTile::load_async<kThreads>(sV, v, p.v_row_stride, n_start, p.seqlen_k, p.head_dim, tid);
+        load_query_tile(p, 0, m_lo, n_m, 0, sbase, tid);
+        cp_async_commit();
+    }
+
+    // Warp-relative origins of the transposed score tile.
+    const int key_row0 = wn * 16;        // key rows of this warp (within the CTA tile)
+    const int q_col0 = wm * kSN;         // query columns of this warp's score tile
+    const int d_col0 = wm * kKD;         // head-dim columns of this warp's dK / dV
+
+#pragma unroll 1
+    for (int it = 0; it < n_iters; ++it) {
+        const int st = kStages == 2 ? (it & 1) : 0;
+        const u32 sQ = sbase + kSmemQ + st * QTile::kBytes;
+        const u32 sDO = sbase + kSmemDO + st * QTile::kBytes;
+        // This tile (and K, V) have landed, and every warp is done with the previous iteration.
+        cp_async_wait<0>();
+        __syncthreads();
+        if (kStages == 2 && it + 1 < n_iters) {
+            load_query_tile(p, it + 1, m_lo, n_m, st ^ 1, sbase, tid);
+            cp_async_commit();
+        }
+        const int h = BwdCoords(p).hk * group + it / n_m;
+        const int m_start = (m_lo + it % n_m) * kBM;
+
+        // dP^T = V.dO^T and S^T = K.Q^T, both (16 keys) x (kSN queries) per warp.
+        float dp[kSNT8][4], sc[kSNT8][4];
+#pragma unroll
+        for (int n = 0; n < kSNT8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) { dp[n][e] = 0.f; sc[n][e] = 0.f; }
+#pragma unroll 1
+        for (int kk = 0; kk < kD / 16; ++kk) {
+            u32 a[4];
+            ldmatrix_x4(a, sV + KVTile::offset(key_row0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+            for (int nn = 0; nn < kSNT8 / 2; ++nn) {
+                u32 b[4];
+                ldmatrix_x4(b, sDO + QTile::offset(q_col0 + nn * 16 + (lane & 7) + (lane >> 4) * 8, kk * 16 + ((lane >> 3) & 1) * 8));
+                mma_16816(dp[2 * nn], a, b[0], b[1]);
+                mma_16816(dp[2 * nn + 1], a, b[2], b[3]);
+            }
+        }
+#pragma unroll 1
+        for (int kk = 0; kk < kD / 16; ++kk) {
+            u32 a[4];
+            ldmatrix_x4(a, sK + KVTile::offset(key_row0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+            for (int nn = 0; nn < kSNT8 / 2; ++nn) {
+                u32 b[4];
+                ldmatrix_x4(b, sQ + QTile::offset(q_col0 + nn * 16 + (lane & 7) + (lane >> 4) * 8, kk * 16 + ((lane >> 3) & 1) * 8));
+                mma_16816(sc[2 * nn], a, b[0], b[1]);
+                mma_16816(sc[2 * nn + 1], a, b[2], b[3]);
+            }
+        }
+
+        // P^T and dS^T in place (sc <- P, dp <- dS). Rows past seqlen_q have zero-filled LSE, so the last
+        // query tile is always masked.
+        {
+            const int i_last = min(m_start + kBM, p.seqlen_q) - 1;
+            const bool need_mask = vis.tile_needs_mask<CF_IS_LOCAL>(m_start, i_last, n_start, kBN) || (m_start + kBM > p.seqlen_q);
+            const float slope = CF_ALIBI ? p.alibi[(i64)BwdCoords(p).b * p.alibi_batch_stride + h] : 0.f;
+            const float pre = CF_SOFTCAP ? p.softmax_scale / p.softcap : p.softmax_scale;
+            const float c = p.scale_log2, softcap = p.softcap;
+            const unsigned char* s_lse = smem + kSmemLSE + st * kBM * 4;
+            const unsigned char* s_delta = smem + kSmemDelta + st * kBM * 4;
+#pragma unroll
+            for (int n = 0; n < kSNT8; ++n) {
+                const int qc = q_col0 + n * 8 + t2;
+                const float2 lse2 = *(const float2*)(s_lse + qc * 4);
+                const float2 del2 = *(const float2*)(s_delta + qc * 4);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = m_start + qc + (e & 1);
+                    const int j = n_start + key_row0 + g + (e >> 1) * 8;
+                    const bool visible = !need_mask || (i < p.seqlen_q && vis.visible(i, j));
+                    sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(
+                        sc[n][e], dp[n][e], ((e & 1) ? lse2.y : lse2.x) * kLog2e, (e & 1) ? del2.y : del2.x,
+                        visible, c, pre, softcap, slope, i + vis.off - j);
+                }
+            }
+        }
+        // A fragments (rows = keys, k = queries) of P^T and dS^T, 16-bit.
+        u32 ap[kSNT8 / 2][4], ads[kSNT8 / 2][4];
+#pragma unroll
+        for (int kk = 0; kk < kSNT8 / 2; ++kk) {
+            ap[kk][0] = pack2(sc[2 * kk][0], sc[2 * kk][1]);
+            ap[kk][1] = pack2(sc[2 * kk][2], sc[2 * kk][3]);
+            ap[kk][2] = pack2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+            ap[kk][3] = pack2(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+            ads[kk][0] = pack2(dp[2 * kk][0], dp[2 * kk][1]);
+            ads[kk][1] = pack2(dp[2 * kk][2], dp[2 * kk][3]);
+            ads[kk][2] = pack2(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
+            ads[kk][3] = pack2(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+        }
+        // dS^T to shared memory for dQ (and for dK when warps split the query columns), P^T too when needed.
+        if (!CF_DETERMINISTIC || !kARegs) {
+#pragma unroll
+            for (int kk = 0; kk < kSNT8 / 2; ++kk)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const u32 off = STile::offset(key_row0 + g + (r & 1) * 8, q_col0 + kk * 16 + (r >> 1) * 8) + t * 4;
+                    *(u32*)(smem + kSmemDS + off) = ads[kk][r];
+                    if (!kARegs) *(u32*)(smem + kSmemP + off) = ap[kk][r];
+                }
+        }
+        if (!kARegs) __syncthreads();
+
+        // dV += P^T.dO, dK += dS^T.Q over this warp's (16 keys) x (kKD head-dim columns).
+        if constexpr (kARegs) {
+#pragma unroll
+            for (int kk = 0; kk < kBM / 16; ++kk) {
+#pragma unroll
+                for (int dd = 0; dd < kKDT8 / 2; ++dd) {
+                    u32 b[4];
+                    ldmatrix_x4_trans(b, sDO + QTile::offset(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, d_col0 + dd * 16 + (lane >> 4) * 8));
+                    mma_16816(acc_dv[2 * dd], ap[kk % (kSNT8 / 2)], b[0], b[1]);
+                    mma_16816(acc_dv[2 * dd + 1], ap[kk % (kSNT8 / 2)], b[2], b[3]);
+                }
+#pragma unroll
+                for (int dd = 0; dd < kKDT8 / 2; ++dd) {
+                    u32 b[4];
+                    ldmatrix_x4_trans(b, sQ + QTile::offset(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, d_col0 + dd * 16 + (lane >> 4) * 8));
+                    mma_16816(acc_dk[2 * dd], ads[kk % (kSNT8 / 2)], b[0], b[1]);
+                    mma_16816(acc_dk[2 * dd + 1], ads[kk % (kSNT8 / 2)], b[2], b[3]);
+                }
+            }
+        } else {
+#pragma unroll 1
+            for (int kk = 0; kk < kBM / 16; ++kk) {
+                u32 a[4];
+                ldmatrix_x4(a, sbase + kSmemP + STile::offset(key_row0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+                for (int dd = 0; dd < kKDT8 / 2; ++dd) {
+                    u32 b[4];
+                    ldmatrix_x4_trans(b, sDO + QTile::offset(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, d_col0 + dd * 16 + (lane >> 4) * 8));
+                    mma_16816(acc_dv[2 * dd], a, b[0], b[1]);
+                    mma_16816(acc_dv[2 * dd + 1], a, b[2], b[3]);
+                }
+                ldmatrix_x4(a, sDS + STile::offset(key_row0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+                for (int dd = 0; dd < kKDT8 / 2; ++dd) {
+                    u32 b[4];
+                    ldmatrix_x4_trans(b, sQ + QTile::offset(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, d_col0 + dd * 16 + (lane >> 4) * 8));
+                    mma_16816(acc_dk[2 * dd], a, b[0], b[1]);
+                    mma_16816(acc_dk[2 * dd + 1], a, b[2], b[3]);
+                }
+            }
+        }
+
+#if !CF_DETERMINISTIC
+        // Every warp's dS^T is in shared memory (already true after the barrier above when the A fragments
+        // come from shared memory) and, for one stage, every warp is done with this stage's Q and dO.
+        if (kARegs || kStages == 1) __syncthreads();
+        if (kStages == 1 && it + 1 < n_iters) {
+            load_query_tile(p, it + 1, m_lo, n_m, 0, sbase, tid);
+            cp_async_commit();
+        }
+        // dQ (unscaled) = dS.K, this warp's 16 query rows x kQD head-dim columns, kQC at a time.
+        {
+            const int qw = warp % kQW, qd = warp / kQW;
+#pragma unroll 1
+            for (int cc = 0; cc < kQD / kQC; ++cc) {
+                const int col0 = qd * kQD + cc * kQC;
+                float acc[kQC / 8][4];
+#pragma unroll
+                for (int n = 0; n < kQC / 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+#pragma unroll 1
+                for (int kk = 0; kk < kBN / 16; ++kk) {
+                    u32 a[4];
+                    ldmatrix_x4_trans(a, sDS + STile::offset(kk * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, qw * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+                    for (int dd = 0; dd < kQC / 16; ++dd) {
+                        u32 b[4];
+                        ldmatrix_x4_trans(b, sK + KVTile::offset(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, col0 + dd * 16 + (lane >> 4) * 8));
+                        mma_16816(acc[2 * dd], a, b[0], b[1]);
+                        mma_16816(acc[2 * dd + 1], a, b[2], b[3]);
+                    }
+                }
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int i = m_start + qw * 16 + g + hh * 8;
+                    if (i < p.seqlen_q) {
+                        float* dst = p.dq_accum + (((i64)BwdCoords(p).b * p.seqlen_q + i) * p.heads_q + h) * kD + col0 + t2;
+#pragma unroll
+                        for (int n = 0; n < kQC / 8; ++n)
+                            if (col0 + n * 8 + t2 < p.head_dim) red_add_f32x2(dst + n * 8, acc[n][2 * hh], acc[n][2 * hh + 1]);
+                    }
+                }
+            }
+        }
+#else
+        if (kStages == 1 && it + 1 < n_iters) {
+            __syncthreads();  // every warp is done with this stage's Q and dO
+            load_query_tile(p, it + 1, m_lo, n_m, 0, sbase, tid);
+            cp_async_commit();
+        }
+#endif
+    }
+
+    // Epilogue: dK * softmax_scale and dV to 16 bits, staged through the K and V tiles (every warp is done
+    // with them after this barrier, and no copy is in flight), then written in 16-byte chunks.
+    __syncthreads();
+    const float scale = p.softmax_scale;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int row = key_row0 + g + hh * 8;
+#pragma unroll
+        for (int d = 0; d < kKDT8; ++d) {
+            const u32 off = KVTile::offset(row, d_col0 + d * 8) + t * 4;
+            *(u32*)(smem + kSmemK + off) = pack2(acc_dk[d][2 * hh] * scale, acc_dk[d][2 * hh + 1] * scale);
+            *(u32*)(smem + kSmemV + off) = pack2(acc_dv[d][2 * hh], acc_dv[d][2 * hh + 1]);
+        }
+    }
+    __syncthreads();
+    const BwdCoords bc(p);
+    u16* dk = (u16*)p.dk + (i64)bc.b * p.dk_batch_stride + (i64)bc.hk * p.dk_head_stride;
+    u16* dv = (u16*)p.dv + (i64)bc.b * p.dv_batch_stride + (i64)bc.hk * p.dv_head_stride;
+#pragma unroll
+    for (int i = 0; i < kBN * (kD / 8) / kThreads; ++i) {
+        const int c = i * kThreads + tid;
+        const int row = c / (kD / 8), col = (c % (kD / 8)) * 8;
+        if (n_start + row < p.seqlen_k && col < p.head_dim) {
+            const u32 off = KVTile::offset(row, col);
+            *(uint4*)(dk + (i64)(n_start + row) * p.dk_row_stride + col) = *(const uint4*)(smem + kSmemK + off);
+            *(uint4*)(dv + (i64)(n_start + row) * p.dv_row_stride + col) = *(const uint4*)(smem + kSmemV + off);
+        }
+    }
+}
