@@ -6,7 +6,7 @@
 See :func:`cuflash.attention`. ``import cuflash`` imports neither PyTorch nor JAX.
 """
 
-from .api import attention
+from .api import attention, attention_backward
 from .jit import precompile
 
 __version__ = "0.1.0"
@@ -23,4 +23,4 @@ def gpu_available() -> bool:
         return False
 
 
-__all__ = ["attention", "precompile", "gpu_available", "__version__"]
+__all__ = ["attention", "attention_backward", "precompile", "gpu_available", "__version__"]

@@ -220,6 +220,20 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     causal, scale, window, softcap, alibi = _check_options(call, causal, softmax_scale, window_size, softcap,
                                                            alibi_slopes)
     return_lse = _check_flag("return_lse", return_lse)
+    if call.fw == "torch" and _needs_autograd(q, k, v):
+        from . import torch as torch_adapter
+        return torch_adapter.attention(q, k, v, causal=causal, softmax_scale=scale, window_size=window,
+                                       softcap=softcap, alibi_slopes=alibi, return_lse=return_lse)
+    return _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse)
+
+
+def _needs_autograd(*tensors) -> bool:
+    import torch
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse):
+    """The forward on validated arguments (the PyTorch custom op enters here)."""
     kwargs = dict(causal=causal, softmax_scale=scale, window_size=window, softcap=softcap)
 
     if not call.on_gpu:
@@ -249,3 +263,86 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     if not return_lse:
         return out
     return out, arrays.to_caller(lse_native, lse_view, call.fw, stream)
+
+
+def _check_like(call, name, x, shape, dtypes):
+    fw = arrays.framework_of(x)
+    if fw != call.fw:
+        raise TypeError(f"{name} is a {fw} array but q is a {call.fw} array; pass one array type")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    dt = arrays.dtype_name(x, fw)
+    if dt not in dtypes:
+        raise TypeError(f"{name} has dtype {dt}; expected {' or '.join(dtypes)}")
+    dev = arrays.device_of(x, fw)
+    if dev != call.device:
+        raise ValueError(f"{name} is on device {dev} but q is on device {call.device}")
+
+
+def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, window_size=(-1, -1),
+                       softcap=0.0, alibi_slopes=None, deterministic=False):
+    """Gradients of :func:`attention` with respect to q, k and v.
+
+    The softmax is recomputed block by block from the saved ``lse`` (nothing quadratic is stored).
+
+    Parameters
+    ----------
+    dout : array, shape (batch, seqlen_q, heads_q, head_dim)
+        Gradient of the loss with respect to ``out``; same type, dtype and device as ``q``.
+    q, k, v : arrays
+        The forward inputs (shapes and rules as in :func:`attention`).
+    out, lse : arrays
+        The forward's output and its ``return_lse=True`` log-sum-exp, float32 (batch, heads_q, seqlen_q).
+    causal, softmax_scale, window_size, softcap, alibi_slopes
+        Exactly as passed to the forward.
+    deterministic : bool
+        Bitwise-reproducible gradients (a separate pass computes dq instead of atomic accumulation;
+        slower). The forward is always deterministic.
+
+    Returns
+    -------
+    dq, dk, dv : arrays with the shapes and dtype of q, k, v (GQA: dk/dv summed over the query heads that
+    share a key/value head), in the caller's array type, on the caller's current stream.
+
+    Examples
+    --------
+    >>> out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    >>> dq, dk, dv = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    """
+    call = _Call(q, k, v)
+    causal, scale, window, softcap, alibi = _check_options(call, causal, softmax_scale, window_size, softcap,
+                                                           alibi_slopes)
+    deterministic = _check_flag("deterministic", deterministic)
+    qshape = (call.batch, call.seqlen_q, call.heads_q, call.head_dim)
+    _check_like(call, "dout", dout, qshape, (call.dtype,))
+    _check_like(call, "out", out, qshape, (call.dtype,))
+    _check_like(call, "lse", lse, (call.batch, call.heads_q, call.seqlen_q),
+                ("float32", "float64") if call.dtype == "float64" else ("float32",))
+    kwargs = dict(causal=causal, softmax_scale=scale, window_size=window, softcap=softcap)
+
+    if not call.on_gpu:
+        if call.fw == "torch" and call.dtype == "bfloat16":
+            raise TypeError("q is a bfloat16 CPU tensor; the CPU path computes float16/32/64 (NumPy has no bfloat16)")
+        slopes = None if alibi is None else np.asarray(_to_numpy(alibi, arrays.framework_of(alibi)))
+        grads = reference.attention_backward_numpy(
+            *(_to_numpy(x, call.fw) for x in (dout, q, k, v, out, lse)), alibi_slopes=slopes, **kwargs)
+        return tuple(_from_numpy(g, call.fw) for g in grads)
+
+    from . import ops
+    device = call.device
+    stream = arrays.current_stream(call.fw, device)
+    arch = _arch(device)
+    views = {n: _gpu_ready(x, call.fw, n, stream) for n, x in
+             (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out))}
+    lse_view = arrays.device_view(lse, call.fw, stream)
+    if lse_view.strides != (call.heads_q * call.seqlen_q, call.seqlen_q, 1):
+        raise ValueError(f"lse must be contiguous (batch, heads_q, seqlen_q), got strides {lse_view.strides}")
+    av = None if alibi is None else arrays.device_view(alibi, call.fw, stream)
+    natives, grad_views = [], []
+    for x in (q, k, v):
+        native, view = arrays.empty(call.fw, x.shape, call.dtype, device, stream)
+        natives.append(native)
+        grad_views.append(view)
+    ops.backward(views["dout"], views["q"], views["k"], views["v"], views["out"], lse_view, av, *grad_views,
+                 deterministic=deterministic, stream=stream, arch=arch, framework=call.fw, **kwargs)
+    return tuple(arrays.to_caller(n, gv, call.fw, stream) for n, gv in zip(natives, grad_views))

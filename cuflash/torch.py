@@ -1,0 +1,136 @@
+"""PyTorch adapter: differentiable attention as a torch custom op, and FlashAttention-2's function names.
+
+The only module of cuflash that imports torch. The op ``torch.ops.cuflash.fwd`` / ``bwd`` is defined with
+``torch.library`` (define + impl + fake + autograd registration, cheaper per call than
+``torch.library.custom_op``), so ``torch.compile(fullgraph=True)`` traces through it and a captured CUDA
+graph replays it. Outputs and workspaces are allocated by torch on its current stream.
+
+    >>> from cuflash.torch import flash_attn_func      # instead of: from flash_attn import flash_attn_func
+    >>> out = flash_attn_func(q, k, v, causal=True)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import api
+
+_lib = torch.library.Library("cuflash", "DEF")
+_lib.define(
+    "fwd(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, bool causal, float softmax_scale, "
+    "int window_left, int window_right, float softcap, bool deterministic) -> (Tensor, Tensor)")
+_lib.define(
+    "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? alibi_slopes, bool causal, "
+    "float softmax_scale, int window_left, int window_right, float softcap, bool deterministic) "
+    "-> (Tensor, Tensor, Tensor)")
+
+
+def _options(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap):
+    call = api._Call(q, k, v)
+    opts = api._check_options(call, causal, softmax_scale, (window_left, window_right), softcap, alibi_slopes)
+    return call, opts
+
+
+def _fwd(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap, deterministic):
+    call, (causal, scale, window, softcap, alibi) = _options(q, k, v, alibi_slopes, causal, softmax_scale,
+                                                             window_left, window_right, softcap)
+    return api._forward(call, q, k, v, alibi, causal, scale, window, softcap, True)
+
+
+def _bwd(dout, q, k, v, out, lse, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap,
+         deterministic):
+    return api.attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale,
+                                  window_size=(window_left, window_right), softcap=softcap,
+                                  alibi_slopes=alibi_slopes, deterministic=deterministic)
+
+
+for _device in ("CUDA", "CPU"):
+    _lib.impl("fwd", _fwd, _device)
+    _lib.impl("bwd", _bwd, _device)
+
+
+@torch.library.register_fake("cuflash::fwd")
+def _fwd_fake(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap, deterministic):
+    # Validation runs here too, so that a traced (torch.compile) call rejects bad input at trace time.
+    _options(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap)
+    b, sq, hq, d = q.shape
+    return q.new_empty((b, sq, hq, d)), q.new_empty((b, hq, sq), dtype=torch.float32)
+
+
+@torch.library.register_fake("cuflash::bwd")
+def _bwd_fake(dout, q, k, v, out, lse, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap,
+              deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+    ctx.options = (causal, softmax_scale, window_left, window_right, softcap, deterministic)
+
+
+def _backward(ctx, dout, dlse):
+    # Gradients flow through `out` only; like FlashAttention, the LSE output is treated as a constant.
+    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
+    dq, dk, dv = torch.ops.cuflash.bwd(dout.contiguous(), q, k, v, out, lse, alibi_slopes, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("cuflash::fwd", _backward, setup_context=_setup_context)
+
+
+def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
+              alibi_slopes=None, return_lse=False, deterministic=False):
+    """Differentiable :func:`cuflash.attention` for torch tensors (same arguments and semantics).
+
+    ``deterministic=True`` makes the backward bitwise reproducible. The returned LSE (``return_lse``) is
+    not differentiated through.
+    """
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    left, right = window_size
+    out, lse = torch.ops.cuflash.fwd(q, k, v, alibi_slopes, causal, softmax_scale, left, right, softcap,
+                                     deterministic)
+    return (out, lse) if return_lse else out
+
+
+def _no_dropout(dropout_p):
+    if dropout_p != 0.0:
+        raise NotImplementedError(
+            f"dropout_p={dropout_p}: cuflash has no attention dropout yet; pass dropout_p=0.0")
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """FlashAttention-2's ``flash_attn_func`` with its argument order, defaults and return values.
+
+    q (batch, seqlen_q, heads, head_dim), k/v (batch, seqlen_k, heads_k, head_dim). Returns ``out``, or
+    ``(out, softmax_lse, None)`` with ``return_attn_probs=True`` (the attention-probability matrix is only
+    ever produced by FlashAttention's dropout path, which cuflash does not have).
+    """
+    _no_dropout(dropout_p)
+    out, lse = attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                         softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True, deterministic=deterministic)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """``flash_attn_qkvpacked_func``: qkv (batch, seqlen, 3, heads, head_dim), read in place (no copy)."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must have shape (batch, seqlen, 3, heads, head_dim), got {tuple(qkv.shape)}")
+    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
+                           softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """``flash_attn_kvpacked_func``: kv (batch, seqlen_k, 2, heads_k, head_dim), read in place (no copy)."""
+    if kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(f"kv must have shape (batch, seqlen_k, 2, heads_k, head_dim), got {tuple(kv.shape)}")
+    return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)
+
+
+__all__ = ["attention", "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func"]

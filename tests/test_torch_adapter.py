@@ -1,0 +1,100 @@
+"""The PyTorch adapter on the CPU (CI): autograd through the custom op, torch.compile fullgraph, opcheck,
+and FlashAttention-2's function names, argument order and return values."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import cuflash  # noqa: E402
+import cuflash.torch as ct  # noqa: E402
+from cuflash import reference  # noqa: E402
+
+
+def _qkv(b=2, sq=9, sk=13, hq=4, hk=2, d=16, dtype=torch.float64, grad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda s, h: torch.randn(b, s, h, d, dtype=dtype, generator=g).requires_grad_(grad)
+    return mk(sq, hq), mk(sk, hk), mk(sk, hk)
+
+
+def test_attention_on_grad_tensors_is_differentiable():
+    """cuflash.attention on tensors that require grad returns a tensor connected to autograd whose
+    gradients equal the float64 reference gradients."""
+    q, k, v = _qkv()
+    out = cuflash.attention(q, k, v, causal=True, softcap=2.0)
+    assert out.grad_fn is not None
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    refs = reference.attention_backward_reference(dout.numpy(), q.detach().numpy(), k.detach().numpy(),
+                                                  v.detach().numpy(), causal=True, softcap=2.0)
+    for t, r in zip((q, k, v), refs):
+        np.testing.assert_allclose(t.grad.numpy(), r, atol=1e-12)
+
+
+def test_gradcheck_with_every_feature():
+    """torch.autograd.gradcheck (finite differences, float64) passes with window, softcap, ALiBi and GQA."""
+    q, k, v = _qkv(sq=5, sk=7, hq=4, hk=2, d=8)
+    slopes = torch.rand(4, dtype=torch.float32)
+    f = lambda q, k, v: ct.attention(q, k, v, window_size=(3, 1), softcap=1.5, alibi_slopes=slopes)
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_opcheck_forward_and_backward_ops():
+    """torch.library.opcheck validates the fake implementations and registrations of both ops."""
+    q, k, v = (t.detach().float() for t in _qkv())
+    torch.library.opcheck(torch.ops.cuflash.fwd.default, (q, k, v, None, True, 0.25, -1, -1, 0.0, False))
+    out, lse = torch.ops.cuflash.fwd(q, k, v, None, True, 0.25, -1, -1, 0.0, False)
+    torch.library.opcheck(torch.ops.cuflash.bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, None, True, 0.25, -1, -1, 0.0, False))
+
+
+def test_torch_compile_fullgraph():
+    """A function using the op compiles with fullgraph=True (no graph break) and matches eager, grads too."""
+    q, k, v = _qkv(dtype=torch.float32)
+    f = lambda q, k, v: (ct.attention(q, k, v, causal=True) ** 2).sum()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(q, k, v)
+    gc = torch.autograd.grad(loss_c, (q, k, v))
+    loss_e = f(q, k, v)
+    ge = torch.autograd.grad(loss_e, (q, k, v))
+    assert torch.allclose(loss_c, loss_e)
+    for a, b in zip(gc, ge):
+        assert torch.allclose(a, b)
+
+
+def test_flash_attn_func_signature_and_returns():
+    """flash_attn_func keeps FlashAttention-2's positional order, defaults and (out, lse, S) return tuple."""
+    import inspect
+    params = list(inspect.signature(ct.flash_attn_func).parameters)
+    assert params == ["q", "k", "v", "dropout_p", "softmax_scale", "causal", "window_size", "softcap",
+                      "alibi_slopes", "deterministic", "return_attn_probs"]
+    q, k, v = _qkv(grad=False)
+    out = ct.flash_attn_func(q, k, v, 0.0, None, True)
+    out2, lse, s = ct.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert torch.equal(out, out2) and lse.shape == (2, 4, 9) and s is None
+
+
+def test_packed_variants_match_unpacked():
+    """qkvpacked and kvpacked read the packed tensors in place and give the unpacked result."""
+    q, k, v = _qkv(sq=11, sk=11, hq=2, hk=2, grad=False)
+    ref = ct.flash_attn_func(q, k, v, causal=True)
+    assert torch.equal(ct.flash_attn_qkvpacked_func(torch.stack([q, k, v], dim=2), causal=True), ref)
+    assert torch.equal(ct.flash_attn_kvpacked_func(q, torch.stack([k, v], dim=2), causal=True), ref)
+    with pytest.raises(ValueError, match="qkv must have shape"):
+        ct.flash_attn_qkvpacked_func(q)
+
+
+def test_dropout_not_implemented():
+    """dropout_p > 0 raises NotImplementedError naming dropout (never silently ignored)."""
+    q, k, v = _qkv(grad=False)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        ct.flash_attn_func(q, k, v, dropout_p=0.1)
+
+
+def test_bad_input_through_adapter():
+    """Bad input through the adapter raises the core's named errors."""
+    q, k, v = _qkv(grad=False)
+    with pytest.raises(ValueError, match="head_dim"):
+        ct.flash_attn_func(q, k[..., :8], v[..., :8])
+    with pytest.raises(TypeError, match="k has dtype"):
+        ct.flash_attn_func(q, k.float(), v)
