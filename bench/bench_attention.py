@@ -78,6 +78,8 @@ IMPL_LABEL = {
     "math": "SDPA math",
     "jax_cudnn": "JAX cuDNN",
 }
+SHORT = {"cuflash": "cuflash", "flash": "flash", "cudnn": "cudnn", "efficient": "mem-eff", "math": "math",
+         "jax_cudnn": "jax-cudnn"}
 MATH_SCORE_LIMIT = 8e9  # bytes of one float32 score matrix above which the math backend is skipped
 
 # The setting for the --memory and longest-seqlen searches.
@@ -278,6 +280,10 @@ def environment(torch=None, jax=None, cuflash=None) -> dict:
     cupy = _try_import("cupy")
     if cupy is not None:
         env["cupy"] = cupy.__version__
+        try:
+            env["nvrtc"] = ".".join(str(x) for x in cupy.cuda.nvrtc.getVersion())
+        except Exception:  # noqa: BLE001
+            pass
         try:
             env["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
             env["cuda_driver"] = cupy.cuda.runtime.driverGetVersion()
@@ -614,7 +620,7 @@ def _ratio(a, b):
 
 
 def table_header(impls):
-    cols = "".join(f"{IMPL_LABEL[i][-11:]:>12}" for i in impls)
+    cols = "".join(f"{SHORT[i]:>10}" for i in impls)
     return f"{'config':<44}{cols}{'cf/flash':>9}{'cf/cudnn':>9}"
 
 
@@ -632,7 +638,7 @@ def print_row_group(rows, impls):
     cells = ""
     for i in impls:
         r = by.get(i)
-        cells += f"{r.tflops:12.1f}" if r and r.tflops else f"{(r.status if r else '-'):>12}"
+        cells += f"{r.tflops:10.1f}" if r and r.tflops else f"{(r.status if r else '-'):>10}"
     t = {i: (by[i].tflops if i in by else None) for i in impls}
     print(f"{_cfg_of(rows[0]).label():<44}{cells}{_ratio(t.get('cuflash'), t.get('flash')):>9}"
           f"{_ratio(t.get('cuflash'), t.get('cudnn')):>9}", flush=True)
@@ -645,6 +651,10 @@ def print_table(rows, impls):
         groups.setdefault(_cfg_of(r), []).append(r)
     for g in groups.values():
         print_row_group(g, impls)
+    print_notes(rows)
+
+
+def print_notes(rows):
     notes = sorted({(r.impl, r.status, r.note) for r in rows if r.status != "ok" and r.note})
     for impl, status, note in notes[:20]:
         print(f"  note: {impl} {status}: {note}")
@@ -684,7 +694,7 @@ def run_memory(args, torch, cuflash, progress_cb=None) -> dict:
                        "causal": False, "cupy_allocations_counted": shared},
            "peak_extra_bytes": {}, "max_seqlen": {}}
     print(f"\nPeak extra memory of forward+backward, batch {MEM_BATCH}, {MEM_HEADS} heads, hd {MEM_HDIM}, bf16 (MiB)")
-    print(f"{'seqlen':>8}" + "".join(f"{IMPL_LABEL[i][-11:]:>12}" for i in impls))
+    print(f"{'seqlen':>8}" + "".join(f"{SHORT[i]:>10}" for i in impls))
     stopped = set()
     for s in seqlens:
         line = f"{s:>8}"
@@ -705,7 +715,7 @@ def run_memory(args, torch, cuflash, progress_cb=None) -> dict:
                     if not _is_oom(e):
                         res["peak_extra_bytes"].setdefault(impl, {})["note"] = f"{type(e).__name__}: {e}"[:160]
                 _free(torch)
-            line += f"{cell:>12}"
+            line += f"{cell:>10}"
             if progress_cb:
                 progress_cb(None)
         print(line, flush=True)
@@ -745,7 +755,8 @@ sys.path.insert(0, sys.argv[4])
 t0 = time.perf_counter()
 import cuflash
 from cuflash import jit
-res = {"import_s": time.perf_counter() - t0}
+res = {"import_s": time.perf_counter() - t0, "cache_files_at_start": len(list(jit.cache_dir().glob("*")))
+       if jit.cache_dir().is_dir() else 0}
 if mode == "compile":
     import cupy
     from cuflash import dispatch
@@ -760,14 +771,16 @@ if mode == "compile":
         keys = {k.name: k for k in dispatch.all_forward_keys()}
     res["arch"] = arch
     res["compile_s"] = {}
+    res["cubin_bytes"] = {}
     for n in names or list(keys):
         k = keys.get(n, n)
         t = time.perf_counter()
         if hasattr(jit, "compile_variant"):
-            jit.compile_variant(k, arch)
+            cubin = jit.compile_variant(k, arch)
         else:
-            jit.compile_cubin(k, arch)
+            cubin = jit.compile_cubin(k, arch)[0]
         res["compile_s"][n] = time.perf_counter() - t
+        res["cubin_bytes"][n] = len(cubin)
 else:
     import torch
     q, k, v = (torch.randn(1, 128, 16, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -808,7 +821,11 @@ def _variant_names(cuflash, limit):
         print(f"  cannot list variants: {e}")
         return []
     # The plain (no local / softcap / alibi) variants first: those are the ones the grid uses.
-    names.sort(key=lambda n: (any(t in n for t in ("local", "softcap", "alibi")), n))
+    def order(n):
+        m = re.search(r"_d(\d+)", n)
+        return (any(t in n for t in ("local", "softcap", "alibi")), "bf16" not in n, int(m.group(1)) if m else 0, n)
+
+    names.sort(key=order)
     return names if limit <= 0 else names[:limit]
 
 
@@ -821,8 +838,9 @@ def run_jit(args, torch, cuflash) -> dict:
             r = _jit_child("compile", names, d)
             res["cold_compile_s"] = r["compile_s"]
             res["arch"] = r.get("arch")
+            print(f"  target {r.get('arch')}, cache files at start: {r.get('cache_files_at_start')}")
             for n, s in r["compile_s"].items():
-                print(f"  compile {n:<48} {s:6.2f} s")
+                print(f"  compile {n:<48} {s:6.2f} s  ({r['cubin_bytes'].get(n, 0) / 1024:.0f} KiB cubin)")
             if r["compile_s"]:
                 vals = list(r["compile_s"].values())
                 print(f"  {len(vals)} variants: mean {statistics.mean(vals):.2f} s, total {sum(vals):.1f} s")
@@ -949,6 +967,8 @@ def main(argv=None, prog="bench_attention.py") -> int:
         if args.progress:
             impls = [i for i in args.impls if i != "jax_cudnn" or jax is not None]
             print_table(rows, impls)
+        else:
+            print_notes(rows)
     if args.memory or args.memory_only:
         extra["memory"] = run_memory(args, torch, cuflash)
     if args.jit or args.jit_only:

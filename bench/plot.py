@@ -21,6 +21,10 @@ LABEL = {"cuflash": "cuflash", "flash": "SDPA flash", "cudnn": "SDPA cuDNN", "ef
 COLOR = {"cuflash": "#d62728", "flash": "#1f77b4", "cudnn": "#2ca02c", "efficient": "#ff7f0e",
          "math": "#7f7f7f", "jax_cudnn": "#9467bd"}
 
+# Backends with identical memory curves overlap: distinct markers and dashes keep each one visible.
+MARKER = {"cuflash": "o", "flash": "s", "cudnn": "^", "efficient": "v", "math": "D", "jax_cudnn": "P"}
+DASH = {"cuflash": "-", "flash": "--", "cudnn": "-.", "efficient": ":", "math": "-", "jax_cudnn": "--"}
+
 
 def _seqlen_label(s):
     return f"{s // 1024}k" if s >= 1024 and s % 1024 == 0 else str(s)
@@ -88,13 +92,14 @@ def plot_results(doc: dict, out_dir: Path, stem: str = "chart") -> list:
         for impl in [i for i in ORDER if i in mem["peak_extra_bytes"]]:
             pts = sorted((int(s), b) for s, b in mem["peak_extra_bytes"][impl].items() if s.isdigit())
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] / 2 ** 20 for p in pts], marker="o",
-                        label=LABEL.get(impl, impl), color=COLOR.get(impl))
+                ax.plot([p[0] for p in pts], [p[1] / 2 ** 20 for p in pts], marker=MARKER.get(impl, "o"),
+                        linestyle=DASH.get(impl, "-"), label=LABEL.get(impl, impl), color=COLOR.get(impl),
+                        alpha=0.85)
         st = mem.get("setting", {})
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("Sequence length")
-        ax.set_ylabel("Peak extra memory (MiB)")
+        ax.set_ylabel("Peak memory beyond q, k, v, dout (MiB)")
         ax.set_title(f"Forward + backward memory beyond inputs, batch {st.get('batch')}, {st.get('heads')} heads, "
                      f"hd {st.get('head_dim')} ({gpu})", fontsize=9)
         ax.grid(alpha=0.3)

@@ -166,11 +166,18 @@ def _gpu_ready(x, fw, name, stream):
         return arrays.device_view(cupy.ascontiguousarray(src), "cupy", stream)
 
 
-def _arch(device: int) -> str:
-    import cupy
-    from .dispatch import compile_arch
-    major, minor = divmod(int(cupy.cuda.Device(device).compute_capability), 10)
-    return compile_arch(major, minor)
+_CC: dict = {}
+
+
+def _cc(device: int) -> tuple:
+    """Compute capability (major, minor) of a device, queried once per process."""
+    cc = _CC.get(device)
+    if cc is None:
+        import cupy
+        cc = _CC[device] = divmod(int(cupy.cuda.Device(device).compute_capability), 10)
+        if cc < (8, 0):
+            raise RuntimeError(f"cuflash needs a GPU of compute capability 8.0 or newer; device {device} is {cc[0]}.{cc[1]}")
+    return cc
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
@@ -248,7 +255,7 @@ def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse):
     from . import ops
     device = call.device
     stream = arrays.current_stream(call.fw, device)
-    arch = _arch(device)
+    cc = _cc(device)
     qv, kv, vv = (_gpu_ready(x, call.fw, n, stream) for x, n in ((q, "q"), (k, "k"), (v, "v")))
     av = None
     if alibi is not None:
@@ -258,7 +265,7 @@ def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse):
     out_native, out_view = arrays.empty(call.fw, (call.batch, call.seqlen_q, call.heads_q, call.head_dim),
                                         call.dtype, device, stream)
     lse_native, lse_view = arrays.empty(call.fw, (call.batch, call.heads_q, call.seqlen_q), "float32", device, stream)
-    ops.forward(qv, kv, vv, out_view, lse_view, av, stream=stream, arch=arch, **kwargs)
+    ops.forward(qv, kv, vv, out_view, lse_view, av, stream=stream, cc=cc, **kwargs)
     out = arrays.to_caller(out_native, out_view, call.fw, stream)
     if not return_lse:
         return out
@@ -331,7 +338,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     from . import ops
     device = call.device
     stream = arrays.current_stream(call.fw, device)
-    arch = _arch(device)
+    cc = _cc(device)
     views = {n: _gpu_ready(x, call.fw, n, stream) for n, x in
              (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out))}
     lse_view = arrays.device_view(lse, call.fw, stream)
@@ -344,5 +351,5 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
         natives.append(native)
         grad_views.append(view)
     ops.backward(views["dout"], views["q"], views["k"], views["v"], views["out"], lse_view, av, *grad_views,
-                 deterministic=deterministic, stream=stream, arch=arch, framework=call.fw, **kwargs)
+                 deterministic=deterministic, stream=stream, cc=cc, framework=call.fw, **kwargs)
     return tuple(arrays.to_caller(n, gv, call.fw, stream) for n, gv in zip(natives, grad_views))

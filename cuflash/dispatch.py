@@ -33,6 +33,10 @@ def padded_head_dim(head_dim: int) -> int:
     raise ValueError(f"head_dim={head_dim} exceeds the largest supported head dim 256")
 
 
+# How extra defines appear in variant names: a prefix followed by the value, or (flag name,) shown when set.
+_EXTRA_LABELS = {"CF_DETERMINISTIC": ("det",), "CF_BWD_A_REGS": ("preg",), "CF_Q_STAGES": "st"}
+
+
 @dataclass(frozen=True)
 class KernelKey:
     """One compiled kernel variant.
@@ -62,7 +66,12 @@ class KernelKey:
             parts.append("softcap")
         if self.alibi:
             parts.append("alibi")
-        parts += [f"{k.lower()}{v}" for k, v in self.extra]
+        for define, value in self.extra:
+            label = _EXTRA_LABELS[define]
+            if isinstance(label, str):
+                parts.append(f"{label}{value}")
+            elif value:
+                parts.append(label[0])
         parts += [f"br{self.block_m}", f"bc{self.block_n}", f"w{self.warps}"]
         if self.min_blocks > 1:
             parts.append(f"mb{self.min_blocks}")
@@ -116,10 +125,27 @@ def _tile_overrides() -> dict:
     return out
 
 
-def forward_key(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool) -> KernelKey:
+# GPUs with less shared memory per block than the first choice needs (sm_86/sm_89: 99 KB) fall back to this.
+FWD_SM80_SMALL_SMEM_TILES = {192: (64, 64, 4, 1), 256: (64, 64, 4, 1)}
+
+# Largest dynamic shared memory per block, by compute capability (opt-in limit).
+MAX_SMEM = {(8, 0): 166912, (8, 7): 166912, (9, 0): 232448}
+MAX_SMEM_DEFAULT = 101376  # sm_86, sm_89, sm_12x
+
+
+def max_smem(major: int, minor: int) -> int:
+    return MAX_SMEM.get((major, minor), MAX_SMEM_DEFAULT)
+
+
+def forward_key(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
+                smem_limit: int = MAX_SMEM[(9, 0)]) -> KernelKey:
     d = padded_head_dim(head_dim)
     bm, bn, warps, min_blocks = _tile_overrides().get(d) or FWD_SM80_TILES[d]
-    return KernelKey("fwd_sm80", "attention_fwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, warps, min_blocks)
+    key = KernelKey("fwd_sm80", "attention_fwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, warps, min_blocks)
+    if forward_smem_bytes(key) > smem_limit:
+        bm, bn, warps, min_blocks = FWD_SM80_SMALL_SMEM_TILES[d]
+        key = KernelKey("fwd_sm80", "attention_fwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, warps, min_blocks)
+    return key
 
 
 def forward_smem_bytes(key: KernelKey) -> int:
@@ -127,10 +153,64 @@ def forward_smem_bytes(key: KernelKey) -> int:
     return 2 * key.head_dim * (key.block_m + 2 * key.block_n)
 
 
+# Backward main kernel (KV-parallel, 8 warps): head dim -> (block_m, block_n, q_stages, a_regs) in order of
+# preference; the first whose shared memory fits the GPU is used. a_regs keeps P^T in registers (hd64 only:
+# it spills at larger head dims). Two Q/dO stages prefetch the next query tile under the current one.
+BWD_SM80_TILES = {
+    64: [(64, 128, 2, 1), (64, 64, 1, 1)],
+    128: [(64, 128, 2, 0), (64, 64, 1, 0)],
+    192: [(64, 64, 2, 0), (64, 64, 1, 0)],
+    256: [(64, 64, 2, 0), (64, 64, 1, 0)],
+}
+# Deterministic dQ kernel (Q-parallel, 4 warps): head dim -> (block_m, block_n).
+BWD_DQ_SM80_TILES = {64: (64, 64), 128: (64, 64), 192: (64, 64), 256: (64, 32)}
+BWD_PREPOST_ROWS = 64  # query rows per CTA of the pre/post-processing kernels (kRows in bwd_prepost.cu)
+
+
+def backward_smem_bytes(key: KernelKey) -> int:
+    """Dynamic shared memory of attention_bwd_sm80 (mirrors cf_bwd_smem_bytes in bwd_sm80.cu)."""
+    ex = dict(key.extra)
+    stages, a_regs, d = ex["CF_Q_STAGES"], ex["CF_BWD_A_REGS"], key.head_dim
+    bm, bn = key.block_m, key.block_n
+    return 2 * bn * d * 2 + 2 * stages * bm * d * 2 + (1 if a_regs else 2) * bn * bm * 2 + 2 * stages * bm * 4
+
+
+def dq_smem_bytes(key: KernelKey) -> int:
+    """Dynamic shared memory of attention_bwd_dq_sm80 (mirrors cf_bwd_dq_smem_bytes)."""
+    return 2 * key.block_m * key.head_dim * 2 + 3 * key.block_n * key.head_dim * 2
+
+
+def backward_keys(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool, deterministic: bool,
+                  smem_limit: int = MAX_SMEM[(9, 0)]):
+    """(preprocess/postprocess key, main key, deterministic dQ key or None) for one backward call."""
+    d = padded_head_dim(head_dim)
+    prepost = KernelKey("bwd_prepost", "attention_bwd_preprocess", dtype, d, block_m=BWD_PREPOST_ROWS, warps=8)
+    main = None
+    for bm, bn, stages, a_regs in BWD_SM80_TILES[d]:
+        main = KernelKey("bwd_sm80", "attention_bwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, 8,
+                         extra=(("CF_DETERMINISTIC", int(deterministic)), ("CF_Q_STAGES", stages),
+                                ("CF_BWD_A_REGS", a_regs)))
+        if backward_smem_bytes(main) <= smem_limit:
+            break
+    else:
+        raise NotImplementedError(
+            f"backward for head_dim {head_dim} needs {backward_smem_bytes(main)} bytes of shared memory per "
+            f"block; this GPU allows {smem_limit}")
+    dq = None
+    if deterministic:
+        bm, bn = BWD_DQ_SM80_TILES[d]
+        dq = KernelKey("bwd_dq_sm80", "attention_bwd_dq_sm80", dtype, d, is_local, softcap, alibi, bm, bn, 4)
+    return prepost, main, dq
+
+
 def all_forward_keys() -> list[KernelKey]:
-    """Every forward variant cuflash ships (what CI compiles for each architecture)."""
+    """Every forward variant cuflash ships on GPUs with Hopper/A100-sized shared memory."""
+    return all_forward_keys_for(MAX_SMEM[(9, 0)])
+
+
+def all_forward_keys_for(smem_limit: int) -> list[KernelKey]:
     return [
-        forward_key(dt, d, is_local=loc, softcap=sc, alibi=al)
+        forward_key(dt, d, is_local=loc, softcap=sc, alibi=al, smem_limit=smem_limit)
         for dt in DTYPES
         for d in PADDED_HEAD_DIMS
         for loc in (False, True)
@@ -150,6 +230,33 @@ def compile_arch(major: int, minor: int) -> str:
     return "sm_90a" if (major, minor) == (9, 0) else f"sm_{major}{minor}"
 
 
+def all_backward_keys() -> list[KernelKey]:
+    """Every backward variant cuflash ships (first-choice and fallback tiles, both dQ modes)."""
+    keys = {}
+    for dt in DTYPES:
+        for d in PADDED_HEAD_DIMS:
+            for loc in (False, True):
+                for sc in (False, True):
+                    for al in (False, True):
+                        for det in (False, True):
+                            for limit in (MAX_SMEM[(9, 0)], MAX_SMEM[(8, 0)]):
+                                try:
+                                    ks = backward_keys(dt, d, is_local=loc, softcap=sc, alibi=al,
+                                                       deterministic=det, smem_limit=limit)
+                                except NotImplementedError:
+                                    continue
+                                for k in ks:
+                                    if k is not None:
+                                        keys[k.name] = k
+    return list(keys.values())
+
+
 def all_keys() -> list[KernelKey]:
     """Every shipped variant, all kernel families."""
-    return all_forward_keys()
+    keys = {k.name: k for k in all_forward_keys()}
+    for limit in (MAX_SMEM[(9, 0)], MAX_SMEM_DEFAULT):
+        for k in all_forward_keys_for(limit):
+            keys[k.name] = k
+    for k in all_backward_keys():
+        keys[k.name] = k
+    return list(keys.values())

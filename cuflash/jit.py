@@ -25,7 +25,7 @@ from .dispatch import KernelKey
 log = logging.getLogger("cuflash")
 
 _lock = threading.Lock()
-_loaded: dict = {}          # (key name, arch, device id) -> (module, function)
+_loaded: dict = {}          # (key name, entry, arch, device id) -> (module, function)
 _digest: str | None = None
 
 
@@ -136,7 +136,7 @@ def cubin_for(key: KernelKey, arch: str) -> bytes:
 
 def get_function(key: KernelKey, arch: str, device_id: int, smem_bytes: int):
     """The loaded kernel function of a variant on a device (compiled and loaded once per process)."""
-    slot = (key.name, arch, device_id)
+    slot = (key.name, key.entry, arch, device_id)
     hit = _loaded.get(slot)
     if hit is not None:
         return hit[1]

@@ -76,10 +76,11 @@ def is_local(causal: bool, window_size) -> bool:
 
 
 def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, lse: DeviceArray, alibi, *,
-            causal: bool, window_size, softmax_scale: float, softcap: float, stream: int, arch: str) -> None:
+            causal: bool, window_size, softmax_scale: float, softcap: float, stream: int, cc: tuple) -> None:
     dtype = "bf16" if q.dtype == "bfloat16" else "fp16"
+    arch = dispatch.compile_arch(*cc)
     key = dispatch.forward_key(dtype, q.shape[3], is_local=is_local(causal, window_size),
-                               softcap=softcap > 0, alibi=alibi is not None)
+                               softcap=softcap > 0, alibi=alibi is not None, smem_limit=dispatch.max_smem(*cc))
     smem = dispatch.forward_smem_bytes(key)
     fn = jit.get_function(key, arch, q.device, smem)
     p = common_params(q, k, v, alibi, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
@@ -89,3 +90,56 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, ls
     batch, seqlen_q, heads_q = q.shape[:3]
     p["num_m_blocks"] = math.ceil(seqlen_q / key.block_m)
     _launch(fn, int(p["num_m_blocks"]) * batch * heads_q, key.threads, smem, stream, p)
+
+
+def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
+             lse: DeviceArray, alibi, dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, *, causal: bool, window_size,
+             softmax_scale: float, softcap: float, deterministic: bool, stream: int, cc: tuple, framework: str) -> None:
+    """preprocess (delta, zero dQ accumulator) -> KV-parallel main kernel (dK, dV, dQ atomics) -> dQ.
+
+    Deterministic mode replaces the atomics and the postprocess by a Q-parallel dQ kernel.
+    """
+    from . import arrays
+
+    dtype = "bf16" if q.dtype == "bfloat16" else "fp16"
+    arch = dispatch.compile_arch(*cc)
+    prepost, main, dq_key = dispatch.backward_keys(
+        dtype, q.shape[3], is_local=is_local(causal, window_size), softcap=softcap > 0, alibi=alibi is not None,
+        deterministic=deterministic, smem_limit=dispatch.max_smem(*cc))
+    batch, seqlen_q, heads_q = q.shape[:3]
+    seqlen_k, heads_k = k.shape[1], k.shape[2]
+
+    # Workspaces come from the caller's framework, on its stream (CUDA-graph capture needs that).
+    _delta_native, delta = arrays.empty(framework, (batch, heads_q, seqlen_q), "float32", q.device, stream)
+    acc_native = None
+    p = common_params(q, k, v, alibi, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
+                      softcap=softcap)
+    p["o"], p["lse"], p["dout"], p["delta"] = out.ptr, lse.ptr, dout.ptr, delta.ptr
+    p["dq"], p["dk"], p["dv"] = dq.ptr, dk.ptr, dv.ptr
+    for name, a in (("o", out), ("do", dout), ("dq", dq), ("dk", dk), ("dv", dv)):
+        _set_strides(p, name, a)
+    if not deterministic:
+        acc_native, acc = arrays.empty(framework, (batch, seqlen_q, heads_q, main.head_dim), "float32", q.device, stream)
+        p["dq_accum"] = acc.ptr
+
+    dev = q.device
+    rows_grid = math.ceil(seqlen_q / dispatch.BWD_PREPOST_ROWS) * batch * heads_q
+    pre = jit.get_function(prepost, arch, dev, 0)
+    _launch(pre, rows_grid, prepost.threads, 0, stream, p)
+
+    smem = dispatch.backward_smem_bytes(main)
+    p["num_n_blocks"] = math.ceil(seqlen_k / main.block_n)
+    _launch(jit.get_function(main, arch, dev, smem), int(p["num_n_blocks"]) * batch * heads_k, main.threads, smem,
+            stream, p)
+
+    if deterministic:
+        smem = dispatch.dq_smem_bytes(dq_key)
+        p["num_m_blocks"] = math.ceil(seqlen_q / dq_key.block_m)
+        p["num_n_blocks"] = math.ceil(seqlen_k / dq_key.block_n)
+        _launch(jit.get_function(dq_key, arch, dev, smem), int(p["num_m_blocks"]) * batch * heads_q, dq_key.threads,
+                smem, stream, p)
+    else:
+        post = dispatch.KernelKey(prepost.family, "attention_bwd_postprocess", prepost.dtype, prepost.head_dim,
+                                  block_m=prepost.block_m, warps=prepost.warps)
+        _launch(jit.get_function(post, arch, dev, 0), rows_grid, post.threads, 0, stream, p)
+    del acc_native, _delta_native  # freed after enqueueing: stream-ordered allocators reuse them safely

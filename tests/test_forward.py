@@ -194,3 +194,20 @@ def test_empty_query_blocks_and_poisoned_lse():
     """Whole query blocks that see no key (causal with sq >> sk) give exact zeros and LSE +inf."""
     q, k, v = _inputs(2, 1000, 50, 2, 2, 64, torch.float16, seed=13)
     _check(q, k, v, causal=True)
+
+
+def test_params_layout_matches_kernel_struct():
+    """The host's parameter block and the kernel's AttentionParams agree (the bwd smem formulas too)."""
+    from cuflash import dispatch, jit
+    import cupy
+    key = dispatch.all_backward_keys()[1]
+    assert key.family == "bwd_sm80"
+    fn_mod = jit._loaded  # ensure the module is loadable and its exported smem size matches the formula
+    from cupy.cuda import function
+    mod = function.Module()
+    mod.load(jit.cubin_for(key, dispatch.compile_arch(*divmod(int(cupy.cuda.Device().compute_capability), 10))))
+    ptr = mod.get_global_var("cf_bwd_smem_bytes")
+    host = np.zeros(1, np.int32)
+    cupy.cuda.runtime.memcpy(host.ctypes.data, getattr(ptr, "ptr", ptr), 4, 2)
+    assert int(host[0]) == dispatch.backward_smem_bytes(key)
+    del fn_mod

@@ -110,6 +110,11 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc_o[s][d][e] = 0.f;
     OnlineSoftmax<kMS, kNT8> softmax;
+    // ldmatrix lanes: Q rows of this warp's slabs (A operand), K rows as B (keys x head dim), V rows
+    // transposed as B (keys x head dim read down the keys). See SmemTile::LaneAddr.
+    const typename QTile::LaneAddr q_addr(sQ, warp_row0 + (lane & 15), lane >> 4);
+    const typename KVTile::LaneAddr k_addr(sK, (lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1);
+    const typename KVTile::LaneAddr v_addr(sV, (lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4);
 
     for (int n_block = n_hi - 1; n_block >= n_lo; --n_block) {
         // K of this tile has landed, and every warp is done reading the previous V: V may be overwritten.
@@ -125,45 +130,19 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
             for (int n = 0; n < kNT8; ++n)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) sc[s][n][e] = 0.f;
-        if constexpr (kMS == 1) {
-            // One slab per warp leaves registers to spare: fragments of k-step kk+1 are loaded while the
-            // MMAs of step kk issue, so ldmatrix latency hides behind tensor-core work.
-            u32 a[2][4], bk[2][kBN / 16][4];
-            auto load_step = [&](int kk, int buf) {
-                ldmatrix_x4(a[buf], sQ + QTile::offset(warp_row0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-                for (int nn = 0; nn < kBN / 16; ++nn)
-                    ldmatrix_x4(bk[buf][nn], sK + KVTile::offset(nn * 16 + (lane & 7) + (lane >> 4) * 8, kk * 16 + ((lane >> 3) & 1) * 8));
-            };
-            auto mma_step = [&](int buf) {
-#pragma unroll
-                for (int nn = 0; nn < kBN / 16; ++nn) {
-                    mma_16816(sc[0][2 * nn], a[buf], bk[buf][nn][0], bk[buf][nn][1]);
-                    mma_16816(sc[0][2 * nn + 1], a[buf], bk[buf][nn][2], bk[buf][nn][3]);
-                }
-            };
-            // Two k-steps per trip, rolled: fully unrolled, ptxas hoists every step's fragments and spills.
-            load_step(0, 0);
+        // One 64-wide column block of Q and K per trip: the k-steps inside are unrolled (compile-time
+        // swizzle phases), the trips are not, so ptxas cannot hoist fragments of the whole head dim.
 #pragma unroll 1
-            for (int kk = 0; kk < kD / 16; kk += 2) {
-                load_step(kk + 1, 1);
-                mma_step(0);
-                if (kk + 2 < kD / 16) load_step(kk + 2, 0);
-                mma_step(1);
-            }
-        } else {
-            // Two slabs per warp sit at the 255-register limit: no room for a second set of fragments.
-            // Rolled for the same reason as above.
-#pragma unroll 1
-            for (int kk = 0; kk < kD / 16; ++kk) {
+        for (int blk = 0; blk < kD / 64; ++blk) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
                 u32 a[kMS][4];
 #pragma unroll
-                for (int s = 0; s < kMS; ++s)
-                    ldmatrix_x4(a[s], sQ + QTile::offset(warp_row0 + s * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+                for (int s = 0; s < kMS; ++s) ldmatrix_x4(a[s], q_addr.at(j, s * 16) + blk * QTile::kBlockBytes);
 #pragma unroll
                 for (int nn = 0; nn < kBN / 16; ++nn) {
                     u32 bk[4];
-                    ldmatrix_x4(bk, sK + KVTile::offset(nn * 16 + (lane & 7) + (lane >> 4) * 8, kk * 16 + ((lane >> 3) & 1) * 8));
+                    ldmatrix_x4(bk, k_addr.at(j, nn * 16) + blk * KVTile::kBlockBytes);
 #pragma unroll
                     for (int s = 0; s < kMS; ++s) {
                         mma_16816(sc[s][2 * nn], a[s], bk[0], bk[1]);
@@ -200,7 +179,7 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
 #pragma unroll
             for (int dd = 0; dd < kD / 16; ++dd) {
                 u32 bv[4];
-                ldmatrix_x4_trans(bv, sV + KVTile::offset(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dd * 16 + (lane >> 4) * 8));
+                ldmatrix_x4_trans(bv, v_addr.at(dd, kk * 16));
 #pragma unroll
                 for (int s = 0; s < kMS; ++s) {
                     mma_16816(acc_o[s][2 * dd], a[s], bv[0], bv[1]);

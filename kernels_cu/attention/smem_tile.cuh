@@ -13,6 +13,23 @@ struct SmemTile {
     static_assert(DIM % 64 == 0, "tile width must be a multiple of 64 elements");
     static constexpr int kElems = ROWS * DIM;
     static constexpr int kBytes = kElems * 2;
+    static constexpr int kBlockBytes = ROWS * 64 * 2;  // one 64-column block
+
+    // Per-lane ldmatrix addresses. A lane that reads 8-column half `c` (0 or 1) of k16 step `kk` in row
+    // `row` hits logical chunk 2*kk + c, stored at chunk ((2*kk) % 8) ^ c ^ (row % 8) of column block kk / 4.
+    // Moving by whole 8-row groups keeps row % 8, so per lane only the four values of kk % 4 differ: four
+    // base registers, and every other part of every address is a compile-time immediate.
+    struct LaneAddr {
+        u32 base[4];
+        __device__ __forceinline__ LaneAddr(u32 smem, int row, int c) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) base[j] = smem + (u32)((row * 64 + (((2 * j) ^ c ^ (row & 7)) << 3)) * 2);
+        }
+        // Address for k16 step kk (compile-time) and a row offset that is a multiple of 8 (compile-time).
+        __device__ __forceinline__ u32 at(int kk, int row_offset) const {
+            return base[kk & 3] + (u32)(((kk >> 2) * ROWS * 64 + row_offset * 64) * 2);
+        }
+    };
 
     // Byte offset of the 16-byte chunk holding (row, col..col+7); col is a multiple of 8.
     static __device__ __forceinline__ u32 offset(int row, int col) {
