@@ -853,9 +853,10 @@ def run_jit(args, torch, cuflash) -> dict:
             warm = _jit_child("first", [], d)   # same cache, new process: load from disk + run
             res["cold_first_call"] = cold
             res["warm_start"] = warm
-            print(f"  first call, empty cache:  {cold['first_call_s']:.2f} s "
+            print(f"  first call, empty cache:  {cold['first_call_s']:.2f} s, cache files {cold['cache_files_at_start']}"
+                  f" -> {len(cold['cached'])} variants "
                   f"(import {cold['import_s']:.2f} s, process start to result {cold['process_to_result_s']:.2f} s)")
-            print(f"  first call, disk cache:   {warm['first_call_s']:.3f} s "
+            print(f"  first call, disk cache:   {warm['first_call_s']:.3f} s, cache files {warm['cache_files_at_start']} "
                   f"(import {warm['import_s']:.2f} s, process start to result {warm['process_to_result_s']:.2f} s)")
         except Exception as e:  # noqa: BLE001
             res["warm_start_error"] = str(e)[-500:]

@@ -6,6 +6,7 @@ string names the disk-cache entry, the compile log line and error messages. Noth
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ class KernelKey:
     min_blocks: int = 1
     extra: tuple = ()  # further (define, value) pairs for families that need them
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         parts = [self.family, self.dtype, f"d{self.head_dim}"]
         if self.is_local:
@@ -104,13 +105,23 @@ class KernelKey:
         return self.name
 
 
+_OVERRIDES: dict = {}
+
+
 def _tile_overrides() -> dict:
+    spec = os.environ.get("CUFLASH_FWD_TILES", "")
+    hit = _OVERRIDES.get(spec)
+    if hit is None:
+        hit = _OVERRIDES[spec] = _parse_tile_overrides(spec)
+    return hit
+
+
+def _parse_tile_overrides(spec: str) -> dict:
     """``CUFLASH_FWD_TILES="128=64x64x4,256=128x64x8x1"``: per padded head dim, block_m x block_n x warps
     (x minimum resident CTAs per SM, a register-allocation hint; default 1).
 
     A tuning knob for benchmarking other tile shapes without editing the package.
     """
-    spec = os.environ.get("CUFLASH_FWD_TILES", "")
     out = {}
     for item in filter(None, spec.split(",")):
         try:
@@ -139,7 +150,12 @@ def max_smem(major: int, minor: int) -> int:
 
 def forward_key(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
                 smem_limit: int = MAX_SMEM[(9, 0)]) -> KernelKey:
-    d = padded_head_dim(head_dim)
+    return _forward_key(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, smem_limit,
+                        os.environ.get("CUFLASH_FWD_TILES", ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_key(dtype, d, is_local, softcap, alibi, smem_limit, _tiles_env) -> KernelKey:
     bm, bn, warps, min_blocks = _tile_overrides().get(d) or FWD_SM80_TILES[d]
     key = KernelKey("fwd_sm80", "attention_fwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, warps, min_blocks)
     if forward_smem_bytes(key) > smem_limit:
@@ -182,9 +198,14 @@ def dq_smem_bytes(key: KernelKey) -> int:
 
 def backward_keys(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool, deterministic: bool,
                   smem_limit: int = MAX_SMEM[(9, 0)]):
-    """(preprocess/postprocess key, main key, deterministic dQ key or None) for one backward call."""
-    d = padded_head_dim(head_dim)
-    prepost = KernelKey("bwd_prepost", "attention_bwd_preprocess", dtype, d, block_m=BWD_PREPOST_ROWS, warps=8)
+    """(preprocess key, postprocess key, main key, deterministic dQ key or None) for one backward call."""
+    return _backward_keys(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, deterministic, smem_limit)
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_keys(dtype, d, is_local, softcap, alibi, deterministic, smem_limit):
+    pre = KernelKey("bwd_prepost", "attention_bwd_preprocess", dtype, d, block_m=BWD_PREPOST_ROWS, warps=8)
+    post = KernelKey("bwd_prepost", "attention_bwd_postprocess", dtype, d, block_m=BWD_PREPOST_ROWS, warps=8)
     main = None
     for bm, bn, stages, a_regs in BWD_SM80_TILES[d]:
         main = KernelKey("bwd_sm80", "attention_bwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, 8,
@@ -200,7 +221,7 @@ def backward_keys(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, a
     if deterministic:
         bm, bn = BWD_DQ_SM80_TILES[d]
         dq = KernelKey("bwd_dq_sm80", "attention_bwd_dq_sm80", dtype, d, is_local, softcap, alibi, bm, bn, 4)
-    return prepost, main, dq
+    return pre, post, main, dq
 
 
 def all_forward_keys() -> list[KernelKey]:

@@ -6,7 +6,10 @@ Everything here runs on the caller's stream and never synchronizes the host. Arg
 
 from __future__ import annotations
 
+import ctypes
 import math
+import struct
+import threading
 
 import numpy as np
 
@@ -15,39 +18,67 @@ from .arrays import DeviceArray
 
 _LOG2E = 1.4426950408889634
 
-# Mirrors `struct AttentionParams` in kernels_cu/attention/params.cuh, field for field.
+# Mirrors `struct AttentionParams` in kernels_cu/attention/params.cuh, field for field. The 8-byte fields
+# come first, so the C layout has no padding and a packed little-endian struct reproduces it exactly.
 _PTR = ["q", "k", "v", "o", "lse", "alibi", "dout", "delta", "dq_accum", "dq", "dk", "dv"]
 _STRIDED = ["q", "k", "v", "o", "do", "dq", "dk", "dv"]
-PARAMS_DTYPE = np.dtype(
-    [(n, np.uint64) for n in _PTR]
-    + [(f"{t}_{w}_stride", np.int64) for t in _STRIDED for w in ("batch", "row", "head")]
-    + [("alibi_batch_stride", np.int64)]
-    + [(n, np.int32) for n in ("batch", "heads_q", "heads_k", "seqlen_q", "seqlen_k", "head_dim",
-                              "window_left", "window_right")]
-    + [(n, np.float32) for n in ("softmax_scale", "scale_log2", "softcap")]
-    + [(n, np.int32) for n in ("num_m_blocks", "num_n_blocks", "pad_")],
-    align=True,
-)
+_I64 = [f"{t}_{w}_stride" for t in _STRIDED for w in ("batch", "row", "head")] + ["alibi_batch_stride"]
+_I32A = ["batch", "heads_q", "heads_k", "seqlen_q", "seqlen_k", "head_dim", "window_left", "window_right"]
+_F32 = ["softmax_scale", "scale_log2", "softcap"]
+_I32B = ["num_m_blocks", "num_n_blocks", "pad_"]
+_FIELDS = _PTR + _I64 + _I32A + _F32 + _I32B
+_STRUCT = struct.Struct(f"<{len(_PTR)}Q{len(_I64)}q{len(_I32A)}i{len(_F32)}f{len(_I32B)}i")
+_INDEX = {name: i for i, name in enumerate(_FIELDS)}
+PARAMS_DTYPE = np.dtype([(n, np.uint64) for n in _PTR] + [(n, np.int64) for n in _I64]
+                        + [(n, np.int32) for n in _I32A] + [(n, np.float32) for n in _F32]
+                        + [(n, np.int32) for n in _I32B], align=True)
+assert PARAMS_DTYPE.itemsize == _STRUCT.size
 
 
-def _set_strides(p, name: str, a: DeviceArray) -> None:
+class Params:
+    """The launch parameter block, filled by field name and packed once per launch."""
+
+    __slots__ = ("values",)
+
+    def __init__(self):
+        self.values = [0] * len(_FIELDS)
+        for name in _F32:
+            self.values[_INDEX[name]] = 0.0
+
+    def __setitem__(self, name, value):
+        self.values[_INDEX[name]] = value
+
+    def __getitem__(self, name):
+        return self.values[_INDEX[name]]
+
+
+def _set_strides(p: Params, name: str, a: DeviceArray) -> None:
     # (batch, seqlen, heads, head_dim) views: row = sequence position.
-    p[f"{name}_batch_stride"], p[f"{name}_row_stride"], p[f"{name}_head_stride"] = a.strides[0], a.strides[1], a.strides[2]
+    i = _INDEX[f"{name}_batch_stride"]
+    p.values[i:i + 3] = a.strides[:3]
 
 
-def _launch(fn, grid: int, threads: int, smem: int, stream: int, params: np.ndarray) -> None:
+_tls = threading.local()
+
+
+def _launch(fn, grid: int, threads: int, smem: int, stream: int, params: Params) -> None:
     from cupy.cuda import driver
     # One by-value struct argument: kernelParams is an array holding one pointer to the struct's bytes,
-    # which the driver copies at launch (and at graph capture), so `params` may die right after.
-    argv = np.array([params.ctypes.data], dtype=np.uint64)
-    driver.launchKernel(fn.ptr, grid, 1, 1, threads, 1, 1, smem, stream, argv.ctypes.data, 0)
+    # which the driver copies during the launch call (and into a graph node at capture), so the buffer
+    # can be reused by the next launch of this thread.
+    buf = getattr(_tls, "buf", None)
+    if buf is None:
+        buf = _tls.buf = ctypes.create_string_buffer(_STRUCT.size)
+        _tls.argv = (ctypes.c_void_p * 1)(ctypes.addressof(buf))
+    _STRUCT.pack_into(buf, 0, *params.values)
+    driver.launchKernel(fn.ptr, grid, 1, 1, threads, 1, 1, smem, stream, ctypes.addressof(_tls.argv), 0)
 
 
 def common_params(q: DeviceArray, k: DeviceArray, v: DeviceArray, alibi, *, causal: bool, window_size,
-                  softmax_scale: float, softcap: float) -> np.ndarray:
+                  softmax_scale: float, softcap: float) -> Params:
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_k = k.shape[1], k.shape[2]
-    p = np.zeros((), dtype=PARAMS_DTYPE)
+    p = Params()
     p["q"], p["k"], p["v"] = q.ptr, k.ptr, v.ptr
     _set_strides(p, "q", q)
     _set_strides(p, "k", k)
@@ -88,8 +119,8 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, ls
     p["o"], p["lse"] = out.ptr, lse.ptr
     _set_strides(p, "o", out)
     batch, seqlen_q, heads_q = q.shape[:3]
-    p["num_m_blocks"] = math.ceil(seqlen_q / key.block_m)
-    _launch(fn, int(p["num_m_blocks"]) * batch * heads_q, key.threads, smem, stream, p)
+    p["num_m_blocks"] = m_blocks = -(-seqlen_q // key.block_m)
+    _launch(fn, m_blocks * batch * heads_q, key.threads, smem, stream, p)
 
 
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
@@ -103,7 +134,7 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
 
     dtype = "bf16" if q.dtype == "bfloat16" else "fp16"
     arch = dispatch.compile_arch(*cc)
-    prepost, main, dq_key = dispatch.backward_keys(
+    pre, post, main, dq_key = dispatch.backward_keys(
         dtype, q.shape[3], is_local=is_local(causal, window_size), softcap=softcap > 0, alibi=alibi is not None,
         deterministic=deterministic, smem_limit=dispatch.max_smem(*cc))
     batch, seqlen_q, heads_q = q.shape[:3]
@@ -124,22 +155,19 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
 
     dev = q.device
     rows_grid = math.ceil(seqlen_q / dispatch.BWD_PREPOST_ROWS) * batch * heads_q
-    pre = jit.get_function(prepost, arch, dev, 0)
-    _launch(pre, rows_grid, prepost.threads, 0, stream, p)
+    _launch(jit.get_function(pre, arch, dev, 0), rows_grid, pre.threads, 0, stream, p)
 
     smem = dispatch.backward_smem_bytes(main)
     p["num_n_blocks"] = math.ceil(seqlen_k / main.block_n)
-    _launch(jit.get_function(main, arch, dev, smem), int(p["num_n_blocks"]) * batch * heads_k, main.threads, smem,
+    _launch(jit.get_function(main, arch, dev, smem), p["num_n_blocks"] * batch * heads_k, main.threads, smem,
             stream, p)
 
     if deterministic:
         smem = dispatch.dq_smem_bytes(dq_key)
         p["num_m_blocks"] = math.ceil(seqlen_q / dq_key.block_m)
         p["num_n_blocks"] = math.ceil(seqlen_k / dq_key.block_n)
-        _launch(jit.get_function(dq_key, arch, dev, smem), int(p["num_m_blocks"]) * batch * heads_q, dq_key.threads,
+        _launch(jit.get_function(dq_key, arch, dev, smem), p["num_m_blocks"] * batch * heads_q, dq_key.threads,
                 smem, stream, p)
     else:
-        post = dispatch.KernelKey(prepost.family, "attention_bwd_postprocess", prepost.dtype, prepost.head_dim,
-                                  block_m=prepost.block_m, warps=prepost.warps)
         _launch(jit.get_function(post, arch, dev, 0), rows_grid, post.threads, 0, stream, p)
     del acc_native, _delta_native  # freed after enqueueing: stream-ordered allocators reuse them safely

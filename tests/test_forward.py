@@ -196,18 +196,28 @@ def test_empty_query_blocks_and_poisoned_lse():
     _check(q, k, v, causal=True)
 
 
-def test_params_layout_matches_kernel_struct():
-    """The host's parameter block and the kernel's AttentionParams agree (the bwd smem formulas too)."""
-    from cuflash import dispatch, jit
+def _device_int(key, symbol):
+    """Reads an `extern "C" __device__ const int` exported by a variant's module."""
     import cupy
-    key = dispatch.all_backward_keys()[1]
-    assert key.family == "bwd_sm80"
-    fn_mod = jit._loaded  # ensure the module is loadable and its exported smem size matches the formula
     from cupy.cuda import function
+    from cuflash import dispatch, jit
+    arch = dispatch.compile_arch(*divmod(int(cupy.cuda.Device().compute_capability), 10))
     mod = function.Module()
-    mod.load(jit.cubin_for(key, dispatch.compile_arch(*divmod(int(cupy.cuda.Device().compute_capability), 10))))
-    ptr = mod.get_global_var("cf_bwd_smem_bytes")
+    mod.load(jit.cubin_for(key, arch))
+    ptr = mod.get_global_var(symbol)
     host = np.zeros(1, np.int32)
     cupy.cuda.runtime.memcpy(host.ctypes.data, getattr(ptr, "ptr", ptr), 4, 2)
-    assert int(host[0]) == dispatch.backward_smem_bytes(key)
-    del fn_mod
+    return int(host[0])
+
+
+def test_params_layout_and_smem_formulas_match_kernels():
+    """The host's parameter block has the size of the kernels' AttentionParams, and the host's shared
+    memory formulas equal the sizes the backward kernels export."""
+    from cuflash import dispatch, ops
+    fwd = dispatch.all_forward_keys()[0]
+    assert _device_int(fwd, "cf_params_bytes") == ops.PARAMS_DTYPE.itemsize
+    for key in dispatch.all_backward_keys():
+        if key.family == "bwd_sm80" and key.head_dim in (64, 256):
+            assert _device_int(key, "cf_bwd_smem_bytes") == dispatch.backward_smem_bytes(key)
+        if key.family == "bwd_dq_sm80" and key.head_dim in (64, 256):
+            assert _device_int(key, "cf_bwd_dq_smem_bytes") == dispatch.dq_smem_bytes(key)

@@ -39,3 +39,6 @@ struct AttentionParams {
     int num_n_blocks;
     int pad_;
 };
+
+// Exported so that a GPU test can check the host's mirror of this struct byte for byte in size.
+extern "C" __device__ const int cf_params_bytes = sizeof(AttentionParams);
