@@ -18,6 +18,8 @@ _MAX_SEQLEN = 1 << 30  # keeps every index the kernels form from seqlen_q + seql
 
 
 def _check_flag(name, value):
+    if value is True or value is False:
+        return value
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
@@ -26,6 +28,9 @@ def _check_flag(name, value):
 def _check_real(name, value, *, allow_none=False, positive=False, nonneg=False):
     if value is None and allow_none:
         return None
+    if type(value) is float and value == value and abs(value) != math.inf and (
+            (value > 0) if positive else (value >= 0) if nonneg else True):
+        return value  # the common case, without the slower abstract-class checks below
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -39,6 +44,8 @@ def _check_real(name, value, *, allow_none=False, positive=False, nonneg=False):
 
 
 def _check_window(window_size):
+    if window_size == (-1, -1) and type(window_size) is tuple:
+        return window_size
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
     out = []

@@ -27,8 +27,20 @@ class DeviceArray:
     owner: object = None  # keeps the memory alive (the framework array or an imported DLPack tensor)
 
 
+_FRAMEWORK_BY_TYPE: dict = {}
+
+
 def framework_of(x) -> str:
     """``numpy``, ``cupy``, ``torch``, ``jax`` or ``dlpack`` (any other ``__dlpack__`` producer)."""
+    fw = _FRAMEWORK_BY_TYPE.get(type(x))
+    if fw is None:
+        fw = _framework_of_type(x)
+        if fw != "dlpack":
+            _FRAMEWORK_BY_TYPE[type(x)] = fw
+    return fw
+
+
+def _framework_of_type(x) -> str:
     if isinstance(x, np.ndarray):
         return "numpy"
     mod = type(x).__module__.split(".", 1)[0]
@@ -43,13 +55,25 @@ def framework_of(x) -> str:
     raise TypeError(f"expected an array (NumPy, CuPy, PyTorch, JAX or any DLPack producer), got {type(x).__name__}")
 
 
-_TORCH_DTYPES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16", "torch.float32": "float32",
-                 "torch.float64": "float64"}
+_TORCH: dict = {}  # dtype objects <-> names and device objects, filled at the first torch call
+
+
+def _torch_tables():
+    if not _TORCH:
+        import torch
+        names = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+                 torch.float64: "float64"}
+        _TORCH["names"] = names
+        _TORCH["dtypes"] = {v: k for k, v in names.items()}
+        _TORCH["devices"] = {}
+        _TORCH["torch"] = torch
+    return _TORCH
 
 
 def dtype_name(x, fw: str) -> str:
     if fw == "torch":
-        return _TORCH_DTYPES.get(str(x.dtype), str(x.dtype))
+        dt = x.dtype
+        return _torch_tables()["names"].get(dt) or str(dt).replace("torch.", "")
     if fw in ("numpy", "cupy"):
         return str(x.dtype)
     return str(getattr(x, "dtype", "unknown"))
@@ -62,7 +86,9 @@ def device_of(x, fw: str):
     if fw == "cupy":
         return x.device.id
     if fw == "torch":
-        return x.device.index if x.device.type == "cuda" else x.device.type
+        if x.is_cuda:
+            return x.get_device()
+        return x.device.type
     dev_type, dev_id = x.__dlpack_device__()
     return dev_id if dev_type == dlpack.KDL_CUDA else ("cpu" if dev_type == dlpack.KDL_CPU else f"dlpack device {dev_type}")
 
@@ -70,8 +96,13 @@ def device_of(x, fw: str):
 def current_stream(fw: str, device: int) -> int:
     """The stream the caller's framework would run its next kernel on (a raw cudaStream_t)."""
     if fw == "torch":
-        import torch
-        return torch.cuda.current_stream(device).cuda_stream
+        raw = _torch_tables().get("raw_stream")
+        if raw is None:
+            torch = _TORCH["torch"]
+            # The raw cudaStream_t without building a torch.cuda.Stream object (what inductor calls).
+            raw = _TORCH["raw_stream"] = getattr(torch._C, "_cuda_getCurrentRawStream",
+                                                 lambda d: torch.cuda.current_stream(d).cuda_stream)
+        return raw(device)
     import cupy
     with cupy.cuda.Device(device):
         return cupy.cuda.get_current_stream().ptr
@@ -82,7 +113,7 @@ def device_view(x, fw: str, stream: int) -> DeviceArray:
     if fw == "torch":
         if x.requires_grad:
             x = x.detach()
-        return DeviceArray(x.data_ptr(), tuple(x.shape), tuple(x.stride()), dtype_name(x, fw), x.device.index, x)
+        return DeviceArray(x.data_ptr(), x.shape, x.stride(), dtype_name(x, fw), x.get_device(), x)
     if fw == "cupy":
         item = x.dtype.itemsize
         return DeviceArray(x.data.ptr, x.shape, tuple(s // item for s in x.strides), str(x.dtype), x.device.id, x)
@@ -95,9 +126,12 @@ def empty(fw: str, shape, dtype: str, device: int, stream: int):
     """Allocate a contiguous output through the caller's framework: (native array, DeviceArray view)."""
     shape = tuple(int(s) for s in shape)
     if fw == "torch":
-        import torch
-        t = torch.empty(shape, dtype=getattr(torch, dtype), device=f"cuda:{device}")
-        return t, device_view(t, "torch", stream)
+        tables = _torch_tables()
+        dev = tables["devices"].get(device)
+        if dev is None:
+            dev = tables["devices"][device] = tables["torch"].device("cuda", device)
+        t = tables["torch"].empty(shape, dtype=tables["dtypes"][dtype], device=dev)
+        return t, DeviceArray(t.data_ptr(), shape, t.stride(), dtype, device, t)
     import cupy
     with cupy.cuda.Device(device), cupy.cuda.ExternalStream(stream, device):
         # CuPy has no bfloat16: hold bf16 outputs as raw 16-bit words, retyped when exported.

@@ -1,7 +1,8 @@
 """GPU backward kernels vs float64 gradients, with FlashAttention's rule for gradients: our max error
 <= 3x the error of the same math in the input dtype (autograd through plain torch ops), plus an absolute
 term of 1e-4 x max|reference| for the fp32 accumulation order of dQ (atomics) and the 16-bit rounding of dS
-as an MMA operand, both of which FlashAttention-2 shares. Also determinism, torch.compile, CUDA graphs,
+as an MMA operand, both of which FlashAttention-2 shares, plus 1e-5 x max|dout|: D = rowsum(dO * O) uses the
+stored 16-bit O, so a gradient that is exactly 0 in float64 (one visible key) keeps a rounding residue. Also determinism, torch.compile, CUDA graphs,
 CuPy and JAX callers, and a short training run against SDPA."""
 
 import numpy as np
@@ -26,11 +27,11 @@ def _inputs(b, sq, sk, hq, hk, d, dtype, seed, transposed=False):
     return make(sq, hq), make(sk, hk), make(sk, hk)
 
 
-def _grad_rule(ours, ref, base, name):
+def _grad_rule(ours, ref, base, name, dout_max):
     assert np.isfinite(ours).all(), f"{name} has NaN/inf"
     err = float(np.max(np.abs(ours - ref)))
     base_err = float(np.max(np.abs(base - ref)))
-    bound = 3 * base_err + 1e-4 * float(np.max(np.abs(ref)))
+    bound = 3 * base_err + 1e-4 * float(np.max(np.abs(ref))) + 1e-5 * dout_max
     assert err <= bound, f"{name}: max error {err:.3e} > 3 x naive {base_err:.3e} + abs term"
 
 
@@ -49,7 +50,7 @@ def _check(q, k, v, deterministic=False, **kw):
     base_out = naive_same_dtype(qb, kb, vb, **kw)
     base = torch.autograd.grad(base_out, (qb, kb, vb), dout)
     for name, ours, ref, b in zip(("dq", "dk", "dv"), (dq, dk, dv), refs, base):
-        _grad_rule(to_np64(ours), ref, to_np64(b), name)
+        _grad_rule(to_np64(ours), ref, to_np64(b), name, float(dout.abs().max()))
 
 
 @pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (127, 127), (1000, 1000), (1, 1000), (17, 1000), (1000, 17),
@@ -152,7 +153,7 @@ def test_cuda_graph_forward_backward():
     qb, kb, vb = (x.clone().requires_grad_(True) for x in (q2, k2, v2))
     base = torch.autograd.grad(naive_same_dtype(qb, kb, vb, causal=True), (qb, kb, vb), dout)
     for name, t, r, b in zip(("dq", "dk", "dv"), (q, k, v), refs, base):
-        _grad_rule(to_np64(t.grad), r, to_np64(b), name)
+        _grad_rule(to_np64(t.grad), r, to_np64(b), name, float(dout.abs().max()))
 
 
 def test_cupy_backward():
@@ -168,7 +169,7 @@ def test_cupy_backward():
     tq, tk, tv = (torch.from_dlpack(x).clone().requires_grad_(True) for x in (q, k, v))
     base = torch.autograd.grad(naive_same_dtype(tq, tk, tv), (tq, tk, tv), torch.from_dlpack(dout))
     for name, g, r, b in zip(("dq", "dk", "dv"), grads, refs, base):
-        _grad_rule(g.get().astype(np.float64), r, to_np64(b), name)
+        _grad_rule(g.get().astype(np.float64), r, to_np64(b), name, float(abs(dout).max()))
 
 
 def test_jax_backward():
@@ -188,7 +189,7 @@ def test_jax_backward():
     tq, tk, tv = (x.requires_grad_(True) for x in (tq, tk, tv))
     base = torch.autograd.grad(naive_same_dtype(tq, tk, tv, causal=True), (tq, tk, tv), tdo)
     for name, g, r, b in zip(("dq", "dk", "dv"), grads, refs, base):
-        _grad_rule(f64(g), r, to_np64(b), name)
+        _grad_rule(f64(g), r, to_np64(b), name, float(np.abs(f64(dout)).max()))
 
 
 def test_training_matches_sdpa():
