@@ -15,16 +15,20 @@ from dataclasses import dataclass
 PADDED_HEAD_DIMS = (64, 128, 192, 256)
 DTYPES = ("fp16", "bf16")
 
-# Forward tiles for the sm80 kernel: head dim -> (block_m, block_n, warps, min CTAs per SM). 128 query rows per CTA keep
-# the shared K/V tiles reused by 128 rows; the key tile shrinks as the head dim grows so that S (32 rows x
-# block_n per warp at 4 warps) and O stay within 255 registers without spilling.
+# Forward tiles for the sm80 kernel: head dim -> (block_m, block_n, warps, min CTAs per SM, ptxas -O level).
+# 128 query rows per CTA in 4 warps (two m16 slabs a warp) let each K/V fragment feed two MMAs, which the
+# H100's shared-memory bandwidth needs; that puts S and O at the 255-register limit at head dims 64 and
+# 128. There ptxas -O3 schedules loads so early that it spills a few bytes; the key tile and -O level
+# below are the fastest measured choice with no spill (H100, bf16: bench/NOTES.md). 192 and 256 use 8
+# warps of one slab each (O alone is 128 registers a thread at 256).
 FWD_SM80_TILES = {
-    64: (128, 128, 4, 1),
-    128: (128, 64, 4, 1),
-    192: (128, 64, 8, 1),
-    256: (128, 64, 8, 1),
+    64: (128, 96, 4, 1, 3),
+    128: (128, 64, 4, 1, 1),
+    192: (128, 64, 8, 1, 3),
+    256: (128, 64, 8, 1, 3),
 }
-
+# ALiBi's per-element bias adds live registers: at head dim 64 the -O3 schedule spills there.
+FWD_SM80_ALIBI_PTXAS_OPT = {64: 1}
 
 def padded_head_dim(head_dim: int) -> int:
     """The compiled head dim that serves ``head_dim`` (a multiple of 8 in [8, 256])."""
@@ -57,6 +61,7 @@ class KernelKey:
     warps: int = 4
     min_blocks: int = 1
     extra: tuple = ()  # further (define, value) pairs for families that need them
+    ptxas_opt: int = 3  # ptxas -O level (see FWD_SM80_TILES for why some variants use 1)
 
     @functools.cached_property
     def name(self) -> str:
@@ -76,6 +81,8 @@ class KernelKey:
         parts += [f"br{self.block_m}", f"bc{self.block_n}", f"w{self.warps}"]
         if self.min_blocks > 1:
             parts.append(f"mb{self.min_blocks}")
+        if self.ptxas_opt != 3:
+            parts.append(f"o{self.ptxas_opt}")
         return "_".join(parts)
 
     @property
@@ -117,8 +124,8 @@ def _tile_overrides() -> dict:
 
 
 def _parse_tile_overrides(spec: str) -> dict:
-    """``CUFLASH_FWD_TILES="128=64x64x4,256=128x64x8x1"``: per padded head dim, block_m x block_n x warps
-    (x minimum resident CTAs per SM, a register-allocation hint; default 1).
+    """``CUFLASH_FWD_TILES="128=64x64x4,256=128x64x8x1o1"``: per padded head dim, block_m x block_n x warps
+    (x minimum resident CTAs per SM, a register-allocation hint; default 1) (o ptxas -O level; default 3).
 
     A tuning knob for benchmarking other tile shapes without editing the package.
     """
@@ -126,18 +133,18 @@ def _parse_tile_overrides(spec: str) -> dict:
     for item in filter(None, spec.split(",")):
         try:
             d, tiles = item.split("=")
+            tiles, _, opt = tiles.partition("o")
             nums = [int(x) for x in tiles.split("x")]
             if len(nums) == 3:
                 nums.append(1)
-            bm, bn, w, mb = nums
-            out[int(d)] = (bm, bn, w, mb)
+            out[int(d)] = tuple(nums) + (int(opt or 3),)
         except ValueError:
             raise ValueError(f"CUFLASH_FWD_TILES entry {item!r} is not HEADDIM=BMxBNxWARPS") from None
     return out
 
 
 # GPUs with less shared memory per block than the first choice needs (sm_86/sm_89: 99 KB) fall back to this.
-FWD_SM80_SMALL_SMEM_TILES = {192: (64, 64, 4, 1), 256: (64, 64, 4, 1)}
+FWD_SM80_SMALL_SMEM_TILES = {192: (64, 64, 4, 1, 3), 256: (64, 64, 4, 1, 3)}
 
 # Largest dynamic shared memory per block, by compute capability (opt-in limit).
 MAX_SMEM = {(8, 0): 166912, (8, 7): 166912, (9, 0): 232448}
@@ -156,11 +163,15 @@ def forward_key(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, ali
 
 @functools.lru_cache(maxsize=None)
 def _forward_key(dtype, d, is_local, softcap, alibi, smem_limit, _tiles_env) -> KernelKey:
-    bm, bn, warps, min_blocks = _tile_overrides().get(d) or FWD_SM80_TILES[d]
-    key = KernelKey("fwd_sm80", "attention_fwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, warps, min_blocks)
+    bm, bn, warps, min_blocks, opt = _tile_overrides().get(d) or FWD_SM80_TILES[d]
+    if alibi:
+        opt = FWD_SM80_ALIBI_PTXAS_OPT.get(d, opt)
+    key = KernelKey("fwd_sm80", "attention_fwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, warps, min_blocks,
+                    ptxas_opt=opt)
     if forward_smem_bytes(key) > smem_limit:
-        bm, bn, warps, min_blocks = FWD_SM80_SMALL_SMEM_TILES[d]
-        key = KernelKey("fwd_sm80", "attention_fwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, warps, min_blocks)
+        bm, bn, warps, min_blocks, opt = FWD_SM80_SMALL_SMEM_TILES[d]
+        key = KernelKey("fwd_sm80", "attention_fwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, warps,
+                        min_blocks, ptxas_opt=opt)
     return key
 
 

@@ -97,7 +97,7 @@ def compile_cubin(key: KernelKey, arch: str) -> tuple[bytes, str]:
 
     root = kernel_root()
     src = (root / key.source).read_text()
-    opts = [f"-arch={arch}", "-std=c++17", f"-I{root}", "--ptxas-options=-v"]
+    opts = [f"-arch={arch}", "-std=c++17", f"-I{root}", "--ptxas-options=-v", f"--ptxas-options=-O{key.ptxas_opt}"]
     opts += [f"-D{k}={v}" for k, v in key.defines().items()]
     prog = nvrtc.createProgram(src, key.source, [], [])
     try:

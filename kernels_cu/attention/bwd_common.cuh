@@ -9,6 +9,27 @@
 
 constexpr float kLog2e = 1.4426950408889634f;
 
+// Per-lane ldmatrix addresses into a SmemTile (smem_tile.cuh) for the k16 column steps k0 + kk of a warp:
+// SmemTile::LaneAddr with a runtime first step k0 (a warp's column offset, not always a multiple of 4).
+// Step k0 + kk, kk = 4q + r, lies in column block (k0 + r) / 4 + q at swizzle phase (k0 + r) % 4, so the
+// four bases (one per r) carry all the runtime terms and, with kk and the row offset (a multiple of 8)
+// known at compile time, every load address is a base register plus an immediate. The swizzled address
+// math otherwise costs more instructions than the mma's it feeds.
+template <class Tile>
+struct WarpLaneAddr {
+    u32 base[4];
+    __device__ __forceinline__ WarpLaneAddr(u32 smem, int row, int c, int k0) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int k = k0 + r;
+            base[r] = smem + (u32)((k >> 2) * Tile::kBlockBytes) + (u32)((row * 64 + (((2 * (k & 3)) ^ c ^ (row & 7)) << 3)) * 2);
+        }
+    }
+    __device__ __forceinline__ u32 at(int kk, int row_offset) const {
+        return base[kk & 3] + (u32)((kk >> 2) * Tile::kBlockBytes + row_offset * 128);
+    }
+};
+
 // 4-byte cp.async (the .cg form only takes 16 bytes); src size 0 writes a zero. LSE and delta rows are
 // fp32 and start at arbitrary seqlen_q offsets, so 16-byte chunks would be misaligned.
 __device__ __forceinline__ void cp_async_4(u32 smem_addr, const void* gmem, bool valid) {

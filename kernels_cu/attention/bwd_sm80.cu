@@ -216,33 +216,43 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
         const int m_start = (m_lo + it % n_m) * kBM;
 
         // dP^T = V.dO^T and S^T = K.Q^T, both (16 keys) x (kSN queries) per warp.
+        // Unrolled over the four k16 steps of a 64-wide column block, so that every ldmatrix address is a base,
+        // one register for the block, and an immediate.
         float dp[kSNT8][4], sc[kSNT8][4];
 #pragma unroll
         for (int n = 0; n < kSNT8; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) { dp[n][e] = 0.f; sc[n][e] = 0.f; }
+        {
+            const WarpLaneAddr<KVTile> kv_a(sK, key_row0 + (lane & 15), lane >> 4, 0);
+            const WarpLaneAddr<QTile> q_b(sQ, q_col0 + (lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1, 0);
 #pragma unroll 1
-        for (int kk = 0; kk < kD / 16; ++kk) {
-            u32 a[4];
-            ldmatrix_x4(a, sV + KVTile::offset(key_row0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+            for (int blk = 0; blk < kD / 64; ++blk)
 #pragma unroll
-            for (int nn = 0; nn < kSNT8 / 2; ++nn) {
-                u32 b[4];
-                ldmatrix_x4(b, sDO + QTile::offset(q_col0 + nn * 16 + (lane & 7) + (lane >> 4) * 8, kk * 16 + ((lane >> 3) & 1) * 8));
-                mma_16816(dp[2 * nn], a, b[0], b[1]);
-                mma_16816(dp[2 * nn + 1], a, b[2], b[3]);
+            for (int kk = 0; kk < 4; ++kk) {
+                u32 a[4];
+                ldmatrix_x4(a, kv_a.at(kk, 0) + KVTile::kBytes + blk * KVTile::kBlockBytes);  // V
+#pragma unroll
+                for (int nn = 0; nn < kSNT8 / 2; ++nn) {
+                    u32 b[4];
+                    ldmatrix_x4(b, q_b.at(kk, nn * 16) + (sDO - sQ) + blk * QTile::kBlockBytes);
+                    mma_16816(dp[2 * nn], a, b[0], b[1]);
+                    mma_16816(dp[2 * nn + 1], a, b[2], b[3]);
+                }
             }
-        }
 #pragma unroll 1
-        for (int kk = 0; kk < kD / 16; ++kk) {
-            u32 a[4];
-            ldmatrix_x4(a, sK + KVTile::offset(key_row0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+            for (int blk = 0; blk < kD / 64; ++blk)
 #pragma unroll
-            for (int nn = 0; nn < kSNT8 / 2; ++nn) {
-                u32 b[4];
-                ldmatrix_x4(b, sQ + QTile::offset(q_col0 + nn * 16 + (lane & 7) + (lane >> 4) * 8, kk * 16 + ((lane >> 3) & 1) * 8));
-                mma_16816(sc[2 * nn], a, b[0], b[1]);
-                mma_16816(sc[2 * nn + 1], a, b[2], b[3]);
+            for (int kk = 0; kk < 4; ++kk) {
+                u32 a[4];
+                ldmatrix_x4(a, kv_a.at(kk, 0) + blk * KVTile::kBlockBytes);  // K
+#pragma unroll
+                for (int nn = 0; nn < kSNT8 / 2; ++nn) {
+                    u32 b[4];
+                    ldmatrix_x4(b, q_b.at(kk, nn * 16) + blk * QTile::kBlockBytes);
+                    mma_16816(sc[2 * nn], a, b[0], b[1]);
+                    mma_16816(sc[2 * nn + 1], a, b[2], b[3]);
+                }
             }
         }
 
@@ -299,41 +309,43 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
         if (!kARegs) __syncthreads();
 
         // dV += P^T.dO, dK += dS^T.Q over this warp's (16 keys) x (kKD head-dim columns).
+        const WarpLaneAddr<QTile> q_bt(sQ, (lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4, d_col0 / 16);
         if constexpr (kARegs) {
 #pragma unroll
             for (int kk = 0; kk < kBM / 16; ++kk) {
 #pragma unroll
                 for (int dd = 0; dd < kKDT8 / 2; ++dd) {
                     u32 b[4];
-                    ldmatrix_x4_trans(b, sDO + QTile::offset(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, d_col0 + dd * 16 + (lane >> 4) * 8));
+                    ldmatrix_x4_trans(b, q_bt.at(dd, kk * 16) + (sDO - sQ));
                     mma_16816(acc_dv[2 * dd], ap[kk % (kSNT8 / 2)], b[0], b[1]);
                     mma_16816(acc_dv[2 * dd + 1], ap[kk % (kSNT8 / 2)], b[2], b[3]);
                 }
 #pragma unroll
                 for (int dd = 0; dd < kKDT8 / 2; ++dd) {
                     u32 b[4];
-                    ldmatrix_x4_trans(b, sQ + QTile::offset(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, d_col0 + dd * 16 + (lane >> 4) * 8));
+                    ldmatrix_x4_trans(b, q_bt.at(dd, kk * 16));
                     mma_16816(acc_dk[2 * dd], ads[kk % (kSNT8 / 2)], b[0], b[1]);
                     mma_16816(acc_dk[2 * dd + 1], ads[kk % (kSNT8 / 2)], b[2], b[3]);
                 }
             }
         } else {
-#pragma unroll 1
+            const WarpLaneAddr<STile> s_a(sDS, key_row0 + (lane & 15), lane >> 4, 0);
+#pragma unroll
             for (int kk = 0; kk < kBM / 16; ++kk) {
                 u32 a[4];
-                ldmatrix_x4(a, sbase + kSmemP + STile::offset(key_row0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+                ldmatrix_x4(a, s_a.at(kk, 0) + (kSmemP - kSmemDS));
 #pragma unroll
                 for (int dd = 0; dd < kKDT8 / 2; ++dd) {
                     u32 b[4];
-                    ldmatrix_x4_trans(b, sDO + QTile::offset(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, d_col0 + dd * 16 + (lane >> 4) * 8));
+                    ldmatrix_x4_trans(b, q_bt.at(dd, kk * 16) + (sDO - sQ));
                     mma_16816(acc_dv[2 * dd], a, b[0], b[1]);
                     mma_16816(acc_dv[2 * dd + 1], a, b[2], b[3]);
                 }
-                ldmatrix_x4(a, sDS + STile::offset(key_row0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+                ldmatrix_x4(a, s_a.at(kk, 0));
 #pragma unroll
                 for (int dd = 0; dd < kKDT8 / 2; ++dd) {
                     u32 b[4];
-                    ldmatrix_x4_trans(b, sQ + QTile::offset(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, d_col0 + dd * 16 + (lane >> 4) * 8));
+                    ldmatrix_x4_trans(b, q_bt.at(dd, kk * 16));
                     mma_16816(acc_dk[2 * dd], a, b[0], b[1]);
                     mma_16816(acc_dk[2 * dd + 1], a, b[2], b[3]);
                 }
@@ -351,22 +363,24 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
         // dQ (unscaled) = dS.K, this warp's 16 query rows x kQD head-dim columns, kQC at a time.
         {
             const int qw = warp % kQW, qd = warp / kQW;
+            const WarpLaneAddr<STile> ds_at(sDS, (lane & 7) + ((lane >> 4) & 1) * 8, (lane >> 3) & 1, qw);
 #pragma unroll 1
             for (int cc = 0; cc < kQD / kQC; ++cc) {
                 const int col0 = qd * kQD + cc * kQC;
+                const WarpLaneAddr<KVTile> k_bt(sK, (lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4, col0 / 16);
                 float acc[kQC / 8][4];
 #pragma unroll
                 for (int n = 0; n < kQC / 8; ++n)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
-#pragma unroll 1
+#pragma unroll 2
                 for (int kk = 0; kk < kBN / 16; ++kk) {
                     u32 a[4];
-                    ldmatrix_x4_trans(a, sDS + STile::offset(kk * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, qw * 16 + ((lane >> 3) & 1) * 8));
+                    ldmatrix_x4_trans(a, ds_at.at(0, kk * 16));
 #pragma unroll
                     for (int dd = 0; dd < kQC / 16; ++dd) {
                         u32 b[4];
-                        ldmatrix_x4_trans(b, sK + KVTile::offset(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, col0 + dd * 16 + (lane >> 4) * 8));
+                        ldmatrix_x4_trans(b, k_bt.at(dd, kk * 16));
                         mma_16816(acc[2 * dd], a, b[0], b[1]);
                         mma_16816(acc[2 * dd + 1], a, b[2], b[3]);
                     }

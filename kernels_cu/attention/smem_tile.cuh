@@ -31,6 +31,17 @@ struct SmemTile {
         }
     };
 
+    // The same addresses from one register: tiles start 128-byte aligned and a row is 128 bytes, so the
+    // kk % 4 phase is an XOR of bits 5-6 of the step-0 address (one LOP3 per use instead of a register).
+    struct LaneAddrXor {
+        u32 base;
+        __device__ __forceinline__ LaneAddrXor(u32 smem, int row, int c)
+            : base(smem + (u32)(row * 128 + ((c ^ (row & 7)) << 4))) {}
+        __device__ __forceinline__ u32 at(int kk, int row_offset) const {
+            return (base ^ (u32)((kk & 3) << 5)) + (u32)(((kk >> 2) * ROWS * 64 + row_offset * 64) * 2);
+        }
+    };
+
     // Byte offset of the 16-byte chunk holding (row, col..col+7); col is a multiple of 8.
     static __device__ __forceinline__ u32 offset(int row, int col) {
         const int chunk = col >> 3;
