@@ -30,6 +30,15 @@ struct WarpLaneAddr {
     }
 };
 
+// Returns x through an opaque move, so that values derived from it inside a loop count as loop-variant:
+// the compiler then recomputes them (a few integer ops per use) instead of pinning them in registers
+// across the whole loop, where the dK/dV accumulators leave none to spare.
+__device__ __forceinline__ u32 loop_variant(u32 x) {
+    u32 y;
+    asm volatile("mov.b32 %0, %1;\n" : "=r"(y) : "r"(x));
+    return y;
+}
+
 // 4-byte cp.async (the .cg form only takes 16 bytes); src size 0 writes a zero. LSE and delta rows are
 // fp32 and start at arbitrary seqlen_q offsets, so 16-byte chunks would be misaligned.
 __device__ __forceinline__ void cp_async_4(u32 smem_addr, const void* gmem, bool valid) {

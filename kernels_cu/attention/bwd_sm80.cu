@@ -37,16 +37,25 @@
 // also exported as the __device__ constant `int cf_bwd_smem_bytes` (Module.get_global_var) so the host need
 // not repeat the formula.
 //
-// Tile table (8 warps = 256 threads, CF_MIN_BLOCKS 1, A = 0 unless noted):
-//   head dim | BM | BN  | S | smem bytes | fits                      | regs sm_80 / sm_90a (all flag combos)
-//   64       | 64 | 128 | 2 |  99328     | A100, H100                | 193-211 / 191-207
-//   64 (A=1) | 64 | 128 | 2 |  82944     | A100, H100 (recommended)  | 196-216 / 196-213  (~4% faster on H100)
-//   128      | 64 | 128 | 2 | 164864     | A100 (<= 166912), H100    | 242-255 / 238-255
-//   192      | 64 | 64  | 2 | 164864     | A100 (<= 166912), H100    | 206-213 / 202-211
-//   256      | 64 | 64  | 2 | 214016     | H100 only (<= 232448)     | 240-246 / 240-244
-//   256      | 64 | 64  | 1 | 147968     | A100                      | 250-253 / 253-255
+// Tile table (8 warps = 256 threads, CF_MIN_BLOCKS 1, A = 0 unless noted; registers over the flag combos
+// checked, deterministic or not):
+//   head dim | BM | BN  | S | smem bytes | fits                      | regs sm_80 / sm_90a
+//   64       | 64 | 128 | 2 |  99328     | A100, H100                | 232-246 / 227-243
+//   64 (A=1) | 64 | 128 | 2 |  82944     | A100, H100 (recommended)  | 212-244 / 220-241  (~4% faster on H100)
+//   64 (A=1) | 64 | 64  | 1 |  41472     | fallback                  | 137-164 / 141-158
+//   128      | 64 | 128 | 2 | 164864     | A100 (<= 166912), H100    | 251-255 / 248-255
+//   192      | 64 | 64  | 2 | 164864     | A100 (<= 166912), H100    | 209-214 / 202-212
+//   256      | 64 | 64  | 2 | 214016     | H100 only (<= 232448)     | 242-244 / 242-246
+//   256      | 64 | 64  | 1 | 147968     | A100                      | 242-254 / 240-252
 // Every fp16/bf16 x IS_LOCAL x SOFTCAP x ALIBI x DETERMINISTIC variant of these compiles with 0 bytes of
 // spill and stack for sm_80 and sm_90a. CF_BWD_A_REGS=1 is spill-free at hd64 only (it spills at hd128).
+//
+// Shared-memory addressing: every ldmatrix address is a per-lane base (WarpLaneAddr, bwd_common.cuh: four
+// per operand, one per swizzle phase) plus a compile-time immediate; the k16 loops are unrolled over a
+// 64-column block for that. The bases are rebuilt in each phase from an opaque copy of the lane id
+// (loop_variant) rather than kept across the query-tile loop: that costs a few integer ops per phase, and
+// keeping them (about 20 registers) makes the hd128 / hd256 variants spill. Before this, the swizzle math
+// was ~35 integer instructions per 8 mma's in the inner loops (SASS), about 15% of the run time.
 //
 // Work split inside a CTA (per query tile of BM rows):
 //   warp w: wn = w % (BN/16) owns keys [16 wn, 16 wn + 16); wm = w / (BN/16) owns query columns
@@ -224,8 +233,9 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) { dp[n][e] = 0.f; sc[n][e] = 0.f; }
         {
-            const WarpLaneAddr<KVTile> kv_a(sK, key_row0 + (lane & 15), lane >> 4, 0);
-            const WarpLaneAddr<QTile> q_b(sQ, q_col0 + (lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1, 0);
+            const int ln = (int)loop_variant(lane);
+            const WarpLaneAddr<KVTile> kv_a(sK, key_row0 + (ln & 15), ln >> 4, 0);
+            const WarpLaneAddr<QTile> q_b(sQ, q_col0 + (ln & 7) + (ln >> 4) * 8, (ln >> 3) & 1, 0);
 #pragma unroll 1
             for (int blk = 0; blk < kD / 64; ++blk)
 #pragma unroll
@@ -309,7 +319,8 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
         if (!kARegs) __syncthreads();
 
         // dV += P^T.dO, dK += dS^T.Q over this warp's (16 keys) x (kKD head-dim columns).
-        const WarpLaneAddr<QTile> q_bt(sQ, (lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4, d_col0 / 16);
+        const int ln = (int)loop_variant(lane);
+        const WarpLaneAddr<QTile> q_bt(sQ, (ln & 7) + ((ln >> 3) & 1) * 8, ln >> 4, d_col0 / 16);
         if constexpr (kARegs) {
 #pragma unroll
             for (int kk = 0; kk < kBM / 16; ++kk) {
@@ -329,7 +340,7 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
                 }
             }
         } else {
-            const WarpLaneAddr<STile> s_a(sDS, key_row0 + (lane & 15), lane >> 4, 0);
+            const WarpLaneAddr<STile> s_a(sDS, key_row0 + (ln & 15), ln >> 4, 0);
 #pragma unroll
             for (int kk = 0; kk < kBM / 16; ++kk) {
                 u32 a[4];
@@ -363,17 +374,18 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
         // dQ (unscaled) = dS.K, this warp's 16 query rows x kQD head-dim columns, kQC at a time.
         {
             const int qw = warp % kQW, qd = warp / kQW;
-            const WarpLaneAddr<STile> ds_at(sDS, (lane & 7) + ((lane >> 4) & 1) * 8, (lane >> 3) & 1, qw);
+            const int ln = (int)loop_variant(lane);
+            const WarpLaneAddr<STile> ds_at(sDS, (ln & 7) + ((ln >> 4) & 1) * 8, (ln >> 3) & 1, qw);
 #pragma unroll 1
             for (int cc = 0; cc < kQD / kQC; ++cc) {
                 const int col0 = qd * kQD + cc * kQC;
-                const WarpLaneAddr<KVTile> k_bt(sK, (lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4, col0 / 16);
+                const WarpLaneAddr<KVTile> k_bt(sK, (ln & 7) + ((ln >> 3) & 1) * 8, ln >> 4, col0 / 16);
                 float acc[kQC / 8][4];
 #pragma unroll
                 for (int n = 0; n < kQC / 8; ++n)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
-#pragma unroll 2
+#pragma unroll 1
                 for (int kk = 0; kk < kBN / 16; ++kk) {
                     u32 a[4];
                     ldmatrix_x4_trans(a, ds_at.at(0, kk * 16));
