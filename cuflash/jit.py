@@ -91,10 +91,30 @@ def spill_bytes(ptxas_log: str) -> int:
     return sum(int(m) for m in _SPILL.findall(ptxas_log))
 
 
+_nvrtc_ready = False
+_nvrtc_lock = threading.Lock()  # not _lock: get_function compiles while holding that one
+
+
+def _warm_nvrtc(nvrtc) -> None:
+    """NVRTC loads its builtins library lazily on the first compile, and two threads doing that first
+    compile at once can fail ("failed to open libnvrtc-builtins"); one tiny compile under a lock first."""
+    global _nvrtc_ready
+    with _nvrtc_lock:
+        if not _nvrtc_ready:
+            prog = nvrtc.createProgram('extern "C" __global__ void cuflash_warm() {}', "warm.cu", [], [])
+            try:
+                nvrtc.compileProgram(prog, [])
+            finally:
+                nvrtc.destroyProgram(prog)
+            _nvrtc_ready = True
+
+
 def compile_cubin(key: KernelKey, arch: str) -> tuple[bytes, str]:
     """Compile one variant with NVRTC for ``arch`` (``sm_80``, ``sm_90a``, ...). Returns (cubin, log)."""
     from cupy.cuda import nvrtc
 
+    if not _nvrtc_ready:
+        _warm_nvrtc(nvrtc)
     root = kernel_root()
     src = (root / key.source).read_text()
     opts = [f"-arch={arch}", "-std=c++17", f"-I{root}", "--ptxas-options=-v", f"--ptxas-options=-O{key.ptxas_opt}"]

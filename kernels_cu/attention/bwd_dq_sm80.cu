@@ -20,11 +20,10 @@
 //   128      | 64 | 64 |  81920
 //   192      | 64 | 64 | 122880
 //   256      | 64 | 32 | 114688
-#include "ptx/mma.cuh"
-#include "ptx/ldmatrix.cuh"
 #include "ptx/cp_async.cuh"
 #include "attention/params.cuh"
 #include "attention/smem_tile.cuh"
+#include "attention/warp_gemm.cuh"
 #include "attention/mask.cuh"
 #include "attention/bwd_common.cuh"
 
@@ -126,10 +125,15 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[s][d][e] = 0.f;
 
+    const auto q_addr = a_operand<QTile>(sQ, warp_row0, lane);
+    const auto do_addr = a_operand<QTile>(sDO, warp_row0, lane);
+    const auto k_addr = b_operand<KVTile>(sbase + kSmemK, lane);   // plus the buffer offset
+    const auto kt_addr = bt_operand<KVTile>(sbase + kSmemK, lane);
+    const auto v_addr = b_operand<KVTile>(sV, lane);
+
 #pragma unroll 1
     for (int n_block = n_hi - 1; n_block >= n_lo; --n_block) {
         const int buf = (n_hi - 1 - n_block) & 1;
-        const u32 sK = sbase + kSmemK + buf * KVTile::kBytes;
         // Q, dO and this K have landed (V may still be in flight); every warp is done with the other K buffer.
         cp_async_wait<1>();
         __syncthreads();
@@ -143,43 +147,11 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
             for (int n = 0; n < kNT8; ++n)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) { sc[s][n][e] = 0.f; dp[s][n][e] = 0.f; }
-#pragma unroll 1
-        for (int kk = 0; kk < kD / 16; ++kk) {
-            u32 a[kMS][4];
-#pragma unroll
-            for (int s = 0; s < kMS; ++s)
-                ldmatrix_x4(a[s], sQ + QTile::offset(warp_row0 + s * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-            for (int nn = 0; nn < kBN / 16; ++nn) {
-                u32 b[4];
-                ldmatrix_x4(b, sK + KVTile::offset(nn * 16 + (lane & 7) + (lane >> 4) * 8, kk * 16 + ((lane >> 3) & 1) * 8));
-#pragma unroll
-                for (int s = 0; s < kMS; ++s) {
-                    mma_16816(sc[s][2 * nn], a[s], b[0], b[1]);
-                    mma_16816(sc[s][2 * nn + 1], a[s], b[2], b[3]);
-                }
-            }
-        }
+        gemm_rows_rows<kMS, kBN, kD, QTile, KVTile>(sc, q_addr, k_addr, buf * KVTile::kBytes);
         // V has landed (the K prefetch may still be in flight).
         cp_async_wait<1>();
         __syncthreads();
-#pragma unroll 1
-        for (int kk = 0; kk < kD / 16; ++kk) {
-            u32 a[kMS][4];
-#pragma unroll
-            for (int s = 0; s < kMS; ++s)
-                ldmatrix_x4(a[s], sDO + QTile::offset(warp_row0 + s * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-            for (int nn = 0; nn < kBN / 16; ++nn) {
-                u32 b[4];
-                ldmatrix_x4(b, sV + KVTile::offset(nn * 16 + (lane & 7) + (lane >> 4) * 8, kk * 16 + ((lane >> 3) & 1) * 8));
-#pragma unroll
-                for (int s = 0; s < kMS; ++s) {
-                    mma_16816(dp[s][2 * nn], a[s], b[0], b[1]);
-                    mma_16816(dp[s][2 * nn + 1], a[s], b[2], b[3]);
-                }
-            }
-        }
+        gemm_rows_rows<kMS, kBN, kD, QTile, KVTile>(dp, do_addr, v_addr);
         // Every warp is done with V: prefetch the next one under the elementwise work and dS.K.
         __syncthreads();
         if (n_block > n_lo) load_kv_tile(p, true, sV, n_block - 1, tid);
@@ -206,28 +178,8 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
                     }
         }
 
-        // dQ += dS.K: dS (rows = queries, k = keys) straight from the accumulators, K via ldmatrix.trans.
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk) {
-            u32 a[kMS][4];
-#pragma unroll
-            for (int s = 0; s < kMS; ++s) {
-                a[s][0] = pack2(dp[s][2 * kk][0], dp[s][2 * kk][1]);
-                a[s][1] = pack2(dp[s][2 * kk][2], dp[s][2 * kk][3]);
-                a[s][2] = pack2(dp[s][2 * kk + 1][0], dp[s][2 * kk + 1][1]);
-                a[s][3] = pack2(dp[s][2 * kk + 1][2], dp[s][2 * kk + 1][3]);
-            }
-#pragma unroll
-            for (int dd = 0; dd < kD / 16; ++dd) {
-                u32 b[4];
-                ldmatrix_x4_trans(b, sK + KVTile::offset(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dd * 16 + (lane >> 4) * 8));
-#pragma unroll
-                for (int s = 0; s < kMS; ++s) {
-                    mma_16816(acc[s][2 * dd], a[s], b[0], b[1]);
-                    mma_16816(acc[s][2 * dd + 1], a[s], b[2], b[3]);
-                }
-            }
-        }
+        // dQ += dS.K: dS (rows = queries, k = keys) straight from the accumulators, K read transposed.
+        gemm_accum_rows<kMS, kBN, kD, KVTile>(acc, dp, kt_addr, buf * KVTile::kBytes);
     }
 
     // Epilogue: dq = softmax_scale * acc, staged through this warp's own rows of the Q tile (only this warp

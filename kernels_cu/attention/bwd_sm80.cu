@@ -96,24 +96,33 @@ constexpr int kBN = CF_BLOCK_N;
 constexpr int kWarps = CF_WARPS;
 constexpr int kThreads = kWarps * 32;
 constexpr int kStages = CF_Q_STAGES;
-constexpr int kWN = kBN / 16;          // warps along keys
-constexpr int kWM = kWarps / kWN;      // warps along queries (scores) and along head dim (dK, dV)
-constexpr int kSN = kBM / kWM;         // query columns of a warp's score tile
-constexpr int kSNT8 = kSN / 8;
-constexpr int kKD = kD / kWM;          // head-dim columns of a warp's dK / dV tile
-constexpr int kKDT8 = kKD / 8;
-constexpr int kQW = kBM / 16;          // warps along queries for dQ
-constexpr int kQWD = kWarps / kQW;     // warps along head dim for dQ
-constexpr int kQD = kD / kQWD;         // head-dim columns of a warp's dQ tile
-constexpr int kQC = (kQD % 64 == 0) ? 64 : 32;  // dQ columns accumulated at a time
 #ifndef CF_BWD_A_REGS
 #define CF_BWD_A_REGS 0
 #endif
-constexpr bool kARegs = kWM == 1 && CF_BWD_A_REGS;  // P^T, dS^T A fragments for dV, dK from registers
+// P^T, dS^T A fragments for dV, dK from registers: needs one warp to own whole key rows of the score tile.
+constexpr bool kARegs = CF_BWD_A_REGS && kWarps == kBN / 16;
+// Score products (S^T, dP^T): kSWN warps along keys x kSWM along queries, warp tile kSK keys x kSN queries.
+// dK, dV: kKWN warps along keys x kKWD along head dim, warp tile kKK keys x kKD columns.
+// Without kARegs warps own 32 keys (two m16 slabs share every B fragment): per query tile that halves the
+// B-operand (Q, dO) shared-memory reads of the dK/dV products and of the score products, the kernel's
+// shared-memory bandwidth bound (see the split notes at the top).
+constexpr int kSWN = kARegs ? kBN / 16 : kBN / 32;
+constexpr int kSWM = kWarps / kSWN;
+constexpr int kSK = kBN / kSWN, kSKS = kSK / 16;
+constexpr int kSN = kBM / kSWM, kSNT8 = kSN / 8;
+constexpr int kKWN = kSWN, kKWD = kWarps / kKWN;
+constexpr int kKK = kBN / kKWN, kKKS = kKK / 16;
+constexpr int kKD = kD / kKWD, kKDT8 = kKD / 8;
+// dQ = dS.K: kQW warps along queries (32 rows each, two m16 slabs) x kQWD along head dim (kQD columns,
+// kQC at a time: 32 accumulator registers, 16 with softcap, whose tanh spills the hd128 variant otherwise).
+constexpr int kQW = kBM / 32, kQMS = 2;
+constexpr int kQWD = kWarps / kQW;
+constexpr int kQD = kD / kQWD;
+constexpr int kQC = (kQD % 32 != 0) ? kQD : (CF_SOFTCAP ? 16 : 32);
 static_assert(kStages == 1 || kStages == 2, "CF_Q_STAGES must be 1 or 2");
-static_assert(kBN % 16 == 0 && kWarps % kWN == 0, "BLOCK_N / 16 must divide the warp count");
+static_assert(kBN % 32 == 0 && kWarps % kSWN == 0, "BLOCK_N / 32 must divide the warp count");
 static_assert(kBM % 64 == 0 && kSN % 16 == 0 && kKD % 16 == 0, "bad query / head-dim split");
-static_assert(kWarps % kQW == 0 && kQD % 32 == 0, "bad dQ split");
+static_assert(kWarps % kQW == 0 && kQD % 16 == 0 && kQD % kQC == 0, "bad dQ split");
 static_assert(kThreads >= 2 * kBM, "LSE / delta loads need 2 * BLOCK_M threads");
 static_assert(kBN * (kD / 8) % kThreads == 0, "epilogue copy must split evenly");
 
@@ -178,7 +187,7 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
     const u32 sDS = sbase + kSmemDS;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wn = warp % kWN, wm = warp / kWN;
+    const int wn = warp % kSWN, wm = warp / kSWN;  // same key rows for the score and the dK/dV tiles
     const int g = lane >> 2, t = lane & 3, t2 = t * 2;
     const int n_start = BwdCoords(p).n_block * kBN;
     const Visibility vis(p.seqlen_q, p.seqlen_k, p.window_left, p.window_right);
@@ -188,11 +197,13 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
     const int group = p.heads_q / p.heads_k;
     const int n_iters = n_m * group;
 
-    float acc_dk[kKDT8][4], acc_dv[kKDT8][4];
+    float acc_dk[kKKS][kKDT8][4], acc_dv[kKKS][kKDT8][4];
 #pragma unroll
-    for (int d = 0; d < kKDT8; ++d)
+    for (int s = 0; s < kKKS; ++s)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) { acc_dk[d][e] = 0.f; acc_dv[d][e] = 0.f; }
+        for (int d = 0; d < kKDT8; ++d)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) { acc_dk[s][d][e] = 0.f; acc_dv[s][d][e] = 0.f; }
 
     if (n_iters > 0) {
         const BwdCoords bc(p);
@@ -205,7 +216,7 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
     }
 
     // Warp-relative origins of the transposed score tile.
-    const int key_row0 = wn * 16;        // key rows of this warp (within the CTA tile)
+    const int key_row0 = wn * kSK;       // key rows of this warp (within the CTA tile), kSK == kKK
     const int q_col0 = wm * kSN;         // query columns of this warp's score tile
     const int d_col0 = wm * kKD;         // head-dim columns of this warp's dK / dV
 
@@ -224,14 +235,16 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
         const int h = BwdCoords(p).hk * group + it / n_m;
         const int m_start = (m_lo + it % n_m) * kBM;
 
-        // dP^T = V.dO^T and S^T = K.Q^T, both (16 keys) x (kSN queries) per warp.
+        // dP^T = V.dO^T and S^T = K.Q^T, both (kSK keys) x (kSN queries) per warp.
         // Unrolled over the four k16 steps of a 64-wide column block, so that every ldmatrix address is a base,
-        // one register for the block, and an immediate.
-        float dp[kSNT8][4], sc[kSNT8][4];
+        // one register for the block, and an immediate. Each B fragment (dO / Q) feeds all kSKS key slabs.
+        float dp[kSKS][kSNT8][4], sc[kSKS][kSNT8][4];
 #pragma unroll
-        for (int n = 0; n < kSNT8; ++n)
+        for (int s = 0; s < kSKS; ++s)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) { dp[n][e] = 0.f; sc[n][e] = 0.f; }
+            for (int n = 0; n < kSNT8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) { dp[s][n][e] = 0.f; sc[s][n][e] = 0.f; }
         {
             const int ln = (int)loop_variant(lane);
             const WarpLaneAddr<KVTile> kv_a(sK, key_row0 + (ln & 15), ln >> 4, 0);
@@ -240,28 +253,38 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
             for (int blk = 0; blk < kD / 64; ++blk)
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
-                u32 a[4];
-                ldmatrix_x4(a, kv_a.at(kk, 0) + KVTile::kBytes + blk * KVTile::kBlockBytes);  // V
+                u32 a[kSKS][4];
+#pragma unroll
+                for (int s = 0; s < kSKS; ++s)
+                    ldmatrix_x4(a[s], kv_a.at(kk, s * 16) + KVTile::kBytes + blk * KVTile::kBlockBytes);  // V
 #pragma unroll
                 for (int nn = 0; nn < kSNT8 / 2; ++nn) {
                     u32 b[4];
                     ldmatrix_x4(b, q_b.at(kk, nn * 16) + (sDO - sQ) + blk * QTile::kBlockBytes);
-                    mma_16816(dp[2 * nn], a, b[0], b[1]);
-                    mma_16816(dp[2 * nn + 1], a, b[2], b[3]);
+#pragma unroll
+                    for (int s = 0; s < kSKS; ++s) {
+                        mma_16816(dp[s][2 * nn], a[s], b[0], b[1]);
+                        mma_16816(dp[s][2 * nn + 1], a[s], b[2], b[3]);
+                    }
                 }
             }
 #pragma unroll 1
             for (int blk = 0; blk < kD / 64; ++blk)
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
-                u32 a[4];
-                ldmatrix_x4(a, kv_a.at(kk, 0) + blk * KVTile::kBlockBytes);  // K
+                u32 a[kSKS][4];
+#pragma unroll
+                for (int s = 0; s < kSKS; ++s)
+                    ldmatrix_x4(a[s], kv_a.at(kk, s * 16) + blk * KVTile::kBlockBytes);  // K
 #pragma unroll
                 for (int nn = 0; nn < kSNT8 / 2; ++nn) {
                     u32 b[4];
                     ldmatrix_x4(b, q_b.at(kk, nn * 16) + blk * QTile::kBlockBytes);
-                    mma_16816(sc[2 * nn], a, b[0], b[1]);
-                    mma_16816(sc[2 * nn + 1], a, b[2], b[3]);
+#pragma unroll
+                    for (int s = 0; s < kSKS; ++s) {
+                        mma_16816(sc[s][2 * nn], a[s], b[0], b[1]);
+                        mma_16816(sc[s][2 * nn + 1], a[s], b[2], b[3]);
+                    }
                 }
             }
         }
@@ -282,43 +305,50 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
                 const float2 lse2 = *(const float2*)(s_lse + qc * 4);
                 const float2 del2 = *(const float2*)(s_delta + qc * 4);
 #pragma unroll
+                for (int s = 0; s < kSKS; ++s)
+#pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int i = m_start + qc + (e & 1);
-                    const int j = n_start + key_row0 + g + (e >> 1) * 8;
+                    const int j = n_start + key_row0 + s * 16 + g + (e >> 1) * 8;
                     const bool visible = !need_mask || (i < p.seqlen_q && vis.visible(i, j));
-                    sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(
-                        sc[n][e], dp[n][e], ((e & 1) ? lse2.y : lse2.x) * kLog2e, (e & 1) ? del2.y : del2.x,
+                    sc[s][n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(
+                        sc[s][n][e], dp[s][n][e], ((e & 1) ? lse2.y : lse2.x) * kLog2e, (e & 1) ? del2.y : del2.x,
                         visible, c, pre, softcap, slope, i + vis.off - j);
                 }
             }
         }
         // A fragments (rows = keys, k = queries) of P^T and dS^T, 16-bit.
-        u32 ap[kSNT8 / 2][4], ads[kSNT8 / 2][4];
+        u32 ap[kSKS][kSNT8 / 2][4], ads[kSKS][kSNT8 / 2][4];
+#pragma unroll
+        for (int s = 0; s < kSKS; ++s)
 #pragma unroll
         for (int kk = 0; kk < kSNT8 / 2; ++kk) {
-            ap[kk][0] = pack2(sc[2 * kk][0], sc[2 * kk][1]);
-            ap[kk][1] = pack2(sc[2 * kk][2], sc[2 * kk][3]);
-            ap[kk][2] = pack2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-            ap[kk][3] = pack2(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-            ads[kk][0] = pack2(dp[2 * kk][0], dp[2 * kk][1]);
-            ads[kk][1] = pack2(dp[2 * kk][2], dp[2 * kk][3]);
-            ads[kk][2] = pack2(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-            ads[kk][3] = pack2(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+            ap[s][kk][0] = pack2(sc[s][2 * kk][0], sc[s][2 * kk][1]);
+            ap[s][kk][1] = pack2(sc[s][2 * kk][2], sc[s][2 * kk][3]);
+            ap[s][kk][2] = pack2(sc[s][2 * kk + 1][0], sc[s][2 * kk + 1][1]);
+            ap[s][kk][3] = pack2(sc[s][2 * kk + 1][2], sc[s][2 * kk + 1][3]);
+            ads[s][kk][0] = pack2(dp[s][2 * kk][0], dp[s][2 * kk][1]);
+            ads[s][kk][1] = pack2(dp[s][2 * kk][2], dp[s][2 * kk][3]);
+            ads[s][kk][2] = pack2(dp[s][2 * kk + 1][0], dp[s][2 * kk + 1][1]);
+            ads[s][kk][3] = pack2(dp[s][2 * kk + 1][2], dp[s][2 * kk + 1][3]);
         }
         // dS^T to shared memory for dQ (and for dK when warps split the query columns), P^T too when needed.
         if (!CF_DETERMINISTIC || !kARegs) {
 #pragma unroll
+            for (int s = 0; s < kSKS; ++s)
+#pragma unroll
             for (int kk = 0; kk < kSNT8 / 2; ++kk)
 #pragma unroll
                 for (int r = 0; r < 4; ++r) {
-                    const u32 off = STile::offset(key_row0 + g + (r & 1) * 8, q_col0 + kk * 16 + (r >> 1) * 8) + t * 4;
-                    *(u32*)(smem + kSmemDS + off) = ads[kk][r];
-                    if (!kARegs) *(u32*)(smem + kSmemP + off) = ap[kk][r];
+                    const u32 off = STile::offset(key_row0 + s * 16 + g + (r & 1) * 8, q_col0 + kk * 16 + (r >> 1) * 8) + t * 4;
+                    *(u32*)(smem + kSmemDS + off) = ads[s][kk][r];
+                    if (!kARegs) *(u32*)(smem + kSmemP + off) = ap[s][kk][r];
                 }
         }
         if (!kARegs) __syncthreads();
 
-        // dV += P^T.dO, dK += dS^T.Q over this warp's (16 keys) x (kKD head-dim columns).
+        // dV += P^T.dO, dK += dS^T.Q over this warp's (kKK keys) x (kKD head-dim columns); each B fragment
+        // (dO / Q) feeds all kKKS key slabs.
         const int ln = (int)loop_variant(lane);
         const WarpLaneAddr<QTile> q_bt(sQ, (ln & 7) + ((ln >> 3) & 1) * 8, ln >> 4, d_col0 / 16);
         if constexpr (kARegs) {
@@ -328,37 +358,45 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
                 for (int dd = 0; dd < kKDT8 / 2; ++dd) {
                     u32 b[4];
                     ldmatrix_x4_trans(b, q_bt.at(dd, kk * 16) + (sDO - sQ));
-                    mma_16816(acc_dv[2 * dd], ap[kk % (kSNT8 / 2)], b[0], b[1]);
-                    mma_16816(acc_dv[2 * dd + 1], ap[kk % (kSNT8 / 2)], b[2], b[3]);
+                    mma_16816(acc_dv[0][2 * dd], ap[0][kk], b[0], b[1]);
+                    mma_16816(acc_dv[0][2 * dd + 1], ap[0][kk], b[2], b[3]);
                 }
 #pragma unroll
                 for (int dd = 0; dd < kKDT8 / 2; ++dd) {
                     u32 b[4];
                     ldmatrix_x4_trans(b, q_bt.at(dd, kk * 16));
-                    mma_16816(acc_dk[2 * dd], ads[kk % (kSNT8 / 2)], b[0], b[1]);
-                    mma_16816(acc_dk[2 * dd + 1], ads[kk % (kSNT8 / 2)], b[2], b[3]);
+                    mma_16816(acc_dk[0][2 * dd], ads[0][kk], b[0], b[1]);
+                    mma_16816(acc_dk[0][2 * dd + 1], ads[0][kk], b[2], b[3]);
                 }
             }
         } else {
             const WarpLaneAddr<STile> s_a(sDS, key_row0 + (ln & 15), ln >> 4, 0);
 #pragma unroll
             for (int kk = 0; kk < kBM / 16; ++kk) {
-                u32 a[4];
-                ldmatrix_x4(a, s_a.at(kk, 0) + (kSmemP - kSmemDS));
+                u32 a[kKKS][4];
+#pragma unroll
+                for (int s = 0; s < kKKS; ++s) ldmatrix_x4(a[s], s_a.at(kk, s * 16) + (kSmemP - kSmemDS));
 #pragma unroll
                 for (int dd = 0; dd < kKDT8 / 2; ++dd) {
                     u32 b[4];
                     ldmatrix_x4_trans(b, q_bt.at(dd, kk * 16) + (sDO - sQ));
-                    mma_16816(acc_dv[2 * dd], a, b[0], b[1]);
-                    mma_16816(acc_dv[2 * dd + 1], a, b[2], b[3]);
+#pragma unroll
+                    for (int s = 0; s < kKKS; ++s) {
+                        mma_16816(acc_dv[s][2 * dd], a[s], b[0], b[1]);
+                        mma_16816(acc_dv[s][2 * dd + 1], a[s], b[2], b[3]);
+                    }
                 }
-                ldmatrix_x4(a, s_a.at(kk, 0));
+#pragma unroll
+                for (int s = 0; s < kKKS; ++s) ldmatrix_x4(a[s], s_a.at(kk, s * 16));
 #pragma unroll
                 for (int dd = 0; dd < kKDT8 / 2; ++dd) {
                     u32 b[4];
                     ldmatrix_x4_trans(b, q_bt.at(dd, kk * 16));
-                    mma_16816(acc_dk[2 * dd], a, b[0], b[1]);
-                    mma_16816(acc_dk[2 * dd + 1], a, b[2], b[3]);
+#pragma unroll
+                    for (int s = 0; s < kKKS; ++s) {
+                        mma_16816(acc_dk[s][2 * dd], a[s], b[0], b[1]);
+                        mma_16816(acc_dk[s][2 * dd + 1], a[s], b[2], b[3]);
+                    }
                 }
             }
         }
@@ -371,40 +409,48 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
             load_query_tile(p, it + 1, m_lo, n_m, 0, sbase, tid);
             cp_async_commit();
         }
-        // dQ (unscaled) = dS.K, this warp's 16 query rows x kQD head-dim columns, kQC at a time.
+        // dQ (unscaled) = dS.K, this warp's 32 query rows x kQD head-dim columns, kQC at a time.
         {
             const int qw = warp % kQW, qd = warp / kQW;
             const int ln = (int)loop_variant(lane);
-            const WarpLaneAddr<STile> ds_at(sDS, (ln & 7) + ((ln >> 4) & 1) * 8, (ln >> 3) & 1, qw);
+            const WarpLaneAddr<STile> ds_at(sDS, (ln & 7) + ((ln >> 4) & 1) * 8, (ln >> 3) & 1, qw * kQMS);
 #pragma unroll 1
             for (int cc = 0; cc < kQD / kQC; ++cc) {
                 const int col0 = qd * kQD + cc * kQC;
                 const WarpLaneAddr<KVTile> k_bt(sK, (ln & 7) + ((ln >> 3) & 1) * 8, ln >> 4, col0 / 16);
-                float acc[kQC / 8][4];
+                float acc[kQMS][kQC / 8][4];
 #pragma unroll
-                for (int n = 0; n < kQC / 8; ++n)
+                for (int s = 0; s < kQMS; ++s)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+                    for (int n = 0; n < kQC / 8; ++n)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) acc[s][n][e] = 0.f;
 #pragma unroll 1
                 for (int kk = 0; kk < kBN / 16; ++kk) {
-                    u32 a[4];
-                    ldmatrix_x4_trans(a, ds_at.at(0, kk * 16));
+                    u32 a[kQMS][4];
+#pragma unroll
+                    for (int s = 0; s < kQMS; ++s) ldmatrix_x4_trans(a[s], ds_at.at(s, kk * 16));
 #pragma unroll
                     for (int dd = 0; dd < kQC / 16; ++dd) {
                         u32 b[4];
                         ldmatrix_x4_trans(b, k_bt.at(dd, kk * 16));
-                        mma_16816(acc[2 * dd], a, b[0], b[1]);
-                        mma_16816(acc[2 * dd + 1], a, b[2], b[3]);
+#pragma unroll
+                        for (int s = 0; s < kQMS; ++s) {
+                            mma_16816(acc[s][2 * dd], a[s], b[0], b[1]);
+                            mma_16816(acc[s][2 * dd + 1], a[s], b[2], b[3]);
+                        }
                     }
                 }
 #pragma unroll
+                for (int s = 0; s < kQMS; ++s)
+#pragma unroll
                 for (int hh = 0; hh < 2; ++hh) {
-                    const int i = m_start + qw * 16 + g + hh * 8;
+                    const int i = m_start + qw * 32 + s * 16 + g + hh * 8;
                     if (i < p.seqlen_q) {
                         float* dst = p.dq_accum + (((i64)BwdCoords(p).b * p.seqlen_q + i) * p.heads_q + h) * kD + col0 + t2;
 #pragma unroll
                         for (int n = 0; n < kQC / 8; ++n)
-                            if (col0 + n * 8 + t2 < p.head_dim) red_add_f32x2(dst + n * 8, acc[n][2 * hh], acc[n][2 * hh + 1]);
+                            if (col0 + n * 8 + t2 < p.head_dim) red_add_f32x2(dst + n * 8, acc[s][n][2 * hh], acc[s][n][2 * hh + 1]);
                     }
                 }
             }
@@ -423,13 +469,15 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
     __syncthreads();
     const float scale = p.softmax_scale;
 #pragma unroll
+    for (int s = 0; s < kKKS; ++s)
+#pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-        const int row = key_row0 + g + hh * 8;
+        const int row = key_row0 + s * 16 + g + hh * 8;
 #pragma unroll
         for (int d = 0; d < kKDT8; ++d) {
             const u32 off = KVTile::offset(row, d_col0 + d * 8) + t * 4;
-            *(u32*)(smem + kSmemK + off) = pack2(acc_dk[d][2 * hh] * scale, acc_dk[d][2 * hh + 1] * scale);
-            *(u32*)(smem + kSmemV + off) = pack2(acc_dv[d][2 * hh], acc_dv[d][2 * hh + 1]);
+            *(u32*)(smem + kSmemK + off) = pack2(acc_dk[s][d][2 * hh] * scale, acc_dk[s][d][2 * hh + 1] * scale);
+            *(u32*)(smem + kSmemV + off) = pack2(acc_dv[s][d][2 * hh], acc_dv[s][d][2 * hh + 1]);
         }
     }
     __syncthreads();

@@ -10,11 +10,10 @@
 //   CF_DTYPE (CF_FP16 / CF_BF16), CF_HEAD_DIM (multiple of 64; the real head_dim may be smaller and is
 //   zero-padded on load), CF_BLOCK_M, CF_BLOCK_N, CF_WARPS, CF_MIN_BLOCKS, CF_IS_LOCAL (causal or
 //   window), CF_SOFTCAP, CF_ALIBI.
-#include "ptx/mma.cuh"
-#include "ptx/ldmatrix.cuh"
 #include "ptx/cp_async.cuh"
 #include "attention/params.cuh"
 #include "attention/smem_tile.cuh"
+#include "attention/warp_gemm.cuh"
 #include "attention/score_mods.cuh"
 #include "attention/online_softmax.cuh"
 
@@ -110,11 +109,9 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc_o[s][d][e] = 0.f;
     OnlineSoftmax<kMS, kNT8> softmax;
-    // ldmatrix lanes: Q rows of this warp's slabs (A operand), K rows as B (keys x head dim), V rows
-    // transposed as B (keys x head dim read down the keys). See SmemTile::LaneAddr.
-    const typename QTile::LaneAddr q_addr(sQ, warp_row0 + (lane & 15), lane >> 4);
-    const typename KVTile::LaneAddr k_addr(sK, (lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1);
-    const typename KVTile::LaneAddr v_addr(sV, (lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4);
+    const auto q_addr = a_operand<QTile>(sQ, warp_row0, lane);
+    const auto k_addr = b_operand<KVTile>(sK, lane);
+    const auto v_addr = bt_operand<KVTile>(sV, lane);
 
     for (int n_block = n_hi - 1; n_block >= n_lo; --n_block) {
         // K of this tile has landed, and every warp is done reading the previous V: V may be overwritten.
@@ -130,27 +127,7 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
             for (int n = 0; n < kNT8; ++n)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) sc[s][n][e] = 0.f;
-        // One 64-wide column block of Q and K per trip: the k-steps inside are unrolled (compile-time
-        // swizzle phases), the trips are not, so ptxas cannot hoist fragments of the whole head dim.
-#pragma unroll 1
-        for (int blk = 0; blk < kD / 64; ++blk) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                u32 a[kMS][4];
-#pragma unroll
-                for (int s = 0; s < kMS; ++s) ldmatrix_x4(a[s], q_addr.at(j, s * 16) + blk * QTile::kBlockBytes);
-#pragma unroll
-                for (int nn = 0; nn < kBN / 16; ++nn) {
-                    u32 bk[4];
-                    ldmatrix_x4(bk, k_addr.at(j, nn * 16) + blk * KVTile::kBlockBytes);
-#pragma unroll
-                    for (int s = 0; s < kMS; ++s) {
-                        mma_16816(sc[s][2 * nn], a[s], bk[0], bk[1]);
-                        mma_16816(sc[s][2 * nn + 1], a[s], bk[2], bk[3]);
-                    }
-                }
-            }
-        }
+        gemm_rows_rows<kMS, kBN, kD, QTile, KVTile>(sc, q_addr, k_addr);
 
         const TileCoords<kMS, kNT8> tc(m_start + warp_row0, n_block * kBN, lane);
         apply_score_mods<kMS, kNT8, CF_SOFTCAP, CF_ALIBI>(sc, tc, p.softmax_scale, p.softcap, slope, vis.off);
@@ -166,27 +143,7 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
 
         softmax.update(sc, acc_o, p.scale_log2);
 
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk) {
-            u32 a[kMS][4];
-#pragma unroll
-            for (int s = 0; s < kMS; ++s) {
-                a[s][0] = pack2(sc[s][2 * kk][0], sc[s][2 * kk][1]);
-                a[s][1] = pack2(sc[s][2 * kk][2], sc[s][2 * kk][3]);
-                a[s][2] = pack2(sc[s][2 * kk + 1][0], sc[s][2 * kk + 1][1]);
-                a[s][3] = pack2(sc[s][2 * kk + 1][2], sc[s][2 * kk + 1][3]);
-            }
-#pragma unroll
-            for (int dd = 0; dd < kD / 16; ++dd) {
-                u32 bv[4];
-                ldmatrix_x4_trans(bv, v_addr.at(dd, kk * 16));
-#pragma unroll
-                for (int s = 0; s < kMS; ++s) {
-                    mma_16816(acc_o[s][2 * dd], a[s], bv[0], bv[1]);
-                    mma_16816(acc_o[s][2 * dd + 1], a[s], bv[2], bv[3]);
-                }
-            }
-        }
+        gemm_accum_rows<kMS, kBN, kD, KVTile>(acc_o, sc, v_addr);
     }
 
     float row_lse[kMS][2];
