@@ -39,7 +39,7 @@
 //
 // Tile table (8 warps = 256 threads, CF_MIN_BLOCKS 1, A = 0 unless noted; registers over the flag combos
 // checked, deterministic or not):
-//   head dim | BM | BN  | S | smem bytes | fits                      | regs sm_80 / sm_90a
+//   head dim | BM | BN  | S | smem bytes | fits                      | regs sm_80 / sm_90a (before the 32-key split)
 //   64       | 64 | 128 | 2 |  99328     | A100, H100                | 232-246 / 227-243
 //   64 (A=1) | 64 | 128 | 2 |  82944     | A100, H100 (recommended)  | 212-244 / 220-241  (~4% faster on H100)
 //   64 (A=1) | 64 | 64  | 1 |  41472     | fallback                  | 137-164 / 141-158
@@ -57,14 +57,19 @@
 // keeping them (about 20 registers) makes the hd128 / hd256 variants spill. Before this, the swizzle math
 // was ~35 integer instructions per 8 mma's in the inner loops (SASS), about 15% of the run time.
 //
-// Work split inside a CTA (per query tile of BM rows):
-//   warp w: wn = w % (BN/16) owns keys [16 wn, 16 wn + 16); wm = w / (BN/16) owns query columns
-//   [wm*BM/WM, ...) of the transposed score tile and head-dim columns [wm*D/WM, ...) of dK, dV.
+// Work split inside a CTA (per query tile of BM rows), all products mma m16n8k16:
+//   score products: warp (wn, wm) owns keys [wn*kSK, +kSK) and queries [wm*kSN, +kSN) of the transposed
+//   score tile; dK, dV: the same keys and head-dim columns [wm*kKD, +kKD). kSK = 32 (two m16 slabs that share
+//   every B fragment) unless CF_BWD_A_REGS, where kSK = 16 and a warp owns all BM queries (kWM = 1).
 //     dP^T = V.dO^T and S^T = K.Q^T       (A = K/V rows from smem, B = dO/Q rows via ldmatrix)
 //     P^T, dS^T elementwise in registers  (LSE, delta per query column from smem)
 //     dV += P^T.dO,  dK += dS^T.Q         (A = P^T / dS^T from smem, or from registers with CF_BWD_A_REGS;
 //                                          B = dO / Q via ldmatrix.trans)
 //     dQ  = dS.K -> red.global.add        (dS^T from smem via ldmatrix.trans; warps split BM x D; v2 on sm_90)
+//   Shared-memory reads per query tile at hd128 (BM 64, BN 128): 16 keys a warp (before) read the whole Q
+//   and dO tiles in every warp for both products, ~770 KB; 32 keys x (32 queries | 64 columns) reads ~600 KB
+//   (256 KB score products, 192 KB dK/dV, 160 KB dQ). Measured on an H100: +8% at hd128 (not the +28% a
+//   pure shared-memory bound predicts), +3% at hd256; hd64 keeps the 16-key split (A = 1).
 //   Rows of the transposed tiles are keys, so P^T and dS^T come out of the mma accumulators already in the
 //   A-fragment layout of the dV / dK products; dS (for dQ) is read back transposed with ldmatrix.trans.
 //   Q/dO/LSE/delta of the next (head, query tile) are prefetched with cp.async at the top of each iteration
@@ -113,16 +118,18 @@ constexpr int kSN = kBM / kSWM, kSNT8 = kSN / 8;
 constexpr int kKWN = kSWN, kKWD = kWarps / kKWN;
 constexpr int kKK = kBN / kKWN, kKKS = kKK / 16;
 constexpr int kKD = kD / kKWD, kKDT8 = kKD / 8;
-// dQ = dS.K: kQW warps along queries (32 rows each, two m16 slabs) x kQWD along head dim (kQD columns,
-// kQC at a time: 32 accumulator registers, 16 with softcap, whose tanh spills the hd128 variant otherwise).
-constexpr int kQW = kBM / 32, kQMS = 2;
+// dQ = dS.K: kQW warps along queries (16 rows each) x kQWD along head dim (kQD columns, kQC at a time).
+// Two 16-row slabs per warp sharing each K fragment spill several hd128 / hd256 variants with 32 columns
+// at a time, and with 16 at a time measured 20% slower on an H100 (this loop is latency-bound).
+constexpr int kQW = kBM / 16;
 constexpr int kQWD = kWarps / kQW;
 constexpr int kQD = kD / kQWD;
-constexpr int kQC = (kQD % 32 != 0) ? kQD : (CF_SOFTCAP ? 16 : 32);
+// 32 columns at a time with softcap at hd128: its tanh leaves too few registers for 64 (spills).
+constexpr int kQC = (kQD % 64 == 0 && !(CF_SOFTCAP && kD == 128)) ? 64 : 32;
 static_assert(kStages == 1 || kStages == 2, "CF_Q_STAGES must be 1 or 2");
 static_assert(kBN % 32 == 0 && kWarps % kSWN == 0, "BLOCK_N / 32 must divide the warp count");
 static_assert(kBM % 64 == 0 && kSN % 16 == 0 && kKD % 16 == 0, "bad query / head-dim split");
-static_assert(kWarps % kQW == 0 && kQD % 16 == 0 && kQD % kQC == 0, "bad dQ split");
+static_assert(kWarps % kQW == 0 && kQD % 32 == 0, "bad dQ split");
 static_assert(kThreads >= 2 * kBM, "LSE / delta loads need 2 * BLOCK_M threads");
 static_assert(kBN * (kD / 8) % kThreads == 0, "epilogue copy must split evenly");
 
@@ -409,48 +416,40 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
             load_query_tile(p, it + 1, m_lo, n_m, 0, sbase, tid);
             cp_async_commit();
         }
-        // dQ (unscaled) = dS.K, this warp's 32 query rows x kQD head-dim columns, kQC at a time.
+        // dQ (unscaled) = dS.K, this warp's 16 query rows x kQD head-dim columns, kQC at a time.
         {
             const int qw = warp % kQW, qd = warp / kQW;
             const int ln = (int)loop_variant(lane);
-            const WarpLaneAddr<STile> ds_at(sDS, (ln & 7) + ((ln >> 4) & 1) * 8, (ln >> 3) & 1, qw * kQMS);
+            const WarpLaneAddr<STile> ds_at(sDS, (ln & 7) + ((ln >> 4) & 1) * 8, (ln >> 3) & 1, qw);
 #pragma unroll 1
             for (int cc = 0; cc < kQD / kQC; ++cc) {
                 const int col0 = qd * kQD + cc * kQC;
                 const WarpLaneAddr<KVTile> k_bt(sK, (ln & 7) + ((ln >> 3) & 1) * 8, ln >> 4, col0 / 16);
-                float acc[kQMS][kQC / 8][4];
+                float acc[kQC / 8][4];
 #pragma unroll
-                for (int s = 0; s < kQMS; ++s)
+                for (int n = 0; n < kQC / 8; ++n)
 #pragma unroll
-                    for (int n = 0; n < kQC / 8; ++n)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) acc[s][n][e] = 0.f;
+                    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
 #pragma unroll 1
                 for (int kk = 0; kk < kBN / 16; ++kk) {
-                    u32 a[kQMS][4];
-#pragma unroll
-                    for (int s = 0; s < kQMS; ++s) ldmatrix_x4_trans(a[s], ds_at.at(s, kk * 16));
+                    u32 a[4];
+                    ldmatrix_x4_trans(a, ds_at.at(0, kk * 16));
 #pragma unroll
                     for (int dd = 0; dd < kQC / 16; ++dd) {
                         u32 b[4];
                         ldmatrix_x4_trans(b, k_bt.at(dd, kk * 16));
-#pragma unroll
-                        for (int s = 0; s < kQMS; ++s) {
-                            mma_16816(acc[s][2 * dd], a[s], b[0], b[1]);
-                            mma_16816(acc[s][2 * dd + 1], a[s], b[2], b[3]);
-                        }
+                        mma_16816(acc[2 * dd], a, b[0], b[1]);
+                        mma_16816(acc[2 * dd + 1], a, b[2], b[3]);
                     }
                 }
 #pragma unroll
-                for (int s = 0; s < kQMS; ++s)
-#pragma unroll
                 for (int hh = 0; hh < 2; ++hh) {
-                    const int i = m_start + qw * 32 + s * 16 + g + hh * 8;
+                    const int i = m_start + qw * 16 + g + hh * 8;
                     if (i < p.seqlen_q) {
                         float* dst = p.dq_accum + (((i64)BwdCoords(p).b * p.seqlen_q + i) * p.heads_q + h) * kD + col0 + t2;
 #pragma unroll
                         for (int n = 0; n < kQC / 8; ++n)
-                            if (col0 + n * 8 + t2 < p.head_dim) red_add_f32x2(dst + n * 8, acc[s][n][2 * hh], acc[s][n][2 * hh + 1]);
+                            if (col0 + n * 8 + t2 < p.head_dim) red_add_f32x2(dst + n * 8, acc[n][2 * hh], acc[n][2 * hh + 1]);
                     }
                 }
             }
