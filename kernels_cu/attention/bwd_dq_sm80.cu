@@ -22,6 +22,7 @@
 //   256      | 64 | 32 | 114688
 #include "ptx/cp_async.cuh"
 #include "attention/params.cuh"
+#include "attention/block_coords.cuh"
 #include "attention/smem_tile.cuh"
 #include "attention/warp_gemm.cuh"
 #include "attention/mask.cuh"
@@ -51,20 +52,8 @@ constexpr int kSmemBytes = kSmemV + KVTile::kBytes;
 
 extern "C" __device__ const int cf_bwd_dq_smem_bytes = kSmemBytes;
 
-struct DqCoords {
-    int m_block, b, h, hk;
-    __device__ __forceinline__ explicit DqCoords(const AttentionParams& p) {
-        const int bh_count = p.batch * p.heads_q;
-        m_block = p.num_m_blocks - 1 - (int)(blockIdx.x / bh_count);
-        const int bh = blockIdx.x % bh_count;
-        b = bh / p.heads_q;
-        h = bh % p.heads_q;
-        hk = h / (p.heads_q / p.heads_k);
-    }
-};
-
 __device__ __forceinline__ void load_kv_tile(const AttentionParams& p, bool is_v, u32 dst, int n_block, int tid) {
-    const DqCoords c(p);
+    const BlockCoords c(p);
     if (is_v) {
         const u16* v = (const u16*)p.v + (i64)c.b * p.v_batch_stride + (i64)c.hk * p.v_head_stride;
         KVTile::load_async<kThreads>(dst, v, p.v_row_stride, n_block * kBN, p.seqlen_k, p.head_dim, tid);
@@ -82,7 +71,7 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3, t2 = t * 2;
-    const int m_start = DqCoords(p).m_block * kBM;
+    const int m_start = BlockCoords(p).m_block * kBM;
     const int i_last = min(m_start + kBM, p.seqlen_q) - 1;
     const Visibility vis(p.seqlen_q, p.seqlen_k, p.window_left, p.window_right);
     int n_lo, n_hi;
@@ -90,7 +79,7 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
     const int warp_row0 = warp * kMS * 16;
 
     if (n_hi > n_lo) {
-        const DqCoords c(p);
+        const BlockCoords c(p);
         const u16* q = (const u16*)p.q + (i64)c.b * p.q_batch_stride + (i64)c.h * p.q_head_stride;
         const u16* dout = (const u16*)p.dout + (i64)c.b * p.do_batch_stride + (i64)c.h * p.do_head_stride;
         QTile::load_async<kThreads>(sQ, q, p.q_row_stride, m_start, p.seqlen_q, p.head_dim, tid);
@@ -104,7 +93,7 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
     // Per-row LSE (times log2 e) and delta; rows past seqlen_q get LSE = +inf, hence P = 0.
     float lse_l2[kMS][2], delta[kMS][2];
     {
-        const DqCoords c(p);
+        const BlockCoords c(p);
         const i64 row_base = ((i64)c.b * p.heads_q + c.h) * p.seqlen_q;
 #pragma unroll
         for (int s = 0; s < kMS; ++s)
@@ -160,7 +149,7 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
         {
             const int n_start = n_block * kBN;
             const bool need_mask = vis.tile_needs_mask<CF_IS_LOCAL>(m_start, i_last, n_start, kBN);
-            const float slope = CF_ALIBI ? p.alibi[(i64)DqCoords(p).b * p.alibi_batch_stride + DqCoords(p).h] : 0.f;
+            const float slope = CF_ALIBI ? p.alibi[(i64)BlockCoords(p).b * p.alibi_batch_stride + BlockCoords(p).h] : 0.f;
             const float pre = CF_SOFTCAP ? p.softmax_scale / p.softcap : p.softmax_scale;
             const float c = p.scale_log2, softcap = p.softcap;
 #pragma unroll
@@ -196,7 +185,7 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
                     pack2(acc[s][d][2 * hh] * scale, acc[s][d][2 * hh + 1] * scale);
         }
     __syncthreads();
-    const DqCoords c(p);
+    const BlockCoords c(p);
     u16* dq = (u16*)p.dq + (i64)c.b * p.dq_batch_stride + (i64)c.h * p.dq_head_stride;
 #pragma unroll
     for (int i = 0; i < kBM * (kD / 8) / kThreads; ++i) {
