@@ -23,26 +23,12 @@
 #include "ptx/cp_async.cuh"
 #include "attention/params.cuh"
 #include "attention/block_coords.cuh"
-#include "attention/smem_tile.cuh"
+#include "attention/query_tiles.cuh"
 #include "attention/warp_gemm.cuh"
 #include "attention/mask.cuh"
 #include "attention/bwd_common.cuh"
 
 namespace {
-constexpr int kD = CF_HEAD_DIM;
-constexpr int kBM = CF_BLOCK_M;
-constexpr int kBN = CF_BLOCK_N;
-constexpr int kWarps = CF_WARPS;
-constexpr int kThreads = kWarps * 32;
-constexpr int kMS = kBM / (16 * kWarps);  // m16 slabs per warp
-constexpr int kNT8 = kBN / 8;
-constexpr int kDT8 = kD / 8;
-static_assert(kBM % (16 * kWarps) == 0, "BLOCK_M must be a multiple of 16 * warps");
-static_assert(kBN % 16 == 0 && kD % 16 == 0, "tile sizes must be multiples of 16");
-static_assert(kBM * (kD / 8) % kThreads == 0, "epilogue copy must split evenly");
-
-using QTile = SmemTile<kBM, kD>;
-using KVTile = SmemTile<kBN, kD>;
 constexpr int kSmemQ = 0;
 constexpr int kSmemDO = kSmemQ + QTile::kBytes;
 constexpr int kSmemK = kSmemDO + QTile::kBytes;   // two buffers
@@ -107,12 +93,7 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
     }
 
     float acc[kMS][kDT8][4];
-#pragma unroll
-    for (int s = 0; s < kMS; ++s)
-#pragma unroll
-        for (int d = 0; d < kDT8; ++d)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[s][d][e] = 0.f;
+    zero_fill(acc);
 
     const auto q_addr = a_operand<QTile>(sQ, warp_row0, lane);
     const auto do_addr = a_operand<QTile>(sDO, warp_row0, lane);
@@ -130,12 +111,8 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
         cp_async_commit();
 
         float sc[kMS][kNT8][4], dp[kMS][kNT8][4];
-#pragma unroll
-        for (int s = 0; s < kMS; ++s)
-#pragma unroll
-            for (int n = 0; n < kNT8; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) { sc[s][n][e] = 0.f; dp[s][n][e] = 0.f; }
+        zero_fill(sc);
+        zero_fill(dp);
         gemm_rows_rows<kMS, kBN, kD, QTile, KVTile>(sc, q_addr, k_addr, buf * KVTile::kBytes);
         // V has landed (the K prefetch may still be in flight).
         cp_async_wait<1>();

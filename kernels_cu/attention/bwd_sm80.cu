@@ -87,6 +87,7 @@
 #include "ptx/cp_async.cuh"
 #include "attention/params.cuh"
 #include "attention/smem_tile.cuh"
+#include "attention/warp_gemm.cuh"
 #include "attention/mask.cuh"
 #include "attention/bwd_common.cuh"
 
@@ -205,12 +206,8 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
     const int n_iters = n_m * group;
 
     float acc_dk[kKKS][kKDT8][4], acc_dv[kKKS][kKDT8][4];
-#pragma unroll
-    for (int s = 0; s < kKKS; ++s)
-#pragma unroll
-        for (int d = 0; d < kKDT8; ++d)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) { acc_dk[s][d][e] = 0.f; acc_dv[s][d][e] = 0.f; }
+    zero_fill(acc_dk);
+    zero_fill(acc_dv);
 
     if (n_iters > 0) {
         const BwdCoords bc(p);
@@ -246,12 +243,8 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
         // Unrolled over the four k16 steps of a 64-wide column block, so that every ldmatrix address is a base,
         // one register for the block, and an immediate. Each B fragment (dO / Q) feeds all kSKS key slabs.
         float dp[kSKS][kSNT8][4], sc[kSKS][kSNT8][4];
-#pragma unroll
-        for (int s = 0; s < kSKS; ++s)
-#pragma unroll
-            for (int n = 0; n < kSNT8; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) { dp[s][n][e] = 0.f; sc[s][n][e] = 0.f; }
+        zero_fill(dp);
+        zero_fill(sc);
         {
             const int ln = (int)loop_variant(lane);
             const WarpLaneAddr<KVTile> kv_a(sK, key_row0 + (ln & 15), ln >> 4, 0);

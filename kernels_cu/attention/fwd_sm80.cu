@@ -13,26 +13,10 @@
 #include "ptx/cp_async.cuh"
 #include "attention/params.cuh"
 #include "attention/block_coords.cuh"
-#include "attention/smem_tile.cuh"
+#include "attention/query_tiles.cuh"
 #include "attention/warp_gemm.cuh"
 #include "attention/score_mods.cuh"
 #include "attention/online_softmax.cuh"
-
-namespace {
-constexpr int kD = CF_HEAD_DIM;
-constexpr int kBM = CF_BLOCK_M;
-constexpr int kBN = CF_BLOCK_N;
-constexpr int kWarps = CF_WARPS;
-constexpr int kThreads = kWarps * 32;
-constexpr int kMS = kBM / (16 * kWarps);  // m16 slabs per warp
-constexpr int kNT8 = kBN / 8;             // n8 tiles of a score row
-constexpr int kDT8 = kD / 8;              // n8 tiles of an output row
-static_assert(kBM % (16 * kWarps) == 0, "BLOCK_M must be a multiple of 16 * warps");
-static_assert(kBN % 16 == 0 && kD % 16 == 0, "tile sizes must be multiples of 16");
-
-using QTile = SmemTile<kBM, kD>;
-using KVTile = SmemTile<kBN, kD>;
-}  // namespace
 
 extern "C" __global__ void __launch_bounds__(kThreads, CF_MIN_BLOCKS)
 attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
@@ -72,12 +56,7 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
     cp_async_commit();
 
     float acc_o[kMS][kDT8][4];
-#pragma unroll
-    for (int s = 0; s < kMS; ++s)
-#pragma unroll
-        for (int d = 0; d < kDT8; ++d)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc_o[s][d][e] = 0.f;
+    zero_fill(acc_o);
     OnlineSoftmax<kMS, kNT8> softmax;
     const auto q_addr = a_operand<QTile>(sQ, warp_row0, lane);
     const auto k_addr = b_operand<KVTile>(sK, lane);
@@ -91,12 +70,7 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
         cp_async_commit();
 
         float sc[kMS][kNT8][4];
-#pragma unroll
-        for (int s = 0; s < kMS; ++s)
-#pragma unroll
-            for (int n = 0; n < kNT8; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) sc[s][n][e] = 0.f;
+        zero_fill(sc);
         gemm_rows_rows<kMS, kBN, kD, QTile, KVTile>(sc, q_addr, k_addr);
 
         const TileCoords<kMS, kNT8> tc(m_start + warp_row0, n_block * kBN, lane);
