@@ -168,7 +168,7 @@ def _gpu_ready(x, fw, name, stream):
         import torch
         return arrays.device_view(x.detach().clone(memory_format=torch.contiguous_format), fw, stream)
     import cupy
-    with cupy.cuda.Device(view.device), cupy.cuda.ExternalStream(stream, view.device):
+    with cupy.cuda.Device(view.device), arrays.cupy_stream(stream, view.device):
         src = x if fw == "cupy" else cupy.from_dlpack(x)
         return arrays.device_view(cupy.ascontiguousarray(src), "cupy", stream)
 
@@ -177,13 +177,14 @@ _CC: dict = {}
 
 
 def _cc(device: int) -> tuple:
-    """Compute capability (major, minor) of a device, queried once per process."""
+    """Compute capability (major, minor) of a device, queried (and checked supported) once per process."""
     cc = _CC.get(device)
     if cc is None:
         import cupy
-        cc = _CC[device] = divmod(int(cupy.cuda.Device(device).compute_capability), 10)
-        if cc < (8, 0):
-            raise RuntimeError(f"cuflash needs a GPU of compute capability 8.0 or newer; device {device} is {cc[0]}.{cc[1]}")
+        from .dispatch import compile_arch
+        cc = divmod(int(cupy.cuda.Device(device).compute_capability), 10)
+        compile_arch(*cc)  # raises for GPUs older than sm_80, before anything is allocated or launched
+        _CC[device] = cc
     return cc
 
 

@@ -108,6 +108,36 @@ def current_stream(fw: str, device: int) -> int:
         return cupy.cuda.get_current_stream().ptr
 
 
+class _RawStream:
+    """A raw cudaStream_t speaking the CUDA stream protocol, for ``cupy.cuda.Stream.from_external``."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
+_CUPY_STREAMS: dict = {}
+
+
+def cupy_stream(stream: int, device: int):
+    """The CuPy stream object for a raw stream of a device (built once; CuPy's pool and events use it)."""
+    hit = _CUPY_STREAMS.get((stream, device))
+    if hit is None:
+        import cupy
+        with cupy.cuda.Device(device):
+            from_external = getattr(cupy.cuda.Stream, "from_external", None)
+            if from_external is not None:
+                hit = from_external(_RawStream(stream))
+            else:  # CuPy < 14
+                hit = cupy.cuda.ExternalStream(stream, device)
+        _CUPY_STREAMS[(stream, device)] = hit
+    return hit
+
+
 def device_view(x, fw: str, stream: int) -> DeviceArray:
     """Zero-copy view of a GPU array. ``stream`` is where it will be read (DLPack producers sync to it)."""
     if fw == "torch":
@@ -133,7 +163,7 @@ def empty(fw: str, shape, dtype: str, device: int, stream: int):
         t = tables["torch"].empty(shape, dtype=tables["dtypes"][dtype], device=dev)
         return t, DeviceArray(t.data_ptr(), shape, t.stride(), dtype, device, t)
     import cupy
-    with cupy.cuda.Device(device), cupy.cuda.ExternalStream(stream, device):
+    with cupy.cuda.Device(device), cupy_stream(stream, device):
         # CuPy has no bfloat16: hold bf16 outputs as raw 16-bit words, retyped when exported.
         c = cupy.empty(shape, dtype=np.uint16 if dtype == "bfloat16" else dtype)
     view = DeviceArray(c.data.ptr, shape, tuple(s // c.dtype.itemsize for s in c.strides), dtype, device, c)
@@ -147,7 +177,7 @@ def to_caller(native, view: DeviceArray, fw: str, stream: int):
     import cupy
     with cupy.cuda.Device(view.device):
         ev = cupy.cuda.Event(disable_timing=True)
-        ev.record(cupy.cuda.ExternalStream(stream, view.device))
+        ev.record(cupy_stream(stream, view.device))
     exp = dlpack.Exported(view.ptr, view.shape, view.strides, view.dtype, view.device, view.owner, ev)
     if fw == "jax":
         import jax.dlpack

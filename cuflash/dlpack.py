@@ -112,12 +112,12 @@ class Exported:
     def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
         ptr, shape, strides, dtype, device_id, owner = self._args
         if self._ready is not None:
-            import cupy
             if stream is None:
                 self._ready.synchronize()
             else:
+                from .arrays import cupy_stream
                 s = {1: 0, 2: 0}.get(stream, stream)  # 1 = legacy default stream, 2 = per-thread default
-                cupy.cuda.ExternalStream(s, device_id).wait_event(self._ready)
+                cupy_stream(s, device_id).wait_event(self._ready)
         n = len(shape)
         shape_arr = (ctypes.c_int64 * n)(*shape)
         strides_arr = (ctypes.c_int64 * n)(*strides)
