@@ -39,7 +39,7 @@ def padded_head_dim(head_dim: int) -> int:
 
 
 # How extra defines appear in variant names: a prefix followed by the value, or (flag name,) shown when set.
-_EXTRA_LABELS = {"CF_DETERMINISTIC": ("det",), "CF_BWD_A_REGS": ("preg",), "CF_Q_STAGES": "st"}
+_EXTRA_LABELS = {"CF_DETERMINISTIC": ("det",), "CF_BWD_A_REGS": ("preg",), "CF_Q_STAGES": "st", "CF_STAGES": "st"}
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,11 @@ class KernelKey:
     @property
     def threads(self) -> int:
         return self.warps * 32
+
+    @property
+    def archs(self) -> tuple:
+        """NVRTC targets the variant builds for: wgmma/TMA kernels exist only for sm_90a."""
+        return ("sm_90a",) if self.family.endswith("_sm90") else ("sm_80", "sm_90a")
 
     def defines(self) -> dict:
         d = {
@@ -173,6 +178,48 @@ def _forward_key(dtype, d, is_local, softcap, alibi, smem_limit, _tiles_env) -> 
         key = KernelKey("fwd_sm80", "attention_fwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, warps,
                         min_blocks, ptxas_opt=opt)
     return key
+
+
+# Hopper forward (fwd_sm90.cu): head dim -> (block_n, stages). 128 query rows per CTA (two consumer
+# warpgroups of 64) is fixed by the kernel. Shared memory: Q + stages x (K + V) tiles.
+FWD_SM90_TILES = {64: (128, 2), 128: (128, 2), 192: (64, 2), 256: (64, 2)}
+FWD_SM90_BLOCK_M = 128
+FWD_SM90_WARPS = 12  # one producer and two consumer warpgroups
+
+# Which forward kernel runs on compute capability 9.0: "sm90" (default) or "sm80" (the mma.sync kernel,
+# kept selectable for comparison and as a fallback). Other GPUs always run sm80.
+FWD_KERNEL_ENV = "CUFLASH_FWD_KERNEL"
+
+
+def forward_family(cc: tuple) -> str:
+    choice = os.environ.get(FWD_KERNEL_ENV, "") or "sm90"
+    if choice not in ("sm80", "sm90"):
+        raise ValueError(f"{FWD_KERNEL_ENV}={choice!r}; expected 'sm80' or 'sm90'")
+    return "fwd_sm90" if (choice == "sm90" and tuple(cc) == (9, 0)) else "fwd_sm80"
+
+
+def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool) -> KernelKey:
+    return _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_key_sm90(dtype, d, is_local, softcap, alibi) -> KernelKey:
+    bn, stages = FWD_SM90_TILES[d]
+    return KernelKey("fwd_sm90", "attention_fwd_sm90", dtype, d, is_local, softcap, alibi, FWD_SM90_BLOCK_M, bn,
+                     FWD_SM90_WARPS, extra=(("CF_STAGES", stages),))
+
+
+def forward_sm90_smem_bytes(key: KernelKey) -> int:
+    """Dynamic shared memory of attention_fwd_sm90 (mirrors cf_fwd_sm90_smem_bytes): Q, the K/V stages,
+    the mbarriers, and 1024 bytes of slack to align the swizzled tiles."""
+    stages = dict(key.extra)["CF_STAGES"]
+    return 2 * key.head_dim * (key.block_m + 2 * stages * key.block_n) + 8 * (1 + 4 * stages) + 1024
+
+
+def all_forward_sm90_keys() -> list[KernelKey]:
+    return [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al)
+            for dt in DTYPES for d in PADDED_HEAD_DIMS for loc in (False, True)
+            for sc in (False, True) for al in (False, True)]
 
 
 def forward_smem_bytes(key: KernelKey) -> int:
@@ -289,6 +336,8 @@ def all_keys() -> list[KernelKey]:
     for limit in (MAX_SMEM[(9, 0)], MAX_SMEM_DEFAULT):
         for k in all_forward_keys_for(limit):
             keys[k.name] = k
+    for k in all_forward_sm90_keys():
+        keys[k.name] = k
     for k in all_backward_keys():
         keys[k.name] = k
     return list(keys.values())

@@ -218,6 +218,7 @@ def precompile(variants=None, *, arch: str | None = None, dtypes=None, head_dims
         from .dispatch import compile_arch
         major, minor = divmod(int(cupy.cuda.Device().compute_capability), 10)
         arch = compile_arch(major, minor)
+    keys = [k for k in keys if arch in k.archs]  # the wgmma kernels exist only for sm_90a
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         list(pool.map(lambda k: cubin_for(k, arch), keys))
     return [f"{k.name}@{arch}" for k in keys]

@@ -13,7 +13,7 @@ import threading
 
 import numpy as np
 
-from . import dispatch, jit
+from . import dispatch, jit, tma
 from .arrays import DeviceArray
 
 _LOG2E = 1.4426950408889634
@@ -60,18 +60,32 @@ def _set_strides(p: Params, name: str, a: DeviceArray) -> None:
 
 _tls = threading.local()
 
+# The Hopper kernels take `struct ForwardSm90Params { TmaMap q, k, v, o; AttentionParams a; }`: four
+# 64-byte-aligned 128-byte maps, then the block above; sizeof rounds up to the 64-byte alignment.
+_SM90_MAPS = 4
+SM90_PARAMS_BYTES = -(-(_SM90_MAPS * tma.MAP_BYTES + _STRUCT.size) // 64) * 64
 
-def _launch(fn, grid: int, threads: int, smem: int, stream: int, params: Params) -> None:
+
+def _launch(fn, grid: int, threads: int, smem: int, stream: int, params: Params, maps: tuple = ()) -> None:
     from cupy.cuda import driver
     # One by-value struct argument: kernelParams is an array holding one pointer to the struct's bytes,
     # which the driver copies during the launch call (and into a graph node at capture), so the buffer
-    # can be reused by the next launch of this thread.
-    buf = getattr(_tls, "buf", None)
-    if buf is None:
-        buf = _tls.buf = ctypes.create_string_buffer(_STRUCT.size)
-        _tls.argv = (ctypes.c_void_p * 1)(ctypes.addressof(buf))
-    _STRUCT.pack_into(buf, 0, *params.values)
-    driver.launchKernel(fn.ptr, grid, 1, 1, threads, 1, 1, smem, stream, ctypes.addressof(_tls.argv), 0)
+    # can be reused by the next launch of this thread. Tensor maps, when the kernel takes them, come first.
+    bufs = getattr(_tls, "bufs", None)
+    if bufs is None:
+        bufs = _tls.bufs = {}
+    size = SM90_PARAMS_BYTES if maps else _STRUCT.size
+    hit = bufs.get(size)
+    if hit is None:
+        buf = ctypes.create_string_buffer(size)
+        hit = bufs[size] = (buf, (ctypes.c_void_p * 1)(ctypes.addressof(buf)))
+    buf, argv = hit
+    offset = 0
+    for m in maps:
+        ctypes.memmove(ctypes.addressof(buf) + offset, m, tma.MAP_BYTES)
+        offset += tma.MAP_BYTES
+    _STRUCT.pack_into(buf, offset, *params.values)
+    driver.launchKernel(fn.ptr, grid, 1, 1, threads, 1, 1, smem, stream, ctypes.addressof(argv), 0)
 
 
 def common_params(q: DeviceArray, k: DeviceArray, v: DeviceArray, alibi, *, causal: bool, window_size,
@@ -110,9 +124,17 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, ls
             causal: bool, window_size, softmax_scale: float, softcap: float, stream: int, cc: tuple) -> None:
     dtype = "bf16" if q.dtype == "bfloat16" else "fp16"
     arch = dispatch.compile_arch(*cc)
-    key = dispatch.forward_key(dtype, q.shape[3], is_local=is_local(causal, window_size),
-                               softcap=softcap > 0, alibi=alibi is not None, smem_limit=dispatch.max_smem(*cc))
-    smem = dispatch.forward_smem_bytes(key)
+    local = is_local(causal, window_size)
+    # The Hopper kernel reads and writes through TMA; a view TMA cannot describe (a broadcast head, say)
+    # runs on the sm80 kernel instead, which handles any 16-byte-aligned layout.
+    hopper = dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
+    if hopper:
+        key = dispatch.forward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None)
+        smem = dispatch.forward_sm90_smem_bytes(key)
+    else:
+        key = dispatch.forward_key(dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
+                                   smem_limit=dispatch.max_smem(*cc))
+        smem = dispatch.forward_smem_bytes(key)
     fn = jit.get_function(key, arch, q.device, smem)
     p = common_params(q, k, v, alibi, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
                       softcap=softcap)
@@ -120,7 +142,11 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, ls
     _set_strides(p, "o", out)
     batch, seqlen_q, heads_q = q.shape[:3]
     p["num_m_blocks"] = m_blocks = -(-seqlen_q // key.block_m)
-    _launch(fn, m_blocks * batch * heads_q, key.threads, smem, stream, p)
+    maps = ()
+    if hopper:
+        maps = (tma.tile_map(q, key.block_m), tma.tile_map(k, key.block_n), tma.tile_map(v, key.block_n),
+                tma.tile_map(out, dispatch.FWD_SM90_BLOCK_M // 2))
+    _launch(fn, m_blocks * batch * heads_q, key.threads, smem, stream, p, maps)
 
 
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,

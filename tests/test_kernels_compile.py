@@ -20,10 +20,13 @@ pytestmark = pytest.mark.skipif(not nvrtc_ok, reason="CuPy with NVRTC is not ins
 from cuflash import dispatch, jit  # noqa: E402
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
-@pytest.mark.parametrize("key", dispatch.all_keys(), ids=lambda k: k.name)
+_TARGETS = [(k, arch) for k in dispatch.all_keys() for arch in k.archs]
+
+
+@pytest.mark.parametrize("key,arch", _TARGETS, ids=[f"{k.name}-{a}" for k, a in _TARGETS])
 def test_variant_compiles_without_spills(key, arch):
-    """NVRTC accepts the variant for this architecture and ptxas reports zero spill bytes."""
+    """NVRTC accepts the variant for each architecture it ships for (sm_80 and sm_90a; the wgmma kernels
+    sm_90a only) and ptxas reports zero spill bytes."""
     cubin, log = jit.compile_cubin(key, arch)
     assert cubin[:4] == b"\x7fELF"
     assert jit.spill_bytes(log) == 0, f"{key.name} for {arch} spills:\n{log}"
@@ -65,7 +68,7 @@ def test_precompile_fills_cache(tmp_path, monkeypatch):
     import cuflash
     monkeypatch.setenv("CUFLASH_CACHE_DIR", str(tmp_path))
     names = cuflash.precompile(arch="sm_80", dtypes=["fp16"], head_dims=[64], workers=2)
-    expected = [k for k in dispatch.all_keys() if k.dtype == "fp16" and k.head_dim == 64]
+    expected = [k for k in dispatch.all_keys() if k.dtype == "fp16" and k.head_dim == 64 and "sm_80" in k.archs]
     assert len(names) == len(expected) > 8 and set(names) <= set(jit.cached_variants())
 
 
@@ -75,3 +78,24 @@ def test_key_names_are_readable_and_unique():
     assert len(names) == len(set(names))
     k = dispatch.forward_key("bf16", 100, is_local=True, softcap=True, alibi=False)
     assert k.name.startswith("fwd_sm80_bf16_d128_local_softcap_")
+
+
+def test_generated_wgmma_shapes_are_current():
+    """kernels_cu/ptx/wgmma_shapes.cuh is exactly what its generator writes (nobody edited it by hand,
+    and a shape added to the generator was regenerated)."""
+    import importlib.util
+    path = jit.kernel_root() / "ptx" / "gen_wgmma_shapes.py"
+    spec = importlib.util.spec_from_file_location("gen_wgmma_shapes", path)
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.OUTPUT.read_text() == gen.render()
+
+
+def test_sm90_wgmma_shapes_cover_dispatch():
+    """Every Hopper tile the dispatcher can pick has its wgmma shapes generated: N = block_n for Q.K^T and
+    N = head dim for P.V."""
+    import re
+    text = (jit.kernel_root() / "ptx" / "wgmma_shapes.cuh").read_text()
+    shapes = {int(n) for n in re.findall(r"struct WgmmaShape<(\d+)>", text)}
+    for k in dispatch.all_forward_sm90_keys():
+        assert {k.block_n, k.head_dim} <= shapes, k.name

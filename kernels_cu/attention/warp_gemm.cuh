@@ -13,17 +13,7 @@
 #include "ptx/mma.cuh"
 #include "ptx/ldmatrix.cuh"
 #include "attention/smem_tile.cuh"
-
-// Clears an accumulator tile (slabs x n8 tiles x the four fp32 values of an mma C fragment).
-template <int A, int B>
-__device__ __forceinline__ void zero_fill(float (&acc)[A][B][4]) {
-#pragma unroll
-    for (int i = 0; i < A; ++i)
-#pragma unroll
-        for (int j = 0; j < B; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
-}
+#include "attention/fragments.cuh"
 
 // ldmatrix lanes for an A operand: rows row0 + lane % 16 of the warp's first slab, 8-column half lane / 16.
 template <class Tile>

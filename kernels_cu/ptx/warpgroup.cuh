@@ -1,0 +1,19 @@
+// Warpgroup-level control on sm_90a: register reallocation between warpgroups, named barriers among a
+// subset of the CTA, and the proxy fence between ordinary shared-memory stores and async-proxy readers.
+#pragma once
+
+// setmaxnreg moves registers between warpgroups at run time: every warp of a warpgroup must execute the
+// same value (a multiple of 8 in [24, 256]), and the CTA's total must stay within the register file that
+// __launch_bounds__(threads, 1) reserved at launch.
+template <int R>
+__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(R)); }
+template <int R>
+__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(R)); }
+
+// Barrier `id` (1..15; 0 is __syncthreads) over `threads` threads, a multiple of 32.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
+
+// Orders this thread's generic-proxy shared-memory writes before later async-proxy (TMA, wgmma) reads.
+__device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
