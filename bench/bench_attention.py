@@ -69,16 +69,17 @@ QUICK_DTYPES = ("bf16",)
 PASS_FACTOR = {"fwd": (1, 1), "bwd": (5, 2), "fwdbwd": (7, 2)}  # multiplier of the forward count, as n/d
 PASS_TITLE = {"fwd": "Forward", "bwd": "Backward", "fwdbwd": "Forward + Backward"}
 
-IMPLS = ("cuflash", "flash", "cudnn", "efficient", "math", "jax_cudnn")
+IMPLS = ("cuflash", "cuflash_sm80", "flash", "cudnn", "efficient", "math", "jax_cudnn")
 IMPL_LABEL = {
     "cuflash": "cuflash",
+    "cuflash_sm80": "cuflash (sm80 kernel)",
     "flash": "SDPA flash",
     "cudnn": "SDPA cuDNN",
     "efficient": "SDPA mem-efficient",
     "math": "SDPA math",
     "jax_cudnn": "JAX cuDNN",
 }
-SHORT = {"cuflash": "cuflash", "flash": "flash", "cudnn": "cudnn", "efficient": "mem-eff", "math": "math",
+SHORT = {"cuflash": "cuflash", "cuflash_sm80": "cf-sm80", "flash": "flash", "cudnn": "cudnn", "efficient": "mem-eff", "math": "math",
          "jax_cudnn": "jax-cudnn"}
 MATH_SCORE_LIMIT = 8e9  # bytes of one float32 score matrix above which the math backend is skipped
 
@@ -412,6 +413,23 @@ def torch_impl(torch, impl, cuflash):
         tfn = _cuflash_torch_fn(cuflash)
         diff = None if tfn is None else (lambda q, k, v, causal: tfn(q, k, v, causal=causal))  # noqa: E731
         return fwd, diff
+    if impl == "cuflash_sm80":
+        # The mma.sync kernel on a GPU that would otherwise run the Hopper one: forward only.
+        if cuflash is None:
+            raise Skip("cuflash not importable")
+        import os
+
+        def fwd_sm80(q, k, v, causal):
+            prev = os.environ.get("CUFLASH_FWD_KERNEL")
+            os.environ["CUFLASH_FWD_KERNEL"] = "sm80"
+            try:
+                return cuflash.attention(q, k, v, causal=causal)
+            finally:
+                if prev is None:
+                    del os.environ["CUFLASH_FWD_KERNEL"]
+                else:
+                    os.environ["CUFLASH_FWD_KERNEL"] = prev
+        return fwd_sm80, None
     run = _sdpa(torch, impl)
     return run, run
 

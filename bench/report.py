@@ -9,8 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-SHOW = ["cuflash", "flash", "cudnn", "efficient", "math", "jax_cudnn"]
-NAMES = {"cuflash": "cuflash", "flash": "SDPA flash (FA2)", "cudnn": "SDPA cuDNN", "efficient": "SDPA efficient",
+SHOW = ["cuflash", "cuflash_sm80", "flash", "cudnn", "efficient", "math", "jax_cudnn"]
+NAMES = {"cuflash": "cuflash", "cuflash_sm80": "cuflash sm80 kernel", "flash": "SDPA flash (FA2)", "cudnn": "SDPA cuDNN", "efficient": "SDPA efficient",
          "math": "SDPA math", "jax_cudnn": "JAX cuDNN"}
 
 

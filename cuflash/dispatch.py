@@ -39,7 +39,7 @@ def padded_head_dim(head_dim: int) -> int:
 
 
 # How extra defines appear in variant names: a prefix followed by the value, or (flag name,) shown when set.
-_EXTRA_LABELS = {"CF_DETERMINISTIC": ("det",), "CF_BWD_A_REGS": ("preg",), "CF_Q_STAGES": "st", "CF_STAGES": "st"}
+_EXTRA_LABELS = {"CF_DETERMINISTIC": ("det",), "CF_BWD_A_REGS": ("preg",), "CF_Q_STAGES": "st", "CF_STAGES": "st", "CF_CONSUMERS": "cw"}
 
 
 @dataclass(frozen=True)
@@ -180,11 +180,13 @@ def _forward_key(dtype, d, is_local, softcap, alibi, smem_limit, _tiles_env) -> 
     return key
 
 
-# Hopper forward (fwd_sm90.cu): head dim -> (block_n, stages). 128 query rows per CTA (two consumer
-# warpgroups of 64) is fixed by the kernel. Shared memory: Q + stages x (K + V) tiles.
-FWD_SM90_TILES = {64: (128, 2), 128: (128, 2), 192: (64, 2), 256: (64, 2)}
-FWD_SM90_BLOCK_M = 128
-FWD_SM90_WARPS = 12  # one producer and two consumer warpgroups
+# Hopper forward (fwd_sm90.cu): head dim -> (consumer warpgroups, block_n, stages). Each consumer
+# warpgroup owns 64 query rows; one producer warpgroup loads. Shared memory: Q + stages x (K + V) tiles.
+# At head dim 64 the softmax costs as much as the two products, so a third consumer warpgroup keeps the
+# tensor cores busy while the others exponentiate (bench/NOTES.md).
+FWD_SM90_TILES = {64: (3, 128, 4), 128: (2, 128, 2), 192: (2, 64, 2), 256: (2, 64, 2)}
+# softcap's tanh needs registers that three consumer warpgroups (160 each) do not have.
+FWD_SM90_SOFTCAP_TILES = {64: (2, 128, 4)}
 
 # Which forward kernel runs on compute capability 9.0: "sm90" (default) or "sm80" (the mma.sync kernel,
 # kept selectable for comparison and as a fallback). Other GPUs always run sm80.
@@ -204,9 +206,9 @@ def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool
 
 @functools.lru_cache(maxsize=None)
 def _forward_key_sm90(dtype, d, is_local, softcap, alibi) -> KernelKey:
-    bn, stages = FWD_SM90_TILES[d]
-    return KernelKey("fwd_sm90", "attention_fwd_sm90", dtype, d, is_local, softcap, alibi, FWD_SM90_BLOCK_M, bn,
-                     FWD_SM90_WARPS, extra=(("CF_STAGES", stages),))
+    consumers, bn, stages = (softcap and FWD_SM90_SOFTCAP_TILES.get(d)) or FWD_SM90_TILES[d]
+    return KernelKey("fwd_sm90", "attention_fwd_sm90", dtype, d, is_local, softcap, alibi, 64 * consumers, bn,
+                     4 * (1 + consumers), extra=(("CF_STAGES", stages), ("CF_CONSUMERS", consumers)))
 
 
 def forward_sm90_smem_bytes(key: KernelKey) -> int:
@@ -220,6 +222,17 @@ def all_forward_sm90_keys() -> list[KernelKey]:
     return [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al)
             for dt in DTYPES for d in PADDED_HEAD_DIMS for loc in (False, True)
             for sc in (False, True) for al in (False, True)]
+
+
+# Bytes of K and V that one launch-order group of (batch, head) pairs may keep in L2 (H100: 50 MB, A100:
+# 40 MB), leaving room for the streaming Q/O traffic. See BlockCoords::grouped in block_coords.cuh.
+L2_GROUP_BYTES = 16 << 20
+
+
+def launch_group(bh_count: int, seqlen_k: int, head_dim: int) -> int:
+    """(batch, head) pairs per launch-order group of the Hopper forward."""
+    kv_bytes = 2 * 2 * seqlen_k * head_dim
+    return max(1, min(bh_count, L2_GROUP_BYTES // max(kv_bytes, 1)))
 
 
 def forward_smem_bytes(key: KernelKey) -> int:

@@ -25,7 +25,7 @@ _STRIDED = ["q", "k", "v", "o", "do", "dq", "dk", "dv"]
 _I64 = [f"{t}_{w}_stride" for t in _STRIDED for w in ("batch", "row", "head")] + ["alibi_batch_stride"]
 _I32A = ["batch", "heads_q", "heads_k", "seqlen_q", "seqlen_k", "head_dim", "window_left", "window_right"]
 _F32 = ["softmax_scale", "scale_log2", "softcap"]
-_I32B = ["num_m_blocks", "num_n_blocks", "pad_"]
+_I32B = ["num_m_blocks", "num_n_blocks", "bh_group"]
 _FIELDS = _PTR + _I64 + _I32A + _F32 + _I32B
 _STRUCT = struct.Struct(f"<{len(_PTR)}Q{len(_I64)}q{len(_I32A)}i{len(_F32)}f{len(_I32B)}i")
 _INDEX = {name: i for i, name in enumerate(_FIELDS)}
@@ -144,8 +144,9 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, ls
     p["num_m_blocks"] = m_blocks = -(-seqlen_q // key.block_m)
     maps = ()
     if hopper:
+        p["bh_group"] = dispatch.launch_group(batch * heads_q, k.shape[1], key.head_dim)
         maps = (tma.tile_map(q, key.block_m), tma.tile_map(k, key.block_n), tma.tile_map(v, key.block_n),
-                tma.tile_map(out, dispatch.FWD_SM90_BLOCK_M // 2))
+                tma.tile_map(out, 64))  # each consumer warpgroup stores its own 64 rows
     _launch(fn, m_blocks * batch * heads_q, key.threads, smem, stream, p, maps)
 
 

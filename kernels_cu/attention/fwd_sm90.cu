@@ -3,7 +3,7 @@
 //
 // CTA = 3 warpgroups. Warpgroup 0 is the producer: one thread issues every TMA load (Q once, then K and V
 // of each visible key tile into a ring of CF_STAGES stages) and the rest of it idles at 24 registers.
-// Warpgroups 1 and 2 each own 64 of the CTA's 128 query rows and run, per key tile,
+// Warpgroups 1..CF_CONSUMERS each own 64 of the CTA's 64 x CF_CONSUMERS query rows and run, per key tile,
 //     S = Q.K^T (wgmma, both operands in shared memory) -> score mods, mask, online softmax in registers
 //     -> O += P.V (wgmma, P from registers, V read transposed from shared memory),
 // releasing each stage to the producer as soon as their products that read it have retired. Key tiles
@@ -13,7 +13,8 @@
 // which clip rows past seqlen_q and columns past head_dim.
 //
 // Compile-time configuration (cuflash/dispatch.py): CF_DTYPE, CF_HEAD_DIM (64, 128, 192 or 256; a smaller
-// real head_dim is zero-filled by TMA), CF_BLOCK_N, CF_STAGES, CF_IS_LOCAL, CF_SOFTCAP, CF_ALIBI.
+// real head_dim is zero-filled by TMA), CF_BLOCK_N, CF_STAGES, CF_CONSUMERS (2 or 3), CF_IS_LOCAL, CF_SOFTCAP,
+// CF_ALIBI.
 #include "ptx/cp_async.cuh"
 #include "ptx/mbarrier.cuh"
 #include "ptx/tma.cuh"
@@ -37,8 +38,9 @@ namespace {
 constexpr int kD = CF_HEAD_DIM;
 constexpr int kBN = CF_BLOCK_N;
 constexpr int kStages = CF_STAGES;
-constexpr int kBM = 128;                // two consumer warpgroups of 64 rows
-constexpr int kThreads = 384;
+constexpr int kConsumers = CF_CONSUMERS;
+constexpr int kBM = 64 * kConsumers;
+constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kNT8 = kBN / 8;
 constexpr int kDT8 = kD / 8;
 constexpr int kCol64 = kD / 64;         // 128-byte swizzled column blocks per row
@@ -47,9 +49,11 @@ constexpr u32 kKVBlock = kBN * 128;
 constexpr u32 kQBytes = kQBlock * kCol64;
 constexpr u32 kKVBytes = kKVBlock * kCol64;
 static_assert(kD % 64 == 0 && kBN % 16 == 0 && kBN <= 256, "tile shape");
-// Register split: 128 producer threads at 24 + 256 consumer threads at 240 = 64512 <= 65536.
-constexpr int kProducerRegs = 24;
-constexpr int kConsumerRegs = 240;
+// Register split of the 64K-register file: 128 x 24 + 256 x 240 = 64512 with two consumer warpgroups,
+// 128 x 32 + 384 x 160 = 65536 with three (then S, P and O must fit 160: head dim 64 only).
+constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32;
+constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
+static_assert(kConsumers == 2 || (kConsumers == 3 && kD == 64), "three consumer warpgroups only at head dim 64");
 }  // namespace
 
 // Offsets in the dynamic shared memory (1024-byte aligned base): Q, K stages, V stages, then barriers.
@@ -76,7 +80,7 @@ attention_fwd_sm90(const __grid_constant__ ForwardSm90Params p) {
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int warpgroup = warp >> 2;
-    const BlockCoords bc(p.a);
+    const BlockCoords bc = BlockCoords::grouped(p.a);
     const int m_start = bc.m_block * kBM;
     const Visibility vis(p.a.seqlen_q, p.a.seqlen_k, p.a.window_left, p.a.window_right);
     int n_lo, n_hi;
@@ -87,8 +91,8 @@ attention_fwd_sm90(const __grid_constant__ ForwardSm90Params p) {
         for (int s = 0; s < kStages; ++s) {
             mbar_init(sm.k_full(s), 1);
             mbar_init(sm.v_full(s), 1);
-            mbar_init(sm.k_empty(s), 2 * 128);
-            mbar_init(sm.v_empty(s), 2 * 128);
+            mbar_init(sm.k_empty(s), kConsumers * 128);
+            mbar_init(sm.v_empty(s), kConsumers * 128);
         }
         mbar_fence_init();
     }
@@ -103,19 +107,28 @@ attention_fwd_sm90(const __grid_constant__ ForwardSm90Params p) {
         mbar_arrive_expect_tx(sm.q_full(), kQBytes);
         for (int c = 0; c < kCol64; ++c)
             tma_load_4d(sm.q + c * kQBlock, &p.q, sm.q_full(), c * 64, m_start, bc.h, bc.b);
-        int it = 0;
-        for (int n_block = n_hi - 1; n_block >= n_lo; --n_block, ++it) {
+        // Issue order follows the consumers' use: K_j, then V_{j-1} (they multiply P_{j-1}.V_{j-1} after
+        // S_j = Q.K_j^T is issued), so a stage's K is never queued behind a V still being read.
+        auto load_k = [&](int it) {
             const int s = it % kStages;
-            const u32 free_parity = ((it / kStages) & 1) ^ 1;
-            mbar_wait(sm.k_empty(s), free_parity);
+            mbar_wait(sm.k_empty(s), ((it / kStages) & 1) ^ 1);
             mbar_arrive_expect_tx(sm.k_full(s), kKVBytes);
             for (int c = 0; c < kCol64; ++c)
-                tma_load_4d(sm.k_stage(s) + c * kKVBlock, &p.k, sm.k_full(s), c * 64, n_block * kBN, bc.hk, bc.b);
-            mbar_wait(sm.v_empty(s), free_parity);
+                tma_load_4d(sm.k_stage(s) + c * kKVBlock, &p.k, sm.k_full(s), c * 64, (n_hi - 1 - it) * kBN, bc.hk, bc.b);
+        };
+        auto load_v = [&](int it) {
+            const int s = it % kStages;
+            mbar_wait(sm.v_empty(s), ((it / kStages) & 1) ^ 1);
             mbar_arrive_expect_tx(sm.v_full(s), kKVBytes);
             for (int c = 0; c < kCol64; ++c)
-                tma_load_4d(sm.v_stage(s) + c * kKVBlock, &p.v, sm.v_full(s), c * 64, n_block * kBN, bc.hk, bc.b);
+                tma_load_4d(sm.v_stage(s) + c * kKVBlock, &p.v, sm.v_full(s), c * 64, (n_hi - 1 - it) * kBN, bc.hk, bc.b);
+        };
+        const int n_tiles = n_hi - n_lo;
+        for (int it = 0; it < n_tiles; ++it) {
+            load_k(it);
+            if (it > 0) load_v(it - 1);
         }
+        if (n_tiles > 0) load_v(n_tiles - 1);
         return;
     }
 
@@ -134,15 +147,7 @@ attention_fwd_sm90(const __grid_constant__ ForwardSm90Params p) {
     zero_fill(acc_o);
     OnlineSoftmax<1, kNT8> softmax;
 
-    mbar_wait(sm.q_full(), 0);
-    int it = 0;
-    for (int n_block = n_hi - 1; n_block >= n_lo; --n_block, ++it) {
-        const int s = it % kStages;
-        const u32 parity = (it / kStages) & 1;
-
-        float sc[1][kNT8][4];
-        mbar_wait(sm.k_full(s), parity);
-        wgmma::fence();
+    auto issue_qk = [&](float (&sc)[1][kNT8][4], int s) {
 #pragma unroll
         for (int kk = 0; kk < kD / 16; ++kk) {
             const u32 off = (kk % 4) * 32;
@@ -151,18 +156,24 @@ attention_fwd_sm90(const __grid_constant__ ForwardSm90Params p) {
                                 wgmma::desc_sw128(sm.k_stage(s) + (kk / 4) * kKVBlock + off, 16, 1024), kk > 0);
         }
         wgmma::commit();
-        wgmma::wait<0>();
-        wgmma::fence_operand(reinterpret_cast<float(&)[kBN / 2]>(sc));
-        mbar_arrive(sm.k_empty(s));
-
+    };
+    auto issue_pv = [&](const u32 (&pa)[kBN / 16][4], int s) {
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk)
+            WgmmaShape<kD>::rs_tb(reinterpret_cast<float(&)[kD / 2]>(acc_o), pa[kk],
+                                  wgmma::desc_sw128(sm.v_stage(s) + kk * 16 * 128, kKVBlock, 1024), 1);
+        wgmma::commit();
+    };
+    // Raw products -> unnormalised probabilities; alpha rescales O to the new row maxima.
+    auto softmax_tile = [&](float (&sc)[1][kNT8][4], int n_block, float (&alpha)[1][2]) {
         const TileCoords<1, kNT8> tc(warp_row0, n_block * kBN, lane);
         apply_score_mods<1, kNT8, CF_SOFTCAP, CF_ALIBI>(sc, tc, p.a.softmax_scale, p.a.softcap, slope, vis.off);
         if (vis.tile_needs_mask<CF_IS_LOCAL>(wg_row0, wg_row_last, n_block * kBN, kBN)) apply_mask(sc, tc, vis);
-        softmax.update(sc, acc_o, p.a.scale_log2);
-
-        // The accumulator layout of two neighbouring n8 column groups is the A-fragment layout of one
-        // k16 step (as with mma.sync), so P goes to the second product straight from registers.
-        u32 pa[kBN / 16][4];
+        softmax.exponentiate(sc, alpha, p.a.scale_log2);
+    };
+    // The accumulator layout of two neighbouring n8 column groups is the A-fragment layout of one k16
+    // step (as with mma.sync), so P goes to the second product straight from registers.
+    auto pack_p = [&](u32 (&pa)[kBN / 16][4], const float (&sc)[1][kNT8][4]) {
 #pragma unroll
         for (int kk = 0; kk < kBN / 16; ++kk) {
             pa[kk][0] = pack2(sc[0][2 * kk][0], sc[0][2 * kk][1]);
@@ -170,14 +181,49 @@ attention_fwd_sm90(const __grid_constant__ ForwardSm90Params p) {
             pa[kk][2] = pack2(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]);
             pa[kk][3] = pack2(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3]);
         }
+    };
 
-        mbar_wait(sm.v_full(s), parity);
+    // Software pipeline across key tiles (FA3's intra-warpgroup overlap): while the tensor cores run
+    // S_j = Q.K_j^T and O += P_{j-1}.V_{j-1}, nothing waits; the softmax of S_j then runs while
+    // P_{j-1}.V_{j-1} is still in flight, and O is rescaled only after that product retires.
+    const int n_tiles = n_hi - n_lo;
+    u32 pa[kBN / 16][4];
+    float alpha[1][2];
+    mbar_wait(sm.q_full(), 0);
+    if (n_tiles > 0) {
+        float sc[1][kNT8][4];
+        mbar_wait(sm.k_full(0), 0);
         wgmma::fence();
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk)
-            WgmmaShape<kD>::rs_tb(reinterpret_cast<float(&)[kD / 2]>(acc_o), pa[kk],
-                                  wgmma::desc_sw128(sm.v_stage(s) + kk * 16 * 128, kKVBlock, 1024), 1);
-        wgmma::commit();
+        issue_qk(sc, 0);
+        wgmma::wait<0>();
+        wgmma::fence_operand(reinterpret_cast<float(&)[kBN / 2]>(sc));
+        mbar_arrive(sm.k_empty(0));
+        softmax_tile(sc, n_hi - 1, alpha);  // O is still zero: no rescale
+        pack_p(pa, sc);
+    }
+    for (int it = 1; it < n_tiles; ++it) {
+        const int s = it % kStages, prev = (it - 1) % kStages;
+        float sc[1][kNT8][4];
+        mbar_wait(sm.k_full(s), (it / kStages) & 1);
+        wgmma::fence();
+        issue_qk(sc, s);
+        mbar_wait(sm.v_full(prev), ((it - 1) / kStages) & 1);
+        issue_pv(pa, prev);
+        wgmma::wait<1>();
+        wgmma::fence_operand(reinterpret_cast<float(&)[kBN / 2]>(sc));
+        mbar_arrive(sm.k_empty(s));
+        softmax_tile(sc, n_hi - 1 - it, alpha);
+        wgmma::wait<0>();
+        wgmma::fence_operand(reinterpret_cast<float(&)[kD / 2]>(acc_o));
+        mbar_arrive(sm.v_empty(prev));
+        softmax.rescale(acc_o, alpha);
+        pack_p(pa, sc);
+    }
+    if (n_tiles > 0) {
+        const int last = n_tiles - 1, s = last % kStages;
+        mbar_wait(sm.v_full(s), (last / kStages) & 1);
+        wgmma::fence();
+        issue_pv(pa, s);
         wgmma::wait<0>();
         wgmma::fence_operand(reinterpret_cast<float(&)[kD / 2]>(acc_o));
         mbar_arrive(sm.v_empty(s));

@@ -21,10 +21,18 @@ struct OnlineSoftmax {
     }
 
     // Replaces the scores by unnormalised probabilities and rescales the output accumulator.
-    // A row whose scores are all -inf so far keeps max -inf; it uses 0 as the exponent offset so that
-    // -inf - -inf never produces NaN, and its probabilities come out exactly 0.
     template <int DT8>
     __device__ __forceinline__ void update(float (&sc)[MS][NT8][4], float (&acc_o)[MS][DT8][4], float c) {
+        float alpha[MS][2];
+        exponentiate(sc, alpha, c);
+        rescale(acc_o, alpha);
+    }
+
+    // The two halves of update(), for kernels whose output accumulator is still being written by an
+    // asynchronous product while the scores are exponentiated (wgmma).
+    // A row whose scores are all -inf so far keeps max -inf; it uses 0 as the exponent offset so that
+    // -inf - -inf never produces NaN, and its probabilities come out exactly 0.
+    __device__ __forceinline__ void exponentiate(float (&sc)[MS][NT8][4], float (&alpha)[MS][2], float c) {
 #pragma unroll
         for (int s = 0; s < MS; ++s) {
 #pragma unroll
@@ -35,7 +43,7 @@ struct OnlineSoftmax {
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                 const float offset = (mx == -CF_INF) ? 0.f : mx * c;
-                const float alpha = exp2_approx(row_max[s][h] * c - offset);
+                alpha[s][h] = exp2_approx(row_max[s][h] * c - offset);
                 row_max[s][h] = mx;
                 float sum = 0.f;
 #pragma unroll
@@ -47,14 +55,22 @@ struct OnlineSoftmax {
                         sum += p;
                     }
                 }
-                row_sum[s][h] = row_sum[s][h] * alpha + sum;
-#pragma unroll
-                for (int d = 0; d < DT8; ++d) {
-                    acc_o[s][d][2 * h] *= alpha;
-                    acc_o[s][d][2 * h + 1] *= alpha;
-                }
+                row_sum[s][h] = row_sum[s][h] * alpha[s][h] + sum;
             }
         }
+    }
+
+    template <int DT8>
+    __device__ __forceinline__ void rescale(float (&acc_o)[MS][DT8][4], const float (&alpha)[MS][2]) const {
+#pragma unroll
+        for (int s = 0; s < MS; ++s)
+#pragma unroll
+            for (int d = 0; d < DT8; ++d) {
+                acc_o[s][d][0] *= alpha[s][0];
+                acc_o[s][d][1] *= alpha[s][0];
+                acc_o[s][d][2] *= alpha[s][1];
+                acc_o[s][d][3] *= alpha[s][1];
+            }
     }
 
     // Normalises the output and returns the natural-log LSE per row. A row that saw no key gets output 0

@@ -37,7 +37,7 @@ struct AttentionParams {
     float softcap;
     int num_m_blocks;
     int num_n_blocks;
-    int pad_;
+    int bh_group;           // Hopper forward: (batch, head) pairs per launch-order group (block_coords.cuh)
 };
 
 // Exported so that a GPU test can check the host's mirror of this struct byte for byte in size.

@@ -1,0 +1,19 @@
+"""Runs the Hopper forward at odd sizes (seqlens 1, 17, 1000; every tile configuration) for
+compute-sanitizer: `compute-sanitizer --tool memcheck|racecheck python tests/sanitize_forward_sm90.py`.
+CuPy only, so the sanitizer does not have to follow a deep-learning framework's start-up."""
+
+import cupy as cp
+
+import cuflash
+
+rng = cp.random.default_rng(0)
+for d in (64, 128, 256):
+    for sq, sk in ((1, 1), (17, 17), (1000, 1000), (17, 1000)):
+        for causal in (False, True):
+            q = rng.standard_normal((2, sq, 2, d), dtype=cp.float32).astype(cp.float16)
+            k = rng.standard_normal((2, sk, 1, d), dtype=cp.float32).astype(cp.float16)
+            v = rng.standard_normal((2, sk, 1, d), dtype=cp.float32).astype(cp.float16)
+            out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
+            assert bool(cp.isfinite(out).all()), (d, sq, sk, causal)
+cp.cuda.Device().synchronize()
+print("sanitize run done")

@@ -1,0 +1,64 @@
+"""Hopper kernel selection without a GPU: which forward kernel a compute capability gets, the switch back
+to the sm80 kernel, the tensor-map eligibility of array views, and the L2 launch-order groups."""
+
+import pytest
+
+from cuflash import dispatch, tma
+from cuflash.arrays import DeviceArray
+
+
+def _view(shape, strides, ptr=1 << 20, dtype="bfloat16"):
+    return DeviceArray(ptr=ptr, shape=shape, strides=strides, dtype=dtype, device=0)
+
+
+def test_hopper_gets_the_sm90_kernel_and_others_sm80(monkeypatch):
+    """CC 9.0 runs fwd_sm90 by default; CUFLASH_FWD_KERNEL=sm80 switches back; other GPUs ignore it."""
+    monkeypatch.delenv(dispatch.FWD_KERNEL_ENV, raising=False)
+    assert dispatch.forward_family((9, 0)) == "fwd_sm90"
+    assert dispatch.forward_family((8, 0)) == "fwd_sm80"
+    assert dispatch.forward_family((12, 0)) == "fwd_sm80"
+    monkeypatch.setenv(dispatch.FWD_KERNEL_ENV, "sm80")
+    assert dispatch.forward_family((9, 0)) == "fwd_sm80"
+    monkeypatch.setenv(dispatch.FWD_KERNEL_ENV, "sm90")
+    assert dispatch.forward_family((8, 6)) == "fwd_sm80"
+
+
+def test_bad_kernel_choice_is_named(monkeypatch):
+    monkeypatch.setenv(dispatch.FWD_KERNEL_ENV, "hopper")
+    with pytest.raises(ValueError, match="CUFLASH_FWD_KERNEL"):
+        dispatch.forward_family((9, 0))
+
+
+@pytest.mark.parametrize("d", [8, 64, 96, 128, 160, 192, 256])
+def test_sm90_keys_fit_hopper_shared_memory(d):
+    """Every Hopper variant's tiles fit the 227 KB a CTA may use, and build only for sm_90a."""
+    for softcap in (False, True):
+        key = dispatch.forward_key_sm90("bf16", d, is_local=True, softcap=softcap, alibi=True)
+        assert key.head_dim == dispatch.padded_head_dim(d)
+        assert dispatch.forward_sm90_smem_bytes(key) <= dispatch.MAX_SMEM[(9, 0)]
+        assert key.archs == ("sm_90a",) and key.threads == 128 + 2 * key.block_m
+
+
+def test_tma_accepts_common_layouts():
+    """(b, s, h, d) contiguous, (b, h, s, d) transposed and size-1 dims with odd strides are expressible."""
+    b, s, h, d = 2, 1000, 8, 128
+    assert tma.supports(_view((b, s, h, d), (s * h * d, h * d, d, 1)))
+    assert tma.supports(_view((b, s, h, d), (h * s * d, d, s * d, 1)))
+    assert tma.supports(_view((1, s, 1, 72), (0, 72, 5, 1)))  # strides of length-1 dims are never used
+
+
+def test_tma_rejects_what_it_cannot_address():
+    """Broadcast heads (stride 0), strides off 16 bytes, misaligned pointers and fp32 go to the sm80 kernel."""
+    assert not tma.supports(_view((2, 100, 8, 64), (100 * 64, 64, 0, 1)))
+    assert not tma.supports(_view((2, 100, 8, 60), (100 * 8 * 60, 8 * 60, 60, 1)))  # 120-byte head stride
+    assert not tma.supports(_view((2, 100, 8, 64), (51200, 512, 64, 1), ptr=(1 << 20) + 8))
+    assert not tma.supports(_view((2, 100, 8, 64), (51200, 512, 64, 1), dtype="float32"))
+
+
+@pytest.mark.parametrize("bh,seqlen_k,d", [(128, 2048, 128), (16, 16384, 128), (16, 16384, 256), (3, 17, 64)])
+def test_launch_groups_keep_kv_within_budget(bh, seqlen_k, d):
+    """A launch-order group holds at least one (batch, head) pair and, when it holds more, its K/V fit the
+    L2 budget; never more pairs than exist."""
+    g = dispatch.launch_group(bh, seqlen_k, d)
+    assert 1 <= g <= bh
+    assert g == 1 or g * 4 * seqlen_k * d <= dispatch.L2_GROUP_BYTES
