@@ -13,8 +13,8 @@
 // which clip rows past seqlen_q and columns past head_dim.
 //
 // Compile-time configuration (cuflash/dispatch.py): CF_DTYPE, CF_HEAD_DIM (64, 128, 192 or 256; a smaller
-// real head_dim is zero-filled by TMA), CF_BLOCK_N, CF_STAGES, CF_CONSUMERS (2 or 3), CF_IS_LOCAL, CF_SOFTCAP,
-// CF_ALIBI.
+// real head_dim is zero-filled by TMA), CF_BLOCK_N, CF_STAGES, CF_CONSUMERS (2 or 3), CF_PINGPONG, CF_IS_LOCAL,
+// CF_SOFTCAP, CF_ALIBI.
 #include "ptx/cp_async.cuh"
 #include "ptx/mbarrier.cuh"
 #include "ptx/tma.cuh"
@@ -54,6 +54,8 @@ static_assert(kD % 64 == 0 && kBN % 16 == 0 && kBN <= 256, "tile shape");
 constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32;
 constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
 static_assert(kConsumers == 2 || (kConsumers == 3 && kD == 64), "three consumer warpgroups only at head dim 64");
+// Named barriers: 1..kConsumers for each warpgroup's epilogue, then one "your turn" barrier per consumer.
+constexpr int kTurnBarrier0 = 1 + kConsumers;
 }  // namespace
 
 // Offsets in the dynamic shared memory (1024-byte aligned base): Q, K stages, V stages, then barriers.
@@ -187,14 +189,31 @@ attention_fwd_sm90(const __grid_constant__ ForwardSm90Params p) {
     // S_j = Q.K_j^T and O += P_{j-1}.V_{j-1}, nothing waits; the softmax of S_j then runs while
     // P_{j-1}.V_{j-1} is still in flight, and O is rescaled only after that product retires.
     const int n_tiles = n_hi - n_lo;
+
+    // Ping-pong (CF_PINGPONG, FA3): the consumer warpgroups take turns, round robin, to issue their
+    // products, so that one warpgroup's softmax runs while another's products own the tensor cores.
+    // Each warpgroup has n_tiles + 1 issue points; the last warpgroup opens the first turn and skips its
+    // final hand-over, so every barrier ends with as many arrivals as waits.
+    int turns_left = n_tiles > 0 ? n_tiles + 1 : 0;
+    auto take_turn = [&]() {
+        if (CF_PINGPONG) named_barrier_sync(kTurnBarrier0 + cw, 256);
+    };
+    auto pass_turn = [&]() {
+        if (CF_PINGPONG && (--turns_left > 0 || cw != kConsumers - 1))
+            named_barrier_arrive(kTurnBarrier0 + (cw + 1) % kConsumers, 256);
+    };
+    if (CF_PINGPONG && cw == kConsumers - 1 && n_tiles > 0) named_barrier_arrive(kTurnBarrier0, 256);
+
     u32 pa[kBN / 16][4];
     float alpha[1][2];
     mbar_wait(sm.q_full(), 0);
     if (n_tiles > 0) {
         float sc[1][kNT8][4];
         mbar_wait(sm.k_full(0), 0);
+        take_turn();
         wgmma::fence();
         issue_qk(sc, 0);
+        pass_turn();
         wgmma::wait<0>();
         wgmma::fence_operand(reinterpret_cast<float(&)[kBN / 2]>(sc));
         mbar_arrive(sm.k_empty(0));
@@ -205,10 +224,12 @@ attention_fwd_sm90(const __grid_constant__ ForwardSm90Params p) {
         const int s = it % kStages, prev = (it - 1) % kStages;
         float sc[1][kNT8][4];
         mbar_wait(sm.k_full(s), (it / kStages) & 1);
+        mbar_wait(sm.v_full(prev), ((it - 1) / kStages) & 1);
+        take_turn();
         wgmma::fence();
         issue_qk(sc, s);
-        mbar_wait(sm.v_full(prev), ((it - 1) / kStages) & 1);
         issue_pv(pa, prev);
+        pass_turn();
         wgmma::wait<1>();
         wgmma::fence_operand(reinterpret_cast<float(&)[kBN / 2]>(sc));
         mbar_arrive(sm.k_empty(s));
@@ -222,8 +243,10 @@ attention_fwd_sm90(const __grid_constant__ ForwardSm90Params p) {
     if (n_tiles > 0) {
         const int last = n_tiles - 1, s = last % kStages;
         mbar_wait(sm.v_full(s), (last / kStages) & 1);
+        take_turn();
         wgmma::fence();
         issue_pv(pa, s);
+        pass_turn();
         wgmma::wait<0>();
         wgmma::fence_operand(reinterpret_cast<float(&)[kD / 2]>(acc_o));
         mbar_arrive(sm.v_empty(s));
