@@ -13,6 +13,11 @@
 // attention_bwd_postprocess
 //   Reads : dq_accum (unscaled fp32), softmax_scale.  Writes: dq (dq_* strides) = 16-bit(dq_accum * scale),
 //           rows < seqlen_q, cols < head_dim.
+//
+// dq_accum column order: within each 16-column group of a row, column 8h + 2t + e (h, e in {0, 1}, t < 4)
+// is stored at float 4t + 2h + e. That is the pair of columns one lane of an mma m16n8k16 accumulator holds
+// in each of the group's two n8 tiles (C fragment: row g, cols 2t..2t+1), so the main kernel adds them with
+// one 16-byte atomic (red.global.add.v4.f32 on sm_90) instead of two 8-byte ones.
 #include "ptx/types.cuh"
 #include "attention/params.cuh"
 
@@ -84,18 +89,19 @@ attention_bwd_postprocess(const __grid_constant__ AttentionParams p) {
         const int i = rc.m_block * kRows + pass * (kThreads / 8) + (tid >> 3);
         if (i >= p.seqlen_q) continue;
         const float* src = p.dq_accum + (((i64)rc.b * p.seqlen_q + i) * p.heads_q + rc.h) * kD;
+        // Columns 8h..8h+7 of a 16-column group are the pairs at floats 2h, 4 + 2h, 8 + 2h, 12 + 2h of it.
 #pragma unroll
         for (int c = sub; c < kD / 8; c += 8) {
             const int col = c * 8;
             if (col < p.head_dim) {
-                const float4 x0 = *(const float4*)(src + col);
-                const float4 x1 = *(const float4*)(src + col + 4);
-                uint4 r;
-                r.x = pack2(x0.x * scale, x0.y * scale);
-                r.y = pack2(x0.z * scale, x0.w * scale);
-                r.z = pack2(x1.x * scale, x1.y * scale);
-                r.w = pack2(x1.z * scale, x1.w * scale);
-                *(uint4*)(dq + (i64)i * p.dq_row_stride + col) = r;
+                const float* grp = src + (col & ~15) + (c & 1) * 2;
+                u32 r[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const float2 x = *(const float2*)(grp + 4 * j);
+                    r[j] = pack2(x.x * scale, x.y * scale);
+                }
+                *(uint4*)(dq + (i64)i * p.dq_row_stride + col) = make_uint4(r[0], r[1], r[2], r[3]);
             }
         }
     }

@@ -24,8 +24,9 @@
 //           softmax_scale, scale_log2 (same convention as the forward), softcap (CF_SOFTCAP).
 //   Writes: dk, dv (dk_*, dv_* strides; dK scaled by softmax_scale; only rows < seqlen_k, cols < head_dim);
 //           unless CF_DETERMINISTIC: atomically adds the unscaled dS.K into dq_accum, fp32, contiguous
-//           (batch, seqlen_q, heads_q, CF_HEAD_DIM), only rows < seqlen_q and cols < head_dim. dq_accum must
-//           be zero before this kernel (the preprocess does it).
+//           (batch, seqlen_q, heads_q, CF_HEAD_DIM) with the columns of each 16-column group in the order
+//           bwd_prepost.cu describes, only rows < seqlen_q and 16-column groups that start below head_dim.
+//           dq_accum must be zero before this kernel (the preprocess does it).
 //
 // Dynamic shared memory (bytes), with D = CF_HEAD_DIM, BM = CF_BLOCK_M, BN = CF_BLOCK_N,
 // S = CF_Q_STAGES (1 or 2, default 2), A = CF_BWD_A_REGS (default 0; only honoured when one warp owns whole
@@ -39,14 +40,15 @@
 //
 // Tile table (8 warps = 256 threads, CF_MIN_BLOCKS 1, A = 0 unless noted; registers over the flag combos
 // checked, deterministic or not):
-//   head dim | BM | BN  | S | smem bytes | fits                      | regs sm_80 / sm_90a (before the 32-key split)
-//   64       | 64 | 128 | 2 |  99328     | A100, H100                | 232-246 / 227-243
-//   64 (A=1) | 64 | 128 | 2 |  82944     | A100, H100 (recommended)  | 212-244 / 220-241  (~4% faster on H100)
-//   64 (A=1) | 64 | 64  | 1 |  41472     | fallback                  | 137-164 / 141-158
-//   128      | 64 | 128 | 2 | 164864     | A100 (<= 166912), H100    | 251-255 / 248-255
-//   192      | 64 | 64  | 2 | 164864     | A100 (<= 166912), H100    | 209-214 / 202-212
-//   256      | 64 | 64  | 2 | 214016     | H100 only (<= 232448)     | 242-244 / 242-246
-//   256      | 64 | 64  | 1 | 147968     | A100                      | 242-254 / 240-252
+//   head dim | BM  | BN  | S | smem bytes | fits                      | regs sm_80 / sm_90a (before the 32-key split)
+//   64       | 128 | 128 | 2 | 165888     | A100, H100 (recommended)  | 255 (deterministic: spills, uses A=1 below)
+//   64       | 64  | 128 | 2 |  99328     | A100, H100                | 232-246 / 227-243
+//   64 (A=1) | 64  | 128 | 2 |  82944     | 100 KB GPUs; deterministic| 212-244 / 220-241  (~4% faster than A=0)
+//   64 (A=1) | 64  | 64  | 1 |  41472     | fallback                  | 137-164 / 141-158
+//   128      | 64  | 128 | 2 | 164864     | A100 (<= 166912), H100    | 251-255 / 248-255
+//   192      | 64  | 64  | 2 | 164864     | A100 (<= 166912), H100    | 209-214 / 202-212
+//   256      | 64  | 64  | 2 | 214016     | H100 only (<= 232448)     | 242-244 / 242-246
+//   256      | 64  | 64  | 1 | 147968     | A100                      | 242-254 / 240-252
 // Every fp16/bf16 x IS_LOCAL x SOFTCAP x ALIBI x DETERMINISTIC variant of these compiles with 0 bytes of
 // spill and stack for sm_80 and sm_90a. CF_BWD_A_REGS=1 is spill-free at hd64 only (it spills at hd128).
 //
@@ -65,7 +67,7 @@
 //     P^T, dS^T elementwise in registers  (LSE, delta per query column from smem)
 //     dV += P^T.dO,  dK += dS^T.Q         (A = P^T / dS^T from smem, or from registers with CF_BWD_A_REGS;
 //                                          B = dO / Q via ldmatrix.trans)
-//     dQ  = dS.K -> red.global.add        (dS^T from smem via ldmatrix.trans; warps split BM x D; v2 on sm_90)
+//     dQ  = dS.K -> red.global.add        (dS^T from smem via ldmatrix.trans; warps split BM x D; v4 on sm_90)
 //   Shared-memory reads per query tile at hd128 (BM 64, BN 128): 16 keys a warp (before) read the whole Q
 //   and dO tiles in every warp for both products, ~770 KB; 32 keys x (32 queries | 64 columns) reads ~600 KB
 //   (256 KB score products, 192 KB dK/dV, 160 KB dQ). Measured on an H100: +8% at hd128 (not the +28% a
@@ -119,24 +121,36 @@ constexpr int kSN = kBM / kSWM, kSNT8 = kSN / 8;
 constexpr int kKWN = kSWN, kKWD = kWarps / kKWN;
 constexpr int kKK = kBN / kKWN, kKKS = kKK / 16;
 constexpr int kKD = kD / kKWD, kKDT8 = kKD / 8;
-// dQ = dS.K: kQW warps along queries (16 rows each) x kQWD along head dim (kQD columns, kQC at a time).
-// Two 16-row slabs per warp sharing each K fragment spill several hd128 / hd256 variants with 32 columns
-// at a time, and with 16 at a time measured 20% slower on an H100 (this loop is latency-bound).
-constexpr int kQW = kBM / 16;
+// dQ = dS.K: kQW warps along queries (kQS 16-row slabs each) x kQWD along head dim (kQD columns, kQC at a
+// time). Two slabs that share every K fragment take 4 ldmatrix per 8 mma's instead of 5 (H100, bf16, against
+// one slab: hd128 +2%, hd256 16k +8% but 2k -4%; hd64 within 1%, so it keeps one).
+// Softcap keeps one slab (and 32 columns at hd128): its tanh leaves too few registers for more (spills).
+constexpr int kQS = (kD >= 128 && !CF_SOFTCAP) ? 2 : 1;
+constexpr int kQW = kBM / (16 * kQS);
 constexpr int kQWD = kWarps / kQW;
 constexpr int kQD = kD / kQWD;
-// 32 columns at a time with softcap at hd128: its tanh leaves too few registers for 64 (spills).
-constexpr int kQC = (kQD % 64 == 0 && !(CF_SOFTCAP && kD == 128)) ? 64 : 32;
+constexpr int kQC = kQS == 2 ? kQD : (kQD % 64 == 0 && kD != 128) ? 64 : 32;
+// The key loop is unrolled with step kk + 1's fragments loaded under step kk's mma's, except at hd128, which
+// has no registers for the second fragment set (it spills) and runs it rolled (measured as fast there).
+constexpr bool kQPipelined = kD != 128;
 static_assert(kStages == 1 || kStages == 2, "CF_Q_STAGES must be 1 or 2");
 static_assert(kBN % 32 == 0 && kWarps % kSWN == 0, "BLOCK_N / 32 must divide the warp count");
 static_assert(kBM % 64 == 0 && kSN % 16 == 0 && kKD % 16 == 0, "bad query / head-dim split");
-static_assert(kWarps % kQW == 0 && kQD % 32 == 0, "bad dQ split");
+static_assert(kWarps % kQW == 0 && kQD % kQC == 0 && kQC % 16 == 0, "bad dQ split");
 static_assert(kThreads >= 2 * kBM, "LSE / delta loads need 2 * BLOCK_M threads");
 static_assert(kBN * (kD / 8) % kThreads == 0, "epilogue copy must split evenly");
 
 using QTile = SmemTile<kBM, kD>;
 using KVTile = SmemTile<kBN, kD>;
 using STile = SmemTile<kBN, kBM>;  // transposed score tiles: rows are keys, columns queries
+// dQ operand addresses: at hd128 one register per operand (WarpLaneAddrXor), which its rolled loop needs
+// to stay spill-free; elsewhere the four bases (the XOR form spills a few hd256 variants instead).
+#if CF_HEAD_DIM == 128
+template <class Tile> using DqAddr = WarpLaneAddrXor<Tile>;
+static_assert((kQC == 16 || kQC == 32 || kQC == 64) && kQS <= 2, "WarpLaneAddrXor: 1, 2 or 4 steps per warp");
+#else
+template <class Tile> using DqAddr = WarpLaneAddr<Tile>;
+#endif
 
 constexpr int kSmemK = 0;
 constexpr int kSmemV = kSmemK + KVTile::kBytes;
@@ -409,40 +423,62 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
             load_query_tile(p, it + 1, m_lo, n_m, 0, sbase, tid);
             cp_async_commit();
         }
-        // dQ (unscaled) = dS.K, this warp's 16 query rows x kQD head-dim columns, kQC at a time.
+        // dQ (unscaled) = dS.K, this warp's kQS 16-row slabs x kQD head-dim columns, kQC at a time.
         {
             const int qw = warp % kQW, qd = warp / kQW;
             const int ln = (int)loop_variant(lane);
-            const WarpLaneAddr<STile> ds_at(sDS, (ln & 7) + ((ln >> 4) & 1) * 8, (ln >> 3) & 1, qw);
+            const DqAddr<STile> ds_at(sDS, (ln & 7) + ((ln >> 4) & 1) * 8, (ln >> 3) & 1, qw * kQS);
 #pragma unroll 1
             for (int cc = 0; cc < kQD / kQC; ++cc) {
                 const int col0 = qd * kQD + cc * kQC;
-                const WarpLaneAddr<KVTile> k_bt(sK, (ln & 7) + ((ln >> 3) & 1) * 8, ln >> 4, col0 / 16);
-                float acc[kQC / 8][4];
+                const DqAddr<KVTile> k_bt(sK, (ln & 7) + ((ln >> 3) & 1) * 8, ln >> 4, col0 / 16);
+                float acc[kQS][kQC / 8][4];
+                zero_fill(acc);
+                u32 fa[2][kQS][4], fb[2][kQC / 16][4];  // fragments of key steps kk and kk + 1 (pipelined)
+                auto load_step = [&](int kk, int f) {
 #pragma unroll
-                for (int n = 0; n < kQC / 8; ++n)
+                    for (int s = 0; s < kQS; ++s) ldmatrix_x4_trans(fa[f][s], ds_at.at(s, kk * 16));
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+                    for (int dd = 0; dd < kQC / 16; ++dd) ldmatrix_x4_trans(fb[f][dd], k_bt.at(dd, kk * 16));
+                };
+                auto mma_step = [&](int f) {
+#pragma unroll
+                    for (int dd = 0; dd < kQC / 16; ++dd)
+#pragma unroll
+                    for (int s = 0; s < kQS; ++s) {
+                        mma_16816(acc[s][2 * dd], fa[f][s], fb[f][dd][0], fb[f][dd][1]);
+                        mma_16816(acc[s][2 * dd + 1], fa[f][s], fb[f][dd][2], fb[f][dd][3]);
+                    }
+                };
+                if constexpr (kQPipelined) {
+                    load_step(0, 0);
+#pragma unroll
+                    for (int kk = 0; kk < kBN / 16; ++kk) {
+                        if (kk + 1 < kBN / 16) load_step(kk + 1, (kk + 1) & 1);
+                        mma_step(kk & 1);
+                    }
+                } else {
 #pragma unroll 1
-                for (int kk = 0; kk < kBN / 16; ++kk) {
-                    u32 a[4];
-                    ldmatrix_x4_trans(a, ds_at.at(0, kk * 16));
-#pragma unroll
-                    for (int dd = 0; dd < kQC / 16; ++dd) {
-                        u32 b[4];
-                        ldmatrix_x4_trans(b, k_bt.at(dd, kk * 16));
-                        mma_16816(acc[2 * dd], a, b[0], b[1]);
-                        mma_16816(acc[2 * dd + 1], a, b[2], b[3]);
+                    for (int kk = 0; kk < kBN / 16; ++kk) {
+                        load_step(kk, 0);
+                        mma_step(0);
                     }
                 }
+                // dq_accum's column order (bwd_prepost.cu): this lane's columns 2t, 2t+1 of both n8 tiles of a
+                // 16-column group are four consecutive floats, one vector atomic. Groups past head_dim are
+                // skipped; a group's upper half past it adds the zeros of K's zero-filled columns.
+#pragma unroll
+                for (int s = 0; s < kQS; ++s)
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) {
-                    const int i = m_start + qw * 16 + g + hh * 8;
+                    const int i = m_start + (qw * kQS + s) * 16 + g + hh * 8;
                     if (i < p.seqlen_q) {
-                        float* dst = p.dq_accum + (((i64)BwdCoords(p).b * p.seqlen_q + i) * p.heads_q + h) * kD + col0 + t2;
+                        float* dst = p.dq_accum + (((i64)BwdCoords(p).b * p.seqlen_q + i) * p.heads_q + h) * kD + col0 + t * 4;
 #pragma unroll
-                        for (int n = 0; n < kQC / 8; ++n)
-                            if (col0 + n * 8 + t2 < p.head_dim) red_add_f32x2(dst + n * 8, acc[n][2 * hh], acc[n][2 * hh + 1]);
+                        for (int n = 0; n < kQC / 16; ++n)
+                            if (col0 + n * 16 < p.head_dim)
+                                red_add_f32x4(dst + n * 16, acc[s][2 * n][2 * hh], acc[s][2 * n][2 * hh + 1],
+                                              acc[s][2 * n + 1][2 * hh], acc[s][2 * n + 1][2 * hh + 1]);
                     }
                 }
             }
