@@ -218,9 +218,27 @@ def _forward_key_sm90(dtype, d, is_local, softcap, alibi) -> KernelKey:
 
 def forward_sm90_smem_bytes(key: KernelKey) -> int:
     """Dynamic shared memory of attention_fwd_sm90 (mirrors cf_fwd_sm90_smem_bytes): Q, the K/V stages,
-    the mbarriers, and 1024 bytes of slack to align the swizzled tiles."""
+    an O staging buffer when it fits (else O goes out through the Q buffer), the mbarriers, and 1024 bytes
+    of slack to align the swizzled tiles."""
     stages = dict(key.extra)["CF_STAGES"]
-    return 2 * key.head_dim * (key.block_m + 2 * stages * key.block_n) + 8 * (1 + 4 * stages) + 1024
+    q = 2 * key.head_dim * key.block_m
+    kv = 2 * stages * 2 * key.head_dim * key.block_n
+    rest = 8 * (2 + 4 * stages) + 1024
+    separate_o = 2 * q + kv + rest <= MAX_SMEM[(9, 0)]
+    return (2 if separate_o else 1) * q + kv + rest
+
+
+# The Hopper kernel loops over work tiles, so its grid is a launch-time choice. One CTA per SM (a static,
+# strided split of the tiles) hides each tile's prologue and epilogue under the neighbouring tiles' loads:
+# +5-13% at seqlen <= 2k without masking. Causal/window tiles differ in cost and a static split leaves SMs
+# idle (-20-35% at 16k), and at head dim 256 O shares the Q buffer, so the next Q waits for the store; those
+# launch one CTA per tile and let the hardware balance (bench/NOTES.md).
+FWD_SM90_PERSISTENT_MAX_SEQLEN_K = 8192
+
+
+def forward_sm90_grid(key: KernelKey, tiles: int, seqlen_k: int, sm_count: int) -> int:
+    persistent = (not key.is_local and key.head_dim <= 192 and seqlen_k <= FWD_SM90_PERSISTENT_MAX_SEQLEN_K)
+    return min(tiles, sm_count) if persistent else tiles
 
 
 def all_forward_sm90_keys() -> list[KernelKey]:

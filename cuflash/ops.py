@@ -88,6 +88,17 @@ def _launch(fn, grid: int, threads: int, smem: int, stream: int, params: Params,
     driver.launchKernel(fn.ptr, grid, 1, 1, threads, 1, 1, smem, stream, ctypes.addressof(argv), 0)
 
 
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: int) -> int:
+    n = _SM_COUNT.get(device)
+    if n is None:
+        import cupy
+        n = _SM_COUNT[device] = int(cupy.cuda.Device(device).attributes["MultiProcessorCount"])
+    return n
+
+
 def common_params(q: DeviceArray, k: DeviceArray, v: DeviceArray, alibi, *, causal: bool, window_size,
                   softmax_scale: float, softcap: float) -> Params:
     batch, seqlen_q, heads_q, head_dim = q.shape
@@ -147,7 +158,9 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, ls
         p["bh_group"] = dispatch.launch_group(batch * heads_q, k.shape[1], key.head_dim)
         maps = (tma.tile_map(q, key.block_m), tma.tile_map(k, key.block_n), tma.tile_map(v, key.block_n),
                 tma.tile_map(out, 64))  # each consumer warpgroup stores its own 64 rows
-    _launch(fn, m_blocks * batch * heads_q, key.threads, smem, stream, p, maps)
+    tiles = m_blocks * batch * heads_q
+    grid = dispatch.forward_sm90_grid(key, tiles, k.shape[1], _sm_count(q.device)) if hopper else tiles
+    _launch(fn, grid, key.threads, smem, stream, p, maps)
 
 
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,

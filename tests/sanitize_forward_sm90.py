@@ -1,4 +1,4 @@
-"""Runs the Hopper forward at odd sizes (seqlens 1, 17, 1000; every tile configuration) for
+"""Runs the Hopper forward at odd sizes (seqlens 1, 17, 1000; every tile configuration; persistent CTAs) for
 compute-sanitizer: `compute-sanitizer --tool memcheck|racecheck python tests/sanitize_forward_sm90.py`.
 CuPy only, so the sanitizer does not have to follow a deep-learning framework's start-up."""
 
@@ -15,5 +15,9 @@ for d in (64, 128, 256):
             v = rng.standard_normal((2, sk, 1, d), dtype=cp.float32).astype(cp.float16)
             out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
             assert bool(cp.isfinite(out).all()), (d, sq, sk, causal)
+# More work tiles than SMs without masking: persistent CTAs loop over several tiles each.
+q = rng.standard_normal((8, 1000, 8, 64), dtype=cp.float32).astype(cp.float16)
+out = cuflash.attention(q, q, q)
+assert bool(cp.isfinite(out).all())
 cp.cuda.Device().synchronize()
 print("sanitize run done")

@@ -62,3 +62,16 @@ def test_launch_groups_keep_kv_within_budget(bh, seqlen_k, d):
     g = dispatch.launch_group(bh, seqlen_k, d)
     assert 1 <= g <= bh
     assert g == 1 or g * 4 * seqlen_k * d <= dispatch.L2_GROUP_BYTES
+
+
+def test_persistent_grid_only_where_balanced():
+    """One CTA per SM for unmasked tiles up to 8k keys at head dims <= 192; causal/window calls, head dim
+    256 and long sequences get one CTA per work tile (the kernel loops either way)."""
+    plain = dispatch.forward_key_sm90("bf16", 128, is_local=False, softcap=False, alibi=False)
+    causal = dispatch.forward_key_sm90("bf16", 128, is_local=True, softcap=False, alibi=False)
+    wide = dispatch.forward_key_sm90("bf16", 256, is_local=False, softcap=False, alibi=False)
+    assert dispatch.forward_sm90_grid(plain, 2048, 2048, 132) == 132
+    assert dispatch.forward_sm90_grid(plain, 100, 2048, 132) == 100
+    assert dispatch.forward_sm90_grid(plain, 2048, 16384, 132) == 2048
+    assert dispatch.forward_sm90_grid(causal, 2048, 2048, 132) == 2048
+    assert dispatch.forward_sm90_grid(wide, 2048, 2048, 132) == 2048

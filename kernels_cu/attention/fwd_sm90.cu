@@ -1,16 +1,20 @@
 // FlashAttention forward for Hopper (sm_90a): TMA loads through an mbarrier pipeline, wgmma for both
 // products, a producer warpgroup and two consumer warpgroups with setmaxnreg.
 //
-// CTA = 3 warpgroups. Warpgroup 0 is the producer: one thread issues every TMA load (Q once, then K and V
-// of each visible key tile into a ring of CF_STAGES stages) and the rest of it idles at 24 registers.
-// Warpgroups 1..CF_CONSUMERS each own 64 of the CTA's 64 x CF_CONSUMERS query rows and run, per key tile,
+// Persistent: one CTA per SM walks the work tiles (query block, batch, head) t = blockIdx.x, + gridDim.x,
+// ... in the L2-grouped, heaviest-first order of BlockCoords::grouped, so one tile's epilogue and the
+// next tile's first loads overlap instead of waiting for a CTA to exit and another to start.
+// Warpgroup 0 is the producer: one thread issues every TMA load (per tile Q, then K and V of each visible
+// key tile into a ring of CF_STAGES stages shared across tiles) and the rest of it idles.
+// Warpgroups 1..CF_CONSUMERS each own 64 of a tile's 64 x CF_CONSUMERS query rows and run, per key tile,
 //     S = Q.K^T (wgmma, both operands in shared memory) -> score mods, mask, online softmax in registers
 //     -> O += P.V (wgmma, P from registers, V read transposed from shared memory),
 // releasing each stage to the producer as soon as their products that read it have retired. Key tiles
 // are walked last to first (as in the sm80 kernel): the first tile holds the seqlen_k tail and the
 // causal/window diagonals, so interior tiles skip the mask.
-// The epilogue stages O through the warpgroup's own rows of the Q buffer and writes it with TMA stores,
-// which clip rows past seqlen_q and columns past head_dim.
+// The epilogue stages O in shared memory and writes it with TMA stores, which clip rows past seqlen_q and
+// columns past head_dim. O gets its own buffer where shared memory allows, so the producer can load the
+// next tile's Q under the epilogue; at head dim 256 it goes through the warpgroup's rows of the Q buffer.
 //
 // Compile-time configuration (cuflash/dispatch.py): CF_DTYPE, CF_HEAD_DIM (64, 128, 192 or 256; a smaller
 // real head_dim is zero-filled by TMA), CF_BLOCK_N, CF_STAGES, CF_CONSUMERS (2 or 3), CF_PINGPONG, CF_IS_LOCAL,
@@ -56,40 +60,265 @@ constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
 static_assert(kConsumers == 2 || (kConsumers == 3 && kD == 64), "three consumer warpgroups only at head dim 64");
 // Named barriers: 1..kConsumers for each warpgroup's epilogue, then one "your turn" barrier per consumer.
 constexpr int kTurnBarrier0 = 1 + kConsumers;
+constexpr int kBarrierBytes = 8 * (2 + 4 * kStages);
+constexpr int kSmemLimit = 232448;  // sm_90 opt-in maximum per CTA
+constexpr bool kSeparateO = 2 * kQBytes + 2 * kStages * kKVBytes + kBarrierBytes + 1024 <= kSmemLimit;
+constexpr u32 kTileBytes = (kSeparateO ? 2 : 1) * kQBytes + 2 * kStages * kKVBytes;
 }  // namespace
 
-// Offsets in the dynamic shared memory (1024-byte aligned base): Q, K stages, V stages, then barriers.
+// Offsets in the dynamic shared memory (1024-byte aligned base): Q, K stages, V stages, O, then barriers.
 struct SmemLayout {
-    u32 q, k, v, bars;
+    u32 q, k, v, o, bars;
     __device__ __forceinline__ explicit SmemLayout(u32 base)
         : q(base), k(base + kQBytes), v(base + kQBytes + kStages * kKVBytes),
-          bars(base + kQBytes + 2 * kStages * kKVBytes) {}
+          o(kSeparateO ? base + kQBytes + 2 * kStages * kKVBytes : base), bars(base + kTileBytes) {}
     __device__ __forceinline__ u32 k_stage(int s) const { return k + s * kKVBytes; }
     __device__ __forceinline__ u32 v_stage(int s) const { return v + s * kKVBytes; }
     __device__ __forceinline__ u32 q_full() const { return bars; }
-    __device__ __forceinline__ u32 k_full(int s) const { return bars + 8 * (1 + s); }
-    __device__ __forceinline__ u32 v_full(int s) const { return bars + 8 * (1 + kStages + s); }
-    __device__ __forceinline__ u32 k_empty(int s) const { return bars + 8 * (1 + 2 * kStages + s); }
-    __device__ __forceinline__ u32 v_empty(int s) const { return bars + 8 * (1 + 3 * kStages + s); }
+    __device__ __forceinline__ u32 q_empty() const { return bars + 8; }
+    __device__ __forceinline__ u32 k_full(int s) const { return bars + 8 * (2 + s); }
+    __device__ __forceinline__ u32 v_full(int s) const { return bars + 8 * (2 + kStages + s); }
+    __device__ __forceinline__ u32 k_empty(int s) const { return bars + 8 * (2 + 2 * kStages + s); }
+    __device__ __forceinline__ u32 v_empty(int s) const { return bars + 8 * (2 + 3 * kStages + s); }
 };
-extern "C" __device__ const int cf_fwd_sm90_smem_bytes = kQBytes + 2 * kStages * kKVBytes + 8 * (1 + 4 * kStages) + 1024;
+extern "C" __device__ const int cf_fwd_sm90_smem_bytes = kTileBytes + kBarrierBytes + 1024;
+
+// One work tile: its coordinates and the key tiles [n_lo, n_hi) its rows can see.
+struct WorkTile {
+    BlockCoords bc;
+    int m_start, n_lo, n_hi;
+    __device__ __forceinline__ WorkTile(const AttentionParams& a, const Visibility& vis, int t)
+        : bc(BlockCoords::grouped(a, t)), m_start(bc.m_block * kBM) {
+        vis.key_tiles(m_start, min(m_start + kBM, a.seqlen_q) - 1, kBN, &n_lo, &n_hi);
+    }
+    __device__ __forceinline__ int n_tiles() const { return n_hi - n_lo; }
+};
+
+// Key tiles are counted across all of a CTA's work tiles (`kv`), so the K/V ring runs on without a drain
+// between tiles: key tile number kv sits in stage kv % kStages, on that stage's (kv / kStages)-th use.
+__device__ __forceinline__ int stage_of(int kv) { return kv % kStages; }
+__device__ __forceinline__ u32 parity_of(int kv) { return (kv / kStages) & 1; }
+
+__device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLayout& sm, const Visibility& vis,
+                                        int num_tiles) {
+    tma_prefetch_map(&p.q);
+    tma_prefetch_map(&p.k);
+    tma_prefetch_map(&p.v);
+    int kv = 0;
+    int local = 0;  // this CTA's work tiles so far: the Q buffer's use count
+    for (int t = blockIdx.x; t < num_tiles; t += gridDim.x, ++local) {
+        const WorkTile w(p.a, vis, t);
+        const int n = w.n_tiles();
+        auto load = [&](const TmaMap* map, u32 stage_base, u32 full, u32 empty, int j) {
+            mbar_wait(empty, parity_of(kv + j) ^ 1);
+            mbar_arrive_expect_tx(full, kKVBytes);
+            for (int c = 0; c < kCol64; ++c)
+                tma_load_4d(stage_base + c * kKVBlock, map, full, c * 64, (w.n_hi - 1 - j) * kBN, w.bc.hk, w.bc.b);
+        };
+        auto load_k = [&](int j) {
+            const int s = stage_of(kv + j);
+            load(&p.k, sm.k_stage(s), sm.k_full(s), sm.k_empty(s), j);
+        };
+        auto load_v = [&](int j) {
+            const int s = stage_of(kv + j);
+            load(&p.v, sm.v_stage(s), sm.v_full(s), sm.v_empty(s), j);
+        };
+        // The tile's first K goes out before the wait for the Q buffer, which the consumers free only once
+        // the previous tile's last product that reads it has retired (or its O has left, at head dim 256).
+        if (n > 0) load_k(0);
+        mbar_wait(sm.q_empty(), (local & 1) ^ 1);
+        mbar_arrive_expect_tx(sm.q_full(), kQBytes);
+        for (int c = 0; c < kCol64; ++c)
+            tma_load_4d(sm.q + c * kQBlock, &p.q, sm.q_full(), c * 64, w.m_start, w.bc.h, w.bc.b);
+        // Issue order follows the consumers' use: K_j, then V_{j-1} (they multiply P_{j-1}.V_{j-1} after
+        // S_j = Q.K_j^T is issued), so a stage's K is never queued behind a V still being read.
+        for (int j = 1; j < n; ++j) {
+            load_k(j);
+            load_v(j - 1);
+        }
+        if (n > 0) load_v(n - 1);
+        kv += n;
+    }
+}
+
+__device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLayout& sm, const Visibility& vis,
+                                        int num_tiles, int cw, int lane, int warp_in_wg) {
+    // Descriptor bases; the k16 step moves along a row (Q, K: +32 bytes, next column block every 4
+    // steps) or down the keys (V: 16 rows = 2048 bytes), see wgmma.cuh.
+    const u32 q_rows = sm.q + cw * 64 * 128;
+    const u32 o_rows = sm.o + cw * 64 * 128;
+    const bool elected = lane == 0 && warp_in_wg == 0;
+    int kv = 0;
+    int local = 0;
+    for (int t = blockIdx.x; t < num_tiles; t += gridDim.x, ++local) {
+        const WorkTile w(p.a, vis, t);
+        const int n_tiles = w.n_tiles();
+        const int wg_row0 = w.m_start + cw * 64;
+        const int wg_row_last = min(wg_row0 + 64, p.a.seqlen_q) - 1;
+        const int warp_row0 = wg_row0 + warp_in_wg * 16;
+        const float slope = CF_ALIBI ? p.a.alibi[(i64)w.bc.b * p.a.alibi_batch_stride + w.bc.h] : 0.f;
+
+        float acc_o[1][kDT8][4];
+        zero_fill(acc_o);
+        OnlineSoftmax<1, kNT8> softmax;
+
+        auto issue_qk = [&](float (&sc)[1][kNT8][4], int s) {
+#pragma unroll
+            for (int kk = 0; kk < kD / 16; ++kk) {
+                const u32 off = (kk % 4) * 32;
+                WgmmaShape<kBN>::ss(reinterpret_cast<float(&)[kBN / 2]>(sc),
+                                    wgmma::desc_sw128(q_rows + (kk / 4) * kQBlock + off, 16, 1024),
+                                    wgmma::desc_sw128(sm.k_stage(s) + (kk / 4) * kKVBlock + off, 16, 1024), kk > 0);
+            }
+            wgmma::commit();
+        };
+        auto issue_pv = [&](const u32 (&pa)[kBN / 16][4], int s) {
+#pragma unroll
+            for (int kk = 0; kk < kBN / 16; ++kk)
+                WgmmaShape<kD>::rs_tb(reinterpret_cast<float(&)[kD / 2]>(acc_o), pa[kk],
+                                      wgmma::desc_sw128(sm.v_stage(s) + kk * 16 * 128, kKVBlock, 1024), 1);
+            wgmma::commit();
+        };
+        // Raw products -> unnormalised probabilities; alpha rescales O to the new row maxima.
+        auto softmax_tile = [&](float (&sc)[1][kNT8][4], int n_block, float (&alpha)[1][2]) {
+            const TileCoords<1, kNT8> tc(warp_row0, n_block * kBN, lane);
+            apply_score_mods<1, kNT8, CF_SOFTCAP, CF_ALIBI>(sc, tc, p.a.softmax_scale, p.a.softcap, slope, vis.off);
+            if (vis.tile_needs_mask<CF_IS_LOCAL>(wg_row0, wg_row_last, n_block * kBN, kBN)) apply_mask(sc, tc, vis);
+            softmax.exponentiate(sc, alpha, p.a.scale_log2);
+        };
+        // The accumulator layout of two neighbouring n8 column groups is the A-fragment layout of one k16
+        // step (as with mma.sync), so P goes to the second product straight from registers.
+        auto pack_p = [&](u32 (&pa)[kBN / 16][4], const float (&sc)[1][kNT8][4]) {
+#pragma unroll
+            for (int kk = 0; kk < kBN / 16; ++kk) {
+                pa[kk][0] = pack2(sc[0][2 * kk][0], sc[0][2 * kk][1]);
+                pa[kk][1] = pack2(sc[0][2 * kk][2], sc[0][2 * kk][3]);
+                pa[kk][2] = pack2(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]);
+                pa[kk][3] = pack2(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3]);
+            }
+        };
+        // With a separate O buffer, Q is free as soon as this warpgroup's last S = Q.K^T has retired.
+        auto release_q_after_last_qk = [&]() {
+            if (kSeparateO) mbar_arrive(sm.q_empty());
+        };
+
+        // Ping-pong (CF_PINGPONG, FA3): the consumer warpgroups take turns, round robin, to issue their
+        // products, so that one warpgroup's softmax runs while another's products own the tensor cores.
+        // Each warpgroup has n_tiles + 1 issue points; the last warpgroup opens the first turn and skips
+        // its final hand-over, so every barrier ends each work tile with as many arrivals as waits.
+        int turns_left = n_tiles > 0 ? n_tiles + 1 : 0;
+        auto take_turn = [&]() {
+            if (CF_PINGPONG) named_barrier_sync(kTurnBarrier0 + cw, 256);
+        };
+        auto pass_turn = [&]() {
+            if (CF_PINGPONG && (--turns_left > 0 || cw != kConsumers - 1))
+                named_barrier_arrive(kTurnBarrier0 + (cw + 1) % kConsumers, 256);
+        };
+        if (CF_PINGPONG && cw == kConsumers - 1 && n_tiles > 0) named_barrier_arrive(kTurnBarrier0, 256);
+
+        // Software pipeline across key tiles (FA3's intra-warpgroup overlap): while the tensor cores run
+        // S_j = Q.K_j^T and O += P_{j-1}.V_{j-1}, nothing waits; the softmax of S_j then runs while
+        // P_{j-1}.V_{j-1} is still in flight, and O is rescaled only after that product retires.
+        u32 pa[kBN / 16][4];
+        float alpha[1][2];
+        mbar_wait(sm.q_full(), local & 1);
+        if (n_tiles == 0) release_q_after_last_qk();
+        if (n_tiles > 0) {
+            const int s = stage_of(kv);
+            float sc[1][kNT8][4];
+            mbar_wait(sm.k_full(s), parity_of(kv));
+            take_turn();
+            wgmma::fence();
+            issue_qk(sc, s);
+            pass_turn();
+            wgmma::wait<0>();
+            wgmma::fence_operand(reinterpret_cast<float(&)[kBN / 2]>(sc));
+            mbar_arrive(sm.k_empty(s));
+            if (n_tiles == 1) release_q_after_last_qk();
+            softmax_tile(sc, w.n_hi - 1, alpha);  // O is still zero: no rescale
+            pack_p(pa, sc);
+        }
+        for (int it = 1; it < n_tiles; ++it) {
+            const int s = stage_of(kv + it), prev = stage_of(kv + it - 1);
+            float sc[1][kNT8][4];
+            mbar_wait(sm.k_full(s), parity_of(kv + it));
+            mbar_wait(sm.v_full(prev), parity_of(kv + it - 1));
+            take_turn();
+            wgmma::fence();
+            issue_qk(sc, s);
+            issue_pv(pa, prev);
+            pass_turn();
+            wgmma::wait<1>();
+            wgmma::fence_operand(reinterpret_cast<float(&)[kBN / 2]>(sc));
+            mbar_arrive(sm.k_empty(s));
+            if (it == n_tiles - 1) release_q_after_last_qk();
+            softmax_tile(sc, w.n_hi - 1 - it, alpha);
+            wgmma::wait<0>();
+            wgmma::fence_operand(reinterpret_cast<float(&)[kD / 2]>(acc_o));
+            mbar_arrive(sm.v_empty(prev));
+            softmax.rescale(acc_o, alpha);
+            pack_p(pa, sc);
+        }
+        if (n_tiles > 0) {
+            const int s = stage_of(kv + n_tiles - 1);
+            mbar_wait(sm.v_full(s), parity_of(kv + n_tiles - 1));
+            take_turn();
+            wgmma::fence();
+            issue_pv(pa, s);
+            pass_turn();
+            wgmma::wait<0>();
+            wgmma::fence_operand(reinterpret_cast<float(&)[kD / 2]>(acc_o));
+            mbar_arrive(sm.v_empty(s));
+        }
+        kv += n_tiles;
+
+        float row_lse[1][2];
+        softmax.finalize(acc_o, row_lse, p.a.scale_log2);
+
+        // The O rows may be overwritten once the previous tile's store has read them (separate buffer), or
+        // once every warp of this warpgroup has retired its last product reading these Q rows.
+        if (elected) tma_store_wait_read();
+        named_barrier_sync(1 + cw, 128);
+        const int g = lane >> 2, tq = lane & 3;
+        float* lse = lse_ptr(p.a, w.bc);
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int r = warp_in_wg * 16 + g + 8 * hh;  // row within this warpgroup's 64
+#pragma unroll
+            for (int d = 0; d < kDT8; ++d) {
+                const u32 addr = o_rows + (d / 8) * kQBlock + r * 128 + (((d % 8) ^ (r & 7)) << 4) + tq * 4;
+                asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(addr), "r"(pack2(acc_o[0][d][2 * hh], acc_o[0][d][2 * hh + 1])));
+            }
+            if (tq == 0 && wg_row0 + r < p.a.seqlen_q) lse[wg_row0 + r] = row_lse[0][hh];
+        }
+        fence_proxy_async_smem();
+        named_barrier_sync(1 + cw, 128);
+        if (elected) {
+            for (int c = 0; c < kCol64; ++c) tma_store_4d(&p.o, o_rows + c * kQBlock, c * 64, wg_row0, w.bc.h, w.bc.b);
+            tma_store_commit();
+        }
+        if (!kSeparateO) {
+            // O went out through the Q buffer: free it for the next tile's Q once the store has read it.
+            if (elected) tma_store_wait_read();
+            named_barrier_sync(1 + cw, 128);
+            mbar_arrive(sm.q_empty());
+        }
+    }
+    if (elected) tma_store_wait_read();  // shared memory must outlive the last store's reads
+}
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 attention_fwd_sm90(const __grid_constant__ ForwardSm90Params p) {
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     // The dynamic window is not guaranteed 1024-aligned; the host adds 1024 bytes of slack for this.
     const SmemLayout sm((smem_u32(smem_raw) + 1023) & ~1023u);
-
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int warpgroup = warp >> 2;
-    const BlockCoords bc = BlockCoords::grouped(p.a);
-    const int m_start = bc.m_block * kBM;
+    const int tid = threadIdx.x, warp = tid >> 5, warpgroup = warp >> 2;
     const Visibility vis(p.a.seqlen_q, p.a.seqlen_k, p.a.window_left, p.a.window_right);
-    int n_lo, n_hi;
-    vis.key_tiles(m_start, min(m_start + kBM, p.a.seqlen_q) - 1, kBN, &n_lo, &n_hi);
+    const int num_tiles = p.a.num_m_blocks * p.a.batch * p.a.heads_q;
 
     if (tid == 0) {
         mbar_init(sm.q_full(), 1);
+        mbar_init(sm.q_empty(), kConsumers * 128);
         for (int s = 0; s < kStages; ++s) {
             mbar_init(sm.k_full(s), 1);
             mbar_init(sm.v_full(s), 1);
@@ -102,179 +331,9 @@ attention_fwd_sm90(const __grid_constant__ ForwardSm90Params p) {
 
     if (warpgroup == 0) {
         setmaxnreg_dec<kProducerRegs>();
-        if (tid != 0) return;
-        tma_prefetch_map(&p.q);
-        tma_prefetch_map(&p.k);
-        tma_prefetch_map(&p.v);
-        mbar_arrive_expect_tx(sm.q_full(), kQBytes);
-        for (int c = 0; c < kCol64; ++c)
-            tma_load_4d(sm.q + c * kQBlock, &p.q, sm.q_full(), c * 64, m_start, bc.h, bc.b);
-        // Issue order follows the consumers' use: K_j, then V_{j-1} (they multiply P_{j-1}.V_{j-1} after
-        // S_j = Q.K_j^T is issued), so a stage's K is never queued behind a V still being read.
-        auto load_k = [&](int it) {
-            const int s = it % kStages;
-            mbar_wait(sm.k_empty(s), ((it / kStages) & 1) ^ 1);
-            mbar_arrive_expect_tx(sm.k_full(s), kKVBytes);
-            for (int c = 0; c < kCol64; ++c)
-                tma_load_4d(sm.k_stage(s) + c * kKVBlock, &p.k, sm.k_full(s), c * 64, (n_hi - 1 - it) * kBN, bc.hk, bc.b);
-        };
-        auto load_v = [&](int it) {
-            const int s = it % kStages;
-            mbar_wait(sm.v_empty(s), ((it / kStages) & 1) ^ 1);
-            mbar_arrive_expect_tx(sm.v_full(s), kKVBytes);
-            for (int c = 0; c < kCol64; ++c)
-                tma_load_4d(sm.v_stage(s) + c * kKVBlock, &p.v, sm.v_full(s), c * 64, (n_hi - 1 - it) * kBN, bc.hk, bc.b);
-        };
-        const int n_tiles = n_hi - n_lo;
-        for (int it = 0; it < n_tiles; ++it) {
-            load_k(it);
-            if (it > 0) load_v(it - 1);
-        }
-        if (n_tiles > 0) load_v(n_tiles - 1);
+        if (tid == 0) produce(p, sm, vis, num_tiles);
         return;
     }
-
     setmaxnreg_inc<kConsumerRegs>();
-    const int cw = warpgroup - 1;                  // consumer index: rows [64 cw, 64 cw + 64) of the tile
-    const int wg_row0 = m_start + cw * 64;
-    const int wg_row_last = min(wg_row0 + 64, p.a.seqlen_q) - 1;
-    const int warp_row0 = wg_row0 + (warp & 3) * 16;
-    const float slope = CF_ALIBI ? p.a.alibi[(i64)bc.b * p.a.alibi_batch_stride + bc.h] : 0.f;
-
-    // Descriptor bases; the k16 step moves along a row (Q, K: +32 bytes, next column block every 4
-    // steps) or down the keys (V: 16 rows = 2048 bytes), see wgmma.cuh.
-    const u32 q_rows = sm.q + cw * 64 * 128;
-
-    float acc_o[1][kDT8][4];
-    zero_fill(acc_o);
-    OnlineSoftmax<1, kNT8> softmax;
-
-    auto issue_qk = [&](float (&sc)[1][kNT8][4], int s) {
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk) {
-            const u32 off = (kk % 4) * 32;
-            WgmmaShape<kBN>::ss(reinterpret_cast<float(&)[kBN / 2]>(sc),
-                                wgmma::desc_sw128(q_rows + (kk / 4) * kQBlock + off, 16, 1024),
-                                wgmma::desc_sw128(sm.k_stage(s) + (kk / 4) * kKVBlock + off, 16, 1024), kk > 0);
-        }
-        wgmma::commit();
-    };
-    auto issue_pv = [&](const u32 (&pa)[kBN / 16][4], int s) {
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk)
-            WgmmaShape<kD>::rs_tb(reinterpret_cast<float(&)[kD / 2]>(acc_o), pa[kk],
-                                  wgmma::desc_sw128(sm.v_stage(s) + kk * 16 * 128, kKVBlock, 1024), 1);
-        wgmma::commit();
-    };
-    // Raw products -> unnormalised probabilities; alpha rescales O to the new row maxima.
-    auto softmax_tile = [&](float (&sc)[1][kNT8][4], int n_block, float (&alpha)[1][2]) {
-        const TileCoords<1, kNT8> tc(warp_row0, n_block * kBN, lane);
-        apply_score_mods<1, kNT8, CF_SOFTCAP, CF_ALIBI>(sc, tc, p.a.softmax_scale, p.a.softcap, slope, vis.off);
-        if (vis.tile_needs_mask<CF_IS_LOCAL>(wg_row0, wg_row_last, n_block * kBN, kBN)) apply_mask(sc, tc, vis);
-        softmax.exponentiate(sc, alpha, p.a.scale_log2);
-    };
-    // The accumulator layout of two neighbouring n8 column groups is the A-fragment layout of one k16
-    // step (as with mma.sync), so P goes to the second product straight from registers.
-    auto pack_p = [&](u32 (&pa)[kBN / 16][4], const float (&sc)[1][kNT8][4]) {
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk) {
-            pa[kk][0] = pack2(sc[0][2 * kk][0], sc[0][2 * kk][1]);
-            pa[kk][1] = pack2(sc[0][2 * kk][2], sc[0][2 * kk][3]);
-            pa[kk][2] = pack2(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]);
-            pa[kk][3] = pack2(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3]);
-        }
-    };
-
-    // Software pipeline across key tiles (FA3's intra-warpgroup overlap): while the tensor cores run
-    // S_j = Q.K_j^T and O += P_{j-1}.V_{j-1}, nothing waits; the softmax of S_j then runs while
-    // P_{j-1}.V_{j-1} is still in flight, and O is rescaled only after that product retires.
-    const int n_tiles = n_hi - n_lo;
-
-    // Ping-pong (CF_PINGPONG, FA3): the consumer warpgroups take turns, round robin, to issue their
-    // products, so that one warpgroup's softmax runs while another's products own the tensor cores.
-    // Each warpgroup has n_tiles + 1 issue points; the last warpgroup opens the first turn and skips its
-    // final hand-over, so every barrier ends with as many arrivals as waits.
-    int turns_left = n_tiles > 0 ? n_tiles + 1 : 0;
-    auto take_turn = [&]() {
-        if (CF_PINGPONG) named_barrier_sync(kTurnBarrier0 + cw, 256);
-    };
-    auto pass_turn = [&]() {
-        if (CF_PINGPONG && (--turns_left > 0 || cw != kConsumers - 1))
-            named_barrier_arrive(kTurnBarrier0 + (cw + 1) % kConsumers, 256);
-    };
-    if (CF_PINGPONG && cw == kConsumers - 1 && n_tiles > 0) named_barrier_arrive(kTurnBarrier0, 256);
-
-    u32 pa[kBN / 16][4];
-    float alpha[1][2];
-    mbar_wait(sm.q_full(), 0);
-    if (n_tiles > 0) {
-        float sc[1][kNT8][4];
-        mbar_wait(sm.k_full(0), 0);
-        take_turn();
-        wgmma::fence();
-        issue_qk(sc, 0);
-        pass_turn();
-        wgmma::wait<0>();
-        wgmma::fence_operand(reinterpret_cast<float(&)[kBN / 2]>(sc));
-        mbar_arrive(sm.k_empty(0));
-        softmax_tile(sc, n_hi - 1, alpha);  // O is still zero: no rescale
-        pack_p(pa, sc);
-    }
-    for (int it = 1; it < n_tiles; ++it) {
-        const int s = it % kStages, prev = (it - 1) % kStages;
-        float sc[1][kNT8][4];
-        mbar_wait(sm.k_full(s), (it / kStages) & 1);
-        mbar_wait(sm.v_full(prev), ((it - 1) / kStages) & 1);
-        take_turn();
-        wgmma::fence();
-        issue_qk(sc, s);
-        issue_pv(pa, prev);
-        pass_turn();
-        wgmma::wait<1>();
-        wgmma::fence_operand(reinterpret_cast<float(&)[kBN / 2]>(sc));
-        mbar_arrive(sm.k_empty(s));
-        softmax_tile(sc, n_hi - 1 - it, alpha);
-        wgmma::wait<0>();
-        wgmma::fence_operand(reinterpret_cast<float(&)[kD / 2]>(acc_o));
-        mbar_arrive(sm.v_empty(prev));
-        softmax.rescale(acc_o, alpha);
-        pack_p(pa, sc);
-    }
-    if (n_tiles > 0) {
-        const int last = n_tiles - 1, s = last % kStages;
-        mbar_wait(sm.v_full(s), (last / kStages) & 1);
-        take_turn();
-        wgmma::fence();
-        issue_pv(pa, s);
-        pass_turn();
-        wgmma::wait<0>();
-        wgmma::fence_operand(reinterpret_cast<float(&)[kD / 2]>(acc_o));
-        mbar_arrive(sm.v_empty(s));
-    }
-
-    float row_lse[1][2];
-    softmax.finalize(acc_o, row_lse, p.a.scale_log2);
-
-    // Every warp of this warpgroup has retired its last product that read these Q rows before any warp
-    // overwrites them with O.
-    named_barrier_sync(1 + cw, 128);
-    const int g = lane >> 2, t = lane & 3;
-    float* lse = lse_ptr(p.a, bc);
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-        const int r = (warp & 3) * 16 + g + 8 * hh;  // row within this warpgroup's 64
-#pragma unroll
-        for (int d = 0; d < kDT8; ++d) {
-            const u32 addr = q_rows + (d / 8) * kQBlock + r * 128 + (((d % 8) ^ (r & 7)) << 4) + t * 4;
-            asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(addr), "r"(pack2(acc_o[0][d][2 * hh], acc_o[0][d][2 * hh + 1])));
-        }
-        if (t == 0 && wg_row0 + r < p.a.seqlen_q) lse[wg_row0 + r] = row_lse[0][hh];
-    }
-    fence_proxy_async_smem();
-    named_barrier_sync(1 + cw, 128);
-    if ((tid & 127) == 0) {
-        for (int c = 0; c < kCol64; ++c) tma_store_4d(&p.o, q_rows + c * kQBlock, c * 64, wg_row0, bc.h, bc.b);
-        tma_store_commit();
-        tma_store_wait_read();
-    }
+    consume(p, sm, vis, num_tiles, warpgroup - 1, tid & 31, warp & 3);
 }
