@@ -228,16 +228,21 @@ def forward_sm90_smem_bytes(key: KernelKey) -> int:
     return (2 if separate_o else 1) * q + kv + rest
 
 
-# The Hopper kernel loops over work tiles, so its grid is a launch-time choice. One CTA per SM (a static,
-# strided split of the tiles) hides each tile's prologue and epilogue under the neighbouring tiles' loads:
-# +5-13% at seqlen <= 2k without masking. Causal/window tiles differ in cost and a static split leaves SMs
-# idle (-20-35% at 16k), and at head dim 256 O shares the Q buffer, so the next Q waits for the store; those
-# launch one CTA per tile and let the hardware balance (bench/NOTES.md).
+# The Hopper kernel loops over work tiles, so its grid is a launch-time choice. One CTA per SM (a static
+# split of the tiles, boustrophedon order) hides each tile's prologue and epilogue under the neighbouring
+# tiles' loads: +5-13% at seqlen <= 2k without masking, and +5-22% for causal hd64 at <= 2k. Elsewhere one
+# CTA per tile lets the hardware balance: causal tiles differ in cost and statically assigned CTAs drift
+# apart (measured -11% at causal hd128 1k, -30% at 16k), past 8k keys it measured no gain, and at head dim
+# 256 O shares the Q buffer so the next Q waits for the store (bench/NOTES.md).
 FWD_SM90_PERSISTENT_MAX_SEQLEN_K = 8192
+FWD_SM90_PERSISTENT_LOCAL = {64: 2048}  # head dim -> longest seqlen_k for causal/window calls
 
 
 def forward_sm90_grid(key: KernelKey, tiles: int, seqlen_k: int, sm_count: int) -> int:
-    persistent = (not key.is_local and key.head_dim <= 192 and seqlen_k <= FWD_SM90_PERSISTENT_MAX_SEQLEN_K)
+    if key.is_local:
+        persistent = seqlen_k <= FWD_SM90_PERSISTENT_LOCAL.get(key.head_dim, 0)
+    else:
+        persistent = key.head_dim <= 192 and seqlen_k <= FWD_SM90_PERSISTENT_MAX_SEQLEN_K
     return min(tiles, sm_count) if persistent else tiles
 
 

@@ -65,13 +65,15 @@ def test_launch_groups_keep_kv_within_budget(bh, seqlen_k, d):
 
 
 def test_persistent_grid_only_where_balanced():
-    """One CTA per SM for unmasked tiles up to 8k keys at head dims <= 192; causal/window calls, head dim
-    256 and long sequences get one CTA per work tile (the kernel loops either way)."""
-    plain = dispatch.forward_key_sm90("bf16", 128, is_local=False, softcap=False, alibi=False)
-    causal = dispatch.forward_key_sm90("bf16", 128, is_local=True, softcap=False, alibi=False)
-    wide = dispatch.forward_key_sm90("bf16", 256, is_local=False, softcap=False, alibi=False)
-    assert dispatch.forward_sm90_grid(plain, 2048, 2048, 132) == 132
-    assert dispatch.forward_sm90_grid(plain, 100, 2048, 132) == 100
-    assert dispatch.forward_sm90_grid(plain, 2048, 16384, 132) == 2048
-    assert dispatch.forward_sm90_grid(causal, 2048, 2048, 132) == 2048
-    assert dispatch.forward_sm90_grid(wide, 2048, 2048, 132) == 2048
+    """One CTA per SM for unmasked tiles up to 8k keys at head dims <= 192 and for causal hd64 up to 2k keys;
+    other causal/window calls, head dim 256 and long sequences get one CTA per work tile (the kernel loops
+    either way)."""
+    def key(d, local):
+        return dispatch.forward_key_sm90("bf16", d, is_local=local, softcap=False, alibi=False)
+    assert dispatch.forward_sm90_grid(key(128, False), 2048, 2048, 132) == 132
+    assert dispatch.forward_sm90_grid(key(128, False), 100, 2048, 132) == 100
+    assert dispatch.forward_sm90_grid(key(128, False), 2048, 16384, 132) == 2048
+    assert dispatch.forward_sm90_grid(key(128, True), 2048, 2048, 132) == 2048
+    assert dispatch.forward_sm90_grid(key(64, True), 2048, 2048, 132) == 132
+    assert dispatch.forward_sm90_grid(key(64, True), 2048, 4096, 132) == 2048
+    assert dispatch.forward_sm90_grid(key(256, False), 2048, 2048, 132) == 2048

@@ -100,6 +100,17 @@ def test_persistent_ctas_cover_every_tile(d):
     _ref_check(q, k, v, out)
 
 
+@pytest.mark.parametrize("window", [(-1, 0), (100, 0), (200, 50)])
+def test_persistent_masked_tiles(window):
+    """Causal/window calls at head dim 64 run persistent CTAs over tiles of unequal length (some seeing no
+    key at all with sq > sk): every tile is exact and every empty row is zero."""
+    q, k, v = _rand(3, 2000, 8, 64, seed=11), _rand(3, 1500, 8, 64, seed=12), _rand(3, 1500, 8, 64, seed=13)
+    key = dispatch.forward_key_sm90("bf16", 64, is_local=True, softcap=False, alibi=False)
+    assert dispatch.forward_sm90_grid(key, 11 * 3 * 8, 1500, 132) == 132
+    out = cuflash.attention(q, k, v, window_size=window)
+    _ref_check(q, k, v, out, window_size=window)
+
+
 def test_params_and_smem_formulas_match_sm90_kernel():
     """ops.py packs exactly sizeof(ForwardSm90Params), and dispatch's shared-memory formula equals the
     kernel's for every tile configuration."""

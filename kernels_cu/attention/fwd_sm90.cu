@@ -1,9 +1,9 @@
 // FlashAttention forward for Hopper (sm_90a): TMA loads through an mbarrier pipeline, wgmma for both
 // products, a producer warpgroup and two consumer warpgroups with setmaxnreg.
 //
-// Persistent: one CTA per SM walks the work tiles (query block, batch, head) t = blockIdx.x, + gridDim.x,
-// ... in the L2-grouped, heaviest-first order of BlockCoords::grouped, so one tile's epilogue and the
-// next tile's first loads overlap instead of waiting for a CTA to exit and another to start.
+// Persistent: one CTA per SM walks the work tiles (query block, batch, head) in rounds of gridDim.x
+// (work_tile), in the L2-grouped, heaviest-first order of BlockCoords::grouped, so one tile's epilogue and
+// the next tile's first loads overlap instead of waiting for a CTA to exit and another to start.
 // Warpgroup 0 is the producer: one thread issues every TMA load (per tile Q, then K and V of each visible
 // key tile into a ring of CF_STAGES stages shared across tiles) and the rest of it idles.
 // Warpgroups 1..CF_CONSUMERS each own 64 of a tile's 64 x CF_CONSUMERS query rows and run, per key tile,
@@ -94,6 +94,14 @@ struct WorkTile {
     __device__ __forceinline__ int n_tiles() const { return n_hi - n_lo; }
 };
 
+// The work tile of this CTA in round r of a persistent launch. Tiles come heaviest first (causal), so a
+// plain stride would hand CTA 0 the heaviest tile of every round; alternating the direction each round
+// (boustrophedon) pairs heavy with light and evens out the CTAs' totals. Negative once past the last tile.
+__device__ __forceinline__ int work_tile(int round, int num_tiles) {
+    const int t = round * gridDim.x + ((round & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
+    return t < num_tiles ? t : -1;
+}
+
 // Key tiles are counted across all of a CTA's work tiles (`kv`), so the K/V ring runs on without a drain
 // between tiles: key tile number kv sits in stage kv % kStages, on that stage's (kv / kStages)-th use.
 __device__ __forceinline__ int stage_of(int kv) { return kv % kStages; }
@@ -106,7 +114,7 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
     tma_prefetch_map(&p.v);
     int kv = 0;
     int local = 0;  // this CTA's work tiles so far: the Q buffer's use count
-    for (int t = blockIdx.x; t < num_tiles; t += gridDim.x, ++local) {
+    for (int t; (t = work_tile(local, num_tiles)) >= 0; ++local) {
         const WorkTile w(p.a, vis, t);
         const int n = w.n_tiles();
         auto load = [&](const TmaMap* map, u32 stage_base, u32 full, u32 empty, int j) {
@@ -150,7 +158,7 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
     const bool elected = lane == 0 && warp_in_wg == 0;
     int kv = 0;
     int local = 0;
-    for (int t = blockIdx.x; t < num_tiles; t += gridDim.x, ++local) {
+    for (int t; (t = work_tile(local, num_tiles)) >= 0; ++local) {
         const WorkTile w(p.a, vis, t);
         const int n_tiles = w.n_tiles();
         const int wg_row0 = w.m_start + cw * 64;
