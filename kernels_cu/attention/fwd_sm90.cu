@@ -1,9 +1,10 @@
 // FlashAttention forward for Hopper (sm_90a): TMA loads through an mbarrier pipeline, wgmma for both
-// products, a producer warpgroup and two consumer warpgroups with setmaxnreg.
+// products, a producer warpgroup and two or three consumer warpgroups with setmaxnreg.
 //
-// Persistent: one CTA per SM walks the work tiles (query block, batch, head) in rounds of gridDim.x
-// (work_tile), in the L2-grouped, heaviest-first order of BlockCoords::grouped, so one tile's epilogue and
-// the next tile's first loads overlap instead of waiting for a CTA to exit and another to start.
+// A CTA walks work tiles (query block, batch, head) in rounds of gridDim.x (work_tile), in the L2-grouped,
+// heaviest-first order of BlockCoords::grouped. The host launches one CTA per tile, or one per SM
+// (persistent) where that measured faster (cuflash/dispatch.py): then one tile's epilogue and the next
+// tile's first loads overlap instead of waiting for a CTA to exit and another to start.
 // Warpgroup 0 is the producer: one thread issues every TMA load (per tile Q, then K and V of each visible
 // key tile into a ring of CF_STAGES stages shared across tiles) and the rest of it idles.
 // Warpgroups 1..CF_CONSUMERS each own 64 of a tile's 64 x CF_CONSUMERS query rows and run, per key tile,
