@@ -39,7 +39,8 @@ def padded_head_dim(head_dim: int) -> int:
 
 
 # How extra defines appear in variant names: a prefix followed by the value, or (flag name,) shown when set.
-_EXTRA_LABELS = {"CF_DETERMINISTIC": ("det",), "CF_BWD_A_REGS": ("preg",), "CF_Q_STAGES": "st", "CF_STAGES": "st", "CF_CONSUMERS": "cw", "CF_PINGPONG": ("pp",)}
+_EXTRA_LABELS = {"CF_DETERMINISTIC": ("det",), "CF_BWD_A_REGS": ("preg",), "CF_Q_STAGES": "st", "CF_STAGES": "st",
+                 "CF_CONSUMERS": "cw", "CF_PINGPONG": ("pp",)}
 
 
 @dataclass(frozen=True)
@@ -180,11 +181,11 @@ def _forward_key(dtype, d, is_local, softcap, alibi, smem_limit, _tiles_env) -> 
     return key
 
 
-# Hopper forward (fwd_sm90.cu): head dim -> (consumer warpgroups, block_n, stages). Each consumer
+# Hopper forward (fwd_sm90.cu): head dim -> (consumer warpgroups, block_n, stages, ping-pong). Each consumer
 # warpgroup owns 64 query rows; one producer warpgroup loads. Shared memory: Q + stages x (K + V) tiles.
 # At head dim 64 the softmax costs as much as the two products, so a third consumer warpgroup keeps the
 # tensor cores busy while the others exponentiate (bench/NOTES.md).
-# The last field turns on ping-pong (consumer warpgroups take turns issuing their products) for calls
+# Ping-pong (consumer warpgroups take turns issuing their products) is used only for calls
 # without causal/window masking: measured +8% at head dim 64, 16k; it cost 11-14% at head dims 128/256 and
 # for causal head dim 64 (bench/NOTES.md).
 FWD_SM90_TILES = {64: (3, 128, 4, 1), 128: (2, 128, 2, 0), 192: (2, 64, 2, 0), 256: (2, 64, 2, 0)}
@@ -239,6 +240,7 @@ FWD_SM90_PERSISTENT_LOCAL = {64: 2048}  # head dim -> longest seqlen_k for causa
 
 
 def forward_sm90_grid(key: KernelKey, tiles: int, seqlen_k: int, sm_count: int) -> int:
+    """CTAs of one Hopper forward launch: one per SM (each loops over tiles) or one per work tile."""
     if key.is_local:
         persistent = seqlen_k <= FWD_SM90_PERSISTENT_LOCAL.get(key.head_dim, 0)
     else:
