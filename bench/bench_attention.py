@@ -414,27 +414,32 @@ def torch_impl(torch, impl, cuflash):
         diff = None if tfn is None else (lambda q, k, v, causal: tfn(q, k, v, causal=causal))  # noqa: E731
         return fwd, diff
     if impl == "cuflash_sm80":
-        # The mma.sync kernel on a GPU that would otherwise run the Hopper one: forward only.
-        if cuflash is None:
-            raise Skip("cuflash not importable")
-        import os
-
-        def fwd_sm80(q, k, v, causal):
-            prev = os.environ.get("CUFLASH_FWD_KERNEL")
-            os.environ["CUFLASH_FWD_KERNEL"] = "sm80"
-            try:
-                return cuflash.attention(q, k, v, causal=causal)
-            finally:
-                if prev is None:
-                    del os.environ["CUFLASH_FWD_KERNEL"]
-                else:
-                    os.environ["CUFLASH_FWD_KERNEL"] = prev
-        return fwd_sm80, None
+        # The mma.sync kernels on a GPU that would otherwise run the Hopper ones (measure_torch selects them).
+        return torch_impl(torch, "cuflash", cuflash)
     run = _sdpa(torch, impl)
     return run, run
 
 
+_SM80_ENV = ("CUFLASH_FWD_KERNEL", "CUFLASH_BWD_KERNEL")
+
+
 def measure_torch(torch, impl, cfg, sets, cuflash, timing):
+    if impl != "cuflash_sm80":
+        return _measure_torch(torch, impl, cfg, sets, cuflash, timing)
+    import os
+    prev = {name: os.environ.get(name) for name in _SM80_ENV}
+    os.environ.update({name: "sm80" for name in _SM80_ENV})
+    try:
+        return _measure_torch(torch, impl, cfg, sets, cuflash, timing)
+    finally:
+        for name, value in prev.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+def _measure_torch(torch, impl, cfg, sets, cuflash, timing):
     if impl == "math":
         score_bytes = cfg.batch * cfg.heads * cfg.seqlen * cfg.seqlen * 4
         if score_bytes > MATH_SCORE_LIMIT:

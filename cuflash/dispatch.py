@@ -329,6 +329,47 @@ def _backward_keys(dtype, d, is_local, softcap, alibi, deterministic, smem_limit
     return pre, post, main, dq
 
 
+# Hopper backward main kernel (bwd_sm90.cu), used on compute capability 9.0 unless deterministic mode is
+# asked for (the sm80 path has the Q-parallel dQ kernel for that): padded head dim -> (block_m, stages).
+# 128 keys a CTA in two consumer warpgroups; block_m queries per step keeps the dK, dV, S^T and dP^T
+# accumulators within 240 registers (64 + 64 + 32 + 32 at hd128; 32 + 32 + 64 + 64 at hd64). Head dims
+# 192 and 256 run the sm80 kernel.
+BWD_SM90_TILES = {64: (128, 2), 128: (64, 2)}
+BWD_SM90_BLOCK_N = 128
+BWD_KERNEL_ENV = "CUFLASH_BWD_KERNEL"
+
+
+def backward_family(cc: tuple, head_dim: int, deterministic: bool) -> str:
+    """"bwd_sm90" or "bwd_sm80" for the main backward kernel; CUFLASH_BWD_KERNEL=sm80 keeps the mma.sync
+    kernel on Hopper (for comparison)."""
+    choice = os.environ.get(BWD_KERNEL_ENV, "") or "sm90"
+    if choice not in ("sm80", "sm90"):
+        raise ValueError(f"{BWD_KERNEL_ENV}={choice!r}; expected 'sm80' or 'sm90'")
+    hopper = choice == "sm90" and tuple(cc) == (9, 0) and not deterministic
+    return "bwd_sm90" if hopper and padded_head_dim(head_dim) in BWD_SM90_TILES else "bwd_sm80"
+
+
+def backward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool) -> KernelKey:
+    d = padded_head_dim(head_dim)
+    bm, stages = BWD_SM90_TILES[d]
+    return KernelKey("bwd_sm90", "attention_bwd_sm90", dtype, d, is_local, softcap, alibi, bm, BWD_SM90_BLOCK_N,
+                     12, extra=(("CF_STAGES", stages),))
+
+
+def backward_sm90_smem_bytes(key: KernelKey) -> int:
+    """Dynamic shared memory of attention_bwd_sm90 (mirrors cf_bwd_sm90_smem_bytes): K and V, the Q and dO
+    stages, two dS^T buffers, the LSE and delta stages, the mbarriers, 1024 bytes of alignment slack."""
+    stages = dict(key.extra)["CF_STAGES"]
+    d, bm, bn = key.head_dim, key.block_m, key.block_n
+    return 2 * bn * d * 2 + 2 * stages * bm * d * 2 + 2 * bn * bm * 2 + 2 * stages * bm * 4 + 8 * (1 + 3 * stages) + 1024
+
+
+def all_backward_sm90_keys() -> list[KernelKey]:
+    return [backward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al)
+            for dt in DTYPES for d in BWD_SM90_TILES for loc in (False, True)
+            for sc in (False, True) for al in (False, True)]
+
+
 def all_forward_keys() -> list[KernelKey]:
     """Every forward variant cuflash ships on GPUs with Hopper/A100-sized shared memory."""
     return all_forward_keys_for(MAX_SMEM[(9, 0)])
@@ -385,6 +426,6 @@ def all_keys() -> list[KernelKey]:
             keys[k.name] = k
     for k in all_forward_sm90_keys():
         keys[k.name] = k
-    for k in all_backward_keys():
+    for k in all_backward_keys() + all_backward_sm90_keys():
         keys[k.name] = k
     return list(keys.values())

@@ -60,7 +60,8 @@ def _set_strides(p: Params, name: str, a: DeviceArray) -> None:
 
 _tls = threading.local()
 
-# The Hopper kernels take `struct ForwardSm90Params { TmaMap q, k, v, o; AttentionParams a; }`: four
+# The Hopper kernels take `struct ForwardSm90Params { TmaMap q, k, v, o; AttentionParams a; }` (the
+# backward's BackwardSm90Params has dO in o's place): four
 # 64-byte-aligned 128-byte maps, then the block above; sizeof rounds up to the 64-byte alignment.
 _SM90_MAPS = 4
 SM90_PARAMS_BYTES = -(-(_SM90_MAPS * tma.MAP_BYTES + _STRUCT.size) // 64) * 64
@@ -197,10 +198,19 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     rows_grid = math.ceil(seqlen_q / dispatch.BWD_PREPOST_ROWS) * batch * heads_q
     _launch(jit.get_function(pre, arch, dev, 0), rows_grid, pre.threads, 0, stream, p)
 
-    smem = dispatch.backward_smem_bytes(main)
+    # The Hopper main kernel reads Q, K, V and dO through TMA; views TMA cannot describe run on sm80.
+    maps = ()
+    if dispatch.backward_family(cc, q.shape[3], deterministic) == "bwd_sm90" and tma.supports(q, k, v, dout):
+        main = dispatch.backward_key_sm90(dtype, q.shape[3], is_local=is_local(causal, window_size),
+                                          softcap=softcap > 0, alibi=alibi is not None)
+        smem = dispatch.backward_sm90_smem_bytes(main)
+        maps = (tma.tile_map(q, main.block_m), tma.tile_map(k, main.block_n), tma.tile_map(v, main.block_n),
+                tma.tile_map(dout, main.block_m))
+    else:
+        smem = dispatch.backward_smem_bytes(main)
     p["num_n_blocks"] = math.ceil(seqlen_k / main.block_n)
     _launch(jit.get_function(main, arch, dev, smem), p["num_n_blocks"] * batch * heads_k, main.threads, smem,
-            stream, p)
+            stream, p, maps)
 
     if deterministic:
         smem = dispatch.dq_smem_bytes(dq_key)

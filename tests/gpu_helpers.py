@@ -50,3 +50,23 @@ def poison_torch_allocator(nbytes_list, device):
     import torch
     blocks = [torch.full((n // 2 + 8,), float("nan"), dtype=torch.float16, device=device) for n in nbytes_list]
     del blocks
+
+
+def run_sanitizer(script_name, tool):
+    """Runs tests/<script_name> under compute-sanitizer's `tool`; asserts it finished and found nothing."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+    exe = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+    if not os.path.exists(exe):
+        pytest.skip("compute-sanitizer not installed")
+    script = os.path.join(os.path.dirname(__file__), script_name)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    run = subprocess.run([exe, "--tool", tool, "--error-exitcode", "9", sys.executable, script],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0 and "sanitize run done" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "ERROR SUMMARY: 0 errors" in run.stdout + run.stderr or tool == "racecheck"
+    assert "RACECHECK SUMMARY: 0 hazards" in run.stdout + run.stderr or tool == "memcheck"

@@ -77,3 +77,31 @@ def test_persistent_grid_only_where_balanced():
     assert dispatch.forward_sm90_grid(key(64, True), 2048, 2048, 132) == 132
     assert dispatch.forward_sm90_grid(key(64, True), 2048, 4096, 132) == 2048
     assert dispatch.forward_sm90_grid(key(256, False), 2048, 2048, 132) == 2048
+
+
+def test_hopper_backward_selection(monkeypatch):
+    """CC 9.0 runs bwd_sm90 for head dims up to 128 unless deterministic mode is asked for;
+    CUFLASH_BWD_KERNEL=sm80 switches back; head dims 192/256 and other GPUs run bwd_sm80."""
+    monkeypatch.delenv(dispatch.BWD_KERNEL_ENV, raising=False)
+    for d in (8, 64, 96, 128):
+        assert dispatch.backward_family((9, 0), d, False) == "bwd_sm90"
+        assert dispatch.backward_family((9, 0), d, True) == "bwd_sm80"
+        assert dispatch.backward_family((8, 0), d, False) == "bwd_sm80"
+    for d in (160, 192, 256):
+        assert dispatch.backward_family((9, 0), d, False) == "bwd_sm80"
+    monkeypatch.setenv(dispatch.BWD_KERNEL_ENV, "sm80")
+    assert dispatch.backward_family((9, 0), 128, False) == "bwd_sm80"
+    monkeypatch.setenv(dispatch.BWD_KERNEL_ENV, "wgmma")
+    with pytest.raises(ValueError, match="CUFLASH_BWD_KERNEL"):
+        dispatch.backward_family((9, 0), 128, False)
+
+
+@pytest.mark.parametrize("d", [8, 64, 96, 128])
+def test_sm90_backward_keys_fit_hopper_shared_memory(d):
+    """Every Hopper backward variant fits the 227 KB a CTA may use, builds only for sm_90a, and runs a
+    producer plus two consumer warpgroups over 128 keys."""
+    for local in (False, True):
+        key = dispatch.backward_key_sm90("fp16", d, is_local=local, softcap=True, alibi=True)
+        assert key.head_dim == dispatch.padded_head_dim(d)
+        assert dispatch.backward_sm90_smem_bytes(key) <= dispatch.MAX_SMEM[(9, 0)]
+        assert key.archs == ("sm_90a",) and key.threads == 384 and key.block_n == 128

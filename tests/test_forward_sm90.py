@@ -10,7 +10,7 @@ import pytest
 import cuflash
 from cuflash import dispatch, jit, ops, reference
 
-from gpu_helpers import flash_rule, naive_same_dtype, to_np64
+from gpu_helpers import flash_rule, naive_same_dtype, run_sanitizer, to_np64
 
 pytestmark = pytest.mark.gpu
 
@@ -129,17 +129,4 @@ def test_params_and_smem_formulas_match_sm90_kernel():
 def test_compute_sanitizer_clean(tool):
     """compute-sanitizer finds no memory error (memcheck) and no shared-memory race (racecheck) in the
     Hopper kernel at seqlens 1, 17 and 1000 over every tile configuration."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    exe = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
-    if not os.path.exists(exe):
-        pytest.skip("compute-sanitizer not installed")
-    script = os.path.join(os.path.dirname(__file__), "sanitize_forward_sm90.py")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
-    run = subprocess.run([exe, "--tool", tool, "--error-exitcode", "9", sys.executable, script],
-                         capture_output=True, text=True, env=env, timeout=900)
-    assert run.returncode == 0 and "sanitize run done" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "ERROR SUMMARY: 0 errors" in run.stdout + run.stderr or tool == "racecheck"
-    assert "RACECHECK SUMMARY: 0 hazards" in run.stdout + run.stderr or tool == "memcheck"
+    run_sanitizer("sanitize_forward_sm90.py", tool)

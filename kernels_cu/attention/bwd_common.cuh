@@ -1,13 +1,27 @@
-// Small helpers shared by the backward kernels (bwd_sm80.cu, bwd_dq_sm80.cu).
+// Small helpers shared by the backward kernels (bwd_sm80.cu, bwd_dq_sm80.cu, bwd_sm90.cu).
 #pragma once
 #include "ptx/cp_async.cuh"
 #include "ptx/math.cuh"
+#include "attention/params.cuh"
 
 #ifndef CF_DETERMINISTIC
 #define CF_DETERMINISTIC 0
 #endif
 
 constexpr float kLog2e = 1.4426950408889634f;
+
+// Which (key block, batch, kv head) a CTA of a KV-parallel kernel owns (bwd_sm80.cu, bwd_sm90.cu): key block 0
+// first, since with causal masking it sees the most query tiles.
+struct BwdCoords {
+    int n_block, b, hk;
+    __device__ __forceinline__ explicit BwdCoords(const AttentionParams& p) {
+        const int bh_count = p.batch * p.heads_k;
+        n_block = (int)(blockIdx.x / bh_count);
+        const int bh = blockIdx.x % bh_count;
+        b = bh / p.heads_k;
+        hk = bh % p.heads_k;
+    }
+};
 
 // Per-lane ldmatrix addresses into a SmemTile (smem_tile.cuh) for the k16 column steps k0 + kk of a warp:
 // SmemTile::LaneAddr with a runtime first step k0 (a warp's column offset, not always a multiple of 4).

@@ -165,18 +165,6 @@ constexpr int kSmemBytes = kSmemDelta + kStages * kBM * 4;
 
 extern "C" __device__ const int cf_bwd_smem_bytes = kSmemBytes;
 
-// Which (key block, batch, kv head) a CTA owns.
-struct BwdCoords {
-    int n_block, b, hk;
-    __device__ __forceinline__ explicit BwdCoords(const AttentionParams& p) {
-        const int bh_count = p.batch * p.heads_k;
-        n_block = (int)(blockIdx.x / bh_count);
-        const int bh = blockIdx.x % bh_count;
-        b = bh / p.heads_k;
-        hk = bh % p.heads_k;
-    }
-};
-
 // Loads Q, dO, LSE and delta of flat iteration `it` (query head hk * group + it / n_m, query tile
 // m_lo + it % n_m) into stage `st`. Pointers are rebuilt here, never kept across the main loop.
 __device__ __forceinline__ void load_query_tile(const AttentionParams& p, int it, int m_lo, int n_m, int st,

@@ -1,0 +1,357 @@
+// FlashAttention backward main kernel for Hopper (sm_90a), KV-parallel: TMA loads through an mbarrier
+// pipeline, wgmma for all five products, a producer warpgroup and two consumer warpgroups with setmaxnreg.
+// It replaces attention_bwd_sm80 in the same host pipeline (preprocess -> this -> postprocess, see
+// bwd_sm80.cu): the same parameters, the same outputs, the same dq_accum layout.
+//
+// attention_bwd_sm90
+//   grid  = num_n_blocks * batch * heads_k CTAs (BwdCoords, bwd_common.cuh), num_n_blocks =
+//           ceil(seqlen_k / 128); block = 384 threads; dynamic smem = cf_bwd_sm90_smem_bytes.
+//   A CTA owns 128 keys of kv head hk: K and V stay in shared memory while it walks every query tile of
+//   CF_BLOCK_M rows, of every query head of its GQA group, that can see them (dK/dV are exact group sums,
+//   written once).
+//   Warpgroup 0 is the producer: thread 0 issues the TMA loads (K, V once; per query tile Q and dO into a
+//   ring of CF_STAGES stages), warp 1 copies the tile's LSE (times log2 e) and delta rows into shared memory,
+//   +inf / 0 past seqlen_q so that those rows give P = 0 without a mask. The rest of it idles.
+//   Consumer warpgroup w owns keys [64w, 64w + 64) and, per query tile, runs
+//     S^T = K.Q^T, dP^T = V.dO^T      (wgmma SS: 64 keys x BM queries; rows are keys, so P^T and dS^T come
+//                                      out of the accumulators already in the A-operand layout of the next two)
+//     P^T, dS^T elementwise in fp32   (bwd_score_element, as in the sm80 kernel)
+//     dV += P^T.dO, dK += dS^T.Q      (wgmma RS: A from registers, B = dO / Q read MN-major)
+//     dS^T -> shared memory (16-bit); both warpgroups meet at a named barrier; then
+//     dQ = dS.K                       (wgmma SS, both operands MN-major: dS^T's rows are keys, and so are K's)
+//                                      BM 64: warpgroup w takes head-dim columns [w D/2, (w + 1) D/2);
+//                                      BM 128: it takes query rows [64w, 64w + 64) and all D columns,
+//     -> red.global.add.v4.f32 into dq_accum (unscaled fp32; the column order of bwd_prepost.cu: the wgmma
+//        accumulator layout per n8 group is the mma.sync one, so a lane again holds four consecutive floats).
+//   The dS^T buffer is double-buffered: a warpgroup writes buffer it % 2 only after passing the barrier of
+//   iteration it - 1, which the other warpgroup reaches only after its dQ product of iteration it - 2 (the
+//   last reader of that buffer) has retired.
+//   Epilogue: dK * softmax_scale and dV to 16 bits, written from registers, rows < seqlen_k, cols < head_dim.
+//
+// Compile-time configuration (cuflash/dispatch.py): CF_DTYPE, CF_HEAD_DIM (64 or 128; a smaller real head
+// dim is zero-filled by TMA), CF_BLOCK_M (64 at head dim 128, 128 at head dim 64: the dK, dV, S^T and dP^T
+// accumulators then take 64 + 64 + 32 + 32 or 32 + 32 + 64 + 64 of the 240 registers), CF_BLOCK_N = 128,
+// CF_STAGES, CF_IS_LOCAL, CF_SOFTCAP, CF_ALIBI.
+#include "ptx/cp_async.cuh"
+#include "ptx/mbarrier.cuh"
+#include "ptx/tma.cuh"
+#include "ptx/warpgroup.cuh"
+#include "ptx/wgmma.cuh"
+#include "attention/params.cuh"
+#include "attention/mask.cuh"
+#include "attention/fragments.cuh"
+#include "attention/bwd_common.cuh"
+
+// Launch parameters: four tensor maps (Q, K, V, dO), then the shared block; the same bytes as the Hopper
+// forward's (cuflash/ops.py packs both alike).
+struct BackwardSm90Params {
+    TmaMap q, k, v, dout;
+    AttentionParams a;
+};
+extern "C" __device__ const int cf_bwd_sm90_params_bytes = sizeof(BackwardSm90Params);
+
+namespace {
+constexpr int kD = CF_HEAD_DIM;
+constexpr int kBM = CF_BLOCK_M;
+constexpr int kBN = CF_BLOCK_N;
+constexpr int kStages = CF_STAGES;
+constexpr int kThreads = 384;
+constexpr int kNT8 = kBM / 8;           // n8 column groups of a warpgroup's S^T / dP^T tile
+constexpr int kCol64 = kD / 64;         // 128-byte swizzled column blocks of a Q / dO / K / V row
+constexpr u32 kQBlock = kBM * 128;      // bytes of one column block of a Q or dO tile
+constexpr u32 kKBlock = kBN * 128;
+constexpr u32 kQBytes = kQBlock * kCol64;
+constexpr u32 kKBytes = kKBlock * kCol64;
+constexpr u32 kDSBlock = kBN * 128;     // dS^T tile: rows are keys, kBM / 64 column blocks of queries
+constexpr u32 kDSBytes = kDSBlock * (kBM / 64);
+// dQ split between the two consumer warpgroups (see the top): N of each one's product.
+constexpr int kDqN = kBM == 64 ? kD / 2 : kD;
+static_assert(kBN == 128, "two consumer warpgroups of 64 keys");
+static_assert((kD == 128 && kBM == 64) || (kD == 64 && kBM == 128), "tile shapes with a whole column block per dQ split");
+constexpr int kProducerRegs = 24;
+constexpr int kConsumerRegs = 240;
+constexpr int kDsBarrier = 1;           // named barrier: both consumer warpgroups' dS^T rows are stored
+
+constexpr u32 kSmemK = 0;
+constexpr u32 kSmemV = kSmemK + kKBytes;
+constexpr u32 kSmemQ = kSmemV + kKBytes;
+constexpr u32 kSmemDO = kSmemQ + kStages * kQBytes;
+constexpr u32 kSmemDS = kSmemDO + kStages * kQBytes;
+constexpr u32 kSmemLse = kSmemDS + 2 * kDSBytes;
+constexpr u32 kSmemDelta = kSmemLse + kStages * kBM * 4;
+constexpr u32 kSmemBars = kSmemDelta + kStages * kBM * 4;
+constexpr u32 kBarrierBytes = 8 * (1 + 3 * kStages);
+}  // namespace
+
+extern "C" __device__ const int cf_bwd_sm90_smem_bytes = kSmemBars + kBarrierBytes + 1024;
+
+// Offsets in the dynamic shared memory (1024-byte aligned base, as the 128-byte swizzle needs).
+struct SmemLayout {
+    u32 base;
+    __device__ __forceinline__ explicit SmemLayout(u32 b) : base(b) {}
+    __device__ __forceinline__ u32 k() const { return base + kSmemK; }
+    __device__ __forceinline__ u32 v() const { return base + kSmemV; }
+    __device__ __forceinline__ u32 q(int s) const { return base + kSmemQ + s * kQBytes; }
+    __device__ __forceinline__ u32 dout(int s) const { return base + kSmemDO + s * kQBytes; }
+    __device__ __forceinline__ u32 ds(int buf) const { return base + kSmemDS + buf * kDSBytes; }
+    __device__ __forceinline__ u32 lse(int s) const { return base + kSmemLse + s * kBM * 4; }
+    __device__ __forceinline__ u32 delta(int s) const { return base + kSmemDelta + s * kBM * 4; }
+    // kv_full: K and V landed. q_full[s]: Q and the LSE / delta rows (TMA bytes + 32 arrivals of warp 1).
+    // do_full[s]: dO. empty[s]: both consumer warpgroups are done with stage s.
+    __device__ __forceinline__ u32 kv_full() const { return base + kSmemBars; }
+    __device__ __forceinline__ u32 q_full(int s) const { return base + kSmemBars + 8 * (1 + s); }
+    __device__ __forceinline__ u32 do_full(int s) const { return base + kSmemBars + 8 * (1 + kStages + s); }
+    __device__ __forceinline__ u32 empty(int s) const { return base + kSmemBars + 8 * (1 + 2 * kStages + s); }
+};
+
+// Query tiles of this CTA: iteration it is query head hk * group + it / n_m, query tile m_lo + it % n_m.
+struct QueryWalk {
+    int m_lo, n_m, n_iters, group;
+    __device__ __forceinline__ QueryWalk(const AttentionParams& a, const Visibility& vis, int n_start) {
+        int m_hi;
+        vis.query_tiles(n_start, min(n_start + kBN, a.seqlen_k) - 1, kBM, &m_lo, &m_hi);
+        n_m = max(m_hi - m_lo, 0);
+        group = a.heads_q / a.heads_k;
+        n_iters = n_m * group;
+    }
+    __device__ __forceinline__ int head(int hk, int it) const { return hk * group + it / n_m; }
+    __device__ __forceinline__ int m_start(int it) const { return (m_lo + it % n_m) * kBM; }
+};
+
+__device__ __forceinline__ int stage_of(int it) { return it % kStages; }
+__device__ __forceinline__ u32 parity_of(int it) { return (it / kStages) & 1; }
+
+__device__ __forceinline__ void produce_tiles(const BackwardSm90Params& p, const SmemLayout& sm, const QueryWalk& qw,
+                                              const BwdCoords& bc) {
+    tma_prefetch_map(&p.q);
+    tma_prefetch_map(&p.dout);
+    const int n_start = bc.n_block * kBN;
+    mbar_arrive_expect_tx(sm.kv_full(), 2 * kKBytes);
+    for (int c = 0; c < kCol64; ++c) {
+        tma_load_4d(sm.k() + c * kKBlock, &p.k, sm.kv_full(), c * 64, n_start, bc.hk, bc.b);
+        tma_load_4d(sm.v() + c * kKBlock, &p.v, sm.kv_full(), c * 64, n_start, bc.hk, bc.b);
+    }
+    for (int it = 0; it < qw.n_iters; ++it) {
+        const int s = stage_of(it), h = qw.head(bc.hk, it), m0 = qw.m_start(it);
+        mbar_wait(sm.empty(s), parity_of(it) ^ 1);
+        mbar_arrive_expect_tx(sm.q_full(s), kQBytes);
+        for (int c = 0; c < kCol64; ++c) tma_load_4d(sm.q(s) + c * kQBlock, &p.q, sm.q_full(s), c * 64, m0, h, bc.b);
+        mbar_arrive_expect_tx(sm.do_full(s), kQBytes);
+        for (int c = 0; c < kCol64; ++c)
+            tma_load_4d(sm.dout(s) + c * kQBlock, &p.dout, sm.do_full(s), c * 64, m0, h, bc.b);
+    }
+}
+
+// LSE and delta rows are fp32 at arbitrary seqlen_q offsets (no 16-byte alignment for a bulk copy), so a
+// warp moves them with ordinary loads; its mbarrier arrival (release) publishes the stores.
+__device__ __forceinline__ void produce_row_stats(const BackwardSm90Params& p, const SmemLayout& sm,
+                                                  const QueryWalk& qw, const BwdCoords& bc, int lane) {
+    for (int it = 0; it < qw.n_iters; ++it) {
+        const int s = stage_of(it), h = qw.head(bc.hk, it), m0 = qw.m_start(it);
+        const i64 row_base = ((i64)bc.b * p.a.heads_q + h) * p.a.seqlen_q;
+        mbar_wait(sm.empty(s), parity_of(it) ^ 1);
+#pragma unroll
+        for (int r = lane; r < kBM; r += 32) {
+            const int i = m0 + r;
+            const bool valid = i < p.a.seqlen_q;
+            const float lse = valid ? p.a.lse[row_base + i] * kLog2e : CF_INF;
+            const float delta = valid ? p.a.delta[row_base + i] : 0.f;
+            asm volatile("st.shared.f32 [%0], %1;\n" :: "r"(sm.lse(s) + r * 4), "f"(lse) : "memory");
+            asm volatile("st.shared.f32 [%0], %1;\n" :: "r"(sm.delta(s) + r * 4), "f"(delta) : "memory");
+        }
+        mbar_arrive(sm.q_full(s));
+    }
+}
+
+__device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemLayout& sm, const QueryWalk& qw,
+                                        const BwdCoords& bc, const Visibility& vis, int cw, int warp_in_wg, int lane) {
+    const AttentionParams& a = p.a;
+    const int n_start = bc.n_block * kBN;
+    const int g = lane >> 2, t = lane & 3;
+    // This warpgroup's 64 keys: the A operand of the score products starts at its row 64 cw of K / V.
+    const u32 k_rows = sm.k() + cw * 64 * 128;
+    const u32 v_rows = sm.v() + cw * 64 * 128;
+    const int key_row0 = n_start + cw * 64 + warp_in_wg * 16;  // key of this warp's accumulator row 0
+
+    float acc_dk[kD / 8][4], acc_dv[kD / 8][4];
+    zero_fill(reinterpret_cast<float(&)[1][kD / 8][4]>(acc_dk));
+    zero_fill(reinterpret_cast<float(&)[1][kD / 8][4]>(acc_dv));
+    mbar_wait(sm.kv_full(), 0);
+
+    const float pre = CF_SOFTCAP ? a.softmax_scale / a.softcap : a.softmax_scale;
+#pragma unroll 1
+    for (int it = 0; it < qw.n_iters; ++it) {
+        const int s = stage_of(it);
+        const u32 ph = parity_of(it);
+        const int h = qw.head(bc.hk, it), m0 = qw.m_start(it);
+
+        // S^T = K.Q^T and dP^T = V.dO^T: K-major operands, the k16 step moves 32 bytes along a row and to
+        // the next column block every four steps (wgmma.cuh).
+        float sc[kNT8][4], dp[kNT8][4];
+        mbar_wait(sm.q_full(s), ph);
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk) {
+            const u32 off = (kk % 4) * 32;
+            WgmmaShape<kBM>::ss(reinterpret_cast<float(&)[kBM / 2]>(sc),
+                                wgmma::desc_sw128(k_rows + (kk / 4) * kKBlock + off, 16, 1024),
+                                wgmma::desc_sw128(sm.q(s) + (kk / 4) * kQBlock + off, 16, 1024), kk > 0);
+        }
+        wgmma::commit();
+        mbar_wait(sm.do_full(s), ph);
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk) {
+            const u32 off = (kk % 4) * 32;
+            WgmmaShape<kBM>::ss(reinterpret_cast<float(&)[kBM / 2]>(dp),
+                                wgmma::desc_sw128(v_rows + (kk / 4) * kKBlock + off, 16, 1024),
+                                wgmma::desc_sw128(sm.dout(s) + (kk / 4) * kQBlock + off, 16, 1024), kk > 0);
+        }
+        wgmma::commit();
+        wgmma::wait<0>();
+        wgmma::fence_operand(reinterpret_cast<float(&)[kBM / 2]>(sc));
+        wgmma::fence_operand(reinterpret_cast<float(&)[kBM / 2]>(dp));
+
+        // P^T and dS^T, packed to 16-bit A fragments as they are made (two neighbouring n8 groups of an
+        // accumulator are one k16 step of an A operand), so the fp32 tiles die early. Element e of n8 group n:
+        // key key_row0 + g + 8 (e / 2), query m0 + 8 n + 2 t + e % 2. Rows past seqlen_q carry lse = +inf
+        // (P = 0), so only keys past seqlen_k and causal/window tiles need the mask.
+        u32 ap[kBM / 16][4], ads[kBM / 16][4];
+        {
+            const int i_last = min(m0 + kBM, a.seqlen_q) - 1;
+            const bool need_mask = vis.tile_needs_mask<CF_IS_LOCAL>(m0, i_last, n_start, kBN);
+            const float slope = CF_ALIBI ? a.alibi[(i64)bc.b * a.alibi_batch_stride + h] : 0.f;
+#pragma unroll
+            for (int n = 0; n < kNT8; ++n) {
+                const int qc = n * 8 + 2 * t;
+                float2 lse2, del2;
+                asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(lse2.x), "=f"(lse2.y) : "r"(sm.lse(s) + qc * 4));
+                asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(del2.x), "=f"(del2.y) : "r"(sm.delta(s) + qc * 4));
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = m0 + qc + (e & 1);
+                    const int j = key_row0 + g + (e >> 1) * 8;
+                    const bool visible = !need_mask || vis.visible(i, j);
+                    sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(
+                        sc[n][e], dp[n][e], (e & 1) ? lse2.y : lse2.x, (e & 1) ? del2.y : del2.x, visible,
+                        a.scale_log2, pre, a.softcap, slope, i + vis.off - j);
+                }
+                const int kk = n / 2, hi = 2 * (n % 2);
+                ap[kk][hi] = pack2(sc[n][0], sc[n][1]);
+                ap[kk][hi + 1] = pack2(sc[n][2], sc[n][3]);
+                ads[kk][hi] = pack2(dp[n][0], dp[n][1]);
+                ads[kk][hi + 1] = pack2(dp[n][2], dp[n][3]);
+            }
+        }
+        // dV += P^T.dO and dK += dS^T.Q: B is the query tile read MN-major (rows are queries, the k16 step
+        // moves 16 rows = 2048 bytes; LBO steps between 64-column blocks of the head dim).
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < kBM / 16; ++kk)
+            WgmmaShape<kD>::rs_tb(reinterpret_cast<float(&)[kD / 2]>(acc_dv), ap[kk],
+                                  wgmma::desc_sw128(sm.dout(s) + kk * 16 * 128, kQBlock, 1024), 1);
+#pragma unroll
+        for (int kk = 0; kk < kBM / 16; ++kk)
+            WgmmaShape<kD>::rs_tb(reinterpret_cast<float(&)[kD / 2]>(acc_dk), ads[kk],
+                                  wgmma::desc_sw128(sm.q(s) + kk * 16 * 128, kQBlock, 1024), 1);
+        wgmma::commit();
+
+        // dS^T to shared memory in the swizzled layout TMA would write (rows = keys, columns = queries).
+        const u32 ds_buf = sm.ds(it & 1);
+#pragma unroll
+        for (int kk = 0; kk < kBM / 16; ++kk)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int col = kk * 16 + half * 8;  // query column of this n8 group
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int r = cw * 64 + warp_in_wg * 16 + g + 8 * hh;
+                const u32 addr = ds_buf + (col / 64) * kDSBlock + r * 128 + ((((col % 64) / 8) ^ (r & 7)) << 4) + t * 4;
+                asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(addr), "r"(ads[kk][2 * half + hh]) : "memory");
+            }
+        }
+        fence_proxy_async_smem();
+        named_barrier_sync(kDsBarrier, 256);
+
+        // dQ = dS.K over all 128 keys: A = dS read from dS^T (M-major), B = K (N-major); the k16 step moves
+        // 16 key rows = 2048 bytes in both.
+        float acc_dq[kDqN / 8][4];
+        const u32 a_base = ds_buf + (kBM == 128 ? cw * kDSBlock : 0);
+        const u32 b_base = sm.k() + (kBM == 64 ? cw * (kDqN / 64) * kKBlock : 0);
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk)
+            WgmmaShape<kDqN>::ss_tt(reinterpret_cast<float(&)[kDqN / 2]>(acc_dq),
+                                    wgmma::desc_sw128(a_base + kk * 16 * 128, kDSBlock, 1024),
+                                    wgmma::desc_sw128(b_base + kk * 16 * 128, kKBlock, 1024), kk > 0);
+        wgmma::commit();
+        wgmma::wait<1>();  // dV, dK retired: the stage's Q and dO are no longer read
+        mbar_arrive(sm.empty(s));
+        wgmma::wait<0>();
+        wgmma::fence_operand(reinterpret_cast<float(&)[kDqN / 2]>(acc_dq));
+
+        const int q_row0 = m0 + (kBM == 128 ? cw * 64 : 0) + warp_in_wg * 16 + g;
+        const int col0 = kBM == 64 ? cw * kDqN : 0;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int i = q_row0 + 8 * hh;
+            if (i < a.seqlen_q) {
+                float* dst = a.dq_accum + (((i64)bc.b * a.seqlen_q + i) * a.heads_q + h) * kD + col0 + t * 4;
+#pragma unroll
+                for (int n = 0; n < kDqN / 16; ++n)
+                    if (col0 + n * 16 < a.head_dim)
+                        red_add_f32x4(dst + n * 16, acc_dq[2 * n][2 * hh], acc_dq[2 * n][2 * hh + 1],
+                                      acc_dq[2 * n + 1][2 * hh], acc_dq[2 * n + 1][2 * hh + 1]);
+            }
+        }
+    }
+    wgmma::fence_operand(reinterpret_cast<float(&)[kD / 2]>(acc_dk));
+    wgmma::fence_operand(reinterpret_cast<float(&)[kD / 2]>(acc_dv));
+
+    // Epilogue: rows are keys key_row0 + g + 8 hh, columns 8 d + 2 t of the head dim.
+    const float scale = a.softmax_scale;
+    u16* dk = (u16*)a.dk + (i64)bc.b * a.dk_batch_stride + (i64)bc.hk * a.dk_head_stride;
+    u16* dv = (u16*)a.dv + (i64)bc.b * a.dv_batch_stride + (i64)bc.hk * a.dv_head_stride;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int j = key_row0 + g + 8 * hh;
+        if (j >= a.seqlen_k) continue;
+#pragma unroll
+        for (int d = 0; d < kD / 8; ++d) {
+            const int col = d * 8 + 2 * t;
+            if (d * 8 < a.head_dim) {
+                *(u32*)(dk + (i64)j * a.dk_row_stride + col) = pack2(acc_dk[d][2 * hh] * scale, acc_dk[d][2 * hh + 1] * scale);
+                *(u32*)(dv + (i64)j * a.dv_row_stride + col) = pack2(acc_dv[d][2 * hh], acc_dv[d][2 * hh + 1]);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+attention_bwd_sm90(const __grid_constant__ BackwardSm90Params p) {
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    // The dynamic window is not guaranteed 1024-aligned; the host adds 1024 bytes of slack for this.
+    const SmemLayout sm((smem_u32(smem_raw) + 1023) & ~1023u);
+    const int tid = threadIdx.x, warp = tid >> 5, warpgroup = warp >> 2;
+    const Visibility vis(p.a.seqlen_q, p.a.seqlen_k, p.a.window_left, p.a.window_right);
+    const BwdCoords bc(p.a);
+    const QueryWalk qw(p.a, vis, bc.n_block * kBN);
+
+    if (tid == 0) {
+        mbar_init(sm.kv_full(), 1);
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(sm.q_full(s), 1 + 32);
+            mbar_init(sm.do_full(s), 1);
+            mbar_init(sm.empty(s), 256);
+        }
+        mbar_fence_init();
+    }
+    __syncthreads();
+
+    if (warpgroup == 0) {
+        setmaxnreg_dec<kProducerRegs>();
+        if (tid == 0) produce_tiles(p, sm, qw, bc);
+        else if (warp == 1) produce_row_stats(p, sm, qw, bc, tid & 31);
+        return;
+    }
+    setmaxnreg_inc<kConsumerRegs>();
+    consume(p, sm, qw, bc, vis, warpgroup - 1, warp & 3, tid & 31);
+}

@@ -1,0 +1,21 @@
+"""Runs the Hopper backward at odd sizes (seqlens 1, 17, 1000; both tile configurations; causal; GQA) for
+compute-sanitizer: `compute-sanitizer --tool memcheck|racecheck python tests/sanitize_backward_sm90.py`.
+CuPy only, so the sanitizer does not have to follow a deep-learning framework's start-up."""
+
+import cupy as cp
+
+import cuflash
+
+rng = cp.random.default_rng(0)
+for d in (64, 128):
+    for sq, sk in ((1, 1), (17, 17), (1000, 1000), (17, 1000), (1000, 17)):
+        for causal in (False, True):
+            q = rng.standard_normal((2, sq, 2, d), dtype=cp.float32).astype(cp.float16)
+            k = rng.standard_normal((2, sk, 1, d), dtype=cp.float32).astype(q.dtype)
+            v = rng.standard_normal((2, sk, 1, d), dtype=cp.float32).astype(q.dtype)
+            out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
+            dout = rng.standard_normal(out.shape, dtype=cp.float32).astype(q.dtype)
+            grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal)
+            assert all(bool(cp.isfinite(g).all()) for g in grads), (d, sq, sk, causal)
+cp.cuda.Device().synchronize()
+print("sanitize run done")
