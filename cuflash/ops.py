@@ -60,11 +60,14 @@ def _set_strides(p: Params, name: str, a: DeviceArray) -> None:
 
 _tls = threading.local()
 
-# The Hopper kernels take `struct ForwardSm90Params { TmaMap q, k, v, o; AttentionParams a; }` (the
-# backward's BackwardSm90Params has dO in o's place): four
-# 64-byte-aligned 128-byte maps, then the block above; sizeof rounds up to the 64-byte alignment.
-_SM90_MAPS = 4
-SM90_PARAMS_BYTES = -(-(_SM90_MAPS * tma.MAP_BYTES + _STRUCT.size) // 64) * 64
+# The Hopper kernels take their tensor maps first, then the block above: `struct ForwardSm90Params { TmaMap
+# q, k, v, o; AttentionParams a; }` and `struct BackwardSm90Params { TmaMap q, k, v, dout, dq_accum;
+# AttentionParams a; }`: 64-byte-aligned 128-byte maps, and sizeof rounds up to that alignment.
+def sm90_params_bytes(n_maps: int) -> int:
+    return -(-(n_maps * tma.MAP_BYTES + _STRUCT.size) // 64) * 64
+
+
+SM90_PARAMS_BYTES = sm90_params_bytes(4)
 
 
 def _launch(fn, grid: int, threads: int, smem: int, stream: int, params: Params, maps: tuple = ()) -> None:
@@ -75,7 +78,7 @@ def _launch(fn, grid: int, threads: int, smem: int, stream: int, params: Params,
     bufs = getattr(_tls, "bufs", None)
     if bufs is None:
         bufs = _tls.bufs = {}
-    size = SM90_PARAMS_BYTES if maps else _STRUCT.size
+    size = sm90_params_bytes(len(maps)) if maps else _STRUCT.size
     hit = bufs.get(size)
     if hit is None:
         buf = ctypes.create_string_buffer(size)
@@ -204,8 +207,10 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
         main = dispatch.backward_key_sm90(dtype, q.shape[3], is_local=is_local(causal, window_size),
                                           softcap=softcap > 0, alibi=alibi is not None)
         smem = dispatch.backward_sm90_smem_bytes(main)
+        # Each consumer warpgroup adds a 64 x 64 block of dQ into dq_accum (query rows x head-dim columns).
         maps = (tma.tile_map(q, main.block_m), tma.tile_map(k, main.block_n), tma.tile_map(v, main.block_n),
-                tma.tile_map(dout, main.block_m))
+                tma.tile_map(dout, main.block_m),
+                tma.accumulator_map(acc.ptr, (batch, seqlen_q, heads_q, main.head_dim), 64, 64))
     else:
         smem = dispatch.backward_smem_bytes(main)
     p["num_n_blocks"] = math.ceil(seqlen_k / main.block_n)

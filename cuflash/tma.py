@@ -14,6 +14,8 @@ from .arrays import DeviceArray
 
 MAP_BYTES = 128
 _DATA_TYPE = {"float16": 6, "bfloat16": 9}  # CU_TENSOR_MAP_DATA_TYPE_FLOAT16 / _BFLOAT16
+_FLOAT32 = 7                                # CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+_SWIZZLE_NONE = 0
 _SWIZZLE_128B = 3       # CU_TENSOR_MAP_SWIZZLE_128B: matches the wgmma descriptors (kernels_cu/ptx/wgmma.cuh)
 _L2_PROMOTION_256B = 3  # CU_TENSOR_MAP_L2_PROMOTION_L2_256B
 BOX_COLS = 64           # 128 bytes of 16-bit elements: the widest box the 128-byte swizzle allows
@@ -69,17 +71,35 @@ def tile_map(a: DeviceArray, box_rows: int) -> bytes:
     if strides is None or a.ptr % 16:
         raise ValueError(f"TMA cannot address an array with shape {a.shape} and strides {a.strides}")
     batch, seqlen, heads, head_dim = a.shape
+    return _encode_4d(key, _DATA_TYPE[a.dtype], a.ptr, (head_dim, seqlen, heads, batch), strides,
+                      (BOX_COLS, box_rows), _SWIZZLE_128B)
+
+
+def accumulator_map(ptr: int, shape: tuple, box_rows: int, box_cols: int) -> bytes:
+    """The map of a contiguous fp32 (batch, seqlen, heads, width) buffer (the backward's dq_accum) as the 4-D
+    tensor (width, seqlen, heads, batch), box = ``box_cols`` x ``box_rows``, unswizzled: the Hopper backward
+    adds whole boxes into it with TMA reductions, rows past seqlen clipped."""
+    batch, seqlen, heads, width = shape
+    key = (ptr, "float32", shape, box_rows, box_cols)
+    hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    strides = (heads * width * 4, width * 4, seqlen * heads * width * 4)
+    return _encode_4d(key, _FLOAT32, ptr, (width, seqlen, heads, batch), strides, (box_cols, box_rows),
+                      _SWIZZLE_NONE)
+
+
+def _encode_4d(key, data_type: int, ptr: int, dims: tuple, strides: tuple, box: tuple, swizzle: int) -> bytes:
     out = ctypes.create_string_buffer(MAP_BYTES + 64)
     at = (ctypes.addressof(out) + 63) & ~63  # the driver wants the map 64-byte aligned
-    dims = (ctypes.c_uint64 * 4)(head_dim, seqlen, heads, batch)
+    c_dims = (ctypes.c_uint64 * 4)(*dims)
     byte_strides = (ctypes.c_uint64 * 3)(*strides)
-    box = (ctypes.c_uint32 * 4)(BOX_COLS, box_rows, 1, 1)
+    c_box = (ctypes.c_uint32 * 4)(box[0], box[1], 1, 1)
     unit = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
-    err = _encoder()(at, _DATA_TYPE[a.dtype], 4, a.ptr, dims, byte_strides, box, unit, 0, _SWIZZLE_128B,
-                     _L2_PROMOTION_256B, 0)
+    err = _encoder()(at, data_type, 4, ptr, c_dims, byte_strides, c_box, unit, 0, swizzle, _L2_PROMOTION_256B, 0)
     if err:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed (CUresult {err}) for shape {a.shape}, "
-                           f"strides {a.strides}, box {BOX_COLS}x{box_rows}")
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed (CUresult {err}) for dims {dims}, "
+                           f"byte strides {strides}, box {box[0]}x{box[1]}")
     raw = ctypes.string_at(at, MAP_BYTES)
     if len(_cache) >= _CACHE_LIMIT:
         _cache.clear()

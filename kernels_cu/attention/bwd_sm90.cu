@@ -4,14 +4,15 @@
 // bwd_sm80.cu): the same parameters, the same outputs, the same dq_accum layout.
 //
 // attention_bwd_sm90
-//   grid  = num_n_blocks * batch * heads_k CTAs (BwdCoords, bwd_common.cuh), num_n_blocks =
-//           ceil(seqlen_k / 128); block = 384 threads; dynamic smem = cf_bwd_sm90_smem_bytes.
+//   grid  = num_n_blocks * batch * heads_k CTAs, head-major (BwdCoords::head_major, bwd_common.cuh),
+//           num_n_blocks = ceil(seqlen_k / 128); block = 384 threads; dynamic smem = cf_bwd_sm90_smem_bytes.
 //   A CTA owns 128 keys of kv head hk: K and V stay in shared memory while it walks every query tile of
 //   CF_BLOCK_M rows, of every query head of its GQA group, that can see them (dK/dV are exact group sums,
 //   written once).
 //   Warpgroup 0 is the producer: thread 0 issues the TMA loads (K, V once; per query tile Q and dO into a
 //   ring of CF_STAGES stages), warp 1 copies the tile's LSE (times log2 e) and delta rows into shared memory,
-//   +inf / 0 past seqlen_q so that those rows give P = 0 without a mask. The rest of it idles.
+//   +inf / 0 past seqlen_q so that those rows give P = 0 without a mask, and thread 64 drains dQ (below).
+//   The rest of it idles.
 //   Consumer warpgroup w owns keys [64w, 64w + 64) and, per query tile, runs
 //     S^T = K.Q^T, dP^T = V.dO^T      (wgmma SS: 64 keys x BM queries; rows are keys, so P^T and dS^T come
 //                                      out of the accumulators already in the A-operand layout of the next two)
@@ -21,8 +22,9 @@
 //     dQ = dS.K                       (wgmma SS, both operands MN-major: dS^T's rows are keys, and so are K's)
 //                                      BM 64: warpgroup w takes head-dim columns [w D/2, (w + 1) D/2);
 //                                      BM 128: it takes query rows [64w, 64w + 64) and all D columns,
-//     -> red.global.add.v4.f32 into dq_accum (unscaled fp32; the column order of bwd_prepost.cu: the wgmma
-//        accumulator layout per n8 group is the mma.sync one, so a lane again holds four consecutive floats).
+//     -> a 64 x 64 fp32 block in shared memory (dq_accum's column order, bwd_prepost.cu), which the drain
+//        thread adds into dq_accum with one TMA reduction (cp.reduce.async.bulk.tensor .add). Issuing the
+//        same sums as 16-byte red.global.add from the consumers cost 30-45% of the kernel's time on an H100.
 //   The dS^T buffer is double-buffered: a warpgroup writes buffer it % 2 only after passing the barrier of
 //   iteration it - 1, which the other warpgroup reaches only after its dQ product of iteration it - 2 (the
 //   last reader of that buffer) has retired.
@@ -42,10 +44,10 @@
 #include "attention/fragments.cuh"
 #include "attention/bwd_common.cuh"
 
-// Launch parameters: four tensor maps (Q, K, V, dO), then the shared block; the same bytes as the Hopper
-// forward's (cuflash/ops.py packs both alike).
+// Launch parameters: the tensor maps, then the shared block (cuflash/ops.py packs the same bytes).
 struct BackwardSm90Params {
     TmaMap q, k, v, dout;
+    TmaMap dq_accum;  // fp32, box 64 x 64, unswizzled
     AttentionParams a;
 };
 extern "C" __device__ const int cf_bwd_sm90_params_bytes = sizeof(BackwardSm90Params);
@@ -71,6 +73,10 @@ static_assert((kD == 128 && kBM == 64) || (kD == 64 && kBM == 128), "tile shapes
 constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = 240;
 constexpr int kDsBarrier = 1;           // named barrier: both consumer warpgroups' dS^T rows are stored
+// P^T from S^T while dP^T is still running, dS^T once it has retired: keeps P^T in fp32 across the wait
+// (kBM / 2 more live registers), which fits at head dim 128 and not at 64 (BM 128); softcap's dS also needs
+// 1 - tanh^2 of every element, so it computes both at once after both products.
+constexpr bool kEarlyP = !CF_SOFTCAP && kBM == 64;
 
 constexpr u32 kSmemK = 0;
 constexpr u32 kSmemV = kSmemK + kKBytes;
@@ -79,8 +85,10 @@ constexpr u32 kSmemDO = kSmemQ + kStages * kQBytes;
 constexpr u32 kSmemDS = kSmemDO + kStages * kQBytes;
 constexpr u32 kSmemLse = kSmemDS + 2 * kDSBytes;
 constexpr u32 kSmemDelta = kSmemLse + kStages * kBM * 4;
-constexpr u32 kSmemBars = kSmemDelta + kStages * kBM * 4;
-constexpr u32 kBarrierBytes = 8 * (1 + 3 * kStages);
+constexpr u32 kDqBytes = 64 * kDqN * 4;  // one warpgroup's fp32 dQ block, rows of kDqN floats
+constexpr u32 kSmemDq = kSmemDelta + kStages * kBM * 4;
+constexpr u32 kSmemBars = kSmemDq + 2 * kDqBytes;
+constexpr u32 kBarrierBytes = 8 * (5 + 3 * kStages);
 }  // namespace
 
 extern "C" __device__ const int cf_bwd_sm90_smem_bytes = kSmemBars + kBarrierBytes + 1024;
@@ -96,12 +104,16 @@ struct SmemLayout {
     __device__ __forceinline__ u32 ds(int buf) const { return base + kSmemDS + buf * kDSBytes; }
     __device__ __forceinline__ u32 lse(int s) const { return base + kSmemLse + s * kBM * 4; }
     __device__ __forceinline__ u32 delta(int s) const { return base + kSmemDelta + s * kBM * 4; }
+    __device__ __forceinline__ u32 dq(int cw) const { return base + kSmemDq + cw * kDqBytes; }
     // kv_full: K and V landed. q_full[s]: Q and the LSE / delta rows (TMA bytes + 32 arrivals of warp 1).
     // do_full[s]: dO. empty[s]: both consumer warpgroups are done with stage s.
     __device__ __forceinline__ u32 kv_full() const { return base + kSmemBars; }
     __device__ __forceinline__ u32 q_full(int s) const { return base + kSmemBars + 8 * (1 + s); }
     __device__ __forceinline__ u32 do_full(int s) const { return base + kSmemBars + 8 * (1 + kStages + s); }
     __device__ __forceinline__ u32 empty(int s) const { return base + kSmemBars + 8 * (1 + 2 * kStages + s); }
+    // dq_full[cw]: warpgroup cw's dQ block is in shared memory; dq_empty[cw]: its reduction has read it.
+    __device__ __forceinline__ u32 dq_full(int cw) const { return base + kSmemBars + 8 * (1 + 3 * kStages + cw); }
+    __device__ __forceinline__ u32 dq_empty(int cw) const { return base + kSmemBars + 8 * (3 + 3 * kStages + cw); }
 };
 
 // Query tiles of this CTA: iteration it is query head hk * group + it / n_m, query tile m_lo + it % n_m.
@@ -163,6 +175,29 @@ __device__ __forceinline__ void produce_row_stats(const BackwardSm90Params& p, c
     }
 }
 
+// Warpgroup w's dQ block of an iteration: 64 rows x kDqN head-dim columns of dq_accum, at these coordinates.
+__device__ __forceinline__ int dq_col0(int cw) { return kBM == 64 ? cw * kDqN : 0; }
+__device__ __forceinline__ int dq_row0(int m0, int cw) { return m0 + (kBM == 128 ? cw * 64 : 0); }
+
+// One thread drains dQ: as each consumer warpgroup's block lands in shared memory, a TMA reduction adds it
+// into dq_accum; the block's buffer is handed back once the copy engine has read it.
+__device__ __forceinline__ void drain_dq(const BackwardSm90Params& p, const SmemLayout& sm, const QueryWalk& qw,
+                                         const BwdCoords& bc) {
+    tma_prefetch_map(&p.dq_accum);
+    for (int it = 0; it < qw.n_iters; ++it) {
+        const int h = qw.head(bc.hk, it), m0 = qw.m_start(it);
+        for (int cw = 0; cw < 2; ++cw) {
+            mbar_wait(sm.dq_full(cw), it & 1);
+            tma_reduce_add_4d(&p.dq_accum, sm.dq(cw), dq_col0(cw), dq_row0(m0, cw), h, bc.b);
+            tma_store_commit();
+        }
+        tma_store_wait_read();
+        mbar_arrive(sm.dq_empty(0));
+        mbar_arrive(sm.dq_empty(1));
+    }
+    tma_store_wait_all();
+}
+
 __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemLayout& sm, const QueryWalk& qw,
                                         const BwdCoords& bc, const Visibility& vis, int cw, int warp_in_wg, int lane) {
     const AttentionParams& a = p.a;
@@ -199,6 +234,7 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         }
         wgmma::commit();
         mbar_wait(sm.do_full(s), ph);
+        wgmma::fence();
 #pragma unroll
         for (int kk = 0; kk < kD / 16; ++kk) {
             const u32 off = (kk % 4) * 32;
@@ -207,39 +243,62 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
                                 wgmma::desc_sw128(sm.dout(s) + (kk / 4) * kQBlock + off, 16, 1024), kk > 0);
         }
         wgmma::commit();
-        wgmma::wait<0>();
-        wgmma::fence_operand(reinterpret_cast<float(&)[kBM / 2]>(sc));
-        wgmma::fence_operand(reinterpret_cast<float(&)[kBM / 2]>(dp));
-
-        // P^T and dS^T, packed to 16-bit A fragments as they are made (two neighbouring n8 groups of an
-        // accumulator are one k16 step of an A operand), so the fp32 tiles die early. Element e of n8 group n:
-        // key key_row0 + g + 8 (e / 2), query m0 + 8 n + 2 t + e % 2. Rows past seqlen_q carry lse = +inf
-        // (P = 0), so only keys past seqlen_k and causal/window tiles need the mask.
+        // P^T, then dS^T, packed to 16-bit A fragments as they are made (two neighbouring n8 groups of an
+        // accumulator are one k16 step of an A operand). Element e of n8 group n: key key_row0 + g + 8 (e / 2),
+        // query m0 + 8 n + 2 t + e % 2. Rows past seqlen_q carry lse = +inf (P = 0), so only keys past
+        // seqlen_k and causal/window tiles need the mask. With kEarlyP, P is computed while dP^T is still on
+        // the tensor cores.
         u32 ap[kBM / 16][4], ads[kBM / 16][4];
         {
             const int i_last = min(m0 + kBM, a.seqlen_q) - 1;
             const bool need_mask = vis.tile_needs_mask<CF_IS_LOCAL>(m0, i_last, n_start, kBN);
             const float slope = CF_ALIBI ? a.alibi[(i64)bc.b * a.alibi_batch_stride + h] : 0.f;
+            auto load2 = [&](u32 addr) {
+                float2 r;
+                asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(r.x), "=f"(r.y) : "r"(addr));
+                return r;
+            };
+            auto pack_pair = [](u32 (&frag)[kBM / 16][4], int n, const float (&x)[4]) {
+                frag[n / 2][2 * (n % 2)] = pack2(x[0], x[1]);
+                frag[n / 2][2 * (n % 2) + 1] = pack2(x[2], x[3]);
+            };
+            wgmma::wait<kEarlyP ? 1 : 0>();
+            wgmma::fence_operand(reinterpret_cast<float(&)[kBM / 2]>(sc));
+            if (!kEarlyP) wgmma::fence_operand(reinterpret_cast<float(&)[kBM / 2]>(dp));
 #pragma unroll
             for (int n = 0; n < kNT8; ++n) {
                 const int qc = n * 8 + 2 * t;
-                float2 lse2, del2;
-                asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(lse2.x), "=f"(lse2.y) : "r"(sm.lse(s) + qc * 4));
-                asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(del2.x), "=f"(del2.y) : "r"(sm.delta(s) + qc * 4));
+                const float2 lse2 = load2(sm.lse(s) + qc * 4);
+                const float2 del2 = kEarlyP ? make_float2(0.f, 0.f) : load2(sm.delta(s) + qc * 4);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int i = m0 + qc + (e & 1);
                     const int j = key_row0 + g + (e >> 1) * 8;
                     const bool visible = !need_mask || vis.visible(i, j);
-                    sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(
-                        sc[n][e], dp[n][e], (e & 1) ? lse2.y : lse2.x, (e & 1) ? del2.y : del2.x, visible,
-                        a.scale_log2, pre, a.softcap, slope, i + vis.off - j);
+                    const float lse_l2 = (e & 1) ? lse2.y : lse2.x;
+                    if (!kEarlyP) {
+                        sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(sc[n][e], dp[n][e], lse_l2, (e & 1) ? del2.y : del2.x,
+                                                                     visible, a.scale_log2, pre, a.softcap, slope,
+                                                                     i + vis.off - j);
+                    } else {
+                        float unused;
+                        sc[n][e] = bwd_probability<CF_SOFTCAP, CF_ALIBI>(sc[n][e], lse_l2, visible, a.scale_log2, pre,
+                                                                    a.softcap, slope, i + vis.off - j, unused);
+                    }
                 }
-                const int kk = n / 2, hi = 2 * (n % 2);
-                ap[kk][hi] = pack2(sc[n][0], sc[n][1]);
-                ap[kk][hi + 1] = pack2(sc[n][2], sc[n][3]);
-                ads[kk][hi] = pack2(dp[n][0], dp[n][1]);
-                ads[kk][hi + 1] = pack2(dp[n][2], dp[n][3]);
+                pack_pair(ap, n, sc[n]);
+                if (!kEarlyP) pack_pair(ads, n, dp[n]);
+            }
+            if (kEarlyP) {
+                wgmma::wait<0>();
+                wgmma::fence_operand(reinterpret_cast<float(&)[kBM / 2]>(dp));
+#pragma unroll
+                for (int n = 0; n < kNT8; ++n) {
+                    const float2 del2 = load2(sm.delta(s) + (n * 8 + 2 * t) * 4);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) dp[n][e] = sc[n][e] * (dp[n][e] - ((e & 1) ? del2.y : del2.x));
+                    pack_pair(ads, n, dp[n]);
+                }
             }
         }
         // dV += P^T.dO and dK += dS^T.Q: B is the query tile read MN-major (rows are queries, the k16 step
@@ -277,6 +336,7 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         float acc_dq[kDqN / 8][4];
         const u32 a_base = ds_buf + (kBM == 128 ? cw * kDSBlock : 0);
         const u32 b_base = sm.k() + (kBM == 64 ? cw * (kDqN / 64) * kKBlock : 0);
+        wgmma::fence();
 #pragma unroll
         for (int kk = 0; kk < kBN / 16; ++kk)
             WgmmaShape<kDqN>::ss_tt(reinterpret_cast<float(&)[kDqN / 2]>(acc_dq),
@@ -288,20 +348,21 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         wgmma::wait<0>();
         wgmma::fence_operand(reinterpret_cast<float(&)[kDqN / 2]>(acc_dq));
 
-        const int q_row0 = m0 + (kBM == 128 ? cw * 64 : 0) + warp_in_wg * 16 + g;
-        const int col0 = kBM == 64 ? cw * kDqN : 0;
+        // dQ to this warpgroup's shared block in dq_accum's layout (bwd_prepost.cu: a lane's columns 2t, 2t+1 of
+        // both n8 groups of a 16-column group are four consecutive floats), once the previous block has been
+        // read by its reduction; the drain thread adds it into dq_accum.
+        mbar_wait(sm.dq_empty(cw), (it & 1) ^ 1);
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-            const int i = q_row0 + 8 * hh;
-            if (i < a.seqlen_q) {
-                float* dst = a.dq_accum + (((i64)bc.b * a.seqlen_q + i) * a.heads_q + h) * kD + col0 + t * 4;
+            const u32 row = sm.dq(cw) + (warp_in_wg * 16 + g + 8 * hh) * (kDqN * 4) + t * 16;
 #pragma unroll
-                for (int n = 0; n < kDqN / 16; ++n)
-                    if (col0 + n * 16 < a.head_dim)
-                        red_add_f32x4(dst + n * 16, acc_dq[2 * n][2 * hh], acc_dq[2 * n][2 * hh + 1],
-                                      acc_dq[2 * n + 1][2 * hh], acc_dq[2 * n + 1][2 * hh + 1]);
-            }
+            for (int n = 0; n < kDqN / 16; ++n)
+                asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n"
+                             :: "r"(row + n * 64), "f"(acc_dq[2 * n][2 * hh]), "f"(acc_dq[2 * n][2 * hh + 1]),
+                                "f"(acc_dq[2 * n + 1][2 * hh]), "f"(acc_dq[2 * n + 1][2 * hh + 1]) : "memory");
         }
+        fence_proxy_async_smem();
+        mbar_arrive(sm.dq_full(cw));
     }
     wgmma::fence_operand(reinterpret_cast<float(&)[kD / 2]>(acc_dk));
     wgmma::fence_operand(reinterpret_cast<float(&)[kD / 2]>(acc_dv));
@@ -332,7 +393,7 @@ attention_bwd_sm90(const __grid_constant__ BackwardSm90Params p) {
     const SmemLayout sm((smem_u32(smem_raw) + 1023) & ~1023u);
     const int tid = threadIdx.x, warp = tid >> 5, warpgroup = warp >> 2;
     const Visibility vis(p.a.seqlen_q, p.a.seqlen_k, p.a.window_left, p.a.window_right);
-    const BwdCoords bc(p.a);
+    const BwdCoords bc = BwdCoords::head_major(p.a);
     const QueryWalk qw(p.a, vis, bc.n_block * kBN);
 
     if (tid == 0) {
@@ -342,6 +403,10 @@ attention_bwd_sm90(const __grid_constant__ BackwardSm90Params p) {
             mbar_init(sm.do_full(s), 1);
             mbar_init(sm.empty(s), 256);
         }
+        for (int cw = 0; cw < 2; ++cw) {
+            mbar_init(sm.dq_full(cw), 128);
+            mbar_init(sm.dq_empty(cw), 1);
+        }
         mbar_fence_init();
     }
     __syncthreads();
@@ -350,6 +415,7 @@ attention_bwd_sm90(const __grid_constant__ BackwardSm90Params p) {
         setmaxnreg_dec<kProducerRegs>();
         if (tid == 0) produce_tiles(p, sm, qw, bc);
         else if (warp == 1) produce_row_stats(p, sm, qw, bc, tid & 31);
+        else if (tid == 64) drain_dq(p, sm, qw, bc);
         return;
     }
     setmaxnreg_inc<kConsumerRegs>();

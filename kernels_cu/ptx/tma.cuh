@@ -37,3 +37,16 @@ __device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk
 
 // Blocks until the committed stores have finished reading shared memory (the CTA may then exit or reuse it).
 __device__ __forceinline__ void tma_store_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+
+// Adds the fp32 box in shared memory at `src` into global memory at (c0 .. c3): the copy engine performs
+// the reduction in L2, a box at a time, instead of the SMs issuing one atomic per 16 bytes. Out-of-bounds
+// rows are dropped. Same ordering rules as tma_store_4d (fence.proxy.async before, a bulk group after).
+__device__ __forceinline__ void tma_reduce_add_4d(const TmaMap* map, u32 src, int c0, int c1, int c2, int c3) {
+    asm volatile(
+        "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n"
+        :: "l"(map), "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3) : "memory");
+}
+
+// Blocks until the committed bulk groups have finished entirely (their global writes done, not only their
+// shared-memory reads).
+__device__ __forceinline__ void tma_store_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
