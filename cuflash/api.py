@@ -273,7 +273,7 @@ def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse):
     out_native, out_view = arrays.empty(call.fw, (call.batch, call.seqlen_q, call.heads_q, call.head_dim),
                                         call.dtype, device, stream)
     lse_native, lse_view = arrays.empty(call.fw, (call.batch, call.heads_q, call.seqlen_q), "float32", device, stream)
-    ops.forward(qv, kv, vv, out_view, lse_view, av, stream=stream, cc=cc, **kwargs)
+    ops.forward(qv, kv, vv, out_view, lse_view, av, stream=stream, cc=cc, framework=call.fw, **kwargs)
     out = arrays.to_caller(out_native, out_view, call.fw, stream)
     if not return_lse:
         return out

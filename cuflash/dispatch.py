@@ -219,33 +219,37 @@ def _forward_key_sm90(dtype, d, is_local, softcap, alibi) -> KernelKey:
 
 def forward_sm90_smem_bytes(key: KernelKey) -> int:
     """Dynamic shared memory of attention_fwd_sm90 (mirrors cf_fwd_sm90_smem_bytes): Q, the K/V stages,
-    an O staging buffer when it fits (else O goes out through the Q buffer), the mbarriers, and 1024 bytes
-    of slack to align the swizzled tiles."""
+    an O staging buffer when it fits (else O goes out through the Q buffer), the mbarriers and the
+    work-tile slot, and 1024 bytes of slack to align the swizzled tiles."""
     stages = dict(key.extra)["CF_STAGES"]
     q = 2 * key.head_dim * key.block_m
     kv = 2 * stages * 2 * key.head_dim * key.block_n
-    rest = 8 * (2 + 4 * stages) + 1024
+    rest = 8 * (3 + 4 * stages) + 1024  # mbarriers and the work-tile slot
     separate_o = 2 * q + kv + rest <= MAX_SMEM[(9, 0)]
     return (2 if separate_o else 1) * q + kv + rest
 
 
-# The Hopper kernel loops over work tiles, so its grid is a launch-time choice. One CTA per SM (a static
-# split of the tiles, boustrophedon order) hides each tile's prologue and epilogue under the neighbouring
-# tiles' loads: +5-13% at seqlen <= 2k without masking, and +5-22% for causal hd64 at <= 2k. Elsewhere one
-# CTA per tile lets the hardware balance: causal tiles differ in cost and statically assigned CTAs drift
-# apart (measured -11% at causal hd128 1k, -30% at 16k), past 8k keys it measured no gain, and at head dim
-# 256 O shares the Q buffer so the next Q waits for the store (bench/NOTES.md).
+# The Hopper kernel loops over work tiles, so its schedule is a launch-time choice (bench/NOTES.md, h6-h8):
+#  - one CTA per SM, static stride, for unmasked calls up to 8k keys: hides each tile's prologue and
+#    epilogue under its neighbours' loads (+5-15% at <= 2k); past 8k it measured no gain;
+#  - one CTA per SM taking tiles from a global counter for causal/window calls up to 2k keys (+4-42%);
+#    a static split there leaves SMs idle and lets CTAs drift apart (K/V fall out of L2), and past 2k
+#    even the counter measured ~3% slower than the last option;
+#  - one CTA per tile, which the hardware schedules as SMs free up (everything else, and head dim 256,
+#    whose O shares the Q buffer so that its variants are built for one tile per CTA).
+FWD_SM90_PERSISTENT_MAX_HEAD_DIM = 192
 FWD_SM90_PERSISTENT_MAX_SEQLEN_K = 8192
-FWD_SM90_PERSISTENT_LOCAL = {64: 2048}  # head dim -> longest seqlen_k for causal/window calls
+FWD_SM90_COUNTER_MAX_SEQLEN_K = 2048
 
 
-def forward_sm90_grid(key: KernelKey, tiles: int, seqlen_k: int, sm_count: int) -> int:
-    """CTAs of one Hopper forward launch: one per SM (each loops over tiles) or one per work tile."""
-    if key.is_local:
-        persistent = seqlen_k <= FWD_SM90_PERSISTENT_LOCAL.get(key.head_dim, 0)
-    else:
-        persistent = key.head_dim <= 192 and seqlen_k <= FWD_SM90_PERSISTENT_MAX_SEQLEN_K
-    return min(tiles, sm_count) if persistent else tiles
+def forward_sm90_schedule(key: KernelKey, tiles: int, seqlen_k: int, sm_count: int) -> tuple:
+    """(grid size, whether the CTAs take tiles from a global counter) of one Hopper forward launch."""
+    if key.head_dim <= FWD_SM90_PERSISTENT_MAX_HEAD_DIM and tiles > sm_count:
+        if key.is_local and seqlen_k <= FWD_SM90_COUNTER_MAX_SEQLEN_K:
+            return sm_count, True
+        if not key.is_local and seqlen_k <= FWD_SM90_PERSISTENT_MAX_SEQLEN_K:
+            return sm_count, False
+    return tiles, False
 
 
 def all_forward_sm90_keys() -> list[KernelKey]:

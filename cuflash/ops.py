@@ -20,7 +20,7 @@ _LOG2E = 1.4426950408889634
 
 # Mirrors `struct AttentionParams` in kernels_cu/attention/params.cuh, field for field. The 8-byte fields
 # come first, so the C layout has no padding and a packed little-endian struct reproduces it exactly.
-_PTR = ["q", "k", "v", "o", "lse", "alibi", "dout", "delta", "dq_accum", "dq", "dk", "dv"]
+_PTR = ["q", "k", "v", "o", "lse", "alibi", "dout", "delta", "dq_accum", "dq", "dk", "dv", "tile_counter"]
 _STRIDED = ["q", "k", "v", "o", "do", "dq", "dk", "dv"]
 _I64 = [f"{t}_{w}_stride" for t in _STRIDED for w in ("batch", "row", "head")] + ["alibi_batch_stride"]
 _I32A = ["batch", "heads_q", "heads_k", "seqlen_q", "seqlen_k", "head_dim", "window_left", "window_right"]
@@ -136,7 +136,8 @@ def is_local(causal: bool, window_size) -> bool:
 
 
 def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, lse: DeviceArray, alibi, *,
-            causal: bool, window_size, softmax_scale: float, softcap: float, stream: int, cc: tuple) -> None:
+            causal: bool, window_size, softmax_scale: float, softcap: float, stream: int, cc: tuple,
+            framework: str) -> None:
     dtype = "bf16" if q.dtype == "bfloat16" else "fp16"
     arch = dispatch.compile_arch(*cc)
     local = is_local(causal, window_size)
@@ -163,8 +164,18 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, ls
         maps = (tma.tile_map(q, key.block_m), tma.tile_map(k, key.block_n), tma.tile_map(v, key.block_n),
                 tma.tile_map(out, 64))  # each consumer warpgroup stores its own 64 rows
     tiles = m_blocks * batch * heads_q
-    grid = dispatch.forward_sm90_grid(key, tiles, k.shape[1], _sm_count(q.device)) if hopper else tiles
+    grid, use_counter = (dispatch.forward_sm90_schedule(key, tiles, k.shape[1], _sm_count(q.device)) if hopper
+                         else (tiles, False))
+    counter_native = None
+    if use_counter:
+        # Persistent CTAs take tiles from a counter that starts at zero on the caller's stream.
+        from cupy.cuda import runtime
+        from . import arrays
+        counter_native, counter = arrays.empty(framework, (1,), "int32", q.device, stream)
+        runtime.memsetAsync(counter.ptr, 0, 4, stream)
+        p["tile_counter"] = counter.ptr
     _launch(fn, grid, key.threads, smem, stream, p, maps)
+    del counter_native  # freed after enqueueing: stream-ordered allocators reuse it safely
 
 
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,

@@ -64,19 +64,19 @@ def test_launch_groups_keep_kv_within_budget(bh, seqlen_k, d):
     assert g == 1 or g * 4 * seqlen_k * d <= dispatch.L2_GROUP_BYTES
 
 
-def test_persistent_grid_only_where_balanced():
-    """One CTA per SM for unmasked tiles up to 8k keys at head dims <= 192 and for causal hd64 up to 2k keys;
-    other causal/window calls, head dim 256 and long sequences get one CTA per work tile (the kernel loops
-    either way)."""
+def test_launch_schedules():
+    """Unmasked calls up to 8k keys: one CTA per SM on a static stride; causal/window up to 2k keys: one CTA
+    per SM on the tile counter; longer calls, head dim 256 and grids smaller than the GPU: one CTA per tile."""
     def key(d, local):
         return dispatch.forward_key_sm90("bf16", d, is_local=local, softcap=False, alibi=False)
-    assert dispatch.forward_sm90_grid(key(128, False), 2048, 2048, 132) == 132
-    assert dispatch.forward_sm90_grid(key(128, False), 100, 2048, 132) == 100
-    assert dispatch.forward_sm90_grid(key(128, False), 2048, 16384, 132) == 2048
-    assert dispatch.forward_sm90_grid(key(128, True), 2048, 2048, 132) == 2048
-    assert dispatch.forward_sm90_grid(key(64, True), 2048, 2048, 132) == 132
-    assert dispatch.forward_sm90_grid(key(64, True), 2048, 4096, 132) == 2048
-    assert dispatch.forward_sm90_grid(key(256, False), 2048, 2048, 132) == 2048
+    sched = dispatch.forward_sm90_schedule
+    assert sched(key(128, False), 2048, 2048, 132) == (132, False)
+    assert sched(key(64, False), 2048, 8192, 132) == (132, False)
+    assert sched(key(128, False), 2048, 16384, 132) == (2048, False)
+    assert sched(key(128, True), 2048, 2048, 132) == (132, True)
+    assert sched(key(64, True), 2048, 4096, 132) == (2048, False)
+    assert sched(key(128, False), 100, 2048, 132) == (100, False)
+    assert sched(key(256, False), 2048, 2048, 132) == (2048, False)
 
 
 def test_hopper_backward_selection(monkeypatch):

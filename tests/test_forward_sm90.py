@@ -95,25 +95,27 @@ def test_persistent_ctas_cover_every_tile(d):
     q, k, v = _rand(3, 1500, 8, d, seed=d), _rand(3, 1300, 8, d, seed=d + 1), _rand(3, 1300, 8, d, seed=d + 2)
     key = dispatch.forward_key_sm90("bf16", d, is_local=False, softcap=False, alibi=False)
     tiles = -(-1500 // key.block_m) * 3 * 8
-    assert dispatch.forward_sm90_grid(key, tiles, 1300, ops._sm_count(0)) < tiles
+    assert dispatch.forward_sm90_schedule(key, tiles, 1300, ops._sm_count(0)) == (ops._sm_count(0), False)
     out = cuflash.attention(q, k, v)
     _ref_check(q, k, v, out)
 
 
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("window", [(-1, 0), (100, 0), (200, 50)])
-def test_persistent_masked_tiles(window):
-    """Causal/window calls at head dim 64 run persistent CTAs over tiles of unequal length (some seeing no
-    key at all with sq > sk): every tile is exact and every empty row is zero."""
-    q, k, v = _rand(3, 2000, 8, 64, seed=11), _rand(3, 1500, 8, 64, seed=12), _rand(3, 1500, 8, 64, seed=13)
-    key = dispatch.forward_key_sm90("bf16", 64, is_local=True, softcap=False, alibi=False)
-    assert dispatch.forward_sm90_grid(key, 11 * 3 * 8, 1500, 132) == 132
+def test_persistent_masked_tiles(d, window):
+    """Causal/window calls run persistent CTAs over tiles of unequal length, some seeing no key at all
+    (sq > sk), taken from the tile counter: every tile is computed once and exactly, and every empty row is
+    zero."""
+    q, k, v = _rand(3, 2000, 8, d, seed=11), _rand(3, 1500, 8, d, seed=12), _rand(3, 1500, 8, d, seed=13)
+    key = dispatch.forward_key_sm90("bf16", d, is_local=True, softcap=False, alibi=False)
+    assert dispatch.forward_sm90_schedule(key, -(-2000 // key.block_m) * 3 * 8, 1500, 132) == (132, True)
     out = cuflash.attention(q, k, v, window_size=window)
     _ref_check(q, k, v, out, window_size=window)
 
 
 def test_params_and_smem_formulas_match_sm90_kernel():
-    """ops.py packs exactly sizeof(ForwardSm90Params), and dispatch's shared-memory formula equals the
-    kernel's for every tile configuration."""
+    """ops.py packs exactly sizeof(ForwardSm90Params); dispatch's shared-memory formula and its choice of a
+    persistent grid agree with the kernel for every tile configuration."""
     from test_forward import _device_int
     seen = set()
     for key in dispatch.all_forward_sm90_keys():
@@ -123,6 +125,9 @@ def test_params_and_smem_formulas_match_sm90_kernel():
         seen.add(cfg)
         assert _device_int(key, "cf_fwd_sm90_params_bytes") == ops.SM90_PARAMS_BYTES
         assert _device_int(key, "cf_fwd_sm90_smem_bytes") == dispatch.forward_sm90_smem_bytes(key)
+        # A variant built for one tile per CTA must never get a persistent (smaller) grid.
+        persistent = dispatch.forward_sm90_schedule(key, 10**6, 1000, 132)[0] < 10**6
+        assert _device_int(key, "cf_fwd_sm90_persistent") == int(persistent)
 
 
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])

@@ -1,10 +1,11 @@
 // FlashAttention forward for Hopper (sm_90a): TMA loads through an mbarrier pipeline, wgmma for both
 // products, a producer warpgroup and two or three consumer warpgroups with setmaxnreg.
 //
-// A CTA walks work tiles (query block, batch, head) in rounds of gridDim.x (work_tile), in the L2-grouped,
-// heaviest-first order of BlockCoords::grouped. The host launches one CTA per tile, or one per SM
-// (persistent) where that measured faster (cuflash/dispatch.py): then one tile's epilogue and the next
-// tile's first loads overlap instead of waiting for a CTA to exit and another to start.
+// Persistent: a CTA loops over work tiles (query block, batch, head) in the L2-grouped, heaviest-first
+// order of BlockCoords::grouped, so one tile's epilogue and the next tile's first loads overlap instead of
+// waiting for a CTA to exit and another to start. The host picks the schedule: one CTA per tile; one CTA
+// per SM with a static stride (tiles of equal cost); or one CTA per SM taking tiles from a global counter
+// (causal/window tiles of unequal cost: the tiles in flight then stay a contiguous window of the order).
 // Warpgroup 0 is the producer: one thread issues every TMA load (per tile Q, then K and V of each visible
 // key tile into a ring of CF_STAGES stages shared across tiles) and the rest of it idles.
 // Warpgroups 1..CF_CONSUMERS each own 64 of a tile's 64 x CF_CONSUMERS query rows and run, per key tile,
@@ -15,7 +16,8 @@
 // causal/window diagonals, so interior tiles skip the mask.
 // The epilogue stages O in shared memory and writes it with TMA stores, which clip rows past seqlen_q and
 // columns past head_dim. O gets its own buffer where shared memory allows, so the producer can load the
-// next tile's Q under the epilogue; at head dim 256 it goes through the warpgroup's rows of the Q buffer.
+// next tile's Q under the epilogue; at head dim 256 it goes through the warpgroup's rows of the Q buffer,
+// and each CTA does one tile.
 //
 // Compile-time configuration (cuflash/dispatch.py): CF_DTYPE, CF_HEAD_DIM (64, 128, 192 or 256; a smaller
 // real head_dim is zero-filled by TMA), CF_BLOCK_N, CF_STAGES, CF_CONSUMERS (2 or 3), CF_PINGPONG, CF_IS_LOCAL,
@@ -61,18 +63,22 @@ constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
 static_assert(kConsumers == 2 || (kConsumers == 3 && kD == 64), "three consumer warpgroups only at head dim 64");
 // Named barriers: 1..kConsumers for each warpgroup's epilogue, then one "your turn" barrier per consumer.
 constexpr int kTurnBarrier0 = 1 + kConsumers;
-constexpr int kBarrierBytes = 8 * (2 + 4 * kStages);
+constexpr int kBarrierBytes = 8 * (3 + 4 * kStages);  // the last 8 bytes hold the current work tile index
 constexpr int kSmemLimit = 232448;  // sm_90 opt-in maximum per CTA
 constexpr bool kSeparateO = 2 * kQBytes + 2 * kStages * kKVBytes + kBarrierBytes + 1024 <= kSmemLimit;
 constexpr u32 kTileBytes = (kSeparateO ? 2 : 1) * kQBytes + 2 * kStages * kKVBytes;
+// Without a separate O buffer the next Q would wait for the store, and the loop's extra live state spills at
+// head dim 256: such variants process exactly one tile per CTA (cuflash/dispatch.py launches them so).
+constexpr bool kPersistent = kSeparateO;
 }  // namespace
 
 // Offsets in the dynamic shared memory (1024-byte aligned base): Q, K stages, V stages, O, then barriers.
 struct SmemLayout {
-    u32 q, k, v, o, bars;
+    u32 q, k, v, o, bars, tile;
     __device__ __forceinline__ explicit SmemLayout(u32 base)
         : q(base), k(base + kQBytes), v(base + kQBytes + kStages * kKVBytes),
-          o(kSeparateO ? base + kQBytes + 2 * kStages * kKVBytes : base), bars(base + kTileBytes) {}
+          o(kSeparateO ? base + kQBytes + 2 * kStages * kKVBytes : base), bars(base + kTileBytes),
+          tile(bars + kBarrierBytes - 8) {}
     __device__ __forceinline__ u32 k_stage(int s) const { return k + s * kKVBytes; }
     __device__ __forceinline__ u32 v_stage(int s) const { return v + s * kKVBytes; }
     __device__ __forceinline__ u32 q_full() const { return bars; }
@@ -83,6 +89,7 @@ struct SmemLayout {
     __device__ __forceinline__ u32 v_empty(int s) const { return bars + 8 * (2 + 3 * kStages + s); }
 };
 extern "C" __device__ const int cf_fwd_sm90_smem_bytes = kTileBytes + kBarrierBytes + 1024;
+extern "C" __device__ const int cf_fwd_sm90_persistent = kPersistent;
 
 // One work tile: its coordinates and the key tiles [n_lo, n_hi) its rows can see.
 struct WorkTile {
@@ -95,12 +102,26 @@ struct WorkTile {
     __device__ __forceinline__ int n_tiles() const { return n_hi - n_lo; }
 };
 
-// The work tile of this CTA in round r of a persistent launch. Tiles come heaviest first (causal), so a
-// plain stride would hand CTA 0 the heaviest tile of every round; alternating the direction each round
-// (boustrophedon) pairs heavy with light and evens out the CTAs' totals. Negative once past the last tile.
-__device__ __forceinline__ int work_tile(int round, int num_tiles) {
-    const int t = round * gridDim.x + ((round & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
-    return t < num_tiles ? t : -1;
+// Whether the CTAs take work tiles from the global counter the host passes (causal/window tiles of unequal
+// cost). Then only the producer knows the next tile; it reaches the consumers through shared memory,
+// published by the q_full arrival (release) that their wait (acquire) observes. Otherwise every warpgroup
+// computes the static order itself, and a tile is set up before its Q has landed. Only the causal/window
+// variants carry the counter paths: compiled into the unmasked variants they measured 7% slower at head
+// dim 128, 16k, where the counter is never used (bench/NOTES.md, h8).
+__device__ __forceinline__ bool dynamic_tiles(const AttentionParams& a) {
+    return CF_IS_LOCAL && kPersistent && a.tile_counter != nullptr;
+}
+
+// The work tile of this CTA in round r of a static launch. Tiles come heaviest first (causal), so a plain
+// stride would hand CTA 0 the heaviest tile of every round; alternating the direction each round
+// (boustrophedon) pairs heavy with light and evens out the CTAs' totals. Past the last tile: >= num_tiles.
+__device__ __forceinline__ int static_work_tile(int round) {
+    return round * gridDim.x + ((round & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
+}
+
+// The producer's next work tile. An index >= num_tiles means no more work.
+__device__ __forceinline__ int next_work_tile(const AttentionParams& a, int local) {
+    return dynamic_tiles(a) ? atomicAdd(a.tile_counter, 1) : static_work_tile(local);
 }
 
 // Key tiles are counted across all of a CTA's work tiles (`kv`), so the K/V ring runs on without a drain
@@ -114,8 +135,18 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
     tma_prefetch_map(&p.k);
     tma_prefetch_map(&p.v);
     int kv = 0;
-    int local = 0;  // this CTA's work tiles so far: the Q buffer's use count
-    for (int t; (t = work_tile(local, num_tiles)) >= 0; ++local) {
+    // With dynamic tiles a final index >= num_tiles, published without a Q, ends the consumers.
+    const bool dynamic = dynamic_tiles(p.a);
+    for (int local = 0;; ++local) {  // local: this CTA's work tiles so far, the Q buffer's use count
+        const int t = next_work_tile(p.a, local);
+        if (t >= num_tiles) {
+            if (dynamic) {
+                mbar_wait(sm.q_empty(), (local & 1) ^ 1);
+                asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(sm.tile), "r"(t) : "memory");
+                mbar_arrive(sm.q_full());
+            }
+            return;
+        }
         const WorkTile w(p.a, vis, t);
         const int n = w.n_tiles();
         auto load = [&](const TmaMap* map, u32 stage_base, u32 full, u32 empty, int j) {
@@ -136,6 +167,7 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
         // the previous tile's last product that reads it has retired (or its O has left, at head dim 256).
         if (n > 0) load_k(0);
         mbar_wait(sm.q_empty(), (local & 1) ^ 1);
+        if (dynamic) asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(sm.tile), "r"(t) : "memory");
         mbar_arrive_expect_tx(sm.q_full(), kQBytes);
         for (int c = 0; c < kCol64; ++c)
             tma_load_4d(sm.q + c * kQBlock, &p.q, sm.q_full(), c * 64, w.m_start, w.bc.h, w.bc.b);
@@ -147,6 +179,7 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
         }
         if (n > 0) load_v(n - 1);
         kv += n;
+        if (!kPersistent) return;
     }
 }
 
@@ -158,8 +191,14 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
     const u32 o_rows = sm.o + cw * 64 * 128;
     const bool elected = lane == 0 && warp_in_wg == 0;
     int kv = 0;
-    int local = 0;
-    for (int t; (t = work_tile(local, num_tiles)) >= 0; ++local) {
+    const bool dynamic = dynamic_tiles(p.a);
+    for (int local = 0;; ++local) {
+        int t = static_work_tile(local);
+        if (dynamic) {
+            mbar_wait(sm.q_full(), local & 1);
+            asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(t) : "r"(sm.tile) : "memory");
+        }
+        if (t >= num_tiles) break;
         const WorkTile w(p.a, vis, t);
         const int n_tiles = w.n_tiles();
         const int wg_row0 = w.m_start + cw * 64;
@@ -208,7 +247,7 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         };
         // With a separate O buffer, Q is free as soon as this warpgroup's last S = Q.K^T has retired.
         auto release_q_after_last_qk = [&]() {
-            if (kSeparateO) mbar_arrive(sm.q_empty());
+            if (kPersistent) mbar_arrive(sm.q_empty());
         };
 
         // Ping-pong (CF_PINGPONG, FA3): the consumer warpgroups take turns, round robin, to issue their
@@ -230,7 +269,7 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         // P_{j-1}.V_{j-1} is still in flight, and O is rescaled only after that product retires.
         u32 pa[kBN / 16][4];
         float alpha[1][2];
-        mbar_wait(sm.q_full(), local & 1);
+        if (!dynamic) mbar_wait(sm.q_full(), local & 1);
         if (n_tiles == 0) release_q_after_last_qk();
         if (n_tiles > 0) {
             const int s = stage_of(kv);
@@ -306,12 +345,7 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
             for (int c = 0; c < kCol64; ++c) tma_store_4d(&p.o, o_rows + c * kQBlock, c * 64, wg_row0, w.bc.h, w.bc.b);
             tma_store_commit();
         }
-        if (!kSeparateO) {
-            // O went out through the Q buffer: free it for the next tile's Q once the store has read it.
-            if (elected) tma_store_wait_read();
-            named_barrier_sync(1 + cw, 128);
-            mbar_arrive(sm.q_empty());
-        }
+        if (!kPersistent) break;
     }
     if (elected) tma_store_wait_read();  // shared memory must outlive the last store's reads
 }

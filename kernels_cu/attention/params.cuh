@@ -18,6 +18,7 @@ struct AttentionParams {
     void* dq;
     void* dk;
     void* dv;
+    int* tile_counter;      // Hopper forward, persistent launch: next work tile, zero at launch
     // Strides in elements, 64-bit so that tensors past 2^31 elements index correctly.
     i64 q_batch_stride, q_row_stride, q_head_stride;
     i64 k_batch_stride, k_row_stride, k_head_stride;
