@@ -4,8 +4,9 @@
 // Persistent: a CTA loops over work tiles (query block, batch, head) in the L2-grouped, heaviest-first
 // order of BlockCoords::grouped, so one tile's epilogue and the next tile's first loads overlap instead of
 // waiting for a CTA to exit and another to start. The host picks the schedule: one CTA per tile; one CTA
-// per SM with a static stride (tiles of equal cost); or one CTA per SM taking tiles from a global counter
-// (causal/window tiles of unequal cost: the tiles in flight then stay a contiguous window of the order).
+// per SM in a static boustrophedon order (tiles of equal cost); or, in the causal/window variants, one CTA
+// per SM taking tiles from a global counter (tiles of unequal cost: the tiles in flight then stay a
+// contiguous window of the order).
 // Warpgroup 0 is the producer: one thread issues every TMA load (per tile Q, then K and V of each visible
 // key tile into a ring of CF_STAGES stages shared across tiles) and the rest of it idles.
 // Warpgroups 1..CF_CONSUMERS each own 64 of a tile's 64 x CF_CONSUMERS query rows and run, per key tile,
