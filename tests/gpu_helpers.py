@@ -70,3 +70,17 @@ def run_sanitizer(script_name, tool):
     assert run.returncode == 0 and "sanitize run done" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
     assert "ERROR SUMMARY: 0 errors" in run.stdout + run.stderr or tool == "racecheck"
     assert "RACECHECK SUMMARY: 0 hazards" in run.stdout + run.stderr or tool == "memcheck"
+
+
+def skip_unless_hopper():
+    """Skips the calling test unless the current GPU has compute capability 9.0 (H100/H200)."""
+    import cupy
+    import pytest
+    if int(cupy.cuda.Device().compute_capability) != 90:
+        pytest.skip("needs a compute capability 9.0 GPU (H100/H200)")
+
+
+def loaded_families():
+    """Kernel families (fwd_sm90, bwd_sm80, ...) this process has loaded since jit._loaded was cleared."""
+    from cuflash import jit
+    return {name.split("_bf16")[0].split("_fp16")[0] for (name, *_rest) in jit._loaded}

@@ -6,10 +6,9 @@ whole grid through this kernel on Hopper as well.)"""
 
 import pytest
 
-import cuflash
 from cuflash import dispatch, jit, ops
 
-from gpu_helpers import run_sanitizer
+from gpu_helpers import loaded_families, run_sanitizer, skip_unless_hopper
 from test_backward import _check, _inputs
 
 pytestmark = pytest.mark.gpu
@@ -19,13 +18,7 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture(autouse=True)
 def _hopper_only():
-    import cupy
-    if int(cupy.cuda.Device().compute_capability) != 90:
-        pytest.skip("needs a compute capability 9.0 GPU (H100/H200)")
-
-
-def _loaded_families():
-    return {name.split("_bf16")[0].split("_fp16")[0] for (name, *_rest) in jit._loaded}
+    skip_unless_hopper()
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -36,7 +29,7 @@ def test_sm90_and_sm80_backward_in_one_process(monkeypatch, d):
         jit._loaded.clear()
         monkeypatch.setenv(dispatch.BWD_KERNEL_ENV, choice)
         _check(q, k, v, causal=True)
-        assert f"bwd_{choice}" in _loaded_families()
+        assert f"bwd_{choice}" in loaded_families()
 
 
 def test_deterministic_and_broadcast_heads_use_sm80():
@@ -44,10 +37,10 @@ def test_deterministic_and_broadcast_heads_use_sm80():
     q, k, v = _inputs(2, 300, 300, 4, 1, 64, torch.float16, seed=7)
     jit._loaded.clear()
     _check(q, k, v, causal=True, deterministic=True)
-    assert "bwd_sm90" not in _loaded_families()
+    assert "bwd_sm90" not in loaded_families()
     jit._loaded.clear()
     _check(q, k.expand(2, 300, 4, 64), v.expand(2, 300, 4, 64))
-    assert "bwd_sm90" not in _loaded_families() and "bwd_sm80" in _loaded_families()
+    assert "bwd_sm90" not in loaded_families() and "bwd_sm80" in loaded_families()
 
 
 @pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (63, 65), (129, 127), (191, 385), (385, 191), (1000, 1000)])
@@ -59,7 +52,7 @@ def test_tiles_at_tails_with_gqa(sq, sk, d, causal):
     q, k, v = _inputs(3, sq, sk, 6, 2, d, torch.bfloat16, seed=sq + 7 * sk + d)
     jit._loaded.clear()
     _check(q, k, v, causal=causal)
-    assert "bwd_sm90" in _loaded_families()
+    assert "bwd_sm90" in loaded_families()
 
 
 def test_params_and_smem_formulas_match_sm90_kernel():

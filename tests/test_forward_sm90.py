@@ -10,7 +10,7 @@ import pytest
 import cuflash
 from cuflash import dispatch, jit, ops, reference
 
-from gpu_helpers import flash_rule, naive_same_dtype, run_sanitizer, to_np64
+from gpu_helpers import flash_rule, loaded_families, naive_same_dtype, run_sanitizer, skip_unless_hopper, to_np64
 
 pytestmark = pytest.mark.gpu
 
@@ -19,13 +19,7 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture(autouse=True)
 def _hopper_only():
-    import cupy
-    if int(cupy.cuda.Device().compute_capability) != 90:
-        pytest.skip("needs a compute capability 9.0 GPU (H100/H200)")
-
-
-def _loaded_families():
-    return {name.split("_bf16")[0].split("_fp16")[0] for (name, *_rest) in jit._loaded}
+    skip_unless_hopper()
 
 
 def _rand(*shape, dtype=torch.bfloat16, seed=0):
@@ -45,10 +39,10 @@ def test_sm90_runs_and_matches_sm80_in_one_process(monkeypatch):
     jit._loaded.clear()
     monkeypatch.setenv(dispatch.FWD_KERNEL_ENV, "sm90")
     o90, l90 = cuflash.attention(q, k, v, causal=True, return_lse=True)
-    assert "fwd_sm90" in _loaded_families()
+    assert "fwd_sm90" in loaded_families()
     monkeypatch.setenv(dispatch.FWD_KERNEL_ENV, "sm80")
     o80, l80 = cuflash.attention(q, k, v, causal=True, return_lse=True)
-    assert "fwd_sm80" in _loaded_families()
+    assert "fwd_sm80" in loaded_families()
     _ref_check(q, k, v, o90, causal=True)
     _ref_check(q, k, v, o80, causal=True)
     assert (o90.float() - o80.float()).abs().max().item() < 2e-2
@@ -63,7 +57,7 @@ def test_broadcast_heads_fall_back_to_sm80():
     v = _rand(2, 300, 1, 64, seed=6).expand(2, 300, 4, 64)
     jit._loaded.clear()
     out = cuflash.attention(q, k, v)
-    assert _loaded_families() == {"fwd_sm80"}
+    assert loaded_families() == {"fwd_sm80"}
     _ref_check(q, k, v, out)
 
 
