@@ -181,9 +181,10 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, ls
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
              lse: DeviceArray, alibi, dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, *, causal: bool, window_size,
              softmax_scale: float, softcap: float, deterministic: bool, stream: int, cc: tuple, framework: str) -> None:
-    """preprocess (delta, zero dQ accumulator) -> KV-parallel main kernel (dK, dV, dQ atomics) -> dQ.
+    """preprocess (delta, zero dQ accumulator) -> KV-parallel main kernel (dK, dV, dQ summed into the fp32
+    accumulator: atomics on sm80, TMA reductions on the Hopper kernel) -> postprocess (dQ).
 
-    Deterministic mode replaces the atomics and the postprocess by a Q-parallel dQ kernel.
+    Deterministic mode replaces the accumulation and the postprocess by a Q-parallel dQ kernel (sm80).
     """
     from . import arrays
 
