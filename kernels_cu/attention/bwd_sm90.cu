@@ -228,26 +228,21 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         // S^T = K.Q^T and dP^T = V.dO^T: K-major operands, the k16 step moves 32 bytes along a row and to
         // the next column block every four steps (wgmma.cuh).
         float sc[kNT8][4], dp[kNT8][4];
+        auto issue_scores = [&](float (&acc)[kNT8][4], u32 key_rows, u32 query_tile) {
+            wgmma::fence();
+#pragma unroll
+            for (int kk = 0; kk < kD / 16; ++kk) {
+                const u32 off = (kk % 4) * 32;
+                WgmmaShape<kBM>::ss(reinterpret_cast<float(&)[kBM / 2]>(acc),
+                                    wgmma::desc_sw128(key_rows + (kk / 4) * kKBlock + off, 16, 1024),
+                                    wgmma::desc_sw128(query_tile + (kk / 4) * kQBlock + off, 16, 1024), kk > 0);
+            }
+            wgmma::commit();
+        };
         mbar_wait(sm.q_full(s), ph);
-        wgmma::fence();
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk) {
-            const u32 off = (kk % 4) * 32;
-            WgmmaShape<kBM>::ss(reinterpret_cast<float(&)[kBM / 2]>(sc),
-                                wgmma::desc_sw128(k_rows + (kk / 4) * kKBlock + off, 16, 1024),
-                                wgmma::desc_sw128(sm.q(s) + (kk / 4) * kQBlock + off, 16, 1024), kk > 0);
-        }
-        wgmma::commit();
+        issue_scores(sc, k_rows, sm.q(s));
         mbar_wait(sm.do_full(s), ph);
-        wgmma::fence();
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk) {
-            const u32 off = (kk % 4) * 32;
-            WgmmaShape<kBM>::ss(reinterpret_cast<float(&)[kBM / 2]>(dp),
-                                wgmma::desc_sw128(v_rows + (kk / 4) * kKBlock + off, 16, 1024),
-                                wgmma::desc_sw128(sm.dout(s) + (kk / 4) * kQBlock + off, 16, 1024), kk > 0);
-        }
-        wgmma::commit();
+        issue_scores(dp, v_rows, sm.dout(s));
         // P^T, then dS^T, packed to 16-bit A fragments as they are made (two neighbouring n8 groups of an
         // accumulator are one k16 step of an A operand). Element e of n8 group n: key key_row0 + g + 8 (e / 2),
         // query m0 + 8 n + 2 t + e % 2. Rows past seqlen_q carry lse = +inf (P = 0), so only keys past
