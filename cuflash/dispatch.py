@@ -229,10 +229,11 @@ def forward_sm90_smem_bytes(key: KernelKey) -> int:
     return (2 if separate_o else 1) * q + kv + rest
 
 
-# The Hopper kernel loops over work tiles, so its schedule is a launch-time choice (bench/NOTES.md, h6-h8):
-#  - one CTA per SM, static stride, for unmasked calls up to 8k keys: hides each tile's prologue and
-#    epilogue under its neighbours' loads (+5-15% at <= 2k); past 8k it measured no gain;
-#  - one CTA per SM taking tiles from a global counter for causal/window calls up to 2k keys (+4-42%);
+# The Hopper kernel loops over work tiles, so its schedule is a launch-time choice (bench/NOTES.md, h6-h9):
+#  - one CTA per SM in a static (boustrophedon) order for unmasked calls up to 8k keys: hides each tile's
+#    prologue and epilogue under its neighbours' loads (+5-15% at <= 2k); past 8k it measured no gain;
+#  - one CTA per SM taking tiles from a global counter for causal/window calls up to 2k keys (+2-16%
+#    against that static order, h9; only the causal/window variants carry the counter code);
 #    a static split there leaves SMs idle and lets CTAs drift apart (K/V fall out of L2), and past 2k
 #    even the counter measured ~3% slower than the last option;
 #  - one CTA per tile, which the hardware schedules as SMs free up (everything else, and head dim 256,
