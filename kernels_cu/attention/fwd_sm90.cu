@@ -57,10 +57,12 @@ constexpr u32 kKVBlock = kBN * 128;
 constexpr u32 kQBytes = kQBlock * kCol64;
 constexpr u32 kKVBytes = kKVBlock * kCol64;
 static_assert(kD % 64 == 0 && kBN % 16 == 0 && kBN <= 256, "tile shape");
-// Register split of the 64K-register file: 128 x 24 + 256 x 240 = 64512 with two consumer warpgroups,
-// 128 x 32 + 384 x 160 = 65536 with three (then S, P and O must fit 160: head dim 64 only).
-constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32;
-constexpr int kConsumerRegs = kConsumers == 2 ? 240 : 160;
+// Register split of the 64K-register file: 128 x 32 + 256 x 232 = 63488 with two consumer warpgroups,
+// 128 x 32 + 384 x 160 = 65536 with three (then S, P and O must fit 160: head dim 64 only). With two, the
+// consumers peak near 200 registers (head dim 256), while 24 for the producer made ptxas spill its
+// work-tile arithmetic in some causal/window variants.
+constexpr int kProducerRegs = 32;
+constexpr int kConsumerRegs = kConsumers == 2 ? 232 : 160;
 static_assert(kConsumers == 2 || (kConsumers == 3 && kD == 64), "three consumer warpgroups only at head dim 64");
 // Named barriers: 1..kConsumers for each warpgroup's epilogue, then one "your turn" barrier per consumer.
 constexpr int kTurnBarrier0 = 1 + kConsumers;
@@ -130,8 +132,8 @@ __device__ __forceinline__ int next_work_tile(const AttentionParams& a, int loca
 __device__ __forceinline__ int stage_of(int kv) { return kv % kStages; }
 __device__ __forceinline__ u32 parity_of(int kv) { return (kv / kStages) & 1; }
 
-__device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLayout& sm, const Visibility& vis,
-                                        int num_tiles) {
+__device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLayout& sm, int num_tiles) {
+    const Visibility vis(p.a.seqlen_q, p.a.seqlen_k, p.a.window_left, p.a.window_right);
     tma_prefetch_map(&p.q);
     tma_prefetch_map(&p.k);
     tma_prefetch_map(&p.v);
@@ -184,8 +186,9 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
     }
 }
 
-__device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLayout& sm, const Visibility& vis,
-                                        int num_tiles, int cw, int lane, int warp_in_wg) {
+__device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLayout& sm, int num_tiles, int cw,
+                                        int lane, int warp_in_wg) {
+    const Visibility vis(p.a.seqlen_q, p.a.seqlen_k, p.a.window_left, p.a.window_right);
     // Descriptor bases; the k16 step moves along a row (Q, K: +32 bytes, next column block every 4
     // steps) or down the keys (V: 16 rows = 2048 bytes), see wgmma.cuh.
     const u32 q_rows = sm.q + cw * 64 * 128;
@@ -201,9 +204,21 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         }
         if (t >= num_tiles) break;
         const WorkTile w(p.a, vis, t);
-        const int n_tiles = w.n_tiles();
         const int wg_row0 = w.m_start + cw * 64;
         const int wg_row_last = min(wg_row0 + 64, p.a.seqlen_q) - 1;
+        // This warpgroup walks the work tile's key tiles from the highest its own rows can see, wg_hi - 1,
+        // down to n_lo: with causal masking the lower warpgroups of a tile see fewer keys, and warpgroups
+        // whose rows all lie past seqlen_q see none (causal, seqlen 1k, 192-row tiles: 33% more key tiles
+        // than the rows can see). Tiles left of a window's edge for this warpgroup but not for the whole
+        // tile are still computed (masked): skipping those too would keep one more value live through the
+        // loop, which the 160- and 168-register budgets do not have. The stages of skipped key tiles are
+        // released at once, after their loads land (see pass_key_tile).
+        int wg_lo, wg_hi;
+        vis.key_tiles(wg_row0, wg_row_last, kBN, &wg_lo, &wg_hi);
+        if (wg_row0 >= p.a.seqlen_q || wg_lo >= wg_hi) wg_hi = w.n_lo;
+        const int n_tiles = wg_hi - w.n_lo;
+        const int skip_front = w.n_hi - wg_hi;
+        const int kv0 = kv + skip_front;  // ring position of this warpgroup's first key tile
         const int warp_row0 = wg_row0 + warp_in_wg * 16;
         const float slope = CF_ALIBI ? p.a.alibi[(i64)w.bc.b * p.a.alibi_batch_stride + w.bc.h] : 0.f;
 
@@ -253,9 +268,11 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
 
         // Ping-pong (CF_PINGPONG, FA3): the consumer warpgroups take turns, round robin, to issue their
         // products, so that one warpgroup's softmax runs while another's products own the tensor cores.
-        // Each warpgroup has n_tiles + 1 issue points; the last warpgroup opens the first turn and skips
+        // Each warpgroup has w.n_tiles() + 1 issue points; the last warpgroup opens the first turn and skips
         // its final hand-over, so every barrier ends each work tile with as many arrivals as waits.
-        int turns_left = n_tiles > 0 ? n_tiles + 1 : 0;
+        // Ping-pong variants have no causal/window mask, so a warpgroup sees either all of the work tile's
+        // key tiles or (rows past seqlen_q) none; an idle one still takes its turns, issuing nothing.
+        int turns_left = w.n_tiles() > 0 ? w.n_tiles() + 1 : 0;
         auto take_turn = [&]() {
             if (CF_PINGPONG) named_barrier_sync(kTurnBarrier0 + cw, 256);
         };
@@ -263,7 +280,17 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
             if (CF_PINGPONG && (--turns_left > 0 || cw != kConsumers - 1))
                 named_barrier_arrive(kTurnBarrier0 + (cw + 1) % kConsumers, 256);
         };
-        if (CF_PINGPONG && cw == kConsumers - 1 && n_tiles > 0) named_barrier_arrive(kTurnBarrier0, 256);
+        if (CF_PINGPONG && cw == kConsumers - 1 && w.n_tiles() > 0) named_barrier_arrive(kTurnBarrier0, 256);
+
+        // A key tile this warpgroup's rows cannot see: its stage is released once its loads have landed
+        // (waiting for full first keeps the arrival in the stage's current phase, not the previous one).
+        auto pass_key_tile = [&](int ring) {
+            const int s = stage_of(ring);
+            mbar_wait(sm.k_full(s), parity_of(ring));
+            mbar_arrive(sm.k_empty(s));
+            mbar_wait(sm.v_full(s), parity_of(ring));
+            mbar_arrive(sm.v_empty(s));
+        };
 
         // Software pipeline across key tiles (FA3's intra-warpgroup overlap): while the tensor cores run
         // S_j = Q.K_j^T and O += P_{j-1}.V_{j-1}, nothing waits; the softmax of S_j then runs while
@@ -272,10 +299,19 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         float alpha[1][2];
         if (!dynamic) mbar_wait(sm.q_full(), local & 1);
         if (n_tiles == 0) release_q_after_last_qk();
+        for (int j = 0; j < skip_front; ++j) {
+            take_turn();
+            pass_turn();
+            pass_key_tile(kv + j);
+        }
+        if (CF_PINGPONG && n_tiles == 0 && w.n_tiles() > 0) {
+            take_turn();
+            pass_turn();
+        }
         if (n_tiles > 0) {
-            const int s = stage_of(kv);
+            const int s = stage_of(kv0);
             float sc[1][kNT8][4];
-            mbar_wait(sm.k_full(s), parity_of(kv));
+            mbar_wait(sm.k_full(s), parity_of(kv0));
             take_turn();
             wgmma::fence();
             issue_qk(sc, s);
@@ -284,14 +320,14 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
             wgmma::fence_operand(reinterpret_cast<float(&)[kBN / 2]>(sc));
             mbar_arrive(sm.k_empty(s));
             if (n_tiles == 1) release_q_after_last_qk();
-            softmax_tile(sc, w.n_hi - 1, alpha);  // O is still zero: no rescale
+            softmax_tile(sc, wg_hi - 1, alpha);  // O is still zero: no rescale
             pack_p(pa, sc);
         }
         for (int it = 1; it < n_tiles; ++it) {
-            const int s = stage_of(kv + it), prev = stage_of(kv + it - 1);
+            const int s = stage_of(kv0 + it), prev = stage_of(kv0 + it - 1);
             float sc[1][kNT8][4];
-            mbar_wait(sm.k_full(s), parity_of(kv + it));
-            mbar_wait(sm.v_full(prev), parity_of(kv + it - 1));
+            mbar_wait(sm.k_full(s), parity_of(kv0 + it));
+            mbar_wait(sm.v_full(prev), parity_of(kv0 + it - 1));
             take_turn();
             wgmma::fence();
             issue_qk(sc, s);
@@ -301,7 +337,7 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
             wgmma::fence_operand(reinterpret_cast<float(&)[kBN / 2]>(sc));
             mbar_arrive(sm.k_empty(s));
             if (it == n_tiles - 1) release_q_after_last_qk();
-            softmax_tile(sc, w.n_hi - 1 - it, alpha);
+            softmax_tile(sc, wg_hi - 1 - it, alpha);
             wgmma::wait<0>();
             wgmma::fence_operand(reinterpret_cast<float(&)[kD / 2]>(acc_o));
             mbar_arrive(sm.v_empty(prev));
@@ -309,8 +345,8 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
             pack_p(pa, sc);
         }
         if (n_tiles > 0) {
-            const int s = stage_of(kv + n_tiles - 1);
-            mbar_wait(sm.v_full(s), parity_of(kv + n_tiles - 1));
+            const int s = stage_of(kv0 + n_tiles - 1);
+            mbar_wait(sm.v_full(s), parity_of(kv0 + n_tiles - 1));
             take_turn();
             wgmma::fence();
             issue_pv(pa, s);
@@ -319,7 +355,7 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
             wgmma::fence_operand(reinterpret_cast<float(&)[kD / 2]>(acc_o));
             mbar_arrive(sm.v_empty(s));
         }
-        kv += n_tiles;
+        kv = kv0 + n_tiles;
 
         float row_lse[1][2];
         softmax.finalize(acc_o, row_lse, p.a.scale_log2);
@@ -356,8 +392,7 @@ attention_fwd_sm90(const __grid_constant__ ForwardSm90Params p) {
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     // The dynamic window is not guaranteed 1024-aligned; the host adds 1024 bytes of slack for this.
     const SmemLayout sm((smem_u32(smem_raw) + 1023) & ~1023u);
-    const int tid = threadIdx.x, warp = tid >> 5, warpgroup = warp >> 2;
-    const Visibility vis(p.a.seqlen_q, p.a.seqlen_k, p.a.window_left, p.a.window_right);
+    const int tid = threadIdx.x, warp = tid >> 5;
     const int num_tiles = p.a.num_m_blocks * p.a.batch * p.a.heads_q;
 
     if (tid == 0) {
@@ -373,11 +408,16 @@ attention_fwd_sm90(const __grid_constant__ ForwardSm90Params p) {
     }
     __syncthreads();
 
-    if (warpgroup == 0) {
+    if (warp < 4) {
         setmaxnreg_dec<kProducerRegs>();
-        if (tid == 0) produce(p, sm, vis, num_tiles);
+        if (tid == 0) produce(p, sm, num_tiles);
         return;
     }
     setmaxnreg_inc<kConsumerRegs>();
-    consume(p, sm, vis, num_tiles, warpgroup - 1, tid & 31, warp & 3);
+    // The consumer index goes through a shuffle so that the compiler knows it is warp-uniform: everything
+    // derived from it (a warpgroup's rows, key-tile range, ring positions, hence the wgmma descriptors)
+    // then stays in uniform registers. Derived from threadIdx directly, the descriptors of each product
+    // were built in vector registers and moved over one by one (10-14% slower at head dim 128).
+    const int cw = __shfl_sync(0xffffffffu, warp >> 2, 0) - 1;
+    consume(p, sm, num_tiles, cw, tid & 31, warp & 3);
 }
