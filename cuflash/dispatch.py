@@ -185,9 +185,9 @@ def _forward_key(dtype, d, is_local, softcap, alibi, smem_limit, _tiles_env) -> 
 # warpgroup owns 64 query rows; one producer warpgroup loads. Shared memory: Q + stages x (K + V) tiles.
 # At head dim 64 the softmax costs as much as the two products, so a third consumer warpgroup keeps the
 # tensor cores busy while the others exponentiate (bench/NOTES.md).
-# Ping-pong (consumer warpgroups take turns issuing their products) is used only for calls
-# without causal/window masking: measured +8% at head dim 64, 16k; it cost 11-14% at head dims 128/256 and
-# for causal head dim 64 (bench/NOTES.md).
+# Ping-pong (consumer warpgroups take turns issuing their products) is used at head dim 64 only: +8% there
+# at 16k, +9-16% for causal 4k-16k once each warpgroup walked only its own key tiles (h10); it cost
+# 2-14% at head dims 128/256 (bench/NOTES.md, h5 and h10).
 FWD_SM90_TILES = {64: (3, 128, 4, 1), 128: (2, 128, 2, 0), 192: (2, 64, 2, 0), 256: (2, 64, 2, 0)}
 # softcap's tanh needs registers that three consumer warpgroups (160 each) do not have.
 FWD_SM90_SOFTCAP_TILES = {64: (2, 128, 4, 0)}
@@ -211,7 +211,6 @@ def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool
 @functools.lru_cache(maxsize=None)
 def _forward_key_sm90(dtype, d, is_local, softcap, alibi) -> KernelKey:
     consumers, bn, stages, pingpong = (softcap and FWD_SM90_SOFTCAP_TILES.get(d)) or FWD_SM90_TILES[d]
-    pingpong = 0 if is_local else pingpong
     return KernelKey("fwd_sm90", "attention_fwd_sm90", dtype, d, is_local, softcap, alibi, 64 * consumers, bn,
                      4 * (1 + consumers), extra=(("CF_STAGES", stages), ("CF_CONSUMERS", consumers),
                                                  ("CF_PINGPONG", pingpong)))

@@ -64,8 +64,9 @@ def test_broadcast_heads_fall_back_to_sm80():
 @pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (191, 191), (193, 385), (385, 193), (1000, 1000)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_three_warpgroup_tiles_at_tails(sq, sk, causal):
-    """Head dim 64 runs 192-row tiles over three consumer warpgroups: rows on both sides of every
-    warpgroup and tile boundary are exact, sq != sk both ways."""
+    """Head dim 64 runs 192-row tiles over three consumer warpgroups taking ping-pong turns: rows on both
+    sides of every warpgroup and tile boundary are exact, sq != sk both ways, and with causal masking the
+    lower warpgroups, which skip the key tiles above their rows, keep their turns in step."""
     q, k, v = _rand(3, sq, 2, 64, seed=sq), _rand(3, sk, 2, 64, seed=sk + 1), _rand(3, sk, 2, 64, seed=sk + 2)
     out = cuflash.attention(q, k, v, causal=causal)
     _ref_check(q, k, v, out, causal=causal)

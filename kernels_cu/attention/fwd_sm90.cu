@@ -270,8 +270,8 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         // products, so that one warpgroup's softmax runs while another's products own the tensor cores.
         // Each warpgroup has w.n_tiles() + 1 issue points; the last warpgroup opens the first turn and skips
         // its final hand-over, so every barrier ends each work tile with as many arrivals as waits.
-        // Ping-pong variants have no causal/window mask, so a warpgroup sees either all of the work tile's
-        // key tiles or (rows past seqlen_q) none; an idle one still takes its turns, issuing nothing.
+        // A warpgroup that skips key tiles above its rows (causal diagonal, or no rows at all) still takes
+        // one turn for each, issuing nothing, so all of them count the same turns.
         int turns_left = w.n_tiles() > 0 ? w.n_tiles() + 1 : 0;
         auto take_turn = [&]() {
             if (CF_PINGPONG) named_barrier_sync(kTurnBarrier0 + cw, 256);
