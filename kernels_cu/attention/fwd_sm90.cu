@@ -196,6 +196,9 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
     const bool elected = lane == 0 && warp_in_wg == 0;
     int kv = 0;
     const bool dynamic = dynamic_tiles(p.a);
+    // Ping-pong: the first turn of all is opened here; from then on exactly one hand-over to the first
+    // warpgroup is pending at every work tile's start (a tile without key tiles takes none and leaves it).
+    if (CF_PINGPONG && cw == kConsumers - 1) named_barrier_arrive(kTurnBarrier0, 256);
     for (int local = 0;; ++local) {
         int t = static_work_tile(local);
         if (dynamic) {
@@ -268,19 +271,17 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
 
         // Ping-pong (CF_PINGPONG, FA3): the consumer warpgroups take turns, round robin, to issue their
         // products, so that one warpgroup's softmax runs while another's products own the tensor cores.
-        // Each warpgroup has w.n_tiles() + 1 issue points; the last warpgroup opens the first turn and skips
-        // its final hand-over, so every barrier ends each work tile with as many arrivals as waits.
-        // A warpgroup that skips key tiles above its rows (causal diagonal, or no rows at all) still takes
-        // one turn for each, issuing nothing, so all of them count the same turns.
-        int turns_left = w.n_tiles() > 0 ? w.n_tiles() + 1 : 0;
+        // Each warpgroup has w.n_tiles() + 1 issue points per work tile; a warpgroup that skips key tiles
+        // above its rows (causal diagonal, or no rows at all) still takes one turn for each, issuing
+        // nothing, so all of them count the same turns. The turn runs on across work tiles: the last
+        // warpgroup's final hand-over opens the next tile for the first, which can then issue its first
+        // product while the others are still in their epilogues (see the pending turn below the loop).
         auto take_turn = [&]() {
             if (CF_PINGPONG) named_barrier_sync(kTurnBarrier0 + cw, 256);
         };
         auto pass_turn = [&]() {
-            if (CF_PINGPONG && (--turns_left > 0 || cw != kConsumers - 1))
-                named_barrier_arrive(kTurnBarrier0 + (cw + 1) % kConsumers, 256);
+            if (CF_PINGPONG) named_barrier_arrive(kTurnBarrier0 + (cw + 1) % kConsumers, 256);
         };
-        if (CF_PINGPONG && cw == kConsumers - 1 && w.n_tiles() > 0) named_barrier_arrive(kTurnBarrier0, 256);
 
         // A key tile this warpgroup's rows cannot see: its stage is released once its loads have landed
         // (waiting for full first keeps the arrival in the stage's current phase, not the previous one).
@@ -384,6 +385,9 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         }
         if (!kPersistent) break;
     }
+    // The last hand-over has no next tile to open: the first warpgroup takes it, so that no arrival is
+    // left on the barrier (each barrier then sees as many arrivals as waits).
+    if (CF_PINGPONG && cw == 0) named_barrier_sync(kTurnBarrier0, 256);
     if (elected) tma_store_wait_read();  // shared memory must outlive the last store's reads
 }
 
