@@ -94,13 +94,26 @@ struct SmemLayout {
 extern "C" __device__ const int cf_fwd_sm90_smem_bytes = kTileBytes + kBarrierBytes + 1024;
 extern "C" __device__ const int cf_fwd_sm90_persistent = kPersistent;
 
-// One work tile: its coordinates and the key tiles [n_lo, n_hi) its rows can see.
+// One work tile: its query rows [m_start, m_end) and the key tiles [n_lo, n_hi) they can see.
+// With causal/window masking, when seqlen_q is not a multiple of the tile height, the short tile is the
+// first one (rows [0, head), head = the remainder rounded up to whole warpgroups, so every TMA coordinate
+// stays >= 0), where its rows see the fewest keys; its warpgroups past `head` are idle. At the end instead,
+// one or two warpgroups would walk every key tile with no others to overlap (seqlen 1000, hd64: one
+// warpgroup, 8 key tiles). The last tile may then run up to 63 rows past seqlen_q, clipped as usual.
 struct WorkTile {
     BlockCoords bc;
-    int m_start, n_lo, n_hi;
+    int m_start, m_end, n_lo, n_hi;
     __device__ __forceinline__ WorkTile(const AttentionParams& a, const Visibility& vis, int t)
-        : bc(BlockCoords::grouped(a, t)), m_start(bc.m_block * kBM) {
-        vis.key_tiles(m_start, min(m_start + kBM, a.seqlen_q) - 1, kBN, &n_lo, &n_hi);
+        : bc(BlockCoords::grouped(a, t)) {
+        if (CF_IS_LOCAL) {
+            const int head = (a.seqlen_q - (a.num_m_blocks - 1) * kBM + 63) & ~63;
+            m_start = bc.m_block == 0 ? 0 : head + (bc.m_block - 1) * kBM;
+            m_end = min(bc.m_block == 0 ? head : m_start + kBM, a.seqlen_q);
+        } else {
+            m_start = bc.m_block * kBM;
+            m_end = min(m_start + kBM, a.seqlen_q);
+        }
+        vis.key_tiles(m_start, m_end - 1, kBN, &n_lo, &n_hi);
     }
     __device__ __forceinline__ int n_tiles() const { return n_hi - n_lo; }
 };
@@ -208,17 +221,17 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         if (t >= num_tiles) break;
         const WorkTile w(p.a, vis, t);
         const int wg_row0 = w.m_start + cw * 64;
-        const int wg_row_last = min(wg_row0 + 64, p.a.seqlen_q) - 1;
+        const int wg_row_last = min(wg_row0 + 64, w.m_end) - 1;
         // This warpgroup walks the work tile's key tiles from the highest its own rows can see, wg_hi - 1,
         // down to n_lo: with causal masking the lower warpgroups of a tile see fewer keys, and warpgroups
-        // whose rows all lie past seqlen_q see none (causal, seqlen 1k, 192-row tiles: 33% more key tiles
-        // than the rows can see). Tiles left of a window's edge for this warpgroup but not for the whole
-        // tile are still computed (masked): skipping those too would keep one more value live through the
-        // loop, which the 160- and 168-register budgets do not have. The stages of skipped key tiles are
-        // released at once, after their loads land (see pass_key_tile).
+        // whose rows all lie past the tile's own (m_end) see none (causal, seqlen 1k, 192-row tiles: 33%
+        // more key tiles than the rows can see). Tiles left of a window's edge for this warpgroup but not
+        // for the whole tile are still computed (masked): skipping those too would keep one more value
+        // live through the loop, which the 160- and 168-register budgets do not have. The stages of
+        // skipped key tiles are released at once, after their loads land (see pass_key_tile).
         int wg_lo, wg_hi;
         vis.key_tiles(wg_row0, wg_row_last, kBN, &wg_lo, &wg_hi);
-        if (wg_row0 >= p.a.seqlen_q || wg_lo >= wg_hi) wg_hi = w.n_lo;
+        if (wg_row0 >= w.m_end || wg_lo >= wg_hi) wg_hi = w.n_lo;
         const int n_tiles = wg_hi - w.n_lo;
         const int skip_front = w.n_hi - wg_hi;
         const int kv0 = kv + skip_front;  // ring position of this warpgroup's first key tile
@@ -375,11 +388,11 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
                 const u32 addr = o_rows + (d / 8) * kQBlock + r * 128 + (((d % 8) ^ (r & 7)) << 4) + tq * 4;
                 asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(addr), "r"(pack2(acc_o[0][d][2 * hh], acc_o[0][d][2 * hh + 1])));
             }
-            if (tq == 0 && wg_row0 + r < p.a.seqlen_q) lse[wg_row0 + r] = row_lse[0][hh];
+            if (tq == 0 && wg_row0 + r < w.m_end) lse[wg_row0 + r] = row_lse[0][hh];
         }
         fence_proxy_async_smem();
         named_barrier_sync(1 + cw, 128);
-        if (elected) {
+        if (elected && wg_row0 < w.m_end) {  // an idle warpgroup of a short first tile holds the next tile's rows
             for (int c = 0; c < kCol64; ++c) tma_store_4d(&p.o, o_rows + c * kQBlock, c * 64, wg_row0, w.bc.h, w.bc.b);
             tma_store_commit();
         }
