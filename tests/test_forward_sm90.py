@@ -66,7 +66,8 @@ def test_broadcast_heads_fall_back_to_sm80():
 def test_three_warpgroup_tiles_at_tails(sq, sk, causal):
     """Head dim 64 runs 192-row tiles over three consumer warpgroups taking ping-pong turns: rows on both
     sides of every warpgroup and tile boundary are exact, sq != sk both ways, and with causal masking the
-    lower warpgroups, which skip the key tiles above their rows, keep their turns in step."""
+    lower warpgroups, which skip the key tiles above their rows, keep their turns in step; there the short
+    tile comes first (seqlen 1000: rows [0, 64), two idle warpgroups that must not store)."""
     q, k, v = _rand(3, sq, 2, 64, seed=sq), _rand(3, sk, 2, 64, seed=sk + 1), _rand(3, sk, 2, 64, seed=sk + 2)
     out = cuflash.attention(q, k, v, causal=causal)
     _ref_check(q, k, v, out, causal=causal)
