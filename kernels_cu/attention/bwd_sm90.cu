@@ -420,7 +420,5 @@ attention_bwd_sm90(const __grid_constant__ BackwardSm90Params p) {
         return;
     }
     setmaxnreg_inc<kConsumerRegs>();
-    // Through a shuffle the compiler knows the consumer index is warp-uniform, so the shared-memory
-    // addresses and wgmma descriptors derived from it stay in uniform registers.
-    consume(p, sm, qw, bc, vis, __shfl_sync(0xffffffffu, warpgroup, 0) - 1, warp & 3, tid & 31);
+    consume(p, sm, qw, bc, vis, warpgroup_index() - 1, warp & 3, tid & 31);
 }

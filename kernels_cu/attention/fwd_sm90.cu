@@ -431,10 +431,5 @@ attention_fwd_sm90(const __grid_constant__ ForwardSm90Params p) {
         return;
     }
     setmaxnreg_inc<kConsumerRegs>();
-    // The consumer index goes through a shuffle so that the compiler knows it is warp-uniform: everything
-    // derived from it (a warpgroup's rows, key-tile range, ring positions, hence the wgmma descriptors)
-    // then stays in uniform registers. Derived from threadIdx directly, the descriptors of each product
-    // were built in vector registers and moved over one by one (10-14% slower at head dim 128).
-    const int cw = __shfl_sync(0xffffffffu, warp >> 2, 0) - 1;
-    consume(p, sm, num_tiles, cw, tid & 31, warp & 3);
+    consume(p, sm, num_tiles, warpgroup_index() - 1, tid & 31, warp & 3);
 }

@@ -23,3 +23,9 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 
 // Orders this thread's generic-proxy shared-memory writes before later async-proxy (TMA, wgmma) reads.
 __device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// This thread's warpgroup (threadIdx.x / 128), read through a shuffle so that the compiler knows it is
+// warp-uniform: addresses and wgmma descriptors derived from it then stay in uniform registers. Derived
+// from threadIdx directly, a kernel's descriptors were built in vector registers and moved over one by
+// one before every wgmma (the Hopper forward ran 10-14% slower at head dim 128, bench/NOTES.md h10).
+__device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffffu, threadIdx.x / 128, 0); }
