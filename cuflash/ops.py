@@ -13,7 +13,7 @@ import threading
 
 import numpy as np
 
-from . import dispatch, jit, tma
+from . import arrays, dispatch, jit, tma
 from .arrays import DeviceArray
 
 _LOG2E = 1.4426950408889634
@@ -170,7 +170,6 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, ls
     if use_counter:
         # Persistent CTAs take tiles from a counter that starts at zero on the caller's stream.
         from cupy.cuda import runtime
-        from . import arrays
         counter_native, counter = arrays.empty(framework, (1,), "int32", q.device, stream)
         runtime.memsetAsync(counter.ptr, 0, 4, stream)
         p["tile_counter"] = counter.ptr
@@ -186,8 +185,6 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
 
     Deterministic mode replaces the accumulation and the postprocess by a Q-parallel dQ kernel (sm80).
     """
-    from . import arrays
-
     dtype = "bf16" if q.dtype == "bfloat16" else "fp16"
     arch = dispatch.compile_arch(*cc)
     pre, post, main, dq_key = dispatch.backward_keys(
