@@ -34,13 +34,23 @@ __device__ __forceinline__ void apply_score_mods(float (&sc)[MS][NT8][4], const 
             }
 }
 
+// Per row, the visible columns relative to this thread's first one are [lo, hi]; an element's own offset
+// n * 8 + (e & 1) is a compile-time constant, so each element costs two compares against immediates and a
+// select, instead of rebuilding its (row, column) pair and testing Visibility::visible's three bounds.
 template <int MS, int NT8>
 __device__ __forceinline__ void apply_mask(float (&sc)[MS][NT8][4], const TileCoords<MS, NT8>& tc, const Visibility& vis) {
+    const int col = tc.col(0, 0);
 #pragma unroll
     for (int s = 0; s < MS; ++s)
 #pragma unroll
-        for (int n = 0; n < NT8; ++n)
+        for (int hh = 0; hh < 2; ++hh) {
+            const int i = tc.row(s, 2 * hh);
+            const int hi = min(vis.seqlen_k - 1, i + vis.off + vis.window_right) - col;
+            const int lo = i + vis.off - vis.window_left - col;
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-                if (!vis.visible(tc.row(s, e), tc.col(n, e))) sc[s][n][e] = -CF_INF;
+            for (int n = 0; n < NT8; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                    if (n * 8 + e > hi || n * 8 + e < lo) sc[s][n][2 * hh + e] = -CF_INF;
+        }
 }
