@@ -229,13 +229,15 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         // the next column block every four steps (wgmma.cuh).
         float sc[kNT8][4], dp[kNT8][4];
         auto issue_scores = [&](float (&acc)[kNT8][4], u32 key_rows, u32 query_tile) {
+            const u64 key_desc = wgmma::desc_sw128(key_rows, 16, 1024);
+            const u64 query_desc = wgmma::desc_sw128(query_tile, 16, 1024);
             wgmma::fence();
 #pragma unroll
             for (int kk = 0; kk < kD / 16; ++kk) {
                 const u32 off = (kk % 4) * 32;
                 WgmmaShape<kBM>::ss(reinterpret_cast<float(&)[kBM / 2]>(acc),
-                                    wgmma::desc_sw128(key_rows + (kk / 4) * kKBlock + off, 16, 1024),
-                                    wgmma::desc_sw128(query_tile + (kk / 4) * kQBlock + off, 16, 1024), kk > 0);
+                                    wgmma::desc_advance(key_desc, (kk / 4) * kKBlock + off),
+                                    wgmma::desc_advance(query_desc, (kk / 4) * kQBlock + off), kk > 0);
             }
             wgmma::commit();
         };
@@ -303,15 +305,17 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         }
         // dV += P^T.dO and dK += dS^T.Q: B is the query tile read MN-major (rows are queries, the k16 step
         // moves 16 rows = 2048 bytes; LBO steps between 64-column blocks of the head dim).
+        const u64 dout_desc = wgmma::desc_sw128(sm.dout(s), kQBlock, 1024);
+        const u64 q_desc = wgmma::desc_sw128(sm.q(s), kQBlock, 1024);
         wgmma::fence();
 #pragma unroll
         for (int kk = 0; kk < kBM / 16; ++kk)
             WgmmaShape<kD>::rs_tb(reinterpret_cast<float(&)[kD / 2]>(acc_dv), ap[kk],
-                                  wgmma::desc_sw128(sm.dout(s) + kk * 16 * 128, kQBlock, 1024), 1);
+                                  wgmma::desc_advance(dout_desc, kk * 16 * 128), 1);
 #pragma unroll
         for (int kk = 0; kk < kBM / 16; ++kk)
             WgmmaShape<kD>::rs_tb(reinterpret_cast<float(&)[kD / 2]>(acc_dk), ads[kk],
-                                  wgmma::desc_sw128(sm.q(s) + kk * 16 * 128, kQBlock, 1024), 1);
+                                  wgmma::desc_advance(q_desc, kk * 16 * 128), 1);
         wgmma::commit();
 
         // dS^T to shared memory in the swizzled layout TMA would write (rows = keys, columns = queries).
@@ -334,14 +338,14 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         // dQ = dS.K over all 128 keys: A = dS read from dS^T (M-major), B = K (N-major); the k16 step moves
         // 16 key rows = 2048 bytes in both.
         float acc_dq[kDqN / 8][4];
-        const u32 a_base = ds_buf + (kBM == 128 ? cw * kDSBlock : 0);
-        const u32 b_base = sm.k() + (kBM == 64 ? cw * (kDqN / 64) * kKBlock : 0);
+        const u64 a_desc = wgmma::desc_sw128(ds_buf + (kBM == 128 ? cw * kDSBlock : 0), kDSBlock, 1024);
+        const u64 b_desc = wgmma::desc_sw128(sm.k() + (kBM == 64 ? cw * (kDqN / 64) * kKBlock : 0), kKBlock, 1024);
         wgmma::fence();
 #pragma unroll
         for (int kk = 0; kk < kBN / 16; ++kk)
             WgmmaShape<kDqN>::ss_tt(reinterpret_cast<float(&)[kDqN / 2]>(acc_dq),
-                                    wgmma::desc_sw128(a_base + kk * 16 * 128, kDSBlock, 1024),
-                                    wgmma::desc_sw128(b_base + kk * 16 * 128, kKBlock, 1024), kk > 0);
+                                    wgmma::desc_advance(a_desc, kk * 16 * 128),
+                                    wgmma::desc_advance(b_desc, kk * 16 * 128), kk > 0);
         wgmma::commit();
         wgmma::wait<1>();  // dV, dK retired: the stage's Q and dO are no longer read
         mbar_arrive(sm.empty(s));

@@ -243,20 +243,23 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         OnlineSoftmax<1, kNT8> softmax;
 
         auto issue_qk = [&](float (&sc)[1][kNT8][4], int s) {
+            const u64 q_desc = wgmma::desc_sw128(q_rows, 16, 1024);
+            const u64 k_desc = wgmma::desc_sw128(sm.k_stage(s), 16, 1024);
 #pragma unroll
             for (int kk = 0; kk < kD / 16; ++kk) {
                 const u32 off = (kk % 4) * 32;
                 WgmmaShape<kBN>::ss(reinterpret_cast<float(&)[kBN / 2]>(sc),
-                                    wgmma::desc_sw128(q_rows + (kk / 4) * kQBlock + off, 16, 1024),
-                                    wgmma::desc_sw128(sm.k_stage(s) + (kk / 4) * kKVBlock + off, 16, 1024), kk > 0);
+                                    wgmma::desc_advance(q_desc, (kk / 4) * kQBlock + off),
+                                    wgmma::desc_advance(k_desc, (kk / 4) * kKVBlock + off), kk > 0);
             }
             wgmma::commit();
         };
         auto issue_pv = [&](const u32 (&pa)[kBN / 16][4], int s) {
+            const u64 v_desc = wgmma::desc_sw128(sm.v_stage(s), kKVBlock, 1024);
 #pragma unroll
             for (int kk = 0; kk < kBN / 16; ++kk)
                 WgmmaShape<kD>::rs_tb(reinterpret_cast<float(&)[kD / 2]>(acc_o), pa[kk],
-                                      wgmma::desc_sw128(sm.v_stage(s) + kk * 16 * 128, kKVBlock, 1024), 1);
+                                      wgmma::desc_advance(v_desc, kk * 16 * 128), 1);
             wgmma::commit();
         };
         // Raw products -> unnormalised probabilities; alpha rescales O to the new row maxima.

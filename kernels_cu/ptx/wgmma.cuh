@@ -39,6 +39,15 @@ __device__ __forceinline__ u64 desc_sw128(u32 smem_addr, u32 lbo_bytes, u32 sbo_
            | (1ull << 62);
 }
 
+// The descriptor of the same operand `bytes` further on (a k16 step, a column block): only the start
+// address field moves, and it cannot carry into LBO, since shared addresses stay below 2^18 (228 KB per
+// CTA) and so (addr >> 4) below 2^14 before and after. Adding to the low word alone is one uniform
+// instruction per wgmma, where rebuilding the descriptor from the address took five.
+__device__ __forceinline__ u64 desc_advance(u64 desc, u32 bytes) {
+    const u32 lo = (u32)desc + (bytes >> 4), hi = (u32)(desc >> 32);
+    return ((u64)hi << 32) | lo;
+}
+
 __device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 
