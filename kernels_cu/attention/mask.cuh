@@ -36,6 +36,10 @@ struct Visibility {
     __device__ __forceinline__ bool tile_needs_mask(int i0, int i1, int j0, int bn) const {
         if (j0 + bn > seqlen_k) return true;
         if (!IS_LOCAL) return false;
-        return (j0 + bn - 1 > i0 + off + window_right) || (j0 < i1 + off - window_left);
+        return (j0 + bn - 1 > i0 + off + window_right) || tile_crosses_left_edge(i1, j0);
     }
+
+    // True when some query in [.., i1] has its window's left edge past key j0 (only then does a mask of
+    // the tile starting at j0 need the left bound).
+    __device__ __forceinline__ bool tile_crosses_left_edge(int i1, int j0) const { return j0 < i1 + off - window_left; }
 };

@@ -37,7 +37,9 @@ __device__ __forceinline__ void apply_score_mods(float (&sc)[MS][NT8][4], const 
 // Per row, the visible columns relative to this thread's first one are [lo, hi]; an element's own offset
 // n * 8 + (e & 1) is a compile-time constant, so each element costs two compares against immediates and a
 // select, instead of rebuilding its (row, column) pair and testing Visibility::visible's three bounds.
-template <int MS, int NT8>
+// LEFT = false drops the lo compare, for tiles no window's left edge crosses (every causal tile):
+// Visibility::tile_crosses_left_edge.
+template <int MS, int NT8, bool LEFT = true>
 __device__ __forceinline__ void apply_mask(float (&sc)[MS][NT8][4], const TileCoords<MS, NT8>& tc, const Visibility& vis) {
     const int col = tc.col(0, 0);
 #pragma unroll
@@ -51,6 +53,6 @@ __device__ __forceinline__ void apply_mask(float (&sc)[MS][NT8][4], const TileCo
             for (int n = 0; n < NT8; ++n)
 #pragma unroll
                 for (int e = 0; e < 2; ++e)
-                    if (n * 8 + e > hi || n * 8 + e < lo) sc[s][n][2 * hh + e] = -CF_INF;
+                    if (n * 8 + e > hi || (LEFT && n * 8 + e < lo)) sc[s][n][2 * hh + e] = -CF_INF;
         }
 }
