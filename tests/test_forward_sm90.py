@@ -10,7 +10,8 @@ import pytest
 import cuflash
 from cuflash import dispatch, jit, ops, reference
 
-from gpu_helpers import flash_rule, loaded_families, naive_same_dtype, run_sanitizer, skip_unless_hopper, to_np64
+from gpu_helpers import (flash_rule, loaded_families, naive_same_dtype, poison_torch_allocator, run_sanitizer,
+                         skip_unless_hopper, to_np64)
 
 pytestmark = pytest.mark.gpu
 
@@ -109,6 +110,23 @@ def test_persistent_masked_tiles(d, window):
     assert dispatch.forward_sm90_schedule(key, -(-2000 // key.block_m) * 3 * 8, 1500, 132) == (132, True)
     out = cuflash.attention(q, k, v, window_size=window)
     _ref_check(q, k, v, out, window_size=window)
+
+
+def test_tile_counter_reset_between_back_to_back_calls():
+    """Each causal call on the counter schedule zeroes its tile counter on the caller's stream before the
+    kernel: 50 calls queued without a synchronisation in between (the counter's memory reused from one
+    call to the next) all give the output of a lone synchronised call, bit for bit. A counter left at the
+    previous call's final value would skip every tile and leave the NaN-poisoned outputs in place."""
+    q, k, v = _rand(4, 1000, 16, 128, seed=21), _rand(4, 1000, 16, 128, seed=22), _rand(4, 1000, 16, 128, seed=23)
+    key = dispatch.forward_key_sm90("bf16", 128, is_local=True, softcap=False, alibi=False)
+    assert dispatch.forward_sm90_schedule(key, -(-1000 // key.block_m) * 4 * 16, 1000, ops._sm_count(0))[1]
+    ref = cuflash.attention(q, k, v, causal=True)
+    torch.cuda.synchronize()
+    _ref_check(q, k, v, ref, causal=True)
+    poison_torch_allocator([q.numel() * 2] * 50 + [4 * 16 * 1000 * 4] * 50, q.device)
+    outs = [cuflash.attention(q, k, v, causal=True) for _ in range(50)]
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, ref) for o in outs)
 
 
 def test_params_and_smem_formulas_match_sm90_kernel():
