@@ -75,7 +75,7 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
 
         const TileCoords<kMS, kNT8> tc(m_start + warp_row0, n_block * kBN, lane);
         apply_score_mods<kMS, kNT8, CF_SOFTCAP, CF_ALIBI>(sc, tc, p.softmax_scale, p.softcap, slope, vis.off);
-        if (vis.tile_needs_mask<CF_IS_LOCAL>(m_start, i_last, n_block * kBN, kBN)) apply_mask(sc, tc, vis);
+        mask_tile<CF_IS_LOCAL>(sc, tc, vis, m_start, i_last, n_block * kBN, kBN);
 
         // V of this tile has landed and every warp is done with K: prefetch the next K under softmax + PV.
         cp_async_wait<0>();

@@ -266,10 +266,7 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         auto softmax_tile = [&](float (&sc)[1][kNT8][4], int n_block, float (&alpha)[1][2]) {
             const TileCoords<1, kNT8> tc(warp_row0, n_block * kBN, lane);
             apply_score_mods<1, kNT8, CF_SOFTCAP, CF_ALIBI>(sc, tc, p.a.softmax_scale, p.a.softcap, slope, vis.off);
-            if (vis.tile_needs_mask<CF_IS_LOCAL>(wg_row0, wg_row_last, n_block * kBN, kBN)) {
-                if (CF_IS_LOCAL && vis.tile_crosses_left_edge(wg_row_last, n_block * kBN)) apply_mask(sc, tc, vis);
-                else apply_mask<1, kNT8, false>(sc, tc, vis);
-            }
+            mask_tile<CF_IS_LOCAL>(sc, tc, vis, wg_row0, wg_row_last, n_block * kBN, kBN);
             softmax.exponentiate(sc, alpha, p.a.scale_log2);
         };
         // The accumulator layout of two neighbouring n8 column groups is the A-fragment layout of one k16

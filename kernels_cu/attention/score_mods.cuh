@@ -37,9 +37,8 @@ __device__ __forceinline__ void apply_score_mods(float (&sc)[MS][NT8][4], const 
 // Per row, the visible columns relative to this thread's first one are [lo, hi]; an element's own offset
 // n * 8 + (e & 1) is a compile-time constant, so each element costs two compares against immediates and a
 // select, instead of rebuilding its (row, column) pair and testing Visibility::visible's three bounds.
-// LEFT = false drops the lo compare, for tiles no window's left edge crosses (every causal tile):
-// Visibility::tile_crosses_left_edge.
-template <int MS, int NT8, bool LEFT = true>
+// LEFT = false drops the lo compare, for tiles no window's left edge crosses (mask_tile decides).
+template <int MS, int NT8, bool LEFT>
 __device__ __forceinline__ void apply_mask(float (&sc)[MS][NT8][4], const TileCoords<MS, NT8>& tc, const Visibility& vis) {
     const int col = tc.col(0, 0);
 #pragma unroll
@@ -55,4 +54,15 @@ __device__ __forceinline__ void apply_mask(float (&sc)[MS][NT8][4], const TileCo
                 for (int e = 0; e < 2; ++e)
                     if (n * 8 + e > hi || (LEFT && n * 8 + e < lo)) sc[s][n][2 * hh + e] = -CF_INF;
         }
+}
+
+// Masks the score tile of queries [i0, i1] x keys [j0, j0 + bn) only as far as it needs: interior tiles not
+// at all, and the left window bound only where some row's left edge crosses the tile (never with causal
+// masking or a tail tile alone), which saves a compare per element.
+template <bool IS_LOCAL, int MS, int NT8>
+__device__ __forceinline__ void mask_tile(float (&sc)[MS][NT8][4], const TileCoords<MS, NT8>& tc, const Visibility& vis,
+                                          int i0, int i1, int j0, int bn) {
+    if (!vis.tile_needs_mask<IS_LOCAL>(i0, i1, j0, bn)) return;
+    if (IS_LOCAL && vis.tile_crosses_left_edge(i1, j0)) apply_mask<MS, NT8, true>(sc, tc, vis);
+    else apply_mask<MS, NT8, false>(sc, tc, vis);
 }
