@@ -436,3 +436,66 @@ def all_keys() -> list[KernelKey]:
     for k in all_backward_keys() + all_backward_sm90_keys():
         keys[k.name] = k
     return list(keys.values())
+
+
+# ---------------------------------------------------------------------------
+# Which variants a compile target runs (what cuflash.precompile builds)
+# ---------------------------------------------------------------------------
+
+def arch_compute_capability(arch: str) -> tuple:
+    """(major, minor) of the GPUs whose kernels compile for NVRTC target ``arch``: the inverse of
+    :func:`compile_arch`. ``"sm_90a"`` -> (9, 0), ``"sm_86"`` -> (8, 6), ``"sm_120"`` -> (12, 0).
+
+    Only targets the runtime itself compiles for are accepted: a cubin cached for ``"sm_90"`` would never be
+    looked up (Hopper runs ``"sm_90a"``), so precompiling it would silently waste the work.
+    """
+    expected = "expected an NVRTC target such as 'sm_80', 'sm_86', 'sm_89', 'sm_90a', 'sm_100' or 'sm_120'"
+    if not isinstance(arch, str):
+        raise ValueError(f"arch={arch!r}: {expected}")
+    digits = arch[3:-1] if arch.endswith("a") else arch[3:]
+    if not arch.startswith("sm_") or len(digits) < 2 or not digits.isdigit():
+        raise ValueError(f"arch={arch!r}: {expected}")
+    major, minor = int(digits[:-1]), int(digits[-1])
+    if (major, minor) < (8, 0):
+        raise ValueError(f"arch={arch!r}: cuflash needs a GPU of compute capability 8.0 or newer "
+                         f"(sm_80 and up); {arch} is {major}.{minor}")
+    runtime = compile_arch(major, minor)
+    if runtime != arch:
+        raise ValueError(f"arch={arch!r}: a GPU of compute capability {major}.{minor} runs cuflash kernels "
+                         f"compiled for {runtime!r}; pass arch={runtime!r}")
+    return major, minor
+
+
+def keys_for_arch(arch: str) -> list[KernelKey]:
+    """Every variant that a GPU whose compile target is ``arch`` can run, chosen the way ops.forward and
+    ops.backward choose them (that GPU's shared-memory limit decides the tiles), so that a cache filled with
+    these never misses at run time.
+
+    Compute capability 9.0 (``sm_90a``) runs both the wgmma families and the sm80 ones: views TMA cannot
+    address, deterministic mode, head dims 192/256 in the backward and CUFLASH_FWD_KERNEL/CUFLASH_BWD_KERNEL
+    all fall back to sm80. Every other GPU runs the sm80 families only.
+    """
+    major, minor = arch_compute_capability(arch)
+    hopper = (major, minor) == (9, 0)
+    limit = max_smem(major, minor)
+    keys: dict = {}
+    for dt in DTYPES:
+        for d in PADDED_HEAD_DIMS:
+            for loc in (False, True):
+                for sc in (False, True):
+                    for al in (False, True):
+                        mods = dict(is_local=loc, softcap=sc, alibi=al)
+                        found = [forward_key(dt, d, smem_limit=limit, **mods)]
+                        if hopper:
+                            found.append(forward_key_sm90(dt, d, **mods))
+                            if d in BWD_SM90_TILES:
+                                found.append(backward_key_sm90(dt, d, **mods))
+                        for det in (False, True):
+                            try:
+                                found += backward_keys(dt, d, deterministic=det, smem_limit=limit, **mods)
+                            except NotImplementedError:  # the runtime raises the same for such a call
+                                continue
+                        for k in found:
+                            if k is not None:
+                                keys.setdefault(k.name, k)
+    return list(keys.values())
