@@ -473,7 +473,8 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
 
     Compute capability 9.0 (``sm_90a``) runs both the wgmma families and the sm80 ones: views TMA cannot
     address, deterministic mode, head dims 192/256 in the backward and CUFLASH_FWD_KERNEL/CUFLASH_BWD_KERNEL
-    all fall back to sm80. Every other GPU runs the sm80 families only.
+    all fall back to sm80. Every other GPU runs the sm80 families only. Kernels of any other family in
+    :func:`all_keys` (helpers such as layout copies) have no tiles to choose and run on every target.
     """
     major, minor = arch_compute_capability(arch)
     hopper = (major, minor) == (9, 0)
@@ -498,4 +499,11 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                         for k in found:
                             if k is not None:
                                 keys.setdefault(k.name, k)
+    for k in all_keys():
+        if k.family not in ATTENTION_FAMILIES:
+            keys.setdefault(k.name, k)
     return list(keys.values())
+
+
+# The tiled attention kernels, whose variants keys_for_arch picks per target; other families are helpers.
+ATTENTION_FAMILIES = frozenset({"fwd_sm80", "fwd_sm90", "bwd_sm80", "bwd_sm90", "bwd_prepost", "bwd_dq_sm80"})
