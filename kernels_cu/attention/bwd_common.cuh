@@ -3,6 +3,7 @@
 #include "ptx/cp_async.cuh"
 #include "ptx/math.cuh"
 #include "attention/params.cuh"
+#include "attention/score_mods.cuh"
 
 #ifndef CF_DETERMINISTIC
 #define CF_DETERMINISTIC 0
@@ -102,14 +103,17 @@ __device__ __forceinline__ void red_add_f32x4(float* addr, float a, float b, flo
 
 // The backward recomputation of one score element, shared by the KV-parallel and the Q-parallel kernels:
 // from the raw q.k product `x`, query i and key j,
-//   s  = x                                         (no softcap / ALiBi; c = softmax_scale * log2 e)
-//   s  = softcap * tanh(scale * x / softcap) - slope * |i + off - j|   (otherwise; c = log2 e)
-//   P  = 2^(s c - lse_l2)      (lse_l2 = lse * log2 e; 0 where masked: s = -inf; 0 on rows with lse = +inf)
+//   s  = x                                         (no softcap / ALiBi; score_scale = softmax_scale)
+//   s  = softcap * tanh(scale * x / softcap) - slope * |i + off - j|   (otherwise; score_scale = 1)
+//   P  = 2^((s score_scale - lse) log2 e)      (0 where masked: s = -inf; 0 on rows with lse = +inf)
+// P's exponent is formed in natural units by one FMA, s score_scale - lse, before the log2 e factor:
+// folding log2 e into both terms (one FMA, 2^(s c - lse log2 e)) rounds each to ulp(|lse|) and turned P
+// into inf/NaN once |lse| reached ~1e9; this way P is exact wherever the fp32 LSE holds the true value.
 //   dS = P (dP - D) [* (1 - tanh^2)]  -- neither softmax_scale nor any 16-bit rounding is applied here.
 // bwd_probability returns P and the softcap factor 1 - tanh^2 (1 without softcap); without softcap, a
 // kernel can take P before dP is ready and finish dS = P (dP - D) later.
 template <bool SOFTCAP, bool ALIBI>
-__device__ __forceinline__ float bwd_probability(float x, float lse_l2, bool visible, float c, float pre,
+__device__ __forceinline__ float bwd_probability(float x, float lse, bool visible, float score_scale, float pre,
                                                  float softcap, float slope, int dist, float& dtanh) {
     dtanh = 1.f;
     if (SOFTCAP) {
@@ -121,15 +125,15 @@ __device__ __forceinline__ float bwd_probability(float x, float lse_l2, bool vis
     }
     if (ALIBI) x -= slope * fabsf((float)dist);
     if (!visible) x = -CF_INF;
-    return exp2_approx(fmaf(x, c, -lse_l2));
+    return exp2_approx(fmaf(x, score_scale, -lse) * kLog2e);
 }
 
 // P and, overwriting `dp` (dO.v on entry), dS in one step.
 template <bool SOFTCAP, bool ALIBI>
-__device__ __forceinline__ float bwd_score_element(float x, float& dp, float lse_l2, float delta, bool visible,
-                                                   float c, float pre, float softcap, float slope, int dist) {
+__device__ __forceinline__ float bwd_score_element(float x, float& dp, float lse, float delta, bool visible,
+                                                   float score_scale, float pre, float softcap, float slope, int dist) {
     float dtanh;
-    const float pr = bwd_probability<SOFTCAP, ALIBI>(x, lse_l2, visible, c, pre, softcap, slope, dist, dtanh);
+    const float pr = bwd_probability<SOFTCAP, ALIBI>(x, lse, visible, score_scale, pre, softcap, slope, dist, dtanh);
     float ds = pr * (dp - delta);
     if (SOFTCAP) ds *= dtanh;
     dp = ds;

@@ -77,7 +77,7 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
     }
 
     // Per-row LSE (times log2 e) and delta; rows past seqlen_q get LSE = +inf, hence P = 0.
-    float lse_l2[kMS][2], delta[kMS][2];
+    float lse[kMS][2], delta[kMS][2];
     {
         const BlockCoords c(p);
         const i64 row_base = ((i64)c.b * p.heads_q + c.h) * p.seqlen_q;
@@ -87,7 +87,7 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
             for (int hh = 0; hh < 2; ++hh) {
                 const int i = m_start + warp_row0 + s * 16 + g + hh * 8;
                 const bool valid = i < p.seqlen_q;
-                lse_l2[s][hh] = valid ? p.lse[row_base + i] * kLog2e : CF_INF;
+                lse[s][hh] = valid ? p.lse[row_base + i] : CF_INF;
                 delta[s][hh] = valid ? p.delta[row_base + i] : 0.f;
             }
     }
@@ -128,7 +128,7 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
             const bool need_mask = vis.tile_needs_mask<CF_IS_LOCAL>(m_start, i_last, n_start, kBN);
             const float slope = CF_ALIBI ? p.alibi[(i64)BlockCoords(p).b * p.alibi_batch_stride + BlockCoords(p).h] : 0.f;
             const float pre = CF_SOFTCAP ? p.softmax_scale / p.softcap : p.softmax_scale;
-            const float c = p.scale_log2, softcap = p.softcap;
+            const float score_scale = natural_score_scale<CF_SOFTCAP, CF_ALIBI>(p.softmax_scale), softcap = p.softcap;
 #pragma unroll
             for (int s = 0; s < kMS; ++s)
 #pragma unroll
@@ -138,7 +138,7 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
                         const int i = m_start + warp_row0 + s * 16 + g + (e >> 1) * 8;
                         const int j = n_start + n * 8 + t2 + (e & 1);
                         const bool visible = !need_mask || vis.visible(i, j);
-                        bwd_score_element<CF_SOFTCAP, CF_ALIBI>(sc[s][n][e], dp[s][n][e], lse_l2[s][e >> 1],
+                        bwd_score_element<CF_SOFTCAP, CF_ALIBI>(sc[s][n][e], dp[s][n][e], lse[s][e >> 1],
                                                                 delta[s][e >> 1], visible, c, pre, softcap, slope,
                                                                 i + vis.off - j);
                     }

@@ -21,7 +21,7 @@
 //   group sums, written once, with no atomics and no extra memory (GQA/MQA option (a)).
 //   Reads : q, k, v, dout, lse, delta, alibi (CF_ALIBI), all strides q_* k_* v_* do_*, alibi_batch_stride,
 //           batch, heads_q, heads_k, seqlen_q, seqlen_k, head_dim, window_left, window_right,
-//           softmax_scale, scale_log2 (same convention as the forward), softcap (CF_SOFTCAP).
+//           softmax_scale, softcap (CF_SOFTCAP).
 //   Writes: dk, dv (dk_*, dv_* strides; dK scaled by softmax_scale; only rows < seqlen_k, cols < head_dim);
 //           unless CF_DETERMINISTIC: atomically adds the unscaled dS.K into dq_accum, fp32, contiguous
 //           (batch, seqlen_q, heads_q, CF_HEAD_DIM) with the columns of each 16-column group in the order
@@ -77,7 +77,7 @@
 //   Q/dO/LSE/delta of the next (head, query tile) are prefetched with cp.async at the top of each iteration
 //   (S = 2), or after dK/dV, under the dQ product (S = 1).
 //
-// Numerics: P = 2^(s * scale_log2 - lse * log2 e) with ex2.approx (rows with lse = +inf give P = 0; the
+// Numerics: P = 2^((s * score_scale - lse) * log2 e) with ex2.approx (bwd_common.cuh) (rows with lse = +inf give P = 0; the
 // zero-filled LSE of rows past seqlen_q is never used: the last query tile always takes the masked path);
 // P and dS are rounded to 16 bits only as mma operands, dS = P (dP - D) itself is fp32; the softcap factor
 // 1 - tanh^2 recomputes tanh with tanh_accurate. Validated on an H100 (fp16 / bf16, hd 64/96/128/160/192/256,
@@ -298,7 +298,7 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
             const bool need_mask = vis.tile_needs_mask<CF_IS_LOCAL>(m_start, i_last, n_start, kBN) || (m_start + kBM > p.seqlen_q);
             const float slope = CF_ALIBI ? p.alibi[(i64)BwdCoords(p).b * p.alibi_batch_stride + h] : 0.f;
             const float pre = CF_SOFTCAP ? p.softmax_scale / p.softcap : p.softmax_scale;
-            const float c = p.scale_log2, softcap = p.softcap;
+            const float score_scale = natural_score_scale<CF_SOFTCAP, CF_ALIBI>(p.softmax_scale), softcap = p.softcap;
             const unsigned char* s_lse = smem + kSmemLSE + st * kBM * 4;
             const unsigned char* s_delta = smem + kSmemDelta + st * kBM * 4;
 #pragma unroll
@@ -314,8 +314,8 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
                     const int j = n_start + key_row0 + s * 16 + g + (e >> 1) * 8;
                     const bool visible = !need_mask || (i < p.seqlen_q && vis.visible(i, j));
                     sc[s][n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(
-                        sc[s][n][e], dp[s][n][e], ((e & 1) ? lse2.y : lse2.x) * kLog2e, (e & 1) ? del2.y : del2.x,
-                        visible, c, pre, softcap, slope, i + vis.off - j);
+                        sc[s][n][e], dp[s][n][e], (e & 1) ? lse2.y : lse2.x, (e & 1) ? del2.y : del2.x,
+                        visible, score_scale, pre, softcap, slope, i + vis.off - j);
                 }
             }
         }

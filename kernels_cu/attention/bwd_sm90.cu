@@ -171,7 +171,7 @@ __device__ __forceinline__ void produce_row_stats(const BackwardSm90Params& p, c
         for (int r = lane; r < kBM; r += 32) {
             const int i = m0 + r;
             const bool valid = i < p.a.seqlen_q;
-            const float lse = valid ? p.a.lse[row_base + i] * kLog2e : CF_INF;
+            const float lse = valid ? p.a.lse[row_base + i] : CF_INF;
             const float delta = valid ? p.a.delta[row_base + i] : 0.f;
             asm volatile("st.shared.f32 [%0], %1;\n" :: "r"(sm.lse(s) + r * 4), "f"(lse) : "memory");
             asm volatile("st.shared.f32 [%0], %1;\n" :: "r"(sm.delta(s) + r * 4), "f"(delta) : "memory");
@@ -219,6 +219,7 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
     mbar_wait(sm.kv_full(), 0);
 
     const float pre = CF_SOFTCAP ? a.softmax_scale / a.softcap : a.softmax_scale;
+    const float score_scale = natural_score_scale<CF_SOFTCAP, CF_ALIBI>(a.softmax_scale);
 #pragma unroll 1
     for (int it = 0; it < qw.n_iters; ++it) {
         const int s = stage_of(it);
@@ -277,14 +278,14 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
                     const int i = m0 + qc + (e & 1);
                     const int j = key_row0 + g + (e >> 1) * 8;
                     const bool visible = !need_mask || vis.visible(i, j);
-                    const float lse_l2 = (e & 1) ? lse2.y : lse2.x;
+                    const float lse = (e & 1) ? lse2.y : lse2.x;
                     if (!kEarlyP) {
-                        sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(sc[n][e], dp[n][e], lse_l2, (e & 1) ? del2.y : del2.x,
-                                                                     visible, a.scale_log2, pre, a.softcap, slope,
+                        sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(sc[n][e], dp[n][e], lse, (e & 1) ? del2.y : del2.x,
+                                                                     visible, score_scale, pre, a.softcap, slope,
                                                                      i + vis.off - j);
                     } else {
                         float unused;
-                        sc[n][e] = bwd_probability<CF_SOFTCAP, CF_ALIBI>(sc[n][e], lse_l2, visible, a.scale_log2, pre,
+                        sc[n][e] = bwd_probability<CF_SOFTCAP, CF_ALIBI>(sc[n][e], lse, visible, score_scale, pre,
                                                                     a.softcap, slope, i + vis.off - j, unused);
                     }
                 }

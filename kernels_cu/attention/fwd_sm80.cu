@@ -91,7 +91,7 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
     }
 
     float row_lse[kMS][2];
-    softmax.finalize(acc_o, row_lse, p.scale_log2);
+    softmax.finalize(acc_o, row_lse, p.scale_log2, natural_score_scale<CF_SOFTCAP, CF_ALIBI>(p.softmax_scale));
 
     u16* o = o_ptr(p, BlockCoords(p));
     float* lse = lse_ptr(p, BlockCoords(p));

@@ -375,7 +375,7 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         kv = kv0 + n_tiles;
 
         float row_lse[1][2];
-        softmax.finalize(acc_o, row_lse, p.a.scale_log2);
+        softmax.finalize(acc_o, row_lse, p.a.scale_log2, natural_score_scale<CF_SOFTCAP, CF_ALIBI>(p.a.softmax_scale));
 
         // The O rows may be overwritten once the previous tile's store has read them (separate buffer), or
         // once every warp of this warpgroup has retired its last product reading these Q rows.

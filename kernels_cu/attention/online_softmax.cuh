@@ -2,16 +2,34 @@
 //
 // Each thread holds, per m16 slab, two query rows (g and g + 8) of the mma accumulator layout; the four
 // threads of a quad share a row, so row reductions are two xor-shuffles. Scores are kept in their raw
-// unit x and exponentiated as 2^(x*c - m*c) with c = scale_log2 folded into one FMA per element.
+// unit x and exponentiated as 2^(x*c - E) with c = scale_log2 and E the row's offset.
 // The row sum l is kept per thread (partial over that thread's columns) and reduced across the quad only
 // once, in finalize(): the rescale factor alpha is identical within a quad, so this is exact.
+//
+// The offset. The fast form takes E = fl(m*c) (m the row max) and folds it into one FMA per element,
+// fma(x, c, -E): exact for every element, but the row's largest probability is 2^(m*c - fl(m*c)), up to
+// 2^(ulp(m*c) / 2), which overflows fp16 P and the row sum once |m*c| passes ~2^31 (a constant bf16 input
+// of 133120 at head dim 64 gives m*c = 2e11: NaN). A warp whose offsets reach kFastOffsetLimit switches
+// for the rest of its rows' key tiles to the exact form E = m*c: 2^(fma(x, c, -fl(m*c)) - r) with
+// r = fma(m, c, -fl(m*c)) the exact rounding residue, one FADD more per element. The switch is a
+// warp-uniform vote per tile, so ordinary inputs run the fast form's instructions unchanged.
 #pragma once
 #include "ptx/math.cuh"
+
+// |fl(m*c)| below 2^24 keeps the fast form's largest probability at most 2^(ulp/2) = 2^0.5 (well inside
+// fp16 P); real attention scores stay orders of magnitude below it.
+constexpr float kFastOffsetLimit = 16777216.f;
+
+// The exact rounding residue m*c - fl(m*c) of the fast offset (0 for an empty row's max of -inf).
+__device__ __forceinline__ float offset_residue(float m, float c) {
+    return (m == -CF_INF) ? 0.f : fmaf(m, c, -(m * c));
+}
 
 template <int MS, int NT8>
 struct OnlineSoftmax {
     float row_max[MS][2];
     float row_sum[MS][2];
+    bool exact = false;  // warp-uniform: the rows' offsets are E = m*c exactly (sticky once set)
 
     __device__ __forceinline__ OnlineSoftmax() {
 #pragma unroll
@@ -33,24 +51,50 @@ struct OnlineSoftmax {
     // A row whose scores are all -inf so far keeps max -inf; it uses 0 as the exponent offset so that
     // -inf - -inf never produces NaN, and its probabilities come out exactly 0.
     __device__ __forceinline__ void exponentiate(float (&sc)[MS][NT8][4], float (&alpha)[MS][2], float c) {
+        // First the new row maxima (alpha holds the old ones until the exponent pass turns them into the
+        // rescale factors: no extra live registers), and whether any offset leaves the fast form's range.
+        bool large = false;
 #pragma unroll
         for (int s = 0; s < MS; ++s) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                float mx = row_max[s][h];
+                float m = row_max[s][h];
 #pragma unroll
-                for (int n = 0; n < NT8; ++n) mx = fmaxf(mx, fmaxf(sc[s][n][2 * h], sc[s][n][2 * h + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float offset = (mx == -CF_INF) ? 0.f : mx * c;
-                alpha[s][h] = exp2_approx(row_max[s][h] * c - offset);
-                row_max[s][h] = mx;
+                for (int n = 0; n < NT8; ++n) m = fmaxf(m, fmaxf(sc[s][n][2 * h], sc[s][n][2 * h + 1]));
+                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+                alpha[s][h] = row_max[s][h];
+                row_max[s][h] = m;
+                large |= !(fabsf(m * c) < kFastOffsetLimit) && m != -CF_INF;
+            }
+        }
+        if (exact || __any_sync(0xffffffffu, large)) exponentiate_rows<true>(sc, alpha, c);
+        else exponentiate_rows<false>(sc, alpha, c);
+    }
+
+    // EXACT: the offset is m*c exactly (see the top of the file). alpha = 2^(E_old - E_new), where E_old
+    // carried the residue only if the previous tile already ran exact, so the fast-to-exact switch rescales
+    // exactly too. On entry alpha holds the previous row maxima.
+    template <bool EXACT>
+    __device__ __forceinline__ void exponentiate_rows(float (&sc)[MS][NT8][4], float (&alpha)[MS][2], float c) {
+#pragma unroll
+        for (int s = 0; s < MS; ++s) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const float m = row_max[s][h], old = alpha[s][h];
+                const float offset = (m == -CF_INF) ? 0.f : m * c;
+                const float residue = EXACT ? offset_residue(m, c) : 0.f;
+                float shift = old * c - offset;
+                if (EXACT) shift += (exact ? offset_residue(old, c) : 0.f) - residue;
+                alpha[s][h] = exp2_approx(shift);
                 float sum = 0.f;
 #pragma unroll
                 for (int n = 0; n < NT8; ++n) {
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const float p = exp2_approx(fmaf(sc[s][n][2 * h + e], c, -offset));
+                        float x = fmaf(sc[s][n][2 * h + e], c, -offset);
+                        if (EXACT) x -= residue;
+                        const float p = exp2_approx(x);
                         sc[s][n][2 * h + e] = p;
                         sum += p;
                     }
@@ -58,6 +102,7 @@ struct OnlineSoftmax {
                 row_sum[s][h] = row_sum[s][h] * alpha[s][h] + sum;
             }
         }
+        if (EXACT) exact = true;
     }
 
     template <int DT8>
@@ -75,8 +120,13 @@ struct OnlineSoftmax {
 
     // Normalises the output and returns the natural-log LSE per row. A row that saw no key gets output 0
     // and LSE +inf, FlashAttention's convention: the backward's exp(s - lse) is then 0, not NaN.
+    // score_scale turns the values the softmax saw into natural-log scores (softmax_scale for raw
+    // products, 1 after softcap/ALiBi). LSE = m * score_scale + ln(l), less the fast offset's residue
+    // (which l absorbed): formed from m directly, so that the backward's exp(s * score_scale - LSE) is
+    // exact wherever the fp32 LSE can hold the true value (one key: P = 1 exactly, however large s is).
     template <int DT8>
-    __device__ __forceinline__ void finalize(float (&acc_o)[MS][DT8][4], float (&lse)[MS][2], float c) {
+    __device__ __forceinline__ void finalize(float (&acc_o)[MS][DT8][4], float (&lse)[MS][2], float c,
+                                             float score_scale) {
 #pragma unroll
         for (int s = 0; s < MS; ++s) {
 #pragma unroll
@@ -86,7 +136,9 @@ struct OnlineSoftmax {
                 l += __shfl_xor_sync(0xffffffffu, l, 2);
                 const bool empty = !(l > 0.f);
                 const float inv = empty ? 0.f : 1.f / l;
-                lse[s][h] = empty ? CF_INF : row_max[s][h] * c * 0.6931471805599453f + logf(l);
+                const float absorbed = exact ? 0.f : offset_residue(row_max[s][h], c);
+                lse[s][h] = empty ? CF_INF
+                                  : fmaf(row_max[s][h], score_scale, fmaf(-absorbed, 0.6931471805599453f, logf(l)));
 #pragma unroll
                 for (int d = 0; d < DT8; ++d) {
                     acc_o[s][d][2 * h] *= inv;

@@ -34,6 +34,13 @@ __device__ __forceinline__ void apply_score_mods(float (&sc)[MS][NT8][4], const 
             }
 }
 
+// The factor that turns the values the softmax sees into natural-log scores: raw q.k products still need
+// softmax_scale, while apply_score_mods has applied it already when softcap or ALiBi is on.
+template <bool SOFTCAP, bool ALIBI>
+__device__ __forceinline__ float natural_score_scale(float softmax_scale) {
+    return (SOFTCAP || ALIBI) ? 1.f : softmax_scale;
+}
+
 // Per row, the visible columns relative to this thread's first one are [lo, hi]; an element's own offset
 // n * 8 + (e & 1) is a compile-time constant, so each element costs two compares against immediates and a
 // select, instead of rebuilding its (row, column) pair and testing Visibility::visible's three bounds.
