@@ -15,6 +15,12 @@ from . import arrays, reference
 _GPU_DTYPES = ("float16", "bfloat16")
 _CPU_DTYPES = ("float16", "float32", "float64")
 _MAX_SEQLEN = 1 << 30  # keeps every index the kernels form from seqlen_q + seqlen_k inside int32
+_MAX_HEAD_DIM = 256
+# The attention kernels read rows in 16-byte chunks: 8 elements of 16 bits.
+_ROW_CHUNK = 8
+
+DROPOUT_NOT_IMPLEMENTED = ("dropout_p={}: attention dropout is not implemented in cuflash yet; pass "
+                           "dropout_p=0.0 (or apply dropout outside attention)")
 
 
 def _check_flag(name, value):
@@ -41,6 +47,17 @@ def _check_real(name, value, *, allow_none=False, positive=False, nonneg=False):
     if nonneg and value < 0:
         raise ValueError(f"{name} must be >= 0 (0 disables it), got {value}")
     return value
+
+
+def check_dropout(dropout_p):
+    """The ``dropout_p`` every entry point takes: a probability in [0, 1); anything above 0 raises
+    NotImplementedError until attention dropout exists."""
+    p = _check_real("dropout_p", dropout_p, nonneg=True)
+    if p >= 1:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    if p > 0:
+        raise NotImplementedError(DROPOUT_NOT_IMPLEMENTED.format(p))
+    return p
 
 
 def _check_window(window_size):
@@ -95,18 +112,29 @@ class _Call:
             raise ValueError(f"{names[1]} has batch {bk} but {names[0]} has batch {b}")
         if dk != d:
             raise ValueError(f"{names[1]} has head_dim {dk} but {names[0]} has head_dim {d}")
-        for name, n in (("batch", b), ("seqlen_q", sq), ("seqlen_k", sk), ("heads_q", hq), ("heads_k", hk)):
+        # Empty batches and sequences are legal (empty outputs; seqlen_k == 0: every row sees no key).
+        for name, n in (("batch", b), ("seqlen_q", sq), ("seqlen_k", sk)):
+            if n < 0:
+                raise ValueError(f"{name} must be >= 0, got {n}")
+        for name, n in (("heads_q", hq), ("heads_k", hk)):
             if n < 1:
                 raise ValueError(f"{name} must be >= 1, got {n}")
         if sq >= _MAX_SEQLEN or sk >= _MAX_SEQLEN:
             raise ValueError(f"seqlen_q and seqlen_k must be < 2**30, got {sq} and {sk}")
-        if d % 8 != 0 or d > 256:
-            raise ValueError(f"head_dim must be a multiple of 8 in [8, 256], got {d}")
+        if not 1 <= d <= _MAX_HEAD_DIM:
+            raise ValueError(f"head_dim must be in [1, {_MAX_HEAD_DIM}], got {d}")
         if hq % hk != 0:
             raise ValueError(f"heads_q ({hq}) must be a multiple of heads_k ({hk}) (GQA/MQA)")
         self.batch, self.seqlen_q, self.heads_q, self.head_dim = b, sq, hq, d
         self.seqlen_k, self.heads_k = sk, hk
+        # Row width the GPU kernels see: head dims off a multiple of 8 run on zero-padded copies.
+        self.width = -(-d // _ROW_CHUNK) * _ROW_CHUNK
         self.names = names
+
+    @property
+    def empty(self) -> bool:
+        """No query or no key: nothing to launch (see :func:`_forward_empty`, :func:`_backward_empty`)."""
+        return self.batch == 0 or self.seqlen_q == 0 or self.seqlen_k == 0
 
     def check_alibi(self, alibi_slopes):
         if alibi_slopes is None:
@@ -155,22 +183,51 @@ def _from_numpy(x, fw):
     return x
 
 
-def _gpu_ready(x, fw, name, stream):
-    """A device view the kernels can read: unit last stride (else an error), 16-byte aligned rows."""
-    view = arrays.device_view(x, fw, stream)
-    if view.strides[-1] != 1:
-        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {view.strides}")
-    aligned = view.ptr % 16 == 0 and all(s % 8 == 0 and s >= 0 for s in view.strides[:-1])
-    if aligned:
+def _readable_in_place(view) -> bool:
+    """Whether the attention kernels can read a view as it is: unit last stride, rows on 16-byte boundaries
+    (a zero stride, such as a broadcast head, is fine)."""
+    return (view.strides[-1] == 1 and view.ptr % 16 == 0
+            and all(s % _ROW_CHUNK == 0 and s >= 0 for s in view.strides[:-1]))
+
+
+def _device_input(call, x, name, stream, cc):
+    """A device view of ``x`` the kernels can read: the caller's memory when it can be read in place, else
+    one contiguous copy of width ``call.width`` (zero columns past head_dim), allocated by the caller's
+    framework on its stream. Copies happen for a non-unit last stride, rows off 16-byte boundaries and
+    head dims that are not multiples of 8; never otherwise."""
+    from . import ops
+    view = arrays.device_view(x, call.fw, stream)
+    if call.width == call.head_dim and _readable_in_place(view):
         return view
-    # cp.async moves 16-byte chunks: a view whose rows start off 16-byte boundaries gets one aligned copy.
-    if fw == "torch":
-        import torch
-        return arrays.device_view(x.detach().clone(memory_format=torch.contiguous_format), fw, stream)
-    import cupy
-    with cupy.cuda.Device(view.device), arrays.cupy_stream(stream, view.device):
-        src = x if fw == "cupy" else cupy.from_dlpack(x)
-        return arrays.device_view(cupy.ascontiguousarray(src), "cupy", stream)
+    _, buf = arrays.empty(call.fw, (*view.shape[:3], call.width), view.dtype, view.device, stream)
+    ops.strided_copy(view, buf, stream=stream, cc=cc)
+    return buf
+
+
+def _device_output(call, shape, stream):
+    """(native result, view the kernels write): the same array when head_dim is a multiple of 8, else a
+    padded work buffer whose first head_dim columns :func:`_finish_output` copies into the result."""
+    native, view = arrays.empty(call.fw, shape, call.dtype, call.device, stream)
+    if call.width == call.head_dim:
+        return native, view, view
+    _, work = arrays.empty(call.fw, (*shape[:3], call.width), call.dtype, call.device, stream)
+    return native, view, work
+
+
+def _finish_output(view, work, stream, cc):
+    if work is not view:
+        from . import ops
+        ops.strided_copy(work, view, stream=stream, cc=cc)
+
+
+def _device_alibi(alibi, fw, stream):
+    """ALiBi slopes as the kernels read them: a unit stride along heads (strided slopes get one small copy)."""
+    if alibi is None:
+        return None
+    view = arrays.device_view(alibi, fw, stream)
+    if view.strides[-1] == 1 and view.ptr % 4 == 0:
+        return view
+    return arrays.contiguous_copy(alibi, fw, view.device, stream)
 
 
 _CC: dict = {}
@@ -189,19 +246,23 @@ def _cc(device: int) -> tuple:
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
-              alibi_slopes=None, return_lse=False):
+              alibi_slopes=None, return_lse=False, dropout_p=0.0):
     """Exact scaled dot-product attention, computed by FlashAttention kernels.
 
     Parameters
     ----------
     q : array, shape (batch, seqlen_q, heads_q, head_dim)
         Queries. CuPy, PyTorch (CUDA), JAX or any DLPack array on a GPU of compute capability >= 8.0, in
-        float16 or bfloat16; or a NumPy array (float16/32/64), computed on the CPU. Any strides with a
-        unit last stride (a transposed ``(batch, heads, seqlen, head_dim)`` view works without a copy).
+        float16 or bfloat16; or a NumPy array (float16/32/64), computed on the CPU. Any strides: a view
+        with a unit last stride and 16-byte aligned rows (a transposed ``(batch, heads, seqlen, head_dim)``
+        view, say) is read in place; any other view is copied once into a contiguous buffer first. The
+        arrays may live on any GPU (not only the current one); the work runs there.
+        ``batch`` and ``seqlen_q`` may be 0 (empty outputs, nothing launched).
     k, v : array, shape (batch, seqlen_k, heads_k, head_dim)
         Keys and values, same type, dtype and device as ``q``. ``heads_q % heads_k == 0`` (GQA/MQA:
-        query head ``h`` uses key/value head ``h // (heads_q // heads_k)``). ``head_dim`` is a multiple
-        of 8 up to 256.
+        query head ``h`` uses key/value head ``h // (heads_q // heads_k)``). ``head_dim`` is any value in
+        [1, 256]: multiples of 8 are read in place, other head dims through zero-padded copies (to the next
+        multiple of 8) with the output cropped back. ``seqlen_k`` may be 0: every row then sees no key.
     causal : bool
         Query ``i`` sees keys ``j <= i + seqlen_k - seqlen_q`` (bottom-right aligned, FlashAttention >= 2.1).
     softmax_scale : float, optional
@@ -215,6 +276,9 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
         Adds ``-slope * |i + seqlen_k - seqlen_q - j|`` to the scores. Same array type and device as ``q``.
     return_lse : bool
         Also return the log-sum-exp of each score row.
+    dropout_p : float
+        Attention dropout probability. Only 0.0 is supported yet: a value in (0, 1) raises
+        NotImplementedError.
 
     Returns
     -------
@@ -224,6 +288,20 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     lse : array, shape (batch, heads_q, seqlen_q), float32 (float64 for float64 NumPy inputs)
         Only with ``return_lse=True``. Natural log. ``+inf`` for a row that sees no key (FlashAttention's
         convention: ``exp(score - lse)`` is then 0 in a backward pass).
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type or dtype, or arrays of different types.
+    ValueError
+        Shapes, devices or values out of range (the message names the argument).
+    NotImplementedError
+        ``dropout_p > 0``.
+
+    Notes
+    -----
+    On CuPy, bfloat16 arrays are ``ml_dtypes.bfloat16`` arrays (CuPy >= 14); a CuPy without bfloat16 gets
+    the raw 16-bit words as uint16 arrays instead.
 
     Examples
     --------
@@ -235,6 +313,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     causal, scale, window, softcap, alibi = _check_options(call, causal, softmax_scale, window_size, softcap,
                                                            alibi_slopes)
     return_lse = _check_flag("return_lse", return_lse)
+    check_dropout(dropout_p)
     if call.fw == "torch" and _needs_autograd(q, k, v):
         from . import torch as torch_adapter
         return torch_adapter.attention(q, k, v, causal=causal, softmax_scale=scale, window_size=window,
@@ -264,20 +343,23 @@ def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse):
     device = call.device
     stream = arrays.current_stream(call.fw, device)
     cc = _cc(device)
-    qv, kv, vv = (_gpu_ready(x, call.fw, n, stream) for x, n in ((q, "q"), (k, "k"), (v, "v")))
-    av = None
-    if alibi is not None:
-        av = arrays.device_view(alibi, call.fw, stream)
-        if av.strides[-1] != 1:
-            raise ValueError(f"alibi_slopes must have a contiguous last dimension, got strides {av.strides}")
-    out_native, out_view = arrays.empty(call.fw, (call.batch, call.seqlen_q, call.heads_q, call.head_dim),
-                                        call.dtype, device, stream)
-    lse_native, lse_view = arrays.empty(call.fw, (call.batch, call.heads_q, call.seqlen_q), "float32", device, stream)
-    ops.forward(qv, kv, vv, out_view, lse_view, av, stream=stream, cc=cc, framework=call.fw, **kwargs)
-    out = arrays.to_caller(out_native, out_view, call.fw, stream)
-    if not return_lse:
-        return out
-    return out, arrays.to_caller(lse_native, lse_view, call.fw, stream)
+    b, sq, hq = call.batch, call.seqlen_q, call.heads_q
+    with arrays.device_scope(device):
+        out_native, out_view, out_work = _device_output(call, (b, sq, hq, call.head_dim), stream)
+        lse_native, lse_view = arrays.empty(call.fw, (b, hq, sq), "float32", device, stream)
+        if call.empty:
+            # No key: every row is 0 with LSE +inf; no query: nothing at all. No kernel either way.
+            ops.fill_zero(out_view, stream=stream)
+            ops.fill_float32(lse_view, math.inf, stream=stream)
+        else:
+            qv, kv, vv = (_device_input(call, x, n, stream, cc) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+            ops.forward(qv, kv, vv, out_work, lse_view, _device_alibi(alibi, call.fw, stream), stream=stream, cc=cc,
+                        framework=call.fw, **kwargs)
+            _finish_output(out_view, out_work, stream, cc)
+        out = arrays.to_caller(out_native, out_view, call.fw, stream)
+        if not return_lse:
+            return out
+        return out, arrays.to_caller(lse_native, lse_view, call.fw, stream)
 
 
 def _check_like(call, name, x, shape, dtypes):
@@ -295,7 +377,7 @@ def _check_like(call, name, x, shape, dtypes):
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, window_size=(-1, -1),
-                       softcap=0.0, alibi_slopes=None, deterministic=False):
+                       softcap=0.0, alibi_slopes=None, deterministic=False, dropout_p=0.0):
     """Gradients of :func:`attention` with respect to q, k and v.
 
     The softmax is recomputed block by block from the saved ``lse`` (nothing quadratic is stored).
@@ -313,11 +395,28 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     deterministic : bool
         Bitwise-reproducible gradients (a separate pass computes dq instead of atomic accumulation;
         slower). The forward is always deterministic.
+    dropout_p : float
+        As passed to the forward; only 0.0 is supported yet (NotImplementedError otherwise).
 
     Returns
     -------
     dq, dk, dv : arrays with the shapes and dtype of q, k, v (GQA: dk/dv summed over the query heads that
-    share a key/value head), in the caller's array type, on the caller's current stream.
+    share a key/value head), in the caller's array type, on the caller's current stream. Empty inputs
+    give empty or zero gradients without a launch.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`attention`, and for ``dout``/``out``/``lse`` whose shape, dtype or device do not match.
+    NotImplementedError
+        ``dropout_p > 0``.
+
+    Notes
+    -----
+    P is recomputed as ``exp(score * scale - lse)`` from the float32 ``lse``. Its accuracy is the LSE's:
+    exact while |lse| is small enough for float32 to hold it to well below 1e-3 (|lse| < ~1e4), degrading
+    in proportion to ``ulp(lse)`` beyond that (scores of 1e9 and more), as in FlashAttention-2, which saves
+    the same float32 LSE.
 
     Examples
     --------
@@ -328,6 +427,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     causal, scale, window, softcap, alibi = _check_options(call, causal, softmax_scale, window_size, softcap,
                                                            alibi_slopes)
     deterministic = _check_flag("deterministic", deterministic)
+    check_dropout(dropout_p)
     qshape = (call.batch, call.seqlen_q, call.heads_q, call.head_dim)
     _check_like(call, "dout", dout, qshape, (call.dtype,))
     _check_like(call, "out", out, qshape, (call.dtype,))
@@ -347,17 +447,20 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     device = call.device
     stream = arrays.current_stream(call.fw, device)
     cc = _cc(device)
-    views = {n: _gpu_ready(x, call.fw, n, stream) for n, x in
-             (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out))}
-    lse_view = arrays.device_view(lse, call.fw, stream)
-    if lse_view.strides != (call.heads_q * call.seqlen_q, call.seqlen_q, 1):
-        raise ValueError(f"lse must be contiguous (batch, heads_q, seqlen_q), got strides {lse_view.strides}")
-    av = None if alibi is None else arrays.device_view(alibi, call.fw, stream)
-    natives, grad_views = [], []
-    for x in (q, k, v):
-        native, view = arrays.empty(call.fw, x.shape, call.dtype, device, stream)
-        natives.append(native)
-        grad_views.append(view)
-    ops.backward(views["dout"], views["q"], views["k"], views["v"], views["out"], lse_view, av, *grad_views,
-                 deterministic=deterministic, stream=stream, cc=cc, framework=call.fw, **kwargs)
-    return tuple(arrays.to_caller(n, gv, call.fw, stream) for n, gv in zip(natives, grad_views))
+    with arrays.device_scope(device):
+        grads = [_device_output(call, (*x.shape[:3], call.head_dim), stream) for x in (q, k, v)]
+        if call.empty:
+            for _, view, _ in grads:  # no query or no key: nothing flows, every gradient is 0
+                ops.fill_zero(view, stream=stream)
+        else:
+            views = {n: _device_input(call, x, n, stream, cc) for n, x in
+                     (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out))}
+            lse_view = arrays.device_view(lse, call.fw, stream)
+            if lse_view.strides != (call.heads_q * call.seqlen_q, call.seqlen_q, 1):
+                lse_view = arrays.contiguous_copy(lse, call.fw, device, stream)
+            ops.backward(views["dout"], views["q"], views["k"], views["v"], views["out"], lse_view,
+                         _device_alibi(alibi, call.fw, stream), *(work for _, _, work in grads),
+                         deterministic=deterministic, stream=stream, cc=cc, framework=call.fw, **kwargs)
+            for _, view, work in grads:
+                _finish_output(view, work, stream, cc)
+        return tuple(arrays.to_caller(native, view, call.fw, stream) for native, view, _ in grads)

@@ -8,6 +8,7 @@ allocator, so a call can be captured in a CUDA graph), or by CuPy and handed ove
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,6 +153,48 @@ def device_view(x, fw: str, stream: int) -> DeviceArray:
     return DeviceArray(t.ptr, t.shape, t.strides, t.dtype, t.device_id, t)
 
 
+_NO_SWITCH = contextlib.nullcontext()
+
+
+def device_scope(device: int):
+    """A context in which ``device`` is the current CUDA device: every allocation, memset, launch and module
+    load of a call on another GPU than the current one must happen there. Restores the caller's device on
+    exit; costs one query when the device is already current."""
+    import cupy
+    if cupy.cuda.runtime.getDevice() == device:
+        return _NO_SWITCH
+    return cupy.cuda.Device(device)
+
+
+_CUPY_BF16: list = []
+
+
+def cupy_bfloat16():
+    """CuPy's bfloat16 dtype (``ml_dtypes.bfloat16``, CuPy >= 14), or None for a CuPy without one."""
+    if not _CUPY_BF16:
+        dt = None
+        try:
+            import cupy
+            import ml_dtypes
+            if int(cupy.__version__.split(".")[0]) >= 14:
+                dt = np.dtype(ml_dtypes.bfloat16)
+        except (ImportError, ValueError):
+            pass
+        _CUPY_BF16.append(dt)
+    return _CUPY_BF16[0]
+
+
+def contiguous_copy(x, fw: str, device: int, stream: int) -> DeviceArray:
+    """A C-contiguous copy of a small array (ALiBi slopes, an LSE view), made by the caller's framework
+    (CuPy for any other) on ``stream``."""
+    if fw == "torch":
+        return device_view(x.contiguous(), fw, stream)
+    import cupy
+    with cupy.cuda.Device(device), cupy_stream(stream, device):
+        src = x if fw == "cupy" else cupy.from_dlpack(x)
+        return device_view(cupy.ascontiguousarray(src), "cupy", stream)
+
+
 def empty(fw: str, shape, dtype: str, device: int, stream: int):
     """Allocate a contiguous output through the caller's framework: (native array, DeviceArray view)."""
     shape = tuple(int(s) for s in shape)
@@ -164,8 +207,8 @@ def empty(fw: str, shape, dtype: str, device: int, stream: int):
         return t, DeviceArray(t.data_ptr(), shape, t.stride(), dtype, device, t)
     import cupy
     with cupy.cuda.Device(device), cupy_stream(stream, device):
-        # CuPy has no bfloat16: hold bf16 outputs as raw 16-bit words, retyped when exported.
-        c = cupy.empty(shape, dtype=np.uint16 if dtype == "bfloat16" else dtype)
+        # A CuPy without bfloat16 holds bf16 outputs as raw 16-bit words (retyped when exported to JAX).
+        c = cupy.empty(shape, dtype=(cupy_bfloat16() or np.uint16) if dtype == "bfloat16" else dtype)
     view = DeviceArray(c.data.ptr, shape, tuple(s // c.dtype.itemsize for s in c.strides), dtype, device, c)
     return (c if fw == "cupy" else None), view
 
@@ -174,6 +217,12 @@ def to_caller(native, view: DeviceArray, fw: str, stream: int):
     """The output in the caller's array type (``native`` is what :func:`empty` returned)."""
     if fw in ("torch", "cupy"):
         return native
+    if fw == "jax" and 0 in view.shape:
+        # An empty array has no memory to hand over (DLPack consumers may reject its null pointer).
+        import jax
+        import jax.numpy as jnp
+        gpu = next(d for d in jax.devices() if d.platform == "gpu" and d.id == view.device)
+        return jax.device_put(jnp.empty(view.shape, dtype=view.dtype), gpu)
     import cupy
     with cupy.cuda.Device(view.device):
         ev = cupy.cuda.Event(disable_timing=True)

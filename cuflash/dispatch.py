@@ -27,8 +27,10 @@ FWD_SM80_TILES = {
     192: (128, 64, 8, 1, 3),
     256: (128, 64, 8, 1, 3),
 }
-# ALiBi's per-element bias adds live registers: at head dim 64 the -O3 schedule spills there.
+# ALiBi's per-element bias adds live registers: at head dim 64 the -O3 schedule spills there. So does
+# softcap with masking at head dim 64 for sm_90a once the softmax carries its exact-offset path (8 bytes).
 FWD_SM80_ALIBI_PTXAS_OPT = {64: 1}
+FWD_SM80_LOCAL_SOFTCAP_PTXAS_OPT = {64: 1}
 
 def padded_head_dim(head_dim: int) -> int:
     """The compiled head dim that serves ``head_dim`` (a multiple of 8 in [8, 256])."""
@@ -66,6 +68,8 @@ class KernelKey:
 
     @functools.cached_property
     def name(self) -> str:
+        if self.family == STRIDED_COPY_FAMILY:  # one variant: 16-bit words, no tiles, no flags
+            return self.family
         parts = [self.family, self.dtype, f"d{self.head_dim}"]
         if self.is_local:
             parts.append("local")
@@ -172,6 +176,8 @@ def _forward_key(dtype, d, is_local, softcap, alibi, smem_limit, _tiles_env) -> 
     bm, bn, warps, min_blocks, opt = _tile_overrides().get(d) or FWD_SM80_TILES[d]
     if alibi:
         opt = FWD_SM80_ALIBI_PTXAS_OPT.get(d, opt)
+    elif softcap and is_local:
+        opt = FWD_SM80_LOCAL_SOFTCAP_PTXAS_OPT.get(d, opt)
     key = KernelKey("fwd_sm80", "attention_fwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, warps, min_blocks,
                     ptxas_opt=opt)
     if forward_smem_bytes(key) > smem_limit:
@@ -404,6 +410,13 @@ def compile_arch(major: int, minor: int) -> str:
     return "sm_90a" if (major, minor) == (9, 0) else f"sm_{major}{minor}"
 
 
+# The layout copy (strided_copy.cu): inputs the attention kernels cannot read in place (non-unit last stride,
+# rows off 16-byte boundaries, head dims that are not multiples of 8) and outputs cropped back to such head
+# dims. It moves 16-bit words, so one variant serves fp16 and bf16.
+STRIDED_COPY_FAMILY = "strided_copy"
+STRIDED_COPY_KEY = KernelKey(STRIDED_COPY_FAMILY, "strided_copy_16bit", "fp16", 0, warps=8)
+
+
 def all_backward_keys() -> list[KernelKey]:
     """Every backward variant cuflash ships (first-choice and fallback tiles, both dQ modes)."""
     keys = {}
@@ -435,6 +448,7 @@ def all_keys() -> list[KernelKey]:
         keys[k.name] = k
     for k in all_backward_keys() + all_backward_sm90_keys():
         keys[k.name] = k
+    keys[STRIDED_COPY_KEY.name] = STRIDED_COPY_KEY
     return list(keys.values())
 
 

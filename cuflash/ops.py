@@ -92,6 +92,62 @@ def _launch(fn, grid: int, threads: int, smem: int, stream: int, params: Params,
     driver.launchKernel(fn.ptr, grid, 1, 1, threads, 1, 1, smem, stream, ctypes.addressof(argv), 0)
 
 
+def _launch_args(fn, grid: int, threads: int, stream: int, args: tuple) -> None:
+    """Launches a kernel whose parameters are plain scalars and pointers, passed as ctypes values in the
+    kernel signature's order (the driver copies them during the call)."""
+    from cupy.cuda import driver
+    argv = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
+    driver.launchKernel(fn.ptr, grid, 1, 1, threads, 1, 1, 0, stream, ctypes.addressof(argv), 0)
+
+
+_COPY_ROWS_PER_CTA = 8  # one warp per row: kThreads / 32 in strided_copy.cu
+
+
+def strided_copy(src: DeviceArray, dst: DeviceArray, *, stream: int, cc: tuple) -> None:
+    """``dst[..., c] = src[..., c]`` for ``c < src.shape[3]`` and 0 beyond, for 4-D (batch, seqlen, heads,
+    cols) views of 16-bit elements with any strides (kernels_cu/attention/strided_copy.cu). ``dst`` may be
+    narrower than ``src`` (a crop) or wider (zero padding)."""
+    batch, seqlen, heads, cols = dst.shape
+    rows = batch * seqlen * heads
+    if rows == 0 or cols == 0:
+        return
+    key = dispatch.STRIDED_COPY_KEY
+    fn = jit.get_function(key, dispatch.compile_arch(*cc), dst.device, 0)
+    grid = min(-(-rows // _COPY_ROWS_PER_CTA), 32 * _sm_count(dst.device))
+    i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+    _launch_args(fn, grid, key.threads, stream, (
+        ptr(src.ptr), ptr(dst.ptr), i32(batch), i32(seqlen), i32(heads), i32(cols), i32(min(src.shape[3], cols)),
+        *(i64(x) for x in src.strides), *(i64(x) for x in dst.strides[:3])))
+
+
+_memset_d32 = None
+
+
+def fill_float32(a: DeviceArray, value: float, *, stream: int) -> None:
+    """Fills a contiguous float32 array with ``value`` on ``stream`` (cuMemsetD32Async: no kernel)."""
+    global _memset_d32
+    count = math.prod(a.shape)
+    if count == 0:
+        return
+    if _memset_d32 is None:
+        fn = ctypes.CDLL("libcuda.so.1").cuMemsetD32Async
+        fn.argtypes = [ctypes.c_uint64, ctypes.c_uint32, ctypes.c_size_t, ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        _memset_d32 = fn
+    bits = struct.unpack("<I", struct.pack("<f", value))[0]
+    err = _memset_d32(a.ptr, bits, count, stream)
+    if err:
+        raise RuntimeError(f"cuMemsetD32Async failed (CUresult {err})")
+
+
+def fill_zero(a: DeviceArray, *, stream: int) -> None:
+    """Zeroes a contiguous array on ``stream``."""
+    from cupy.cuda import runtime
+    nbytes = math.prod(a.shape) * np.dtype(np.float32 if a.dtype == "float32" else np.uint16).itemsize
+    if nbytes:
+        runtime.memsetAsync(a.ptr, 0, nbytes, stream)
+
+
 _SM_COUNT: dict = {}
 
 

@@ -81,24 +81,19 @@ torch.library.register_autograd("cuflash::fwd", _backward, setup_context=_setup_
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
-              alibi_slopes=None, return_lse=False, deterministic=False):
+              alibi_slopes=None, return_lse=False, deterministic=False, dropout_p=0.0):
     """Differentiable :func:`cuflash.attention` for torch tensors (same arguments and semantics).
 
     ``deterministic=True`` makes the backward bitwise reproducible. The returned LSE (``return_lse``) is
-    not differentiated through.
+    not differentiated through. ``dropout_p > 0`` raises NotImplementedError.
     """
+    api.check_dropout(dropout_p)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     left, right = window_size
     out, lse = torch.ops.cuflash.fwd(q, k, v, alibi_slopes, causal, softmax_scale, left, right, softcap,
                                      deterministic)
     return (out, lse) if return_lse else out
-
-
-def _no_dropout(dropout_p):
-    if dropout_p != 0.0:
-        raise NotImplementedError(
-            f"dropout_p={dropout_p}: cuflash has no attention dropout yet; pass dropout_p=0.0")
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -109,9 +104,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     ``(out, softmax_lse, None)`` with ``return_attn_probs=True`` (the attention-probability matrix is only
     ever produced by FlashAttention's dropout path, which cuflash does not have).
     """
-    _no_dropout(dropout_p)
     out, lse = attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
-                         softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True, deterministic=deterministic)
+                         softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True, deterministic=deterministic,
+                         dropout_p=dropout_p)
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -30,12 +30,11 @@ BAD = [
     ("batch mismatch", dict(k=k0[:1], v=v0[:1]), ValueError, "batch"),
     ("k/v shape mismatch", dict(v=v0[:, :5]), ValueError, "v must have the shape of k"),
     ("head_dim mismatch", dict(k=k0[..., :32], v=v0[..., :32]), ValueError, "head_dim"),
-    ("head_dim not multiple of 8", dict(q=q0[..., :60], k=k0[..., :60], v=v0[..., :60]), ValueError, "multiple of 8"),
+    ("head_dim 0", dict(q=q0[..., :0], k=k0[..., :0], v=v0[..., :0]), ValueError, "head_dim must be in [1, 256]"),
     ("head_dim > 256", dict(q=np.zeros((1, 2, 1, 264), np.float32), k=np.zeros((1, 2, 1, 264), np.float32),
-                            v=np.zeros((1, 2, 1, 264), np.float32)), ValueError, "[8, 256]"),
+                            v=np.zeros((1, 2, 1, 264), np.float32)), ValueError, "[1, 256]"),
     ("heads not divisible", dict(q=_qkv(hq=3, hk=2)[0]), ValueError, "heads_q (3) must be a multiple of heads_k (2)"),
-    ("seqlen_q zero", dict(q=q0[:, :0]), ValueError, "seqlen_q must be >= 1"),
-    ("seqlen_k zero", dict(k=k0[:, :0], v=v0[:, :0]), ValueError, "seqlen_k must be >= 1"),
+    ("heads_k zero", dict(k=k0[:, :, :0], v=v0[:, :, :0]), ValueError, "heads_k must be >= 1"),
     ("causal not bool", dict(causal=1), TypeError, "causal must be a bool"),
     ("return_lse not bool", dict(return_lse="yes"), TypeError, "return_lse must be a bool"),
     ("scale string", dict(softmax_scale="0.1"), TypeError, "softmax_scale must be a real number"),
@@ -49,6 +48,10 @@ BAD = [
     ("alibi wrong shape", dict(alibi_slopes=np.ones(3, np.float32)), ValueError, "alibi_slopes must have shape"),
     ("alibi wrong dtype", dict(alibi_slopes=np.ones(4, np.float64)), TypeError, "alibi_slopes must be float32"),
     ("alibi not an array", dict(alibi_slopes=[0.1] * 4), TypeError, "expected an array"),
+    ("dropout not a number", dict(dropout_p="0.1"), TypeError, "dropout_p must be a real number"),
+    ("dropout negative", dict(dropout_p=-0.1), ValueError, "dropout_p must be >= 0"),
+    ("dropout one", dict(dropout_p=1.0), ValueError, "dropout_p must be in [0, 1)"),
+    ("dropout on", dict(dropout_p=0.1), NotImplementedError, "dropout_p=0.1: attention dropout is not implemented"),
 ]
 
 
@@ -99,3 +102,27 @@ def test_torch_cpu_tensors_use_cpu_path():
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
     ref, _ = reference.attention_reference(q.numpy(), k.numpy(), v.numpy(), window_size=(4, 4))
     np.testing.assert_allclose(out.numpy(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("entry", ["attention", "attention_backward", "torch.attention", "flash_attn_func",
+                                   "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func"])
+def test_every_entry_point_takes_dropout_p(entry):
+    """Every public entry point accepts ``dropout_p``: 0.0 runs, p > 0 raises the same NotImplementedError
+    (naming dropout_p) before any compute."""
+    q, k, v = _qkv(b=1, sq=5, sk=5, hq=2, hk=2, d=8)
+    if entry.startswith(("torch", "flash")):
+        torch = pytest.importorskip("torch", reason="the PyTorch adapter needs torch")
+        import cuflash.torch as ct
+        q, k, v = (torch.from_numpy(x) for x in (q, k, v))
+        fn = {"torch.attention": lambda p: ct.attention(q, k, v, dropout_p=p),
+              "flash_attn_func": lambda p: ct.flash_attn_func(q, k, v, dropout_p=p),
+              "flash_attn_qkvpacked_func": lambda p: ct.flash_attn_qkvpacked_func(torch.stack([q, k, v], 2), p),
+              "flash_attn_kvpacked_func": lambda p: ct.flash_attn_kvpacked_func(q, torch.stack([k, v], 2), p)}[entry]
+    elif entry == "attention":
+        fn = lambda p: cuflash.attention(q, k, v, dropout_p=p)  # noqa: E731
+    else:
+        out, lse = cuflash.attention(q, k, v, return_lse=True)
+        fn = lambda p: cuflash.attention_backward(np.ones_like(out), q, k, v, out, lse, dropout_p=p)  # noqa: E731
+    fn(0.0)
+    with pytest.raises(NotImplementedError, match="dropout_p=0.25: attention dropout is not implemented"):
+        fn(0.25)

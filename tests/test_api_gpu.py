@@ -1,0 +1,286 @@
+"""The public API on the GPU where users go beyond the plain case: CuPy bfloat16 in and out, arrays on a GPU
+other than the current one, head dims that are not multiples of 8, views the kernels cannot read in place,
+empty inputs, and scores so large that a fused exponent offset loses every digit.
+
+Each test compares with an exact expectation: bitwise equality with a call the kernels run unchanged
+(padded, contiguous, on device 0), or the float64 reference under FlashAttention's error rule. CuPy only;
+the torch and JAX cases skip themselves without their library.
+"""
+
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import reference
+
+from gpu_helpers import (flash_rule, host_randn, inputs, naive_backward_same_dtype, naive_same_dtype, np_dtype,
+                         randn_like, require_jax_gpu, require_torch_cuda, to_device, to_host, to_np64)
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = ["float16", "bfloat16"]
+
+
+def _same_bits(a, b):
+    ha, hb = to_host(a), to_host(b)
+    assert ha.shape == hb.shape and ha.dtype == hb.dtype
+    assert np.array_equal(ha.view(np.uint8), hb.view(np.uint8))
+
+
+# --- item 1: CuPy bfloat16 ---------------------------------------------------------------------------------
+
+def test_cupy_bfloat16_comes_back_as_bfloat16():
+    """bf16 CuPy inputs give bf16 CuPy outputs (ml_dtypes.bfloat16), forward and backward, with values
+    within FlashAttention's rule of the float64 reference (not raw uint16 words)."""
+    import cupy
+    q, k, v = inputs(1, 64, 64, 2, 2, 64, "bfloat16", seed=1)
+    out, lse = cuflash.attention(q, k, v, return_lse=True)
+    assert isinstance(out, cupy.ndarray) and out.dtype == np_dtype("bfloat16") and lse.dtype == np.float32
+    flash_rule(to_np64(out), reference.attention_reference(*(to_np64(x) for x in (q, k, v)))[0],
+               naive_same_dtype(q, k, v))
+    grads = cuflash.attention_backward(randn_like(out, 2), q, k, v, out, lse)
+    assert all(isinstance(g, cupy.ndarray) and g.dtype == np_dtype("bfloat16") for g in grads)
+
+
+def test_cupy_bfloat16_bitwise_equals_torch_call():
+    """The same bf16 inputs through CuPy and through torch give bitwise identical outputs and gradients."""
+    torch = require_torch_cuda()
+    import cupy
+    t = [torch.randn(1, 64, 2, 64, dtype=torch.bfloat16, device="cuda") for _ in range(4)]
+    c = [cupy.from_dlpack(x) for x in t]
+    out_t, lse_t = cuflash.attention(*t[:3], return_lse=True)
+    out_c, lse_c = cuflash.attention(*c[:3], return_lse=True)
+    torch.cuda.synchronize()
+    _same_bits(out_c, out_t)
+    _same_bits(lse_c, lse_t)
+    grads_t = cuflash.attention_backward(t[3], *t[:3], out_t, lse_t)
+    grads_c = cuflash.attention_backward(c[3], *c[:3], out_c, lse_c)
+    for gc, gt in zip(grads_c, grads_t):
+        _same_bits(gc, gt)
+
+
+# --- item 2: arrays on another GPU -------------------------------------------------------------------------
+
+def _two_gpus():
+    import cupy
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two GPUs")
+
+
+def test_cupy_arrays_on_second_gpu():
+    """With device 0 current, arrays on device 1 give results on device 1, bitwise equal to the same call on
+    device 0, forward and backward, and device 0 stays current."""
+    _two_gpus()
+    import cupy
+    q0, k0, v0 = inputs(2, 100, 130, 4, 2, 64, "float16", seed=3)
+    do0 = randn_like(q0, 4)
+    out0, lse0 = cuflash.attention(q0, k0, v0, causal=True, return_lse=True)
+    grads0 = cuflash.attention_backward(do0, q0, k0, v0, out0, lse0, causal=True)
+    with cupy.cuda.Device(1):
+        q1, k1, v1, do1 = (cupy.asarray(x) for x in (q0, k0, v0, do0))
+    assert cupy.cuda.runtime.getDevice() == 0
+    out1, lse1 = cuflash.attention(q1, k1, v1, causal=True, return_lse=True)
+    grads1 = cuflash.attention_backward(do1, q1, k1, v1, out1, lse1, causal=True)
+    assert cupy.cuda.runtime.getDevice() == 0
+    assert out1.device.id == 1 and all(g.device.id == 1 for g in grads1)
+    for a, b in zip((out1, lse1, *grads1), (out0, lse0, *grads0)):
+        _same_bits(a, b)
+
+
+def test_torch_autograd_on_second_gpu():
+    """torch tensors on cuda:1 with cuda:0 current: autograd forward and backward run on cuda:1 and equal the
+    cuda:0 results bitwise; the current device is unchanged."""
+    _two_gpus()
+    torch = require_torch_cuda()
+    from cuflash.torch import flash_attn_func
+    torch.cuda.set_device(0)
+    base = [torch.randn(2, 77, 4, 128, dtype=torch.float16) for _ in range(4)]
+    results = []
+    for dev in ("cuda:0", "cuda:1"):
+        q, k, v = (x.to(dev).requires_grad_() for x in base[:3])
+        out = flash_attn_func(q, k, v, causal=True)
+        out.backward(base[3].to(dev))
+        assert out.device == torch.device(dev) and torch.cuda.current_device() == 0
+        results.append([t.detach().cpu() for t in (out, q.grad, k.grad, v.grad)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_jax_arrays_on_second_gpu():
+    """JAX arrays on GPU 1 give the same result as on GPU 0 (bitwise), placed on GPU 1."""
+    _two_gpus()
+    jax = require_jax_gpu()
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if len(gpus) < 2:
+        pytest.skip("JAX sees fewer than two GPUs")
+    host = [host_randn((1, 50, 2, 64), "bfloat16", np.random.default_rng(s)) for s in range(3)]
+    outs = []
+    for dev in gpus[:2]:
+        q, k, v = (jax.device_put(x, dev) for x in host)
+        out = cuflash.attention(q, k, v)
+        assert dev in out.devices()
+        outs.append(np.asarray(out))
+    assert np.array_equal(outs[0].view(np.uint16), outs[1].view(np.uint16))
+
+
+# --- item 7: any head dim ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("d", [1, 7, 59, 111, 250, 255])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_head_dims_off_multiples_of_8(d, dtype):
+    """Head dims 1..256 that are not multiples of 8: forward and backward within FlashAttention's rule of the
+    float64 reference, and bitwise equal to the call on inputs zero-padded by hand (what the kernels see)."""
+    q, k, v = inputs(2, 70, 90, 4, 2, d, dtype, seed=d)
+    dout = randn_like(q, 5)
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    assert out.shape == q.shape
+    ref_out, _ = reference.attention_reference(*(to_np64(x) for x in (q, k, v)), causal=True)
+    flash_rule(to_np64(out), ref_out, naive_same_dtype(q, k, v, causal=True))
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+    ref_grads = reference.attention_backward_reference(*(to_np64(x) for x in (dout, q, k, v)), causal=True)
+    naive_grads = naive_backward_same_dtype(dout, q, k, v, causal=True)
+    for g, r, n in zip(grads, ref_grads, naive_grads):
+        assert g.shape == r.shape
+        flash_rule(to_np64(g), r, n, factor=3.0)
+
+    width = -(-d // 8) * 8
+    pad = lambda x: to_device(np.pad(to_host(x), ((0, 0),) * 3 + ((0, width - d),)))  # noqa: E731
+    out_p, lse_p = cuflash.attention(pad(q), pad(k), pad(v), causal=True, softmax_scale=d ** -0.5, return_lse=True)
+    _same_bits(out, to_host(out_p)[..., :d])
+    _same_bits(lse, lse_p)
+
+
+# --- item 9: views the kernels cannot read in place ----------------------------------------------------------
+
+def test_non_unit_last_stride_and_misaligned_views():
+    """Inputs with a non-unit last stride, rows off 16-byte boundaries and strided ALiBi slopes are copied
+    once and give bitwise the result of the contiguous call (forward and backward); lse views too."""
+    import cupy
+    q, k, v = inputs(2, 64, 80, 4, 4, 64, "float16", seed=7)
+    dout = randn_like(q, 8)
+    slopes_wide = cupy.asarray(np.linspace(0.1, 0.8, 8, dtype=np.float32))
+    slopes = cupy.ascontiguousarray(slopes_wide[::2])
+    out, lse = cuflash.attention(q, k, v, alibi_slopes=slopes, return_lse=True)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, alibi_slopes=slopes)
+
+    def every_other(x):  # same values, last stride 2
+        wide = cupy.zeros(x.shape[:3] + (2 * x.shape[3],), x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+
+    def shifted(x):  # same values, rows start 2 bytes past a 16-byte boundary
+        flat = cupy.zeros(x.size + 1, x.dtype)
+        y = flat[1:].reshape(x.shape)
+        y[...] = x
+        return y
+
+    for view in (every_other, shifted):
+        args = [view(x) for x in (q, k, v)]
+        out2, lse2 = cuflash.attention(*args, alibi_slopes=slopes_wide[::2], return_lse=True)
+        _same_bits(out2, out)
+        _same_bits(lse2, lse)
+        lse_strided = cupy.zeros(lse.shape + (2,), np.float32)
+        lse_strided[..., 0] = lse
+        grads2 = cuflash.attention_backward(view(dout), *args, view(out), lse_strided[..., 0],
+                                            alibi_slopes=slopes_wide[::2])
+        for a, b in zip(grads2, grads):
+            _same_bits(a, b)
+
+
+# --- item 8: empty inputs -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("b,sq,sk", [(0, 5, 5), (2, 0, 5), (2, 5, 0), (0, 0, 0)])
+def test_empty_inputs(b, sq, sk):
+    """batch 0 / seqlen_q 0 / seqlen_k 0: outputs of the right shapes; seqlen_k 0 gives zeros and LSE +inf
+    (over poisoned memory), and every gradient is 0."""
+    import cupy
+    from gpu_helpers import poison_cupy_pool
+    q, k, v = inputs(b, sq, sk, 4, 2, 64, "bfloat16", seed=9)
+    poison_cupy_pool([q.nbytes, b * 4 * sq * 4])
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (b, 4, sq)
+    assert np.all(to_np64(out) == 0) and np.all(cupy.asnumpy(lse) == np.inf)
+    grads = cuflash.attention_backward(randn_like(q, 1), q, k, v, out, lse, causal=True)
+    for g, x in zip(grads, (q, k, v)):
+        assert g.shape == x.shape and np.all(to_np64(g) == 0)
+
+
+# --- item 5: large scores -------------------------------------------------------------------------------------
+
+FAMILIES = ["default", "sm80"]
+
+
+def _family(monkeypatch, family):
+    if family == "sm80":
+        monkeypatch.setenv("CUFLASH_FWD_KERNEL", "sm80")
+        monkeypatch.setenv("CUFLASH_BWD_KERNEL", "sm80")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_huge_score(family, monkeypatch):
+    """q = k = v = 133120 (bf16), one key: out 133120 and LSE 8 * 133120**2 = 1.4177e11, not NaN; the
+    backward's P is exactly 1, so dV = dO exactly and dQ, dK are finite."""
+    _family(monkeypatch, family)
+    x = to_device(np.full((1, 1, 1, 64), 133120.0, np.float32).astype(np_dtype("bfloat16")))
+    out, lse = cuflash.attention(x, x, x, return_lse=True)
+    assert np.all(to_np64(out) == 133120.0)
+    assert float(lse[0, 0, 0]) == pytest.approx(8 * 133120.0 ** 2, rel=1e-6)
+    dout = randn_like(x, 3)
+    dq, dk, dv = cuflash.attention_backward(dout, x, x, x, out, lse)
+    _same_bits(dv, dout)
+    assert np.isfinite(to_np64(dq)).all() and np.isfinite(to_np64(dk)).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_constant_huge_inputs(family, causal, monkeypatch):
+    """A (2, 129, 2, 64) constant input of 133120: every output equals the constant (all scores tie), the
+    LSE is the score plus ln(visible keys) to float32 precision, nothing NaN."""
+    import cupy
+    _family(monkeypatch, family)
+    x = to_device(np.full((2, 129, 2, 64), 133120.0, np.float32).astype(np_dtype("bfloat16")))
+    out, lse = cuflash.attention(x, x, x, causal=causal, return_lse=True)
+    assert np.all(to_np64(out) == 133120.0)
+    visible = np.arange(1, 130) if causal else np.full(129, 129)
+    expected = 8 * 133120.0 ** 2 + np.log(visible)
+    np.testing.assert_allclose(cupy.asnumpy(lse), np.broadcast_to(expected, (2, 2, 129)), rtol=2 ** -23)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_scores_past_fp16_range(family, causal, monkeypatch):
+    """fp16 inputs scaled by 40 (raw q.k products past fp16's range, scores in the thousands): forward and
+    backward within FlashAttention's rule of the float64 reference."""
+    _family(monkeypatch, family)
+    rng = np.random.default_rng(11)
+    q, k, v = (to_device((host_randn(s, "float16", rng).astype(np.float32) * 40).astype(np.float16))
+               for s in ((2, 150, 4, 64), (2, 170, 2, 64), (2, 170, 2, 64)))
+    dout = randn_like(q, 12)
+    out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
+    ref_out, _ = reference.attention_reference(*(to_np64(x) for x in (q, k, v)), causal=causal)
+    flash_rule(to_np64(out), ref_out, naive_same_dtype(q, k, v, causal=causal))
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal)
+    ref_grads = reference.attention_backward_reference(*(to_np64(x) for x in (dout, q, k, v)), causal=causal)
+    for g, r, n in zip(grads, ref_grads, naive_backward_same_dtype(dout, q, k, v, causal=causal)):
+        flash_rule(to_np64(g), r, n, factor=3.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_huge_rows_beside_ordinary_rows(family, monkeypatch):
+    """A warp whose rows switch to the exact offset partway (one huge query row among ordinary ones, keys
+    whose huge scores come late) stays within the rule for every row, including the ordinary ones."""
+    _family(monkeypatch, family)
+    rng = np.random.default_rng(13)
+    q = host_randn((1, 64, 2, 64), "bfloat16", rng).astype(np.float32)
+    k = host_randn((1, 300, 2, 64), "bfloat16", rng).astype(np.float32)
+    v = host_randn((1, 300, 2, 64), "bfloat16", rng)
+    q[0, 5] *= 10000.0
+    k[0, 250:] *= 10000.0   # the scores of query 5 reach ~1e8 (past the fast offset's 2^24) in the last key tiles
+    bf = np_dtype("bfloat16")
+    q, k, v = (to_device(x.astype(bf)) for x in (q, k, v))
+    out = to_np64(cuflash.attention(q, k, v))
+    ref_out, _ = reference.attention_reference(*(to_np64(x) for x in (q, k, v)))
+    naive = naive_same_dtype(q, k, v)
+    ordinary = np.arange(64) != 5
+    flash_rule(out[:, ordinary], ref_out[:, ordinary], naive[:, ordinary])
+    flash_rule(out[:, 5], ref_out[:, 5], naive[:, 5])
