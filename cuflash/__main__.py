@@ -1,6 +1,6 @@
 """Command line: ``python -m cuflash {info,check,bench}``.
 
-    python -m cuflash info     versions, GPU, NVRTC, the kernel cache and what is cached in it
+    python -m cuflash info     versions, GPU, NVRTC, the kernel cache and a count of what is cached (-v: each)
     python -m cuflash check    small forward/backward runs on every array library present vs a float64 reference
     python -m cuflash bench    the benchmark's quick subset (``--full`` for the whole grid, ``--plot`` for charts)
 
@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import platform
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 
@@ -35,8 +38,24 @@ def _fmt_cuda_version(v):
         return str(v)
 
 
-def info_lines() -> list:
-    """The ``info`` report as (label, value) pairs; never raises, never needs a GPU."""
+_FAMILY = re.compile(r"^(.+?)_(?:fp16|bf16)_")
+
+
+def summarize_cached(names) -> list:
+    """``variant@arch`` names -> one (family, "arch count, ...") pair per kernel family, e.g.
+    ("fwd_sm80", "sm_80 64, sm_90a 64"): a full cache holds 400+ variants, too many to read one a line."""
+    counts = Counter()
+    for name in names:
+        variant, _, arch = name.partition("@")
+        m = _FAMILY.match(variant)
+        counts[(m.group(1) if m else variant, arch)] += 1
+    families = sorted({f for f, _ in counts})
+    return [(f, ", ".join(f"{a} {n}" for (g, a), n in sorted(counts.items()) if g == f)) for f in families]
+
+
+def info_lines(verbose: bool = False) -> list:
+    """The ``info`` report as (label, value) pairs; never raises, never needs a GPU. ``verbose`` lists every
+    cached variant instead of counts per kernel family and target."""
     lines = []
     try:
         import cuflash
@@ -71,7 +90,9 @@ def info_lines() -> list:
         except Exception as e:  # noqa: BLE001
             lines.append(("GPU", f"no GPU found ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"))
     else:
-        lines.append(("GPU", "no GPU found (CuPy is not installed; the NumPy CPU path is available)"))
+        from cuflash.jit import INSTALL_HINT
+        lines.append(("GPU", "no GPU found (CuPy is not installed; the NumPy CPU path is available; for the "
+                             f"GPU: {INSTALL_HINT})"))
     if gpu is not None and gpu < (8, 0):
         lines.append(("note", "cuflash kernels need compute capability 8.0 or newer"))
     if cuflash is not None:
@@ -90,6 +111,8 @@ def info_lines() -> list:
     if jit is not None:
         try:
             lines.append(("NVRTC", ".".join(str(x) for x in jit.nvrtc_version())))
+        except ImportError:
+            lines.append(("NVRTC", f"unavailable: CuPy is not installed ({jit.INSTALL_HINT})"))
         except Exception as e:  # noqa: BLE001
             lines.append(("NVRTC", f"unavailable ({type(e).__name__})"))
         try:
@@ -104,9 +127,12 @@ def info_lines() -> list:
             lines.append(("cache dir", f"unknown ({e})"))
         try:
             cached = list(jit.cached_variants())
-            lines.append(("cached variants", str(len(cached))))
-            for name in cached:
-                lines.append(("", f"  {name}"))
+            hint = "" if verbose or not cached else " (python -m cuflash info -v lists them)"
+            lines.append(("cached variants", f"{len(cached)}{hint}"))
+            if verbose:
+                lines += [("", f"  {name}") for name in cached]
+            else:
+                lines += [("", f"  {family:<12} {counts}") for family, counts in summarize_cached(cached)]
         except Exception as e:  # noqa: BLE001
             lines.append(("cached variants", f"unknown ({type(e).__name__}: {e})"))
     for lib in ("torch", "jax"):
@@ -115,7 +141,7 @@ def info_lines() -> list:
 
 
 def cmd_info(args) -> int:
-    lines = info_lines()
+    lines = info_lines(verbose=args.verbose)
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         print(f"{k:<{width}}  {v}" if k else f"{'':<{width}}{v}")
@@ -165,7 +191,9 @@ def cmd_bench(args, extra) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cuflash", description="cuflash command line tools.")
     sub = p.add_subparsers(dest="command", metavar="{info,check,bench}")
-    sub.add_parser("info", help="versions, GPU, NVRTC, kernel cache contents")
+    i = sub.add_parser("info", help="versions, GPU, NVRTC, kernel cache contents")
+    i.add_argument("-v", "--verbose", action="store_true",
+                   help="list every cached kernel variant (default: counts per kernel family and target)")
     c = sub.add_parser("check", help="verify results on every array library present against a float64 reference")
     c.add_argument("--libs", default=None, help="comma list among numpy,cupy,torch,jax (default: all present)")
     c.add_argument("--seed", type=int, default=0)
@@ -181,6 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    try:
+        code = _main(argv)
+        # Flush here, inside the handler: a reader that quit early (`| head`) fails the flush, and at exit
+        # that would be an unhandled BrokenPipeError traceback.
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The documented recipe (Python's signal module docs, "Note on SIGPIPE"): point stdout at devnull so
+        # that the interpreter's own flush at exit cannot fail again, and exit 1 as Python does on EPIPE.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv=None) -> int:
     p = build_parser()
     args, extra = p.parse_known_args(argv)
     if args.command is None:

@@ -157,19 +157,32 @@ class Lib:
         raise ValueError(n)
 
 
-def gpu_found() -> bool:
-    try:
-        import cuflash
-        fn = getattr(cuflash, "gpu_available", None)
-        if fn is not None:
-            return bool(fn())
-    except Exception:  # noqa: BLE001
-        pass
+def gpu_status() -> tuple:
+    """(whether a usable CUDA GPU was found, the sentence saying why not). A missing CuPy is named as the
+    cause, with the extra that installs it: "no GPU" would send the user looking at drivers instead."""
     try:
         import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # noqa: BLE001
-        return False
+    except ImportError:
+        from .jit import INSTALL_HINT
+        return False, f"CuPy is not installed, so no GPU can be used (for the GPU path: {INSTALL_HINT})"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # noqa: BLE001 - no driver, CUDA_VISIBLE_DEVICES="", ...
+        first = str(e).splitlines()[0] if str(e) else ""
+        return False, f"No CUDA GPU found ({type(e).__name__}: {first})"
+    if n < 1:
+        return False, "No CUDA GPU found"
+    try:
+        cc = int(cupy.cuda.Device(0).compute_capability)
+    except Exception as e:  # noqa: BLE001
+        return False, f"No usable CUDA GPU found ({type(e).__name__}: {e})"
+    if cc < 80:
+        return False, f"No CUDA GPU of compute capability 8.0 or newer found (GPU 0 is {cc // 10}.{cc % 10})"
+    return True, ""
+
+
+def gpu_found() -> bool:
+    return gpu_status()[0]
 
 
 def libraries_present(gpu: bool) -> list:
@@ -300,12 +313,11 @@ def run_checks(libs=None, *, attention=None, attention_backward=None, cases=CASE
             attention = cuflash.attention
         if attention_backward is None:
             attention_backward = getattr(cuflash, "attention_backward", None) or _missing_backward
-    gpu = None
     if libs is None:
-        gpu = gpu_found()
+        gpu, why = gpu_status()
         libs = libraries_present(gpu)
-    if gpu is False:
-        out("No CUDA GPU found: checking the NumPy (CPU) path only.")
+        if not gpu:
+            out(f"{why}: checking the NumPy (CPU) path only.")
     out("rule: max|ours - ref64| <= 2 * max|naive in input dtype - ref64| + eps")
     rng = np.random.default_rng(seed)
     results = []
@@ -340,9 +352,11 @@ def main(argv=None, *, attention=None, attention_backward=None, out=print) -> in
         bad = [x for x in libs if x not in LIB_DTYPES]
         if bad:
             p.error(f"unknown libraries {bad}")
-        if any(x != "numpy" for x in libs) and not gpu_found():
-            out("No CUDA GPU found: only numpy can be checked.")
-            return 1
+        if any(x != "numpy" for x in libs):
+            gpu, why = gpu_status()
+            if not gpu:
+                out(f"{why}: only numpy can be checked.")
+                return 1
     results = run_checks(libs, attention=attention, attention_backward=attention_backward, seed=a.seed,
                          out=out)
     n_fail = sum(r.status == "FAIL" for r in results)

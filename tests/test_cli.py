@@ -77,6 +77,88 @@ def test_info_without_gpu():
     assert "cached variants" in r.stdout
 
 
+def _fill_fake_cache(cache_dir):
+    """Entries named like cubins of the current sources (info reads only the names): 3 fwd_sm80 for sm_80,
+    2 bwd_prepost for sm_90a, 1 fwd_sm90 for sm_90a."""
+    from cuflash import dispatch, jit
+    cache_dir.mkdir(parents=True)
+    fwd = dispatch.all_forward_keys()[:3]
+    pre = [k for k in dispatch.all_backward_keys() if k.family == "bwd_prepost"][:2]
+    picks = [(k, "sm_80") for k in fwd] + [(k, "sm_90a") for k in pre] + [(dispatch.all_forward_sm90_keys()[0],
+                                                                            "sm_90a")]
+    for k, arch in picks:
+        (cache_dir / f"{k.name}.{arch}.{jit.source_digest()}.nvrtc130{jit.CACHE_SUFFIX}").write_bytes(b"")
+    return [f"{k.name}@{arch}" for k, arch in picks]
+
+
+def test_info_summarizes_cached_variants(tmp_path):
+    """`info` counts cached variants per kernel family and target instead of printing hundreds of lines;
+    `info -v` (and --verbose) lists each one."""
+    names = _fill_fake_cache(tmp_path / "cache")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT), CUFLASH_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "cuflash", "info"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "cached variants  6 (python -m cuflash info -v lists them)" in r.stdout
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in r.stdout.splitlines()
+            if line.strip().startswith(("fwd_", "bwd_"))}
+    assert rows == {"fwd_sm80": "sm_80 3", "bwd_prepost": "sm_90a 2", "fwd_sm90": "sm_90a 1"}
+    assert not any(n in r.stdout for n in names)
+    for flag in ("-v", "--verbose"):
+        v = subprocess.run([sys.executable, "-m", "cuflash", "info", flag], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert v.returncode == 0, v.stderr
+        assert all(n in v.stdout for n in names)
+
+
+def test_summarize_cached_counts_family_by_target():
+    """summarize_cached splits each variant@arch name at its dtype (family names hold underscores:
+    bwd_dq_sm80) and counts per family and target, targets in order."""
+    from cuflash.__main__ import summarize_cached
+    names = ["bwd_dq_sm80_fp16_d64_br64_bc64_w4@sm_90a", "bwd_dq_sm80_bf16_d64_br64_bc64_w4@sm_80",
+             "bwd_dq_sm80_bf16_d128_br64_bc64_w4@sm_80", "fwd_sm80_bf16_d64_br128_bc96_w4@sm_86"]
+    assert summarize_cached(names) == [("bwd_dq_sm80", "sm_80 2, sm_90a 1"), ("fwd_sm80", "sm_86 1")]
+
+
+@pytest.mark.parametrize("args", [["info"], ["info", "-v"]])
+def test_closed_stdout_is_no_traceback(tmp_path, args):
+    """Output into a pipe whose reader is gone (`python -m cuflash info | head -3`) ends quietly with exit
+    status 1, as Python's own recipe for EPIPE does, not with a BrokenPipeError traceback."""
+    _fill_fake_cache(tmp_path / "cache")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader quits before cuflash writes anything: every write meets EPIPE
+    try:
+        r = subprocess.run([sys.executable, "-m", "cuflash", *args], cwd=ROOT, stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, timeout=300,
+                           env=dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT),
+                                    CUFLASH_CACHE_DIR=str(tmp_path / "cache")))
+    finally:
+        os.close(write_end)
+    assert "BrokenPipeError" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 1
+
+
+@pytest.mark.skipif(not hasattr(cuflash, "attention"), reason="cuflash.attention not present yet")
+def test_check_without_cupy_names_the_cause():
+    """Without CuPy (simulated: sys.modules["cupy"] = None) `check` says CuPy is not installed and which
+    extra installs it, instead of claiming no GPU was found, and still checks the NumPy path (whose pass or
+    fail is test_check_without_gpu_passes's business)."""
+    def check(*args):
+        code = ("import sys\nsys.modules['cupy'] = None\nfrom cuflash.__main__ import main\n"
+                f"sys.exit(main({list(args)!r}))")
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+    r = check("check")
+    assert "Traceback" not in r.stderr and r.stdout, r.stderr
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("CuPy is not installed") and "No CUDA GPU found" not in r.stdout
+    assert '"cuflash[cuda13]"' in first and '"cuflash[cuda12]"' in first
+    assert "PASS fwd  numpy" in r.stdout
+    r = check("check", "--libs", "cupy")  # asked for CuPy explicitly: the same cause, and a failing exit
+    assert r.returncode == 1 and r.stdout.startswith("CuPy is not installed") and "cuflash[cuda13]" in r.stdout
+
+
 @pytest.mark.skipif(not hasattr(cuflash, "attention"), reason="cuflash.attention not present yet")
 def test_check_without_gpu_passes():
     """`check` without a GPU says so, checks the NumPy path against the float64 reference, prints PASS lines
