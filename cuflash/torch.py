@@ -88,8 +88,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     not differentiated through. ``dropout_p > 0`` raises NotImplementedError.
     """
     api.check_dropout(dropout_p)
-    if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5
+    if softmax_scale is None:  # head_dim 0 is left to the op's validation, which names it
+        softmax_scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
     left, right = window_size
     out, lse = torch.ops.cuflash.fwd(q, k, v, alibi_slopes, causal, softmax_scale, left, right, softcap,
                                      deterministic)

@@ -126,3 +126,12 @@ def test_every_entry_point_takes_dropout_p(entry):
     fn(0.0)
     with pytest.raises(NotImplementedError, match="dropout_p=0.25: attention dropout is not implemented"):
         fn(0.25)
+
+
+def test_torch_head_dim_zero_is_a_value_error():
+    """head_dim 0 through the PyTorch adapter raises ValueError naming head_dim (not ZeroDivisionError)."""
+    torch = pytest.importorskip("torch", reason="the PyTorch adapter needs torch")
+    from cuflash.torch import flash_attn_func
+    q = torch.zeros(1, 4, 2, 0)
+    with pytest.raises(ValueError, match="head_dim must be in"):
+        flash_attn_func(q, q, q)
