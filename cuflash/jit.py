@@ -422,7 +422,7 @@ def precompile(variants=None, *, arch: str | None = None, dtypes=None, head_dims
         arch = _current_arch()
     else:
         dispatch.arch_compute_capability(arch)  # ValueError naming arch for a target the runtime never uses
-        _check_nvrtc_target(arch)
+    _check_nvrtc_target(arch)  # a GPU newer than this NVRTC: one clear error, not one per variant
 
     if variants is None:
         keys = dispatch.keys_for_arch(arch)
