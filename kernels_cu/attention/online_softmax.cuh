@@ -65,7 +65,9 @@ struct OnlineSoftmax {
                 m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
                 alpha[s][h] = row_max[s][h];
                 row_max[s][h] = m;
-                large |= !(fabsf(m * c) < kFastOffsetLimit) && m != -CF_INF;
+                // The offset exponentiate_rows forms again (the compiler keeps one): one compare a row.
+                const float offset = (m == -CF_INF) ? 0.f : m * c;
+                large |= !(fabsf(offset) < kFastOffsetLimit);
             }
         }
         if (exact || __any_sync(0xffffffffu, large)) exponentiate_rows<true>(sc, alpha, c);
