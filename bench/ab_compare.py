@@ -1,62 +1,86 @@
-"""A/B timing of two cuflash trees in one process each, for kernel changes that must not cost speed.
+"""A/B timing of two cuflash trees in one process, for kernel changes that must not cost speed.
 
-    python bench/ab_compare.py --tree /path/to/other/checkout --label base
-    python bench/ab_compare.py --tree . --label new
+    python bench/ab_compare.py --base /path/to/other/checkout [--hdims 64,128] [--seqlens 1024,4096,16384]
 
-Times cuflash.attention (forward) and attention_backward on CuPy bf16 inputs of the FlashAttention-2 grid
-(batch x seqlen = 16k tokens, hidden 2048) with CUDA events: warm-up excluded, median of --runs calls.
-Prints one JSON line per cell (TFLOP/s as in bench_attention.py). Run the trees alternately, several
-times, on one machine: the ratio of medians is the number to quote.
+Imports the checkout's cuflash as ``cuflash`` and the other tree's as ``cuflash_base`` (each compiles and
+caches its own kernels), then times cuflash.attention (forward) and attention_backward on CuPy bf16 inputs
+of the FlashAttention-2 grid (batch x seqlen = 16k tokens, hidden 2048) with CUDA events, the two trees'
+calls interleaved one by one so that clocks, temperature and neighbours weigh on both alike. Warm-up
+excluded, median of --runs calls each; prints a table and one JSON line per cell (TFLOP/s as in
+bench_attention.py: 4 B H S^2 D, halved for causal, x2.5 for the backward).
 """
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_tree(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path / "cuflash" / "__init__.py",
+                                                  submodule_search_locations=[str(path / "cuflash")])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tree", required=True, help="checkout whose cuflash/ is imported")
-    ap.add_argument("--label", required=True)
+    ap.add_argument("--base", required=True, type=Path, help="the other checkout (its cuflash/ and kernels_cu/)")
     ap.add_argument("--hdims", default="64,128")
     ap.add_argument("--seqlens", default="1024,4096,16384")
-    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--runs", type=int, default=60)
     args = ap.parse_args()
-    sys.path.insert(0, args.tree)
+    sys.path.insert(0, str(REPO))
     import cupy
     import ml_dtypes
     import cuflash
+    trees = {"base": load_tree(args.base.resolve(), "cuflash_base"), "new": cuflash}
     bf16 = np.dtype(ml_dtypes.bfloat16)
     rng = np.random.default_rng(0)
+    ratios = {"fwd": [], "bwd": []}
     for d in (int(x) for x in args.hdims.split(",")):
         for s in (int(x) for x in args.seqlens.split(",")):
             b, h = 16384 // s, 2048 // d
             q, k, v, do = (cupy.asarray(rng.standard_normal((b, s, h, d), dtype=np.float32).astype(bf16))
                            for _ in range(4))
             for causal in (False, True):
-                out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
-                if out.dtype != q.dtype:  # a tree from before CuPy bfloat16 outputs: raw 16-bit words
-                    out = out.view(q.dtype)
-                calls = {"fwd": lambda: cuflash.attention(q, k, v, causal=causal),
-                         "bwd": lambda: cuflash.attention_backward(do, q, k, v, out, lse, causal=causal)}
-                for name, fn in calls.items():
-                    for _ in range(5):
-                        fn()
-                    times = []
-                    for _ in range(args.runs):
-                        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-                        start.record()
-                        fn()
-                        stop.record()
-                        stop.synchronize()
-                        times.append(cupy.cuda.get_elapsed_time(start, stop))
-                    ms = statistics.median(times)
-                    flops = 4 * b * h * s * s * d * (0.5 if causal else 1) * (2.5 if name == "bwd" else 1)
-                    print(json.dumps(dict(label=args.label, pass_=name, d=d, seqlen=s, causal=causal, ms=ms,
-                                          tflops=flops / ms / 1e9)), flush=True)
+                calls = {}
+                for label, cf in trees.items():
+                    out, lse = cf.attention(q, k, v, causal=causal, return_lse=True)
+                    if out.dtype != q.dtype:  # a tree from before CuPy bfloat16 outputs: raw 16-bit words
+                        out = out.view(q.dtype)
+                    calls[("fwd", label)] = lambda cf=cf: cf.attention(q, k, v, causal=causal)
+                    calls[("bwd", label)] = (lambda cf=cf, out=out, lse=lse:
+                                             cf.attention_backward(do, q, k, v, out, lse, causal=causal))
+                for pass_ in ("fwd", "bwd"):
+                    times = {"base": [], "new": []}
+                    for i in range(args.runs + 5):
+                        for label in (("base", "new") if i % 2 else ("new", "base")):
+                            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+                            start.record()
+                            calls[(pass_, label)]()
+                            stop.record()
+                            stop.synchronize()
+                            if i >= 5:
+                                times[label].append(cupy.cuda.get_elapsed_time(start, stop))
+                    flops = 4 * b * h * s * s * d * (0.5 if causal else 1) * (2.5 if pass_ == "bwd" else 1)
+                    tf = {lab: flops / statistics.median(t) / 1e9 for lab, t in times.items()}
+                    ratio = tf["new"] / tf["base"]
+                    ratios[pass_].append(ratio)
+                    print(json.dumps(dict(pass_=pass_, d=d, seqlen=s, causal=causal, base_tflops=round(tf["base"], 1),
+                                          new_tflops=round(tf["new"], 1), ratio=round(ratio, 4))), flush=True)
+    for pass_, rs in ratios.items():
+        if rs:
+            print(f"{pass_}: geomean new/base {statistics.geometric_mean(rs):.4f}, min {min(rs):.3f}, "
+                  f"max {max(rs):.3f} over {len(rs)} cells", flush=True)
 
 
 if __name__ == "__main__":

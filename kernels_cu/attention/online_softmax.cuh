@@ -10,9 +10,10 @@
 // fma(x, c, -E): exact for every element, but the row's largest probability is 2^(m*c - fl(m*c)), up to
 // 2^(ulp(m*c) / 2), which overflows fp16 P and the row sum once |m*c| passes ~2^31 (a constant bf16 input
 // of 133120 at head dim 64 gives m*c = 2e11: NaN). A warp whose offsets reach kFastOffsetLimit switches
-// for the rest of its rows' key tiles to the exact form E = m*c: 2^(fma(x, c, -fl(m*c)) - r) with
-// r = fma(m, c, -fl(m*c)) the exact rounding residue, one FADD more per element. The switch is a
-// warp-uniform vote per tile, so ordinary inputs run the fast form's instructions unchanged.
+// for the rest of its rows' key tiles to the exact form E = m*c: it subtracts m from the raw scores (one
+// FADD per element, exact near m) and runs the same loop with offset 0, 2^((x - m)*c). The switch is a
+// warp-uniform vote per tile, and the exact form adds only that subtraction loop to the code, so ordinary
+// inputs run the fast form's instructions (and instruction cache footprint) nearly unchanged.
 #pragma once
 #include "ptx/math.cuh"
 
@@ -20,7 +21,13 @@
 // fp16 P); real attention scores stay orders of magnitude below it.
 constexpr float kFastOffsetLimit = 16777216.f;
 
-// The exact rounding residue m*c - fl(m*c) of the fast offset (0 for an empty row's max of -inf).
+// The fast form's offset fl(m*c); 0 for a row that has seen no key (max -inf), so that -inf - -inf never
+// produces NaN and its probabilities come out exactly 0.
+__device__ __forceinline__ float fast_offset(float m, float c) {
+    return (m == -CF_INF) ? 0.f : m * c;
+}
+
+// The exact rounding residue m*c - fl(m*c) of the fast offset (0 for an empty row).
 __device__ __forceinline__ float offset_residue(float m, float c) {
     return (m == -CF_INF) ? 0.f : fmaf(m, c, -(m * c));
 }
@@ -51,8 +58,8 @@ struct OnlineSoftmax {
     // A row whose scores are all -inf so far keeps max -inf; it uses 0 as the exponent offset so that
     // -inf - -inf never produces NaN, and its probabilities come out exactly 0.
     __device__ __forceinline__ void exponentiate(float (&sc)[MS][NT8][4], float (&alpha)[MS][2], float c) {
-        // First the new row maxima (alpha holds the old ones until the exponent pass turns them into the
-        // rescale factors: no extra live registers), and whether any offset leaves the fast form's range.
+        // The new row maxima, and whether any offset leaves the fast form's range; alpha holds the old maxima
+        // until it becomes the rescale factor (no extra live registers).
         bool large = false;
 #pragma unroll
         for (int s = 0; s < MS; ++s) {
@@ -65,38 +72,23 @@ struct OnlineSoftmax {
                 m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
                 alpha[s][h] = row_max[s][h];
                 row_max[s][h] = m;
-                // The offset exponentiate_rows forms again (the compiler keeps one): one compare a row.
-                const float offset = (m == -CF_INF) ? 0.f : m * c;
-                large |= !(fabsf(offset) < kFastOffsetLimit);
+                large |= !(fabsf(fast_offset(m, c)) < kFastOffsetLimit);
             }
         }
-        if (exact || __any_sync(0xffffffffu, large)) exponentiate_rows<true>(sc, alpha, c);
-        else exponentiate_rows<false>(sc, alpha, c);
-    }
-
-    // EXACT: the offset is m*c exactly (see the top of the file). alpha = 2^(E_old - E_new), where E_old
-    // carried the residue only if the previous tile already ran exact, so the fast-to-exact switch rescales
-    // exactly too. On entry alpha holds the previous row maxima.
-    template <bool EXACT>
-    __device__ __forceinline__ void exponentiate_rows(float (&sc)[MS][NT8][4], float (&alpha)[MS][2], float c) {
+        if (exact || __any_sync(0xffffffffu, large)) shift_to_row_max(sc, alpha, c);
 #pragma unroll
         for (int s = 0; s < MS; ++s) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const float m = row_max[s][h], old = alpha[s][h];
-                const float offset = (m == -CF_INF) ? 0.f : m * c;
-                const float residue = EXACT ? offset_residue(m, c) : 0.f;
-                float shift = old * c - offset;
-                if (EXACT) shift += (exact ? offset_residue(old, c) : 0.f) - residue;
-                alpha[s][h] = exp2_approx(shift);
+                // Exact: the scores are already x - m, alpha already the exponent of E_old - E_new.
+                const float offset = exact ? 0.f : fast_offset(row_max[s][h], c);
+                alpha[s][h] = exp2_approx(exact ? alpha[s][h] : alpha[s][h] * c - offset);
                 float sum = 0.f;
 #pragma unroll
                 for (int n = 0; n < NT8; ++n) {
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        float x = fmaf(sc[s][n][2 * h + e], c, -offset);
-                        if (EXACT) x -= residue;
-                        const float p = exp2_approx(x);
+                        const float p = exp2_approx(fmaf(sc[s][n][2 * h + e], c, -offset));
                         sc[s][n][2 * h + e] = p;
                         sum += p;
                     }
@@ -104,7 +96,32 @@ struct OnlineSoftmax {
                 row_sum[s][h] = row_sum[s][h] * alpha[s][h] + sum;
             }
         }
-        if (EXACT) exact = true;
+    }
+
+    // The exact form (see the top of the file): the offset is E = m*c exactly, applied by subtracting m from
+    // the raw scores (exact for every score near m, by Sterbenz's lemma) before the common loop runs with
+    // offset 0. alpha (the old maxima on entry) becomes the exponent E_old - E_new, where E_old carried the
+    // fast offset's rounding if the previous tile ran fast: the switch rescales exactly too.
+    __device__ __forceinline__ void shift_to_row_max(float (&sc)[MS][NT8][4], float (&alpha)[MS][2], float c) {
+#pragma unroll
+        for (int s = 0; s < MS; ++s) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const float m = row_max[s][h], old = alpha[s][h];
+                if (m == -CF_INF) {  // nothing visible yet: the scores stay -inf, p = 0
+                    alpha[s][h] = -CF_INF;
+                    continue;
+                }
+                // An old max of -inf has nothing to rescale: 0 (its -inf * c - m * c could be +inf).
+                alpha[s][h] = old == -CF_INF ? -CF_INF : exact ? (old - m) * c : fmaf(-m, c, fast_offset(old, c));
+#pragma unroll
+                for (int n = 0; n < NT8; ++n) {
+                    sc[s][n][2 * h] -= m;
+                    sc[s][n][2 * h + 1] -= m;
+                }
+            }
+        }
+        exact = true;
     }
 
     template <int DT8>
