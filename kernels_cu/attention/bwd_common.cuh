@@ -105,21 +105,16 @@ __device__ __forceinline__ void red_add_f32x4(float* addr, float a, float b, flo
 // from the raw q.k product `x`, query i and key j,
 //   s  = x                                         (no softcap / ALiBi; score_scale = softmax_scale)
 //   s  = softcap * tanh(scale * x / softcap) - slope * |i + off - j|   (otherwise; score_scale = 1)
-//   P  = exp(s score_scale - lse)   (0 where masked: s = -inf; 0 on rows with lse = +inf)
+//   P  = 2^((s score_scale - lse) log2 e)      (0 where masked: s = -inf; 0 on rows with lse = +inf)
+// P's exponent is formed in natural units by one FMA, s score_scale - lse, before the log2 e factor:
+// folding log2 e into both terms (one FMA, 2^(s c - lse log2 e)) rounds each to ulp(|lse|) and turned P
+// into inf/NaN once |lse| reached ~1e9; this way P is exact wherever the fp32 LSE holds the true value.
 //   dS = P (dP - D) [* (1 - tanh^2)]  -- neither softmax_scale nor any 16-bit rounding is applied here.
-// P takes one of two forms, chosen per tile and warp (uniformly, so that the common case pays nothing):
-//   fast  (exact = false): 2^(fma(s, c, -lse log2 e)), c = score_scale log2 e, lse log2 e per row: one FMA,
-//         but c and lse log2 e are each rounded to 2^-24 relative, which moves the exponent by up to
-//         (|s c| + |lse log2 e|) 2^-24: for huge scores (|lse| 1e9, a constant input of 1e5) P became inf.
-//   exact (exact = true): 2^(fma(s, score_scale, -lse) log2 e): the exponent in natural units first, so P
-//         is exact wherever the fp32 LSE holds the true value (one key: P = 1 whatever the score), one FMUL more.
-// Callers pass (scale_arg, lse_arg) = (c, lse log2 e) for the fast form, (score_scale, lse) for the exact one.
 // bwd_probability returns P and the softcap factor 1 - tanh^2 (1 without softcap); without softcap, a
 // kernel can take P before dP is ready and finish dS = P (dP - D) later.
-// `exact` is a constant wherever this is inlined (with_exp_form's two calls), so each form compiles alone.
 template <bool SOFTCAP, bool ALIBI>
-__device__ __forceinline__ float bwd_probability(float x, float lse_arg, bool visible, bool exact, float scale_arg,
-                                                 float pre, float softcap, float slope, int dist, float& dtanh) {
+__device__ __forceinline__ float bwd_probability(float x, float lse, bool visible, float score_scale, float pre,
+                                                 float softcap, float slope, int dist, float& dtanh) {
     dtanh = 1.f;
     if (SOFTCAP) {
         const float t = tanh_accurate(x * pre);
@@ -130,35 +125,15 @@ __device__ __forceinline__ float bwd_probability(float x, float lse_arg, bool vi
     }
     if (ALIBI) x -= slope * fabsf((float)dist);
     if (!visible) x = -CF_INF;
-    const float arg = fmaf(x, scale_arg, -lse_arg);
-    return exp2_approx(exact ? arg * kLog2e : arg);
-}
-
-// |LSE| (natural log) from which a warp takes the exact form: below it the fast form's exponent error is
-// at most 2 * 512 * log2 e * 2^-24 = 8.8e-5, P's relative error 6e-5, under fp16's rounding of P (2.4e-4).
-constexpr float kFastLseLimit = 512.f;
-
-// Whether a row's LSE needs the exact form (+inf, a row that sees no key, gives P = 0 either way).
-__device__ __forceinline__ bool lse_needs_exact(float lse) {
-    return !(fabsf(lse) < kFastLseLimit) && lse != CF_INF;
-}
-
-// Runs body(true) if any lane of the warp asks for the exact form, else body(false): two inlined copies of
-// the element loop, each with its form a constant (NVRTC takes no generic lambdas, so not a template).
-template <class Body>
-__device__ __forceinline__ void with_exp_form(bool lane_needs_exact, Body&& body) {
-    if (__any_sync(0xffffffffu, lane_needs_exact)) body(true);
-    else body(false);
+    return exp2_approx(fmaf(x, score_scale, -lse) * kLog2e);
 }
 
 // P and, overwriting `dp` (dO.v on entry), dS in one step.
 template <bool SOFTCAP, bool ALIBI>
-__device__ __forceinline__ float bwd_score_element(float x, float& dp, float lse_arg, float delta, bool visible,
-                                                   bool exact, float scale_arg, float pre, float softcap, float slope,
-                                                   int dist) {
+__device__ __forceinline__ float bwd_score_element(float x, float& dp, float lse, float delta, bool visible,
+                                                   float score_scale, float pre, float softcap, float slope, int dist) {
     float dtanh;
-    const float pr = bwd_probability<SOFTCAP, ALIBI>(x, lse_arg, visible, exact, scale_arg, pre, softcap, slope, dist,
-                                                     dtanh);
+    const float pr = bwd_probability<SOFTCAP, ALIBI>(x, lse, visible, score_scale, pre, softcap, slope, dist, dtanh);
     float ds = pr * (dp - delta);
     if (SOFTCAP) ds *= dtanh;
     dp = ds;

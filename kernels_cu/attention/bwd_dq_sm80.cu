@@ -76,10 +76,8 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
         cp_async_commit();
     }
 
-    // Per-row LSE and delta; rows past seqlen_q get LSE = +inf, hence P = 0. The warp's exponent form
-    // (bwd_common.cuh) is fixed by its rows once; the fast form keeps lse log2 e.
+    // Per-row LSE (times log2 e) and delta; rows past seqlen_q get LSE = +inf, hence P = 0.
     float lse[kMS][2], delta[kMS][2];
-    bool lane_exact = false;
     {
         const BlockCoords c(p);
         const i64 row_base = ((i64)c.b * p.heads_q + c.h) * p.seqlen_q;
@@ -91,15 +89,7 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
                 const bool valid = i < p.seqlen_q;
                 lse[s][hh] = valid ? p.lse[row_base + i] : CF_INF;
                 delta[s][hh] = valid ? p.delta[row_base + i] : 0.f;
-                lane_exact |= lse_needs_exact(lse[s][hh]);
             }
-    }
-    const bool warp_exact = __any_sync(0xffffffffu, lane_exact);
-    if (!warp_exact) {
-#pragma unroll
-        for (int s = 0; s < kMS; ++s)
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) lse[s][hh] *= kLog2e;
     }
 
     float acc[kMS][kDT8][4];
@@ -139,22 +129,19 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
             const float slope = CF_ALIBI ? p.alibi[(i64)BlockCoords(p).b * p.alibi_batch_stride + BlockCoords(p).h] : 0.f;
             const float pre = CF_SOFTCAP ? p.softmax_scale / p.softcap : p.softmax_scale;
             const float score_scale = natural_score_scale<CF_SOFTCAP, CF_ALIBI>(p.softmax_scale), softcap = p.softcap;
-            with_exp_form(warp_exact, [&](bool exact) {
-                const float scale_arg = exact ? score_scale : p.scale_log2;
 #pragma unroll
-                for (int s = 0; s < kMS; ++s)
+            for (int s = 0; s < kMS; ++s)
 #pragma unroll
-                    for (int n = 0; n < kNT8; ++n)
+                for (int n = 0; n < kNT8; ++n)
 #pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int i = m_start + warp_row0 + s * 16 + g + (e >> 1) * 8;
-                            const int j = n_start + n * 8 + t2 + (e & 1);
-                            const bool visible = !need_mask || vis.visible(i, j);
-                            bwd_score_element<CF_SOFTCAP, CF_ALIBI>(
-                                sc[s][n][e], dp[s][n][e], lse[s][e >> 1], delta[s][e >> 1], visible, exact, scale_arg, pre,
-                                softcap, slope, i + vis.off - j);
-                        }
-            });
+                    for (int e = 0; e < 4; ++e) {
+                        const int i = m_start + warp_row0 + s * 16 + g + (e >> 1) * 8;
+                        const int j = n_start + n * 8 + t2 + (e & 1);
+                        const bool visible = !need_mask || vis.visible(i, j);
+                        bwd_score_element<CF_SOFTCAP, CF_ALIBI>(sc[s][n][e], dp[s][n][e], lse[s][e >> 1],
+                                                                delta[s][e >> 1], visible, c, pre, softcap, slope,
+                                                                i + vis.off - j);
+                    }
         }
 
         // dQ += dS.K: dS (rows = queries, k = keys) straight from the accumulators, K read transposed.

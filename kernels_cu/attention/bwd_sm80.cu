@@ -301,31 +301,23 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
             const float score_scale = natural_score_scale<CF_SOFTCAP, CF_ALIBI>(p.softmax_scale), softcap = p.softcap;
             const unsigned char* s_lse = smem + kSmemLSE + st * kBM * 4;
             const unsigned char* s_delta = smem + kSmemDelta + st * kBM * 4;
-            // The stage's LSE rows decide the warp's exponent form (bwd_common.cuh).
-            bool lane_exact = false;
 #pragma unroll
-            for (int r = lane; r < kBM; r += 32) lane_exact |= lse_needs_exact(*(const float*)(s_lse + r * 4));
-            with_exp_form(lane_exact, [&](bool exact) {
-                const float scale_arg = exact ? score_scale : p.scale_log2;
-                const float lse_factor = exact ? 1.f : kLog2e;
+            for (int n = 0; n < kSNT8; ++n) {
+                const int qc = q_col0 + n * 8 + t2;
+                const float2 lse2 = *(const float2*)(s_lse + qc * 4);
+                const float2 del2 = *(const float2*)(s_delta + qc * 4);
 #pragma unroll
-                for (int n = 0; n < kSNT8; ++n) {
-                    const int qc = q_col0 + n * 8 + t2;
-                    const float2 lse2 = *(const float2*)(s_lse + qc * 4);
-                    const float2 del2 = *(const float2*)(s_delta + qc * 4);
+                for (int s = 0; s < kSKS; ++s)
 #pragma unroll
-                    for (int s = 0; s < kSKS; ++s)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int i = m_start + qc + (e & 1);
-                        const int j = n_start + key_row0 + s * 16 + g + (e >> 1) * 8;
-                        const bool visible = !need_mask || (i < p.seqlen_q && vis.visible(i, j));
-                        sc[s][n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(
-                            sc[s][n][e], dp[s][n][e], ((e & 1) ? lse2.y : lse2.x) * lse_factor,
-                            (e & 1) ? del2.y : del2.x, visible, exact, scale_arg, pre, softcap, slope, i + vis.off - j);
-                    }
+                for (int e = 0; e < 4; ++e) {
+                    const int i = m_start + qc + (e & 1);
+                    const int j = n_start + key_row0 + s * 16 + g + (e >> 1) * 8;
+                    const bool visible = !need_mask || (i < p.seqlen_q && vis.visible(i, j));
+                    sc[s][n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(
+                        sc[s][n][e], dp[s][n][e], (e & 1) ? lse2.y : lse2.x, (e & 1) ? del2.y : del2.x,
+                        visible, score_scale, pre, softcap, slope, i + vis.off - j);
                 }
-            });
+            }
         }
         // A fragments (rows = keys, k = queries) of P^T and dS^T, 16-bit.
         u32 ap[kSKS][kSNT8 / 2][4], ads[kSKS][kSNT8 / 2][4];

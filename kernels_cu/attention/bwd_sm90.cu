@@ -171,7 +171,7 @@ __device__ __forceinline__ void produce_row_stats(const BackwardSm90Params& p, c
         for (int r = lane; r < kBM; r += 32) {
             const int i = m0 + r;
             const bool valid = i < p.a.seqlen_q;
-            const float lse = valid ? p.a.lse[row_base + i] * kLog2e : CF_INF;  // the fast form's term
+            const float lse = valid ? p.a.lse[row_base + i] : CF_INF;
             const float delta = valid ? p.a.delta[row_base + i] : 0.f;
             asm volatile("st.shared.f32 [%0], %1;\n" :: "r"(sm.lse(s) + r * 4), "f"(lse) : "memory");
             asm volatile("st.shared.f32 [%0], %1;\n" :: "r"(sm.delta(s) + r * 4), "f"(delta) : "memory");
@@ -268,47 +268,30 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
             wgmma::wait<kEarlyP ? 1 : 0>();
             wgmma::fence_operand(reinterpret_cast<float(&)[kBM / 2]>(sc));
             if (!kEarlyP) wgmma::fence_operand(reinterpret_cast<float(&)[kBM / 2]>(dp));
-            // The tile's kBM LSE rows, two a lane at a time, decide the warp's exponent form (bwd_common.cuh);
-            // the exact form reads the natural LSE from global memory (shared memory holds lse log2 e).
-            bool lane_exact = false;
 #pragma unroll
-            for (int r = 2 * lane; r < kBM; r += 64) {
-                const float2 pair = load2(sm.lse(s) + r * 4);
-                lane_exact |= lse_needs_exact(pair.x * (1.f / kLog2e)) || lse_needs_exact(pair.y * (1.f / kLog2e));
-            }
-            const i64 row_base = ((i64)bc.b * a.heads_q + h) * a.seqlen_q;
-            with_exp_form(lane_exact, [&](bool exact) {
-                const float scale_arg = exact ? score_scale : a.scale_log2;
+            for (int n = 0; n < kNT8; ++n) {
+                const int qc = n * 8 + 2 * t;
+                const float2 lse2 = load2(sm.lse(s) + qc * 4);
+                const float2 del2 = kEarlyP ? make_float2(0.f, 0.f) : load2(sm.delta(s) + qc * 4);
 #pragma unroll
-                for (int n = 0; n < kNT8; ++n) {
-                    const int qc = n * 8 + 2 * t;
-                    float2 lse2 = load2(sm.lse(s) + qc * 4);
-                    if (exact) {
-                        const int i = m0 + qc;
-                        lse2.x = i < a.seqlen_q ? a.lse[row_base + i] : CF_INF;
-                        lse2.y = i + 1 < a.seqlen_q ? a.lse[row_base + i + 1] : CF_INF;
+                for (int e = 0; e < 4; ++e) {
+                    const int i = m0 + qc + (e & 1);
+                    const int j = key_row0 + g + (e >> 1) * 8;
+                    const bool visible = !need_mask || vis.visible(i, j);
+                    const float lse = (e & 1) ? lse2.y : lse2.x;
+                    if (!kEarlyP) {
+                        sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(sc[n][e], dp[n][e], lse, (e & 1) ? del2.y : del2.x,
+                                                                     visible, score_scale, pre, a.softcap, slope,
+                                                                     i + vis.off - j);
+                    } else {
+                        float unused;
+                        sc[n][e] = bwd_probability<CF_SOFTCAP, CF_ALIBI>(sc[n][e], lse, visible, score_scale, pre,
+                                                                    a.softcap, slope, i + vis.off - j, unused);
                     }
-                    const float2 del2 = kEarlyP ? make_float2(0.f, 0.f) : load2(sm.delta(s) + qc * 4);
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int i = m0 + qc + (e & 1);
-                        const int j = key_row0 + g + (e >> 1) * 8;
-                        const bool visible = !need_mask || vis.visible(i, j);
-                        const float lse_arg = (e & 1) ? lse2.y : lse2.x;
-                        if (!kEarlyP) {
-                            sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(
-                                sc[n][e], dp[n][e], lse_arg, (e & 1) ? del2.y : del2.x, visible, exact, scale_arg, pre,
-                                a.softcap, slope, i + vis.off - j);
-                        } else {
-                            float unused;
-                            sc[n][e] = bwd_probability<CF_SOFTCAP, CF_ALIBI>(
-                                sc[n][e], lse_arg, visible, exact, scale_arg, pre, a.softcap, slope, i + vis.off - j, unused);
-                        }
-                    }
-                    pack_pair(ap, n, sc[n]);
-                    if (!kEarlyP) pack_pair(ads, n, dp[n]);
                 }
-            });
+                pack_pair(ap, n, sc[n]);
+                if (!kEarlyP) pack_pair(ads, n, dp[n]);
+            }
             if (kEarlyP) {
                 wgmma::wait<0>();
                 wgmma::fence_operand(reinterpret_cast<float(&)[kBM / 2]>(dp));
