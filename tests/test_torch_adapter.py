@@ -4,7 +4,7 @@ and FlashAttention-2's function names, argument order and return values."""
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="tests of the PyTorch adapter (cuflash.torch); need torch")
 
 import cuflash  # noqa: E402
 import cuflash.torch as ct  # noqa: E402
