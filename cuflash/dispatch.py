@@ -291,9 +291,9 @@ BWD_SM80_TILES = {
     192: [(64, 64, 2, 0, True), (64, 64, 1, 0, True)],
     256: [(64, 64, 2, 0, True), (64, 64, 1, 0, True)],
 }
-# With the exponent's two forms (bwd_common.cuh) -O3 spills 72-120 bytes for sm_90a at head dim 64 with
-# ALiBi (128 x 128 tile); -O1 spills nothing.
-BWD_SM80_ALIBI_PTXAS_OPT = {64: 1}
+# softcap and ALiBi together at head dim 128: -O3 spills 4 bytes for sm_80 once P's exponent is formed in
+# natural units (bwd_common.cuh); -O1 spills nothing.
+BWD_SM80_SOFTCAP_ALIBI_PTXAS_OPT = {128: 1}
 # Deterministic dQ kernel (Q-parallel, 4 warps): head dim -> (block_m, block_n).
 BWD_DQ_SM80_TILES = {64: (64, 64), 128: (64, 64), 192: (64, 64), 256: (64, 32)}
 BWD_PREPOST_ROWS = 64  # query rows per CTA of the pre/post-processing kernels (kRows in bwd_prepost.cu)
@@ -329,7 +329,7 @@ def _backward_keys(dtype, d, is_local, softcap, alibi, deterministic, smem_limit
         main = KernelKey("bwd_sm80", "attention_bwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, 8,
                          extra=(("CF_DETERMINISTIC", int(deterministic)), ("CF_Q_STAGES", stages),
                                 ("CF_BWD_A_REGS", a_regs)),
-                         ptxas_opt=BWD_SM80_ALIBI_PTXAS_OPT.get(d, 3) if alibi else 3)
+                         ptxas_opt=BWD_SM80_SOFTCAP_ALIBI_PTXAS_OPT.get(d, 3) if softcap and alibi else 3)
         if backward_smem_bytes(main) <= smem_limit:
             break
     else:

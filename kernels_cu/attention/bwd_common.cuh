@@ -107,8 +107,10 @@ __device__ __forceinline__ void red_add_f32x4(float* addr, float a, float b, flo
 //   s  = softcap * tanh(scale * x / softcap) - slope * |i + off - j|   (otherwise; score_scale = 1)
 //   P  = 2^((s score_scale - lse) log2 e)      (0 where masked: s = -inf; 0 on rows with lse = +inf)
 // P's exponent is formed in natural units by one FMA, s score_scale - lse, before the log2 e factor:
-// folding log2 e into both terms (one FMA, 2^(s c - lse log2 e)) rounds each to ulp(|lse|) and turned P
-// into inf/NaN once |lse| reached ~1e9; this way P is exact wherever the fp32 LSE holds the true value.
+// folding log2 e into both terms (one FMA, 2^(s c - lse log2 e)) rounds c and lse log2 e each to 2^-24,
+// which moved the exponent by ~ulp(|lse|) and turned P into inf/NaN once |lse| reached ~1e9 (a constant
+// input of 1e5); this way P is exact wherever the fp32 LSE holds the true value (one key: P = 1 exactly).
+// It costs one FMUL per element; a per-tile choice between the two forms measured slower (bench/NOTES.md).
 //   dS = P (dP - D) [* (1 - tanh^2)]  -- neither softmax_scale nor any 16-bit rounding is applied here.
 // bwd_probability returns P and the softcap factor 1 - tanh^2 (1 without softcap); without softcap, a
 // kernel can take P before dP is ready and finish dS = P (dP - D) later.

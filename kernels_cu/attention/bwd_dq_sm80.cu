@@ -139,7 +139,7 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
                         const int j = n_start + n * 8 + t2 + (e & 1);
                         const bool visible = !need_mask || vis.visible(i, j);
                         bwd_score_element<CF_SOFTCAP, CF_ALIBI>(sc[s][n][e], dp[s][n][e], lse[s][e >> 1],
-                                                                delta[s][e >> 1], visible, c, pre, softcap, slope,
+                                                                delta[s][e >> 1], visible, score_scale, pre, softcap, slope,
                                                                 i + vis.off - j);
                     }
         }
