@@ -413,30 +413,56 @@ def test_backward_numpy_float16_dtypes():
 
 
 def test_numpy_skips_invisible_key_blocks(monkeypatch):
-    """Causal / window tiling only visits key blocks the query block can see."""
+    """Causal / window tiling computes only key blocks a query block can see,
+    masking just the strips at the mask edges."""
     import cuflash.reference as ref_mod
 
-    calls = []
+    tiles = []
     real = ref_mod._tile_scores
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def recording(t, qt, kt, s, tanh, h0, h1, q0, q1, k0, k1, masked):
+        tiles.append((q0, q1, k0, k1, masked))
+        return real(t, qt, kt, s, tanh, h0, h1, q0, q1, k0, k1, masked)
 
-    monkeypatch.setattr(ref_mod, "_tile_scores", counting)
+    monkeypatch.setattr(ref_mod, "_tile_scores", recording)
     rng = np.random.default_rng(10)
-    q, k, v = _inputs(rng, 1, 256, 256, 1, 1, 8)
-    out, lse = attention_numpy(q, k, v, causal=True, block_q=64, block_k=64)
-    assert len(calls) == 4 * 5 // 2  # lower block triangle incl. diagonal
-    calls.clear()
+    n = 256
+    q, k, v = _inputs(rng, 1, n, n, 1, 1, 8)
     dout = rng.standard_normal(q.shape)
-    attention_backward_numpy(dout, q, k, v, out, lse, causal=True,
-                             block_q=64, block_k=64)
-    assert len(calls) == 10
-    calls.clear()
-    # A local window of 10 touches at most the diagonal and one neighbour.
-    attention_numpy(q, k, v, window_size=(10, 10), block_q=64, block_k=64)
-    assert len(calls) == 4 + 2 * 3
+
+    def check(kw, max_area):
+        full = visible_mask(n, n, kw.get("causal", False),
+                            kw.get("window_size", (-1, -1)))
+        for run in ("fwd", "bwd"):
+            tiles.clear()
+            if run == "fwd":
+                attention_numpy(q, k, v, block_q=64, block_k=64, **kw)
+            else:
+                out, lse = attention_numpy(q, k, v, **kw)
+                tiles.clear()
+                attention_backward_numpy(dout, q, k, v, out, lse,
+                                         block_q=64, block_k=64, **kw)
+            area = 0
+            for q0, q1, k0, k1, masked in tiles:
+                blk = full[q0:q1, k0:k1]
+                assert blk.any(), (run, q0, k0)       # nothing invisible
+                assert masked or blk.all(), (run, q0, k0)
+                area += (q1 - q0) * (k1 - k0)
+            # Every visible score is covered exactly once.
+            cover = np.zeros((n, n), int)
+            for q0, q1, k0, k1, _ in tiles:
+                cover[q0:q1, k0:k1] += 1
+            assert np.all(cover[full] == 1) and cover.max() == 1
+            assert area <= max_area, (run, area)
+
+    # Causal: the lower triangle plus a 64 x 63 / 2 overhang per row block.
+    check(dict(causal=True), n * (n + 1) // 2 + 4 * 64 * 63 // 2)
+    # A (10, 10) window: each 64-row block sees at most 64 + 20 keys.
+    check(dict(window_size=(10, 10)), 4 * 64 * 84)
+    # Unmasked: one tile per (row block, 64 keys), nothing masked.
+    tiles.clear()
+    attention_numpy(q, k, v, block_q=64, block_k=64)
+    assert len(tiles) == 16 and not any(t[4] for t in tiles)
 
 
 def test_backward_empty_rows_zero_gradient():
@@ -461,3 +487,159 @@ def test_backward_empty_rows_zero_gradient():
                                                block_q=4, block_k=3, **kw)
         np.testing.assert_array_equal(dk, dk2)
         np.testing.assert_array_equal(dv, dv2)
+
+
+# ---------------------------------------------------------------------------
+# Any head_dim, empty inputs, strides, default tiles, memory
+# ---------------------------------------------------------------------------
+
+ODD_FEATURES = [
+    dict(),
+    dict(causal=True, softcap=3.0),
+    dict(window_size=(6, 2), alibi="batch"),
+]
+
+
+@pytest.mark.parametrize("d", [1, 3, 59, 111, 256])
+@pytest.mark.parametrize("dtype,rtol,atol", [
+    (np.float64, 1e-10, 1e-10),
+    (np.float32, 2e-4, 2e-4),
+])
+def test_numpy_any_head_dim(d, dtype, rtol, atol):
+    """Head dims that are not multiples of 8 (1 .. 256) match the float64
+    reference, forward and backward, with GQA and seqlen_q != seqlen_k."""
+    rng = np.random.default_rng(20 + d)
+    b, sq, sk, hq, hk = 2, 23, 37, 4, 2
+    for feat in ODD_FEATURES:
+        q, k, v = _inputs(rng, b, sq, sk, hq, hk, d, dtype)
+        dout = rng.standard_normal(q.shape).astype(dtype)
+        kw = _kwargs(feat, rng, b, hq)
+        for blocks in (dict(), dict(block_q=8, block_k=16)):
+            out, lse = attention_numpy(q, k, v, **blocks, **kw)
+            ref_out, ref_lse = attention_reference(q, k, v, **kw)
+            assert out.shape == q.shape and out.dtype == dtype
+            np.testing.assert_allclose(out, ref_out, rtol=rtol, atol=atol,
+                                       err_msg=f"d={d} {feat} {blocks}")
+            fin = np.isfinite(ref_lse)
+            np.testing.assert_array_equal(np.isfinite(lse), fin)
+            np.testing.assert_allclose(lse[fin], ref_lse[fin], rtol=rtol,
+                                       atol=atol)
+            grads = attention_backward_numpy(dout, q, k, v, out, lse,
+                                             **blocks, **kw)
+            ref = attention_backward_reference(dout, q, k, v, **kw)
+            for name, x, g, r in zip("qkv", (q, k, v), grads, ref):
+                assert g.shape == x.shape and g.dtype == dtype
+                np.testing.assert_allclose(
+                    g, r, rtol=rtol, atol=atol * max(1.0, np.abs(r).max()),
+                    err_msg=f"d{name} d={d} {feat} {blocks}")
+
+
+@pytest.mark.parametrize("b,sq,sk,hq,hk", [
+    (0, 5, 7, 2, 1),      # no batch
+    (2, 0, 7, 2, 1),      # no queries
+    (2, 5, 0, 2, 1),      # no keys: every row sees nothing
+    (2, 0, 0, 2, 2),
+])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_numpy_empty_inputs(b, sq, sk, hq, hk, dtype):
+    """Empty shapes give empty / zero outputs of the right shape and dtype;
+    with seqlen_k == 0 every row has out 0, lse +inf and zero gradients."""
+    rng = np.random.default_rng(12)
+    d = 6
+    q, k, v = _inputs(rng, b, sq, sk, hq, hk, d, dtype)
+    dout = rng.standard_normal(q.shape).astype(dtype)
+    acc = np.float64 if dtype == np.float64 else np.float32
+    for kw in (dict(), dict(causal=True, softcap=2.0,
+                            alibi_slopes=np.full(hq, 0.3))):
+        out, lse = attention_numpy(q, k, v, **kw)
+        assert out.shape == q.shape and out.dtype == dtype
+        assert lse.shape == (b, hq, sq) and lse.dtype == acc
+        assert np.all(out == 0) and np.all(np.isposinf(lse))
+        ref_out, ref_lse = attention_reference(q, k, v, **kw)
+        np.testing.assert_array_equal(out, ref_out)
+        np.testing.assert_array_equal(lse, ref_lse)
+        grads = attention_backward_numpy(dout, q, k, v, out, lse, **kw)
+        for x, g in zip((q, k, v), grads):
+            assert g.shape == x.shape and g.dtype == dtype
+            assert np.all(g == 0)
+
+
+def test_numpy_non_unit_last_stride():
+    """Inputs whose last axis is strided (every other element) give the same
+    result as their contiguous copies."""
+    rng = np.random.default_rng(13)
+    b, sq, sk, hq, hk, d = 2, 19, 26, 4, 2, 24
+    q, k, v, dout, = (rng.standard_normal(s + (2 * d,))[..., ::2]
+                      for s in ((b, sq, hq), (b, sk, hk), (b, sk, hk),
+                                (b, sq, hq)))
+    assert q.strides[-1] == 16
+    kw = dict(causal=True, window_size=(7, -1), softcap=2.0,
+              alibi_slopes=_slopes(rng, b, hq, False))
+    out, lse = attention_numpy(q, k, v, block_q=8, block_k=8, **kw)
+    cont = [np.ascontiguousarray(x) for x in (q, k, v, dout)]
+    out_c, lse_c = attention_numpy(*cont[:3], block_q=8, block_k=8, **kw)
+    np.testing.assert_array_equal(out, out_c)
+    np.testing.assert_array_equal(lse, lse_c)
+    assert out.flags.c_contiguous
+    ref_out, _ = attention_reference(q, k, v, **kw)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-12, atol=1e-12)
+    grads = attention_backward_numpy(dout, q, k, v, out, lse, **kw)
+    grads_c = attention_backward_numpy(cont[3], *cont[:3], out_c, lse_c, **kw)
+    for g, gc in zip(grads, grads_c):
+        np.testing.assert_array_equal(g, gc)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(causal=True),
+    dict(window_size=(700, 300), softcap=5.0, alibi="head"),
+], ids=["plain", "causal", "window-softcap-alibi"])
+def test_numpy_default_tiles_many_key_blocks(kw):
+    """Default tile sizes, with seqlen_k past one key block (online softmax
+    across blocks, masked edge strips inside a block), match the reference."""
+    rng = np.random.default_rng(14)
+    b, sq, sk, hq, hk, d = 1, 300, 4500, 2, 1, 8
+    q, k, v = _inputs(rng, b, sq, sk, hq, hk, d, np.float32)
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    kw = _kwargs(kw, rng, b, hq)
+    out, lse = attention_numpy(q, k, v, **kw)
+    ref_out, ref_lse = attention_reference(q, k, v, **kw)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    grads = attention_backward_numpy(dout, q, k, v, out, lse, **kw)
+    ref = attention_backward_reference(dout, q, k, v, **kw)
+    for g, r in zip(grads, ref):
+        np.testing.assert_allclose(g, r, rtol=2e-4,
+                                   atol=2e-4 * np.abs(r).max())
+
+
+def test_numpy_memory_is_tiled():
+    """At seqlen 4096 neither pass allocates anything near one head's score
+    matrix (64 MiB in float32; the naive formula allocates several of them)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(15)
+    n, h, d = 4096, 2, 8
+    q, k, v = _inputs(rng, 1, n, n, h, h, d, np.float32)
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    one_head = n * n * 4
+    # Plain, then the most buffers: softcap keeps tanh for the backward and
+    # ALiBi needs a distance block and a bias temporary.
+    for kw, bound in ((dict(), 24), (dict(softcap=3.0, alibi_slopes=np.full(
+            h, 0.01, np.float32)), 48)):
+        tracemalloc.start()
+        try:
+            out, lse = attention_numpy(q, k, v, **kw)
+            fwd_peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.reset_peak()
+            attention_backward_numpy(dout, q, k, v, out, lse, **kw)
+            bwd_peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        # Tiles are at most 2M scores (8 MiB): the forward needs one (9 MiB
+        # peak measured plain, 25 MiB with both), the backward two (18 MiB)
+        # or three (42 MiB).
+        assert bound * 2**20 < one_head
+        assert fwd_peak < bound * 2**20, (kw, fwd_peak)
+        assert bwd_peak < bound * 2**20, (kw, bwd_peak)
+        assert np.isfinite(out).all()
