@@ -17,12 +17,15 @@ Usage::
     python bench/bench_cpu.py                         # seqlen 512..4k, hd 64/128, causal and not
     python bench/bench_cpu.py --seqlens 2048 --hdims 64 --causal no --json
     python bench/bench_cpu.py --json                  # also writes bench/results/cpu/cpu-<stamp>.json
+    git show <rev>:cuflash/reference.py > /tmp/ref_old.py
+    python bench/bench_cpu.py --baseline /tmp/ref_old.py   # adds that version's tiled path, same runs
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
 import os
 import platform
@@ -97,6 +100,8 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--baseline", help="a reference.py (e.g. an older revision) whose attention_numpy / "
+                    "attention_backward_numpy are timed too, in the same alternating runs")
     ap.add_argument("--json", action="store_true", help="write bench/results/cpu/cpu-<stamp>.json")
     ap.add_argument("--label", default="", help="free text stored in the JSON (e.g. the commit)")
     args = ap.parse_args(argv)
@@ -107,10 +112,19 @@ def main(argv=None):
     passes = args.passes.split(",")
     dtype = np.dtype(args.dtype)
     rng = np.random.default_rng(0)
+    load0 = os.getloadavg()
+    base = None
+    if args.baseline:
+        spec = importlib.util.spec_from_file_location("baseline_reference", args.baseline)
+        base = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(base)
 
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}, "
-          f"batch {args.batch}, heads {args.heads}, {dtype}, median of {args.repeats}")
-    print(f"{'pass':<4} {'seqlen':>6} {'hd':>4} {'causal':>6} {'ours ms':>9} {'naive ms':>9} {'ours/naive':>10}")
+          f"batch {args.batch}, heads {args.heads}, {dtype}, median of {args.repeats}, "
+          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    head = f"{'pass':<4} {'seqlen':>6} {'hd':>4} {'causal':>6} {'ours ms':>9} {'naive ms':>9} {'ours/naive':>10}"
+    print(head + (f" {'base ms':>9} {'base/naive':>10}" if base else ""))
     rows = []
     for p in passes:
         for d in hdims:
@@ -121,24 +135,35 @@ def main(argv=None):
                     if p == "fwd":
                         ours = lambda: cuflash.attention(q, k, v, causal=causal, return_lse=True)  # noqa: E731
                         naive = lambda: naive_forward(q, k, v, causal)  # noqa: E731
+                        old = base and (lambda: base.attention_numpy(q, k, v, causal=causal))  # noqa: E731
                     else:
                         out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
                         ours = lambda: cuflash.attention_backward(dout, q, k, v, out, lse,  # noqa: E731
                                                                   causal=causal)
                         naive = lambda: naive_backward(dout, q, k, v, out, lse, causal)  # noqa: E731
-                    t_ours, t_naive = median_ms((ours, naive), args.repeats)
+                        old = base and (lambda: base.attention_backward_numpy(  # noqa: E731
+                            dout, q, k, v, out, lse, causal=causal))
+                    fns = (ours, naive, old) if base else (ours, naive)
+                    t_ours, t_naive, *t_old = median_ms(fns, args.repeats)
                     row = dict(pass_=p, seqlen=n, head_dim=d, causal=causal, ours_ms=t_ours,
                                naive_ms=t_naive, ratio=t_ours / t_naive)
+                    line = (f"{p:<4} {n:>6} {d:>4} {str(causal):>6} {t_ours:>9.1f} {t_naive:>9.1f} "
+                            f"{t_ours / t_naive:>10.2f}")
+                    if base:
+                        row.update(base_ms=t_old[0], base_ratio=t_old[0] / t_naive)
+                        line += f" {t_old[0]:>9.1f} {t_old[0] / t_naive:>10.2f}"
                     rows.append(row)
-                    print(f"{p:<4} {n:>6} {d:>4} {str(causal):>6} {t_ours:>9.1f} {t_naive:>9.1f} "
-                          f"{t_ours / t_naive:>10.2f}", flush=True)
+                    print(line, flush=True)
+    print(f"# load average at the end {os.getloadavg()[0]:.1f}")
     if args.json:
         out_dir = HERE / "results" / "cpu"
         out_dir.mkdir(parents=True, exist_ok=True)
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         path = out_dir / f"cpu-{stamp}.json"
-        meta = dict(label=args.label, cores=os.cpu_count(), numpy=np.__version__, batch=args.batch,
-                    heads=args.heads, dtype=str(dtype), repeats=args.repeats, machine=platform.machine())
+        meta = dict(label=args.label, baseline=args.baseline, cores=os.cpu_count(), machine=platform.machine(),
+                    openblas_num_threads=os.environ.get("OPENBLAS_NUM_THREADS"), numpy=np.__version__,
+                    batch=args.batch, heads=args.heads, dtype=str(dtype), repeats=args.repeats,
+                    load_average_start=load0, load_average_end=os.getloadavg())
         path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
         print(f"# wrote {path}")
 
