@@ -344,7 +344,7 @@ def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse):
     stream = arrays.current_stream(call.fw, device)
     cc = _cc(device)
     b, sq, hq = call.batch, call.seqlen_q, call.heads_q
-    with arrays.device_scope(device):
+    with arrays.device_scope(call.fw, device):
         out_native, out_view, out_work = _device_output(call, (b, sq, hq, call.head_dim), stream)
         lse_native, lse_view = arrays.empty(call.fw, (b, hq, sq), "float32", device, stream)
         if call.empty:
@@ -447,7 +447,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     device = call.device
     stream = arrays.current_stream(call.fw, device)
     cc = _cc(device)
-    with arrays.device_scope(device):
+    with arrays.device_scope(call.fw, device):
         grads = [_device_output(call, (*x.shape[:3], call.head_dim), stream) for x in (q, k, v)]
         if call.empty:
             for _, view, _ in grads:  # no query or no key: nothing flows, every gradient is 0

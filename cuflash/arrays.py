@@ -156,10 +156,16 @@ def device_view(x, fw: str, stream: int) -> DeviceArray:
 _NO_SWITCH = contextlib.nullcontext()
 
 
-def device_scope(device: int):
+def device_scope(fw: str, device: int):
     """A context in which ``device`` is the current CUDA device: every allocation, memset, launch and module
     load of a call on another GPU than the current one must happen there. Restores the caller's device on
-    exit; costs one query when the device is already current."""
+    exit; costs one query when the device is already current (torch's own for tensors, which makes no CUDA
+    call: nothing may touch the runtime from a torch call being captured into a CUDA graph)."""
+    if fw == "torch":
+        torch = _torch_tables()["torch"]
+        if torch.cuda.current_device() == device:
+            return _NO_SWITCH
+        return torch.cuda.device(device)
     import cupy
     if cupy.cuda.runtime.getDevice() == device:
         return _NO_SWITCH
