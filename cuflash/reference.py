@@ -247,22 +247,25 @@ def attention_backward_reference(dout, q, k, v, *, causal=False,
 
 # Tile shape. A score tile covers a chunk of ``heads`` (b * heads_k) matrices
 # of ``block_q * g`` rows by ``block_k`` keys: the elementwise passes (max,
-# exp, ...) run once per tile, BLAS once per matrix. BLAS is ~80% of the time
-# (at a 128 x 1024 x 64 tile, 2.4 + 1.9 ns per score for the two products
-# against 0.9 for max, subtract and exp on one core), and a 1024-row matrix
-# runs its products ~25% faster than eight 128-row ones, so matrices are made
-# tall: up to _ROWS rows and _BLOCK_K keys, 2M scores (8 MB in float32) per
-# tile. Fewer, larger products also matter when the machine is busy: each
-# multithreaded OpenBLAS call then waits for its second thread (~25 ms per
-# call with 5 runnable processes on 2 cores), so at (1, 2048, 8, 64) 1M-score
-# tiles (128 calls) took 1.5 s and 2M-score ones (32 calls) 0.75 s.
-# Causal / window blocks keep 256 rows: the masked diagonal strip wastes
-# block_q / seqlen of the work (6-12% at 2k with 128-256 rows, 25% with 512:
-# 131 ms against 104 ms of CPU time, causal 2k hd64, one BLAS thread).
+# exp, ...) run once per tile, BLAS once per matrix. BLAS is ~75% of the time
+# (one core, 8 x 128 x 1024 tile, hd64: 2.4 + 1.6 ns per score for q @ k.T
+# and p @ v against 1.2 for max, subtract, exp and sum), and one 1024-row
+# matrix runs the two products in 20% less time than eight 128-row ones (3.3
+# against 4.0 ns per score), so matrices are made tall: up to _ROWS rows by
+# _BLOCK_K keys, 2M scores (8 MB in float32) per tile. Fewer, larger products
+# also matter when the machine is busy: each multithreaded OpenBLAS call then
+# waits for its second thread (~25 ms per call with 5 runnable processes on 2
+# cores), so at (1, 2048, 8, 64) 1M-score tiles (128 calls) took 1.5 s and
+# 2M-score ones (32 calls) 0.75 s.
+# Causal / window blocks take 512 rows: the masked diagonal strip wastes
+# about block_q / seqlen of the work, but each block is a BLAS call. One BLAS
+# thread (CPU time, causal hd64): 256 / 512 / 1024 rows took 41 / 47 / 68 ms
+# forward at 1k, 128 / 138 / 189 ms at 2k; busy machine, default threads (wall
+# time): 971 / 470 / 362 ms at 1k, 1428 / 695 / 812 ms at 2k.
 _TILE_ELEMS = 1 << 21
 _BLOCK_K = 2048
 _ROWS = 1024
-_ROWS_MASKED = 256
+_ROWS_MASKED = 512
 
 
 def _rows(x, heads_k, acc, width=None, scale=None):
