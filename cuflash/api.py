@@ -19,7 +19,7 @@ _MAX_HEAD_DIM = 256
 # The attention kernels read rows in 16-byte chunks: 8 elements of 16 bits.
 _ROW_CHUNK = 8
 
-DROPOUT_NOT_IMPLEMENTED = ("dropout_p={}: attention dropout is not implemented in cuflash yet; pass "
+_DROPOUT_NOT_IMPLEMENTED = ("dropout_p={}: attention dropout is not implemented in cuflash yet; pass "
                            "dropout_p=0.0 (or apply dropout outside attention)")
 
 
@@ -56,7 +56,7 @@ def check_dropout(dropout_p):
     if p >= 1:
         raise ValueError(f"dropout_p must be in [0, 1), got {p}")
     if p > 0:
-        raise NotImplementedError(DROPOUT_NOT_IMPLEMENTED.format(p))
+        raise NotImplementedError(_DROPOUT_NOT_IMPLEMENTED.format(p))
     return p
 
 
@@ -133,7 +133,7 @@ class _Call:
 
     @property
     def empty(self) -> bool:
-        """No query or no key: nothing to launch (see :func:`_forward_empty`, :func:`_backward_empty`)."""
+        """No query or no key: nothing to launch; outputs are filled instead (zeros, LSE +inf)."""
         return self.batch == 0 or self.seqlen_q == 0 or self.seqlen_k == 0
 
     def check_alibi(self, alibi_slopes):
@@ -190,7 +190,7 @@ def _readable_in_place(view) -> bool:
             and all(s % _ROW_CHUNK == 0 and s >= 0 for s in view.strides[:-1]))
 
 
-def _device_input(call, x, name, stream, cc):
+def _device_input(call, x, stream, cc):
     """A device view of ``x`` the kernels can read: the caller's memory when it can be read in place, else
     one contiguous copy of width ``call.width`` (zero columns past head_dim), allocated by the caller's
     framework on its stream. Copies happen for a non-unit last stride, rows off 16-byte boundaries and
@@ -205,10 +205,11 @@ def _device_input(call, x, name, stream, cc):
 
 
 def _device_output(call, shape, stream):
-    """(native result, view the kernels write): the same array when head_dim is a multiple of 8, else a
-    padded work buffer whose first head_dim columns :func:`_finish_output` copies into the result."""
+    """(native result, its view, view the kernels write): the result itself when head_dim is a multiple of
+    8 (or nothing is launched), else a padded work buffer whose first head_dim columns
+    :func:`_finish_output` copies into the result."""
     native, view = arrays.empty(call.fw, shape, call.dtype, call.device, stream)
-    if call.width == call.head_dim:
+    if call.width == call.head_dim or call.empty:
         return native, view, view
     _, work = arrays.empty(call.fw, (*shape[:3], call.width), call.dtype, call.device, stream)
     return native, view, work
@@ -352,7 +353,7 @@ def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse):
             ops.fill_zero(out_view, stream=stream)
             ops.fill_float32(lse_view, math.inf, stream=stream)
         else:
-            qv, kv, vv = (_device_input(call, x, n, stream, cc) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+            qv, kv, vv = (_device_input(call, x, stream, cc) for x in (q, k, v))
             ops.forward(qv, kv, vv, out_work, lse_view, _device_alibi(alibi, call.fw, stream), stream=stream, cc=cc,
                         framework=call.fw, **kwargs)
             _finish_output(out_view, out_work, stream, cc)
@@ -453,7 +454,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
             for _, view, _ in grads:  # no query or no key: nothing flows, every gradient is 0
                 ops.fill_zero(view, stream=stream)
         else:
-            views = {n: _device_input(call, x, n, stream, cc) for n, x in
+            views = {n: _device_input(call, x, stream, cc) for n, x in
                      (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out))}
             lse_view = arrays.device_view(lse, call.fw, stream)
             if lse_view.strides != (call.heads_q * call.seqlen_q, call.seqlen_q, 1):

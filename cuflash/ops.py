@@ -100,9 +100,6 @@ def _launch_args(fn, grid: int, threads: int, stream: int, args: tuple) -> None:
     driver.launchKernel(fn.ptr, grid, 1, 1, threads, 1, 1, 0, stream, ctypes.addressof(argv), 0)
 
 
-_COPY_ROWS_PER_CTA = 8  # one warp per row: kThreads / 32 in strided_copy.cu
-
-
 def strided_copy(src: DeviceArray, dst: DeviceArray, *, stream: int, cc: tuple) -> None:
     """``dst[..., c] = src[..., c]`` for ``c < src.shape[3]`` and 0 beyond, for 4-D (batch, seqlen, heads,
     cols) views of 16-bit elements with any strides (kernels_cu/attention/strided_copy.cu). ``dst`` may be
@@ -113,7 +110,8 @@ def strided_copy(src: DeviceArray, dst: DeviceArray, *, stream: int, cc: tuple) 
         return
     key = dispatch.STRIDED_COPY_KEY
     fn = jit.get_function(key, dispatch.compile_arch(*cc), dst.device, 0)
-    grid = min(-(-rows // _COPY_ROWS_PER_CTA), 32 * _sm_count(dst.device))
+    # One warp a row; past 32 CTAs an SM the grid-stride loop takes the rest.
+    grid = min(-(-rows // key.warps), 32 * _sm_count(dst.device))
     i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
     _launch_args(fn, grid, key.threads, stream, (
         ptr(src.ptr), ptr(dst.ptr), i32(batch), i32(seqlen), i32(heads), i32(cols), i32(min(src.shape[3], cols)),
@@ -121,6 +119,7 @@ def strided_copy(src: DeviceArray, dst: DeviceArray, *, stream: int, cc: tuple) 
 
 
 _memset_d32 = None
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "int32": 4}
 
 
 def fill_float32(a: DeviceArray, value: float, *, stream: int) -> None:
@@ -143,7 +142,7 @@ def fill_float32(a: DeviceArray, value: float, *, stream: int) -> None:
 def fill_zero(a: DeviceArray, *, stream: int) -> None:
     """Zeroes a contiguous array on ``stream``."""
     from cupy.cuda import runtime
-    nbytes = math.prod(a.shape) * np.dtype(np.float32 if a.dtype == "float32" else np.uint16).itemsize
+    nbytes = math.prod(a.shape) * _ITEMSIZE[a.dtype]
     if nbytes:
         runtime.memsetAsync(a.ptr, 0, nbytes, stream)
 

@@ -8,14 +8,15 @@
 // by element, because such sources have no alignment to vectorise on: this is a copy of O(seqlen * head_dim)
 // bytes next to an O(seqlen^2 * head_dim) kernel.
 //
-// grid: any 1-D size (a grid-stride loop over rows); block: kThreads threads, one warp per row at a time.
+// Defines: CF_WARPS (warps per CTA). grid: any 1-D size (a grid-stride loop over rows); block: CF_WARPS
+// warps, each copying one row at a time.
 // rows = shape[0] * shape[1] * shape[2]; dst[b, s, h, c] = c < src_cols ? src[b, s, h, c] : 0 for
 // c < shape[3]. Strides are in elements and may be zero or negative (the caller's view, unchanged).
 #include "ptx/types.cuh"
 
 namespace {
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+constexpr int kWarps = CF_WARPS;
+constexpr int kThreads = kWarps * 32;
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(kThreads)
