@@ -47,8 +47,12 @@ def host_randn(shape, dtype, rng):
 
 
 def to_device(x):
-    """A host array (float16, ml_dtypes.bfloat16, float32, ...) uploaded as a contiguous CuPy array."""
+    """A host array (float16, ml_dtypes.bfloat16, float32, ...) uploaded as a contiguous CuPy array (bf16
+    needs CuPy >= 14: the calling test skips on an older CuPy)."""
     import cupy
+    if dtype_name(x) == "bfloat16" and int(cupy.__version__.split(".")[0]) < 14:
+        import pytest
+        pytest.skip(f"CuPy {cupy.__version__} has no bfloat16 arrays (CuPy >= 14 has, through ml_dtypes)")
     return cupy.asarray(np.ascontiguousarray(x))
 
 
@@ -250,18 +254,12 @@ def poison_cupy_pool(nbytes_list):
     """Fill freed CuPy memory-pool blocks of these sizes with all-ones words (NaN as fp16, bf16 and fp32)
     so that an output element the kernel never writes shows up as NaN instead of a stale plausible value.
 
-    CuPy's pool keeps its free blocks per stream, by exact (512-byte rounded) size, and hands out the one
-    freed last: the next allocations of these sizes on the current stream get these blocks."""
+    CuPy's pool keeps free blocks per stream, binned by size (rounded up to 512 bytes), and serves an
+    allocation from the smallest bin that fits. Releasing the pool's unsplit free blocks first leaves these
+    as the ones the next allocations of these sizes on the current stream get."""
     import cupy
     cupy.get_default_memory_pool().free_all_blocks()
-    blocks = [cupy.full((n // 2 + 8,), 0xFFFF, dtype=cupy.uint16) for n in nbytes_list]
-    del blocks
-
-
-def poison_torch_allocator(nbytes_list, device):
-    """The same for PyTorch's caching allocator (tests of torch callers)."""
-    import torch
-    blocks = [torch.full((n // 2 + 8,), -1, dtype=torch.int16, device=device) for n in nbytes_list]
+    blocks = [cupy.full(((n + 1) // 2,), 0xFFFF, dtype=cupy.uint16) for n in nbytes_list]
     del blocks
 
 
