@@ -238,7 +238,13 @@ def _cc(device: int) -> tuple:
     """Compute capability (major, minor) of a device, queried (and checked supported) once per process."""
     cc = _CC.get(device)
     if cc is None:
-        import cupy
+        try:
+            import cupy
+        except ImportError as e:
+            from .jit import INSTALL_HINT
+            raise ModuleNotFoundError(f"the arrays are on a CUDA GPU, and cuflash's GPU path needs CuPy, which "
+                                      f"failed to import ({e}); install the GPU extra: {INSTALL_HINT}",
+                                      name="cupy") from e
         from .dispatch import compile_arch
         cc = divmod(int(cupy.cuda.Device(device).compute_capability), 10)
         compile_arch(*cc)  # raises for GPUs older than sm_80, before anything is allocated or launched

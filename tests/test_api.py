@@ -135,3 +135,29 @@ def test_torch_head_dim_zero_is_a_value_error():
     q = torch.zeros(1, 4, 2, 0)
     with pytest.raises(ValueError, match="head_dim must be in"):
         flash_attn_func(q, q, q)
+
+
+def test_torch_gpu_tensor_without_cupy_names_the_extra():
+    """A CUDA tensor with CuPy missing raises ModuleNotFoundError naming CuPy and the extra to install (run in a
+    fresh interpreter where importing cupy fails; the tensor is faked, so no GPU is needed)."""
+    import subprocess
+    import sys
+    code = """
+import sys
+sys.modules["cupy"] = None
+import numpy as np, cuflash
+from cuflash import api, arrays
+class Fake:  # what api sees of a CUDA tensor: a 4-D shape, a dtype, a device ordinal
+    shape = (1, 4, 2, 8)
+arrays.framework_of = lambda x: "torch"
+arrays.device_of = lambda x, fw: 0
+arrays.dtype_name = lambda x, fw: "float16"
+arrays.current_stream = lambda fw, device: 0
+api._needs_autograd = lambda *tensors: False
+try:
+    cuflash.attention(Fake(), Fake(), Fake())
+except ModuleNotFoundError as e:
+    print("ERR", e)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "ERR" in run.stdout and "needs CuPy" in run.stdout and "cuflash[cuda13]" in run.stdout, run.stdout + run.stderr
