@@ -255,7 +255,7 @@ def attention_backward_reference(dout, q, k, v, *, causal=False,
 # _BLOCK_K keys, 2M scores (8 MB in float32) per tile. Fewer, larger products
 # also matter when the machine is busy: each multithreaded OpenBLAS call then
 # waits for its second thread (~25 ms per call with 5 runnable processes on 2
-# cores), so at (1, 2048, 8, 64) 1M-score tiles (128 calls) took 1.5 s and
+# cores), so at (1, 2048, 8, 64) 1M-score tiles (64 calls) took 1.5 s and
 # 2M-score ones (32 calls) 0.75 s.
 # Causal / window blocks take 512 rows: the masked diagonal strip wastes
 # about block_q / seqlen of the work, but each block is a BLAS call. One BLAS
