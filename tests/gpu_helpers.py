@@ -16,6 +16,16 @@ import numpy as np
 
 from cuflash import reference
 
+def nvrtc_available() -> bool:
+    """Whether CuPy's NVRTC can compile here (no GPU needed): the compile and JIT tests skip without it."""
+    try:
+        from cupy.cuda import nvrtc
+        nvrtc.getVersion()
+        return True
+    except Exception:  # noqa: BLE001 -- CuPy or NVRTC missing: nothing to compile with
+        return False
+
+
 _SKIP_BF16 = "bfloat16 tests need ml_dtypes (NumPy's bfloat16, which CuPy uses for bf16 arrays): pip install ml_dtypes"
 
 

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from gpu_helpers import nvrtc_available
 
 import cuflash
 from cuflash import dispatch, jit, ops
@@ -17,12 +18,7 @@ from cuflash.arrays import DeviceArray
 
 ROOT = Path(__file__).resolve().parent.parent
 
-nvrtc_ok = True
-try:
-    from cupy.cuda import nvrtc
-    nvrtc.getVersion()
-except Exception:  # CuPy or NVRTC missing: nothing to compile with
-    nvrtc_ok = False
+nvrtc_ok = nvrtc_available()
 
 needs_nvrtc = pytest.mark.skipif(not nvrtc_ok, reason="CuPy with NVRTC is not installed")
 
@@ -270,6 +266,7 @@ def test_precompile_builds_every_variant_of_the_arch(arch, monkeypatch):
 def test_nvrtc_compiles_for_the_newer_archs(arch, cache):
     """The NVRTC installed accepts sm_86, sm_89, sm_100 and sm_120, and precompile puts a real cubin for
     each into the cache."""
+    from cupy.cuda import nvrtc
     assert int(arch[3:]) in nvrtc.getSupportedArchs()
     names = cuflash.precompile([PRE], arch=arch, progress=False)
     assert names == jit.cached_variants() == [f"{PRE.name}@{arch}"]

@@ -7,13 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from gpu_helpers import nvrtc_available
 
-nvrtc_ok = True
-try:
-    from cupy.cuda import nvrtc
-    nvrtc.getVersion()
-except Exception:  # CuPy or NVRTC missing: nothing to compile with
-    nvrtc_ok = False
+nvrtc_ok = nvrtc_available()
 
 pytestmark = pytest.mark.skipif(not nvrtc_ok, reason="CuPy with NVRTC is not installed")
 
