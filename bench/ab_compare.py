@@ -5,8 +5,9 @@
 Imports the checkout's cuflash as ``cuflash`` and the other tree's as ``cuflash_base`` (each compiles and
 caches its own kernels), then times cuflash.attention (forward) and attention_backward on CuPy bf16 inputs
 of the FlashAttention-2 grid (batch x seqlen = 16k tokens, hidden 2048) with CUDA events, the two trees'
-calls interleaved one by one so that clocks, temperature and neighbours weigh on both alike. Warm-up
-excluded, median of --runs calls each; prints a table and one JSON line per cell (TFLOP/s as in
+samples interleaved one by one so that clocks, temperature and neighbours weigh on both alike. A sample
+is --calls back-to-back calls between two events, so that the GPU time, not the host's per-call cost
+(which issue 14 measures on its own), decides the ratio. Warm-up excluded, median of --runs samples each; prints a table and one JSON line per cell (TFLOP/s as in
 bench_attention.py: 4 B H S^2 D, halved for causal, x2.5 for the backward).
 """
 
@@ -36,7 +37,8 @@ def main():
     ap.add_argument("--base", required=True, type=Path, help="the other checkout (its cuflash/ and kernels_cu/)")
     ap.add_argument("--hdims", default="64,128")
     ap.add_argument("--seqlens", default="1024,4096,16384")
-    ap.add_argument("--runs", type=int, default=60)
+    ap.add_argument("--runs", type=int, default=40)
+    ap.add_argument("--calls", type=int, default=8, help="calls per timed sample (1: host cost included)")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     import cupy
@@ -66,11 +68,12 @@ def main():
                         for label in (("base", "new") if i % 2 else ("new", "base")):
                             start, stop = cupy.cuda.Event(), cupy.cuda.Event()
                             start.record()
-                            calls[(pass_, label)]()
+                            for _ in range(args.calls):
+                                calls[(pass_, label)]()
                             stop.record()
                             stop.synchronize()
                             if i >= 5:
-                                times[label].append(cupy.cuda.get_elapsed_time(start, stop))
+                                times[label].append(cupy.cuda.get_elapsed_time(start, stop) / args.calls)
                     flops = 4 * b * h * s * s * d * (0.5 if causal else 1) * (2.5 if pass_ == "bwd" else 1)
                     tf = {lab: flops / statistics.median(t) / 1e9 for lab, t in times.items()}
                     ratio = tf["new"] / tf["base"]

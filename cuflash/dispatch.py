@@ -372,12 +372,12 @@ def backward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: boo
 
 def backward_sm90_smem_bytes(key: KernelKey) -> int:
     """Dynamic shared memory of attention_bwd_sm90 (mirrors cf_bwd_sm90_smem_bytes): K and V, the Q and dO
-    stages, two dS^T buffers, the LSE and delta stages, the two warpgroups' fp32 dQ blocks, the mbarriers,
-    1024 bytes of alignment slack."""
+    stages, two dS^T buffers, the LSE, delta and exact-form LSE stages with 128 bytes of per-stage exponent
+    flags, the two warpgroups' fp32 dQ blocks, the mbarriers, 1024 bytes of alignment slack."""
     stages = dict(key.extra)["CF_STAGES"]
     d, bm, bn = key.head_dim, key.block_m, key.block_n
     dq_cols = d // 2 if bm == 64 else d
-    return (2 * bn * d * 2 + 2 * stages * bm * d * 2 + 2 * bn * bm * 2 + 2 * stages * bm * 4 + 2 * 64 * dq_cols * 4
+    return (2 * bn * d * 2 + 2 * stages * bm * d * 2 + 2 * bn * bm * 2 + 3 * stages * bm * 4 + 128 + 2 * 64 * dq_cols * 4
             + 8 * (5 + 3 * stages) + 1024)
 
 

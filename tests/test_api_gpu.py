@@ -14,7 +14,7 @@ import cuflash
 from cuflash import reference
 
 from gpu_helpers import (flash_rule, host_randn, inputs, naive_backward_same_dtype, naive_same_dtype, np_dtype,
-                         randn_like, require_torch_cuda, to_device, to_host, to_np64)
+                         rand_slopes, randn_like, require_torch_cuda, to_device, to_host, to_np64)
 
 pytestmark = pytest.mark.gpu
 
@@ -224,6 +224,38 @@ def test_scores_past_fp16_range(family, causal, monkeypatch):
     grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal)
     ref_grads = reference.attention_backward_reference(*(to_np64(x) for x in (dout, q, k, v)), causal=causal)
     for g, r, n in zip(grads, ref_grads, naive_backward_same_dtype(dout, q, k, v, causal=causal)):
+        flash_rule(to_np64(g), r, n, factor=3.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("variant", ["causal", "deterministic", "alibi"])
+def test_backward_large_lse_rows_beside_ordinary_rows(family, variant, monkeypatch):
+    """The backward picks P's exponent form per query tile or CTA from the LSE (bwd_common.cuh): rows whose
+    |LSE| passes kFastLseLimit (here ~1e3-1e4, queries scaled by 40) share tiles, CTAs and a GQA group with
+    ordinary rows, and tiles without any come between them. Every gradient stays within FlashAttention's rule
+    of the float64 reference, the ordinary rows' dQ included."""
+    _family(monkeypatch, family)
+    rng = np.random.default_rng(17)
+    q = host_randn((2, 333, 4, 64), "float16", rng).astype(np.float32)
+    q[0, 7] *= 40.0          # head-wide query rows: large LSE in tile 0 of every head of batch 0
+    q[1, 200:203, 1] *= 40.0  # three rows of one head, in a middle tile of batch 1
+    q, k, v = (to_device(x.astype(np.float16)) for x in
+               (q, host_randn((2, 301, 2, 64), "float16", rng) * np.float16(3), host_randn((2, 301, 2, 64), "float16", rng)))
+    dout = randn_like(q, 18)
+    kw = dict(causal=variant == "causal")
+    if variant == "alibi":
+        kw["alibi_slopes"] = rand_slopes((2, 4), 19)
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **kw)
+    lse_host = to_host(lse)
+    assert np.abs(lse_host[np.isfinite(lse_host)]).max() > 256.0  # rows past the fast form's limit ...
+    ordinary = lse_host[1, 0][np.isfinite(lse_host[1, 0])]      # ... and a head without any (causal: some
+    assert np.abs(ordinary).max() < 256.0                        # rows see no key, LSE +inf)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=variant == "deterministic", **kw)
+    host = [to_np64(x) for x in (dout, q, k, v)]
+    ref_kw = dict(kw, alibi_slopes=to_np64(kw["alibi_slopes"])) if "alibi_slopes" in kw else kw
+    ref_grads = reference.attention_backward_reference(*host, **ref_kw)
+    naive = naive_backward_same_dtype(dout, q, k, v, **kw)
+    for g, r, n in zip(grads, ref_grads, naive):
         flash_rule(to_np64(g), r, n, factor=3.0)
 
 

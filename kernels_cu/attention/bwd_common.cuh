@@ -101,21 +101,55 @@ __device__ __forceinline__ void red_add_f32x4(float* addr, float a, float b, flo
 #endif
 }
 
+// The exponent of P, in one of two forms: bwd_sm90.cu picks one per query tile (kChooseExponent), the
+// sm80-family kernels run the exact one on every tile:
+//   fast:  P = 2^(s c2 - lse2)                 c2 = score_scale * log2 e, lse2 = lse * log2 e (one FMA)
+//   exact: P = 2^((s score_scale - lse) log2 e)                                  (one FMA + one FMUL)
+// The fast form rounds c2 and lse2 to fp32 (2^-24 relative each), which moves the exponent by about
+// (|lse| + |s score_scale|) 2^-24 for the elements that matter (s score_scale >= lse - 100): within
+// 2^-15 of P while |lse| < kFastLseLimit, and P = inf / NaN once |lse| nears 1e9 (a constant bf16 input
+// of 133120 at head dim 64 has LSE 1.4e11). The exact form is exact wherever the fp32 LSE holds the true
+// value (one key: P = 1 exactly). Per element it costs one FMUL more: 1.5-4% of the Hopper backward at
+// head dims 64-128 (bench/NOTES.md), which ordinary tiles there do not pay.
+constexpr float kFastLseLimit = 256.f;
+
+template <bool EXACT>
+struct BwdExponent {
+    float scale;  // multiplies the score: score_scale (exact) or score_scale * log2 e (fast)
+    // scale_log2: the host's softmax_scale * log2 e (AttentionParams::scale_log2), the forward's own c.
+    template <bool SOFTCAP, bool ALIBI>
+    __device__ __forceinline__ static BwdExponent make(float softmax_scale, float scale_log2) {
+        return BwdExponent{EXACT ? natural_score_scale<SOFTCAP, ALIBI>(softmax_scale)
+                                 : ((SOFTCAP || ALIBI) ? kLog2e : scale_log2)};
+    }
+    // What an element subtracts for its row: lse (exact) or lse * log2 e (fast); +inf stays +inf (P = 0).
+    __device__ __forceinline__ static float row_term(float lse) { return EXACT ? lse : lse * kLog2e; }
+    __device__ __forceinline__ float operator()(float s, float row) const {
+        return EXACT ? exp2_approx(fmaf(s, scale, -row) * kLog2e) : exp2_approx(fmaf(s, scale, -row));
+    }
+};
+
+// Where a kernel chooses the form per tile (bwd_sm90.cu): not with softcap or ALiBi, which transform the
+// score inside the element loop (no pre-pass can shift it) and whose elements already cost a tanh or a bias.
+constexpr bool kChooseExponent = !CF_SOFTCAP && !CF_ALIBI;
+
+// Whether LSE value `lse` of a real row needs the exact form (+inf marks a row that saw no key: P = 0 in
+// either form; NaN takes the exact one).
+__device__ __forceinline__ bool lse_needs_exact(float lse) {
+    return !(fabsf(lse) < kFastLseLimit) && lse != CF_INF;
+}
+
 // The backward recomputation of one score element, shared by the KV-parallel and the Q-parallel kernels:
 // from the raw q.k product `x`, query i and key j,
 //   s  = x                                         (no softcap / ALiBi; score_scale = softmax_scale)
 //   s  = softcap * tanh(scale * x / softcap) - slope * |i + off - j|   (otherwise; score_scale = 1)
-//   P  = 2^((s score_scale - lse) log2 e)      (0 where masked: s = -inf; 0 on rows with lse = +inf)
-// P's exponent is formed in natural units by one FMA, s score_scale - lse, before the log2 e factor:
-// folding log2 e into both terms (one FMA, 2^(s c - lse log2 e)) rounds c and lse log2 e each to 2^-24,
-// which moved the exponent by ~ulp(|lse|) and turned P into inf/NaN once |lse| reached ~1e9 (a constant
-// input of 1e5); this way P is exact wherever the fp32 LSE holds the true value (one key: P = 1 exactly).
-// It costs one FMUL per element; a per-tile choice between the two forms measured slower (bench/NOTES.md).
+//   P  = 2^((s score_scale - lse) log2 e)      (0 where masked: s = -inf; 0 on rows with lse = +inf),
+//        in the form `ex` picks (BwdExponent; `row` is ex.row_term(lse))
 //   dS = P (dP - D) [* (1 - tanh^2)]  -- neither softmax_scale nor any 16-bit rounding is applied here.
 // bwd_probability returns P and the softcap factor 1 - tanh^2 (1 without softcap); without softcap, a
 // kernel can take P before dP is ready and finish dS = P (dP - D) later.
-template <bool SOFTCAP, bool ALIBI>
-__device__ __forceinline__ float bwd_probability(float x, float lse, bool visible, float score_scale, float pre,
+template <bool SOFTCAP, bool ALIBI, bool EXACT>
+__device__ __forceinline__ float bwd_probability(float x, float row, bool visible, BwdExponent<EXACT> ex, float pre,
                                                  float softcap, float slope, int dist, float& dtanh) {
     dtanh = 1.f;
     if (SOFTCAP) {
@@ -127,15 +161,16 @@ __device__ __forceinline__ float bwd_probability(float x, float lse, bool visibl
     }
     if (ALIBI) x -= slope * fabsf((float)dist);
     if (!visible) x = -CF_INF;
-    return exp2_approx(fmaf(x, score_scale, -lse) * kLog2e);
+    return ex(x, row);
 }
 
 // P and, overwriting `dp` (dO.v on entry), dS in one step.
-template <bool SOFTCAP, bool ALIBI>
-__device__ __forceinline__ float bwd_score_element(float x, float& dp, float lse, float delta, bool visible,
-                                                   float score_scale, float pre, float softcap, float slope, int dist) {
+template <bool SOFTCAP, bool ALIBI, bool EXACT>
+__device__ __forceinline__ float bwd_score_element(float x, float& dp, float row, float delta, bool visible,
+                                                   BwdExponent<EXACT> ex, float pre, float softcap, float slope,
+                                                   int dist) {
     float dtanh;
-    const float pr = bwd_probability<SOFTCAP, ALIBI>(x, lse, visible, score_scale, pre, softcap, slope, dist, dtanh);
+    const float pr = bwd_probability<SOFTCAP, ALIBI, EXACT>(x, row, visible, ex, pre, softcap, slope, dist, dtanh);
     float ds = pr * (dp - delta);
     if (SOFTCAP) ds *= dtanh;
     dp = ds;

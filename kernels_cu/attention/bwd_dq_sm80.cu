@@ -128,7 +128,9 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
             const bool need_mask = vis.tile_needs_mask<CF_IS_LOCAL>(m_start, i_last, n_start, kBN);
             const float slope = CF_ALIBI ? p.alibi[(i64)BlockCoords(p).b * p.alibi_batch_stride + BlockCoords(p).h] : 0.f;
             const float pre = CF_SOFTCAP ? p.softmax_scale / p.softcap : p.softmax_scale;
-            const float score_scale = natural_score_scale<CF_SOFTCAP, CF_ALIBI>(p.softmax_scale), softcap = p.softcap;
+            // The exact exponent form on every tile (bwd_common.cuh: kernels without a per-tile choice).
+            const auto ex = BwdExponent<true>::make<CF_SOFTCAP, CF_ALIBI>(p.softmax_scale, p.scale_log2);
+            const float softcap = p.softcap;
 #pragma unroll
             for (int s = 0; s < kMS; ++s)
 #pragma unroll
@@ -139,7 +141,7 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
                         const int j = n_start + n * 8 + t2 + (e & 1);
                         const bool visible = !need_mask || vis.visible(i, j);
                         bwd_score_element<CF_SOFTCAP, CF_ALIBI>(sc[s][n][e], dp[s][n][e], lse[s][e >> 1],
-                                                                delta[s][e >> 1], visible, score_scale, pre, softcap, slope,
+                                                                delta[s][e >> 1], visible, ex, pre, softcap, slope,
                                                                 i + vis.off - j);
                     }
         }

@@ -298,7 +298,9 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
             const bool need_mask = vis.tile_needs_mask<CF_IS_LOCAL>(m_start, i_last, n_start, kBN) || (m_start + kBM > p.seqlen_q);
             const float slope = CF_ALIBI ? p.alibi[(i64)BwdCoords(p).b * p.alibi_batch_stride + h] : 0.f;
             const float pre = CF_SOFTCAP ? p.softmax_scale / p.softcap : p.softmax_scale;
-            const float score_scale = natural_score_scale<CF_SOFTCAP, CF_ALIBI>(p.softmax_scale), softcap = p.softcap;
+            // The exact exponent form on every tile (bwd_common.cuh: kernels without a per-tile choice).
+            const auto ex = BwdExponent<true>::make<CF_SOFTCAP, CF_ALIBI>(p.softmax_scale, p.scale_log2);
+            const float softcap = p.softcap;
             const unsigned char* s_lse = smem + kSmemLSE + st * kBM * 4;
             const unsigned char* s_delta = smem + kSmemDelta + st * kBM * 4;
 #pragma unroll
@@ -315,7 +317,7 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
                     const bool visible = !need_mask || (i < p.seqlen_q && vis.visible(i, j));
                     sc[s][n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(
                         sc[s][n][e], dp[s][n][e], (e & 1) ? lse2.y : lse2.x, (e & 1) ? del2.y : del2.x,
-                        visible, score_scale, pre, softcap, slope, i + vis.off - j);
+                        visible, ex, pre, softcap, slope, i + vis.off - j);
                 }
             }
         }

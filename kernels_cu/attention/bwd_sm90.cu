@@ -10,8 +10,9 @@
 //   CF_BLOCK_M rows, of every query head of its GQA group, that can see them (dK/dV are exact group sums,
 //   written once).
 //   Warpgroup 0 is the producer: thread 0 issues the TMA loads (K, V once; per query tile Q and dO into a
-//   ring of CF_STAGES stages), warp 1 copies the tile's LSE (times log2 e) and delta rows into shared memory,
-//   +inf / 0 past seqlen_q so that those rows give P = 0 without a mask, and thread 64 drains dQ (below).
+//   ring of CF_STAGES stages), warp 1 copies the tile's LSE and delta rows into shared memory, +inf / 0 past
+//   seqlen_q so that those rows give P = 0 without a mask, in the exponent form it picks for the tile
+//   (below), and thread 64 drains dQ (below).
 //   The rest of it idles.
 //   Consumer warpgroup w owns keys [64w, 64w + 64) and, per query tile, runs
 //     S^T = K.Q^T, dP^T = V.dO^T      (wgmma SS: 64 keys x BM queries; rows are keys, so P^T and dS^T come
@@ -29,6 +30,14 @@
 //   iteration it - 1, which the other warpgroup reaches only after its dQ product of iteration it - 2 (the
 //   last reader of that buffer) has retired.
 //   Epilogue: dK * softmax_scale and dV to 16 bits, written from registers, rows < seqlen_k, cols < head_dim.
+//
+// P's exponent (bwd_common.cuh, BwdExponent) is picked per query tile by warp 1, which reads the tile's LSE
+// rows anyway: the fast form 2^(s c2 - lse log2 e), or, when a row's |LSE| reaches kFastLseLimit, the exact
+// one, which the consumers run as a pass s <- s * softmax_scale - lse (one FMA an element, exact near the
+// row max) before the same loop with c2 = log2 e and a row term of 0. The choice reaches them as one
+// shared-memory word per stage, so an ordinary tile pays a load and a branch, not an instruction an element.
+// Softcap and ALiBi transform s inside the loop, where no pre-pass can shift it: they always take the exact
+// form (kChooseExponent).
 //
 // Compile-time configuration (cuflash/dispatch.py): CF_DTYPE, CF_HEAD_DIM (64 or 128; a smaller real head
 // dim is zero-filled by TMA), CF_BLOCK_M (64 at head dim 128, 128 at head dim 64: the dK, dV, S^T and dP^T
@@ -86,7 +95,9 @@ constexpr u32 kSmemDS = kSmemDO + kStages * kQBytes;
 constexpr u32 kSmemLse = kSmemDS + 2 * kDSBytes;
 constexpr u32 kSmemDelta = kSmemLse + kStages * kBM * 4;
 constexpr u32 kDqBytes = 64 * kDqN * 4;  // one warpgroup's fp32 dQ block, rows of kDqN floats
-constexpr u32 kSmemDq = kSmemDelta + kStages * kBM * 4;
+constexpr u32 kSmemLseExact = kSmemDelta + kStages * kBM * 4;  // natural LSE rows of exact-form tiles
+constexpr u32 kSmemTileForm = kSmemLseExact + kStages * kBM * 4;  // per stage: 1 = exact form; 128 bytes
+constexpr u32 kSmemDq = kSmemTileForm + 128;                       // keep the dQ blocks 128-byte aligned
 constexpr u32 kSmemBars = kSmemDq + 2 * kDqBytes;
 constexpr u32 kBarrierBytes = 8 * (5 + 3 * kStages);
 }  // namespace
@@ -104,6 +115,8 @@ struct SmemLayout {
     __device__ __forceinline__ u32 ds(int buf) const { return base + kSmemDS + buf * kDSBytes; }
     __device__ __forceinline__ u32 lse(int s) const { return base + kSmemLse + s * kBM * 4; }
     __device__ __forceinline__ u32 delta(int s) const { return base + kSmemDelta + s * kBM * 4; }
+    __device__ __forceinline__ u32 lse_exact(int s) const { return base + kSmemLseExact + s * kBM * 4; }
+    __device__ __forceinline__ u32 tile_form(int s) const { return base + kSmemTileForm + s * 4; }
     __device__ __forceinline__ u32 dq(int cw) const { return base + kSmemDq + cw * kDqBytes; }
     // kv_full: K and V landed. q_full[s]: Q and the LSE / delta rows (TMA bytes + 32 arrivals of warp 1).
     // do_full[s]: dO. empty[s]: both consumer warpgroups are done with stage s.
@@ -166,16 +179,31 @@ __device__ __forceinline__ void produce_row_stats(const BackwardSm90Params& p, c
     for (int it = 0; it < qw.n_iters; ++it) {
         const int s = stage_of(it), h = qw.head(bc.hk, it), m0 = qw.m_start(it);
         const i64 row_base = ((i64)bc.b * p.a.heads_q + h) * p.a.seqlen_q;
+        float lse[kBM / 32], delta[kBM / 32];
+        bool exact = !kChooseExponent;
+#pragma unroll
+        for (int k = 0; k < kBM / 32; ++k) {
+            const int i = m0 + k * 32 + lane;
+            const bool valid = i < p.a.seqlen_q;
+            lse[k] = valid ? p.a.lse[row_base + i] : CF_INF;
+            delta[k] = valid ? p.a.delta[row_base + i] : 0.f;
+            exact |= lse_needs_exact(lse[k]);
+        }
+        exact = __any_sync(0xffffffffu, exact);
         mbar_wait(sm.empty(s), parity_of(it) ^ 1);
 #pragma unroll
-        for (int r = lane; r < kBM; r += 32) {
-            const int i = m0 + r;
-            const bool valid = i < p.a.seqlen_q;
-            const float lse = valid ? p.a.lse[row_base + i] : CF_INF;
-            const float delta = valid ? p.a.delta[row_base + i] : 0.f;
-            asm volatile("st.shared.f32 [%0], %1;\n" :: "r"(sm.lse(s) + r * 4), "f"(lse) : "memory");
-            asm volatile("st.shared.f32 [%0], %1;\n" :: "r"(sm.delta(s) + r * 4), "f"(delta) : "memory");
+        for (int k = 0; k < kBM / 32; ++k) {
+            const u32 r4 = (k * 32 + lane) * 4;
+            // Exact tiles: row term 0 for the common loop, the natural LSE for the consumers' pre-pass (without
+            // kChooseExponent the loop itself takes the natural LSE).
+            const float row = kChooseExponent ? (exact ? 0.f : BwdExponent<false>::row_term(lse[k])) : lse[k];
+            asm volatile("st.shared.f32 [%0], %1;\n" :: "r"(sm.lse(s) + r4), "f"(row) : "memory");
+            asm volatile("st.shared.f32 [%0], %1;\n" :: "r"(sm.delta(s) + r4), "f"(delta[k]) : "memory");
+            if (kChooseExponent && exact)
+                asm volatile("st.shared.f32 [%0], %1;\n" :: "r"(sm.lse_exact(s) + r4), "f"(lse[k]) : "memory");
         }
+        if (kChooseExponent && lane == 0)
+            asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(sm.tile_form(s)), "r"((u32)exact) : "memory");
         mbar_arrive(sm.q_full(s));
     }
 }
@@ -220,6 +248,7 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
 
     const float pre = CF_SOFTCAP ? a.softmax_scale / a.softcap : a.softmax_scale;
     const float score_scale = natural_score_scale<CF_SOFTCAP, CF_ALIBI>(a.softmax_scale);
+    using Exponent = BwdExponent<!kChooseExponent>;
 #pragma unroll 1
     for (int it = 0; it < qw.n_iters; ++it) {
         const int s = stage_of(it);
@@ -244,6 +273,14 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         };
         mbar_wait(sm.q_full(s), ph);
         issue_scores(sc, k_rows, sm.q(s));
+        bool exact_tile = false;  // warp 1's exponent form for this tile (see the top)
+        if (kChooseExponent) {
+            u32 form;
+            asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(form) : "r"(sm.tile_form(s)));
+            exact_tile = form != 0;
+        }
+        const Exponent ex = kChooseExponent ? Exponent{exact_tile ? kLog2e : a.scale_log2}
+                                          : Exponent::template make<CF_SOFTCAP, CF_ALIBI>(a.softmax_scale, a.scale_log2);
         mbar_wait(sm.do_full(s), ph);
         issue_scores(dp, v_rows, sm.dout(s));
         // P^T, then dS^T, packed to 16-bit A fragments as they are made (two neighbouring n8 groups of an
@@ -268,6 +305,14 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
             wgmma::wait<kEarlyP ? 1 : 0>();
             wgmma::fence_operand(reinterpret_cast<float(&)[kBM / 2]>(sc));
             if (!kEarlyP) wgmma::fence_operand(reinterpret_cast<float(&)[kBM / 2]>(dp));
+            if (exact_tile) {  // s <- s * softmax_scale - lse: the loop below then runs with c2 = log2 e, row 0
+#pragma unroll
+                for (int n = 0; n < kNT8; ++n) {
+                    const float2 lse2 = load2(sm.lse_exact(s) + (n * 8 + 2 * t) * 4);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) sc[n][e] = fmaf(sc[n][e], score_scale, -((e & 1) ? lse2.y : lse2.x));
+                }
+            }
 #pragma unroll
             for (int n = 0; n < kNT8; ++n) {
                 const int qc = n * 8 + 2 * t;
@@ -278,14 +323,14 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
                     const int i = m0 + qc + (e & 1);
                     const int j = key_row0 + g + (e >> 1) * 8;
                     const bool visible = !need_mask || vis.visible(i, j);
-                    const float lse = (e & 1) ? lse2.y : lse2.x;
+                    const float row = (e & 1) ? lse2.y : lse2.x;  // the LSE's row term (warp 1)
                     if (!kEarlyP) {
-                        sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(sc[n][e], dp[n][e], lse, (e & 1) ? del2.y : del2.x,
-                                                                     visible, score_scale, pre, a.softcap, slope,
+                        sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(sc[n][e], dp[n][e], row, (e & 1) ? del2.y : del2.x,
+                                                                     visible, ex, pre, a.softcap, slope,
                                                                      i + vis.off - j);
                     } else {
                         float unused;
-                        sc[n][e] = bwd_probability<CF_SOFTCAP, CF_ALIBI>(sc[n][e], lse, visible, score_scale, pre,
+                        sc[n][e] = bwd_probability<CF_SOFTCAP, CF_ALIBI>(sc[n][e], row, visible, ex, pre,
                                                                     a.softcap, slope, i + vis.off - j, unused);
                     }
                 }

@@ -58,9 +58,11 @@ struct OnlineSoftmax {
     // A row whose scores are all -inf so far keeps max -inf; it uses 0 as the exponent offset so that
     // -inf - -inf never produces NaN, and its probabilities come out exactly 0.
     __device__ __forceinline__ void exponentiate(float (&sc)[MS][NT8][4], float (&alpha)[MS][2], float c) {
-        // The new row maxima, and whether any offset leaves the fast form's range; alpha holds the old maxima
-        // until it becomes the rescale factor (no extra live registers).
-        bool large = false;
+        // The new row maxima and the fast form's offsets and rescale exponents; whether any offset leaves the
+        // fast form's range (or an earlier tile already did) is one vote for the warp. The exact form
+        // rewrites offset and alpha in place, so the common loop below has no select on the form.
+        float old_max[MS][2], offset[MS][2];
+        float largest = 0.f;  // the largest |offset| of this thread's rows
 #pragma unroll
         for (int s = 0; s < MS; ++s) {
 #pragma unroll
@@ -70,25 +72,26 @@ struct OnlineSoftmax {
                 for (int n = 0; n < NT8; ++n) m = fmaxf(m, fmaxf(sc[s][n][2 * h], sc[s][n][2 * h + 1]));
                 m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
                 m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-                alpha[s][h] = row_max[s][h];
+                old_max[s][h] = row_max[s][h];
                 row_max[s][h] = m;
-                large |= !(fabsf(fast_offset(m, c)) < kFastOffsetLimit);
+                offset[s][h] = fast_offset(m, c);
+                alpha[s][h] = old_max[s][h] * c - offset[s][h];
+                largest = fmaxf(largest, fabsf(offset[s][h]));
             }
         }
-        if (exact || __any_sync(0xffffffffu, large)) shift_to_row_max(sc, alpha, c);
+        // fmaxf drops a NaN offset (it comes from a NaN score, which the loop spreads as NaN either way).
+        if (__any_sync(0xffffffffu, exact || !(largest < kFastOffsetLimit))) shift_to_row_max(sc, alpha, offset, old_max, c);
 #pragma unroll
         for (int s = 0; s < MS; ++s) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                // Exact: the scores are already x - m, alpha already the exponent of E_old - E_new.
-                const float offset = exact ? 0.f : fast_offset(row_max[s][h], c);
-                alpha[s][h] = exp2_approx(exact ? alpha[s][h] : alpha[s][h] * c - offset);
+                alpha[s][h] = exp2_approx(alpha[s][h]);
                 float sum = 0.f;
 #pragma unroll
                 for (int n = 0; n < NT8; ++n) {
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const float p = exp2_approx(fmaf(sc[s][n][2 * h + e], c, -offset));
+                        const float p = exp2_approx(fmaf(sc[s][n][2 * h + e], c, -offset[s][h]));
                         sc[s][n][2 * h + e] = p;
                         sum += p;
                     }
@@ -100,14 +103,16 @@ struct OnlineSoftmax {
 
     // The exact form (see the top of the file): the offset is E = m*c exactly, applied by subtracting m from
     // the raw scores (exact for every score near m, by Sterbenz's lemma) before the common loop runs with
-    // offset 0. alpha (the old maxima on entry) becomes the exponent E_old - E_new, where E_old carried the
-    // fast offset's rounding if the previous tile ran fast: the switch rescales exactly too.
-    __device__ __forceinline__ void shift_to_row_max(float (&sc)[MS][NT8][4], float (&alpha)[MS][2], float c) {
+    // offset 0. alpha becomes the rescale exponent E_old - E_new, where E_old carried the fast offset's
+    // rounding if the previous tile ran fast: the switch rescales exactly too.
+    __device__ __forceinline__ void shift_to_row_max(float (&sc)[MS][NT8][4], float (&alpha)[MS][2],
+                                                     float (&offset)[MS][2], const float (&old_max)[MS][2], float c) {
 #pragma unroll
         for (int s = 0; s < MS; ++s) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const float m = row_max[s][h], old = alpha[s][h];
+                const float m = row_max[s][h], old = old_max[s][h];
+                offset[s][h] = 0.f;
                 if (m == -CF_INF) {  // nothing visible yet: the scores stay -inf, p = 0
                     alpha[s][h] = -CF_INF;
                     continue;
