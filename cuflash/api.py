@@ -104,8 +104,11 @@ class _Call:
             dt = arrays.dtype_name(x, self.fw)
             if dt != self.dtype:
                 raise TypeError(f"{name} has dtype {dt} but {names[0]} has dtype {self.dtype}; they must match")
-        b, sq, hq, d = (int(s) for s in q.shape)
-        bk, sk, hk, dk = (int(s) for s in k.shape)
+        # Sizes as the arrays give them: ints, or torch SymInts while torch.compile traces the op's fake
+        # implementation, where int() would specialize the graph on this call's sizes (a recompile per
+        # seqlen); the comparisons below only add range guards there.
+        b, sq, hq, d = q.shape
+        bk, sk, hk, dk = k.shape
         if tuple(v.shape) != tuple(k.shape):
             raise ValueError(f"{names[2]} must have the shape of {names[1]} {tuple(k.shape)}, got {tuple(v.shape)}")
         if bk != b:
