@@ -1,0 +1,130 @@
+"""Per-call host cost of cuflash against SDPA's flash and cuDNN backends, in one process.
+
+    python bench/bench_host_cost.py [--calls 2000] [--profile] [--out bench/results]
+
+At tiny shapes a call's GPU work takes a few microseconds, so back-to-back calls run at the speed of the
+host: the wall clock per call (time.perf_counter over --calls calls, then one synchronize, median of 5
+repeats, warm-up excluded) is the host cost a decode loop or a small model's eager step pays per
+attention. Rows:
+
+    forward            cuflash.attention on CuPy arrays and on torch tensors, cuflash.torch.flash_attn_func,
+                       F.scaled_dot_product_attention with the flash and the cuDNN backend
+    backward           cuflash.attention_backward (CuPy), the op behind flash_attn_func's backward (torch)
+    fwd + bwd autograd flash_attn_func / SDPA forward, then torch.autograd.grad
+
+Shapes (batch, seqlen, heads, head_dim): (1, 128, 8, 64) and (4, 256, 16, 128), bf16, causal. ``--profile``
+adds a cProfile of cuflash's torch forward (the top functions by own time), which says where the host time
+goes. Writes ``host-cost-<stamp>.json`` under ``<out>/<gpu-slug>/`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime as _dt
+import io
+import json
+import pstats
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPES = [(1, 128, 8, 64), (4, 256, 16, 128)]
+
+
+def per_call_us(fn, sync, calls: int, repeats: int = 5) -> float:
+    for _ in range(20):
+        fn()
+    sync()
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        samples.append((time.perf_counter() - t) / calls * 1e6)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    import cupy
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import cuflash
+    import cuflash.torch as ct
+
+    rows = []
+    sync_t = torch.cuda.synchronize
+    for b, s, h, d in SHAPES:
+        shape = f"({b}, {s}, {h}, {d})"
+        tq, tk, tv = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        cq, ck, cv = (cupy.from_dlpack(x) for x in (tq, tk, tv))
+        sq, sk, sv = (x.transpose(1, 2) for x in (tq, tk, tv))  # SDPA's (b, h, s, d) views
+        out, lse = cuflash.attention(cq, ck, cv, causal=True, return_lse=True)
+        dout = cupy.from_dlpack(torch.randn_like(tq))
+        cases = {
+            "forward: cuflash.attention (CuPy)": lambda: cuflash.attention(cq, ck, cv, causal=True),
+            "forward: cuflash.attention (torch)": lambda: cuflash.attention(tq, tk, tv, causal=True),
+            "forward: flash_attn_func": lambda: ct.flash_attn_func(tq, tk, tv, causal=True),
+            "backward: cuflash.attention_backward (CuPy)":
+                lambda: cuflash.attention_backward(dout, cq, ck, cv, out, lse, causal=True),
+        }
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def sdpa(backend=backend):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(sq, sk, sv, is_causal=True)
+            cases[f"forward: SDPA {name}"] = sdpa
+        gq, gk, gv = (x.detach().clone().requires_grad_(True) for x in (tq, tk, tv))
+        gsq, gsk, gsv = (x.detach().clone().transpose(1, 2).requires_grad_(True) for x in (tq, tk, tv))
+        grad_out = torch.randn_like(tq)
+
+        def fa_train():
+            o = ct.flash_attn_func(gq, gk, gv, causal=True)
+            return torch.autograd.grad(o, (gq, gk, gv), grad_out)
+        cases["fwd+bwd autograd: flash_attn_func"] = fa_train
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def sdpa_train(backend=backend):
+                with sdpa_kernel(backend):
+                    o = F.scaled_dot_product_attention(gsq, gsk, gsv, is_causal=True)
+                return torch.autograd.grad(o, (gsq, gsk, gsv), grad_out.transpose(1, 2))
+            cases[f"fwd+bwd autograd: SDPA {name}"] = sdpa_train
+        for name, fn in cases.items():
+            try:
+                us = per_call_us(fn, sync_t, args.calls if "autograd" not in name else args.calls // 4)
+            except RuntimeError as e:  # a backend this build or GPU lacks
+                print(f"{name}: unavailable ({str(e).splitlines()[0][:80]})")
+                continue
+            rows.append({"case": name, "shape": shape, "us_per_call": round(us, 1)})
+            print(f"{shape:>20}  {name:<46} {us:8.1f} us", flush=True)
+        if args.profile and (b, s, h, d) == SHAPES[0]:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.calls):
+                cuflash.attention(tq, tk, tv, causal=True)
+            prof.disable()
+            sync_t()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+            print(text.getvalue()[:6000])
+    gpu = torch.cuda.get_device_name()
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    out_dir = args.out / slug
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"host-cost-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "calls": args.calls, "rows": rows}, indent=1))
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
