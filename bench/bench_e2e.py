@@ -1,0 +1,141 @@
+"""A Hugging Face Llama training step with SDPA and with cuflash, in one process.
+
+    python bench/bench_e2e.py [--steps 10] [--configs hd64-2k,hd128-4k] [--out bench/results]
+
+The model is built from a config (random weights, no download): LlamaConfig's defaults (vocabulary 32000,
+MLP 11008) with 8 layers of hidden 2048, bf16, AdamW, trained on random tokens. Two copies with the same initial weights run the same
+batches, one with ``attn_implementation="sdpa"`` (cuDNN on Hopper by default) and one with cuflash through
+``cuflash.integrations.transformers``; their steps alternate so that clocks and neighbours weigh on both.
+A step is forward, backward and the optimizer step, timed with CUDA events (median over --steps steps
+after 3 warm-up steps). Loss agreement: max |loss_sdpa - loss_cuflash| over the timed steps (the copies
+drift apart slowly: bf16 rounding differs between the two attentions).
+
+Configs (batch x seqlen = 8192 tokens):
+
+    hd64-2k    32 query / 8 KV heads of 64, batch 4 x 2048
+    hd64-4k    the same heads, batch 2 x 4096
+    hd128-2k   16 query / 4 KV heads of 128, batch 4 x 2048
+    hd128-4k   the same heads, batch 2 x 4096
+
+Prints a table, writes ``e2e-<stamp>.json`` and a PNG under ``<out>/<gpu-slug>/``. Skips (exit 0, a line
+saying why) without transformers or a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = {
+    "hd64-2k": dict(heads=32, kv_heads=8, batch=4, seqlen=2048),
+    "hd64-4k": dict(heads=32, kv_heads=8, batch=2, seqlen=4096),
+    "hd128-2k": dict(heads=16, kv_heads=4, batch=4, seqlen=2048),
+    "hd128-4k": dict(heads=16, kv_heads=4, batch=2, seqlen=4096),
+}
+HIDDEN, LAYERS, VOCAB = 2048, 8, 32000
+
+
+def build(transformers, torch, cfg: dict, attn: str, state=None):
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=cfg["heads"],
+                                      num_key_value_heads=cfg["kv_heads"], max_position_embeddings=cfg["seqlen"])
+    config._attn_implementation = attn
+    model = transformers.LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16)
+    if state is not None:
+        model.load_state_dict(state)
+    model.train()
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def run_config(transformers, torch, name: str, cfg: dict, attn_cf: str, steps: int) -> dict:
+    torch.manual_seed(0)
+    sdpa, opt_sdpa = build(transformers, torch, cfg, "sdpa")
+    ours, opt_ours = build(transformers, torch, cfg, attn_cf, sdpa.state_dict())
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    times = {"sdpa": [], "cuflash": []}
+    diffs = []
+    for i in range(steps + 3):
+        ids = torch.randint(0, VOCAB, (cfg["batch"], cfg["seqlen"]), device="cuda", generator=gen)
+        losses = {}
+        for label, model, opt in (("sdpa", sdpa, opt_sdpa), ("cuflash", ours, opt_ours))[:: 1 if i % 2 else -1]:
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            stop.record()
+            stop.synchronize()
+            losses[label] = loss.item()
+            if i >= 3:
+                times[label].append(start.elapsed_time(stop))
+        if i >= 3:
+            diffs.append(abs(losses["sdpa"] - losses["cuflash"]))
+    del sdpa, ours, opt_sdpa, opt_ours
+    torch.cuda.empty_cache()
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    return {"config": name, **cfg, "head_dim": HIDDEN // cfg["heads"], "ms_sdpa": round(ms["sdpa"], 2),
+            "ms_cuflash": round(ms["cuflash"], 2), "speedup": round(ms["sdpa"] / ms["cuflash"], 3),
+            "max_loss_diff": round(max(diffs), 5)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        print(f"bench_e2e: skipped, {e.name} is not installed")
+        return
+    if not torch.cuda.is_available():
+        print("bench_e2e: skipped, no CUDA GPU")
+        return
+    import cuflash.integrations.transformers as cf_hf
+    attn_cf = cf_hf.register()
+    rows = []
+    print(f"{'config':<10} {'batch x seqlen':>15} {'SDPA ms':>9} {'cuflash ms':>11} {'speedup':>8} {'max |dloss|':>12}")
+    for name in args.configs.split(","):
+        r = run_config(transformers, torch, name, CONFIGS[name], attn_cf, args.steps)
+        rows.append(r)
+        print(f"{name:<10} {r['batch']:>7} x {r['seqlen']:<5} {r['ms_sdpa']:>9.2f} {r['ms_cuflash']:>11.2f} "
+              f"{r['speedup']:>7.3f}x {r['max_loss_diff']:>12.5f}", flush=True)
+    gpu = torch.cuda.get_device_name()
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    out_dir = args.out / slug
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"e2e-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
+                                "layers": LAYERS, "hidden": HIDDEN, "vocab": VOCAB, "steps": args.steps,
+                                "rows": rows}, indent=1))
+    print("wrote", path)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["ms_sdpa"] for r in rows], 0.4, label="SDPA (default backend)")
+    ax.bar([i + 0.2 for i in x], [r["ms_cuflash"] for r in rows], 0.4, label="cuflash")
+    ax.set_xticks(list(x), [r["config"] for r in rows])
+    ax.set_ylabel("ms per training step")
+    ax.set_title(f"Llama, {LAYERS} layers, hidden {HIDDEN}, bf16, AdamW: {gpu}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=120)
+    print("wrote", path.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
