@@ -7,6 +7,7 @@ See :func:`cuflash.attention`. ``import cuflash`` imports neither PyTorch nor JA
 """
 
 from .api import attention, attention_backward
+from .varlen import attention_varlen, attention_varlen_backward
 from .jit import precompile
 
 __version__ = "0.1.0"
@@ -23,4 +24,5 @@ def gpu_available() -> bool:
         return False
 
 
-__all__ = ["attention", "attention_backward", "precompile", "gpu_available", "__version__"]
+__all__ = ["attention", "attention_backward", "attention_varlen", "attention_varlen_backward", "precompile",
+           "gpu_available", "__version__"]

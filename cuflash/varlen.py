@@ -1,0 +1,255 @@
+"""Variable-length (packed) attention: many sequences of different lengths in one call, FlashAttention-2's
+``flash_attn_varlen_func`` layout (``cu_seqlens``), forward and backward.
+
+Sequence ``i`` owns query rows ``cu_seqlens_q[i] : cu_seqlens_q[i + 1]`` and key rows ``cu_seqlens_k[i] :
+cu_seqlens_k[i + 1]`` of the packed arrays and attends only to its own keys; causal masks and windows are
+bottom-right aligned per sequence. ``seqused_q`` / ``seqused_k`` (FlashAttention-3) shorten each sequence
+to its first rows, so that a caller can keep fixed buffer shapes (CUDA graphs) while the real lengths vary.
+
+The NumPy path (CPU arrays) runs the tiled CPU attention per sequence (O(N) extra memory). The GPU kernels
+are not written yet: GPU arrays raise NotImplementedError, after the same argument checks.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import api, arrays, reference
+
+_GPU_NOT_IMPLEMENTED = ("{}: variable-length attention runs on the CPU (NumPy path) only so far; the GPU "
+                        "kernels are not implemented yet. Pad the batch and call cuflash.attention, or pass "
+                        "CPU arrays")
+
+
+class _VarlenCall:
+    """The validated shape of one variable-length call."""
+
+    def __init__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k):
+        self.fw = arrays.framework_of(q)
+        for name, x in (("k", k), ("v", v)):
+            fw = arrays.framework_of(x)
+            if fw != self.fw:
+                raise TypeError(f"{name} is a {fw} array but q is a {self.fw} array; pass one array type")
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if len(x.shape) != 3:
+                raise ValueError(f"{name} must be 3-D (total_tokens, heads, head_dim), got shape {tuple(x.shape)}")
+        self.device = arrays.device_of(q, self.fw)
+        for name, x in (("k", k), ("v", v)):
+            if arrays.device_of(x, self.fw) != self.device:
+                raise ValueError(f"{name} is on device {arrays.device_of(x, self.fw)} but q is on device {self.device}")
+        self.on_gpu = isinstance(self.device, int)
+        self.dtype = arrays.dtype_name(q, self.fw)
+        allowed = api._GPU_DTYPES if self.on_gpu else api._CPU_DTYPES
+        if self.dtype not in allowed:
+            raise TypeError(f"q has dtype {self.dtype}; expected one of {', '.join(allowed)}")
+        for name, x in (("k", k), ("v", v)):
+            if arrays.dtype_name(x, self.fw) != self.dtype:
+                raise TypeError(f"{name} has dtype {arrays.dtype_name(x, self.fw)} but q has dtype {self.dtype}")
+        self.total_q, self.heads_q, self.head_dim = q.shape
+        self.total_k, self.heads_k, dk = k.shape
+        if tuple(v.shape) != tuple(k.shape):
+            raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+        if dk != self.head_dim:
+            raise ValueError(f"k has head_dim {dk} but q has head_dim {self.head_dim}")
+        if not 1 <= self.head_dim <= api._MAX_HEAD_DIM:
+            raise ValueError(f"head_dim must be in [1, {api._MAX_HEAD_DIM}], got {self.head_dim}")
+        for name, n in (("heads_q", self.heads_q), ("heads_k", self.heads_k)):
+            if n < 1:
+                raise ValueError(f"{name} must be >= 1, got {n}")
+        if self.heads_q % self.heads_k:
+            raise ValueError(f"heads_q ({self.heads_q}) must be a multiple of heads_k ({self.heads_k}) (GQA/MQA)")
+        self.cu_q = self._index_array("cu_seqlens_q", cu_seqlens_q, None)
+        self.batch = len(self.cu_q) - 1
+        self.cu_k = self._index_array("cu_seqlens_k", cu_seqlens_k, self.batch + 1)
+        self.max_seqlen_q = _check_count("max_seqlen_q", max_seqlen_q)
+        self.max_seqlen_k = _check_count("max_seqlen_k", max_seqlen_k)
+        self.used_q = None if seqused_q is None else self._index_array("seqused_q", seqused_q, self.batch)
+        self.used_k = None if seqused_k is None else self._index_array("seqused_k", seqused_k, self.batch)
+
+    def _index_array(self, name, x, length):
+        fw = arrays.framework_of(x)
+        if fw != self.fw and not (fw == "numpy" and not self.on_gpu):
+            raise TypeError(f"{name} is a {fw} array but q is a {self.fw} array")
+        if len(x.shape) != 1 or (length is not None and x.shape[0] != length) or x.shape[0] < 1:
+            want = f"({length},)" if length is not None else "(batch + 1,) with batch >= 0"
+            raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+        if arrays.dtype_name(x, fw) != "int32":
+            raise TypeError(f"{name} must be int32, got {arrays.dtype_name(x, fw)}")
+        if arrays.device_of(x, fw) != self.device:
+            raise ValueError(f"{name} is on device {arrays.device_of(x, fw)} but q is on device {self.device}")
+        return x
+
+    def sequences(self):
+        """Per sequence (q rows, k rows) as slices, after the value checks (CPU path: values on the host)."""
+        cu_q, cu_k = (np.asarray(api._to_numpy(c, arrays.framework_of(c))).astype(np.int64)
+                      for c in (self.cu_q, self.cu_k))
+        for name, cu, total in (("cu_seqlens_q", cu_q, self.total_q), ("cu_seqlens_k", cu_k, self.total_k)):
+            if cu[0] != 0 or np.any(np.diff(cu) < 0) or cu[-1] > total:
+                raise ValueError(f"{name} must start at 0, never decrease and end at most at the total token count "
+                                 f"({total}); got {cu.tolist()}")
+        len_q, len_k = np.diff(cu_q), np.diff(cu_k)
+        for name, used, lens in (("seqused_q", self.used_q, len_q), ("seqused_k", self.used_k, len_k)):
+            if used is not None:
+                u = np.asarray(api._to_numpy(used, arrays.framework_of(used))).astype(np.int64)
+                if np.any(u < 0) or np.any(u > lens):
+                    raise ValueError(f"{name} must lie in [0, that sequence's length]; got {u.tolist()} for "
+                                     f"lengths {lens.tolist()}")
+                lens[:] = u
+        for name, lens, bound in (("max_seqlen_q", len_q, self.max_seqlen_q), ("max_seqlen_k", len_k,
+                                                                             self.max_seqlen_k)):
+            if len(lens) and lens.max() > bound:
+                raise ValueError(f"{name}={bound} is below the longest sequence ({int(lens.max())})")
+        return [(slice(cu_q[i], cu_q[i] + len_q[i]), slice(cu_k[i], cu_k[i] + len_k[i])) for i in range(self.batch)]
+
+    def check_alibi(self, alibi_slopes):
+        if alibi_slopes is None:
+            return None
+        fw = arrays.framework_of(alibi_slopes)
+        if fw != self.fw and not (fw == "numpy" and not self.on_gpu):
+            raise TypeError(f"alibi_slopes is a {fw} array but q is a {self.fw} array")
+        if arrays.dtype_name(alibi_slopes, fw) != "float32":
+            raise TypeError(f"alibi_slopes must be float32, got {arrays.dtype_name(alibi_slopes, fw)}")
+        if tuple(alibi_slopes.shape) not in ((self.heads_q,), (self.batch, self.heads_q)):
+            raise ValueError(f"alibi_slopes must have shape ({self.heads_q},) or ({self.batch}, {self.heads_q}), "
+                             f"got {tuple(alibi_slopes.shape)}")
+        return alibi_slopes
+
+
+def _check_count(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def _options(call, causal, softmax_scale, window_size, softcap, alibi_slopes):
+    causal = api._check_flag("causal", causal)
+    scale = api._check_real("softmax_scale", softmax_scale, allow_none=True, positive=True)
+    if scale is None:
+        scale = call.head_dim ** -0.5
+    window = api._check_window(window_size)
+    softcap = api._check_real("softcap", softcap, nonneg=True)
+    alibi = call.check_alibi(alibi_slopes)
+    slopes = None if alibi is None else np.asarray(api._to_numpy(alibi, arrays.framework_of(alibi)))
+    return dict(causal=causal, softmax_scale=scale, window_size=window, softcap=softcap), slopes
+
+
+def _row_slopes(slopes, i):
+    """Sequence i's ALiBi slopes: (heads,) slopes are shared, (batch, heads) ones are per sequence."""
+    return slopes if slopes is None or slopes.ndim == 1 else slopes[i]
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
+                     softmax_scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, seqused_q=None,
+                     seqused_k=None, return_lse=False):
+    """Attention over packed sequences of different lengths (FlashAttention-2's varlen layout).
+
+    Parameters
+    ----------
+    q : array, shape (total_q, heads_q, head_dim)
+        The queries of every sequence, one after another. NumPy (float16/32/64) or CPU torch tensors; GPU
+        arrays raise NotImplementedError (the variable-length kernels are not written yet).
+    k, v : array, shape (total_k, heads_k, head_dim)
+        Keys and values, packed the same way; ``heads_q`` a multiple of ``heads_k`` (GQA).
+    cu_seqlens_q, cu_seqlens_k : int32 array, shape (batch + 1,)
+        Sequence ``i`` is query rows ``cu_seqlens_q[i]:cu_seqlens_q[i + 1]`` and key rows
+        ``cu_seqlens_k[i]:cu_seqlens_k[i + 1]``; both start at 0 and never decrease. Rows past the last
+        sequence are left out (zero output, LSE ``+inf``).
+    max_seqlen_q, max_seqlen_k : int
+        Upper bounds of the sequence lengths (the longest one suffices).
+    causal, softmax_scale, window_size, softcap
+        As for :func:`cuflash.attention`, per sequence: causal and windows are bottom-right aligned to each
+        sequence's own lengths.
+    alibi_slopes : float32 array, shape (heads_q,) or (batch, heads_q), optional
+    seqused_q, seqused_k : int32 array, shape (batch,), optional
+        Only the first ``seqused[i]`` rows of sequence ``i`` take part (FlashAttention-3); its other query
+        rows get zero output and LSE ``+inf``. The masks align to the used lengths.
+    return_lse : bool
+        Also return the log-sum-exp, float32 (float64 for float64 inputs), shape (heads_q, total_q)
+        (FlashAttention-2's varlen layout), natural log, ``+inf`` for rows that see no key.
+
+    Returns
+    -------
+    out : array, shape (total_q, heads_q, head_dim), the caller's array type and dtype; ``(out, lse)`` with
+    ``return_lse=True``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Arguments of the wrong type, dtype, shape or device, ``cu_seqlens`` that do not start at 0, decrease
+        or run past the packed arrays, ``seqused`` outside [0, length], ``max_seqlen`` below the longest
+        sequence. Each names the argument.
+    NotImplementedError
+        GPU arrays.
+    """
+    call = _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
+    kwargs, slopes = _options(call, causal, softmax_scale, window_size, softcap, alibi_slopes)
+    return_lse = api._check_flag("return_lse", return_lse)
+    if call.on_gpu:
+        raise NotImplementedError(_GPU_NOT_IMPLEMENTED.format("cuflash.attention_varlen"))
+    if call.fw == "torch" and call.dtype == "bfloat16":
+        raise TypeError("q is a bfloat16 CPU tensor; the CPU path computes float16/32/64 (NumPy has no bfloat16)")
+    qn, kn, vn = (np.asarray(api._to_numpy(x, call.fw)) for x in (q, k, v))
+    out = np.zeros(qn.shape, dtype=qn.dtype)
+    lse = np.full((call.heads_q, call.total_q), np.inf, dtype=np.float64 if qn.dtype == np.float64 else np.float32)
+    for i, (rq, rk) in enumerate(call.sequences()):
+        o, l_ = reference.attention_numpy(qn[None, rq], kn[None, rk], vn[None, rk],
+                                          alibi_slopes=_row_slopes(slopes, i), **kwargs)
+        out[rq], lse[:, rq] = o[0], l_[0]
+    out = api._from_numpy(out, call.fw)
+    return (out, api._from_numpy(lse, call.fw)) if return_lse else out
+
+
+def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                              causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
+                              alibi_slopes=None, seqused_q=None, seqused_k=None, deterministic=False):
+    """Gradients of :func:`attention_varlen` with respect to q, k and v.
+
+    Parameters
+    ----------
+    dout, out : array, shape (total_q, heads_q, head_dim)
+        The output's gradient and the forward's output.
+    lse : array, shape (heads_q, total_q)
+        The forward's ``return_lse=True`` log-sum-exp.
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, and the keywords
+        Exactly as passed to the forward. ``deterministic`` is accepted for FlashAttention's signature (the
+        CPU path is always deterministic).
+
+    Returns
+    -------
+    dq, dk, dv : arrays with the shapes and dtype of q, k, v; rows outside every (used) sequence get 0.
+
+    Raises
+    ------
+    TypeError, ValueError, NotImplementedError
+        As :func:`attention_varlen`, and for ``dout``/``out``/``lse`` of the wrong shape or dtype.
+    """
+    call = _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
+    kwargs, slopes = _options(call, causal, softmax_scale, window_size, softcap, alibi_slopes)
+    api._check_flag("deterministic", deterministic)
+    for name, x, shape in (("dout", dout, q.shape), ("out", out, q.shape), ("lse", lse, (call.heads_q, call.total_q))):
+        fw = arrays.framework_of(x)
+        if fw != call.fw:
+            raise TypeError(f"{name} is a {fw} array but q is a {call.fw} array; pass one array type")
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+        if arrays.device_of(x, fw) != call.device:
+            raise ValueError(f"{name} is on device {arrays.device_of(x, fw)} but q is on device {call.device}")
+        want = ("float32", "float64") if name == "lse" else (call.dtype,)
+        if arrays.dtype_name(x, fw) not in want:
+            raise TypeError(f"{name} has dtype {arrays.dtype_name(x, fw)}; expected {' or '.join(want)}")
+    if call.on_gpu:
+        raise NotImplementedError(_GPU_NOT_IMPLEMENTED.format("cuflash.attention_varlen_backward"))
+    dn, qn, kn, vn, on, ln = (np.asarray(api._to_numpy(x, call.fw)) for x in (dout, q, k, v, out, lse))
+    dq, dk, dv = (np.zeros(x.shape, dtype=x.dtype) for x in (qn, kn, vn))
+    for i, (rq, rk) in enumerate(call.sequences()):
+        g = reference.attention_backward_numpy(dn[None, rq], qn[None, rq], kn[None, rk], vn[None, rk], on[None, rq],
+                                               ln[None, :, rq], alibi_slopes=_row_slopes(slopes, i), **kwargs)
+        dq[rq], dk[rk], dv[rk] = g[0][0], g[1][0], g[2][0]
+    return tuple(api._from_numpy(g, call.fw) for g in (dq, dk, dv))
+
+
+__all__ = ["attention_varlen", "attention_varlen_backward"]

@@ -1,0 +1,121 @@
+"""Variable-length attention (cuflash/varlen.py) on the CPU path: each packed sequence gives exactly the
+dense attention of that sequence alone (outputs, LSE in (heads, total) layout, gradients), with lengths 0,
+1, 17 and ~100, causal and windows bottom-right aligned per sequence, softcap, ALiBi (shared and per
+sequence), GQA and seqused; NaN in rows outside every sequence never reaches a result; bad arguments raise
+named errors before any work."""
+
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import reference
+
+LENS_Q = [17, 0, 1, 100, 33]
+LENS_K = [20, 5, 0, 100, 40]
+
+
+def _packed(lens_q, lens_k, hq=4, hk=2, d=24, dtype=np.float64, seed=0, spare=3):
+    rng = np.random.default_rng(seed)
+    tq, tk = sum(lens_q) + spare, sum(lens_k) + spare  # `spare` rows past the last sequence
+    q, k, v, dout = (rng.standard_normal(s).astype(dtype) for s in ((tq, hq, d), (tk, hk, d), (tk, hk, d), (tq, hq, d)))
+    for x in (q, k, v, dout):
+        x[-spare:] = np.nan  # outside every sequence: must never be read
+    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32)
+    return q, k, v, dout, cu_q, cu_k
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(window_size=(6, 2)), dict(causal=True, softcap=1.5),
+                                  dict(alibi="shared"), dict(alibi="per_sequence", causal=True)])
+def test_each_sequence_equals_its_dense_attention(opts):
+    """Forward and backward per packed sequence equal the float64 reference of that sequence alone."""
+    opts = dict(opts)
+    q, k, v, dout, cu_q, cu_k = _packed(LENS_Q, LENS_K)
+    alibi = opts.pop("alibi", None)
+    slopes = None
+    if alibi == "shared":
+        slopes = np.linspace(0.1, 0.4, 4).astype(np.float32)
+    elif alibi == "per_sequence":
+        slopes = np.random.default_rng(3).random((5, 4)).astype(np.float32)
+    out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, 100, 100, alibi_slopes=slopes, return_lse=True, **opts)
+    dq, dk, dv = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, 100, 100,
+                                                   alibi_slopes=slopes, **opts)
+    assert lse.shape == (4, q.shape[0])
+    for i in range(len(LENS_Q)):
+        rq, rk = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        row = None if slopes is None else (slopes if slopes.ndim == 1 else slopes[i])
+        ref_out, ref_lse = reference.attention_reference(q[None, rq], k[None, rk], v[None, rk], alibi_slopes=row, **opts)
+        np.testing.assert_allclose(out[rq], ref_out[0], atol=1e-12)
+        np.testing.assert_allclose(lse[:, rq], ref_lse[0], atol=1e-12)
+        ref_g = reference.attention_backward_reference(dout[None, rq], q[None, rq], k[None, rk], v[None, rk],
+                                                       alibi_slopes=row, **opts)
+        for g, r, rows in zip((dq, dk, dv), ref_g, (rq, rk, rk)):
+            np.testing.assert_allclose(g[rows], r[0], atol=1e-11)
+    spare = slice(cu_q[-1], None)
+    assert np.all(out[spare] == 0) and np.all(lse[:, spare] == np.inf) and np.all(dq[spare] == 0)
+    assert np.all(dk[cu_k[-1]:] == 0) and np.isfinite(dq).all() and np.isfinite(dk).all()
+
+
+def test_seqused_shortens_each_sequence():
+    """seqused_q/k: only each sequence's first rows take part (masks aligned to the used lengths); its other
+    query rows are 0 with LSE +inf and get no gradient."""
+    q, k, v, dout, cu_q, cu_k = _packed(LENS_Q, LENS_K)
+    used_q = np.array([10, 0, 1, 100, 0], np.int32)
+    used_k = np.array([20, 3, 0, 50, 7], np.int32)
+    out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, 100, 100, causal=True, seqused_q=used_q,
+                                        seqused_k=used_k, return_lse=True)
+    dq, dk, dv = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, 100, 100, causal=True,
+                                                   seqused_q=used_q, seqused_k=used_k)
+    for i in range(5):
+        rq, rk = slice(cu_q[i], cu_q[i] + used_q[i]), slice(cu_k[i], cu_k[i] + used_k[i])
+        ref_out, _ = reference.attention_reference(q[None, rq], k[None, rk], v[None, rk], causal=True)
+        np.testing.assert_allclose(out[rq], ref_out[0], atol=1e-12)
+        rest = slice(cu_q[i] + used_q[i], cu_q[i + 1])
+        assert np.all(out[rest] == 0) and np.all(lse[:, rest] == np.inf) and np.all(dq[rest] == 0)
+        assert np.all(dk[cu_k[i] + used_k[i]:cu_k[i + 1]] == 0)
+
+
+def test_float16_and_float32_follow_the_dense_cpu_path():
+    """Lower precisions run the same tiled CPU code per sequence: bitwise what cuflash.attention gives on
+    each sequence as a batch of one."""
+    for dtype in (np.float16, np.float32):
+        q, k, v, _, cu_q, cu_k = _packed([9, 30], [12, 30], dtype=dtype, spare=1)
+        out = cuflash.attention_varlen(q, k, v, cu_q, cu_k, 30, 30, causal=True)
+        assert out.dtype == dtype
+        for i in range(2):
+            rq, rk = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+            dense = cuflash.attention(q[None, rq], k[None, rk], v[None, rk], causal=True)
+            assert np.array_equal(out[rq], dense[0])
+
+
+def test_torch_cpu_tensors():
+    """CPU torch tensors in, torch tensors out (float64 here), same values as NumPy."""
+    torch = pytest.importorskip("torch")
+    q, k, v, _, cu_q, cu_k = _packed([5, 7], [6, 8], spare=1)
+    out = cuflash.attention_varlen(*(torch.from_numpy(x) for x in (q, k, v, cu_q, cu_k)), 7, 8)
+    assert isinstance(out, torch.Tensor)
+    np.testing.assert_array_equal(out.numpy(), cuflash.attention_varlen(q, k, v, cu_q, cu_k, 7, 8))
+
+
+@pytest.mark.parametrize("change, exc, text", [
+    (dict(cu_q=np.array([0, 5, 3, 20], np.int32)), ValueError, "cu_seqlens_q must start at 0, never decrease"),
+    (dict(cu_q=np.array([1, 5, 9, 20], np.int32)), ValueError, "cu_seqlens_q must start at 0"),
+    (dict(cu_k=np.array([0, 5, 9, 999], np.int32)), ValueError, "cu_seqlens_k must start at 0"),
+    (dict(cu_q=np.array([0, 5, 9, 20], np.int64)), TypeError, "cu_seqlens_q must be int32"),
+    (dict(cu_k=np.array([0, 5, 20], np.int32)), ValueError, "cu_seqlens_k must have shape (4,)"),
+    (dict(max_q=10), ValueError, "max_seqlen_q=10 is below the longest sequence (11)"),
+    (dict(max_k=2.5), TypeError, "max_seqlen_k must be a Python int"),
+    (dict(seqused_k=np.array([1, 2, 99], np.int32)), ValueError, "seqused_k must lie in"),
+    (dict(q_3d=False), ValueError, "q must be 3-D"),
+])
+def test_bad_arguments_raise_named_errors(change, exc, text):
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((20, 2, 8)), rng.standard_normal((20, 1, 8)), rng.standard_normal((20, 1, 8))
+    args = dict(cu_q=np.array([0, 5, 9, 20], np.int32), cu_k=np.array([0, 6, 9, 20], np.int32), max_q=11, max_k=11,
+                seqused_k=None)
+    args.update({key: val for key, val in change.items() if key != "q_3d"})
+    if change.get("q_3d") is False:
+        q = q[None]
+    with pytest.raises(exc, match=text.replace("(", r"\(").replace(")", r"\)")):
+        cuflash.attention_varlen(q, k, v, args["cu_q"], args["cu_k"], args["max_q"], args["max_k"],
+                                 seqused_k=args["seqused_k"])
