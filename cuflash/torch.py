@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import api
+from . import api, varlen
 
 _lib = torch.library.Library("cuflash", "DEF")
 _lib.define(
@@ -44,9 +44,38 @@ def _bwd(dout, q, k, v, out, lse, alibi_slopes, causal, softmax_scale, window_le
                                   alibi_slopes=alibi_slopes, deterministic=deterministic)
 
 
+_lib.define(
+    "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+    "int max_seqlen_k, Tensor? alibi_slopes, Tensor? seqused_q, Tensor? seqused_k, bool causal, float softmax_scale, "
+    "int window_left, int window_right, float softcap) -> (Tensor, Tensor)")
+_lib.define(
+    "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
+    "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, Tensor? seqused_q, "
+    "Tensor? seqused_k, bool causal, float softmax_scale, int window_left, int window_right, float softcap) "
+    "-> (Tensor, Tensor, Tensor)")
+
+
+def _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, seqused_q, seqused_k,
+                causal, softmax_scale, window_left, window_right, softcap):
+    return varlen.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                                   softmax_scale=softmax_scale, window_size=(window_left, window_right),
+                                   softcap=softcap, alibi_slopes=alibi_slopes, seqused_q=seqused_q,
+                                   seqused_k=seqused_k, return_lse=True)
+
+
+def _varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                seqused_q, seqused_k, causal, softmax_scale, window_left, window_right, softcap):
+    return varlen.attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                            max_seqlen_k, causal=causal, softmax_scale=softmax_scale,
+                                            window_size=(window_left, window_right), softcap=softcap,
+                                            alibi_slopes=alibi_slopes, seqused_q=seqused_q, seqused_k=seqused_k)
+
+
 for _device in ("CUDA", "CPU"):
     _lib.impl("fwd", _fwd, _device)
     _lib.impl("bwd", _bwd, _device)
+    _lib.impl("varlen_fwd", _varlen_fwd, _device)
+    _lib.impl("varlen_bwd", _varlen_bwd, _device)
 
 
 @torch.library.register_fake("cuflash::fwd")
@@ -55,6 +84,21 @@ def _fwd_fake(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_
     _options(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap)
     b, sq, hq, d = q.shape
     return q.new_empty((b, sq, hq, d)), q.new_empty((b, hq, sq), dtype=torch.float32)
+
+
+@torch.library.register_fake("cuflash::varlen_fwd")
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, seqused_q,
+                     seqused_k, causal, softmax_scale, window_left, window_right, softcap):
+    # Shapes only: the checks that read cu_seqlens' values run in the implementation, before any work.
+    total_q, hq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((hq, total_q), dtype=torch.float64 if q.dtype == torch.float64
+                                             else torch.float32)
+
+
+@torch.library.register_fake("cuflash::varlen_bwd")
+def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                     seqused_q, seqused_k, causal, softmax_scale, window_left, window_right, softcap):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @torch.library.register_fake("cuflash::bwd")
@@ -85,6 +129,56 @@ class _Attention(torch.autograd.Function):
         q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
         dq, dk, dv = torch.ops.cuflash.bwd(dout.contiguous(), q, k, v, out, lse, alibi_slopes, *ctx.options)
         return dq, dk, dv, None, None, None, None, None, None, None
+
+
+class _VarlenAttention(torch.autograd.Function):
+    """Autograd around the variable-length ops (as _Attention for the dense ones)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, seqused_q,
+                seqused_k, causal, softmax_scale, window_left, window_right, softcap):
+        args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, seqused_q, seqused_k, causal,
+                softmax_scale, window_left, window_right, softcap)
+        out, lse = torch.ops.cuflash.varlen_fwd(q, k, v, *args)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seqused_q, seqused_k)
+        ctx.options = (max_seqlen_q, max_seqlen_k, causal, softmax_scale, window_left, window_right, softcap)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_q, cu_k, alibi_slopes, seqused_q, seqused_k = ctx.saved_tensors
+        max_q, max_k, causal, scale, left, right, softcap = ctx.options
+        dq, dk, dv = torch.ops.cuflash.varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
+                                                  alibi_slopes, seqused_q, seqused_k, causal, scale, left, right,
+                                                  softcap)
+        return (dq, dk, dv) + (None,) * 12
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """FlashAttention-2's ``flash_attn_varlen_func`` with its argument order, defaults and return values:
+    :func:`cuflash.attention_varlen` on torch tensors, differentiable.
+
+    q (total_q, heads, head_dim), k/v (total_k, heads_k, head_dim), ``cu_seqlens`` int32 (batch + 1,).
+    Returns ``out``, or ``(out, softmax_lse (heads, total_q), None)`` with ``return_attn_probs=True``. CPU
+    tensors only so far (CUDA tensors raise NotImplementedError); ``block_table`` (paged KV) raises
+    NotImplementedError; ``dropout_p > 0`` too.
+    """
+    api.check_dropout(dropout_p)
+    if block_table is not None:
+        raise NotImplementedError("block_table (paged KV cache) is not implemented in cuflash yet")
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
+    left, right = window_size
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, None, None, causal,
+            softmax_scale, left, right, softcap)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, lse = _VarlenAttention.apply(*args)
+    else:
+        out, lse = torch.ops.cuflash.varlen_fwd(*args)
+    return (out, lse, None) if return_attn_probs else out
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
@@ -138,4 +232,5 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                            alibi_slopes, deterministic, return_attn_probs)
 
 
-__all__ = ["attention", "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func"]
+__all__ = ["attention", "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
+           "flash_attn_varlen_func"]

@@ -1,7 +1,7 @@
 """cuflash as a Hugging Face transformers attention implementation (cuflash.integrations.transformers), on
 the CPU path: a Llama, a sliding-window Mistral and a softcapped Gemma 2 built from configs (random weights, no download) give
-the same logits, loss, gradients and greedy generations with cuflash's attn_implementation as with "sdpa";
-a padded batch raises NotImplementedError instead of a wrong answer."""
+the same logits, loss, gradients and greedy generations with cuflash's attn_implementation as with "sdpa",
+unpadded, padded (variable-length attention on the real tokens) and packed into one row."""
 
 import pytest
 
@@ -68,12 +68,49 @@ def test_greedy_generation_matches_sdpa():
     assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
 
 
-def test_padded_batch_raises_not_implemented():
-    """A batch with padding needs variable-length attention: a clear NotImplementedError, not a silently
-    wrong answer."""
-    _, ours = _pair(transformers.LlamaConfig, transformers.LlamaForCausalLM)
-    ids = torch.randint(0, 128, (2, 9))
+def test_padded_batch_matches_sdpa():
+    """A right-padded batch (the padded tokens' labels -100): logits at the real tokens, the loss and every
+    gradient agree with SDPA given the same attention mask (cuflash packs the real tokens and runs
+    variable-length attention)."""
+    ref, ours = _pair(transformers.LlamaConfig, transformers.LlamaForCausalLM)
+    ids = torch.randint(1, 128, (3, 21), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(3, 21, dtype=torch.long)
+    mask[1, 15:] = 0
+    mask[2, 6:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    out_ref, out_ours = ref(ids, attention_mask=mask, labels=labels), ours(ids, attention_mask=mask, labels=labels)
+    real = mask.bool()
+    torch.testing.assert_close(out_ours.logits[real], out_ref.logits[real], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out_ours.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+    out_ref.loss.backward()
+    out_ours.loss.backward()
+    for (name, p_ref), p_ours in zip(ref.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(p_ours.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_left_padded_generation_matches_sdpa():
+    """generate() on a left-padded batch (queries are each row's last positions, keys its real tokens)
+    produces SDPA's greedy tokens."""
+    ref, ours = _pair(transformers.LlamaConfig, transformers.LlamaForCausalLM)
+    ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(5))
     mask = torch.ones(2, 9, dtype=torch.long)
-    mask[1, :3] = 0
-    with pytest.raises(NotImplementedError, match="variable-length"):
-        ours(ids, attention_mask=mask)
+    mask[0, :4] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+def test_packed_sequences_match_each_sequence_alone():
+    """Sequences packed into one row (DataCollatorWithFlattening: position ids restart per sequence) give
+    each sequence's logits computed alone by SDPA."""
+    ref, ours = _pair(transformers.LlamaConfig, transformers.LlamaForCausalLM)
+    gen = torch.Generator().manual_seed(6)
+    seqs = [torch.randint(1, 128, (n,), generator=gen).tolist() for n in (7, 12, 3)]
+    batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
+        [{"input_ids": s} for s in seqs])
+    kw = {n: batch[n] for n in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k") if n in batch}
+    logits = ours(batch["input_ids"], position_ids=batch["position_ids"], **kw).logits[0]
+    start = 0
+    for s in seqs:
+        alone = ref(torch.tensor([s])).logits[0]
+        torch.testing.assert_close(logits[start:start + len(s)], alone, rtol=1e-4, atol=1e-5)
+        start += len(s)

@@ -130,3 +130,70 @@ def test_bad_input_through_adapter():
         ct.flash_attn_func(q, k[..., :8], v[..., :8])
     with pytest.raises(TypeError, match="k has dtype"):
         ct.flash_attn_func(q, k.float(), v)
+
+
+# --- flash_attn_varlen_func (CPU tensors) ----------------------------------------------------------------------
+
+def _packed(lens_q, lens_k, hq=4, hk=2, d=8, grad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda t, h: torch.randn(t, h, d, dtype=torch.float64, generator=g).requires_grad_(grad)
+    cu = lambda lens: torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.int32)
+    return mk(sum(lens_q), hq), mk(sum(lens_k), hk), mk(sum(lens_k), hk), cu(lens_q), cu(lens_k)
+
+
+def test_flash_attn_varlen_func_signature_and_returns():
+    """FlashAttention-2's positional order and defaults; (out, lse (heads, total_q), None) returns."""
+    import inspect
+    params = list(inspect.signature(ct.flash_attn_varlen_func).parameters)
+    assert params == ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dropout_p",
+                      "softmax_scale", "causal", "window_size", "softcap", "alibi_slopes", "deterministic",
+                      "return_attn_probs", "block_table"]
+    q, k, v, cu_q, cu_k = _packed([3, 5], [4, 6], grad=False)
+    out, lse, s = ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 6, causal=True, return_attn_probs=True)
+    assert out.shape == q.shape and lse.shape == (4, 8) and s is None
+
+
+def test_flash_attn_varlen_gradcheck():
+    """torch.autograd.gradcheck through the varlen op (float64, causal, window, ALiBi per sequence, GQA,
+    a zero-length sequence)."""
+    q, k, v, cu_q, cu_k = _packed([3, 0, 4], [5, 2, 4])
+    slopes = torch.rand(3, 4, dtype=torch.float32)
+    f = lambda q, k, v: ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 5, causal=True, window_size=(3, 0),
+                                                  alibi_slopes=slopes)
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_opcheck_varlen_ops():
+    q, k, v, cu_q, cu_k = (x.detach() if x.dtype != torch.int32 else x for x in _packed([3, 5], [4, 6]))
+    args = (cu_q, cu_k, 5, 6, None, None, None, True, 0.3, -1, -1, 0.0)
+    torch.library.opcheck(torch.ops.cuflash.varlen_fwd.default, (q, k, v, *args))
+    out, lse = torch.ops.cuflash.varlen_fwd(q, k, v, *args)
+    torch.library.opcheck(torch.ops.cuflash.varlen_bwd.default, (torch.randn_like(out), q, k, v, out, lse, *args))
+
+
+def test_flash_attn_varlen_compiles_once_for_new_total_lengths():
+    """torch.compile(fullgraph=True) with the total token count marked dynamic: three different packings,
+    forward and backward, one compile (the fake implementation keeps the sizes symbolic)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def f(q, k, v, cu_q, cu_k):
+        return (ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 64, 64, causal=True) ** 2).sum()
+
+    compiled = torch.compile(f, backend=counter, fullgraph=True)
+    first = None
+    for lens in ([5, 9], [17, 3, 30], [64, 1, 2, 7]):
+        q, k, v, cu_q, cu_k = _packed(lens, lens, seed=len(lens))
+        for t in (q, k, v):
+            torch._dynamo.mark_dynamic(t, 0)
+        torch._dynamo.mark_dynamic(cu_q, 0)
+        torch._dynamo.mark_dynamic(cu_k, 0)
+        loss = compiled(q, k, v, cu_q, cu_k)
+        grads = torch.autograd.grad(loss, (q, k, v))
+        ref = f(q, k, v, cu_q, cu_k)
+        assert torch.allclose(loss, ref)
+        for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v))):
+            assert torch.allclose(a, b)
+        first = counter.frame_count if first is None else first
+    assert counter.frame_count == first, f"{counter.frame_count - first} recompiles for new packings"

@@ -7,9 +7,10 @@
 :func:`register` adds :func:`attention_forward` to ``transformers.AttentionInterface`` and, under the same
 name, FlashAttention-2's mask function to ``AttentionMaskInterface``: models then build no dense mask at all
 (``None`` when nothing is padded, the 2-D padding mask otherwise), exactly as with
-``attn_implementation="flash_attention_2"``. Training and inference through ``model(...)`` and
-``generate`` without padding work; what needs variable-length attention (padded batches, packed
-sequences) raises NotImplementedError until cuflash has it.
+``attn_implementation="flash_attention_2"``. Unpadded batches run the dense kernels; padded batches (the
+real tokens packed, then scattered back) and packed sequences (``DataCollatorWithFlattening``) run
+:func:`cuflash.attention_varlen`, which so far computes on the CPU only (on the GPU it raises
+NotImplementedError).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         transformers' layout; read in place through transposed views (no copy). ``heads_q`` a multiple of
         ``heads_k`` (GQA).
     attention_mask : Tensor or None
-        What the registered mask function built: None when no token is padded. A padding mask (2-D) or a
-        custom 4-D mask raises NotImplementedError (variable-length attention is not implemented yet).
+        What the registered mask function built: None when no token is padded, else the 2-D padding mask
+        (1 = real token), served by variable-length attention. A 4-D mask raises NotImplementedError.
     dropout : float
         Attention dropout; only 0.0 is supported (NotImplementedError otherwise).
     scaling : float, optional
@@ -59,26 +60,63 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     Raises
     ------
     NotImplementedError
-        A padding or custom mask, ``dropout > 0``, attention sinks (``s_aux``), or a value head dim that
-        differs from the query's.
+        A 4-D mask, ``dropout > 0``, attention sinks (``s_aux``), a value head dim that differs from the
+        query's, or padded / packed batches on the GPU (variable-length kernels not written yet).
     """
-    if attention_mask is not None:
-        raise NotImplementedError(
-            "cuflash attention got an attention mask (padded or packed sequences): that needs variable-length "
-            "attention, which cuflash does not implement yet; pass batches without padding")
     if s_aux is not None:
         raise NotImplementedError("cuflash attention has no attention sinks (s_aux)")
     if value.shape[-1] != query.shape[-1]:
         raise NotImplementedError(f"cuflash attention needs the value head dim ({value.shape[-1]}) to equal the "
                                   f"query head dim ({query.shape[-1]})")
     causal = bool(module.is_causal if is_causal is None else is_causal)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (batch, seqlen, heads, d)
     window = (-1, -1)
-    if sliding_window is not None and key.shape[2] > sliding_window:
+    if sliding_window is not None and k.shape[1] > sliding_window:
         window = (sliding_window - 1, sliding_window - 1)
-    out = cf_torch.flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                   dropout_p=dropout, softmax_scale=scaling, causal=causal, window_size=window,
-                                   softcap=0.0 if softcap is None else softcap)
-    return out, None
+    opts = dict(dropout_p=dropout, softmax_scale=scaling, causal=causal, window_size=window,
+                softcap=0.0 if softcap is None else softcap)
+    if attention_mask is not None:
+        return _padded(q, k, v, attention_mask, opts), None
+    if kwargs.get("cu_seq_lens_q") is not None:
+        return _packed(q, k, v, kwargs, opts), None
+    return cf_torch.flash_attn_func(q, k, v, **opts), None
+
+
+def _padded(q, k, v, mask, opts):
+    """A padded batch (the 2-D mask FlashAttention-2's mask function leaves, 1 = real token): the real tokens
+    packed, variable-length attention, the result scattered back (padded query rows 0)."""
+    if mask.dim() != 2:
+        raise NotImplementedError(f"cuflash attention takes a 2-D padding mask, got a {mask.dim()}-D mask")
+    batch, seqlen_q = q.shape[:2]
+    mask = mask[:, -k.shape[1]:].to(torch.bool)
+    k, v = k[:, :mask.shape[1]], v[:, :mask.shape[1]]
+    lens_k = mask.sum(-1, dtype=torch.int32)
+    cu_k = torch.nn.functional.pad(torch.cumsum(lens_k, 0, dtype=torch.int32), (1, 0))
+    keep_k = mask.flatten().nonzero().squeeze(1)
+    k_packed, v_packed = (x.reshape(-1, *x.shape[2:]).index_select(0, keep_k) for x in (k, v))
+    # Queries: the same tokens as the keys (training, prefill), else the last seqlen_q positions of each row
+    # (decoding after left padding), as transformers' FlashAttention-2 path takes them.
+    mask_q = mask[:, -seqlen_q:]
+    lens_q = mask_q.sum(-1, dtype=torch.int32)
+    cu_q = torch.nn.functional.pad(torch.cumsum(lens_q, 0, dtype=torch.int32), (1, 0))
+    keep_q = mask_q.flatten().nonzero().squeeze(1)
+    q_packed = q.reshape(-1, *q.shape[2:]).index_select(0, keep_q)
+    out = cf_torch.flash_attn_varlen_func(q_packed, k_packed, v_packed, cu_q, cu_k, int(lens_q.max()),
+                                          int(lens_k.max()), **opts)
+    full = out.new_zeros(batch * seqlen_q, *out.shape[1:])
+    return full.index_copy(0, keep_q, out).reshape(batch, seqlen_q, *out.shape[1:])
+
+
+def _packed(q, k, v, kwargs, opts):
+    """Packed sequences in one row (DataCollatorWithFlattening: transformers passes their boundaries as
+    cu_seq_lens_q / cu_seq_lens_k): variable-length attention over them directly."""
+    if q.shape[0] != 1:
+        raise NotImplementedError("cuflash attention expects packed sequences in a batch of one row")
+    cu_q, cu_k = (kwargs[n].to(torch.int32) for n in ("cu_seq_lens_q", "cu_seq_lens_k"))
+    max_q, max_k = (int(kwargs.get(n) or int(c.diff().max())) for n, c in (("max_length_q", cu_q),
+                                                                           ("max_length_k", cu_k)))
+    out = cf_torch.flash_attn_varlen_func(q[0], k[0], v[0], cu_q, cu_k, max_q, max_k, **opts)
+    return out[None]
 
 
 def register(name: str = _NAME) -> str:
