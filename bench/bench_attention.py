@@ -37,7 +37,6 @@ import csv
 import datetime as _dt
 import gc
 import json
-import math
 import os
 import platform
 import re
@@ -46,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # JAX must not grab most of the GPU before torch allocates anything.
@@ -380,8 +379,8 @@ def make_inputs(torch, cfg: Config, n_sets: int, requires_grad: bool):
 
 def _cuflash_torch_fn(cuflash):
     try:
-        import cuflash.torch as ct  # noqa: F401
-        fn = getattr(sys.modules["cuflash.torch"], "attention", None)
+        import importlib
+        fn = getattr(importlib.import_module("cuflash.torch"), "attention", None)
     except Exception:  # noqa: BLE001
         fn = None
     return fn

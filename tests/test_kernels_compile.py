@@ -36,7 +36,7 @@ def test_disk_cache_reused_across_processes(tmp_path):
     env = dict(os.environ, CUFLASH_CACHE_DIR=str(tmp_path))
     key = dispatch.all_forward_keys()[0]
     code = ("import cuflash, sys; from cuflash import jit; "
-            f"print(jit.cubin_for(jit.all_variants()[0], 'sm_80')[:4]); print(jit.cached_variants())")
+            "print(jit.cubin_for(jit.all_variants()[0], 'sm_80')[:4]); print(jit.cached_variants())")
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert f"{key.name}@sm_80" in first.stdout
     env["CUFLASH_NO_COMPILE"] = "1"  # the second process must not need the compiler
