@@ -8,6 +8,7 @@ See :func:`cuflash.attention`. ``import cuflash`` imports neither PyTorch nor JA
 
 from .api import attention, attention_backward
 from .varlen import attention_varlen, attention_varlen_backward
+from .kvcache import attention_with_kvcache, merge_attention_states, merge_attention_states_list
 from .jit import precompile
 
 __version__ = "0.1.0"
@@ -24,5 +25,6 @@ def gpu_available() -> bool:
         return False
 
 
-__all__ = ["attention", "attention_backward", "attention_varlen", "attention_varlen_backward", "precompile",
+__all__ = ["attention", "attention_backward", "attention_varlen", "attention_varlen_backward",
+           "attention_with_kvcache", "merge_attention_states", "merge_attention_states_list", "precompile",
            "gpu_available", "__version__"]

@@ -1,0 +1,283 @@
+"""Inference with a KV cache (FlashAttention-2's ``flash_attn_with_kvcache``) and merging of partial
+attention states.
+
+:func:`attention_with_kvcache` appends the new keys and values (rotary embedding applied to them and to the
+queries first) into the cache **in place** at each sequence's ``cache_seqlens``, then attends over the valid
+part of the cache. The cache is contiguous ``(batch_cache, seqlen_cache, heads_k, head_dim)`` or paged
+``(num_pages, page_size, heads_k, head_dim)`` with a ``block_table``, for any page size. :func:`merge_attention_states`
+combines attention computed over disjoint key sets (split-KV, cascades, context parallelism) from their
+outputs and natural-log LSEs.
+
+The NumPy path (CPU arrays and CPU torch tensors) is complete; the GPU kernels are not written yet: GPU arrays
+raise NotImplementedError after the argument checks.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import api, arrays, reference
+
+_GPU_NOT_IMPLEMENTED = ("{}: runs on the CPU (NumPy path) only so far; the GPU kernels are not implemented yet. "
+                        "Pass CPU arrays")
+
+
+def _np(x, name):
+    """A NumPy view of a CPU array (NumPy or a CPU torch tensor), sharing its memory; GPU arrays raise."""
+    fw = arrays.framework_of(x)
+    if fw not in ("numpy", "torch") or arrays.device_of(x, fw) != "cpu":
+        raise NotImplementedError(_GPU_NOT_IMPLEMENTED.format(name))
+    return np.asarray(api._to_numpy(x, fw)), fw
+
+
+def _index_vector(name, x, batch, fw):
+    if x is None:
+        return None
+    xn, xfw = _np(x, "cuflash.attention_with_kvcache")
+    if xfw != fw and xfw != "numpy":
+        raise TypeError(f"{name} is a {xfw} array but q is a {fw} array")
+    if xn.dtype != np.int32:
+        raise TypeError(f"{name} must be int32, got {xn.dtype}")
+    if xn.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},), got {xn.shape}")
+    return xn.astype(np.int64)
+
+
+def _rotate(x, cos, sin, positions, interleaved):
+    """Rotary embedding of the first 2 * cos.shape[1] columns of x (seqlen, heads, d) at ``positions``
+    (seqlen,): pairs (2i, 2i + 1) when interleaved (GPT-J), else (i, i + rotary_dim / 2) (GPT-NeoX)."""
+    half = cos.shape[1]
+    c, s = cos[positions][:, None, :], sin[positions][:, None, :]
+    out = x.astype(np.float64)
+    if interleaved:
+        a, b = out[..., 0:2 * half:2].copy(), out[..., 1:2 * half:2].copy()
+        out[..., 0:2 * half:2], out[..., 1:2 * half:2] = a * c - b * s, a * s + b * c
+    else:
+        a, b = out[..., :half].copy(), out[..., half:2 * half].copy()
+        out[..., :half], out[..., half:2 * half] = a * c - b * s, a * s + b * c
+    return out.astype(x.dtype)
+
+
+def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, cache_batch_idx=None,
+                           cache_leftpad=None, block_table=None, rotary_cos=None, rotary_sin=None,
+                           rotary_interleaved=True, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           softmax_scale=None, num_splits=0, return_lse=False):
+    """Attention against a KV cache, appending new keys and values into it in place first.
+
+    Parameters
+    ----------
+    q : array, shape (batch, seqlen_q, heads_q, head_dim)
+        The new queries (``seqlen_q >= 1``: one token when decoding, more for a prefill into the cache).
+    k_cache, v_cache : array, shape (batch_cache, seqlen_cache, heads_k, head_dim), or paged
+        (num_pages, page_size, heads_k, head_dim) with ``block_table``; any page size >= 1. Written in place
+        when ``k``/``v`` are given.
+    k, v : array, shape (batch, seqlen_new, heads_k, head_dim), optional
+        New keys and values, stored at positions ``cache_seqlens[b] .. cache_seqlens[b] + seqlen_new - 1`` of
+        sequence ``b`` before the attention (both or neither).
+    cache_seqlens : int or int32 array, shape (batch,)
+        Keys already in each sequence's cache (before the append).
+    cache_batch_idx : int32 array, shape (batch,), optional
+        Cache row of each batch element (contiguous caches only); default ``b``.
+    cache_leftpad : int32 array, shape (batch,), optional
+        Each sequence's cache starts at this position; the slots before it are padding and never attended.
+    block_table : int32 array, shape (batch, max_pages), optional
+        Paged cache: position ``p`` of sequence ``b`` is slot ``p % page_size`` of page
+        ``block_table[b, p // page_size]``.
+    rotary_cos, rotary_sin : array, shape (seqlen_ro, rotary_dim / 2), optional
+        Rotary embedding of the first ``rotary_dim`` columns of the new keys (at their cache positions) and of
+        q: at positions ``cache_seqlens + i`` when causal or windowed, else all at ``cache_seqlens`` (as
+        FlashAttention-2). ``rotary_interleaved``: pairs (2i, 2i+1) (GPT-J) or (i, i + rotary_dim/2) (GPT-NeoX).
+    causal, window_size, softcap, alibi_slopes, softmax_scale
+        As for :func:`cuflash.attention`, bottom-right aligned: query ``i`` sits at key position
+        ``seqlen_k - seqlen_q + i`` of its sequence's ``seqlen_k = cache_seqlens + seqlen_new - leftpad`` keys.
+    num_splits : int
+        How many key splits a GPU decode may use (0 = choose); the result does not depend on it.
+    return_lse : bool
+        Also return the natural-log LSE, float32, shape (batch, heads_q, seqlen_q).
+
+    Returns
+    -------
+    out : array, shape (batch, seqlen_q, heads_q, head_dim), q's type and dtype; ``(out, lse)`` with
+    ``return_lse=True``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Named arguments of the wrong type, dtype or shape; ``cache_seqlens`` + new tokens past the cache (or
+        past the pages the block table lists); page indices out of range.
+    NotImplementedError
+        GPU arrays.
+    """
+    name = "cuflash.attention_with_kvcache"
+    qn, fw = _np(q, name)
+    kc, _ = _np(k_cache, name)
+    vc, _ = _np(v_cache, name)
+    if qn.ndim != 4:
+        raise ValueError(f"q must be 4-D (batch, seqlen_q, heads_q, head_dim), got shape {qn.shape}")
+    batch, seqlen_q, heads_q, d = qn.shape
+    if seqlen_q < 1:
+        raise ValueError(f"q must hold at least one token per sequence, got seqlen_q {seqlen_q}")
+    if qn.dtype.name not in api._CPU_DTYPES:
+        raise TypeError(f"q has dtype {qn.dtype}; expected one of {', '.join(api._CPU_DTYPES)} on the CPU path")
+    for nm, x in (("k_cache", kc), ("v_cache", vc)):
+        if x.ndim != 4 or x.shape[3] != d or x.dtype != qn.dtype:
+            raise ValueError(f"{nm} must be 4-D (.., .., heads_k, {d}) of dtype {qn.dtype}, got {x.shape} {x.dtype}")
+    if vc.shape != kc.shape:
+        raise ValueError(f"v_cache must have the shape of k_cache {kc.shape}, got {vc.shape}")
+    heads_k = kc.shape[2]
+    if heads_q % heads_k:
+        raise ValueError(f"heads_q ({heads_q}) must be a multiple of heads_k ({heads_k}) (GQA/MQA)")
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (or neither)")
+    kn = vn = None
+    seqlen_new = 0
+    if k is not None:
+        kn, _ = _np(k, name)
+        vn, _ = _np(v, name)
+        if kn.shape != vn.shape or kn.ndim != 4 or kn.shape[0] != batch or kn.shape[2:] != (heads_k, d):
+            raise ValueError(f"k and v must have shape ({batch}, seqlen_new, {heads_k}, {d}), got {kn.shape} and "
+                             f"{vn.shape}")
+        if kn.dtype != qn.dtype or vn.dtype != qn.dtype:
+            raise TypeError(f"k and v must have q's dtype {qn.dtype}")
+        seqlen_new = kn.shape[1]
+    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+        seqlens = np.full(batch, int(cache_seqlens), np.int64)
+    else:
+        seqlens = _index_vector("cache_seqlens", cache_seqlens, batch, fw)
+    leftpad = _index_vector("cache_leftpad", cache_leftpad, batch, fw)
+    leftpad = np.zeros(batch, np.int64) if leftpad is None else leftpad
+    rows = _index_vector("cache_batch_idx", cache_batch_idx, batch, fw)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
+    causal = api._check_flag("causal", causal)
+    window = api._check_window(window_size)
+    softcap = api._check_real("softcap", softcap, nonneg=True)
+    scale = api._check_real("softmax_scale", softmax_scale, allow_none=True, positive=True)
+    scale = d ** -0.5 if scale is None else scale
+    return_lse = api._check_flag("return_lse", return_lse)
+    slopes = None
+    if alibi_slopes is not None:
+        slopes, _ = _np(alibi_slopes, name)
+        if slopes.dtype != np.float32 or slopes.shape not in ((heads_q,), (batch, heads_q)):
+            raise ValueError(f"alibi_slopes must be float32 of shape ({heads_q},) or ({batch}, {heads_q})")
+
+    # Where each sequence's positions live: a position -> (cache row or page, slot) map.
+    if block_table is not None:
+        if rows is not None:
+            raise ValueError("cache_batch_idx applies to contiguous caches; a paged cache uses block_table")
+        table, _ = _np(block_table, name)
+        if table.dtype != np.int32 or table.ndim != 2 or table.shape[0] != batch:
+            raise ValueError(f"block_table must be int32 of shape ({batch}, max_pages), got {table.dtype} {table.shape}")
+        page = kc.shape[1]
+        capacity = table.shape[1] * page
+        if table.size and (table.min() < 0 or table.max() >= kc.shape[0]):
+            raise ValueError(f"block_table holds page indices outside [0, {kc.shape[0]})")
+
+        def where(b, pos):
+            return table[b, pos // page].astype(np.int64), pos % page
+    else:
+        capacity = kc.shape[1]
+        rows = np.arange(batch) if rows is None else rows
+        if rows.size and (rows.min() < 0 or rows.max() >= kc.shape[0]):
+            raise ValueError(f"cache_batch_idx must index the cache's {kc.shape[0]} rows")
+
+        def where(b, pos):
+            return np.full(pos.shape, rows[b]), pos
+    ends = seqlens + seqlen_new
+    if np.any(seqlens < 0) or np.any(ends > capacity) or np.any(leftpad < 0) or np.any(leftpad > seqlens):
+        raise ValueError(f"cache_seqlens {seqlens.tolist()} plus {seqlen_new} new tokens must fit the cache's "
+                         f"{capacity} positions, and cache_leftpad {leftpad.tolist()} must lie in [0, cache_seqlens]")
+    rotary = rotary_cos is not None
+    if rotary:
+        cos, _ = _np(rotary_cos, name)
+        sin, _ = _np(rotary_sin, name)
+        if cos.shape != sin.shape or cos.ndim != 2 or 2 * cos.shape[1] > d:
+            raise ValueError(f"rotary_cos and rotary_sin must share a shape (seqlen_ro, rotary_dim / 2 <= {d // 2})")
+        ro_last = int(max((ends - leftpad).max(), (seqlens + seqlen_q - leftpad).max())) if batch else 0
+        if cos.shape[0] < ro_last:
+            raise ValueError(f"rotary_cos has {cos.shape[0]} positions; this call needs {ro_last}")
+
+    out = np.zeros(qn.shape, qn.dtype)
+    lse = np.full((batch, heads_q, seqlen_q), np.inf, np.float64 if qn.dtype == np.float64 else np.float32)
+    for b in range(batch):
+        pos_new = np.arange(seqlens[b], ends[b])
+        if kn is not None:  # the in-place append (rotary on the new keys first, at their own positions)
+            kb = _rotate(kn[b], cos, sin, pos_new - leftpad[b], rotary_interleaved) if rotary else kn[b]
+            page_or_row, slot = where(b, pos_new)
+            kc[page_or_row, slot], vc[page_or_row, slot] = kb, vn[b]
+        qb = qn[b]
+        if rotary:
+            start = seqlens[b] - leftpad[b]
+            q_pos = start + np.arange(seqlen_q) if (causal or window != (-1, -1)) else np.full(seqlen_q, start)
+            qb = _rotate(qb, cos, sin, q_pos, rotary_interleaved)
+        keys = np.arange(leftpad[b], ends[b])
+        page_or_row, slot = where(b, keys)
+        row_slopes = slopes if slopes is None or slopes.ndim == 1 else slopes[b]
+        o, l_ = reference.attention_numpy(qb[None], kc[page_or_row, slot][None], vc[page_or_row, slot][None],
+                                          causal=causal, window_size=window, softcap=softcap, softmax_scale=scale,
+                                          alibi_slopes=row_slopes)
+        out[b], lse[b] = o[0], l_[0]
+    out = api._from_numpy(out, fw)
+    return (out, api._from_numpy(lse, fw)) if return_lse else out
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
+    """Attention over the union of two disjoint key sets from the attention over each.
+
+    ``out = w_a out_a + w_b out_b`` with ``w = exp(lse_x - lse)`` and ``lse = log(exp(lse_a) + exp(lse_b))``
+    (the split-KV combine of FlashAttention-2 and FlashInfer's state merge). A row with LSE ``+inf`` (it saw no
+    key in that part: cuflash's convention) contributes nothing; a row that saw no key in either stays 0 with
+    LSE ``+inf``.
+
+    Parameters
+    ----------
+    out_a, out_b : array, shape (batch, seqlen_q, heads, head_dim)
+    lse_a, lse_b : array, shape (batch, heads, seqlen_q), natural log (cuflash's ``return_lse`` layout)
+
+    Returns
+    -------
+    (out, lse) : out in out_a's dtype, lse float32 (float64 for float64 outputs).
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not match.
+    NotImplementedError
+        GPU arrays (CPU path only so far).
+    """
+    return merge_attention_states_list([out_a, out_b], [lse_a, lse_b])
+
+
+def merge_attention_states_list(outs, lses):
+    """:func:`merge_attention_states` for any number (>= 1) of states over disjoint key sets."""
+    name = "cuflash.merge_attention_states"
+    if len(outs) != len(lses) or not outs:
+        raise ValueError(f"outs and lses must be equally long and non-empty, got {len(outs)} and {len(lses)}")
+    pairs = [(_np(o, name), _np(x, name)[0]) for o, x in zip(outs, lses)]
+    (o0, fw), _ = pairs[0]
+    if o0.ndim != 4:
+        raise ValueError(f"each out must be (batch, seqlen_q, heads, head_dim), got {o0.shape}")
+    b, s, h, _ = o0.shape
+    for i, ((o, _), x) in enumerate(pairs):
+        if o.shape != o0.shape or o.dtype != o0.dtype:
+            raise ValueError(f"outs[{i}] has shape {o.shape} / dtype {o.dtype}; expected {o0.shape} / {o0.dtype}")
+        if x.shape != (b, h, s):
+            raise ValueError(f"lses[{i}] must have shape {(b, h, s)}, got {x.shape}")
+    lse = np.stack([np.where(np.isposinf(x), -np.inf, x.astype(np.float64)) for _, x in pairs])  # +inf: no key
+    m = lse.max(axis=0)
+    empty = np.isneginf(m)
+    w = np.exp(lse - np.where(empty, 0.0, m))  # (n, b, h, s), 0 where a part saw no key
+    total = w.sum(axis=0)
+    out = np.zeros(o0.shape, np.float64)
+    for ((o, _), _), wi in zip(pairs, w):
+        wi = (wi / np.where(empty, 1.0, total)).transpose(0, 2, 1)[..., None]  # (b, s, h, 1)
+        out += np.where(wi > 0, o.astype(np.float64) * wi, 0.0)  # a part that saw no key adds nothing
+    merged_lse = np.where(empty, np.inf, m + np.log(np.where(empty, 1.0, total)))
+    out_dtype = o0.dtype
+    lse_dtype = np.float64 if out_dtype == np.float64 else np.float32
+    return api._from_numpy(out.astype(out_dtype), fw), api._from_numpy(merged_lse.astype(lse_dtype), fw)
+
+
+__all__ = ["attention_with_kvcache", "merge_attention_states", "merge_attention_states_list"]
