@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import api, varlen
+from . import api, kvcache, varlen
 
 _lib = torch.library.Library("cuflash", "DEF")
 _lib.define(
@@ -71,11 +71,31 @@ def _varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_
                                             alibi_slopes=alibi_slopes, seqused_q=seqused_q, seqused_k=seqused_k)
 
 
+_lib.define(
+    "kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor? rotary_cos, "
+    "Tensor? rotary_sin, Tensor? cache_seqlens, int cache_seqlens_int, Tensor? cache_batch_idx, "
+    "Tensor? cache_leftpad, Tensor? block_table, float softmax_scale, bool causal, int window_left, "
+    "int window_right, float softcap, bool rotary_interleaved, Tensor? alibi_slopes, int num_splits) "
+    "-> (Tensor, Tensor)")
+
+
+def _kvcache_fwd(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_seqlens_int,
+                 cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, window_left, window_right,
+                 softcap, rotary_interleaved, alibi_slopes, num_splits):
+    return kvcache.attention_with_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens_int if cache_seqlens is None else cache_seqlens,
+        cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
+        rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved, causal=causal,
+        window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes,
+        softmax_scale=softmax_scale, num_splits=num_splits, return_lse=True)
+
+
 for _device in ("CUDA", "CPU"):
     _lib.impl("fwd", _fwd, _device)
     _lib.impl("bwd", _bwd, _device)
     _lib.impl("varlen_fwd", _varlen_fwd, _device)
     _lib.impl("varlen_bwd", _varlen_bwd, _device)
+    _lib.impl("kvcache_fwd", _kvcache_fwd, _device)
 
 
 @torch.library.register_fake("cuflash::fwd")
@@ -99,6 +119,15 @@ def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
                      seqused_q, seqused_k, causal, softmax_scale, window_left, window_right, softcap):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.register_fake("cuflash::kvcache_fwd")
+def _kvcache_fwd_fake(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_seqlens_int,
+                      cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, window_left, window_right,
+                      softcap, rotary_interleaved, alibi_slopes, num_splits):
+    b, sq, hq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, hq, sq), dtype=torch.float64 if q.dtype == torch.float64
+                                             else torch.float32)
 
 
 @torch.library.register_fake("cuflash::bwd")
@@ -181,6 +210,28 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return (out, lse, None) if return_attn_probs else out
 
 
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """FlashAttention-2's ``flash_attn_with_kvcache`` with its argument order, defaults and returns:
+    :func:`cuflash.attention_with_kvcache` as a torch op that declares ``k_cache`` and ``v_cache`` mutated
+    (the in-place append), so torch.compile keeps the write. Inference only (no autograd). CPU tensors so
+    far (CUDA tensors raise NotImplementedError). Returns ``out`` or ``(out, softmax_lse)``.
+    """
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
+    if cache_seqlens is None:
+        raise ValueError("cache_seqlens is required (an int or an int32 tensor of shape (batch,))")
+    as_int = isinstance(cache_seqlens, int)
+    left, right = window_size
+    out, lse = torch.ops.cuflash.kvcache_fwd(
+        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, None if as_int else cache_seqlens,
+        cache_seqlens if as_int else 0, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, left,
+        right, softcap, rotary_interleaved, alibi_slopes, num_splits)
+    return (out, lse) if return_softmax_lse else out
+
+
 def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
               alibi_slopes=None, return_lse=False, deterministic=False, dropout_p=0.0):
     """Differentiable :func:`cuflash.attention` for torch tensors (same arguments and semantics).
@@ -233,4 +284,4 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 
 
 __all__ = ["attention", "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
-           "flash_attn_varlen_func"]
+           "flash_attn_varlen_func", "flash_attn_with_kvcache"]

@@ -197,3 +197,34 @@ def test_flash_attn_varlen_compiles_once_for_new_total_lengths():
             assert torch.allclose(a, b)
         first = counter.frame_count if first is None else first
     assert counter.frame_count == first, f"{counter.frame_count - first} recompiles for new packings"
+
+
+# --- flash_attn_with_kvcache (CPU tensors) ---------------------------------------------------------------------
+
+def test_flash_attn_with_kvcache_signature_op_and_compile():
+    """FlashAttention-2's signature; the op declares the caches mutated (opcheck) and a compiled decode step
+    (fullgraph) writes the new key/value into the cache like eager, twice in a row."""
+    import inspect
+    assert list(inspect.signature(ct.flash_attn_with_kvcache).parameters) == [
+        "q", "k_cache", "v_cache", "k", "v", "rotary_cos", "rotary_sin", "cache_seqlens", "cache_batch_idx",
+        "cache_leftpad", "block_table", "softmax_scale", "causal", "window_size", "softcap", "rotary_interleaved",
+        "alibi_slopes", "num_splits", "return_softmax_lse"]
+    g = torch.Generator().manual_seed(0)
+    kc, vc = torch.randn(2, 16, 2, 8, generator=g), torch.randn(2, 16, 2, 8, generator=g)
+    q, k, v = torch.randn(2, 1, 4, 8, generator=g), torch.randn(2, 1, 2, 8, generator=g), torch.randn(2, 1, 2, 8, generator=g)
+    lens = torch.tensor([3, 9], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.cuflash.kvcache_fwd.default,
+                          (q, kc.clone(), vc.clone(), k, v, None, None, lens, 0, None, None, None, 0.3, True, -1, -1,
+                           0.0, True, None, 0))
+
+    def step(q, kc, vc, k, v, lens):
+        return ct.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, causal=True)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    kc_e, vc_e, kc_c, vc_c = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    for i in range(2):
+        out_e = step(q, kc_e, vc_e, k, v, lens + i)
+        out_c = compiled(q, kc_c, vc_c, k, v, lens + i)
+        assert torch.allclose(out_c, out_e)
+    assert torch.equal(kc_c, kc_e) and torch.equal(vc_c, vc_e)
+    assert torch.equal(kc_e[0, 3], k[0, 0]) and torch.equal(kc_e[1, 10], k[1, 0])
