@@ -140,19 +140,26 @@ class _Call:
         return self.batch == 0 or self.seqlen_q == 0 or self.seqlen_k == 0
 
     def check_alibi(self, alibi_slopes):
-        if alibi_slopes is None:
-            return None
-        fw = arrays.framework_of(alibi_slopes)
-        if fw != self.fw and not (fw == "numpy" and not self.on_gpu):
-            raise TypeError(f"alibi_slopes is a {fw} array but {self.names[0]} is a {self.fw} array")
-        if arrays.dtype_name(alibi_slopes, fw) != "float32":
-            raise TypeError(f"alibi_slopes must be float32, got {arrays.dtype_name(alibi_slopes, fw)}")
-        shape = tuple(alibi_slopes.shape)
-        if shape not in ((self.heads_q,), (self.batch, self.heads_q)):
-            raise ValueError(f"alibi_slopes must have shape ({self.heads_q},) or ({self.batch}, {self.heads_q}), got {shape}")
-        if arrays.device_of(alibi_slopes, fw) != self.device:
-            raise ValueError(f"alibi_slopes is on device {arrays.device_of(alibi_slopes, fw)} but {self.names[0]} is on {self.device}")
-        return alibi_slopes
+        return check_alibi(alibi_slopes, fw=self.fw, device=self.device, batch=self.batch, heads_q=self.heads_q,
+                           q_name=self.names[0])
+
+
+def check_alibi(alibi_slopes, *, fw, device, batch, heads_q, q_name="q"):
+    """``alibi_slopes`` as the kernels take them: None, or float32 (heads_q,) / (batch, heads_q) of q's array
+    type (a NumPy array also goes with CPU arrays) on q's device. Raises TypeError / ValueError naming it."""
+    if alibi_slopes is None:
+        return None
+    afw = arrays.framework_of(alibi_slopes)
+    if afw != fw and not (afw == "numpy" and not isinstance(device, int)):
+        raise TypeError(f"alibi_slopes is a {afw} array but {q_name} is a {fw} array")
+    if arrays.dtype_name(alibi_slopes, afw) != "float32":
+        raise TypeError(f"alibi_slopes must be float32, got {arrays.dtype_name(alibi_slopes, afw)}")
+    shape = tuple(alibi_slopes.shape)
+    if shape not in ((heads_q,), (batch, heads_q)):
+        raise ValueError(f"alibi_slopes must have shape ({heads_q},) or ({batch}, {heads_q}), got {shape}")
+    if arrays.device_of(alibi_slopes, afw) != device:
+        raise ValueError(f"alibi_slopes is on device {arrays.device_of(alibi_slopes, afw)} but {q_name} is on {device}")
+    return alibi_slopes
 
 
 def _check_options(call, causal, softmax_scale, window_size, softcap, alibi_slopes):

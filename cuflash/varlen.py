@@ -104,17 +104,7 @@ class _VarlenCall:
         return [(slice(cu_q[i], cu_q[i] + len_q[i]), slice(cu_k[i], cu_k[i] + len_k[i])) for i in range(self.batch)]
 
     def check_alibi(self, alibi_slopes):
-        if alibi_slopes is None:
-            return None
-        fw = arrays.framework_of(alibi_slopes)
-        if fw != self.fw and not (fw == "numpy" and not self.on_gpu):
-            raise TypeError(f"alibi_slopes is a {fw} array but q is a {self.fw} array")
-        if arrays.dtype_name(alibi_slopes, fw) != "float32":
-            raise TypeError(f"alibi_slopes must be float32, got {arrays.dtype_name(alibi_slopes, fw)}")
-        if tuple(alibi_slopes.shape) not in ((self.heads_q,), (self.batch, self.heads_q)):
-            raise ValueError(f"alibi_slopes must have shape ({self.heads_q},) or ({self.batch}, {self.heads_q}), "
-                             f"got {tuple(alibi_slopes.shape)}")
-        return alibi_slopes
+        return api.check_alibi(alibi_slopes, fw=self.fw, device=self.device, batch=self.batch, heads_q=self.heads_q)
 
 
 def _check_count(name, value):
