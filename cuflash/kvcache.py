@@ -29,6 +29,8 @@ def _np(x, name):
     fw = arrays.framework_of(x)
     if fw not in ("numpy", "torch") or arrays.device_of(x, fw) != "cpu":
         raise NotImplementedError(_GPU_NOT_IMPLEMENTED.format(name))
+    if arrays.dtype_name(x, fw) == "bfloat16":
+        raise TypeError(f"{name}: a bfloat16 CPU tensor; the CPU path computes float16/32/64 (NumPy has no bfloat16)")
     return np.asarray(api._to_numpy(x, fw)), fw
 
 

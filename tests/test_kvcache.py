@@ -148,6 +148,14 @@ def test_torch_cpu_tensors_are_updated_in_place():
     np.testing.assert_array_equal(tk.numpy()[0, 5:9], k[0])
 
 
+def test_bfloat16_cpu_tensors_raise_a_named_type_error():
+    torch = pytest.importorskip("torch")
+    _, kc, vc, q, _, _ = _setup(batch=1)
+    bf = lambda x: torch.from_numpy(x).to(torch.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16 CPU tensor"):
+        cuflash.attention_with_kvcache(bf(q), bf(kc), bf(vc), cache_seqlens=3)
+
+
 @pytest.mark.parametrize("kw, exc, text", [
     (dict(cache_seqlens=np.array([38, 0, 0], np.int32)), ValueError, "must fit the cache"),
     (dict(cache_seqlens=np.array([1, 2, 3], np.int64)), TypeError, "cache_seqlens must be int32"),
