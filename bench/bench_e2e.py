@@ -24,12 +24,11 @@ saying why) without transformers or a CUDA GPU.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import re
 import statistics
 import sys
 from pathlib import Path
+
+import results_io
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {
@@ -110,19 +109,12 @@ def main() -> None:
         print(f"{name:<10} {r['batch']:>7} x {r['seqlen']:<5} {r['ms_sdpa']:>9.2f} {r['ms_cuflash']:>11.2f} "
               f"{r['speedup']:>7.3f}x {r['max_loss_diff']:>12.5f}", flush=True)
     gpu = torch.cuda.get_device_name()
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    out_dir = args.out / slug
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"e2e-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
-                                "layers": LAYERS, "hidden": HIDDEN, "vocab": VOCAB, "steps": args.steps,
-                                "rows": rows}, indent=1))
-    print("wrote", path)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    path = results_io.result_path(args.out, gpu, "e2e")
+    results_io.write_json(path, {"gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
+                                 "layers": LAYERS, "hidden": HIDDEN, "vocab": VOCAB, "steps": args.steps,
+                                 "rows": rows})
+    plt = results_io.pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.2))
     x = range(len(rows))

@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime as _dt
 import io
-import json
 import pstats
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
+
+import results_io
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = [(1, 128, 8, 64), (4, 256, 16, 128)]
@@ -118,13 +117,8 @@ def main() -> None:
             pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
             print(text.getvalue()[:6000])
     gpu = torch.cuda.get_device_name()
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    out_dir = args.out / slug
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"host-cost-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "calls": args.calls, "rows": rows}, indent=1))
-    print("wrote", path)
-
+    results_io.write_json(results_io.result_path(args.out, gpu, "host-cost"),
+                          {"gpu": gpu, "torch": torch.__version__, "calls": args.calls, "rows": rows})
 
 if __name__ == "__main__":
     main()

@@ -21,14 +21,13 @@ back-to-back calls (median of --runs samples of 4 calls, warm-up excluded). Prin
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import re
 import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
+
+import results_io
 
 REPO = Path(__file__).resolve().parent.parent
 # (head dim, copy-free bound, heads); 56 vs 64: the kernels' own zero-fill padding, for scale
@@ -88,19 +87,10 @@ def main() -> None:
         print(f"{d:>8} {bound:>6} | {row['fwd_ms']:>8.3f} {row['fwd_bound_ms']:>8.3f} {row['fwd_overhead']:>+8.1%} | "
               f"{row['bwd_ms']:>8.3f} {row['bwd_bound_ms']:>8.3f} {row['bwd_overhead']:>+8.1%}")
     gpu = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    out_dir = args.out / slug
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = out_dir / f"strided-copy-{stamp}.json"
-    path.write_text(json.dumps({"gpu": gpu, "dtype": "bfloat16", "causal": False, "rows": rows}, indent=1))
-    print("wrote", path)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no PNG")
+    path = results_io.result_path(args.out, gpu, "strided-copy")
+    results_io.write_json(path, {"gpu": gpu, "dtype": "bfloat16", "causal": False, "rows": rows})
+    plt = results_io.pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.2))
     x = np.arange(len(rows))
