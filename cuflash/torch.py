@@ -136,6 +136,14 @@ def _bwd_fake(dout, q, k, v, out, lse, alibi_slopes, causal, softmax_scale, wind
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _default_scale(q, softmax_scale):
+    """``head_dim ** -0.5`` unless given (the op schemas take a float); head_dim 0 is left to the op's
+    validation, which names it."""
+    if softmax_scale is not None:
+        return softmax_scale
+    return q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
+
+
 class _Attention(torch.autograd.Function):
     """Autograd around the two ops, which themselves have no autograd kernel: a call without grad then
     dispatches straight to the implementation (flash_attn_func forward 78 against 86 us a call with
@@ -198,8 +206,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     api.check_dropout(dropout_p)
     if block_table is not None:
         raise NotImplementedError("block_table (paged KV cache) is not implemented in cuflash yet")
-    if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
+    softmax_scale = _default_scale(q, softmax_scale)
     left, right = window_size
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, None, None, causal,
             softmax_scale, left, right, softcap)
@@ -219,8 +226,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     (the in-place append), so torch.compile keeps the write. Inference only (no autograd). CPU tensors so
     far (CUDA tensors raise NotImplementedError). Returns ``out`` or ``(out, softmax_lse)``.
     """
-    if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
+    softmax_scale = _default_scale(q, softmax_scale)
     if cache_seqlens is None:
         raise ValueError("cache_seqlens is required (an int or an int32 tensor of shape (batch,))")
     as_int = isinstance(cache_seqlens, int)
@@ -240,8 +246,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     not differentiated through. ``dropout_p > 0`` raises NotImplementedError.
     """
     api.check_dropout(dropout_p)
-    if softmax_scale is None:  # head_dim 0 is left to the op's validation, which names it
-        softmax_scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
+    softmax_scale = _default_scale(q, softmax_scale)
     left, right = window_size
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         out, lse = _Attention.apply(q, k, v, alibi_slopes, causal, softmax_scale, left, right, softcap, deterministic)

@@ -116,13 +116,9 @@ def _check_count(name, value):
 
 
 def _options(call, causal, softmax_scale, window_size, softcap, alibi_slopes):
-    causal = api._check_flag("causal", causal)
-    scale = api._check_real("softmax_scale", softmax_scale, allow_none=True, positive=True)
-    if scale is None:
-        scale = call.head_dim ** -0.5
-    window = api._check_window(window_size)
-    softcap = api._check_real("softcap", softcap, nonneg=True)
-    alibi = call.check_alibi(alibi_slopes)
+    """The dense call's option checks (api._check_options), with the slopes as a NumPy array for the CPU path."""
+    causal, scale, window, softcap, alibi = api._check_options(call, causal, softmax_scale, window_size, softcap,
+                                                               alibi_slopes)
     slopes = None if alibi is None else np.asarray(api._to_numpy(alibi, arrays.framework_of(alibi)))
     return dict(causal=causal, softmax_scale=scale, window_size=window, softcap=softcap), slopes
 
