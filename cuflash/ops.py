@@ -11,28 +11,16 @@ import math
 import struct
 import threading
 
-import numpy as np
-
-from . import arrays, dispatch, jit, tma
+from . import arrays, dispatch, jit, params_layout, tma
 from .arrays import DeviceArray
 
 _LOG2E = 1.4426950408889634
 
-# Mirrors `struct AttentionParams` in kernels_cu/attention/params.cuh, field for field. The 8-byte fields
-# come first, so the C layout has no padding and a packed little-endian struct reproduces it exactly.
-_PTR = ["q", "k", "v", "o", "lse", "alibi", "dout", "delta", "dq_accum", "dq", "dk", "dv", "tile_counter"]
-_STRIDED = ["q", "k", "v", "o", "do", "dq", "dk", "dv"]
-_I64 = [f"{t}_{w}_stride" for t in _STRIDED for w in ("batch", "row", "head")] + ["alibi_batch_stride"]
-_I32A = ["batch", "heads_q", "heads_k", "seqlen_q", "seqlen_k", "head_dim", "window_left", "window_right"]
-_F32 = ["softmax_scale", "scale_log2", "softcap"]
-_I32B = ["num_m_blocks", "num_n_blocks", "bh_group"]
-_FIELDS = _PTR + _I64 + _I32A + _F32 + _I32B
-_STRUCT = struct.Struct(f"<{len(_PTR)}Q{len(_I64)}q{len(_I32A)}i{len(_F32)}f{len(_I32B)}i")
-_INDEX = {name: i for i, name in enumerate(_FIELDS)}
-PARAMS_DTYPE = np.dtype([(n, np.uint64) for n in _PTR] + [(n, np.int64) for n in _I64]
-                        + [(n, np.int32) for n in _I32A] + [(n, np.float32) for n in _F32]
-                        + [(n, np.int32) for n in _I32B], align=True)
-assert PARAMS_DTYPE.itemsize == _STRUCT.size
+# The parameter block's fields, packing and offsets: one description (params_layout.py) that params.cuh is
+# generated from.
+_INDEX = params_layout.INDEX
+_STRUCT = params_layout.STRUCT
+PARAMS_DTYPE = params_layout.DTYPE
 
 
 class Params:
@@ -41,8 +29,8 @@ class Params:
     __slots__ = ("values",)
 
     def __init__(self):
-        self.values = [0] * len(_FIELDS)
-        for name in _F32:
+        self.values = [0] * len(_INDEX)
+        for name in params_layout.FLOAT_FIELDS:
             self.values[_INDEX[name]] = 0.0
 
     def __setitem__(self, name, value):
