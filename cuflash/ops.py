@@ -1,4 +1,5 @@
-"""Kernel launches on framework-neutral device views: fill the parameter block, pick the variant, launch.
+"""Kernel launches on framework-neutral device views: take the problem's plan (plan.py), bind the pointers,
+workspaces and tensor maps, launch on the caller's stream.
 
 Everything here runs on the caller's stream and never synchronizes the host. Arguments arrive validated
 (api.py); this layer only translates them into what the kernels expect.
@@ -11,39 +12,15 @@ import math
 import struct
 import threading
 
-from . import arrays, dispatch, jit, params_layout, tma
+from . import arrays, dispatch, jit, params_layout, plan, tma
 from .arrays import DeviceArray
 
 _LOG2E = 1.4426950408889634
 
-# The parameter block's fields, packing and offsets: one description (params_layout.py) that params.cuh is
-# generated from.
-_INDEX = params_layout.INDEX
-_STRUCT = params_layout.STRUCT
-PARAMS_DTYPE = params_layout.DTYPE
-
-
-class Params:
-    """The launch parameter block, filled by field name and packed once per launch."""
-
-    __slots__ = ("values",)
-
-    def __init__(self):
-        self.values = [0] * len(_INDEX)
-        for name in params_layout.FLOAT_FIELDS:
-            self.values[_INDEX[name]] = 0.0
-
-    def __setitem__(self, name, value):
-        self.values[_INDEX[name]] = value
-
-    def __getitem__(self, name):
-        return self.values[_INDEX[name]]
-
-
-def _set_strides(p: Params, name: str, a: DeviceArray) -> None:
-    # (batch, seqlen, heads, head_dim) views: row = sequence position.
-    i = _INDEX[f"{name}_batch_stride"]
-    p.values[i:i + 3] = a.strides[:3]
+# Pointer fields of the parameter block, by byte offset (params_layout.py describes the block).
+_PTR_OFFSET = {name: params_layout.OFFSETS[name] for name, kind, _, _ in params_layout.FIELDS if kind == "ptr"}
+_BLOCK_BYTES = params_layout.STRUCT.size
+_U64 = struct.Struct("<Q")
 
 
 _tls = threading.local()
@@ -52,21 +29,23 @@ _tls = threading.local()
 # q, k, v, o; AttentionParams a; }` and `struct BackwardSm90Params { TmaMap q, k, v, dout, dq_accum;
 # AttentionParams a; }`: 64-byte-aligned 128-byte maps, and sizeof rounds up to that alignment.
 def sm90_params_bytes(n_maps: int) -> int:
-    return -(-(n_maps * tma.MAP_BYTES + _STRUCT.size) // 64) * 64
+    return -(-(n_maps * tma.MAP_BYTES + _BLOCK_BYTES) // 64) * 64
 
 
 SM90_PARAMS_BYTES = sm90_params_bytes(4)
 
 
-def _launch(fn, grid: int, threads: int, smem: int, stream: int, params: Params, maps: tuple = ()) -> None:
+def _launch(launch, stream: int, pointers: dict, maps: tuple = ()) -> None:
+    """Launches a plan's kernel (plan.KernelLaunch): its parameter block with ``pointers`` (field name ->
+    address) written in, after the tensor maps the kernel takes first."""
     from cupy.cuda import driver
     # One by-value struct argument: kernelParams is an array holding one pointer to the struct's bytes,
     # which the driver copies during the launch call (and into a graph node at capture), so the buffer
-    # can be reused by the next launch of this thread. Tensor maps, when the kernel takes them, come first.
+    # can be reused by the next launch of this thread.
     bufs = getattr(_tls, "bufs", None)
     if bufs is None:
         bufs = _tls.bufs = {}
-    size = sm90_params_bytes(len(maps)) if maps else _STRUCT.size
+    size = sm90_params_bytes(len(maps)) if maps else _BLOCK_BYTES
     hit = bufs.get(size)
     if hit is None:
         buf = ctypes.create_string_buffer(size)
@@ -76,8 +55,11 @@ def _launch(fn, grid: int, threads: int, smem: int, stream: int, params: Params,
     for m in maps:
         ctypes.memmove(ctypes.addressof(buf) + offset, m, tma.MAP_BYTES)
         offset += tma.MAP_BYTES
-    _STRUCT.pack_into(buf, offset, *params.values)
-    driver.launchKernel(fn.ptr, grid, 1, 1, threads, 1, 1, smem, stream, ctypes.addressof(argv), 0)
+    ctypes.memmove(ctypes.addressof(buf) + offset, launch.block, _BLOCK_BYTES)
+    for name, ptr in pointers.items():
+        _U64.pack_into(buf, offset + _PTR_OFFSET[name], ptr)
+    driver.launchKernel(launch.fn.ptr, launch.grid, 1, 1, launch.threads, 1, 1, launch.smem, stream,
+                        ctypes.addressof(argv), 0)
 
 
 def _launch_args(fn, grid: int, threads: int, stream: int, args: tuple) -> None:
@@ -146,143 +128,47 @@ def _sm_count(device: int) -> int:
     return n
 
 
-def common_params(q: DeviceArray, k: DeviceArray, v: DeviceArray, alibi, *, causal: bool, window_size,
-                  softmax_scale: float, softcap: float) -> Params:
-    batch, seqlen_q, heads_q, head_dim = q.shape
-    seqlen_k, heads_k = k.shape[1], k.shape[2]
-    p = Params()
-    p["q"], p["k"], p["v"] = q.ptr, k.ptr, v.ptr
-    _set_strides(p, "q", q)
-    _set_strides(p, "k", k)
-    _set_strides(p, "v", v)
-    if alibi is not None:
-        p["alibi"] = alibi.ptr
-        p["alibi_batch_stride"] = alibi.strides[0] if len(alibi.shape) == 2 else 0
-    p["batch"], p["heads_q"], p["heads_k"] = batch, heads_q, heads_k
-    p["seqlen_q"], p["seqlen_k"], p["head_dim"] = seqlen_q, seqlen_k, head_dim
-    unbounded = seqlen_q + seqlen_k
-    left, right = window_size
-    if causal:
-        right = 0
-    p["window_left"] = unbounded if left < 0 else min(left, unbounded)
-    p["window_right"] = unbounded if right < 0 else min(right, unbounded)
-    p["softmax_scale"] = softmax_scale
-    p["softcap"] = softcap
-    # With softcap or ALiBi the kernel turns raw products into final scores before the softmax, so the
-    # exponent multiplier is log2(e) alone; otherwise the scale folds into it.
-    p["scale_log2"] = _LOG2E if (softcap > 0 or alibi is not None) else softmax_scale * _LOG2E
-    return p
-
-
-def is_local(causal: bool, window_size) -> bool:
-    return causal or window_size[0] >= 0 or window_size[1] >= 0
-
-
 def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, lse: DeviceArray, alibi, *,
             causal: bool, window_size, softmax_scale: float, softcap: float, stream: int, cc: tuple,
             framework: str) -> None:
-    dtype = "bf16" if q.dtype == "bfloat16" else "fp16"
-    arch = dispatch.compile_arch(*cc)
-    local = is_local(causal, window_size)
-    # The Hopper kernel reads and writes through TMA; a view TMA cannot describe (a broadcast head, say)
-    # runs on the sm80 kernel instead, which handles any 16-byte-aligned layout.
-    hopper = dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
-    if hopper:
-        key = dispatch.forward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None)
-        smem = dispatch.forward_sm90_smem_bytes(key)
-    else:
-        key = dispatch.forward_key(dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
-                                   smem_limit=dispatch.max_smem(*cc))
-        smem = dispatch.forward_smem_bytes(key)
-    fn = jit.get_function(key, arch, q.device, smem)
-    p = common_params(q, k, v, alibi, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
-                      softcap=softcap)
-    p["o"], p["lse"] = out.ptr, lse.ptr
-    _set_strides(p, "o", out)
-    batch, seqlen_q, heads_q = q.shape[:3]
-    p["num_m_blocks"] = m_blocks = -(-seqlen_q // key.block_m)
-    maps = ()
-    if hopper:
-        p["bh_group"] = dispatch.launch_group(batch * heads_q, k.shape[1], key.head_dim)
-        maps = (tma.tile_map(q, key.block_m), tma.tile_map(k, key.block_n), tma.tile_map(v, key.block_n),
-                tma.tile_map(out, 64))  # each consumer warpgroup stores its own 64 rows
-    tiles = m_blocks * batch * heads_q
-    grid, use_counter = (dispatch.forward_sm90_schedule(key, tiles, k.shape[1], _sm_count(q.device)) if hopper
-                         else (tiles, False))
+    fp = plan.forward(q, k, v, out, alibi, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
+                      softcap=softcap, cc=cc, sm_count=_sm_count(q.device))
+    pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "o": out.ptr, "lse": lse.ptr,
+                "alibi": 0 if alibi is None else alibi.ptr}
     counter_native = None
-    if use_counter:
+    if fp.tile_counter:
         # Persistent CTAs take tiles from a counter that starts at zero on the caller's stream.
         from cupy.cuda import runtime
         counter_native, counter = arrays.empty(framework, (1,), "int32", q.device, stream)
         runtime.memsetAsync(counter.ptr, 0, 4, stream)
-        p["tile_counter"] = counter.ptr
-    _launch(fn, grid, key.threads, smem, stream, p, maps)
+        pointers["tile_counter"] = counter.ptr
+    views = {"q": q, "k": k, "v": v, "o": out}
+    _launch(fp.launch, stream, pointers, tuple(tma.tile_map(views[n], rows) for n, rows in fp.launch.maps))
     del counter_native  # freed after enqueueing: stream-ordered allocators reuse it safely
 
 
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
              lse: DeviceArray, alibi, dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, *, causal: bool, window_size,
              softmax_scale: float, softcap: float, deterministic: bool, stream: int, cc: tuple, framework: str) -> None:
-    """preprocess (delta, zero dQ accumulator) -> KV-parallel main kernel (dK, dV, dQ summed into the fp32
-    accumulator: atomics on sm80, TMA reductions on the Hopper kernel) -> postprocess (dQ).
-
-    Deterministic mode replaces the accumulation and the postprocess by a Q-parallel dQ kernel (sm80).
-    """
-    dtype = "bf16" if q.dtype == "bfloat16" else "fp16"
-    arch = dispatch.compile_arch(*cc)
-    pre, post, main, dq_key = dispatch.backward_keys(
-        dtype, q.shape[3], is_local=is_local(causal, window_size), softcap=softcap > 0, alibi=alibi is not None,
-        deterministic=deterministic, smem_limit=dispatch.max_smem(*cc))
+    """The backward's kernels (plan.backward says which), with workspaces from the caller's framework on its
+    stream (CUDA-graph capture needs that)."""
+    bp = plan.backward(dout, q, k, v, out, alibi, dq, dk, dv, causal=causal, window_size=window_size,
+                       softmax_scale=softmax_scale, softcap=softcap, deterministic=deterministic, cc=cc)
     batch, seqlen_q, heads_q = q.shape[:3]
-    seqlen_k, heads_k = k.shape[1], k.shape[2]
-
-    # Workspaces come from the caller's framework, on its stream (CUDA-graph capture needs that).
-    # delta (fp32, batch x heads x seqlen_q) is read only up to the main kernel, and with atomic dQ the
-    # only writer of dq is the postprocess, after it: so delta borrows dq's first bytes (dq holds head_dim / 2
-    # >= 4 times as many), which keeps the peak memory of the backward at FlashAttention-2's.
-    _delta_native = None
-    if not deterministic and dq.strides == (seqlen_q * heads_q * q.shape[3], heads_q * q.shape[3], q.shape[3], 1):
+    delta_native = acc_native = acc = None
+    if bp.delta_in_dq:
         delta_ptr = dq.ptr
     else:
-        _delta_native, delta = arrays.empty(framework, (batch, heads_q, seqlen_q), "float32", q.device, stream)
+        delta_native, delta = arrays.empty(framework, (batch, heads_q, seqlen_q), "float32", q.device, stream)
         delta_ptr = delta.ptr
-    acc_native = None
-    p = common_params(q, k, v, alibi, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
-                      softcap=softcap)
-    p["o"], p["lse"], p["dout"], p["delta"] = out.ptr, lse.ptr, dout.ptr, delta_ptr
-    p["dq"], p["dk"], p["dv"] = dq.ptr, dk.ptr, dv.ptr
-    for name, a in (("o", out), ("do", dout), ("dq", dq), ("dk", dk), ("dv", dv)):
-        _set_strides(p, name, a)
-    if not deterministic:
-        acc_native, acc = arrays.empty(framework, (batch, seqlen_q, heads_q, main.head_dim), "float32", q.device, stream)
-        p["dq_accum"] = acc.ptr
-
-    dev = q.device
-    rows_grid = math.ceil(seqlen_q / dispatch.BWD_PREPOST_ROWS) * batch * heads_q
-    _launch(jit.get_function(pre, arch, dev, 0), rows_grid, pre.threads, 0, stream, p)
-
-    # The Hopper main kernel reads Q, K, V and dO through TMA; views TMA cannot describe run on sm80.
-    maps = ()
-    if dispatch.backward_family(cc, q.shape[3], deterministic) == "bwd_sm90" and tma.supports(q, k, v, dout):
-        main = dispatch.backward_key_sm90(dtype, q.shape[3], is_local=is_local(causal, window_size),
-                                          softcap=softcap > 0, alibi=alibi is not None)
-        smem = dispatch.backward_sm90_smem_bytes(main)
-        # Each consumer warpgroup adds a 64 x 64 block of dQ into dq_accum (query rows x head-dim columns).
-        maps = (tma.tile_map(q, main.block_m), tma.tile_map(k, main.block_n), tma.tile_map(v, main.block_n),
-                tma.tile_map(dout, main.block_m),
-                tma.accumulator_map(acc.ptr, (batch, seqlen_q, heads_q, main.head_dim), 64, 64))
-    else:
-        smem = dispatch.backward_smem_bytes(main)
-    p["num_n_blocks"] = math.ceil(seqlen_k / main.block_n)
-    _launch(jit.get_function(main, arch, dev, smem), p["num_n_blocks"] * batch * heads_k, main.threads, smem,
-            stream, p, maps)
-
-    if deterministic:
-        smem = dispatch.dq_smem_bytes(dq_key)
-        p["num_m_blocks"] = math.ceil(seqlen_q / dq_key.block_m)
-        p["num_n_blocks"] = math.ceil(seqlen_k / dq_key.block_n)
-        _launch(jit.get_function(dq_key, arch, dev, smem), p["num_m_blocks"] * batch * heads_q, dq_key.threads,
-                smem, stream, p)
-    else:
-        _launch(jit.get_function(post, arch, dev, 0), rows_grid, post.threads, 0, stream, p)
-    del acc_native, _delta_native  # freed after enqueueing: stream-ordered allocators reuse them safely
+    pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "alibi": 0 if alibi is None else alibi.ptr, "o": out.ptr,
+                "lse": lse.ptr, "dout": dout.ptr, "delta": delta_ptr, "dq": dq.ptr, "dk": dk.ptr, "dv": dv.ptr}
+    if bp.dq_accum_shape is not None:
+        acc_native, acc = arrays.empty(framework, bp.dq_accum_shape, "float32", q.device, stream)
+        pointers["dq_accum"] = acc.ptr
+    views = {"q": q, "k": k, "v": v, "dout": dout}
+    for launch in bp.launches:
+        maps = tuple(tma.accumulator_map(acc.ptr, bp.dq_accum_shape, rows, rows) if n == "dq_accum"
+                     else tma.tile_map(views[n], rows) for n, rows in launch.maps)
+        _launch(launch, stream, pointers, maps)
+    del acc_native, delta_native  # freed after enqueueing: stream-ordered allocators reuse them safely

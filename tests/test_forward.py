@@ -223,9 +223,9 @@ def _device_int(key, symbol):
 def test_params_layout_and_smem_formulas_match_kernels():
     """The host's parameter block has the size of the kernels' AttentionParams, and the host's shared
     memory formulas equal the sizes the backward kernels export."""
-    from cuflash import dispatch, ops
+    from cuflash import dispatch, params_layout
     fwd = dispatch.all_forward_keys()[0]
-    assert _device_int(fwd, "cf_params_bytes") == ops.PARAMS_DTYPE.itemsize
+    assert _device_int(fwd, "cf_params_bytes") == params_layout.STRUCT.size
     for key in dispatch.all_backward_keys():
         if key.family == "bwd_sm80" and key.head_dim in (64, 256):
             assert _device_int(key, "cf_bwd_smem_bytes") == dispatch.backward_smem_bytes(key)

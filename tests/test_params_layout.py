@@ -4,9 +4,10 @@ exactly what it generates, and the compiled struct puts every field at the offse
 
 import re
 
+import numpy as np
 import pytest
 
-from cuflash import ops, params_layout
+from cuflash import params_layout
 from gpu_helpers import nvrtc_available
 
 
@@ -16,15 +17,16 @@ def test_header_is_generated_from_the_table():
     assert params_layout.header_path().read_text() == params_layout.render_header()
 
 
-def test_ops_packs_the_table():
-    """ops.py packs the block with the table's struct: size and field order are the table's."""
-    assert ops.PARAMS_DTYPE.itemsize == params_layout.STRUCT.size
-    assert list(ops.PARAMS_DTYPE.names) == params_layout.NAMES
-    p = ops.Params()
-    p["seqlen_k"], p["softcap"], p["dv"] = 77, 2.5, 0x1234
-    packed = params_layout.STRUCT.pack(*p.values)
-    assert int.from_bytes(packed[params_layout.OFFSETS["seqlen_k"]:][:4], "little") == 77
-    assert int.from_bytes(packed[params_layout.OFFSETS["dv"]:][:8], "little") == 0x1234
+def test_plan_packs_the_table():
+    """A plan's parameter block is the table's struct: every field lands at params_layout.OFFSETS, pointers
+    left zero for the launch to fill."""
+    from cuflash import plan
+    p = plan._Block()
+    p["seqlen_k"], p["softcap"], p["dv_row_stride"] = 77, 2.5, -3
+    packed = p.pack()
+    assert len(packed) == params_layout.DTYPE.itemsize
+    row = np.frombuffer(packed, dtype=params_layout.DTYPE)[0]
+    assert (row["seqlen_k"], row["softcap"], row["dv_row_stride"], row["q"]) == (77, 2.5, -3, 0)
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="needs CuPy's NVRTC (the cuda12/cuda13 extra)")

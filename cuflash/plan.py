@@ -1,0 +1,222 @@
+"""Launch plans: everything a forward or backward call launches that depends only on the problem, decided
+once and cached; ops.py executes a plan by binding pointers and the stream.
+
+A problem is what the kernels see apart from addresses: the device and its compute capability, dtype,
+shapes, strides, whether each view starts on a 16-byte boundary (TMA needs it), the flags (causal,
+window, scale, softcap, ALiBi, deterministic) and the environment variables that steer dispatch. For it a plan holds each kernel launch (the loaded function,
+grid, block, shared memory), the parameter block packed once with its pointer fields left zero, which
+tensor maps the launch takes, and the workspaces to allocate. Per call only the pointers, the maps and the
+workspaces are new.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from . import dispatch, jit, params_layout, tma
+from .arrays import DeviceArray
+
+_LOG2E = 1.4426950408889634
+_CACHE_LIMIT = 1024
+_plans: dict = {}
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One kernel launch of a plan."""
+
+    fn: object       # the loaded function (jit.get_function)
+    grid: int
+    threads: int
+    smem: int
+    block: bytes     # the packed AttentionParams, pointer fields zero
+    maps: tuple = ()  # tensor maps the kernel takes before the block: (view name, box rows) or ("dq_accum", 64)
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    launch: KernelLaunch
+    tile_counter: bool  # persistent Hopper launch: an int32 counter, zero on the stream, per call
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    launches: tuple      # preprocess, main, then postprocess or the deterministic dQ kernel
+    delta_in_dq: bool    # delta borrows dq's first bytes (else a float32 (batch, heads_q, seqlen_q) workspace)
+    dq_accum_shape: tuple | None  # the fp32 dQ accumulator's shape; None in deterministic mode
+
+
+class _Block:
+    """The parameter block being planned, by field name (params_layout), packed once."""
+
+    __slots__ = ("values",)
+
+    def __init__(self):
+        self.values = [0] * len(params_layout.NAMES)
+        for name in params_layout.FLOAT_FIELDS:
+            self.values[params_layout.INDEX[name]] = 0.0
+
+    def __setitem__(self, name, value):
+        self.values[params_layout.INDEX[name]] = value
+
+    def __getitem__(self, name):
+        return self.values[params_layout.INDEX[name]]
+
+    def set_strides(self, name: str, a: DeviceArray) -> None:
+        # (batch, seqlen, heads, head_dim) views: row = sequence position.
+        i = params_layout.INDEX[f"{name}_batch_stride"]
+        self.values[i:i + 3] = a.strides[:3]
+
+    def pack(self) -> bytes:
+        return params_layout.STRUCT.pack(*self.values)
+
+
+def is_local(causal: bool, window_size) -> bool:
+    return causal or window_size[0] >= 0 or window_size[1] >= 0
+
+
+def _common(q: DeviceArray, k: DeviceArray, v: DeviceArray, alibi, causal: bool, window_size, softmax_scale: float,
+            softcap: float) -> _Block:
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    seqlen_k, heads_k = k.shape[1], k.shape[2]
+    p = _Block()
+    p.set_strides("q", q)
+    p.set_strides("k", k)
+    p.set_strides("v", v)
+    if alibi is not None:
+        p["alibi_batch_stride"] = alibi.strides[0] if len(alibi.shape) == 2 else 0
+    p["batch"], p["heads_q"], p["heads_k"] = batch, heads_q, heads_k
+    p["seqlen_q"], p["seqlen_k"], p["head_dim"] = seqlen_q, seqlen_k, head_dim
+    unbounded = seqlen_q + seqlen_k
+    left, right = window_size
+    if causal:
+        right = 0
+    p["window_left"] = unbounded if left < 0 else min(left, unbounded)
+    p["window_right"] = unbounded if right < 0 else min(right, unbounded)
+    p["softmax_scale"] = softmax_scale
+    p["softcap"] = softcap
+    # With softcap or ALiBi the kernel turns raw products into final scores before the softmax, so the
+    # exponent multiplier is log2(e) alone; otherwise the scale folds into it.
+    p["scale_log2"] = _LOG2E if (softcap > 0 or alibi is not None) else softmax_scale * _LOG2E
+    return p
+
+
+def _layout(*views) -> tuple:
+    """What a plan depends on in the views: shapes, strides, dtypes and 16-byte alignment, not addresses."""
+    return tuple((a.shape, a.strides, a.dtype, a.ptr % 16 == 0) for a in views)
+
+
+def _alibi_layout(alibi) -> tuple | None:
+    return None if alibi is None else (alibi.shape, alibi.strides)
+
+
+def _env() -> tuple:
+    """The environment variables that steer dispatch (kernel family, forward tiles): part of every plan's key,
+    so that changing one between calls takes effect."""
+    get = os.environ.get
+    return get(dispatch.FWD_KERNEL_ENV, ""), get(dispatch.BWD_KERNEL_ENV, ""), get("CUFLASH_FWD_TILES", "")
+
+
+def _remember(key, plan):
+    if len(_plans) >= _CACHE_LIMIT:
+        _plans.clear()
+    _plans[key] = plan
+    return plan
+
+
+def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi, *, causal: bool, window_size,
+            softmax_scale: float, softcap: float, cc: tuple, sm_count: int) -> ForwardPlan:
+    """The forward's plan for these views (cached on their layout and the flags)."""
+    key = ("fwd", q.device, cc, _layout(q, k, v, out), _alibi_layout(alibi), causal, window_size, softmax_scale,
+           softcap, _env())
+    hit = _plans.get(key)
+    if hit is not None:
+        return hit
+    dtype = "bf16" if q.dtype == "bfloat16" else "fp16"
+    local = is_local(causal, window_size)
+    # The Hopper kernel reads and writes through TMA; a view TMA cannot describe (a broadcast head, say)
+    # runs on the sm80 kernel instead, which handles any 16-byte-aligned layout.
+    hopper = dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
+    if hopper:
+        kkey = dispatch.forward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
+                                         alibi=alibi is not None)
+        smem = dispatch.forward_sm90_smem_bytes(kkey)
+    else:
+        kkey = dispatch.forward_key(dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
+                                    smem_limit=dispatch.max_smem(*cc))
+        smem = dispatch.forward_smem_bytes(kkey)
+    fn = jit.get_function(kkey, dispatch.compile_arch(*cc), q.device, smem)
+    p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap)
+    p.set_strides("o", out)
+    batch, seqlen_q, heads_q = q.shape[:3]
+    p["num_m_blocks"] = m_blocks = -(-seqlen_q // kkey.block_m)
+    maps = ()
+    if hopper:
+        p["bh_group"] = dispatch.launch_group(batch * heads_q, k.shape[1], kkey.head_dim)
+        maps = (("q", kkey.block_m), ("k", kkey.block_n), ("v", kkey.block_n),
+                ("o", 64))  # each consumer warpgroup stores its own 64 rows
+    tiles = m_blocks * batch * heads_q
+    grid, use_counter = (dispatch.forward_sm90_schedule(kkey, tiles, k.shape[1], sm_count) if hopper
+                         else (tiles, False))
+    return _remember(key, ForwardPlan(KernelLaunch(fn, grid, kkey.threads, smem, p.pack(), maps), use_counter))
+
+
+def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi,
+             dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, *, causal: bool, window_size, softmax_scale: float,
+             softcap: float, deterministic: bool, cc: tuple) -> BackwardPlan:
+    """The backward's plan: preprocess (delta, zero dQ accumulator) -> KV-parallel main kernel (dK, dV, dQ
+    summed into the fp32 accumulator: atomics on sm80, TMA reductions on the Hopper kernel) -> postprocess
+    (dQ); deterministic mode replaces the accumulation and the postprocess by a Q-parallel dQ kernel (sm80)."""
+    key = ("bwd", q.device, cc, _layout(dout, q, k, v, out, dq, dk, dv), _alibi_layout(alibi), causal, window_size,
+           softmax_scale, softcap, deterministic, _env())
+    hit = _plans.get(key)
+    if hit is not None:
+        return hit
+    dtype = "bf16" if q.dtype == "bfloat16" else "fp16"
+    arch = dispatch.compile_arch(*cc)
+    local = is_local(causal, window_size)
+    pre, post, main, dq_key = dispatch.backward_keys(
+        dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
+        deterministic=deterministic, smem_limit=dispatch.max_smem(*cc))
+    batch, seqlen_q, heads_q = q.shape[:3]
+    seqlen_k, heads_k = k.shape[1], k.shape[2]
+    dev = q.device
+    # delta (fp32, batch x heads x seqlen_q) is read only up to the main kernel, and with atomic dQ the
+    # only writer of dq is the postprocess, after it: so delta borrows dq's first bytes (dq holds head_dim / 2
+    # >= 4 times as many), which keeps the peak memory of the backward at FlashAttention-2's.
+    delta_in_dq = not deterministic and dq.strides == (seqlen_q * heads_q * q.shape[3], heads_q * q.shape[3],
+                                                       q.shape[3], 1)
+    p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap)
+    for name, a in (("o", out), ("do", dout), ("dq", dq), ("dk", dk), ("dv", dv)):
+        p.set_strides(name, a)
+    launches = []
+    rows_grid = math.ceil(seqlen_q / dispatch.BWD_PREPOST_ROWS) * batch * heads_q
+    launches.append(KernelLaunch(jit.get_function(pre, arch, dev, 0), rows_grid, pre.threads, 0, p.pack()))
+
+    # The Hopper main kernel reads Q, K, V and dO through TMA; views TMA cannot describe run on sm80.
+    maps = ()
+    if dispatch.backward_family(cc, q.shape[3], deterministic) == "bwd_sm90" and tma.supports(q, k, v, dout):
+        main = dispatch.backward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
+                                          alibi=alibi is not None)
+        smem = dispatch.backward_sm90_smem_bytes(main)
+        # Each consumer warpgroup adds a 64 x 64 block of dQ into dq_accum (query rows x head-dim columns).
+        maps = (("q", main.block_m), ("k", main.block_n), ("v", main.block_n), ("dout", main.block_m),
+                ("dq_accum", 64))
+    else:
+        smem = dispatch.backward_smem_bytes(main)
+    p["num_n_blocks"] = math.ceil(seqlen_k / main.block_n)
+    main_block = p.pack()
+    launches.append(KernelLaunch(jit.get_function(main, arch, dev, smem), p["num_n_blocks"] * batch * heads_k,
+                                 main.threads, smem, main_block, maps))
+    if deterministic:
+        smem = dispatch.dq_smem_bytes(dq_key)
+        p["num_m_blocks"] = math.ceil(seqlen_q / dq_key.block_m)
+        p["num_n_blocks"] = math.ceil(seqlen_k / dq_key.block_n)
+        launches.append(KernelLaunch(jit.get_function(dq_key, arch, dev, smem), p["num_m_blocks"] * batch * heads_q,
+                                     dq_key.threads, smem, p.pack()))
+    else:
+        launches.append(KernelLaunch(jit.get_function(post, arch, dev, 0), rows_grid, post.threads, 0, main_block))
+    acc_shape = None if deterministic else (batch, seqlen_q, heads_q, main.head_dim)
+    return _remember(key, BackwardPlan(tuple(launches), delta_in_dq, acc_shape))

@@ -1,0 +1,124 @@
+"""Launch plans (cuflash/plan.py), on the CPU: a plan is decided once per problem and reused whatever the
+addresses; anything the launch depends on (layout, alignment, flags, device, the dispatch environment)
+gives a different plan; the planned launches are the kernels, grids and parameter blocks dispatch implies.
+Kernel functions are stubbed (nothing is loaded or launched here); the GPU tests run the real thing."""
+
+import numpy as np
+import pytest
+
+from cuflash import dispatch, params_layout, plan
+from cuflash.arrays import DeviceArray
+
+
+@pytest.fixture(autouse=True)
+def stub_functions(monkeypatch):
+    loaded = []
+
+    def get_function(key, arch, device, smem):
+        loaded.append((key.name, arch, device, smem))
+        return ("fn", key.name)
+
+    monkeypatch.setattr(plan.jit, "get_function", get_function)
+    monkeypatch.delenv(dispatch.FWD_KERNEL_ENV, raising=False)
+    monkeypatch.delenv(dispatch.BWD_KERNEL_ENV, raising=False)
+    monkeypatch.delenv("CUFLASH_FWD_TILES", raising=False)
+    plan._plans.clear()
+    yield loaded
+    plan._plans.clear()
+
+
+def _view(shape, ptr, dtype="bfloat16", strides=None):
+    if strides is None:
+        strides = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+    return DeviceArray(ptr, tuple(shape), tuple(strides), dtype, 0)
+
+
+def _qkvo(base=0x10000, b=2, sq=300, sk=260, hq=8, hk=2, d=128):
+    return (_view((b, sq, hq, d), base), _view((b, sk, hk, d), base + 0x1000000),
+            _view((b, sk, hk, d), base + 0x2000000), _view((b, sq, hq, d), base + 0x3000000))
+
+
+def _fwd(q, k, v, o, cc=(9, 0), **kw):
+    args = dict(causal=True, window_size=(-1, -1), softmax_scale=0.125, softcap=0.0)
+    args.update(kw)
+    return plan.forward(q, k, v, o, None, cc=cc, sm_count=132, **args)
+
+
+def _block(launch):
+    return np.frombuffer(launch.block, dtype=params_layout.DTYPE)[0]
+
+
+def test_forward_plan_is_reused_for_new_addresses(stub_functions):
+    """Same layout and flags at other (equally aligned) addresses: the same plan object, nothing reloaded."""
+    first = _fwd(*_qkvo(base=0x10000))
+    again = _fwd(*_qkvo(base=0x7770000))
+    assert again is first and len(stub_functions) == 1
+
+
+@pytest.mark.parametrize("change", ["seqlen", "stride", "alignment", "flags", "device_cc", "env"])
+def test_forward_plan_changes_with_the_problem(change, monkeypatch):
+    """Each thing the launch depends on besides addresses gives a new plan."""
+    base = _fwd(*_qkvo())
+    q, k, v, o = _qkvo()
+    kw = {}
+    cc = (9, 0)
+    if change == "seqlen":
+        q, k, v, o = _qkvo(sq=301)
+    elif change == "stride":  # a (b, h, s, d) tensor seen as (b, s, h, d)
+        q = _view(q.shape, q.ptr, strides=(8 * 300 * 128, 128, 300 * 128, 1))
+    elif change == "alignment":
+        k = _view(k.shape, k.ptr + 8)
+    elif change == "flags":
+        kw = dict(softcap=30.0)
+    elif change == "device_cc":
+        cc = (8, 0)
+    else:
+        monkeypatch.setenv(dispatch.FWD_KERNEL_ENV, "sm80")
+    other = _fwd(q, k, v, o, cc=cc, **kw)
+    assert other is not base
+
+
+def test_forward_plan_follows_dispatch():
+    """Hopper, aligned contiguous views: the sm90 kernel with its four tensor maps; the dispatch environment
+    selects the sm80 kernel (no maps, one CTA per tile); the block carries shapes, window and scales."""
+    hopper = _fwd(*_qkvo())
+    assert hopper.launch.fn[1].startswith("fwd_sm90") and [m[0] for m in hopper.launch.maps] == ["q", "k", "v", "o"]
+    row = _block(hopper.launch)
+    assert (row["batch"], row["seqlen_q"], row["seqlen_k"], row["heads_q"], row["heads_k"]) == (2, 300, 260, 8, 2)
+    assert row["window_right"] == 0 and row["window_left"] == 560  # causal; left unbounded = seqlen_q + seqlen_k
+    assert row["q"] == 0 and row["o"] == 0  # pointers are bound per call
+    assert row["scale_log2"] == np.float32(0.125 * 1.4426950408889634)
+
+
+def test_forward_plan_sm80_family(monkeypatch):
+    monkeypatch.setenv(dispatch.FWD_KERNEL_ENV, "sm80")
+    q, k, v, o = _qkvo()
+    p = _fwd(q, k, v, o)
+    key = dispatch.forward_key("bf16", 128, is_local=True, softcap=False, alibi=False,
+                               smem_limit=dispatch.max_smem(9, 0))
+    assert p.launch.fn == ("fn", key.name) and p.launch.maps == () and not p.tile_counter
+    assert p.launch.grid == -(-300 // key.block_m) * 2 * 8 and _block(p.launch)["num_m_blocks"] == -(-300 // key.block_m)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_plan_launches(deterministic):
+    """Preprocess, main, then postprocess (or the deterministic dQ kernel); the dQ accumulator only when
+    dQ is accumulated; delta borrows a contiguous dq; the main kernel's block carries its key-block count."""
+    q, k, v, o = _qkvo()
+    dout, dq, dk, dv = _view(q.shape, 0x9000000), _view(q.shape, 0xa000000), _view(k.shape, 0xb000000), \
+        _view(k.shape, 0xc000000)
+    bp = plan.backward(dout, q, k, v, o, None, dq, dk, dv, causal=False, window_size=(-1, -1), softmax_scale=0.1,
+                       softcap=0.0, deterministic=deterministic, cc=(9, 0))
+    names = [launch.fn[1] for launch in bp.launches]
+    assert names[0].startswith("bwd_prepost")
+    if deterministic:
+        assert names[1].startswith("bwd_sm80") and names[2].startswith("bwd_dq_sm80")
+        assert bp.dq_accum_shape is None and not bp.delta_in_dq
+    else:
+        assert names[1].startswith("bwd_sm90") and names[2].startswith("bwd_prepost")
+        assert bp.dq_accum_shape == (2, 300, 8, 128) and bp.delta_in_dq
+        assert [m[0] for m in bp.launches[1].maps] == ["q", "k", "v", "dout", "dq_accum"]
+    main = bp.launches[1]
+    assert _block(main)["num_n_blocks"] == -(-260 // 128) and main.grid == -(-260 // 128) * 2 * 2
+    assert plan.backward(dout, q, k, v, o, None, dq, dk, dv, causal=False, window_size=(-1, -1), softmax_scale=0.1,
+                         softcap=0.0, deterministic=deterministic, cc=(9, 0)) is bp
