@@ -1,13 +1,16 @@
 """A/B timing of two cuflash trees in one process, for kernel changes that must not cost speed.
 
     python bench/ab_compare.py --base /path/to/other/checkout [--hdims 64,128] [--seqlens 1024,4096,16384]
+        [--passes fwd,bwd] [--groups 1,4] [--cudnn]
 
 Imports the checkout's cuflash as ``cuflash`` and the other tree's as ``cuflash_base`` (each compiles and
 caches its own kernels), then times cuflash.attention (forward) and attention_backward on CuPy bf16 inputs
 of the FlashAttention-2 grid (batch x seqlen = 16k tokens, hidden 2048) with CUDA events, the two trees'
 samples interleaved one by one so that clocks, temperature and neighbours weigh on both alike. A sample
 is --calls back-to-back calls between two events, so that the GPU time, not the host's per-call cost
-(which issue 14 measures on its own), decides the ratio. Warm-up excluded, median of --runs samples each; prints a table and one JSON line per cell (TFLOP/s as in
+(which issue 14 measures on its own), decides the ratio. --groups runs GQA cells too (heads_q / heads_k);
+--cudnn adds torch SDPA's cuDNN backend as a third contender in the same interleave (its ratio printed as
+new/cudnn), on the same bf16 buffers viewed as torch tensors in SDPA's (batch, heads, seqlen, dim) layout. Warm-up excluded, median of --runs samples each; prints a table and one JSON line per cell (TFLOP/s as in
 bench_attention.py: 4 B H S^2 D, halved for causal, x2.5 for the backward).
 """
 
@@ -39,6 +42,10 @@ def main():
     ap.add_argument("--seqlens", default="1024,4096,16384")
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--calls", type=int, default=8, help="calls per timed sample (1: host cost included)")
+    ap.add_argument("--passes", default="fwd,bwd")
+    ap.add_argument("--groups", default="1", help="query heads per KV head, one cell set per value")
+    ap.add_argument("--causal", default="both", choices=["both", "true", "false"])
+    ap.add_argument("--cudnn", action="store_true", help="time torch SDPA's cuDNN backend alongside")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     import cupy
@@ -47,43 +54,81 @@ def main():
     trees = {"base": load_tree(args.base.resolve(), "cuflash_base"), "new": cuflash}
     bf16 = np.dtype(ml_dtypes.bfloat16)
     rng = np.random.default_rng(0)
-    ratios = {"fwd": [], "bwd": []}
+    passes = args.passes.split(",")
+    causals = {"both": (False, True), "true": (True,), "false": (False,)}[args.causal]
+    ratios = {p: [] for p in passes}
+    sdpa = _cudnn_calls() if args.cudnn else None
     for d in (int(x) for x in args.hdims.split(",")):
         for s in (int(x) for x in args.seqlens.split(",")):
-            b, h = 16384 // s, 2048 // d
-            q, k, v, do = (cupy.asarray(rng.standard_normal((b, s, h, d), dtype=np.float32).astype(bf16))
-                           for _ in range(4))
-            for causal in (False, True):
-                calls = {}
-                for label, cf in trees.items():
-                    out, lse = cf.attention(q, k, v, causal=causal, return_lse=True)
-                    if out.dtype != q.dtype:  # a tree from before CuPy bfloat16 outputs: raw 16-bit words
-                        out = out.view(q.dtype)
-                    calls[("fwd", label)] = lambda cf=cf: cf.attention(q, k, v, causal=causal)
-                    calls[("bwd", label)] = (lambda cf=cf, out=out, lse=lse:
-                                             cf.attention_backward(do, q, k, v, out, lse, causal=causal))
-                for pass_ in ("fwd", "bwd"):
-                    times = {"base": [], "new": []}
-                    for i in range(args.runs + 5):
-                        for label in (("base", "new") if i % 2 else ("new", "base")):
-                            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-                            start.record()
-                            for _ in range(args.calls):
-                                calls[(pass_, label)]()
-                            stop.record()
-                            stop.synchronize()
-                            if i >= 5:
-                                times[label].append(cupy.cuda.get_elapsed_time(start, stop) / args.calls)
-                    flops = 4 * b * h * s * s * d * (0.5 if causal else 1) * (2.5 if pass_ == "bwd" else 1)
-                    tf = {lab: flops / statistics.median(t) / 1e9 for lab, t in times.items()}
-                    ratio = tf["new"] / tf["base"]
-                    ratios[pass_].append(ratio)
-                    print(json.dumps(dict(pass_=pass_, d=d, seqlen=s, causal=causal, base_tflops=round(tf["base"], 1),
-                                          new_tflops=round(tf["new"], 1), ratio=round(ratio, 4))), flush=True)
+            for group in (int(x) for x in args.groups.split(",")):
+                b, h = 16384 // s, 2048 // d
+                q, do = (cupy.asarray(rng.standard_normal((b, s, h, d), dtype=np.float32).astype(bf16)) for _ in range(2))
+                k, v = (cupy.asarray(rng.standard_normal((b, s, h // group, d), dtype=np.float32).astype(bf16))
+                        for _ in range(2))
+                for causal in causals:
+                    calls = {}
+                    for label, cf in trees.items():
+                        out, lse = cf.attention(q, k, v, causal=causal, return_lse=True)
+                        if out.dtype != q.dtype:  # a tree from before CuPy bfloat16 outputs: raw 16-bit words
+                            out = out.view(q.dtype)
+                        calls[("fwd", label)] = lambda cf=cf: cf.attention(q, k, v, causal=causal)
+                        calls[("bwd", label)] = (lambda cf=cf, out=out, lse=lse:
+                                                 cf.attention_backward(do, q, k, v, out, lse, causal=causal))
+                    labels = list(trees)
+                    if sdpa is not None:
+                        calls[("fwd", "cudnn")], calls[("bwd", "cudnn")] = sdpa(q, k, v, do, causal)
+                        labels.append("cudnn")
+                    for pass_ in passes:
+                        times = {lab: [] for lab in labels}
+                        for i in range(args.runs + 5):
+                            for label in (labels if i % 2 else labels[::-1]):
+                                start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+                                start.record()
+                                for _ in range(args.calls):
+                                    calls[(pass_, label)]()
+                                stop.record()
+                                stop.synchronize()
+                                if i >= 5:
+                                    times[label].append(cupy.cuda.get_elapsed_time(start, stop) / args.calls)
+                        flops = 4 * b * h * s * s * d * (0.5 if causal else 1) * (2.5 if pass_ == "bwd" else 1)
+                        tf = {lab: flops / statistics.median(t) / 1e9 for lab, t in times.items()}
+                        ratio = tf["new"] / tf["base"]
+                        ratios[pass_].append(ratio)
+                        row = dict(pass_=pass_, d=d, seqlen=s, group=group, causal=causal,
+                                   base_tflops=round(tf["base"], 1), new_tflops=round(tf["new"], 1),
+                                   ratio=round(ratio, 4))
+                        if "cudnn" in tf:
+                            row.update(cudnn_tflops=round(tf["cudnn"], 1), new_over_cudnn=round(tf["new"] / tf["cudnn"], 4))
+                        print(json.dumps(row), flush=True)
     for pass_, rs in ratios.items():
         if rs:
             print(f"{pass_}: geomean new/base {statistics.geometric_mean(rs):.4f}, min {min(rs):.3f}, "
                   f"max {max(rs):.3f} over {len(rs)} cells", flush=True)
+
+
+def _cudnn_calls():
+    """A factory of (forward, backward) callables running torch SDPA's cuDNN backend on CuPy buffers."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def make(q, k, v, do, causal):
+        tq, tk, tv, tdo = (torch.from_dlpack(x).transpose(1, 2) for x in (q, k, v, do))
+        group = tq.shape[1] // tk.shape[1]
+        tq = tq.detach().requires_grad_()
+        tk, tv = (x.repeat_interleave(group, 1).detach().requires_grad_() if group > 1 else x.detach().requires_grad_()
+                  for x in (tk, tv))
+
+        def fwd():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION), torch.no_grad():
+                return F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            out = F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+
+        def bwd():
+            return torch.autograd.grad(out, (tq, tk, tv), tdo, retain_graph=True)
+        return fwd, bwd
+    return make
 
 
 if __name__ == "__main__":

@@ -350,6 +350,9 @@ def _backward_keys(dtype, d, is_local, softcap, alibi, deterministic, smem_limit
 # 192 and 256 run the sm80 kernel.
 BWD_SM90_TILES = {64: (128, 2), 128: (64, 2)}
 BWD_SM90_BLOCK_N = 128
+# fp32 columns of the boxes in which the Hopper backward adds dQ into dq_accum (cf_bwd_sm90_dq_box_cols):
+# 128 bytes, the widest box the 128-byte swizzle allows; 64 query rows a box.
+BWD_SM90_DQ_BOX = (64, 32)
 BWD_KERNEL_ENV = "CUFLASH_BWD_KERNEL"
 
 
@@ -373,12 +376,13 @@ def backward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: boo
 def backward_sm90_smem_bytes(key: KernelKey) -> int:
     """Dynamic shared memory of attention_bwd_sm90 (mirrors cf_bwd_sm90_smem_bytes): K and V, the Q and dO
     stages, two dS^T buffers, the LSE, delta and exact-form LSE stages with 128 bytes of per-stage exponent
-    flags, the two warpgroups' fp32 dQ blocks, the mbarriers, 1024 bytes of alignment slack."""
+    flags, the two warpgroups' fp32 dQ blocks from the next 1024-byte boundary (128-byte swizzled boxes),
+    the mbarriers, 1024 bytes of alignment slack."""
     stages = dict(key.extra)["CF_STAGES"]
     d, bm, bn = key.head_dim, key.block_m, key.block_n
     dq_cols = d // 2 if bm == 64 else d
-    return (2 * bn * d * 2 + 2 * stages * bm * d * 2 + 2 * bn * bm * 2 + 3 * stages * bm * 4 + 128 + 2 * 64 * dq_cols * 4
-            + 8 * (5 + 3 * stages) + 1024)
+    before_dq = 2 * bn * d * 2 + 2 * stages * bm * d * 2 + 2 * bn * bm * 2 + 3 * stages * bm * 4 + 128
+    return -(-before_dq // 1024) * 1024 + 2 * 64 * dq_cols * 4 + 8 * (5 + 3 * stages) + 1024
 
 
 def all_backward_sm90_keys() -> list[KernelKey]:

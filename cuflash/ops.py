@@ -168,7 +168,7 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
         pointers["dq_accum"] = acc.ptr
     views = {"q": q, "k": k, "v": v, "dout": dout}
     for launch in bp.launches:
-        maps = tuple(tma.accumulator_map(acc.ptr, bp.dq_accum_shape, rows, rows) if n == "dq_accum"
-                     else tma.tile_map(views[n], rows) for n, rows in launch.maps)
+        maps = tuple(tma.accumulator_map(acc.ptr, bp.dq_accum_shape, *box) if n == "dq_accum"
+                     else tma.tile_map(views[n], box) for n, box in launch.maps)
         _launch(launch, stream, pointers, maps)
     del acc_native, delta_native  # freed after enqueueing: stream-ordered allocators reuse them safely

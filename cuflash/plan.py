@@ -32,7 +32,7 @@ class KernelLaunch:
     threads: int
     smem: int
     block: bytes     # the packed AttentionParams, pointer fields zero
-    maps: tuple = ()  # tensor maps the kernel takes before the block: (view name, box rows) or ("dq_accum", 64)
+    maps: tuple = ()  # tensor maps before the block: (view name, box rows) or ("dq_accum", (box rows, box cols))
 
 
 @dataclass(frozen=True)
@@ -201,9 +201,9 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
         main = dispatch.backward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
                                           alibi=alibi is not None)
         smem = dispatch.backward_sm90_smem_bytes(main)
-        # Each consumer warpgroup adds a 64 x 64 block of dQ into dq_accum (query rows x head-dim columns).
+        # Each consumer warpgroup adds its 64-row block of dQ into dq_accum as boxes of BWD_SM90_DQ_BOX.
         maps = (("q", main.block_m), ("k", main.block_n), ("v", main.block_n), ("dout", main.block_m),
-                ("dq_accum", 64))
+                ("dq_accum", dispatch.BWD_SM90_DQ_BOX))
     else:
         smem = dispatch.backward_smem_bytes(main)
     p["num_n_blocks"] = math.ceil(seqlen_k / main.block_n)

@@ -15,7 +15,6 @@ from .arrays import DeviceArray
 MAP_BYTES = 128
 _DATA_TYPE = {"float16": 6, "bfloat16": 9}  # CU_TENSOR_MAP_DATA_TYPE_FLOAT16 / _BFLOAT16
 _FLOAT32 = 7                                # CU_TENSOR_MAP_DATA_TYPE_FLOAT32
-_SWIZZLE_NONE = 0
 _SWIZZLE_128B = 3       # CU_TENSOR_MAP_SWIZZLE_128B: matches the wgmma descriptors (kernels_cu/ptx/wgmma.cuh)
 _L2_PROMOTION_256B = 3  # CU_TENSOR_MAP_L2_PROMOTION_L2_256B
 BOX_COLS = 64           # 128 bytes of 16-bit elements: the widest box the 128-byte swizzle allows
@@ -77,8 +76,11 @@ def tile_map(a: DeviceArray, box_rows: int) -> bytes:
 
 def accumulator_map(ptr: int, shape: tuple, box_rows: int, box_cols: int) -> bytes:
     """The map of a contiguous fp32 (batch, seqlen, heads, width) buffer (the backward's dq_accum) as the 4-D
-    tensor (width, seqlen, heads, batch), box = ``box_cols`` x ``box_rows``, unswizzled: the Hopper backward
-    adds whole boxes into it with TMA reductions, rows past seqlen clipped."""
+    tensor (width, seqlen, heads, batch), box = ``box_cols`` x ``box_rows`` with the 128-byte swizzle (so
+    ``box_cols`` <= 32): the Hopper backward adds whole boxes into it with TMA reductions, rows past seqlen
+    clipped."""
+    if box_cols * 4 > 128:
+        raise ValueError(f"box_cols={box_cols}: the 128-byte swizzle allows at most 32 fp32 columns")
     batch, seqlen, heads, width = shape
     key = (ptr, "float32", shape, box_rows, box_cols)
     hit = _cache.get(key)
@@ -86,7 +88,7 @@ def accumulator_map(ptr: int, shape: tuple, box_rows: int, box_cols: int) -> byt
         return hit
     strides = (heads * width * 4, width * 4, seqlen * heads * width * 4)
     return _encode_4d(key, _FLOAT32, ptr, (width, seqlen, heads, batch), strides, (box_cols, box_rows),
-                      _SWIZZLE_NONE)
+                      _SWIZZLE_128B)
 
 
 def _encode_4d(key, data_type: int, ptr: int, dims: tuple, strides: tuple, box: tuple, swizzle: int) -> bytes:

@@ -24,8 +24,13 @@
 //                                      BM 64: warpgroup w takes head-dim columns [w D/2, (w + 1) D/2);
 //                                      BM 128: it takes query rows [64w, 64w + 64) and all D columns,
 //     -> a 64 x 64 fp32 block in shared memory (dq_accum's column order, bwd_prepost.cu), which the drain
-//        thread adds into dq_accum with one TMA reduction (cp.reduce.async.bulk.tensor .add). Issuing the
+//        thread adds into dq_accum with TMA reductions (cp.reduce.async.bulk.tensor .add). Issuing the
 //        same sums as 16-byte red.global.add from the consumers cost 30-45% of the kernel's time on an H100.
+//   dV is issued before the dS^T store and dK after dQ, so that the tensor cores have work while dS^T goes
+//   to shared memory (dV) and while dQ goes to shared memory (dK).
+//   The fp32 dQ block is stored as boxes of 32 columns with the 128-byte swizzle (32 floats are the widest
+//   box that swizzle allows): a warp's 16-byte stores then spread over all 32 banks (4 wavefronts for 512
+//   bytes), where 256-byte unswizzled rows put its 8 rows on the same 16 banks (8 wavefronts).
 //   The dS^T buffer is double-buffered: a warpgroup writes buffer it % 2 only after passing the barrier of
 //   iteration it - 1, which the other warpgroup reaches only after its dQ product of iteration it - 2 (the
 //   last reader of that buffer) has retired.
@@ -77,6 +82,8 @@ constexpr u32 kDSBlock = kBN * 128;     // dS^T tile: rows are keys, kBM / 64 co
 constexpr u32 kDSBytes = kDSBlock * (kBM / 64);
 // dQ split between the two consumer warpgroups (see the top): N of each one's product.
 constexpr int kDqN = kBM == 64 ? kD / 2 : kD;
+constexpr int kDqBoxCols = 32;                // fp32 columns of a dQ reduction box: 128 bytes, the swizzle span
+constexpr u32 kDqBoxBytes = 64 * kDqBoxCols * 4;
 static_assert(kBN == 128, "two consumer warpgroups of 64 keys");
 static_assert((kD == 128 && kBM == 64) || (kD == 64 && kBM == 128), "tile shapes with a whole column block per dQ split");
 constexpr int kProducerRegs = 24;
@@ -97,12 +104,13 @@ constexpr u32 kSmemDelta = kSmemLse + kStages * kBM * 4;
 constexpr u32 kDqBytes = 64 * kDqN * 4;  // one warpgroup's fp32 dQ block, rows of kDqN floats
 constexpr u32 kSmemLseExact = kSmemDelta + kStages * kBM * 4;  // natural LSE rows of exact-form tiles
 constexpr u32 kSmemTileForm = kSmemLseExact + kStages * kBM * 4;  // per stage: 1 = exact form; 128 bytes
-constexpr u32 kSmemDq = kSmemTileForm + 128;                       // keep the dQ blocks 128-byte aligned
+constexpr u32 kSmemDq = (kSmemTileForm + 128 + 1023) / 1024 * 1024;  // the 128-byte swizzle wants 1024-byte boxes
 constexpr u32 kSmemBars = kSmemDq + 2 * kDqBytes;
 constexpr u32 kBarrierBytes = 8 * (5 + 3 * kStages);
 }  // namespace
 
 extern "C" __device__ const int cf_bwd_sm90_smem_bytes = kSmemBars + kBarrierBytes + 1024;
+extern "C" __device__ const int cf_bwd_sm90_dq_box_cols = kDqBoxCols;  // the host's dq_accum tensor map box
 
 // Offsets in the dynamic shared memory (1024-byte aligned base, as the 128-byte swizzle needs).
 struct SmemLayout {
@@ -221,7 +229,10 @@ __device__ __forceinline__ void drain_dq(const BackwardSm90Params& p, const Smem
         const int h = qw.head(bc.hk, it), m0 = qw.m_start(it);
         for (int cw = 0; cw < 2; ++cw) {
             mbar_wait(sm.dq_full(cw), it & 1);
-            tma_reduce_add_4d(&p.dq_accum, sm.dq(cw), dq_col0(cw), dq_row0(m0, cw), h, bc.b);
+#pragma unroll
+            for (int c = 0; c < kDqN / kDqBoxCols; ++c)
+                tma_reduce_add_4d(&p.dq_accum, sm.dq(cw) + c * kDqBoxBytes, dq_col0(cw) + c * kDqBoxCols,
+                                  dq_row0(m0, cw), h, bc.b);
             tma_store_commit();
         }
         tma_store_wait_read();
@@ -358,10 +369,6 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         for (int kk = 0; kk < kBM / 16; ++kk)
             WgmmaShape<kD>::rs_tb(reinterpret_cast<float(&)[kD / 2]>(acc_dv), ap[kk],
                                   wgmma::desc_advance(dout_desc, kk * 16 * 128), 1);
-#pragma unroll
-        for (int kk = 0; kk < kBM / 16; ++kk)
-            WgmmaShape<kD>::rs_tb(reinterpret_cast<float(&)[kD / 2]>(acc_dk), ads[kk],
-                                  wgmma::desc_advance(q_desc, kk * 16 * 128), 1);
         wgmma::commit();
 
         // dS^T to shared memory in the swizzled layout TMA would write (rows = keys, columns = queries).
@@ -382,7 +389,7 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         named_barrier_sync(kDsBarrier, 256);
 
         // dQ = dS.K over all 128 keys: A = dS read from dS^T (M-major), B = K (N-major); the k16 step moves
-        // 16 key rows = 2048 bytes in both.
+        // 16 key rows = 2048 bytes in both. Then dK, whose product runs while dQ is stored.
         float acc_dq[kDqN / 8][4];
         const u64 a_desc = wgmma::desc_sw128(ds_buf + (kBM == 128 ? cw * kDSBlock : 0), kDSBlock, 1024);
         const u64 b_desc = wgmma::desc_sw128(sm.k() + (kBM == 64 ? cw * (kDqN / 64) * kKBlock : 0), kKBlock, 1024);
@@ -393,27 +400,35 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
                                     wgmma::desc_advance(a_desc, kk * 16 * 128),
                                     wgmma::desc_advance(b_desc, kk * 16 * 128), kk > 0);
         wgmma::commit();
-        wgmma::wait<1>();  // dV, dK retired: the stage's Q and dO are no longer read
-        mbar_arrive(sm.empty(s));
-        wgmma::wait<0>();
+#pragma unroll
+        for (int kk = 0; kk < kBM / 16; ++kk)
+            WgmmaShape<kD>::rs_tb(reinterpret_cast<float(&)[kD / 2]>(acc_dk), ads[kk],
+                                  wgmma::desc_advance(q_desc, kk * 16 * 128), 1);
+        wgmma::commit();
+        wgmma::wait<1>();  // dV and dQ retired; dK still reads the stage's Q
         wgmma::fence_operand(reinterpret_cast<float(&)[kDqN / 2]>(acc_dq));
 
         // dQ to this warpgroup's shared block in dq_accum's layout (bwd_prepost.cu: a lane's columns 2t, 2t+1 of
-        // both n8 groups of a 16-column group are four consecutive floats), once the previous block has been
-        // read by its reduction; the drain thread adds it into dq_accum.
+        // both n8 groups of a 16-column group are four consecutive floats, chunk 4 (n % 2) + t of a 128-byte
+        // box row), once the previous block has been read by its reduction; the drain thread adds it into
+        // dq_accum.
         mbar_wait(sm.dq_empty(cw), (it & 1) ^ 1);
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-            const u32 row = sm.dq(cw) + (warp_in_wg * 16 + g + 8 * hh) * (kDqN * 4) + t * 16;
+            const int r = warp_in_wg * 16 + g + 8 * hh;
 #pragma unroll
-            for (int n = 0; n < kDqN / 16; ++n)
+            for (int n = 0; n < kDqN / 16; ++n) {
+                const u32 addr = sm.dq(cw) + (n / 2) * kDqBoxBytes + r * 128 + (((4 * (n % 2) + t) ^ (r & 7)) << 4);
                 asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n"
-                             :: "r"(row + n * 64), "f"(acc_dq[2 * n][2 * hh]), "f"(acc_dq[2 * n][2 * hh + 1]),
+                             :: "r"(addr), "f"(acc_dq[2 * n][2 * hh]), "f"(acc_dq[2 * n][2 * hh + 1]),
                                 "f"(acc_dq[2 * n + 1][2 * hh]), "f"(acc_dq[2 * n + 1][2 * hh + 1]) : "memory");
+            }
         }
         fence_proxy_async_smem();
         __syncwarp();
         if (lane == 0) mbar_arrive(sm.dq_full(cw));
+        wgmma::wait<0>();
+        mbar_arrive(sm.empty(s));
     }
     wgmma::fence_operand(reinterpret_cast<float(&)[kD / 2]>(acc_dk));
     wgmma::fence_operand(reinterpret_cast<float(&)[kD / 2]>(acc_dv));
