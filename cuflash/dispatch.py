@@ -382,7 +382,7 @@ def backward_sm90_smem_bytes(key: KernelKey) -> int:
     d, bm, bn = key.head_dim, key.block_m, key.block_n
     dq_cols = d // 2 if bm == 64 else d
     before_dq = 2 * bn * d * 2 + 2 * stages * bm * d * 2 + 2 * bn * bm * 2 + 3 * stages * bm * 4 + 128
-    return -(-before_dq // 1024) * 1024 + 2 * 64 * dq_cols * 4 + 8 * (5 + 3 * stages) + 1024
+    return -(-before_dq // 1024) * 1024 + 2 * 64 * dq_cols * 4 + 8 * (9 + 3 * stages) + 1024
 
 
 def all_backward_sm90_keys() -> list[KernelKey]:

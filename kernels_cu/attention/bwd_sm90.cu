@@ -14,26 +14,32 @@
 //   seqlen_q so that those rows give P = 0 without a mask, in the exponent form it picks for the tile
 //   (below), and thread 64 drains dQ (below).
 //   The rest of it idles.
-//   Consumer warpgroup w owns keys [64w, 64w + 64) and, per query tile, runs
+//   Consumer warpgroup w owns keys [64w, 64w + 64) and, per query tile it, runs
 //     S^T = K.Q^T, dP^T = V.dO^T      (wgmma SS: 64 keys x BM queries; rows are keys, so P^T and dS^T come
 //                                      out of the accumulators already in the A-operand layout of the next two)
 //     P^T, dS^T elementwise in fp32   (bwd_score_element, as in the sm80 kernel)
 //     dV += P^T.dO, dK += dS^T.Q      (wgmma RS: A from registers, B = dO / Q read MN-major)
-//     dS^T -> shared memory (16-bit); both warpgroups meet at a named barrier; then
+//     dS^T -> shared memory (16-bit), for
 //     dQ = dS.K                       (wgmma SS, both operands MN-major: dS^T's rows are keys, and so are K's)
 //                                      BM 64: warpgroup w takes head-dim columns [w D/2, (w + 1) D/2);
 //                                      BM 128: it takes query rows [64w, 64w + 64) and all D columns,
 //     -> a 64 x 64 fp32 block in shared memory (dq_accum's column order, bwd_prepost.cu), which the drain
 //        thread adds into dq_accum with TMA reductions (cp.reduce.async.bulk.tensor .add). Issuing the
 //        same sums as 16-byte red.global.add from the consumers cost 30-45% of the kernel's time on an H100.
-//   dV is issued before the dS^T store and dK after dQ, so that the tensor cores have work while dS^T goes
-//   to shared memory (dV) and while dQ goes to shared memory (dK).
+//   dQ needs both warpgroups' dS^T rows. Two schedules (kDeferDq):
+//   - lockstep (BM 64): dV; dS^T stored while it runs; a named barrier of both warpgroups; dQ of tile it;
+//     dK, which runs while dQ's block is stored.
+//   - deferred (BM 128): dV, dK, then dQ of tile it - 1 back to back; dS^T of tile it stored while dQ runs,
+//     then dQ's block. The hand-off becomes an mbarrier wait (ds_full) on rows stored an iteration earlier,
+//     not a rendezvous, so the warpgroups drift apart and one's exponentials and stores run while the
+//     other's products keep the tensor cores busy; dS^T buffer it % 2 is rewritten once both warpgroups'
+//     dQ products of tile it - 2, its last readers, have retired (ds_empty).
+//   The dS^T buffer is double-buffered in both: in lockstep, a warpgroup writes buffer it % 2 only after
+//   passing the barrier of iteration it - 1, which the other reaches only after its dQ product of tile
+//   it - 2 has retired.
 //   The fp32 dQ block is stored as boxes of 32 columns with the 128-byte swizzle (32 floats are the widest
 //   box that swizzle allows): a warp's 16-byte stores then spread over all 32 banks (4 wavefronts for 512
 //   bytes), where 256-byte unswizzled rows put its 8 rows on the same 16 banks (8 wavefronts).
-//   The dS^T buffer is double-buffered: a warpgroup writes buffer it % 2 only after passing the barrier of
-//   iteration it - 1, which the other warpgroup reaches only after its dQ product of iteration it - 2 (the
-//   last reader of that buffer) has retired.
 //   Epilogue: dK * softmax_scale and dV to 16 bits, written from registers, rows < seqlen_k, cols < head_dim.
 //
 // P's exponent (bwd_common.cuh, BwdExponent) is picked per query tile by warp 1, which reads the tile's LSE
@@ -88,11 +94,16 @@ static_assert(kBN == 128, "two consumer warpgroups of 64 keys");
 static_assert((kD == 128 && kBM == 64) || (kD == 64 && kBM == 128), "tile shapes with a whole column block per dQ split");
 constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = 240;
-constexpr int kDsBarrier = 1;           // named barrier: both consumer warpgroups' dS^T rows are stored
 // P^T from S^T while dP^T is still running, dS^T once it has retired: keeps P^T in fp32 across the wait
 // (kBM / 2 more live registers), which fits at head dim 128 and not at 64 (BM 128); softcap's dS also needs
 // 1 - tanh^2 of every element, so it computes both at once after both products.
 constexpr bool kEarlyP = !CF_SOFTCAP && kBM == 64;
+// dQ one tile late with mbarrier hand-offs (kDeferDq, see the top) at BM 128 (head dim 64): +7-10% there on
+// the H200. At BM 64 (head dim 128) it cost 5-12% in every order of the products tried (with dK's A from
+// registers ptxas also spilled 20-48 bytes), so that tile keeps both warpgroups in step with a named barrier
+// before dQ of the same tile.
+constexpr bool kDeferDq = kBM == 128;
+constexpr int kDsBarrier = 1;  // named barrier (lockstep mode): both consumer warpgroups' dS^T rows are stored
 
 constexpr u32 kSmemK = 0;
 constexpr u32 kSmemV = kSmemK + kKBytes;
@@ -106,7 +117,7 @@ constexpr u32 kSmemLseExact = kSmemDelta + kStages * kBM * 4;  // natural LSE ro
 constexpr u32 kSmemTileForm = kSmemLseExact + kStages * kBM * 4;  // per stage: 1 = exact form; 128 bytes
 constexpr u32 kSmemDq = (kSmemTileForm + 128 + 1023) / 1024 * 1024;  // the 128-byte swizzle wants 1024-byte boxes
 constexpr u32 kSmemBars = kSmemDq + 2 * kDqBytes;
-constexpr u32 kBarrierBytes = 8 * (5 + 3 * kStages);
+constexpr u32 kBarrierBytes = 8 * (9 + 3 * kStages);
 }  // namespace
 
 extern "C" __device__ const int cf_bwd_sm90_smem_bytes = kSmemBars + kBarrierBytes + 1024;
@@ -140,6 +151,10 @@ struct SmemLayout {
     // dq_full[cw]: warpgroup cw's dQ block is in shared memory; dq_empty[cw]: its reduction has read it.
     __device__ __forceinline__ u32 dq_full(int cw) const { return base + kSmemBars + 8 * (1 + 3 * kStages + cw); }
     __device__ __forceinline__ u32 dq_empty(int cw) const { return base + kSmemBars + 8 * (3 + 3 * kStages + cw); }
+    // ds_full[b]: all 8 consumer warps stored their dS^T rows into buffer b; ds_empty[b]: all 8 have retired
+    // the dQ product that read it. One arrival per warp, as on dq_full.
+    __device__ __forceinline__ u32 ds_full(int b) const { return base + kSmemBars + 8 * (5 + 3 * kStages + b); }
+    __device__ __forceinline__ u32 ds_empty(int b) const { return base + kSmemBars + 8 * (7 + 3 * kStages + b); }
 };
 
 // Query tiles of this CTA: iteration it is query head hk * group + it / n_m, query tile m_lo + it % n_m.
@@ -260,8 +275,51 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
     const float pre = CF_SOFTCAP ? a.softmax_scale / a.softcap : a.softmax_scale;
     const float score_scale = natural_score_scale<CF_SOFTCAP, CF_ALIBI>(a.softmax_scale);
     using Exponent = BwdExponent<!kChooseExponent>;
-#pragma unroll 1
-    for (int it = 0; it < qw.n_iters; ++it) {
+
+    // dQ = dS.K of tile j over all 128 keys, once both warpgroups have stored its dS^T: A = dS read from dS^T
+    // (M-major), B = K (N-major); the k16 step moves 16 key rows = 2048 bytes in both.
+    auto issue_dq = [&](float (&acc)[kDqN / 8][4], int j) {
+        if (kDeferDq) mbar_wait(sm.ds_full(j & 1), (j >> 1) & 1);
+        const u64 a_desc = wgmma::desc_sw128(sm.ds(j & 1) + (kBM == 128 ? cw * kDSBlock : 0), kDSBlock, 1024);
+        const u64 b_desc = wgmma::desc_sw128(sm.k() + (kBM == 64 ? cw * (kDqN / 64) * kKBlock : 0), kKBlock, 1024);
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk)
+            WgmmaShape<kDqN>::ss_tt(reinterpret_cast<float(&)[kDqN / 2]>(acc),
+                                    wgmma::desc_advance(a_desc, kk * 16 * 128),
+                                    wgmma::desc_advance(b_desc, kk * 16 * 128), kk > 0);
+        wgmma::commit();
+    };
+    // Tile j's retired dQ product: its dS^T buffer is handed back, and the block goes to this warpgroup's shared
+    // buffer in dq_accum's layout (bwd_prepost.cu: a lane's columns 2t, 2t+1 of both n8 groups of a 16-column
+    // group are four consecutive floats, chunk 4 (n % 2) + t of a 128-byte box row) once the reduction of
+    // tile j - 1 has read it; the drain thread adds it into dq_accum.
+    auto store_dq = [&](float (&acc)[kDqN / 8][4], int j) {
+        wgmma::fence_operand(reinterpret_cast<float(&)[kDqN / 2]>(acc));
+        if (kDeferDq) {
+            __syncwarp();
+            if (lane == 0) mbar_arrive(sm.ds_empty(j & 1));
+        }
+        mbar_wait(sm.dq_empty(cw), (j & 1) ^ 1);
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int r = warp_in_wg * 16 + g + 8 * hh;
+#pragma unroll
+            for (int n = 0; n < kDqN / 16; ++n) {
+                const u32 addr = sm.dq(cw) + (n / 2) * kDqBoxBytes + r * 128 + (((4 * (n % 2) + t) ^ (r & 7)) << 4);
+                asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n"
+                             :: "r"(addr), "f"(acc[2 * n][2 * hh]), "f"(acc[2 * n][2 * hh + 1]),
+                                "f"(acc[2 * n + 1][2 * hh]), "f"(acc[2 * n + 1][2 * hh + 1]) : "memory");
+            }
+        }
+        fence_proxy_async_smem();
+        __syncwarp();
+        if (lane == 0) mbar_arrive(sm.dq_full(cw));
+    };
+    // One query tile; with_prev: the dQ product of tile it - 1 is interleaved. The first tile is a separate
+    // inlined call with a constant false (not a run-time it > 0 test in the loop) so that ptxas sees
+    // straight-line wgmma pipelines: with the test, it serialized every wgmma (C7514) and spilled 380 bytes.
+    auto tile = [&](int it, bool with_prev) {
         const int s = stage_of(it);
         const u32 ph = parity_of(it);
         const int h = qw.head(bc.hk, it), m0 = qw.m_start(it);
@@ -360,75 +418,91 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
                 }
             }
         }
+        // This tile's dS^T to shared memory, in the swizzled layout TMA would write (rows = keys, columns =
+        // queries). Deferred: once both warpgroups' dQ products of tile it - 2 (the buffer's last readers) have
+        // retired; lockstep: the named barrier of iteration it - 1 ordered that already.
+        auto store_ds = [&]() {
+            const u32 ds_buf = sm.ds(it & 1);
+            if (kDeferDq) mbar_wait(sm.ds_empty(it & 1), ((it >> 1) & 1) ^ 1);
+#pragma unroll
+            for (int kk = 0; kk < kBM / 16; ++kk)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int col = kk * 16 + half * 8;  // query column of this n8 group
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int r = cw * 64 + warp_in_wg * 16 + g + 8 * hh;
+                    const u32 addr = ds_buf + (col / 64) * kDSBlock + r * 128 + ((((col % 64) / 8) ^ (r & 7)) << 4) + t * 4;
+                    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(addr), "r"(ads[kk][2 * half + hh]) : "memory");
+                }
+            }
+            fence_proxy_async_smem();
+            if (kDeferDq) {
+                __syncwarp();
+                if (lane == 0) mbar_arrive(sm.ds_full(it & 1));
+            } else {
+                named_barrier_sync(kDsBarrier, 256);
+            }
+        };
         // dV += P^T.dO and dK += dS^T.Q: B is the query tile read MN-major (rows are queries, the k16 step
         // moves 16 rows = 2048 bytes; LBO steps between 64-column blocks of the head dim).
         const u64 dout_desc = wgmma::desc_sw128(sm.dout(s), kQBlock, 1024);
         const u64 q_desc = wgmma::desc_sw128(sm.q(s), kQBlock, 1024);
+        auto issue_dk = [&]() {
+#pragma unroll
+            for (int kk = 0; kk < kBM / 16; ++kk)
+                WgmmaShape<kD>::rs_tb(reinterpret_cast<float(&)[kD / 2]>(acc_dk), ads[kk],
+                                      wgmma::desc_advance(q_desc, kk * 16 * 128), 1);
+        };
         wgmma::fence();
 #pragma unroll
         for (int kk = 0; kk < kBM / 16; ++kk)
             WgmmaShape<kD>::rs_tb(reinterpret_cast<float(&)[kD / 2]>(acc_dv), ap[kk],
                                   wgmma::desc_advance(dout_desc, kk * 16 * 128), 1);
-        wgmma::commit();
-
-        // dS^T to shared memory in the swizzled layout TMA would write (rows = keys, columns = queries).
-        const u32 ds_buf = sm.ds(it & 1);
-#pragma unroll
-        for (int kk = 0; kk < kBM / 16; ++kk)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int col = kk * 16 + half * 8;  // query column of this n8 group
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int r = cw * 64 + warp_in_wg * 16 + g + 8 * hh;
-                const u32 addr = ds_buf + (col / 64) * kDSBlock + r * 128 + ((((col % 64) / 8) ^ (r & 7)) << 4) + t * 4;
-                asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(addr), "r"(ads[kk][2 * half + hh]) : "memory");
+        float acc_dq[kDqN / 8][4];  // declared per tile: its wgmma operands are read-write, so one outside the
+                                    // loop would be live across the whole iteration
+        if (kDeferDq) {
+            // dV, dK, then dQ of the previous tile back to back; dS^T goes to shared memory while dQ runs,
+            // and dQ's block once it has retired.
+            issue_dk();
+            wgmma::commit();
+            if (with_prev) {
+                issue_dq(acc_dq, it - 1);
+                wgmma::wait<1>();
+            } else {
+                wgmma::wait<0>();
             }
+            mbar_arrive(sm.empty(s));  // dV, dK retired: the stage's Q and dO are no longer read
+            store_ds();
+            if (with_prev) {
+                wgmma::wait<0>();
+                store_dq(acc_dq, it - 1);
+            }
+        } else {
+            // dS^T goes to shared memory while dV runs; after the barrier, dQ of this tile, then dK, whose
+            // product runs while dQ's block is stored.
+            wgmma::commit();
+            store_ds();
+            issue_dq(acc_dq, it);
+            issue_dk();
+            wgmma::commit();
+            wgmma::wait<1>();  // dV and dQ retired; dK still reads the stage's Q
+            store_dq(acc_dq, it);
+            wgmma::wait<0>();
+            mbar_arrive(sm.empty(s));
         }
-        fence_proxy_async_smem();
-        named_barrier_sync(kDsBarrier, 256);
-
-        // dQ = dS.K over all 128 keys: A = dS read from dS^T (M-major), B = K (N-major); the k16 step moves
-        // 16 key rows = 2048 bytes in both. Then dK, whose product runs while dQ is stored.
+    };
+    if (!kDeferDq) {
+#pragma unroll 1
+        for (int it = 0; it < qw.n_iters; ++it) tile(it, false);
+    } else if (qw.n_iters > 0) {
+        tile(0, false);
+#pragma unroll 1
+        for (int it = 1; it < qw.n_iters; ++it) tile(it, true);
         float acc_dq[kDqN / 8][4];
-        const u64 a_desc = wgmma::desc_sw128(ds_buf + (kBM == 128 ? cw * kDSBlock : 0), kDSBlock, 1024);
-        const u64 b_desc = wgmma::desc_sw128(sm.k() + (kBM == 64 ? cw * (kDqN / 64) * kKBlock : 0), kKBlock, 1024);
-        wgmma::fence();
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk)
-            WgmmaShape<kDqN>::ss_tt(reinterpret_cast<float(&)[kDqN / 2]>(acc_dq),
-                                    wgmma::desc_advance(a_desc, kk * 16 * 128),
-                                    wgmma::desc_advance(b_desc, kk * 16 * 128), kk > 0);
-        wgmma::commit();
-#pragma unroll
-        for (int kk = 0; kk < kBM / 16; ++kk)
-            WgmmaShape<kD>::rs_tb(reinterpret_cast<float(&)[kD / 2]>(acc_dk), ads[kk],
-                                  wgmma::desc_advance(q_desc, kk * 16 * 128), 1);
-        wgmma::commit();
-        wgmma::wait<1>();  // dV and dQ retired; dK still reads the stage's Q
-        wgmma::fence_operand(reinterpret_cast<float(&)[kDqN / 2]>(acc_dq));
-
-        // dQ to this warpgroup's shared block in dq_accum's layout (bwd_prepost.cu: a lane's columns 2t, 2t+1 of
-        // both n8 groups of a 16-column group are four consecutive floats, chunk 4 (n % 2) + t of a 128-byte
-        // box row), once the previous block has been read by its reduction; the drain thread adds it into
-        // dq_accum.
-        mbar_wait(sm.dq_empty(cw), (it & 1) ^ 1);
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const int r = warp_in_wg * 16 + g + 8 * hh;
-#pragma unroll
-            for (int n = 0; n < kDqN / 16; ++n) {
-                const u32 addr = sm.dq(cw) + (n / 2) * kDqBoxBytes + r * 128 + (((4 * (n % 2) + t) ^ (r & 7)) << 4);
-                asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n"
-                             :: "r"(addr), "f"(acc_dq[2 * n][2 * hh]), "f"(acc_dq[2 * n][2 * hh + 1]),
-                                "f"(acc_dq[2 * n + 1][2 * hh]), "f"(acc_dq[2 * n + 1][2 * hh + 1]) : "memory");
-            }
-        }
-        fence_proxy_async_smem();
-        __syncwarp();
-        if (lane == 0) mbar_arrive(sm.dq_full(cw));
+        issue_dq(acc_dq, qw.n_iters - 1);
         wgmma::wait<0>();
-        mbar_arrive(sm.empty(s));
+        store_dq(acc_dq, qw.n_iters - 1);
     }
     wgmma::fence_operand(reinterpret_cast<float(&)[kD / 2]>(acc_dk));
     wgmma::fence_operand(reinterpret_cast<float(&)[kD / 2]>(acc_dv));
@@ -472,6 +546,8 @@ attention_bwd_sm90(const __grid_constant__ BackwardSm90Params p) {
         for (int cw = 0; cw < 2; ++cw) {
             mbar_init(sm.dq_full(cw), 4);
             mbar_init(sm.dq_empty(cw), 1);
+            mbar_init(sm.ds_full(cw), 8);
+            mbar_init(sm.ds_empty(cw), 8);
         }
         mbar_fence_init();
     }
