@@ -72,12 +72,16 @@ def main() -> None:
         sq, sk, sv = (x.transpose(1, 2) for x in (tq, tk, tv))  # SDPA's (b, h, s, d) views
         out, lse = cuflash.attention(cq, ck, cv, causal=True, return_lse=True)
         dout = cupy.from_dlpack(torch.randn_like(tq))
+        plan_c, plan_t = cuflash.plan(cq, ck, cv, causal=True), cuflash.plan(tq, tk, tv, causal=True)
         cases = {
             "forward: cuflash.attention (CuPy)": lambda: cuflash.attention(cq, ck, cv, causal=True),
             "forward: cuflash.attention (torch)": lambda: cuflash.attention(tq, tk, tv, causal=True),
+            "forward: cuflash.plan(...).run (CuPy)": lambda: plan_c.run(cq, ck, cv),
+            "forward: cuflash.plan(...).run (torch)": lambda: plan_t.run(tq, tk, tv),
             "forward: flash_attn_func": lambda: ct.flash_attn_func(tq, tk, tv, causal=True),
             "backward: cuflash.attention_backward (CuPy)":
                 lambda: cuflash.attention_backward(dout, cq, ck, cv, out, lse, causal=True),
+            "backward: cuflash.plan(...).run_backward (CuPy)": lambda: plan_c.run_backward(dout, cq, ck, cv, out, lse),
         }
         for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             def sdpa(backend=backend):

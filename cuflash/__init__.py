@@ -3,10 +3,12 @@
     >>> import cuflash
     >>> out = cuflash.attention(q, k, v, causal=True)
 
-See :func:`cuflash.attention`. ``import cuflash`` imports neither PyTorch nor JAX.
+See :func:`cuflash.attention`; :func:`cuflash.plan` checks and compiles a repeated problem once.
+``import cuflash`` imports neither PyTorch nor JAX.
 """
 
 from .api import attention, attention_backward
+from .attention_plan import AttentionPlan, plan
 from .varlen import attention_varlen, attention_varlen_backward
 from .kvcache import attention_with_kvcache, merge_attention_states, merge_attention_states_list
 from .jit import precompile
@@ -25,6 +27,6 @@ def gpu_available() -> bool:
         return False
 
 
-__all__ = ["attention", "attention_backward", "attention_varlen", "attention_varlen_backward",
+__all__ = ["attention", "attention_backward", "plan", "AttentionPlan", "attention_varlen", "attention_varlen_backward",
            "attention_with_kvcache", "merge_attention_states", "merge_attention_states_list", "precompile",
            "gpu_available", "__version__"]

@@ -445,11 +445,20 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
                                                            alibi_slopes)
     deterministic = _check_flag("deterministic", deterministic)
     check_dropout(dropout_p)
+    _check_backward_arrays(call, dout, out, lse)
+    return _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, deterministic)
+
+
+def _check_backward_arrays(call, dout, out, lse):
     qshape = (call.batch, call.seqlen_q, call.heads_q, call.head_dim)
     _check_like(call, "dout", dout, qshape, (call.dtype,))
     _check_like(call, "out", out, qshape, (call.dtype,))
     _check_like(call, "lse", lse, (call.batch, call.heads_q, call.seqlen_q),
                 ("float32", "float64") if call.dtype == "float64" else ("float32",))
+
+
+def _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, deterministic):
+    """The backward on validated arguments."""
     kwargs = dict(causal=causal, softmax_scale=scale, window_size=window, softcap=softcap)
 
     if not call.on_gpu:

@@ -1,5 +1,5 @@
-"""Kernel launches on framework-neutral device views: take the problem's plan (plan.py), bind the pointers,
-workspaces and tensor maps, launch on the caller's stream.
+"""Kernel launches on framework-neutral device views: take the problem's launch plan (launch_plan.py), bind
+the pointers, workspaces and tensor maps, launch on the caller's stream.
 
 Everything here runs on the caller's stream and never synchronizes the host. Arguments arrive validated
 (api.py); this layer only translates them into what the kernels expect.
@@ -12,7 +12,7 @@ import math
 import struct
 import threading
 
-from . import arrays, dispatch, jit, params_layout, plan, tma
+from . import arrays, dispatch, jit, launch_plan, params_layout, tma
 from .arrays import DeviceArray
 
 _LOG2E = 1.4426950408889634
@@ -36,7 +36,7 @@ SM90_PARAMS_BYTES = sm90_params_bytes(4)
 
 
 def _launch(launch, stream: int, pointers: dict, maps: tuple = ()) -> None:
-    """Launches a plan's kernel (plan.KernelLaunch): its parameter block with ``pointers`` (field name ->
+    """Launches a plan's kernel (launch_plan.KernelLaunch): its parameter block with ``pointers`` (field name ->
     address) written in, after the tensor maps the kernel takes first."""
     from cupy.cuda import driver
     # One by-value struct argument: kernelParams is an array holding one pointer to the struct's bytes,
@@ -131,7 +131,7 @@ def _sm_count(device: int) -> int:
 def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, lse: DeviceArray, alibi, *,
             causal: bool, window_size, softmax_scale: float, softcap: float, stream: int, cc: tuple,
             framework: str) -> None:
-    fp = plan.forward(q, k, v, out, alibi, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
+    fp = launch_plan.forward(q, k, v, out, alibi, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
                       softcap=softcap, cc=cc, sm_count=_sm_count(q.device))
     pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "o": out.ptr, "lse": lse.ptr,
                 "alibi": 0 if alibi is None else alibi.ptr}
@@ -150,9 +150,9 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, ls
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
              lse: DeviceArray, alibi, dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, *, causal: bool, window_size,
              softmax_scale: float, softcap: float, deterministic: bool, stream: int, cc: tuple, framework: str) -> None:
-    """The backward's kernels (plan.backward says which), with workspaces from the caller's framework on its
+    """The backward's kernels (launch_plan.backward says which), with workspaces from the caller's framework on its
     stream (CUDA-graph capture needs that)."""
-    bp = plan.backward(dout, q, k, v, out, alibi, dq, dk, dv, causal=causal, window_size=window_size,
+    bp = launch_plan.backward(dout, q, k, v, out, alibi, dq, dk, dv, causal=causal, window_size=window_size,
                        softmax_scale=softmax_scale, softcap=softcap, deterministic=deterministic, cc=cc)
     batch, seqlen_q, heads_q = q.shape[:3]
     delta_native = acc_native = acc = None

@@ -20,8 +20,8 @@ def test_header_is_generated_from_the_table():
 def test_plan_packs_the_table():
     """A plan's parameter block is the table's struct: every field lands at params_layout.OFFSETS, pointers
     left zero for the launch to fill."""
-    from cuflash import plan
-    p = plan._Block()
+    from cuflash import launch_plan
+    p = launch_plan._Block()
     p["seqlen_k"], p["softcap"], p["dv_row_stride"] = 77, 2.5, -3
     packed = p.pack()
     assert len(packed) == params_layout.DTYPE.itemsize

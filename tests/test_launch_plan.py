@@ -1,4 +1,4 @@
-"""Launch plans (cuflash/plan.py), on the CPU: a plan is decided once per problem and reused whatever the
+"""Launch plans (cuflash/launch_plan.py), on the CPU: a plan is decided once per problem and reused whatever the
 addresses; anything the launch depends on (layout, alignment, flags, device, the dispatch environment)
 gives a different plan; the planned launches are the kernels, grids and parameter blocks dispatch implies.
 Kernel functions are stubbed (nothing is loaded or launched here); the GPU tests run the real thing."""
@@ -6,7 +6,7 @@ Kernel functions are stubbed (nothing is loaded or launched here); the GPU tests
 import numpy as np
 import pytest
 
-from cuflash import dispatch, params_layout, plan
+from cuflash import dispatch, launch_plan, params_layout
 from cuflash.arrays import DeviceArray
 
 
@@ -18,13 +18,13 @@ def stub_functions(monkeypatch):
         loaded.append((key.name, arch, device, smem))
         return ("fn", key.name)
 
-    monkeypatch.setattr(plan.jit, "get_function", get_function)
+    monkeypatch.setattr(launch_plan.jit, "get_function", get_function)
     monkeypatch.delenv(dispatch.FWD_KERNEL_ENV, raising=False)
     monkeypatch.delenv(dispatch.BWD_KERNEL_ENV, raising=False)
     monkeypatch.delenv("CUFLASH_FWD_TILES", raising=False)
-    plan._plans.clear()
+    launch_plan._plans.clear()
     yield loaded
-    plan._plans.clear()
+    launch_plan._plans.clear()
 
 
 def _view(shape, ptr, dtype="bfloat16", strides=None):
@@ -41,7 +41,7 @@ def _qkvo(base=0x10000, b=2, sq=300, sk=260, hq=8, hk=2, d=128):
 def _fwd(q, k, v, o, cc=(9, 0), **kw):
     args = dict(causal=True, window_size=(-1, -1), softmax_scale=0.125, softcap=0.0)
     args.update(kw)
-    return plan.forward(q, k, v, o, None, cc=cc, sm_count=132, **args)
+    return launch_plan.forward(q, k, v, o, None, cc=cc, sm_count=132, **args)
 
 
 def _block(launch):
@@ -57,7 +57,7 @@ def test_forward_plan_is_reused_for_new_addresses(stub_functions):
 
 @pytest.mark.parametrize("change", ["seqlen", "stride", "alignment", "flags", "device_cc", "env"])
 def test_forward_plan_changes_with_the_problem(change, monkeypatch):
-    """Each thing the launch depends on besides addresses gives a new plan."""
+    """Each thing the launch depends on besides addresses gives a new launch_plan."""
     base = _fwd(*_qkvo())
     q, k, v, o = _qkvo()
     kw = {}
@@ -107,7 +107,7 @@ def test_backward_plan_launches(deterministic):
     q, k, v, o = _qkvo()
     dout, dq, dk, dv = _view(q.shape, 0x9000000), _view(q.shape, 0xa000000), _view(k.shape, 0xb000000), \
         _view(k.shape, 0xc000000)
-    bp = plan.backward(dout, q, k, v, o, None, dq, dk, dv, causal=False, window_size=(-1, -1), softmax_scale=0.1,
+    bp = launch_plan.backward(dout, q, k, v, o, None, dq, dk, dv, causal=False, window_size=(-1, -1), softmax_scale=0.1,
                        softcap=0.0, deterministic=deterministic, cc=(9, 0))
     names = [launch.fn[1] for launch in bp.launches]
     assert names[0].startswith("bwd_prepost")
@@ -120,5 +120,5 @@ def test_backward_plan_launches(deterministic):
         assert [m[0] for m in bp.launches[1].maps] == ["q", "k", "v", "dout", "dq_accum"]
     main = bp.launches[1]
     assert _block(main)["num_n_blocks"] == -(-260 // 128) and main.grid == -(-260 // 128) * 2 * 2
-    assert plan.backward(dout, q, k, v, o, None, dq, dk, dv, causal=False, window_size=(-1, -1), softmax_scale=0.1,
+    assert launch_plan.backward(dout, q, k, v, o, None, dq, dk, dv, causal=False, window_size=(-1, -1), softmax_scale=0.1,
                          softcap=0.0, deterministic=deterministic, cc=(9, 0)) is bp
