@@ -19,8 +19,8 @@ _MAX_HEAD_DIM = 256
 # The attention kernels read rows in 16-byte chunks: 8 elements of 16 bits.
 _ROW_CHUNK = 8
 
-_DROPOUT_NOT_IMPLEMENTED = ("dropout_p={}: attention dropout is not implemented in cuflash yet; pass "
-                           "dropout_p=0.0 (or apply dropout outside attention)")
+_DROPOUT_NOT_IMPLEMENTED = ("dropout_p={}: attention dropout is not implemented for {} yet; pass dropout_p=0.0 "
+                            "(or apply dropout outside attention)")
 
 
 def _check_flag(name, value):
@@ -49,15 +49,36 @@ def _check_real(name, value, *, allow_none=False, positive=False, nonneg=False):
     return value
 
 
-def check_dropout(dropout_p):
-    """The ``dropout_p`` every entry point takes: a probability in [0, 1); anything above 0 raises
-    NotImplementedError until attention dropout exists."""
+def _check_probability(dropout_p):
     p = _check_real("dropout_p", dropout_p, nonneg=True)
     if p >= 1:
         raise ValueError(f"dropout_p must be in [0, 1), got {p}")
-    if p > 0:
-        raise NotImplementedError(_DROPOUT_NOT_IMPLEMENTED.format(p))
     return p
+
+
+def check_dropout(dropout_p, where):
+    """The ``dropout_p`` of an entry point without dropout yet (``where`` names it): a probability in
+    [0, 1); anything above 0 raises NotImplementedError."""
+    p = _check_probability(dropout_p)
+    if p > 0:
+        raise NotImplementedError(_DROPOUT_NOT_IMPLEMENTED.format(p, where))
+    return p
+
+
+def _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset):
+    """``(p, seed, offset)`` for a call with dropout, None without. The GPU kernels have no dropout variant
+    yet (NotImplementedError); on the CPU path p > 0 needs an int seed."""
+    p = _check_probability(dropout_p)
+    if p == 0:
+        return None
+    if call.on_gpu:
+        raise NotImplementedError(_DROPOUT_NOT_IMPLEMENTED.format(p, "GPU arrays (the kernels)") +
+                                  "; the CPU path (NumPy arrays, torch CPU tensors) has it")
+    from .dropout import check_seed
+    if dropout_seed is None:
+        raise TypeError(f"dropout_p={p} needs dropout_seed (an int in [0, 2**64)); the forward and the backward "
+                        f"given the same dropout_seed and dropout_offset draw the same mask")
+    return p, check_seed("dropout_seed", dropout_seed), check_seed("dropout_offset", dropout_offset)
 
 
 def _check_window(window_size):
@@ -263,7 +284,7 @@ def _cc(device: int) -> tuple:
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
-              alibi_slopes=None, return_lse=False, dropout_p=0.0):
+              alibi_slopes=None, return_lse=False, dropout_p=0.0, dropout_seed=None, dropout_offset=0):
     """Exact scaled dot-product attention, computed by FlashAttention kernels.
 
     Parameters
@@ -293,9 +314,15 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
         Adds ``-slope * |i + seqlen_k - seqlen_q - j|`` to the scores. Same array type and device as ``q``.
     return_lse : bool
         Also return the log-sum-exp of each score row.
-    dropout_p : float
-        Attention dropout probability. Only 0.0 is supported yet: a value in (0, 1) raises
-        NotImplementedError.
+    dropout_p : float in [0, 1)
+        Attention dropout: each probability is kept with probability ``1 - p`` (to within 2**-17) and
+        scaled by ``1 / (1 - p)``; the LSE is the softmax's, before dropout. The mask is a pure function of
+        ``dropout_seed``, ``dropout_offset`` and (batch, head, query, key) (:func:`cuflash.dropout_mask`
+        returns it; cuflash/dropout.py gives the Philox4x32-10 counter layout). CPU path only so far: GPU
+        arrays with ``dropout_p > 0`` raise NotImplementedError.
+    dropout_seed, dropout_offset : int in [0, 2**64)
+        The generator's key and counter offset; ``dropout_seed`` is required when ``dropout_p > 0``. Pass
+        the same values to :func:`attention_backward`.
 
     Returns
     -------
@@ -313,7 +340,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     ValueError
         Shapes, devices or values out of range (the message names the argument).
     NotImplementedError
-        ``dropout_p > 0``.
+        ``dropout_p > 0`` on GPU arrays.
 
     Notes
     -----
@@ -330,12 +357,14 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     causal, scale, window, softcap, alibi = _check_options(call, causal, softmax_scale, window_size, softcap,
                                                            alibi_slopes)
     return_lse = _check_flag("return_lse", return_lse)
-    check_dropout(dropout_p)
+    dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset)
     if call.fw == "torch" and _needs_autograd(q, k, v):
         from . import torch as torch_adapter
+        drop = {} if dropout is None else dict(dropout_p=dropout[0], dropout_seed=dropout[1],
+                                               dropout_offset=dropout[2])
         return torch_adapter.attention(q, k, v, causal=causal, softmax_scale=scale, window_size=window,
-                                       softcap=softcap, alibi_slopes=alibi, return_lse=return_lse)
-    return _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse)
+                                       softcap=softcap, alibi_slopes=alibi, return_lse=return_lse, **drop)
+    return _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, dropout)
 
 
 def _needs_autograd(*tensors) -> bool:
@@ -343,8 +372,13 @@ def _needs_autograd(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse):
-    """The forward on validated arguments (the PyTorch custom op enters here)."""
+def _dropout_kwargs(dropout):
+    return {} if dropout is None else dict(dropout_p=dropout[0], dropout_seed=dropout[1], dropout_offset=dropout[2])
+
+
+def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, dropout=None):
+    """The forward on validated arguments (the PyTorch custom op enters here); ``dropout`` is None or
+    ``(p, seed, offset)`` (CPU path only: checked before)."""
     kwargs = dict(causal=causal, softmax_scale=scale, window_size=window, softcap=softcap)
 
     if not call.on_gpu:
@@ -352,7 +386,7 @@ def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse):
             raise TypeError("q is a bfloat16 CPU tensor; the CPU path computes float16/32/64 (NumPy has no bfloat16)")
         slopes = None if alibi is None else np.asarray(_to_numpy(alibi, arrays.framework_of(alibi)))
         out, lse = reference.attention_numpy(_to_numpy(q, call.fw), _to_numpy(k, call.fw), _to_numpy(v, call.fw),
-                                             alibi_slopes=slopes, **kwargs)
+                                             alibi_slopes=slopes, **kwargs, **_dropout_kwargs(dropout))
         out, lse = _from_numpy(out, call.fw), _from_numpy(lse, call.fw)
         return (out, lse) if return_lse else out
 
@@ -394,7 +428,8 @@ def _check_like(call, name, x, shape, dtypes):
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, window_size=(-1, -1),
-                       softcap=0.0, alibi_slopes=None, deterministic=False, dropout_p=0.0):
+                       softcap=0.0, alibi_slopes=None, deterministic=False, dropout_p=0.0, dropout_seed=None,
+                       dropout_offset=0):
     """Gradients of :func:`attention` with respect to q, k and v.
 
     The softmax is recomputed block by block from the saved ``lse`` (nothing quadratic is stored).
@@ -412,8 +447,8 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     deterministic : bool
         Bitwise-reproducible gradients (a separate pass computes dq instead of atomic accumulation;
         slower). The forward is always deterministic.
-    dropout_p : float
-        As passed to the forward; only 0.0 is supported yet (NotImplementedError otherwise).
+    dropout_p, dropout_seed, dropout_offset
+        As passed to the forward: the backward replays the forward's mask from them.
 
     Returns
     -------
@@ -426,7 +461,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     TypeError, ValueError
         As :func:`attention`, and for ``dout``/``out``/``lse`` whose shape, dtype or device do not match.
     NotImplementedError
-        ``dropout_p > 0``.
+        ``dropout_p > 0`` on GPU arrays.
 
     Notes
     -----
@@ -444,9 +479,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     causal, scale, window, softcap, alibi = _check_options(call, causal, softmax_scale, window_size, softcap,
                                                            alibi_slopes)
     deterministic = _check_flag("deterministic", deterministic)
-    check_dropout(dropout_p)
+    dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset)
     _check_backward_arrays(call, dout, out, lse)
-    return _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, deterministic)
+    return _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, deterministic, dropout)
 
 
 def _check_backward_arrays(call, dout, out, lse):
@@ -457,8 +492,8 @@ def _check_backward_arrays(call, dout, out, lse):
                 ("float32", "float64") if call.dtype == "float64" else ("float32",))
 
 
-def _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, deterministic):
-    """The backward on validated arguments."""
+def _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, deterministic, dropout=None):
+    """The backward on validated arguments (``dropout`` as for :func:`_forward`)."""
     kwargs = dict(causal=causal, softmax_scale=scale, window_size=window, softcap=softcap)
 
     if not call.on_gpu:
@@ -466,7 +501,8 @@ def _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softc
             raise TypeError("q is a bfloat16 CPU tensor; the CPU path computes float16/32/64 (NumPy has no bfloat16)")
         slopes = None if alibi is None else np.asarray(_to_numpy(alibi, arrays.framework_of(alibi)))
         grads = reference.attention_backward_numpy(
-            *(_to_numpy(x, call.fw) for x in (dout, q, k, v, out, lse)), alibi_slopes=slopes, **kwargs)
+            *(_to_numpy(x, call.fw) for x in (dout, q, k, v, out, lse)), alibi_slopes=slopes, **kwargs,
+            **_dropout_kwargs(dropout))
         return tuple(_from_numpy(g, call.fw) for g in grads)
 
     from . import ops

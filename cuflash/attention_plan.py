@@ -158,7 +158,7 @@ def plan(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), sof
     deterministic : bool
         As :func:`cuflash.attention_backward`, for :meth:`AttentionPlan.run_backward`.
     dropout_p : float
-        Only 0.0 (attention dropout is not implemented yet: NotImplementedError).
+        Only 0.0 (a plan does not take dropout yet: NotImplementedError; :func:`cuflash.attention` does).
     backward : bool
         Also compile and plan the backward's kernels (default True).
 
@@ -184,7 +184,7 @@ def plan(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), sof
     return_lse = api._check_flag("return_lse", return_lse)
     deterministic = api._check_flag("deterministic", deterministic)
     backward = api._check_flag("backward", backward)
-    api.check_dropout(dropout_p)
+    api.check_dropout(dropout_p, "cuflash.plan")
     planned = AttentionPlan(call, alibi, causal, scale, window, softcap, return_lse, deterministic)
     if call.on_gpu and not call.empty:
         _prepare_launches(call, q, k, v, alibi, planned, backward)

@@ -164,8 +164,20 @@ def _reference_probs(s, mask):
     return p, lse[..., 0]
 
 
+def _dropout_keep(shape, dropout_p, dropout_seed, dropout_offset):
+    """``(keep, 1 / (1 - p))`` for a (b, hq, sq, sk) score matrix, or None without dropout."""
+    if not dropout_p:
+        return None
+    from . import dropout
+    b, hq, sq, sk = shape
+    keep = dropout.dropout_mask(b, hq, sq, sk, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                                dropout_offset=dropout_offset)
+    return keep, 1.0 / (1.0 - dropout_p)
+
+
 def attention_reference(q, k, v, *, causal=False, softmax_scale=None,
-                        window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
+                        window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                        dropout_p=0.0, dropout_seed=None, dropout_offset=0):
     """Naive attention in float64, materialising the full score matrix.
 
     Parameters
@@ -176,6 +188,9 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None,
         See the module docstring; ``softmax_scale`` defaults to
         ``head_dim ** -0.5``; ``alibi_slopes`` is ``(heads_q,)`` or
         ``(batch, heads_q)``.
+    dropout_p, dropout_seed, dropout_offset
+        Attention dropout (cuflash/dropout.py: the mask and the ``1 / (1 - p)`` scaling); the LSE is
+        the softmax's, before dropout.
 
     Returns
     -------
@@ -188,13 +203,17 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None,
     v = np.asarray(v, dtype=np.float64)
     v = np.repeat(v, hq // v.shape[2], axis=2)
     p, lse = _reference_probs(s, mask)
+    drop = _dropout_keep(s.shape, dropout_p, dropout_seed, dropout_offset)
+    if drop is not None:
+        p = np.where(drop[0], p * drop[1], 0.0)
     out = np.einsum("bhqk,bkhd->bqhd", p, v)
     return out, lse
 
 
 def attention_backward_reference(dout, q, k, v, *, causal=False,
                                  softmax_scale=None, window_size=(-1, -1),
-                                 softcap=0.0, alibi_slopes=None):
+                                 softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+                                 dropout_seed=None, dropout_offset=0):
     """Naive float64 gradients of ``attention_reference``'s output.
 
     The softmax is recomputed from scratch in float64, so the result does not
@@ -226,9 +245,15 @@ def attention_backward_reference(dout, q, k, v, *, causal=False,
     ke = np.repeat(k, g, axis=2)
     ve = np.repeat(v, g, axis=2)
     p, _ = _reference_probs(s, mask)
-    out = np.einsum("bhqk,bkhd->bqhd", p, ve)
-    dv = np.einsum("bhqk,bqhd->bkhd", p, do)
+    # With dropout, out = (P o Z / (1 - p)) V: dV takes the dropped P, dP the mask, and
+    # rowsum(dP o P) = rowsum(dout o out) still (FlashAttention-2's Algorithm 4).
+    drop = _dropout_keep(s.shape, dropout_p, dropout_seed, dropout_offset)
+    pd = p if drop is None else np.where(drop[0], p * drop[1], 0.0)
+    out = np.einsum("bhqk,bkhd->bqhd", pd, ve)
+    dv = np.einsum("bhqk,bqhd->bkhd", pd, do)
     dp = np.einsum("bqhd,bkhd->bhqk", do, ve)
+    if drop is not None:
+        dp = np.where(drop[0], dp * drop[1], 0.0)
     delta = np.einsum("bqhd,bqhd->bhq", do, out)
     ds = p * (dp - delta[..., None])
     if tanh is not None:
@@ -350,7 +375,8 @@ class _Tiles:
     """Per-call constants of the tiled forward / backward."""
 
     def __init__(self, q, k, causal, softmax_scale, window_size, softcap,
-                 alibi_slopes, block_q, block_k):
+                 alibi_slopes, block_q, block_k, dropout=None):
+        self.dropout = dropout  # None or (p, seed, offset)
         self.dtype = q.dtype
         self.acc = acc = _acc_dtype(q.dtype)
         self.b, self.sq, self.hq, self.d = b, sq, hq, d = q.shape
@@ -389,6 +415,16 @@ class _Tiles:
         """Flat scratch space for the largest tile (reused: no page faults)."""
         return np.empty(self.hc * self.bq * self.g * self.bk, dtype=self.acc)
 
+    def keep(self, h0, h1, q0, q1, k0, k1):
+        """The dropout keep mask of a tile as the tile's rows lay it out: bool ``(h1 - h0, (q1 - q0) * g,
+        k1 - k0)``, row ``t * g + r`` of matrix ``bi * heads_k + kv`` being query head ``kv * g + r``."""
+        from . import dropout
+        p, seed, offset = self.dropout
+        hh = np.arange(h0, h1)
+        bh = ((hh // self.hk) * self.hq + (hh % self.hk) * self.g)[:, None] + np.arange(self.g)
+        z = dropout.keep_tile(seed, offset, p, bh, (q0, q1), (k0, k1))  # (n, g, rows, keys)
+        return z.transpose(0, 2, 1, 3).reshape(h1 - h0, (q1 - q0) * self.g, k1 - k0)
+
 
 def _tile_scores(t, qt, kt, s, tanh, h0, h1, q0, q1, k0, k1, masked):
     """Scores of one tile, written into ``s`` ``(heads, (q1 - q0) * g, k1 - k0)``.
@@ -416,9 +452,14 @@ def _tile_scores(t, qt, kt, s, tanh, h0, h1, q0, q1, k0, k1, masked):
         np.copyto(s4, t.acc(-np.inf), where=~vis[:, None, :])
 
 
+def _dropout_args(dropout_p, dropout_seed, dropout_offset):
+    return (dropout_p, dropout_seed, dropout_offset) if dropout_p else None
+
+
 def attention_numpy(q, k, v, *, causal=False, softmax_scale=None,
                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                    block_q=None, block_k=None):
+                    block_q=None, block_k=None, dropout_p=0.0, dropout_seed=None,
+                    dropout_offset=0):
     """Tiled FlashAttention forward on the CPU.
 
     Iterates over head chunks and query blocks and, inside, over the key
@@ -435,7 +476,8 @@ def attention_numpy(q, k, v, *, causal=False, softmax_scale=None,
     block_q, block_k : int or None
         Tile sizes (need not divide the sequence lengths); None picks them.
     other keyword arguments
-        As for :func:`attention_reference`.
+        As for :func:`attention_reference` (dropout: each tile's probabilities are masked before the
+        ``P V`` product, never in the row sums).
 
     Returns
     -------
@@ -448,7 +490,8 @@ def attention_numpy(q, k, v, *, causal=False, softmax_scale=None,
     """
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     t = _Tiles(q, k, causal, softmax_scale, window_size, softcap,
-               alibi_slopes, block_q, block_k)
+               alibi_slopes, block_q, block_k,
+               _dropout_args(dropout_p, dropout_seed, dropout_offset))
     acc, d, g = t.acc, t.d, t.g
     if t.empty:
         return (np.zeros(q.shape, dtype=t.dtype),
@@ -483,6 +526,8 @@ def attention_numpy(q, k, v, *, causal=False, softmax_scale=None,
             # accurate (1024 x 1324 keys, float32: out 1.9e-6 vs 1.5e-6, dq
             # 2.2e-6 vs 1.5e-6 relative to the float64 reference).
             ls = s.sum(axis=-1)
+            if t.dropout is not None:
+                s *= t.keep(h0, h1, q0, q1, k0, k1)
             pv = np.matmul(s, V[h0:h1, k0:k1])
             if o is None:
                 o, l = pv, ls
@@ -499,7 +544,10 @@ def attention_numpy(q, k, v, *, causal=False, softmax_scale=None,
             continue
         empty = l == 0
         l_safe = np.where(empty, acc(1), l)
-        np.divide(o, l_safe[..., None], out=O[h0:h1, r0:r1])
+        if t.dropout is not None:  # 1 / (1 - p) rides in the normalizer, not in the LSE
+            np.divide(o, (l_safe * acc(1.0 - t.dropout[0]))[..., None], out=O[h0:h1, r0:r1])
+        else:
+            np.divide(o, l_safe[..., None], out=O[h0:h1, r0:r1])
         lse = m + np.log(l_safe)
         lse[empty] = np.inf
         L[h0:h1, r0:r1] = lse
@@ -512,7 +560,8 @@ def attention_numpy(q, k, v, *, causal=False, softmax_scale=None,
 def attention_backward_numpy(dout, q, k, v, out, lse, *, causal=False,
                              softmax_scale=None, window_size=(-1, -1),
                              softcap=0.0, alibi_slopes=None, block_q=None,
-                             block_k=None):
+                             block_k=None, dropout_p=0.0, dropout_seed=None,
+                             dropout_offset=0):
     """Tiled FlashAttention backward on the CPU.
 
     Computes ``D = rowsum(dout * out)``, then, per head chunk and query block,
@@ -529,7 +578,9 @@ def attention_backward_numpy(dout, q, k, v, out, lse, *, causal=False,
     lse : array, ``(batch, heads_q, seqlen_q)``, from :func:`attention_numpy`
         (``+inf`` on empty rows, which makes their P and gradients 0).
     other keyword arguments
-        As for :func:`attention_numpy`.
+        As for :func:`attention_numpy`. With dropout each tile replays the forward's mask: dV takes
+        ``P o Z / (1 - p)``, and ``dS = P o (dP~ o Z / (1 - p) - D)`` with ``dP~ = dout V^T`` and
+        ``D = rowsum(dout o out)`` (FlashAttention-2's Algorithm 4), so ``- D`` cannot ride in the product.
 
     Returns
     -------
@@ -538,7 +589,8 @@ def attention_backward_numpy(dout, q, k, v, out, lse, *, causal=False,
     """
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     t = _Tiles(q, k, causal, softmax_scale, window_size, softcap,
-               alibi_slopes, block_q, block_k)
+               alibi_slopes, block_q, block_k,
+               _dropout_args(dropout_p, dropout_seed, dropout_offset))
     acc, d, g = t.acc, t.d, t.g
     if t.empty:
         return tuple(np.zeros(x.shape, dtype=t.dtype) for x in (q, k, v))
@@ -582,9 +634,16 @@ def attention_backward_numpy(dout, q, k, v, out, lse, *, causal=False,
             # Masked entries are -inf and empty rows have lse = +inf (or the
             # huge stand-in), so exp() gives exact zeros there.
             np.exp(p, out=p)
-            dV[h0:h1, k0:k1] += np.matmul(p.swapaxes(-1, -2), dot[..., :d])
             ds = dpbuf[:size].reshape(shape)
-            np.matmul(dot, V[h0:h1, k0:k1].swapaxes(-1, -2), out=ds)
+            if t.dropout is None:
+                dV[h0:h1, k0:k1] += np.matmul(p.swapaxes(-1, -2), dot[..., :d])
+                np.matmul(dot, V[h0:h1, k0:k1].swapaxes(-1, -2), out=ds)
+            else:
+                zs = t.keep(h0, h1, q0, q1, k0, k1) * acc(1.0 / (1.0 - t.dropout[0]))
+                dV[h0:h1, k0:k1] += np.matmul((p * zs).swapaxes(-1, -2), dot[..., :d])
+                np.matmul(dot[..., :d], V[h0:h1, k0:k1, :d].swapaxes(-1, -2), out=ds)
+                ds *= zs
+                ds += dot[..., d:]                    # - D
             ds *= p                                   # P * (dP - D)
             if capped:
                 np.multiply(tanh, tanh, out=tanh)

@@ -18,11 +18,21 @@ from . import api, kvcache, varlen
 _lib = torch.library.Library("cuflash", "DEF")
 _lib.define(
     "fwd(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, bool causal, float softmax_scale, "
-    "int window_left, int window_right, float softcap, bool deterministic) -> (Tensor, Tensor)")
+    "int window_left, int window_right, float softcap, bool deterministic, float dropout_p, int dropout_seed, "
+    "int dropout_offset) -> (Tensor, Tensor)")
 _lib.define(
     "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? alibi_slopes, bool causal, "
-    "float softmax_scale, int window_left, int window_right, float softcap, bool deterministic) "
-    "-> (Tensor, Tensor, Tensor)")
+    "float softmax_scale, int window_left, int window_right, float softcap, bool deterministic, float dropout_p, "
+    "int dropout_seed, int dropout_offset) -> (Tensor, Tensor, Tensor)")
+
+
+# Dropout seeds and offsets are 64-bit unsigned (cuflash/dropout.py); the schemas' ints are int64.
+def _to_i64(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _to_u64(x: int) -> int:
+    return x + (1 << 64) if x < 0 else x
 
 
 def _options(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap):
@@ -31,17 +41,20 @@ def _options(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_r
     return call, opts
 
 
-def _fwd(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap, deterministic):
+def _fwd(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap, deterministic, dropout_p,
+         dropout_seed, dropout_offset):
     call, (causal, scale, window, softcap, alibi) = _options(q, k, v, alibi_slopes, causal, softmax_scale,
                                                              window_left, window_right, softcap)
-    return api._forward(call, q, k, v, alibi, causal, scale, window, softcap, True)
+    dropout = api._check_dropout_args(call, dropout_p, _to_u64(dropout_seed), _to_u64(dropout_offset))
+    return api._forward(call, q, k, v, alibi, causal, scale, window, softcap, True, dropout)
 
 
 def _bwd(dout, q, k, v, out, lse, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap,
-         deterministic):
+         deterministic, dropout_p, dropout_seed, dropout_offset):
     return api.attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale,
                                   window_size=(window_left, window_right), softcap=softcap,
-                                  alibi_slopes=alibi_slopes, deterministic=deterministic)
+                                  alibi_slopes=alibi_slopes, deterministic=deterministic, dropout_p=dropout_p,
+                                  dropout_seed=_to_u64(dropout_seed), dropout_offset=_to_u64(dropout_offset))
 
 
 _lib.define(
@@ -99,7 +112,8 @@ for _device in ("CUDA", "CPU"):
 
 
 @torch.library.register_fake("cuflash::fwd")
-def _fwd_fake(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap, deterministic):
+def _fwd_fake(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap, deterministic,
+              dropout_p, dropout_seed, dropout_offset):
     # Validation runs here too, so that a traced (torch.compile) call rejects bad input at trace time.
     _options(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap)
     b, sq, hq, d = q.shape
@@ -132,7 +146,7 @@ def _kvcache_fwd_fake(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_s
 
 @torch.library.register_fake("cuflash::bwd")
 def _bwd_fake(dout, q, k, v, out, lse, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap,
-              deterministic):
+              deterministic, dropout_p, dropout_seed, dropout_offset):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -152,11 +166,12 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap,
-                deterministic):
-        out, lse = torch.ops.cuflash.fwd(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right,
-                                         softcap, deterministic)
+                deterministic, dropout_p, dropout_seed, dropout_offset):
+        options = (causal, softmax_scale, window_left, window_right, softcap, deterministic, dropout_p, dropout_seed,
+                   dropout_offset)
+        out, lse = torch.ops.cuflash.fwd(q, k, v, alibi_slopes, *options)
         ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
-        ctx.options = (causal, softmax_scale, window_left, window_right, softcap, deterministic)
+        ctx.options = options  # dropout: the same seed and offset replay the forward's mask
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -165,7 +180,7 @@ class _Attention(torch.autograd.Function):
         # Gradients flow through `out` only; like FlashAttention, the LSE output is treated as a constant.
         q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
         dq, dk, dv = torch.ops.cuflash.bwd(dout.contiguous(), q, k, v, out, lse, alibi_slopes, *ctx.options)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return (dq, dk, dv) + (None,) * 10
 
 
 class _VarlenAttention(torch.autograd.Function):
@@ -203,7 +218,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     tensors only so far (CUDA tensors raise NotImplementedError); ``block_table`` (paged KV) raises
     NotImplementedError; ``dropout_p > 0`` too.
     """
-    api.check_dropout(dropout_p)
+    api.check_dropout(dropout_p, "variable-length attention")
     if block_table is not None:
         raise NotImplementedError("block_table (paged KV cache) is not implemented in cuflash yet")
     softmax_scale = _default_scale(q, softmax_scale)
@@ -238,21 +253,37 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return (out, lse) if return_softmax_lse else out
 
 
+def _dropout_seed(q, dropout_p, dropout_seed, dropout_offset):
+    """(seed, offset) as int64 for the op schemas: the caller's, or, without a seed and with dropout_p > 0, a
+    seed drawn from torch's default generator (so that torch.manual_seed reproduces a run)."""
+    if dropout_seed is None:
+        if not dropout_p:
+            return 0, 0
+        if q.is_cuda:  # before drawing: the op raises NotImplementedError for CUDA tensors with dropout
+            return 0, 0
+        dropout_seed = int(torch.randint(0, (1 << 63) - 1, (), dtype=torch.int64))
+    from .dropout import check_seed
+    return (_to_i64(check_seed("dropout_seed", dropout_seed)), _to_i64(check_seed("dropout_offset", dropout_offset)))
+
+
 def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
-              alibi_slopes=None, return_lse=False, deterministic=False, dropout_p=0.0):
+              alibi_slopes=None, return_lse=False, deterministic=False, dropout_p=0.0, dropout_seed=None,
+              dropout_offset=0):
     """Differentiable :func:`cuflash.attention` for torch tensors (same arguments and semantics).
 
     ``deterministic=True`` makes the backward bitwise reproducible. The returned LSE (``return_lse``) is
-    not differentiated through. ``dropout_p > 0`` raises NotImplementedError.
+    not differentiated through. Dropout (``dropout_p > 0``) on CPU tensors: without ``dropout_seed`` a seed
+    is drawn from torch's default generator (``torch.manual_seed`` reproduces the mask), and the backward
+    replays the forward's mask; CUDA tensors raise NotImplementedError until the kernels have dropout.
     """
-    api.check_dropout(dropout_p)
+    seed, offset = _dropout_seed(q, dropout_p, dropout_seed, dropout_offset)
     softmax_scale = _default_scale(q, softmax_scale)
     left, right = window_size
+    args = (causal, softmax_scale, left, right, softcap, deterministic, dropout_p, seed, offset)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _Attention.apply(q, k, v, alibi_slopes, causal, softmax_scale, left, right, softcap, deterministic)
+        out, lse = _Attention.apply(q, k, v, alibi_slopes, *args)
     else:
-        out, lse = torch.ops.cuflash.fwd(q, k, v, alibi_slopes, causal, softmax_scale, left, right, softcap,
-                                         deterministic)
+        out, lse = torch.ops.cuflash.fwd(q, k, v, alibi_slopes, *args)
     return (out, lse) if return_lse else out
 
 
@@ -261,8 +292,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """FlashAttention-2's ``flash_attn_func`` with its argument order, defaults and return values.
 
     q (batch, seqlen_q, heads, head_dim), k/v (batch, seqlen_k, heads_k, head_dim). Returns ``out``, or
-    ``(out, softmax_lse, None)`` with ``return_attn_probs=True`` (the attention-probability matrix is only
-    ever produced by FlashAttention's dropout path, which cuflash does not have).
+    ``(out, softmax_lse, None)`` with ``return_attn_probs=True`` (cuflash does not return FlashAttention's
+    ``S_dmask``; :func:`cuflash.dropout_mask` gives the dropout mask). ``dropout_p > 0``: the seed comes
+    from torch's default generator (see :func:`attention`); CPU tensors only so far.
     """
     out, lse = attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                          softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True, deterministic=deterministic,

@@ -51,7 +51,11 @@ BAD = [
     ("dropout not a number", dict(dropout_p="0.1"), TypeError, "dropout_p must be a real number"),
     ("dropout negative", dict(dropout_p=-0.1), ValueError, "dropout_p must be >= 0"),
     ("dropout one", dict(dropout_p=1.0), ValueError, "dropout_p must be in [0, 1)"),
-    ("dropout on", dict(dropout_p=0.1), NotImplementedError, "dropout_p=0.1: attention dropout is not implemented"),
+    ("dropout without seed", dict(dropout_p=0.1), TypeError, "dropout_p=0.1 needs dropout_seed"),
+    ("dropout seed float", dict(dropout_p=0.1, dropout_seed=1.5), TypeError, "dropout_seed must be an int"),
+    ("dropout seed negative", dict(dropout_p=0.1, dropout_seed=-1), ValueError, "dropout_seed must be in [0, 2**64)"),
+    ("dropout offset too big", dict(dropout_p=0.1, dropout_seed=1, dropout_offset=1 << 64), ValueError,
+     "dropout_offset must be in"),
 ]
 
 
@@ -107,8 +111,8 @@ def test_torch_cpu_tensors_use_cpu_path():
 @pytest.mark.parametrize("entry", ["attention", "attention_backward", "torch.attention", "flash_attn_func",
                                    "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func"])
 def test_every_entry_point_takes_dropout_p(entry):
-    """Every public entry point accepts ``dropout_p``: 0.0 runs, p > 0 raises the same NotImplementedError
-    (naming dropout_p) before any compute."""
+    """Every dense entry point takes ``dropout_p``: 0.0 gives the result without dropout, p > 0 applies
+    the mask on the CPU path (differs from p = 0, reproducible with the same seed)."""
     q, k, v = _qkv(b=1, sq=5, sk=5, hq=2, hk=2, d=8)
     if entry.startswith(("torch", "flash")):
         torch = pytest.importorskip("torch", reason="the PyTorch adapter needs torch")
@@ -118,14 +122,20 @@ def test_every_entry_point_takes_dropout_p(entry):
               "flash_attn_func": lambda p: ct.flash_attn_func(q, k, v, dropout_p=p),
               "flash_attn_qkvpacked_func": lambda p: ct.flash_attn_qkvpacked_func(torch.stack([q, k, v], 2), p),
               "flash_attn_kvpacked_func": lambda p: ct.flash_attn_kvpacked_func(q, torch.stack([k, v], 2), p)}[entry]
+
+        def seeded(p):
+            torch.manual_seed(3)
+            return fn(p).numpy()
+        run = seeded
     elif entry == "attention":
-        fn = lambda p: cuflash.attention(q, k, v, dropout_p=p)  # noqa: E731
+        run = lambda p: cuflash.attention(q, k, v, dropout_p=p, dropout_seed=3)  # noqa: E731
     else:
         out, lse = cuflash.attention(q, k, v, return_lse=True)
-        fn = lambda p: cuflash.attention_backward(np.ones_like(out), q, k, v, out, lse, dropout_p=p)  # noqa: E731
-    fn(0.0)
-    with pytest.raises(NotImplementedError, match="dropout_p=0.25: attention dropout is not implemented"):
-        fn(0.25)
+        run = lambda p: cuflash.attention_backward(np.ones_like(out), q, k, v, out, lse, dropout_p=p,  # noqa: E731
+                                                   dropout_seed=3)[0]
+    plain, dropped = run(0.0), run(0.25)
+    assert not np.array_equal(plain, dropped)
+    np.testing.assert_array_equal(dropped, run(0.25))
 
 
 def test_torch_head_dim_zero_is_a_value_error():

@@ -42,10 +42,11 @@ def test_gradcheck_with_every_feature():
 def test_opcheck_forward_and_backward_ops():
     """torch.library.opcheck validates the fake implementations and registrations of both ops."""
     q, k, v = (t.detach().float() for t in _qkv())
-    torch.library.opcheck(torch.ops.cuflash.fwd.default, (q, k, v, None, True, 0.25, -1, -1, 0.0, False))
-    out, lse = torch.ops.cuflash.fwd(q, k, v, None, True, 0.25, -1, -1, 0.0, False)
-    torch.library.opcheck(torch.ops.cuflash.bwd.default,
-                          (torch.randn_like(out), q, k, v, out, lse, None, True, 0.25, -1, -1, 0.0, False))
+    for drop in ((0.0, 0, 0), (0.2, 7, 3), (0.2, -5, 0)):  # a negative int64 seed is 2**64 - 5
+        args = (None, True, 0.25, -1, -1, 0.0, False) + drop
+        torch.library.opcheck(torch.ops.cuflash.fwd.default, (q, k, v) + args)
+        out, lse = torch.ops.cuflash.fwd(q, k, v, *args)
+        torch.library.opcheck(torch.ops.cuflash.bwd.default, (torch.randn_like(out), q, k, v, out, lse) + args)
 
 
 def test_torch_compile_fullgraph():
@@ -116,11 +117,29 @@ def test_packed_variants_match_unpacked():
         ct.flash_attn_qkvpacked_func(q)
 
 
-def test_dropout_not_implemented():
-    """dropout_p > 0 raises NotImplementedError naming dropout (never silently ignored)."""
-    q, k, v = _qkv(grad=False)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        ct.flash_attn_func(q, k, v, dropout_p=0.1)
+def test_dropout_on_cpu_tensors():
+    """flash_attn_func with dropout_p > 0 on CPU tensors: the seed comes from torch's default generator
+    (torch.manual_seed reproduces output and gradients), and output and gradients equal the float64
+    reference with the mask cuflash.dropout_mask gives for that seed (drawn the same way here)."""
+    q, k, v = _qkv()
+    dout = torch.randn(q.shape, dtype=q.dtype)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        out = ct.flash_attn_func(q, k, v, dropout_p=0.3, causal=True)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        runs.append((out.detach(), *grads))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.manual_seed(11)
+    seed = int(torch.randint(0, (1 << 63) - 1, (), dtype=torch.int64))
+    arrays = [x.detach().double().numpy() for x in (q, k, v)]
+    kw = dict(causal=True, dropout_p=0.3, dropout_seed=seed)
+    ref_out, _ = reference.attention_reference(*arrays, **kw)
+    ref_grads = reference.attention_backward_reference(dout.double().numpy(), *arrays, **kw)
+    for got, want in zip(runs[0], (ref_out, *ref_grads)):
+        np.testing.assert_allclose(got.double().numpy(), want, atol=1e-5, rtol=1e-5)
+
 
 
 def test_bad_input_through_adapter():

@@ -42,7 +42,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         What the registered mask function built: None when no token is padded, else the 2-D padding mask
         (1 = real token), served by variable-length attention. A 4-D mask raises NotImplementedError.
     dropout : float
-        Attention dropout; only 0.0 is supported (NotImplementedError otherwise).
+        Attention dropout (transformers passes the model's rate in training): unpadded batches on the CPU
+        path, the seed drawn from torch's default generator; CUDA tensors and padded / packed batches raise
+        NotImplementedError for ``dropout > 0``.
     scaling : float, optional
         Softmax scale; default ``head_dim ** -0.5``.
     sliding_window : int, optional
@@ -60,7 +62,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     Raises
     ------
     NotImplementedError
-        A 4-D mask, ``dropout > 0``, attention sinks (``s_aux``), a value head dim that differs from the
+        A 4-D mask, ``dropout > 0`` on CUDA tensors or with padding / packing, attention sinks (``s_aux``), a value head dim that differs from the
         query's, or padded / packed batches on the GPU (variable-length kernels not written yet).
     """
     if s_aux is not None:
