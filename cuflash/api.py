@@ -194,6 +194,37 @@ def _check_options(call, causal, softmax_scale, window_size, softcap, alibi_slop
     return causal, scale, window, softcap, alibi
 
 
+_MASK_DTYPES_CPU = ("bool", "float16", "float32", "float64")
+
+
+def _check_attn_mask(call, attn_mask):
+    """``attn_mask``: None, or a bool / float array of q's type (a NumPy array goes with CPU arrays) on q's
+    device, broadcastable to (batch, heads_q, seqlen_q, seqlen_k). GPU arrays raise NotImplementedError
+    (the kernels take no element mask yet)."""
+    if attn_mask is None:
+        return None
+    mfw = arrays.framework_of(attn_mask)
+    if mfw != call.fw and not (mfw == "numpy" and not call.on_gpu):
+        raise TypeError(f"attn_mask is a {mfw} array but {call.names[0]} is a {call.fw} array")
+    dt = arrays.dtype_name(attn_mask, mfw)
+    if dt not in _MASK_DTYPES_CPU + ("bfloat16",):
+        raise TypeError(f"attn_mask must be bool (True = attend) or a float dtype (added to the scores), got {dt}")
+    full = (call.batch, call.heads_q, call.seqlen_q, call.seqlen_k)
+    shape = tuple(attn_mask.shape)
+    if len(shape) > 4 or any(m not in (1, n) for m, n in zip(shape[::-1], full[::-1])):
+        raise ValueError(f"attn_mask must broadcast to (batch, heads_q, seqlen_q, seqlen_k) = {full}, got shape "
+                         f"{shape}")
+    dev = arrays.device_of(attn_mask, mfw)
+    if dev != call.device:
+        raise ValueError(f"attn_mask is on device {dev} but {call.names[0]} is on {call.device}")
+    if call.on_gpu:
+        raise NotImplementedError("attn_mask is not implemented for GPU arrays yet (the kernels take no element "
+                                  "mask); the CPU path (NumPy arrays, torch CPU tensors) has it")
+    if dt == "bfloat16":
+        raise TypeError("attn_mask is bfloat16; the CPU path takes bool or float16/32/64 masks")
+    return attn_mask
+
+
 def _to_numpy(x, fw):
     if fw == "numpy":
         return x
@@ -284,7 +315,8 @@ def _cc(device: int) -> tuple:
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
-              alibi_slopes=None, return_lse=False, dropout_p=0.0, dropout_seed=None, dropout_offset=0):
+              alibi_slopes=None, return_lse=False, dropout_p=0.0, dropout_seed=None, dropout_offset=0,
+              attn_mask=None):
     """Exact scaled dot-product attention, computed by FlashAttention kernels.
 
     Parameters
@@ -323,6 +355,11 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     dropout_seed, dropout_offset : int in [0, 2**64)
         The generator's key and counter offset; ``dropout_seed`` is required when ``dropout_p > 0``. Pass
         the same values to :func:`attention_backward`.
+    attn_mask : array, optional
+        Broadcastable to (batch, heads_q, seqlen_q, seqlen_k), as SDPA's: bool (True = attend; combined with
+        ``causal`` / ``window_size``) or float (added to the scores after scaling, softcap and ALiBi;
+        ``-inf`` masks). Rows that see no key give zeros and LSE +inf. Not differentiated. CPU path only
+        so far (GPU arrays raise NotImplementedError).
 
     Returns
     -------
@@ -358,13 +395,13 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
                                                            alibi_slopes)
     return_lse = _check_flag("return_lse", return_lse)
     dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset)
+    attn_mask = _check_attn_mask(call, attn_mask)
     if call.fw == "torch" and _needs_autograd(q, k, v):
         from . import torch as torch_adapter
-        drop = {} if dropout is None else dict(dropout_p=dropout[0], dropout_seed=dropout[1],
-                                               dropout_offset=dropout[2])
         return torch_adapter.attention(q, k, v, causal=causal, softmax_scale=scale, window_size=window,
-                                       softcap=softcap, alibi_slopes=alibi, return_lse=return_lse, **drop)
-    return _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, dropout)
+                                       softcap=softcap, alibi_slopes=alibi, return_lse=return_lse,
+                                       attn_mask=attn_mask, **_dropout_kwargs(dropout))
+    return _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, dropout, attn_mask)
 
 
 def _needs_autograd(*tensors) -> bool:
@@ -376,9 +413,17 @@ def _dropout_kwargs(dropout):
     return {} if dropout is None else dict(dropout_p=dropout[0], dropout_seed=dropout[1], dropout_offset=dropout[2])
 
 
-def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, dropout=None):
+def _cpu_extras(dropout, attn_mask):
+    """The CPU path's keyword arguments for dropout and attn_mask (both checked before)."""
+    extra = _dropout_kwargs(dropout)
+    if attn_mask is not None:
+        extra["attn_mask"] = np.asarray(_to_numpy(attn_mask, arrays.framework_of(attn_mask)))
+    return extra
+
+
+def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, dropout=None, attn_mask=None):
     """The forward on validated arguments (the PyTorch custom op enters here); ``dropout`` is None or
-    ``(p, seed, offset)`` (CPU path only: checked before)."""
+    ``(p, seed, offset)``, ``attn_mask`` None or a checked mask (both CPU path only: checked before)."""
     kwargs = dict(causal=causal, softmax_scale=scale, window_size=window, softcap=softcap)
 
     if not call.on_gpu:
@@ -386,7 +431,7 @@ def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, d
             raise TypeError("q is a bfloat16 CPU tensor; the CPU path computes float16/32/64 (NumPy has no bfloat16)")
         slopes = None if alibi is None else np.asarray(_to_numpy(alibi, arrays.framework_of(alibi)))
         out, lse = reference.attention_numpy(_to_numpy(q, call.fw), _to_numpy(k, call.fw), _to_numpy(v, call.fw),
-                                             alibi_slopes=slopes, **kwargs, **_dropout_kwargs(dropout))
+                                             alibi_slopes=slopes, **kwargs, **_cpu_extras(dropout, attn_mask))
         out, lse = _from_numpy(out, call.fw), _from_numpy(lse, call.fw)
         return (out, lse) if return_lse else out
 
@@ -429,7 +474,7 @@ def _check_like(call, name, x, shape, dtypes):
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, window_size=(-1, -1),
                        softcap=0.0, alibi_slopes=None, deterministic=False, dropout_p=0.0, dropout_seed=None,
-                       dropout_offset=0):
+                       dropout_offset=0, attn_mask=None):
     """Gradients of :func:`attention` with respect to q, k and v.
 
     The softmax is recomputed block by block from the saved ``lse`` (nothing quadratic is stored).
@@ -449,6 +494,8 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
         slower). The forward is always deterministic.
     dropout_p, dropout_seed, dropout_offset
         As passed to the forward: the backward replays the forward's mask from them.
+    attn_mask : array, optional
+        As passed to the forward (no gradient is computed for it).
 
     Returns
     -------
@@ -480,8 +527,10 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
                                                            alibi_slopes)
     deterministic = _check_flag("deterministic", deterministic)
     dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset)
+    attn_mask = _check_attn_mask(call, attn_mask)
     _check_backward_arrays(call, dout, out, lse)
-    return _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, deterministic, dropout)
+    return _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, deterministic, dropout,
+                     attn_mask)
 
 
 def _check_backward_arrays(call, dout, out, lse):
@@ -492,8 +541,9 @@ def _check_backward_arrays(call, dout, out, lse):
                 ("float32", "float64") if call.dtype == "float64" else ("float32",))
 
 
-def _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, deterministic, dropout=None):
-    """The backward on validated arguments (``dropout`` as for :func:`_forward`)."""
+def _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, deterministic, dropout=None,
+              attn_mask=None):
+    """The backward on validated arguments (``dropout`` and ``attn_mask`` as for :func:`_forward`)."""
     kwargs = dict(causal=causal, softmax_scale=scale, window_size=window, softcap=softcap)
 
     if not call.on_gpu:
@@ -502,7 +552,7 @@ def _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softc
         slopes = None if alibi is None else np.asarray(_to_numpy(alibi, arrays.framework_of(alibi)))
         grads = reference.attention_backward_numpy(
             *(_to_numpy(x, call.fw) for x in (dout, q, k, v, out, lse)), alibi_slopes=slopes, **kwargs,
-            **_dropout_kwargs(dropout))
+            **_cpu_extras(dropout, attn_mask))
         return tuple(_from_numpy(g, call.fw) for g in grads)
 
     from . import ops

@@ -127,7 +127,7 @@ def _alibi_dist(seqlen_q, seqlen_k, q0, q1, k0, k1, dtype):
 # ---------------------------------------------------------------------------
 
 def _reference_scores(q, k, causal, softmax_scale, window_size, softcap,
-                      alibi_slopes):
+                      alibi_slopes, attn_mask=None):
     """Float64 scores ``(b, hq, sq, sk)`` plus what the backward needs."""
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
@@ -146,6 +146,7 @@ def _reference_scores(q, k, causal, softmax_scale, window_size, softcap,
         dist = _alibi_dist(sq, sk, 0, sq, 0, sk, np.float64)
         s = s - slopes[:, :, None, None] * dist
     mask = visible_mask(sq, sk, causal, window_size)
+    s, mask = _apply_attn_mask(s, mask, _full_mask(attn_mask, s.shape))
     return s, mask, tanh, scale
 
 
@@ -164,6 +165,23 @@ def _reference_probs(s, mask):
     return p, lse[..., 0]
 
 
+def _full_mask(attn_mask, shape):
+    """``attn_mask`` broadcast to ``(b, hq, sq, sk)`` (a read-only view), or None."""
+    if attn_mask is None:
+        return None
+    return np.broadcast_to(np.asarray(attn_mask), shape)
+
+
+def _apply_attn_mask(s, vis, attn_mask):
+    """Scores and visibility with ``attn_mask`` (bool: True = attend; float: added to the scores, -inf
+    masks) folded in; ``s`` and ``vis`` broadcast against ``attn_mask``."""
+    if attn_mask is None:
+        return s, vis
+    if attn_mask.dtype == np.bool_:
+        return s, vis & attn_mask
+    return s + attn_mask.astype(s.dtype), vis
+
+
 def _dropout_keep(shape, dropout_p, dropout_seed, dropout_offset):
     """``(keep, 1 / (1 - p))`` for a (b, hq, sq, sk) score matrix, or None without dropout."""
     if not dropout_p:
@@ -177,7 +195,8 @@ def _dropout_keep(shape, dropout_p, dropout_seed, dropout_offset):
 
 def attention_reference(q, k, v, *, causal=False, softmax_scale=None,
                         window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                        dropout_p=0.0, dropout_seed=None, dropout_offset=0):
+                        dropout_p=0.0, dropout_seed=None, dropout_offset=0,
+                        attn_mask=None):
     """Naive attention in float64, materialising the full score matrix.
 
     Parameters
@@ -191,6 +210,9 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None,
     dropout_p, dropout_seed, dropout_offset
         Attention dropout (cuflash/dropout.py: the mask and the ``1 / (1 - p)`` scaling); the LSE is
         the softmax's, before dropout.
+    attn_mask : array or None
+        Broadcastable to ``(batch, heads_q, seqlen_q, seqlen_k)``: bool (True = attend, combined with
+        causal / window) or float (added to the final scores; ``-inf`` masks).
 
     Returns
     -------
@@ -198,7 +220,8 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None,
     lse : float64, ``(batch, heads_q, seqlen_q)``; ``+inf`` for empty rows.
     """
     s, mask, _, _ = _reference_scores(q, k, causal, softmax_scale,
-                                      window_size, softcap, alibi_slopes)
+                                      window_size, softcap, alibi_slopes,
+                                      attn_mask)
     hq = s.shape[1]
     v = np.asarray(v, dtype=np.float64)
     v = np.repeat(v, hq // v.shape[2], axis=2)
@@ -213,7 +236,8 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None,
 def attention_backward_reference(dout, q, k, v, *, causal=False,
                                  softmax_scale=None, window_size=(-1, -1),
                                  softcap=0.0, alibi_slopes=None, dropout_p=0.0,
-                                 dropout_seed=None, dropout_offset=0):
+                                 dropout_seed=None, dropout_offset=0,
+                                 attn_mask=None):
     """Naive float64 gradients of ``attention_reference``'s output.
 
     The softmax is recomputed from scratch in float64, so the result does not
@@ -234,7 +258,7 @@ def attention_backward_reference(dout, q, k, v, *, causal=False,
     """
     s, mask, tanh, scale = _reference_scores(q, k, causal, softmax_scale,
                                              window_size, softcap,
-                                             alibi_slopes)
+                                             alibi_slopes, attn_mask)
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
     v = np.asarray(v, dtype=np.float64)
@@ -375,8 +399,14 @@ class _Tiles:
     """Per-call constants of the tiled forward / backward."""
 
     def __init__(self, q, k, causal, softmax_scale, window_size, softcap,
-                 alibi_slopes, block_q, block_k, dropout=None):
+                 alibi_slopes, block_q, block_k, dropout=None, attn_mask=None):
         self.dropout = dropout  # None or (p, seed, offset)
+        self.attn_mask = None
+        if attn_mask is not None:
+            b, sq, hq = q.shape[:3]
+            m = np.broadcast_to(np.asarray(attn_mask), (b, hq, sq, k.shape[1]))
+            # (b, hq, sq, sk) -> (b * heads_k, g, sq, sk): query head kv * g + r is group row r.
+            self.attn_mask = m.reshape(b * k.shape[2], hq // k.shape[2], sq, k.shape[1])
         self.dtype = q.dtype
         self.acc = acc = _acc_dtype(q.dtype)
         self.b, self.sq, self.hq, self.d = b, sq, hq, d = q.shape
@@ -450,6 +480,12 @@ def _tile_scores(t, qt, kt, s, tanh, h0, h1, q0, q1, k0, k1, masked):
     if masked:
         vis = visible_mask(t.sq, t.sk, t.causal, t.window_size, q0, q1, k0, k1)
         np.copyto(s4, t.acc(-np.inf), where=~vis[:, None, :])
+    if t.attn_mask is not None:
+        m = t.attn_mask[h0:h1, :, q0:q1, k0:k1].transpose(0, 2, 1, 3)  # (heads, rows, g, keys), as s4
+        if m.dtype == np.bool_:
+            np.copyto(s4, t.acc(-np.inf), where=~m)
+        else:
+            s4 += m
 
 
 def _dropout_args(dropout_p, dropout_seed, dropout_offset):
@@ -459,7 +495,7 @@ def _dropout_args(dropout_p, dropout_seed, dropout_offset):
 def attention_numpy(q, k, v, *, causal=False, softmax_scale=None,
                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                     block_q=None, block_k=None, dropout_p=0.0, dropout_seed=None,
-                    dropout_offset=0):
+                    dropout_offset=0, attn_mask=None):
     """Tiled FlashAttention forward on the CPU.
 
     Iterates over head chunks and query blocks and, inside, over the key
@@ -491,7 +527,7 @@ def attention_numpy(q, k, v, *, causal=False, softmax_scale=None,
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     t = _Tiles(q, k, causal, softmax_scale, window_size, softcap,
                alibi_slopes, block_q, block_k,
-               _dropout_args(dropout_p, dropout_seed, dropout_offset))
+               _dropout_args(dropout_p, dropout_seed, dropout_offset), attn_mask)
     acc, d, g = t.acc, t.d, t.g
     if t.empty:
         return (np.zeros(q.shape, dtype=t.dtype),
@@ -561,7 +597,7 @@ def attention_backward_numpy(dout, q, k, v, out, lse, *, causal=False,
                              softmax_scale=None, window_size=(-1, -1),
                              softcap=0.0, alibi_slopes=None, block_q=None,
                              block_k=None, dropout_p=0.0, dropout_seed=None,
-                             dropout_offset=0):
+                             dropout_offset=0, attn_mask=None):
     """Tiled FlashAttention backward on the CPU.
 
     Computes ``D = rowsum(dout * out)``, then, per head chunk and query block,
@@ -590,7 +626,7 @@ def attention_backward_numpy(dout, q, k, v, out, lse, *, causal=False,
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     t = _Tiles(q, k, causal, softmax_scale, window_size, softcap,
                alibi_slopes, block_q, block_k,
-               _dropout_args(dropout_p, dropout_seed, dropout_offset))
+               _dropout_args(dropout_p, dropout_seed, dropout_offset), attn_mask)
     acc, d, g = t.acc, t.d, t.g
     if t.empty:
         return tuple(np.zeros(x.shape, dtype=t.dtype) for x in (q, k, v))

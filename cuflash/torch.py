@@ -19,11 +19,11 @@ _lib = torch.library.Library("cuflash", "DEF")
 _lib.define(
     "fwd(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, bool causal, float softmax_scale, "
     "int window_left, int window_right, float softcap, bool deterministic, float dropout_p, int dropout_seed, "
-    "int dropout_offset) -> (Tensor, Tensor)")
+    "int dropout_offset, Tensor? attn_mask) -> (Tensor, Tensor)")
 _lib.define(
     "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? alibi_slopes, bool causal, "
     "float softmax_scale, int window_left, int window_right, float softcap, bool deterministic, float dropout_p, "
-    "int dropout_seed, int dropout_offset) -> (Tensor, Tensor, Tensor)")
+    "int dropout_seed, int dropout_offset, Tensor? attn_mask) -> (Tensor, Tensor, Tensor)")
 
 
 # Dropout seeds and offsets are 64-bit unsigned (cuflash/dropout.py); the schemas' ints are int64.
@@ -42,19 +42,21 @@ def _options(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_r
 
 
 def _fwd(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap, deterministic, dropout_p,
-         dropout_seed, dropout_offset):
+         dropout_seed, dropout_offset, attn_mask):
     call, (causal, scale, window, softcap, alibi) = _options(q, k, v, alibi_slopes, causal, softmax_scale,
                                                              window_left, window_right, softcap)
     dropout = api._check_dropout_args(call, dropout_p, _to_u64(dropout_seed), _to_u64(dropout_offset))
-    return api._forward(call, q, k, v, alibi, causal, scale, window, softcap, True, dropout)
+    attn_mask = api._check_attn_mask(call, attn_mask)
+    return api._forward(call, q, k, v, alibi, causal, scale, window, softcap, True, dropout, attn_mask)
 
 
 def _bwd(dout, q, k, v, out, lse, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap,
-         deterministic, dropout_p, dropout_seed, dropout_offset):
+         deterministic, dropout_p, dropout_seed, dropout_offset, attn_mask):
     return api.attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale,
                                   window_size=(window_left, window_right), softcap=softcap,
                                   alibi_slopes=alibi_slopes, deterministic=deterministic, dropout_p=dropout_p,
-                                  dropout_seed=_to_u64(dropout_seed), dropout_offset=_to_u64(dropout_offset))
+                                  dropout_seed=_to_u64(dropout_seed), dropout_offset=_to_u64(dropout_offset),
+                                  attn_mask=attn_mask)
 
 
 _lib.define(
@@ -113,9 +115,10 @@ for _device in ("CUDA", "CPU"):
 
 @torch.library.register_fake("cuflash::fwd")
 def _fwd_fake(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap, deterministic,
-              dropout_p, dropout_seed, dropout_offset):
+              dropout_p, dropout_seed, dropout_offset, attn_mask):
     # Validation runs here too, so that a traced (torch.compile) call rejects bad input at trace time.
-    _options(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap)
+    call, _ = _options(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap)
+    api._check_attn_mask(call, attn_mask)
     b, sq, hq, d = q.shape
     return q.new_empty((b, sq, hq, d)), q.new_empty((b, hq, sq), dtype=torch.float32)
 
@@ -146,7 +149,7 @@ def _kvcache_fwd_fake(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_s
 
 @torch.library.register_fake("cuflash::bwd")
 def _bwd_fake(dout, q, k, v, out, lse, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap,
-              deterministic, dropout_p, dropout_seed, dropout_offset):
+              deterministic, dropout_p, dropout_seed, dropout_offset, attn_mask):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -166,11 +169,11 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap,
-                deterministic, dropout_p, dropout_seed, dropout_offset):
+                deterministic, dropout_p, dropout_seed, dropout_offset, attn_mask):
         options = (causal, softmax_scale, window_left, window_right, softcap, deterministic, dropout_p, dropout_seed,
                    dropout_offset)
-        out, lse = torch.ops.cuflash.fwd(q, k, v, alibi_slopes, *options)
-        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+        out, lse = torch.ops.cuflash.fwd(q, k, v, alibi_slopes, *options, attn_mask)
+        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, attn_mask)
         ctx.options = options  # dropout: the same seed and offset replay the forward's mask
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -178,9 +181,10 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         # Gradients flow through `out` only; like FlashAttention, the LSE output is treated as a constant.
-        q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
-        dq, dk, dv = torch.ops.cuflash.bwd(dout.contiguous(), q, k, v, out, lse, alibi_slopes, *ctx.options)
-        return (dq, dk, dv) + (None,) * 10
+        q, k, v, out, lse, alibi_slopes, attn_mask = ctx.saved_tensors
+        dq, dk, dv = torch.ops.cuflash.bwd(dout.contiguous(), q, k, v, out, lse, alibi_slopes, *ctx.options,
+                                           attn_mask)
+        return (dq, dk, dv) + (None,) * 11
 
 
 class _VarlenAttention(torch.autograd.Function):
@@ -268,22 +272,26 @@ def _dropout_seed(q, dropout_p, dropout_seed, dropout_offset):
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
               alibi_slopes=None, return_lse=False, deterministic=False, dropout_p=0.0, dropout_seed=None,
-              dropout_offset=0):
+              dropout_offset=0, attn_mask=None):
     """Differentiable :func:`cuflash.attention` for torch tensors (same arguments and semantics).
 
     ``deterministic=True`` makes the backward bitwise reproducible. The returned LSE (``return_lse``) is
     not differentiated through. Dropout (``dropout_p > 0``) on CPU tensors: without ``dropout_seed`` a seed
     is drawn from torch's default generator (``torch.manual_seed`` reproduces the mask), and the backward
     replays the forward's mask; CUDA tensors raise NotImplementedError until the kernels have dropout.
+    ``attn_mask`` as :func:`cuflash.attention` takes it (CPU tensors so far); it is not differentiated, so
+    a mask that requires grad raises NotImplementedError.
     """
+    if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError("attn_mask requires grad; cuflash does not differentiate the mask (detach it)")
     seed, offset = _dropout_seed(q, dropout_p, dropout_seed, dropout_offset)
     softmax_scale = _default_scale(q, softmax_scale)
     left, right = window_size
     args = (causal, softmax_scale, left, right, softcap, deterministic, dropout_p, seed, offset)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _Attention.apply(q, k, v, alibi_slopes, *args)
+        out, lse = _Attention.apply(q, k, v, alibi_slopes, *args, attn_mask)
     else:
-        out, lse = torch.ops.cuflash.fwd(q, k, v, alibi_slopes, *args)
+        out, lse = torch.ops.cuflash.fwd(q, k, v, alibi_slopes, *args, attn_mask)
     return (out, lse) if return_lse else out
 
 
@@ -320,5 +328,60 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                            alibi_slopes, deterministic, return_attn_probs)
 
 
-__all__ = ["attention", "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """``torch.nn.functional.scaled_dot_product_attention``'s signature, layout and semantics, computed by
+    cuflash (differentiable; the (batch, heads, seqlen, head_dim) tensors are read in place as strided views).
+
+    query (batch, heads_q, L, E) or (batch, L, E); key, value (batch, heads_k, S, E) or (batch, S, E).
+    ``attn_mask`` bool (True = attend) or float (added), broadcastable to (batch, heads_q, L, S);
+    ``is_causal`` is SDPA's top-left-aligned causal mask (query i sees keys j <= i), which differs from
+    FlashAttention's bottom-right alignment when L != S; ``scale`` defaults to E ** -0.5; ``enable_gqa``
+    must be True when heads_q != heads_k (as in SDPA). A query row whose mask admits no key returns zeros
+    (SDPA's math path returns NaN there). Returns (batch, heads_q, L, E) (a transposed view).
+
+    To send a model's SDPA calls here: ``torch.nn.functional.scaled_dot_product_attention =
+    cuflash.torch.scaled_dot_product_attention``.
+
+    Raises
+    ------
+    ValueError
+        Ranks other than 3 / 4, ``attn_mask`` together with ``is_causal``, heads_q != heads_k without
+        ``enable_gqa``; and whatever :func:`cuflash.attention` raises for its arguments.
+    NotImplementedError
+        A value head dim other than the query's; on CUDA tensors, ``attn_mask``, ``dropout_p > 0`` and
+        ``is_causal`` with L < S (the kernels take no element mask yet).
+    """
+    if query.dim() not in (3, 4) or key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError(f"query, key and value must all be 4-D (batch, heads, seqlen, head_dim) or 3-D (batch, "
+                         f"seqlen, head_dim), got {query.dim()}-D, {key.dim()}-D, {value.dim()}-D")
+    if value.shape[-1] != query.shape[-1]:
+        raise NotImplementedError(f"value head dim {value.shape[-1]} differs from the query's {query.shape[-1]}; "
+                                  f"cuflash needs them equal")
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask and is_causal=True were both given; SDPA takes one or the other")
+    three = query.dim() == 3
+    if three:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        raise ValueError(f"query has {query.shape[1]} heads but key has {key.shape[1]}; pass enable_gqa=True for "
+                         f"grouped-query attention (as SDPA requires)")
+    seqlen_q, seqlen_k = query.shape[2], key.shape[2]
+    causal, window = False, (-1, -1)
+    if is_causal:
+        if seqlen_q == seqlen_k:
+            causal = True
+        elif seqlen_q > seqlen_k:
+            window = (-1, seqlen_q - seqlen_k)  # bottom-right alignment shifted to the top-left corner
+        else:
+            attn_mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=query.device).tril()
+    if attn_mask is not None and three and attn_mask.dim() == 3:
+        attn_mask = attn_mask.unsqueeze(1)  # (batch, L, S) for 3-D inputs: one head
+    out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
+                    softmax_scale=scale, window_size=window, dropout_p=dropout_p, attn_mask=attn_mask)
+    out = out.transpose(1, 2)
+    return out.squeeze(1) if three else out
+
+
+__all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
            "flash_attn_varlen_func", "flash_attn_with_kvcache"]

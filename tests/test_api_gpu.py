@@ -303,3 +303,27 @@ def test_dropout_on_gpu_arrays_raises_before_launching():
             cuflash.attention(q, k, v, dropout_p=0.1, dropout_seed=seed)
         with pytest.raises(NotImplementedError, match="dropout is not implemented for GPU arrays"):
             cuflash.attention_backward(out, q, k, v, out, lse, dropout_p=0.1, dropout_seed=seed)
+
+
+def test_attn_mask_on_gpu_arrays_raises_before_launching():
+    """GPU arrays with attn_mask raise NotImplementedError naming the mask (the CPU path has it); a mask of
+    the wrong shape is still a ValueError first."""
+    import cupy
+    q, k, v = inputs(1, 64, 64, 2, 2, 64, "float16", seed=0)
+    with pytest.raises(NotImplementedError, match="attn_mask is not implemented for GPU arrays"):
+        cuflash.attention(q, k, v, attn_mask=cupy.ones((64, 64), bool))
+    with pytest.raises(ValueError, match="attn_mask must broadcast"):
+        cuflash.attention(q, k, v, attn_mask=cupy.ones((64, 65), bool))
+
+
+def test_sdpa_stand_in_on_cuda_equals_cuflash():
+    """cuflash.torch.scaled_dot_product_attention on CUDA tensors (no mask) runs the kernels on SDPA's layout
+    in place and gives cuflash.attention's bits on the transposed views, causal included."""
+    torch = require_torch_cuda()
+    import cuflash.torch as ct
+    q, k, v = (torch.randn(2, 8, 300, 64, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    for causal in (False, True):
+        got = ct.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        want = cuflash.attention(*(x.transpose(1, 2) for x in (q, k, v)), causal=causal).transpose(1, 2)
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)

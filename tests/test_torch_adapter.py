@@ -43,7 +43,7 @@ def test_opcheck_forward_and_backward_ops():
     """torch.library.opcheck validates the fake implementations and registrations of both ops."""
     q, k, v = (t.detach().float() for t in _qkv())
     for drop in ((0.0, 0, 0), (0.2, 7, 3), (0.2, -5, 0)):  # a negative int64 seed is 2**64 - 5
-        args = (None, True, 0.25, -1, -1, 0.0, False) + drop
+        args = (None, True, 0.25, -1, -1, 0.0, False) + drop + (None,)
         torch.library.opcheck(torch.ops.cuflash.fwd.default, (q, k, v) + args)
         out, lse = torch.ops.cuflash.fwd(q, k, v, *args)
         torch.library.opcheck(torch.ops.cuflash.bwd.default, (torch.randn_like(out), q, k, v, out, lse) + args)
@@ -247,3 +247,53 @@ def test_flash_attn_with_kvcache_signature_op_and_compile():
         assert torch.allclose(out_c, out_e)
     assert torch.equal(kc_c, kc_e) and torch.equal(vc_c, vc_e)
     assert torch.equal(kc_e[0, 3], k[0, 0]) and torch.equal(kc_e[1, 10], k[1, 0])
+
+
+SDPA_CASES = {
+    "plain": (9, 9, 4, 4, {}),
+    "causal L == S": (9, 9, 4, 4, dict(is_causal=True)),
+    "causal L > S (top-left)": (20, 13, 4, 4, dict(is_causal=True)),
+    "causal L < S (top-left)": (9, 13, 4, 4, dict(is_causal=True)),
+    "bool mask (L, S)": (9, 13, 4, 4, dict(attn_mask="bool")),
+    "float mask (B, 1, L, S)": (9, 13, 4, 4, dict(attn_mask="float")),
+    "GQA, scale": (9, 13, 4, 2, dict(enable_gqa=True, scale=0.3)),
+}
+
+
+@pytest.mark.parametrize("name", list(SDPA_CASES))
+def test_sdpa_stand_in_equals_torch_sdpa(name):
+    """cuflash.torch.scaled_dot_product_attention gives torch SDPA's output and gradients (float64 CPU
+    tensors, SDPA's (batch, heads, seqlen, head_dim) layout), including SDPA's top-left causal alignment."""
+    import torch.nn.functional as F
+    sq, sk, hq, hk, kw = SDPA_CASES[name]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, hq, sq, 16, dtype=torch.float64, generator=g)
+    k, v = (torch.randn(2, hk, sk, 16, dtype=torch.float64, generator=g) for _ in range(2))
+    kw = dict(kw)
+    if kw.get("attn_mask") == "bool":
+        kw["attn_mask"] = torch.rand(sq, sk, generator=g) > 0.3
+    elif kw.get("attn_mask") == "float":
+        kw["attn_mask"] = torch.randn(2, 1, sq, sk, dtype=torch.float64, generator=g)
+    ours = [x.clone().requires_grad_() for x in (q, k, v)]
+    theirs = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = ct.scaled_dot_product_attention(*ours, **kw)
+    ref = F.scaled_dot_product_attention(*theirs, **kw)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    dout = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+    for a, b in zip(torch.autograd.grad(out, ours, dout), torch.autograd.grad(ref, theirs, dout)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_sdpa_stand_in_3d_and_errors():
+    import torch.nn.functional as F
+    q, k, v = (torch.randn(2, 7, 8, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(ct.scaled_dot_product_attention(q, k, v, is_causal=True),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    with pytest.raises(ValueError, match="attn_mask and is_causal"):
+        ct.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(7, 7, dtype=torch.bool), is_causal=True)
+    q4, k4 = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="enable_gqa=True"):
+        ct.scaled_dot_product_attention(q4, k4, k4)
+    with pytest.raises(ValueError, match="4-D"):
+        ct.scaled_dot_product_attention(q4[0, 0], k4[0, 0], k4[0, 0])
