@@ -10,6 +10,7 @@ See :func:`cuflash.attention`; :func:`cuflash.plan` checks and compiles a repeat
 from .api import attention, attention_backward
 from .attention_plan import AttentionPlan, plan
 from .dropout import dropout_mask
+from .block_mask import BlockMask
 from .varlen import attention_varlen, attention_varlen_backward
 from .kvcache import attention_with_kvcache, merge_attention_states, merge_attention_states_list
 from .jit import precompile
@@ -28,6 +29,6 @@ def gpu_available() -> bool:
         return False
 
 
-__all__ = ["attention", "attention_backward", "plan", "AttentionPlan", "dropout_mask", "attention_varlen", "attention_varlen_backward",
+__all__ = ["attention", "attention_backward", "plan", "AttentionPlan", "dropout_mask", "BlockMask", "attention_varlen", "attention_varlen_backward",
            "attention_with_kvcache", "merge_attention_states", "merge_attention_states_list", "precompile",
            "gpu_available", "__version__"]

@@ -225,6 +225,26 @@ def _check_attn_mask(call, attn_mask):
     return attn_mask
 
 
+def _check_block_mask(call, block_mask):
+    """``block_mask``: None, a :class:`cuflash.BlockMask` or a torch FlexAttention ``BlockMask`` (converted),
+    made for this problem's (batch, heads_q, seqlen_q, seqlen_k) (B, H may be 1). GPU arrays raise
+    NotImplementedError (the kernels do not skip blocks yet)."""
+    if block_mask is None:
+        return None
+    from .block_mask import BlockMask
+    if not isinstance(block_mask, BlockMask):
+        if type(block_mask).__name__ == "BlockMask" and hasattr(block_mask, "mask_mod"):
+            block_mask = BlockMask.from_flex(block_mask)
+        else:
+            raise TypeError(f"block_mask must be a cuflash.BlockMask (or a torch FlexAttention BlockMask), got "
+                            f"{type(block_mask).__name__}")
+    block_mask.check_for(call.batch, call.heads_q, call.seqlen_q, call.seqlen_k)
+    if call.on_gpu:
+        raise NotImplementedError("block_mask is not implemented for GPU arrays yet (the kernels do not skip key "
+                                  "blocks); the CPU path (NumPy arrays, torch CPU tensors) has it")
+    return block_mask
+
+
 def _to_numpy(x, fw):
     if fw == "numpy":
         return x
@@ -316,7 +336,7 @@ def _cc(device: int) -> tuple:
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
               alibi_slopes=None, return_lse=False, dropout_p=0.0, dropout_seed=None, dropout_offset=0,
-              attn_mask=None):
+              attn_mask=None, block_mask=None):
     """Exact scaled dot-product attention, computed by FlashAttention kernels.
 
     Parameters
@@ -360,6 +380,10 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
         ``causal`` / ``window_size``) or float (added to the scores after scaling, softcap and ALiBi;
         ``-inf`` masks). Rows that see no key give zeros and LSE +inf. Not differentiated. CPU path only
         so far (GPU arrays raise NotImplementedError).
+    block_mask : cuflash.BlockMask or torch FlexAttention BlockMask, optional
+        Block sparsity: key blocks the mask skips are never computed; partial blocks take its element
+        mask. Combines with every option above. CPU path only so far (GPU arrays raise
+        NotImplementedError).
 
     Returns
     -------
@@ -396,12 +420,14 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     return_lse = _check_flag("return_lse", return_lse)
     dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset)
     attn_mask = _check_attn_mask(call, attn_mask)
+    block_mask = _check_block_mask(call, block_mask)
     if call.fw == "torch" and _needs_autograd(q, k, v):
         from . import torch as torch_adapter
         return torch_adapter.attention(q, k, v, causal=causal, softmax_scale=scale, window_size=window,
                                        softcap=softcap, alibi_slopes=alibi, return_lse=return_lse,
-                                       attn_mask=attn_mask, **_dropout_kwargs(dropout))
-    return _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, dropout, attn_mask)
+                                       attn_mask=attn_mask, block_mask=block_mask, **_dropout_kwargs(dropout))
+    return _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, dropout, attn_mask,
+                    block_mask)
 
 
 def _needs_autograd(*tensors) -> bool:
@@ -413,15 +439,18 @@ def _dropout_kwargs(dropout):
     return {} if dropout is None else dict(dropout_p=dropout[0], dropout_seed=dropout[1], dropout_offset=dropout[2])
 
 
-def _cpu_extras(dropout, attn_mask):
-    """The CPU path's keyword arguments for dropout and attn_mask (both checked before)."""
+def _cpu_extras(dropout, attn_mask, block_mask):
+    """The CPU path's keyword arguments for dropout, attn_mask and block_mask (checked before)."""
     extra = _dropout_kwargs(dropout)
     if attn_mask is not None:
         extra["attn_mask"] = np.asarray(_to_numpy(attn_mask, arrays.framework_of(attn_mask)))
+    if block_mask is not None:
+        extra["block_mask"] = block_mask
     return extra
 
 
-def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, dropout=None, attn_mask=None):
+def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, dropout=None, attn_mask=None,
+             block_mask=None):
     """The forward on validated arguments (the PyTorch custom op enters here); ``dropout`` is None or
     ``(p, seed, offset)``, ``attn_mask`` None or a checked mask (both CPU path only: checked before)."""
     kwargs = dict(causal=causal, softmax_scale=scale, window_size=window, softcap=softcap)
@@ -431,7 +460,8 @@ def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, d
             raise TypeError("q is a bfloat16 CPU tensor; the CPU path computes float16/32/64 (NumPy has no bfloat16)")
         slopes = None if alibi is None else np.asarray(_to_numpy(alibi, arrays.framework_of(alibi)))
         out, lse = reference.attention_numpy(_to_numpy(q, call.fw), _to_numpy(k, call.fw), _to_numpy(v, call.fw),
-                                             alibi_slopes=slopes, **kwargs, **_cpu_extras(dropout, attn_mask))
+                                             alibi_slopes=slopes, **kwargs,
+                                             **_cpu_extras(dropout, attn_mask, block_mask))
         out, lse = _from_numpy(out, call.fw), _from_numpy(lse, call.fw)
         return (out, lse) if return_lse else out
 
@@ -474,7 +504,7 @@ def _check_like(call, name, x, shape, dtypes):
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, window_size=(-1, -1),
                        softcap=0.0, alibi_slopes=None, deterministic=False, dropout_p=0.0, dropout_seed=None,
-                       dropout_offset=0, attn_mask=None):
+                       dropout_offset=0, attn_mask=None, block_mask=None):
     """Gradients of :func:`attention` with respect to q, k and v.
 
     The softmax is recomputed block by block from the saved ``lse`` (nothing quadratic is stored).
@@ -494,8 +524,8 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
         slower). The forward is always deterministic.
     dropout_p, dropout_seed, dropout_offset
         As passed to the forward: the backward replays the forward's mask from them.
-    attn_mask : array, optional
-        As passed to the forward (no gradient is computed for it).
+    attn_mask, block_mask : optional
+        As passed to the forward (no gradient is computed for a mask).
 
     Returns
     -------
@@ -528,9 +558,10 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     deterministic = _check_flag("deterministic", deterministic)
     dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset)
     attn_mask = _check_attn_mask(call, attn_mask)
+    block_mask = _check_block_mask(call, block_mask)
     _check_backward_arrays(call, dout, out, lse)
     return _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, deterministic, dropout,
-                     attn_mask)
+                     attn_mask, block_mask)
 
 
 def _check_backward_arrays(call, dout, out, lse):
@@ -542,7 +573,7 @@ def _check_backward_arrays(call, dout, out, lse):
 
 
 def _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, deterministic, dropout=None,
-              attn_mask=None):
+              attn_mask=None, block_mask=None):
     """The backward on validated arguments (``dropout`` and ``attn_mask`` as for :func:`_forward`)."""
     kwargs = dict(causal=causal, softmax_scale=scale, window_size=window, softcap=softcap)
 
@@ -552,7 +583,7 @@ def _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softc
         slopes = None if alibi is None else np.asarray(_to_numpy(alibi, arrays.framework_of(alibi)))
         grads = reference.attention_backward_numpy(
             *(_to_numpy(x, call.fw) for x in (dout, q, k, v, out, lse)), alibi_slopes=slopes, **kwargs,
-            **_cpu_extras(dropout, attn_mask))
+            **_cpu_extras(dropout, attn_mask, block_mask))
         return tuple(_from_numpy(g, call.fw) for g in grads)
 
     from . import ops

@@ -127,7 +127,7 @@ def _alibi_dist(seqlen_q, seqlen_k, q0, q1, k0, k1, dtype):
 # ---------------------------------------------------------------------------
 
 def _reference_scores(q, k, causal, softmax_scale, window_size, softcap,
-                      alibi_slopes, attn_mask=None):
+                      alibi_slopes, attn_mask=None, block_mask=None):
     """Float64 scores ``(b, hq, sq, sk)`` plus what the backward needs."""
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
@@ -147,6 +147,8 @@ def _reference_scores(q, k, causal, softmax_scale, window_size, softcap,
         s = s - slopes[:, :, None, None] * dist
     mask = visible_mask(sq, sk, causal, window_size)
     s, mask = _apply_attn_mask(s, mask, _full_mask(attn_mask, s.shape))
+    if block_mask is not None:
+        mask = mask & np.broadcast_to(block_mask.to_dense(), s.shape)
     return s, mask, tanh, scale
 
 
@@ -196,7 +198,7 @@ def _dropout_keep(shape, dropout_p, dropout_seed, dropout_offset):
 def attention_reference(q, k, v, *, causal=False, softmax_scale=None,
                         window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                         dropout_p=0.0, dropout_seed=None, dropout_offset=0,
-                        attn_mask=None):
+                        attn_mask=None, block_mask=None):
     """Naive attention in float64, materialising the full score matrix.
 
     Parameters
@@ -221,7 +223,7 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None,
     """
     s, mask, _, _ = _reference_scores(q, k, causal, softmax_scale,
                                       window_size, softcap, alibi_slopes,
-                                      attn_mask)
+                                      attn_mask, block_mask)
     hq = s.shape[1]
     v = np.asarray(v, dtype=np.float64)
     v = np.repeat(v, hq // v.shape[2], axis=2)
@@ -237,7 +239,7 @@ def attention_backward_reference(dout, q, k, v, *, causal=False,
                                  softmax_scale=None, window_size=(-1, -1),
                                  softcap=0.0, alibi_slopes=None, dropout_p=0.0,
                                  dropout_seed=None, dropout_offset=0,
-                                 attn_mask=None):
+                                 attn_mask=None, block_mask=None):
     """Naive float64 gradients of ``attention_reference``'s output.
 
     The softmax is recomputed from scratch in float64, so the result does not
@@ -258,7 +260,8 @@ def attention_backward_reference(dout, q, k, v, *, causal=False,
     """
     s, mask, tanh, scale = _reference_scores(q, k, causal, softmax_scale,
                                              window_size, softcap,
-                                             alibi_slopes, attn_mask)
+                                             alibi_slopes, attn_mask,
+                                             block_mask)
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
     v = np.asarray(v, dtype=np.float64)
@@ -399,8 +402,10 @@ class _Tiles:
     """Per-call constants of the tiled forward / backward."""
 
     def __init__(self, q, k, causal, softmax_scale, window_size, softcap,
-                 alibi_slopes, block_q, block_k, dropout=None, attn_mask=None):
+                 alibi_slopes, block_q, block_k, dropout=None, attn_mask=None,
+                 block_mask=None):
         self.dropout = dropout  # None or (p, seed, offset)
+        self.block_mask = block_mask
         self.attn_mask = None
         if attn_mask is not None:
             b, sq, hq = q.shape[:3]
@@ -445,6 +450,15 @@ class _Tiles:
         """Flat scratch space for the largest tile (reused: no page faults)."""
         return np.empty(self.hc * self.bq * self.g * self.bk, dtype=self.acc)
 
+    def block_visible(self, h0, h1, q0, q1, k0, k1):
+        """The block mask's element mask of a tile in the tile's row layout (as :meth:`keep`), or None."""
+        if self.block_mask is None:
+            return None
+        hh = np.arange(h0, h1)
+        heads = (hh % self.hk)[:, None] * self.g + np.arange(self.g)   # (n, g) query heads
+        z = self.block_mask.dense_tile((hh // self.hk)[:, None] + 0 * heads, heads, (q0, q1), (k0, k1))
+        return z.transpose(0, 2, 1, 3).reshape(h1 - h0, (q1 - q0) * self.g, k1 - k0)
+
     def keep(self, h0, h1, q0, q1, k0, k1):
         """The dropout keep mask of a tile as the tile's rows lay it out: bool ``(h1 - h0, (q1 - q0) * g,
         k1 - k0)``, row ``t * g + r`` of matrix ``bi * heads_k + kv`` being query head ``kv * g + r``."""
@@ -456,7 +470,7 @@ class _Tiles:
         return z.transpose(0, 2, 1, 3).reshape(h1 - h0, (q1 - q0) * self.g, k1 - k0)
 
 
-def _tile_scores(t, qt, kt, s, tanh, h0, h1, q0, q1, k0, k1, masked):
+def _tile_scores(t, qt, kt, s, tanh, h0, h1, q0, q1, k0, k1, masked, visible=None):
     """Scores of one tile, written into ``s`` ``(heads, (q1 - q0) * g, k1 - k0)``.
 
     ``qt`` is pre-scaled (see ``_Tiles.q_scale``); the product may carry extra
@@ -486,6 +500,8 @@ def _tile_scores(t, qt, kt, s, tanh, h0, h1, q0, q1, k0, k1, masked):
             np.copyto(s4, t.acc(-np.inf), where=~m)
         else:
             s4 += m
+    if visible is not None:  # the block mask's elements (t.block_visible)
+        np.copyto(s, t.acc(-np.inf), where=~visible)
 
 
 def _dropout_args(dropout_p, dropout_seed, dropout_offset):
@@ -495,7 +511,7 @@ def _dropout_args(dropout_p, dropout_seed, dropout_offset):
 def attention_numpy(q, k, v, *, causal=False, softmax_scale=None,
                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                     block_q=None, block_k=None, dropout_p=0.0, dropout_seed=None,
-                    dropout_offset=0, attn_mask=None):
+                    dropout_offset=0, attn_mask=None, block_mask=None):
     """Tiled FlashAttention forward on the CPU.
 
     Iterates over head chunks and query blocks and, inside, over the key
@@ -527,7 +543,8 @@ def attention_numpy(q, k, v, *, causal=False, softmax_scale=None,
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     t = _Tiles(q, k, causal, softmax_scale, window_size, softcap,
                alibi_slopes, block_q, block_k,
-               _dropout_args(dropout_p, dropout_seed, dropout_offset), attn_mask)
+               _dropout_args(dropout_p, dropout_seed, dropout_offset), attn_mask,
+               block_mask)
     acc, d, g = t.acc, t.d, t.g
     if t.empty:
         return (np.zeros(q.shape, dtype=t.dtype),
@@ -544,10 +561,13 @@ def attention_numpy(q, k, v, *, causal=False, softmax_scale=None,
         qt = Q[h0:h1, r0:r1]
         m = o = l = None
         for k0, k1, masked in chunks:
+            visible = t.block_visible(h0, h1, q0, q1, k0, k1)
+            if visible is not None and not visible.any():
+                continue                    # a tile the block mask skips
             s = buf[:(h1 - h0) * (r1 - r0) * (k1 - k0)].reshape(
                 h1 - h0, r1 - r0, k1 - k0)
             _tile_scores(t, qt, K[h0:h1, k0:k1], s, None, h0, h1, q0, q1,
-                         k0, k1, masked)
+                         k0, k1, masked, visible)
             m_new = s.max(axis=-1)
             if m is not None:
                 np.maximum(m, m_new, out=m_new)
@@ -597,7 +617,7 @@ def attention_backward_numpy(dout, q, k, v, out, lse, *, causal=False,
                              softmax_scale=None, window_size=(-1, -1),
                              softcap=0.0, alibi_slopes=None, block_q=None,
                              block_k=None, dropout_p=0.0, dropout_seed=None,
-                             dropout_offset=0, attn_mask=None):
+                             dropout_offset=0, attn_mask=None, block_mask=None):
     """Tiled FlashAttention backward on the CPU.
 
     Computes ``D = rowsum(dout * out)``, then, per head chunk and query block,
@@ -626,7 +646,8 @@ def attention_backward_numpy(dout, q, k, v, out, lse, *, causal=False,
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     t = _Tiles(q, k, causal, softmax_scale, window_size, softcap,
                alibi_slopes, block_q, block_k,
-               _dropout_args(dropout_p, dropout_seed, dropout_offset), attn_mask)
+               _dropout_args(dropout_p, dropout_seed, dropout_offset), attn_mask,
+               block_mask)
     acc, d, g = t.acc, t.d, t.g
     if t.empty:
         return tuple(np.zeros(x.shape, dtype=t.dtype) for x in (q, k, v))
@@ -659,12 +680,15 @@ def attention_backward_numpy(dout, q, k, v, out, lse, *, causal=False,
         qt, dot = Q[h0:h1, r0:r1], dO[h0:h1, r0:r1]
         dq = None
         for k0, k1, masked in chunks:
+            visible = t.block_visible(h0, h1, q0, q1, k0, k1)
+            if visible is not None and not visible.any():
+                continue
             shape = (h1 - h0, r1 - r0, k1 - k0)
             size = shape[0] * shape[1] * shape[2]
             p = pbuf[:size].reshape(shape)
             tanh = None if tbuf is None else tbuf[:size].reshape(shape)
             kt = K[h0:h1, k0:k1]
-            _tile_scores(t, qt, kt, p, tanh, h0, h1, q0, q1, k0, k1, masked)
+            _tile_scores(t, qt, kt, p, tanh, h0, h1, q0, q1, k0, k1, masked, visible)
             if capped:
                 p -= lse_rows[h0:h1, r0:r1, None]
             # Masked entries are -inf and empty rows have lse = +inf (or the

@@ -270,9 +270,30 @@ def _dropout_seed(q, dropout_p, dropout_seed, dropout_offset):
     return (_to_i64(check_seed("dropout_seed", dropout_seed)), _to_i64(check_seed("dropout_offset", dropout_offset)))
 
 
+def _with_block_mask(q, k, attn_mask, block_mask):
+    """``attn_mask`` with a block mask's dense element mask folded in (the ops take tensors, not the object)."""
+    from .block_mask import BlockMask
+    if not isinstance(block_mask, BlockMask):
+        block_mask = BlockMask.from_flex(block_mask) if hasattr(block_mask, "mask_mod") else block_mask
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask must be a cuflash.BlockMask (or a torch FlexAttention BlockMask), got "
+                        f"{type(block_mask).__name__}")
+    b, sq, hq = q.shape[:3]
+    block_mask.check_for(b, hq, sq, k.shape[1])
+    if q.is_cuda:
+        raise NotImplementedError("block_mask is not implemented for GPU arrays yet (the kernels do not skip key "
+                                  "blocks); the CPU path (NumPy arrays, torch CPU tensors) has it")
+    dense = torch.from_numpy(block_mask.to_dense())
+    if attn_mask is None:
+        return dense
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & dense
+    return attn_mask.masked_fill(~dense, float("-inf"))
+
+
 def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
               alibi_slopes=None, return_lse=False, deterministic=False, dropout_p=0.0, dropout_seed=None,
-              dropout_offset=0, attn_mask=None):
+              dropout_offset=0, attn_mask=None, block_mask=None):
     """Differentiable :func:`cuflash.attention` for torch tensors (same arguments and semantics).
 
     ``deterministic=True`` makes the backward bitwise reproducible. The returned LSE (``return_lse``) is
@@ -280,8 +301,11 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     is drawn from torch's default generator (``torch.manual_seed`` reproduces the mask), and the backward
     replays the forward's mask; CUDA tensors raise NotImplementedError until the kernels have dropout.
     ``attn_mask`` as :func:`cuflash.attention` takes it (CPU tensors so far); it is not differentiated, so
-    a mask that requires grad raises NotImplementedError.
+    a mask that requires grad raises NotImplementedError. ``block_mask`` (a :class:`cuflash.BlockMask` or a
+    FlexAttention one) reaches the op as its dense element mask, combined with ``attn_mask`` (CPU tensors).
     """
+    if block_mask is not None:
+        attn_mask = _with_block_mask(q, k, attn_mask, block_mask)
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("attn_mask requires grad; cuflash does not differentiate the mask (detach it)")
     seed, offset = _dropout_seed(q, dropout_p, dropout_seed, dropout_offset)

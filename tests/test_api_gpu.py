@@ -327,3 +327,10 @@ def test_sdpa_stand_in_on_cuda_equals_cuflash():
         want = cuflash.attention(*(x.transpose(1, 2) for x in (q, k, v)), causal=causal).transpose(1, 2)
         torch.cuda.synchronize()
         assert torch.equal(got, want)
+
+
+def test_block_mask_on_gpu_arrays_raises_before_launching():
+    """GPU arrays with a block mask raise NotImplementedError naming it (the CPU path has it)."""
+    q, k, v = inputs(1, 64, 64, 2, 2, 64, "float16", seed=0)
+    with pytest.raises(NotImplementedError, match="block_mask is not implemented for GPU arrays"):
+        cuflash.attention(q, k, v, block_mask=cuflash.BlockMask.from_dense(np.ones((64, 64), bool), 32))
