@@ -1,0 +1,114 @@
+"""cuflash.jax (cuflash/jax.py) on CPU JAX: attention under jax.jit equals the float64 reference, its
+gradients (jax.custom_vjp through cuflash's backward) equal the reference gradients, jax.vmap maps it, a
+jitted training step of a small attention block with value_and_grad agrees with the same block on
+jax.nn.dot_product_attention(implementation="xla"), and bad arguments raise at trace time.
+"""
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax", reason="tests of the JAX adapter (cuflash.jax); need jax")
+jnp = pytest.importorskip("jax.numpy")
+
+import cuflash.jax as cfj  # noqa: E402
+from cuflash import reference  # noqa: E402
+
+
+def _inputs(dtype=np.float32, b=2, sq=17, sk=23, hq=4, hk=2, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal(s).astype(dtype) for s in ((b, sq, hq, d), (b, sk, hk, d), (b, sk, hk, d),
+                                                                 (b, sq, hq, d)))
+
+
+OPTIONS = [dict(), dict(causal=True), dict(window_size=(5, 2), softcap=3.0, softmax_scale=0.2),
+           dict(causal=True, alibi_slopes=np.array([0.1, 0.2, 0.3, 0.4], np.float32))]
+
+
+@pytest.mark.parametrize("opts", OPTIONS)
+def test_jit_forward_and_grad_equal_reference(opts):
+    q, k, v, do = _inputs()
+    alibi = opts.get("alibi_slopes")
+    static = {n: x for n, x in opts.items() if n != "alibi_slopes"}
+
+    @jax.jit
+    def fwd(q, k, v, alibi):
+        return cfj.attention(q, k, v, alibi_slopes=alibi, return_lse=True, **static)
+
+    out, lse = fwd(q, k, v, alibi)
+    ref_out, ref_lse = reference.attention_reference(q, k, v, **opts)
+    np.testing.assert_allclose(np.asarray(out), ref_out, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(lse), ref_lse, atol=2e-5, rtol=2e-5)
+    assert out.dtype == jnp.float32 and lse.dtype == jnp.float32
+
+    loss = lambda q, k, v: (cfj.attention(q, k, v, alibi_slopes=alibi, **static) * do).sum()  # noqa: E731
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for g, r in zip(grads, reference.attention_backward_reference(do, q, k, v, **opts)):
+        np.testing.assert_allclose(np.asarray(g), r, atol=1e-4, rtol=1e-4)
+
+
+def test_vmap_maps_over_a_leading_axis():
+    q, k, v, _ = _inputs()
+    qs, ks, vs = (jnp.stack([x, 0.5 * x]) for x in (q, k, v))
+    out = jax.jit(jax.vmap(lambda q, k, v: cfj.attention(q, k, v, causal=True)))(qs, ks, vs)
+    for i in range(2):
+        np.testing.assert_array_equal(np.asarray(out[i]),
+                                      np.asarray(cfj.attention(qs[i], ks[i], vs[i], causal=True)))
+
+
+def test_dropout_under_jit_equals_the_numpy_path():
+    import cuflash
+    q, k, v, _ = _inputs()
+    got = jax.jit(lambda q, k, v: cfj.attention(q, k, v, dropout_p=0.2, dropout_seed=9))(q, k, v)
+    np.testing.assert_array_equal(np.asarray(got), cuflash.attention(q, k, v, dropout_p=0.2, dropout_seed=9))
+
+
+def test_training_step_matches_xla_attention():
+    """value_and_grad of a small attention block (projections, GQA attention, output projection) inside a
+    jitted SGD step: loss and parameter gradients agree with the same block on XLA's attention."""
+    rng = np.random.default_rng(1)
+    dm, hq, hk, d = 32, 4, 2, 8
+    params = {n: jnp.asarray(rng.standard_normal(s).astype(np.float32) * 0.2) for n, s in
+              (("wq", (dm, hq * d)), ("wk", (dm, hk * d)), ("wv", (dm, hk * d)), ("wo", (hq * d, dm)))}
+    x = jnp.asarray(rng.standard_normal((2, 24, dm)).astype(np.float32))
+
+    def block(params, x, attend):
+        b, s, _ = x.shape
+        q = (x @ params["wq"]).reshape(b, s, hq, d)
+        k = (x @ params["wk"]).reshape(b, s, hk, d)
+        v = (x @ params["wv"]).reshape(b, s, hk, d)
+        return ((attend(q, k, v).reshape(b, s, hq * d) @ params["wo"]) ** 2).mean()
+
+    ours = lambda q, k, v: cfj.attention(q, k, v, causal=True)  # noqa: E731
+    theirs = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")  # noqa: E731
+
+    @jax.jit
+    def step(params, x):
+        loss, grads = jax.value_and_grad(block)(params, x, ours)
+        return loss, grads, jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grads)
+
+    loss, grads, new = step(params, x)
+    ref_loss, ref_grads = jax.value_and_grad(block)(params, x, theirs)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    for n in params:
+        np.testing.assert_allclose(np.asarray(grads[n]), np.asarray(ref_grads[n]), atol=1e-5, rtol=1e-4)
+    assert float(step(new, x)[0]) < float(loss)
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda q, k, v: cfj.attention(q[:, :, :3], k, v), ValueError, "heads_q"),
+    (lambda q, k, v: cfj.attention(q, k, v, window_size=(1,)), ValueError, "window_size"),
+    (lambda q, k, v: cfj.attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)),
+     TypeError, "dtype bfloat16"),
+    (lambda q, k, v: cfj.attention(q, k, v, dropout_p=0.1), TypeError, "needs dropout_seed"),
+])
+def test_bad_arguments_raise_at_trace_time(make, exc, match):
+    q, k, v, _ = _inputs()
+    with pytest.raises(exc, match=match):
+        jax.jit(make)(q, k, v)
+
+
+def test_core_does_not_import_jax():
+    import subprocess
+    import sys
+    code = "import sys, cuflash; assert 'jax' not in sys.modules, 'import cuflash imported jax'"
+    subprocess.run([sys.executable, "-c", code], check=True)
