@@ -235,6 +235,15 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None,
     return out, lse
 
 
+def attention_probs(q, k, *, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, attn_mask=None):
+    """The float64 attention probabilities ``(batch, heads_q, seqlen_q, seqlen_k)`` (before dropout; rows
+    that see no key are 0), as :func:`attention_reference` computes them."""
+    s, mask, _, _ = _reference_scores(q, k, causal, softmax_scale, window_size, softcap, alibi_slopes,
+                                      attn_mask)
+    return _reference_probs(s, mask)[0]
+
+
 def attention_backward_reference(dout, q, k, v, *, causal=False,
                                  softmax_scale=None, window_size=(-1, -1),
                                  softcap=0.0, alibi_slopes=None, dropout_p=0.0,

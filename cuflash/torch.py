@@ -11,6 +11,7 @@ captured CUDA graph replays them. Outputs and workspaces are allocated by torch 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import api, kvcache, varlen
@@ -324,14 +325,29 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """FlashAttention-2's ``flash_attn_func`` with its argument order, defaults and return values.
 
     q (batch, seqlen_q, heads, head_dim), k/v (batch, seqlen_k, heads_k, head_dim). Returns ``out``, or
-    ``(out, softmax_lse, None)`` with ``return_attn_probs=True`` (cuflash does not return FlashAttention's
-    ``S_dmask``; :func:`cuflash.dropout_mask` gives the dropout mask). ``dropout_p > 0``: the seed comes
-    from torch's default generator (see :func:`attention`); CPU tensors only so far.
+    ``(out, softmax_lse, S_dmask)`` with ``return_attn_probs=True``: as in FlashAttention-2, ``S_dmask`` is
+    None without dropout and, with ``dropout_p > 0``, the attention probabilities (batch, heads, seqlen_q,
+    seqlen_k) in q's dtype with the dropped entries negated (for tests: quadratic memory; FlashAttention-2
+    pads the last two dims to multiples of 128, cuflash does not). ``dropout_p > 0``: the seed comes from
+    torch's default generator (see :func:`attention`); CPU tensors only so far.
     """
+    seed = None
+    if dropout_p and not q.is_cuda:
+        seed = int(torch.randint(0, (1 << 63) - 1, (), dtype=torch.int64))
     out, lse = attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                          softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True, deterministic=deterministic,
-                         dropout_p=dropout_p)
-    return (out, lse, None) if return_attn_probs else out
+                         dropout_p=dropout_p, dropout_seed=seed)
+    if not return_attn_probs:
+        return out
+    if not dropout_p:
+        return out, lse, None
+    from . import dropout, reference
+    arrays = [x.detach().numpy() for x in (q, k)]
+    slopes = None if alibi_slopes is None else alibi_slopes.detach().numpy()
+    probs = reference.attention_probs(*arrays, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                                      softcap=softcap, alibi_slopes=slopes)
+    keep = dropout.dropout_mask(*probs.shape, dropout_p=dropout_p, dropout_seed=seed)
+    return out, lse, torch.from_numpy(np.where(keep, probs, -probs)).to(q.dtype)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),

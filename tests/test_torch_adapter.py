@@ -297,3 +297,21 @@ def test_sdpa_stand_in_3d_and_errors():
         ct.scaled_dot_product_attention(q4, k4, k4)
     with pytest.raises(ValueError, match="4-D"):
         ct.scaled_dot_product_attention(q4[0, 0], k4[0, 0], k4[0, 0])
+
+
+def test_return_attn_probs_gives_s_dmask_with_dropout():
+    """With dropout, return_attn_probs=True returns FlashAttention-2's S_dmask: the probabilities with the
+    dropped entries negated, whose sign pattern is cuflash.dropout_mask for the seed drawn from torch's
+    generator, and whose magnitudes times the kept mask / (1 - p), times V, give the output."""
+    q, k, v = _qkv(grad=False)
+    torch.manual_seed(5)
+    out, lse, s_dmask = ct.flash_attn_func(q, k, v, dropout_p=0.25, return_attn_probs=True)
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, (1 << 63) - 1, (), dtype=torch.int64))
+    keep = cuflash.dropout_mask(2, 4, 9, 13, dropout_p=0.25, dropout_seed=seed)
+    nonzero = s_dmask != 0
+    np.testing.assert_array_equal((s_dmask > 0).numpy(), keep & nonzero.numpy())
+    p_kept = torch.where(s_dmask > 0, s_dmask, torch.zeros_like(s_dmask)) / 0.75
+    ref = torch.einsum("bhqk,bkhd->bqhd", p_kept, v.repeat_interleave(2, dim=2))
+    torch.testing.assert_close(out, ref)
+    assert ct.flash_attn_func(q, k, v, return_attn_probs=True)[2] is None
