@@ -420,9 +420,9 @@ def test_numpy_skips_invisible_key_blocks(monkeypatch):
     tiles = []
     real = ref_mod._tile_scores
 
-    def recording(t, qt, kt, s, tanh, h0, h1, q0, q1, k0, k1, masked):
+    def recording(t, qt, kt, s, tanh, h0, h1, q0, q1, k0, k1, masked, visible=None):
         tiles.append((q0, q1, k0, k1, masked))
-        return real(t, qt, kt, s, tanh, h0, h1, q0, q1, k0, k1, masked)
+        return real(t, qt, kt, s, tanh, h0, h1, q0, q1, k0, k1, masked, visible)
 
     monkeypatch.setattr(ref_mod, "_tile_scores", recording)
     rng = np.random.default_rng(10)
