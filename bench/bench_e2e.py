@@ -124,9 +124,7 @@ def main() -> None:
     ax.set_ylabel("ms per training step")
     ax.set_title(f"Llama, {LAYERS} layers, hidden {HIDDEN}, bf16, AdamW: {gpu}", fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=120)
-    print("wrote", path.with_suffix(".png"))
+    results_io.save_png(fig, path)
 
 
 if __name__ == "__main__":

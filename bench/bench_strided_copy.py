@@ -101,9 +101,7 @@ def main() -> None:
     ax.set_title(f"Layout copy at odd head dims, {gpu}, bf16, seqlen {s}", fontsize=9)
     ax.axhline(0, color="k", lw=0.6)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=120)
-    print("wrote", path.with_suffix(".png"))
+    results_io.save_png(fig, path)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,13 @@ def write_json(path: Path, payload: dict) -> None:
     print("wrote", path)
 
 
+def save_png(fig, path: Path) -> None:
+    """``fig`` as the PNG beside the JSON at ``path``."""
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=120)
+    print("wrote", path.with_suffix(".png"))
+
+
 def pyplot():
     """matplotlib's pyplot on the Agg backend, or None (with a line saying so) when matplotlib is missing."""
     try:

@@ -226,23 +226,12 @@ def _check_attn_mask(call, attn_mask):
 
 
 def _check_block_mask(call, block_mask):
-    """``block_mask``: None, a :class:`cuflash.BlockMask` or a torch FlexAttention ``BlockMask`` (converted),
-    made for this problem's (batch, heads_q, seqlen_q, seqlen_k) (B, H may be 1). GPU arrays raise
-    NotImplementedError (the kernels do not skip blocks yet)."""
+    """``block_mask``: None, or a :class:`cuflash.BlockMask` / torch FlexAttention ``BlockMask`` for this
+    problem (block_mask.checked)."""
     if block_mask is None:
         return None
-    from .block_mask import BlockMask
-    if not isinstance(block_mask, BlockMask):
-        if type(block_mask).__name__ == "BlockMask" and hasattr(block_mask, "mask_mod"):
-            block_mask = BlockMask.from_flex(block_mask)
-        else:
-            raise TypeError(f"block_mask must be a cuflash.BlockMask (or a torch FlexAttention BlockMask), got "
-                            f"{type(block_mask).__name__}")
-    block_mask.check_for(call.batch, call.heads_q, call.seqlen_q, call.seqlen_k)
-    if call.on_gpu:
-        raise NotImplementedError("block_mask is not implemented for GPU arrays yet (the kernels do not skip key "
-                                  "blocks); the CPU path (NumPy arrays, torch CPU tensors) has it")
-    return block_mask
+    from .block_mask import checked
+    return checked(block_mask, call.batch, call.heads_q, call.seqlen_q, call.seqlen_k, call.on_gpu)
 
 
 def _to_numpy(x, fw):

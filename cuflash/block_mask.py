@@ -214,6 +214,23 @@ class BlockMask:
                                (0, self.seq_lengths[0]), (0, self.seq_lengths[1]))
 
 
+def checked(block_mask, batch, heads_q, seqlen_q, seqlen_k, on_gpu) -> BlockMask:
+    """``block_mask`` as a :class:`BlockMask` (a torch FlexAttention one converted) made for a (batch, heads_q,
+    seqlen_q, seqlen_k) problem. Raises TypeError / ValueError naming it, and NotImplementedError for GPU
+    arrays (the kernels do not skip key blocks yet)."""
+    if not isinstance(block_mask, BlockMask):
+        if type(block_mask).__name__ == "BlockMask" and hasattr(block_mask, "mask_mod"):
+            block_mask = BlockMask.from_flex(block_mask)
+        else:
+            raise TypeError(f"block_mask must be a cuflash.BlockMask (or a torch FlexAttention BlockMask), got "
+                            f"{type(block_mask).__name__}")
+    block_mask.check_for(batch, heads_q, seqlen_q, seqlen_k)
+    if on_gpu:
+        raise NotImplementedError("block_mask is not implemented for GPU arrays yet (the kernels do not skip key "
+                                  "blocks); the CPU path (NumPy arrays, torch CPU tensors) has it")
+    return block_mask
+
+
 class _TorchMaskMod:
     """A FlexAttention ``mask_mod`` called with NumPy index arrays: converted to torch tensors and back."""
 

@@ -258,6 +258,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return (out, lse) if return_softmax_lse else out
 
 
+def _draw_seed() -> int:
+    """A dropout seed from torch's default generator (torch.manual_seed reproduces it), in int64's range."""
+    return int(torch.randint(0, (1 << 63) - 1, (), dtype=torch.int64))
+
+
 def _dropout_seed(q, dropout_p, dropout_seed, dropout_offset):
     """(seed, offset) as int64 for the op schemas: the caller's, or, without a seed and with dropout_p > 0, a
     seed drawn from torch's default generator (so that torch.manual_seed reproduces a run)."""
@@ -266,25 +271,16 @@ def _dropout_seed(q, dropout_p, dropout_seed, dropout_offset):
             return 0, 0
         if q.is_cuda:  # before drawing: the op raises NotImplementedError for CUDA tensors with dropout
             return 0, 0
-        dropout_seed = int(torch.randint(0, (1 << 63) - 1, (), dtype=torch.int64))
+        dropout_seed = _draw_seed()
     from .dropout import check_seed
     return (_to_i64(check_seed("dropout_seed", dropout_seed)), _to_i64(check_seed("dropout_offset", dropout_offset)))
 
 
 def _with_block_mask(q, k, attn_mask, block_mask):
     """``attn_mask`` with a block mask's dense element mask folded in (the ops take tensors, not the object)."""
-    from .block_mask import BlockMask
-    if not isinstance(block_mask, BlockMask):
-        block_mask = BlockMask.from_flex(block_mask) if hasattr(block_mask, "mask_mod") else block_mask
-    if not isinstance(block_mask, BlockMask):
-        raise TypeError(f"block_mask must be a cuflash.BlockMask (or a torch FlexAttention BlockMask), got "
-                        f"{type(block_mask).__name__}")
+    from .block_mask import checked
     b, sq, hq = q.shape[:3]
-    block_mask.check_for(b, hq, sq, k.shape[1])
-    if q.is_cuda:
-        raise NotImplementedError("block_mask is not implemented for GPU arrays yet (the kernels do not skip key "
-                                  "blocks); the CPU path (NumPy arrays, torch CPU tensors) has it")
-    dense = torch.from_numpy(block_mask.to_dense())
+    dense = torch.from_numpy(checked(block_mask, b, hq, sq, k.shape[1], q.is_cuda).to_dense())
     if attn_mask is None:
         return dense
     if attn_mask.dtype == torch.bool:
@@ -333,7 +329,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """
     seed = None
     if dropout_p and not q.is_cuda:
-        seed = int(torch.randint(0, (1 << 63) - 1, (), dtype=torch.int64))
+        seed = _draw_seed()
     out, lse = attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                          softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True, deterministic=deterministic,
                          dropout_p=dropout_p, dropout_seed=seed)

@@ -49,18 +49,22 @@ def test_opcheck_forward_and_backward_ops():
         torch.library.opcheck(torch.ops.cuflash.bwd.default, (torch.randn_like(out), q, k, v, out, lse) + args)
 
 
+def _assert_compiled_matches_eager(compiled, f, q, k, v):
+    """The compiled loss and its gradients equal eager's."""
+    loss_c = compiled(q, k, v)
+    grads_c = torch.autograd.grad(loss_c, (q, k, v))
+    loss_e = f(q, k, v)
+    grads_e = torch.autograd.grad(loss_e, (q, k, v))
+    assert torch.allclose(loss_c, loss_e)
+    for a, b in zip(grads_c, grads_e):
+        assert torch.allclose(a, b)
+
+
 def test_torch_compile_fullgraph():
     """A function using the op compiles with fullgraph=True (no graph break) and matches eager, grads too."""
     q, k, v = _qkv(dtype=torch.float32)
     f = lambda q, k, v: (ct.attention(q, k, v, causal=True) ** 2).sum()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    loss_c = compiled(q, k, v)
-    gc = torch.autograd.grad(loss_c, (q, k, v))
-    loss_e = f(q, k, v)
-    ge = torch.autograd.grad(loss_e, (q, k, v))
-    assert torch.allclose(loss_c, loss_e)
-    for a, b in zip(gc, ge):
-        assert torch.allclose(a, b)
+    _assert_compiled_matches_eager(torch.compile(f, fullgraph=True, backend="aot_eager"), f, q, k, v)
 
 
 @pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
@@ -82,13 +86,7 @@ def test_torch_compile_new_seqlens_do_not_recompile(how):
         if how == "mark_dynamic":
             for t in (q, k, v):
                 torch._dynamo.mark_dynamic(t, 1)
-        loss_c = compiled(q, k, v)
-        grads_c = torch.autograd.grad(loss_c, (q, k, v))
-        loss_e = f(q, k, v)
-        grads_e = torch.autograd.grad(loss_e, (q, k, v))
-        assert torch.allclose(loss_c, loss_e)
-        for a, b in zip(grads_c, grads_e):
-            assert torch.allclose(a, b)
+        _assert_compiled_matches_eager(compiled, f, q, k, v)
         # The first call's count: one graph, or two backend calls when dynamo restarts its one analysis to
         # specialize float arguments (dynamic=True traces Python floats as symbols at first).
         first = counter.frame_count if first is None else first
