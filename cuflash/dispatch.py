@@ -34,6 +34,9 @@ FWD_SM80_ALIBI_PTXAS_OPT = {64: 1}
 FWD_SM80_LOCAL_SOFTCAP_PTXAS_OPT = {64: 1}
 # The variable-length build's sequence lookups too (8 bytes in the softcap and the local variants at -O3).
 FWD_SM80_VARLEN_PTXAS_OPT = {64: 1}
+# ... and at head dim 128 they push the 128-row tile past 255 registers with softcap and a mask (12 bytes
+# at -O1, 36-160 at -O2/-O3): the variable-length build takes 64-row tiles there.
+FWD_SM80_VARLEN_TILES = {128: (64, 64, 4, 1, 1)}
 
 def padded_head_dim(head_dim: int) -> int:
     """The compiled head dim that serves ``head_dim`` (a multiple of 8 in [8, 256])."""
@@ -177,8 +180,13 @@ def forward_key(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, ali
                        os.environ.get("CUFLASH_FWD_TILES", ""))
     if not varlen:
         return key
-    return dataclasses.replace(key, extra=key.extra + (("CF_VARLEN", 1),),
-                               ptxas_opt=FWD_SM80_VARLEN_PTXAS_OPT.get(key.head_dim, key.ptxas_opt))
+    key = dataclasses.replace(key, extra=key.extra + (("CF_VARLEN", 1),),
+                              ptxas_opt=FWD_SM80_VARLEN_PTXAS_OPT.get(key.head_dim, key.ptxas_opt))
+    tiles = FWD_SM80_VARLEN_TILES.get(key.head_dim)
+    if tiles:  # smaller than every dense tile: within every shared-memory limit
+        bm, bn, warps, min_blocks, opt = tiles
+        key = dataclasses.replace(key, block_m=bm, block_n=bn, warps=warps, min_blocks=min_blocks, ptxas_opt=opt)
+    return key
 
 
 @functools.lru_cache(maxsize=None)

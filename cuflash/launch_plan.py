@@ -90,7 +90,6 @@ def _common(q: DeviceArray, k: DeviceArray, v: DeviceArray, alibi, causal: bool,
     p["batch"], p["heads_q"], p["heads_k"] = batch, heads_q, heads_k
     p["seqlen_q"], p["seqlen_k"], p["head_dim"] = seqlen_q, seqlen_k, head_dim
     p["total_q"], p["total_k"] = seqlen_q, seqlen_k
-    p["lse_batch_stride"], p["lse_head_stride"] = heads_q * seqlen_q, seqlen_q  # (batch, heads_q, seqlen_q)
     unbounded = seqlen_q + seqlen_k
     left, right = window_size
     if causal:
@@ -189,7 +188,7 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     p["total_q"], p["total_k"] = total_q, k.shape[1]
     for name in ("q", "k", "v", "o"):
         p[f"{name}_batch_stride"] = 0  # a sequence's rows come from cu_seqlens, not from a batch stride
-    p["lse_batch_stride"], p["lse_head_stride"] = 0, total_q
+    p["varlen_lse_head_stride"] = total_q
     p["num_m_blocks"] = m_blocks = -(-max_seqlen_q // kkey.block_m)
     launch = KernelLaunch(fn, m_blocks * batch * heads_q, kkey.threads, smem, p.pack())
     return _remember(key, ForwardPlan(launch, False))

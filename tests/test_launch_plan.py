@@ -127,8 +127,7 @@ def test_backward_plan_launches(deterministic):
 def test_varlen_forward_plan(stub_functions):
     """The variable-length forward plans the CF_VARLEN build of the sm80 kernel on every GPU (Hopper too), a
     grid of ceil(max_seqlen_q / block_m) query blocks per (sequence, head), the max_seqlen bounds and the
-    packed totals, zero batch strides (rows come from cu_seqlens) and the (heads, total_q) LSE layout; the
-    dense plan's block carries the dense equivalents."""
+    packed totals, zero batch strides (rows come from cu_seqlens) and the (heads, total_q) LSE layout."""
     total_q, total_k, hq, hk, d = 1234, 987, 8, 2, 128
     q = _view((1, total_q, hq, d), 0x10000, strides=(0, hq * d, d, 1))
     k = _view((1, total_k, hk, d), 0x2000000, strides=(0, hk * d, d, 1))
@@ -143,8 +142,7 @@ def test_varlen_forward_plan(stub_functions):
     blk = _block(fp.launch)
     assert (blk["batch"], blk["seqlen_q"], blk["seqlen_k"], blk["total_q"], blk["total_k"]) == (5, 700, 600,
                                                                                                 total_q, total_k)
-    assert blk["q_batch_stride"] == blk["k_batch_stride"] == blk["o_batch_stride"] == blk["lse_batch_stride"] == 0
-    assert blk["lse_head_stride"] == total_q and blk["q_row_stride"] == hq * d
+    assert blk["q_batch_stride"] == blk["k_batch_stride"] == blk["o_batch_stride"] == 0
+    assert blk["varlen_lse_head_stride"] == total_q and blk["q_row_stride"] == hq * d
     dense = _block(_fwd(*_qkvo(b=2, sq=300, sk=260, hq=8)).launch)
-    assert (dense["lse_batch_stride"], dense["lse_head_stride"], dense["total_q"], dense["total_k"]) == (
-        8 * 300, 300, 300, 260)
+    assert (dense["total_q"], dense["total_k"]) == (300, 260)

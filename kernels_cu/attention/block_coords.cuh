@@ -50,5 +50,5 @@ __device__ __forceinline__ u16* o_ptr(const AttentionParams& p, const BlockCoord
     return (u16*)p.o + (i64)c.b * p.o_batch_stride + (i64)c.h * p.o_head_stride;
 }
 __device__ __forceinline__ float* lse_ptr(const AttentionParams& p, const BlockCoords& c) {
-    return p.lse + (i64)c.b * p.lse_batch_stride + (i64)c.h * p.lse_head_stride;
+    return p.lse + ((i64)c.b * p.heads_q + c.h) * p.seqlen_q;
 }

@@ -18,11 +18,6 @@ struct AttentionParams {
     void* dk;
     void* dv;
     int* tile_counter;          // Hopper forward, persistent launch: next work tile, zero at launch
-    // variable-length batches (seq_context.cuh): (batch + 1,) row starts; null when dense
-    const int* cu_seqlens_q;
-    const int* cu_seqlens_k;
-    const int* seqused_q;       // (batch,) rows of each sequence that take part; null: all
-    const int* seqused_k;
     i64 q_batch_stride;         // strides in elements, 64-bit: tensors past 2^31 elements index correctly
     i64 q_row_stride;
     i64 q_head_stride;
@@ -48,16 +43,11 @@ struct AttentionParams {
     i64 dv_row_stride;
     i64 dv_head_stride;
     i64 alibi_batch_stride;
-    // lse of (b, h, row) at lse + b * lse_batch_stride + h * lse_head_stride + row
-    i64 lse_batch_stride;
-    i64 lse_head_stride;
     int batch;
     int heads_q;
     int heads_k;
     int seqlen_q;               // dense: every sequence's length; variable-length: the max_seqlen bounds
     int seqlen_k;
-    int total_q;                // rows of the q / k views (variable-length: the packed token counts)
-    int total_k;
     int head_dim;
     // visible keys of query i: [i + off - window_left, i + off + window_right], off = seqlen_k - seqlen_q;
     // "unbounded" arrives as seqlen_q + seqlen_k
@@ -69,6 +59,13 @@ struct AttentionParams {
     int num_m_blocks;
     int num_n_blocks;
     int bh_group;               // Hopper forward: (batch, head) pairs per launch-order group (block_coords.cuh)
+    int total_q;                // rows of the packed q / k views
+    int total_k;
+    const int* cu_seqlens_q;    // (batch + 1,) first rows of the sequences; null when dense
+    const int* cu_seqlens_k;
+    const int* seqused_q;       // (batch,) rows of each sequence that take part; null: all
+    const int* seqused_k;
+    i64 varlen_lse_head_stride; // the (heads_q, total_q) LSE: head h at lse + h * this
 };
 
 // Exported so that a GPU test can check the host's mirror of this struct byte for byte in size.
