@@ -6,6 +6,7 @@ string names the disk-cache entry, the compile log line and error messages. Noth
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -31,6 +32,11 @@ FWD_SM80_TILES = {
 # softcap with masking at head dim 64 for sm_90a once the softmax carries its exact-offset path (8 bytes).
 FWD_SM80_ALIBI_PTXAS_OPT = {64: 1}
 FWD_SM80_LOCAL_SOFTCAP_PTXAS_OPT = {64: 1}
+# The variable-length build's sequence lookups too (8 bytes in the softcap and the local variants at -O3).
+FWD_SM80_VARLEN_PTXAS_OPT = {64: 1}
+# ... and at head dim 128 they push the 128-row tile past 255 registers with softcap and a mask (12 bytes
+# at -O1, 36-160 at -O2/-O3): the variable-length build takes 64-row tiles there.
+FWD_SM80_VARLEN_TILES = {128: (64, 64, 4, 1, 1)}
 
 def padded_head_dim(head_dim: int) -> int:
     """The compiled head dim that serves ``head_dim`` (a multiple of 8 in [8, 256])."""
@@ -42,7 +48,7 @@ def padded_head_dim(head_dim: int) -> int:
 
 # How extra defines appear in variant names: a prefix followed by the value, or (flag name,) shown when set.
 _EXTRA_LABELS = {"CF_DETERMINISTIC": ("det",), "CF_BWD_A_REGS": ("preg",), "CF_Q_STAGES": "st", "CF_STAGES": "st",
-                 "CF_CONSUMERS": "cw", "CF_PINGPONG": ("pp",)}
+                 "CF_CONSUMERS": "cw", "CF_PINGPONG": ("pp",), "CF_VARLEN": ("varlen",)}
 
 
 @dataclass(frozen=True)
@@ -166,9 +172,21 @@ def max_smem(major: int, minor: int) -> int:
 
 
 def forward_key(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
-                smem_limit: int = MAX_SMEM[(9, 0)]) -> KernelKey:
-    return _forward_key(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, smem_limit,
-                        os.environ.get("CUFLASH_FWD_TILES", ""))
+                smem_limit: int = MAX_SMEM[(9, 0)], varlen: bool = False) -> KernelKey:
+    """The sm80 forward's variant. ``varlen``: the variable-length build (CF_VARLEN, seq_context.cuh reads
+    each sequence's rows from cu_seqlens / seqused), a separate variant so that the dense one compiles to the
+    same code as without it (its 252-254 registers at head dim 64 leave no room for the lookups)."""
+    key = _forward_key(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, smem_limit,
+                       os.environ.get("CUFLASH_FWD_TILES", ""))
+    if not varlen:
+        return key
+    key = dataclasses.replace(key, extra=key.extra + (("CF_VARLEN", 1),),
+                              ptxas_opt=FWD_SM80_VARLEN_PTXAS_OPT.get(key.head_dim, key.ptxas_opt))
+    tiles = FWD_SM80_VARLEN_TILES.get(key.head_dim)
+    if tiles:  # smaller than every dense tile: within every shared-memory limit
+        bm, bn, warps, min_blocks, opt = tiles
+        key = dataclasses.replace(key, block_m=bm, block_n=bn, warps=warps, min_blocks=min_blocks, ptxas_opt=opt)
+    return key
 
 
 @functools.lru_cache(maxsize=None)
@@ -398,12 +416,13 @@ def all_forward_keys() -> list[KernelKey]:
 
 def all_forward_keys_for(smem_limit: int) -> list[KernelKey]:
     return [
-        forward_key(dt, d, is_local=loc, softcap=sc, alibi=al, smem_limit=smem_limit)
+        forward_key(dt, d, is_local=loc, softcap=sc, alibi=al, smem_limit=smem_limit, varlen=vl)
         for dt in DTYPES
         for d in PADDED_HEAD_DIMS
         for loc in (False, True)
         for sc in (False, True)
         for al in (False, True)
+        for vl in (False, True)
     ]
 
 

@@ -89,6 +89,7 @@ def _common(q: DeviceArray, k: DeviceArray, v: DeviceArray, alibi, causal: bool,
         p["alibi_batch_stride"] = alibi.strides[0] if len(alibi.shape) == 2 else 0
     p["batch"], p["heads_q"], p["heads_k"] = batch, heads_q, heads_k
     p["seqlen_q"], p["seqlen_k"], p["head_dim"] = seqlen_q, seqlen_k, head_dim
+    p["total_q"], p["total_k"] = seqlen_q, seqlen_k
     unbounded = seqlen_q + seqlen_k
     left, right = window_size
     if causal:
@@ -161,6 +162,36 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, al
     grid, use_counter = (dispatch.forward_sm90_schedule(kkey, tiles, k.shape[1], sm_count) if hopper
                          else (tiles, False))
     return _remember(key, ForwardPlan(KernelLaunch(fn, grid, kkey.threads, smem, p.pack(), maps), use_counter))
+
+
+def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi, *, batch: int,
+                   max_seqlen_q: int, max_seqlen_k: int, causal: bool, window_size, softmax_scale: float,
+                   softcap: float, cc: tuple) -> ForwardPlan:
+    """The variable-length forward's plan: q / out (1, total_q, heads_q, d) and k / v (1, total_k, heads_k, d)
+    views of the packed arrays, ``batch`` sequences whose rows the kernel reads from cu_seqlens (bound per
+    call). The sm80 kernel on every GPU (it clips each tile at its sequence's end, seq_context.cuh); the grid
+    covers max_seqlen_q rows of every sequence. The LSE is (heads_q, total_q)."""
+    key = ("fwd_varlen", q.device, cc, _layout(q, k, v, out), _alibi_layout(alibi), batch, max_seqlen_q,
+           max_seqlen_k, causal, window_size, softmax_scale, softcap, _env())
+    hit = _plans.get(key)
+    if hit is not None:
+        return hit
+    dtype = "bf16" if q.dtype == "bfloat16" else "fp16"
+    kkey = dispatch.forward_key(dtype, q.shape[3], is_local=is_local(causal, window_size), softcap=softcap > 0,
+                                alibi=alibi is not None, smem_limit=dispatch.max_smem(*cc), varlen=True)
+    smem = dispatch.forward_smem_bytes(kkey)
+    fn = jit.get_function(kkey, dispatch.compile_arch(*cc), q.device, smem)
+    p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap)
+    p.set_strides("o", out)
+    total_q, heads_q = q.shape[1], q.shape[2]
+    p["batch"], p["seqlen_q"], p["seqlen_k"] = batch, max_seqlen_q, max_seqlen_k
+    p["total_q"], p["total_k"] = total_q, k.shape[1]
+    for name in ("q", "k", "v", "o"):
+        p[f"{name}_batch_stride"] = 0  # a sequence's rows come from cu_seqlens, not from a batch stride
+    p["varlen_lse_head_stride"] = total_q
+    p["num_m_blocks"] = m_blocks = -(-max_seqlen_q // kkey.block_m)
+    launch = KernelLaunch(fn, m_blocks * batch * heads_q, kkey.threads, smem, p.pack())
+    return _remember(key, ForwardPlan(launch, False))
 
 
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi,

@@ -147,6 +147,26 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, ls
     del counter_native  # freed after enqueueing: stream-ordered allocators reuse it safely
 
 
+def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, lse: DeviceArray, alibi,
+                   cu_seqlens_q: DeviceArray, cu_seqlens_k: DeviceArray, seqused_q, seqused_k, *, max_seqlen_q: int,
+                   max_seqlen_k: int, causal: bool, window_size, softmax_scale: float, softcap: float, stream: int,
+                   cc: tuple) -> None:
+    """The variable-length forward (launch_plan.forward_varlen): ``out`` is zeroed and ``lse`` set to +inf
+    first, so rows no sequence covers (past cu_seqlens_q[-1], past seqused_q) read as rows that see no key."""
+    fp = launch_plan.forward_varlen(q, k, v, out, alibi, batch=cu_seqlens_q.shape[0] - 1, max_seqlen_q=max_seqlen_q,
+                                    max_seqlen_k=max_seqlen_k, causal=causal, window_size=window_size,
+                                    softmax_scale=softmax_scale, softcap=softcap, cc=cc)
+    fill_zero(out, stream=stream)
+    fill_float32(lse, math.inf, stream=stream)
+    if fp.launch.grid == 0:
+        return
+    pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "o": out.ptr, "lse": lse.ptr,
+                "alibi": 0 if alibi is None else alibi.ptr, "cu_seqlens_q": cu_seqlens_q.ptr,
+                "cu_seqlens_k": cu_seqlens_k.ptr, "seqused_q": 0 if seqused_q is None else seqused_q.ptr,
+                "seqused_k": 0 if seqused_k is None else seqused_k.ptr}
+    _launch(fp.launch, stream, pointers)
+
+
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
              lse: DeviceArray, alibi, dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, *, causal: bool, window_size,
              softmax_scale: float, softcap: float, deterministic: bool, stream: int, cc: tuple, framework: str) -> None:

@@ -3,8 +3,9 @@
 ``kernels_cu/attention/params.cuh`` is generated from :data:`FIELDS` (``python -m cuflash.params_layout``
 rewrites it; tests/test_params_layout.py fails when the checked-in header is stale and compares every
 field's offset in the compiled struct with :data:`OFFSETS`), and ``ops.py`` packs the block with
-:data:`STRUCT`. The 8-byte fields come first and each group is homogeneous, so the C layout has no padding
-and a packed little-endian struct reproduces it byte for byte.
+:data:`STRUCT`. The 8-byte fields come first and each group is homogeneous, except the variable-length
+fields appended at the end (which start on an 8-byte boundary), so the C layout has no padding and a packed
+little-endian struct reproduces it byte for byte.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ FIELDS = [
     ("batch", "i32", None, ""),
     ("heads_q", "i32", None, ""),
     ("heads_k", "i32", None, ""),
-    ("seqlen_q", "i32", None, ""),
+    ("seqlen_q", "i32", None, "dense: every sequence's length; variable-length: the max_seqlen bounds"),
     ("seqlen_k", "i32", None, ""),
     ("head_dim", "i32", None, ""),
     ("window_left", "i32", None, "visible keys of query i: [i + off - window_left, i + off + window_right], "
@@ -59,6 +60,15 @@ FIELDS = [
     ("num_m_blocks", "i32", None, ""),
     ("num_n_blocks", "i32", None, ""),
     ("bh_group", "i32", None, "Hopper forward: (batch, head) pairs per launch-order group (block_coords.cuh)"),
+    # Variable-length batches (seq_context.cuh), appended so that every field above keeps its offset and
+    # the dense kernels compile to the code they had without them (the 8-byte fields start 8-aligned).
+    ("total_q", "i32", None, "rows of the packed q / k views"),
+    ("total_k", "i32", None, ""),
+    ("cu_seqlens_q", "ptr", "const int*", "(batch + 1,) first rows of the sequences; null when dense"),
+    ("cu_seqlens_k", "ptr", "const int*", ""),
+    ("seqused_q", "ptr", "const int*", "(batch,) rows of each sequence that take part; null: all"),
+    ("seqused_k", "ptr", "const int*", ""),
+    ("varlen_lse_head_stride", "i64", None, "the (heads_q, total_q) LSE: head h at lse + h * this"),
 ]
 
 NAMES = [f[0] for f in FIELDS]

@@ -220,8 +220,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     q (total_q, heads, head_dim), k/v (total_k, heads_k, head_dim), ``cu_seqlens`` int32 (batch + 1,).
     Returns ``out``, or ``(out, softmax_lse (heads, total_q), None)`` with ``return_attn_probs=True``. CPU
-    tensors only so far (CUDA tensors raise NotImplementedError); ``block_table`` (paged KV) raises
-    NotImplementedError; ``dropout_p > 0`` too.
+    tensors, and the forward on CUDA tensors (their backward raises NotImplementedError); ``block_table``
+    (paged KV) raises NotImplementedError; ``dropout_p > 0`` too.
     """
     api.check_dropout(dropout_p, "variable-length attention")
     if block_table is not None:

@@ -6,8 +6,16 @@ cu_seqlens_k[i + 1]`` of the packed arrays and attends only to its own keys; cau
 bottom-right aligned per sequence. ``seqused_q`` / ``seqused_k`` (FlashAttention-3) shorten each sequence
 to its first rows, so that a caller can keep fixed buffer shapes (CUDA graphs) while the real lengths vary.
 
-The NumPy path (CPU arrays) runs the tiled CPU attention per sequence (O(N) extra memory). The GPU kernels
-are not written yet: GPU arrays raise NotImplementedError, after the same argument checks.
+The NumPy path (CPU arrays) runs the tiled CPU attention per sequence (O(N) extra memory). On the GPU the
+forward runs the sm80 forward kernel with a per-sequence context (kernels_cu/attention/seq_context.cuh) on
+every architecture; the backward on GPU arrays raises NotImplementedError, after the same argument checks.
+
+Which checks run where: types, dtypes, shapes and devices are checked on every path before anything runs.
+Checks of the values of ``cu_seqlens`` / ``seqused`` / ``max_seqlen`` need those values on the host; the
+CPU path makes them, the GPU path does not (reading device memory would synchronize the caller's stream).
+There the kernel clamps every sequence to the packed arrays, so any values stay in bounds, and rows no
+sequence covers come out as zeros with LSE +inf; a sequence longer than ``max_seqlen_q`` has only its first
+``max_seqlen_q`` rows computed (the rest stay zero), as in FlashAttention-2.
 """
 
 from __future__ import annotations
@@ -18,9 +26,9 @@ import numpy as np
 
 from . import api, arrays, reference
 
-_GPU_NOT_IMPLEMENTED = ("{}: variable-length attention runs on the CPU (NumPy path) only so far; the GPU "
-                        "kernels are not implemented yet. Pad the batch and call cuflash.attention, or pass "
-                        "CPU arrays")
+_GPU_NOT_IMPLEMENTED = ("{}: the variable-length backward runs on the CPU (NumPy path) only so far; the GPU "
+                        "kernels are not implemented yet. Pad the batch and call cuflash.attention_backward, or "
+                        "pass CPU arrays")
 
 
 class _VarlenCall:
@@ -107,6 +115,53 @@ class _VarlenCall:
         return api.check_alibi(alibi_slopes, fw=self.fw, device=self.device, batch=self.batch, heads_q=self.heads_q)
 
 
+def _packed_view(call, x, stream, cc):
+    """A (1, total, heads, width) view of a packed (total, heads, head_dim) array that the kernels read in place,
+    or a contiguous zero-padded copy (as api._device_input does for dense arrays)."""
+    from . import ops
+    v3 = arrays.device_view(x, call.fw, stream)
+    view = arrays.DeviceArray(v3.ptr, (1, *v3.shape), (0, *v3.strides), v3.dtype, v3.device, v3.owner)
+    width = -(-call.head_dim // api._ROW_CHUNK) * api._ROW_CHUNK
+    if width == call.head_dim and api._readable_in_place(view):
+        return view
+    _, buf = arrays.empty(call.fw, (1, *v3.shape[:2], width), v3.dtype, v3.device, stream)
+    ops.strided_copy(view, buf, stream=stream, cc=cc)
+    return buf
+
+
+def _index_view(x, fw, device, stream):
+    """A unit-stride device view of an int32 index array (cu_seqlens, seqused), or None."""
+    if x is None:
+        return None
+    view = arrays.device_view(x, fw, stream)
+    return view if view.strides == (1,) else arrays.contiguous_copy(x, fw, device, stream)
+
+
+def _forward_gpu(call, q, k, v, alibi, causal, scale, window, softcap):
+    """The GPU forward (ops.forward_varlen): outputs allocated by the caller's framework on its stream."""
+    from . import ops
+    device, fw = call.device, call.fw
+    stream = arrays.current_stream(fw, device)
+    cc = api._cc(device)
+    width = -(-call.head_dim // api._ROW_CHUNK) * api._ROW_CHUNK
+    with arrays.device_scope(fw, device):
+        out_native, out3 = arrays.empty(fw, (call.total_q, call.heads_q, call.head_dim), call.dtype, device, stream)
+        lse_native, lse = arrays.empty(fw, (call.heads_q, call.total_q), "float32", device, stream)
+        out = arrays.DeviceArray(out3.ptr, (1, *out3.shape), (0, *out3.strides), out3.dtype, device, out3.owner)
+        work = out
+        if width != call.head_dim:
+            _, work = arrays.empty(fw, (1, call.total_q, call.heads_q, width), call.dtype, device, stream)
+        views = [_packed_view(call, x, stream, cc) for x in (q, k, v)]
+        index = [_index_view(x, arrays.framework_of(x) if x is not None else fw, device, stream)
+                 for x in (call.cu_q, call.cu_k, call.used_q, call.used_k)]
+        ops.forward_varlen(*views, work, lse, api._device_alibi(alibi, fw, stream), *index,
+                           max_seqlen_q=call.max_seqlen_q, max_seqlen_k=call.max_seqlen_k, causal=causal,
+                           window_size=window, softmax_scale=scale, softcap=softcap, stream=stream, cc=cc)
+        if work is not out:
+            ops.strided_copy(work, out, stream=stream, cc=cc)
+        return arrays.to_caller(out_native, out3, fw, stream), arrays.to_caller(lse_native, lse, fw, stream)
+
+
 def _check_count(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
@@ -136,8 +191,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     Parameters
     ----------
     q : array, shape (total_q, heads_q, head_dim)
-        The queries of every sequence, one after another. NumPy (float16/32/64) or CPU torch tensors; GPU
-        arrays raise NotImplementedError (the variable-length kernels are not written yet).
+        The queries of every sequence, one after another: GPU arrays (float16 / bfloat16), NumPy
+        (float16/32/64) or CPU torch tensors.
     k, v : array, shape (total_k, heads_k, head_dim)
         Keys and values, packed the same way; ``heads_q`` a multiple of ``heads_k`` (GQA).
     cu_seqlens_q, cu_seqlens_k : int32 array, shape (batch + 1,)
@@ -167,15 +222,16 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     TypeError, ValueError
         Arguments of the wrong type, dtype, shape or device, ``cu_seqlens`` that do not start at 0, decrease
         or run past the packed arrays, ``seqused`` outside [0, length], ``max_seqlen`` below the longest
-        sequence. Each names the argument.
-    NotImplementedError
-        GPU arrays.
+        sequence (value checks: CPU path only, see the module docstring). Each names the argument.
     """
     call = _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
-    kwargs, slopes = _options(call, causal, softmax_scale, window_size, softcap, alibi_slopes)
     return_lse = api._check_flag("return_lse", return_lse)
     if call.on_gpu:
-        raise NotImplementedError(_GPU_NOT_IMPLEMENTED.format("cuflash.attention_varlen"))
+        causal, scale, window, softcap, alibi = api._check_options(call, causal, softmax_scale, window_size, softcap,
+                                                                   alibi_slopes)
+        out, lse = _forward_gpu(call, q, k, v, alibi, causal, scale, window, softcap)
+        return (out, lse) if return_lse else out
+    kwargs, slopes = _options(call, causal, softmax_scale, window_size, softcap, alibi_slopes)
     if call.fw == "torch" and call.dtype == "bfloat16":
         raise TypeError("q is a bfloat16 CPU tensor; the CPU path computes float16/32/64 (NumPy has no bfloat16)")
     qn, kn, vn = (np.asarray(api._to_numpy(x, call.fw)) for x in (q, k, v))

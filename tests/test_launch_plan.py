@@ -122,3 +122,27 @@ def test_backward_plan_launches(deterministic):
     assert _block(main)["num_n_blocks"] == -(-260 // 128) and main.grid == -(-260 // 128) * 2 * 2
     assert launch_plan.backward(dout, q, k, v, o, None, dq, dk, dv, causal=False, window_size=(-1, -1), softmax_scale=0.1,
                          softcap=0.0, deterministic=deterministic, cc=(9, 0)) is bp
+
+
+def test_varlen_forward_plan(stub_functions):
+    """The variable-length forward plans the CF_VARLEN build of the sm80 kernel on every GPU (Hopper too), a
+    grid of ceil(max_seqlen_q / block_m) query blocks per (sequence, head), the max_seqlen bounds and the
+    packed totals, zero batch strides (rows come from cu_seqlens) and the (heads, total_q) LSE layout."""
+    total_q, total_k, hq, hk, d = 1234, 987, 8, 2, 128
+    q = _view((1, total_q, hq, d), 0x10000, strides=(0, hq * d, d, 1))
+    k = _view((1, total_k, hk, d), 0x2000000, strides=(0, hk * d, d, 1))
+    v = _view((1, total_k, hk, d), 0x3000000, strides=(0, hk * d, d, 1))
+    o = _view((1, total_q, hq, d), 0x4000000, strides=(0, hq * d, d, 1))
+    fp = launch_plan.forward_varlen(q, k, v, o, None, batch=5, max_seqlen_q=700, max_seqlen_k=600, causal=True,
+                                    window_size=(-1, -1), softmax_scale=0.1, softcap=0.0, cc=(9, 0))
+    key_name = stub_functions[-1][0]
+    assert key_name.startswith("fwd_sm80_bf16_d128_local_varlen")
+    kkey = dispatch.forward_key("bf16", d, is_local=True, softcap=False, alibi=False, varlen=True)
+    assert fp.launch.grid == -(-700 // kkey.block_m) * 5 * hq and not fp.tile_counter
+    blk = _block(fp.launch)
+    assert (blk["batch"], blk["seqlen_q"], blk["seqlen_k"], blk["total_q"], blk["total_k"]) == (5, 700, 600,
+                                                                                                total_q, total_k)
+    assert blk["q_batch_stride"] == blk["k_batch_stride"] == blk["o_batch_stride"] == 0
+    assert blk["varlen_lse_head_stride"] == total_q and blk["q_row_stride"] == hq * d
+    dense = _block(_fwd(*_qkvo(b=2, sq=300, sk=260, hq=8)).launch)
+    assert (dense["total_q"], dense["total_k"]) == (300, 260)

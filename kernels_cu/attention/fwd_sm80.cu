@@ -9,10 +9,34 @@
 // Compile-time configuration (defines set by cuflash/dispatch.py):
 //   CF_DTYPE (CF_FP16 / CF_BF16), CF_HEAD_DIM (multiple of 64; the real head_dim may be smaller and is
 //   zero-padded on load), CF_BLOCK_M, CF_BLOCK_N, CF_WARPS, CF_MIN_BLOCKS, CF_IS_LOCAL (causal or
-//   window), CF_SOFTCAP, CF_ALIBI.
+//   window), CF_SOFTCAP, CF_ALIBI, CF_VARLEN (optional, default 0).
+//
+// Variable-length batches (CF_VARLEN, seq_context.cuh): a CTA's rows and keys are those of its sequence;
+// the q, k, v, o, lse pointers start at the sequence's first row and every load is clipped at its length,
+// so a tile never reads the next sequence's rows. The grid covers max_seqlen_q rows per sequence; CTAs
+// past their sequence's end return at once. The additions are preprocessor-conditional so that the dense
+// build is the same code as before them: as constant-false C++ branches, ptxas scheduled the dense kernel
+// differently and one head-dim-64 variant spilled 4 bytes.
 #include "ptx/cp_async.cuh"
 #include "attention/params.cuh"
 #include "attention/block_coords.cuh"
+
+#ifndef CF_VARLEN
+#define CF_VARLEN 0
+#endif
+#if CF_VARLEN
+#include "attention/seq_context.cuh"
+// This CTA's sequence: its lengths, and the offset of its first row added to a base pointer.
+#define CF_SEQLEN_Q seq.seqlen_q
+#define CF_SEQLEN_K seq.seqlen_k
+#define CF_FIRST_ROW(cu, total, stride) + (i64)seq_first_row(p.cu, p.total, BlockCoords(p).b) * p.stride
+#define CF_LSE(c) (p.lse + (i64)(c).h * p.varlen_lse_head_stride + seq_first_row(p.cu_seqlens_q, p.total_q, (c).b))
+#else
+#define CF_SEQLEN_Q p.seqlen_q
+#define CF_SEQLEN_K p.seqlen_k
+#define CF_FIRST_ROW(cu, total, stride)
+#define CF_LSE(c) lse_ptr(p, c)
+#endif
 #include "attention/query_tiles.cuh"
 #include "attention/warp_gemm.cuh"
 #include "attention/score_mods.cuh"
@@ -29,30 +53,36 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
     const BlockCoords bc(p);
     const int m_block = bc.m_block;
     const int m_start = m_block * kBM;
-    const int i_last = min(m_start + kBM, p.seqlen_q) - 1;
-    const Visibility vis(p.seqlen_q, p.seqlen_k, p.window_left, p.window_right);
+#if CF_VARLEN
+    const SeqContext seq(p, bc.b);
+    if (m_start >= seq.seqlen_q) return;  // past this sequence's rows
+#endif
+    const int i_last = min(m_start + kBM, CF_SEQLEN_Q) - 1;
+    const Visibility vis(CF_SEQLEN_Q, CF_SEQLEN_K, p.window_left, p.window_right);
     int n_lo, n_hi;
     vis.key_tiles(m_start, i_last, kBN, &n_lo, &n_hi);
 
     if (n_hi <= n_lo) {
-        u16* o = o_ptr(p, bc);
-        float* lse = lse_ptr(p, bc);
+        u16* o = o_ptr(p, bc) CF_FIRST_ROW(cu_seqlens_q, total_q, o_row_stride);
+        float* lse = CF_LSE(bc);
         // No query row of this block sees any key: zeros and LSE = +inf, without touching K or V.
         for (int c = tid; c < kBM * (kD / 8); c += kThreads) {
             const int row = c / (kD / 8), col = (c % (kD / 8)) * 8;
-            if (m_start + row < p.seqlen_q && col < p.head_dim)
+            if (m_start + row < CF_SEQLEN_Q && col < p.head_dim)
                 *(uint4*)(o + (i64)(m_start + row) * p.o_row_stride + col) = make_uint4(0, 0, 0, 0);
         }
         for (int row = tid; row < kBM; row += kThreads)
-            if (m_start + row < p.seqlen_q) lse[m_start + row] = CF_INF;
+            if (m_start + row < CF_SEQLEN_Q) lse[m_start + row] = CF_INF;
         return;
     }
 
     const float slope = CF_ALIBI ? p.alibi[(i64)bc.b * p.alibi_batch_stride + bc.h] : 0.f;
     const int warp_row0 = warp * kMS * 16;
 
-    QTile::load_async<kThreads>(sQ, q_ptr(p, BlockCoords(p)), p.q_row_stride, m_start, p.seqlen_q, p.head_dim, tid);
-    KVTile::load_async<kThreads>(sK, k_ptr(p, BlockCoords(p)), p.k_row_stride, (n_hi - 1) * kBN, p.seqlen_k, p.head_dim, tid);
+    QTile::load_async<kThreads>(sQ, q_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_q, total_q, q_row_stride),
+                                p.q_row_stride, m_start, CF_SEQLEN_Q, p.head_dim, tid);
+    KVTile::load_async<kThreads>(sK, k_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_k, total_k, k_row_stride),
+                                 p.k_row_stride, (n_hi - 1) * kBN, CF_SEQLEN_K, p.head_dim, tid);
     cp_async_commit();
 
     float acc_o[kMS][kDT8][4];
@@ -66,7 +96,8 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
         // K of this tile has landed, and every warp is done reading the previous V: V may be overwritten.
         cp_async_wait<0>();
         __syncthreads();
-        KVTile::load_async<kThreads>(sV, v_ptr(p, BlockCoords(p)), p.v_row_stride, n_block * kBN, p.seqlen_k, p.head_dim, tid);
+        KVTile::load_async<kThreads>(sV, v_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_k, total_k, v_row_stride),
+                                     p.v_row_stride, n_block * kBN, CF_SEQLEN_K, p.head_dim, tid);
         cp_async_commit();
 
         float sc[kMS][kNT8][4];
@@ -81,7 +112,8 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
         cp_async_wait<0>();
         __syncthreads();
         if (n_block > n_lo) {
-            KVTile::load_async<kThreads>(sK, k_ptr(p, BlockCoords(p)), p.k_row_stride, (n_block - 1) * kBN, p.seqlen_k, p.head_dim, tid);
+            KVTile::load_async<kThreads>(sK, k_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_k, total_k, k_row_stride),
+                                         p.k_row_stride, (n_block - 1) * kBN, CF_SEQLEN_K, p.head_dim, tid);
             cp_async_commit();
         }
 
@@ -93,8 +125,8 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
     float row_lse[kMS][2];
     softmax.finalize(acc_o, row_lse, p.scale_log2, natural_score_scale<CF_SOFTCAP, CF_ALIBI>(p.softmax_scale));
 
-    u16* o = o_ptr(p, BlockCoords(p));
-    float* lse = lse_ptr(p, BlockCoords(p));
+    u16* o = o_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_q, total_q, o_row_stride);
+    float* lse = CF_LSE(BlockCoords(p));
     // Stage O through this warp's own rows of the Q tile (no other warp reads them), then write it out in
     // 16-byte coalesced chunks.
     const int g = lane >> 2, t = lane & 3;
@@ -106,14 +138,14 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
 #pragma unroll
             for (int d = 0; d < kDT8; ++d)
                 *(u32*)(smem + QTile::offset(row, d * 8) + t * 4) = pack2(acc_o[s][d][2 * hh], acc_o[s][d][2 * hh + 1]);
-            if (t == 0 && m_start + row < p.seqlen_q) lse[m_start + row] = row_lse[s][hh];
+            if (t == 0 && m_start + row < CF_SEQLEN_Q) lse[m_start + row] = row_lse[s][hh];
         }
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < kBM * (kD / 8) / kThreads; ++i) {
         const int c = i * kThreads + tid;
         const int row = c / (kD / 8), col = (c % (kD / 8)) * 8;
-        if (m_start + row < p.seqlen_q && col < p.head_dim)
+        if (m_start + row < CF_SEQLEN_Q && col < p.head_dim)
             *(uint4*)(o + (i64)(m_start + row) * p.o_row_stride + col) = *(const uint4*)(smem + QTile::offset(row, col));
     }
 }

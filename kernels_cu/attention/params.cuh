@@ -46,7 +46,7 @@ struct AttentionParams {
     int batch;
     int heads_q;
     int heads_k;
-    int seqlen_q;
+    int seqlen_q;               // dense: every sequence's length; variable-length: the max_seqlen bounds
     int seqlen_k;
     int head_dim;
     // visible keys of query i: [i + off - window_left, i + off + window_right], off = seqlen_k - seqlen_q;
@@ -59,6 +59,13 @@ struct AttentionParams {
     int num_m_blocks;
     int num_n_blocks;
     int bh_group;               // Hopper forward: (batch, head) pairs per launch-order group (block_coords.cuh)
+    int total_q;                // rows of the packed q / k views
+    int total_k;
+    const int* cu_seqlens_q;    // (batch + 1,) first rows of the sequences; null when dense
+    const int* cu_seqlens_k;
+    const int* seqused_q;       // (batch,) rows of each sequence that take part; null: all
+    const int* seqused_k;
+    i64 varlen_lse_head_stride; // the (heads_q, total_q) LSE: head h at lse + h * this
 };
 
 // Exported so that a GPU test can check the host's mirror of this struct byte for byte in size.

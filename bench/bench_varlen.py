@@ -1,0 +1,132 @@
+"""Variable-length forward (issue 15): packed sequences against cuflash's dense kernel on equal work and
+against PyTorch's varlen / padded paths, in one process.
+
+    python bench/bench_varlen.py [--tokens 16384] [--hdims 64,128] [--runs 20] [--out bench/results]
+
+``--tokens`` tokens are split into random lengths between 64 and 4096 (mean about 1k; seed 0). TFLOP/s are
+counted per sequence: the sum over sequences of 4 * heads * len_q * len_k * head_dim, halved for causal
+(the grid's own convention, bench_attention.py). Contenders, CUDA events around back-to-back calls
+(median of --runs samples of 4 calls, warm-up excluded), bf16:
+
+- cuflash.attention_varlen on the packed (tokens, heads, d) arrays;
+- the dense cuflash.attention on a batch of equal total work: tokens / L sequences of the length L whose
+  square equals the mean of the squared lengths (the target: varlen >= 0.9x of it);
+- torch.nn.attention.varlen_attn when this torch has it, else SDPA's flash backend on the zero-padded batch
+  (the target: cuflash >= 1.5x).
+
+Prints a table and writes ``varlen-<stamp>.json`` under ``<out>/<gpu-slug>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import results_io
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def lengths(tokens: int, rng) -> list[int]:
+    out, left = [], tokens
+    while left > 0:
+        n = int(min(left, rng.integers(64, 4097)))
+        out.append(n)
+        left -= n
+    return out
+
+
+def _time(fn, runs: int, calls: int = 4) -> float:
+    import cupy
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(runs):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        for _ in range(calls):
+            fn()
+        stop.record()
+        stop.synchronize()
+        samples.append(cupy.cuda.get_elapsed_time(start, stop) / calls)
+    return statistics.median(samples)
+
+
+def _torch_contender(lens, q, k, v, causal):
+    """(name, callable) of PyTorch's varlen path, or SDPA flash on the padded batch."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device=tq.device)
+    varlen_attn = getattr(getattr(torch.nn, "attention", None), "varlen_attn", None)
+    if varlen_attn is not None:
+        return "torch varlen_attn", lambda: varlen_attn(tq, tk, tv, cu, cu, max(lens), max(lens), is_causal=causal)
+    b, s = len(lens), max(lens)
+    pad = [torch.zeros(b, s, *x.shape[1:], dtype=x.dtype, device=x.device) for x in (tq, tk, tv)]
+    for i, (a, n) in enumerate(zip(cu[:-1].tolist(), lens)):
+        for dst, src in zip(pad, (tq, tk, tv)):
+            dst[i, :n] = src[a:a + n]
+    pq, pk, pv = (x.transpose(1, 2) for x in pad)
+    mask = (torch.arange(s, device=tq.device)[None, :] < torch.tensor(lens, device=tq.device)[:, None])
+    mask = mask[:, None, None, :]
+
+    def sdpa():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION if causal else SDPBackend.EFFICIENT_ATTENTION):
+            return F.scaled_dot_product_attention(pq, pk, pv, is_causal=causal, attn_mask=None if causal else mask)
+    return "SDPA on the padded batch", sdpa
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--hdims", default="64,128")
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    import cupy
+    import ml_dtypes
+    import cuflash
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(0)
+    lens = lengths(args.tokens, rng)
+    cu = cupy.asarray(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+    eq_len = int(round(np.sqrt(np.mean(np.square(lens)))))
+    rows = []
+    print(f"{len(lens)} sequences, lengths {min(lens)}..{max(lens)}, mean {np.mean(lens):.0f}; dense equivalent "
+          f"{args.tokens // eq_len} x {eq_len}")
+    for d in (int(x) for x in args.hdims.split(",")):
+        h = 2048 // d
+        q, k, v = (cupy.asarray(rng.standard_normal((args.tokens, h, d), dtype=np.float32).astype(bf16))
+                   for _ in range(3))
+        b_eq = max(1, args.tokens // eq_len)
+        dq, dk, dv = (cupy.asarray(rng.standard_normal((b_eq, eq_len, h, d), dtype=np.float32).astype(bf16))
+                      for _ in range(3))
+        for causal in (False, True):
+            work = sum(4 * h * n * n * d for n in lens) * (0.5 if causal else 1)
+            dense_work = 4 * h * b_eq * eq_len * eq_len * d * (0.5 if causal else 1)
+            t_var = _time(lambda: cuflash.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=causal),
+                          args.runs)
+            t_dense = _time(lambda: cuflash.attention(dq, dk, dv, causal=causal), args.runs)
+            name, fn = _torch_contender(lens, q, k, v, causal)
+            t_torch = _time(fn, args.runs)
+            row = dict(d=d, causal=causal, varlen_tflops=work / t_var / 1e9, dense_tflops=dense_work / t_dense / 1e9,
+                       torch_path=name, torch_tflops=work / t_torch / 1e9)
+            row["varlen_over_dense"] = row["varlen_tflops"] / row["dense_tflops"]
+            row["varlen_over_torch"] = row["varlen_tflops"] / row["torch_tflops"]
+            rows.append(row)
+            print(f"hd{d} {'causal' if causal else 'full  '}  varlen {row['varlen_tflops']:6.1f}  dense "
+                  f"{row['dense_tflops']:6.1f}  ({row['varlen_over_dense']:.2f}x)  {name} {row['torch_tflops']:6.1f} "
+                  f"({row['varlen_over_torch']:.2f}x)", flush=True)
+    gpu = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    results_io.write_json(results_io.result_path(args.out, gpu, "varlen"),
+                          dict(gpu=gpu, tokens=args.tokens, lengths=lens, rows=rows))
+
+
+if __name__ == "__main__":
+    main()
