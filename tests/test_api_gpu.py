@@ -280,15 +280,13 @@ def test_huge_rows_beside_ordinary_rows(family, monkeypatch):
     flash_rule(out[:, 5], ref_out[:, 5], naive[:, 5])
 
 
-# --- variable-length attention: CPU only so far ----------------------------------------------------------------
+# --- variable-length attention: argument checks on GPU arrays (the kernels: test_varlen_gpu.py) ---------------
 
-def test_varlen_on_gpu_arrays_raises_not_implemented():
-    """GPU arrays get a NotImplementedError naming the function (after the argument checks), not a launch."""
+def test_varlen_cu_seqlens_dtype_checked_before_launch():
+    """cu_seqlens of the wrong integer type get a TypeError naming the argument before any launch."""
     import cupy
     q = to_device(host_randn((10, 2, 64), "float16", np.random.default_rng(0)))
     cu = cupy.asarray(np.array([0, 4, 10], np.int32))
-    with pytest.raises(NotImplementedError, match="attention_varlen"):
-        cuflash.attention_varlen(q, q, q, cu, cu, 6, 6)
     with pytest.raises(TypeError, match="cu_seqlens_q must be int32"):
         cuflash.attention_varlen(q, q, q, cu.astype(cupy.int64), cu, 6, 6)
 
