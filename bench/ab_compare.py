@@ -10,7 +10,9 @@ samples interleaved one by one so that clocks, temperature and neighbours weigh 
 is --calls back-to-back calls between two events, so that the GPU time, not the host's per-call cost
 (which issue 14 measures on its own), decides the ratio. --groups runs GQA cells too (heads_q / heads_k);
 --cudnn adds torch SDPA's cuDNN backend as a third contender in the same interleave (its ratio printed as
-new/cudnn), on the same bf16 buffers viewed as torch tensors in SDPA's (batch, heads, seqlen, dim) layout. Warm-up excluded, median of --runs samples each; prints a table and one JSON line per cell (TFLOP/s as in
+new/cudnn), on the same bf16 buffers viewed as torch tensors in SDPA's (batch, heads, seqlen, dim) layout.
+--deterministic runs the checkout's backward in deterministic mode (against --base . : that mode's cost).
+Warm-up excluded, median of --runs samples each; prints a table and one JSON line per cell (TFLOP/s as in
 bench_attention.py: 4 B H S^2 D, halved for causal, x2.5 for the backward).
 """
 
@@ -46,6 +48,8 @@ def main():
     ap.add_argument("--groups", default="1", help="query heads per KV head, one cell set per value")
     ap.add_argument("--causal", default="both", choices=["both", "true", "false"])
     ap.add_argument("--cudnn", action="store_true", help="time torch SDPA's cuDNN backend alongside")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="the checkout's backward runs with deterministic=True (with --base . : what it costs)")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     import cupy
@@ -72,8 +76,10 @@ def main():
                         if out.dtype != q.dtype:  # a tree from before CuPy bfloat16 outputs: raw 16-bit words
                             out = out.view(q.dtype)
                         calls[("fwd", label)] = lambda cf=cf: cf.attention(q, k, v, causal=causal)
-                        calls[("bwd", label)] = (lambda cf=cf, out=out, lse=lse:
-                                                 cf.attention_backward(do, q, k, v, out, lse, causal=causal))
+                        det = args.deterministic and label == "new"
+                        calls[("bwd", label)] = (lambda cf=cf, out=out, lse=lse, det=det:
+                                                 cf.attention_backward(do, q, k, v, out, lse, causal=causal,
+                                                                       deterministic=det))
                     labels = list(trees)
                     if sdpa is not None:
                         calls[("fwd", "cudnn")], calls[("bwd", "cudnn")] = sdpa(q, k, v, do, causal)

@@ -361,8 +361,8 @@ def _backward_keys(dtype, d, is_local, softcap, alibi, deterministic, smem_limit
     return pre, post, main, dq
 
 
-# Hopper backward main kernel (bwd_sm90.cu), used on compute capability 9.0 unless deterministic mode is
-# asked for (the sm80 path has the Q-parallel dQ kernel for that): padded head dim -> (block_m, stages).
+# Hopper backward main kernel (bwd_sm90.cu), used on compute capability 9.0, deterministic mode included (its
+# CTAs then add into dQ in turns, bwd_sm90.cu): padded head dim -> (block_m, stages).
 # 128 keys a CTA in two consumer warpgroups; block_m queries per step keeps the dK, dV, S^T and dP^T
 # accumulators within 240 registers (64 + 64 + 32 + 32 at hd128; 32 + 32 + 64 + 64 at hd64). Head dims
 # 192 and 256 run the sm80 kernel.
@@ -371,6 +371,8 @@ BWD_SM90_BLOCK_N = 128
 # fp32 columns of the boxes in which the Hopper backward adds dQ into dq_accum (cf_bwd_sm90_dq_box_cols):
 # 128 bytes, the widest box the 128-byte swizzle allows; 64 query rows a box.
 BWD_SM90_DQ_BOX = (64, 32)
+# Query rows per turn counter of the deterministic Hopper backward (cf_dq_turn_rows, bwd_common.cuh).
+BWD_SM90_DQ_TURN_ROWS = 64
 BWD_KERNEL_ENV = "CUFLASH_BWD_KERNEL"
 
 
@@ -380,15 +382,17 @@ def backward_family(cc: tuple, head_dim: int, deterministic: bool) -> str:
     choice = os.environ.get(BWD_KERNEL_ENV, "") or "sm90"
     if choice not in ("sm80", "sm90"):
         raise ValueError(f"{BWD_KERNEL_ENV}={choice!r}; expected 'sm80' or 'sm90'")
-    hopper = choice == "sm90" and tuple(cc) == (9, 0) and not deterministic
+    hopper = choice == "sm90" and tuple(cc) == (9, 0)
     return "bwd_sm90" if hopper and padded_head_dim(head_dim) in BWD_SM90_TILES else "bwd_sm80"
 
 
-def backward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool) -> KernelKey:
+def backward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
+                      deterministic: bool = False) -> KernelKey:
     d = padded_head_dim(head_dim)
     bm, stages = BWD_SM90_TILES[d]
+    extra = (("CF_STAGES", stages),) + ((("CF_DETERMINISTIC", 1),) if deterministic else ())
     return KernelKey("bwd_sm90", "attention_bwd_sm90", dtype, d, is_local, softcap, alibi, bm, BWD_SM90_BLOCK_N,
-                     12, extra=(("CF_STAGES", stages),))
+                     12, extra=extra)
 
 
 def backward_sm90_smem_bytes(key: KernelKey) -> int:
@@ -404,9 +408,9 @@ def backward_sm90_smem_bytes(key: KernelKey) -> int:
 
 
 def all_backward_sm90_keys() -> list[KernelKey]:
-    return [backward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al)
+    return [backward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, deterministic=det)
             for dt in DTYPES for d in BWD_SM90_TILES for loc in (False, True)
-            for sc in (False, True) for al in (False, True)]
+            for sc in (False, True) for al in (False, True) for det in (False, True)]
 
 
 def all_forward_keys() -> list[KernelKey]:
@@ -513,8 +517,8 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
     these never misses at run time.
 
     Compute capability 9.0 (``sm_90a``) runs both the wgmma families and the sm80 ones: views TMA cannot
-    address, deterministic mode, head dims 192/256 in the backward and CUFLASH_FWD_KERNEL/CUFLASH_BWD_KERNEL
-    all fall back to sm80. Every other GPU runs the sm80 families only. Kernels of any other family in
+    address, head dims 192/256 in the backward and CUFLASH_FWD_KERNEL/CUFLASH_BWD_KERNEL all fall back to
+    sm80. Every other GPU runs the sm80 families only. Kernels of any other family in
     :func:`all_keys` (helpers such as layout copies) have no tiles to choose and run on every target.
     """
     major, minor = arch_compute_capability(arch)
@@ -531,7 +535,7 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                         if hopper:
                             found.append(forward_key_sm90(dt, d, **mods))
                             if d in BWD_SM90_TILES:
-                                found.append(backward_key_sm90(dt, d, **mods))
+                                found += [backward_key_sm90(dt, d, deterministic=det, **mods) for det in (False, True)]
                         for det in (False, True):
                             try:
                                 found += backward_keys(dt, d, deterministic=det, smem_limit=limit, **mods)

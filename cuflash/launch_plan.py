@@ -45,7 +45,8 @@ class ForwardPlan:
 class BackwardPlan:
     launches: tuple      # preprocess, main, then postprocess or the deterministic dQ kernel
     delta_in_dq: bool    # delta borrows dq's first bytes (else a float32 (batch, heads_q, seqlen_q) workspace)
-    dq_accum_shape: tuple | None  # the fp32 dQ accumulator's shape; None in deterministic mode
+    dq_accum_shape: tuple | None  # the fp32 dQ accumulator's shape; None with the sm80 deterministic dQ kernel
+    dq_semaphore_shape: tuple | None  # int32 turn counters of the deterministic Hopper kernel, else None
 
 
 class _Block:
@@ -199,7 +200,8 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
              softcap: float, deterministic: bool, cc: tuple) -> BackwardPlan:
     """The backward's plan: preprocess (delta, zero dQ accumulator) -> KV-parallel main kernel (dK, dV, dQ
     summed into the fp32 accumulator: atomics on sm80, TMA reductions on the Hopper kernel) -> postprocess
-    (dQ); deterministic mode replaces the accumulation and the postprocess by a Q-parallel dQ kernel (sm80)."""
+    (dQ). Deterministic mode: the Hopper kernel adds in a fixed order (turn counters the preprocess zeroes);
+    on sm80 a Q-parallel dQ kernel replaces the accumulation and the postprocess."""
     key = ("bwd", q.device, cc, _layout(dout, q, k, v, out, dq, dk, dv), _alibi_layout(alibi), causal, window_size,
            softmax_scale, softcap, deterministic, _env())
     hit = _plans.get(key)
@@ -214,11 +216,17 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     batch, seqlen_q, heads_q = q.shape[:3]
     seqlen_k, heads_k = k.shape[1], k.shape[2]
     dev = q.device
-    # delta (fp32, batch x heads x seqlen_q) is read only up to the main kernel, and with atomic dQ the
+    # The Hopper main kernel reads Q, K, V and dO through TMA; views TMA cannot describe run on sm80.
+    hopper = dispatch.backward_family(cc, q.shape[3], deterministic) == "bwd_sm90" and tma.supports(q, k, v, dout)
+    dq_kernel = deterministic and not hopper
+    # delta (fp32, batch x heads x seqlen_q) is read only up to the main kernel, and with accumulated dQ the
     # only writer of dq is the postprocess, after it: so delta borrows dq's first bytes (dq holds head_dim / 2
     # >= 4 times as many), which keeps the peak memory of the backward at FlashAttention-2's.
-    delta_in_dq = not deterministic and dq.strides == (seqlen_q * heads_q * q.shape[3], heads_q * q.shape[3],
-                                                       q.shape[3], 1)
+    delta_in_dq = not dq_kernel and dq.strides == (seqlen_q * heads_q * q.shape[3], heads_q * q.shape[3],
+                                                   q.shape[3], 1)
+    semaphore_shape = None
+    if hopper and deterministic:
+        semaphore_shape = (batch, heads_q, math.ceil(seqlen_q / dispatch.BWD_SM90_DQ_TURN_ROWS))
     p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap)
     for name, a in (("o", out), ("do", dout), ("dq", dq), ("dk", dk), ("dv", dv)):
         p.set_strides(name, a)
@@ -226,11 +234,10 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     rows_grid = math.ceil(seqlen_q / dispatch.BWD_PREPOST_ROWS) * batch * heads_q
     launches.append(KernelLaunch(jit.get_function(pre, arch, dev, 0), rows_grid, pre.threads, 0, p.pack()))
 
-    # The Hopper main kernel reads Q, K, V and dO through TMA; views TMA cannot describe run on sm80.
     maps = ()
-    if dispatch.backward_family(cc, q.shape[3], deterministic) == "bwd_sm90" and tma.supports(q, k, v, dout):
+    if hopper:
         main = dispatch.backward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
-                                          alibi=alibi is not None)
+                                          alibi=alibi is not None, deterministic=deterministic)
         smem = dispatch.backward_sm90_smem_bytes(main)
         # Each consumer warpgroup adds its 64-row block of dQ into dq_accum as boxes of BWD_SM90_DQ_BOX.
         maps = (("q", main.block_m), ("k", main.block_n), ("v", main.block_n), ("dout", main.block_m),
@@ -241,7 +248,7 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     main_block = p.pack()
     launches.append(KernelLaunch(jit.get_function(main, arch, dev, smem), p["num_n_blocks"] * batch * heads_k,
                                  main.threads, smem, main_block, maps))
-    if deterministic:
+    if dq_kernel:
         smem = dispatch.dq_smem_bytes(dq_key)
         p["num_m_blocks"] = math.ceil(seqlen_q / dq_key.block_m)
         p["num_n_blocks"] = math.ceil(seqlen_k / dq_key.block_n)
@@ -249,5 +256,5 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
                                      dq_key.threads, smem, p.pack()))
     else:
         launches.append(KernelLaunch(jit.get_function(post, arch, dev, 0), rows_grid, post.threads, 0, main_block))
-    acc_shape = None if deterministic else (batch, seqlen_q, heads_q, main.head_dim)
-    return _remember(key, BackwardPlan(tuple(launches), delta_in_dq, acc_shape))
+    acc_shape = None if dq_kernel else (batch, seqlen_q, heads_q, main.head_dim)
+    return _remember(key, BackwardPlan(tuple(launches), delta_in_dq, acc_shape, semaphore_shape))

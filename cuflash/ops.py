@@ -186,9 +186,13 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     if bp.dq_accum_shape is not None:
         acc_native, acc = arrays.empty(framework, bp.dq_accum_shape, "float32", q.device, stream)
         pointers["dq_accum"] = acc.ptr
+    semaphore_native = None
+    if bp.dq_semaphore_shape is not None:  # zeroed by the preprocess
+        semaphore_native, semaphore = arrays.empty(framework, bp.dq_semaphore_shape, "int32", q.device, stream)
+        pointers["dq_semaphore"] = semaphore.ptr
     views = {"q": q, "k": k, "v": v, "dout": dout}
     for launch in bp.launches:
         maps = tuple(tma.accumulator_map(acc.ptr, bp.dq_accum_shape, *box) if n == "dq_accum"
                      else tma.tile_map(views[n], box) for n, box in launch.maps)
         _launch(launch, stream, pointers, maps)
-    del acc_native, delta_native  # freed after enqueueing: stream-ordered allocators reuse them safely
+    del acc_native, delta_native, semaphore_native  # freed after enqueueing: stream-ordered allocators reuse them

@@ -69,6 +69,8 @@ FIELDS = [
     ("seqused_q", "ptr", "const int*", "(batch,) rows of each sequence that take part; null: all"),
     ("seqused_k", "ptr", "const int*", ""),
     ("varlen_lse_head_stride", "i64", None, "the (heads_q, total_q) LSE: head h at lse + h * this"),
+    ("dq_semaphore", "ptr", "int*", "deterministic Hopper backward: (batch, heads_q, ceil(seqlen_q / 64)) turn "
+                                    "counters, zeroed by the preprocess"),
 ]
 
 NAMES = [f[0] for f in FIELDS]

@@ -1,4 +1,4 @@
-"""Runs the Hopper backward at odd sizes (seqlens 1, 17, 1000; both tile configurations; causal; GQA) for
+"""Runs the Hopper backward at odd sizes (seqlens 1, 17, 1000; both tile configurations; causal; GQA; deterministic turns too) for
 compute-sanitizer: `compute-sanitizer --tool memcheck|racecheck python tests/sanitize_backward_sm90.py`.
 CuPy only, so the sanitizer does not have to follow a deep-learning framework's start-up. The gradients'
 memory is poisoned with NaN before each call, so an element the kernels never write fails the isfinite check."""
@@ -18,8 +18,9 @@ for d in (64, 128):
             v = rng.standard_normal((2, sk, 1, d), dtype=cp.float32).astype(q.dtype)
             out, lse = cuflash.attention(q, k, v, causal=causal, return_lse=True)
             dout = rng.standard_normal(out.shape, dtype=cp.float32).astype(q.dtype)
-            poison_cupy_pool([q.nbytes, k.nbytes, v.nbytes])
-            grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal)
-            assert all(bool(cp.isfinite(g).all()) for g in grads), (d, sq, sk, causal)
+            for deterministic in (False, True):
+                poison_cupy_pool([q.nbytes, k.nbytes, v.nbytes])
+                grads = cuflash.attention_backward(dout, q, k, v, out, lse, causal=causal, deterministic=deterministic)
+                assert all(bool(cp.isfinite(g).all()) for g in grads), (d, sq, sk, causal, deterministic)
 cp.cuda.Device().synchronize()
 print("sanitize run done")

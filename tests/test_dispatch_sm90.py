@@ -80,13 +80,17 @@ def test_launch_schedules():
 
 
 def test_hopper_backward_selection(monkeypatch):
-    """CC 9.0 runs bwd_sm90 for head dims up to 128 unless deterministic mode is asked for;
+    """CC 9.0 runs bwd_sm90 for head dims up to 128, deterministic mode included (a variant of its own);
     CUFLASH_BWD_KERNEL=sm80 switches back; head dims 192/256 and other GPUs run bwd_sm80."""
     monkeypatch.delenv(dispatch.BWD_KERNEL_ENV, raising=False)
     for d in (8, 64, 96, 128):
         assert dispatch.backward_family((9, 0), d, False) == "bwd_sm90"
-        assert dispatch.backward_family((9, 0), d, True) == "bwd_sm80"
+        assert dispatch.backward_family((9, 0), d, True) == "bwd_sm90"
         assert dispatch.backward_family((8, 0), d, False) == "bwd_sm80"
+        assert dispatch.backward_family((8, 0), d, True) == "bwd_sm80"
+        det = dispatch.backward_key_sm90("bf16", d, is_local=False, softcap=False, alibi=False, deterministic=True)
+        plain = dispatch.backward_key_sm90("bf16", d, is_local=False, softcap=False, alibi=False)
+        assert ("CF_DETERMINISTIC", 1) in det.extra and det.name != plain.name
     for d in (160, 192, 256):
         assert dispatch.backward_family((9, 0), d, False) == "bwd_sm80"
     monkeypatch.setenv(dispatch.BWD_KERNEL_ENV, "sm80")

@@ -102,8 +102,9 @@ def test_forward_plan_sm80_family(monkeypatch):
 
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_backward_plan_launches(deterministic):
-    """Preprocess, main, then postprocess (or the deterministic dQ kernel); the dQ accumulator only when
-    dQ is accumulated; delta borrows a contiguous dq; the main kernel's block carries its key-block count."""
+    """Preprocess, the Hopper main kernel, postprocess; dQ accumulated in fp32 both ways, deterministic mode
+    with the kernel's turn-counter variant and a (batch, heads_q, ceil(seqlen_q / 64)) counter array; delta
+    borrows a contiguous dq; the main kernel's block carries its key-block count."""
     q, k, v, o = _qkvo()
     dout, dq, dk, dv = _view(q.shape, 0x9000000), _view(q.shape, 0xa000000), _view(k.shape, 0xb000000), \
         _view(k.shape, 0xc000000)
@@ -111,17 +112,29 @@ def test_backward_plan_launches(deterministic):
                        softcap=0.0, deterministic=deterministic, cc=(9, 0))
     names = [launch.fn[1] for launch in bp.launches]
     assert names[0].startswith("bwd_prepost")
-    if deterministic:
-        assert names[1].startswith("bwd_sm80") and names[2].startswith("bwd_dq_sm80")
-        assert bp.dq_accum_shape is None and not bp.delta_in_dq
-    else:
-        assert names[1].startswith("bwd_sm90") and names[2].startswith("bwd_prepost")
-        assert bp.dq_accum_shape == (2, 300, 8, 128) and bp.delta_in_dq
-        assert [m[0] for m in bp.launches[1].maps] == ["q", "k", "v", "dout", "dq_accum"]
+    assert names[1].startswith("bwd_sm90") and names[2].startswith("bwd_prepost")
+    assert ("_det" in names[1]) == deterministic
+    assert bp.dq_accum_shape == (2, 300, 8, 128) and bp.delta_in_dq
+    assert bp.dq_semaphore_shape == ((2, 8, -(-300 // 64)) if deterministic else None)
+    assert [m[0] for m in bp.launches[1].maps] == ["q", "k", "v", "dout", "dq_accum"]
     main = bp.launches[1]
     assert _block(main)["num_n_blocks"] == -(-260 // 128) and main.grid == -(-260 // 128) * 2 * 2
     assert launch_plan.backward(dout, q, k, v, o, None, dq, dk, dv, causal=False, window_size=(-1, -1), softmax_scale=0.1,
                          softcap=0.0, deterministic=deterministic, cc=(9, 0)) is bp
+
+
+def test_deterministic_backward_plan_sm80(monkeypatch):
+    """On the sm80 kernels deterministic mode replaces the accumulation and the postprocess by the Q-parallel
+    dQ kernel: no accumulator, no counters, and delta gets its own workspace (dq is written before the end)."""
+    monkeypatch.setenv(dispatch.BWD_KERNEL_ENV, "sm80")
+    q, k, v, o = _qkvo()
+    dout, dq, dk, dv = _view(q.shape, 0x9000000), _view(q.shape, 0xa000000), _view(k.shape, 0xb000000), \
+        _view(k.shape, 0xc000000)
+    bp = launch_plan.backward(dout, q, k, v, o, None, dq, dk, dv, causal=True, window_size=(-1, 0), softmax_scale=0.1,
+                       softcap=0.0, deterministic=True, cc=(9, 0))
+    names = [launch.fn[1] for launch in bp.launches]
+    assert names[1].startswith("bwd_sm80") and names[2].startswith("bwd_dq_sm80")
+    assert bp.dq_accum_shape is None and bp.dq_semaphore_shape is None and not bp.delta_in_dq
 
 
 def test_varlen_forward_plan(stub_functions):

@@ -11,6 +11,15 @@
 
 constexpr float kLog2e = 1.4426950408889634f;
 
+// Deterministic Hopper backward (bwd_sm90.cu): one turn counter per kDqTurnRows query rows of each (batch,
+// query head), which the CTAs adding into those dQ rows advance one after another. The preprocess
+// (bwd_prepost.cu) zeroes them, one per 64-row CTA; the host sizes the array (ceil(seqlen_q / this) per
+// head) from cf_dq_turn_rows.
+constexpr int kDqTurnRows = 64;
+__device__ __forceinline__ int* dq_turn_counter(const AttentionParams& p, int b, int h, int row0) {
+    return p.dq_semaphore + ((i64)b * p.heads_q + h) * ((p.seqlen_q + kDqTurnRows - 1) / kDqTurnRows) + row0 / kDqTurnRows;
+}
+
 // Which (key block, batch, kv head) a CTA of a KV-parallel kernel owns.
 struct BwdCoords {
     int n_block, b, hk;

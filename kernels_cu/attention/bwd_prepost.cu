@@ -9,7 +9,8 @@
 //   Reads : o, dout (o_*, do_* strides), head_dim, seqlen_q, batch, heads_q.
 //   Writes: delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d] (fp32, laid out like lse) for i < seqlen_q;
 //           when p.dq_accum != nullptr, zeroes dq_accum[b, i, h, 0 .. CF_HEAD_DIM) for the same rows
-//           (so dq_accum needs no separate memset; pass nullptr in deterministic mode).
+//           (so dq_accum needs no separate memset; pass nullptr in the sm80 deterministic mode); when
+//           p.dq_semaphore != nullptr, zeroes the turn counter of this 64-row block (bwd_sm90.cu).
 // attention_bwd_postprocess
 //   Reads : dq_accum (unscaled fp32), softmax_scale.  Writes: dq (dq_* strides) = 16-bit(dq_accum * scale),
 //           rows < seqlen_q, cols < head_dim.
@@ -20,12 +21,14 @@
 // one 16-byte atomic (red.global.add.v4.f32 on sm_90) instead of two 8-byte ones.
 #include "ptx/types.cuh"
 #include "attention/params.cuh"
+#include "attention/bwd_common.cuh"
 
 namespace {
 constexpr int kD = CF_HEAD_DIM;
 constexpr int kRows = 64;
 constexpr int kThreads = 256;
 static_assert(kD % 64 == 0, "CF_HEAD_DIM must be a multiple of 64");
+static_assert(kRows == kDqTurnRows, "each CTA zeroes the one turn counter of its rows");
 }  // namespace
 
 struct RowCoords {
@@ -49,6 +52,7 @@ attention_bwd_preprocess(const __grid_constant__ AttentionParams p) {
     const int tid = threadIdx.x, sub = tid & 7;
     const u16* o = (const u16*)p.o + (i64)rc.b * p.o_batch_stride + (i64)rc.h * p.o_head_stride;
     const u16* dout = (const u16*)p.dout + (i64)rc.b * p.do_batch_stride + (i64)rc.h * p.do_head_stride;
+    if (p.dq_semaphore != nullptr && tid == 0) *dq_turn_counter(p, rc.b, rc.h, rc.m_block * kRows) = 0;
 #pragma unroll
     for (int pass = 0; pass < kRows / (kThreads / 8); ++pass) {
         const int i = rc.m_block * kRows + pass * (kThreads / 8) + (tid >> 3);

@@ -41,6 +41,13 @@
 //   box that swizzle allows): a warp's 16-byte stores then spread over all 32 banks (4 wavefronts for 512
 //   bytes), where 256-byte unswizzled rows put its 8 rows on the same 16 banks (8 wavefronts).
 //   Epilogue: dK * softmax_scale and dV to 16 bits, written from registers, rows < seqlen_k, cols < head_dim.
+//   CF_DETERMINISTIC=1: the fp32 additions into a dQ row happen in one fixed order, so dQ is bitwise the
+//   same on every run. The CTAs whose key blocks a query tile sees take turns in key-block order: before
+//   adding tile m's blocks the drain thread waits until m's turn counter (dq_turn_counter) equals the
+//   number of key blocks below its own that see m; once its reductions have completed (not only read
+//   shared memory) it advances the counter. A CTA waits only on CTAs of lower blockIdx (key blocks of the
+//   same head run on consecutive CTAs, in launch order), so every wait ends even when the grid is many
+//   waves deep. The consumers see it only as a later dq_empty.
 //
 // P's exponent (bwd_common.cuh, BwdExponent) is picked per query tile by warp 1, which reads the tile's LSE
 // rows anyway: the fast form 2^(s c2 - lse log2 e), or, when a row's |LSE| reaches kFastLseLimit, the exact
@@ -53,8 +60,9 @@
 // Compile-time configuration (cuflash/dispatch.py): CF_DTYPE, CF_HEAD_DIM (64 or 128; a smaller real head
 // dim is zero-filled by TMA), CF_BLOCK_M (64 at head dim 128, 128 at head dim 64: the dK, dV, S^T and dP^T
 // accumulators then take 64 + 64 + 32 + 32 or 32 + 32 + 64 + 64 of the 240 registers), CF_BLOCK_N = 128,
-// CF_STAGES, CF_IS_LOCAL, CF_SOFTCAP, CF_ALIBI.
+// CF_STAGES, CF_IS_LOCAL, CF_SOFTCAP, CF_ALIBI, CF_DETERMINISTIC.
 #include "ptx/cp_async.cuh"
+#include "ptx/global_flags.cuh"
 #include "ptx/mbarrier.cuh"
 #include "ptx/tma.cuh"
 #include "ptx/warpgroup.cuh"
@@ -122,6 +130,7 @@ constexpr u32 kBarrierBytes = 8 * (9 + 3 * kStages);
 
 extern "C" __device__ const int cf_bwd_sm90_smem_bytes = kSmemBars + kBarrierBytes + 1024;
 extern "C" __device__ const int cf_bwd_sm90_dq_box_cols = kDqBoxCols;  // the host's dq_accum tensor map box
+extern "C" __device__ const int cf_dq_turn_rows = kDqTurnRows;  // the host's dq_semaphore size
 
 // Offsets in the dynamic shared memory (1024-byte aligned base, as the 128-byte swizzle needs).
 struct SmemLayout {
@@ -236,12 +245,22 @@ __device__ __forceinline__ int dq_col0(int cw) { return kBM == 64 ? cw * kDqN : 
 __device__ __forceinline__ int dq_row0(int m0, int cw) { return m0 + (kBM == 128 ? cw * 64 : 0); }
 
 // One thread drains dQ: as each consumer warpgroup's block lands in shared memory, a TMA reduction adds it
-// into dq_accum; the block's buffer is handed back once the copy engine has read it.
+// into dq_accum; the block's buffer is handed back once the copy engine has read it. Deterministic: in
+// turns (see the top).
 __device__ __forceinline__ void drain_dq(const BackwardSm90Params& p, const SmemLayout& sm, const QueryWalk& qw,
-                                         const BwdCoords& bc) {
+                                         const BwdCoords& bc, const Visibility& vis) {
     tma_prefetch_map(&p.dq_accum);
+    static_assert(kBM % kDqTurnRows == 0, "a query tile's rows share the turn counter of its first rows");
     for (int it = 0; it < qw.n_iters; ++it) {
         const int h = qw.head(bc.hk, it), m0 = qw.m_start(it);
+        int* turn_counter = nullptr;
+        if (CF_DETERMINISTIC) {
+            int n_lo, n_hi;
+            vis.key_tiles(m0, min(m0 + kBM, p.a.seqlen_q) - 1, kBN, &n_lo, &n_hi);
+            turn_counter = dq_turn_counter(p.a, bc.b, h, m0);
+            wait_flag_equals(turn_counter, bc.n_block - n_lo);
+            fence_proxy_async_global();  // the earlier turns' sums, seen through the acquire, before our reductions
+        }
         for (int cw = 0; cw < 2; ++cw) {
             mbar_wait(sm.dq_full(cw), it & 1);
 #pragma unroll
@@ -253,6 +272,11 @@ __device__ __forceinline__ void drain_dq(const BackwardSm90Params& p, const Smem
         tma_store_wait_read();
         mbar_arrive(sm.dq_empty(0));
         mbar_arrive(sm.dq_empty(1));
+        if (CF_DETERMINISTIC) {
+            tma_store_wait_all();
+            fence_proxy_async_global();
+            red_release_gpu_add(turn_counter, 1);
+        }
     }
     tma_store_wait_all();
 }
@@ -557,7 +581,7 @@ attention_bwd_sm90(const __grid_constant__ BackwardSm90Params p) {
         setmaxnreg_dec<kProducerRegs>();
         if (tid == 0) produce_tiles(p, sm, qw, bc);
         else if (warp == 1) produce_row_stats(p, sm, qw, bc, tid & 31);
-        else if (tid == 64) drain_dq(p, sm, qw, bc);
+        else if (tid == 64) drain_dq(p, sm, qw, bc, vis);
         return;
     }
     setmaxnreg_inc<kConsumerRegs>();

@@ -66,6 +66,9 @@ struct AttentionParams {
     const int* seqused_q;       // (batch,) rows of each sequence that take part; null: all
     const int* seqused_k;
     i64 varlen_lse_head_stride; // the (heads_q, total_q) LSE: head h at lse + h * this
+    // deterministic Hopper backward: (batch, heads_q, ceil(seqlen_q / 64)) turn counters, zeroed by the
+    // preprocess
+    int* dq_semaphore;
 };
 
 // Exported so that a GPU test can check the host's mirror of this struct byte for byte in size.

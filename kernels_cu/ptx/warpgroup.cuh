@@ -24,6 +24,10 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 // Orders this thread's generic-proxy shared-memory writes before later async-proxy (TMA, wgmma) reads.
 __device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// Orders global memory between the generic proxy (loads, atomics) and the async proxy (TMA): the writes of
+// completed bulk copies before a following release, an acquire before following bulk copies.
+__device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;\n" ::: "memory"); }
+
 // This thread's warpgroup (threadIdx.x / 128), read through a shuffle so that the compiler knows it is
 // warp-uniform: addresses and wgmma descriptors derived from it then stay in uniform registers. Derived
 // from threadIdx directly, a kernel's descriptors were built in vector registers and moved over one by
