@@ -34,8 +34,10 @@ struct BwdCoords {
     // in flight walk the same few heads' Q, dO and dq_accum rows and share them in L2. Key-block-major, each
     // CTA in flight streams a different head from DRAM: at seqlen 2k (128 heads) that measured 0.57x the
     // 16k rate on an H100.
-    __device__ __forceinline__ static BwdCoords head_major(const AttentionParams& p) {
-        return BwdCoords(p, (int)(blockIdx.x % p.num_n_blocks), (int)(blockIdx.x / p.num_n_blocks));
+    // descending: the key blocks of a head in reverse launch order (the deterministic causal turns, bwd_sm90.cu).
+    __device__ __forceinline__ static BwdCoords head_major(const AttentionParams& p, bool descending = false) {
+        const int n = (int)(blockIdx.x % p.num_n_blocks);
+        return BwdCoords(p, descending ? p.num_n_blocks - 1 - n : n, (int)(blockIdx.x / p.num_n_blocks));
     }
 
 private:
