@@ -1,12 +1,12 @@
-"""Variable-length forward (issue 15): packed sequences against cuflash's dense kernel on equal work and
+"""Variable-length attention, forward and backward (issue 15): packed sequences against cuflash's dense kernel on equal work and
 against PyTorch's varlen / padded paths, in one process.
 
     python bench/bench_varlen.py [--tokens 16384] [--hdims 64,128] [--runs 20] [--out bench/results]
 
 ``--tokens`` tokens are split into random lengths between 64 and 4096 (mean about 1k; seed 0). TFLOP/s are
 counted per sequence: the sum over sequences of 4 * heads * len_q * len_k * head_dim, halved for causal
-(the grid's own convention, bench_attention.py). Contenders, CUDA events around back-to-back calls
-(median of --runs samples of 4 calls, warm-up excluded), bf16:
+(the grid's own convention, bench_attention.py), x2.5 for the backward. Contenders, forward and backward,
+CUDA events around back-to-back calls (median of --runs samples of 4 calls, warm-up excluded), bf16:
 
 - cuflash.attention_varlen on the packed (tokens, heads, d) arrays;
 - the dense cuflash.attention on a batch of equal total work: tokens / L sequences of the length L whose
@@ -56,29 +56,44 @@ def _time(fn, runs: int, calls: int = 4) -> float:
     return statistics.median(samples)
 
 
-def _torch_contender(lens, q, k, v, causal):
-    """(name, callable) of PyTorch's varlen path, or SDPA flash on the padded batch."""
+def _torch_contender(lens, q, k, v, dout, causal):
+    """(name, forward, backward) of PyTorch's varlen path, or SDPA on the padded batch; the backward replays
+    autograd through one forward kept for it."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
+    tq, tk, tv, tdo = (torch.from_dlpack(x) for x in (q, k, v, dout))
+    tq, tk, tv = (x.detach().requires_grad_() for x in (tq, tk, tv))
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device=tq.device)
     varlen_attn = getattr(getattr(torch.nn, "attention", None), "varlen_attn", None)
     if varlen_attn is not None:
-        return "torch varlen_attn", lambda: varlen_attn(tq, tk, tv, cu, cu, max(lens), max(lens), is_causal=causal)
-    b, s = len(lens), max(lens)
-    pad = [torch.zeros(b, s, *x.shape[1:], dtype=x.dtype, device=x.device) for x in (tq, tk, tv)]
-    for i, (a, n) in enumerate(zip(cu[:-1].tolist(), lens)):
-        for dst, src in zip(pad, (tq, tk, tv)):
-            dst[i, :n] = src[a:a + n]
-    pq, pk, pv = (x.transpose(1, 2) for x in pad)
-    mask = (torch.arange(s, device=tq.device)[None, :] < torch.tensor(lens, device=tq.device)[:, None])
-    mask = mask[:, None, None, :]
+        name = "torch varlen_attn"
 
-    def sdpa():
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION if causal else SDPBackend.EFFICIENT_ATTENTION):
-            return F.scaled_dot_product_attention(pq, pk, pv, is_causal=causal, attn_mask=None if causal else mask)
-    return "SDPA on the padded batch", sdpa
+        def fwd():
+            return varlen_attn(tq, tk, tv, cu, cu, max(lens), max(lens), is_causal=causal)
+        grad_out = tdo
+    else:
+        # The zero-padded copies are made once, outside the timing, and are the leaves of the backward.
+        name = "SDPA on the padded batch"
+        b, s = len(lens), max(lens)
+        pad = [torch.zeros(b, s, *x.shape[1:], dtype=x.dtype, device=x.device) for x in (tq, tk, tv)]
+        for i, (a, n) in enumerate(zip(cu[:-1].tolist(), lens)):
+            for dst, src in zip(pad, (tq, tk, tv)):
+                dst[i, :n] = src.detach()[a:a + n]
+        pq, pk, pv = (x.transpose(1, 2).requires_grad_() for x in pad)
+        tq, tk, tv = pq, pk, pv
+        mask = (torch.arange(s, device=pq.device)[None, :] < torch.tensor(lens, device=pq.device)[:, None])
+        mask = mask[:, None, None, :]
+
+        def fwd():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION if causal else SDPBackend.EFFICIENT_ATTENTION):
+                return F.scaled_dot_product_attention(pq, pk, pv, is_causal=causal, attn_mask=None if causal else mask)
+        grad_out = torch.randn_like(pq)
+    out = fwd()
+
+    def bwd():
+        return torch.autograd.grad(out, (tq, tk, tv), grad_out, retain_graph=True)
+    return name, fwd, bwd
 
 
 def main() -> None:
@@ -107,22 +122,37 @@ def main() -> None:
         b_eq = max(1, args.tokens // eq_len)
         dq, dk, dv = (cupy.asarray(rng.standard_normal((b_eq, eq_len, h, d), dtype=np.float32).astype(bf16))
                       for _ in range(3))
+        do_var = cupy.asarray(rng.standard_normal(q.shape, dtype=np.float32).astype(bf16))
+        do_eq = cupy.asarray(rng.standard_normal(dq.shape, dtype=np.float32).astype(bf16))
         for causal in (False, True):
             work = sum(4 * h * n * n * d for n in lens) * (0.5 if causal else 1)
             dense_work = 4 * h * b_eq * eq_len * eq_len * d * (0.5 if causal else 1)
-            t_var = _time(lambda: cuflash.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=causal),
-                          args.runs)
-            t_dense = _time(lambda: cuflash.attention(dq, dk, dv, causal=causal), args.runs)
-            name, fn = _torch_contender(lens, q, k, v, causal)
-            t_torch = _time(fn, args.runs)
-            row = dict(d=d, causal=causal, varlen_tflops=work / t_var / 1e9, dense_tflops=dense_work / t_dense / 1e9,
-                       torch_path=name, torch_tflops=work / t_torch / 1e9)
-            row["varlen_over_dense"] = row["varlen_tflops"] / row["dense_tflops"]
-            row["varlen_over_torch"] = row["varlen_tflops"] / row["torch_tflops"]
-            rows.append(row)
-            print(f"hd{d} {'causal' if causal else 'full  '}  varlen {row['varlen_tflops']:6.1f}  dense "
-                  f"{row['dense_tflops']:6.1f}  ({row['varlen_over_dense']:.2f}x)  {name} {row['torch_tflops']:6.1f} "
-                  f"({row['varlen_over_torch']:.2f}x)", flush=True)
+            out_v, lse_v = cuflash.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=causal,
+                                                    return_lse=True)
+            out_d, lse_d = cuflash.attention(dq, dk, dv, causal=causal, return_lse=True)
+            name, torch_fwd, torch_bwd = _torch_contender(lens, q, k, v, do_var, causal)
+            times = {
+                "fwd": (_time(lambda: cuflash.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=causal),
+                              args.runs),
+                        _time(lambda: cuflash.attention(dq, dk, dv, causal=causal), args.runs),
+                        _time(torch_fwd, args.runs)),
+                "bwd": (_time(lambda: cuflash.attention_varlen_backward(do_var, q, k, v, out_v, lse_v, cu, cu, max(lens),
+                                                                        max(lens), causal=causal), args.runs),
+                        _time(lambda: cuflash.attention_backward(do_eq, dq, dk, dv, out_d, lse_d, causal=causal),
+                              args.runs),
+                        _time(torch_bwd, args.runs)),
+            }
+            for pass_, (t_var, t_dense, t_torch) in times.items():
+                mult = 2.5 if pass_ == "bwd" else 1.0
+                row = dict(d=d, causal=causal, pass_=pass_, varlen_tflops=mult * work / t_var / 1e9,
+                           dense_tflops=mult * dense_work / t_dense / 1e9, torch_path=name,
+                           torch_tflops=mult * work / t_torch / 1e9)
+                row["varlen_over_dense"] = row["varlen_tflops"] / row["dense_tflops"]
+                row["varlen_over_torch"] = row["varlen_tflops"] / row["torch_tflops"]
+                rows.append(row)
+                print(f"{pass_} hd{d} {'causal' if causal else 'full  '}  varlen {row['varlen_tflops']:6.1f}  dense "
+                      f"{row['dense_tflops']:6.1f}  ({row['varlen_over_dense']:.2f}x)  {name} "
+                      f"{row['torch_tflops']:6.1f} ({row['varlen_over_torch']:.2f}x)", flush=True)
     gpu = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     results_io.write_json(results_io.result_path(args.out, gpu, "varlen"),
                           dict(gpu=gpu, tokens=args.tokens, lengths=lens, rows=rows))

@@ -315,6 +315,8 @@ BWD_SM80_SOFTCAP_ALIBI_PTXAS_OPT = {128: 1}
 # Deterministic dQ kernel (Q-parallel, 4 warps): head dim -> (block_m, block_n).
 BWD_DQ_SM80_TILES = {64: (64, 64), 128: (64, 64), 192: (64, 64), 256: (64, 32)}
 BWD_PREPOST_ROWS = 64  # query rows per CTA of the pre/post-processing kernels (kRows in bwd_prepost.cu)
+# ptxas optimisation level of the variable-length sm80 backward by head dim, where -O3 spills.
+BWD_SM80_VARLEN_PTXAS_OPT = {128: 1, 256: 1}
 
 
 def backward_smem_bytes(key: KernelKey) -> int:
@@ -359,6 +361,34 @@ def _backward_keys(dtype, d, is_local, softcap, alibi, deterministic, smem_limit
         bm, bn = BWD_DQ_SM80_TILES[d]
         dq = KernelKey("bwd_dq_sm80", "attention_bwd_dq_sm80", dtype, d, is_local, softcap, alibi, bm, bn, 4)
     return pre, post, main, dq
+
+
+def backward_varlen_keys(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
+                         smem_limit: int = MAX_SMEM[(9, 0)]):
+    """(preprocess, postprocess, main) keys of the variable-length backward: the sm80 kernels' variable-length
+    builds (CF_VARLEN, seq_rows.cuh), with dQ accumulated atomically, on every GPU. Separate variants, so that
+    the dense ones compile to the code they had without it. The sequence lookups cost registers: the main
+    kernel takes 64-row query tiles (hd64's 128-row one spills 60-84 bytes even at -O1) and -O1 where -O3
+    spills (BWD_SM80_VARLEN_PTXAS_OPT)."""
+    d = padded_head_dim(head_dim)
+    pre, post, _, _ = backward_keys(dtype, d, is_local=is_local, softcap=softcap, alibi=alibi, deterministic=False,
+                                    smem_limit=smem_limit)
+    varlen = (("CF_VARLEN", 1),)
+    main = None
+    for bm, bn, stages, a_regs, _ in BWD_SM80_TILES[d]:
+        if bm > 64:
+            continue
+        main = KernelKey("bwd_sm80", "attention_bwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, 8,
+                         extra=(("CF_DETERMINISTIC", 0), ("CF_Q_STAGES", stages), ("CF_BWD_A_REGS", a_regs)) + varlen,
+                         ptxas_opt=BWD_SM80_VARLEN_PTXAS_OPT.get(d, 3))
+        if backward_smem_bytes(main) <= smem_limit:
+            break
+    else:
+        raise NotImplementedError(
+            f"variable-length backward for head_dim {d} needs {backward_smem_bytes(main)} bytes of shared "
+            f"memory per block; this GPU allows {smem_limit}")
+    return (dataclasses.replace(pre, extra=pre.extra + varlen), dataclasses.replace(post, extra=post.extra + varlen),
+            main)
 
 
 # Hopper backward main kernel (bwd_sm90.cu), used on compute capability 9.0, deterministic mode included (its
@@ -449,7 +479,8 @@ STRIDED_COPY_KEY = KernelKey(STRIDED_COPY_FAMILY, "strided_copy_16bit", "fp16", 
 
 
 def all_backward_keys() -> list[KernelKey]:
-    """Every backward variant cuflash ships (first-choice and fallback tiles, both dQ modes)."""
+    """Every backward variant cuflash ships (first-choice and fallback tiles, both dQ modes, the
+    variable-length builds)."""
     keys = {}
     for dt in DTYPES:
         for d in PADDED_HEAD_DIMS:
@@ -466,6 +497,13 @@ def all_backward_keys() -> list[KernelKey]:
                                 for k in ks:
                                     if k is not None:
                                         keys[k.name] = k
+                        for limit in (MAX_SMEM[(9, 0)], MAX_SMEM[(8, 0)]):
+                            try:
+                                ks = backward_varlen_keys(dt, d, is_local=loc, softcap=sc, alibi=al, smem_limit=limit)
+                            except NotImplementedError:
+                                continue
+                            for k in ks:
+                                keys[k.name] = k
     return list(keys.values())
 
 
@@ -541,6 +579,10 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                                 found += backward_keys(dt, d, deterministic=det, smem_limit=limit, **mods)
                             except NotImplementedError:  # the runtime raises the same for such a call
                                 continue
+                        try:
+                            found += backward_varlen_keys(dt, d, smem_limit=limit, **mods)
+                        except NotImplementedError:
+                            pass
                         for k in found:
                             if k is not None:
                                 keys.setdefault(k.name, k)

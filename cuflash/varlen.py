@@ -8,7 +8,8 @@ to its first rows, so that a caller can keep fixed buffer shapes (CUDA graphs) w
 
 The NumPy path (CPU arrays) runs the tiled CPU attention per sequence (O(N) extra memory). On the GPU the
 forward runs the sm80 forward kernel with a per-sequence context (kernels_cu/attention/seq_context.cuh) on
-every architecture; the backward on GPU arrays raises NotImplementedError, after the same argument checks.
+every architecture, and the backward the sm80 backward kernels' variable-length builds (dQ accumulated with
+atomics; ``deterministic=True`` on GPU arrays raises NotImplementedError, after the same argument checks).
 
 Which checks run where: types, dtypes, shapes and devices are checked on every path before anything runs.
 Checks of the values of ``cu_seqlens`` / ``seqused`` / ``max_seqlen`` need those values on the host; the
@@ -26,9 +27,9 @@ import numpy as np
 
 from . import api, arrays, reference
 
-_GPU_NOT_IMPLEMENTED = ("{}: the variable-length backward runs on the CPU (NumPy path) only so far; the GPU "
-                        "kernels are not implemented yet. Pad the batch and call cuflash.attention_backward, or "
-                        "pass CPU arrays")
+_GPU_DETERMINISTIC = ("cuflash.attention_varlen_backward: deterministic=True is not implemented for GPU arrays yet "
+                      "(the variable-length backward adds dQ with atomics); pass deterministic=False, pad the batch "
+                      "and call cuflash.attention_backward(deterministic=True), or pass CPU arrays")
 
 
 class _VarlenCall:
@@ -162,6 +163,44 @@ def _forward_gpu(call, q, k, v, alibi, causal, scale, window, softcap):
         return arrays.to_caller(out_native, out3, fw, stream), arrays.to_caller(lse_native, lse, fw, stream)
 
 
+def _backward_gpu(call, dout, q, k, v, out, lse, alibi, *, causal, softmax_scale, window_size, softcap):
+    """The GPU backward (ops.backward_varlen): gradients allocated by the caller's framework on its stream;
+    at head dims off multiples of 8 the kernels write zero-padded work buffers, cropped after."""
+    from . import ops
+    device, fw = call.device, call.fw
+    stream = arrays.current_stream(fw, device)
+    cc = api._cc(device)
+    width = -(-call.head_dim // api._ROW_CHUNK) * api._ROW_CHUNK
+    with arrays.device_scope(fw, device):
+        views = [_packed_view(call, x, stream, cc) for x in (dout, q, k, v, out)]
+        lse_view = arrays.device_view(lse, fw, stream)
+        if lse_view.strides != (call.total_q, 1):
+            lse_view = arrays.contiguous_copy(lse, fw, device, stream)
+        index = [_index_view(x, arrays.framework_of(x) if x is not None else fw, device, stream)
+                 for x in (call.cu_q, call.cu_k, call.used_q, call.used_k)]
+        natives, grads, work = [], [], []
+        for x, total, heads in ((q, call.total_q, call.heads_q), (k, call.total_k, call.heads_k),
+                                (v, call.total_k, call.heads_k)):
+            native, g3 = arrays.empty(fw, (total, heads, call.head_dim), call.dtype, device, stream)
+            g = arrays.DeviceArray(g3.ptr, (1, *g3.shape), (0, *g3.strides), g3.dtype, device, g3.owner)
+            if width != call.head_dim:
+                _, g = arrays.empty(fw, (1, total, heads, width), call.dtype, device, stream)
+            natives.append(native)
+            grads.append((g3, g))
+            work.append(g)
+        ops.backward_varlen(*views, lse_view, api._device_alibi(alibi, fw, stream), *work, *index,
+                            max_seqlen_q=call.max_seqlen_q, max_seqlen_k=call.max_seqlen_k, causal=causal,
+                            window_size=window_size, softmax_scale=softmax_scale, softcap=softcap, stream=stream,
+                            cc=cc, framework=fw)
+        result = []
+        for native, (g3, g) in zip(natives, grads):
+            if g.ptr != g3.ptr:
+                crop = arrays.DeviceArray(g3.ptr, (1, *g3.shape), (0, *g3.strides), g3.dtype, device, g3.owner)
+                ops.strided_copy(g, crop, stream=stream, cc=cc)
+            result.append(arrays.to_caller(native, g3, fw, stream))
+        return tuple(result)
+
+
 def _check_count(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
@@ -255,10 +294,11 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     dout, out : array, shape (total_q, heads_q, head_dim)
         The output's gradient and the forward's output.
     lse : array, shape (heads_q, total_q)
-        The forward's ``return_lse=True`` log-sum-exp.
+        The forward's ``return_lse=True`` log-sum-exp (float32 for GPU arrays).
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, and the keywords
-        Exactly as passed to the forward. ``deterministic`` is accepted for FlashAttention's signature (the
-        CPU path is always deterministic).
+        Exactly as passed to the forward. ``deterministic``: the CPU path is always deterministic; on GPU
+        arrays (the sm80 backward kernels' variable-length builds, dQ added with atomics) it raises
+        NotImplementedError so far.
 
     Returns
     -------
@@ -270,8 +310,9 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
         As :func:`attention_varlen`, and for ``dout``/``out``/``lse`` of the wrong shape or dtype.
     """
     call = _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
-    kwargs, slopes = _options(call, causal, softmax_scale, window_size, softcap, alibi_slopes)
-    api._check_flag("deterministic", deterministic)
+    causal, scale, window, softcap, alibi = api._check_options(call, causal, softmax_scale, window_size, softcap,
+                                                               alibi_slopes)
+    deterministic = api._check_flag("deterministic", deterministic)
     for name, x, shape in (("dout", dout, q.shape), ("out", out, q.shape), ("lse", lse, (call.heads_q, call.total_q))):
         fw = arrays.framework_of(x)
         if fw != call.fw:
@@ -284,7 +325,13 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
         if arrays.dtype_name(x, fw) not in want:
             raise TypeError(f"{name} has dtype {arrays.dtype_name(x, fw)}; expected {' or '.join(want)}")
     if call.on_gpu:
-        raise NotImplementedError(_GPU_NOT_IMPLEMENTED.format("cuflash.attention_varlen_backward"))
+        if deterministic:
+            raise NotImplementedError(_GPU_DETERMINISTIC)
+        if arrays.dtype_name(lse, call.fw) != "float32":
+            raise TypeError("lse of GPU arrays must be float32 (what attention_varlen returns)")
+        return _backward_gpu(call, dout, q, k, v, out, lse, alibi, causal=causal, softmax_scale=scale,
+                             window_size=window, softcap=softcap)
+    kwargs, slopes = _options(call, causal, softmax_scale, window_size, softcap, alibi_slopes)
     dn, qn, kn, vn, on, ln = (np.asarray(api._to_numpy(x, call.fw)) for x in (dout, q, k, v, out, lse))
     dq, dk, dv = (np.zeros(x.shape, dtype=x.dtype) for x in (qn, kn, vn))
     for i, (rq, rk) in enumerate(call.sequences()):

@@ -137,6 +137,33 @@ def test_deterministic_backward_plan_sm80(monkeypatch):
     assert bp.dq_accum_shape is None and bp.dq_semaphore_shape is None and not bp.delta_in_dq
 
 
+def test_varlen_backward_plan(stub_functions):
+    """The variable-length backward plans the CF_VARLEN builds of the sm80 preprocess, main kernel and
+    postprocess on every GPU: rows grids over max_seqlen_q, key blocks over max_seqlen_k per (sequence, head),
+    zero batch strides, the (heads, total_q) LSE / delta layout and a (1, total_q, heads, d) dQ accumulator."""
+    total_q, total_k, hq, hk, d = 1234, 987, 8, 2, 64
+    views = [_view((1, t, h, d), base, strides=(0, h * d, d, 1))
+             for t, h, base in ((total_q, hq, 0x10000), (total_q, hq, 0x1000000), (total_k, hk, 0x2000000),
+                                (total_k, hk, 0x3000000), (total_q, hq, 0x4000000), (total_q, hq, 0x5000000),
+                                (total_k, hk, 0x6000000), (total_k, hk, 0x7000000))]
+    dout, q, k, v, o, dq, dk, dv = views
+    bp = launch_plan.backward_varlen(dout, q, k, v, o, None, dq, dk, dv, batch=5, max_seqlen_q=700,
+                                     max_seqlen_k=600, causal=True, window_size=(-1, -1), softmax_scale=0.1,
+                                     softcap=0.0, cc=(9, 0))
+    names = [launch.fn[1] for launch in bp.launches]
+    assert [n.split("_bf16")[0] for n in names] == ["bwd_prepost", "bwd_sm80", "bwd_prepost"]
+    assert all("varlen" in n for n in names) and "_br64_" in names[1]
+    pre, _, main = dispatch.backward_varlen_keys("bf16", d, is_local=True, softcap=False, alibi=False)
+    assert bp.launches[0].grid == bp.launches[2].grid == -(-700 // 64) * 5 * hq
+    assert bp.launches[1].grid == -(-600 // main.block_n) * 5 * hk
+    blk = _block(bp.launches[1])
+    assert (blk["batch"], blk["seqlen_q"], blk["seqlen_k"], blk["total_q"], blk["total_k"]) == (5, 700, 600,
+                                                                                                total_q, total_k)
+    assert all(blk[f"{n}_batch_stride"] == 0 for n in ("q", "k", "v", "o", "do", "dq", "dk", "dv"))
+    assert blk["varlen_lse_head_stride"] == total_q and blk["num_n_blocks"] == -(-600 // main.block_n)
+    assert bp.dq_accum_shape == (1, total_q, hq, 64) and bp.dq_semaphore_shape is None and not bp.delta_in_dq
+
+
 def test_varlen_forward_plan(stub_functions):
     """The variable-length forward plans the CF_VARLEN build of the sm80 kernel on every GPU (Hopper too), a
     grid of ceil(max_seqlen_q / block_m) query blocks per (sequence, head), the max_seqlen bounds and the

@@ -3,7 +3,8 @@ with CF_VARLEN, seq_context.cuh): every packed sequence equals the float64 refer
 under FlashAttention's rule (its same-dtype naive error x 2), with lengths 0, 1, 17, 1000, seqlen_q != seqlen_k,
 causal, windows, softcap, ALiBi shared and per sequence, GQA, fp16 / bf16 and an odd head dim; NaN stored in
 the rows no sequence covers never reaches an output, which are zeros with LSE +inf there; seqused shortens
-sequences; the backward raises NotImplementedError (CPU path only so far)."""
+sequences; the backward (the sm80 backward kernels' variable-length builds) passes the gradient rule per
+sequence under the same conditions, and torch autograd through flash_attn_varlen_func reaches it."""
 
 import numpy as np
 import pytest
@@ -68,18 +69,88 @@ def test_each_sequence_follows_flash_rule(dtype, d, opts):
     assert np.all(out[cu_q[-1]:] == 0) and np.all(lse[:, cu_q[-1]:] == np.inf)
 
 
-def test_seqused_and_backward_not_implemented():
+def test_seqused():
+    """seqused shortens sequences (the masks align to the used lengths), forward and backward, as on the CPU
+    path; deterministic=True in the GPU backward raises NotImplementedError naming it."""
     import cupy
     host, (q, k, v), cu_q, cu_k = _packed("float16")
     used_q = np.array([10, 0, 1, 500, 33, 1], np.int32)
     used_k = np.array([20, 5, 0, 999, 1, 300], np.int32)
-    out, lse = cuflash.attention_varlen(q, k, v, cupy.asarray(cu_q), cupy.asarray(cu_k), 1000, 1000, causal=True,
-                                        seqused_q=cupy.asarray(used_q), seqused_k=cupy.asarray(used_k),
-                                        return_lse=True)
-    want, want_lse = cuflash.attention_varlen(*(to_host(x).astype(np.float32) for x in (q, k, v)), cu_q, cu_k,
-                                              1000, 1000, causal=True, seqused_q=used_q, seqused_k=used_k,
-                                              return_lse=True)
+    args = (cupy.asarray(cu_q), cupy.asarray(cu_k), 1000, 1000)
+    kw = dict(causal=True, seqused_q=cupy.asarray(used_q), seqused_k=cupy.asarray(used_k))
+    out, lse = cuflash.attention_varlen(q, k, v, *args, return_lse=True, **kw)
+    hq, hk, hv = (np.nan_to_num(to_host(x).astype(np.float32)) for x in (q, k, v))
+    host_kw = dict(causal=True, seqused_q=used_q, seqused_k=used_k)
+    want, want_lse = cuflash.attention_varlen(hq, hk, hv, cu_q, cu_k, 1000, 1000, return_lse=True, **host_kw)
     np.testing.assert_allclose(to_host(out).astype(np.float32), want, atol=2e-3)
     np.testing.assert_array_equal(np.isinf(to_host(lse)), np.isinf(want_lse))
-    with pytest.raises(NotImplementedError, match="variable-length backward"):
-        cuflash.attention_varlen_backward(out, q, k, v, out, lse, cupy.asarray(cu_q), cupy.asarray(cu_k), 1000, 1000)
+    dout = to_device(np.random.default_rng(9).standard_normal(q.shape).astype(np.float16))
+    grads = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, *args, **kw)
+    want_grads = cuflash.attention_varlen_backward(to_host(dout).astype(np.float32), hq, hk, hv,
+                                                   to_host(out).astype(np.float32), to_host(lse), cu_q, cu_k, 1000,
+                                                   1000, **host_kw)
+    for ours, ref in zip(grads, want_grads):
+        np.testing.assert_allclose(to_host(ours).astype(np.float32), ref, atol=5e-3)
+    with pytest.raises(NotImplementedError, match="deterministic"):
+        cuflash.attention_varlen_backward(dout, q, k, v, out, lse, *args, deterministic=True, **kw)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d", [64, 128, 72])
+@pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(window_size=(50, 10), softcap=5.0),
+                                  dict(alibi="per_sequence", causal=True)])
+def test_backward_each_sequence_follows_flash_rule(dtype, d, opts):
+    """dq, dk, dv of every packed sequence against the float64 gradients of that sequence alone, under
+    FlashAttention's rule for gradients (3x the same-dtype naive error); GQA (4 query heads, 2 key/value
+    heads); zero-length sequences get zero gradients; NaN in the rows of q, k, v and dout past the last
+    sequence never reaches a gradient, whose rows there are zero."""
+    import cupy
+    from test_backward import _grad_rule
+    from gpu_helpers import naive_backward_same_dtype
+    opts = dict(opts)
+    alibi = opts.pop("alibi", None)
+    host, (q, k, v), cu_q, cu_k = _packed(dtype, d=d, seed=d)
+    slopes = None
+    if alibi == "per_sequence":
+        slopes = np.random.default_rng(3).random((len(LENS_Q), 4)).astype(np.float32) * 0.3
+    dev_slopes = None if slopes is None else cupy.asarray(slopes)
+    args = (cupy.asarray(cu_q), cupy.asarray(cu_k), max(LENS_Q), max(LENS_K))
+    out, lse = cuflash.attention_varlen(q, k, v, *args, alibi_slopes=dev_slopes, return_lse=True, **opts)
+    dout_host = np.random.default_rng(d + 1).standard_normal(q.shape).astype(np.float32)
+    dout_host[cu_q[-1]:] = np.nan
+    dout = to_device(dout_host.astype(np_dtype(dtype)))
+    dq, dk, dv = (to_host(g).astype(np.float64) for g in cuflash.attention_varlen_backward(
+        dout, q, k, v, out, lse, *args, alibi_slopes=dev_slopes, **opts))
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    qh, kh, vh, doh = (to_host(x).astype(np.float64) for x in (q, k, v, dout))
+    for i in range(len(LENS_Q)):
+        rq, rk = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        if not (LENS_Q[i] and LENS_K[i]):
+            assert np.all(dq[rq] == 0) and np.all(dk[rk] == 0) and np.all(dv[rk] == 0)
+            continue
+        row = None if slopes is None else slopes[i]
+        refs = reference.attention_backward_reference(doh[None, rq], qh[None, rq], kh[None, rk], vh[None, rk],
+                                                      alibi_slopes=row, **opts)
+        sl = lambda x, r: x[int(r.start):int(r.stop)][None]  # noqa: E731
+        base = naive_backward_same_dtype(sl(dout, rq), sl(q, rq), sl(k, rk), sl(v, rk), alibi_slopes=row, **opts)
+        for name, ours, ref, b in zip(("dq", "dk", "dv"), (dq[None, rq], dk[None, rk], dv[None, rk]), refs, base):
+            _grad_rule(ours, ref, b, f"{name} of sequence {i}", float(np.abs(doh[rq]).max()))
+    assert np.all(dq[cu_q[-1]:] == 0) and np.all(dk[cu_k[-1]:] == 0) and np.all(dv[cu_k[-1]:] == 0)
+
+
+def test_torch_varlen_autograd_on_cuda():
+    """flash_attn_varlen_func on CUDA tensors: autograd's gradients are attention_varlen_backward's."""
+    torch = pytest.importorskip("torch")
+    from cuflash.torch import flash_attn_varlen_func
+    host, _, cu_q, cu_k = _packed("bfloat16", d=64, seed=4)
+    q, k, v = (torch.from_numpy(np.nan_to_num(x)).to("cuda", torch.bfloat16).requires_grad_() for x in host)
+    cq, ck = torch.from_numpy(cu_q).cuda(), torch.from_numpy(cu_k).cuda()
+    out = flash_attn_varlen_func(q, k, v, cq, ck, max(LENS_Q), max(LENS_K), causal=True)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    _, lse = cuflash.attention_varlen(q.detach(), k.detach(), v.detach(), cq, ck, max(LENS_Q), max(LENS_K),
+                                      causal=True, return_lse=True)
+    want = cuflash.attention_varlen_backward(dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, cq, ck,
+                                             max(LENS_Q), max(LENS_K), causal=True)
+    for x, w in zip((q, k, v), want):  # dQ is summed with atomics: equal up to the order of fp32 additions
+        torch.testing.assert_close(x.grad.float(), w.float(), atol=2e-2, rtol=2e-2)

@@ -1,5 +1,7 @@
 // Pre- and post-processing of the FlashAttention-2 backward. Defines: CF_DTYPE, CF_HEAD_DIM (padded head dim,
-// a multiple of 64: the dq_accum row length). The real p.head_dim must be a multiple of 8 (16-byte rows).
+// a multiple of 64: the dq_accum row length), CF_VARLEN (optional: variable-length batches, rows addressed
+// through seq_rows.cuh; the grid covers max_seqlen_q rows a sequence and CTAs past a sequence's end return).
+// The real p.head_dim must be a multiple of 8 (16-byte rows).
 //
 // Both kernels: grid = ceil(seqlen_q / 64) * batch * heads_q CTAs (1-D),
 //   blockIdx.x = m_block * (batch * heads_q) + b * heads_q + h;  block = 256 threads;  no shared memory.
@@ -22,6 +24,8 @@
 #include "ptx/types.cuh"
 #include "attention/params.cuh"
 #include "attention/bwd_common.cuh"
+#define CF_SEQ_BATCH RowCoords(p).b
+#include "attention/seq_rows.cuh"
 
 namespace {
 constexpr int kD = CF_HEAD_DIM;
@@ -50,13 +54,19 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 attention_bwd_preprocess(const __grid_constant__ AttentionParams p) {
     const RowCoords rc(p);
     const int tid = threadIdx.x, sub = tid & 7;
-    const u16* o = (const u16*)p.o + (i64)rc.b * p.o_batch_stride + (i64)rc.h * p.o_head_stride;
-    const u16* dout = (const u16*)p.dout + (i64)rc.b * p.do_batch_stride + (i64)rc.h * p.do_head_stride;
+#if CF_VARLEN
+    const SeqContext seq(p, rc.b);
+    if (rc.m_block * kRows >= seq.seqlen_q) return;  // past this sequence's rows
+#endif
+    const u16* o = (const u16*)p.o + (i64)rc.b * p.o_batch_stride + (i64)rc.h * p.o_head_stride
+                   CF_FIRST_ROW(cu_seqlens_q, total_q, o_row_stride);
+    const u16* dout = (const u16*)p.dout + (i64)rc.b * p.do_batch_stride + (i64)rc.h * p.do_head_stride
+                      CF_FIRST_ROW(cu_seqlens_q, total_q, do_row_stride);
     if (p.dq_semaphore != nullptr && tid == 0) *dq_turn_counter(p, rc.b, rc.h, rc.m_block * kRows) = 0;
 #pragma unroll
     for (int pass = 0; pass < kRows / (kThreads / 8); ++pass) {
         const int i = rc.m_block * kRows + pass * (kThreads / 8) + (tid >> 3);
-        const bool valid = i < p.seqlen_q;
+        const bool valid = i < CF_SEQLEN_Q;
         float acc = 0.f;
 #pragma unroll
         for (int c = sub; c < kD / 8; c += 8) {
@@ -72,9 +82,9 @@ attention_bwd_preprocess(const __grid_constant__ AttentionParams p) {
         acc += __shfl_xor_sync(0xffffffffu, acc, 2);
         acc += __shfl_xor_sync(0xffffffffu, acc, 4);
         if (valid) {
-            if (sub == 0) p.delta[((i64)rc.b * p.heads_q + rc.h) * p.seqlen_q + i] = acc;
+            if (sub == 0) CF_ROW_STATS(p.delta, rc.b, rc.h)[i] = acc;
             if (p.dq_accum != nullptr) {
-                float4* dst = (float4*)(p.dq_accum + (((i64)rc.b * p.seqlen_q + i) * p.heads_q + rc.h) * kD);
+                float4* dst = (float4*)(p.dq_accum + (CF_ACCUM_ROW(rc.b, i) * p.heads_q + rc.h) * kD);
 #pragma unroll
                 for (int c = sub; c < kD / 4; c += 8) dst[c] = make_float4(0.f, 0.f, 0.f, 0.f);
             }
@@ -86,13 +96,18 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 attention_bwd_postprocess(const __grid_constant__ AttentionParams p) {
     const RowCoords rc(p);
     const int tid = threadIdx.x, sub = tid & 7;
+#if CF_VARLEN
+    const SeqContext seq(p, rc.b);
+    if (rc.m_block * kRows >= seq.seqlen_q) return;
+#endif
     const float scale = p.softmax_scale;
-    u16* dq = (u16*)p.dq + (i64)rc.b * p.dq_batch_stride + (i64)rc.h * p.dq_head_stride;
+    u16* dq = (u16*)p.dq + (i64)rc.b * p.dq_batch_stride + (i64)rc.h * p.dq_head_stride
+              CF_FIRST_ROW(cu_seqlens_q, total_q, dq_row_stride);
 #pragma unroll
     for (int pass = 0; pass < kRows / (kThreads / 8); ++pass) {
         const int i = rc.m_block * kRows + pass * (kThreads / 8) + (tid >> 3);
-        if (i >= p.seqlen_q) continue;
-        const float* src = p.dq_accum + (((i64)rc.b * p.seqlen_q + i) * p.heads_q + rc.h) * kD;
+        if (i >= CF_SEQLEN_Q) continue;
+        const float* src = p.dq_accum + (CF_ACCUM_ROW(rc.b, i) * p.heads_q + rc.h) * kD;
         // Columns 8h..8h+7 of a 16-column group are the pairs at floats 2h, 4 + 2h, 8 + 2h, 12 + 2h of it.
 #pragma unroll
         for (int c = sub; c < kD / 8; c += 8) {

@@ -92,6 +92,8 @@
 #include "attention/warp_gemm.cuh"
 #include "attention/mask.cuh"
 #include "attention/bwd_common.cuh"
+#define CF_SEQ_BATCH BwdCoords(p).b
+#include "attention/seq_rows.cuh"
 
 #ifndef CF_Q_STAGES
 #define CF_Q_STAGES 2
@@ -170,18 +172,23 @@ extern "C" __device__ const int cf_bwd_smem_bytes = kSmemBytes;
 __device__ __forceinline__ void load_query_tile(const AttentionParams& p, int it, int m_lo, int n_m, int st,
                                                 u32 sbase, int tid) {
     const BwdCoords bc(p);
+#if CF_VARLEN
+    const SeqContext seq(p, bc.b);
+#endif
     const int h = bc.hk * (p.heads_q / p.heads_k) + it / n_m;
     const int m_start = (m_lo + it % n_m) * kBM;
-    const u16* q = (const u16*)p.q + (i64)bc.b * p.q_batch_stride + (i64)h * p.q_head_stride;
-    const u16* dout = (const u16*)p.dout + (i64)bc.b * p.do_batch_stride + (i64)h * p.do_head_stride;
-    QTile::load_async<kThreads>(sbase + kSmemQ + st * QTile::kBytes, q, p.q_row_stride, m_start, p.seqlen_q,
+    const u16* q = (const u16*)p.q + (i64)bc.b * p.q_batch_stride + (i64)h * p.q_head_stride
+                   CF_FIRST_ROW(cu_seqlens_q, total_q, q_row_stride);
+    const u16* dout = (const u16*)p.dout + (i64)bc.b * p.do_batch_stride + (i64)h * p.do_head_stride
+                      CF_FIRST_ROW(cu_seqlens_q, total_q, do_row_stride);
+    QTile::load_async<kThreads>(sbase + kSmemQ + st * QTile::kBytes, q, p.q_row_stride, m_start, CF_SEQLEN_Q,
                                 p.head_dim, tid);
     QTile::load_async<kThreads>(sbase + kSmemDO + st * QTile::kBytes, dout, p.do_row_stride, m_start,
-                                p.seqlen_q, p.head_dim, tid);
-    const i64 row_base = ((i64)bc.b * p.heads_q + h) * p.seqlen_q;
+                                CF_SEQLEN_Q, p.head_dim, tid);
+    const i64 row_base = CF_ROW_STATS((i64)0, bc.b, h);
     if (tid < 2 * kBM) {
         const int r = tid % kBM;
-        const bool valid = m_start + r < p.seqlen_q;
+        const bool valid = m_start + r < CF_SEQLEN_Q;
         const float* src = (tid < kBM ? (const float*)p.lse : (const float*)p.delta) + row_base + (valid ? m_start + r : 0);
         const u32 dst = sbase + (tid < kBM ? kSmemLSE : kSmemDelta) + (st * kBM + r) * 4;
         cp_async_4(dst, src, valid);
@@ -200,9 +207,13 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
     const int wn = warp % kSWN, wm = warp / kSWN;  // same key rows for the score and the dK/dV tiles
     const int g = lane >> 2, t = lane & 3, t2 = t * 2;
     const int n_start = BwdCoords(p).n_block * kBN;
-    const Visibility vis(p.seqlen_q, p.seqlen_k, p.window_left, p.window_right);
+#if CF_VARLEN
+    const SeqContext seq(p, BwdCoords(p).b);
+    if (n_start >= seq.seqlen_k) return;  // past this sequence's keys: no dK / dV rows, no dQ terms
+#endif
+    const Visibility vis(CF_SEQLEN_Q, CF_SEQLEN_K, p.window_left, p.window_right);
     int m_lo, m_hi;
-    vis.query_tiles(n_start, min(n_start + kBN, p.seqlen_k) - 1, kBM, &m_lo, &m_hi);
+    vis.query_tiles(n_start, min(n_start + kBN, CF_SEQLEN_K) - 1, kBM, &m_lo, &m_hi);
     const int n_m = max(m_hi - m_lo, 0);
     const int group = p.heads_q / p.heads_k;
     const int n_iters = n_m * group;
@@ -213,10 +224,12 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
 
     if (n_iters > 0) {
         const BwdCoords bc(p);
-        const u16* k = (const u16*)p.k + (i64)bc.b * p.k_batch_stride + (i64)bc.hk * p.k_head_stride;
-        const u16* v = (const u16*)p.v + (i64)bc.b * p.v_batch_stride + (i64)bc.hk * p.v_head_stride;
-        KVTile::load_async<kThreads>(sK, k, p.k_row_stride, n_start, p.seqlen_k, p.head_dim, tid);
-        KVTile::load_async<kThreads>(sV, v, p.v_row_stride, n_start, p.seqlen_k, p.head_dim, tid);
+        const u16* k = (const u16*)p.k + (i64)bc.b * p.k_batch_stride + (i64)bc.hk * p.k_head_stride
+                       CF_FIRST_ROW(cu_seqlens_k, total_k, k_row_stride);
+        const u16* v = (const u16*)p.v + (i64)bc.b * p.v_batch_stride + (i64)bc.hk * p.v_head_stride
+                       CF_FIRST_ROW(cu_seqlens_k, total_k, v_row_stride);
+        KVTile::load_async<kThreads>(sK, k, p.k_row_stride, n_start, CF_SEQLEN_K, p.head_dim, tid);
+        KVTile::load_async<kThreads>(sV, v, p.v_row_stride, n_start, CF_SEQLEN_K, p.head_dim, tid);
         load_query_tile(p, 0, m_lo, n_m, 0, sbase, tid);
         cp_async_commit();
     }
@@ -294,8 +307,8 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
         // P^T and dS^T in place (sc <- P, dp <- dS). Rows past seqlen_q have zero-filled LSE, so the last
         // query tile is always masked.
         {
-            const int i_last = min(m_start + kBM, p.seqlen_q) - 1;
-            const bool need_mask = vis.tile_needs_mask<CF_IS_LOCAL>(m_start, i_last, n_start, kBN) || (m_start + kBM > p.seqlen_q);
+            const int i_last = min(m_start + kBM, CF_SEQLEN_Q) - 1;
+            const bool need_mask = vis.tile_needs_mask<CF_IS_LOCAL>(m_start, i_last, n_start, kBN) || (m_start + kBM > CF_SEQLEN_Q);
             const float slope = CF_ALIBI ? p.alibi[(i64)BwdCoords(p).b * p.alibi_batch_stride + h] : 0.f;
             const float pre = CF_SOFTCAP ? p.softmax_scale / p.softcap : p.softmax_scale;
             // The exact exponent form on every tile (bwd_common.cuh: kernels without a per-tile choice).
@@ -314,7 +327,7 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
                 for (int e = 0; e < 4; ++e) {
                     const int i = m_start + qc + (e & 1);
                     const int j = n_start + key_row0 + s * 16 + g + (e >> 1) * 8;
-                    const bool visible = !need_mask || (i < p.seqlen_q && vis.visible(i, j));
+                    const bool visible = !need_mask || (i < CF_SEQLEN_Q && vis.visible(i, j));
                     sc[s][n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(
                         sc[s][n][e], dp[s][n][e], (e & 1) ? lse2.y : lse2.x, (e & 1) ? del2.y : del2.x,
                         visible, ex, pre, softcap, slope, i + vis.off - j);
@@ -462,8 +475,8 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) {
                     const int i = m_start + (qw * kQS + s) * 16 + g + hh * 8;
-                    if (i < p.seqlen_q) {
-                        float* dst = p.dq_accum + (((i64)BwdCoords(p).b * p.seqlen_q + i) * p.heads_q + h) * kD + col0 + t * 4;
+                    if (i < CF_SEQLEN_Q) {
+                        float* dst = p.dq_accum + (CF_ACCUM_ROW(BwdCoords(p).b, i) * p.heads_q + h) * kD + col0 + t * 4;
 #pragma unroll
                         for (int n = 0; n < kQC / 16; ++n)
                             if (col0 + n * 16 < p.head_dim)
@@ -500,13 +513,15 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
     }
     __syncthreads();
     const BwdCoords bc(p);
-    u16* dk = (u16*)p.dk + (i64)bc.b * p.dk_batch_stride + (i64)bc.hk * p.dk_head_stride;
-    u16* dv = (u16*)p.dv + (i64)bc.b * p.dv_batch_stride + (i64)bc.hk * p.dv_head_stride;
+    u16* dk = (u16*)p.dk + (i64)bc.b * p.dk_batch_stride + (i64)bc.hk * p.dk_head_stride
+              CF_FIRST_ROW(cu_seqlens_k, total_k, dk_row_stride);
+    u16* dv = (u16*)p.dv + (i64)bc.b * p.dv_batch_stride + (i64)bc.hk * p.dv_head_stride
+              CF_FIRST_ROW(cu_seqlens_k, total_k, dv_row_stride);
 #pragma unroll
     for (int i = 0; i < kBN * (kD / 8) / kThreads; ++i) {
         const int c = i * kThreads + tid;
         const int row = c / (kD / 8), col = (c % (kD / 8)) * 8;
-        if (n_start + row < p.seqlen_k && col < p.head_dim) {
+        if (n_start + row < CF_SEQLEN_K && col < p.head_dim) {
             const u32 off = KVTile::offset(row, col);
             *(uint4*)(dk + (i64)(n_start + row) * p.dk_row_stride + col) = *(const uint4*)(smem + kSmemK + off);
             *(uint4*)(dv + (i64)(n_start + row) * p.dv_row_stride + col) = *(const uint4*)(smem + kSmemV + off);

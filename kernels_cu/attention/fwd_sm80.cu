@@ -14,29 +14,12 @@
 // Variable-length batches (CF_VARLEN, seq_context.cuh): a CTA's rows and keys are those of its sequence;
 // the q, k, v, o, lse pointers start at the sequence's first row and every load is clipped at its length,
 // so a tile never reads the next sequence's rows. The grid covers max_seqlen_q rows per sequence; CTAs
-// past their sequence's end return at once. The additions are preprocessor-conditional so that the dense
-// build is the same code as before them: as constant-false C++ branches, ptxas scheduled the dense kernel
-// differently and one head-dim-64 variant spilled 4 bytes.
+// past their sequence's end return at once. Rows are addressed through seq_rows.cuh.
 #include "ptx/cp_async.cuh"
 #include "attention/params.cuh"
 #include "attention/block_coords.cuh"
-
-#ifndef CF_VARLEN
-#define CF_VARLEN 0
-#endif
-#if CF_VARLEN
-#include "attention/seq_context.cuh"
-// This CTA's sequence: its lengths, and the offset of its first row added to a base pointer.
-#define CF_SEQLEN_Q seq.seqlen_q
-#define CF_SEQLEN_K seq.seqlen_k
-#define CF_FIRST_ROW(cu, total, stride) + (i64)seq_first_row(p.cu, p.total, BlockCoords(p).b) * p.stride
-#define CF_LSE(c) (p.lse + (i64)(c).h * p.varlen_lse_head_stride + seq_first_row(p.cu_seqlens_q, p.total_q, (c).b))
-#else
-#define CF_SEQLEN_Q p.seqlen_q
-#define CF_SEQLEN_K p.seqlen_k
-#define CF_FIRST_ROW(cu, total, stride)
-#define CF_LSE(c) lse_ptr(p, c)
-#endif
+#define CF_SEQ_BATCH BlockCoords(p).b
+#include "attention/seq_rows.cuh"
 #include "attention/query_tiles.cuh"
 #include "attention/warp_gemm.cuh"
 #include "attention/score_mods.cuh"
@@ -64,7 +47,7 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
 
     if (n_hi <= n_lo) {
         u16* o = o_ptr(p, bc) CF_FIRST_ROW(cu_seqlens_q, total_q, o_row_stride);
-        float* lse = CF_LSE(bc);
+        float* lse = CF_ROW_STATS(p.lse, bc.b, bc.h);
         // No query row of this block sees any key: zeros and LSE = +inf, without touching K or V.
         for (int c = tid; c < kBM * (kD / 8); c += kThreads) {
             const int row = c / (kD / 8), col = (c % (kD / 8)) * 8;
@@ -126,7 +109,7 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
     softmax.finalize(acc_o, row_lse, p.scale_log2, natural_score_scale<CF_SOFTCAP, CF_ALIBI>(p.softmax_scale));
 
     u16* o = o_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_q, total_q, o_row_stride);
-    float* lse = CF_LSE(BlockCoords(p));
+    float* lse = CF_ROW_STATS(p.lse, BlockCoords(p).b, BlockCoords(p).h);
     // Stage O through this warp's own rows of the Q tile (no other warp reads them), then write it out in
     // 16-byte coalesced chunks.
     const int g = lane >> 2, t = lane & 3;
