@@ -364,22 +364,23 @@ def _backward_keys(dtype, d, is_local, softcap, alibi, deterministic, smem_limit
 
 
 def backward_varlen_keys(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
-                         smem_limit: int = MAX_SMEM[(9, 0)]):
-    """(preprocess, postprocess, main) keys of the variable-length backward: the sm80 kernels' variable-length
-    builds (CF_VARLEN, seq_rows.cuh), with dQ accumulated atomically, on every GPU. Separate variants, so that
-    the dense ones compile to the code they had without it. The sequence lookups cost registers: the main
-    kernel takes 64-row query tiles (hd64's 128-row one spills 60-84 bytes even at -O1) and -O1 where -O3
-    spills (BWD_SM80_VARLEN_PTXAS_OPT)."""
+                         deterministic: bool = False, smem_limit: int = MAX_SMEM[(9, 0)]):
+    """(preprocess, postprocess, main, deterministic dQ or None) keys of the variable-length backward: the sm80
+    kernels' variable-length builds (CF_VARLEN, seq_rows.cuh) on every GPU, as backward_keys picks them.
+    Separate variants, so that the dense ones compile to the code they had without it. The sequence lookups
+    cost registers: the main kernel takes 64-row query tiles (hd64's 128-row one spills 60-84 bytes even at
+    -O1) and -O1 where -O3 spills (BWD_SM80_VARLEN_PTXAS_OPT)."""
     d = padded_head_dim(head_dim)
-    pre, post, _, _ = backward_keys(dtype, d, is_local=is_local, softcap=softcap, alibi=alibi, deterministic=False,
-                                    smem_limit=smem_limit)
+    pre, post, _, dq = backward_keys(dtype, d, is_local=is_local, softcap=softcap, alibi=alibi,
+                                     deterministic=deterministic, smem_limit=smem_limit)
     varlen = (("CF_VARLEN", 1),)
     main = None
-    for bm, bn, stages, a_regs, _ in BWD_SM80_TILES[d]:
-        if bm > 64:
+    for bm, bn, stages, a_regs, det in BWD_SM80_TILES[d]:
+        if bm > 64 or (deterministic and not det):
             continue
         main = KernelKey("bwd_sm80", "attention_bwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, 8,
-                         extra=(("CF_DETERMINISTIC", 0), ("CF_Q_STAGES", stages), ("CF_BWD_A_REGS", a_regs)) + varlen,
+                         extra=(("CF_DETERMINISTIC", int(deterministic)), ("CF_Q_STAGES", stages),
+                                ("CF_BWD_A_REGS", a_regs)) + varlen,
                          ptxas_opt=BWD_SM80_VARLEN_PTXAS_OPT.get(d, 3))
         if backward_smem_bytes(main) <= smem_limit:
             break
@@ -387,8 +388,10 @@ def backward_varlen_keys(dtype: str, head_dim: int, *, is_local: bool, softcap: 
         raise NotImplementedError(
             f"variable-length backward for head_dim {d} needs {backward_smem_bytes(main)} bytes of shared "
             f"memory per block; this GPU allows {smem_limit}")
-    return (dataclasses.replace(pre, extra=pre.extra + varlen), dataclasses.replace(post, extra=post.extra + varlen),
-            main)
+    with_varlen = lambda k: None if k is None else dataclasses.replace(k, extra=k.extra + varlen)  # noqa: E731
+    if dq is not None and softcap and alibi:  # -O3 spills 4 bytes at head dim 192 for sm_80
+        dq = dataclasses.replace(dq, ptxas_opt=1)
+    return with_varlen(pre), with_varlen(post), main, with_varlen(dq)
 
 
 # Hopper backward main kernel (bwd_sm90.cu), used on compute capability 9.0, deterministic mode included (its
@@ -498,12 +501,15 @@ def all_backward_keys() -> list[KernelKey]:
                                     if k is not None:
                                         keys[k.name] = k
                         for limit in (MAX_SMEM[(9, 0)], MAX_SMEM[(8, 0)]):
-                            try:
-                                ks = backward_varlen_keys(dt, d, is_local=loc, softcap=sc, alibi=al, smem_limit=limit)
-                            except NotImplementedError:
-                                continue
-                            for k in ks:
-                                keys[k.name] = k
+                            for det in (False, True):
+                                try:
+                                    ks = backward_varlen_keys(dt, d, is_local=loc, softcap=sc, alibi=al,
+                                                              deterministic=det, smem_limit=limit)
+                                except NotImplementedError:
+                                    continue
+                                for k in ks:
+                                    if k is not None:
+                                        keys[k.name] = k
     return list(keys.values())
 
 
@@ -579,10 +585,11 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                                 found += backward_keys(dt, d, deterministic=det, smem_limit=limit, **mods)
                             except NotImplementedError:  # the runtime raises the same for such a call
                                 continue
-                        try:
-                            found += backward_varlen_keys(dt, d, smem_limit=limit, **mods)
-                        except NotImplementedError:
-                            pass
+                        for det in (False, True):
+                            try:
+                                found += backward_varlen_keys(dt, d, deterministic=det, smem_limit=limit, **mods)
+                            except NotImplementedError:
+                                continue
                         for k in found:
                             if k is not None:
                                 keys.setdefault(k.name, k)

@@ -198,22 +198,23 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
 def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi,
                     dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, *, batch: int, max_seqlen_q: int,
                     max_seqlen_k: int, causal: bool, window_size, softmax_scale: float, softcap: float,
-                    cc: tuple) -> BackwardPlan:
-    """The variable-length backward's plan: the sm80 kernels' variable-length builds (preprocess -> KV-parallel
-    main kernel with atomic dQ -> postprocess) on (1, total, heads, d) views, ``batch`` sequences whose rows
-    the kernels read from cu_seqlens (bound per call); grids over max_seqlen rows of every sequence. delta
-    gets a (heads_q, total_q) workspace like the LSE (it cannot borrow dq, whose uncovered rows must stay
-    zero), dq_accum is (1, total_q, heads_q, padded head dim)."""
+                    deterministic: bool, cc: tuple) -> BackwardPlan:
+    """The variable-length backward's plan: the sm80 kernels' variable-length builds on (1, total, heads, d)
+    views, ``batch`` sequences whose rows the kernels read from cu_seqlens (bound per call): preprocess ->
+    KV-parallel main kernel -> postprocess, dQ accumulated with atomics in a (1, total_q, heads_q, padded
+    head dim) fp32 buffer; deterministic, the Q-parallel dQ kernel instead of the accumulation and the
+    postprocess. Grids cover max_seqlen rows of every sequence. delta gets a (heads_q, total_q) workspace like
+    the LSE (it cannot borrow dq, whose uncovered rows must stay zero)."""
     key = ("bwd_varlen", q.device, cc, _layout(dout, q, k, v, out, dq, dk, dv), _alibi_layout(alibi), batch,
-           max_seqlen_q, max_seqlen_k, causal, window_size, softmax_scale, softcap, _env())
+           max_seqlen_q, max_seqlen_k, causal, window_size, softmax_scale, softcap, deterministic, _env())
     hit = _plans.get(key)
     if hit is not None:
         return hit
     dtype = "bf16" if q.dtype == "bfloat16" else "fp16"
     arch = dispatch.compile_arch(*cc)
-    pre, post, main = dispatch.backward_varlen_keys(dtype, q.shape[3], is_local=is_local(causal, window_size),
-                                                    softcap=softcap > 0, alibi=alibi is not None,
-                                                    smem_limit=dispatch.max_smem(*cc))
+    pre, post, main, dq_key = dispatch.backward_varlen_keys(
+        dtype, q.shape[3], is_local=is_local(causal, window_size), softcap=softcap > 0, alibi=alibi is not None,
+        deterministic=deterministic, smem_limit=dispatch.max_smem(*cc))
     total_q, heads_q, heads_k = q.shape[1], q.shape[2], k.shape[2]
     p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap)
     for name, a in (("o", out), ("do", dout), ("dq", dq), ("dk", dk), ("dv", dv)):
@@ -227,11 +228,19 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
     rows_grid = -(-max_seqlen_q // dispatch.BWD_PREPOST_ROWS) * batch * heads_q
     smem = dispatch.backward_smem_bytes(main)
     block = p.pack()
-    launches = (KernelLaunch(jit.get_function(pre, arch, q.device, 0), rows_grid, pre.threads, 0, block),
+    launches = [KernelLaunch(jit.get_function(pre, arch, q.device, 0), rows_grid, pre.threads, 0, block),
                 KernelLaunch(jit.get_function(main, arch, q.device, smem), p["num_n_blocks"] * batch * heads_k,
-                             main.threads, smem, block),
-                KernelLaunch(jit.get_function(post, arch, q.device, 0), rows_grid, post.threads, 0, block))
-    return _remember(key, BackwardPlan(launches, False, (1, total_q, heads_q, main.head_dim), None))
+                             main.threads, smem, block)]
+    if deterministic:
+        smem = dispatch.dq_smem_bytes(dq_key)
+        p["num_m_blocks"] = m_blocks = -(-max_seqlen_q // dq_key.block_m)
+        p["num_n_blocks"] = -(-max_seqlen_k // dq_key.block_n)
+        launches.append(KernelLaunch(jit.get_function(dq_key, arch, q.device, smem), m_blocks * batch * heads_q,
+                                     dq_key.threads, smem, p.pack()))
+    else:
+        launches.append(KernelLaunch(jit.get_function(post, arch, q.device, 0), rows_grid, post.threads, 0, block))
+    acc_shape = None if deterministic else (1, total_q, heads_q, main.head_dim)
+    return _remember(key, BackwardPlan(tuple(launches), False, acc_shape, None))
 
 
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi,

@@ -170,20 +170,24 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
 def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
                     lse: DeviceArray, alibi, dq: DeviceArray, dk: DeviceArray, dv: DeviceArray,
                     cu_seqlens_q: DeviceArray, cu_seqlens_k: DeviceArray, seqused_q, seqused_k, *, max_seqlen_q: int,
-                    max_seqlen_k: int, causal: bool, window_size, softmax_scale: float, softcap: float, stream: int,
-                    cc: tuple, framework: str) -> None:
+                    max_seqlen_k: int, causal: bool, window_size, softmax_scale: float, softcap: float,
+                    deterministic: bool, stream: int, cc: tuple, framework: str) -> None:
     """The variable-length backward (launch_plan.backward_varlen): dq, dk, dv (contiguous) are zeroed first,
     so rows no sequence covers (past cu_seqlens[-1], past seqused) come out as zero gradients."""
     bp = launch_plan.backward_varlen(dout, q, k, v, out, alibi, dq, dk, dv, batch=cu_seqlens_q.shape[0] - 1,
                                      max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=causal,
-                                     window_size=window_size, softmax_scale=softmax_scale, softcap=softcap, cc=cc)
+                                     window_size=window_size, softmax_scale=softmax_scale, softcap=softcap,
+                                     deterministic=deterministic, cc=cc)
     for g in (dq, dk, dv):
         fill_zero(g, stream=stream)
     heads_q, total_q = q.shape[2], q.shape[1]
     delta_native, delta = arrays.empty(framework, (heads_q, total_q), "float32", q.device, stream)
-    acc_native, acc = arrays.empty(framework, bp.dq_accum_shape, "float32", q.device, stream)
+    acc_native = None
+    if bp.dq_accum_shape is not None:
+        acc_native, acc = arrays.empty(framework, bp.dq_accum_shape, "float32", q.device, stream)
     pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "alibi": 0 if alibi is None else alibi.ptr, "o": out.ptr,
-                "lse": lse.ptr, "dout": dout.ptr, "delta": delta.ptr, "dq_accum": acc.ptr, "dq": dq.ptr,
+                "lse": lse.ptr, "dout": dout.ptr, "delta": delta.ptr,
+                "dq_accum": 0 if acc_native is None else acc.ptr, "dq": dq.ptr,
                 "dk": dk.ptr, "dv": dv.ptr, "cu_seqlens_q": cu_seqlens_q.ptr, "cu_seqlens_k": cu_seqlens_k.ptr,
                 "seqused_q": 0 if seqused_q is None else seqused_q.ptr,
                 "seqused_k": 0 if seqused_k is None else seqused_k.ptr}

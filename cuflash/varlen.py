@@ -9,7 +9,7 @@ to its first rows, so that a caller can keep fixed buffer shapes (CUDA graphs) w
 The NumPy path (CPU arrays) runs the tiled CPU attention per sequence (O(N) extra memory). On the GPU the
 forward runs the sm80 forward kernel with a per-sequence context (kernels_cu/attention/seq_context.cuh) on
 every architecture, and the backward the sm80 backward kernels' variable-length builds (dQ accumulated with
-atomics; ``deterministic=True`` on GPU arrays raises NotImplementedError, after the same argument checks).
+atomics, or by the query-parallel dQ kernel with ``deterministic=True``).
 
 Which checks run where: types, dtypes, shapes and devices are checked on every path before anything runs.
 Checks of the values of ``cu_seqlens`` / ``seqused`` / ``max_seqlen`` need those values on the host; the
@@ -26,10 +26,6 @@ import numbers
 import numpy as np
 
 from . import api, arrays, reference
-
-_GPU_DETERMINISTIC = ("cuflash.attention_varlen_backward: deterministic=True is not implemented for GPU arrays yet "
-                      "(the variable-length backward adds dQ with atomics); pass deterministic=False, pad the batch "
-                      "and call cuflash.attention_backward(deterministic=True), or pass CPU arrays")
 
 
 class _VarlenCall:
@@ -163,7 +159,8 @@ def _forward_gpu(call, q, k, v, alibi, causal, scale, window, softcap):
         return arrays.to_caller(out_native, out3, fw, stream), arrays.to_caller(lse_native, lse, fw, stream)
 
 
-def _backward_gpu(call, dout, q, k, v, out, lse, alibi, *, causal, softmax_scale, window_size, softcap):
+def _backward_gpu(call, dout, q, k, v, out, lse, alibi, *, causal, softmax_scale, window_size, softcap,
+                  deterministic):
     """The GPU backward (ops.backward_varlen): gradients allocated by the caller's framework on its stream;
     at head dims off multiples of 8 the kernels write zero-padded work buffers, cropped after."""
     from . import ops
@@ -190,8 +187,8 @@ def _backward_gpu(call, dout, q, k, v, out, lse, alibi, *, causal, softmax_scale
             work.append(g)
         ops.backward_varlen(*views, lse_view, api._device_alibi(alibi, fw, stream), *work, *index,
                             max_seqlen_q=call.max_seqlen_q, max_seqlen_k=call.max_seqlen_k, causal=causal,
-                            window_size=window_size, softmax_scale=softmax_scale, softcap=softcap, stream=stream,
-                            cc=cc, framework=fw)
+                            window_size=window_size, softmax_scale=softmax_scale, softcap=softcap,
+                            deterministic=deterministic, stream=stream, cc=cc, framework=fw)
         result = []
         for native, (g3, g) in zip(natives, grads):
             if g.ptr != g3.ptr:
@@ -296,9 +293,9 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     lse : array, shape (heads_q, total_q)
         The forward's ``return_lse=True`` log-sum-exp (float32 for GPU arrays).
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, and the keywords
-        Exactly as passed to the forward. ``deterministic``: the CPU path is always deterministic; on GPU
-        arrays (the sm80 backward kernels' variable-length builds, dQ added with atomics) it raises
-        NotImplementedError so far.
+        Exactly as passed to the forward. ``deterministic``: on GPU arrays dQ is then computed by a
+        query-parallel kernel instead of atomic additions, so repeats are bitwise identical (the CPU path
+        always is).
 
     Returns
     -------
@@ -325,12 +322,10 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
         if arrays.dtype_name(x, fw) not in want:
             raise TypeError(f"{name} has dtype {arrays.dtype_name(x, fw)}; expected {' or '.join(want)}")
     if call.on_gpu:
-        if deterministic:
-            raise NotImplementedError(_GPU_DETERMINISTIC)
         if arrays.dtype_name(lse, call.fw) != "float32":
             raise TypeError("lse of GPU arrays must be float32 (what attention_varlen returns)")
         return _backward_gpu(call, dout, q, k, v, out, lse, alibi, causal=causal, softmax_scale=scale,
-                             window_size=window, softcap=softcap)
+                             window_size=window, softcap=softcap, deterministic=deterministic)
     kwargs, slopes = _options(call, causal, softmax_scale, window_size, softcap, alibi_slopes)
     dn, qn, kn, vn, on, ln = (np.asarray(api._to_numpy(x, call.fw)) for x in (dout, q, k, v, out, lse))
     dq, dk, dv = (np.zeros(x.shape, dtype=x.dtype) for x in (qn, kn, vn))

@@ -139,7 +139,7 @@ def test_deterministic_backward_plan_sm80(monkeypatch):
 
 def test_varlen_backward_plan(stub_functions):
     """The variable-length backward plans the CF_VARLEN builds of the sm80 preprocess, main kernel and
-    postprocess on every GPU: rows grids over max_seqlen_q, key blocks over max_seqlen_k per (sequence, head),
+    postprocess (deterministic: the dQ kernel) on every GPU: rows grids over max_seqlen_q, key blocks over max_seqlen_k per (sequence, head),
     zero batch strides, the (heads, total_q) LSE / delta layout and a (1, total_q, heads, d) dQ accumulator."""
     total_q, total_k, hq, hk, d = 1234, 987, 8, 2, 64
     views = [_view((1, t, h, d), base, strides=(0, h * d, d, 1))
@@ -149,11 +149,11 @@ def test_varlen_backward_plan(stub_functions):
     dout, q, k, v, o, dq, dk, dv = views
     bp = launch_plan.backward_varlen(dout, q, k, v, o, None, dq, dk, dv, batch=5, max_seqlen_q=700,
                                      max_seqlen_k=600, causal=True, window_size=(-1, -1), softmax_scale=0.1,
-                                     softcap=0.0, cc=(9, 0))
+                                     softcap=0.0, deterministic=False, cc=(9, 0))
     names = [launch.fn[1] for launch in bp.launches]
     assert [n.split("_bf16")[0] for n in names] == ["bwd_prepost", "bwd_sm80", "bwd_prepost"]
     assert all("varlen" in n for n in names) and "_br64_" in names[1]
-    pre, _, main = dispatch.backward_varlen_keys("bf16", d, is_local=True, softcap=False, alibi=False)
+    pre, _, main, _ = dispatch.backward_varlen_keys("bf16", d, is_local=True, softcap=False, alibi=False)
     assert bp.launches[0].grid == bp.launches[2].grid == -(-700 // 64) * 5 * hq
     assert bp.launches[1].grid == -(-600 // main.block_n) * 5 * hk
     blk = _block(bp.launches[1])
@@ -162,6 +162,13 @@ def test_varlen_backward_plan(stub_functions):
     assert all(blk[f"{n}_batch_stride"] == 0 for n in ("q", "k", "v", "o", "do", "dq", "dk", "dv"))
     assert blk["varlen_lse_head_stride"] == total_q and blk["num_n_blocks"] == -(-600 // main.block_n)
     assert bp.dq_accum_shape == (1, total_q, hq, 64) and bp.dq_semaphore_shape is None and not bp.delta_in_dq
+    det = launch_plan.backward_varlen(dout, q, k, v, o, None, dq, dk, dv, batch=5, max_seqlen_q=700,
+                                      max_seqlen_k=600, causal=True, window_size=(-1, -1), softmax_scale=0.1,
+                                      softcap=0.0, deterministic=True, cc=(9, 0))
+    names = [launch.fn[1] for launch in det.launches]
+    assert names[2].startswith("bwd_dq_sm80") and "varlen" in names[2] and "_det" in names[1]
+    dq_key = dispatch.backward_varlen_keys("bf16", d, is_local=True, softcap=False, alibi=False, deterministic=True)[3]
+    assert det.launches[2].grid == -(-700 // dq_key.block_m) * 5 * hq and det.dq_accum_shape is None
 
 
 def test_varlen_forward_plan(stub_functions):

@@ -70,8 +70,8 @@ def test_each_sequence_follows_flash_rule(dtype, d, opts):
 
 
 def test_seqused():
-    """seqused shortens sequences (the masks align to the used lengths), forward and backward, as on the CPU
-    path; deterministic=True in the GPU backward raises NotImplementedError naming it."""
+    """seqused shortens sequences (the masks align to the used lengths), forward and backward (both dQ
+    modes), as on the CPU path."""
     import cupy
     host, (q, k, v), cu_q, cu_k = _packed("float16")
     used_q = np.array([10, 0, 1, 500, 33, 1], np.int32)
@@ -91,8 +91,37 @@ def test_seqused():
                                                    1000, **host_kw)
     for ours, ref in zip(grads, want_grads):
         np.testing.assert_allclose(to_host(ours).astype(np.float32), ref, atol=5e-3)
-    with pytest.raises(NotImplementedError, match="deterministic"):
-        cuflash.attention_varlen_backward(dout, q, k, v, out, lse, *args, deterministic=True, **kw)
+    det = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, *args, deterministic=True, **kw)
+    for ours, ref in zip(det, want_grads):
+        np.testing.assert_allclose(to_host(ours).astype(np.float32), ref, atol=5e-3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_deterministic_backward_exact_and_bitwise_repeatable(causal):
+    """deterministic=True (the query-parallel dQ kernel's variable-length build) passes the gradient rule per
+    sequence, and 10 repeats are bitwise identical."""
+    import cupy
+    from test_backward import _grad_rule
+    from gpu_helpers import naive_backward_same_dtype, raw_words
+    host, (q, k, v), cu_q, cu_k = _packed("bfloat16", d=128, seed=11)
+    args = (cupy.asarray(cu_q), cupy.asarray(cu_k), max(LENS_Q), max(LENS_K))
+    out, lse = cuflash.attention_varlen(q, k, v, *args, causal=causal, return_lse=True)
+    dout = to_device(np.random.default_rng(12).standard_normal(q.shape).astype(np_dtype("bfloat16")))
+    first = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, *args, causal=causal, deterministic=True)
+    for _ in range(10):
+        again = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, *args, causal=causal, deterministic=True)
+        for a, b in zip(first, again):
+            assert bool(cupy.array_equal(raw_words(a), raw_words(b)))
+    dq, dk, dv = (to_host(g).astype(np.float64) for g in first)
+    qh, kh, vh, doh = (to_host(x).astype(np.float64) for x in (q, k, v, dout))
+    for i in (0, 3, 5):
+        rq, rk = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        refs = reference.attention_backward_reference(doh[None, rq], qh[None, rq], kh[None, rk], vh[None, rk],
+                                                      causal=causal)
+        sl = lambda x, r: x[int(r.start):int(r.stop)][None]  # noqa: E731
+        base = naive_backward_same_dtype(sl(dout, rq), sl(q, rq), sl(k, rk), sl(v, rk), causal=causal)
+        for name, ours, ref, b in zip(("dq", "dk", "dv"), (dq[None, rq], dk[None, rk], dv[None, rk]), refs, base):
+            _grad_rule(ours, ref, b, f"{name} of sequence {i}", float(np.abs(doh[rq]).max()))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -27,6 +27,8 @@
 #include "attention/warp_gemm.cuh"
 #include "attention/mask.cuh"
 #include "attention/bwd_common.cuh"
+#define CF_SEQ_BATCH BlockCoords(p).b
+#include "attention/seq_rows.cuh"
 
 namespace {
 constexpr int kSmemQ = 0;
@@ -40,12 +42,17 @@ extern "C" __device__ const int cf_bwd_dq_smem_bytes = kSmemBytes;
 
 __device__ __forceinline__ void load_kv_tile(const AttentionParams& p, bool is_v, u32 dst, int n_block, int tid) {
     const BlockCoords c(p);
+#if CF_VARLEN
+    const SeqContext seq(p, c.b);
+#endif
     if (is_v) {
-        const u16* v = (const u16*)p.v + (i64)c.b * p.v_batch_stride + (i64)c.hk * p.v_head_stride;
-        KVTile::load_async<kThreads>(dst, v, p.v_row_stride, n_block * kBN, p.seqlen_k, p.head_dim, tid);
+        const u16* v = (const u16*)p.v + (i64)c.b * p.v_batch_stride + (i64)c.hk * p.v_head_stride
+                       CF_FIRST_ROW(cu_seqlens_k, total_k, v_row_stride);
+        KVTile::load_async<kThreads>(dst, v, p.v_row_stride, n_block * kBN, CF_SEQLEN_K, p.head_dim, tid);
     } else {
-        const u16* k = (const u16*)p.k + (i64)c.b * p.k_batch_stride + (i64)c.hk * p.k_head_stride;
-        KVTile::load_async<kThreads>(dst, k, p.k_row_stride, n_block * kBN, p.seqlen_k, p.head_dim, tid);
+        const u16* k = (const u16*)p.k + (i64)c.b * p.k_batch_stride + (i64)c.hk * p.k_head_stride
+                       CF_FIRST_ROW(cu_seqlens_k, total_k, k_row_stride);
+        KVTile::load_async<kThreads>(dst, k, p.k_row_stride, n_block * kBN, CF_SEQLEN_K, p.head_dim, tid);
     }
 }
 
@@ -58,18 +65,24 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3, t2 = t * 2;
     const int m_start = BlockCoords(p).m_block * kBM;
-    const int i_last = min(m_start + kBM, p.seqlen_q) - 1;
-    const Visibility vis(p.seqlen_q, p.seqlen_k, p.window_left, p.window_right);
+#if CF_VARLEN
+    const SeqContext seq(p, BlockCoords(p).b);
+    if (m_start >= seq.seqlen_q) return;  // past this sequence's rows
+#endif
+    const int i_last = min(m_start + kBM, CF_SEQLEN_Q) - 1;
+    const Visibility vis(CF_SEQLEN_Q, CF_SEQLEN_K, p.window_left, p.window_right);
     int n_lo, n_hi;
     vis.key_tiles(m_start, i_last, kBN, &n_lo, &n_hi);
     const int warp_row0 = warp * kMS * 16;
 
     if (n_hi > n_lo) {
         const BlockCoords c(p);
-        const u16* q = (const u16*)p.q + (i64)c.b * p.q_batch_stride + (i64)c.h * p.q_head_stride;
-        const u16* dout = (const u16*)p.dout + (i64)c.b * p.do_batch_stride + (i64)c.h * p.do_head_stride;
-        QTile::load_async<kThreads>(sQ, q, p.q_row_stride, m_start, p.seqlen_q, p.head_dim, tid);
-        QTile::load_async<kThreads>(sDO, dout, p.do_row_stride, m_start, p.seqlen_q, p.head_dim, tid);
+        const u16* q = (const u16*)p.q + (i64)c.b * p.q_batch_stride + (i64)c.h * p.q_head_stride
+                       CF_FIRST_ROW(cu_seqlens_q, total_q, q_row_stride);
+        const u16* dout = (const u16*)p.dout + (i64)c.b * p.do_batch_stride + (i64)c.h * p.do_head_stride
+                          CF_FIRST_ROW(cu_seqlens_q, total_q, do_row_stride);
+        QTile::load_async<kThreads>(sQ, q, p.q_row_stride, m_start, CF_SEQLEN_Q, p.head_dim, tid);
+        QTile::load_async<kThreads>(sDO, dout, p.do_row_stride, m_start, CF_SEQLEN_Q, p.head_dim, tid);
         load_kv_tile(p, false, sbase + kSmemK, n_hi - 1, tid);
         cp_async_commit();
         load_kv_tile(p, true, sV, n_hi - 1, tid);
@@ -80,13 +93,13 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
     float lse[kMS][2], delta[kMS][2];
     {
         const BlockCoords c(p);
-        const i64 row_base = ((i64)c.b * p.heads_q + c.h) * p.seqlen_q;
+        const i64 row_base = CF_ROW_STATS((i64)0, c.b, c.h);
 #pragma unroll
         for (int s = 0; s < kMS; ++s)
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
                 const int i = m_start + warp_row0 + s * 16 + g + hh * 8;
-                const bool valid = i < p.seqlen_q;
+                const bool valid = i < CF_SEQLEN_Q;
                 lse[s][hh] = valid ? p.lse[row_base + i] : CF_INF;
                 delta[s][hh] = valid ? p.delta[row_base + i] : 0.f;
             }
@@ -165,12 +178,13 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
         }
     __syncthreads();
     const BlockCoords c(p);
-    u16* dq = (u16*)p.dq + (i64)c.b * p.dq_batch_stride + (i64)c.h * p.dq_head_stride;
+    u16* dq = (u16*)p.dq + (i64)c.b * p.dq_batch_stride + (i64)c.h * p.dq_head_stride
+              CF_FIRST_ROW(cu_seqlens_q, total_q, dq_row_stride);
 #pragma unroll
     for (int i = 0; i < kBM * (kD / 8) / kThreads; ++i) {
         const int cidx = i * kThreads + tid;
         const int row = cidx / (kD / 8), col = (cidx % (kD / 8)) * 8;
-        if (m_start + row < p.seqlen_q && col < p.head_dim)
+        if (m_start + row < CF_SEQLEN_Q && col < p.head_dim)
             *(uint4*)(dq + (i64)(m_start + row) * p.dq_row_stride + col) = *(const uint4*)(smem + kSmemQ + QTile::offset(row, col));
     }
 }
