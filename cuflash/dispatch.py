@@ -575,7 +575,8 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                 for sc in (False, True):
                     for al in (False, True):
                         mods = dict(is_local=loc, softcap=sc, alibi=al)
-                        found = [forward_key(dt, d, smem_limit=limit, **mods)]
+                        found = [forward_key(dt, d, smem_limit=limit, **mods),
+                                 forward_key(dt, d, smem_limit=limit, varlen=True, **mods)]
                         if hopper:
                             found.append(forward_key_sm90(dt, d, **mods))
                             if d in BWD_SM90_TILES:

@@ -195,12 +195,14 @@ ARCH_CC = {"sm_80": (8, 0), "sm_86": (8, 6), "sm_87": (8, 7), "sm_89": (8, 9), "
 
 
 def _runtime_keys(monkeypatch, cc) -> set:
-    """Every (variant name, target) that ops.forward and ops.backward ask the JIT for on a GPU of compute
-    capability ``cc``, over all dtypes, head dims 8..256, masks, softcap, ALiBi, deterministic mode and views
-    that TMA can or cannot address. Launches are stubbed out: this records the runtime's choices only."""
+    """Every (variant name, target) that ops.forward and ops.backward (and their variable-length forms) ask
+    the JIT for on a GPU of compute capability ``cc``, over all dtypes, head dims 8..256, masks, softcap,
+    ALiBi, deterministic mode and views that TMA can or cannot address. Launches are stubbed out: this records the runtime's choices only."""
     asked = set()
     monkeypatch.setattr(ops.jit, "get_function", lambda key, arch, dev, smem: asked.add((key, arch)))
     monkeypatch.setattr(ops, "_launch", lambda *a, **k: None)
+    monkeypatch.setattr(ops, "fill_zero", lambda *a, **k: None)
+    monkeypatch.setattr(ops, "fill_float32", lambda *a, **k: None)
     monkeypatch.setattr(ops, "_sm_count", lambda dev: 1 << 20)  # no persistent schedule, so no counter
     monkeypatch.setattr(ops.tma, "tile_map", lambda *a: b"")
     monkeypatch.setattr(ops.tma, "accumulator_map", lambda *a: b"")
@@ -224,7 +226,24 @@ def _runtime_keys(monkeypatch, cc) -> set:
                                                  view(), view(), deterministic=det, **kw)
                                 except NotImplementedError:  # this GPU's shared memory cannot run it
                                     continue
+                            if tma_ok:  # the variable-length kernels do not use TMA
+                                _varlen_calls(view, alibi, kw)
     return asked
+
+
+def _varlen_calls(view, alibi, kw):
+    """ops.forward_varlen and ops.backward_varlen (both dQ modes) on packed (1, total, heads, d) views."""
+    cu = DeviceArray(4096, (3,), (1,), "int32", 0)
+    lse = DeviceArray(4096, (2, 64), (64, 1), "float32", 0)
+    sizes = dict(max_seqlen_q=40, max_seqlen_k=40)
+    fwd_kw = {n: x for n, x in kw.items() if n != "framework"}
+    ops.forward_varlen(view(), view(), view(), view(), lse, alibi, cu, cu, None, None, **sizes, **fwd_kw)
+    for det in (False, True):
+        try:
+            ops.backward_varlen(view(), view(), view(), view(), view(), lse, alibi, view(), view(), view(), cu, cu,
+                                None, None, deterministic=det, **sizes, **kw)
+        except NotImplementedError:
+            continue
 
 
 @pytest.mark.parametrize("arch", sorted(ARCH_CC))
