@@ -21,7 +21,6 @@ back-to-back calls (median of --runs samples of 4 calls, warm-up excluded). Prin
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -32,22 +31,6 @@ import results_io
 REPO = Path(__file__).resolve().parent.parent
 # (head dim, copy-free bound, heads); 56 vs 64: the kernels' own zero-fill padding, for scale
 PAIRS = [(59, 64, 32), (56, 64, 32), (111, 112, 16), (100, 104, 16)]
-
-
-def _time(fn, runs: int, calls: int = 4) -> float:
-    import cupy
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(runs):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        for _ in range(calls):
-            fn()
-        stop.record()
-        stop.synchronize()
-        samples.append(cupy.cuda.get_elapsed_time(start, stop) / calls)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -72,8 +55,8 @@ def main() -> None:
                        for _ in range(4))
         out, lse = cuflash.attention(q, k, v, return_lse=True)
         times[d] = {"heads": h,
-                    "fwd_ms": _time(lambda: cuflash.attention(q, k, v), args.runs),
-                    "bwd_ms": _time(lambda: cuflash.attention_backward(do, q, k, v, out, lse), args.runs)}
+                    "fwd_ms": results_io.median_ms(lambda: cuflash.attention(q, k, v), args.runs),
+                    "bwd_ms": results_io.median_ms(lambda: cuflash.attention_backward(do, q, k, v, out, lse), args.runs)}
     rows = []
     print(f"{'head dim':>8} {'bound':>6} | {'fwd ms':>8} {'bound ms':>8} {'overhead':>8} | "
           f"{'bwd ms':>8} {'bound ms':>8} {'overhead':>8}")

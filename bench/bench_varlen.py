@@ -20,7 +20,6 @@ Prints a table and writes ``varlen-<stamp>.json`` under ``<out>/<gpu-slug>/``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -38,22 +37,6 @@ def lengths(tokens: int, rng) -> list[int]:
         out.append(n)
         left -= n
     return out
-
-
-def _time(fn, runs: int, calls: int = 4) -> float:
-    import cupy
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(runs):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        for _ in range(calls):
-            fn()
-        stop.record()
-        stop.synchronize()
-        samples.append(cupy.cuda.get_elapsed_time(start, stop) / calls)
-    return statistics.median(samples)
 
 
 def _torch_contender(lens, q, k, v, dout, causal):
@@ -132,15 +115,15 @@ def main() -> None:
             out_d, lse_d = cuflash.attention(dq, dk, dv, causal=causal, return_lse=True)
             name, torch_fwd, torch_bwd = _torch_contender(lens, q, k, v, do_var, causal)
             times = {
-                "fwd": (_time(lambda: cuflash.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=causal),
+                "fwd": (results_io.median_ms(lambda: cuflash.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=causal),
                               args.runs),
-                        _time(lambda: cuflash.attention(dq, dk, dv, causal=causal), args.runs),
-                        _time(torch_fwd, args.runs)),
-                "bwd": (_time(lambda: cuflash.attention_varlen_backward(do_var, q, k, v, out_v, lse_v, cu, cu, max(lens),
+                        results_io.median_ms(lambda: cuflash.attention(dq, dk, dv, causal=causal), args.runs),
+                        results_io.median_ms(torch_fwd, args.runs)),
+                "bwd": (results_io.median_ms(lambda: cuflash.attention_varlen_backward(do_var, q, k, v, out_v, lse_v, cu, cu, max(lens),
                                                                         max(lens), causal=causal), args.runs),
-                        _time(lambda: cuflash.attention_backward(do_eq, dq, dk, dv, out_d, lse_d, causal=causal),
+                        results_io.median_ms(lambda: cuflash.attention_backward(do_eq, dq, dk, dv, out_d, lse_d, causal=causal),
                               args.runs),
-                        _time(torch_bwd, args.runs)),
+                        results_io.median_ms(torch_bwd, args.runs)),
             }
             for pass_, (t_var, t_dense, t_torch) in times.items():
                 mult = 2.5 if pass_ == "bwd" else 1.0

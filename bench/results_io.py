@@ -1,4 +1,5 @@
-"""Where the benchmarks write: ``<root>/<gpu-slug>/<name>-<stamp>.json`` (and a PNG beside it)."""
+"""Where the benchmarks write (``<root>/<gpu-slug>/<name>-<stamp>.json``, a PNG beside it), and their CUDA-event
+timing of back-to-back calls."""
 
 from __future__ import annotations
 
@@ -38,3 +39,23 @@ def pyplot():
         print("matplotlib not installed: no PNG")
         return None
     return plt
+
+
+def median_ms(fn, runs: int, calls: int = 4, warmup: int = 3) -> float:
+    """Median milliseconds of one call of ``fn`` over ``runs`` samples, each ``calls`` back-to-back calls
+    between two CUDA events on the current CuPy stream (warm-up calls excluded)."""
+    import statistics
+
+    import cupy
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(runs):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        for _ in range(calls):
+            fn()
+        stop.record()
+        stop.synchronize()
+        samples.append(cupy.cuda.get_elapsed_time(start, stop) / calls)
+    return statistics.median(samples)

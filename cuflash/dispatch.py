@@ -492,24 +492,15 @@ def all_backward_keys() -> list[KernelKey]:
                     for al in (False, True):
                         for det in (False, True):
                             for limit in (MAX_SMEM[(9, 0)], MAX_SMEM[(8, 0)]):
-                                try:
-                                    ks = backward_keys(dt, d, is_local=loc, softcap=sc, alibi=al,
-                                                       deterministic=det, smem_limit=limit)
-                                except NotImplementedError:
-                                    continue
-                                for k in ks:
-                                    if k is not None:
-                                        keys[k.name] = k
-                        for limit in (MAX_SMEM[(9, 0)], MAX_SMEM[(8, 0)]):
-                            for det in (False, True):
-                                try:
-                                    ks = backward_varlen_keys(dt, d, is_local=loc, softcap=sc, alibi=al,
-                                                              deterministic=det, smem_limit=limit)
-                                except NotImplementedError:
-                                    continue
-                                for k in ks:
-                                    if k is not None:
-                                        keys[k.name] = k
+                                for builder in (backward_keys, backward_varlen_keys):
+                                    try:
+                                        ks = builder(dt, d, is_local=loc, softcap=sc, alibi=al, deterministic=det,
+                                                     smem_limit=limit)
+                                    except NotImplementedError:
+                                        continue
+                                    for k in ks:
+                                        if k is not None:
+                                            keys[k.name] = k
     return list(keys.values())
 
 
@@ -582,15 +573,11 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                             if d in BWD_SM90_TILES:
                                 found += [backward_key_sm90(dt, d, deterministic=det, **mods) for det in (False, True)]
                         for det in (False, True):
-                            try:
-                                found += backward_keys(dt, d, deterministic=det, smem_limit=limit, **mods)
-                            except NotImplementedError:  # the runtime raises the same for such a call
-                                continue
-                        for det in (False, True):
-                            try:
-                                found += backward_varlen_keys(dt, d, deterministic=det, smem_limit=limit, **mods)
-                            except NotImplementedError:
-                                continue
+                            for builder in (backward_keys, backward_varlen_keys):
+                                try:
+                                    found += builder(dt, d, deterministic=det, smem_limit=limit, **mods)
+                                except NotImplementedError:  # the runtime raises the same for such a call
+                                    continue
                         for k in found:
                             if k is not None:
                                 keys.setdefault(k.name, k)
