@@ -67,8 +67,8 @@ _lib.define(
 _lib.define(
     "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
     "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, Tensor? seqused_q, "
-    "Tensor? seqused_k, bool causal, float softmax_scale, int window_left, int window_right, float softcap) "
-    "-> (Tensor, Tensor, Tensor)")
+    "Tensor? seqused_k, bool causal, float softmax_scale, int window_left, int window_right, float softcap, "
+    "bool deterministic) -> (Tensor, Tensor, Tensor)")
 
 
 def _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, seqused_q, seqused_k,
@@ -80,11 +80,12 @@ def _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 
 
 def _varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
-                seqused_q, seqused_k, causal, softmax_scale, window_left, window_right, softcap):
+                seqused_q, seqused_k, causal, softmax_scale, window_left, window_right, softcap, deterministic):
     return varlen.attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                             max_seqlen_k, causal=causal, softmax_scale=softmax_scale,
                                             window_size=(window_left, window_right), softcap=softcap,
-                                            alibi_slopes=alibi_slopes, seqused_q=seqused_q, seqused_k=seqused_k)
+                                            alibi_slopes=alibi_slopes, seqused_q=seqused_q, seqused_k=seqused_k,
+                                            deterministic=deterministic)
 
 
 _lib.define(
@@ -135,7 +136,7 @@ def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 @torch.library.register_fake("cuflash::varlen_bwd")
 def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
-                     seqused_q, seqused_k, causal, softmax_scale, window_left, window_right, softcap):
+                     seqused_q, seqused_k, causal, softmax_scale, window_left, window_right, softcap, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -193,23 +194,24 @@ class _VarlenAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, seqused_q,
-                seqused_k, causal, softmax_scale, window_left, window_right, softcap):
+                seqused_k, causal, softmax_scale, window_left, window_right, softcap, deterministic):
         args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, seqused_q, seqused_k, causal,
                 softmax_scale, window_left, window_right, softcap)
         out, lse = torch.ops.cuflash.varlen_fwd(q, k, v, *args)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seqused_q, seqused_k)
-        ctx.options = (max_seqlen_q, max_seqlen_k, causal, softmax_scale, window_left, window_right, softcap)
+        ctx.options = (max_seqlen_q, max_seqlen_k, causal, softmax_scale, window_left, window_right, softcap,
+                       deterministic)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_q, cu_k, alibi_slopes, seqused_q, seqused_k = ctx.saved_tensors
-        max_q, max_k, causal, scale, left, right, softcap = ctx.options
+        max_q, max_k, causal, scale, left, right, softcap, deterministic = ctx.options
         dq, dk, dv = torch.ops.cuflash.varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
                                                   alibi_slopes, seqused_q, seqused_k, causal, scale, left, right,
-                                                  softcap)
-        return (dq, dk, dv) + (None,) * 12
+                                                  softcap, deterministic)
+        return (dq, dk, dv) + (None,) * 13
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -219,8 +221,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     :func:`cuflash.attention_varlen` on torch tensors, differentiable.
 
     q (total_q, heads, head_dim), k/v (total_k, heads_k, head_dim), ``cu_seqlens`` int32 (batch + 1,).
-    Returns ``out``, or ``(out, softmax_lse (heads, total_q), None)`` with ``return_attn_probs=True``. CPU
-    tensors, and the forward on CUDA tensors (their backward raises NotImplementedError); ``block_table``
+    Returns ``out``, or ``(out, softmax_lse (heads, total_q), None)`` with ``return_attn_probs=True``. CPU and
+    CUDA tensors, forward and backward (``deterministic=True``: a bitwise-repeatable backward); ``block_table``
     (paged KV) raises NotImplementedError; ``dropout_p > 0`` too.
     """
     api.check_dropout(dropout_p, "variable-length attention")
@@ -231,10 +233,33 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, None, None, causal,
             softmax_scale, left, right, softcap)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _VarlenAttention.apply(*args)
+        out, lse = _VarlenAttention.apply(*args, deterministic)
     else:
         out, lse = torch.ops.cuflash.varlen_fwd(*args)
     return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """``flash_attn_varlen_qkvpacked_func``: qkv (total, 3, heads, head_dim), read in place (no copy); the
+    sequences' queries and keys share ``cu_seqlens`` and ``max_seqlen``."""
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv must have shape (total, 3, heads, head_dim), got {tuple(qkv.shape)}")
+    return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """``flash_attn_varlen_kvpacked_func``: kv (total_k, 2, heads_k, head_dim), read in place (no copy)."""
+    if kv.dim() != 4 or kv.shape[1] != 2:
+        raise ValueError(f"kv must have shape (total_k, 2, heads_k, head_dim), got {tuple(kv.shape)}")
+    return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -420,4 +445,5 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 
 __all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
-           "flash_attn_varlen_func", "flash_attn_with_kvcache"]
+           "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
+           "flash_attn_with_kvcache"]

@@ -185,7 +185,33 @@ def test_opcheck_varlen_ops():
     args = (cu_q, cu_k, 5, 6, None, None, None, True, 0.3, -1, -1, 0.0)
     torch.library.opcheck(torch.ops.cuflash.varlen_fwd.default, (q, k, v, *args))
     out, lse = torch.ops.cuflash.varlen_fwd(q, k, v, *args)
-    torch.library.opcheck(torch.ops.cuflash.varlen_bwd.default, (torch.randn_like(out), q, k, v, out, lse, *args))
+    torch.library.opcheck(torch.ops.cuflash.varlen_bwd.default, (torch.randn_like(out), q, k, v, out, lse, *args,
+                                                                 True))
+
+
+def test_varlen_packed_functions_read_in_place_and_differentiate():
+    """flash_attn_varlen_qkvpacked_func and flash_attn_varlen_kvpacked_func (FlashAttention-2's signatures)
+    give the unpacked function's output and gradients, deterministic mode included."""
+    import inspect
+    assert list(inspect.signature(ct.flash_attn_varlen_qkvpacked_func).parameters)[:3] == ["qkv", "cu_seqlens",
+                                                                                           "max_seqlen"]
+    assert list(inspect.signature(ct.flash_attn_varlen_kvpacked_func).parameters)[:6] == [
+        "q", "kv", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"]
+    q, k, v, cu, _ = _packed([3, 5], [3, 5], hq=2, hk=2, grad=False)
+    ref = ct.flash_attn_varlen_func(q, k, v, cu, cu, 5, 5, causal=True)
+    qkv = torch.stack([q, k, v], dim=1).requires_grad_()
+    out = ct.flash_attn_varlen_qkvpacked_func(qkv, cu, 5, causal=True, deterministic=True)
+    assert torch.equal(out, ref)
+    out.sum().backward()
+    q2, k2, v2 = (x.clone().requires_grad_() for x in (q, k, v))
+    ct.flash_attn_varlen_func(q2, k2, v2, cu, cu, 5, 5, causal=True).sum().backward()
+    assert torch.equal(qkv.grad, torch.stack([q2.grad, k2.grad, v2.grad], dim=1))
+    kv = torch.stack([k, v], dim=1)
+    assert torch.equal(ct.flash_attn_varlen_kvpacked_func(q, kv, cu, cu, 5, 5, causal=True), ref)
+    with pytest.raises(ValueError, match="qkv must have shape"):
+        ct.flash_attn_varlen_qkvpacked_func(q, cu, 5)
+    with pytest.raises(ValueError, match="kv must have shape"):
+        ct.flash_attn_varlen_kvpacked_func(q, k, cu, cu, 5, 5)
 
 
 def test_flash_attn_varlen_compiles_once_for_new_total_lengths():
