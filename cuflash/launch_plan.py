@@ -224,23 +224,11 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
     for name in ("q", "k", "v", "o", "do", "dq", "dk", "dv"):
         p[f"{name}_batch_stride"] = 0  # a sequence's rows come from cu_seqlens, not from a batch stride
     p["varlen_lse_head_stride"] = total_q
-    p["num_n_blocks"] = -(-max_seqlen_k // main.block_n)
-    rows_grid = -(-max_seqlen_q // dispatch.BWD_PREPOST_ROWS) * batch * heads_q
-    smem = dispatch.backward_smem_bytes(main)
-    block = p.pack()
-    launches = [KernelLaunch(jit.get_function(pre, arch, q.device, 0), rows_grid, pre.threads, 0, block),
-                KernelLaunch(jit.get_function(main, arch, q.device, smem), p["num_n_blocks"] * batch * heads_k,
-                             main.threads, smem, block)]
-    if deterministic:
-        smem = dispatch.dq_smem_bytes(dq_key)
-        p["num_m_blocks"] = m_blocks = -(-max_seqlen_q // dq_key.block_m)
-        p["num_n_blocks"] = -(-max_seqlen_k // dq_key.block_n)
-        launches.append(KernelLaunch(jit.get_function(dq_key, arch, q.device, smem), m_blocks * batch * heads_q,
-                                     dq_key.threads, smem, p.pack()))
-    else:
-        launches.append(KernelLaunch(jit.get_function(post, arch, q.device, 0), rows_grid, post.threads, 0, block))
+    launches = _backward_launches(p, arch, q.device, pre, post, main, dispatch.backward_smem_bytes(main), (),
+                                  dq_key if deterministic else None, batch=batch, seqlen_q=max_seqlen_q,
+                                  seqlen_k=max_seqlen_k, heads_q=heads_q, heads_k=heads_k)
     acc_shape = None if deterministic else (1, total_q, heads_q, main.head_dim)
-    return _remember(key, BackwardPlan(tuple(launches), False, acc_shape, None))
+    return _remember(key, BackwardPlan(launches, False, acc_shape, None))
 
 
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi,
@@ -278,10 +266,6 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap)
     for name, a in (("o", out), ("do", dout), ("dq", dq), ("dk", dk), ("dv", dv)):
         p.set_strides(name, a)
-    launches = []
-    rows_grid = math.ceil(seqlen_q / dispatch.BWD_PREPOST_ROWS) * batch * heads_q
-    launches.append(KernelLaunch(jit.get_function(pre, arch, dev, 0), rows_grid, pre.threads, 0, p.pack()))
-
     maps = ()
     if hopper:
         main = dispatch.backward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
@@ -292,17 +276,29 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
                 ("dq_accum", dispatch.BWD_SM90_DQ_BOX))
     else:
         smem = dispatch.backward_smem_bytes(main)
-    p["num_n_blocks"] = math.ceil(seqlen_k / main.block_n)
-    main_block = p.pack()
-    launches.append(KernelLaunch(jit.get_function(main, arch, dev, smem), p["num_n_blocks"] * batch * heads_k,
-                                 main.threads, smem, main_block, maps))
-    if dq_kernel:
-        smem = dispatch.dq_smem_bytes(dq_key)
-        p["num_m_blocks"] = math.ceil(seqlen_q / dq_key.block_m)
-        p["num_n_blocks"] = math.ceil(seqlen_k / dq_key.block_n)
-        launches.append(KernelLaunch(jit.get_function(dq_key, arch, dev, smem), p["num_m_blocks"] * batch * heads_q,
-                                     dq_key.threads, smem, p.pack()))
-    else:
-        launches.append(KernelLaunch(jit.get_function(post, arch, dev, 0), rows_grid, post.threads, 0, main_block))
+    launches = _backward_launches(p, arch, dev, pre, post, main, smem, maps, dq_key if dq_kernel else None,
+                                  batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_k=heads_k)
     acc_shape = None if dq_kernel else (batch, seqlen_q, heads_q, main.head_dim)
-    return _remember(key, BackwardPlan(tuple(launches), delta_in_dq, acc_shape, semaphore_shape))
+    return _remember(key, BackwardPlan(launches, delta_in_dq, acc_shape, semaphore_shape))
+
+
+def _backward_launches(p: _Block, arch: str, dev: int, pre, post, main, main_smem: int, maps: tuple, dq_key, *,
+                       batch: int, seqlen_q: int, seqlen_k: int, heads_q: int, heads_k: int) -> tuple:
+    """The backward's launches in one parameter block: preprocess over 64-row blocks, the KV-parallel main
+    kernel over key blocks, then the postprocess, or, given ``dq_key``, the Q-parallel dQ kernel (its own
+    block counts). ``batch`` sequences of (at most) seqlen_q queries and seqlen_k keys."""
+    p["num_n_blocks"] = -(-seqlen_k // main.block_n)
+    block = p.pack()
+    rows_grid = -(-seqlen_q // dispatch.BWD_PREPOST_ROWS) * batch * heads_q
+    launches = [KernelLaunch(jit.get_function(pre, arch, dev, 0), rows_grid, pre.threads, 0, block),
+                KernelLaunch(jit.get_function(main, arch, dev, main_smem), p["num_n_blocks"] * batch * heads_k,
+                             main.threads, main_smem, block, maps)]
+    if dq_key is None:
+        launches.append(KernelLaunch(jit.get_function(post, arch, dev, 0), rows_grid, post.threads, 0, block))
+    else:
+        smem = dispatch.dq_smem_bytes(dq_key)
+        p["num_m_blocks"] = m_blocks = -(-seqlen_q // dq_key.block_m)
+        p["num_n_blocks"] = -(-seqlen_k // dq_key.block_n)
+        launches.append(KernelLaunch(jit.get_function(dq_key, arch, dev, smem), m_blocks * batch * heads_q,
+                                     dq_key.threads, smem, p.pack()))
+    return tuple(launches)
