@@ -46,12 +46,10 @@ __device__ __forceinline__ void load_kv_tile(const AttentionParams& p, bool is_v
     const SeqContext seq(p, c.b);
 #endif
     if (is_v) {
-        const u16* v = (const u16*)p.v + (i64)c.b * p.v_batch_stride + (i64)c.hk * p.v_head_stride
-                       CF_FIRST_ROW(cu_seqlens_k, total_k, v_row_stride);
+        const u16* v = v_ptr(p, c) CF_FIRST_ROW(cu_seqlens_k, total_k, v_row_stride);
         KVTile::load_async<kThreads>(dst, v, p.v_row_stride, n_block * kBN, CF_SEQLEN_K, p.head_dim, tid);
     } else {
-        const u16* k = (const u16*)p.k + (i64)c.b * p.k_batch_stride + (i64)c.hk * p.k_head_stride
-                       CF_FIRST_ROW(cu_seqlens_k, total_k, k_row_stride);
+        const u16* k = k_ptr(p, c) CF_FIRST_ROW(cu_seqlens_k, total_k, k_row_stride);
         KVTile::load_async<kThreads>(dst, k, p.k_row_stride, n_block * kBN, CF_SEQLEN_K, p.head_dim, tid);
     }
 }
@@ -77,8 +75,7 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
 
     if (n_hi > n_lo) {
         const BlockCoords c(p);
-        const u16* q = (const u16*)p.q + (i64)c.b * p.q_batch_stride + (i64)c.h * p.q_head_stride
-                       CF_FIRST_ROW(cu_seqlens_q, total_q, q_row_stride);
+        const u16* q = q_ptr(p, c) CF_FIRST_ROW(cu_seqlens_q, total_q, q_row_stride);
         const u16* dout = (const u16*)p.dout + (i64)c.b * p.do_batch_stride + (i64)c.h * p.do_head_stride
                           CF_FIRST_ROW(cu_seqlens_q, total_q, do_row_stride);
         QTile::load_async<kThreads>(sQ, q, p.q_row_stride, m_start, CF_SEQLEN_Q, p.head_dim, tid);
