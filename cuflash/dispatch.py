@@ -228,8 +228,15 @@ def forward_family(cc: tuple) -> str:
     return "fwd_sm90" if (choice == "sm90" and tuple(cc) == (9, 0)) else "fwd_sm80"
 
 
-def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool) -> KernelKey:
-    return _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi)
+def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
+                     varlen: bool = False) -> KernelKey:
+    """The Hopper forward's variant. ``varlen``: its variable-length build (CF_VARLEN: packed tensor maps,
+    rows from cu_seqlens / seqused, clipped ordinary O stores), a separate variant so that the dense one
+    compiles to the code it had without it."""
+    key = _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi)
+    if varlen:
+        key = dataclasses.replace(key, extra=key.extra + (("CF_VARLEN", 1),))
+    return key
 
 
 @functools.lru_cache(maxsize=None)
@@ -277,9 +284,9 @@ def forward_sm90_schedule(key: KernelKey, tiles: int, seqlen_k: int, sm_count: i
 
 
 def all_forward_sm90_keys() -> list[KernelKey]:
-    return [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al)
+    return [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, varlen=vl)
             for dt in DTYPES for d in PADDED_HEAD_DIMS for loc in (False, True)
-            for sc in (False, True) for al in (False, True)]
+            for sc in (False, True) for al in (False, True) for vl in (False, True)]
 
 
 # Bytes of K and V that one launch-order group of (batch, head) pairs may keep in L2 (H100: 50 MB, A100:
@@ -569,7 +576,7 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                         found = [forward_key(dt, d, smem_limit=limit, **mods),
                                  forward_key(dt, d, smem_limit=limit, varlen=True, **mods)]
                         if hopper:
-                            found.append(forward_key_sm90(dt, d, **mods))
+                            found += [forward_key_sm90(dt, d, varlen=vl, **mods) for vl in (False, True)]
                             if d in BWD_SM90_TILES:
                                 found += [backward_key_sm90(dt, d, deterministic=det, **mods) for det in (False, True)]
                         for det in (False, True):

@@ -167,20 +167,29 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, al
 
 def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi, *, batch: int,
                    max_seqlen_q: int, max_seqlen_k: int, causal: bool, window_size, softmax_scale: float,
-                   softcap: float, cc: tuple) -> ForwardPlan:
+                   softcap: float, cc: tuple, sm_count: int) -> ForwardPlan:
     """The variable-length forward's plan: q / out (1, total_q, heads_q, d) and k / v (1, total_k, heads_k, d)
     views of the packed arrays, ``batch`` sequences whose rows the kernel reads from cu_seqlens (bound per
-    call). The sm80 kernel on every GPU (it clips each tile at its sequence's end, seq_context.cuh); the grid
-    covers max_seqlen_q rows of every sequence. The LSE is (heads_q, total_q)."""
+    call). The Hopper kernel's variable-length build where the dense forward would run it (tensor maps over
+    the packed arrays, fwd_sm90.cu), else the sm80 kernel's (seq_rows.cuh); either clips each tile at its
+    sequence's end. Work tiles cover max_seqlen_q rows of every sequence, in static order (the tile counter's
+    schedule would hand out tiles past a sequence's end). The LSE is (heads_q, total_q)."""
     key = ("fwd_varlen", q.device, cc, _layout(q, k, v, out), _alibi_layout(alibi), batch, max_seqlen_q,
            max_seqlen_k, causal, window_size, softmax_scale, softcap, _env())
     hit = _plans.get(key)
     if hit is not None:
         return hit
     dtype = "bf16" if q.dtype == "bfloat16" else "fp16"
-    kkey = dispatch.forward_key(dtype, q.shape[3], is_local=is_local(causal, window_size), softcap=softcap > 0,
-                                alibi=alibi is not None, smem_limit=dispatch.max_smem(*cc), varlen=True)
-    smem = dispatch.forward_smem_bytes(kkey)
+    local = is_local(causal, window_size)
+    hopper = dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
+    if hopper:
+        kkey = dispatch.forward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
+                                         alibi=alibi is not None, varlen=True)
+        smem = dispatch.forward_sm90_smem_bytes(kkey)
+    else:
+        kkey = dispatch.forward_key(dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
+                                    smem_limit=dispatch.max_smem(*cc), varlen=True)
+        smem = dispatch.forward_smem_bytes(kkey)
     fn = jit.get_function(kkey, dispatch.compile_arch(*cc), q.device, smem)
     p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap)
     p.set_strides("o", out)
@@ -191,7 +200,13 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
         p[f"{name}_batch_stride"] = 0  # a sequence's rows come from cu_seqlens, not from a batch stride
     p["varlen_lse_head_stride"] = total_q
     p["num_m_blocks"] = m_blocks = -(-max_seqlen_q // kkey.block_m)
-    launch = KernelLaunch(fn, m_blocks * batch * heads_q, kkey.threads, smem, p.pack())
+    tiles = m_blocks * batch * heads_q
+    maps, grid = (), tiles
+    if hopper:
+        p["bh_group"] = dispatch.launch_group(batch * heads_q, max_seqlen_k, kkey.head_dim)
+        maps = (("q", kkey.block_m), ("k", kkey.block_n), ("v", kkey.block_n), ("o", 64))
+        grid, _ = dispatch.forward_sm90_schedule(kkey, tiles, max_seqlen_k, sm_count)
+    launch = KernelLaunch(fn, grid, kkey.threads, smem, p.pack(), maps)
     return _remember(key, ForwardPlan(launch, False))
 
 

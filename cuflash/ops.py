@@ -155,7 +155,7 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     first, so rows no sequence covers (past cu_seqlens_q[-1], past seqused_q) read as rows that see no key."""
     fp = launch_plan.forward_varlen(q, k, v, out, alibi, batch=cu_seqlens_q.shape[0] - 1, max_seqlen_q=max_seqlen_q,
                                     max_seqlen_k=max_seqlen_k, causal=causal, window_size=window_size,
-                                    softmax_scale=softmax_scale, softcap=softcap, cc=cc)
+                                    softmax_scale=softmax_scale, softcap=softcap, cc=cc, sm_count=_sm_count(q.device))
     fill_zero(out, stream=stream)
     fill_float32(lse, math.inf, stream=stream)
     if fp.launch.grid == 0:
@@ -164,7 +164,8 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
                 "alibi": 0 if alibi is None else alibi.ptr, "cu_seqlens_q": cu_seqlens_q.ptr,
                 "cu_seqlens_k": cu_seqlens_k.ptr, "seqused_q": 0 if seqused_q is None else seqused_q.ptr,
                 "seqused_k": 0 if seqused_k is None else seqused_k.ptr}
-    _launch(fp.launch, stream, pointers)
+    views = {"q": q, "k": k, "v": v, "o": out}
+    _launch(fp.launch, stream, pointers, tuple(tma.tile_map(views[n], rows) for n, rows in fp.launch.maps))
 
 
 def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,

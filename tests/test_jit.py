@@ -226,8 +226,7 @@ def _runtime_keys(monkeypatch, cc) -> set:
                                                  view(), view(), deterministic=det, **kw)
                                 except NotImplementedError:  # this GPU's shared memory cannot run it
                                     continue
-                            if tma_ok:  # the variable-length kernels do not use TMA
-                                _varlen_calls(view, alibi, kw)
+                            _varlen_calls(view, alibi, kw)
     return asked
 
 

@@ -171,22 +171,34 @@ def test_varlen_backward_plan(stub_functions):
     assert det.launches[2].grid == -(-700 // dq_key.block_m) * 5 * hq and det.dq_accum_shape is None
 
 
-def test_varlen_forward_plan(stub_functions):
-    """The variable-length forward plans the CF_VARLEN build of the sm80 kernel on every GPU (Hopper too), a
-    grid of ceil(max_seqlen_q / block_m) query blocks per (sequence, head), the max_seqlen bounds and the
-    packed totals, zero batch strides (rows come from cu_seqlens) and the (heads, total_q) LSE layout."""
+@pytest.mark.parametrize("family", ["sm90", "sm80"])
+def test_varlen_forward_plan(stub_functions, monkeypatch, family):
+    """The variable-length forward plans the CF_VARLEN build of the forward the dense call would run (the
+    Hopper kernel on compute capability 9.0 with its four packed tensor maps and a static schedule, the sm80
+    kernel under CUFLASH_FWD_KERNEL=sm80 and elsewhere), work tiles of ceil(max_seqlen_q / block_m) query
+    blocks per (sequence, head), the max_seqlen bounds and the packed totals, zero batch strides (rows come
+    from cu_seqlens) and the (heads, total_q) LSE layout."""
+    monkeypatch.setenv(dispatch.FWD_KERNEL_ENV, family)
     total_q, total_k, hq, hk, d = 1234, 987, 8, 2, 128
     q = _view((1, total_q, hq, d), 0x10000, strides=(0, hq * d, d, 1))
     k = _view((1, total_k, hk, d), 0x2000000, strides=(0, hk * d, d, 1))
     v = _view((1, total_k, hk, d), 0x3000000, strides=(0, hk * d, d, 1))
     o = _view((1, total_q, hq, d), 0x4000000, strides=(0, hq * d, d, 1))
     fp = launch_plan.forward_varlen(q, k, v, o, None, batch=5, max_seqlen_q=700, max_seqlen_k=600, causal=True,
-                                    window_size=(-1, -1), softmax_scale=0.1, softcap=0.0, cc=(9, 0))
+                                    window_size=(-1, -1), softmax_scale=0.1, softcap=0.0, cc=(9, 0), sm_count=132)
     key_name = stub_functions[-1][0]
-    assert key_name.startswith("fwd_sm80_bf16_d128_local_varlen")
-    kkey = dispatch.forward_key("bf16", d, is_local=True, softcap=False, alibi=False, varlen=True)
-    assert fp.launch.grid == -(-700 // kkey.block_m) * 5 * hq and not fp.tile_counter
+    assert key_name.startswith(f"fwd_{family}_bf16_d128_local") and "varlen" in key_name
+    if family == "sm90":
+        kkey = dispatch.forward_key_sm90("bf16", d, is_local=True, softcap=False, alibi=False, varlen=True)
+        tiles = -(-700 // kkey.block_m) * 5 * hq
+        assert fp.launch.grid == dispatch.forward_sm90_schedule(kkey, tiles, 600, 132)[0]
+        assert [m[0] for m in fp.launch.maps] == ["q", "k", "v", "o"] and _block(fp.launch)["bh_group"] >= 1
+    else:
+        kkey = dispatch.forward_key("bf16", d, is_local=True, softcap=False, alibi=False, varlen=True)
+        assert fp.launch.grid == -(-700 // kkey.block_m) * 5 * hq and fp.launch.maps == ()
+    assert not fp.tile_counter
     blk = _block(fp.launch)
+    assert blk["num_m_blocks"] == -(-700 // kkey.block_m)
     assert (blk["batch"], blk["seqlen_q"], blk["seqlen_k"], blk["total_q"], blk["total_k"]) == (5, 700, 600,
                                                                                                 total_q, total_k)
     assert blk["q_batch_stride"] == blk["k_batch_stride"] == blk["o_batch_stride"] == 0

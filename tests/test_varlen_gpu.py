@@ -1,5 +1,5 @@
-"""The variable-length forward on the GPU (cuflash/varlen.py -> ops.forward_varlen -> the sm80 forward built
-with CF_VARLEN, seq_context.cuh): every packed sequence equals the float64 reference of that sequence alone
+"""The variable-length forward on the GPU (cuflash/varlen.py -> ops.forward_varlen -> the Hopper or the sm80
+forward built with CF_VARLEN, seq_context.cuh): every packed sequence equals the float64 reference of that sequence alone
 under FlashAttention's rule (its same-dtype naive error x 2), with lengths 0, 1, 17, 1000, seqlen_q != seqlen_k,
 causal, windows, softcap, ALiBi shared and per sequence, GQA, fp16 / bf16 and an odd head dim; NaN stored in
 the rows no sequence covers never reaches an output, which are zeros with LSE +inf there; seqused shortens
@@ -32,12 +32,18 @@ def _packed(dtype, hq=4, hk=2, d=64, seed=0, spare=5):
     return host, dev, cu_q, cu_k
 
 
+@pytest.mark.parametrize("family", ["sm90", "sm80"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("d", [64, 128, 72])
+@pytest.mark.parametrize("d", [64, 128, 72, 256])
 @pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(window_size=(50, 10), softcap=5.0),
                                   dict(alibi="shared"), dict(alibi="per_sequence", causal=True)])
-def test_each_sequence_follows_flash_rule(dtype, d, opts):
+def test_each_sequence_follows_flash_rule(family, dtype, d, opts, monkeypatch):
+    """Both forward kernels' variable-length builds (CUFLASH_FWD_KERNEL; the Hopper one where the GPU has it)."""
     import cupy
+    from cuflash import dispatch, jit
+    from gpu_helpers import loaded_families
+    monkeypatch.setenv(dispatch.FWD_KERNEL_ENV, family)
+    jit._loaded.clear()
     opts = dict(opts)
     alibi = opts.pop("alibi", None)
     host, (q, k, v), cu_q, cu_k = _packed(dtype, d=d)
@@ -67,6 +73,8 @@ def test_each_sequence_follows_flash_rule(dtype, d, opts):
         np.testing.assert_array_equal(np.isinf(lse[:, rq]), ~fin)
         np.testing.assert_allclose(lse[:, rq][fin], ref_lse[0][fin], rtol=1e-4, atol=1e-4)
     assert np.all(out[cu_q[-1]:] == 0) and np.all(lse[:, cu_q[-1]:] == np.inf)
+    hopper = cupy.cuda.Device().compute_capability == "90"
+    assert f"fwd_{family if hopper else 'sm80'}" in loaded_families()
 
 
 def test_seqused():

@@ -20,9 +20,19 @@
 // next tile's Q under the epilogue; at head dim 256 it goes through the warpgroup's rows of the Q buffer,
 // and each CTA does one tile.
 //
+// Variable-length batches (CF_VARLEN, seq_context.cuh): the tensor maps cover the packed (total, heads, d)
+// arrays and a work tile reads its sequence's rows from cu_seqlens / seqused, offsetting its TMA rows by the
+// sequence's first row. A tile at a sequence's end then brings in the next sequence's rows (or, past the
+// packed rows, TMA's zeros): their keys are masked like any tail, and, since 0 x NaN is NaN, the V rows past
+// the sequence's keys are zeroed in shared memory before the tail tile's P.V; Q rows past it give rows of O
+// that are never stored, because O leaves through ordinary stores clipped at the sequence's length (a TMA
+// store would write them into the next sequence). Work tiles past a sequence's rows are skipped by the
+// producer and the consumers alike; the tiles go in plain query-block order (no short first tile) and never
+// from the tile counter.
+//
 // Compile-time configuration (cuflash/dispatch.py): CF_DTYPE, CF_HEAD_DIM (64, 128, 192 or 256; a smaller
 // real head_dim is zero-filled by TMA), CF_BLOCK_N, CF_STAGES, CF_CONSUMERS (2 or 3), CF_PINGPONG, CF_IS_LOCAL,
-// CF_SOFTCAP, CF_ALIBI.
+// CF_SOFTCAP, CF_ALIBI, CF_VARLEN (optional, default 0).
 #include "ptx/cp_async.cuh"
 #include "ptx/mbarrier.cuh"
 #include "ptx/tma.cuh"
@@ -33,6 +43,13 @@
 #include "attention/score_mods.cuh"
 #include "attention/online_softmax.cuh"
 #include "attention/fragments.cuh"
+
+#ifndef CF_VARLEN
+#define CF_VARLEN 0
+#endif
+#if CF_VARLEN
+#include "attention/seq_context.cuh"
+#endif
 
 // Launch parameters: the four tensor maps first (64-byte aligned, as TMA requires), then the shared
 // block. cuflash/ops.py packs the same bytes.
@@ -103,6 +120,23 @@ extern "C" __device__ const int cf_fwd_sm90_persistent = kPersistent;
 struct WorkTile {
     BlockCoords bc;
     int m_start, m_end, n_lo, n_hi;
+#if CF_VARLEN
+    // This sequence's visibility (its own lengths) and first rows in the packed q / k.
+    Visibility vis;
+    int row_q, row_k;
+    __device__ __forceinline__ WorkTile(const AttentionParams& a, const Visibility&, int t)
+        : bc(BlockCoords::grouped(a, t)), vis(0, 0, a.window_left, a.window_right) {
+        const SeqContext seq(a, bc.b);
+        vis = Visibility(seq.seqlen_q, seq.seqlen_k, a.window_left, a.window_right);
+        row_q = seq_first_row(a.cu_seqlens_q, a.total_q, bc.b);
+        row_k = seq_first_row(a.cu_seqlens_k, a.total_k, bc.b);
+        m_start = bc.m_block * kBM;
+        m_end = min(m_start + kBM, seq.seqlen_q);
+        vis.key_tiles(m_start, m_end - 1, kBN, &n_lo, &n_hi);
+    }
+    // Past this sequence's rows: skipped by the producer and the consumers alike.
+    __device__ __forceinline__ bool empty() const { return m_start >= m_end; }
+#else
     __device__ __forceinline__ WorkTile(const AttentionParams& a, const Visibility& vis, int t)
         : bc(BlockCoords::grouped(a, t)) {
         if (CF_IS_LOCAL) {
@@ -115,8 +149,23 @@ struct WorkTile {
         }
         vis.key_tiles(m_start, m_end - 1, kBN, &n_lo, &n_hi);
     }
+#endif
     __device__ __forceinline__ int n_tiles() const { return n_hi - n_lo; }
 };
+
+// TMA coordinates of a work tile's rows: dense, (row, head, batch) of the 4-D maps; variable-length, the
+// packed maps' rows offset by the sequence's first row, batch 0.
+#if CF_VARLEN
+#define CF_TILE_VIS w.vis
+#define CF_Q_ROW0(w) (w).row_q
+#define CF_K_ROW0(w) (w).row_k
+#define CF_TMA_BATCH(w) 0
+#else
+#define CF_TILE_VIS vis
+#define CF_Q_ROW0(w) 0
+#define CF_K_ROW0(w) 0
+#define CF_TMA_BATCH(w) (w).bc.b
+#endif
 
 // Whether the CTAs take work tiles from the global counter the host passes (causal/window tiles of unequal
 // cost). Then only the producer knows the next tile; it reaches the consumers through shared memory,
@@ -125,7 +174,7 @@ struct WorkTile {
 // variants carry the counter paths: compiled into the unmasked variants they measured 7% slower at head
 // dim 128, 16k, where the counter is never used (bench/NOTES.md, h8).
 __device__ __forceinline__ bool dynamic_tiles(const AttentionParams& a) {
-    return CF_IS_LOCAL && kPersistent && a.tile_counter != nullptr;
+    return !CF_VARLEN && CF_IS_LOCAL && kPersistent && a.tile_counter != nullptr;
 }
 
 // The work tile of this CTA in round r of a static launch. Tiles come heaviest first (causal), so a plain
@@ -153,7 +202,10 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
     int kv = 0;
     // With dynamic tiles a final index >= num_tiles, published without a Q, ends the consumers.
     const bool dynamic = dynamic_tiles(p.a);
-    for (int local = 0;; ++local) {  // local: this CTA's work tiles so far, the Q buffer's use count
+#if CF_VARLEN
+    int uses = 0;  // the Q buffer's use count: work tiles past their sequence's rows do not use it
+#endif
+    for (int local = 0;; ++local) {  // local: this CTA's work tiles so far (dense: the Q buffer's use count)
         const int t = next_work_tile(p.a, local);
         if (t >= num_tiles) {
             if (dynamic) {
@@ -164,12 +216,19 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
             return;
         }
         const WorkTile w(p.a, vis, t);
+#if CF_VARLEN
+        if (w.empty()) continue;
+        const int use = uses++;
+#else
+        const int use = local;
+#endif
         const int n = w.n_tiles();
         auto load = [&](const TmaMap* map, u32 stage_base, u32 full, u32 empty, int j) {
             mbar_wait(empty, parity_of(kv + j) ^ 1);
             mbar_arrive_expect_tx(full, kKVBytes);
             for (int c = 0; c < kCol64; ++c)
-                tma_load_4d(stage_base + c * kKVBlock, map, full, c * 64, (w.n_hi - 1 - j) * kBN, w.bc.hk, w.bc.b);
+                tma_load_4d(stage_base + c * kKVBlock, map, full, c * 64, CF_K_ROW0(w) + (w.n_hi - 1 - j) * kBN,
+                            w.bc.hk, CF_TMA_BATCH(w));
         };
         auto load_k = [&](int j) {
             const int s = stage_of(kv + j);
@@ -182,11 +241,12 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
         // The tile's first K goes out before the wait for the Q buffer, which the consumers free only once
         // the previous tile's last product that reads it has retired (or its O has left, at head dim 256).
         if (n > 0) load_k(0);
-        mbar_wait(sm.q_empty(), (local & 1) ^ 1);
+        mbar_wait(sm.q_empty(), (use & 1) ^ 1);
         if (dynamic) asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(sm.tile), "r"(t) : "memory");
         mbar_arrive_expect_tx(sm.q_full(), kQBytes);
         for (int c = 0; c < kCol64; ++c)
-            tma_load_4d(sm.q + c * kQBlock, &p.q, sm.q_full(), c * 64, w.m_start, w.bc.h, w.bc.b);
+            tma_load_4d(sm.q + c * kQBlock, &p.q, sm.q_full(), c * 64, CF_Q_ROW0(w) + w.m_start, w.bc.h,
+                        CF_TMA_BATCH(w));
         // Issue order follows the consumers' use: K_j, then V_{j-1} (they multiply P_{j-1}.V_{j-1} after
         // S_j = Q.K_j^T is issued), so a stage's K is never queued behind a V still being read.
         for (int j = 1; j < n; ++j) {
@@ -212,6 +272,9 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
     // Ping-pong: the first turn of all is opened here; from then on exactly one hand-over to the first
     // warpgroup is pending at every work tile's start (a tile without key tiles takes none and leaves it).
     if (CF_PINGPONG && cw == kConsumers - 1) named_barrier_arrive(kTurnBarrier0, 256);
+#if CF_VARLEN
+    int uses = 0;  // as in produce
+#endif
     for (int local = 0;; ++local) {
         int t = static_work_tile(local);
         if (dynamic) {
@@ -220,6 +283,12 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         }
         if (t >= num_tiles) break;
         const WorkTile w(p.a, vis, t);
+#if CF_VARLEN
+        if (w.empty()) continue;
+        const int use = uses++;
+#else
+        const int use = local;
+#endif
         const int wg_row0 = w.m_start + cw * 64;
         const int wg_row_last = min(wg_row0 + 64, w.m_end) - 1;
         // This warpgroup walks the work tile's key tiles from the highest its own rows can see, wg_hi - 1,
@@ -230,7 +299,7 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         // live through the loop, which the 160- and 168-register budgets do not have. The stages of
         // skipped key tiles are released at once, after their loads land (see pass_key_tile).
         int wg_lo, wg_hi;
-        vis.key_tiles(wg_row0, wg_row_last, kBN, &wg_lo, &wg_hi);
+        CF_TILE_VIS.key_tiles(wg_row0, wg_row_last, kBN, &wg_lo, &wg_hi);
         if (wg_row0 >= w.m_end || wg_lo >= wg_hi) wg_hi = w.n_lo;
         const int n_tiles = wg_hi - w.n_lo;
         const int skip_front = w.n_hi - wg_hi;
@@ -265,8 +334,9 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         // Raw products -> unnormalised probabilities; alpha rescales O to the new row maxima.
         auto softmax_tile = [&](float (&sc)[1][kNT8][4], int n_block, float (&alpha)[1][2]) {
             const TileCoords<1, kNT8> tc(warp_row0, n_block * kBN, lane);
-            apply_score_mods<1, kNT8, CF_SOFTCAP, CF_ALIBI>(sc, tc, p.a.softmax_scale, p.a.softcap, slope, vis.off);
-            mask_tile<CF_IS_LOCAL>(sc, tc, vis, wg_row0, wg_row_last, n_block * kBN, kBN);
+            apply_score_mods<1, kNT8, CF_SOFTCAP, CF_ALIBI>(sc, tc, p.a.softmax_scale, p.a.softcap, slope,
+                                                             CF_TILE_VIS.off);
+            mask_tile<CF_IS_LOCAL>(sc, tc, CF_TILE_VIS, wg_row0, wg_row_last, n_block * kBN, kBN);
             softmax.exponentiate(sc, alpha, p.a.scale_log2);
         };
         // The accumulator layout of two neighbouring n8 column groups is the A-fragment layout of one k16
@@ -309,12 +379,34 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
             mbar_arrive(sm.v_empty(s));
         };
 
+        // Variable-length: V rows past the sequence's keys in key tile n_block's stage s are zeroed before
+        // P.V reads them (P is 0 there, but the rows may hold another sequence's data or NaN). Every
+        // consumer warpgroup zeroes the rows itself (the same zeros) before its own product, so no warpgroup
+        // waits for another; the stage is rewritten by TMA only after all of them have released it.
+        auto zero_v_tail = [&](int s, int n_block) {
+#if CF_VARLEN
+            const int valid = w.vis.seqlen_k - n_block * kBN;
+            if (valid >= kBN) return;
+            const int tid = warp_in_wg * 32 + lane;
+            for (int c = tid; c < (kBN - valid) * kCol64 * 8; c += 128) {
+                const int chunk = c % 8, rc = c / 8;  // 16-byte chunk of a 128-byte row: swizzle-agnostic
+                const u32 addr = sm.v_stage(s) + (rc % kCol64) * kKVBlock + (valid + rc / kCol64) * 128 + chunk * 16;
+                asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" :: "r"(addr), "r"(0u) : "memory");
+            }
+            fence_proxy_async_smem();
+            named_barrier_sync(1 + cw, 128);
+#else
+            (void)s;
+            (void)n_block;
+#endif
+        };
+
         // Software pipeline across key tiles (FA3's intra-warpgroup overlap): while the tensor cores run
         // S_j = Q.K_j^T and O += P_{j-1}.V_{j-1}, nothing waits; the softmax of S_j then runs while
         // P_{j-1}.V_{j-1} is still in flight, and O is rescaled only after that product retires.
         u32 pa[kBN / 16][4];
         float alpha[1][2];
-        if (!dynamic) mbar_wait(sm.q_full(), local & 1);
+        if (!dynamic) mbar_wait(sm.q_full(), use & 1);
         if (n_tiles == 0) release_q_after_last_qk();
         for (int j = 0; j < skip_front; ++j) {
             take_turn();
@@ -345,6 +437,7 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
             float sc[1][kNT8][4];
             mbar_wait(sm.k_full(s), parity_of(kv0 + it));
             mbar_wait(sm.v_full(prev), parity_of(kv0 + it - 1));
+            zero_v_tail(prev, wg_hi - it);
             take_turn();
             wgmma::fence();
             issue_qk(sc, s);
@@ -364,6 +457,7 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         if (n_tiles > 0) {
             const int s = stage_of(kv0 + n_tiles - 1);
             mbar_wait(sm.v_full(s), parity_of(kv0 + n_tiles - 1));
+            zero_v_tail(s, wg_hi - n_tiles);
             take_turn();
             wgmma::fence();
             issue_pv(pa, s);
@@ -379,10 +473,14 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
 
         // The O rows may be overwritten once the previous tile's store has read them (separate buffer), or
         // once every warp of this warpgroup has retired its last product reading these Q rows.
-        if (elected) tma_store_wait_read();
+        if (!CF_VARLEN && elected) tma_store_wait_read();
         named_barrier_sync(1 + cw, 128);
         const int g = lane >> 2, tq = lane & 3;
+#if CF_VARLEN
+        float* lse = p.a.lse + (i64)w.bc.h * p.a.varlen_lse_head_stride + w.row_q;
+#else
         float* lse = lse_ptr(p.a, w.bc);
+#endif
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             const int r = warp_in_wg * 16 + g + 8 * hh;  // row within this warpgroup's 64
@@ -393,18 +491,37 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
             }
             if (tq == 0 && wg_row0 + r < w.m_end) lse[wg_row0 + r] = row_lse[0][hh];
         }
+#if CF_VARLEN
+        // Ordinary 16-byte stores, rows clipped at the sequence's length (see the top).
+        named_barrier_sync(1 + cw, 128);
+        {
+            u16* o = (u16*)p.a.o + (i64)w.bc.h * p.a.o_head_stride + (i64)w.row_q * p.a.o_row_stride;
+            const int tid = warp_in_wg * 32 + lane;
+            for (int c = tid; c < 64 * kDT8; c += 128) {
+                const int r = c / kDT8, d = c % kDT8;  // row within this warpgroup's 64, 8-column group
+                if (wg_row0 + r < w.m_end && d * 8 < p.a.head_dim) {
+                    uint4 x;
+                    const u32 addr = o_rows + (d / 8) * kQBlock + r * 128 + (((d % 8) ^ (r & 7)) << 4);
+                    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                                 : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w) : "r"(addr));
+                    *(uint4*)(o + (i64)(wg_row0 + r) * p.a.o_row_stride + d * 8) = x;
+                }
+            }
+        }
+#else
         fence_proxy_async_smem();
         named_barrier_sync(1 + cw, 128);
         if (elected && wg_row0 < w.m_end) {  // an idle warpgroup of a short first tile holds the next tile's rows
             for (int c = 0; c < kCol64; ++c) tma_store_4d(&p.o, o_rows + c * kQBlock, c * 64, wg_row0, w.bc.h, w.bc.b);
             tma_store_commit();
         }
+#endif
         if (!kPersistent) break;
     }
     // The last hand-over has no next tile to open: the first warpgroup takes it, so that no arrival is
     // left on the barrier (each barrier then sees as many arrivals as waits).
     if (CF_PINGPONG && cw == 0) named_barrier_sync(kTurnBarrier0, 256);
-    if (elected) tma_store_wait_read();  // shared memory must outlive the last store's reads
+    if (!CF_VARLEN && elected) tma_store_wait_read();  // shared memory must outlive the last store's reads
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
