@@ -414,6 +414,9 @@ BWD_SM90_DQ_BOX = (64, 32)
 # Query rows per turn counter of the deterministic Hopper backward (cf_dq_turn_rows, bwd_common.cuh).
 BWD_SM90_DQ_TURN_ROWS = 64
 BWD_KERNEL_ENV = "CUFLASH_BWD_KERNEL"
+# ptxas optimisation level of the Hopper backward's variable-length build by head dim: at 64 (BM 128, 240
+# registers) -O3 and -O2 spill 4 bytes in the unmasked and causal variants, -O1 nothing.
+BWD_SM90_VARLEN_PTXAS_OPT = {64: 1}
 
 
 def backward_family(cc: tuple, head_dim: int, deterministic: bool) -> str:
@@ -427,12 +430,17 @@ def backward_family(cc: tuple, head_dim: int, deterministic: bool) -> str:
 
 
 def backward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
-                      deterministic: bool = False) -> KernelKey:
+                      deterministic: bool = False, varlen: bool = False) -> KernelKey:
+    """The Hopper backward's variant; ``varlen``: its variable-length build (CF_VARLEN, not deterministic)."""
+    if deterministic and varlen:
+        raise ValueError("the Hopper backward has no deterministic variable-length build")
     d = padded_head_dim(head_dim)
     bm, stages = BWD_SM90_TILES[d]
-    extra = (("CF_STAGES", stages),) + ((("CF_DETERMINISTIC", 1),) if deterministic else ())
+    extra = ((("CF_STAGES", stages),) + ((("CF_DETERMINISTIC", 1),) if deterministic else ())
+             + ((("CF_VARLEN", 1),) if varlen else ()))
+    opt = BWD_SM90_VARLEN_PTXAS_OPT.get(d, 3) if varlen else 3
     return KernelKey("bwd_sm90", "attention_bwd_sm90", dtype, d, is_local, softcap, alibi, bm, BWD_SM90_BLOCK_N,
-                     12, extra=extra)
+                     12, extra=extra, ptxas_opt=opt)
 
 
 def backward_sm90_smem_bytes(key: KernelKey) -> int:
@@ -448,9 +456,10 @@ def backward_sm90_smem_bytes(key: KernelKey) -> int:
 
 
 def all_backward_sm90_keys() -> list[KernelKey]:
-    return [backward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, deterministic=det)
+    return [backward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, deterministic=det, varlen=vl)
             for dt in DTYPES for d in BWD_SM90_TILES for loc in (False, True)
-            for sc in (False, True) for al in (False, True) for det in (False, True)]
+            for sc in (False, True) for al in (False, True) for det, vl in ((False, False), (True, False),
+                                                                          (False, True))]
 
 
 def all_forward_keys() -> list[KernelKey]:
@@ -578,7 +587,8 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                         if hopper:
                             found += [forward_key_sm90(dt, d, varlen=vl, **mods) for vl in (False, True)]
                             if d in BWD_SM90_TILES:
-                                found += [backward_key_sm90(dt, d, deterministic=det, **mods) for det in (False, True)]
+                                found += [backward_key_sm90(dt, d, deterministic=det, varlen=vl, **mods)
+                                          for det, vl in ((False, False), (True, False), (False, True))]
                         for det in (False, True):
                             for builder in (backward_keys, backward_varlen_keys):
                                 try:

@@ -214,12 +214,14 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
                     dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, *, batch: int, max_seqlen_q: int,
                     max_seqlen_k: int, causal: bool, window_size, softmax_scale: float, softcap: float,
                     deterministic: bool, cc: tuple) -> BackwardPlan:
-    """The variable-length backward's plan: the sm80 kernels' variable-length builds on (1, total, heads, d)
-    views, ``batch`` sequences whose rows the kernels read from cu_seqlens (bound per call): preprocess ->
-    KV-parallel main kernel -> postprocess, dQ accumulated with atomics in a (1, total_q, heads_q, padded
-    head dim) fp32 buffer; deterministic, the Q-parallel dQ kernel instead of the accumulation and the
-    postprocess. Grids cover max_seqlen rows of every sequence. delta gets a (heads_q, total_q) workspace like
-    the LSE (it cannot borrow dq, whose uncovered rows must stay zero)."""
+    """The variable-length backward's plan on (1, total, heads, d) views, ``batch`` sequences whose rows the
+    kernels read from cu_seqlens (bound per call): preprocess -> KV-parallel main kernel -> postprocess, dQ
+    accumulated in a (1, total_q, heads_q, padded head dim) fp32 buffer. The main kernel is the Hopper one's
+    variable-length build where the dense backward would run the Hopper kernel (tensor maps over the packed
+    arrays, TMA reductions of dQ), else the sm80 one's (atomic dQ). Deterministic: the sm80 main kernel and
+    the Q-parallel dQ kernel instead of the accumulation and the postprocess. Grids cover max_seqlen rows of
+    every sequence. delta gets a (heads_q, total_q) workspace like the LSE (it cannot borrow dq, whose
+    uncovered rows must stay zero)."""
     key = ("bwd_varlen", q.device, cc, _layout(dout, q, k, v, out, dq, dk, dv), _alibi_layout(alibi), batch,
            max_seqlen_q, max_seqlen_k, causal, window_size, softmax_scale, softcap, deterministic, _env())
     hit = _plans.get(key)
@@ -227,9 +229,21 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
         return hit
     dtype = "bf16" if q.dtype == "bfloat16" else "fp16"
     arch = dispatch.compile_arch(*cc)
+    local = is_local(causal, window_size)
     pre, post, main, dq_key = dispatch.backward_varlen_keys(
-        dtype, q.shape[3], is_local=is_local(causal, window_size), softcap=softcap > 0, alibi=alibi is not None,
+        dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
         deterministic=deterministic, smem_limit=dispatch.max_smem(*cc))
+    hopper = (not deterministic and dispatch.backward_family(cc, q.shape[3], False) == "bwd_sm90"
+              and tma.supports(q, k, v, dout))
+    maps = ()
+    if hopper:
+        main = dispatch.backward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
+                                          alibi=alibi is not None, varlen=True)
+        smem = dispatch.backward_sm90_smem_bytes(main)
+        maps = (("q", main.block_m), ("k", main.block_n), ("v", main.block_n), ("dout", main.block_m),
+                ("dq_accum", dispatch.BWD_SM90_DQ_BOX))
+    else:
+        smem = dispatch.backward_smem_bytes(main)
     total_q, heads_q, heads_k = q.shape[1], q.shape[2], k.shape[2]
     p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap)
     for name, a in (("o", out), ("do", dout), ("dq", dq), ("dk", dk), ("dv", dv)):
@@ -239,7 +253,7 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
     for name in ("q", "k", "v", "o", "do", "dq", "dk", "dv"):
         p[f"{name}_batch_stride"] = 0  # a sequence's rows come from cu_seqlens, not from a batch stride
     p["varlen_lse_head_stride"] = total_q
-    launches = _backward_launches(p, arch, q.device, pre, post, main, dispatch.backward_smem_bytes(main), (),
+    launches = _backward_launches(p, arch, q.device, pre, post, main, smem, maps,
                                   dq_key if deterministic else None, batch=batch, seqlen_q=max_seqlen_q,
                                   seqlen_k=max_seqlen_k, heads_q=heads_q, heads_k=heads_k)
     acc_shape = None if deterministic else (1, total_q, heads_q, main.head_dim)

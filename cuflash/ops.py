@@ -192,9 +192,12 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
                 "dk": dk.ptr, "dv": dv.ptr, "cu_seqlens_q": cu_seqlens_q.ptr, "cu_seqlens_k": cu_seqlens_k.ptr,
                 "seqused_q": 0 if seqused_q is None else seqused_q.ptr,
                 "seqused_k": 0 if seqused_k is None else seqused_k.ptr}
+    views = {"q": q, "k": k, "v": v, "dout": dout}
     for launch in bp.launches:
         if launch.grid:
-            _launch(launch, stream, pointers)
+            maps = tuple(tma.accumulator_map(acc.ptr, bp.dq_accum_shape, *box) if n == "dq_accum"
+                         else tma.tile_map(views[n], box) for n, box in launch.maps)
+            _launch(launch, stream, pointers, maps)
     del acc_native, delta_native  # freed after enqueueing: stream-ordered allocators reuse them safely
 
 

@@ -137,10 +137,14 @@ def test_deterministic_backward_plan_sm80(monkeypatch):
     assert bp.dq_accum_shape is None and bp.dq_semaphore_shape is None and not bp.delta_in_dq
 
 
-def test_varlen_backward_plan(stub_functions):
-    """The variable-length backward plans the CF_VARLEN builds of the sm80 preprocess, main kernel and
-    postprocess (deterministic: the dQ kernel) on every GPU: rows grids over max_seqlen_q, key blocks over max_seqlen_k per (sequence, head),
-    zero batch strides, the (heads, total_q) LSE / delta layout and a (1, total_q, heads, d) dQ accumulator."""
+@pytest.mark.parametrize("family", ["sm90", "sm80"])
+def test_varlen_backward_plan(stub_functions, monkeypatch, family):
+    """The variable-length backward plans the CF_VARLEN builds of the preprocess, the main kernel the dense
+    backward would run (Hopper's with its five tensor maps on compute capability 9.0, sm80's under
+    CUFLASH_BWD_KERNEL=sm80) and the postprocess; deterministic, the sm80 main kernel and the dQ kernel.
+    Rows grids over max_seqlen_q, key blocks over max_seqlen_k per (sequence, head), zero batch strides, the
+    (heads, total_q) LSE / delta layout and a (1, total_q, heads, d) dQ accumulator."""
+    monkeypatch.setenv(dispatch.BWD_KERNEL_ENV, family)
     total_q, total_k, hq, hk, d = 1234, 987, 8, 2, 64
     views = [_view((1, t, h, d), base, strides=(0, h * d, d, 1))
              for t, h, base in ((total_q, hq, 0x10000), (total_q, hq, 0x1000000), (total_k, hk, 0x2000000),
@@ -151,9 +155,15 @@ def test_varlen_backward_plan(stub_functions):
                                      max_seqlen_k=600, causal=True, window_size=(-1, -1), softmax_scale=0.1,
                                      softcap=0.0, deterministic=False, cc=(9, 0))
     names = [launch.fn[1] for launch in bp.launches]
-    assert [n.split("_bf16")[0] for n in names] == ["bwd_prepost", "bwd_sm80", "bwd_prepost"]
-    assert all("varlen" in n for n in names) and "_br64_" in names[1]
-    pre, _, main, _ = dispatch.backward_varlen_keys("bf16", d, is_local=True, softcap=False, alibi=False)
+    assert [n.split("_bf16")[0] for n in names] == ["bwd_prepost", f"bwd_{family}", "bwd_prepost"]
+    assert all("varlen" in n for n in names)
+    if family == "sm90":
+        main = dispatch.backward_key_sm90("bf16", d, is_local=True, softcap=False, alibi=False, varlen=True)
+        assert [m[0] for m in bp.launches[1].maps] == ["q", "k", "v", "dout", "dq_accum"]
+    else:
+        main = dispatch.backward_varlen_keys("bf16", d, is_local=True, softcap=False, alibi=False)[2]
+        assert "_br64_" in names[1] and bp.launches[1].maps == ()
+    assert names[1] == main.name
     assert bp.launches[0].grid == bp.launches[2].grid == -(-700 // 64) * 5 * hq
     assert bp.launches[1].grid == -(-600 // main.block_n) * 5 * hk
     blk = _block(bp.launches[1])
@@ -166,7 +176,8 @@ def test_varlen_backward_plan(stub_functions):
                                       max_seqlen_k=600, causal=True, window_size=(-1, -1), softmax_scale=0.1,
                                       softcap=0.0, deterministic=True, cc=(9, 0))
     names = [launch.fn[1] for launch in det.launches]
-    assert names[2].startswith("bwd_dq_sm80") and "varlen" in names[2] and "_det" in names[1]
+    assert names[1].startswith("bwd_sm80") and "_det" in names[1]
+    assert names[2].startswith("bwd_dq_sm80") and "varlen" in names[2]
     dq_key = dispatch.backward_varlen_keys("bf16", d, is_local=True, softcap=False, alibi=False, deterministic=True)[3]
     assert det.launches[2].grid == -(-700 // dq_key.block_m) * 5 * hq and det.dq_accum_shape is None
 

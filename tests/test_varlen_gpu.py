@@ -132,18 +132,23 @@ def test_deterministic_backward_exact_and_bitwise_repeatable(causal):
             _grad_rule(ours, ref, b, f"{name} of sequence {i}", float(np.abs(doh[rq]).max()))
 
 
+@pytest.mark.parametrize("family", ["sm90", "sm80"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("d", [64, 128, 72])
 @pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(window_size=(50, 10), softcap=5.0),
                                   dict(alibi="per_sequence", causal=True)])
-def test_backward_each_sequence_follows_flash_rule(dtype, d, opts):
-    """dq, dk, dv of every packed sequence against the float64 gradients of that sequence alone, under
+def test_backward_each_sequence_follows_flash_rule(family, dtype, d, opts, monkeypatch):
+    """dq, dk, dv of every packed sequence against the float64 gradients of that sequence alone, for both main
+    kernels' variable-length builds (CUFLASH_BWD_KERNEL; the Hopper one where the GPU has it), under
     FlashAttention's rule for gradients (3x the same-dtype naive error); GQA (4 query heads, 2 key/value
     heads); zero-length sequences get zero gradients; NaN in the rows of q, k, v and dout past the last
     sequence never reaches a gradient, whose rows there are zero."""
     import cupy
+    from cuflash import dispatch, jit
     from test_backward import _grad_rule
-    from gpu_helpers import naive_backward_same_dtype
+    from gpu_helpers import loaded_families, naive_backward_same_dtype
+    monkeypatch.setenv(dispatch.BWD_KERNEL_ENV, family)
+    jit._loaded.clear()
     opts = dict(opts)
     alibi = opts.pop("alibi", None)
     host, (q, k, v), cu_q, cu_k = _packed(dtype, d=d, seed=d)
@@ -173,6 +178,8 @@ def test_backward_each_sequence_follows_flash_rule(dtype, d, opts):
         for name, ours, ref, b in zip(("dq", "dk", "dv"), (dq[None, rq], dk[None, rk], dv[None, rk]), refs, base):
             _grad_rule(ours, ref, b, f"{name} of sequence {i}", float(np.abs(doh[rq]).max()))
     assert np.all(dq[cu_q[-1]:] == 0) and np.all(dk[cu_k[-1]:] == 0) and np.all(dv[cu_k[-1]:] == 0)
+    hopper = cupy.cuda.Device().compute_capability == "90"
+    assert f"bwd_{family if hopper else 'sm80'}" in loaded_families()
 
 
 def test_torch_varlen_autograd_on_cuda():
@@ -191,3 +198,11 @@ def test_torch_varlen_autograd_on_cuda():
                                              max(LENS_Q), max(LENS_K), causal=True)
     for x, w in zip((q, k, v), want):  # dQ is summed with atomics: equal up to the order of fp32 additions
         torch.testing.assert_close(x.grad.float(), w.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_compute_sanitizer_clean(tool):
+    """compute-sanitizer finds no memory error (memcheck) and no shared-memory race (racecheck) in the
+    variable-length kernels, NaN in the uncovered rows, tails at tile boundaries (sanitize_varlen.py)."""
+    from gpu_helpers import run_sanitizer
+    run_sanitizer("sanitize_varlen.py", tool)

@@ -66,7 +66,17 @@
 // Compile-time configuration (cuflash/dispatch.py): CF_DTYPE, CF_HEAD_DIM (64 or 128; a smaller real head
 // dim is zero-filled by TMA), CF_BLOCK_M (64 at head dim 128, 128 at head dim 64: the dK, dV, S^T and dP^T
 // accumulators then take 64 + 64 + 32 + 32 or 32 + 32 + 64 + 64 of the 240 registers), CF_BLOCK_N = 128,
-// CF_STAGES, CF_IS_LOCAL, CF_SOFTCAP, CF_ALIBI, CF_DETERMINISTIC.
+// CF_STAGES, CF_IS_LOCAL, CF_SOFTCAP, CF_ALIBI, CF_DETERMINISTIC, CF_VARLEN (optional, default 0).
+//
+// Variable-length batches (CF_VARLEN, seq_context.cuh): the tensor maps cover the packed arrays and a CTA
+// offsets its TMA rows by its sequence's first rows; CTAs past a sequence's keys return at once. Tiles at a
+// sequence's end bring in another sequence's rows (or NaN in rows no sequence covers), and a masked P of 0
+// does not cancel them (0 x NaN is NaN, and every product sums over both tile dimensions), so their rows are
+// zeroed in shared memory before use: K and V once (each warpgroup its 64 keys, then a barrier of both, since
+// dQ reads all 128), Q and dO per query tile at the sequence's end (the rows split between the warpgroups,
+// then a barrier of both). Rows past the sequence's queries then give P = 0 (LSE +inf) and
+// dS = 0, so the dQ reductions add +0 into the next sequence's rows. dK and dV go out clipped at the
+// sequence's keys. Deterministic mode is not built for it (the sm80 kernels serve it).
 #include "ptx/cp_async.cuh"
 #include "ptx/global_flags.cuh"
 #include "ptx/mbarrier.cuh"
@@ -77,6 +87,44 @@
 #include "attention/mask.cuh"
 #include "attention/fragments.cuh"
 #include "attention/bwd_common.cuh"
+
+#ifndef CF_VARLEN
+#define CF_VARLEN 0
+#endif
+#if CF_VARLEN
+#include "attention/seq_context.cuh"
+#endif
+static_assert(!(CF_VARLEN && CF_DETERMINISTIC), "the variable-length build has no deterministic turns");
+
+// A CTA's sequence: lengths and first rows in the packed arrays (variable-length build); empty in the dense
+// build, where the parameter block's lengths and the batch coordinate place the rows.
+struct SeqRows {
+#if CF_VARLEN
+    int seqlen_q, seqlen_k, row_q, row_k;
+    __device__ __forceinline__ SeqRows(const AttentionParams& a, int b) {
+        const SeqContext seq(a, b);
+        seqlen_q = seq.seqlen_q;
+        seqlen_k = seq.seqlen_k;
+        row_q = seq_first_row(a.cu_seqlens_q, a.total_q, b);
+        row_k = seq_first_row(a.cu_seqlens_k, a.total_k, b);
+    }
+#else
+    __device__ __forceinline__ SeqRows(const AttentionParams&, int) {}
+#endif
+};
+#if CF_VARLEN
+#define CF_SEQLEN_Q(a, sr) (sr).seqlen_q
+#define CF_SEQLEN_K(a, sr) (sr).seqlen_k
+#define CF_Q_ROW(sr) (sr).row_q +
+#define CF_K_ROW(sr) (sr).row_k +
+#define CF_TMA_BATCH(bc) 0
+#else
+#define CF_SEQLEN_Q(a, sr) (a).seqlen_q
+#define CF_SEQLEN_K(a, sr) (a).seqlen_k
+#define CF_Q_ROW(sr)
+#define CF_K_ROW(sr)
+#define CF_TMA_BATCH(bc) (bc).b
+#endif
 
 // Launch parameters: the tensor maps, then the shared block (cuflash/ops.py packs the same bytes).
 struct BackwardSm90Params {
@@ -118,6 +166,12 @@ constexpr bool kEarlyP = !CF_SOFTCAP && kBM == 64;
 // before dQ of the same tile.
 constexpr bool kDeferDq = kBM == 128;
 constexpr int kDsBarrier = 1;  // named barrier (lockstep mode): both consumer warpgroups' dS^T rows are stored
+#if CF_VARLEN
+// Named barriers of the variable-length build (both consumer warpgroups): the K / V tail rows are zeroed; a
+// stage's Q or dO tail rows are zeroed.
+constexpr int kKvTailBarrier = 2;
+constexpr int kQTailBarrier = 3;
+#endif
 // Deterministic turns in descending key-block order where the key blocks' walks are staggered (see the top).
 constexpr bool kKeyBlocksDescending = CF_DETERMINISTIC && CF_IS_LOCAL;
 
@@ -153,6 +207,9 @@ struct SmemLayout {
     __device__ __forceinline__ u32 delta(int s) const { return base + kSmemDelta + s * kBM * 4; }
     __device__ __forceinline__ u32 lse_exact(int s) const { return base + kSmemLseExact + s * kBM * 4; }
     __device__ __forceinline__ u32 tile_form(int s) const { return base + kSmemTileForm + s * 4; }
+    // Variable-length build: the CTA's sequence lengths (seqlen_q, seqlen_k), which the consumers re-read
+    // per tile rather than keep in registers (kept, head dim 64 spilled 4 bytes).
+    __device__ __forceinline__ u32 seq_lengths() const { return base + kSmemTileForm + 64; }
     __device__ __forceinline__ u32 dq(int cw) const { return base + kSmemDq + cw * kDqBytes; }
     // kv_full: K and V landed. q_full[s]: Q and the LSE / delta rows (TMA bytes + 32 arrivals of warp 1).
     // do_full[s]: dO. empty[s]: both consumer warpgroups are done with stage s.
@@ -177,9 +234,10 @@ struct SmemLayout {
 // Query tiles of this CTA: iteration it is query head hk * group + it / n_m, query tile m_lo + it % n_m.
 struct QueryWalk {
     int m_lo, n_m, n_iters, group;
-    __device__ __forceinline__ QueryWalk(const AttentionParams& a, const Visibility& vis, int n_start) {
+    __device__ __forceinline__ QueryWalk(const AttentionParams& a, const SeqRows& sr, const Visibility& vis,
+                                         int n_start) {
         int m_hi;
-        vis.query_tiles(n_start, min(n_start + kBN, a.seqlen_k) - 1, kBM, &m_lo, &m_hi);
+        vis.query_tiles(n_start, min(n_start + kBN, CF_SEQLEN_K(a, sr)) - 1, kBM, &m_lo, &m_hi);
         n_m = max(m_hi - m_lo, 0);
         group = a.heads_q / a.heads_k;
         n_iters = n_m * group;
@@ -192,39 +250,46 @@ __device__ __forceinline__ int stage_of(int it) { return it % kStages; }
 __device__ __forceinline__ u32 parity_of(int it) { return (it / kStages) & 1; }
 
 __device__ __forceinline__ void produce_tiles(const BackwardSm90Params& p, const SmemLayout& sm, const QueryWalk& qw,
-                                              const BwdCoords& bc) {
+                                              const BwdCoords& bc, const SeqRows& sr) {
     tma_prefetch_map(&p.q);
     tma_prefetch_map(&p.dout);
     const int n_start = bc.n_block * kBN;
     mbar_arrive_expect_tx(sm.kv_full(), 2 * kKBytes);
     for (int c = 0; c < kCol64; ++c) {
-        tma_load_4d(sm.k() + c * kKBlock, &p.k, sm.kv_full(), c * 64, n_start, bc.hk, bc.b);
-        tma_load_4d(sm.v() + c * kKBlock, &p.v, sm.kv_full(), c * 64, n_start, bc.hk, bc.b);
+        tma_load_4d(sm.k() + c * kKBlock, &p.k, sm.kv_full(), c * 64, CF_K_ROW(sr) n_start, bc.hk, CF_TMA_BATCH(bc));
+        tma_load_4d(sm.v() + c * kKBlock, &p.v, sm.kv_full(), c * 64, CF_K_ROW(sr) n_start, bc.hk, CF_TMA_BATCH(bc));
     }
     for (int it = 0; it < qw.n_iters; ++it) {
         const int s = stage_of(it), h = qw.head(bc.hk, it), m0 = qw.m_start(it);
         mbar_wait(sm.empty(s), parity_of(it) ^ 1);
         mbar_arrive_expect_tx(sm.q_full(s), kQBytes);
-        for (int c = 0; c < kCol64; ++c) tma_load_4d(sm.q(s) + c * kQBlock, &p.q, sm.q_full(s), c * 64, m0, h, bc.b);
+        for (int c = 0; c < kCol64; ++c)
+            tma_load_4d(sm.q(s) + c * kQBlock, &p.q, sm.q_full(s), c * 64, CF_Q_ROW(sr) m0, h, CF_TMA_BATCH(bc));
         mbar_arrive_expect_tx(sm.do_full(s), kQBytes);
         for (int c = 0; c < kCol64; ++c)
-            tma_load_4d(sm.dout(s) + c * kQBlock, &p.dout, sm.do_full(s), c * 64, m0, h, bc.b);
+            tma_load_4d(sm.dout(s) + c * kQBlock, &p.dout, sm.do_full(s), c * 64, CF_Q_ROW(sr) m0, h,
+                        CF_TMA_BATCH(bc));
     }
 }
 
 // LSE and delta rows are fp32 at arbitrary seqlen_q offsets (no 16-byte alignment for a bulk copy), so a
 // warp moves them with ordinary loads; its mbarrier arrival (release) publishes the stores.
 __device__ __forceinline__ void produce_row_stats(const BackwardSm90Params& p, const SmemLayout& sm,
-                                                  const QueryWalk& qw, const BwdCoords& bc, int lane) {
+                                                  const QueryWalk& qw, const BwdCoords& bc, const SeqRows& sr,
+                                                  int lane) {
     for (int it = 0; it < qw.n_iters; ++it) {
         const int s = stage_of(it), h = qw.head(bc.hk, it), m0 = qw.m_start(it);
+#if CF_VARLEN
+        const i64 row_base = (i64)h * p.a.varlen_lse_head_stride + sr.row_q;  // (heads_q, total_q) rows
+#else
         const i64 row_base = ((i64)bc.b * p.a.heads_q + h) * p.a.seqlen_q;
+#endif
         float lse[kBM / 32], delta[kBM / 32];
         bool exact = !kChooseExponent;
 #pragma unroll
         for (int k = 0; k < kBM / 32; ++k) {
             const int i = m0 + k * 32 + lane;
-            const bool valid = i < p.a.seqlen_q;
+            const bool valid = i < CF_SEQLEN_Q(p.a, sr);
             lse[k] = valid ? p.a.lse[row_base + i] : CF_INF;
             delta[k] = valid ? p.a.delta[row_base + i] : 0.f;
             exact |= lse_needs_exact(lse[k]);
@@ -256,7 +321,7 @@ __device__ __forceinline__ int dq_row0(int m0, int cw) { return m0 + (kBM == 128
 // into dq_accum; the block's buffer is handed back once the copy engine has read it. Deterministic: in
 // turns (see the top).
 __device__ __forceinline__ void drain_dq(const BackwardSm90Params& p, const SmemLayout& sm, const QueryWalk& qw,
-                                         const BwdCoords& bc, const Visibility& vis) {
+                                         const BwdCoords& bc, const SeqRows& sr, const Visibility& vis) {
     tma_prefetch_map(&p.dq_accum);
     static_assert(kBM % kDqTurnRows == 0, "a query tile's rows share the turn counter of its first rows");
     for (int it = 0; it < qw.n_iters; ++it) {
@@ -274,7 +339,7 @@ __device__ __forceinline__ void drain_dq(const BackwardSm90Params& p, const Smem
 #pragma unroll
             for (int c = 0; c < kDqN / kDqBoxCols; ++c)
                 tma_reduce_add_4d(&p.dq_accum, sm.dq(cw) + c * kDqBoxBytes, dq_col0(cw) + c * kDqBoxCols,
-                                  dq_row0(m0, cw), h, bc.b);
+                                  CF_Q_ROW(sr) dq_row0(m0, cw), h, CF_TMA_BATCH(bc));
             tma_store_commit();
         }
         tma_store_wait_read();
@@ -289,8 +354,21 @@ __device__ __forceinline__ void drain_dq(const BackwardSm90Params& p, const Smem
     tma_store_wait_all();
 }
 
+#if CF_VARLEN
+// Variable-length build: zeroes rows [from, to) of a 128-byte-swizzled tile (column blocks of block_bytes,
+// 128-byte rows: a whole row is zeroed, so the swizzle does not matter), `threads` threads from `tid`.
+__device__ __forceinline__ void zero_tile_rows(u32 tile, u32 block_bytes, int from, int to, int tid, int threads) {
+    for (int c = tid; c < (to - from) * kCol64 * 8; c += threads) {
+        const int rc = c / 8;
+        const u32 addr = tile + (rc % kCol64) * block_bytes + (from + rc / kCol64) * 128 + (c % 8) * 16;
+        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" :: "r"(addr), "r"(0u) : "memory");
+    }
+}
+#endif
+
 __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemLayout& sm, const QueryWalk& qw,
-                                        const BwdCoords& bc, const Visibility& vis, int cw, int warp_in_wg, int lane) {
+                                        const BwdCoords& bc, const SeqRows& sr, const Visibility& vis, int cw,
+                                        int warp_in_wg, int lane) {
     const AttentionParams& a = p.a;
     const int n_start = bc.n_block * kBN;
     const int g = lane >> 2, t = lane & 3;
@@ -303,6 +381,24 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
     zero_fill(reinterpret_cast<float(&)[1][kD / 8][4]>(acc_dk));
     zero_fill(reinterpret_cast<float(&)[1][kD / 8][4]>(acc_dv));
     mbar_wait(sm.kv_full(), 0);
+#if CF_VARLEN
+    const int wg_tid = warp_in_wg * 32 + lane;
+    if (n_start + kBN > sr.seqlen_k) {  // this CTA holds the sequence's last keys (see the top)
+        const int from = cw * 64 + max(0, min(64, sr.seqlen_k - n_start - cw * 64));
+        zero_tile_rows(sm.k(), kKBlock, from, cw * 64 + 64, wg_tid, 128);
+        zero_tile_rows(sm.v(), kKBlock, from, cw * 64 + 64, wg_tid, 128);
+        fence_proxy_async_smem();
+        named_barrier_sync(kKvTailBarrier, 256);
+    }
+    // Q or dO rows of a stage past the sequence's queries, split between both consumer warpgroups (both take
+    // every query tile, so both reach the barrier), before either's products read the stage.
+    auto zero_query_tail = [&](u32 tile, int m0, int seqlen_q) {
+        if (m0 + kBM <= seqlen_q) return;
+        zero_tile_rows(tile, kQBlock, seqlen_q - m0, kBM, cw * 128 + wg_tid, 256);
+        fence_proxy_async_smem();
+        named_barrier_sync(kQTailBarrier, 256);
+    };
+#endif
 
     const float pre = CF_SOFTCAP ? a.softmax_scale / a.softcap : a.softmax_scale;
     const float score_scale = natural_score_scale<CF_SOFTCAP, CF_ALIBI>(a.softmax_scale);
@@ -373,6 +469,17 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
             wgmma::commit();
         };
         mbar_wait(sm.q_full(s), ph);
+#if CF_VARLEN
+        int tile_seqlen_q, tile_seqlen_k;
+        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n"
+                     : "=r"(tile_seqlen_q), "=r"(tile_seqlen_k) : "r"(sm.seq_lengths()) : "memory");
+        const Visibility tv(tile_seqlen_q, tile_seqlen_k, a.window_left, a.window_right);
+        zero_query_tail(sm.q(s), m0, tile_seqlen_q);
+#define CF_TILE_SEQLEN_Q tile_seqlen_q
+#else
+#define CF_TILE_SEQLEN_Q a.seqlen_q
+        const Visibility& tv = vis;
+#endif
         issue_scores(sc, k_rows, sm.q(s));
         bool exact_tile = false;  // warp 1's exponent form for this tile (see the top)
         if (kChooseExponent) {
@@ -383,6 +490,9 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         const Exponent ex = kChooseExponent ? Exponent{exact_tile ? kLog2e : a.scale_log2}
                                           : Exponent::template make<CF_SOFTCAP, CF_ALIBI>(a.softmax_scale, a.scale_log2);
         mbar_wait(sm.do_full(s), ph);
+#if CF_VARLEN
+        zero_query_tail(sm.dout(s), m0, tile_seqlen_q);
+#endif
         issue_scores(dp, v_rows, sm.dout(s));
         // P^T, then dS^T, packed to 16-bit A fragments as they are made (two neighbouring n8 groups of an
         // accumulator are one k16 step of an A operand). Element e of n8 group n: key key_row0 + g + 8 (e / 2),
@@ -391,8 +501,8 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         // the tensor cores.
         u32 ap[kBM / 16][4], ads[kBM / 16][4];
         {
-            const int i_last = min(m0 + kBM, a.seqlen_q) - 1;
-            const bool need_mask = vis.tile_needs_mask<CF_IS_LOCAL>(m0, i_last, n_start, kBN);
+            const int i_last = min(m0 + kBM, CF_TILE_SEQLEN_Q) - 1;
+            const bool need_mask = tv.tile_needs_mask<CF_IS_LOCAL>(m0, i_last, n_start, kBN);
             const float slope = CF_ALIBI ? a.alibi[(i64)bc.b * a.alibi_batch_stride + h] : 0.f;
             auto load2 = [&](u32 addr) {
                 float2 r;
@@ -423,16 +533,16 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
                 for (int e = 0; e < 4; ++e) {
                     const int i = m0 + qc + (e & 1);
                     const int j = key_row0 + g + (e >> 1) * 8;
-                    const bool visible = !need_mask || vis.visible(i, j);
+                    const bool visible = !need_mask || tv.visible(i, j);
                     const float row = (e & 1) ? lse2.y : lse2.x;  // the LSE's row term (warp 1)
                     if (!kEarlyP) {
                         sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(sc[n][e], dp[n][e], row, (e & 1) ? del2.y : del2.x,
                                                                      visible, ex, pre, a.softcap, slope,
-                                                                     i + vis.off - j);
+                                                                     i + tv.off - j);
                     } else {
                         float unused;
                         sc[n][e] = bwd_probability<CF_SOFTCAP, CF_ALIBI>(sc[n][e], row, visible, ex, pre,
-                                                                    a.softcap, slope, i + vis.off - j, unused);
+                                                                    a.softcap, slope, i + tv.off - j, unused);
                     }
                 }
                 pack_pair(ap, n, sc[n]);
@@ -543,10 +653,16 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
     const float scale = a.softmax_scale;
     u16* dk = (u16*)a.dk + (i64)bc.b * a.dk_batch_stride + (i64)bc.hk * a.dk_head_stride;
     u16* dv = (u16*)a.dv + (i64)bc.b * a.dv_batch_stride + (i64)bc.hk * a.dv_head_stride;
+#if CF_VARLEN
+    // Re-read here rather than kept live through the loop: at head dim 64 that cost a 4-byte spill.
+    const SeqRows keys(a, bc.b);
+    dk += (i64)keys.row_k * a.dk_row_stride;
+    dv += (i64)keys.row_k * a.dv_row_stride;
+#endif
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         const int j = key_row0 + g + 8 * hh;
-        if (j >= a.seqlen_k) continue;
+        if (j >= CF_SEQLEN_K(a, keys)) continue;
 #pragma unroll
         for (int d = 0; d < kD / 8; ++d) {
             const int col = d * 8 + 2 * t;
@@ -564,11 +680,23 @@ attention_bwd_sm90(const __grid_constant__ BackwardSm90Params p) {
     // The dynamic window is not guaranteed 1024-aligned; the host adds 1024 bytes of slack for this.
     const SmemLayout sm((smem_u32(smem_raw) + 1023) & ~1023u);
     const int tid = threadIdx.x, warp = tid >> 5, warpgroup = warp >> 2;
+#if CF_VARLEN
+    const BwdCoords bc = BwdCoords::head_major(p.a, kKeyBlocksDescending);
+    const SeqRows sr(p.a, bc.b);
+    if (bc.n_block * kBN >= sr.seqlen_k) return;  // past this sequence's keys: the whole CTA
+    const Visibility vis(sr.seqlen_q, sr.seqlen_k, p.a.window_left, p.a.window_right);
+#else
     const Visibility vis(p.a.seqlen_q, p.a.seqlen_k, p.a.window_left, p.a.window_right);
     const BwdCoords bc = BwdCoords::head_major(p.a, kKeyBlocksDescending);
-    const QueryWalk qw(p.a, vis, bc.n_block * kBN);
+    const SeqRows sr(p.a, bc.b);
+#endif
+    const QueryWalk qw(p.a, sr, vis, bc.n_block * kBN);
 
     if (tid == 0) {
+#if CF_VARLEN
+        asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" :: "r"(sm.seq_lengths()), "r"(sr.seqlen_q), "r"(sr.seqlen_k)
+                     : "memory");
+#endif
         mbar_init(sm.kv_full(), 1);
         for (int s = 0; s < kStages; ++s) {
             mbar_init(sm.q_full(s), 1 + 32);
@@ -587,11 +715,11 @@ attention_bwd_sm90(const __grid_constant__ BackwardSm90Params p) {
 
     if (warpgroup == 0) {
         setmaxnreg_dec<kProducerRegs>();
-        if (tid == 0) produce_tiles(p, sm, qw, bc);
-        else if (warp == 1) produce_row_stats(p, sm, qw, bc, tid & 31);
-        else if (tid == 64) drain_dq(p, sm, qw, bc, vis);
+        if (tid == 0) produce_tiles(p, sm, qw, bc, sr);
+        else if (warp == 1) produce_row_stats(p, sm, qw, bc, sr, tid & 31);
+        else if (tid == 64) drain_dq(p, sm, qw, bc, sr, vis);
         return;
     }
     setmaxnreg_inc<kConsumerRegs>();
-    consume(p, sm, qw, bc, vis, warpgroup_index() - 1, warp & 3, tid & 31);
+    consume(p, sm, qw, bc, sr, vis, warpgroup_index() - 1, warp & 3, tid & 31);
 }
