@@ -2,12 +2,10 @@
 and batchable under ``jax.vmap``.
 
 The only module of cuflash besides the transformers integration that imports JAX. Arguments are checked at
-trace time, from shapes and dtypes, with the same rules and messages as :func:`cuflash.attention`; the
-computation runs at execution time through ``jax.pure_callback``.
-
-Backends: CPU JAX (the NumPy path: float16/32/64). Under ``jit`` on a GPU backend this raises
-NotImplementedError: the XLA-stream launch of the kernels (``buffer_callback`` / ``jax.ffi``) is not written
-yet; eager GPU arrays work through :func:`cuflash.attention` directly.
+trace time, from shapes and dtypes, with the same rules and messages as :func:`cuflash.attention` (the GPU
+rules on a GPU backend). The computation is an XLA custom call of cuflash's FFI handler (_jax_ffi.py, no
+compiled extension): on a GPU backend it launches the kernels on XLA's stream into XLA's buffers; on CPU JAX
+it runs the NumPy path (float16/32/64).
 
     >>> import cuflash.jax as cfj
     >>> out = jax.jit(lambda q, k, v: cfj.attention(q, k, v, causal=True))(q, k, v)
@@ -21,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import api
+from . import _jax_ffi, api
 
 
 def _shape_only(x):
@@ -30,16 +28,36 @@ def _shape_only(x):
     return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), tuple(x.shape), (0,) * len(x.shape))
 
 
+class _DeviceShape:
+    """A stand-in for an array on GPU 0 with ``x``'s shape and dtype: api's checks then apply the GPU rules
+    (float16 / bfloat16) at trace time, without touching a device."""
+
+    def __init__(self, x):
+        self.shape, self.dtype = tuple(x.shape), str(jnp.dtype(x.dtype))
+
+    def __dlpack__(self, **_):
+        raise TypeError("a shape-only stand-in")
+
+    def __dlpack_device__(self):
+        return (2, 0)  # kDLCUDA, device 0
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
 def _check(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, dropout):
-    """api's checks on shape-only stand-ins; returns the resolved static options."""
-    if jax.default_backend() != "cpu":
-        raise NotImplementedError("cuflash.jax under jit runs on CPU JAX so far: the launch of the kernels on XLA's "
-                                  "stream is not written yet (eager GPU arrays work through cuflash.attention)")
-    call = api._Call(*(_shape_only(x) for x in (q, k, v)))
-    alibi = None if alibi_slopes is None else _shape_only(alibi_slopes)
+    """api's checks on shape-only stand-ins (GPU or CPU rules, by JAX's default backend); returns the
+    resolved static options."""
+    stand_in = _DeviceShape if _on_gpu() else _shape_only
+    call = api._Call(*(stand_in(x) for x in (q, k, v)))
+    alibi = None if alibi_slopes is None else stand_in(alibi_slopes)
     causal, scale, window, softcap, _ = api._check_options(call, causal, softmax_scale, window_size, softcap, alibi)
     p, seed, offset = dropout
     drop = api._check_dropout_args(call, p, seed, offset)
+    if drop is not None and _on_gpu():
+        raise NotImplementedError("cuflash.jax: dropout on the GPU is not implemented yet (the kernels have no "
+                                  "dropout); dropout runs on CPU JAX")
     return call, (causal, scale, window, softcap, drop)
 
 
@@ -47,33 +65,27 @@ def _lse_dtype(q):
     return jnp.float64 if q.dtype == jnp.float64 else jnp.float32
 
 
-def _forward_host(opts, q, k, v, alibi):
-    causal, scale, window, softcap, drop = opts
-    q, k, v = (np.asarray(x) for x in (q, k, v))
-    call = api._Call(q, k, v)
-    alibi = None if alibi is None else np.asarray(alibi)
-    out, lse = api._forward(call, q, k, v, alibi, causal, scale, window, softcap, True, drop)
-    return out, lse.astype(np.float64 if q.dtype == np.float64 else np.float32)
-
-
-def _backward_host(opts, dout, q, k, v, out, lse, alibi):
-    causal, scale, window, softcap, drop = opts
-    arrays = [np.asarray(x) for x in (dout, q, k, v, out, lse)]
-    call = api._Call(*arrays[1:4])
-    alibi = None if alibi is None else np.asarray(alibi)
-    return api._backward(call, *arrays, alibi, causal, scale, window, softcap, False, drop)
+def _ffi(kind, opts, shapes, operands, alibi):
+    """One custom call of cuflash's FFI handler (_jax_ffi.py): the options travel as the index of their
+    registered tuple. vmap folds the mapped axis into the batch (all operands broadcast to it), except
+    with ALiBi slopes, whose (batch, heads) form would then be ambiguous: those calls run one by one."""
+    _jax_ffi.register("CUDA" if _on_gpu() else "cpu")
+    opts_id = _jax_ffi.register_call(kind, (*opts, alibi is not None))
+    extra = jnp.zeros((0,), jnp.float32) if alibi is None else alibi
+    call = jax.ffi.ffi_call(_jax_ffi.TARGET, shapes, vmap_method="sequential" if alibi is not None else
+                            "broadcast_all")
+    return call(*operands, extra, opts_id=np.int64(opts_id))
 
 
 def _call_forward(opts, q, k, v, alibi):
     shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct((q.shape[0], q.shape[2], q.shape[1]), _lse_dtype(q)))
-    return jax.pure_callback(partial(_forward_host, opts), shapes, q, k, v, alibi, vmap_method="sequential")
+    return _ffi("fwd", opts, shapes, (q, k, v), alibi)
 
 
 def _call_backward(opts, dout, q, k, v, out, lse, alibi):
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-    return jax.pure_callback(partial(_backward_host, opts), shapes, dout, q, k, v, out, lse, alibi,
-                             vmap_method="sequential")
+    return _ffi("bwd", opts, shapes, (dout, q, k, v, out, lse), alibi)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -103,7 +115,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     Parameters
     ----------
     q, k, v : jax arrays, (batch, seqlen_q, heads_q, head_dim) and (batch, seqlen_k, heads_k, head_dim)
-        float16, float32 or float64 on CPU JAX.
+        float16 or bfloat16 on a GPU backend; float16, float32 or float64 on CPU JAX.
     causal, softmax_scale, window_size, softcap, alibi_slopes, return_lse, dropout_p, dropout_seed,
     dropout_offset
         As :func:`cuflash.attention`; all but ``alibi_slopes`` are static (Python values at trace time).
@@ -118,12 +130,13 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     TypeError, ValueError
         As :func:`cuflash.attention`, at trace time.
     NotImplementedError
-        A GPU backend (the XLA-stream launch is not written yet).
+        ``dropout_p > 0`` on a GPU backend (the kernels have no dropout yet).
 
     Notes
     -----
     Gradients come from cuflash's backward (``jax.custom_vjp``); ``alibi_slopes`` gets a zero cotangent.
-    ``jax.vmap`` runs the mapped calls one after another.
+    ``jax.vmap`` folds the mapped axis into the batch (one launch); with ``alibi_slopes`` the mapped calls run
+    one after another.
     """
     call, opts = _check(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes,
                         (dropout_p, dropout_seed, dropout_offset))

@@ -1,7 +1,9 @@
 """cuflash.jax (cuflash/jax.py) on CPU JAX: attention under jax.jit equals the float64 reference, its
 gradients (jax.custom_vjp through cuflash's backward) equal the reference gradients, jax.vmap maps it, a
 jitted training step of a small attention block with value_and_grad agrees with the same block on
-jax.nn.dot_product_attention(implementation="xla"), and bad arguments raise at trace time.
+jax.nn.dot_product_attention(implementation="xla"), bad arguments raise at trace time, and errors inside the
+FFI handler reach JAX as exceptions; on a GPU backend (gpu-marked) the custom call launches the kernels on
+XLA's stream and matches the eager GPU functions.
 """
 
 import numpy as np
@@ -112,3 +114,46 @@ def test_core_does_not_import_jax():
     import sys
     code = "import sys, cuflash; assert 'jax' not in sys.modules, 'import cuflash imported jax'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_handler_errors_reach_jax_as_exceptions():
+    """An error inside cuflash's FFI handler comes back to JAX as a raised error naming it, not a crash or a
+    silently unwritten result."""
+    from cuflash import _jax_ffi
+    _jax_ffi.register("cpu")
+    broken = _jax_ffi.register_call("fwd", ("not", "the", "options", 0, 0, False))
+    q = jnp.ones((1, 4, 1, 8), jnp.float32)
+    call = jax.ffi.ffi_call(_jax_ffi.TARGET, (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                                              jax.ShapeDtypeStruct((1, 1, 4), jnp.float32)))
+    with pytest.raises(Exception, match="cuflash"):
+        jax.block_until_ready(call(q, q, q, jnp.zeros((0,), jnp.float32), opts_id=np.int64(broken)))
+
+
+@pytest.mark.gpu
+def test_jit_grad_vmap_on_gpu():
+    """On a GPU backend the same custom call launches the kernels on XLA's stream: the jitted forward equals
+    cuflash.attention on the same device buffers bit for bit, the gradients equal attention_backward's up to
+    the order of dQ's fp32 additions, and vmap folds the mapped axis into the batch (bf16, GQA, causal)."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("JAX has no GPU backend here")
+    import cupy
+    import cuflash
+    rng = np.random.default_rng(3)
+    host = [rng.standard_normal(s).astype(np.float32) for s in ((2, 300, 4, 64), (2, 300, 2, 64), (2, 300, 2, 64),
+                                                                  (2, 300, 4, 64))]
+    q, k, v, dout = (jnp.asarray(x, jnp.bfloat16) for x in host)
+    out = jax.jit(lambda q, k, v: cfj.attention(q, k, v, causal=True))(q, k, v)
+    cq, ck, cv, cdo = (cupy.from_dlpack(x) for x in (q, k, v, dout))
+    want, lse = cuflash.attention(cq, ck, cv, causal=True, return_lse=True)
+    assert bool(cupy.array_equal(cupy.from_dlpack(out).view(cupy.uint16), want.view(cupy.uint16)))
+    grads = jax.jit(jax.grad(lambda q, k, v: (cfj.attention(q, k, v, causal=True) * dout).astype(jnp.float32).sum(),
+                             argnums=(0, 1, 2)))(q, k, v)
+    want_grads = cuflash.attention_backward(cdo, cq, ck, cv, want, lse, causal=True)
+    for g, w in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g.astype(jnp.float32)), cupy.asnumpy(w.astype(cupy.float32)),
+                                   atol=2e-2, rtol=2e-2)
+    mapped = jax.jit(jax.vmap(lambda q, k, v: cfj.attention(q, k, v, causal=True)))(q[None].repeat(3, 0),
+                                                                                     k[None].repeat(3, 0),
+                                                                                     v[None].repeat(3, 0))
+    assert mapped.shape == (3, *q.shape)
+    assert bool(cupy.array_equal(cupy.from_dlpack(mapped[2]).view(cupy.uint16), want.view(cupy.uint16)))
