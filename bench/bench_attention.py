@@ -68,7 +68,9 @@ QUICK_DTYPES = ("bf16",)
 PASS_FACTOR = {"fwd": (1, 1), "bwd": (5, 2), "fwdbwd": (7, 2)}  # multiplier of the forward count, as n/d
 PASS_TITLE = {"fwd": "Forward", "bwd": "Backward", "fwdbwd": "Forward + Backward"}
 
-IMPLS = ("cuflash", "cuflash_sm80", "flash", "cudnn", "efficient", "math", "jax_cudnn")
+IMPLS = ("cuflash", "cuflash_sm80", "flash", "cudnn", "efficient", "math", "jax_cudnn", "jax_cuflash", "jax_xla")
+# Under jax.jit on JAX arrays (DLPack views of the same inputs); not in the default set but jax_cudnn.
+JAX_IMPLS = ("jax_cudnn", "jax_cuflash", "jax_xla")
 IMPL_LABEL = {
     "cuflash": "cuflash",
     "cuflash_sm80": "cuflash (sm80 kernel)",
@@ -77,9 +79,11 @@ IMPL_LABEL = {
     "efficient": "SDPA mem-efficient",
     "math": "SDPA math",
     "jax_cudnn": "JAX cuDNN",
+    "jax_cuflash": "cuflash.jax",
+    "jax_xla": "JAX XLA",
 }
 SHORT = {"cuflash": "cuflash", "cuflash_sm80": "cf-sm80", "flash": "flash", "cudnn": "cudnn", "efficient": "mem-eff", "math": "math",
-         "jax_cudnn": "jax-cudnn"}
+         "jax_cudnn": "jax-cudnn", "jax_cuflash": "jax-cf", "jax_xla": "jax-xla"}
 MATH_SCORE_LIMIT = 8e9  # bytes of one float32 score matrix above which the math backend is skipped
 
 # The setting for the --memory and longest-seqlen searches.
@@ -199,7 +203,7 @@ def parse_args(argv=None, prog="bench_attention.py"):
     args.max_seqlen_search = args.max_seqlen_search[0]
     args.jax_passes = ("fwd",) if args.quick else ALL_PASSES
     if args.impls is None:
-        args.impls = [i for i in IMPLS if not (args.quick and i == "math")]
+        args.impls = [i for i in IMPLS if not (args.quick and i == "math") and i not in ("jax_cuflash", "jax_xla")]
     if args.min_runs is None:
         args.min_runs = 10 if args.quick else 30
     if args.budget is None:
@@ -469,12 +473,22 @@ def _measure_torch(torch, impl, cfg, sets, cuflash, timing):
     return ms, n, ""
 
 
-def measure_jax(jax, torch, cfg, sets, timing):
+def jax_attention(jax, impl, causal):
+    """The attention function of a JAX contender, (batch, seqlen, heads, head_dim) in and out."""
     import functools
+    if impl == "jax_cuflash":
+        import cuflash.jax
+        return functools.partial(cuflash.jax.attention, causal=causal)
+    return functools.partial(jax.nn.dot_product_attention, is_causal=causal,
+                             implementation="cudnn" if impl == "jax_cudnn" else "xla")
 
+
+def measure_jax(jax, torch, impl, cfg, sets, timing):
     import jax.dlpack
 
-    attn = functools.partial(jax.nn.dot_product_attention, is_causal=cfg.causal, implementation="cudnn")
+    if impl == "jax_xla" and cfg.batch * cfg.heads * cfg.seqlen ** 2 * 4 > MATH_SCORE_LIMIT:
+        raise Skip("XLA's attention materializes the float32 scores")
+    attn = jax_attention(jax, impl, cfg.causal)
     torch.cuda.synchronize()
     jsets = [tuple(jax.dlpack.from_dlpack(t.detach()) for t in s) for s in sets]
     block = lambda x: jax.block_until_ready(x)  # noqa: E731
@@ -580,7 +594,7 @@ def _free(torch):
 
 def run_grid(args, torch, cuflash, jax, progress_cb=None) -> list:
     grid = build_grid(args)
-    impls = [i for i in args.impls if i != "jax_cudnn" or jax is not None]
+    impls = [i for i in args.impls if i not in JAX_IMPLS or jax is not None]
     timing = dict(warmup=args.warmup, min_runs=args.min_runs, budget_s=args.budget)
     rows = []
     bar = Progress(len(grid) * len(impls), enabled=args.progress)
@@ -599,10 +613,10 @@ def run_grid(args, torch, cuflash, jax, progress_cb=None) -> list:
             row = Row(cfg.pass_, cfg.dtype, cfg.head_dim, cfg.seqlen, cfg.causal, cfg.batch, cfg.heads, impl,
                       cfg.flops)
             try:
-                if impl == "jax_cudnn" and cfg.pass_ not in args.jax_passes:
+                if impl in JAX_IMPLS and cfg.pass_ not in args.jax_passes:
                     raise Skip("JAX timed for the forward only in --quick")
-                if impl == "jax_cudnn":
-                    ms, n, note = measure_jax(jax, torch, cfg, sets, timing)
+                if impl in JAX_IMPLS:
+                    ms, n, note = measure_jax(jax, torch, impl, cfg, sets, timing)
                 else:
                     ms, n, note = measure_torch(torch, impl, cfg, sets, cuflash, timing)
                 row.ms, row.runs, row.note = ms, n, note
@@ -709,7 +723,7 @@ def _fwdbwd_once(torch, impl, cuflash, seqlen, dtype="bf16", causal=False, batch
 
 
 def run_memory(args, torch, cuflash, progress_cb=None) -> dict:
-    impls = [i for i in args.impls if i != "jax_cudnn"]
+    impls = [i for i in args.impls if i not in JAX_IMPLS]
     seqlens = sorted({512 * 2 ** i for i in range(8)} | set(args.seqlens))  # 512 ... 64k
     shared = share_cupy_allocator(torch)
     res = {"setting": {"batch": MEM_BATCH, "heads": MEM_HEADS, "head_dim": MEM_HDIM, "dtype": "bf16",
@@ -973,7 +987,7 @@ def main(argv=None, prog="bench_attention.py") -> int:
               f"{'torch is not installed' if torch is None else 'torch sees no CUDA GPU'}.")
         return 2
     cuflash = import_cuflash()
-    jax = import_jax() if "jax_cudnn" in args.impls and not (args.memory_only or args.jit_only) else None
+    jax = import_jax() if set(JAX_IMPLS) & set(args.impls) and not (args.memory_only or args.jit_only) else None
     env = environment(torch, jax, cuflash)
     env["command"] = " ".join([prog] + (sys.argv[1:] if argv is None else list(argv)))
     print(f"{env.get('gpu')} (cc {env.get('compute_capability')}), torch {env.get('torch')}, "
@@ -988,7 +1002,7 @@ def main(argv=None, prog="bench_attention.py") -> int:
               f"median of >= {args.min_runs} runs / {args.budget} s, {args.sets} input sets rotated")
         rows = run_grid(args, torch, cuflash, jax)
         if args.progress:
-            impls = [i for i in args.impls if i != "jax_cudnn" or jax is not None]
+            impls = [i for i in args.impls if i not in JAX_IMPLS or jax is not None]
             print_table(rows, impls)
         else:
             print_notes(rows)

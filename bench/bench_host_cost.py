@@ -11,6 +11,10 @@ attention. Rows:
                        F.scaled_dot_product_attention with the flash and the cuDNN backend
     backward           cuflash.attention_backward (CuPy), the op behind flash_attn_func's backward (torch)
     fwd + bwd autograd flash_attn_func / SDPA forward, then torch.autograd.grad
+    JAX (--jax)        under jax.jit: cuflash.jax.attention against jax.nn.dot_product_attention's cuDNN
+                       implementation; one jitted call, 16 calls chained inside one jitted function (the
+                       cost per attention a JAX model pays, XLA's own launch included), and jax.grad of
+                       the forward
 
 Shapes (batch, seqlen, heads, head_dim): (1, 128, 8, 64) and (4, 256, 16, 128), bf16, causal. ``--profile``
 adds a cProfile of cuflash's torch forward (the top functions by own time), which says where the host time
@@ -48,10 +52,58 @@ def per_call_us(fn, sync, calls: int, repeats: int = 5) -> float:
     return statistics.median(samples)
 
 
+CHAIN = 16  # attention calls inside one jitted function ("chained" rows report the time per attention)
+
+
+def _jax_cases(tq, tk, tv) -> dict:
+    """JAX rows on DLPack views of the torch inputs, as {name: (call, synchronize)}: JAX dispatches
+    asynchronously, so the synchronize waits on the last call's result rather than on the device."""
+    import os
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+    import jax.dlpack
+    import jax.numpy as jnp
+
+    import cuflash.jax as cfj
+    q, k, v = (jax.dlpack.from_dlpack(x) for x in (tq, tk, tv))
+    impls = {"cuflash.jax": lambda q, k, v: cfj.attention(q, k, v, causal=True),
+             "JAX cuDNN": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                       implementation="cudnn")}
+    cases = {}
+    for name, attn in impls.items():
+        one = jax.jit(attn)
+
+        def chain(q, k, v, attn=attn):
+            for _ in range(CHAIN):
+                q = attn(q, k, v)
+            return q
+        chained = jax.jit(chain)
+        grad = jax.jit(jax.grad(lambda q, k, v, attn=attn: attn(q, k, v).astype(jnp.float32).sum(), (0, 1, 2)))
+        for label, f in ((f"jax.jit forward: {name}", one), (f"jax.jit forward, {CHAIN} chained: {name}", chained),
+                         (f"jax.jit grad: {name}", grad)):
+            case = _LastResult(lambda f=f: f(q, k, v), jax.block_until_ready)
+            cases[label] = (case.call, case.wait)
+    return cases
+
+
+class _LastResult:
+    """A call that keeps its latest result, and a synchronize that blocks on it."""
+
+    def __init__(self, fn, block):
+        self.fn, self.block, self.last = fn, block, None
+
+    def call(self):
+        self.last = self.fn()
+
+    def wait(self):
+        self.block(self.last)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--jax", action="store_true", help="add the JAX rows (cuflash.jax against JAX's cuDNN)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
@@ -102,12 +154,17 @@ def main() -> None:
                     o = F.scaled_dot_product_attention(gsq, gsk, gsv, is_causal=True)
                 return torch.autograd.grad(o, (gsq, gsk, gsv), grad_out.transpose(1, 2))
             cases[f"fwd+bwd autograd: SDPA {name}"] = sdpa_train
+        if args.jax:
+            cases.update(_jax_cases(tq, tk, tv))
         for name, fn in cases.items():
+            fn, sync = fn if isinstance(fn, tuple) else (fn, sync_t)
+            calls = args.calls // 4 if "autograd" in name or "grad" in name or "chained" in name else args.calls
             try:
-                us = per_call_us(fn, sync_t, args.calls if "autograd" not in name else args.calls // 4)
+                us = per_call_us(fn, sync, calls)
             except RuntimeError as e:  # a backend this build or GPU lacks
                 print(f"{name}: unavailable ({str(e).splitlines()[0][:80]})")
                 continue
+            us /= CHAIN if "chained" in name else 1
             rows.append({"case": name, "shape": shape, "us_per_call": round(us, 1)})
             print(f"{shape:>20}  {name:<46} {us:8.1f} us", flush=True)
         if args.profile and (b, s, h, d) == SHAPES[0]:

@@ -15,15 +15,18 @@ import sys
 from pathlib import Path
 
 PASS_TITLE = {"fwd": "Forward pass", "bwd": "Backward pass", "fwdbwd": "Forward + backward pass"}
-ORDER = ("cuflash", "cuflash_sm80", "flash", "cudnn", "efficient", "math", "jax_cudnn")
+ORDER = ("cuflash", "cuflash_sm80", "flash", "cudnn", "efficient", "math", "jax_cudnn", "jax_cuflash", "jax_xla")
 LABEL = {"cuflash": "cuflash", "cuflash_sm80": "cuflash sm80 kernel", "flash": "SDPA flash", "cudnn": "SDPA cuDNN", "efficient": "SDPA mem-efficient",
-         "math": "SDPA math", "jax_cudnn": "JAX cuDNN"}
+         "math": "SDPA math", "jax_cudnn": "JAX cuDNN", "jax_cuflash": "cuflash.jax", "jax_xla": "JAX XLA"}
 COLOR = {"cuflash": "#d62728", "cuflash_sm80": "#e377c2", "flash": "#1f77b4", "cudnn": "#2ca02c", "efficient": "#ff7f0e",
-         "math": "#7f7f7f", "jax_cudnn": "#9467bd"}
+         "math": "#7f7f7f", "jax_cudnn": "#9467bd",
+         "jax_cuflash": "#8c564b", "jax_xla": "#17becf"}
 
 # Backends with identical memory curves overlap: distinct markers and dashes keep each one visible.
-MARKER = {"cuflash": "o", "cuflash_sm80": "x", "flash": "s", "cudnn": "^", "efficient": "v", "math": "D", "jax_cudnn": "P"}
-DASH = {"cuflash": "-", "cuflash_sm80": ":", "flash": "--", "cudnn": "-.", "efficient": ":", "math": "-", "jax_cudnn": "--"}
+MARKER = {"cuflash": "o", "cuflash_sm80": "x", "flash": "s", "cudnn": "^", "efficient": "v", "math": "D", "jax_cudnn": "P",
+          "jax_cuflash": "*", "jax_xla": "h"}
+DASH = {"cuflash": "-", "cuflash_sm80": ":", "flash": "--", "cudnn": "-.", "efficient": ":", "math": "-", "jax_cudnn": "--",
+        "jax_cuflash": "-.", "jax_xla": ":"}
 
 
 def _seqlen_label(s):

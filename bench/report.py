@@ -9,9 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-SHOW = ["cuflash", "cuflash_sm80", "flash", "cudnn", "efficient", "math", "jax_cudnn"]
+SHOW = ["cuflash", "cuflash_sm80", "flash", "cudnn", "efficient", "math", "jax_cudnn", "jax_cuflash", "jax_xla"]
 NAMES = {"cuflash": "cuflash", "cuflash_sm80": "cuflash sm80 kernel", "flash": "SDPA flash (FA2)", "cudnn": "SDPA cuDNN", "efficient": "SDPA efficient",
-         "math": "SDPA math", "jax_cudnn": "JAX cuDNN"}
+         "math": "SDPA math", "jax_cudnn": "JAX cuDNN", "jax_cuflash": "cuflash.jax", "jax_xla": "JAX XLA"}
 
 
 def _fmt(x):

@@ -283,6 +283,16 @@ def forward_sm90_schedule(key: KernelKey, tiles: int, seqlen_k: int, sm_count: i
     return tiles, False
 
 
+def forward_sm90_varlen_schedule(key: KernelKey, tiles: int, sm_count: int) -> tuple:
+    """(grid size, whether the CTAs take tiles from a global counter) of a variable-length Hopper forward.
+    Persistent CTAs always take tiles from the counter: the grid covers max_seqlen_q rows of every sequence,
+    so most slots of a static order are tiles past a short sequence's end, and the others cost in
+    proportion to their sequence's length."""
+    if key.head_dim <= FWD_SM90_PERSISTENT_MAX_HEAD_DIM and tiles > sm_count:
+        return sm_count, True
+    return tiles, False
+
+
 def all_forward_sm90_keys() -> list[KernelKey]:
     return [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, varlen=vl)
             for dt in DTYPES for d in PADDED_HEAD_DIMS for loc in (False, True)

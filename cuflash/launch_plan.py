@@ -172,8 +172,8 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     views of the packed arrays, ``batch`` sequences whose rows the kernel reads from cu_seqlens (bound per
     call). The Hopper kernel's variable-length build where the dense forward would run it (tensor maps over
     the packed arrays, fwd_sm90.cu), else the sm80 kernel's (seq_rows.cuh); either clips each tile at its
-    sequence's end. Work tiles cover max_seqlen_q rows of every sequence, in static order (the tile counter's
-    schedule would hand out tiles past a sequence's end). The LSE is (heads_q, total_q)."""
+    sequence's end. Work tiles cover max_seqlen_q rows of every sequence; persistent Hopper CTAs take them from
+    the tile counter (dispatch.forward_sm90_varlen_schedule). The LSE is (heads_q, total_q)."""
     key = ("fwd_varlen", q.device, cc, _layout(q, k, v, out), _alibi_layout(alibi), batch, max_seqlen_q,
            max_seqlen_k, causal, window_size, softmax_scale, softcap, _env())
     hit = _plans.get(key)
@@ -201,13 +201,13 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     p["varlen_lse_head_stride"] = total_q
     p["num_m_blocks"] = m_blocks = -(-max_seqlen_q // kkey.block_m)
     tiles = m_blocks * batch * heads_q
-    maps, grid = (), tiles
+    maps, grid, use_counter = (), tiles, False
     if hopper:
         p["bh_group"] = dispatch.launch_group(batch * heads_q, max_seqlen_k, kkey.head_dim)
         maps = (("q", kkey.block_m), ("k", kkey.block_n), ("v", kkey.block_n), ("o", 64))
-        grid, _ = dispatch.forward_sm90_schedule(kkey, tiles, max_seqlen_k, sm_count)
+        grid, use_counter = dispatch.forward_sm90_varlen_schedule(kkey, tiles, sm_count)
     launch = KernelLaunch(fn, grid, kkey.threads, smem, p.pack(), maps)
-    return _remember(key, ForwardPlan(launch, False))
+    return _remember(key, ForwardPlan(launch, use_counter))
 
 
 def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi,

@@ -135,22 +135,29 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, ls
                       softcap=softcap, cc=cc, sm_count=_sm_count(q.device))
     pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "o": out.ptr, "lse": lse.ptr,
                 "alibi": 0 if alibi is None else alibi.ptr}
-    counter_native = None
-    if fp.tile_counter:
-        # Persistent CTAs take tiles from a counter that starts at zero on the caller's stream.
-        from cupy.cuda import runtime
-        counter_native, counter = arrays.empty(framework, (1,), "int32", q.device, stream)
-        runtime.memsetAsync(counter.ptr, 0, 4, stream)
-        pointers["tile_counter"] = counter.ptr
+    counter_native = _tile_counter(fp, pointers, framework, q.device, stream)
     views = {"q": q, "k": k, "v": v, "o": out}
     _launch(fp.launch, stream, pointers, tuple(tma.tile_map(views[n], rows) for n, rows in fp.launch.maps))
     del counter_native  # freed after enqueueing: stream-ordered allocators reuse it safely
 
 
+def _tile_counter(fp, pointers: dict, framework: str, device: int, stream: int):
+    """Persistent CTAs take tiles from an int32 counter that starts at zero on the caller's stream: allocated
+    and zeroed here when the plan asks for one (its pointer goes into ``pointers``); returns the framework
+    array that owns it (None without one), to be kept alive until the launch is enqueued."""
+    if not fp.tile_counter:
+        return None
+    from cupy.cuda import runtime
+    native, counter = arrays.empty(framework, (1,), "int32", device, stream)
+    runtime.memsetAsync(counter.ptr, 0, 4, stream)
+    pointers["tile_counter"] = counter.ptr
+    return native
+
+
 def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, lse: DeviceArray, alibi,
                    cu_seqlens_q: DeviceArray, cu_seqlens_k: DeviceArray, seqused_q, seqused_k, *, max_seqlen_q: int,
                    max_seqlen_k: int, causal: bool, window_size, softmax_scale: float, softcap: float, stream: int,
-                   cc: tuple) -> None:
+                   cc: tuple, framework: str) -> None:
     """The variable-length forward (launch_plan.forward_varlen): ``out`` is zeroed and ``lse`` set to +inf
     first, so rows no sequence covers (past cu_seqlens_q[-1], past seqused_q) read as rows that see no key."""
     fp = launch_plan.forward_varlen(q, k, v, out, alibi, batch=cu_seqlens_q.shape[0] - 1, max_seqlen_q=max_seqlen_q,
@@ -164,8 +171,10 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
                 "alibi": 0 if alibi is None else alibi.ptr, "cu_seqlens_q": cu_seqlens_q.ptr,
                 "cu_seqlens_k": cu_seqlens_k.ptr, "seqused_q": 0 if seqused_q is None else seqused_q.ptr,
                 "seqused_k": 0 if seqused_k is None else seqused_k.ptr}
+    counter_native = _tile_counter(fp, pointers, framework, q.device, stream)
     views = {"q": q, "k": k, "v": v, "o": out}
     _launch(fp.launch, stream, pointers, tuple(tma.tile_map(views[n], rows) for n, rows in fp.launch.maps))
+    del counter_native
 
 
 def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,

@@ -153,7 +153,8 @@ def _forward_gpu(call, q, k, v, alibi, causal, scale, window, softcap):
                  for x in (call.cu_q, call.cu_k, call.used_q, call.used_k)]
         ops.forward_varlen(*views, work, lse, api._device_alibi(alibi, fw, stream), *index,
                            max_seqlen_q=call.max_seqlen_q, max_seqlen_k=call.max_seqlen_k, causal=causal,
-                           window_size=window, softmax_scale=scale, softcap=softcap, stream=stream, cc=cc)
+                           window_size=window, softmax_scale=scale, softcap=softcap, stream=stream, cc=cc,
+                           framework=fw)
         if work is not out:
             ops.strided_copy(work, out, stream=stream, cc=cc)
         return arrays.to_caller(out_native, out3, fw, stream), arrays.to_caller(lse_native, lse, fw, stream)

@@ -79,6 +79,20 @@ def test_launch_schedules():
     assert sched(key(256, False), 2048, 2048, 132) == (2048, False)
 
 
+def test_varlen_launch_schedule():
+    """A variable-length forward with more tiles than SMs runs one CTA per SM on the tile counter at every
+    max_seqlen_k, causal or not (the static order's slots are mostly tiles past short sequences); head dim
+    256 and grids smaller than the GPU run one CTA per tile."""
+    def key(d, local):
+        return dispatch.forward_key_sm90("bf16", d, is_local=local, softcap=False, alibi=False, varlen=True)
+    sched = dispatch.forward_sm90_varlen_schedule
+    for local in (False, True):
+        assert sched(key(128, local), 4928, 132) == (132, True)
+        assert sched(key(64, local), 133, 132) == (132, True)
+        assert sched(key(128, local), 100, 132) == (100, False)
+        assert sched(key(256, local), 4928, 132) == (4928, False)
+
+
 def test_hopper_backward_selection(monkeypatch):
     """CC 9.0 runs bwd_sm90 for head dims up to 128, deterministic mode included (a variant of its own);
     CUFLASH_BWD_KERNEL=sm80 switches back; head dims 192/256 and other GPUs run bwd_sm80."""

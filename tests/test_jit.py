@@ -235,8 +235,7 @@ def _varlen_calls(view, alibi, kw):
     cu = DeviceArray(4096, (3,), (1,), "int32", 0)
     lse = DeviceArray(4096, (2, 64), (64, 1), "float32", 0)
     sizes = dict(max_seqlen_q=40, max_seqlen_k=40)
-    fwd_kw = {n: x for n, x in kw.items() if n != "framework"}
-    ops.forward_varlen(view(), view(), view(), view(), lse, alibi, cu, cu, None, None, **sizes, **fwd_kw)
+    ops.forward_varlen(view(), view(), view(), view(), lse, alibi, cu, cu, None, None, **sizes, **kw)
     for det in (False, True):
         try:
             ops.backward_varlen(view(), view(), view(), view(), view(), lse, alibi, view(), view(), view(), cu, cu,

@@ -77,6 +77,39 @@ def test_each_sequence_follows_flash_rule(family, dtype, d, opts, monkeypatch):
     assert f"fwd_{family if hopper else 'sm80'}" in loaded_families()
 
 
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_many_sequences_on_the_tile_counter(d, causal):
+    """Far more work tiles than SMs: the Hopper kernel's persistent CTAs take tiles from the counter, several
+    each, skipping the tiles past short sequences' ends (lengths 0 to 700, 40 sequences, 8 query heads on
+    2 KV heads); every sequence still follows FlashAttention's rule."""
+    import cupy
+    from cuflash import launch_plan
+    rng = np.random.default_rng(11)
+    lens = [int(x) for x in rng.integers(0, 701, 40)]
+    lens[:3] = [0, 1, 700]
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    total, hq, hk = int(cu[-1]), 8, 2
+    q, k, v = (to_device(rng.standard_normal((total, h, d)).astype(np.float16)) for h in (hq, hk, hk))
+    launch_plan._plans.clear()
+    out = cuflash.attention_varlen(q, k, v, cupy.asarray(cu), cupy.asarray(cu), max(lens), max(lens),
+                                   causal=causal)
+    if cupy.cuda.Device().compute_capability == "90":
+        plans = [p for key, p in launch_plan._plans.items() if key[0] == "fwd_varlen"]
+        assert len(plans) == 1 and plans[0].tile_counter
+        assert plans[0].launch.grid < max(lens) // 64 * len(lens) * hq
+    out = to_host(out).astype(np.float64)
+    qh, kh, vh = (to_host(x).astype(np.float64) for x in (q, k, v))
+    for i, n in enumerate(lens):
+        rows = slice(cu[i], cu[i + 1])
+        if n == 0:
+            continue
+        ref, _ = reference.attention_reference(qh[None, rows], kh[None, rows], vh[None, rows], causal=causal)
+        base = naive_same_dtype(q[int(cu[i]):int(cu[i + 1])][None], k[int(cu[i]):int(cu[i + 1])][None],
+                                v[int(cu[i]):int(cu[i + 1])][None], causal=causal)
+        flash_rule(out[None, rows], ref, base)
+
+
 def test_seqused():
     """seqused shortens sequences (the masks align to the used lengths), forward and backward (both dQ
     modes), as on the CPU path."""

@@ -27,8 +27,10 @@
 // the sequence's keys are zeroed in shared memory before the tail tile's P.V; Q rows past it give rows of O
 // that are never stored, because O leaves through ordinary stores clipped at the sequence's length (a TMA
 // store would write them into the next sequence). Work tiles past a sequence's rows are skipped by the
-// producer and the consumers alike; the tiles go in plain query-block order (no short first tile) and never
-// from the tile counter.
+// producer and the consumers alike; the tiles go in plain query-block order (no short first tile). A
+// persistent launch takes them from the tile counter: with the static order, whose slots are mostly tiles
+// past short sequences' ends, and tiles whose cost follows their sequence's length, some CTAs ran two or
+// three times the work of others (bench/NOTES.md, "Variable-length batches").
 //
 // Compile-time configuration (cuflash/dispatch.py): CF_DTYPE, CF_HEAD_DIM (64, 128, 192 or 256; a smaller
 // real head_dim is zero-filled by TMA), CF_BLOCK_N, CF_STAGES, CF_CONSUMERS (2 or 3), CF_PINGPONG, CF_IS_LOCAL,
@@ -171,10 +173,10 @@ struct WorkTile {
 // cost). Then only the producer knows the next tile; it reaches the consumers through shared memory,
 // published by the q_full arrival (release) that their wait (acquire) observes. Otherwise every warpgroup
 // computes the static order itself, and a tile is set up before its Q has landed. Only the causal/window
-// variants carry the counter paths: compiled into the unmasked variants they measured 7% slower at head
-// dim 128, 16k, where the counter is never used (bench/NOTES.md, h8).
+// and variable-length variants carry the counter paths: compiled into the dense unmasked variants they
+// measured 7% slower at head dim 128, 16k, where the counter is never used (bench/NOTES.md, h8).
 __device__ __forceinline__ bool dynamic_tiles(const AttentionParams& a) {
-    return !CF_VARLEN && CF_IS_LOCAL && kPersistent && a.tile_counter != nullptr;
+    return (CF_VARLEN || CF_IS_LOCAL) && kPersistent && a.tile_counter != nullptr;
 }
 
 // The work tile of this CTA in round r of a static launch. Tiles come heaviest first (causal), so a plain
@@ -209,7 +211,11 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
         const int t = next_work_tile(p.a, local);
         if (t >= num_tiles) {
             if (dynamic) {
+#if CF_VARLEN
+                mbar_wait(sm.q_empty(), (uses & 1) ^ 1);
+#else
                 mbar_wait(sm.q_empty(), (local & 1) ^ 1);
+#endif
                 asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(sm.tile), "r"(t) : "memory");
                 mbar_arrive(sm.q_full());
             }
