@@ -239,3 +239,77 @@ def test_compute_sanitizer_clean(tool):
     variable-length kernels, NaN in the uncovered rows, tails at tile boundaries (sanitize_varlen.py)."""
     from gpu_helpers import run_sanitizer
     run_sanitizer("sanitize_varlen.py", tool)
+
+
+def test_torch_varlen_cuda_graph_replays_new_lengths():
+    """flash_attn_varlen_func forward + backward captured in one CUDA graph, replayed after new sequence
+    lengths (same total, same max_seqlen bound) and new values are copied into the captured tensors: the
+    kernels read cu_seqlens on the device, so the replay equals an eager call on the new batch."""
+    torch = pytest.importorskip("torch")
+    from cuflash.torch import flash_attn_varlen_func
+    rng = np.random.default_rng(21)
+    total, bound, hq, hk, d = 1200, 700, 4, 2, 64
+    cu_a = torch.tensor([0, 100, 700, 701, 1200], dtype=torch.int32, device="cuda")
+    cu_b = torch.tensor([0, 500, 517, 1100, 1200], dtype=torch.int32, device="cuda")
+
+    def leaves(seed):
+        r = np.random.default_rng(seed)
+        return [torch.from_numpy(r.standard_normal((total, h, d)).astype(np.float32)).to("cuda", torch.bfloat16)
+                for h in (hq, hk, hk)]
+    q, k, v = (x.requires_grad_() for x in leaves(1))
+    dout = torch.from_numpy(rng.standard_normal((total, hq, d)).astype(np.float32)).to("cuda", torch.bfloat16)
+    cu = cu_a.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            flash_attn_varlen_func(q, k, v, cu, cu, bound, bound, causal=True).backward(dout)
+            q.grad = k.grad = v.grad = None
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = flash_attn_varlen_func(q, k, v, cu, cu, bound, bound, causal=True)
+        out.backward(dout)
+    new = leaves(2)
+    with torch.no_grad():
+        for x, y in zip((q, k, v), new):
+            x.copy_(y)
+        cu.copy_(cu_b)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = [x.detach().clone().requires_grad_() for x in new]
+    want_out = flash_attn_varlen_func(*eager, cu_b, cu_b, bound, bound, causal=True)
+    want_out.backward(dout)
+    assert torch.equal(out, want_out)  # the forward is deterministic
+    for got, want in zip((q.grad, k.grad, v.grad), eager):  # dQ: atomics, equal up to fp32 addition order
+        torch.testing.assert_close(got.float(), want.grad.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_torch_varlen_compile_fullgraph_on_cuda():
+    """flash_attn_varlen_func inside torch.compile(fullgraph=True) on CUDA tensors, total lengths marked
+    dynamic: the eager loss and gradients for two packings, with one compiled graph."""
+    torch = pytest.importorskip("torch")
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from cuflash.torch import flash_attn_varlen_func
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def f(q, k, v, cu):
+        return (flash_attn_varlen_func(q, k, v, cu, cu, 300, 300, causal=True).float() ** 2).sum()
+    cf = torch.compile(f, fullgraph=True, backend=counter)
+    for lens in ([30, 200, 1], [64, 64, 300, 7]):
+        rng = np.random.default_rng(len(lens))
+        total = sum(lens)
+        cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device="cuda")
+        q, k, v = (torch.from_numpy(rng.standard_normal((total, 2, 64)).astype(np.float32))
+                   .to("cuda", torch.float16).requires_grad_() for _ in range(3))
+        for t in (q, k, v, cu):
+            torch._dynamo.mark_dynamic(t, 0)
+        loss = cf(q, k, v, cu)
+        got = torch.autograd.grad(loss, (q, k, v))
+        ref = f(q, k, v, cu)
+        torch.testing.assert_close(loss, ref, atol=1e-2, rtol=1e-3)
+        for a, b in zip(got, torch.autograd.grad(ref, (q, k, v))):
+            torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+    assert counter.frame_count == 1
