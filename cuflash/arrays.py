@@ -156,17 +156,43 @@ def device_view(x, fw: str, stream: int) -> DeviceArray:
 _NO_SWITCH = contextlib.nullcontext()
 
 
+_cu_ctx_get_current = None
+
+
+def _context_is_current() -> bool:
+    """Whether this thread has a current CUDA context (cuCtxGetCurrent, a thread-local read)."""
+    global _cu_ctx_get_current
+    if _cu_ctx_get_current is None:
+        import ctypes
+        fn = ctypes.CDLL("libcuda.so.1").cuCtxGetCurrent
+        fn.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+        fn.restype = ctypes.c_int
+        _cu_ctx_get_current = (fn, ctypes.c_void_p)
+    fn, ctx_type = _cu_ctx_get_current
+    ctx = ctx_type()  # one per call: threads may ask at once
+    return fn(ctx) == 0 and bool(ctx.value)
+
+
 def device_scope(fw: str, device: int):
     """A context in which ``device`` is the current CUDA device: every allocation, memset, launch and module
     load of a call on another GPU than the current one must happen there. Restores the caller's device on
     exit; costs one query when the device is already current (torch's own for tensors, which makes no CUDA
-    call: nothing may touch the runtime from a torch call being captured into a CUDA graph)."""
+    call: nothing may touch the runtime from a torch call being captured into a CUDA graph).
+
+    A thread that has made no CUDA runtime call yet has no current context, and the driver calls cuflash
+    launches with (cuLaunchKernel, cuModuleLoadData) then fail with CUDA_ERROR_INVALID_CONTEXT: the thread
+    torch's autograd engine runs a CUDA backward on is such a thread when cuflash's backward is the first
+    node it runs. Such a thread first gets its framework's current device bound (cudaSetDevice makes that
+    device's primary context current)."""
+    import cupy
+    if not _context_is_current():
+        current = _torch_tables()["torch"].cuda.current_device() if fw == "torch" else cupy.cuda.runtime.getDevice()
+        cupy.cuda.runtime.setDevice(current)
     if fw == "torch":
         torch = _torch_tables()["torch"]
         if torch.cuda.current_device() == device:
             return _NO_SWITCH
         return torch.cuda.device(device)
-    import cupy
     if cupy.cuda.runtime.getDevice() == device:
         return _NO_SWITCH
     return cupy.cuda.Device(device)

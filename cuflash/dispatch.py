@@ -424,9 +424,18 @@ BWD_SM90_DQ_BOX = (64, 32)
 # Query rows per turn counter of the deterministic Hopper backward (cf_dq_turn_rows, bwd_common.cuh).
 BWD_SM90_DQ_TURN_ROWS = 64
 BWD_KERNEL_ENV = "CUFLASH_BWD_KERNEL"
-# ptxas optimisation level of the Hopper backward's variable-length build by head dim: at 64 (BM 128, 240
-# registers) -O3 and -O2 spill 4 bytes in the unmasked and causal variants, -O1 nothing.
-BWD_SM90_VARLEN_PTXAS_OPT = {64: 1}
+
+
+def allowed_spill_bytes(key: KernelKey) -> int:
+    """Local-memory spill bytes a variant may report (every other variant must report none). The Hopper
+    backward's variable-length build at head dim 64 (BM 128, 240 registers), unmasked and causal without
+    softcap or ALiBi, spills 4 bytes at -O3 and -O2 and none at -O1; at -O3 it measured 2.8% (full) and
+    3.9% (causal) faster than the spill-free -O1 build (H200, bench/NOTES.md, "Hopper variable-length
+    kernels"), so it ships at -O3 with the spill."""
+    if (key.family == "bwd_sm90" and key.head_dim == 64 and ("CF_VARLEN", 1) in key.extra and not key.softcap
+            and not key.alibi and key.ptxas_opt == 3):
+        return 4
+    return 0
 
 
 def backward_family(cc: tuple, head_dim: int, deterministic: bool) -> str:
@@ -448,9 +457,8 @@ def backward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: boo
     bm, stages = BWD_SM90_TILES[d]
     extra = ((("CF_STAGES", stages),) + ((("CF_DETERMINISTIC", 1),) if deterministic else ())
              + ((("CF_VARLEN", 1),) if varlen else ()))
-    opt = BWD_SM90_VARLEN_PTXAS_OPT.get(d, 3) if varlen else 3
     return KernelKey("bwd_sm90", "attention_bwd_sm90", dtype, d, is_local, softcap, alibi, bm, BWD_SM90_BLOCK_N,
-                     12, extra=extra, ptxas_opt=opt)
+                     12, extra=extra)
 
 
 def backward_sm90_smem_bytes(key: KernelKey) -> int:

@@ -27,6 +27,50 @@ def _same_bits(a, b):
     assert np.array_equal(ha.view(np.uint8), hb.view(np.uint8))
 
 
+def _in_fresh_thread(fn):
+    """fn() on a new thread, which has made no CUDA call and so has no current CUDA context (as torch's
+    autograd engine thread when cuflash's backward is the first node it runs); returns (whether the thread
+    had a context when it started, fn's result)."""
+    import threading
+
+    from cuflash import arrays
+    box = {}
+
+    def run():
+        box["had_context"] = arrays._context_is_current()
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the test's thread
+            box["error"] = e
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["had_context"], box["result"]
+
+
+@pytest.mark.parametrize("fw", ["cupy", "torch"])
+def test_calls_from_a_thread_without_a_cuda_context(fw):
+    """Forward and backward from a thread with no current CUDA context (CUDA_ERROR_INVALID_CONTEXT from the
+    launch before arrays.device_scope bound one) equal the same calls on this thread, bit for bit."""
+    import cupy
+    q, k, v = inputs(2, 200, 200, 4, 2, 64, "bfloat16", seed=8)
+    dout = randn_like(q, 9)
+    if fw == "torch":
+        torch = require_torch_cuda()
+        q, k, v, dout = (torch.from_dlpack(x) for x in (q, k, v, dout))
+
+    def both():
+        out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
+        return (out, lse, *cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, deterministic=True))
+    want = both()
+    had_context, got = _in_fresh_thread(both)
+    cupy.cuda.runtime.deviceSynchronize()
+    assert not had_context, "the new thread already had a CUDA context: this test no longer tests anything"
+    for a, b in zip(got, want):
+        _same_bits(a, b)
+
 # --- item 1: CuPy bfloat16 ---------------------------------------------------------------------------------
 
 def test_cupy_bfloat16_comes_back_as_bfloat16():
