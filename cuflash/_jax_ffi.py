@@ -15,6 +15,7 @@ Only cuflash.jax imports this module (it imports JAX).
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 
 import numpy as np
@@ -150,7 +151,7 @@ class _View:
             raise FfiError(f"cuflash: unsupported buffer dtype code {buf.dtype}")
         self.ptr = buf.data or 0
         self.dtype = _DTYPE_NAMES[buf.dtype]
-        self.shape = tuple(buf.dims[i] for i in range(buf.rank))
+        self.shape = tuple(buf.dims[:buf.rank])  # one slice of the ctypes array: a call per buffer, not per dim
 
     def numpy(self):
         """A NumPy array over host memory (CPU platform)."""
@@ -184,7 +185,27 @@ def _opts_id(attrs: _Attrs) -> int:
 def _merge_leading(shape: tuple, keep: int) -> tuple:
     """Leading dims that vmap added folded into the batch dim (buffers are dense row-major)."""
     lead = shape[:len(shape) - keep + 1]
-    return (int(np.prod(lead)) if lead else 1, *shape[len(shape) - keep + 1:])
+    return (math.prod(lead), *shape[len(shape) - keep + 1:])
+
+
+_geometry_cache: dict = {}
+
+
+def _dense_geometry(shape: tuple, keep: int) -> tuple:
+    """(shape with vmap's leading dims merged, its row-major element strides), cached: a jitted model
+    calls the handler with the same few shapes every step, and building these tuples per buffer was a
+    fifth of the handler's time (bench/NOTES.md, "JAX under jit")."""
+    hit = _geometry_cache.get((shape, keep))
+    if hit is None:
+        merged = _merge_leading(shape, keep)
+        strides, acc = [], 1
+        for n in reversed(merged):
+            strides.append(acc)
+            acc *= n
+        if len(_geometry_cache) >= 4096:
+            _geometry_cache.clear()
+        hit = _geometry_cache[(shape, keep)] = (merged, tuple(reversed(strides)))
+    return hit
 
 
 def _run(frame: _CallFrame, platform: str) -> None:
@@ -215,12 +236,24 @@ def _device(api: _Api, ctx) -> int:
 
 
 def _run_cpu(kind, options, args, rets):
-    from . import api
-    causal, scale, window, softcap, drop, has_alibi = options
+    from . import api, varlen
     arrays = [a.numpy() for a in args]
-    alibi = arrays.pop() if has_alibi else None
-    if not has_alibi:
+    alibi = arrays.pop() if options[-1] else None
+    if not options[-1]:
         arrays.pop()
+    if kind.startswith("varlen"):
+        causal, scale, window, softcap, max_q, max_k, _ = options
+        kw = dict(causal=causal, softmax_scale=scale, window_size=window, softcap=softcap, alibi_slopes=alibi)
+        if kind == "varlen_fwd":
+            q, k, v, cu_q, cu_k = arrays
+            results = varlen.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, return_lse=True, **kw)
+        else:
+            dout, q, k, v, out, lse, cu_q, cu_k = arrays
+            results = varlen.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, **kw)
+        for ret, x in zip(rets, results):
+            ret.numpy()[...] = x
+        return
+    causal, scale, window, softcap, drop, _ = options
     if kind == "fwd":
         q, k, v = (x.reshape(_merge_leading(x.shape, 4)) for x in arrays)
         call = api._Call(q, k, v)
@@ -237,21 +270,33 @@ def _run_cpu(kind, options, args, rets):
 
 
 def _run_cuda(kind, options, args, rets, stream: int, device: int):
-    from . import api, arrays, ops
+    from . import api, arrays, ops, varlen
+
+    def view(a: _View, keep: int):
+        shape, strides = _dense_geometry(a.shape, keep)
+        return arrays.DeviceArray(a.ptr, shape, strides, a.dtype, device)
+
+    cc = api._cc(device)
+    if kind.startswith("varlen"):
+        causal, scale, window, softcap, max_q, max_k, has_alibi = options
+        alibi = view(args[-1], len(args[-1].shape)) if has_alibi else None
+        kw = dict(max_seqlen_q=max_q, max_seqlen_k=max_k, causal=causal, softmax_scale=scale, window_size=window,
+                  softcap=softcap, fw="cupy", stream=stream, cc=cc)
+        with arrays.device_scope("cupy", device):
+            if kind == "varlen_fwd":
+                q, k, v = (view(a, 3) for a in args[:3])
+                index = [view(a, 1) for a in args[3:5]] + [None, None]
+                varlen.forward_device(q, k, v, view(rets[0], 3), view(rets[1], 2), alibi, index, **kw)
+            else:
+                dout, q, k, v, out = (view(a, 3) for a in args[:5])
+                index = [view(a, 1) for a in args[6:8]] + [None, None]
+                varlen.backward_device(dout, q, k, v, out, view(args[5], 2), alibi, index,
+                                       [view(r, 3) for r in rets], deterministic=False, **kw)
+        return
     causal, scale, window, softcap, drop, has_alibi = options
     if drop is not None:
         raise FfiError("cuflash.jax: dropout on the GPU is not implemented yet (the kernels have no dropout)")
-
-    def view(a: _View, keep: int):
-        shape = _merge_leading(a.shape, keep)
-        strides, acc = [], 1
-        for n in reversed(shape):
-            strides.append(acc)
-            acc *= n
-        return arrays.DeviceArray(a.ptr, shape, tuple(reversed(strides)), a.dtype, device)
-
     alibi = view(args[-1], 1) if has_alibi else None
-    cc = api._cc(device)
     with arrays.device_scope("cupy", device):
         if kind == "fwd":
             q, k, v = (view(a, 4) for a in args[:3])

@@ -1,5 +1,5 @@
-"""JAX adapter: cuflash attention inside ``jax.jit``, differentiable through ``jax.custom_vjp`` (our backward)
-and batchable under ``jax.vmap``.
+"""JAX adapter: cuflash attention (dense, :func:`attention`, and packed sequences, :func:`attention_varlen`)
+inside ``jax.jit``, differentiable through ``jax.custom_vjp`` (our backward) and batchable under ``jax.vmap``.
 
 The only module of cuflash besides the transformers integration that imports JAX. Arguments are checked at
 trace time, from shapes and dtypes, with the same rules and messages as :func:`cuflash.attention` (the GPU
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _jax_ffi, api
+from . import _jax_ffi, api, varlen
 
 
 def _shape_only(x):
@@ -65,15 +65,16 @@ def _lse_dtype(q):
     return jnp.float64 if q.dtype == jnp.float64 else jnp.float32
 
 
-def _ffi(kind, opts, shapes, operands, alibi):
+def _ffi(kind, opts, shapes, operands, alibi, sequential=False):
     """One custom call of cuflash's FFI handler (_jax_ffi.py): the options travel as the index of their
     registered tuple. vmap folds the mapped axis into the batch (all operands broadcast to it), except
-    with ALiBi slopes, whose (batch, heads) form would then be ambiguous: those calls run one by one."""
+    with ALiBi slopes, whose (batch, heads) form would then be ambiguous, and for ``sequential`` kinds
+    (packed sequences have no batch axis): those calls run one by one."""
     _jax_ffi.register("CUDA" if _on_gpu() else "cpu")
     opts_id = _jax_ffi.register_call(kind, (*opts, alibi is not None))
     extra = jnp.zeros((0,), jnp.float32) if alibi is None else alibi
-    call = jax.ffi.ffi_call(_jax_ffi.TARGET, shapes, vmap_method="sequential" if alibi is not None else
-                            "broadcast_all")
+    call = jax.ffi.ffi_call(_jax_ffi.TARGET, shapes, vmap_method="sequential" if alibi is not None or sequential
+                            else "broadcast_all")
     return call(*operands, extra, opts_id=np.int64(opts_id))
 
 
@@ -145,4 +146,81 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     return (out, lse) if return_lse else out
 
 
-__all__ = ["attention"]
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                  window_size, softcap, alibi_slopes):
+    """varlen's checks on shape-only stand-ins (as _check); returns the resolved static options."""
+    stand_in = _DeviceShape if _on_gpu() else _shape_only
+    call = varlen._VarlenCall(*(stand_in(x) for x in (q, k, v, cu_seqlens_q, cu_seqlens_k)), max_seqlen_q,
+                              max_seqlen_k, None, None)
+    alibi = None if alibi_slopes is None else stand_in(alibi_slopes)
+    causal, scale, window, softcap, _ = api._check_options(call, causal, softmax_scale, window_size, softcap, alibi)
+    return causal, scale, window, softcap, call.max_seqlen_q, call.max_seqlen_k
+
+
+def _call_varlen_forward(opts, q, k, v, cu_q, cu_k, alibi):
+    shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((q.shape[1], q.shape[0]), _lse_dtype(q)))
+    return _ffi("varlen_fwd", opts, shapes, (q, k, v, cu_q, cu_k), alibi, sequential=True)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention_varlen(opts, q, k, v, cu_q, cu_k, alibi):
+    return _call_varlen_forward(opts, q, k, v, cu_q, cu_k, alibi)
+
+
+def _attention_varlen_fwd(opts, q, k, v, cu_q, cu_k, alibi):
+    out, lse = _call_varlen_forward(opts, q, k, v, cu_q, cu_k, alibi)
+    return (out, lse), (q, k, v, cu_q, cu_k, alibi, out, lse)
+
+
+def _attention_varlen_bwd(opts, residuals, cotangents):
+    q, k, v, cu_q, cu_k, alibi, out, lse = residuals
+    dout, _ = cotangents
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+    dq, dk, dv = _ffi("varlen_bwd", opts, shapes, (dout, q, k, v, out, lse, cu_q, cu_k), alibi, sequential=True)
+    return dq, dk, dv, None, None, None if alibi is None else jnp.zeros_like(alibi)
+
+
+_attention_varlen.defvjp(_attention_varlen_fwd, _attention_varlen_bwd)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
+                     softmax_scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, return_lse=False):
+    """:func:`cuflash.attention_varlen` (packed sequences, FlashAttention-2's ``cu_seqlens`` layout) for JAX
+    arrays, usable inside ``jax.jit``, ``jax.grad`` and ``jax.vmap``.
+
+    Parameters
+    ----------
+    q : jax array, (total_q, heads_q, head_dim)
+    k, v : jax arrays, (total_k, heads_k, head_dim)
+        float16 or bfloat16 on a GPU backend; float16, float32 or float64 on CPU JAX.
+    cu_seqlens_q, cu_seqlens_k : int32 jax arrays, (batch + 1,)
+        Sequence boundaries; traced values (new lengths need no retrace).
+    max_seqlen_q, max_seqlen_k : int
+        Static upper bounds of the sequence lengths.
+    causal, softmax_scale, window_size, softcap, alibi_slopes, return_lse
+        As :func:`cuflash.attention_varlen` (``alibi_slopes`` (heads_q,) or (batch, heads_q), traced).
+
+    Returns
+    -------
+    out (total_q, heads_q, head_dim), or (out, lse) with lse (heads_q, total_q), float32 (float64 for
+    float64 inputs), not differentiated through.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`cuflash.attention_varlen`'s shape, dtype and type checks, at trace time. The checks of
+        cu_seqlens' values run on CPU JAX (an error from the call); on the GPU the kernels clamp every
+        sequence to the packed arrays, as the array function does.
+
+    Notes
+    -----
+    Gradients come from cuflash's variable-length backward (``jax.custom_vjp``), dQ by atomic additions on
+    the GPU. ``jax.vmap`` runs the mapped calls one after another.
+    """
+    opts = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                         window_size, softcap, alibi_slopes)
+    out, lse = _attention_varlen(opts, q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["attention", "attention_varlen"]

@@ -112,16 +112,26 @@ class _VarlenCall:
         return api.check_alibi(alibi_slopes, fw=self.fw, device=self.device, batch=self.batch, heads_q=self.heads_q)
 
 
-def _packed_view(call, x, stream, cc):
-    """A (1, total, heads, width) view of a packed (total, heads, head_dim) array that the kernels read in place,
-    or a contiguous zero-padded copy (as api._device_input does for dense arrays)."""
+def _width(head_dim):
+    """The kernels' row width: head_dim rounded up to a multiple of 8 (16-byte rows)."""
+    return -(-head_dim // api._ROW_CHUNK) * api._ROW_CHUNK
+
+
+def _as_batch_one(x3):
+    """A (1, total, heads, d) view of a (total, heads, d) device view."""
+    return arrays.DeviceArray(x3.ptr, (1, *x3.shape), (0, *x3.strides), x3.dtype, x3.device, x3.owner)
+
+
+def _device_packed(x3, head_dim, fw, stream, cc):
+    """A (1, total, heads, width) view of a packed (total, heads, head_dim) device view that the kernels read in
+    place, or a contiguous zero-padded copy from ``fw``'s allocator (as api._device_input does for dense
+    arrays)."""
     from . import ops
-    v3 = arrays.device_view(x, call.fw, stream)
-    view = arrays.DeviceArray(v3.ptr, (1, *v3.shape), (0, *v3.strides), v3.dtype, v3.device, v3.owner)
-    width = -(-call.head_dim // api._ROW_CHUNK) * api._ROW_CHUNK
-    if width == call.head_dim and api._readable_in_place(view):
+    view = _as_batch_one(x3)
+    width = _width(head_dim)
+    if width == head_dim and api._readable_in_place(view):
         return view
-    _, buf = arrays.empty(call.fw, (1, *v3.shape[:2], width), v3.dtype, v3.device, stream)
+    _, buf = arrays.empty(fw, (1, *x3.shape[:2], width), x3.dtype, x3.device, stream)
     ops.strided_copy(view, buf, stream=stream, cc=cc)
     return buf
 
@@ -134,69 +144,91 @@ def _index_view(x, fw, device, stream):
     return view if view.strides == (1,) else arrays.contiguous_copy(x, fw, device, stream)
 
 
-def _forward_gpu(call, q, k, v, alibi, causal, scale, window, softcap):
-    """The GPU forward (ops.forward_varlen): outputs allocated by the caller's framework on its stream."""
+def forward_device(q3, k3, v3, out3, lse, alibi, index, *, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                   window_size, softcap, fw, stream, cc):
+    """The GPU forward on device views, inside the device's scope (ops.forward_varlen). ``q3, k3, v3``: packed
+    (total, heads, head_dim) views, any strides; ``out3``: a contiguous (total_q, heads_q, head_dim) output and
+    ``lse`` a (heads_q, total_q) float32 one, both written in full; ``index``: the int32 views of cu_seqlens_q,
+    cu_seqlens_k, seqused_q, seqused_k (the last two may be None). Work buffers (head dims off multiples of 8)
+    come from ``fw``'s allocator on ``stream``. The array functions and cuflash.jax's FFI handler share it."""
     from . import ops
+    head_dim, width = q3.shape[2], _width(q3.shape[2])
+    out = _as_batch_one(out3)
+    work = out
+    if width != head_dim:
+        _, work = arrays.empty(fw, (1, *out3.shape[:2], width), out3.dtype, out3.device, stream)
+    views = [_device_packed(x, head_dim, fw, stream, cc) for x in (q3, k3, v3)]
+    ops.forward_varlen(*views, work, lse, alibi, *index, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                       causal=causal, window_size=window_size, softmax_scale=softmax_scale, softcap=softcap,
+                       stream=stream, cc=cc, framework=fw)
+    if work is not out:
+        ops.strided_copy(work, out, stream=stream, cc=cc)
+
+
+def backward_device(dout3, q3, k3, v3, out3, lse, alibi, index, grads3, *, max_seqlen_q, max_seqlen_k, causal,
+                    softmax_scale, window_size, softcap, deterministic, fw, stream, cc):
+    """The GPU backward on device views, inside the device's scope (ops.backward_varlen): ``grads3`` are the
+    contiguous (total, heads, head_dim) dq, dk, dv outputs, written in full; ``lse`` a unit-stride
+    (heads_q, total_q) float32 view; the rest as :func:`forward_device`. At head dims off multiples of 8 the
+    kernels write zero-padded work buffers, cropped into ``grads3`` after."""
+    from . import ops
+    head_dim, width = q3.shape[2], _width(q3.shape[2])
+    views = [_device_packed(x, head_dim, fw, stream, cc) for x in (dout3, q3, k3, v3, out3)]
+    work = []
+    for g3 in grads3:
+        g = _as_batch_one(g3)
+        if width != head_dim:
+            _, g = arrays.empty(fw, (1, *g3.shape[:2], width), g3.dtype, g3.device, stream)
+        work.append(g)
+    ops.backward_varlen(*views, lse, alibi, *work, *index, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                        causal=causal, window_size=window_size, softmax_scale=softmax_scale, softcap=softcap,
+                        deterministic=deterministic, stream=stream, cc=cc, framework=fw)
+    for g3, g in zip(grads3, work):
+        if g.ptr != g3.ptr:
+            ops.strided_copy(g, _as_batch_one(g3), stream=stream, cc=cc)
+
+
+def _indices(call, stream):
+    return [_index_view(x, arrays.framework_of(x) if x is not None else call.fw, call.device, stream)
+            for x in (call.cu_q, call.cu_k, call.used_q, call.used_k)]
+
+
+def _forward_gpu(call, q, k, v, alibi, causal, scale, window, softcap):
+    """The GPU forward: outputs allocated by the caller's framework on its stream."""
     device, fw = call.device, call.fw
     stream = arrays.current_stream(fw, device)
     cc = api._cc(device)
-    width = -(-call.head_dim // api._ROW_CHUNK) * api._ROW_CHUNK
     with arrays.device_scope(fw, device):
         out_native, out3 = arrays.empty(fw, (call.total_q, call.heads_q, call.head_dim), call.dtype, device, stream)
         lse_native, lse = arrays.empty(fw, (call.heads_q, call.total_q), "float32", device, stream)
-        out = arrays.DeviceArray(out3.ptr, (1, *out3.shape), (0, *out3.strides), out3.dtype, device, out3.owner)
-        work = out
-        if width != call.head_dim:
-            _, work = arrays.empty(fw, (1, call.total_q, call.heads_q, width), call.dtype, device, stream)
-        views = [_packed_view(call, x, stream, cc) for x in (q, k, v)]
-        index = [_index_view(x, arrays.framework_of(x) if x is not None else fw, device, stream)
-                 for x in (call.cu_q, call.cu_k, call.used_q, call.used_k)]
-        ops.forward_varlen(*views, work, lse, api._device_alibi(alibi, fw, stream), *index,
-                           max_seqlen_q=call.max_seqlen_q, max_seqlen_k=call.max_seqlen_k, causal=causal,
-                           window_size=window, softmax_scale=scale, softcap=softcap, stream=stream, cc=cc,
-                           framework=fw)
-        if work is not out:
-            ops.strided_copy(work, out, stream=stream, cc=cc)
+        forward_device(*(arrays.device_view(x, fw, stream) for x in (q, k, v)), out3, lse,
+                       api._device_alibi(alibi, fw, stream), _indices(call, stream), max_seqlen_q=call.max_seqlen_q,
+                       max_seqlen_k=call.max_seqlen_k, causal=causal, softmax_scale=scale, window_size=window,
+                       softcap=softcap, fw=fw, stream=stream, cc=cc)
         return arrays.to_caller(out_native, out3, fw, stream), arrays.to_caller(lse_native, lse, fw, stream)
 
 
 def _backward_gpu(call, dout, q, k, v, out, lse, alibi, *, causal, softmax_scale, window_size, softcap,
                   deterministic):
-    """The GPU backward (ops.backward_varlen): gradients allocated by the caller's framework on its stream;
-    at head dims off multiples of 8 the kernels write zero-padded work buffers, cropped after."""
-    from . import ops
+    """The GPU backward: gradients allocated by the caller's framework on its stream."""
     device, fw = call.device, call.fw
     stream = arrays.current_stream(fw, device)
     cc = api._cc(device)
-    width = -(-call.head_dim // api._ROW_CHUNK) * api._ROW_CHUNK
     with arrays.device_scope(fw, device):
-        views = [_packed_view(call, x, stream, cc) for x in (dout, q, k, v, out)]
         lse_view = arrays.device_view(lse, fw, stream)
         if lse_view.strides != (call.total_q, 1):
             lse_view = arrays.contiguous_copy(lse, fw, device, stream)
-        index = [_index_view(x, arrays.framework_of(x) if x is not None else fw, device, stream)
-                 for x in (call.cu_q, call.cu_k, call.used_q, call.used_k)]
-        natives, grads, work = [], [], []
-        for x, total, heads in ((q, call.total_q, call.heads_q), (k, call.total_k, call.heads_k),
-                                (v, call.total_k, call.heads_k)):
+        natives, grads3 = [], []
+        for total, heads in ((call.total_q, call.heads_q), (call.total_k, call.heads_k), (call.total_k, call.heads_k)):
             native, g3 = arrays.empty(fw, (total, heads, call.head_dim), call.dtype, device, stream)
-            g = arrays.DeviceArray(g3.ptr, (1, *g3.shape), (0, *g3.strides), g3.dtype, device, g3.owner)
-            if width != call.head_dim:
-                _, g = arrays.empty(fw, (1, total, heads, width), call.dtype, device, stream)
             natives.append(native)
-            grads.append((g3, g))
-            work.append(g)
-        ops.backward_varlen(*views, lse_view, api._device_alibi(alibi, fw, stream), *work, *index,
-                            max_seqlen_q=call.max_seqlen_q, max_seqlen_k=call.max_seqlen_k, causal=causal,
-                            window_size=window_size, softmax_scale=softmax_scale, softcap=softcap,
-                            deterministic=deterministic, stream=stream, cc=cc, framework=fw)
-        result = []
-        for native, (g3, g) in zip(natives, grads):
-            if g.ptr != g3.ptr:
-                crop = arrays.DeviceArray(g3.ptr, (1, *g3.shape), (0, *g3.strides), g3.dtype, device, g3.owner)
-                ops.strided_copy(g, crop, stream=stream, cc=cc)
-            result.append(arrays.to_caller(native, g3, fw, stream))
-        return tuple(result)
+            grads3.append(g3)
+        backward_device(*(arrays.device_view(x, fw, stream) for x in (dout, q, k, v, out)), lse_view,
+                        api._device_alibi(alibi, fw, stream), _indices(call, stream), grads3,
+                        max_seqlen_q=call.max_seqlen_q, max_seqlen_k=call.max_seqlen_k, causal=causal,
+                        softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
+                        deterministic=deterministic, fw=fw, stream=stream, cc=cc)
+        return tuple(arrays.to_caller(native, g3, fw, stream) for native, g3 in zip(natives, grads3))
 
 
 def _check_count(name, value):

@@ -96,6 +96,74 @@ def test_training_step_matches_xla_attention():
     assert float(step(new, x)[0]) < float(loss)
 
 
+def _packed(dtype=np.float32, lens=(5, 0, 17, 1, 9), hq=4, hk=2, d=16, seed=3, spare=2):
+    rng = np.random.default_rng(seed)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    total = int(cu[-1]) + spare
+    q, k, v, dout = (rng.standard_normal((total, h, d)).astype(dtype) for h in (hq, hk, hk, hq))
+    return q, k, v, dout, cu
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(window_size=(3, 1), softcap=2.0),
+                                  dict(causal=True, alibi_slopes=np.array([0.1, 0.2, 0.3, 0.4], np.float32))])
+def test_varlen_jit_forward_and_grad_equal_per_sequence_reference(opts):
+    """attention_varlen under jit: each packed sequence (lengths 0, 1, 5, 9, 17, GQA) equals the float64
+    reference of that sequence alone; rows past the last sequence are zero with LSE +inf; jax.grad gives the
+    reference gradients (zero outside every sequence); cu_seqlens is traced (new lengths, no retrace)."""
+    q, k, v, dout, cu = _packed()  # float32: JAX runs without x64 here
+    traces = []
+
+    def loss(q, k, v, cu):
+        traces.append(1)
+        out, lse = cfj.attention_varlen(q, k, v, cu, cu, 17, 17, return_lse=True, **opts)
+        return (out * dout).sum(), (out, lse)
+    (val, (out, lse)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v,
+                                                                                              jnp.asarray(cu))
+    out, lse = np.asarray(out), np.asarray(lse)
+    for i in range(len(cu) - 1):
+        rows = slice(cu[i], cu[i + 1])
+        if cu[i + 1] == cu[i]:
+            continue
+        q64, k64, v64, do64 = (x[None, rows].astype(np.float64) for x in (q, k, v, dout))
+        ref, ref_lse = reference.attention_reference(q64, k64, v64, **opts)
+        np.testing.assert_allclose(out[rows], ref[0], atol=2e-5)
+        np.testing.assert_allclose(lse[:, rows], ref_lse[0], atol=2e-5)
+        refs = reference.attention_backward_reference(do64, q64, k64, v64, **opts)
+        for g, r in zip(grads, refs):
+            np.testing.assert_allclose(np.asarray(g)[rows], r[0], atol=1e-4)
+    assert np.all(out[cu[-1]:] == 0) and np.all(np.isinf(lse[:, cu[-1]:]))
+    assert all(np.all(np.asarray(g)[cu[-1]:] == 0) for g in grads)
+    other = np.array([0, 17, 17, 20, 30, 31], np.int32)
+    jax.jit(lambda q, k, v, cu: cfj.attention_varlen(q, k, v, cu, cu, 17, 17, **opts))(q, k, v, jnp.asarray(other))
+    jitted = jax.jit(lambda q, k, v, cu: loss(q, k, v, cu)[0])
+    jitted(q, k, v, jnp.asarray(cu))
+    n = len(traces)
+    jitted(q, k, v, jnp.asarray(other))
+    assert len(traces) == n
+
+
+def test_varlen_vmap_runs_each_mapped_call():
+    """jax.vmap over a leading axis of packed batches: each mapped call equals the unmapped one."""
+    q, k, v, _, cu = _packed()
+    f = lambda q, k, v: cfj.attention_varlen(q, k, v, jnp.asarray(cu), jnp.asarray(cu), 17, 17, causal=True)  # noqa: E731
+    mapped = jax.jit(jax.vmap(f))(np.stack([q, 2 * q]), np.stack([k, k]), np.stack([v, v]))
+    np.testing.assert_allclose(np.asarray(mapped[0]), np.asarray(f(q, k, v)), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(mapped[1]), np.asarray(f(2 * q, k, v)), atol=1e-6)
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda q, k, v, cu: cfj.attention_varlen(q, k, v, cu.astype(jnp.float32), cu, 17, 17), TypeError,
+     "cu_seqlens_q"),
+    (lambda q, k, v, cu: cfj.attention_varlen(q[None], k, v, cu, cu, 17, 17), ValueError, "3-D"),
+    (lambda q, k, v, cu: cfj.attention_varlen(q, k, v, cu, cu[:-1], 17, 17), ValueError, "cu_seqlens_k"),
+    (lambda q, k, v, cu: cfj.attention_varlen(q, k, v, cu, cu, 17.0, 17), TypeError, "max_seqlen_q"),
+])
+def test_varlen_bad_arguments_raise_at_trace_time(make, exc, match):
+    q, k, v, _, cu = _packed()
+    with pytest.raises(exc, match=match):
+        jax.jit(make)(q, k, v, jnp.asarray(cu))
+
+
 @pytest.mark.parametrize("make,exc,match", [
     (lambda q, k, v: cfj.attention(q[:, :, :3], k, v), ValueError, "heads_q"),
     (lambda q, k, v: cfj.attention(q, k, v, window_size=(1,)), ValueError, "window_size"),
@@ -238,3 +306,27 @@ def test_gpu_training_step_with_donated_buffers():
     donated = jax.jit(lambda q, k, v: cfj.attention(q, k, v, causal=True), donate_argnums=(0, 1, 2))
     got = donated(*(jnp.array(x, copy=True) for x in (q, k, v)))
     assert bool(jnp.array_equal(got, want))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 72])
+def test_gpu_varlen_under_jit_equals_the_array_function(d):
+    """On a GPU backend, attention_varlen under jit runs the variable-length kernels into XLA's buffers: the
+    forward equals cuflash.attention_varlen on the same device buffers bit for bit (head dim 72: the
+    zero-padded path), the gradients equal attention_varlen_backward's up to dQ's fp32 addition order."""
+    _gpu()
+    import cupy
+
+    import cuflash
+    q, k, v, dout, cu = _packed(lens=(300, 0, 1, 129, 700), d=d)
+    q, k, v, dout = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, dout))
+    jcu = jnp.asarray(cu)
+    attend = lambda q, k, v: cfj.attention_varlen(q, k, v, jcu, jcu, 700, 700, causal=True)  # noqa: E731
+    out, grads = jax.jit(lambda q, k, v, do: (attend(q, k, v), jax.vjp(attend, q, k, v)[1](do)))(q, k, v, dout)
+    cq, ck, cv, cdo = (cupy.from_dlpack(x) for x in (q, k, v, dout))
+    ccu = cupy.asarray(cu)
+    want, lse = cuflash.attention_varlen(cq, ck, cv, ccu, ccu, 700, 700, causal=True, return_lse=True)
+    assert bool(cupy.array_equal(cupy.from_dlpack(out).view(cupy.uint16), want.view(cupy.uint16)))
+    want_grads = cuflash.attention_varlen_backward(cdo, cq, ck, cv, want, lse, ccu, ccu, 700, 700, causal=True)
+    for g, w in zip(grads, want_grads):
+        np.testing.assert_allclose(_f32(g), cupy.asnumpy(w.astype(cupy.float32)), atol=2e-2, rtol=2e-2)
