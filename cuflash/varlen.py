@@ -66,7 +66,7 @@ class _VarlenCall:
         if self.heads_q % self.heads_k:
             raise ValueError(f"heads_q ({self.heads_q}) must be a multiple of heads_k ({self.heads_k}) (GQA/MQA)")
         self.cu_q = self._index_array("cu_seqlens_q", cu_seqlens_q, None)
-        self.batch = len(self.cu_q) - 1
+        self.batch = self.cu_q.shape[0] - 1
         self.cu_k = self._index_array("cu_seqlens_k", cu_seqlens_k, self.batch + 1)
         self.max_seqlen_q = _check_count("max_seqlen_q", max_seqlen_q)
         self.max_seqlen_k = _check_count("max_seqlen_k", max_seqlen_k)

@@ -164,6 +164,23 @@ def test_varlen_bad_arguments_raise_at_trace_time(make, exc, match):
         jax.jit(make)(q, k, v, jnp.asarray(cu))
 
 
+def test_gpu_rules_at_trace_time(monkeypatch):
+    """With a GPU backend the trace-time checks run on shape-only stand-ins of device arrays (no values, no
+    len()): bf16 / fp16 pass, float32 is refused with the GPU rule's message, for the dense and the packed
+    functions (checked here by pretending JAX's backend is a GPU; nothing runs)."""
+    monkeypatch.setattr(cfj, "_on_gpu", lambda: True)
+    q, k, v, _, cu = _packed()
+    for dtype in (jnp.bfloat16, jnp.float16):
+        qd, kd, vd = (jnp.asarray(x, dtype) for x in (q, k, v))
+        assert cfj._check_varlen(qd, kd, vd, jnp.asarray(cu), jnp.asarray(cu), 17, 17, True, None, (-1, -1), 0.0,
+                                 None)[4:] == (17, 17)
+        cfj._check(qd[None], kd[None], vd[None], True, None, (-1, -1), 0.0, None, (0.0, None, 0))
+    with pytest.raises(TypeError, match="float16"):
+        cfj._check_varlen(q, k, v, jnp.asarray(cu), jnp.asarray(cu), 17, 17, True, None, (-1, -1), 0.0, None)
+    with pytest.raises(TypeError, match="float16"):
+        cfj._check(q[None], k[None], v[None], True, None, (-1, -1), 0.0, None, (0.0, None, 0))
+
+
 @pytest.mark.parametrize("make,exc,match", [
     (lambda q, k, v: cfj.attention(q[:, :, :3], k, v), ValueError, "heads_q"),
     (lambda q, k, v: cfj.attention(q, k, v, window_size=(1,)), ValueError, "window_size"),
