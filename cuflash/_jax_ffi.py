@@ -334,6 +334,8 @@ def _make_handler(platform: str):
             _run(frame, platform)
         except FfiError as e:
             return _error(frame, str(e), e.code)
+        except (TypeError, ValueError) as e:  # the caller's values (cu_seqlens, max_seqlen) checked at run time
+            return _error(frame, f"cuflash: {type(e).__name__}: {e}", _ERROR_INVALID_ARGUMENT)
         except Exception as e:  # noqa: BLE001 - anything else still reaches the caller as an error, not a crash
             return _error(frame, f"cuflash: {type(e).__name__}: {e}", _ERROR_INTERNAL)
         return None

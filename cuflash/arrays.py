@@ -50,6 +50,9 @@ def _framework_of_type(x) -> str:
     if mod == "torch":
         return "torch"
     if mod in ("jax", "jaxlib"):
+        if any(c.__name__ == "Tracer" for c in type(x).__mro__):
+            raise TypeError("got a traced JAX value (inside jax.jit, grad or vmap), which has no memory to read: "
+                            "use cuflash.jax.attention / cuflash.jax.attention_varlen there")
         return "jax"
     if hasattr(x, "__dlpack__"):
         return "dlpack"

@@ -46,9 +46,17 @@ def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
+def _jax_operands(**named):
+    """A TypeError naming the first argument that is not a JAX array (or a value JAX takes as one)."""
+    for name, x in named.items():
+        if x is not None and not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            raise TypeError(f"{name} must be a JAX array (or a NumPy array), got {type(x).__name__}")
+
+
 def _check(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, dropout):
     """api's checks on shape-only stand-ins (GPU or CPU rules, by JAX's default backend); returns the
     resolved static options."""
+    _jax_operands(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
     stand_in = _DeviceShape if _on_gpu() else _shape_only
     call = api._Call(*(stand_in(x) for x in (q, k, v)))
     alibi = None if alibi_slopes is None else stand_in(alibi_slopes)
@@ -142,6 +150,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     call, opts = _check(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes,
                         (dropout_p, dropout_seed, dropout_offset))
     del call
+    return_lse = api._check_flag("return_lse", return_lse)
     out, lse = _attention(opts, q, k, v, alibi_slopes)
     return (out, lse) if return_lse else out
 
@@ -149,6 +158,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
                   window_size, softcap, alibi_slopes):
     """varlen's checks on shape-only stand-ins (as _check); returns the resolved static options."""
+    _jax_operands(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
     stand_in = _DeviceShape if _on_gpu() else _shape_only
     call = varlen._VarlenCall(*(stand_in(x) for x in (q, k, v, cu_seqlens_q, cu_seqlens_k)), max_seqlen_q,
                               max_seqlen_k, None, None)
@@ -219,6 +229,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     """
     opts = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
                          window_size, softcap, alibi_slopes)
+    return_lse = api._check_flag("return_lse", return_lse)
     out, lse = _attention_varlen(opts, q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
     return (out, lse) if return_lse else out
 

@@ -73,10 +73,9 @@ _lib.define(
 
 def _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, seqused_q, seqused_k,
                 causal, softmax_scale, window_left, window_right, softcap):
-    return varlen.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                                   softmax_scale=softmax_scale, window_size=(window_left, window_right),
-                                   softcap=softcap, alibi_slopes=alibi_slopes, seqused_q=seqused_q,
-                                   seqused_k=seqused_k, return_lse=True)
+    call = varlen._VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
+    return varlen._attention_varlen(call, q, k, v, causal, softmax_scale, (window_left, window_right), softcap,
+                                    alibi_slopes, True)
 
 
 def _varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
@@ -155,6 +154,20 @@ def _bwd_fake(dout, q, k, v, out, lse, alibi_slopes, causal, softmax_scale, wind
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _distinct(*xs):
+    """``xs`` with every repeat of a tensor already in the list replaced by a view of it: torch.compile
+    (fullgraph) rejects an autograd.Function applied to one tensor twice ("duplicate tensor input"), which
+    self-attention calls do (``cu_seqlens`` as both boundaries, ``k is v``); gradients still reach the tensor
+    through the view."""
+    out = []
+    for x in xs:
+        # `is`, not id(): under torch.compile an id() becomes a guard on the object, recompiling per call.
+        if isinstance(x, torch.Tensor) and any(x is y for y in out):
+            x = x.view_as(x)
+        out.append(x)
+    return out
+
+
 def _default_scale(q, softmax_scale):
     """``head_dim ** -0.5`` unless given (the op schemas take a float); head_dim 0 is left to the op's
     validation, which names it."""
@@ -214,6 +227,30 @@ class _VarlenAttention(torch.autograd.Function):
         return (dq, dk, dv) + (None,) * 13
 
 
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
+                     softmax_scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, seqused_q=None,
+                     seqused_k=None, return_lse=False, deterministic=False):
+    """Differentiable :func:`cuflash.attention_varlen` for torch tensors (same arguments and semantics;
+    ``deterministic=True`` makes the backward bitwise reproducible; the LSE is not differentiated through).
+    :func:`cuflash.attention_varlen` itself comes here for tensors that require grad."""
+    softmax_scale = _default_scale(q, softmax_scale)
+    left, right = _window(window_size)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, seqused_q, seqused_k,
+            causal, softmax_scale, left, right, softcap)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, lse = _VarlenAttention.apply(*_distinct(*args), deterministic)
+    else:
+        out, lse = torch.ops.cuflash.varlen_fwd(*args)
+    return (out, lse) if return_lse else out
+
+
+def _window(window_size):
+    """(left, right) of a window_size pair, or a TypeError naming it (the op schemas take two ints)."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a pair (left, right) of ints (-1: unbounded), got {window_size!r}")
+    return window_size
+
+
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
@@ -228,14 +265,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     api.check_dropout(dropout_p, "variable-length attention")
     if block_table is not None:
         raise NotImplementedError("block_table (paged KV cache) is not implemented in cuflash yet")
-    softmax_scale = _default_scale(q, softmax_scale)
-    left, right = window_size
-    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, None, None, causal,
-            softmax_scale, left, right, softcap)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _VarlenAttention.apply(*args, deterministic)
-    else:
-        out, lse = torch.ops.cuflash.varlen_fwd(*args)
+    out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                                softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
+                                alibi_slopes=alibi_slopes, return_lse=True, deterministic=deterministic)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -275,7 +307,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if cache_seqlens is None:
         raise ValueError("cache_seqlens is required (an int or an int32 tensor of shape (batch,))")
     as_int = isinstance(cache_seqlens, int)
-    left, right = window_size
+    left, right = _window(window_size)
     out, lse = torch.ops.cuflash.kvcache_fwd(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, None if as_int else cache_seqlens,
         cache_seqlens if as_int else 0, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, left,
@@ -332,10 +364,10 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
         raise NotImplementedError("attn_mask requires grad; cuflash does not differentiate the mask (detach it)")
     seed, offset = _dropout_seed(q, dropout_p, dropout_seed, dropout_offset)
     softmax_scale = _default_scale(q, softmax_scale)
-    left, right = window_size
+    left, right = _window(window_size)
     args = (causal, softmax_scale, left, right, softcap, deterministic, dropout_p, seed, offset)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _Attention.apply(q, k, v, alibi_slopes, *args, attn_mask)
+        out, lse = _Attention.apply(*_distinct(q, k, v, alibi_slopes, *args, attn_mask))
     else:
         out, lse = torch.ops.cuflash.fwd(q, k, v, alibi_slopes, *args, attn_mask)
     return (out, lse) if return_lse else out
@@ -444,6 +476,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return out.squeeze(1) if three else out
 
 
-__all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
+__all__ = ["attention", "attention_varlen", "scaled_dot_product_attention", "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
            "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
            "flash_attn_with_kvcache"]

@@ -286,6 +286,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     out : array, shape (total_q, heads_q, head_dim), the caller's array type and dtype; ``(out, lse)`` with
     ``return_lse=True``.
 
+    torch tensors that require grad give a differentiable output (:func:`cuflash.torch.attention_varlen`).
+
     Raises
     ------
     TypeError, ValueError
@@ -295,6 +297,17 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     """
     call = _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
     return_lse = api._check_flag("return_lse", return_lse)
+    if call.fw == "torch" and api._needs_autograd(q, k, v):
+        from . import torch as torch_adapter
+        return torch_adapter.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                              causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                                              softcap=softcap, alibi_slopes=alibi_slopes, seqused_q=seqused_q,
+                                              seqused_k=seqused_k, return_lse=return_lse)
+    return _attention_varlen(call, q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, return_lse)
+
+
+def _attention_varlen(call, q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, return_lse):
+    """attention_varlen after its checks of the arrays (no autograd routing: the torch op runs this)."""
     if call.on_gpu:
         causal, scale, window, softcap, alibi = api._check_options(call, causal, softmax_scale, window_size, softcap,
                                                                    alibi_slopes)

@@ -164,6 +164,26 @@ def test_varlen_bad_arguments_raise_at_trace_time(make, exc, match):
         jax.jit(make)(q, k, v, jnp.asarray(cu))
 
 
+def test_argument_errors_name_the_argument():
+    """Non-array operands and a non-bool return_lse raise TypeError naming the argument (not an
+    AttributeError from inside the checks); the array functions called on traced values inside jax.jit point
+    to cuflash.jax; cu_seqlens values the CPU path rejects reach JAX as an invalid-argument error."""
+    import cuflash
+    q, k, v, _, cu = _packed()
+    with pytest.raises(TypeError, match="cu_seqlens_q"):
+        cfj.attention_varlen(q, k, v, [0, 4], jnp.asarray(cu), 17, 17)
+    with pytest.raises(TypeError, match="q must be a JAX array"):
+        cfj.attention(q[None].tolist(), k[None], v[None])
+    with pytest.raises(TypeError, match="return_lse"):
+        cfj.attention(q[None], k[None], v[None], return_lse="no")
+    with pytest.raises(TypeError, match="return_lse"):
+        cfj.attention_varlen(q, k, v, jnp.asarray(cu), jnp.asarray(cu), 17, 17, return_lse="no")
+    with pytest.raises(TypeError, match="cuflash.jax"):
+        jax.jit(lambda q, k, v: cuflash.attention(q, k, v))(q[None], k[None], v[None])
+    with pytest.raises(Exception, match="INVALID_ARGUMENT.*max_seqlen_q"):
+        jax.jit(lambda q: cfj.attention_varlen(q, k, v, jnp.asarray(cu), jnp.asarray(cu), 2, 17))(q).block_until_ready()
+
+
 def test_gpu_rules_at_trace_time(monkeypatch):
     """With a GPU backend the trace-time checks run on shape-only stand-ins of device arrays (no values, no
     len()): bf16 / fp16 pass, float32 is refused with the GPU rule's message, for the dense and the packed

@@ -339,3 +339,50 @@ def test_return_attn_probs_gives_s_dmask_with_dropout():
     ref = torch.einsum("bhqk,bkhd->bqhd", p_kept, v.repeat_interleave(2, dim=2))
     torch.testing.assert_close(out, ref)
     assert ct.flash_attn_func(q, k, v, return_attn_probs=True)[2] is None
+
+
+def test_compile_fullgraph_with_one_tensor_passed_twice():
+    """Self-attention passes one tensor twice (cu_seqlens as both boundaries in the qkv-packed varlen call,
+    ``k is v``): torch.compile(fullgraph=True) traces it (dynamo rejects an autograd.Function applied to a
+    duplicate tensor, so the adapter passes a view for the repeat) and the gradients equal eager's, the
+    repeated tensor's being the sum over both uses."""
+    torch._dynamo.reset()
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    qkv = torch.randn(7, 3, 2, 8, dtype=torch.float64, requires_grad=True)
+    packed = lambda qkv, cu: ct.flash_attn_varlen_qkvpacked_func(qkv, cu, 4, causal=True)  # noqa: E731
+    got = torch.compile(packed, backend="aot_eager", fullgraph=True)(qkv, cu)
+    want = packed(qkv, cu)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), qkv)[0], torch.autograd.grad(want.sum(), qkv)[0])
+    q, k = (torch.randn(1, 5, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    dense = lambda q, k: ct.flash_attn_func(q, k, k, causal=True)  # noqa: E731
+    got = torch.compile(dense, backend="aot_eager", fullgraph=True)(q, k)
+    gk = torch.autograd.grad(got.sum(), k)[0]
+    v = k.detach().clone().requires_grad_()
+    out = ct.flash_attn_func(q, k, v, causal=True)
+    dk, dv = torch.autograd.grad(out.sum(), (k, v))
+    torch.testing.assert_close(gk, dk + dv)
+
+
+def test_attention_varlen_on_tensors_that_require_grad_is_differentiable():
+    """cuflash.attention_varlen (the array function) on torch tensors that require grad returns a
+    differentiable output, as cuflash.attention does, with attention_varlen_backward's gradients."""
+    q, k, v, cu_q, cu_k = _packed([3, 0, 5], [4, 2, 5])
+    out = cuflash.attention_varlen(q, k, v, cu_q, cu_k, 5, 5, causal=True)
+    assert out.requires_grad and out.grad_fn is not None
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    _, lse = cuflash.attention_varlen(q.detach(), k.detach(), v.detach(), cu_q, cu_k, 5, 5, causal=True,
+                                      return_lse=True)
+    want = cuflash.attention_varlen_backward(dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, cu_q, cu_k,
+                                             5, 5, causal=True)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_window_size_that_is_not_a_pair_raises_type_error():
+    q, k, v, cu_q, cu_k = _packed([3], [3], grad=False)
+    with pytest.raises(TypeError, match="window_size"):
+        ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 3, 3, window_size=None)
+    with pytest.raises(TypeError, match="window_size"):
+        ct.flash_attn_func(q[None], k[None], v[None], window_size=5)

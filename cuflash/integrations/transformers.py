@@ -9,8 +9,7 @@ name, FlashAttention-2's mask function to ``AttentionMaskInterface``: models the
 (``None`` when nothing is padded, the 2-D padding mask otherwise), exactly as with
 ``attn_implementation="flash_attention_2"``. Unpadded batches run the dense kernels; padded batches (the
 real tokens packed, then scattered back) and packed sequences (``DataCollatorWithFlattening``) run
-:func:`cuflash.attention_varlen`, which so far computes on the CPU only (on the GPU it raises
-NotImplementedError).
+:func:`cuflash.attention_varlen` (the variable-length kernels on the GPU, the NumPy path on the CPU).
 """
 
 from __future__ import annotations
