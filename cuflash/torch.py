@@ -162,7 +162,7 @@ def _distinct(*xs):
     out = []
     for x in xs:
         # `is`, not id(): under torch.compile an id() becomes a guard on the object, recompiling per call.
-        if isinstance(x, torch.Tensor) and any(x is y for y in out):
+        if x is not None and isinstance(x, torch.Tensor) and any(x is y for y in out):
             x = x.view_as(x)
         out.append(x)
     return out
@@ -367,7 +367,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     left, right = _window(window_size)
     args = (causal, softmax_scale, left, right, softcap, deterministic, dropout_p, seed, offset)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _Attention.apply(*_distinct(q, k, v, alibi_slopes, *args, attn_mask))
+        q, k, v, alibi_slopes, attn_mask = _distinct(q, k, v, alibi_slopes, attn_mask)
+        out, lse = _Attention.apply(q, k, v, alibi_slopes, *args, attn_mask)
     else:
         out, lse = torch.ops.cuflash.fwd(q, k, v, alibi_slopes, *args, attn_mask)
     return (out, lse) if return_lse else out
