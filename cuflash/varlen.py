@@ -7,9 +7,10 @@ bottom-right aligned per sequence. ``seqused_q`` / ``seqused_k`` (FlashAttention
 to its first rows, so that a caller can keep fixed buffer shapes (CUDA graphs) while the real lengths vary.
 
 The NumPy path (CPU arrays) runs the tiled CPU attention per sequence (O(N) extra memory). On the GPU the
-forward runs the sm80 forward kernel with a per-sequence context (kernels_cu/attention/seq_context.cuh) on
-every architecture, and the backward the sm80 backward kernels' variable-length builds (dQ accumulated with
-atomics, or by the query-parallel dQ kernel with ``deterministic=True``).
+kernels the dense call would run are built with a per-sequence context (kernels_cu/attention/seq_context.cuh,
+seq_rows.cuh): on Hopper the wgmma forward and backward (tensor maps over the packed arrays, offset to each
+sequence's rows), elsewhere and for views TMA cannot address the sm80 ones; dQ is accumulated with atomics,
+or with ``deterministic=True`` by the sm80 query-parallel dQ kernel.
 
 Which checks run where: types, dtypes, shapes and devices are checked on every path before anything runs.
 Checks of the values of ``cu_seqlens`` / ``seqused`` / ``max_seqlen`` need those values on the host; the
