@@ -151,7 +151,7 @@ def cmd_info(args) -> int:
 def cmd_check(args) -> int:
     from cuflash import cli_check
     argv = []
-    if args.libs:
+    if args.libs is not None:
         argv += ["--libs", args.libs]
     argv += ["--seed", str(args.seed)]
     return cli_check.main(argv)

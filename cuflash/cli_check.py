@@ -347,8 +347,10 @@ def main(argv=None, *, attention=None, attention_backward=None, out=print) -> in
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     libs = None
-    if a.libs:
+    if a.libs is not None:
         libs = [x.strip() for x in a.libs.split(",") if x.strip()]
+        if not libs:
+            p.error(f"--libs {a.libs!r} names no library; pick among {','.join(LIB_DTYPES)} or leave it out")
         bad = [x for x in libs if x not in LIB_DTYPES]
         if bad:
             p.error(f"unknown libraries {bad}")

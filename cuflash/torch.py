@@ -441,7 +441,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ------
     ValueError
         Ranks other than 3 / 4, ``attn_mask`` together with ``is_causal``, heads_q != heads_k without
-        ``enable_gqa``; and whatever :func:`cuflash.attention` raises for its arguments.
+        ``enable_gqa``, ``scale <= 0`` (which SDPA takes; cuflash's kernels need a positive scale); and
+        whatever :func:`cuflash.attention` raises for its arguments.
     NotImplementedError
         A value head dim other than the query's; on CUDA tensors, ``attn_mask``, ``dropout_p > 0`` and
         ``is_causal`` with L < S (the kernels take no element mask yet).

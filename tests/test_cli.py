@@ -312,3 +312,12 @@ def test_quick_grid_and_options(bench):
 def test_gpu_slug(bench):
     """Result folders are named by a filesystem-safe slug of the GPU name."""
     assert bench.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_check_libs_naming_no_library_is_a_usage_error(capsys):
+    """`check --libs ,` names no library: a usage error (exit 2) that says so, not a run that checks
+    nothing."""
+    from cuflash import cli_check
+    with pytest.raises(SystemExit) as e:
+        cli_check.main(["--libs", ","])
+    assert e.value.code == 2 and "names no library" in capsys.readouterr().err

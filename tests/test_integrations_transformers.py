@@ -118,6 +118,26 @@ def test_packed_sequences_match_each_sequence_alone():
         start += len(s)
 
 
+def test_packed_by_position_ids_alone_match_each_sequence_alone():
+    """DataCollatorWithFlattening's default output carries only position ids that restart per sequence (no
+    cu_seq_lens): the sequences are still attended one by one, each one's logits those of SDPA on it alone
+    (before the fix each sequence saw the ones packed before it, with no error)."""
+    ref, ours = _pair(transformers.LlamaConfig, transformers.LlamaForCausalLM)
+    gen = torch.Generator().manual_seed(8)
+    seqs = [torch.randint(1, 128, (n,), generator=gen).tolist() for n in (5, 1, 9, 4)]
+    batch = transformers.DataCollatorWithFlattening()([{"input_ids": s} for s in seqs])
+    assert "cu_seq_lens_q" not in batch
+    logits = ours(batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+    start = 0
+    for s in seqs:
+        alone = ref(torch.tensor([s])).logits[0]
+        torch.testing.assert_close(logits[start:start + len(s)], alone, rtol=1e-4, atol=1e-5)
+        start += len(s)
+    plain = ours(torch.tensor([seqs[2]]), position_ids=torch.arange(9)[None] + 3, use_cache=False).logits[0]
+    torch.testing.assert_close(plain, ref(torch.tensor([seqs[2]]), position_ids=torch.arange(9)[None] + 3).logits[0],
+                               rtol=1e-4, atol=1e-5)
+
+
 # --- on the GPU: bf16 kernels against SDPA ----------------------------------------------------------------------
 
 def _gpu_pair():

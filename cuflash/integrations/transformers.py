@@ -61,8 +61,15 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     Raises
     ------
     NotImplementedError
-        A 4-D mask, ``dropout > 0`` on CUDA tensors or with padding / packing, attention sinks (``s_aux``), a value head dim that differs from the
-        query's, or padded / packed batches on the GPU (variable-length kernels not written yet).
+        A 4-D mask, ``dropout > 0`` on CUDA tensors or with padding / packing, attention sinks (``s_aux``), a
+        value head dim that differs from the query's, packed sequences (position ids that restart) with a
+        KV cache.
+
+    Notes
+    -----
+    Packed sequences in one row come either with their boundaries (``cu_seq_lens_q`` / ``cu_seq_lens_k``,
+    ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``) or with position ids alone that restart at
+    0 for each sequence (the collator's default); both run variable-length attention.
     """
     if s_aux is not None:
         raise NotImplementedError("cuflash attention has no attention sinks (s_aux)")
@@ -80,7 +87,35 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         return _padded(q, k, v, attention_mask, opts), None
     if kwargs.get("cu_seq_lens_q") is not None:
         return _packed(q, k, v, kwargs, opts), None
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and q.shape[0] == 1 and _restarts(position_ids):
+        return _packed_by_positions(q, k, v, position_ids, opts), None
     return cf_torch.flash_attn_func(q, k, v, **opts), None
+
+
+def _restarts(position_ids) -> bool:
+    """Whether one row's position ids restart (packed sequences without cu_seq_lens: DataCollatorWithFlattening's
+    default output), as transformers' FlashAttention path decides: they differ from a plain count up from their
+    first value. Reads the ids on the host (a synchronization on the GPU, as in transformers' own path)."""
+    row = position_ids.reshape(-1)
+    return row.numel() > 1 and bool((row != row[0] + torch.arange(row.numel(), device=row.device)).any())
+
+
+def _packed_by_positions(q, k, v, position_ids, opts):
+    """Packed sequences known only by their position ids: a sequence starts where the ids are 0 (and at the row's
+    first token), as transformers' FlashAttention path derives cu_seqlens."""
+    total = q.shape[1]
+    if k.shape[1] != total or position_ids.shape[-1] != total:
+        raise NotImplementedError(f"packed sequences (position ids that restart) with {total} query and {k.shape[1]} "
+                                  f"key tokens and {position_ids.shape[-1]} position ids; cuflash takes them when "
+                                  "all three are equal (no KV cache)")
+    row = position_ids.reshape(-1)
+    starts = (row == 0).nonzero().squeeze(1)
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        starts = torch.cat([starts.new_zeros(1), starts])
+    cu = torch.cat([starts, starts.new_full((1,), total)]).to(torch.int32)
+    longest = int(cu.diff().max())
+    return cf_torch.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, longest, longest, **opts)[None]
 
 
 def _padded(q, k, v, mask, opts):
