@@ -84,7 +84,9 @@ def _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset):
 def _check_window(window_size):
     if window_size == (-1, -1) and type(window_size) is tuple:
         return window_size
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+    if not isinstance(window_size, (tuple, list)):
+        raise TypeError(f"window_size must be a pair (left, right) of ints (-1: unbounded), got {window_size!r}")
+    if len(window_size) != 2:
         raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
     out = []
     for side, w in zip(("left", "right"), window_size):

@@ -234,7 +234,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     ``deterministic=True`` makes the backward bitwise reproducible; the LSE is not differentiated through).
     :func:`cuflash.attention_varlen` itself comes here for tensors that require grad."""
     softmax_scale = _default_scale(q, softmax_scale)
-    left, right = _window(window_size)
+    left, right = api._check_window(window_size)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, seqused_q, seqused_k,
             causal, softmax_scale, left, right, softcap)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
@@ -242,13 +242,6 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     else:
         out, lse = torch.ops.cuflash.varlen_fwd(*args)
     return (out, lse) if return_lse else out
-
-
-def _window(window_size):
-    """(left, right) of a window_size pair, or a TypeError naming it (the op schemas take two ints)."""
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        raise TypeError(f"window_size must be a pair (left, right) of ints (-1: unbounded), got {window_size!r}")
-    return window_size
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -307,7 +300,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if cache_seqlens is None:
         raise ValueError("cache_seqlens is required (an int or an int32 tensor of shape (batch,))")
     as_int = isinstance(cache_seqlens, int)
-    left, right = _window(window_size)
+    left, right = api._check_window(window_size)
     out, lse = torch.ops.cuflash.kvcache_fwd(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, None if as_int else cache_seqlens,
         cache_seqlens if as_int else 0, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, left,
@@ -364,7 +357,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
         raise NotImplementedError("attn_mask requires grad; cuflash does not differentiate the mask (detach it)")
     seed, offset = _dropout_seed(q, dropout_p, dropout_seed, dropout_offset)
     softmax_scale = _default_scale(q, softmax_scale)
-    left, right = _window(window_size)
+    left, right = api._check_window(window_size)
     args = (causal, softmax_scale, left, right, softcap, deterministic, dropout_p, seed, offset)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         q, k, v, alibi_slopes, attn_mask = _distinct(q, k, v, alibi_slopes, attn_mask)
