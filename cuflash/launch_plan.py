@@ -235,15 +235,8 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
         deterministic=deterministic, smem_limit=dispatch.max_smem(*cc))
     hopper = (not deterministic and dispatch.backward_family(cc, q.shape[3], False) == "bwd_sm90"
               and tma.supports(q, k, v, dout))
-    maps = ()
-    if hopper:
-        main = dispatch.backward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
-                                          alibi=alibi is not None, varlen=True)
-        smem = dispatch.backward_sm90_smem_bytes(main)
-        maps = (("q", main.block_m), ("k", main.block_n), ("v", main.block_n), ("dout", main.block_m),
-                ("dq_accum", dispatch.BWD_SM90_DQ_BOX))
-    else:
-        smem = dispatch.backward_smem_bytes(main)
+    main, smem, maps = _backward_main(main, hopper, dtype, q.shape[3], is_local=local, softcap=softcap > 0,
+                                      alibi=alibi is not None, varlen=True)
     total_q, heads_q, heads_k = q.shape[1], q.shape[2], k.shape[2]
     p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap)
     for name, a in (("o", out), ("do", dout), ("dq", dq), ("dk", dk), ("dv", dv)):
@@ -295,20 +288,24 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap)
     for name, a in (("o", out), ("do", dout), ("dq", dq), ("dk", dk), ("dv", dv)):
         p.set_strides(name, a)
-    maps = ()
-    if hopper:
-        main = dispatch.backward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
-                                          alibi=alibi is not None, deterministic=deterministic)
-        smem = dispatch.backward_sm90_smem_bytes(main)
-        # Each consumer warpgroup adds its 64-row block of dQ into dq_accum as boxes of BWD_SM90_DQ_BOX.
-        maps = (("q", main.block_m), ("k", main.block_n), ("v", main.block_n), ("dout", main.block_m),
-                ("dq_accum", dispatch.BWD_SM90_DQ_BOX))
-    else:
-        smem = dispatch.backward_smem_bytes(main)
+    main, smem, maps = _backward_main(main, hopper, dtype, q.shape[3], is_local=local, softcap=softcap > 0,
+                                      alibi=alibi is not None, deterministic=deterministic)
     launches = _backward_launches(p, arch, dev, pre, post, main, smem, maps, dq_key if dq_kernel else None,
                                   batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_k=heads_k)
     acc_shape = None if dq_kernel else (batch, seqlen_q, heads_q, main.head_dim)
     return _remember(key, BackwardPlan(launches, delta_in_dq, acc_shape, semaphore_shape))
+
+
+def _backward_main(sm80_main, hopper: bool, dtype: str, head_dim: int, **variant) -> tuple:
+    """(main kernel, its shared memory, its tensor maps) of a backward plan: the Hopper kernel's variant
+    (``variant``: dispatch.backward_key_sm90's flags), which reads Q, K, V and dO through TMA and adds dQ
+    into dq_accum as boxes of BWD_SM90_DQ_BOX (one per consumer warpgroup's 64 rows), or the sm80 one."""
+    if not hopper:
+        return sm80_main, dispatch.backward_smem_bytes(sm80_main), ()
+    main = dispatch.backward_key_sm90(dtype, head_dim, **variant)
+    maps = (("q", main.block_m), ("k", main.block_n), ("v", main.block_n), ("dout", main.block_m),
+            ("dq_accum", dispatch.BWD_SM90_DQ_BOX))
+    return main, dispatch.backward_sm90_smem_bytes(main), maps
 
 
 def _backward_launches(p: _Block, arch: str, dev: int, pre, post, main, main_smem: int, maps: tuple, dq_key, *,
