@@ -76,6 +76,9 @@ class KernelKey:
     def name(self) -> str:
         if self.family == STRIDED_COPY_FAMILY:  # one variant: 16-bit words, no tiles, no flags
             return self.family
+        if self.family == MERGE_STATES_FAMILY:  # element types in and out, nothing else
+            d = dict(self.extra)
+            return f"{self.family}_{MERGE_TYPES[d['CF_MERGE_IN']]}_to_{MERGE_TYPES[d['CF_MERGE_OUT']]}"
         parts = [self.family, self.dtype, f"d{self.head_dim}"]
         if self.is_local:
             parts.append("local")
@@ -514,6 +517,27 @@ def compile_arch(major: int, minor: int) -> str:
 STRIDED_COPY_FAMILY = "strided_copy"
 STRIDED_COPY_KEY = KernelKey(STRIDED_COPY_FAMILY, "strided_copy_16bit", "fp16", 0, warps=8)
 
+# The state merge (merge_states.cu; cuflash.merge_attention_states): element type codes of its CF_MERGE_IN /
+# CF_MERGE_OUT defines. States of one type merge into that type; more states than one launch takes
+# (cf_merge_max_states) merge in rounds through fp32 states, hence the to / from fp32 variants.
+MERGE_STATES_FAMILY = "merge_states"
+MERGE_TYPES = {0: "float16", 1: "bfloat16", 2: "float32"}
+MERGE_MAX_STATES = 16
+
+
+def merge_states_key(in_dtype: str, out_dtype: str) -> KernelKey:
+    """The merge variant reading states of ``in_dtype`` and writing ``out_dtype`` (float16 / bfloat16 /
+    float32 names)."""
+    code = {name: c for c, name in MERGE_TYPES.items()}
+    return KernelKey(MERGE_STATES_FAMILY, "merge_attention_states", "fp16", 0, warps=8,
+                     extra=(("CF_MERGE_IN", code[in_dtype]), ("CF_MERGE_OUT", code[out_dtype])))
+
+
+def all_merge_states_keys() -> list[KernelKey]:
+    pairs = [(t, t) for t in MERGE_TYPES.values()]
+    pairs += [(t, "float32") for t in ("float16", "bfloat16")] + [("float32", t) for t in ("float16", "bfloat16")]
+    return [merge_states_key(a, b) for a, b in pairs]
+
 
 def all_backward_keys() -> list[KernelKey]:
     """Every backward variant cuflash ships (first-choice and fallback tiles, both dQ modes, the
@@ -549,6 +573,8 @@ def all_keys() -> list[KernelKey]:
     for k in all_backward_keys() + all_backward_sm90_keys():
         keys[k.name] = k
     keys[STRIDED_COPY_KEY.name] = STRIDED_COPY_KEY
+    for k in all_merge_states_keys():
+        keys[k.name] = k
     return list(keys.values())
 
 

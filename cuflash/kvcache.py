@@ -18,7 +18,7 @@ import numbers
 
 import numpy as np
 
-from . import api, arrays, reference
+from . import api, arrays, dispatch, reference
 
 _GPU_NOT_IMPLEMENTED = ("{}: runs on the CPU (NumPy path) only so far; the GPU kernels are not implemented yet. "
                         "Pass CPU arrays")
@@ -246,8 +246,11 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
     ------
     ValueError
         Shapes that do not match.
-    NotImplementedError
-        GPU arrays (CPU path only so far).
+
+    Notes
+    -----
+    GPU arrays (float16, bfloat16 or float32 outs, float32 LSE, any strides) merge in one kernel
+    (kernels_cu/attention/merge_states.cu) in fp32; the CPU path in float64.
     """
     return merge_attention_states_list([out_a, out_b], [lse_a, lse_b])
 
@@ -257,6 +260,9 @@ def merge_attention_states_list(outs, lses):
     name = "cuflash.merge_attention_states"
     if len(outs) != len(lses) or not outs:
         raise ValueError(f"outs and lses must be equally long and non-empty, got {len(outs)} and {len(lses)}")
+    fw = arrays.framework_of(outs[0])
+    if isinstance(arrays.device_of(outs[0], fw), int):
+        return _merge_gpu(outs, lses, fw)
     pairs = [(_np(o, name), _np(x, name)[0]) for o, x in zip(outs, lses)]
     (o0, fw), _ = pairs[0]
     if o0.ndim != 4:
@@ -280,6 +286,51 @@ def merge_attention_states_list(outs, lses):
     out_dtype = o0.dtype
     lse_dtype = np.float64 if out_dtype == np.float64 else np.float32
     return api._from_numpy(out.astype(out_dtype), fw), api._from_numpy(merged_lse.astype(lse_dtype), fw)
+
+
+def _merge_gpu(outs, lses, fw):
+    """The GPU merge (ops.merge_states, merge_states.cu): outputs allocated by the caller's framework on its
+    stream; more states than one launch takes merge in rounds through float32 states."""
+    from . import ops
+    device = arrays.device_of(outs[0], fw)
+    shape = tuple(outs[0].shape)
+    if len(shape) != 4:
+        raise ValueError(f"each out must be (batch, seqlen_q, heads, head_dim), got {shape}")
+    b, s, h, d = shape
+    dtype = arrays.dtype_name(outs[0], fw)
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise TypeError(f"outs[0] has dtype {dtype}; GPU states are float16, bfloat16 or float32")
+    for kind, xs, want_shape in (("outs", outs, shape), ("lses", lses, (b, h, s))):
+        for i, x in enumerate(xs):
+            xfw = arrays.framework_of(x)
+            if xfw != fw:
+                raise TypeError(f"{kind}[{i}] is a {xfw} array but outs[0] is a {fw} array")
+            if arrays.device_of(x, xfw) != device:
+                raise ValueError(f"{kind}[{i}] is on device {arrays.device_of(x, xfw)}; outs[0] is on device {device}")
+            want_dtype = dtype if kind == "outs" else "float32"
+            if tuple(x.shape) != want_shape or arrays.dtype_name(x, xfw) != want_dtype:
+                raise ValueError(f"{kind}[{i}] has shape {tuple(x.shape)} / dtype {arrays.dtype_name(x, xfw)}; "
+                                 f"expected {want_shape} / {want_dtype}")
+    stream = arrays.current_stream(fw, device)
+    cc = api._cc(device)
+    with arrays.device_scope(fw, device):
+        states = [(arrays.device_view(o, fw, stream), arrays.device_view(x, fw, stream)) for o, x in zip(outs, lses)]
+        keep = []  # the framework arrays behind the float32 round states, alive until the last launch
+        while len(states) > dispatch.MERGE_MAX_STATES:
+            merged = []
+            for i in range(0, len(states), dispatch.MERGE_MAX_STATES):
+                group = states[i:i + dispatch.MERGE_MAX_STATES]
+                o_native, o = arrays.empty(fw, shape, "float32", device, stream)
+                l_native, lv = arrays.empty(fw, (b, h, s), "float32", device, stream)
+                keep += [o_native, l_native]
+                ops.merge_states([g[0] for g in group], [g[1] for g in group], o, lv, stream=stream, cc=cc)
+                merged.append((o, lv))
+            states = merged
+        out_native, out = arrays.empty(fw, shape, dtype, device, stream)
+        lse_native, lse = arrays.empty(fw, (b, h, s), "float32", device, stream)
+        ops.merge_states([g[0] for g in states], [g[1] for g in states], out, lse, stream=stream, cc=cc)
+        del keep
+        return arrays.to_caller(out_native, out, fw, stream), arrays.to_caller(lse_native, lse, fw, stream)
 
 
 __all__ = ["attention_with_kvcache", "merge_attention_states", "merge_attention_states_list"]

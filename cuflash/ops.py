@@ -88,6 +88,37 @@ def strided_copy(src: DeviceArray, dst: DeviceArray, *, stream: int, cc: tuple) 
         *(i64(x) for x in src.strides), *(i64(x) for x in dst.strides[:3])))
 
 
+# merge_states.cu's MergeParams: per state (out, lse, out strides b/s/h/col, lse strides b/h/s), then the
+# merged out's, then n, batch, seqlen, heads, cols (tests/test_kvcache_gpu.py reads cf_merge_params_bytes).
+_MERGE_STATE = "QQ4q3q"
+MERGE_PARAMS = struct.Struct("<" + _MERGE_STATE * dispatch.MERGE_MAX_STATES + _MERGE_STATE + "5i4x")
+
+
+def merge_states(outs: list, lses: list, out: DeviceArray, lse: DeviceArray, *, stream: int, cc: tuple) -> None:
+    """out, lse = the merge of up to dispatch.MERGE_MAX_STATES states (merge_states.cu): ``outs`` (batch,
+    seqlen, heads, head_dim) views of one element type, ``lses`` float32 (batch, heads, seqlen) views, any
+    strides; ``out`` of the same shape (its own element type), ``lse`` float32."""
+    n = len(outs)
+    assert 1 <= n <= dispatch.MERGE_MAX_STATES and len(lses) == n
+    batch, seqlen, heads, cols = out.shape
+    rows = batch * seqlen * heads
+    if rows == 0:
+        return
+    key = dispatch.merge_states_key(outs[0].dtype, out.dtype)
+    fn = jit.get_function(key, dispatch.compile_arch(*cc), out.device, 0)
+    fields = []
+    for o, x in zip(outs, lses):
+        fields += [o.ptr, x.ptr, *o.strides, *x.strides]
+    fields += [0, 0, 0, 0, 0, 0, 0, 0, 0] * (dispatch.MERGE_MAX_STATES - n)
+    fields += [out.ptr, lse.ptr, *out.strides, *lse.strides, n, batch, seqlen, heads, cols]
+    buf = ctypes.create_string_buffer(MERGE_PARAMS.pack(*fields), MERGE_PARAMS.size)
+    argv = (ctypes.c_void_p * 1)(ctypes.addressof(buf))
+    from cupy.cuda import driver
+    # One warp a row; past 32 CTAs an SM the grid-stride loop takes the rest.
+    grid = min(-(-rows // key.warps), 32 * _sm_count(out.device))
+    driver.launchKernel(fn.ptr, grid, 1, 1, key.threads, 1, 1, 0, stream, ctypes.addressof(argv), 0)
+
+
 _memset_d32 = None
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "int32": 4}
 

@@ -25,23 +25,40 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
     return r;
 }
 
-__device__ __forceinline__ float to_float(u16 x) {
+// Conversions of one element, by type (the merge kernel converts between types); to_float / from_float
+// below pick them by CF_DTYPE.
+__device__ __forceinline__ float bf16_to_float(u16 x) { return __uint_as_float(((u32)x) << 16); }  // bf16: fp32's top half
+
+__device__ __forceinline__ float fp16_to_float(u16 x) {
     float f;
-#if CF_DTYPE == CF_BF16
-    // bf16 is the top half of an fp32.
-    f = __uint_as_float(((u32)x) << 16);
-#else
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
-#endif
     return f;
 }
 
-__device__ __forceinline__ u16 from_float(float f) {
+__device__ __forceinline__ u16 float_to_bf16(float f) {
     u16 r;
-#if CF_DTYPE == CF_BF16
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
-#else
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
-#endif
     return r;
+}
+
+__device__ __forceinline__ u16 float_to_fp16(float f) {
+    u16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+
+__device__ __forceinline__ float to_float(u16 x) {
+#if CF_DTYPE == CF_BF16
+    return bf16_to_float(x);
+#else
+    return fp16_to_float(x);
+#endif
+}
+
+__device__ __forceinline__ u16 from_float(float f) {
+#if CF_DTYPE == CF_BF16
+    return float_to_bf16(f);
+#else
+    return float_to_fp16(f);
+#endif
 }
