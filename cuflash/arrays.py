@@ -66,7 +66,7 @@ def _torch_tables():
     if not _TORCH:
         import torch
         names = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
-                 torch.float64: "float64", torch.int32: "int32"}
+                 torch.float64: "float64", torch.int32: "int32", torch.bool: "bool"}
         _TORCH["names"] = names
         _TORCH["dtypes"] = {v: k for k, v in names.items()}
         _TORCH["devices"] = {}

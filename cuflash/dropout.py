@@ -90,7 +90,7 @@ def keep_tile(seed: int, offset: int, dropout_p: float, bh, rows, cols) -> np.nd
     return draws < keep_threshold(dropout_p)
 
 
-def dropout_mask(batch, heads, seqlen_q, seqlen_k, *, dropout_p, dropout_seed, dropout_offset=0) -> np.ndarray:
+def dropout_mask(batch, heads, seqlen_q, seqlen_k, *, dropout_p, dropout_seed, dropout_offset=0, like=None):
     """The keep mask that :func:`cuflash.attention` applies for these arguments (True = kept).
 
     Parameters
@@ -101,11 +101,37 @@ def dropout_mask(batch, heads, seqlen_q, seqlen_k, *, dropout_p, dropout_seed, d
         Drop probability.
     dropout_seed, dropout_offset : int in [0, 2**64)
         As passed to :func:`cuflash.attention`.
+    like : array, optional
+        A GPU array (CuPy, torch, JAX or any DLPack producer): the mask is drawn on its device, by the device
+        generator the kernels use (kernels_cu/attention/philox.cuh), on the caller's current stream, and comes
+        back as a bool array of its type (NumPy's ``like=`` convention). Without it, or for a CPU array, NumPy.
 
     Returns
     -------
-    numpy bool array, shape (batch, heads, seqlen_q, seqlen_k).
+    bool array, shape (batch, heads, seqlen_q, seqlen_k): NumPy, or ``like``'s type on its device.
     """
     seed, offset = check_seed("dropout_seed", dropout_seed), check_seed("dropout_offset", dropout_offset)
+    if like is not None:
+        from . import arrays
+        fw = arrays.framework_of(like)
+        device = arrays.device_of(like, fw)
+        if isinstance(device, int):
+            return _mask_on_device(fw, device, (batch, heads, seqlen_q, seqlen_k), dropout_p, seed, offset)
     bh = np.arange(batch * heads, dtype=np.uint64).reshape(batch, heads)
     return keep_tile(seed, offset, dropout_p, bh, (0, seqlen_q), (0, seqlen_k))
+
+
+def _mask_on_device(fw, device, shape, dropout_p, seed, offset):
+    """dropout_mask drawn by dropout_mask.cu into a bool array of framework ``fw`` on GPU ``device``."""
+    from . import api, arrays, ops
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    for name, n in zip(("batch", "heads", "seqlen_q", "seqlen_k"), shape):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {n!r}")
+    stream = arrays.current_stream(fw, device)
+    with arrays.device_scope(fw, device):
+        native, mask = arrays.empty(fw, shape, "bool", device, stream)
+        ops.dropout_mask(mask, seed=seed, offset=offset, threshold=keep_threshold(dropout_p), stream=stream,
+                         cc=api._cc(device))
+        return arrays.to_caller(native, mask, fw, stream)

@@ -119,6 +119,21 @@ def merge_states(outs: list, lses: list, out: DeviceArray, lse: DeviceArray, *, 
     driver.launchKernel(fn.ptr, grid, 1, 1, key.threads, 1, 1, 0, stream, ctypes.addressof(argv), 0)
 
 
+def dropout_mask(mask: DeviceArray, *, seed: int, offset: int, threshold: int, stream: int, cc: tuple) -> None:
+    """Writes the dropout keep mask of a call (dropout_mask.cu) into ``mask``, a contiguous one-byte
+    (batch, heads, seqlen_q, seqlen_k) array: 1 where the element is kept (cuflash/dropout.py's rule)."""
+    batch, heads, seqlen_q, seqlen_k = mask.shape
+    items = batch * heads * seqlen_q * (-(-seqlen_k // 8))
+    if items == 0:
+        return
+    key = dispatch.DROPOUT_MASK_KEY
+    fn = jit.get_function(key, dispatch.compile_arch(*cc), mask.device, 0)
+    grid = min(-(-items // key.threads), 32 * _sm_count(mask.device))
+    i32, u64 = ctypes.c_int32, ctypes.c_uint64
+    _launch_args(fn, grid, key.threads, stream, (ctypes.c_void_p(mask.ptr), i32(batch * heads), i32(seqlen_q),
+                                                 i32(seqlen_k), u64(seed), u64(offset), ctypes.c_uint32(threshold)))
+
+
 _memset_d32 = None
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "int32": 4}
 

@@ -1,7 +1,8 @@
 """Attention dropout (cuflash/dropout.py and the CPU path): the generator is Philox4x32-10 (Random123's known
 answers), the mask keeps 1 - p of the elements within statistical bounds and is a function of (seed,
 offset, batch, head, query, key) only, so every tiling draws the same mask; forward and backward with
-dropout equal the float64 reference with that mask, whose gradients finite differences confirm.
+dropout equal the float64 reference with that mask, whose gradients finite differences confirm; on the GPU
+(gpu-marked) the device generator the kernels draw with (philox.cuh) keeps exactly the NumPy path's elements.
 """
 
 import numpy as np
@@ -133,3 +134,30 @@ def test_expected_output_is_unbiased():
     outs = np.stack([cuflash.attention(q, k, v, dropout_p=0.3, dropout_seed=s) for s in range(200)])
     err = np.abs(outs.mean(0) - plain)
     assert (err < 5 * outs.std(0) / np.sqrt(len(outs)) + 1e-12).all()
+
+
+def test_like_a_cpu_array_is_the_numpy_mask():
+    """``like=`` a CPU array (NumPy) keeps the NumPy path: the same mask as without it."""
+    kw = dict(dropout_p=0.3, dropout_seed=5, dropout_offset=7)
+    np.testing.assert_array_equal(cuflash.dropout_mask(2, 3, 17, 29, like=np.zeros(1), **kw),
+                                  cuflash.dropout_mask(2, 3, 17, 29, **kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed,offset", [(0, 0), (12345, 3), ((1 << 40) + 77, (1 << 33) + 5), ((1 << 64) - 1, 1 << 63)])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.999])
+def test_device_generator_draws_the_numpy_mask(seed, offset, p):
+    """The device Philox (philox.cuh, as the kernels will draw) keeps exactly the elements the NumPy path
+    keeps, bit for bit, for seeds and offsets past 2**32 and sizes off multiples of 8; ``like=`` a CuPy array
+    or a CUDA torch tensor gives a bool array of that type on its device."""
+    import cupy
+    shape = (2, 3, 37, 45)
+    want = cuflash.dropout_mask(*shape, dropout_p=p, dropout_seed=seed, dropout_offset=offset)
+    got = cuflash.dropout_mask(*shape, dropout_p=p, dropout_seed=seed, dropout_offset=offset, like=cupy.zeros(1))
+    assert isinstance(got, cupy.ndarray) and got.dtype == np.bool_ and got.shape == shape
+    np.testing.assert_array_equal(cupy.asnumpy(got), want)
+    torch = pytest.importorskip("torch")
+    t = cuflash.dropout_mask(*shape, dropout_p=p, dropout_seed=seed, dropout_offset=offset,
+                             like=torch.zeros(1, device="cuda"))
+    assert t.dtype == torch.bool and t.is_cuda
+    np.testing.assert_array_equal(t.cpu().numpy(), want)

@@ -1,0 +1,49 @@
+// Attention dropout's draws on the device: Philox4x32-10 (Salmon et al., SC 2011) keyed exactly as
+// cuflash/dropout.py keys it, so that a kernel, any tiling of it and the NumPy path keep the same elements.
+// Element (b, h, i, j) of a call with `heads` query heads reads
+//     counter = (j / 8, i, b * heads + h, offset mod 2^32),  key = (seed mod 2^32, (seed >> 32) ^ (offset >> 32))
+// and takes the 16-bit half (j % 8) % 2 (low first) of output word (j % 8) / 2: one call serves eight
+// neighbouring keys of a row. Kept iff that value < round((1 - p) * 65536) (the host passes the threshold).
+#pragma once
+#include "ptx/types.cuh"
+
+struct PhiloxKey {
+    u32 k0, k1;
+};
+
+// The four output words of Philox4x32-10 for counter (c0, c1, c2, c3) under `key`.
+__device__ __forceinline__ void philox4x32_10(u32 c[4], PhiloxKey key) {
+    constexpr u32 kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;  // round multipliers
+    constexpr u32 kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;  // key schedule increments
+#pragma unroll
+    for (int r = 0; r < 10; ++r) {
+        const u32 hi0 = __umulhi(kM0, c[0]), lo0 = kM0 * c[0];
+        const u32 hi1 = __umulhi(kM1, c[2]), lo1 = kM1 * c[2];
+        const u32 n0 = hi1 ^ c[1] ^ key.k0, n2 = hi0 ^ c[3] ^ key.k1;
+        c[0] = n0;
+        c[1] = lo1;
+        c[2] = n2;
+        c[3] = lo0;
+        key.k0 += kW0;
+        key.k1 += kW1;
+    }
+}
+
+// The key of a call's (seed, offset), both 64-bit.
+__device__ __forceinline__ PhiloxKey dropout_key(u64 seed, u64 offset) {
+    return PhiloxKey{(u32)seed, (u32)(seed >> 32) ^ (u32)(offset >> 32)};
+}
+
+// Keep bits of keys 8 g .. 8 g + 7 of query row `row` of (batch * heads + head) `bh`: bit t set iff key
+// 8 g + t is kept.
+__device__ __forceinline__ u32 dropout_keep8(PhiloxKey key, u64 offset, u32 bh, u32 row, u32 group, u32 threshold) {
+    u32 c[4] = {group, row, bh, (u32)offset};
+    philox4x32_10(c, key);
+    u32 bits = 0;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+        bits |= (u32)((c[w] & 0xFFFFu) < threshold) << (2 * w);
+        bits |= (u32)((c[w] >> 16) < threshold) << (2 * w + 1);
+    }
+    return bits;
+}
