@@ -74,7 +74,7 @@ class KernelKey:
 
     @functools.cached_property
     def name(self) -> str:
-        if self.family in (STRIDED_COPY_FAMILY, DROPOUT_MASK_FAMILY):  # one variant each: no types, tiles or flags
+        if self.family in (STRIDED_COPY_FAMILY, DROPOUT_MASK_FAMILY, KVCACHE_APPEND_FAMILY):  # one variant each
             return self.family
         if self.family == MERGE_STATES_FAMILY:  # element types in and out, nothing else
             d = dict(self.extra)
@@ -537,10 +537,17 @@ def all_merge_states_keys() -> list[KernelKey]:
     pairs = [(t, t) for t in MERGE_TYPES.values()]
     pairs += [(t, "float32") for t in ("float16", "bfloat16")] + [("float32", t) for t in ("float16", "bfloat16")]
     return [merge_states_key(a, b) for a, b in pairs]
+
+
 # The dropout keep mask as bytes (dropout_mask.cu; cuflash.dropout_mask for GPU arrays): the device Philox
 # (philox.cuh) that the attention kernels' dropout draws with, checked against cuflash/dropout.py.
 DROPOUT_MASK_FAMILY = "dropout_mask"
 DROPOUT_MASK_KEY = KernelKey(DROPOUT_MASK_FAMILY, "dropout_keep_mask", "fp16", 0, warps=8)
+
+# The KV-cache append and the variable-length indices of cuflash.attention_with_kvcache on the GPU
+# (kvcache_append.cu): 16-bit words, one variant.
+KVCACHE_APPEND_FAMILY = "kvcache_append"
+KVCACHE_APPEND_KEY = KernelKey(KVCACHE_APPEND_FAMILY, "kvcache_append", "fp16", 0, warps=8)
 
 
 def all_backward_keys() -> list[KernelKey]:
@@ -580,6 +587,7 @@ def all_keys() -> list[KernelKey]:
     for k in all_merge_states_keys():
         keys[k.name] = k
     keys[DROPOUT_MASK_KEY.name] = DROPOUT_MASK_KEY
+    keys[KVCACHE_APPEND_KEY.name] = KVCACHE_APPEND_KEY
     return list(keys.values())
 
 

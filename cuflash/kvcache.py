@@ -110,9 +110,25 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         Named arguments of the wrong type, dtype or shape; ``cache_seqlens`` + new tokens past the cache (or
         past the pages the block table lists); page indices out of range.
     NotImplementedError
-        GPU arrays.
+        GPU arrays with ``block_table``, ``cache_batch_idx`` or rotary tables (the CPU path has them).
+
+    Notes
+    -----
+    GPU arrays: the new keys and values are appended by one kernel (kvcache_append.cu), which also writes
+    variable-length indices over the caches, then the variable-length forward attends over each sequence's
+    cache rows: no host synchronization, so the values of ``cache_seqlens`` / ``cache_leftpad`` are not
+    checked there (new rows past the cache are dropped; key ranges are clamped to the cache). The
+    decode-specialized kernel (query heads of a KV head packed in one tile, split-KV) is not written yet:
+    a decode step runs the prefill kernels.
     """
     name = "cuflash.attention_with_kvcache"
+    q_fw = arrays.framework_of(q)
+    if isinstance(arrays.device_of(q, q_fw), int):
+        return _with_kvcache_gpu(q, k_cache, v_cache, k, v, q_fw, cache_seqlens=cache_seqlens,
+                                 cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
+                                 rotary_cos=rotary_cos, rotary_sin=rotary_sin, causal=causal, window_size=window_size,
+                                 softcap=softcap, alibi_slopes=alibi_slopes, softmax_scale=softmax_scale,
+                                 num_splits=num_splits, return_lse=return_lse)
     qn, fw = _np(q, name)
     kc, _ = _np(k_cache, name)
     vc, _ = _np(v_cache, name)
@@ -331,6 +347,127 @@ def _merge_gpu(outs, lses, fw):
         ops.merge_states([g[0] for g in states], [g[1] for g in states], out, lse, stream=stream, cc=cc)
         del keep
         return arrays.to_caller(out_native, out, fw, stream), arrays.to_caller(lse_native, lse, fw, stream)
+
+
+def _device_index(name, x, batch, fw, device, stream):
+    """A unit-stride int32 (batch,) device view of ``x`` (or None), checked for type, shape and device."""
+    if x is None:
+        return None
+    xfw = arrays.framework_of(x)
+    if xfw != fw or arrays.device_of(x, xfw) != device:
+        raise TypeError(f"{name} must be a {fw} array on device {device}, like q")
+    if arrays.dtype_name(x, xfw) != "int32" or tuple(x.shape) != (batch,):
+        raise ValueError(f"{name} must be int32 of shape ({batch},), got {arrays.dtype_name(x, xfw)} {tuple(x.shape)}")
+    view = arrays.device_view(x, fw, stream)
+    return view if view.strides == (1,) else arrays.contiguous_copy(x, fw, device, stream)
+
+
+def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+                      rotary_cos, rotary_sin, causal, window_size, softcap, alibi_slopes, softmax_scale, num_splits,
+                      return_lse):
+    """attention_with_kvcache for GPU arrays (see its Notes): kvcache_append.cu, then varlen.forward_device
+    over the caches as packed (batch_cache * seqlen_cache, heads_k, d) views."""
+    from . import ops, varlen
+    name = "cuflash.attention_with_kvcache"
+    for feature, value in (("block_table (a paged cache)", block_table), ("cache_batch_idx", cache_batch_idx),
+                           ("rotary_cos / rotary_sin", rotary_cos if rotary_cos is not None else rotary_sin)):
+        if value is not None:
+            raise NotImplementedError(f"{name}: {feature} with GPU arrays is not implemented yet (the CPU path has it)")
+    device = arrays.device_of(q, fw)
+    dtype = arrays.dtype_name(q, fw)
+    if dtype not in api._GPU_DTYPES:
+        raise TypeError(f"q has dtype {dtype}; expected one of {', '.join(api._GPU_DTYPES)} for GPU arrays")
+    if len(q.shape) != 4 or q.shape[1] < 1:
+        raise ValueError(f"q must be 4-D (batch, seqlen_q >= 1, heads_q, head_dim), got shape {tuple(q.shape)}")
+    batch, seqlen_q, heads_q, d = (int(n) for n in q.shape)
+    arrays_in = [("k_cache", k_cache), ("v_cache", v_cache)] + ([("k", k), ("v", v)] if k is not None else [])
+    for nm, x in arrays_in:
+        xfw = arrays.framework_of(x)
+        if xfw != fw or arrays.device_of(x, xfw) != device:
+            raise TypeError(f"{nm} must be a {fw} array on device {device}, like q")
+        if len(x.shape) != 4 or x.shape[3] != d or arrays.dtype_name(x, xfw) != dtype:
+            raise ValueError(f"{nm} must be 4-D (.., .., heads_k, {d}) of dtype {dtype}, got {tuple(x.shape)} "
+                             f"{arrays.dtype_name(x, xfw)}")
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (or neither)")
+    batch_cache, seqlen_cache, heads_k = (int(n) for n in k_cache.shape[:3])
+    if tuple(v_cache.shape) != tuple(k_cache.shape):
+        raise ValueError(f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    if batch_cache < batch:
+        raise ValueError(f"k_cache has {batch_cache} rows for a batch of {batch}")
+    if heads_q % heads_k:
+        raise ValueError(f"heads_q ({heads_q}) must be a multiple of heads_k ({heads_k}) (GQA/MQA)")
+    if k is not None and (tuple(k.shape) != tuple(v.shape) or k.shape[0] != batch or tuple(k.shape[2:]) != (heads_k, d)):
+        raise ValueError(f"k and v must have shape ({batch}, seqlen_new, {heads_k}, {d}), got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if batch_cache * seqlen_cache >= 1 << 31 or batch * seqlen_q >= 1 << 31:
+        raise ValueError("the caches' batch_cache * seqlen_cache rows (and batch * seqlen_q) must stay below 2**31")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
+    causal = api._check_flag("causal", causal)
+    window = api._check_window(window_size)
+    softcap = api._check_real("softcap", softcap, nonneg=True)
+    scale = api._check_real("softmax_scale", softmax_scale, allow_none=True, positive=True)
+    scale = d ** -0.5 if scale is None else scale
+    return_lse = api._check_flag("return_lse", return_lse)
+    if alibi_slopes is not None:
+        afw = arrays.framework_of(alibi_slopes)
+        if (afw != fw or arrays.device_of(alibi_slopes, afw) != device
+                or arrays.dtype_name(alibi_slopes, afw) != "float32"
+                or tuple(alibi_slopes.shape) not in ((heads_q,), (batch, heads_q))):
+            raise ValueError(f"alibi_slopes must be a float32 {fw} array on device {device} of shape ({heads_q},) or "
+                             f"({batch}, {heads_q})")
+    seqlens_value = 0
+    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+        seqlens_value, cache_seqlens = int(cache_seqlens), None
+        if not 0 <= seqlens_value <= seqlen_cache:
+            raise ValueError(f"cache_seqlens={seqlens_value} must lie in [0, {seqlen_cache}]")
+    stream = arrays.current_stream(fw, device)
+    cc = api._cc(device)
+    with arrays.device_scope(fw, device):
+        seqlens = _device_index("cache_seqlens", cache_seqlens, batch, fw, device, stream)
+        leftpad = _device_index("cache_leftpad", cache_leftpad, batch, fw, device, stream)
+        kc, vc = (arrays.device_view(x, fw, stream) for x in (k_cache, v_cache))
+        for nm, view in (("k_cache", kc), ("v_cache", vc)):
+            if view.strides[3] != 1 or view.strides[0] != seqlen_cache * view.strides[1]:
+                raise NotImplementedError(f"{name}: {nm} must be contiguous along (batch, seqlen) with unit head_dim "
+                                          f"stride on the GPU (read in place as packed sequences), got strides "
+                                          f"{view.strides}")
+        news = [None, None]
+        if k is not None:
+            news = [arrays.device_view(x, fw, stream) for x in (k, v)]
+            news = [n if n.strides[3] == 1 else arrays.contiguous_copy(x, fw, device, stream)
+                    for n, x in zip(news, (k, v))]
+        _, cu_q = arrays.empty(fw, (batch + 1,), "int32", device, stream)
+        _, cu_k = arrays.empty(fw, (batch + 1,), "int32", device, stream)
+        _, used_k = arrays.empty(fw, (max(batch, 1),), "int32", device, stream)
+        ops.kvcache_append(kc, vc, *news, seqlens, seqlens_value, leftpad, cu_q, cu_k, used_k, seqlen_q=seqlen_q,
+                           stream=stream, cc=cc)
+        qv = arrays.device_view(q, fw, stream)
+        if qv.strides[0] != seqlen_q * qv.strides[1]:
+            qv = arrays.contiguous_copy(q, fw, device, stream)
+        q3 = arrays.DeviceArray(qv.ptr, (batch * seqlen_q, heads_q, d), qv.strides[1:], dtype, device, qv.owner)
+        k3, v3 = (arrays.DeviceArray(x.ptr, (batch_cache * seqlen_cache, heads_k, d), x.strides[1:], dtype, device,
+                                     x.owner) for x in (kc, vc))
+        out_native, out = arrays.empty(fw, (batch, seqlen_q, heads_q, d), dtype, device, stream)
+        out3 = arrays.DeviceArray(out.ptr, (batch * seqlen_q, heads_q, d), out.strides[1:], dtype, device, out.owner)
+        _, lse_packed = arrays.empty(fw, (heads_q, batch * seqlen_q), "float32", device, stream)
+        varlen.forward_device(q3, k3, v3, out3, lse_packed, api._device_alibi(alibi_slopes, fw, stream),
+                              [cu_q, cu_k, None, used_k], max_seqlen_q=seqlen_q, max_seqlen_k=seqlen_cache,
+                              causal=causal, softmax_scale=scale, window_size=window, softcap=softcap, fw=fw,
+                              stream=stream, cc=cc)
+        out = arrays.to_caller(out_native, out, fw, stream)
+        if not return_lse:
+            return out
+        # (heads_q, batch * seqlen_q) -> (batch, heads_q, seqlen_q): each float32 as two 16-bit words, moved by
+        # the layout copy (strided_copy.cu) viewing both as (batch, seqlen_q, heads_q, 2 words).
+        lse_native, lse = arrays.empty(fw, (batch, heads_q, seqlen_q), "float32", device, stream)
+        src = arrays.DeviceArray(lse_packed.ptr, (batch, seqlen_q, heads_q, 2), (2 * seqlen_q, 2, 2 * batch * seqlen_q, 1),
+                                 "float16", device)
+        dst = arrays.DeviceArray(lse.ptr, (batch, seqlen_q, heads_q, 2), (2 * heads_q * seqlen_q, 2, 2 * seqlen_q, 1),
+                                 "float16", device)
+        ops.strided_copy(src, dst, stream=stream, cc=cc)
+        return out, arrays.to_caller(lse_native, lse, fw, stream)
 
 
 __all__ = ["attention_with_kvcache", "merge_attention_states", "merge_attention_states_list"]

@@ -134,6 +134,31 @@ def dropout_mask(mask: DeviceArray, *, seed: int, offset: int, threshold: int, s
                                                  i32(seqlen_k), u64(seed), u64(offset), ctypes.c_uint32(threshold)))
 
 
+def kvcache_append(k_cache: DeviceArray, v_cache: DeviceArray, k_new, v_new, cache_seqlens, cache_seqlens_value: int,
+                   leftpad, cu_q: DeviceArray, cu_k: DeviceArray, seqused_k: DeviceArray, *, seqlen_q: int,
+                   stream: int, cc: tuple) -> None:
+    """The KV-cache append and the variable-length indices (kvcache_append.cu): ``k_new``/``v_new`` (batch,
+    seqlen_new, heads_k, d) views (or None) into the (batch, seqlen_cache, heads_k, d) caches at
+    ``cache_seqlens`` (an int32 view, or None for ``cache_seqlens_value``); writes cu_q, cu_k (batch + 1,)
+    and seqused_k (batch,) for the variable-length forward. Unit column strides."""
+    batch, seqlen_cache, heads, d = k_cache.shape
+    batch = cu_q.shape[0] - 1
+    seqlen_new = 0 if k_new is None else k_new.shape[1]
+    key = dispatch.KVCACHE_APPEND_KEY
+    fn = jit.get_function(key, dispatch.compile_arch(*cc), k_cache.device, 0)
+    rows = batch * seqlen_new * heads
+    grid = max(1, min(-(-max(rows, 1) // key.warps), 32 * _sm_count(k_cache.device)))
+    i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+    news = [(0, (0, 0, 0)) if x is None else (x.ptr, x.strides[:3]) for x in (k_new, v_new)]
+    _launch_args(fn, grid, key.threads, stream, (
+        ptr(k_cache.ptr), ptr(v_cache.ptr), ptr(news[0][0]), ptr(news[1][0]),
+        ptr(0 if cache_seqlens is None else cache_seqlens.ptr), i32(cache_seqlens_value),
+        ptr(0 if leftpad is None else leftpad.ptr), ptr(cu_q.ptr), ptr(cu_k.ptr), ptr(seqused_k.ptr),
+        i32(batch), i32(seqlen_q), i32(seqlen_new), i32(seqlen_cache), i32(heads), i32(d),
+        *(i64(x) for x in k_cache.strides[:3]), *(i64(x) for x in v_cache.strides[:3]),
+        *(i64(x) for x in news[0][1]), *(i64(x) for x in news[1][1])))
+
+
 _memset_d32 = None
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "int32": 4}
 

@@ -1,123 +1,133 @@
-"""cuflash.merge_attention_states on the GPU (cuflash/kvcache.py -> ops.merge_states -> merge_states.cu): the
-merge of attention over disjoint key blocks equals attention over all keys under FlashAttention's rule
-(fp16 / bf16, GQA, causal blocks that leave rows without keys); float32 states of many parts (more than one
-launch takes, merged in rounds) equal the float64 CPU merge; a part's rows that saw no key (LSE +inf) are
-never read, even when they hold NaN; strided views merge as contiguous ones; the parameter block the host
-packs matches the kernel's."""
+"""cuflash.attention_with_kvcache on the GPU (cuflash/kvcache.py -> kvcache_append.cu, then the variable-length
+forward over the caches): the in-place append is byte-exact and touches nothing else; each sequence's output
+follows FlashAttention's rule against the float64 attention over its valid cache rows (cache_seqlens as an
+int and per sequence, cache_leftpad, GQA, causal / window / softcap / ALiBi, seqlen_q 1, 4 and 33, with and
+without new keys), NaN in the unused cache slots never reaching an output; the LSE comes back as (batch,
+heads_q, seqlen_q); flash_attn_with_kvcache mutates torch caches in place and a decode step replays in a CUDA
+graph; paged caches, cache_batch_idx and rotary raise NotImplementedError on GPU arrays."""
 
 import numpy as np
 import pytest
 
 import cuflash
-from cuflash import dispatch, ops, reference
+from cuflash import reference
 
 from gpu_helpers import flash_rule, naive_same_dtype, np_dtype, to_device, to_host
 
 pytestmark = pytest.mark.gpu
 
 
-def _device_int(key, symbol):
-    import cupy
-    from cupy.cuda import function
+def _case(dtype, batch=3, seqlen_cache=300, hq=8, hk=2, d=64, seqlen_q=1, seqlen_new=1, seed=0):
+    rng = np.random.default_rng(seed)
+    cache = [rng.standard_normal((batch, seqlen_cache, hk, d)).astype(np.float32) for _ in range(2)]
+    lens = np.array([0, 170, seqlen_cache - seqlen_new][:batch], np.int32)
+    for c in cache:  # unused slots (past each sequence's end after the append): NaN, never to be read
+        for b, n in enumerate(lens):
+            c[b, n + seqlen_new:] = np.nan
+    q = rng.standard_normal((batch, seqlen_q, hq, d)).astype(np.float32)
+    new = [rng.standard_normal((batch, seqlen_new, hk, d)).astype(np.float32) for _ in range(2)]
+    cast = lambda x: x.astype(np_dtype(dtype))  # noqa: E731
+    return cast(q), [cast(c) for c in cache], [cast(x) for x in new], lens
 
-    from cuflash import jit
-    arch = dispatch.compile_arch(*divmod(int(cupy.cuda.Device().compute_capability), 10))
-    mod = function.Module()
-    mod.load(jit.cubin_for(key, arch))
-    ptr = mod.get_global_var(symbol)
-    host = np.zeros(1, np.int32)
-    cupy.cuda.runtime.memcpy(host.ctypes.data, getattr(ptr, "ptr", ptr), 4, 2)
-    return int(host[0])
 
-
-def test_parameter_block_matches_the_kernel():
-    for key in dispatch.all_merge_states_keys():
-        assert _device_int(key, "cf_merge_params_bytes") == ops.MERGE_PARAMS.size
-        assert _device_int(key, "cf_merge_max_states") == dispatch.MERGE_MAX_STATES
+def _expected_cache(cache, new, lens):
+    out = cache.copy()
+    for b, n in enumerate(lens):
+        out[b, n:n + new.shape[1]] = new[b]
+    return out
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("causal", [False, True])
-def test_merged_key_blocks_equal_attention_over_all_keys(dtype, causal):
-    """Attention of q over three disjoint key blocks of 150, 1 and 300 keys (causal: the last block's own
-    bottom-right mask is the global one there, the earlier blocks lie wholly before every query's diagonal),
-    merged on the GPU, follows FlashAttention's rule against the float64 attention over all keys; its LSE
-    equals the reference's."""
-    rng = np.random.default_rng(4)
-    b, sq, hq, hk, d = 2, 97, 4, 2, 64
-    q = rng.standard_normal((b, sq, hq, d)).astype(np.float32)
-    kv = [rng.standard_normal((b, n, hk, d)).astype(np.float32) for n in (150, 1, 300) for _ in range(2)]
-    ks, vs = kv[0::2], kv[1::2]
-    dq = to_device(q.astype(np_dtype(dtype)))
-    dk, dv = [to_device(k.astype(np_dtype(dtype))) for k in ks], [to_device(v.astype(np_dtype(dtype))) for v in vs]
-    parts = [cuflash.attention(dq, k, v, causal=causal and i == 2, return_lse=True)
-             for i, (k, v) in enumerate(zip(dk, dv))]
-    out, lse = cuflash.merge_attention_states_list([p[0] for p in parts], [p[1] for p in parts])
-    assert out.dtype == dq.dtype and lse.dtype == np.float32
-    k_all = np.concatenate([to_host(k).astype(np.float64) for k in dk], axis=1)
-    v_all = np.concatenate([to_host(v).astype(np.float64) for v in dv], axis=1)
-    q64 = to_host(dq).astype(np.float64)
-    ref, ref_lse = reference.attention_reference(q64, k_all, v_all, causal=causal)
+@pytest.mark.parametrize("seqlen_q,seqlen_new", [(1, 1), (4, 4), (33, 33), (1, 0)])
+@pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(window_size=(40, 0), softcap=5.0),
+                                  dict(causal=True, alibi="per_sequence"), dict(leftpad=True, causal=True)])
+def test_each_sequence_follows_flash_rule(dtype, seqlen_q, seqlen_new, opts):
     import cupy
-    base = naive_same_dtype(dq, cupy.concatenate(dk, axis=1), cupy.concatenate(dv, axis=1), causal=causal)
-    flash_rule(to_host(out).astype(np.float64), ref, base)
-    np.testing.assert_allclose(to_host(lse), ref_lse, rtol=1e-5, atol=1e-5)
+    opts = dict(opts)
+    alibi, use_leftpad = opts.pop("alibi", None), opts.pop("leftpad", False)
+    q, (kc, vc), (kn, vn), lens = _case(dtype, seqlen_q=seqlen_q, seqlen_new=seqlen_new)
+    batch, hq = q.shape[0], q.shape[2]
+    leftpad = np.minimum(np.array([0, 37, 5], np.int32), lens) if use_leftpad else np.zeros(3, np.int32)
+    slopes = np.random.default_rng(2).random((batch, hq)).astype(np.float32) * 0.2 if alibi else None
+    dq, dkc, dvc = (cupy.asarray(x) for x in (q, kc, vc))
+    kw = dict(cache_seqlens=cupy.asarray(lens), return_lse=True,
+              cache_leftpad=cupy.asarray(leftpad) if use_leftpad else None,
+              alibi_slopes=None if slopes is None else cupy.asarray(slopes), **opts)
+    new = (cupy.asarray(kn), cupy.asarray(vn)) if seqlen_new else (None, None)
+    out, lse = cuflash.attention_with_kvcache(dq, dkc, dvc, *new, **kw)
+    assert out.shape == q.shape and lse.shape == (batch, hq, seqlen_q) and lse.dtype == np.float32
+    want_k, want_v = (_expected_cache(c, n, lens) for c, n in ((kc, kn), (vc, vn)))
+    np.testing.assert_array_equal(cupy.asnumpy(dkc).view(np.uint16), want_k.view(np.uint16))  # NaN bits too
+    np.testing.assert_array_equal(cupy.asnumpy(dvc).view(np.uint16), want_v.view(np.uint16))
+    out = to_host(out).astype(np.float64)
+    for b in range(batch):
+        keys = slice(leftpad[b], lens[b] + seqlen_new)
+        kb, vb = want_k[b:b + 1, keys], want_v[b:b + 1, keys]
+        row = None if slopes is None else slopes[b]
+        ref, ref_lse = reference.attention_reference(q[b:b + 1].astype(np.float64), kb.astype(np.float64),
+                                                     vb.astype(np.float64), alibi_slopes=row, **opts)
+        if kb.shape[1] == 0:
+            assert np.all(out[b] == 0) and np.all(np.isinf(cupy.asnumpy(lse)[b]))
+            continue
+        base = naive_same_dtype(q[b:b + 1], kb, vb, alibi_slopes=row, **opts)
+        flash_rule(out[b:b + 1], ref, base)
+        fin = np.isfinite(ref_lse[0])
+        np.testing.assert_allclose(cupy.asnumpy(lse)[b][fin], ref_lse[0][fin], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("n", [1, 3, 16, 40])
-def test_float32_states_equal_the_cpu_merge(n):
-    """n float32 states (40: three launches of 16 into float32 states, then one) with random LSEs, some
-    +inf (a part that saw no key, whose out rows hold NaN and must not be read) and one row +inf in every
-    state: the GPU merge equals the float64 CPU merge to fp32 accuracy, the empty row 0 with LSE +inf."""
+def test_int_cache_seqlens_equals_the_per_sequence_array():
     import cupy
-    rng = np.random.default_rng(n)
-    b, s, h, d = 2, 5, 3, 40
-    outs = [rng.standard_normal((b, s, h, d)).astype(np.float32) for _ in range(n)]
-    lses = [(rng.standard_normal((b, h, s)) * 3).astype(np.float32) for _ in range(n)]
-    for i in range(0, n, 3):
-        lses[i][0, 1, 2] = np.inf
-        outs[i][0, 2, 1] = np.nan
-    for x in lses:
-        x[1, 2, 4] = np.inf
-    for o in outs:
-        o[1, 4, 2] = np.nan
-    if n == 1:
-        lses[0][0, 1, 2] = 0.5  # a lone state keeps its rows
-        outs[0][0, 2, 1] = 1.0
-    got, got_lse = cuflash.merge_attention_states_list([cupy.asarray(o) for o in outs], [cupy.asarray(x) for x in lses])
-    want, want_lse = cuflash.merge_attention_states_list(outs, lses)
-    np.testing.assert_allclose(cupy.asnumpy(got), want, rtol=2e-5, atol=2e-6)
-    np.testing.assert_allclose(cupy.asnumpy(got_lse), want_lse, rtol=1e-6, atol=1e-5)
-    assert np.all(cupy.asnumpy(got)[1, 4, 2] == 0) and cupy.asnumpy(got_lse)[1, 2, 4] == np.inf
+    q, (kc, vc), (kn, vn), _ = _case("float16", seqlen_q=4, seqlen_new=4)
+    runs = []
+    for lens in (120, cupy.full(3, 120, cupy.int32)):
+        caches = [cupy.asarray(kc), cupy.asarray(vc)]
+        out = cuflash.attention_with_kvcache(cupy.asarray(q), *caches, cupy.asarray(kn), cupy.asarray(vn),
+                                             cache_seqlens=lens, causal=True)
+        runs.append((out, caches))
+    assert bool(cupy.array_equal(runs[0][0], runs[1][0]))
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert bool(cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16)))
 
 
-def test_strided_views_and_torch_tensors():
-    """States given as non-contiguous views (a transposed layout, every other column block) merge as their
-    contiguous copies do, bit for bit; torch tensors come back as torch tensors of their dtype."""
-    import cupy
-    rng = np.random.default_rng(7)
-    b, s, h, d = 2, 33, 4, 64
-    wide = [cupy.asarray(rng.standard_normal((b, h, s, 2 * d)).astype(np.float16)) for _ in range(2)]
-    views = [w.transpose(0, 2, 1, 3)[..., ::2] for w in wide]  # (b, s, h, d), strides (h s 2d, 2d, s 2d, 2)
-    lses = [cupy.asarray(rng.standard_normal((b, s, h)).astype(np.float32)).transpose(0, 2, 1) for _ in range(2)]
-    got, got_lse = cuflash.merge_attention_states(views[0], lses[0], views[1], lses[1])
-    want, want_lse = cuflash.merge_attention_states(*(cupy.ascontiguousarray(x) for x in (views[0], lses[0], views[1],
-                                                                                          lses[1])))
-    assert bool(cupy.array_equal(got, want)) and bool(cupy.array_equal(got_lse, want_lse))
+def test_torch_flash_attn_with_kvcache_in_place_and_cuda_graph():
+    """flash_attn_with_kvcache on CUDA tensors appends into the caller's caches in place; a decode step
+    (append one token, attend) captured in a CUDA graph replays with cache_seqlens advanced on the device and
+    new values copied in, equal to the eager step."""
     torch = pytest.importorskip("torch")
-    t = [torch.from_dlpack(x) for x in (views[0], lses[0], views[1], lses[1])]
-    tout, tlse = cuflash.merge_attention_states(*t)
-    assert isinstance(tout, torch.Tensor) and tout.dtype == torch.float16 and tout.is_cuda
-    assert bool(cupy.array_equal(cupy.from_dlpack(tout), want))
+    from cuflash.torch import flash_attn_with_kvcache
+    q, (kc, vc), (kn, vn), lens = _case("bfloat16", seqlen_q=1, seqlen_new=1)
+    t = lambda x: torch.from_numpy(x.astype(np.float32)).to("cuda", torch.bfloat16)  # noqa: E731
+    k_cache, v_cache = t(np.nan_to_num(kc)), t(np.nan_to_num(vc))
+    lens = np.array([3, 10, 200], np.int32)
+    seqlens = torch.from_numpy(lens).cuda()
+    tq, tk, tv = t(q), t(kn), t(vn)
+    ptr = k_cache.data_ptr()
+    out = flash_attn_with_kvcache(tq, k_cache, v_cache, tk, tv, cache_seqlens=seqlens, causal=True)
+    assert k_cache.data_ptr() == ptr and torch.equal(k_cache[1, 10], tk[1, 0])
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        flash_attn_with_kvcache(tq, k_cache, v_cache, tk, tv, cache_seqlens=seqlens, causal=True)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step = flash_attn_with_kvcache(tq, k_cache, v_cache, tk, tv, cache_seqlens=seqlens, causal=True)
+    eager_k, eager_v = k_cache.clone(), v_cache.clone()
+    seqlens += 1
+    q2, k2, v2 = (torch.randn_like(x) for x in (tq, tk, tv))
+    tq.copy_(q2), tk.copy_(k2), tv.copy_(v2)
+    graph.replay()
+    want = flash_attn_with_kvcache(q2, eager_k, eager_v, k2, v2, cache_seqlens=seqlens, causal=True)
+    torch.cuda.synchronize()
+    assert torch.equal(step, want) and torch.equal(k_cache, eager_k) and out.shape == tq.shape
 
 
-def test_bad_states_raise_before_any_launch():
+@pytest.mark.parametrize("what", ["block_table", "cache_batch_idx", "rotary"])
+def test_unwritten_gpu_features_raise(what):
     import cupy
-    o = cupy.zeros((1, 4, 2, 8), cupy.float16)
-    x = cupy.zeros((1, 2, 4), cupy.float32)
-    with pytest.raises(ValueError, match=r"outs\[1\]"):
-        cuflash.merge_attention_states(o, x, o[:, :3], x)
-    with pytest.raises(ValueError, match=r"lses\[1\]"):
-        cuflash.merge_attention_states(o, x, o, x.astype(cupy.float16))
-    with pytest.raises(TypeError, match="outs\\[1\\] is a numpy array"):
-        cuflash.merge_attention_states(o, x, np.zeros((1, 4, 2, 8), np.float16), x)
+    q, (kc, vc), _, lens = _case("float16")
+    kw = {"block_table": dict(block_table=cupy.zeros((3, 2), cupy.int32)),
+          "cache_batch_idx": dict(cache_batch_idx=cupy.arange(3, dtype=cupy.int32)),
+          "rotary": dict(rotary_cos=cupy.ones((400, 16), cupy.float16), rotary_sin=cupy.zeros((400, 16), cupy.float16))}
+    with pytest.raises(NotImplementedError, match=what.split("_")[0]):
+        cuflash.attention_with_kvcache(cupy.asarray(q), cupy.asarray(kc), cupy.asarray(vc), cache_seqlens=5, **kw[what])
