@@ -78,6 +78,7 @@ def test_each_sequence_follows_flash_rule(dtype, seqlen_q, seqlen_new, opts):
 def test_int_cache_seqlens_equals_the_per_sequence_array():
     import cupy
     q, (kc, vc), (kn, vn), _ = _case("float16", seqlen_q=4, seqlen_new=4)
+    kc, vc = (np.nan_to_num(c.astype(np.float32)).astype(np.float16) for c in (kc, vc))  # 120 rows all valid
     runs = []
     for lens in (120, cupy.full(3, 120, cupy.int32)):
         caches = [cupy.asarray(kc), cupy.asarray(vc)]
@@ -97,7 +98,7 @@ def test_torch_flash_attn_with_kvcache_in_place_and_cuda_graph():
     from cuflash.torch import flash_attn_with_kvcache
     q, (kc, vc), (kn, vn), lens = _case("bfloat16", seqlen_q=1, seqlen_new=1)
     t = lambda x: torch.from_numpy(x.astype(np.float32)).to("cuda", torch.bfloat16)  # noqa: E731
-    k_cache, v_cache = t(np.nan_to_num(kc)), t(np.nan_to_num(vc))
+    k_cache, v_cache = (t(np.nan_to_num(c.astype(np.float32))) for c in (kc, vc))  # lens below differ from _case's
     lens = np.array([3, 10, 200], np.int32)
     seqlens = torch.from_numpy(lens).cuda()
     tq, tk, tv = t(q), t(kn), t(vn)
