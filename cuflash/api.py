@@ -10,7 +10,7 @@ import numbers
 
 import numpy as np
 
-from . import arrays, reference
+from . import arrays, executor, reference
 
 _GPU_DTYPES = ("float16", "bfloat16")
 _CPU_DTYPES = ("float16", "float32", "float64")
@@ -277,6 +277,11 @@ def _device_input(call, x, stream, cc):
     return buf
 
 
+def _in_place(call, *views) -> bool:
+    """Whether _device_input read every one of ``views`` in place (no padded copy)."""
+    return call.width == call.head_dim and all(_readable_in_place(x) for x in views)
+
+
 def _device_output(call, shape, stream):
     """(native result, its view, view the kernels write): the result itself when head_dim is a multiple of
     8 (or nothing is launched), else a padded work buffer whose first head_dim columns
@@ -405,6 +410,15 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     >>> q = cp.random.randn(2, 1024, 16, 128).astype(cp.float16)
     >>> out = cuflash.attention(q, q, q, causal=True)
     """
+    key = None
+    if alibi_slopes is None and attn_mask is None and block_mask is None:
+        key = _bound_key((q, k, v), causal, softmax_scale, window_size, softcap, return_lse,
+                         dropout_p)
+        bound = executor.lookup_forward(key) if key is not None else None
+        if bound is not None:
+            res = bound.run(q, k, v)
+            if res is not None:
+                return res if return_lse else res[0]
     call = _Call(q, k, v)
     causal, scale, window, softcap, alibi = _check_options(call, causal, softmax_scale, window_size, softcap,
                                                            alibi_slopes)
@@ -418,7 +432,27 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
                                        softcap=softcap, alibi_slopes=alibi, return_lse=return_lse,
                                        attn_mask=attn_mask, block_mask=block_mask, **_dropout_kwargs(dropout))
     return _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, dropout, attn_mask,
-                    block_mask)
+                    block_mask, bind_key=key)
+
+
+def _bound_key(xs, causal, softmax_scale, window_size, softcap, flag, dropout_p):
+    """The bound-call signature (executor.py) of a call without ALiBi, mask or dropout on torch or CuPy
+    arrays, or None: a torch call that autograd must see (the adapter takes it) or one being traced by
+    torch.compile (no addresses there) never takes the fast path."""
+    if dropout_p.__class__ not in (float, int) or dropout_p != 0:
+        return None
+    fw = arrays.framework_of(xs[0])
+    if fw not in ("torch", "cupy"):
+        return None
+    try:
+        if fw == "torch":
+            torch = arrays._torch_tables()["torch"]
+            if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(x.requires_grad for x in xs)):
+                return None
+        return executor.key(fw, xs, causal, softmax_scale, window_size, softcap, flag)
+    except (AttributeError, TypeError, RuntimeError):
+        # Not arrays of one kind, an unhashable option, a tensor without storage: the general path says which.
+        return None
 
 
 def _needs_autograd(*tensors) -> bool:
@@ -441,9 +475,10 @@ def _cpu_extras(dropout, attn_mask, block_mask):
 
 
 def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, dropout=None, attn_mask=None,
-             block_mask=None):
+             block_mask=None, bind_key=None):
     """The forward on validated arguments (the PyTorch custom op enters here); ``dropout`` is None or
-    ``(p, seed, offset)``, ``attn_mask`` None or a checked mask (both CPU path only: checked before)."""
+    ``(p, seed, offset)``, ``attn_mask`` None or a checked mask (both CPU path only: checked before). A plain
+    GPU call (every input read in place, no ALiBi) leaves its plan bound under ``bind_key`` (executor.py)."""
     kwargs = dict(causal=causal, softmax_scale=scale, window_size=window, softcap=softcap)
 
     if not call.on_gpu:
@@ -470,9 +505,11 @@ def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, d
             ops.fill_float32(lse_view, math.inf, stream=stream)
         else:
             qv, kv, vv = (_device_input(call, x, stream, cc) for x in (q, k, v))
-            ops.forward(qv, kv, vv, out_work, lse_view, _device_alibi(alibi, call.fw, stream), stream=stream, cc=cc,
-                        framework=call.fw, **kwargs)
+            fp = ops.forward(qv, kv, vv, out_work, lse_view, _device_alibi(alibi, call.fw, stream), stream=stream,
+                             cc=cc, framework=call.fw, **kwargs)
             _finish_output(out_view, out_work, stream, cc)
+            if bind_key is not None and alibi is None and _in_place(call, qv, kv, vv):
+                executor.bind_forward(bind_key, fp, call.fw, qv, kv, vv, out_view)
         out = arrays.to_caller(out_native, out_view, call.fw, stream)
         if not return_lse:
             return out
@@ -544,6 +581,15 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     >>> out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True)
     >>> dq, dk, dv = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
     """
+    key = None
+    if alibi_slopes is None and attn_mask is None and block_mask is None:
+        key = _bound_key((dout, q, k, v, out, lse), causal, softmax_scale, window_size,
+                         softcap, deterministic, dropout_p)
+        bound = executor.lookup_backward(key) if key is not None else None
+        if bound is not None:
+            res = bound.run(dout, q, k, v, out, lse)
+            if res is not None:
+                return res
     call = _Call(q, k, v)
     causal, scale, window, softcap, alibi = _check_options(call, causal, softmax_scale, window_size, softcap,
                                                            alibi_slopes)
@@ -553,7 +599,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     block_mask = _check_block_mask(call, block_mask)
     _check_backward_arrays(call, dout, out, lse)
     return _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, deterministic, dropout,
-                     attn_mask, block_mask)
+                     attn_mask, block_mask, bind_key=key)
 
 
 def _check_backward_arrays(call, dout, out, lse):
@@ -565,8 +611,9 @@ def _check_backward_arrays(call, dout, out, lse):
 
 
 def _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, deterministic, dropout=None,
-              attn_mask=None, block_mask=None):
-    """The backward on validated arguments (``dropout`` and ``attn_mask`` as for :func:`_forward`)."""
+              attn_mask=None, block_mask=None, bind_key=None):
+    """The backward on validated arguments (``dropout``, ``attn_mask`` and ``bind_key`` as for
+    :func:`_forward`)."""
     kwargs = dict(causal=causal, softmax_scale=scale, window_size=window, softcap=softcap)
 
     if not call.on_gpu:
@@ -593,9 +640,13 @@ def _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softc
             lse_view = arrays.device_view(lse, call.fw, stream)
             if lse_view.strides != (call.heads_q * call.seqlen_q, call.seqlen_q, 1):
                 lse_view = arrays.contiguous_copy(lse, call.fw, device, stream)
-            ops.backward(views["dout"], views["q"], views["k"], views["v"], views["out"], lse_view,
-                         _device_alibi(alibi, call.fw, stream), *(work for _, _, work in grads),
-                         deterministic=deterministic, stream=stream, cc=cc, framework=call.fw, **kwargs)
+            lse_in_place = lse_view.ptr == arrays.device_view(lse, call.fw, stream).ptr
+            bp = ops.backward(views["dout"], views["q"], views["k"], views["v"], views["out"], lse_view,
+                              _device_alibi(alibi, call.fw, stream), *(work for _, _, work in grads),
+                              deterministic=deterministic, stream=stream, cc=cc, framework=call.fw, **kwargs)
             for _, view, work in grads:
                 _finish_output(view, work, stream, cc)
+            if bind_key is not None and alibi is None and lse_in_place and _in_place(call, *views.values()):
+                executor.bind_backward(bind_key, bp, call.fw, {**views, "o": views["out"]},
+                                       tuple(view for _, view, _ in grads))
         return tuple(arrays.to_caller(native, view, call.fw, stream) for native, view, _ in grads)

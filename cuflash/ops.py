@@ -201,7 +201,7 @@ def _sm_count(device: int) -> int:
 
 def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, lse: DeviceArray, alibi, *,
             causal: bool, window_size, softmax_scale: float, softcap: float, stream: int, cc: tuple,
-            framework: str) -> None:
+            framework: str) -> launch_plan.ForwardPlan:
     fp = launch_plan.forward(q, k, v, out, alibi, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
                       softcap=softcap, cc=cc, sm_count=_sm_count(q.device))
     pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "o": out.ptr, "lse": lse.ptr,
@@ -210,6 +210,7 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, ls
     views = {"q": q, "k": k, "v": v, "o": out}
     _launch(fp.launch, stream, pointers, tuple(tma.tile_map(views[n], rows) for n, rows in fp.launch.maps))
     del counter_native  # freed after enqueueing: stream-ordered allocators reuse it safely
+    return fp
 
 
 def _tile_counter(fp, pointers: dict, framework: str, device: int, stream: int):
@@ -283,7 +284,8 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
 
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
              lse: DeviceArray, alibi, dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, *, causal: bool, window_size,
-             softmax_scale: float, softcap: float, deterministic: bool, stream: int, cc: tuple, framework: str) -> None:
+             softmax_scale: float, softcap: float, deterministic: bool, stream: int, cc: tuple,
+             framework: str) -> launch_plan.BackwardPlan:
     """The backward's kernels (launch_plan.backward says which), with workspaces from the caller's framework on its
     stream (CUDA-graph capture needs that)."""
     bp = launch_plan.backward(dout, q, k, v, out, alibi, dq, dk, dv, causal=causal, window_size=window_size,
@@ -310,3 +312,4 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
                      else tma.tile_map(views[n], box) for n, box in launch.maps)
         _launch(launch, stream, pointers, maps)
     del acc_native, delta_native, semaphore_native  # freed after enqueueing: stream-ordered allocators reuse them
+    return bp

@@ -1,0 +1,244 @@
+"""Bound calls: the per-call fast path of the dense GPU forward and backward (issue 14).
+
+A call is identified by its signature: for each array its type, shape, strides, dtype, device and whether it
+starts on a 16-byte boundary, plus the options (each with its type) and the environment variables that
+steer dispatch. Everything :mod:`cuflash.api` validates and :mod:`cuflash.launch_plan` decides depends on
+the signature alone, so the first call with a signature runs the general path and, when that call is a
+plain one (every input read in place, head_dim a multiple of 8, something to compute, no ALiBi, dropout or
+mask), leaves its launch plan bound here. A later call with the same signature then only allocates its
+outputs and workspaces through the caller's framework, writes the pointers and tensor maps into
+per-thread copies of the plan's parameter blocks, and launches: no validation, no planning, no
+framework-neutral views.
+
+A bound call launches only where it was bound: the CUDA context current on the calling thread must be the
+one the general path ran in (the device's primary context). Otherwise (another device current, a thread
+with no context yet) the call goes the general path, which makes the right device current.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import threading
+
+from . import dispatch, params_layout, tma
+from .arrays import DeviceArray
+
+_CACHE_LIMIT = 256
+_U64 = struct.Struct("<Q")
+_PTR_OFFSET = {name: params_layout.OFFSETS[name] for name, kind, _, _ in params_layout.FIELDS if kind == "ptr"}
+# Tensor maps remembered per map slot, by address: a training step or a decode loop brings the same few
+# addresses back (caching allocators), and encoding one costs more than the rest of the call.
+_MAPS_PER_SLOT = 16
+
+# Pointer tables of the two bound kinds, by position (ops.forward's and ops.backward's pointer names).
+FORWARD_POINTERS = ("q", "k", "v", "o", "lse", "tile_counter")
+BACKWARD_POINTERS = ("dout", "q", "k", "v", "o", "lse", "dq", "dk", "dv", "delta", "dq_accum", "dq_semaphore")
+
+_forward: dict = {}
+_backward: dict = {}
+
+
+def env_key() -> tuple:
+    """The dispatch environment (launch_plan._env's variables) as part of a signature."""
+    get = os.environ.get
+    return get(dispatch.FWD_KERNEL_ENV), get(dispatch.BWD_KERNEL_ENV), get("CUFLASH_FWD_TILES")
+
+
+def _typed(*values) -> tuple:
+    """Option values with their types: ``causal=1`` must not hit the entry that ``causal=True`` made (the
+    general path rejects the first)."""
+    return tuple((v.__class__, v) for v in values)
+
+
+def torch_signature(xs) -> tuple:
+    return tuple((x.__class__, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15) for x in xs)
+
+
+def cupy_signature(xs) -> tuple:
+    return tuple((x.__class__, x.shape, x.strides, x.dtype, x.data.device_id, x.data.ptr & 15) for x in xs)
+
+
+def key(fw: str, xs: tuple, causal, softmax_scale, window_size, softcap, flag):
+    """The signature of a call on torch or CuPy arrays ``xs`` (q, k, v for the forward; dout, q, k, v, out,
+    lse for the backward) with these options (``flag``: return_lse or deterministic), or None for a window
+    that is not a tuple (the general path checks and normalizes it)."""
+    if window_size.__class__ is not tuple:
+        return None
+    sig = torch_signature(xs) if fw == "torch" else cupy_signature(xs)
+    return (fw, sig, _typed(causal, softmax_scale, softcap, flag, *window_size), env_key())
+
+
+def lookup_forward(key):
+    return _forward.get(key)
+
+
+def lookup_backward(key):
+    return _backward.get(key)
+
+
+def _remember(table: dict, key, bound) -> None:
+    if len(table) >= _CACHE_LIMIT:
+        table.clear()
+    table[key] = bound
+
+
+class _Binding:
+    """One kernel launch of a plan (launch_plan.KernelLaunch) with its pointer and tensor-map fields located
+    in the parameter block: per call, the pointer table is written in and the maps looked up by address."""
+
+    __slots__ = ("fn", "grid", "threads", "smem", "size", "prefix", "ptr_slots", "map_slots", "_tls")
+
+    def __init__(self, launch, names: tuple, map_views: dict, accumulator):
+        self.fn, self.grid, self.threads, self.smem = launch.fn.ptr, launch.grid, launch.threads, launch.smem
+        from .ops import sm90_params_bytes
+        maps_bytes = len(launch.maps) * tma.MAP_BYTES
+        self.size = sm90_params_bytes(len(launch.maps)) if launch.maps else len(launch.block)
+        self.prefix = bytes(maps_bytes) + launch.block  # the block with its pointer fields zero
+        self.ptr_slots = tuple((maps_bytes + _PTR_OFFSET[n], i) for i, n in enumerate(names) if n in _PTR_OFFSET)
+        slots = []
+        for j, (name, box) in enumerate(launch.maps):
+            if name == "dq_accum":
+                shape = accumulator
+                slots.append((j * tma.MAP_BYTES, names.index(name),
+                              lambda p, shape=shape, box=box: tma.accumulator_map(p, shape, *box), {}))
+            else:
+                view = map_views[name]
+                slots.append((j * tma.MAP_BYTES, names.index(name),
+                              lambda p, view=view, box=box: tma.tile_map(
+                                  DeviceArray(p, view.shape, view.strides, view.dtype, view.device), box), {}))
+        self.map_slots = tuple(slots)
+        self._tls = threading.local()
+
+    def launch(self, ptrs: list, stream: int, launch_kernel) -> None:
+        hit = getattr(self._tls, "buf", None)
+        if hit is None:  # one parameter buffer per thread: the driver copies it during the launch call
+            buf = ctypes.create_string_buffer(self.size)
+            ctypes.memmove(buf, self.prefix, len(self.prefix))
+            hit = self._tls.buf = (buf, ctypes.addressof(buf), (ctypes.c_void_p * 1)(ctypes.addressof(buf)))
+        buf, addr, argv = hit
+        for offset, i, make, cache in self.map_slots:
+            p = ptrs[i]
+            m = cache.get(p)
+            if m is None:
+                if len(cache) >= _MAPS_PER_SLOT:
+                    cache.clear()
+                m = cache[p] = make(p)
+            ctypes.memmove(addr + offset, m, tma.MAP_BYTES)
+        pack = _U64.pack_into
+        for offset, i in self.ptr_slots:
+            pack(buf, offset, ptrs[i])
+        launch_kernel(self.fn, self.grid, 1, 1, self.threads, 1, 1, self.smem, stream, ctypes.addressof(argv), 0)
+
+
+class _Bound:
+    """What every bound call shares: the framework, device, context, and how it allocates."""
+
+    def __init__(self, fw: str, device: int, dtype: str):
+        from cupy.cuda import driver, runtime
+        self.fw, self.device, self.ctx = fw, device, driver.ctxGetCurrent()
+        self._memset = runtime.memsetAsync
+        self._launch_kernel = driver.launchKernel
+        self._ctx_get = driver.ctxGetCurrent
+        if fw == "torch":
+            import torch
+            self._torch = torch
+            self._empty = torch.empty
+            self._tdevice = torch.device("cuda", device)
+            names = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                     "int32": torch.int32}
+            self._dtype, self._f32, self._i32 = names[dtype], torch.float32, torch.int32
+            raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+            self._stream = (lambda: raw(device)) if raw else (lambda: torch.cuda.current_stream(device).cuda_stream)
+        else:
+            import cupy
+            import numpy as np
+
+            from .arrays import cupy_bfloat16
+            self._empty = cupy.empty
+            self._dtype = (cupy_bfloat16() or np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
+            self._f32, self._i32 = np.float32, np.int32
+            self._stream = lambda: cupy.cuda.get_current_stream().ptr
+
+    def _alloc(self, shape, dtype):
+        if self.fw == "torch":
+            t = self._empty(shape, dtype=dtype, device=self._tdevice)
+            return t, t.data_ptr()
+        a = self._empty(shape, dtype=dtype)
+        return a, a.data.ptr
+
+    def _ptr(self, x) -> int:
+        return x.data_ptr() if self.fw == "torch" else x.data.ptr
+
+    def ready(self) -> bool:
+        """Whether this thread's current context is the one the call was bound in."""
+        return self._ctx_get() == self.ctx
+
+
+class BoundForward(_Bound):
+    """The dense forward of one signature (ops.forward's launch, bound)."""
+
+    def __init__(self, fp, fw: str, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray):
+        super().__init__(fw, q.device, q.dtype)
+        self.out_shape = tuple(out.shape)
+        b, sq, hq = out.shape[:3]
+        self.lse_shape = (b, hq, sq)
+        self.counter = fp.tile_counter
+        self.binding = _Binding(fp.launch, FORWARD_POINTERS, {"q": q, "k": k, "v": v, "o": out}, None)
+
+    def run(self, q, k, v):
+        """(out, lse) as the caller's arrays, or None when the thread's context is not the bound one."""
+        if not self.ready():
+            return None
+        stream = self._stream()
+        out, po = self._alloc(self.out_shape, self._dtype)
+        lse, pl = self._alloc(self.lse_shape, self._f32)
+        counter, pc = self._alloc((1,), self._i32) if self.counter else (None, 0)
+        if counter is not None:
+            self._memset(pc, 0, 4, stream)
+        ptr = self._ptr
+        self.binding.launch([ptr(q), ptr(k), ptr(v), po, pl, pc], stream, self._launch_kernel)
+        del counter  # freed after enqueueing: stream-ordered allocators reuse it safely
+        return out, lse
+
+
+class BoundBackward(_Bound):
+    """The dense backward of one signature (ops.backward's launches, bound)."""
+
+    def __init__(self, bp, fw: str, views: dict, grads: tuple):
+        q = views["q"]
+        super().__init__(fw, q.device, q.dtype)
+        self.grad_shapes = tuple(tuple(g.shape) for g in grads)
+        b, sq, hq = q.shape[:3]
+        self.delta_shape = None if bp.delta_in_dq else (b, hq, sq)
+        self.acc_shape, self.sem_shape = bp.dq_accum_shape, bp.dq_semaphore_shape
+        map_views = {n: views[n] for n in ("q", "k", "v", "dout")}
+        self.bindings = tuple(_Binding(launch, BACKWARD_POINTERS, map_views, bp.dq_accum_shape)
+                              for launch in bp.launches if launch.grid)
+
+    def run(self, dout, q, k, v, out, lse):
+        """(dq, dk, dv) as the caller's arrays, or None when the thread's context is not the bound one."""
+        if not self.ready():
+            return None
+        stream = self._stream()
+        dq, pdq = self._alloc(self.grad_shapes[0], self._dtype)
+        dk, pdk = self._alloc(self.grad_shapes[1], self._dtype)
+        dv, pdv = self._alloc(self.grad_shapes[2], self._dtype)
+        delta, pd = self._alloc(self.delta_shape, self._f32) if self.delta_shape else (None, pdq)
+        acc, pa = self._alloc(self.acc_shape, self._f32) if self.acc_shape else (None, 0)
+        sem, ps = self._alloc(self.sem_shape, self._i32) if self.sem_shape else (None, 0)
+        ptr = self._ptr
+        ptrs = [ptr(dout), ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), pdq, pdk, pdv, pd, pa, ps]
+        for binding in self.bindings:
+            binding.launch(ptrs, stream, self._launch_kernel)
+        del delta, acc, sem  # freed after enqueueing: stream-ordered allocators reuse them safely
+        return dq, dk, dv
+
+
+def bind_forward(key, fp, fw, q, k, v, out) -> None:
+    _remember(_forward, key, BoundForward(fp, fw, q, k, v, out))
+
+
+def bind_backward(key, bp, fw, views, grads) -> None:
+    _remember(_backward, key, BoundBackward(bp, fw, views, grads))
