@@ -133,7 +133,8 @@ class _Binding:
 
 
 class _Bound:
-    """What every bound call shares: the framework, device, context, and how it allocates."""
+    """What every bound call shares: the framework (torch, cupy, or jax: XLA's buffers given), device,
+    context, and how it allocates."""
 
     def __init__(self, fw: str, device: int, dtype: str):
         from cupy.cuda import driver, runtime
@@ -151,6 +152,23 @@ class _Bound:
             self._dtype, self._f32, self._i32 = names[dtype], torch.float32, torch.int32
             raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
             self._stream = (lambda: raw(device)) if raw else (lambda: torch.cuda.current_stream(device).cuda_stream)
+        elif fw == "jax":
+            # Outputs are XLA's buffers. Workspaces are this bound call's own, allocated at its first run from
+            # CuPy's pool on XLA's stream and kept: XLA runs a computation's calls in order on that one stream
+            # (which is part of the signature) and never captures this custom call into a CUDA graph, so each
+            # run finds them free; dropped with the bound call, the pool hands them out again only on that
+            # stream, in order. (A workspace per run from the pool, a device and a stream switch each, took
+            # most of the 43 us a bound forward spent in the callback on the H200.)
+            from . import arrays
+            workspaces = {}
+
+            def empty(shape, dtype, stream, name):
+                hit = workspaces.get(name)
+                if hit is None:
+                    hit = workspaces[name] = arrays.empty("cupy", shape, dtype, device, stream)[1].owner
+                return hit
+            self._empty = empty
+            self._f32, self._i32 = "float32", "int32"
         else:
             import cupy
             import numpy as np
@@ -161,11 +179,12 @@ class _Bound:
             self._f32, self._i32 = np.float32, np.int32
             self._stream = lambda: cupy.cuda.get_current_stream().ptr
 
-    def _alloc(self, shape, dtype):
+    def _alloc(self, shape, dtype, stream, name=""):
+        """(array, address) of a new output or workspace; ``name`` tells a bound JAX call's workspaces apart."""
         if self.fw == "torch":
             t = self._empty(shape, dtype=dtype, device=self._tdevice)
             return t, t.data_ptr()
-        a = self._empty(shape, dtype=dtype)
+        a = self._empty(shape, dtype, stream, name) if self.fw == "jax" else self._empty(shape, dtype=dtype)
         return a, a.data.ptr
 
     def _ptr(self, x) -> int:
@@ -192,15 +211,28 @@ class BoundForward(_Bound):
         if not self.ready():
             return None
         stream = self._stream()
-        out, po = self._alloc(self.out_shape, self._dtype)
-        lse, pl = self._alloc(self.lse_shape, self._f32)
-        counter, pc = self._alloc((1,), self._i32) if self.counter else (None, 0)
-        if counter is not None:
-            self._memset(pc, 0, 4, stream)
+        out, po = self._alloc(self.out_shape, self._dtype, stream)
+        lse, pl = self._alloc(self.lse_shape, self._f32, stream)
         ptr = self._ptr
-        self.binding.launch([ptr(q), ptr(k), ptr(v), po, pl, pc], stream, self._launch_kernel)
-        del counter  # freed after enqueueing: stream-ordered allocators reuse it safely
+        self._launch([ptr(q), ptr(k), ptr(v), po, pl], stream)
         return out, lse
+
+    def run_into(self, ptrs: list, stream: int) -> bool:
+        """Launches into given outputs: ``ptrs`` the addresses of q, k, v, out, lse (XLA's buffers). False
+        when the thread's context is not the bound one."""
+        if not self.ready():
+            return False
+        self._launch(list(ptrs), stream)
+        return True
+
+    def _launch(self, ptrs: list, stream: int) -> None:
+        counter = None
+        ptrs.append(0)
+        if self.counter:
+            counter, ptrs[5] = self._alloc((1,), self._i32, stream, "tile_counter")
+            self._memset(ptrs[5], 0, 4, stream)
+        self.binding.launch(ptrs, stream, self._launch_kernel)
+        del counter  # freed after enqueueing: stream-ordered allocators reuse it safely
 
 
 class BoundBackward(_Bound):
@@ -222,18 +254,29 @@ class BoundBackward(_Bound):
         if not self.ready():
             return None
         stream = self._stream()
-        dq, pdq = self._alloc(self.grad_shapes[0], self._dtype)
-        dk, pdk = self._alloc(self.grad_shapes[1], self._dtype)
-        dv, pdv = self._alloc(self.grad_shapes[2], self._dtype)
-        delta, pd = self._alloc(self.delta_shape, self._f32) if self.delta_shape else (None, pdq)
-        acc, pa = self._alloc(self.acc_shape, self._f32) if self.acc_shape else (None, 0)
-        sem, ps = self._alloc(self.sem_shape, self._i32) if self.sem_shape else (None, 0)
+        dq, pdq = self._alloc(self.grad_shapes[0], self._dtype, stream)
+        dk, pdk = self._alloc(self.grad_shapes[1], self._dtype, stream)
+        dv, pdv = self._alloc(self.grad_shapes[2], self._dtype, stream)
         ptr = self._ptr
-        ptrs = [ptr(dout), ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), pdq, pdk, pdv, pd, pa, ps]
+        self._launch([ptr(dout), ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), pdq, pdk, pdv], stream)
+        return dq, dk, dv
+
+    def run_into(self, ptrs: list, stream: int) -> bool:
+        """Launches into given gradients: ``ptrs`` the addresses of dout, q, k, v, out, lse, dq, dk, dv (XLA's
+        buffers). False when the thread's context is not the bound one."""
+        if not self.ready():
+            return False
+        self._launch(list(ptrs), stream)
+        return True
+
+    def _launch(self, ptrs: list, stream: int) -> None:
+        delta, pd = self._alloc(self.delta_shape, self._f32, stream, "delta") if self.delta_shape else (None, ptrs[6])
+        acc, pa = self._alloc(self.acc_shape, self._f32, stream, "dq_accum") if self.acc_shape else (None, 0)
+        sem, ps = self._alloc(self.sem_shape, self._i32, stream, "dq_semaphore") if self.sem_shape else (None, 0)
+        ptrs += (pd, pa, ps)
         for binding in self.bindings:
             binding.launch(ptrs, stream, self._launch_kernel)
         del delta, acc, sem  # freed after enqueueing: stream-ordered allocators reuse them safely
-        return dq, dk, dv
 
 
 def bind_forward(key, fp, fw, q, k, v, out) -> None:

@@ -3,9 +3,9 @@ inside ``jax.jit``, differentiable through ``jax.custom_vjp`` (our backward) and
 
 The only module of cuflash besides the transformers integration that imports JAX. Arguments are checked at
 trace time, from shapes and dtypes, with the same rules and messages as :func:`cuflash.attention` (the GPU
-rules on a GPU backend). The computation is an XLA custom call of cuflash's FFI handler (_jax_ffi.py, no
-compiled extension): on a GPU backend it launches the kernels on XLA's stream into XLA's buffers; on CPU JAX
-it runs the NumPy path (float16/32/64).
+rules on a GPU backend). The computation is an XLA custom call (``jax.experimental.buffer_callback``,
+_jax_callback.py; no compiled extension): on a GPU backend it launches the kernels on XLA's stream into
+XLA's buffers; on CPU JAX it runs the NumPy path (float16/32/64).
 
     >>> import cuflash.jax as cfj
     >>> out = jax.jit(lambda q, k, v: cfj.attention(q, k, v, causal=True))(q, k, v)
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _jax_ffi, api, varlen
+from . import _jax_callback, api, varlen
 
 
 def _shape_only(x):
@@ -73,28 +73,29 @@ def _lse_dtype(q):
     return jnp.float64 if q.dtype == jnp.float64 else jnp.float32
 
 
-def _ffi(kind, opts, shapes, operands, alibi, sequential=False):
-    """One custom call of cuflash's FFI handler (_jax_ffi.py): the options travel as the index of their
-    registered tuple. vmap folds the mapped axis into the batch (all operands broadcast to it), except
-    with ALiBi slopes, whose (batch, heads) form would then be ambiguous, and for ``sequential`` kinds
-    (packed sequences have no batch axis): those calls run one by one."""
-    _jax_ffi.register("CUDA" if _on_gpu() else "cpu")
-    opts_id = _jax_ffi.register_call(kind, (*opts, alibi is not None))
+def _custom_call(kind, opts, shapes, operands, alibi, sequential=False):
+    """One XLA custom call of cuflash (_jax_callback.py, through ``jax.experimental.buffer_callback``) with its
+    static options. vmap folds the mapped axis into the batch (all operands broadcast to it), except with
+    ALiBi slopes, whose (batch, heads) form would then be ambiguous, and for ``sequential`` kinds (packed
+    sequences have no batch axis): those calls run one by one."""
+    from jax.experimental.buffer_callback import buffer_callback
+    options = (*opts, alibi is not None)
+    body = _jax_callback.callback(kind, options, "gpu" if _on_gpu() else "cpu")
+    call = buffer_callback(body, shapes, vmap_method="sequential" if alibi is not None or sequential
+                           else "broadcast_all")
     extra = jnp.zeros((0,), jnp.float32) if alibi is None else alibi
-    call = jax.ffi.ffi_call(_jax_ffi.TARGET, shapes, vmap_method="sequential" if alibi is not None or sequential
-                            else "broadcast_all")
-    return call(*operands, extra, opts_id=np.int64(opts_id))
+    return call(*operands, extra)
 
 
 def _call_forward(opts, q, k, v, alibi):
     shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct((q.shape[0], q.shape[2], q.shape[1]), _lse_dtype(q)))
-    return _ffi("fwd", opts, shapes, (q, k, v), alibi)
+    return _custom_call("fwd", opts, shapes, (q, k, v), alibi)
 
 
 def _call_backward(opts, dout, q, k, v, out, lse, alibi):
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-    return _ffi("bwd", opts, shapes, (dout, q, k, v, out, lse), alibi)
+    return _custom_call("bwd", opts, shapes, (dout, q, k, v, out, lse), alibi)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -169,7 +170,7 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
 
 def _call_varlen_forward(opts, q, k, v, cu_q, cu_k, alibi):
     shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((q.shape[1], q.shape[0]), _lse_dtype(q)))
-    return _ffi("varlen_fwd", opts, shapes, (q, k, v, cu_q, cu_k), alibi, sequential=True)
+    return _custom_call("varlen_fwd", opts, shapes, (q, k, v, cu_q, cu_k), alibi, sequential=True)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -186,7 +187,7 @@ def _attention_varlen_bwd(opts, residuals, cotangents):
     q, k, v, cu_q, cu_k, alibi, out, lse = residuals
     dout, _ = cotangents
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-    dq, dk, dv = _ffi("varlen_bwd", opts, shapes, (dout, q, k, v, out, lse, cu_q, cu_k), alibi, sequential=True)
+    dq, dk, dv = _custom_call("varlen_bwd", opts, shapes, (dout, q, k, v, out, lse, cu_q, cu_k), alibi, sequential=True)
     return dq, dk, dv, None, None, None if alibi is None else jnp.zeros_like(alibi)
 
 

@@ -186,6 +186,14 @@ def _default_scale(q, softmax_scale):
     return q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
 
 
+def _op(op, impl):
+    """Inside the autograd Functions: the op while torch.compile traces (the graph needs the op), else its
+    implementation called directly. Through the dispatcher an op whose inputs require grad passes torch's
+    autograd fallback first: 95 against 39 us for the forward of flash_attn_func under autograd against
+    the same call without grad (H200, .devrun/autograd_timeline.py, bench/NOTES.md "Host cost")."""
+    return op if torch.compiler.is_compiling() else impl
+
+
 class _Attention(torch.autograd.Function):
     """Autograd around the two ops, which themselves have no autograd kernel: a call without grad then
     dispatches straight to the implementation (flash_attn_func forward 78 against 86 us a call with
@@ -197,7 +205,7 @@ class _Attention(torch.autograd.Function):
                 deterministic, dropout_p, dropout_seed, dropout_offset, attn_mask):
         options = (causal, softmax_scale, window_left, window_right, softcap, deterministic, dropout_p, dropout_seed,
                    dropout_offset)
-        out, lse = torch.ops.cuflash.fwd(q, k, v, alibi_slopes, *options, attn_mask)
+        out, lse = _op(torch.ops.cuflash.fwd, _fwd)(q, k, v, alibi_slopes, *options, attn_mask)
         ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, attn_mask)
         ctx.options = options  # dropout: the same seed and offset replay the forward's mask
         ctx.mark_non_differentiable(lse)
@@ -207,8 +215,8 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         # Gradients flow through `out` only; like FlashAttention, the LSE output is treated as a constant.
         q, k, v, out, lse, alibi_slopes, attn_mask = ctx.saved_tensors
-        dq, dk, dv = torch.ops.cuflash.bwd(dout.contiguous(), q, k, v, out, lse, alibi_slopes, *ctx.options,
-                                           attn_mask)
+        dq, dk, dv = _op(torch.ops.cuflash.bwd, _bwd)(dout.contiguous(), q, k, v, out, lse, alibi_slopes,
+                                                      *ctx.options, attn_mask)
         return (dq, dk, dv) + (None,) * 11
 
 

@@ -151,7 +151,7 @@ def forward_device(q3, k3, v3, out3, lse, alibi, index, *, max_seqlen_q, max_seq
     (total, heads, head_dim) views, any strides; ``out3``: a contiguous (total_q, heads_q, head_dim) output and
     ``lse`` a (heads_q, total_q) float32 one, both written in full; ``index``: the int32 views of cu_seqlens_q,
     cu_seqlens_k, seqused_q, seqused_k (the last two may be None). Work buffers (head dims off multiples of 8)
-    come from ``fw``'s allocator on ``stream``. The array functions and cuflash.jax's FFI handler share it."""
+    come from ``fw``'s allocator on ``stream``. The array functions and cuflash.jax's custom call share it."""
     from . import ops
     head_dim, width = q3.shape[2], _width(q3.shape[2])
     out = _as_batch_one(out3)
