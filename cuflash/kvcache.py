@@ -62,6 +62,19 @@ def _rotate(x, cos, sin, positions, interleaved):
     return out.astype(x.dtype)
 
 
+def _check_options(num_splits, causal, window_size, softcap, softmax_scale, return_lse, head_dim):
+    """The scalar options of attention_with_kvcache, checked (both paths): (causal, window, softcap, scale,
+    return_lse), the scale defaulting to head_dim ** -0.5."""
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
+    causal = api._check_flag("causal", causal)
+    window = api._check_window(window_size)
+    softcap = api._check_real("softcap", softcap, nonneg=True)
+    scale = api._check_real("softmax_scale", softmax_scale, allow_none=True, positive=True)
+    scale = head_dim ** -0.5 if scale is None else scale
+    return causal, window, softcap, scale, api._check_flag("return_lse", return_lse)
+
+
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, cache_batch_idx=None,
                            cache_leftpad=None, block_table=None, rotary_cos=None, rotary_sin=None,
                            rotary_interleaved=True, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
@@ -167,14 +180,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     leftpad = _index_vector("cache_leftpad", cache_leftpad, batch, fw)
     leftpad = np.zeros(batch, np.int64) if leftpad is None else leftpad
     rows = _index_vector("cache_batch_idx", cache_batch_idx, batch, fw)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
-    causal = api._check_flag("causal", causal)
-    window = api._check_window(window_size)
-    softcap = api._check_real("softcap", softcap, nonneg=True)
-    scale = api._check_real("softmax_scale", softmax_scale, allow_none=True, positive=True)
-    scale = d ** -0.5 if scale is None else scale
-    return_lse = api._check_flag("return_lse", return_lse)
+    causal, window, softcap, scale, return_lse = _check_options(num_splits, causal, window_size, softcap,
+                                                                softmax_scale, return_lse, d)
     slopes = None
     if alibi_slopes is not None:
         slopes, _ = _np(alibi_slopes, name)
@@ -402,14 +409,8 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
                          f"{tuple(v.shape)}")
     if batch_cache * seqlen_cache >= 1 << 31 or batch * seqlen_q >= 1 << 31:
         raise ValueError("the caches' batch_cache * seqlen_cache rows (and batch * seqlen_q) must stay below 2**31")
-    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
-    causal = api._check_flag("causal", causal)
-    window = api._check_window(window_size)
-    softcap = api._check_real("softcap", softcap, nonneg=True)
-    scale = api._check_real("softmax_scale", softmax_scale, allow_none=True, positive=True)
-    scale = d ** -0.5 if scale is None else scale
-    return_lse = api._check_flag("return_lse", return_lse)
+    causal, window, softcap, scale, return_lse = _check_options(num_splits, causal, window_size, softcap,
+                                                                softmax_scale, return_lse, d)
     if alibi_slopes is not None:
         afw = arrays.framework_of(alibi_slopes)
         if (afw != fw or arrays.device_of(alibi_slopes, afw) != device
