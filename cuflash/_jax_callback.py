@@ -16,6 +16,7 @@ Only cuflash.jax imports this module (it imports JAX).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -48,9 +49,12 @@ def _dense_geometry(shape: tuple, keep: int) -> tuple:
     return hit
 
 
+@functools.lru_cache(maxsize=1024)
 def callback(kind: str, options: tuple, platform: str):
     """The buffer_callback body for one traced call: ``kind`` (fwd, bwd, varlen_fwd, varlen_bwd) with its
-    static ``options`` (the last one: whether an ALiBi operand is present, else a placeholder is)."""
+    static ``options`` (the last one: whether an ALiBi operand is present, else a placeholder is). One body
+    per (kind, options, platform): JAX caches a compiled call by its body among the primitive's parameters,
+    so a new body per call would compile (and keep) a new executable for every call made outside jit."""
     if platform == "cpu":
         def run(ctx, outs, *args):
             _run_cpu(kind, options, [np.asarray(a) for a in args], [np.asarray(o) for o in outs])

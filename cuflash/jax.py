@@ -53,6 +53,33 @@ def _jax_operands(**named):
             raise TypeError(f"{name} must be a JAX array (or a NumPy array), got {type(x).__name__}")
 
 
+def _as_jax(*xs):
+    """The operands as JAX arrays, so that the checks see the dtypes JAX computes in: a float64 NumPy array
+    is float32 while 64-bit mode is off (jax_enable_x64), as jax.nn.dot_product_attention takes it."""
+    return tuple(None if x is None else jnp.asarray(x) for x in xs)
+
+
+def _static(**named):
+    """The static options as Python values: a concrete 0-d JAX array (``1 / jnp.sqrt(d)`` outside jit) becomes
+    its Python scalar; a traced value or a larger array is a TypeError naming the option, since the options
+    select and configure the kernels at trace time."""
+    out = []
+    for name, x in named.items():
+        if isinstance(x, (tuple, list)):
+            out.append(type(x)(_static(**{f"{name}[{i}]": e for i, e in enumerate(x)}).values()))
+            continue
+        if isinstance(x, jax.core.Tracer):
+            raise TypeError(f"{name} must be a Python value: it is static under jax.jit (it selects and configures "
+                            f"the kernels), got a traced value; pass it as a Python constant or mark it static")
+        if isinstance(x, jax.Array):
+            if x.ndim:
+                raise TypeError(f"{name} must be a Python value (static under jax.jit), got a JAX array of shape "
+                                f"{tuple(x.shape)}")
+            x = x.item()
+        out.append(x)
+    return dict(zip(named, out))
+
+
 def _check(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, dropout):
     """api's checks on shape-only stand-ins (GPU or CPU rules, by JAX's default backend); returns the
     resolved static options."""
@@ -76,8 +103,9 @@ def _lse_dtype(q):
 def _custom_call(kind, opts, shapes, operands, alibi, sequential=False):
     """One XLA custom call of cuflash (_jax_callback.py, through ``jax.experimental.buffer_callback``) with its
     static options. vmap folds the mapped axis into the batch (all operands broadcast to it), except with
-    ALiBi slopes, whose (batch, heads) form would then be ambiguous, and for ``sequential`` kinds (packed
-    sequences have no batch axis): those calls run one by one."""
+    ALiBi slopes, whose (batch, heads) form would then be ambiguous, and for ``sequential`` calls: packed
+    sequences (no batch axis) and dropout (the mask is keyed by the batch index, so folding would give each
+    mapped example another example's mask): those calls run one by one."""
     from jax.experimental.buffer_callback import buffer_callback
     options = (*opts, alibi is not None)
     body = _jax_callback.callback(kind, options, "gpu" if _on_gpu() else "cpu")
@@ -90,12 +118,12 @@ def _custom_call(kind, opts, shapes, operands, alibi, sequential=False):
 def _call_forward(opts, q, k, v, alibi):
     shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct((q.shape[0], q.shape[2], q.shape[1]), _lse_dtype(q)))
-    return _custom_call("fwd", opts, shapes, (q, k, v), alibi)
+    return _custom_call("fwd", opts, shapes, (q, k, v), alibi, sequential=opts[4] is not None)
 
 
 def _call_backward(opts, dout, q, k, v, out, lse, alibi):
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-    return _custom_call("bwd", opts, shapes, (dout, q, k, v, out, lse), alibi)
+    return _custom_call("bwd", opts, shapes, (dout, q, k, v, out, lse), alibi, sequential=opts[4] is not None)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -145,13 +173,19 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     Notes
     -----
     Gradients come from cuflash's backward (``jax.custom_vjp``); ``alibi_slopes`` gets a zero cotangent.
-    ``jax.vmap`` folds the mapped axis into the batch (one launch); with ``alibi_slopes`` the mapped calls run
-    one after another.
+    ``jax.vmap`` folds the mapped axis into the batch (one launch); with ``alibi_slopes`` or dropout the mapped
+    calls run one after another (each example keeps the mask it gets alone). The options are static: Python
+    values at trace time (a concrete 0-d JAX array is taken as its value); ``dropout_seed`` too, so a jitted
+    step draws the same mask every step unless its seed is a static argument.
     """
-    call, opts = _check(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes,
-                        (dropout_p, dropout_seed, dropout_offset))
+    _jax_operands(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
+    q, k, v, alibi_slopes = _as_jax(q, k, v, alibi_slopes)
+    o = _static(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
+                return_lse=return_lse, dropout_p=dropout_p, dropout_seed=dropout_seed, dropout_offset=dropout_offset)
+    call, opts = _check(q, k, v, o["causal"], o["softmax_scale"], o["window_size"], o["softcap"], alibi_slopes,
+                        (o["dropout_p"], o["dropout_seed"], o["dropout_offset"]))
     del call
-    return_lse = api._check_flag("return_lse", return_lse)
+    return_lse = api._check_flag("return_lse", o["return_lse"])
     out, lse = _attention(opts, q, k, v, alibi_slopes)
     return (out, lse) if return_lse else out
 
@@ -228,9 +262,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     Gradients come from cuflash's variable-length backward (``jax.custom_vjp``), dQ by atomic additions on
     the GPU. ``jax.vmap`` runs the mapped calls one after another.
     """
-    opts = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
-                         window_size, softcap, alibi_slopes)
-    return_lse = api._check_flag("return_lse", return_lse)
+    _jax_operands(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
+    q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes = _as_jax(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    o = _static(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=causal, softmax_scale=softmax_scale,
+                window_size=window_size, softcap=softcap, return_lse=return_lse)
+    opts = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, o["max_seqlen_q"], o["max_seqlen_k"], o["causal"],
+                         o["softmax_scale"], o["window_size"], o["softcap"], alibi_slopes)
+    return_lse = api._check_flag("return_lse", o["return_lse"])
     out, lse = _attention_varlen(opts, q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
     return (out, lse) if return_lse else out
 

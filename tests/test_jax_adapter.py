@@ -1,9 +1,10 @@
 """cuflash.jax (cuflash/jax.py) on CPU JAX: attention under jax.jit equals the float64 reference, its
 gradients (jax.custom_vjp through cuflash's backward) equal the reference gradients, jax.vmap maps it, a
 jitted training step of a small attention block with value_and_grad agrees with the same block on
-jax.nn.dot_product_attention(implementation="xla"), bad arguments raise at trace time, and errors inside the
-custom call (_jax_callback.py) reach JAX as exceptions; on a GPU backend (gpu-marked) the custom call launches the kernels on
-XLA's stream and matches the eager GPU functions.
+jax.nn.dot_product_attention(implementation="xla"), bad arguments raise at trace time, errors inside the
+custom call (_jax_callback.py) reach JAX as exceptions, eager calls compile once, and operands and options
+are taken as JAX takes them; on a GPU backend (gpu-marked) the custom call launches the kernels on XLA's
+stream and matches the eager GPU functions.
 """
 
 import numpy as np
@@ -367,3 +368,52 @@ def test_gpu_varlen_under_jit_equals_the_array_function(d):
     want_grads = cuflash.attention_varlen_backward(cdo, cq, ck, cv, want, lse, ccu, ccu, 700, 700, causal=True)
     for g, w in zip(grads, want_grads):
         np.testing.assert_allclose(_f32(g), cupy.asnumpy(w.astype(cupy.float32)), atol=2e-2, rtol=2e-2)
+
+
+def test_calls_outside_jit_compile_once(caplog):
+    """Eager calls (outside jax.jit) of one shape and options reuse one compiled custom call: each call used to
+    build a new callback, so JAX compiled and kept a new executable per call (memory grew ~1.5 MB a call)."""
+    import logging
+    q = jnp.ones((1, 16, 2, 16), jnp.float32)
+    cfj.attention(q, q, q, causal=True).block_until_ready()
+    jax.grad(lambda x: cfj.attention(x, q, q).sum())(q).block_until_ready()
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        for _ in range(5):
+            cfj.attention(q, q, q, causal=True).block_until_ready()
+            jax.grad(lambda x: cfj.attention(x, q, q).sum())(q).block_until_ready()
+    compiles = [r for r in caplog.records if "ompil" in r.getMessage()]
+    assert not compiles, [r.getMessage()[:200] for r in compiles]
+
+
+def test_vmap_with_dropout_keeps_each_examples_mask():
+    """Under vmap a call with dropout gives each example the mask it gets alone (the mask is keyed by the batch
+    index: folding the mapped axis into the batch gave examples each other's masks), and ALiBi slopes of zero
+    change nothing."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 1, 4, 1, 8)), jnp.float32)
+    f = lambda a: cfj.attention(a, a, a, dropout_p=0.5, dropout_seed=7)  # noqa: E731
+    g = lambda a: cfj.attention(a, a, a, alibi_slopes=jnp.zeros(1, jnp.float32), dropout_p=0.5,  # noqa: E731
+                                dropout_seed=7)
+    want = np.stack([np.asarray(f(x[i])) for i in range(3)])
+    np.testing.assert_array_equal(np.asarray(jax.vmap(f)(x)), want)
+    np.testing.assert_allclose(np.asarray(jax.vmap(g)(x)), want, atol=1e-6)
+
+
+def test_operands_and_options_as_jax_takes_them():
+    """float64 NumPy operands with 64-bit mode off compute in float32 (as JAX itself would take them), int64
+    NumPy cu_seqlens as int32; a concrete 0-d JAX array is a fine static option; a traced option or an array
+    window_size is a TypeError naming the option (not a tracer error from inside the checks)."""
+    if jax.config.jax_enable_x64:
+        pytest.skip("64-bit mode is on")
+    q = np.random.default_rng(1).standard_normal((1, 4, 2, 8))
+    out = jax.jit(lambda a: cfj.attention(a, q, q, softmax_scale=8.0 ** -0.5))(q.astype(np.float32))
+    assert out.dtype == jnp.float32
+    eager = cfj.attention(q, q, q, softmax_scale=1 / jnp.sqrt(8.0))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(eager), atol=1e-6)
+    qp = q[0]
+    cfj.attention_varlen(qp, qp, qp, np.array([0, 1, 4]), np.array([0, 1, 4]), 3, 3)
+    with pytest.raises(TypeError, match="window_size.*static"):
+        jax.jit(lambda a, w: cfj.attention(a, a, a, window_size=(w, 0)))(q, 2)
+    with pytest.raises(TypeError, match="window_size"):
+        cfj.attention(q, q, q, window_size=jnp.array([2, 0]))
+    with pytest.raises(TypeError, match="causal.*static"):
+        jax.jit(lambda a, c: cfj.attention(a, a, a, causal=c))(q, True)
