@@ -335,3 +335,18 @@ def loaded_families():
     """Kernel families (fwd_sm90, bwd_sm80, ...) this process has loaded since jit._loaded was cleared."""
     from cuflash import jit
     return {name.split("_bf16")[0].split("_fp16")[0] for (name, *_rest) in jit._loaded}
+
+
+def device_int(key, symbol):
+    """Reads an `extern "C" __device__ const int` exported by a kernel variant's module (on device 0's arch)."""
+    import cupy
+    from cupy.cuda import function
+
+    from cuflash import dispatch, jit
+    arch = dispatch.compile_arch(*divmod(int(cupy.cuda.Device().compute_capability), 10))
+    mod = function.Module()
+    mod.load(jit.cubin_for(key, arch))
+    ptr = mod.get_global_var(symbol)
+    host = np.zeros(1, np.int32)
+    cupy.cuda.runtime.memcpy(host.ctypes.data, getattr(ptr, "ptr", ptr), 4, 2)
+    return int(host[0])

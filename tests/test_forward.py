@@ -10,9 +10,9 @@ import pytest
 import cuflash
 from cuflash import reference
 
-from gpu_helpers import (flash_rule, host_inputs, host_randn, inputs, naive_same_dtype, poison_cupy_pool, rand_slopes,
-                         require_jax_gpu, require_torch_cuda, scaled, synchronize, to_device, to_host, to_np64,
-                         to_torch)
+from gpu_helpers import (device_int, flash_rule, host_inputs, host_randn, inputs, naive_same_dtype, poison_cupy_pool,
+                         rand_slopes, require_jax_gpu, require_torch_cuda, scaled, synchronize, to_device, to_host,
+                         to_np64, to_torch)
 
 pytestmark = pytest.mark.gpu
 
@@ -206,28 +206,14 @@ def test_empty_query_blocks_and_poisoned_lse():
     _check(q, k, v, causal=True)
 
 
-def _device_int(key, symbol):
-    """Reads an `extern "C" __device__ const int` exported by a variant's module."""
-    import cupy
-    from cupy.cuda import function
-    from cuflash import dispatch, jit
-    arch = dispatch.compile_arch(*divmod(int(cupy.cuda.Device().compute_capability), 10))
-    mod = function.Module()
-    mod.load(jit.cubin_for(key, arch))
-    ptr = mod.get_global_var(symbol)
-    host = np.zeros(1, np.int32)
-    cupy.cuda.runtime.memcpy(host.ctypes.data, getattr(ptr, "ptr", ptr), 4, 2)
-    return int(host[0])
-
-
 def test_params_layout_and_smem_formulas_match_kernels():
     """The host's parameter block has the size of the kernels' AttentionParams, and the host's shared
     memory formulas equal the sizes the backward kernels export."""
     from cuflash import dispatch, params_layout
     fwd = dispatch.all_forward_keys()[0]
-    assert _device_int(fwd, "cf_params_bytes") == params_layout.STRUCT.size
+    assert device_int(fwd, "cf_params_bytes") == params_layout.STRUCT.size
     for key in dispatch.all_backward_keys():
         if key.family == "bwd_sm80" and key.head_dim in (64, 256):
-            assert _device_int(key, "cf_bwd_smem_bytes") == dispatch.backward_smem_bytes(key)
+            assert device_int(key, "cf_bwd_smem_bytes") == dispatch.backward_smem_bytes(key)
         if key.family == "bwd_dq_sm80" and key.head_dim in (64, 256):
-            assert _device_int(key, "cf_bwd_dq_smem_bytes") == dispatch.dq_smem_bytes(key)
+            assert device_int(key, "cf_bwd_dq_smem_bytes") == dispatch.dq_smem_bytes(key)

@@ -132,18 +132,18 @@ def test_tile_counter_reset_between_back_to_back_calls():
 def test_params_and_smem_formulas_match_sm90_kernel():
     """ops.py packs exactly sizeof(ForwardSm90Params); dispatch's shared-memory formula and its choice of a
     persistent grid agree with the kernel for every tile configuration."""
-    from test_forward import _device_int
+    from gpu_helpers import device_int
     seen = set()
     for key in dispatch.all_forward_sm90_keys():
         cfg = (key.head_dim, key.block_m, key.block_n, key.extra)
         if key.dtype != "bf16" or cfg in seen:
             continue
         seen.add(cfg)
-        assert _device_int(key, "cf_fwd_sm90_params_bytes") == ops.SM90_PARAMS_BYTES
-        assert _device_int(key, "cf_fwd_sm90_smem_bytes") == dispatch.forward_sm90_smem_bytes(key)
+        assert device_int(key, "cf_fwd_sm90_params_bytes") == ops.SM90_PARAMS_BYTES
+        assert device_int(key, "cf_fwd_sm90_smem_bytes") == dispatch.forward_sm90_smem_bytes(key)
         # A variant built for one tile per CTA must never get a persistent (smaller) grid.
         persistent = dispatch.forward_sm90_schedule(key, 10**6, 1000, 132)[0] < 10**6
-        assert _device_int(key, "cf_fwd_sm90_persistent") == int(persistent)
+        assert device_int(key, "cf_fwd_sm90_persistent") == int(persistent)
 
 
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])

@@ -11,29 +11,15 @@ import pytest
 import cuflash
 from cuflash import dispatch, ops, reference
 
-from gpu_helpers import flash_rule, naive_same_dtype, np_dtype, to_device, to_host
+from gpu_helpers import device_int, flash_rule, naive_same_dtype, np_dtype, to_device, to_host
 
 pytestmark = pytest.mark.gpu
 
 
-def _device_int(key, symbol):
-    import cupy
-    from cupy.cuda import function
-
-    from cuflash import jit
-    arch = dispatch.compile_arch(*divmod(int(cupy.cuda.Device().compute_capability), 10))
-    mod = function.Module()
-    mod.load(jit.cubin_for(key, arch))
-    ptr = mod.get_global_var(symbol)
-    host = np.zeros(1, np.int32)
-    cupy.cuda.runtime.memcpy(host.ctypes.data, getattr(ptr, "ptr", ptr), 4, 2)
-    return int(host[0])
-
-
 def test_parameter_block_matches_the_kernel():
     for key in dispatch.all_merge_states_keys():
-        assert _device_int(key, "cf_merge_params_bytes") == ops.MERGE_PARAMS.size
-        assert _device_int(key, "cf_merge_max_states") == dispatch.MERGE_MAX_STATES
+        assert device_int(key, "cf_merge_params_bytes") == ops.MERGE_PARAMS.size
+        assert device_int(key, "cf_merge_max_states") == dispatch.MERGE_MAX_STATES
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
