@@ -68,14 +68,16 @@ def _static(**named):
         if isinstance(x, (tuple, list)):
             out.append(type(x)(_static(**{f"{name}[{i}]": e for i, e in enumerate(x)}).values()))
             continue
-        if isinstance(x, jax.core.Tracer):
-            raise TypeError(f"{name} must be a Python value: it is static under jax.jit (it selects and configures "
-                            f"the kernels), got a traced value; pass it as a Python constant or mark it static")
-        if isinstance(x, jax.Array):
+        if isinstance(x, jax.Array):  # traced values are jax.Array instances too
             if x.ndim:
                 raise TypeError(f"{name} must be a Python value (static under jax.jit), got a JAX array of shape "
                                 f"{tuple(x.shape)}")
-            x = x.item()
+            try:
+                x = x.item()
+            except jax.errors.ConcretizationTypeError:
+                raise TypeError(f"{name} must be a Python value: it is static under jax.jit (it selects and "
+                                f"configures the kernels), got a traced value; pass it as a Python constant or "
+                                f"mark it static") from None
         out.append(x)
     return dict(zip(named, out))
 
