@@ -7,9 +7,9 @@ plain one runs that call's bound launch plan (executor.py), workspaces from CuPy
 the CPU the NumPy path writes into the result buffers. An exception in the callback reaches JAX as an
 error naming it.
 
-Why buffer_callback and not a ctypes XLA FFI handler (the first version, which parsed XLA's FFI call frame
-with ctypes): an empty callback costs 6.6 against 19.5 us a call on the H200 and 25-27 against 28-31 us on
-CPU JAX (bench/NOTES.md, "JAX under jit"); jaxlib parses the buffers in C++.
+buffer_callback rather than an XLA FFI handler written with ctypes (which parses XLA's call frame in
+Python): an empty callback costs 6.6 against 19.5 us a call on the H200 and 25-27 against 28-31 us on CPU
+JAX (bench/NOTES.md, "Bound calls"); jaxlib parses the buffers in C++.
 
 Only cuflash.jax imports this module (it imports JAX).
 """
