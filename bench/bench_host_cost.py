@@ -10,7 +10,8 @@ attention. Rows:
     forward            cuflash.attention on CuPy arrays and on torch tensors, cuflash.torch.flash_attn_func,
                        F.scaled_dot_product_attention with the flash and the cuDNN backend
     backward           cuflash.attention_backward (CuPy), the op behind flash_attn_func's backward (torch)
-    fwd + bwd autograd flash_attn_func / SDPA forward, then torch.autograd.grad
+    fwd + bwd autograd flash_attn_func / SDPA forward, then torch.autograd.grad; and a do-nothing
+                       autograd.Function (a copy each way): what any Python autograd node costs
     JAX (--jax)        under jax.jit: cuflash.jax.attention against jax.nn.dot_product_attention's cuDNN
                        implementation; one jitted call, 16 calls chained inside one jitted function (the
                        cost per attention a JAX model pays, XLA's own launch included), and jax.grad of
@@ -86,6 +87,20 @@ def _jax_cases(tq, tk, tv) -> dict:
     return cases
 
 
+def _null_function():
+    import torch
+
+    class NullAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            return q.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g, g, g
+    return NullAttention
+
+
 class _LastResult:
     """A call that keeps its latest result, and a synchronize that blocks on it."""
 
@@ -114,6 +129,7 @@ def main() -> None:
 
     import cuflash
     import cuflash.torch as ct
+    null_attention = _null_function()
 
     rows = []
     sync_t = torch.cuda.synchronize
@@ -148,6 +164,12 @@ def main() -> None:
             o = ct.flash_attn_func(gq, gk, gv, causal=True)
             return torch.autograd.grad(o, (gq, gk, gv), grad_out)
         cases["fwd+bwd autograd: flash_attn_func"] = fa_train
+
+        def null_train():
+            # The floor of any Python autograd node: an autograd.Function whose forward and backward do only
+            # a copy, through the same engine (its CUDA backward on the engine's device thread).
+            return torch.autograd.grad(null_attention.apply(gq, gk, gv), (gq, gk, gv), grad_out)
+        cases["fwd+bwd autograd: a do-nothing autograd.Function"] = null_train
         for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             def sdpa_train(backend=backend):
                 with sdpa_kernel(backend):
