@@ -82,8 +82,9 @@ def _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset):
 
 
 def _check_window(window_size):
-    if window_size == (-1, -1) and type(window_size) is tuple:
-        return window_size
+    if type(window_size) is tuple and len(window_size) == 2 and type(window_size[0]) is int \
+            and type(window_size[1]) is int and window_size[0] == window_size[1] == -1:
+        return window_size  # the default, without the checks below (exact types: (-1.0, -1.0) is no pair of ints)
     if not isinstance(window_size, (tuple, list)):
         raise TypeError(f"window_size must be a pair (left, right) of ints (-1: unbounded), got {window_size!r}")
     if len(window_size) != 2:

@@ -9,6 +9,7 @@ allocator, so a call can be captured in a CUDA graph), or by CuPy and handed ove
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,7 +48,8 @@ def _framework_of_type(x) -> str:
     mod = type(x).__module__.split(".", 1)[0]
     if mod == "cupy":
         return "cupy"
-    if mod == "torch":
+    torch = sys.modules.get("torch")
+    if mod == "torch" or (torch is not None and isinstance(x, torch.Tensor)):  # subclasses defined elsewhere too
         return "torch"
     if mod in ("jax", "jaxlib"):
         if any(c.__name__ == "Tracer" for c in type(x).__mro__):

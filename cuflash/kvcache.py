@@ -135,6 +135,13 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     a decode step runs the prefill kernels.
     """
     name = "cuflash.attention_with_kvcache"
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together (or neither)")
+    rotary_interleaved = api._check_flag("rotary_interleaved", rotary_interleaved)
+    if isinstance(cache_seqlens, bool):
+        raise TypeError("cache_seqlens must be an int or an int32 array of shape (batch,), got bool")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
+        raise TypeError(f"num_splits must be an int >= 0, got {type(num_splits).__name__}")
     q_fw = arrays.framework_of(q)
     if isinstance(arrays.device_of(q, q_fw), int):
         return _with_kvcache_gpu(q, k_cache, v_cache, k, v, q_fw, cache_seqlens=cache_seqlens,

@@ -11,6 +11,8 @@ captured CUDA graph replays them. Outputs and workspaces are allocated by torch 
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -131,7 +133,8 @@ def _fwd_fake(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_
     call, _ = _options(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap)
     api._check_attn_mask(call, attn_mask)
     b, sq, hq, d = q.shape
-    return q.new_empty((b, sq, hq, d)), q.new_empty((b, hq, sq), dtype=torch.float32)
+    return q.new_empty((b, sq, hq, d)), q.new_empty((b, hq, sq), dtype=torch.float64 if q.dtype == torch.float64
+                                                    else torch.float32)
 
 
 @torch.library.register_fake("cuflash::varlen_fwd")
@@ -215,6 +218,7 @@ class _Attention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: an error, not silent zeros
     def backward(ctx, dout, dlse):
         # Gradients flow through `out` only; like FlashAttention, the LSE output is treated as a constant.
         q, k, v, out, lse, alibi_slopes, attn_mask = ctx.saved_tensors
@@ -239,6 +243,7 @@ class _VarlenAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_q, cu_k, alibi_slopes, seqused_q, seqused_k = ctx.saved_tensors
         max_q, max_k, causal, scale, left, right, softcap, deterministic = ctx.options
@@ -321,12 +326,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     softmax_scale = _default_scale(q, softmax_scale)
     if cache_seqlens is None:
         raise ValueError("cache_seqlens is required (an int or an int32 tensor of shape (batch,))")
-    as_int = isinstance(cache_seqlens, int)
+    if isinstance(cache_seqlens, bool):
+        raise TypeError("cache_seqlens must be an int or an int32 tensor of shape (batch,), got bool")
+    as_int = isinstance(cache_seqlens, numbers.Integral)
     left, right = api._check_window(window_size)
     out, lse = torch.ops.cuflash.kvcache_fwd(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, None if as_int else cache_seqlens,
-        cache_seqlens if as_int else 0, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, left,
-        right, softcap, rotary_interleaved, alibi_slopes, num_splits)
+        int(cache_seqlens) if as_int else 0, cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal,
+        left, right, softcap, rotary_interleaved, alibi_slopes, num_splits)
+    if not torch.compiler.is_compiling():
+        # The caches were written in place: autograd must see it (a saved cache would be stale), as for
+        # kc[:, 0] = x. Under torch.compile the op's declared mutation does this.
+        for cache in (k_cache, v_cache):
+            torch.autograd.graph.increment_version(cache)
     return (out, lse) if return_softmax_lse else out
 
 
@@ -377,6 +389,12 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
         attn_mask = _with_block_mask(q, k, attn_mask, block_mask)
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("attn_mask requires grad; cuflash does not differentiate the mask (detach it)")
+    # The options checked as cuflash.attention checks them, before either path: the op schema would convert
+    # causal=1 or a 0-d tensor that the autograd path, calling the implementation, rejects.
+    causal, deterministic = api._check_flag("causal", causal), api._check_flag("deterministic", deterministic)
+    softcap = api._check_real("softcap", softcap, nonneg=True)
+    softmax_scale = api._check_real("softmax_scale", softmax_scale, allow_none=True, positive=True)
+    dropout_p = api._check_probability(dropout_p)
     seed, offset = _dropout_seed(q, dropout_p, dropout_seed, dropout_offset)
     softmax_scale = _default_scale(q, softmax_scale)
     left, right = api._check_window(window_size)

@@ -386,3 +386,80 @@ def test_window_size_that_is_not_a_pair_raises_type_error():
         ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 3, 3, window_size=None)
     with pytest.raises(TypeError, match="window_size"):
         ct.flash_attn_func(q[None], k[None], v[None], window_size=5)
+
+
+def _small_qkv(grad, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, 4, 2, 8, generator=g, dtype=dtype).requires_grad_(grad) for _ in range(3)]
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("kw,exc", [(dict(causal=1), TypeError), (dict(causal=torch.tensor(True)), TypeError),
+                                    (dict(softmax_scale=True), TypeError), (dict(softcap=True), TypeError),
+                                    (dict(deterministic="yes"), TypeError), (dict(dropout_p=True), TypeError),
+                                    (dict(window_size=(-1.0, -1.0)), TypeError)])
+def test_options_are_checked_alike_with_and_without_grad(grad, kw, exc):
+    """A new user's findings: with requires_grad the autograd path called the implementation, which rejected
+    what the op schema converted without grad (causal=1, a 0-d tensor), a bad `deterministic` surfaced only in
+    backward, and (-1.0, -1.0) passed as the default window. Both paths now check as cuflash.attention does,
+    before anything runs."""
+    q, k, v = _small_qkv(grad)
+    with pytest.raises(exc):
+        ct.flash_attn_func(q, k, v, **kw)
+
+
+def test_float64_lse_under_torch_compile_and_opcheck():
+    """The forward op's fake gave a float32 LSE for float64 inputs (the real op returns float64): opcheck's
+    fake-tensor test failed and inductor computed with the wrong dtype (2e12 against 27.9 in eager)."""
+    q, k, v = _small_qkv(False, torch.float64)
+    args = (q, k, v, None, True, 0.25, -1, -1, 0.0, False, 0.0, 0, 0, None)
+    torch.library.opcheck(torch.ops.cuflash.fwd.default, args)
+
+    def f(q, k, v):
+        return (ct.attention(q, k, v, return_lse=True)[1] * 2).sum()
+    from torch._inductor import config as inductor_config
+    with inductor_config.patch(fx_graph_cache=False):  # a graph cached before a fake changed would be stale
+        torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, k, v), f(q, k, v))
+
+
+def test_double_backward_raises():
+    """A second-order gradient through the attention raises instead of silently dropping the term (the
+    backward is not differentiable)."""
+    q, k, v = _small_qkv(True)
+    dq, = torch.autograd.grad((ct.flash_attn_func(q, k, v) ** 2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate|once_differentiable|grad"):
+        (dq ** 2).sum().backward()
+
+
+def test_tensor_subclasses_are_torch_tensors():
+    class MyTensor(torch.Tensor):
+        pass
+    q, k, v = (x.detach().as_subclass(MyTensor) for x in _small_qkv(False))
+    want = ct.flash_attn_func(*(x.as_subclass(torch.Tensor) for x in (q, k, v)))
+    torch.testing.assert_close(ct.flash_attn_func(q, k, v).as_subclass(torch.Tensor), want)
+
+
+def test_kvcache_append_is_seen_by_autograd_and_options_are_checked():
+    """flash_attn_with_kvcache writes the caches in place: autograd refuses a backward that saved them
+    before (as for kc[:, 0] = x), instead of silently using the new values; cache_seqlens=True, a lone
+    rotary_sin and a non-bool rotary_interleaved are errors; a NumPy integer cache_seqlens works."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 1, 2, 8, generator=g)
+    kc, vc = (torch.randn(2, 6, 1, 8, generator=g) for _ in range(2))
+    kn, vn = (torch.randn(2, 1, 1, 8, generator=g) for _ in range(2))
+    w = torch.ones(1, requires_grad=True)
+    y = (kc * w).sum()
+    ct.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=0)
+    with pytest.raises(RuntimeError, match="inplace"):
+        y.backward()
+    with pytest.raises(TypeError, match="cache_seqlens"):
+        ct.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=True)
+    with pytest.raises(ValueError, match="rotary_cos and rotary_sin"):
+        cuflash.attention_with_kvcache(q.numpy(), kc.numpy(), vc.numpy(), cache_seqlens=2,
+                                       rotary_sin=np.zeros((8, 2), np.float32))
+    with pytest.raises(TypeError, match="rotary_interleaved"):
+        cuflash.attention_with_kvcache(q.numpy(), kc.numpy(), vc.numpy(), cache_seqlens=2, rotary_interleaved="no")
+    with pytest.raises(TypeError, match="num_splits"):
+        cuflash.attention_with_kvcache(q.numpy(), kc.numpy(), vc.numpy(), cache_seqlens=2, num_splits=1.5)
+    out = ct.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=np.int64(2))
+    torch.testing.assert_close(out, ct.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=2))
