@@ -12,7 +12,7 @@ import pytest
 import cuflash
 from cuflash import reference
 
-from gpu_helpers import flash_rule, naive_same_dtype, np_dtype, to_device, to_host
+from gpu_helpers import flash_rule, naive_same_dtype, np_dtype, to_host
 
 pytestmark = pytest.mark.gpu
 
