@@ -94,7 +94,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     cache_seqlens : int or int32 array, shape (batch,)
         Keys already in each sequence's cache (before the append).
     cache_batch_idx : int32 array, shape (batch,), optional
-        Cache row of each batch element (contiguous caches only); default ``b``.
+        Cache row of each batch element (contiguous caches only), distinct rows (checked on the CPU path; GPU
+        arrays are not read on the host); default ``b``.
     cache_leftpad : int32 array, shape (batch,), optional
         Each sequence's cache starts at this position; the slots before it are padding and never attended.
     block_table : int32 array, shape (batch, max_pages), optional
@@ -214,6 +215,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         rows = np.arange(batch) if rows is None else rows
         if rows.size and (rows.min() < 0 or rows.max() >= kc.shape[0]):
             raise ValueError(f"cache_batch_idx must index the cache's {kc.shape[0]} rows")
+        if np.unique(rows).size != rows.size:  # two sequences appending into one cache row
+            raise ValueError(f"cache_batch_idx must name distinct cache rows, got {rows.tolist()}")
 
         def where(b, pos):
             return np.full(pos.shape, rows[b]), pos

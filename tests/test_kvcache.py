@@ -187,3 +187,12 @@ def test_merged_states_equal_attention_over_all_keys():
     np.testing.assert_allclose(out2, full_out, atol=1e-12)
     empty_out, empty_lse = cuflash.merge_attention_states(outs[1], lses[1], outs[1], lses[1])
     assert np.all(empty_out == 0) and np.all(empty_lse == np.inf)
+
+
+def test_duplicate_cache_batch_idx_raises():
+    """Two sequences naming one cache row would append into it both: a ValueError on the CPU path."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 1, 2, 8))
+    kc, vc = (rng.standard_normal((3, 6, 1, 8)) for _ in range(2))
+    with pytest.raises(ValueError, match="distinct"):
+        cuflash.attention_with_kvcache(q, kc, vc, cache_seqlens=2, cache_batch_idx=np.array([1, 1], np.int32))
