@@ -119,19 +119,26 @@ def _device_of_stream(stream: int) -> int:
 
 def _run_cuda(kind, options, args, rets, stream: int, bound_key):
     from . import api, arrays, ops, varlen
+    key = None
+    if kind in ("fwd", "bwd") and not options[-1]:  # a dense call without ALiBi may run bound (executor.py)
+        # The buffers a launch binds (the ALiBi placeholder is not one): q, k, v, out, lse for the forward;
+        # dout, q, k, v, out, lse, dq, dk, dv for the backward.
+        used = (*args[:3], *rets) if kind == "fwd" else (*args[:6], *rets)
+        ptrs = [b.__cuda_array_interface__["data"][0] or 0 for b in used]
+        any_bits = 0
+        for p in ptrs:
+            any_bits |= p
+        # The traced call fixes every buffer's shape from q's and k's (v, dout, out and the gradients match
+        # them, the LSE follows q) and every dtype but the inputs' (fp16 or bf16 calls may share options).
+        q, k = (args[0], args[1]) if kind == "fwd" else (args[1], args[2])
+        key = (bound_key, tuple(q.shape), tuple(k.shape), q.dtype, any_bits & 15 == 0, stream)
+        table = executor.lookup_forward if kind == "fwd" else executor.lookup_backward
+        bound = table(key)
+        if bound is not None and bound.run_into(ptrs, stream):
+            return
     buffers = (*args, *rets)
     ptrs = [b.__cuda_array_interface__["data"][0] or 0 for b in buffers]
     shapes = tuple(tuple(b.shape) for b in buffers)
-    # The options fix every buffer's dtype but the inputs' one (fp16 or bf16 calls may share options).
-    key = (bound_key, shapes, args[0].dtype, tuple(p & 15 for p in ptrs), stream)
-    if kind == "fwd":
-        bound = executor.lookup_forward(key)
-        if bound is not None and bound.run_into(ptrs[:3] + ptrs[-2:], stream):
-            return
-    elif kind == "bwd":
-        bound = executor.lookup_backward(key)
-        if bound is not None and bound.run_into(ptrs[:6] + ptrs[-3:], stream):
-            return
     device = _device_of_stream(stream)
     n_args = len(args)
     dtypes = [str(b.dtype) for b in buffers]
@@ -168,7 +175,8 @@ def _run_cuda(kind, options, args, rets, stream: int, bound_key):
             out, lse = view(n_args, 4), view(n_args + 1, 3)
             fp = ops.forward(q, k, v, out, lse, alibi, causal=causal, window_size=window, softmax_scale=scale,
                              softcap=softcap, stream=stream, cc=cc, framework="cupy")
-            if in_place and 0 not in shapes[0] and shapes[1][-3]:  # a query and a key at least
+            # (bound when there is a query and a key at least)
+            if key is not None and in_place and 0 not in shapes[0] and shapes[1][-3]:
                 executor.bind_forward(key, fp, "jax", q, k, v, out)
         else:
             dout, q, k, v, out = (view(i, 4) for i in range(5))
@@ -177,6 +185,6 @@ def _run_cuda(kind, options, args, rets, stream: int, bound_key):
             bp = ops.backward(dout, q, k, v, out, lse, alibi, dq, dk, dv, causal=causal, window_size=window,
                               softmax_scale=scale, softcap=softcap, deterministic=False, stream=stream, cc=cc,
                               framework="cupy")
-            if in_place and 0 not in shapes[1] and shapes[2][-3]:
+            if key is not None and in_place and 0 not in shapes[1] and shapes[2][-3]:
                 executor.bind_backward(key, bp, "jax", {"dout": dout, "q": q, "k": k, "v": v, "o": out, "lse": lse},
                                        (dq, dk, dv))
