@@ -451,8 +451,9 @@ def _bound_key(xs, causal, softmax_scale, window_size, softcap, flag, dropout_p)
             if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(x.requires_grad for x in xs)):
                 return None
         return executor.key(fw, xs, causal, softmax_scale, window_size, softcap, flag)
-    except (AttributeError, TypeError, RuntimeError):
-        # Not arrays of one kind, an unhashable option, a tensor without storage: the general path says which.
+    except (AttributeError, TypeError, RuntimeError, ImportError):
+        # Not arrays of one kind, an unhashable option, a tensor without storage, a stand-in for a tensor
+        # without torch: the general path says which.
         return None
 
 
