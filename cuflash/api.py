@@ -271,7 +271,7 @@ def _device_input(call, x, stream, cc):
     head dims that are not multiples of 8; never otherwise."""
     from . import ops
     view = arrays.device_view(x, call.fw, stream)
-    if call.width == call.head_dim and _readable_in_place(view):
+    if _in_place(call, view):
         return view
     _, buf = arrays.empty(call.fw, (*view.shape[:3], call.width), view.dtype, view.device, stream)
     ops.strided_copy(view, buf, stream=stream, cc=cc)
@@ -640,9 +640,9 @@ def _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softc
             views = {n: _device_input(call, x, stream, cc) for n, x in
                      (("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out))}
             lse_view = arrays.device_view(lse, call.fw, stream)
-            if lse_view.strides != (call.heads_q * call.seqlen_q, call.seqlen_q, 1):
+            lse_in_place = lse_view.strides == (call.heads_q * call.seqlen_q, call.seqlen_q, 1)
+            if not lse_in_place:
                 lse_view = arrays.contiguous_copy(lse, call.fw, device, stream)
-            lse_in_place = lse_view.ptr == arrays.device_view(lse, call.fw, stream).ptr
             bp = ops.backward(views["dout"], views["q"], views["k"], views["v"], views["out"], lse_view,
                               _device_alibi(alibi, call.fw, stream), *(work for _, _, work in grads),
                               deterministic=deterministic, stream=stream, cc=cc, framework=call.fw, **kwargs)

@@ -18,11 +18,10 @@ with no context yet) the call goes the general path, which makes the right devic
 from __future__ import annotations
 
 import ctypes
-import os
 import struct
 import threading
 
-from . import dispatch, params_layout, tma
+from . import launch_plan, params_layout, tma
 from .arrays import DeviceArray
 
 _CACHE_LIMIT = 256
@@ -38,12 +37,6 @@ BACKWARD_POINTERS = ("dout", "q", "k", "v", "o", "lse", "dq", "dk", "dv", "delta
 
 _forward: dict = {}
 _backward: dict = {}
-
-
-def env_key() -> tuple:
-    """The dispatch environment (launch_plan._env's variables) as part of a signature."""
-    get = os.environ.get
-    return get(dispatch.FWD_KERNEL_ENV), get(dispatch.BWD_KERNEL_ENV), get("CUFLASH_FWD_TILES")
 
 
 def _typed(*values) -> tuple:
@@ -67,7 +60,7 @@ def key(fw: str, xs: tuple, causal, softmax_scale, window_size, softcap, flag):
     if window_size.__class__ is not tuple:
         return None
     sig = torch_signature(xs) if fw == "torch" else cupy_signature(xs)
-    return (fw, sig, _typed(causal, softmax_scale, softcap, flag, *window_size), env_key())
+    return (fw, sig, _typed(causal, softmax_scale, softcap, flag, *window_size), launch_plan.env())
 
 
 def lookup_forward(key):
@@ -144,7 +137,6 @@ class _Bound:
         self._ctx_get = driver.ctxGetCurrent
         if fw == "torch":
             import torch
-            self._torch = torch
             self._empty = torch.empty
             self._tdevice = torch.device("cuda", device)
             names = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,

@@ -84,8 +84,7 @@ def _static(**named):
 
 def _check(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, dropout):
     """api's checks on shape-only stand-ins (GPU or CPU rules, by JAX's default backend); returns the
-    resolved static options."""
-    _jax_operands(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
+    resolved static options (the operands are JAX arrays: attention checked them)."""
     stand_in = _DeviceShape if _on_gpu() else _shape_only
     call = api._Call(*(stand_in(x) for x in (q, k, v)))
     alibi = None if alibi_slopes is None else stand_in(alibi_slopes)
@@ -195,7 +194,6 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
                   window_size, softcap, alibi_slopes):
     """varlen's checks on shape-only stand-ins (as _check); returns the resolved static options."""
-    _jax_operands(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
     stand_in = _DeviceShape if _on_gpu() else _shape_only
     call = varlen._VarlenCall(*(stand_in(x) for x in (q, k, v, cu_seqlens_q, cu_seqlens_k)), max_seqlen_q,
                               max_seqlen_k, None, None)

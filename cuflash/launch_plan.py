@@ -114,7 +114,7 @@ def _alibi_layout(alibi) -> tuple | None:
     return None if alibi is None else (alibi.shape, alibi.strides)
 
 
-def _env() -> tuple:
+def env() -> tuple:
     """The environment variables that steer dispatch (kernel family, forward tiles): part of every plan's key,
     so that changing one between calls takes effect."""
     get = os.environ.get
@@ -132,7 +132,7 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, al
             softmax_scale: float, softcap: float, cc: tuple, sm_count: int) -> ForwardPlan:
     """The forward's plan for these views (cached on their layout and the flags)."""
     key = ("fwd", q.device, cc, _layout(q, k, v, out), _alibi_layout(alibi), causal, window_size, softmax_scale,
-           softcap, _env())
+           softcap, env())
     hit = _plans.get(key)
     if hit is not None:
         return hit
@@ -175,7 +175,7 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     sequence's end. Work tiles cover max_seqlen_q rows of every sequence; persistent Hopper CTAs take them from
     the tile counter (dispatch.forward_sm90_varlen_schedule). The LSE is (heads_q, total_q)."""
     key = ("fwd_varlen", q.device, cc, _layout(q, k, v, out), _alibi_layout(alibi), batch, max_seqlen_q,
-           max_seqlen_k, causal, window_size, softmax_scale, softcap, _env())
+           max_seqlen_k, causal, window_size, softmax_scale, softcap, env())
     hit = _plans.get(key)
     if hit is not None:
         return hit
@@ -223,7 +223,7 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
     every sequence. delta gets a (heads_q, total_q) workspace like the LSE (it cannot borrow dq, whose
     uncovered rows must stay zero)."""
     key = ("bwd_varlen", q.device, cc, _layout(dout, q, k, v, out, dq, dk, dv), _alibi_layout(alibi), batch,
-           max_seqlen_q, max_seqlen_k, causal, window_size, softmax_scale, softcap, deterministic, _env())
+           max_seqlen_q, max_seqlen_k, causal, window_size, softmax_scale, softcap, deterministic, env())
     hit = _plans.get(key)
     if hit is not None:
         return hit
@@ -261,7 +261,7 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     (dQ). Deterministic mode: the Hopper kernel adds in a fixed order (turn counters the preprocess zeroes);
     on sm80 a Q-parallel dQ kernel replaces the accumulation and the postprocess."""
     key = ("bwd", q.device, cc, _layout(dout, q, k, v, out, dq, dk, dv), _alibi_layout(alibi), causal, window_size,
-           softmax_scale, softcap, deterministic, _env())
+           softmax_scale, softcap, deterministic, env())
     hit = _plans.get(key)
     if hit is not None:
         return hit
