@@ -14,6 +14,7 @@ raise NotImplementedError after the argument checks.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -379,6 +380,25 @@ def _device_index(name, x, batch, fw, device, stream):
     return view if view.strides == (1,) else arrays.contiguous_copy(x, fw, device, stream)
 
 
+def _decode_packed(qv, q, out, groups, batch, heads_q, heads_k, d, fw, device, stream):
+    """One query per sequence with GQA (decoding): the query heads that share a key/value head become the rows
+    of that head's tile, so each cache row is read once per key/value head, not once per query head
+    (api.decode_groups says when, and why causal and a right window may go). Sequence b's rows are
+    b * heads_q + i, i < groups, of (total, heads_k, d) views of q and out with row stride d and head stride
+    groups * d (memory order (b, heads_q, d)); ``total`` stops at the last sequence's last used row, so that
+    no row of any head lies past the arrays' memory (TMA may load whole tiles up to it). Returns (q3, out3,
+    total, seqused_q)."""
+    if qv.strides[0] != heads_q * qv.strides[2] or qv.strides[2] != d:
+        qv = arrays.contiguous_copy(q, fw, device, stream)
+    total = (batch - 1) * heads_q + groups
+    views = [arrays.DeviceArray(x.ptr, (total, heads_k, d), (d, groups * d, 1), x.dtype, device, x.owner)
+             for x in (qv, out)]
+    _, used_q = arrays.empty(fw, (batch,), "int32", device, stream)
+    from . import ops
+    ops.fill_int32(used_q, groups, stream=stream)
+    return views[0], views[1], total, used_q
+
+
 def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
                       rotary_cos, rotary_sin, causal, window_size, softcap, alibi_slopes, softmax_scale, num_splits,
                       return_lse):
@@ -452,31 +472,49 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
         _, cu_q = arrays.empty(fw, (batch + 1,), "int32", device, stream)
         _, cu_k = arrays.empty(fw, (batch + 1,), "int32", device, stream)
         _, used_k = arrays.empty(fw, (max(batch, 1),), "int32", device, stream)
-        ops.kvcache_append(kc, vc, *news, seqlens, seqlens_value, leftpad, cu_q, cu_k, used_k, seqlen_q=seqlen_q,
-                           stream=stream, cc=cc)
         qv = arrays.device_view(q, fw, stream)
-        if qv.strides[0] != seqlen_q * qv.strides[1]:
-            qv = arrays.contiguous_copy(q, fw, device, stream)
-        q3 = arrays.DeviceArray(qv.ptr, (batch * seqlen_q, heads_q, d), qv.strides[1:], dtype, device, qv.owner)
         k3, v3 = (arrays.DeviceArray(x.ptr, (batch_cache * seqlen_cache, heads_k, d), x.strides[1:], dtype, device,
                                      x.owner) for x in (kc, vc))
         out_native, out = arrays.empty(fw, (batch, seqlen_q, heads_q, d), dtype, device, stream)
-        out3 = arrays.DeviceArray(out.ptr, (batch * seqlen_q, heads_q, d), out.strides[1:], dtype, device, out.owner)
-        _, lse_packed = arrays.empty(fw, (heads_q, batch * seqlen_q), "float32", device, stream)
-        varlen.forward_device(q3, k3, v3, out3, lse_packed, api._device_alibi(alibi_slopes, fw, stream),
-                              [cu_q, cu_k, None, used_k], max_seqlen_q=seqlen_q, max_seqlen_k=seqlen_cache,
-                              causal=causal, softmax_scale=scale, window_size=window, softcap=softcap, fw=fw,
-                              stream=stream, cc=cc)
+        groups = api.decode_groups(seqlen_q, heads_q, heads_k, alibi_slopes, window)
+        if groups > 1 and d % 8 == 0 and 0 < batch * heads_q < 1 << 31:
+            packed = _decode_packed(qv, q, out, groups, batch, heads_q, heads_k, d, fw, device, stream)
+            q3, out3, total_q, used_q = packed
+            ops.kvcache_append(kc, vc, *news, seqlens, seqlens_value, leftpad, cu_q, cu_k, used_k,
+                               seqlen_q=heads_q, stream=stream, cc=cc)
+            _, lse_packed = arrays.empty(fw, (heads_k, total_q), "float32", device, stream)
+            ops.fill_zero(out, stream=stream)
+            ops.fill_float32(lse_packed, math.inf, stream=stream)
+            varlen.forward_device(q3, k3, v3, out3, lse_packed, None, [cu_q, cu_k, used_q, used_k],
+                                  max_seqlen_q=groups, max_seqlen_k=seqlen_cache, causal=False, softmax_scale=scale,
+                                  window_size=(-1, -1), softcap=softcap, fw=fw, stream=stream, cc=cc, fill=False)
+            # LSE of query head h * groups + i of sequence b at (h, b * heads_q + i), viewed (b, i, h, word).
+            lse_geometry = ((batch, groups, heads_k, 2), (2 * heads_q, 2, 2 * total_q, 1),
+                            (2 * heads_q, 2, 2 * groups, 1))
+        else:
+            ops.kvcache_append(kc, vc, *news, seqlens, seqlens_value, leftpad, cu_q, cu_k, used_k,
+                               seqlen_q=seqlen_q, stream=stream, cc=cc)
+            if qv.strides[0] != seqlen_q * qv.strides[1]:
+                qv = arrays.contiguous_copy(q, fw, device, stream)
+            q3 = arrays.DeviceArray(qv.ptr, (batch * seqlen_q, heads_q, d), qv.strides[1:], dtype, device, qv.owner)
+            out3 = arrays.DeviceArray(out.ptr, (batch * seqlen_q, heads_q, d), out.strides[1:], dtype, device,
+                                      out.owner)
+            _, lse_packed = arrays.empty(fw, (heads_q, batch * seqlen_q), "float32", device, stream)
+            varlen.forward_device(q3, k3, v3, out3, lse_packed, api._device_alibi(alibi_slopes, fw, stream),
+                                  [cu_q, cu_k, None, used_k], max_seqlen_q=seqlen_q, max_seqlen_k=seqlen_cache,
+                                  causal=causal, softmax_scale=scale, window_size=window, softcap=softcap, fw=fw,
+                                  stream=stream, cc=cc)
+            lse_geometry = ((batch, seqlen_q, heads_q, 2), (2 * seqlen_q, 2, 2 * batch * seqlen_q, 1),
+                            (2 * heads_q * seqlen_q, 2, 2 * seqlen_q, 1))
         out = arrays.to_caller(out_native, out, fw, stream)
         if not return_lse:
             return out
-        # (heads_q, batch * seqlen_q) -> (batch, heads_q, seqlen_q): each float32 as two 16-bit words, moved by
-        # the layout copy (strided_copy.cu) viewing both as (batch, seqlen_q, heads_q, 2 words).
+        # The kernels' LSE layout -> (batch, heads_q, seqlen_q): each float32 as two 16-bit words, moved by the
+        # layout copy (strided_copy.cu) viewing both as 4-D arrays of 2-word columns.
         lse_native, lse = arrays.empty(fw, (batch, heads_q, seqlen_q), "float32", device, stream)
-        src = arrays.DeviceArray(lse_packed.ptr, (batch, seqlen_q, heads_q, 2), (2 * seqlen_q, 2, 2 * batch * seqlen_q, 1),
-                                 "float16", device)
-        dst = arrays.DeviceArray(lse.ptr, (batch, seqlen_q, heads_q, 2), (2 * heads_q * seqlen_q, 2, 2 * seqlen_q, 1),
-                                 "float16", device)
+        shape, src_strides, dst_strides = lse_geometry
+        src = arrays.DeviceArray(lse_packed.ptr, shape, src_strides, "float16", device)
+        dst = arrays.DeviceArray(lse.ptr, shape, dst_strides, "float16", device)
         ops.strided_copy(src, dst, stream=stream, cc=cc)
         return out, arrays.to_caller(lse_native, lse, fw, stream)
 

@@ -165,6 +165,15 @@ _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "int32": 4}
 
 def fill_float32(a: DeviceArray, value: float, *, stream: int) -> None:
     """Fills a contiguous float32 array with ``value`` on ``stream`` (cuMemsetD32Async: no kernel)."""
+    _fill_words(a, struct.unpack("<I", struct.pack("<f", value))[0], stream)
+
+
+def fill_int32(a: DeviceArray, value: int, *, stream: int) -> None:
+    """Fills a contiguous int32 array with ``value`` on ``stream``."""
+    _fill_words(a, value & 0xFFFFFFFF, stream)
+
+
+def _fill_words(a: DeviceArray, bits: int, stream: int) -> None:
     global _memset_d32
     count = math.prod(a.shape)
     if count == 0:
@@ -174,7 +183,6 @@ def fill_float32(a: DeviceArray, value: float, *, stream: int) -> None:
         fn.argtypes = [ctypes.c_uint64, ctypes.c_uint32, ctypes.c_size_t, ctypes.c_void_p]
         fn.restype = ctypes.c_int
         _memset_d32 = fn
-    bits = struct.unpack("<I", struct.pack("<f", value))[0]
     err = _memset_d32(a.ptr, bits, count, stream)
     if err:
         raise RuntimeError(f"cuMemsetD32Async failed (CUresult {err})")
@@ -229,14 +237,16 @@ def _tile_counter(fp, pointers: dict, framework: str, device: int, stream: int):
 def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, lse: DeviceArray, alibi,
                    cu_seqlens_q: DeviceArray, cu_seqlens_k: DeviceArray, seqused_q, seqused_k, *, max_seqlen_q: int,
                    max_seqlen_k: int, causal: bool, window_size, softmax_scale: float, softcap: float, stream: int,
-                   cc: tuple, framework: str) -> None:
+                   cc: tuple, framework: str, fill: bool = True) -> None:
     """The variable-length forward (launch_plan.forward_varlen): ``out`` is zeroed and ``lse`` set to +inf
-    first, so rows no sequence covers (past cu_seqlens_q[-1], past seqused_q) read as rows that see no key."""
+    first, so rows no sequence covers (past cu_seqlens_q[-1], past seqused_q) read as rows that see no key;
+    ``fill=False`` leaves that to the caller (views whose extent is not their memory's, as packed heads)."""
     fp = launch_plan.forward_varlen(q, k, v, out, alibi, batch=cu_seqlens_q.shape[0] - 1, max_seqlen_q=max_seqlen_q,
                                     max_seqlen_k=max_seqlen_k, causal=causal, window_size=window_size,
                                     softmax_scale=softmax_scale, softcap=softcap, cc=cc, sm_count=_sm_count(q.device))
-    fill_zero(out, stream=stream)
-    fill_float32(lse, math.inf, stream=stream)
+    if fill:
+        fill_zero(out, stream=stream)
+        fill_float32(lse, math.inf, stream=stream)
     if fp.launch.grid == 0:
         return
     pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "o": out.ptr, "lse": lse.ptr,

@@ -146,12 +146,13 @@ def _index_view(x, fw, device, stream):
 
 
 def forward_device(q3, k3, v3, out3, lse, alibi, index, *, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
-                   window_size, softcap, fw, stream, cc):
+                   window_size, softcap, fw, stream, cc, fill=True):
     """The GPU forward on device views, inside the device's scope (ops.forward_varlen). ``q3, k3, v3``: packed
     (total, heads, head_dim) views, any strides; ``out3``: a contiguous (total_q, heads_q, head_dim) output and
     ``lse`` a (heads_q, total_q) float32 one, both written in full; ``index``: the int32 views of cu_seqlens_q,
     cu_seqlens_k, seqused_q, seqused_k (the last two may be None). Work buffers (head dims off multiples of 8)
-    come from ``fw``'s allocator on ``stream``. The array functions and cuflash.jax's custom call share it."""
+    come from ``fw``'s allocator on ``stream``. ``fill=False``: the caller has zeroed ``out3``'s memory and set
+    ``lse`` to +inf itself (ops.forward_varlen). The array functions and cuflash.jax's custom call share it."""
     from . import ops
     head_dim, width = q3.shape[2], _width(q3.shape[2])
     out = _as_batch_one(out3)
@@ -161,7 +162,7 @@ def forward_device(q3, k3, v3, out3, lse, alibi, index, *, max_seqlen_q, max_seq
     views = [_device_packed(x, head_dim, fw, stream, cc) for x in (q3, k3, v3)]
     ops.forward_varlen(*views, work, lse, alibi, *index, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                        causal=causal, window_size=window_size, softmax_scale=softmax_scale, softcap=softcap,
-                       stream=stream, cc=cc, framework=fw)
+                       stream=stream, cc=cc, framework=fw, fill=fill)
     if work is not out:
         ops.strided_copy(work, out, stream=stream, cc=cc)
 
