@@ -37,6 +37,11 @@ FWD_SM80_VARLEN_PTXAS_OPT = {64: 1}
 # ... and at head dim 128 they push the 128-row tile past 255 registers with softcap and a mask (12 bytes
 # at -O1, 36-160 at -O2/-O3): the variable-length build takes 64-row tiles there.
 FWD_SM80_VARLEN_TILES = {128: (64, 64, 4, 1, 1)}
+# The split-KV build (decoding: a query block is a key/value head's group of query heads, 4-16 rows): the
+# smallest query block the warp layout allows (16 rows a warp, 4 warps), so few rows go to waste, and 128-key
+# tiles to keep many loads in flight per CTA. (block_m, block_n, warps, min blocks, ptxas -O).
+FWD_SM80_SPLIT_KV_TILES = {64: (64, 128, 4, 2, 3), 128: (64, 128, 4, 1, 3), 192: (64, 64, 4, 1, 3),
+                           256: (64, 64, 4, 1, 3)}
 
 def padded_head_dim(head_dim: int) -> int:
     """The compiled head dim that serves ``head_dim`` (a multiple of 8 in [8, 256])."""
@@ -48,7 +53,8 @@ def padded_head_dim(head_dim: int) -> int:
 
 # How extra defines appear in variant names: a prefix followed by the value, or (flag name,) shown when set.
 _EXTRA_LABELS = {"CF_DETERMINISTIC": ("det",), "CF_BWD_A_REGS": ("preg",), "CF_Q_STAGES": "st", "CF_STAGES": "st",
-                 "CF_CONSUMERS": "cw", "CF_PINGPONG": ("pp",), "CF_VARLEN": ("varlen",)}
+                 "CF_CONSUMERS": "cw", "CF_PINGPONG": ("pp",), "CF_VARLEN": ("varlen",),
+                 "CF_SPLIT_KV": ("splitkv",)}
 
 
 @dataclass(frozen=True)
@@ -175,10 +181,11 @@ def max_smem(major: int, minor: int) -> int:
 
 
 def forward_key(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
-                smem_limit: int = MAX_SMEM[(9, 0)], varlen: bool = False) -> KernelKey:
+                smem_limit: int = MAX_SMEM[(9, 0)], varlen: bool = False, split_kv: bool = False) -> KernelKey:
     """The sm80 forward's variant. ``varlen``: the variable-length build (CF_VARLEN, seq_context.cuh reads
     each sequence's rows from cu_seqlens / seqused), a separate variant so that the dense one compiles to the
-    same code as without it (its 252-254 registers at head dim 64 leave no room for the lookups)."""
+    same code as without it (its 252-254 registers at head dim 64 leave no room for the lookups).
+    ``split_kv`` (with ``varlen``): the split-KV build for decoding (CF_SPLIT_KV, fp32 partial outputs)."""
     key = _forward_key(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, smem_limit,
                        os.environ.get("CUFLASH_FWD_TILES", ""))
     if not varlen:
@@ -189,6 +196,10 @@ def forward_key(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, ali
     if tiles:  # smaller than every dense tile: within every shared-memory limit
         bm, bn, warps, min_blocks, opt = tiles
         key = dataclasses.replace(key, block_m=bm, block_n=bn, warps=warps, min_blocks=min_blocks, ptxas_opt=opt)
+    if split_kv:
+        bm, bn, warps, min_blocks, opt = FWD_SM80_SPLIT_KV_TILES[key.head_dim]
+        key = dataclasses.replace(key, extra=key.extra + (("CF_SPLIT_KV", 1),), block_m=bm, block_n=bn, warps=warps,
+                                  min_blocks=min_blocks, ptxas_opt=opt)
     return key
 
 
@@ -489,7 +500,7 @@ def all_forward_keys() -> list[KernelKey]:
 
 
 def all_forward_keys_for(smem_limit: int) -> list[KernelKey]:
-    return [
+    keys = [
         forward_key(dt, d, is_local=loc, softcap=sc, alibi=al, smem_limit=smem_limit, varlen=vl)
         for dt in DTYPES
         for d in PADDED_HEAD_DIMS
@@ -498,6 +509,10 @@ def all_forward_keys_for(smem_limit: int) -> list[KernelKey]:
         for al in (False, True)
         for vl in (False, True)
     ]
+    # Split-KV decoding packs a group's query heads as rows: no ALiBi, no mask (api.decode_groups).
+    return keys + [forward_key(dt, d, is_local=False, softcap=sc, alibi=False, smem_limit=smem_limit, varlen=True,
+                               split_kv=True)
+                   for dt in DTYPES for d in PADDED_HEAD_DIMS for sc in (False, True)]
 
 
 def compile_arch(major: int, minor: int) -> str:
@@ -641,6 +656,8 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                         mods = dict(is_local=loc, softcap=sc, alibi=al)
                         found = [forward_key(dt, d, smem_limit=limit, **mods),
                                  forward_key(dt, d, smem_limit=limit, varlen=True, **mods)]
+                        if not loc and not al:  # decoding's split-KV build (api.decode_groups)
+                            found.append(forward_key(dt, d, smem_limit=limit, varlen=True, split_kv=True, **mods))
                         if hopper:
                             found += [forward_key_sm90(dt, d, varlen=vl, **mods) for vl in (False, True)]
                             if d in BWD_SM90_TILES:

@@ -81,10 +81,11 @@ class _Binding:
     """One kernel launch of a plan (launch_plan.KernelLaunch) with its pointer and tensor-map fields located
     in the parameter block: per call, the pointer table is written in and the maps looked up by address."""
 
-    __slots__ = ("fn", "grid", "threads", "smem", "size", "prefix", "ptr_slots", "map_slots", "_tls")
+    __slots__ = ("fn", "grid", "splits", "threads", "smem", "size", "prefix", "ptr_slots", "map_slots", "_tls")
 
     def __init__(self, launch, names: tuple, map_views: dict, accumulator):
         self.fn, self.grid, self.threads, self.smem = launch.fn.ptr, launch.grid, launch.threads, launch.smem
+        self.splits = launch.splits
         from .ops import sm90_params_bytes
         maps_bytes = len(launch.maps) * tma.MAP_BYTES
         self.size = sm90_params_bytes(len(launch.maps)) if launch.maps else len(launch.block)
@@ -122,7 +123,8 @@ class _Binding:
         pack = _U64.pack_into
         for offset, i in self.ptr_slots:
             pack(buf, offset, ptrs[i])
-        launch_kernel(self.fn, self.grid, 1, 1, self.threads, 1, 1, self.smem, stream, ctypes.addressof(argv), 0)
+        launch_kernel(self.fn, self.grid, self.splits, 1, self.threads, 1, 1, self.smem, stream,
+                      ctypes.addressof(argv), 0)
 
 
 class _Bound:

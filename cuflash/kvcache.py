@@ -399,6 +399,41 @@ def _decode_packed(qv, q, out, groups, batch, heads_q, heads_k, d, fw, device, s
     return views[0], views[1], total, used_q
 
 
+def _decode_splits(num_splits: int, tiles: int, seqlen_cache: int, head_dim: int, device: int) -> int:
+    """Split-KV factor of a packed decoding call of ``tiles`` CTAs (one per sequence and key/value head):
+    ``num_splits`` when given (FlashAttention-2's argument: 1 = no split), capped at one key tile a split
+    and at what one merge launch takes; 0 = ours: enough splits for two CTAs per SM when the call leaves
+    SMs idle, each split at least two key tiles long."""
+    from . import dispatch, ops
+    block_n = dispatch.FWD_SM80_SPLIT_KV_TILES[dispatch.padded_head_dim(head_dim)][1]
+    key_tiles = max(1, -(-seqlen_cache // block_n))
+    if num_splits == 0:
+        sms = ops._sm_count(device)
+        num_splits = 1 if tiles >= sms else -(-2 * sms // tiles)
+        key_tiles = max(1, key_tiles // 2)
+    return max(1, min(num_splits, key_tiles, dispatch.MERGE_MAX_STATES))
+
+
+def _merge_decode_splits(partials, out, lse, batch, groups, heads_k, total_q, stream, cc) -> None:
+    """merge_states.cu over a packed decoding call's split states into ``out`` (batch, 1, heads_q, d) and
+    ``lse`` (batch, heads_q, 1), all viewed (batch, groups, heads_k, ...): query head h * groups + i of
+    sequence b is packed row b * heads_q + i of head h (kvcache._decode_packed)."""
+    from . import ops
+    _, o_acc, l_acc = partials
+    splits, _, _, width = o_acc.shape
+    heads_q, d = groups * heads_k, out.shape[3]
+    o_split, l_split = total_q * heads_k * width, heads_k * total_q
+    outs = [arrays.DeviceArray(o_acc.ptr + 4 * s * o_split, (batch, groups, heads_k, d),
+                               (heads_q * heads_k * width, heads_k * width, width, 1), "float32", out.device)
+            for s in range(splits)]
+    lses = [arrays.DeviceArray(l_acc.ptr + 4 * s * l_split, (batch, heads_k, groups), (heads_q, total_q, 1),
+                               "float32", out.device) for s in range(splits)]
+    merged = arrays.DeviceArray(out.ptr, (batch, groups, heads_k, d), (heads_q * d, d, groups * d, 1), out.dtype,
+                                out.device)
+    merged_lse = arrays.DeviceArray(lse.ptr, (batch, heads_k, groups), (heads_q, groups, 1), "float32", out.device)
+    ops.merge_states(outs, lses, merged, merged_lse, stream=stream, cc=cc)
+
+
 def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
                       rotary_cos, rotary_sin, causal, window_size, softcap, alibi_slopes, softmax_scale, num_splits,
                       return_lse):
@@ -482,12 +517,20 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
             q3, out3, total_q, used_q = packed
             ops.kvcache_append(kc, vc, *news, seqlens, seqlens_value, leftpad, cu_q, cu_k, used_k,
                                seqlen_q=heads_q, stream=stream, cc=cc)
+            splits = _decode_splits(num_splits, batch * heads_k, seqlen_cache, d, device)
             _, lse_packed = arrays.empty(fw, (heads_k, total_q), "float32", device, stream)
-            ops.fill_zero(out, stream=stream)
-            ops.fill_float32(lse_packed, math.inf, stream=stream)
-            varlen.forward_device(q3, k3, v3, out3, lse_packed, None, [cu_q, cu_k, used_q, used_k],
-                                  max_seqlen_q=groups, max_seqlen_k=seqlen_cache, causal=False, softmax_scale=scale,
-                                  window_size=(-1, -1), softcap=softcap, fw=fw, stream=stream, cc=cc, fill=False)
+            if splits == 1:
+                ops.fill_zero(out, stream=stream)
+                ops.fill_float32(lse_packed, math.inf, stream=stream)
+            partials = varlen.forward_device(
+                q3, k3, v3, out3, lse_packed, None, [cu_q, cu_k, used_q, used_k], max_seqlen_q=groups,
+                max_seqlen_k=seqlen_cache, causal=False, softmax_scale=scale, window_size=(-1, -1), softcap=softcap,
+                fw=fw, stream=stream, cc=cc, fill=False, num_splits=splits)
+            if partials is not None:
+                lse_native, lse = arrays.empty(fw, (batch, heads_q, seqlen_q), "float32", device, stream)
+                _merge_decode_splits(partials, out, lse, batch, groups, heads_k, total_q, stream, cc)
+                out = arrays.to_caller(out_native, out, fw, stream)
+                return (out, arrays.to_caller(lse_native, lse, fw, stream)) if return_lse else out
             # LSE of query head h * groups + i of sequence b at (h, b * heads_q + i), viewed (b, i, h, word).
             lse_geometry = ((batch, groups, heads_k, 2), (2 * heads_q, 2, 2 * total_q, 1),
                             (2 * heads_q, 2, 2 * groups, 1))

@@ -58,7 +58,7 @@ def _launch(launch, stream: int, pointers: dict, maps: tuple = ()) -> None:
     ctypes.memmove(ctypes.addressof(buf) + offset, launch.block, _BLOCK_BYTES)
     for name, ptr in pointers.items():
         _U64.pack_into(buf, offset + _PTR_OFFSET[name], ptr)
-    driver.launchKernel(launch.fn.ptr, launch.grid, 1, 1, launch.threads, 1, 1, launch.smem, stream,
+    driver.launchKernel(launch.fn.ptr, launch.grid, launch.splits, 1, launch.threads, 1, 1, launch.smem, stream,
                         ctypes.addressof(argv), 0)
 
 
@@ -237,26 +237,38 @@ def _tile_counter(fp, pointers: dict, framework: str, device: int, stream: int):
 def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, lse: DeviceArray, alibi,
                    cu_seqlens_q: DeviceArray, cu_seqlens_k: DeviceArray, seqused_q, seqused_k, *, max_seqlen_q: int,
                    max_seqlen_k: int, causal: bool, window_size, softmax_scale: float, softcap: float, stream: int,
-                   cc: tuple, framework: str, fill: bool = True) -> None:
+                   cc: tuple, framework: str, fill: bool = True, num_splits: int = 1):
     """The variable-length forward (launch_plan.forward_varlen): ``out`` is zeroed and ``lse`` set to +inf
     first, so rows no sequence covers (past cu_seqlens_q[-1], past seqused_q) read as rows that see no key;
-    ``fill=False`` leaves that to the caller (views whose extent is not their memory's, as packed heads)."""
+    ``fill=False`` leaves that to the caller (views whose extent is not their memory's, as packed heads).
+
+    ``num_splits`` > 1 (split-KV decoding): ``out`` and ``lse`` are not written; returns the partial states,
+    (framework arrays to keep alive, o_accum (splits, rows, heads_q, padded d) and lse_accum (splits,
+    heads_q, total_q) fp32 views), every covered row of every split written, for merge_states."""
     fp = launch_plan.forward_varlen(q, k, v, out, alibi, batch=cu_seqlens_q.shape[0] - 1, max_seqlen_q=max_seqlen_q,
                                     max_seqlen_k=max_seqlen_k, causal=causal, window_size=window_size,
-                                    softmax_scale=softmax_scale, softcap=softcap, cc=cc, sm_count=_sm_count(q.device))
-    if fill:
+                                    softmax_scale=softmax_scale, softcap=softcap, cc=cc, sm_count=_sm_count(q.device),
+                                    num_splits=num_splits)
+    if fill and fp.accum_shapes is None:
         fill_zero(out, stream=stream)
         fill_float32(lse, math.inf, stream=stream)
-    if fp.launch.grid == 0:
-        return
     pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "o": out.ptr, "lse": lse.ptr,
                 "alibi": 0 if alibi is None else alibi.ptr, "cu_seqlens_q": cu_seqlens_q.ptr,
                 "cu_seqlens_k": cu_seqlens_k.ptr, "seqused_q": 0 if seqused_q is None else seqused_q.ptr,
                 "seqused_k": 0 if seqused_k is None else seqused_k.ptr}
+    partials = None
+    if fp.accum_shapes is not None:
+        o_native, o_acc = arrays.empty(framework, fp.accum_shapes[0], "float32", q.device, stream)
+        l_native, l_acc = arrays.empty(framework, fp.accum_shapes[1], "float32", q.device, stream)
+        pointers["o_accum"], pointers["lse_accum"] = o_acc.ptr, l_acc.ptr
+        partials = ((o_native, l_native), o_acc, l_acc)
+    if fp.launch.grid == 0:
+        return partials
     counter_native = _tile_counter(fp, pointers, framework, q.device, stream)
     views = {"q": q, "k": k, "v": v, "o": out}
     _launch(fp.launch, stream, pointers, tuple(tma.tile_map(views[n], rows) for n, rows in fp.launch.maps))
     del counter_native
+    return partials
 
 
 def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,

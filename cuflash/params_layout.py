@@ -71,6 +71,13 @@ FIELDS = [
     ("varlen_lse_head_stride", "i64", None, "the (heads_q, total_q) LSE: head h at lse + h * this"),
     ("dq_semaphore", "ptr", "int*", "deterministic Hopper backward: (batch, heads_q, ceil(seqlen_q / 64)) turn "
                                     "counters, zeroed by the preprocess"),
+    # Split-KV forward (fwd_sm80.cu, CF_SPLIT_KV; gridDim.y splits): each split's normalized partial output
+    # and LSE, merged after by merge_states.cu.
+    ("o_accum", "ptr", "float*", "split-KV: fp32 (splits, rows, heads_q, head_dim_padded) partial outputs, rows as "
+                                 "the dQ accumulator's (seq_rows.cuh CF_ACCUM_ROW)"),
+    ("lse_accum", "ptr", "float*", "split-KV: (splits, <the LSE's layout>) partial LSEs"),
+    ("o_accum_split_stride", "i64", None, "elements from one split's partial outputs to the next's"),
+    ("lse_accum_split_stride", "i64", None, ""),
 ]
 
 NAMES = [f[0] for f in FIELDS]

@@ -103,3 +103,29 @@ def test_kvcache_decode(dtype, lens, packing):
     for a, b in zip(caches, want_caches):
         assert bool(cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16)))
     assert np.isfinite(to_host(out).astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("num_splits", [1, 2, 5, 16, 0])
+@pytest.mark.parametrize("d", [64, 128])
+def test_kvcache_decode_split_kv(dtype, num_splits, d, packing):
+    """Split-KV decoding (fwd_sm80.cu CF_SPLIT_KV, merged by merge_states.cu): each sequence follows
+    FlashAttention's rule against float64 attention over its valid cache rows, for explicit split counts
+    (more than some sequences have key tiles: empty splits), ours (0), and none (1); the LSE to 1e-4;
+    ragged lengths down to a single key, NaN in the unused slots never reaching an output."""
+    import cupy
+    from test_kvcache_gpu import _expected_cache
+    q, (kc, vc), (kn, vn), lens = _case(dtype, seqlen_cache=1500, d=d, seqlen_q=1, seqlen_new=1, seed=num_splits)
+    caches = [cupy.asarray(kc), cupy.asarray(vc)]
+    out, lse = cuflash.attention_with_kvcache(cupy.asarray(q), *caches, cupy.asarray(kn), cupy.asarray(vn),
+                                              cache_seqlens=cupy.asarray(lens), num_splits=num_splits,
+                                              return_lse=True)
+    assert packing.groups == [4]
+    want_k, want_v = _expected_cache(kc, kn, lens), _expected_cache(vc, vn, lens)
+    out, lse = to_np64(out), to_host(lse)
+    for b in range(q.shape[0]):
+        kb, vb = want_k[b:b + 1, :lens[b] + 1], want_v[b:b + 1, :lens[b] + 1]
+        ref, ref_lse = reference.attention_reference(q[b:b + 1].astype(np.float64), kb.astype(np.float64),
+                                                     vb.astype(np.float64))
+        flash_rule(out[b:b + 1], ref, naive_same_dtype(q[b:b + 1], kb, vb))
+        np.testing.assert_allclose(lse[b], ref_lse[0], rtol=1e-4, atol=1e-4)

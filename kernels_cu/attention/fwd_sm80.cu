@@ -15,6 +15,11 @@
 // the q, k, v, o, lse pointers start at the sequence's first row and every load is clipped at its length,
 // so a tile never reads the next sequence's rows. The grid covers max_seqlen_q rows per sequence; CTAs
 // past their sequence's end return at once. Rows are addressed through seq_rows.cuh.
+//
+// Split-KV (CF_SPLIT_KV, optional, default 0; decoding, where batch x heads x query blocks leaves most SMs
+// idle): gridDim.y CTAs share a query block's visible key tiles in contiguous runs, and each writes its
+// normalized partial output (fp32) and LSE to o_accum / lse_accum; merge_states.cu combines them. A split
+// whose run is empty writes 0 and LSE +inf, which the merge skips.
 #include "ptx/cp_async.cuh"
 #include "attention/params.cuh"
 #include "attention/block_coords.cuh"
@@ -24,6 +29,16 @@
 #include "attention/warp_gemm.cuh"
 #include "attention/score_mods.cuh"
 #include "attention/online_softmax.cuh"
+
+#ifndef CF_SPLIT_KV
+#define CF_SPLIT_KV 0
+#endif
+#if CF_SPLIT_KV
+// Row m_start of this CTA's (batch, head) in its split's partial outputs: (splits, rows, heads_q, kD) fp32.
+__device__ __forceinline__ float* split_output_row(const AttentionParams& p, const BlockCoords& c, int m_start) {
+    return p.o_accum + blockIdx.y * p.o_accum_split_stride + ((i64)CF_ACCUM_ROW(c.b, m_start) * p.heads_q + c.h) * kD;
+}
+#endif
 
 extern "C" __global__ void __launch_bounds__(kThreads, CF_MIN_BLOCKS)
 attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
@@ -44,16 +59,30 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
     const Visibility vis(CF_SEQLEN_Q, CF_SEQLEN_K, p.window_left, p.window_right);
     int n_lo, n_hi;
     vis.key_tiles(m_start, i_last, kBN, &n_lo, &n_hi);
+#if CF_SPLIT_KV
+    {
+        const int per_split = (n_hi - n_lo + (int)gridDim.y - 1) / (int)gridDim.y;
+        n_lo += (int)blockIdx.y * per_split;
+        n_hi = min(n_hi, n_lo + per_split);
+    }
+#endif
 
     if (n_hi <= n_lo) {
-        u16* o = o_ptr(p, bc) CF_FIRST_ROW(cu_seqlens_q, total_q, o_row_stride);
-        float* lse = CF_ROW_STATS(p.lse, bc.b, bc.h);
         // No query row of this block sees any key: zeros and LSE = +inf, without touching K or V.
+#if CF_SPLIT_KV
+        float* lse = CF_ROW_STATS(p.lse_accum + blockIdx.y * p.lse_accum_split_stride, bc.b, bc.h);
+        float* oa = split_output_row(p, bc, m_start);
+        for (int c = tid; c < kBM * kD; c += kThreads)
+            if (m_start + c / kD < CF_SEQLEN_Q) oa[(i64)(c / kD) * p.heads_q * kD + c % kD] = 0.f;
+#else
+        float* lse = CF_ROW_STATS(p.lse, bc.b, bc.h);
+        u16* o = o_ptr(p, bc) CF_FIRST_ROW(cu_seqlens_q, total_q, o_row_stride);
         for (int c = tid; c < kBM * (kD / 8); c += kThreads) {
             const int row = c / (kD / 8), col = (c % (kD / 8)) * 8;
             if (m_start + row < CF_SEQLEN_Q && col < p.head_dim)
                 *(uint4*)(o + (i64)(m_start + row) * p.o_row_stride + col) = make_uint4(0, 0, 0, 0);
         }
+#endif
         for (int row = tid; row < kBM; row += kThreads)
             if (m_start + row < CF_SEQLEN_Q) lse[m_start + row] = CF_INF;
         return;
@@ -108,6 +137,28 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
     float row_lse[kMS][2];
     softmax.finalize(acc_o, row_lse, p.scale_log2, natural_score_scale<CF_SOFTCAP, CF_ALIBI>(p.softmax_scale));
 
+#if CF_SPLIT_KV
+    {
+        // fp32 partial output straight from the accumulators: two adjacent columns per store.
+        const BlockCoords c(p);
+        float* oa = split_output_row(p, c, m_start);
+        float* lse = CF_ROW_STATS(p.lse_accum + blockIdx.y * p.lse_accum_split_stride, c.b, c.h);
+        const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+        for (int s = 0; s < kMS; ++s)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int row = warp_row0 + s * 16 + g + hh * 8;
+                if (m_start + row >= CF_SEQLEN_Q) continue;
+                float* dst = oa + (i64)row * p.heads_q * kD + t * 2;
+#pragma unroll
+                for (int d = 0; d < kDT8; ++d)
+                    *(float2*)(dst + d * 8) = make_float2(acc_o[s][d][2 * hh], acc_o[s][d][2 * hh + 1]);
+                if (t == 0) lse[m_start + row] = row_lse[s][hh];
+            }
+        return;
+    }
+#endif
     u16* o = o_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_q, total_q, o_row_stride);
     float* lse = CF_ROW_STATS(p.lse, BlockCoords(p).b, BlockCoords(p).h);
     // Stage O through this warp's own rows of the Q tile (no other warp reads them), then write it out in

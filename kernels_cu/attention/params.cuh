@@ -69,6 +69,12 @@ struct AttentionParams {
     // deterministic Hopper backward: (batch, heads_q, ceil(seqlen_q / 64)) turn counters, zeroed by the
     // preprocess
     int* dq_semaphore;
+    // split-KV: fp32 (splits, rows, heads_q, head_dim_padded) partial outputs, rows as the dQ
+    // accumulator's (seq_rows.cuh CF_ACCUM_ROW)
+    float* o_accum;
+    float* lse_accum;           // split-KV: (splits, <the LSE's layout>) partial LSEs
+    i64 o_accum_split_stride;   // elements from one split's partial outputs to the next's
+    i64 lse_accum_split_stride;
 };
 
 // Exported so that a GPU test can check the host's mirror of this struct byte for byte in size.
