@@ -6,7 +6,8 @@ process: K and V bytes read per second.
 q (batch, 1, 32, 128), caches (batch, length, 8, 128), bf16, every cache full (cache_seqlens = length).
 Contenders, CUDA events around back-to-back calls (median of --runs samples of 4 calls, warm-up excluded):
 
-- cuflash.attention_with_kvcache (no new keys: attention over the cache only);
+- cuflash.attention_with_kvcache (no new keys: attention over the cache only), with its split-KV choice
+  and with num_splits=1;
 - the same with the query heads of a group not packed into one tile (api.decode_groups forced to 1): what
   the packing gains;
 - cuflash.attention on the same arrays (the dense path, also packed);
@@ -52,6 +53,8 @@ def main() -> None:
             qt, kt, vt = (x.transpose(1, 2) for x in (q, kc, vc))
             cases = {
                 "cuflash kvcache": lambda: cuflash.attention_with_kvcache(q, kc, vc, cache_seqlens=length),
+                "cuflash kvcache, no split": lambda: cuflash.attention_with_kvcache(q, kc, vc, cache_seqlens=length,
+                                                                                   num_splits=1),
                 "cuflash dense": lambda: cuflash.attention(q, kc, vc),
             }
             for name, backend in (("SDPA cudnn", SDPBackend.CUDNN_ATTENTION),
