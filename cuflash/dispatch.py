@@ -54,7 +54,7 @@ def padded_head_dim(head_dim: int) -> int:
 # How extra defines appear in variant names: a prefix followed by the value, or (flag name,) shown when set.
 _EXTRA_LABELS = {"CF_DETERMINISTIC": ("det",), "CF_BWD_A_REGS": ("preg",), "CF_Q_STAGES": "st", "CF_STAGES": "st",
                  "CF_CONSUMERS": "cw", "CF_PINGPONG": ("pp",), "CF_VARLEN": ("varlen",),
-                 "CF_SPLIT_KV": ("splitkv",)}
+                 "CF_SPLIT_KV": ("splitkv",), "CF_PAGED": ("paged",)}
 
 
 @dataclass(frozen=True)
@@ -181,11 +181,13 @@ def max_smem(major: int, minor: int) -> int:
 
 
 def forward_key(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
-                smem_limit: int = MAX_SMEM[(9, 0)], varlen: bool = False, split_kv: bool = False) -> KernelKey:
+                smem_limit: int = MAX_SMEM[(9, 0)], varlen: bool = False, split_kv: bool = False,
+                paged: bool = False) -> KernelKey:
     """The sm80 forward's variant. ``varlen``: the variable-length build (CF_VARLEN, seq_context.cuh reads
     each sequence's rows from cu_seqlens / seqused), a separate variant so that the dense one compiles to the
     same code as without it (its 252-254 registers at head dim 64 leave no room for the lookups).
-    ``split_kv`` (with ``varlen``): the split-KV build for decoding (CF_SPLIT_KV, fp32 partial outputs)."""
+    ``split_kv`` (with ``varlen``): the split-KV build for decoding (CF_SPLIT_KV, fp32 partial outputs).
+    ``paged`` (with ``varlen``): keys and values read through a block table (CF_PAGED, KV caches in pages)."""
     key = _forward_key(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, smem_limit,
                        os.environ.get("CUFLASH_FWD_TILES", ""))
     if not varlen:
@@ -200,6 +202,8 @@ def forward_key(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, ali
         bm, bn, warps, min_blocks, opt = FWD_SM80_SPLIT_KV_TILES[key.head_dim]
         key = dataclasses.replace(key, extra=key.extra + (("CF_SPLIT_KV", 1),), block_m=bm, block_n=bn, warps=warps,
                                   min_blocks=min_blocks, ptxas_opt=opt)
+    if paged:
+        key = dataclasses.replace(key, extra=key.extra + (("CF_PAGED", 1),))
     return key
 
 
@@ -509,10 +513,14 @@ def all_forward_keys_for(smem_limit: int) -> list[KernelKey]:
         for al in (False, True)
         for vl in (False, True)
     ]
-    # Split-KV decoding packs a group's query heads as rows: no ALiBi, no mask (api.decode_groups).
+    # Paged caches take every variable-length build; split-KV decoding packs a group's query heads as rows: no
+    # ALiBi, no mask (api.decode_groups), paged or not.
+    keys += [forward_key(dt, d, is_local=loc, softcap=sc, alibi=al, smem_limit=smem_limit, varlen=True, paged=True)
+             for dt in DTYPES for d in PADDED_HEAD_DIMS for loc in (False, True) for sc in (False, True)
+             for al in (False, True)]
     return keys + [forward_key(dt, d, is_local=False, softcap=sc, alibi=False, smem_limit=smem_limit, varlen=True,
-                               split_kv=True)
-                   for dt in DTYPES for d in PADDED_HEAD_DIMS for sc in (False, True)]
+                               split_kv=True, paged=pg)
+                   for dt in DTYPES for d in PADDED_HEAD_DIMS for sc in (False, True) for pg in (False, True)]
 
 
 def compile_arch(major: int, minor: int) -> str:
@@ -656,8 +664,10 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                         mods = dict(is_local=loc, softcap=sc, alibi=al)
                         found = [forward_key(dt, d, smem_limit=limit, **mods),
                                  forward_key(dt, d, smem_limit=limit, varlen=True, **mods)]
-                        if not loc and not al:  # decoding's split-KV build (api.decode_groups)
-                            found.append(forward_key(dt, d, smem_limit=limit, varlen=True, split_kv=True, **mods))
+                        found.append(forward_key(dt, d, smem_limit=limit, varlen=True, paged=True, **mods))
+                        if not loc and not al:  # decoding's split-KV builds (api.decode_groups)
+                            found += [forward_key(dt, d, smem_limit=limit, varlen=True, split_kv=True, paged=pg,
+                                                  **mods) for pg in (False, True)]
                         if hopper:
                             found += [forward_key_sm90(dt, d, varlen=vl, **mods) for vl in (False, True)]
                             if d in BWD_SM90_TILES:

@@ -8,8 +8,9 @@ part of the cache. The cache is contiguous ``(batch_cache, seqlen_cache, heads_k
 combines attention computed over disjoint key sets (split-KV, cascades, context parallelism) from their
 outputs and natural-log LSEs.
 
-The NumPy path (CPU arrays and CPU torch tensors) is complete; the GPU kernels are not written yet: GPU arrays
-raise NotImplementedError after the argument checks.
+The NumPy path (CPU arrays and CPU torch tensors) is complete. On GPU arrays the append and the merge are
+kernels, and the attention runs the variable-length forward over the caches read in place (paged ones
+through the block table); cache_batch_idx, rotary tables and leftpad with paging are CPU-path only so far.
 """
 
 from __future__ import annotations
@@ -125,16 +126,20 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         Named arguments of the wrong type, dtype or shape; ``cache_seqlens`` + new tokens past the cache (or
         past the pages the block table lists); page indices out of range.
     NotImplementedError
-        GPU arrays with ``block_table``, ``cache_batch_idx`` or rotary tables (the CPU path has them).
+        GPU arrays with ``cache_batch_idx``, rotary tables, or ``cache_leftpad`` together with ``block_table``
+        (the CPU path has them).
 
     Notes
     -----
-    GPU arrays: the new keys and values are appended by one kernel (kvcache_append.cu), which also writes
-    variable-length indices over the caches, then the variable-length forward attends over each sequence's
-    cache rows: no host synchronization, so the values of ``cache_seqlens`` / ``cache_leftpad`` are not
-    checked there (new rows past the cache are dropped; key ranges are clamped to the cache). The
-    decode-specialized kernel (query heads of a KV head packed in one tile, split-KV) is not written yet:
-    a decode step runs the prefill kernels.
+    GPU arrays: the new keys and values are appended by one kernel (kvcache_append.cu, through the block
+    table for paged caches), which also writes variable-length indices over the caches, then the
+    variable-length forward attends over each sequence's cache rows: no host synchronization, so the values
+    of ``cache_seqlens`` / ``cache_leftpad`` / ``block_table`` are not checked there (new rows past the cache
+    are dropped; key ranges are clamped to the cache; page indices to the pages). Paged caches take any page
+    size and run the sm80 kernels' paged build (keys read row by row through the table). Decoding (one query,
+    GQA, no ALiBi or left window) runs a key/value head's query heads as the rows of one tile, its keys
+    split over ``num_splits`` CTAs (0: chosen to fill the GPU) whose fp32 partial states merge_states.cu
+    combines.
     """
     name = "cuflash.attention_with_kvcache"
     if (rotary_cos is None) != (rotary_sin is None):
@@ -434,6 +439,12 @@ def _merge_decode_splits(partials, out, lse, batch, groups, heads_k, total_q, st
     ops.merge_states(outs, lses, merged, merged_lse, stream=stream, cc=cc)
 
 
+def _device_table(block_table, fw, device, stream):
+    """The block table as an int32 device view with a unit stride along pages (a contiguous copy otherwise)."""
+    view = arrays.device_view(block_table, fw, stream)
+    return view if view.strides[1] == 1 else arrays.contiguous_copy(block_table, fw, device, stream)
+
+
 def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
                       rotary_cos, rotary_sin, causal, window_size, softcap, alibi_slopes, softmax_scale, num_splits,
                       return_lse):
@@ -441,10 +452,13 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
     over the caches as packed (batch_cache * seqlen_cache, heads_k, d) views."""
     from . import ops, varlen
     name = "cuflash.attention_with_kvcache"
-    for feature, value in (("block_table (a paged cache)", block_table), ("cache_batch_idx", cache_batch_idx),
+    for feature, value in (("cache_batch_idx", cache_batch_idx),
                            ("rotary_cos / rotary_sin", rotary_cos if rotary_cos is not None else rotary_sin)):
         if value is not None:
             raise NotImplementedError(f"{name}: {feature} with GPU arrays is not implemented yet (the CPU path has it)")
+    if block_table is not None and cache_leftpad is not None:
+        raise NotImplementedError(f"{name}: cache_leftpad with a paged cache (block_table) on GPU arrays is not "
+                                  f"implemented yet (the CPU path has it)")
     device = arrays.device_of(q, fw)
     dtype = arrays.dtype_name(q, fw)
     if dtype not in api._GPU_DTYPES:
@@ -465,11 +479,27 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
     batch_cache, seqlen_cache, heads_k = (int(n) for n in k_cache.shape[:3])
     if tuple(v_cache.shape) != tuple(k_cache.shape):
         raise ValueError(f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
-    if batch_cache < batch:
+    page_size = 0
+    if block_table is not None:
+        # Paged: k_cache is (num_pages, page_size, heads_k, d); a sequence holds up to max_pages pages.
+        bfw = arrays.framework_of(block_table)
+        if bfw != fw or arrays.device_of(block_table, bfw) != device:
+            raise TypeError(f"block_table must be a {fw} array on device {device}, like q")
+        table_dtype = arrays.dtype_name(block_table, bfw)
+        if table_dtype != "int32" or len(block_table.shape) != 2 or block_table.shape[0] != batch:
+            raise ValueError(f"block_table must be int32 of shape ({batch}, max_pages), got {table_dtype} "
+                             f"{tuple(block_table.shape)}")
+        if batch_cache * seqlen_cache >= 1 << 31:
+            raise ValueError("the paged caches' num_pages * page_size rows must stay below 2**31")
+        # Past here: a sequence's capacity, and the batch's rows of the kernels' virtual packing.
+        page_size, seqlen_cache = seqlen_cache, int(block_table.shape[1]) * seqlen_cache
+        batch_cache = batch
+    elif batch_cache < batch:
         raise ValueError(f"k_cache has {batch_cache} rows for a batch of {batch}")
     if heads_q % heads_k:
         raise ValueError(f"heads_q ({heads_q}) must be a multiple of heads_k ({heads_k}) (GQA/MQA)")
-    if k is not None and (tuple(k.shape) != tuple(v.shape) or k.shape[0] != batch or tuple(k.shape[2:]) != (heads_k, d)):
+    if k is not None and (tuple(k.shape) != tuple(v.shape) or k.shape[0] != batch
+                          or tuple(k.shape[2:]) != (heads_k, d)):
         raise ValueError(f"k and v must have shape ({batch}, seqlen_new, {heads_k}, {d}), got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
     if batch_cache * seqlen_cache >= 1 << 31 or batch * seqlen_q >= 1 << 31:
@@ -494,11 +524,15 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
         seqlens = _device_index("cache_seqlens", cache_seqlens, batch, fw, device, stream)
         leftpad = _device_index("cache_leftpad", cache_leftpad, batch, fw, device, stream)
         kc, vc = (arrays.device_view(x, fw, stream) for x in (k_cache, v_cache))
+        rows_per = page_size or seqlen_cache  # rows of one cache row (contiguous sequence) or of one page
         for nm, view in (("k_cache", kc), ("v_cache", vc)):
-            if view.strides[3] != 1 or view.strides[0] != seqlen_cache * view.strides[1]:
-                raise NotImplementedError(f"{name}: {nm} must be contiguous along (batch, seqlen) with unit head_dim "
-                                          f"stride on the GPU (read in place as packed sequences), got strides "
+            if view.strides[3] != 1 or view.strides[0] != rows_per * view.strides[1]:
+                raise NotImplementedError(f"{name}: {nm} must be contiguous along its first two dims with unit "
+                                          f"head_dim stride on the GPU (read in place as rows), got strides "
                                           f"{view.strides}")
+        table = None
+        if block_table is not None:
+            table = _device_table(block_table, fw, device, stream)
         news = [None, None]
         if k is not None:
             news = [arrays.device_view(x, fw, stream) for x in (k, v)]
@@ -508,15 +542,17 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
         _, cu_k = arrays.empty(fw, (batch + 1,), "int32", device, stream)
         _, used_k = arrays.empty(fw, (max(batch, 1),), "int32", device, stream)
         qv = arrays.device_view(q, fw, stream)
-        k3, v3 = (arrays.DeviceArray(x.ptr, (batch_cache * seqlen_cache, heads_k, d), x.strides[1:], dtype, device,
-                                     x.owner) for x in (kc, vc))
+        cache_rows = kc.shape[0] * kc.shape[1]  # pages x page_size, or batch_cache x seqlen_cache
+        k3, v3 = (arrays.DeviceArray(x.ptr, (cache_rows, heads_k, d), x.strides[1:], dtype, device, x.owner)
+                  for x in (kc, vc))
+        paging = dict(block_table=table, page_size=page_size)
         out_native, out = arrays.empty(fw, (batch, seqlen_q, heads_q, d), dtype, device, stream)
         groups = api.decode_groups(seqlen_q, heads_q, heads_k, alibi_slopes, window)
         if groups > 1 and d % 8 == 0 and 0 < batch * heads_q < 1 << 31:
             packed = _decode_packed(qv, q, out, groups, batch, heads_q, heads_k, d, fw, device, stream)
             q3, out3, total_q, used_q = packed
             ops.kvcache_append(kc, vc, *news, seqlens, seqlens_value, leftpad, cu_q, cu_k, used_k,
-                               seqlen_q=heads_q, stream=stream, cc=cc)
+                               seqlen_q=heads_q, stream=stream, cc=cc, **paging)
             splits = _decode_splits(num_splits, batch * heads_k, seqlen_cache, d, device)
             _, lse_packed = arrays.empty(fw, (heads_k, total_q), "float32", device, stream)
             if splits == 1:
@@ -525,7 +561,7 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
             partials = varlen.forward_device(
                 q3, k3, v3, out3, lse_packed, None, [cu_q, cu_k, used_q, used_k], max_seqlen_q=groups,
                 max_seqlen_k=seqlen_cache, causal=False, softmax_scale=scale, window_size=(-1, -1), softcap=softcap,
-                fw=fw, stream=stream, cc=cc, fill=False, num_splits=splits)
+                fw=fw, stream=stream, cc=cc, fill=False, num_splits=splits, **paging)
             if partials is not None:
                 lse_native, lse = arrays.empty(fw, (batch, heads_q, seqlen_q), "float32", device, stream)
                 _merge_decode_splits(partials, out, lse, batch, groups, heads_k, total_q, stream, cc)
@@ -536,7 +572,7 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
                             (2 * heads_q, 2, 2 * groups, 1))
         else:
             ops.kvcache_append(kc, vc, *news, seqlens, seqlens_value, leftpad, cu_q, cu_k, used_k,
-                               seqlen_q=seqlen_q, stream=stream, cc=cc)
+                               seqlen_q=seqlen_q, stream=stream, cc=cc, **paging)
             if qv.strides[0] != seqlen_q * qv.strides[1]:
                 qv = arrays.contiguous_copy(q, fw, device, stream)
             q3 = arrays.DeviceArray(qv.ptr, (batch * seqlen_q, heads_q, d), qv.strides[1:], dtype, device, qv.owner)
@@ -546,7 +582,7 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
             varlen.forward_device(q3, k3, v3, out3, lse_packed, api._device_alibi(alibi_slopes, fw, stream),
                                   [cu_q, cu_k, None, used_k], max_seqlen_q=seqlen_q, max_seqlen_k=seqlen_cache,
                                   causal=causal, softmax_scale=scale, window_size=window, softcap=softcap, fw=fw,
-                                  stream=stream, cc=cc)
+                                  stream=stream, cc=cc, **paging)
             lse_geometry = ((batch, seqlen_q, heads_q, 2), (2 * seqlen_q, 2, 2 * batch * seqlen_q, 1),
                             (2 * heads_q * seqlen_q, 2, 2 * seqlen_q, 1))
         out = arrays.to_caller(out_native, out, fw, stream)

@@ -171,7 +171,7 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, al
 
 def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi, *, batch: int,
                    max_seqlen_q: int, max_seqlen_k: int, causal: bool, window_size, softmax_scale: float,
-                   softcap: float, cc: tuple, sm_count: int, num_splits: int = 1) -> ForwardPlan:
+                   softcap: float, cc: tuple, sm_count: int, num_splits: int = 1, paged=None) -> ForwardPlan:
     """The variable-length forward's plan: q / out (1, total_q, heads_q, d) and k / v (1, total_k, heads_k, d)
     views of the packed arrays, ``batch`` sequences whose rows the kernel reads from cu_seqlens (bound per
     call). The Hopper kernel's variable-length build where the dense forward would run it (tensor maps over
@@ -180,23 +180,29 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     the tile counter (dispatch.forward_sm90_varlen_schedule). The LSE is (heads_q, total_q).
 
     ``num_splits`` > 1: the sm80 kernel's split-KV build (decoding), ``num_splits`` CTAs per query block
-    writing fp32 partial states of the shapes ``accum_shapes`` for merge_states.cu to combine."""
+    writing fp32 partial states of the shapes ``accum_shapes`` for merge_states.cu to combine.
+
+    ``paged`` = (page_size, num_pages, block_table batch stride): the sm80 kernel's paged build; k and v are
+    then views of the caches' rows, pages back to back (num_pages * page_size rows), and ``max_seqlen_k``
+    bounds a sequence's keys (its block-table row's capacity)."""
     key = ("fwd_varlen", q.device, cc, _layout(q, k, v, out), _alibi_layout(alibi), batch, max_seqlen_q,
-            max_seqlen_k, causal, window_size, softmax_scale, softcap, num_splits, env())
+           max_seqlen_k, causal, window_size, softmax_scale, softcap, num_splits, paged, env())
     hit = _plans.get(key)
     if hit is not None:
         return hit
     dtype = "bf16" if q.dtype == "bfloat16" else "fp16"
     local = is_local(causal, window_size)
     split = num_splits > 1
-    hopper = not split and dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
+    # TMA cannot gather a sequence's rows from pages, and the split-KV build is sm80's.
+    hopper = not split and paged is None and dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
     if hopper:
         kkey = dispatch.forward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
                                          alibi=alibi is not None, varlen=True)
         smem = dispatch.forward_sm90_smem_bytes(kkey)
     else:
         kkey = dispatch.forward_key(dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
-                                    smem_limit=dispatch.max_smem(*cc), varlen=True, split_kv=split)
+                                    smem_limit=dispatch.max_smem(*cc), varlen=True, split_kv=split,
+                                    paged=paged is not None)
         smem = dispatch.forward_smem_bytes(kkey)
     fn = jit.get_function(kkey, dispatch.compile_arch(*cc), q.device, smem)
     p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap)
@@ -206,6 +212,10 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     p["total_q"], p["total_k"] = total_q, k.shape[1]
     for name in ("q", "k", "v", "o"):
         p[f"{name}_batch_stride"] = 0  # a sequence's rows come from cu_seqlens, not from a batch stride
+    if paged is not None:
+        p["page_size"], p["num_pages"], p["block_table_batch_stride"] = paged
+        # cu_seqlens_k places sequence b's keys at b * max_seqlen_k of a virtual packing (its length bound).
+        p["total_k"] = batch * max_seqlen_k
     p["varlen_lse_head_stride"] = total_q
     p["num_m_blocks"] = m_blocks = -(-max_seqlen_q // kkey.block_m)
     tiles = m_blocks * batch * heads_q

@@ -78,6 +78,12 @@ FIELDS = [
     ("lse_accum", "ptr", "float*", "split-KV: (splits, <the LSE's layout>) partial LSEs"),
     ("o_accum_split_stride", "i64", None, "elements from one split's partial outputs to the next's"),
     ("lse_accum_split_stride", "i64", None, ""),
+    # Paged K/V (fwd_sm80.cu, CF_PAGED): key row r of sequence b is row r % page_size of page
+    # block_table[b * block_table_batch_stride + r / page_size] of the k / v views' rows (pages back to back).
+    ("block_table", "ptr", "const int*", "(batch, max_pages) page indices; null when not paged"),
+    ("block_table_batch_stride", "i64", None, ""),
+    ("page_size", "i32", None, "rows of a page, any size >= 1"),
+    ("num_pages", "i32", None, "pages in the caches: page indices are clamped to [0, num_pages)"),
 ]
 
 NAMES = [f[0] for f in FIELDS]

@@ -20,6 +20,9 @@
 // idle): gridDim.y CTAs share a query block's visible key tiles in contiguous runs, and each writes its
 // normalized partial output (fp32) and LSE to o_accum / lse_accum; merge_states.cu combines them. A split
 // whose run is empty writes 0 and LSE +inf, which the merge skips.
+//
+// Paged K / V (CF_PAGED, optional, default 0; with CF_VARLEN): a sequence's key rows come through its row of
+// the block table (pages of any size, smem_tile.cuh load_async_paged); its queries as without paging.
 #include "ptx/cp_async.cuh"
 #include "attention/params.cuh"
 #include "attention/block_coords.cuh"
@@ -32,6 +35,23 @@
 
 #ifndef CF_SPLIT_KV
 #define CF_SPLIT_KV 0
+#endif
+#ifndef CF_PAGED
+#define CF_PAGED 0
+#endif
+// The K or V tile of key rows [row0, row0 + kBN) of this CTA's sequence and key/value head into `tile`:
+// through the block table with CF_PAGED, else from the sequence's first row.
+#if CF_PAGED
+#define CF_LOAD_KV(tile, x, row0)                                                                          \
+    KVTile::load_async_paged<kThreads>(tile, (const u16*)p.x + (i64)BlockCoords(p).hk * p.x##_head_stride,   \
+                                       p.block_table + (i64)BlockCoords(p).b * p.block_table_batch_stride,   \
+                                       p.page_size, p.num_pages, p.x##_row_stride, row0, CF_SEQLEN_K,        \
+                                       p.head_dim, tid)
+#else
+#define CF_LOAD_KV(tile, x, row0)                                                                          \
+    KVTile::load_async<kThreads>(tile,                                                                     \
+                                 x##_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_k, total_k, x##_row_stride), \
+                                 p.x##_row_stride, row0, CF_SEQLEN_K, p.head_dim, tid)
 #endif
 #if CF_SPLIT_KV
 // Row m_start of this CTA's (batch, head) in its split's partial outputs: (splits, rows, heads_q, kD) fp32.
@@ -93,8 +113,7 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
 
     QTile::load_async<kThreads>(sQ, q_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_q, total_q, q_row_stride),
                                 p.q_row_stride, m_start, CF_SEQLEN_Q, p.head_dim, tid);
-    KVTile::load_async<kThreads>(sK, k_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_k, total_k, k_row_stride),
-                                 p.k_row_stride, (n_hi - 1) * kBN, CF_SEQLEN_K, p.head_dim, tid);
+    CF_LOAD_KV(sK, k, (n_hi - 1) * kBN);
     cp_async_commit();
 
     float acc_o[kMS][kDT8][4];
@@ -108,8 +127,7 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
         // K of this tile has landed, and every warp is done reading the previous V: V may be overwritten.
         cp_async_wait<0>();
         __syncthreads();
-        KVTile::load_async<kThreads>(sV, v_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_k, total_k, v_row_stride),
-                                     p.v_row_stride, n_block * kBN, CF_SEQLEN_K, p.head_dim, tid);
+        CF_LOAD_KV(sV, v, n_block * kBN);
         cp_async_commit();
 
         float sc[kMS][kNT8][4];
@@ -124,8 +142,7 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
         cp_async_wait<0>();
         __syncthreads();
         if (n_block > n_lo) {
-            KVTile::load_async<kThreads>(sK, k_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_k, total_k, k_row_stride),
-                                         p.k_row_stride, (n_block - 1) * kBN, CF_SEQLEN_K, p.head_dim, tid);
+            CF_LOAD_KV(sK, k, (n_block - 1) * kBN);
             cp_async_commit();
         }
 

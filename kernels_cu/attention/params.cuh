@@ -75,6 +75,10 @@ struct AttentionParams {
     float* lse_accum;           // split-KV: (splits, <the LSE's layout>) partial LSEs
     i64 o_accum_split_stride;   // elements from one split's partial outputs to the next's
     i64 lse_accum_split_stride;
+    const int* block_table;     // (batch, max_pages) page indices; null when not paged
+    i64 block_table_batch_stride;
+    int page_size;              // rows of a page, any size >= 1
+    int num_pages;              // pages in the caches: page indices are clamped to [0, num_pages)
 };
 
 // Exported so that a GPU test can check the host's mirror of this struct byte for byte in size.

@@ -1,0 +1,102 @@
+"""attention_with_kvcache over paged caches on the GPU (block_table: fwd_sm80.cu's CF_PAGED build reading
+keys and values through the table, kvcache_append.cu writing the new ones through it): for page sizes 1, 3,
+16, 64 and 256, pages handed out in a shuffled order with spare pages in between, the appended rows land
+in their pages byte for byte (nothing else touched, NaN in unused slots included) and each sequence
+follows FlashAttention's rule against float64 attention over its valid rows: decoding (packed query heads,
+with and without split-KV) and a 4-query chunk with causal / window / softcap / ALiBi; block-table entries
+outside the caches are clamped (no fault); leftpad with paging raises NotImplementedError."""
+
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import reference
+
+from gpu_helpers import flash_rule, naive_same_dtype, to_host
+from test_kvcache_gpu import _case, _expected_cache
+
+pytestmark = pytest.mark.gpu
+
+
+def _paged(caches, page_size, rng):
+    """(pages of each cache (num_pages, page_size, heads, d), block_table (batch, max_pages)): the (batch, seqlen,
+    heads, d) ``caches`` cut into pages placed at shuffled page indices among as many spare pages (NaN)."""
+    batch, seqlen = caches[0].shape[:2]
+    max_pages = -(-seqlen // page_size)
+    num_pages = 2 * batch * max_pages
+    table = rng.permutation(num_pages)[:batch * max_pages].reshape(batch, max_pages).astype(np.int32)
+    out = []
+    for cache in caches:
+        pages = np.full((num_pages, page_size, *cache.shape[2:]), np.nan, np.float32).astype(cache.dtype)
+        padded = np.full((batch, max_pages * page_size, *cache.shape[2:]), np.nan, np.float32).astype(cache.dtype)
+        padded[:, :seqlen] = cache
+        for b in range(batch):
+            for j in range(max_pages):
+                pages[table[b, j]] = padded[b, j * page_size:(j + 1) * page_size]
+        out.append(pages)
+    return out, table
+
+
+def _unpaged(pages, table, seqlen):
+    rows = np.concatenate([pages[table[b]].reshape(-1, *pages.shape[2:])[None] for b in range(table.shape[0])])
+    return rows[:, :seqlen]
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 16, 64, 256])
+@pytest.mark.parametrize("case", ["decode", "decode_split3", "chunk_causal", "chunk_window_softcap_alibi"])
+def test_paged_cache_follows_flash_rule(page_size, case):
+    import cupy
+    seqlen_q = 1 if case.startswith("decode") else 4
+    q, (kc, vc), (kn, vn), lens = _case("bfloat16", seqlen_q=seqlen_q, seqlen_new=seqlen_q)
+    (kp, vp), table = _paged((kc, vc), page_size, np.random.default_rng(page_size))
+    batch, hq = q.shape[0], q.shape[2]
+    opts = dict(causal=True)
+    slopes = None
+    if case == "chunk_window_softcap_alibi":
+        opts = dict(window_size=(40, 0), softcap=5.0)
+        slopes = np.random.default_rng(3).random((batch, hq)).astype(np.float32) * 0.2
+    dkp, dvp = cupy.asarray(kp), cupy.asarray(vp)
+    out, lse = cuflash.attention_with_kvcache(
+        cupy.asarray(q), dkp, dvp, cupy.asarray(kn), cupy.asarray(vn), cache_seqlens=cupy.asarray(lens),
+        block_table=cupy.asarray(table), num_splits=3 if case == "decode_split3" else 0, return_lse=True,
+        alibi_slopes=None if slopes is None else cupy.asarray(slopes), **opts)
+    want_k, want_v = (_expected_cache(c, n, lens) for c, n in ((kc, kn), (vc, vn)))
+    # Pages not in the table stay as they were; the table's pages hold the appended caches.
+    got_kp, got_vp = cupy.asnumpy(dkp), cupy.asnumpy(dvp)
+    spare = np.setdiff1d(np.arange(kp.shape[0]), table.ravel())
+    np.testing.assert_array_equal(got_kp[spare].view(np.uint16), kp[spare].view(np.uint16))
+    for got, want in ((got_kp, want_k), (got_vp, want_v)):
+        np.testing.assert_array_equal(_unpaged(got, table, kc.shape[1]).view(np.uint16), want.view(np.uint16))
+    out, lse = to_host(out).astype(np.float64), cupy.asnumpy(lse)
+    for b in range(batch):
+        kb, vb = want_k[b:b + 1, :lens[b] + seqlen_q], want_v[b:b + 1, :lens[b] + seqlen_q]
+        row = None if slopes is None else slopes[b]
+        ref, ref_lse = reference.attention_reference(q[b:b + 1].astype(np.float64), kb.astype(np.float64),
+                                                     vb.astype(np.float64), alibi_slopes=row, **opts)
+        flash_rule(out[b:b + 1], ref, naive_same_dtype(q[b:b + 1], kb, vb, alibi_slopes=row, **opts))
+        fin = np.isfinite(ref_lse[0])
+        np.testing.assert_allclose(lse[b][fin], ref_lse[0][fin], rtol=1e-4, atol=1e-4)
+
+
+def test_block_table_entries_outside_the_caches_are_clamped():
+    """Page indices past the caches (or negative) read and write a clamped page instead of faulting; the
+    call completes and its outputs are finite."""
+    import cupy
+    q, (kc, vc), (kn, vn), lens = _case("float16")
+    pages, table = _paged((kc, vc), 16, np.random.default_rng(0))
+    kp, vp = (np.nan_to_num(x.astype(np.float32)).astype(np.float16) for x in pages)
+    table[0, 0], table[1, 2] = 1 << 30, -5
+    out = cuflash.attention_with_kvcache(cupy.asarray(q), cupy.asarray(kp), cupy.asarray(vp), cupy.asarray(kn),
+                                         cupy.asarray(vn), cache_seqlens=cupy.asarray(lens),
+                                         block_table=cupy.asarray(table))
+    cupy.cuda.runtime.deviceSynchronize()
+    assert np.isfinite(to_host(out).astype(np.float32)).all()
+
+
+def test_leftpad_with_paging_raises():
+    import cupy
+    q, (kc, vc), _, lens = _case("float16")
+    (kp,), table = _paged((kc,), 16, np.random.default_rng(0))
+    with pytest.raises(NotImplementedError, match="cache_leftpad"):
+        cuflash.attention_with_kvcache(cupy.asarray(q), cupy.asarray(kp), cupy.asarray(kp), cache_seqlens=5,
+                                       block_table=cupy.asarray(table), cache_leftpad=cupy.zeros(3, cupy.int32))
