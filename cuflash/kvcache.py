@@ -10,7 +10,8 @@ outputs and natural-log LSEs.
 
 The NumPy path (CPU arrays and CPU torch tensors) is complete. On GPU arrays the append and the merge are
 kernels, and the attention runs the variable-length forward over the caches read in place (paged ones
-through the block table); cache_batch_idx, rotary tables and leftpad with paging are CPU-path only so far.
+through the block table, as cache_batch_idx's rows are); rotary tables and leftpad with paging or
+cache_batch_idx are CPU-path only so far.
 """
 
 from __future__ import annotations
@@ -126,8 +127,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         Named arguments of the wrong type, dtype or shape; ``cache_seqlens`` + new tokens past the cache (or
         past the pages the block table lists); page indices out of range.
     NotImplementedError
-        GPU arrays with ``cache_batch_idx``, rotary tables, or ``cache_leftpad`` together with ``block_table``
-        (the CPU path has them).
+        GPU arrays with rotary tables, or ``cache_leftpad`` together with ``block_table`` or
+        ``cache_batch_idx`` (the CPU path has them).
 
     Notes
     -----
@@ -452,13 +453,15 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
     over the caches as packed (batch_cache * seqlen_cache, heads_k, d) views."""
     from . import ops, varlen
     name = "cuflash.attention_with_kvcache"
-    for feature, value in (("cache_batch_idx", cache_batch_idx),
-                           ("rotary_cos / rotary_sin", rotary_cos if rotary_cos is not None else rotary_sin)):
-        if value is not None:
-            raise NotImplementedError(f"{name}: {feature} with GPU arrays is not implemented yet (the CPU path has it)")
-    if block_table is not None and cache_leftpad is not None:
-        raise NotImplementedError(f"{name}: cache_leftpad with a paged cache (block_table) on GPU arrays is not "
-                                  f"implemented yet (the CPU path has it)")
+    if rotary_cos is not None or rotary_sin is not None:
+        raise NotImplementedError(f"{name}: rotary_cos / rotary_sin with GPU arrays is not implemented yet (the CPU "
+                                  f"path has them)")
+    if block_table is not None and cache_batch_idx is not None:
+        raise ValueError("cache_batch_idx applies to contiguous caches; a paged cache uses block_table")
+    for feature, value in (("a paged cache (block_table)", block_table), ("cache_batch_idx", cache_batch_idx)):
+        if value is not None and cache_leftpad is not None:
+            raise NotImplementedError(f"{name}: cache_leftpad with {feature} on GPU arrays is not implemented yet "
+                                      f"(the CPU path has it)")
     device = arrays.device_of(q, fw)
     dtype = arrays.dtype_name(q, fw)
     if dtype not in api._GPU_DTYPES:
@@ -494,7 +497,7 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
         # Past here: a sequence's capacity, and the batch's rows of the kernels' virtual packing.
         page_size, seqlen_cache = seqlen_cache, int(block_table.shape[1]) * seqlen_cache
         batch_cache = batch
-    elif batch_cache < batch:
+    elif batch_cache < batch and cache_batch_idx is None:
         raise ValueError(f"k_cache has {batch_cache} rows for a batch of {batch}")
     if heads_q % heads_k:
         raise ValueError(f"heads_q ({heads_q}) must be a multiple of heads_k ({heads_k}) (GQA/MQA)")
@@ -533,6 +536,12 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
         table = None
         if block_table is not None:
             table = _device_table(block_table, fw, device, stream)
+        elif cache_batch_idx is not None:
+            # Sequence b's cache row is cache_batch_idx[b]: a block table of one page per sequence, the page a
+            # whole cache row.
+            rows_view = _device_index("cache_batch_idx", cache_batch_idx, batch, fw, device, stream)
+            table = arrays.DeviceArray(rows_view.ptr, (batch, 1), (1, 1), "int32", device, rows_view.owner)
+            page_size = seqlen_cache
         news = [None, None]
         if k is not None:
             news = [arrays.device_view(x, fw, stream) for x in (k, v)]

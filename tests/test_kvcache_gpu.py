@@ -4,7 +4,7 @@ follows FlashAttention's rule against the float64 attention over its valid cache
 int and per sequence, cache_leftpad, GQA, causal / window / softcap / ALiBi, seqlen_q 1, 4 and 33, with and
 without new keys), NaN in the unused cache slots never reaching an output; the LSE comes back as (batch,
 heads_q, seqlen_q); flash_attn_with_kvcache mutates torch caches in place and a decode step replays in a CUDA
-graph; paged caches, cache_batch_idx and rotary raise NotImplementedError on GPU arrays."""
+graph; rotary and leftpad with paging or cache_batch_idx raise NotImplementedError on GPU arrays."""
 
 import numpy as np
 import pytest
@@ -123,12 +123,19 @@ def test_torch_flash_attn_with_kvcache_in_place_and_cuda_graph():
     assert torch.equal(step, want) and torch.equal(k_cache, eager_k) and out.shape == tq.shape
 
 
-@pytest.mark.parametrize("what", ["block_table", "cache_batch_idx", "rotary"])
+@pytest.mark.parametrize("what", ["rotary", "leftpad_paged", "leftpad_batch_idx", "both_tables"])
 def test_unwritten_gpu_features_raise(what):
+    """Rotary tables and leftpad with paging or cache_batch_idx raise NotImplementedError on GPU arrays;
+    block_table with cache_batch_idx is a ValueError (as on the CPU path)."""
     import cupy
     q, (kc, vc), _, lens = _case("float16")
-    kw = {"block_table": dict(block_table=cupy.zeros((3, 2), cupy.int32)),
-          "cache_batch_idx": dict(cache_batch_idx=cupy.arange(3, dtype=cupy.int32)),
-          "rotary": dict(rotary_cos=cupy.ones((400, 16), cupy.float16), rotary_sin=cupy.zeros((400, 16), cupy.float16))}
-    with pytest.raises(NotImplementedError, match=what.split("_")[0]):
-        cuflash.attention_with_kvcache(cupy.asarray(q), cupy.asarray(kc), cupy.asarray(vc), cache_seqlens=5, **kw[what])
+    table, rows, pad = cupy.zeros((3, 2), cupy.int32), cupy.arange(3, dtype=cupy.int32), cupy.zeros(3, cupy.int32)
+    kw, exc, match = {
+        "rotary": (dict(rotary_cos=cupy.ones((400, 16), cupy.float16), rotary_sin=cupy.zeros((400, 16), cupy.float16)),
+                   NotImplementedError, "rotary"),
+        "leftpad_paged": (dict(block_table=table, cache_leftpad=pad), NotImplementedError, "cache_leftpad"),
+        "leftpad_batch_idx": (dict(cache_batch_idx=rows, cache_leftpad=pad), NotImplementedError, "cache_leftpad"),
+        "both_tables": (dict(block_table=table, cache_batch_idx=rows), ValueError, "cache_batch_idx"),
+    }[what]
+    with pytest.raises(exc, match=match):
+        cuflash.attention_with_kvcache(cupy.asarray(q), cupy.asarray(kc), cupy.asarray(vc), cache_seqlens=5, **kw)

@@ -4,7 +4,8 @@ keys and values through the table, kvcache_append.cu writing the new ones throug
 in their pages byte for byte (nothing else touched, NaN in unused slots included) and each sequence
 follows FlashAttention's rule against float64 attention over its valid rows: decoding (packed query heads,
 with and without split-KV) and a 4-query chunk with causal / window / softcap / ALiBi; block-table entries
-outside the caches are clamped (no fault); leftpad with paging raises NotImplementedError."""
+outside the caches are clamped (no fault); leftpad with paging raises NotImplementedError; cache_batch_idx
+(one page per sequence, a whole cache row) reads and writes the rows it names."""
 
 import numpy as np
 import pytest
@@ -100,3 +101,25 @@ def test_leftpad_with_paging_raises():
     with pytest.raises(NotImplementedError, match="cache_leftpad"):
         cuflash.attention_with_kvcache(cupy.asarray(q), cupy.asarray(kp), cupy.asarray(kp), cache_seqlens=5,
                                        block_table=cupy.asarray(table), cache_leftpad=cupy.zeros(3, cupy.int32))
+
+
+@pytest.mark.parametrize("seqlen_q", [1, 4])
+def test_cache_batch_idx_selects_cache_rows(seqlen_q):
+    import cupy
+    q, (kc, vc), (kn, vn), lens = _case("bfloat16", seqlen_q=seqlen_q, seqlen_new=seqlen_q)
+    rows = np.array([4, 0, 2], np.int32)
+    big_k, big_v = (np.full((5, *c.shape[1:]), np.nan, np.float32).astype(c.dtype) for c in (kc, vc))
+    big_k[rows], big_v[rows] = kc, vc
+    dk, dv = cupy.asarray(big_k), cupy.asarray(big_v)
+    out = cuflash.attention_with_kvcache(cupy.asarray(q), dk, dv, cupy.asarray(kn), cupy.asarray(vn),
+                                         cache_seqlens=cupy.asarray(lens), cache_batch_idx=cupy.asarray(rows),
+                                         causal=True)
+    want_k, want_v = (_expected_cache(c, n, lens) for c, n in ((kc, kn), (vc, vn)))
+    np.testing.assert_array_equal(cupy.asnumpy(dk)[rows].view(np.uint16), want_k.view(np.uint16))
+    np.testing.assert_array_equal(cupy.asnumpy(dk)[[1, 3]].view(np.uint16), big_k[[1, 3]].view(np.uint16))
+    out = to_host(out).astype(np.float64)
+    for b in range(3):
+        kb, vb = want_k[b:b + 1, :lens[b] + seqlen_q], want_v[b:b + 1, :lens[b] + seqlen_q]
+        ref, _ = reference.attention_reference(q[b:b + 1].astype(np.float64), kb.astype(np.float64),
+                                               vb.astype(np.float64), causal=True)
+        flash_rule(out[b:b + 1], ref, naive_same_dtype(q[b:b + 1], kb, vb, causal=True))
