@@ -82,6 +82,8 @@ class KernelKey:
     def name(self) -> str:
         if self.family in (STRIDED_COPY_FAMILY, DROPOUT_MASK_FAMILY, KVCACHE_APPEND_FAMILY):  # one variant each
             return self.family
+        if self.family == ROTARY_FAMILY:  # one per element type
+            return f"{self.family}_{self.dtype}"
         if self.family == MERGE_STATES_FAMILY:  # element types in and out, nothing else
             d = dict(self.extra)
             return f"{self.family}_{MERGE_TYPES[d['CF_MERGE_IN']]}_to_{MERGE_TYPES[d['CF_MERGE_OUT']]}"
@@ -572,6 +574,11 @@ DROPOUT_MASK_KEY = KernelKey(DROPOUT_MASK_FAMILY, "dropout_keep_mask", "fp16", 0
 KVCACHE_APPEND_FAMILY = "kvcache_append"
 KVCACHE_APPEND_KEY = KernelKey(KVCACHE_APPEND_FAMILY, "kvcache_append", "fp16", 0, warps=8)
 
+# Rotary embedding of q and the new keys (rotary.cu) for attention_with_kvcache on the GPU: fp32 arithmetic
+# on 16-bit values, so one variant per element type.
+ROTARY_FAMILY = "rotary"
+ROTARY_KEYS = {dt: KernelKey(ROTARY_FAMILY, "rotary_embedding", dt, 0, warps=8) for dt in ("fp16", "bf16")}
+
 
 def all_backward_keys() -> list[KernelKey]:
     """Every backward variant cuflash ships (first-choice and fallback tiles, both dQ modes, the
@@ -611,6 +618,8 @@ def all_keys() -> list[KernelKey]:
         keys[k.name] = k
     keys[DROPOUT_MASK_KEY.name] = DROPOUT_MASK_KEY
     keys[KVCACHE_APPEND_KEY.name] = KVCACHE_APPEND_KEY
+    for k in ROTARY_KEYS.values():
+        keys[k.name] = k
     return list(keys.values())
 
 

@@ -10,8 +10,8 @@ outputs and natural-log LSEs.
 
 The NumPy path (CPU arrays and CPU torch tensors) is complete. On GPU arrays the append and the merge are
 kernels, and the attention runs the variable-length forward over the caches read in place (paged ones
-through the block table, as cache_batch_idx's rows are); rotary tables and leftpad with paging or
-cache_batch_idx are CPU-path only so far.
+through the block table, as cache_batch_idx's rows are; rotary embedding by a kernel first); leftpad with
+paging or cache_batch_idx is CPU-path only so far.
 """
 
 from __future__ import annotations
@@ -127,8 +127,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         Named arguments of the wrong type, dtype or shape; ``cache_seqlens`` + new tokens past the cache (or
         past the pages the block table lists); page indices out of range.
     NotImplementedError
-        GPU arrays with rotary tables, or ``cache_leftpad`` together with ``block_table`` or
-        ``cache_batch_idx`` (the CPU path has them).
+        GPU arrays with ``cache_leftpad`` together with ``block_table`` or ``cache_batch_idx`` (the CPU path
+        has them).
 
     Notes
     -----
@@ -209,7 +209,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             raise ValueError("cache_batch_idx applies to contiguous caches; a paged cache uses block_table")
         table, _ = _np(block_table, name)
         if table.dtype != np.int32 or table.ndim != 2 or table.shape[0] != batch:
-            raise ValueError(f"block_table must be int32 of shape ({batch}, max_pages), got {table.dtype} {table.shape}")
+            raise ValueError(f"block_table must be int32 of shape ({batch}, max_pages), got {table.dtype} "
+                             f"{table.shape}")
         page = kc.shape[1]
         capacity = table.shape[1] * page
         if table.size and (table.min() < 0 or table.max() >= kc.shape[0]):
@@ -446,6 +447,27 @@ def _device_table(block_table, fw, device, stream):
     return view if view.strides[1] == 1 else arrays.contiguous_copy(block_table, fw, device, stream)
 
 
+def _device_rotary_tables(cos, sin, head_dim, dtype, fw, device, stream):
+    """rotary_cos / rotary_sin as device views for rotary.cu: q's array type, device and dtype, one shape
+    (seqlen_ro, rotary_dim / 2) with 2 * (rotary_dim / 2) <= head_dim, a unit column stride (a copy otherwise)."""
+    views = []
+    for nm, x in (("rotary_cos", cos), ("rotary_sin", sin)):
+        if x is None:
+            raise ValueError("rotary_cos and rotary_sin must be given together")
+        xfw = arrays.framework_of(x)
+        if xfw != fw or arrays.device_of(x, xfw) != device:
+            raise TypeError(f"{nm} must be a {fw} array on device {device}, like q")
+        if arrays.dtype_name(x, xfw) != dtype:
+            raise TypeError(f"{nm} must have q's dtype {dtype}, got {arrays.dtype_name(x, xfw)}")
+        view = arrays.device_view(x, fw, stream)
+        views.append(view if view.strides[-1] == 1 else arrays.contiguous_copy(x, fw, device, stream))
+    if (views[0].shape != views[1].shape or len(views[0].shape) != 2 or not 1 <= views[0].shape[0]
+            or 2 * views[0].shape[1] > head_dim):
+        raise ValueError(f"rotary_cos and rotary_sin must share a shape (seqlen_ro >= 1, rotary_dim / 2 <= "
+                         f"{head_dim // 2}), got {tuple(views[0].shape)} and {tuple(views[1].shape)}")
+    return views
+
+
 def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
                       rotary_cos, rotary_sin, causal, window_size, softcap, alibi_slopes, softmax_scale, num_splits,
                       return_lse):
@@ -453,9 +475,6 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
     over the caches as packed (batch_cache * seqlen_cache, heads_k, d) views."""
     from . import ops, varlen
     name = "cuflash.attention_with_kvcache"
-    if rotary_cos is not None or rotary_sin is not None:
-        raise NotImplementedError(f"{name}: rotary_cos / rotary_sin with GPU arrays is not implemented yet (the CPU "
-                                  f"path has them)")
     if block_table is not None and cache_batch_idx is not None:
         raise ValueError("cache_batch_idx applies to contiguous caches; a paged cache uses block_table")
     for feature, value in (("a paged cache (block_table)", block_table), ("cache_batch_idx", cache_batch_idx)):
@@ -524,6 +543,9 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
     stream = arrays.current_stream(fw, device)
     cc = api._cc(device)
     with arrays.device_scope(fw, device):
+        tables = None
+        if rotary_cos is not None or rotary_sin is not None:
+            tables = _device_rotary_tables(rotary_cos, rotary_sin, d, dtype, fw, device, stream)
         seqlens = _device_index("cache_seqlens", cache_seqlens, batch, fw, device, stream)
         leftpad = _device_index("cache_leftpad", cache_leftpad, batch, fw, device, stream)
         kc, vc = (arrays.device_view(x, fw, stream) for x in (k_cache, v_cache))
@@ -547,10 +569,24 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
             news = [arrays.device_view(x, fw, stream) for x in (k, v)]
             news = [n if n.strides[3] == 1 else arrays.contiguous_copy(x, fw, device, stream)
                     for n, x in zip(news, (k, v))]
+        qv = arrays.device_view(q, fw, stream)
+        if tables is not None:
+            # q and the new keys rotated into copies first, at the positions the cache held before the append
+            # (as on the CPU path): the new keys at their own, the queries at theirs when causal or windowed.
+            per_row = causal or window != (-1, -1)
+            rotated = []
+            for x, row_positions in ((qv, per_row), (news[0], True)):
+                if x is None:
+                    rotated.append(None)
+                    continue
+                _, r = arrays.empty(fw, x.shape, dtype, device, stream)
+                ops.rotary(x, r, *tables, seqlens, seqlens_value, leftpad, per_row=row_positions,
+                           interleaved=bool(rotary_interleaved), stream=stream, cc=cc)
+                rotated.append(r)
+            qv, news[0] = rotated[0], rotated[1]
         _, cu_q = arrays.empty(fw, (batch + 1,), "int32", device, stream)
         _, cu_k = arrays.empty(fw, (batch + 1,), "int32", device, stream)
         _, used_k = arrays.empty(fw, (max(batch, 1),), "int32", device, stream)
-        qv = arrays.device_view(q, fw, stream)
         cache_rows = kc.shape[0] * kc.shape[1]  # pages x page_size, or batch_cache x seqlen_cache
         k3, v3 = (arrays.DeviceArray(x.ptr, (cache_rows, heads_k, d), x.strides[1:], dtype, device, x.owner)
                   for x in (kc, vc))

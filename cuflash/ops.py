@@ -166,6 +166,26 @@ def kvcache_append(k_cache: DeviceArray, v_cache: DeviceArray, k_new, v_new, cac
         i32(page_size), i32(num_pages)))
 
 
+def rotary(x: DeviceArray, out: DeviceArray, cos: DeviceArray, sin: DeviceArray, cache_seqlens,
+           cache_seqlens_value: int, leftpad, *, per_row: bool, interleaved: bool, stream: int, cc: tuple) -> None:
+    """``out`` (contiguous, x's shape) = x (batch, seqlen, heads, d) with its first 2 * cos.shape[1] columns
+    rotated (rotary.cu): row i of sequence b at position cache_seqlens[b] - leftpad[b] (+ i with
+    ``per_row``); cos / sin (seqlen_ro, rotary_dim / 2) of x's dtype with a unit column stride."""
+    batch, seqlen, heads, d = x.shape
+    total = batch * seqlen * heads * d
+    if total == 0:
+        return
+    key = dispatch.ROTARY_KEYS["bf16" if x.dtype == "bfloat16" else "fp16"]
+    fn = jit.get_function(key, dispatch.compile_arch(*cc), x.device, 0)
+    grid = min(-(-total // key.threads), 32 * _sm_count(x.device))
+    i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+    _launch_args(fn, grid, key.threads, stream, (
+        ptr(out.ptr), ptr(x.ptr), ptr(cos.ptr), ptr(sin.ptr), ptr(0 if cache_seqlens is None else cache_seqlens.ptr),
+        i32(cache_seqlens_value), ptr(0 if leftpad is None else leftpad.ptr), i32(per_row), i32(interleaved),
+        i32(batch), i32(seqlen), i32(heads), i32(d), i32(cos.shape[1]), i32(cos.shape[0]), i64(cos.strides[0]),
+        *(i64(s_) for s_ in x.strides[:3])))
+
+
 _memset_d32 = None
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "int32": 4}
 
