@@ -177,3 +177,11 @@ def test_rotary_equals_the_cpu_path(interleaved, causal, seqlen_q):
         valid = np.isfinite(want)
         assert np.array_equal(np.isnan(got), ~valid)
         np.testing.assert_allclose(got[valid], want[valid], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_compute_sanitizer_clean(tool):
+    """compute-sanitizer finds no memory error (memcheck) and no shared-memory race (racecheck) in the KV-cache
+    kernels: append, rotary, the paged and split-KV forward builds, the merge (sanitize_kvcache.py)."""
+    from gpu_helpers import run_sanitizer
+    run_sanitizer("sanitize_kvcache.py", tool)
