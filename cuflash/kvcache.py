@@ -112,7 +112,9 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         As for :func:`cuflash.attention`, bottom-right aligned: query ``i`` sits at key position
         ``seqlen_k - seqlen_q + i`` of its sequence's ``seqlen_k = cache_seqlens + seqlen_new - leftpad`` keys.
     num_splits : int
-        How many key splits a GPU decode may use (0 = choose); the result does not depend on it.
+        How many key splits a GPU decode may use (0 = choose); the result does not depend on it. Taken by
+        decoding calls that pack their query heads (one query, GQA, no ALiBi or left window, head_dim a
+        multiple of 8); other GPU calls run unsplit.
     return_lse : bool
         Also return the natural-log LSE, float32, shape (batch, heads_q, seqlen_q).
 
@@ -395,7 +397,7 @@ def _decode_packed(qv, q, out, groups, batch, heads_q, heads_k, d, fw, device, s
     groups * d (memory order (b, heads_q, d)); ``total`` stops at the last sequence's last used row, so that
     no row of any head lies past the arrays' memory (TMA may load whole tiles up to it). Returns (q3, out3,
     total, seqused_q)."""
-    if qv.strides[0] != heads_q * qv.strides[2] or qv.strides[2] != d:
+    if qv.strides[0] != heads_q * qv.strides[2] or qv.strides[2] != d or qv.strides[3] != 1:
         qv = arrays.contiguous_copy(q, fw, device, stream)
     total = (batch - 1) * heads_q + groups
     views = [arrays.DeviceArray(x.ptr, (total, heads_k, d), (d, groups * d, 1), x.dtype, device, x.owner)
@@ -513,9 +515,14 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
                              f"{tuple(block_table.shape)}")
         if batch_cache * seqlen_cache >= 1 << 31:
             raise ValueError("the paged caches' num_pages * page_size rows must stay below 2**31")
+        if batch_cache == 0 or seqlen_cache == 0:
+            raise ValueError(f"a paged k_cache needs at least one page of at least one row, got shape "
+                             f"{tuple(k_cache.shape)}")
         # Past here: a sequence's capacity, and the batch's rows of the kernels' virtual packing.
         page_size, seqlen_cache = seqlen_cache, int(block_table.shape[1]) * seqlen_cache
         batch_cache = batch
+    elif cache_batch_idx is not None and batch_cache == 0 and batch > 0:
+        raise ValueError("cache_batch_idx must index the cache's rows, and k_cache has none")
     elif batch_cache < batch and cache_batch_idx is None:
         raise ValueError(f"k_cache has {batch_cache} rows for a batch of {batch}")
     if heads_q % heads_k:
@@ -524,8 +531,11 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
                           or tuple(k.shape[2:]) != (heads_k, d)):
         raise ValueError(f"k and v must have shape ({batch}, seqlen_new, {heads_k}, {d}), got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
-    if batch_cache * seqlen_cache >= 1 << 31 or batch * seqlen_q >= 1 << 31:
-        raise ValueError("the caches' batch_cache * seqlen_cache rows (and batch * seqlen_q) must stay below 2**31")
+    # The kernels index cache rows (and the virtual packing b * seqlen_cache of cache_batch_idx and paging)
+    # with 32-bit ints.
+    if max(batch, batch_cache) * seqlen_cache >= 1 << 31 or batch * seqlen_q >= 1 << 31:
+        raise ValueError("the caches' rows (batch_cache or batch, times seqlen_cache or a sequence's pages) and "
+                         "batch * seqlen_q must stay below 2**31")
     causal, window, softcap, scale, return_lse = _check_options(num_splits, causal, window_size, softcap,
                                                                 softmax_scale, return_lse, d)
     if alibi_slopes is not None:
@@ -546,6 +556,10 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
         tables = None
         if rotary_cos is not None or rotary_sin is not None:
             tables = _device_rotary_tables(rotary_cos, rotary_sin, d, dtype, fw, device, stream)
+            needed = seqlens_value + max(seqlen_q, 0 if k is None else int(k.shape[1]))
+            if cache_seqlens is None and cache_leftpad is None and batch and tables[0].shape[0] < needed:
+                # (with device cache_seqlens / leftpad the kernel clamps the positions instead)
+                raise ValueError(f"rotary_cos has {tables[0].shape[0]} positions; this call needs {needed}")
         seqlens = _device_index("cache_seqlens", cache_seqlens, batch, fw, device, stream)
         leftpad = _device_index("cache_leftpad", cache_leftpad, batch, fw, device, stream)
         kc, vc = (arrays.device_view(x, fw, stream) for x in (k_cache, v_cache))
@@ -558,7 +572,7 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
         table = None
         if block_table is not None:
             table = _device_table(block_table, fw, device, stream)
-        elif cache_batch_idx is not None:
+        elif cache_batch_idx is not None and seqlen_cache > 0:  # (an empty cache: no row to read or write)
             # Sequence b's cache row is cache_batch_idx[b]: a block table of one page per sequence, the page a
             # whole cache row.
             rows_view = _device_index("cache_batch_idx", cache_batch_idx, batch, fw, device, stream)
@@ -571,6 +585,8 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
                     for n, x in zip(news, (k, v))]
         qv = arrays.device_view(q, fw, stream)
         if tables is not None:
+            if qv.strides[3] != 1:  # rotary.cu reads rows with a unit column stride
+                qv = arrays.contiguous_copy(q, fw, device, stream)
             # q and the new keys rotated into copies first, at the positions the cache held before the append
             # (as on the CPU path): the new keys at their own, the queries at theirs when causal or windowed.
             per_row = causal or window != (-1, -1)
@@ -599,8 +615,9 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
             ops.kvcache_append(kc, vc, *news, seqlens, seqlens_value, leftpad, cu_q, cu_k, used_k,
                                seqlen_q=heads_q, stream=stream, cc=cc, **paging)
             splits = _decode_splits(num_splits, batch * heads_k, seqlen_cache, d, device)
-            _, lse_packed = arrays.empty(fw, (heads_k, total_q), "float32", device, stream)
+            lse_packed = None  # split-KV merges straight into the LSE's own layout
             if splits == 1:
+                _, lse_packed = arrays.empty(fw, (heads_k, total_q), "float32", device, stream)
                 ops.fill_zero(out, stream=stream)
                 ops.fill_float32(lse_packed, math.inf, stream=stream)
             partials = varlen.forward_device(

@@ -214,8 +214,15 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
         p[f"{name}_batch_stride"] = 0  # a sequence's rows come from cu_seqlens, not from a batch stride
     if paged is not None:
         p["page_size"], p["num_pages"], p["block_table_batch_stride"] = paged
-        # cu_seqlens_k places sequence b's keys at b * max_seqlen_k of a virtual packing (its length bound).
+        # cu_seqlens_k places sequence b's keys at b * max_seqlen_k of a virtual packing (its length bound),
+        # which may exceed the caches' rows (a table may list a page twice): "unbounded" windows must cover it.
         p["total_k"] = batch * max_seqlen_k
+        unbounded = total_q + batch * max_seqlen_k
+        left, right = window_size
+        if causal:
+            right = 0
+        p["window_left"] = unbounded if left < 0 else min(left, unbounded)
+        p["window_right"] = unbounded if right < 0 else min(right, unbounded)
     p["varlen_lse_head_stride"] = total_q
     p["num_m_blocks"] = m_blocks = -(-max_seqlen_q // kkey.block_m)
     tiles = m_blocks * batch * heads_q

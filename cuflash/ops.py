@@ -270,7 +270,8 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     first, so rows no sequence covers (past cu_seqlens_q[-1], past seqused_q) read as rows that see no key;
     ``fill=False`` leaves that to the caller (views whose extent is not their memory's, as packed heads).
 
-    ``num_splits`` > 1 (split-KV decoding): ``out`` and ``lse`` are not written; returns the partial states,
+    ``num_splits`` > 1 (split-KV decoding): ``out`` and ``lse`` (which may be None) are not written; returns
+    the partial states,
     (framework arrays to keep alive, o_accum (splits, rows, heads_q, padded d) and lse_accum (splits,
     heads_q, total_q) fp32 views), every covered row of every split written, for merge_states.
 
@@ -286,7 +287,7 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     if fill and fp.accum_shapes is None:
         fill_zero(out, stream=stream)
         fill_float32(lse, math.inf, stream=stream)
-    pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "o": out.ptr, "lse": lse.ptr,
+    pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "o": out.ptr, "lse": 0 if lse is None else lse.ptr,
                 "alibi": 0 if alibi is None else alibi.ptr, "cu_seqlens_q": cu_seqlens_q.ptr,
                 "cu_seqlens_k": cu_seqlens_k.ptr, "seqused_q": 0 if seqused_q is None else seqused_q.ptr,
                 "seqused_k": 0 if seqused_k is None else seqused_k.ptr,

@@ -80,7 +80,7 @@ def test_dense_decode(fw, dtype, opts, packing):
 def test_kvcache_decode(dtype, lens, packing):
     import cupy
     q, (kc, vc), (kn, vn), seqlens = _case(dtype, seqlen_q=1, seqlen_new=1)
-    kw = dict(causal=True, return_lse=True)
+    kw = dict(causal=True, return_lse=True, num_splits=1)  # unsplit: bit for bit against the unpacked call
     if lens == "int":
         kw["cache_seqlens"] = 120
         kc, vc = (np.nan_to_num(c.astype(np.float32)).astype(c.dtype) for c in (kc, vc))  # 121 rows all valid
@@ -125,6 +125,32 @@ def test_kvcache_decode_split_kv(dtype, num_splits, d, packing):
     out, lse = to_np64(out), to_host(lse)
     for b in range(q.shape[0]):
         kb, vb = want_k[b:b + 1, :lens[b] + 1], want_v[b:b + 1, :lens[b] + 1]
+        ref, ref_lse = reference.attention_reference(q[b:b + 1].astype(np.float64), kb.astype(np.float64),
+                                                     vb.astype(np.float64))
+        flash_rule(out[b:b + 1], ref, naive_same_dtype(q[b:b + 1], kb, vb))
+        np.testing.assert_allclose(lse[b], ref_lse[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("heads,d", [((64, 1), 96), ((128, 1), 128), ((32, 8), 64)])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_kvcache_decode_many_query_heads(heads, d, num_splits, packing):
+    """Packed decoding where a group fills more than one warp's rows (64 query heads on one key/value head,
+    MQA) or more than one tile (128: two query blocks), at a head dim the kernels pad (96), split or not:
+    each sequence against float64 under FlashAttention's rule."""
+    import cupy
+    hq, hk = heads
+    rng = np.random.default_rng(hq + d + num_splits)
+    batch, cap = 2, 700
+    lens = np.array([5, 650], np.int32)
+    q = rng.standard_normal((batch, 1, hq, d)).astype(np.float16)
+    kc, vc = (rng.standard_normal((batch, cap, hk, d)).astype(np.float16) for _ in range(2))
+    out, lse = cuflash.attention_with_kvcache(cupy.asarray(q), cupy.asarray(kc), cupy.asarray(vc),
+                                              cache_seqlens=cupy.asarray(lens), num_splits=num_splits,
+                                              return_lse=True)
+    assert packing.groups == [hq // hk]
+    out, lse = to_np64(out), to_host(lse)
+    for b in range(batch):
+        kb, vb = kc[b:b + 1, :lens[b]], vc[b:b + 1, :lens[b]]
         ref, ref_lse = reference.attention_reference(q[b:b + 1].astype(np.float64), kb.astype(np.float64),
                                                      vb.astype(np.float64))
         flash_rule(out[b:b + 1], ref, naive_same_dtype(q[b:b + 1], kb, vb))

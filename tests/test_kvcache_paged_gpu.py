@@ -123,3 +123,34 @@ def test_cache_batch_idx_selects_cache_rows(seqlen_q):
         ref, _ = reference.attention_reference(q[b:b + 1].astype(np.float64), kb.astype(np.float64),
                                                vb.astype(np.float64), causal=True)
         flash_rule(out[b:b + 1], ref, naive_same_dtype(q[b:b + 1], kb, vb, causal=True))
+
+
+@pytest.mark.parametrize("seqlen_q", [1, 3])
+def test_paged_rotary_equals_the_cpu_path(seqlen_q):
+    """Rotary tables with a paged cache (and split-KV when decoding) on the GPU against the CPU path over the
+    same pages in float64 (FlashAttention's rule, the float16 CPU call as the yardstick); the pages hold the
+    rotated new keys within one fp16 rounding."""
+    import cupy
+    q, (kc, vc), (kn, vn), lens = _case("float16", seqlen_q=seqlen_q, seqlen_new=seqlen_q)
+    (kp, vp), table = _paged((kc, vc), 16, np.random.default_rng(9))
+    angles = np.arange(400)[:, None] * np.random.default_rng(6).random(32)[None, :]
+    cos, sin = np.cos(angles).astype(np.float16), np.sin(angles).astype(np.float16)
+    kw = dict(causal=True, rotary_interleaved=False, return_lse=True, num_splits=3)
+
+    def call(xp, dtype):
+        arrays = [xp.asarray(x.astype(dtype)) for x in (q, kp, vp, kn, vn, cos, sin)]
+        out, lse = cuflash.attention_with_kvcache(*arrays[:5], cache_seqlens=xp.asarray(lens),
+                                                  block_table=xp.asarray(table), rotary_cos=arrays[5],
+                                                  rotary_sin=arrays[6], **kw)
+        return out, lse, arrays[1:3]
+    out, lse, pages = call(cupy, np.float16)
+    ref, ref_lse, ref_pages = call(np, np.float64)
+    base, _, _ = call(np, np.float16)
+    for b in range(q.shape[0]):
+        flash_rule(to_host(out).astype(np.float64)[b], ref[b], base[b].astype(np.float64))
+    np.testing.assert_allclose(cupy.asnumpy(lse), ref_lse, rtol=1e-3, atol=1e-3)
+    for got, want in zip(pages, ref_pages):
+        got = cupy.asnumpy(got).astype(np.float64)
+        valid = np.isfinite(want)
+        assert np.array_equal(np.isnan(got), ~valid)
+        np.testing.assert_allclose(got[valid], want[valid], rtol=1e-3, atol=1e-3)
