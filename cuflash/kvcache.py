@@ -423,19 +423,20 @@ def _decode_splits(num_splits: int, tiles: int, seqlen_cache: int, head_dim: int
     return max(1, min(num_splits, key_tiles, dispatch.MERGE_MAX_STATES))
 
 
-def _merge_decode_splits(partials, out, lse, batch, groups, heads_k, total_q, stream, cc) -> None:
+def _merge_decode_splits(partials, out, lse, batch, groups, heads_k, stream, cc) -> None:
     """merge_states.cu over a packed decoding call's split states into ``out`` (batch, 1, heads_q, d) and
     ``lse`` (batch, heads_q, 1), all viewed (batch, groups, heads_k, ...): query head h * groups + i of
-    sequence b is packed row b * heads_q + i of head h (kvcache._decode_packed)."""
+    sequence b is row b * groups + i of head h in the partial states (ops.forward_varlen) and query head
+    h * groups + i of the outputs."""
     from . import ops
     _, o_acc, l_acc = partials
-    splits, _, _, width = o_acc.shape
+    splits, rows, _, width = o_acc.shape
     heads_q, d = groups * heads_k, out.shape[3]
-    o_split, l_split = total_q * heads_k * width, heads_k * total_q
+    o_split, l_split = rows * heads_k * width, heads_k * rows
     outs = [arrays.DeviceArray(o_acc.ptr + 4 * s * o_split, (batch, groups, heads_k, d),
-                               (heads_q * heads_k * width, heads_k * width, width, 1), "float32", out.device)
+                               (groups * heads_k * width, heads_k * width, width, 1), "float32", out.device)
             for s in range(splits)]
-    lses = [arrays.DeviceArray(l_acc.ptr + 4 * s * l_split, (batch, heads_k, groups), (heads_q, total_q, 1),
+    lses = [arrays.DeviceArray(l_acc.ptr + 4 * s * l_split, (batch, heads_k, groups), (groups, rows, 1),
                                "float32", out.device) for s in range(splits)]
     merged = arrays.DeviceArray(out.ptr, (batch, groups, heads_k, d), (heads_q * d, d, groups * d, 1), out.dtype,
                                 out.device)
@@ -626,7 +627,7 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
                 fw=fw, stream=stream, cc=cc, fill=False, num_splits=splits, **paging)
             if partials is not None:
                 lse_native, lse = arrays.empty(fw, (batch, heads_q, seqlen_q), "float32", device, stream)
-                _merge_decode_splits(partials, out, lse, batch, groups, heads_k, total_q, stream, cc)
+                _merge_decode_splits(partials, out, lse, batch, groups, heads_k, stream, cc)
                 out = arrays.to_caller(out_native, out, fw, stream)
                 return (out, arrays.to_caller(lse_native, lse, fw, stream)) if return_lse else out
             # LSE of query head h * groups + i of sequence b at (h, b * heads_q + i), viewed (b, i, h, word).

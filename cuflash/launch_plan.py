@@ -40,8 +40,8 @@ class KernelLaunch:
 class ForwardPlan:
     launch: KernelLaunch
     tile_counter: bool  # persistent Hopper launch: an int32 counter, zero on the stream, per call
-    # split-KV: the fp32 partial outputs' and LSEs' shapes, (splits, rows, heads_q, padded head dim) and
-    # (splits, heads_q, total_q); None otherwise
+    # split-KV: the fp32 partial outputs' and LSEs' shapes, (splits, batch * max_seqlen_q, heads_q, padded
+    # head dim) and (splits, heads_q, batch * max_seqlen_q); None otherwise
     accum_shapes: tuple | None = None
 
 
@@ -233,9 +233,10 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
         grid, use_counter = dispatch.forward_sm90_varlen_schedule(kkey, tiles, sm_count)
     accum_shapes = None
     if split:
-        accum_shapes = ((num_splits, total_q, heads_q, kkey.head_dim), (num_splits, heads_q, total_q))
-        p["o_accum_split_stride"] = total_q * heads_q * kkey.head_dim
-        p["lse_accum_split_stride"] = heads_q * total_q
+        rows = batch * max_seqlen_q  # query i of sequence b at row b * max_seqlen_q + i (fwd_sm80.cu)
+        accum_shapes = ((num_splits, rows, heads_q, kkey.head_dim), (num_splits, heads_q, rows))
+        p["o_accum_split_stride"] = rows * heads_q * kkey.head_dim
+        p["lse_accum_split_stride"] = heads_q * rows
     launch = KernelLaunch(fn, grid, kkey.threads, smem, p.pack(), maps, num_splits if split else 1)
     return _remember(key, ForwardPlan(launch, use_counter, accum_shapes))
 

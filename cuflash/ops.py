@@ -271,9 +271,9 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     ``fill=False`` leaves that to the caller (views whose extent is not their memory's, as packed heads).
 
     ``num_splits`` > 1 (split-KV decoding): ``out`` and ``lse`` (which may be None) are not written; returns
-    the partial states,
-    (framework arrays to keep alive, o_accum (splits, rows, heads_q, padded d) and lse_accum (splits,
-    heads_q, total_q) fp32 views), every covered row of every split written, for merge_states.
+    the partial states (framework arrays to keep alive, o_accum (splits, batch * max_seqlen_q, heads_q,
+    padded d) and lse_accum (splits, heads_q, batch * max_seqlen_q) fp32 views, query i of sequence b at
+    row b * max_seqlen_q + i), every covered row of every split written, for merge_states.
 
     ``block_table`` (an int32 (batch, max_pages) view) with ``page_size``: k and v are paged caches' rows
     (launch_plan.forward_varlen's ``paged``)."""

@@ -73,9 +73,9 @@ FIELDS = [
                                     "counters, zeroed by the preprocess"),
     # Split-KV forward (fwd_sm80.cu, CF_SPLIT_KV; gridDim.y splits): each split's normalized partial output
     # and LSE, merged after by merge_states.cu.
-    ("o_accum", "ptr", "float*", "split-KV: fp32 (splits, rows, heads_q, head_dim_padded) partial outputs, rows as "
-                                 "the dQ accumulator's (seq_rows.cuh CF_ACCUM_ROW)"),
-    ("lse_accum", "ptr", "float*", "split-KV: (splits, <the LSE's layout>) partial LSEs"),
+    ("o_accum", "ptr", "float*", "split-KV: fp32 (splits, batch * seqlen_q, heads_q, head_dim_padded) partial "
+                                 "outputs, query i of sequence b at row b * seqlen_q + i"),
+    ("lse_accum", "ptr", "float*", "split-KV: (splits, heads_q, batch * seqlen_q) partial LSEs"),
     ("o_accum_split_stride", "i64", None, "elements from one split's partial outputs to the next's"),
     ("lse_accum_split_stride", "i64", None, ""),
     # Paged K/V (fwd_sm80.cu, CF_PAGED): key row r of sequence b is row r % page_size of page

@@ -54,9 +54,17 @@
                                  p.x##_row_stride, row0, CF_SEQLEN_K, p.head_dim, tid)
 #endif
 #if CF_SPLIT_KV
-// Row m_start of this CTA's (batch, head) in its split's partial outputs: (splits, rows, heads_q, kD) fp32.
+// The split's partial states are indexed compactly, query i of sequence b at row b * seqlen_q + i (seqlen_q:
+// the max_seqlen_q bound), whatever the packing of q: (splits, batch * seqlen_q, heads_q, kD) fp32 outputs
+// and (splits, heads_q, batch * seqlen_q) LSEs. Decoding packs a group's query heads as rows spaced heads_q
+// apart in q, and the partial states would otherwise span all of them.
 __device__ __forceinline__ float* split_output_row(const AttentionParams& p, const BlockCoords& c, int m_start) {
-    return p.o_accum + blockIdx.y * p.o_accum_split_stride + ((i64)CF_ACCUM_ROW(c.b, m_start) * p.heads_q + c.h) * kD;
+    return p.o_accum + blockIdx.y * p.o_accum_split_stride
+           + (((i64)c.b * p.seqlen_q + m_start) * p.heads_q + c.h) * kD;
+}
+__device__ __forceinline__ float* split_lse_rows(const AttentionParams& p, const BlockCoords& c) {
+    return p.lse_accum + blockIdx.y * p.lse_accum_split_stride + (i64)c.h * p.batch * p.seqlen_q
+           + (i64)c.b * p.seqlen_q;
 }
 #endif
 
@@ -90,7 +98,7 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
     if (n_hi <= n_lo) {
         // No query row of this block sees any key: zeros and LSE = +inf, without touching K or V.
 #if CF_SPLIT_KV
-        float* lse = CF_ROW_STATS(p.lse_accum + blockIdx.y * p.lse_accum_split_stride, bc.b, bc.h);
+        float* lse = split_lse_rows(p, bc);
         float* oa = split_output_row(p, bc, m_start);
         for (int c = tid; c < kBM * kD; c += kThreads)
             if (m_start + c / kD < CF_SEQLEN_Q) oa[(i64)(c / kD) * p.heads_q * kD + c % kD] = 0.f;
@@ -159,7 +167,7 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
         // fp32 partial output straight from the accumulators: two adjacent columns per store.
         const BlockCoords c(p);
         float* oa = split_output_row(p, c, m_start);
-        float* lse = CF_ROW_STATS(p.lse_accum + blockIdx.y * p.lse_accum_split_stride, c.b, c.h);
+        float* lse = split_lse_rows(p, c);
         const int g = lane >> 2, t = lane & 3;
 #pragma unroll
         for (int s = 0; s < kMS; ++s)

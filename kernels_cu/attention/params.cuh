@@ -69,10 +69,10 @@ struct AttentionParams {
     // deterministic Hopper backward: (batch, heads_q, ceil(seqlen_q / 64)) turn counters, zeroed by the
     // preprocess
     int* dq_semaphore;
-    // split-KV: fp32 (splits, rows, heads_q, head_dim_padded) partial outputs, rows as the dQ
-    // accumulator's (seq_rows.cuh CF_ACCUM_ROW)
+    // split-KV: fp32 (splits, batch * seqlen_q, heads_q, head_dim_padded) partial outputs, query i of
+    // sequence b at row b * seqlen_q + i
     float* o_accum;
-    float* lse_accum;           // split-KV: (splits, <the LSE's layout>) partial LSEs
+    float* lse_accum;           // split-KV: (splits, heads_q, batch * seqlen_q) partial LSEs
     i64 o_accum_split_stride;   // elements from one split's partial outputs to the next's
     i64 lse_accum_split_stride;
     const int* block_table;     // (batch, max_pages) page indices; null when not paged
