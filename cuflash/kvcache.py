@@ -156,9 +156,9 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     if isinstance(arrays.device_of(q, q_fw), int):
         return _with_kvcache_gpu(q, k_cache, v_cache, k, v, q_fw, cache_seqlens=cache_seqlens,
                                  cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
-                                 rotary_cos=rotary_cos, rotary_sin=rotary_sin, causal=causal, window_size=window_size,
-                                 softcap=softcap, alibi_slopes=alibi_slopes, softmax_scale=softmax_scale,
-                                 num_splits=num_splits, return_lse=return_lse)
+                                 rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+                                 causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                                 softmax_scale=softmax_scale, num_splits=num_splits, return_lse=return_lse)
     qn, fw = _np(q, name)
     kc, _ = _np(k_cache, name)
     vc, _ = _np(v_cache, name)
@@ -472,8 +472,8 @@ def _device_rotary_tables(cos, sin, head_dim, dtype, fw, device, stream):
 
 
 def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
-                      rotary_cos, rotary_sin, causal, window_size, softcap, alibi_slopes, softmax_scale, num_splits,
-                      return_lse):
+                      rotary_cos, rotary_sin, rotary_interleaved, causal, window_size, softcap, alibi_slopes,
+                      softmax_scale, num_splits, return_lse):
     """attention_with_kvcache for GPU arrays (see its Notes): kvcache_append.cu, then varlen.forward_device
     over the caches as packed (batch_cache * seqlen_cache, heads_k, d) views."""
     from . import ops, varlen
@@ -598,7 +598,7 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
                     continue
                 _, r = arrays.empty(fw, x.shape, dtype, device, stream)
                 ops.rotary(x, r, *tables, seqlens, seqlens_value, leftpad, per_row=row_positions,
-                           interleaved=bool(rotary_interleaved), stream=stream, cc=cc)
+                           interleaved=rotary_interleaved, stream=stream, cc=cc)
                 rotated.append(r)
             qv, news[0] = rotated[0], rotated[1]
         _, cu_q = arrays.empty(fw, (batch + 1,), "int32", device, stream)
