@@ -166,7 +166,8 @@ def _run_cuda(kind, options, args, rets, stream: int, bound_key):
         return
     causal, scale, window, softcap, drop, has_alibi = options
     if drop is not None:
-        raise NotImplementedError("cuflash.jax: dropout on the GPU is not implemented yet (the kernels have no dropout)")
+        raise NotImplementedError("cuflash.jax: dropout on the GPU is not implemented yet (the kernels have no "
+                                  "dropout)")
     alibi = view(n_args - 1, 1) if has_alibi else None
     in_place = all(p % 16 == 0 for p in ptrs) and shapes[0][-1] % 8 == 0 and alibi is None
     with arrays.device_scope("cupy", device):
@@ -177,7 +178,7 @@ def _run_cuda(kind, options, args, rets, stream: int, bound_key):
                              softcap=softcap, stream=stream, cc=cc, framework="cupy")
             # (bound when there is a query and a key at least)
             if key is not None and in_place and 0 not in shapes[0] and shapes[1][-3]:
-                executor.bind_forward(key, fp, "jax", q, k, v, out)
+                executor.bind_forward(key, fp, "jax", {"q": q, "k": k, "v": v, "o": out}, out.shape)
         else:
             dout, q, k, v, out = (view(i, 4) for i in range(5))
             lse = view(5, 3)

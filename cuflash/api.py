@@ -278,6 +278,29 @@ def _device_input(call, x, stream, cc):
     return buf
 
 
+def decode_groups(seqlen_q: int, heads_q: int, heads_k: int, alibi, window) -> int:
+    """How many query heads share a key/value head (heads_q // heads_k) when a call can run them as the rows
+    of one tile, else 1: one query per sequence (decoding), GQA, no ALiBi (its slopes are per query head) and
+    no left window. Each key/value head's keys are then read once for its whole group instead of once per
+    query head (FlashAttention-2 does the same for seqlen_q == 1). A single query aligned to the last key
+    (FlashAttention's bottom-right convention) sees every key, so causal and a right window change nothing
+    for it, and the packed call runs without them (its rows would otherwise be masked as different
+    positions)."""
+    if seqlen_q != 1 or heads_q == heads_k or alibi is not None or window[0] >= 0:
+        return 1
+    return heads_q // heads_k
+
+
+def pack_query_heads(view, groups: int):
+    """A (batch, 1, heads_q, d) view as (batch, groups, heads_k, d): the ``groups`` query heads of each
+    key/value head become its rows (strides only: row i of head h is query head h * groups + i). The LSE's
+    (batch, heads_q, 1) layout is (batch, heads_k, groups) already."""
+    b, _, hq, d = view.shape
+    sb, _, sh, sd = view.strides
+    return arrays.DeviceArray(view.ptr, (b, groups, hq // groups, d), (sb, sh, groups * sh, sd), view.dtype,
+                              view.device, view.owner)
+
+
 def _in_place(call, *views) -> bool:
     """Whether _device_input read every one of ``views`` in place (no padded copy)."""
     return call.width == call.head_dim and all(_readable_in_place(x) for x in views)
@@ -507,11 +530,17 @@ def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, d
             ops.fill_float32(lse_view, math.inf, stream=stream)
         else:
             qv, kv, vv = (_device_input(call, x, stream, cc) for x in (q, k, v))
-            fp = ops.forward(qv, kv, vv, out_work, lse_view, _device_alibi(alibi, call.fw, stream), stream=stream,
+            work = out_work
+            groups = decode_groups(call.seqlen_q, call.heads_q, call.heads_k, alibi, window)
+            if groups > 1:
+                qv, work = (pack_query_heads(x, groups) for x in (qv, out_work))
+                kwargs.update(causal=False, window_size=(-1, -1))
+            fp = ops.forward(qv, kv, vv, work, lse_view, _device_alibi(alibi, call.fw, stream), stream=stream,
                              cc=cc, framework=call.fw, **kwargs)
             _finish_output(out_view, out_work, stream, cc)
             if bind_key is not None and alibi is None and _in_place(call, qv, kv, vv):
-                executor.bind_forward(bind_key, fp, call.fw, qv, kv, vv, out_view)
+                executor.bind_forward(bind_key, fp, call.fw, {"q": qv, "k": kv, "v": vv, "o": work},
+                                      out_view.shape)
         out = arrays.to_caller(out_native, out_view, call.fw, stream)
         if not return_lse:
             return out

@@ -37,6 +37,11 @@ FWD_SM80_VARLEN_PTXAS_OPT = {64: 1}
 # ... and at head dim 128 they push the 128-row tile past 255 registers with softcap and a mask (12 bytes
 # at -O1, 36-160 at -O2/-O3): the variable-length build takes 64-row tiles there.
 FWD_SM80_VARLEN_TILES = {128: (64, 64, 4, 1, 1)}
+# The split-KV build (decoding: a query block is a key/value head's group of query heads, 4-16 rows): the
+# smallest query block the warp layout allows (16 rows a warp, 4 warps), so few rows go to waste, and 128-key
+# tiles to keep many loads in flight per CTA. (block_m, block_n, warps, min blocks, ptxas -O).
+FWD_SM80_SPLIT_KV_TILES = {64: (64, 128, 4, 2, 3), 128: (64, 128, 4, 1, 3), 192: (64, 64, 4, 1, 3),
+                           256: (64, 64, 4, 1, 3)}
 
 def padded_head_dim(head_dim: int) -> int:
     """The compiled head dim that serves ``head_dim`` (a multiple of 8 in [8, 256])."""
@@ -48,7 +53,8 @@ def padded_head_dim(head_dim: int) -> int:
 
 # How extra defines appear in variant names: a prefix followed by the value, or (flag name,) shown when set.
 _EXTRA_LABELS = {"CF_DETERMINISTIC": ("det",), "CF_BWD_A_REGS": ("preg",), "CF_Q_STAGES": "st", "CF_STAGES": "st",
-                 "CF_CONSUMERS": "cw", "CF_PINGPONG": ("pp",), "CF_VARLEN": ("varlen",)}
+                 "CF_CONSUMERS": "cw", "CF_PINGPONG": ("pp",), "CF_VARLEN": ("varlen",),
+                 "CF_SPLIT_KV": ("splitkv",), "CF_PAGED": ("paged",)}
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,8 @@ class KernelKey:
     def name(self) -> str:
         if self.family in (STRIDED_COPY_FAMILY, DROPOUT_MASK_FAMILY, KVCACHE_APPEND_FAMILY):  # one variant each
             return self.family
+        if self.family == ROTARY_FAMILY:  # one per element type
+            return f"{self.family}_{self.dtype}"
         if self.family == MERGE_STATES_FAMILY:  # element types in and out, nothing else
             d = dict(self.extra)
             return f"{self.family}_{MERGE_TYPES[d['CF_MERGE_IN']]}_to_{MERGE_TYPES[d['CF_MERGE_OUT']]}"
@@ -175,10 +183,13 @@ def max_smem(major: int, minor: int) -> int:
 
 
 def forward_key(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
-                smem_limit: int = MAX_SMEM[(9, 0)], varlen: bool = False) -> KernelKey:
+                smem_limit: int = MAX_SMEM[(9, 0)], varlen: bool = False, split_kv: bool = False,
+                paged: bool = False) -> KernelKey:
     """The sm80 forward's variant. ``varlen``: the variable-length build (CF_VARLEN, seq_context.cuh reads
     each sequence's rows from cu_seqlens / seqused), a separate variant so that the dense one compiles to the
-    same code as without it (its 252-254 registers at head dim 64 leave no room for the lookups)."""
+    same code as without it (its 252-254 registers at head dim 64 leave no room for the lookups).
+    ``split_kv`` (with ``varlen``): the split-KV build for decoding (CF_SPLIT_KV, fp32 partial outputs).
+    ``paged`` (with ``varlen``): keys and values read through a block table (CF_PAGED, KV caches in pages)."""
     key = _forward_key(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, smem_limit,
                        os.environ.get("CUFLASH_FWD_TILES", ""))
     if not varlen:
@@ -189,6 +200,12 @@ def forward_key(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, ali
     if tiles:  # smaller than every dense tile: within every shared-memory limit
         bm, bn, warps, min_blocks, opt = tiles
         key = dataclasses.replace(key, block_m=bm, block_n=bn, warps=warps, min_blocks=min_blocks, ptxas_opt=opt)
+    if split_kv:
+        bm, bn, warps, min_blocks, opt = FWD_SM80_SPLIT_KV_TILES[key.head_dim]
+        key = dataclasses.replace(key, extra=key.extra + (("CF_SPLIT_KV", 1),), block_m=bm, block_n=bn, warps=warps,
+                                  min_blocks=min_blocks, ptxas_opt=opt)
+    if paged:
+        key = dataclasses.replace(key, extra=key.extra + (("CF_PAGED", 1),))
     return key
 
 
@@ -489,7 +506,7 @@ def all_forward_keys() -> list[KernelKey]:
 
 
 def all_forward_keys_for(smem_limit: int) -> list[KernelKey]:
-    return [
+    keys = [
         forward_key(dt, d, is_local=loc, softcap=sc, alibi=al, smem_limit=smem_limit, varlen=vl)
         for dt in DTYPES
         for d in PADDED_HEAD_DIMS
@@ -498,6 +515,14 @@ def all_forward_keys_for(smem_limit: int) -> list[KernelKey]:
         for al in (False, True)
         for vl in (False, True)
     ]
+    # Paged caches take every variable-length build; split-KV decoding packs a group's query heads as rows: no
+    # ALiBi, no mask (api.decode_groups), paged or not.
+    keys += [forward_key(dt, d, is_local=loc, softcap=sc, alibi=al, smem_limit=smem_limit, varlen=True, paged=True)
+             for dt in DTYPES for d in PADDED_HEAD_DIMS for loc in (False, True) for sc in (False, True)
+             for al in (False, True)]
+    return keys + [forward_key(dt, d, is_local=False, softcap=sc, alibi=False, smem_limit=smem_limit, varlen=True,
+                               split_kv=True, paged=pg)
+                   for dt in DTYPES for d in PADDED_HEAD_DIMS for sc in (False, True) for pg in (False, True)]
 
 
 def compile_arch(major: int, minor: int) -> str:
@@ -549,6 +574,11 @@ DROPOUT_MASK_KEY = KernelKey(DROPOUT_MASK_FAMILY, "dropout_keep_mask", "fp16", 0
 KVCACHE_APPEND_FAMILY = "kvcache_append"
 KVCACHE_APPEND_KEY = KernelKey(KVCACHE_APPEND_FAMILY, "kvcache_append", "fp16", 0, warps=8)
 
+# Rotary embedding of q and the new keys (rotary.cu) for attention_with_kvcache on the GPU: fp32 arithmetic
+# on 16-bit values, so one variant per element type.
+ROTARY_FAMILY = "rotary"
+ROTARY_KEYS = {dt: KernelKey(ROTARY_FAMILY, "rotary_embedding", dt, 0, warps=8) for dt in ("fp16", "bf16")}
+
 
 def all_backward_keys() -> list[KernelKey]:
     """Every backward variant cuflash ships (first-choice and fallback tiles, both dQ modes, the
@@ -588,6 +618,8 @@ def all_keys() -> list[KernelKey]:
         keys[k.name] = k
     keys[DROPOUT_MASK_KEY.name] = DROPOUT_MASK_KEY
     keys[KVCACHE_APPEND_KEY.name] = KVCACHE_APPEND_KEY
+    for k in ROTARY_KEYS.values():
+        keys[k.name] = k
     return list(keys.values())
 
 
@@ -641,6 +673,10 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                         mods = dict(is_local=loc, softcap=sc, alibi=al)
                         found = [forward_key(dt, d, smem_limit=limit, **mods),
                                  forward_key(dt, d, smem_limit=limit, varlen=True, **mods)]
+                        found.append(forward_key(dt, d, smem_limit=limit, varlen=True, paged=True, **mods))
+                        if not loc and not al:  # decoding's split-KV builds (api.decode_groups)
+                            found += [forward_key(dt, d, smem_limit=limit, varlen=True, split_kv=True, paged=pg,
+                                                  **mods) for pg in (False, True)]
                         if hopper:
                             found += [forward_key_sm90(dt, d, varlen=vl, **mods) for vl in (False, True)]
                             if d in BWD_SM90_TILES:

@@ -81,10 +81,11 @@ class _Binding:
     """One kernel launch of a plan (launch_plan.KernelLaunch) with its pointer and tensor-map fields located
     in the parameter block: per call, the pointer table is written in and the maps looked up by address."""
 
-    __slots__ = ("fn", "grid", "threads", "smem", "size", "prefix", "ptr_slots", "map_slots", "_tls")
+    __slots__ = ("fn", "grid", "splits", "threads", "smem", "size", "prefix", "ptr_slots", "map_slots", "_tls")
 
     def __init__(self, launch, names: tuple, map_views: dict, accumulator):
         self.fn, self.grid, self.threads, self.smem = launch.fn.ptr, launch.grid, launch.threads, launch.smem
+        self.splits = launch.splits
         from .ops import sm90_params_bytes
         maps_bytes = len(launch.maps) * tma.MAP_BYTES
         self.size = sm90_params_bytes(len(launch.maps)) if launch.maps else len(launch.block)
@@ -122,7 +123,8 @@ class _Binding:
         pack = _U64.pack_into
         for offset, i in self.ptr_slots:
             pack(buf, offset, ptrs[i])
-        launch_kernel(self.fn, self.grid, 1, 1, self.threads, 1, 1, self.smem, stream, ctypes.addressof(argv), 0)
+        launch_kernel(self.fn, self.grid, self.splits, 1, self.threads, 1, 1, self.smem, stream,
+                      ctypes.addressof(argv), 0)
 
 
 class _Bound:
@@ -190,13 +192,14 @@ class _Bound:
 class BoundForward(_Bound):
     """The dense forward of one signature (ops.forward's launch, bound)."""
 
-    def __init__(self, fp, fw: str, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray):
+    def __init__(self, fp, fw: str, views: dict, out_shape: tuple):
+        q = views["q"]
         super().__init__(fw, q.device, q.dtype)
-        self.out_shape = tuple(out.shape)
-        b, sq, hq = out.shape[:3]
+        self.out_shape = tuple(out_shape)
+        b, sq, hq = out_shape[:3]
         self.lse_shape = (b, hq, sq)
         self.counter = fp.tile_counter
-        self.binding = _Binding(fp.launch, FORWARD_POINTERS, {"q": q, "k": k, "v": v, "o": out}, None)
+        self.binding = _Binding(fp.launch, FORWARD_POINTERS, views, None)
 
     def run(self, q, k, v):
         """(out, lse) as the caller's arrays, or None when the thread's context is not the bound one."""
@@ -271,8 +274,10 @@ class BoundBackward(_Bound):
         del delta, acc, sem  # freed after enqueueing: stream-ordered allocators reuse them safely
 
 
-def bind_forward(key, fp, fw, q, k, v, out) -> None:
-    _remember(_forward, key, BoundForward(fp, fw, q, k, v, out))
+def bind_forward(key, fp, fw, views: dict, out_shape: tuple) -> None:
+    """Binds ``fp`` (ops.forward's plan) under ``key``: ``views`` the q, k, v and o views it was planned for
+    (their geometry fixes the tensor maps), ``out_shape`` the output each run allocates."""
+    _remember(_forward, key, BoundForward(fp, fw, views, out_shape))
 
 
 def bind_backward(key, bp, fw, views, grads) -> None:

@@ -8,12 +8,15 @@ part of the cache. The cache is contiguous ``(batch_cache, seqlen_cache, heads_k
 combines attention computed over disjoint key sets (split-KV, cascades, context parallelism) from their
 outputs and natural-log LSEs.
 
-The NumPy path (CPU arrays and CPU torch tensors) is complete; the GPU kernels are not written yet: GPU arrays
-raise NotImplementedError after the argument checks.
+The NumPy path (CPU arrays and CPU torch tensors) is complete. On GPU arrays the append and the merge are
+kernels, and the attention runs the variable-length forward over the caches read in place (paged ones
+through the block table, as cache_batch_idx's rows are; rotary embedding by a kernel first); leftpad with
+paging or cache_batch_idx is CPU-path only so far.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -109,7 +112,9 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         As for :func:`cuflash.attention`, bottom-right aligned: query ``i`` sits at key position
         ``seqlen_k - seqlen_q + i`` of its sequence's ``seqlen_k = cache_seqlens + seqlen_new - leftpad`` keys.
     num_splits : int
-        How many key splits a GPU decode may use (0 = choose); the result does not depend on it.
+        How many key splits a GPU decode may use (0 = choose); the result does not depend on it. Taken by
+        decoding calls that pack their query heads (one query, GQA, no ALiBi or left window, head_dim a
+        multiple of 8); other GPU calls run unsplit.
     return_lse : bool
         Also return the natural-log LSE, float32, shape (batch, heads_q, seqlen_q).
 
@@ -124,16 +129,20 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         Named arguments of the wrong type, dtype or shape; ``cache_seqlens`` + new tokens past the cache (or
         past the pages the block table lists); page indices out of range.
     NotImplementedError
-        GPU arrays with ``block_table``, ``cache_batch_idx`` or rotary tables (the CPU path has them).
+        GPU arrays with ``cache_leftpad`` together with ``block_table`` or ``cache_batch_idx`` (the CPU path
+        has them).
 
     Notes
     -----
-    GPU arrays: the new keys and values are appended by one kernel (kvcache_append.cu), which also writes
-    variable-length indices over the caches, then the variable-length forward attends over each sequence's
-    cache rows: no host synchronization, so the values of ``cache_seqlens`` / ``cache_leftpad`` are not
-    checked there (new rows past the cache are dropped; key ranges are clamped to the cache). The
-    decode-specialized kernel (query heads of a KV head packed in one tile, split-KV) is not written yet:
-    a decode step runs the prefill kernels.
+    GPU arrays: the new keys and values are appended by one kernel (kvcache_append.cu, through the block
+    table for paged caches), which also writes variable-length indices over the caches, then the
+    variable-length forward attends over each sequence's cache rows: no host synchronization, so the values
+    of ``cache_seqlens`` / ``cache_leftpad`` / ``block_table`` are not checked there (new rows past the cache
+    are dropped; key ranges are clamped to the cache; page indices to the pages). Paged caches take any page
+    size and run the sm80 kernels' paged build (keys read row by row through the table). Decoding (one query,
+    GQA, no ALiBi or left window) runs a key/value head's query heads as the rows of one tile, its keys
+    split over ``num_splits`` CTAs (0: chosen to fill the GPU) whose fp32 partial states merge_states.cu
+    combines.
     """
     name = "cuflash.attention_with_kvcache"
     if (rotary_cos is None) != (rotary_sin is None):
@@ -147,9 +156,9 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     if isinstance(arrays.device_of(q, q_fw), int):
         return _with_kvcache_gpu(q, k_cache, v_cache, k, v, q_fw, cache_seqlens=cache_seqlens,
                                  cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, block_table=block_table,
-                                 rotary_cos=rotary_cos, rotary_sin=rotary_sin, causal=causal, window_size=window_size,
-                                 softcap=softcap, alibi_slopes=alibi_slopes, softmax_scale=softmax_scale,
-                                 num_splits=num_splits, return_lse=return_lse)
+                                 rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+                                 causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                                 softmax_scale=softmax_scale, num_splits=num_splits, return_lse=return_lse)
     qn, fw = _np(q, name)
     kc, _ = _np(k_cache, name)
     vc, _ = _np(v_cache, name)
@@ -202,7 +211,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             raise ValueError("cache_batch_idx applies to contiguous caches; a paged cache uses block_table")
         table, _ = _np(block_table, name)
         if table.dtype != np.int32 or table.ndim != 2 or table.shape[0] != batch:
-            raise ValueError(f"block_table must be int32 of shape ({batch}, max_pages), got {table.dtype} {table.shape}")
+            raise ValueError(f"block_table must be int32 of shape ({batch}, max_pages), got {table.dtype} "
+                             f"{table.shape}")
         page = kc.shape[1]
         capacity = table.shape[1] * page
         if table.size and (table.min() < 0 or table.max() >= kc.shape[0]):
@@ -379,17 +389,101 @@ def _device_index(name, x, batch, fw, device, stream):
     return view if view.strides == (1,) else arrays.contiguous_copy(x, fw, device, stream)
 
 
+def _decode_packed(qv, q, out, groups, batch, heads_q, heads_k, d, fw, device, stream):
+    """One query per sequence with GQA (decoding): the query heads that share a key/value head become the rows
+    of that head's tile, so each cache row is read once per key/value head, not once per query head
+    (api.decode_groups says when, and why causal and a right window may go). Sequence b's rows are
+    b * heads_q + i, i < groups, of (total, heads_k, d) views of q and out with row stride d and head stride
+    groups * d (memory order (b, heads_q, d)); ``total`` stops at the last sequence's last used row, so that
+    no row of any head lies past the arrays' memory (TMA may load whole tiles up to it). Returns (q3, out3,
+    total, seqused_q)."""
+    if qv.strides[0] != heads_q * qv.strides[2] or qv.strides[2] != d or qv.strides[3] != 1:
+        qv = arrays.contiguous_copy(q, fw, device, stream)
+    total = (batch - 1) * heads_q + groups
+    views = [arrays.DeviceArray(x.ptr, (total, heads_k, d), (d, groups * d, 1), x.dtype, device, x.owner)
+             for x in (qv, out)]
+    _, used_q = arrays.empty(fw, (batch,), "int32", device, stream)
+    from . import ops
+    ops.fill_int32(used_q, groups, stream=stream)
+    return views[0], views[1], total, used_q
+
+
+def _decode_splits(num_splits: int, tiles: int, seqlen_cache: int, head_dim: int, device: int) -> int:
+    """Split-KV factor of a packed decoding call of ``tiles`` CTAs (one per sequence and key/value head):
+    ``num_splits`` when given (FlashAttention-2's argument: 1 = no split), capped at one key tile a split
+    and at what one merge launch takes; 0 = ours: enough splits for two CTAs per SM when the call leaves
+    SMs idle, each split at least two key tiles long."""
+    from . import dispatch, ops
+    block_n = dispatch.FWD_SM80_SPLIT_KV_TILES[dispatch.padded_head_dim(head_dim)][1]
+    key_tiles = max(1, -(-seqlen_cache // block_n))
+    if num_splits == 0:
+        sms = ops._sm_count(device)
+        num_splits = 1 if tiles >= sms else -(-2 * sms // tiles)
+        key_tiles = max(1, key_tiles // 2)
+    return max(1, min(num_splits, key_tiles, dispatch.MERGE_MAX_STATES))
+
+
+def _merge_decode_splits(partials, out, lse, batch, groups, heads_k, stream, cc) -> None:
+    """merge_states.cu over a packed decoding call's split states into ``out`` (batch, 1, heads_q, d) and
+    ``lse`` (batch, heads_q, 1), all viewed (batch, groups, heads_k, ...): query head h * groups + i of
+    sequence b is row b * groups + i of head h in the partial states (ops.forward_varlen) and query head
+    h * groups + i of the outputs."""
+    from . import ops
+    _, o_acc, l_acc = partials
+    splits, rows, _, width = o_acc.shape
+    heads_q, d = groups * heads_k, out.shape[3]
+    o_split, l_split = rows * heads_k * width, heads_k * rows
+    outs = [arrays.DeviceArray(o_acc.ptr + 4 * s * o_split, (batch, groups, heads_k, d),
+                               (groups * heads_k * width, heads_k * width, width, 1), "float32", out.device)
+            for s in range(splits)]
+    lses = [arrays.DeviceArray(l_acc.ptr + 4 * s * l_split, (batch, heads_k, groups), (groups, rows, 1),
+                               "float32", out.device) for s in range(splits)]
+    merged = arrays.DeviceArray(out.ptr, (batch, groups, heads_k, d), (heads_q * d, d, groups * d, 1), out.dtype,
+                                out.device)
+    merged_lse = arrays.DeviceArray(lse.ptr, (batch, heads_k, groups), (heads_q, groups, 1), "float32", out.device)
+    ops.merge_states(outs, lses, merged, merged_lse, stream=stream, cc=cc)
+
+
+def _device_table(block_table, fw, device, stream):
+    """The block table as an int32 device view with a unit stride along pages (a contiguous copy otherwise)."""
+    view = arrays.device_view(block_table, fw, stream)
+    return view if view.strides[1] == 1 else arrays.contiguous_copy(block_table, fw, device, stream)
+
+
+def _device_rotary_tables(cos, sin, head_dim, dtype, fw, device, stream):
+    """rotary_cos / rotary_sin as device views for rotary.cu: q's array type, device and dtype, one shape
+    (seqlen_ro, rotary_dim / 2) with 2 * (rotary_dim / 2) <= head_dim, a unit column stride (a copy otherwise)."""
+    views = []
+    for nm, x in (("rotary_cos", cos), ("rotary_sin", sin)):
+        if x is None:
+            raise ValueError("rotary_cos and rotary_sin must be given together")
+        xfw = arrays.framework_of(x)
+        if xfw != fw or arrays.device_of(x, xfw) != device:
+            raise TypeError(f"{nm} must be a {fw} array on device {device}, like q")
+        if arrays.dtype_name(x, xfw) != dtype:
+            raise TypeError(f"{nm} must have q's dtype {dtype}, got {arrays.dtype_name(x, xfw)}")
+        view = arrays.device_view(x, fw, stream)
+        views.append(view if view.strides[-1] == 1 else arrays.contiguous_copy(x, fw, device, stream))
+    if (views[0].shape != views[1].shape or len(views[0].shape) != 2 or not 1 <= views[0].shape[0]
+            or 2 * views[0].shape[1] > head_dim):
+        raise ValueError(f"rotary_cos and rotary_sin must share a shape (seqlen_ro >= 1, rotary_dim / 2 <= "
+                         f"{head_dim // 2}), got {tuple(views[0].shape)} and {tuple(views[1].shape)}")
+    return views
+
+
 def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
-                      rotary_cos, rotary_sin, causal, window_size, softcap, alibi_slopes, softmax_scale, num_splits,
-                      return_lse):
+                      rotary_cos, rotary_sin, rotary_interleaved, causal, window_size, softcap, alibi_slopes,
+                      softmax_scale, num_splits, return_lse):
     """attention_with_kvcache for GPU arrays (see its Notes): kvcache_append.cu, then varlen.forward_device
     over the caches as packed (batch_cache * seqlen_cache, heads_k, d) views."""
     from . import ops, varlen
     name = "cuflash.attention_with_kvcache"
-    for feature, value in (("block_table (a paged cache)", block_table), ("cache_batch_idx", cache_batch_idx),
-                           ("rotary_cos / rotary_sin", rotary_cos if rotary_cos is not None else rotary_sin)):
-        if value is not None:
-            raise NotImplementedError(f"{name}: {feature} with GPU arrays is not implemented yet (the CPU path has it)")
+    if block_table is not None and cache_batch_idx is not None:
+        raise ValueError("cache_batch_idx applies to contiguous caches; a paged cache uses block_table")
+    for feature, value in (("a paged cache (block_table)", block_table), ("cache_batch_idx", cache_batch_idx)):
+        if value is not None and cache_leftpad is not None:
+            raise NotImplementedError(f"{name}: cache_leftpad with {feature} on GPU arrays is not implemented yet "
+                                      f"(the CPU path has it)")
     device = arrays.device_of(q, fw)
     dtype = arrays.dtype_name(q, fw)
     if dtype not in api._GPU_DTYPES:
@@ -410,15 +504,39 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
     batch_cache, seqlen_cache, heads_k = (int(n) for n in k_cache.shape[:3])
     if tuple(v_cache.shape) != tuple(k_cache.shape):
         raise ValueError(f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
-    if batch_cache < batch:
+    page_size = 0
+    if block_table is not None:
+        # Paged: k_cache is (num_pages, page_size, heads_k, d); a sequence holds up to max_pages pages.
+        bfw = arrays.framework_of(block_table)
+        if bfw != fw or arrays.device_of(block_table, bfw) != device:
+            raise TypeError(f"block_table must be a {fw} array on device {device}, like q")
+        table_dtype = arrays.dtype_name(block_table, bfw)
+        if table_dtype != "int32" or len(block_table.shape) != 2 or block_table.shape[0] != batch:
+            raise ValueError(f"block_table must be int32 of shape ({batch}, max_pages), got {table_dtype} "
+                             f"{tuple(block_table.shape)}")
+        if batch_cache * seqlen_cache >= 1 << 31:
+            raise ValueError("the paged caches' num_pages * page_size rows must stay below 2**31")
+        if batch_cache == 0 or seqlen_cache == 0:
+            raise ValueError(f"a paged k_cache needs at least one page of at least one row, got shape "
+                             f"{tuple(k_cache.shape)}")
+        # Past here: a sequence's capacity, and the batch's rows of the kernels' virtual packing.
+        page_size, seqlen_cache = seqlen_cache, int(block_table.shape[1]) * seqlen_cache
+        batch_cache = batch
+    elif cache_batch_idx is not None and batch_cache == 0 and batch > 0:
+        raise ValueError("cache_batch_idx must index the cache's rows, and k_cache has none")
+    elif batch_cache < batch and cache_batch_idx is None:
         raise ValueError(f"k_cache has {batch_cache} rows for a batch of {batch}")
     if heads_q % heads_k:
         raise ValueError(f"heads_q ({heads_q}) must be a multiple of heads_k ({heads_k}) (GQA/MQA)")
-    if k is not None and (tuple(k.shape) != tuple(v.shape) or k.shape[0] != batch or tuple(k.shape[2:]) != (heads_k, d)):
+    if k is not None and (tuple(k.shape) != tuple(v.shape) or k.shape[0] != batch
+                          or tuple(k.shape[2:]) != (heads_k, d)):
         raise ValueError(f"k and v must have shape ({batch}, seqlen_new, {heads_k}, {d}), got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
-    if batch_cache * seqlen_cache >= 1 << 31 or batch * seqlen_q >= 1 << 31:
-        raise ValueError("the caches' batch_cache * seqlen_cache rows (and batch * seqlen_q) must stay below 2**31")
+    # The kernels index cache rows (and the virtual packing b * seqlen_cache of cache_batch_idx and paging)
+    # with 32-bit ints.
+    if max(batch, batch_cache) * seqlen_cache >= 1 << 31 or batch * seqlen_q >= 1 << 31:
+        raise ValueError("the caches' rows (batch_cache or batch, times seqlen_cache or a sequence's pages) and "
+                         "batch * seqlen_q must stay below 2**31")
     causal, window, softcap, scale, return_lse = _check_options(num_splits, causal, window_size, softcap,
                                                                 softmax_scale, return_lse, d)
     if alibi_slopes is not None:
@@ -436,47 +554,109 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
     stream = arrays.current_stream(fw, device)
     cc = api._cc(device)
     with arrays.device_scope(fw, device):
+        tables = None
+        if rotary_cos is not None or rotary_sin is not None:
+            tables = _device_rotary_tables(rotary_cos, rotary_sin, d, dtype, fw, device, stream)
+            needed = seqlens_value + max(seqlen_q, 0 if k is None else int(k.shape[1]))
+            if cache_seqlens is None and cache_leftpad is None and batch and tables[0].shape[0] < needed:
+                # (with device cache_seqlens / leftpad the kernel clamps the positions instead)
+                raise ValueError(f"rotary_cos has {tables[0].shape[0]} positions; this call needs {needed}")
         seqlens = _device_index("cache_seqlens", cache_seqlens, batch, fw, device, stream)
         leftpad = _device_index("cache_leftpad", cache_leftpad, batch, fw, device, stream)
         kc, vc = (arrays.device_view(x, fw, stream) for x in (k_cache, v_cache))
+        rows_per = page_size or seqlen_cache  # rows of one cache row (contiguous sequence) or of one page
         for nm, view in (("k_cache", kc), ("v_cache", vc)):
-            if view.strides[3] != 1 or view.strides[0] != seqlen_cache * view.strides[1]:
-                raise NotImplementedError(f"{name}: {nm} must be contiguous along (batch, seqlen) with unit head_dim "
-                                          f"stride on the GPU (read in place as packed sequences), got strides "
+            if view.strides[3] != 1 or view.strides[0] != rows_per * view.strides[1]:
+                raise NotImplementedError(f"{name}: {nm} must be contiguous along its first two dims with unit "
+                                          f"head_dim stride on the GPU (read in place as rows), got strides "
                                           f"{view.strides}")
+        table = None
+        if block_table is not None:
+            table = _device_table(block_table, fw, device, stream)
+        elif cache_batch_idx is not None and seqlen_cache > 0:  # (an empty cache: no row to read or write)
+            # Sequence b's cache row is cache_batch_idx[b]: a block table of one page per sequence, the page a
+            # whole cache row.
+            rows_view = _device_index("cache_batch_idx", cache_batch_idx, batch, fw, device, stream)
+            table = arrays.DeviceArray(rows_view.ptr, (batch, 1), (1, 1), "int32", device, rows_view.owner)
+            page_size = seqlen_cache
         news = [None, None]
         if k is not None:
             news = [arrays.device_view(x, fw, stream) for x in (k, v)]
             news = [n if n.strides[3] == 1 else arrays.contiguous_copy(x, fw, device, stream)
                     for n, x in zip(news, (k, v))]
+        qv = arrays.device_view(q, fw, stream)
+        if tables is not None:
+            if qv.strides[3] != 1:  # rotary.cu reads rows with a unit column stride
+                qv = arrays.contiguous_copy(q, fw, device, stream)
+            # q and the new keys rotated into copies first, at the positions the cache held before the append
+            # (as on the CPU path): the new keys at their own, the queries at theirs when causal or windowed.
+            per_row = causal or window != (-1, -1)
+            rotated = []
+            for x, row_positions in ((qv, per_row), (news[0], True)):
+                if x is None:
+                    rotated.append(None)
+                    continue
+                _, r = arrays.empty(fw, x.shape, dtype, device, stream)
+                ops.rotary(x, r, *tables, seqlens, seqlens_value, leftpad, per_row=row_positions,
+                           interleaved=rotary_interleaved, stream=stream, cc=cc)
+                rotated.append(r)
+            qv, news[0] = rotated[0], rotated[1]
         _, cu_q = arrays.empty(fw, (batch + 1,), "int32", device, stream)
         _, cu_k = arrays.empty(fw, (batch + 1,), "int32", device, stream)
         _, used_k = arrays.empty(fw, (max(batch, 1),), "int32", device, stream)
-        ops.kvcache_append(kc, vc, *news, seqlens, seqlens_value, leftpad, cu_q, cu_k, used_k, seqlen_q=seqlen_q,
-                           stream=stream, cc=cc)
-        qv = arrays.device_view(q, fw, stream)
-        if qv.strides[0] != seqlen_q * qv.strides[1]:
-            qv = arrays.contiguous_copy(q, fw, device, stream)
-        q3 = arrays.DeviceArray(qv.ptr, (batch * seqlen_q, heads_q, d), qv.strides[1:], dtype, device, qv.owner)
-        k3, v3 = (arrays.DeviceArray(x.ptr, (batch_cache * seqlen_cache, heads_k, d), x.strides[1:], dtype, device,
-                                     x.owner) for x in (kc, vc))
+        cache_rows = kc.shape[0] * kc.shape[1]  # pages x page_size, or batch_cache x seqlen_cache
+        k3, v3 = (arrays.DeviceArray(x.ptr, (cache_rows, heads_k, d), x.strides[1:], dtype, device, x.owner)
+                  for x in (kc, vc))
+        paging = dict(block_table=table, page_size=page_size)
         out_native, out = arrays.empty(fw, (batch, seqlen_q, heads_q, d), dtype, device, stream)
-        out3 = arrays.DeviceArray(out.ptr, (batch * seqlen_q, heads_q, d), out.strides[1:], dtype, device, out.owner)
-        _, lse_packed = arrays.empty(fw, (heads_q, batch * seqlen_q), "float32", device, stream)
-        varlen.forward_device(q3, k3, v3, out3, lse_packed, api._device_alibi(alibi_slopes, fw, stream),
-                              [cu_q, cu_k, None, used_k], max_seqlen_q=seqlen_q, max_seqlen_k=seqlen_cache,
-                              causal=causal, softmax_scale=scale, window_size=window, softcap=softcap, fw=fw,
-                              stream=stream, cc=cc)
+        groups = api.decode_groups(seqlen_q, heads_q, heads_k, alibi_slopes, window)
+        if groups > 1 and d % 8 == 0 and 0 < batch * heads_q < 1 << 31:
+            packed = _decode_packed(qv, q, out, groups, batch, heads_q, heads_k, d, fw, device, stream)
+            q3, out3, total_q, used_q = packed
+            ops.kvcache_append(kc, vc, *news, seqlens, seqlens_value, leftpad, cu_q, cu_k, used_k,
+                               seqlen_q=heads_q, stream=stream, cc=cc, **paging)
+            splits = _decode_splits(num_splits, batch * heads_k, seqlen_cache, d, device)
+            lse_packed = None  # split-KV merges straight into the LSE's own layout
+            if splits == 1:
+                _, lse_packed = arrays.empty(fw, (heads_k, total_q), "float32", device, stream)
+                ops.fill_zero(out, stream=stream)
+                ops.fill_float32(lse_packed, math.inf, stream=stream)
+            partials = varlen.forward_device(
+                q3, k3, v3, out3, lse_packed, None, [cu_q, cu_k, used_q, used_k], max_seqlen_q=groups,
+                max_seqlen_k=seqlen_cache, causal=False, softmax_scale=scale, window_size=(-1, -1), softcap=softcap,
+                fw=fw, stream=stream, cc=cc, fill=False, num_splits=splits, **paging)
+            if partials is not None:
+                lse_native, lse = arrays.empty(fw, (batch, heads_q, seqlen_q), "float32", device, stream)
+                _merge_decode_splits(partials, out, lse, batch, groups, heads_k, stream, cc)
+                out = arrays.to_caller(out_native, out, fw, stream)
+                return (out, arrays.to_caller(lse_native, lse, fw, stream)) if return_lse else out
+            # LSE of query head h * groups + i of sequence b at (h, b * heads_q + i), viewed (b, i, h, word).
+            lse_geometry = ((batch, groups, heads_k, 2), (2 * heads_q, 2, 2 * total_q, 1),
+                            (2 * heads_q, 2, 2 * groups, 1))
+        else:
+            ops.kvcache_append(kc, vc, *news, seqlens, seqlens_value, leftpad, cu_q, cu_k, used_k,
+                               seqlen_q=seqlen_q, stream=stream, cc=cc, **paging)
+            if qv.strides[0] != seqlen_q * qv.strides[1]:
+                qv = arrays.contiguous_copy(q, fw, device, stream)
+            q3 = arrays.DeviceArray(qv.ptr, (batch * seqlen_q, heads_q, d), qv.strides[1:], dtype, device, qv.owner)
+            out3 = arrays.DeviceArray(out.ptr, (batch * seqlen_q, heads_q, d), out.strides[1:], dtype, device,
+                                      out.owner)
+            _, lse_packed = arrays.empty(fw, (heads_q, batch * seqlen_q), "float32", device, stream)
+            varlen.forward_device(q3, k3, v3, out3, lse_packed, api._device_alibi(alibi_slopes, fw, stream),
+                                  [cu_q, cu_k, None, used_k], max_seqlen_q=seqlen_q, max_seqlen_k=seqlen_cache,
+                                  causal=causal, softmax_scale=scale, window_size=window, softcap=softcap, fw=fw,
+                                  stream=stream, cc=cc, **paging)
+            lse_geometry = ((batch, seqlen_q, heads_q, 2), (2 * seqlen_q, 2, 2 * batch * seqlen_q, 1),
+                            (2 * heads_q * seqlen_q, 2, 2 * seqlen_q, 1))
         out = arrays.to_caller(out_native, out, fw, stream)
         if not return_lse:
             return out
-        # (heads_q, batch * seqlen_q) -> (batch, heads_q, seqlen_q): each float32 as two 16-bit words, moved by
-        # the layout copy (strided_copy.cu) viewing both as (batch, seqlen_q, heads_q, 2 words).
+        # The kernels' LSE layout -> (batch, heads_q, seqlen_q): each float32 as two 16-bit words, moved by the
+        # layout copy (strided_copy.cu) viewing both as 4-D arrays of 2-word columns.
         lse_native, lse = arrays.empty(fw, (batch, heads_q, seqlen_q), "float32", device, stream)
-        src = arrays.DeviceArray(lse_packed.ptr, (batch, seqlen_q, heads_q, 2), (2 * seqlen_q, 2, 2 * batch * seqlen_q, 1),
-                                 "float16", device)
-        dst = arrays.DeviceArray(lse.ptr, (batch, seqlen_q, heads_q, 2), (2 * heads_q * seqlen_q, 2, 2 * seqlen_q, 1),
-                                 "float16", device)
+        shape, src_strides, dst_strides = lse_geometry
+        src = arrays.DeviceArray(lse_packed.ptr, shape, src_strides, "float16", device)
+        dst = arrays.DeviceArray(lse.ptr, shape, dst_strides, "float16", device)
         ops.strided_copy(src, dst, stream=stream, cc=cc)
         return out, arrays.to_caller(lse_native, lse, fw, stream)
 

@@ -33,12 +33,16 @@ class KernelLaunch:
     smem: int
     block: bytes     # the packed AttentionParams, pointer fields zero
     maps: tuple = ()  # tensor maps before the block: (view name, box rows) or ("dq_accum", (box rows, box cols))
+    splits: int = 1  # gridDim.y: the split-KV forward's splits of the key tiles
 
 
 @dataclass(frozen=True)
 class ForwardPlan:
     launch: KernelLaunch
     tile_counter: bool  # persistent Hopper launch: an int32 counter, zero on the stream, per call
+    # split-KV: the fp32 partial outputs' and LSEs' shapes, (splits, batch * max_seqlen_q, heads_q, padded
+    # head dim) and (splits, heads_q, batch * max_seqlen_q); None otherwise
+    accum_shapes: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -167,28 +171,38 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, al
 
 def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi, *, batch: int,
                    max_seqlen_q: int, max_seqlen_k: int, causal: bool, window_size, softmax_scale: float,
-                   softcap: float, cc: tuple, sm_count: int) -> ForwardPlan:
+                   softcap: float, cc: tuple, sm_count: int, num_splits: int = 1, paged=None) -> ForwardPlan:
     """The variable-length forward's plan: q / out (1, total_q, heads_q, d) and k / v (1, total_k, heads_k, d)
     views of the packed arrays, ``batch`` sequences whose rows the kernel reads from cu_seqlens (bound per
     call). The Hopper kernel's variable-length build where the dense forward would run it (tensor maps over
     the packed arrays, fwd_sm90.cu), else the sm80 kernel's (seq_rows.cuh); either clips each tile at its
     sequence's end. Work tiles cover max_seqlen_q rows of every sequence; persistent Hopper CTAs take them from
-    the tile counter (dispatch.forward_sm90_varlen_schedule). The LSE is (heads_q, total_q)."""
+    the tile counter (dispatch.forward_sm90_varlen_schedule). The LSE is (heads_q, total_q).
+
+    ``num_splits`` > 1: the sm80 kernel's split-KV build (decoding), ``num_splits`` CTAs per query block
+    writing fp32 partial states of the shapes ``accum_shapes`` for merge_states.cu to combine.
+
+    ``paged`` = (page_size, num_pages, block_table batch stride): the sm80 kernel's paged build; k and v are
+    then views of the caches' rows, pages back to back (num_pages * page_size rows), and ``max_seqlen_k``
+    bounds a sequence's keys (its block-table row's capacity)."""
     key = ("fwd_varlen", q.device, cc, _layout(q, k, v, out), _alibi_layout(alibi), batch, max_seqlen_q,
-           max_seqlen_k, causal, window_size, softmax_scale, softcap, env())
+           max_seqlen_k, causal, window_size, softmax_scale, softcap, num_splits, paged, env())
     hit = _plans.get(key)
     if hit is not None:
         return hit
     dtype = "bf16" if q.dtype == "bfloat16" else "fp16"
     local = is_local(causal, window_size)
-    hopper = dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
+    split = num_splits > 1
+    # TMA cannot gather a sequence's rows from pages, and the split-KV build is sm80's.
+    hopper = not split and paged is None and dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
     if hopper:
         kkey = dispatch.forward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
                                          alibi=alibi is not None, varlen=True)
         smem = dispatch.forward_sm90_smem_bytes(kkey)
     else:
         kkey = dispatch.forward_key(dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
-                                    smem_limit=dispatch.max_smem(*cc), varlen=True)
+                                    smem_limit=dispatch.max_smem(*cc), varlen=True, split_kv=split,
+                                    paged=paged is not None)
         smem = dispatch.forward_smem_bytes(kkey)
     fn = jit.get_function(kkey, dispatch.compile_arch(*cc), q.device, smem)
     p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap)
@@ -198,6 +212,17 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     p["total_q"], p["total_k"] = total_q, k.shape[1]
     for name in ("q", "k", "v", "o"):
         p[f"{name}_batch_stride"] = 0  # a sequence's rows come from cu_seqlens, not from a batch stride
+    if paged is not None:
+        p["page_size"], p["num_pages"], p["block_table_batch_stride"] = paged
+        # cu_seqlens_k places sequence b's keys at b * max_seqlen_k of a virtual packing (its length bound),
+        # which may exceed the caches' rows (a table may list a page twice): "unbounded" windows must cover it.
+        p["total_k"] = batch * max_seqlen_k
+        unbounded = total_q + batch * max_seqlen_k
+        left, right = window_size
+        if causal:
+            right = 0
+        p["window_left"] = unbounded if left < 0 else min(left, unbounded)
+        p["window_right"] = unbounded if right < 0 else min(right, unbounded)
     p["varlen_lse_head_stride"] = total_q
     p["num_m_blocks"] = m_blocks = -(-max_seqlen_q // kkey.block_m)
     tiles = m_blocks * batch * heads_q
@@ -206,8 +231,14 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
         p["bh_group"] = dispatch.launch_group(batch * heads_q, max_seqlen_k, kkey.head_dim)
         maps = (("q", kkey.block_m), ("k", kkey.block_n), ("v", kkey.block_n), ("o", 64))
         grid, use_counter = dispatch.forward_sm90_varlen_schedule(kkey, tiles, sm_count)
-    launch = KernelLaunch(fn, grid, kkey.threads, smem, p.pack(), maps)
-    return _remember(key, ForwardPlan(launch, use_counter))
+    accum_shapes = None
+    if split:
+        rows = batch * max_seqlen_q  # query i of sequence b at row b * max_seqlen_q + i (fwd_sm80.cu)
+        accum_shapes = ((num_splits, rows, heads_q, kkey.head_dim), (num_splits, heads_q, rows))
+        p["o_accum_split_stride"] = rows * heads_q * kkey.head_dim
+        p["lse_accum_split_stride"] = heads_q * rows
+    launch = KernelLaunch(fn, grid, kkey.threads, smem, p.pack(), maps, num_splits if split else 1)
+    return _remember(key, ForwardPlan(launch, use_counter, accum_shapes))
 
 
 def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi,

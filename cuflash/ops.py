@@ -58,7 +58,7 @@ def _launch(launch, stream: int, pointers: dict, maps: tuple = ()) -> None:
     ctypes.memmove(ctypes.addressof(buf) + offset, launch.block, _BLOCK_BYTES)
     for name, ptr in pointers.items():
         _U64.pack_into(buf, offset + _PTR_OFFSET[name], ptr)
-    driver.launchKernel(launch.fn.ptr, launch.grid, 1, 1, launch.threads, 1, 1, launch.smem, stream,
+    driver.launchKernel(launch.fn.ptr, launch.grid, launch.splits, 1, launch.threads, 1, 1, launch.smem, stream,
                         ctypes.addressof(argv), 0)
 
 
@@ -136,12 +136,17 @@ def dropout_mask(mask: DeviceArray, *, seed: int, offset: int, threshold: int, s
 
 def kvcache_append(k_cache: DeviceArray, v_cache: DeviceArray, k_new, v_new, cache_seqlens, cache_seqlens_value: int,
                    leftpad, cu_q: DeviceArray, cu_k: DeviceArray, seqused_k: DeviceArray, *, seqlen_q: int,
-                   stream: int, cc: tuple) -> None:
+                   stream: int, cc: tuple, block_table=None, page_size: int = 0) -> None:
     """The KV-cache append and the variable-length indices (kvcache_append.cu): ``k_new``/``v_new`` (batch,
     seqlen_new, heads_k, d) views (or None) into the (batch, seqlen_cache, heads_k, d) caches at
     ``cache_seqlens`` (an int32 view, or None for ``cache_seqlens_value``); writes cu_q, cu_k (batch + 1,)
-    and seqused_k (batch,) for the variable-length forward. Unit column strides."""
+    and seqused_k (batch,) for the variable-length forward. Unit column strides. Paged (``block_table`` an
+    int32 (batch, max_pages) view): the caches are (num_pages, page_size, heads, d) views, a sequence's
+    capacity max_pages * page_size."""
     batch, seqlen_cache, heads, d = k_cache.shape
+    num_pages = 0
+    if block_table is not None:
+        num_pages, seqlen_cache = k_cache.shape[0], block_table.shape[1] * page_size
     batch = cu_q.shape[0] - 1
     seqlen_new = 0 if k_new is None else k_new.shape[1]
     key = dispatch.KVCACHE_APPEND_KEY
@@ -156,7 +161,29 @@ def kvcache_append(k_cache: DeviceArray, v_cache: DeviceArray, k_new, v_new, cac
         ptr(0 if leftpad is None else leftpad.ptr), ptr(cu_q.ptr), ptr(cu_k.ptr), ptr(seqused_k.ptr),
         i32(batch), i32(seqlen_q), i32(seqlen_new), i32(seqlen_cache), i32(heads), i32(d),
         *(i64(x) for x in k_cache.strides[:3]), *(i64(x) for x in v_cache.strides[:3]),
-        *(i64(x) for x in news[0][1]), *(i64(x) for x in news[1][1])))
+        *(i64(x) for x in news[0][1]), *(i64(x) for x in news[1][1]),
+        ptr(0 if block_table is None else block_table.ptr), i64(0 if block_table is None else block_table.strides[0]),
+        i32(page_size), i32(num_pages)))
+
+
+def rotary(x: DeviceArray, out: DeviceArray, cos: DeviceArray, sin: DeviceArray, cache_seqlens,
+           cache_seqlens_value: int, leftpad, *, per_row: bool, interleaved: bool, stream: int, cc: tuple) -> None:
+    """``out`` (contiguous, x's shape) = x (batch, seqlen, heads, d) with its first 2 * cos.shape[1] columns
+    rotated (rotary.cu): row i of sequence b at position cache_seqlens[b] - leftpad[b] (+ i with
+    ``per_row``); cos / sin (seqlen_ro, rotary_dim / 2) of x's dtype with a unit column stride."""
+    batch, seqlen, heads, d = x.shape
+    total = batch * seqlen * heads * d
+    if total == 0:
+        return
+    key = dispatch.ROTARY_KEYS["bf16" if x.dtype == "bfloat16" else "fp16"]
+    fn = jit.get_function(key, dispatch.compile_arch(*cc), x.device, 0)
+    grid = min(-(-total // key.threads), 32 * _sm_count(x.device))
+    i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+    _launch_args(fn, grid, key.threads, stream, (
+        ptr(out.ptr), ptr(x.ptr), ptr(cos.ptr), ptr(sin.ptr), ptr(0 if cache_seqlens is None else cache_seqlens.ptr),
+        i32(cache_seqlens_value), ptr(0 if leftpad is None else leftpad.ptr), i32(per_row), i32(interleaved),
+        i32(batch), i32(seqlen), i32(heads), i32(d), i32(cos.shape[1]), i32(cos.shape[0]), i64(cos.strides[0]),
+        *(i64(s_) for s_ in x.strides[:3])))
 
 
 _memset_d32 = None
@@ -165,6 +192,15 @@ _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "int32": 4}
 
 def fill_float32(a: DeviceArray, value: float, *, stream: int) -> None:
     """Fills a contiguous float32 array with ``value`` on ``stream`` (cuMemsetD32Async: no kernel)."""
+    _fill_words(a, struct.unpack("<I", struct.pack("<f", value))[0], stream)
+
+
+def fill_int32(a: DeviceArray, value: int, *, stream: int) -> None:
+    """Fills a contiguous int32 array with ``value`` on ``stream``."""
+    _fill_words(a, value & 0xFFFFFFFF, stream)
+
+
+def _fill_words(a: DeviceArray, bits: int, stream: int) -> None:
     global _memset_d32
     count = math.prod(a.shape)
     if count == 0:
@@ -174,7 +210,6 @@ def fill_float32(a: DeviceArray, value: float, *, stream: int) -> None:
         fn.argtypes = [ctypes.c_uint64, ctypes.c_uint32, ctypes.c_size_t, ctypes.c_void_p]
         fn.restype = ctypes.c_int
         _memset_d32 = fn
-    bits = struct.unpack("<I", struct.pack("<f", value))[0]
     err = _memset_d32(a.ptr, bits, count, stream)
     if err:
         raise RuntimeError(f"cuMemsetD32Async failed (CUresult {err})")
@@ -229,24 +264,47 @@ def _tile_counter(fp, pointers: dict, framework: str, device: int, stream: int):
 def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, lse: DeviceArray, alibi,
                    cu_seqlens_q: DeviceArray, cu_seqlens_k: DeviceArray, seqused_q, seqused_k, *, max_seqlen_q: int,
                    max_seqlen_k: int, causal: bool, window_size, softmax_scale: float, softcap: float, stream: int,
-                   cc: tuple, framework: str) -> None:
+                   cc: tuple, framework: str, fill: bool = True, num_splits: int = 1, block_table=None,
+                   page_size: int = 0):
     """The variable-length forward (launch_plan.forward_varlen): ``out`` is zeroed and ``lse`` set to +inf
-    first, so rows no sequence covers (past cu_seqlens_q[-1], past seqused_q) read as rows that see no key."""
+    first, so rows no sequence covers (past cu_seqlens_q[-1], past seqused_q) read as rows that see no key;
+    ``fill=False`` leaves that to the caller (views whose extent is not their memory's, as packed heads).
+
+    ``num_splits`` > 1 (split-KV decoding): ``out`` and ``lse`` (which may be None) are not written; returns
+    the partial states (framework arrays to keep alive, o_accum (splits, batch * max_seqlen_q, heads_q,
+    padded d) and lse_accum (splits, heads_q, batch * max_seqlen_q) fp32 views, query i of sequence b at
+    row b * max_seqlen_q + i), every covered row of every split written, for merge_states.
+
+    ``block_table`` (an int32 (batch, max_pages) view) with ``page_size``: k and v are paged caches' rows
+    (launch_plan.forward_varlen's ``paged``)."""
+    paged = None
+    if block_table is not None:
+        paged = (page_size, k.shape[1] // page_size, block_table.strides[0])
     fp = launch_plan.forward_varlen(q, k, v, out, alibi, batch=cu_seqlens_q.shape[0] - 1, max_seqlen_q=max_seqlen_q,
                                     max_seqlen_k=max_seqlen_k, causal=causal, window_size=window_size,
-                                    softmax_scale=softmax_scale, softcap=softcap, cc=cc, sm_count=_sm_count(q.device))
-    fill_zero(out, stream=stream)
-    fill_float32(lse, math.inf, stream=stream)
-    if fp.launch.grid == 0:
-        return
-    pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "o": out.ptr, "lse": lse.ptr,
+                                    softmax_scale=softmax_scale, softcap=softcap, cc=cc, sm_count=_sm_count(q.device),
+                                    num_splits=num_splits, paged=paged)
+    if fill and fp.accum_shapes is None:
+        fill_zero(out, stream=stream)
+        fill_float32(lse, math.inf, stream=stream)
+    pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "o": out.ptr, "lse": 0 if lse is None else lse.ptr,
                 "alibi": 0 if alibi is None else alibi.ptr, "cu_seqlens_q": cu_seqlens_q.ptr,
                 "cu_seqlens_k": cu_seqlens_k.ptr, "seqused_q": 0 if seqused_q is None else seqused_q.ptr,
-                "seqused_k": 0 if seqused_k is None else seqused_k.ptr}
+                "seqused_k": 0 if seqused_k is None else seqused_k.ptr,
+                "block_table": 0 if block_table is None else block_table.ptr}
+    partials = None
+    if fp.accum_shapes is not None:
+        o_native, o_acc = arrays.empty(framework, fp.accum_shapes[0], "float32", q.device, stream)
+        l_native, l_acc = arrays.empty(framework, fp.accum_shapes[1], "float32", q.device, stream)
+        pointers["o_accum"], pointers["lse_accum"] = o_acc.ptr, l_acc.ptr
+        partials = ((o_native, l_native), o_acc, l_acc)
+    if fp.launch.grid == 0:
+        return partials
     counter_native = _tile_counter(fp, pointers, framework, q.device, stream)
     views = {"q": q, "k": k, "v": v, "o": out}
     _launch(fp.launch, stream, pointers, tuple(tma.tile_map(views[n], rows) for n, rows in fp.launch.maps))
     del counter_native
+    return partials
 
 
 def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,

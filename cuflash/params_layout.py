@@ -71,6 +71,19 @@ FIELDS = [
     ("varlen_lse_head_stride", "i64", None, "the (heads_q, total_q) LSE: head h at lse + h * this"),
     ("dq_semaphore", "ptr", "int*", "deterministic Hopper backward: (batch, heads_q, ceil(seqlen_q / 64)) turn "
                                     "counters, zeroed by the preprocess"),
+    # Split-KV forward (fwd_sm80.cu, CF_SPLIT_KV; gridDim.y splits): each split's normalized partial output
+    # and LSE, merged after by merge_states.cu.
+    ("o_accum", "ptr", "float*", "split-KV: fp32 (splits, batch * seqlen_q, heads_q, head_dim_padded) partial "
+                                 "outputs, query i of sequence b at row b * seqlen_q + i"),
+    ("lse_accum", "ptr", "float*", "split-KV: (splits, heads_q, batch * seqlen_q) partial LSEs"),
+    ("o_accum_split_stride", "i64", None, "elements from one split's partial outputs to the next's"),
+    ("lse_accum_split_stride", "i64", None, ""),
+    # Paged K/V (fwd_sm80.cu, CF_PAGED): key row r of sequence b is row r % page_size of page
+    # block_table[b * block_table_batch_stride + r / page_size] of the k / v views' rows (pages back to back).
+    ("block_table", "ptr", "const int*", "(batch, max_pages) page indices; null when not paged"),
+    ("block_table_batch_stride", "i64", None, ""),
+    ("page_size", "i32", None, "rows of a page, any size >= 1"),
+    ("num_pages", "i32", None, "pages in the caches: page indices are clamped to [0, num_pages)"),
 ]
 
 NAMES = [f[0] for f in FIELDS]

@@ -320,8 +320,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """FlashAttention-2's ``flash_attn_with_kvcache`` with its argument order, defaults and returns:
     :func:`cuflash.attention_with_kvcache` as a torch op that declares ``k_cache`` and ``v_cache`` mutated
     (the in-place append), so torch.compile keeps the write. Inference only (no autograd). CUDA tensors
-    without paging, ``cache_batch_idx`` or rotary (those raise NotImplementedError there), CPU tensors with
-    all of it. Returns ``out`` or ``(out, softmax_lse)``.
+    without rotary tables or leftpad with paging / ``cache_batch_idx`` (those raise NotImplementedError
+    there), CPU tensors with all of it. Returns ``out`` or ``(out, softmax_lse)``.
     """
     softmax_scale = _default_scale(q, softmax_scale)
     if cache_seqlens is None:

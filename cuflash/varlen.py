@@ -146,12 +146,16 @@ def _index_view(x, fw, device, stream):
 
 
 def forward_device(q3, k3, v3, out3, lse, alibi, index, *, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
-                   window_size, softcap, fw, stream, cc):
+                   window_size, softcap, fw, stream, cc, fill=True, num_splits=1, block_table=None, page_size=0):
     """The GPU forward on device views, inside the device's scope (ops.forward_varlen). ``q3, k3, v3``: packed
     (total, heads, head_dim) views, any strides; ``out3``: a contiguous (total_q, heads_q, head_dim) output and
     ``lse`` a (heads_q, total_q) float32 one, both written in full; ``index``: the int32 views of cu_seqlens_q,
     cu_seqlens_k, seqused_q, seqused_k (the last two may be None). Work buffers (head dims off multiples of 8)
-    come from ``fw``'s allocator on ``stream``. The array functions and cuflash.jax's custom call share it."""
+    come from ``fw``'s allocator on ``stream``. ``fill=False``: the caller has zeroed ``out3``'s memory and set
+    ``lse`` to +inf itself (ops.forward_varlen). ``num_splits`` > 1: split-KV, returning the partial states
+    (ops.forward_varlen; head dims that are multiples of 8). ``block_table``, ``page_size``: paged caches
+    (ops.forward_varlen; k3 / v3 their rows, pages back to back). The array functions and cuflash.jax's custom
+    call share it."""
     from . import ops
     head_dim, width = q3.shape[2], _width(q3.shape[2])
     out = _as_batch_one(out3)
@@ -159,11 +163,14 @@ def forward_device(q3, k3, v3, out3, lse, alibi, index, *, max_seqlen_q, max_seq
     if width != head_dim:
         _, work = arrays.empty(fw, (1, *out3.shape[:2], width), out3.dtype, out3.device, stream)
     views = [_device_packed(x, head_dim, fw, stream, cc) for x in (q3, k3, v3)]
-    ops.forward_varlen(*views, work, lse, alibi, *index, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                       causal=causal, window_size=window_size, softmax_scale=softmax_scale, softcap=softcap,
-                       stream=stream, cc=cc, framework=fw)
+    partials = ops.forward_varlen(*views, work, lse, alibi, *index, max_seqlen_q=max_seqlen_q,
+                                  max_seqlen_k=max_seqlen_k, causal=causal, window_size=window_size,
+                                  softmax_scale=softmax_scale, softcap=softcap, stream=stream, cc=cc, framework=fw,
+                                  fill=fill, num_splits=num_splits, block_table=block_table, page_size=page_size)
     if work is not out:
+        assert partials is None, "split-KV takes head dims that are multiples of 8"
         ops.strided_copy(work, out, stream=stream, cc=cc)
+    return partials
 
 
 def backward_device(dout3, q3, k3, v3, out3, lse, alibi, index, grads3, *, max_seqlen_q, max_seqlen_k, causal,

@@ -231,11 +231,18 @@ def _runtime_keys(monkeypatch, cc) -> set:
 
 
 def _varlen_calls(view, alibi, kw):
-    """ops.forward_varlen and ops.backward_varlen (both dQ modes) on packed (1, total, heads, d) views."""
+    """ops.forward_varlen (over paged caches too, and its split-KV form where decoding runs it: no mask, no
+    ALiBi) and ops.backward_varlen (both dQ modes) on packed (1, total, heads, d) views."""
     cu = DeviceArray(4096, (3,), (1,), "int32", 0)
     lse = DeviceArray(4096, (2, 64), (64, 1), "float32", 0)
     sizes = dict(max_seqlen_q=40, max_seqlen_k=40)
+    table = dict(block_table=DeviceArray(4096, (2, 4), (4, 1), "int32", 0), page_size=16)
     ops.forward_varlen(view(), view(), view(), view(), lse, alibi, cu, cu, None, None, **sizes, **kw)
+    ops.forward_varlen(view(), view(), view(), view(), lse, alibi, cu, cu, None, None, **table, **sizes, **kw)
+    if alibi is None and not kw["causal"]:
+        for paged in ({}, table):
+            ops.forward_varlen(view(), view(), view(), view(), lse, alibi, cu, cu, None, None, num_splits=4,
+                               **paged, **sizes, **kw)
     for det in (False, True):
         try:
             ops.backward_varlen(view(), view(), view(), view(), view(), lse, alibi, view(), view(), view(), cu, cu,

@@ -4,7 +4,8 @@ follows FlashAttention's rule against the float64 attention over its valid cache
 int and per sequence, cache_leftpad, GQA, causal / window / softcap / ALiBi, seqlen_q 1, 4 and 33, with and
 without new keys), NaN in the unused cache slots never reaching an output; the LSE comes back as (batch,
 heads_q, seqlen_q); flash_attn_with_kvcache mutates torch caches in place and a decode step replays in a CUDA
-graph; paged caches, cache_batch_idx and rotary raise NotImplementedError on GPU arrays."""
+graph; rotary embedding equals the CPU path's; leftpad with paging or cache_batch_idx raises
+NotImplementedError on GPU arrays."""
 
 import numpy as np
 import pytest
@@ -123,12 +124,64 @@ def test_torch_flash_attn_with_kvcache_in_place_and_cuda_graph():
     assert torch.equal(step, want) and torch.equal(k_cache, eager_k) and out.shape == tq.shape
 
 
-@pytest.mark.parametrize("what", ["block_table", "cache_batch_idx", "rotary"])
+@pytest.mark.parametrize("what", ["leftpad_paged", "leftpad_batch_idx", "both_tables", "rotary_dtype"])
 def test_unwritten_gpu_features_raise(what):
+    """Leftpad with paging or cache_batch_idx raises NotImplementedError on GPU arrays; block_table with
+    cache_batch_idx is a ValueError (as on the CPU path); rotary tables of another dtype than q a TypeError."""
     import cupy
     q, (kc, vc), _, lens = _case("float16")
-    kw = {"block_table": dict(block_table=cupy.zeros((3, 2), cupy.int32)),
-          "cache_batch_idx": dict(cache_batch_idx=cupy.arange(3, dtype=cupy.int32)),
-          "rotary": dict(rotary_cos=cupy.ones((400, 16), cupy.float16), rotary_sin=cupy.zeros((400, 16), cupy.float16))}
-    with pytest.raises(NotImplementedError, match=what.split("_")[0]):
-        cuflash.attention_with_kvcache(cupy.asarray(q), cupy.asarray(kc), cupy.asarray(vc), cache_seqlens=5, **kw[what])
+    table, rows, pad = cupy.zeros((3, 2), cupy.int32), cupy.arange(3, dtype=cupy.int32), cupy.zeros(3, cupy.int32)
+    kw, exc, match = {
+        "rotary_dtype": (dict(rotary_cos=cupy.ones((400, 16), cupy.float32),
+                              rotary_sin=cupy.zeros((400, 16), cupy.float32)), TypeError, "rotary_cos"),
+        "leftpad_paged": (dict(block_table=table, cache_leftpad=pad), NotImplementedError, "cache_leftpad"),
+        "leftpad_batch_idx": (dict(cache_batch_idx=rows, cache_leftpad=pad), NotImplementedError, "cache_leftpad"),
+        "both_tables": (dict(block_table=table, cache_batch_idx=rows), ValueError, "cache_batch_idx"),
+    }[what]
+    with pytest.raises(exc, match=match):
+        cuflash.attention_with_kvcache(cupy.asarray(q), cupy.asarray(kc), cupy.asarray(vc), cache_seqlens=5, **kw)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seqlen_q", [1, 3])
+def test_rotary_equals_the_cpu_path(interleaved, causal, seqlen_q):
+    """rotary_cos / rotary_sin (rotary.cu, fp32 arithmetic on fp16 values) on the GPU against the CPU path on
+    the same inputs: float64 for the reference, float16 for the yardstick (FlashAttention's rule), the rotated
+    new keys in the caches within one fp16 rounding of the float64 rotation; rotary_dim 48 of 64 (the rest
+    copied), leftpad shifting the positions."""
+    import cupy
+    q, (kc, vc), (kn, vn), lens = _case("float16", seqlen_q=seqlen_q, seqlen_new=seqlen_q)
+    rng = np.random.default_rng(5)
+    angles = np.arange(400)[:, None] * rng.random(24)[None, :]
+    cos, sin = np.cos(angles).astype(np.float16), np.sin(angles).astype(np.float16)
+    leftpad = np.array([0, 11, 3], np.int32)
+    kw = dict(causal=causal, rotary_interleaved=interleaved, return_lse=True)
+
+    def call(xp, dtype):
+        arrays = [xp.asarray(x.astype(dtype)) for x in (q, kc, vc, kn, vn, cos, sin)]
+        caches = arrays[1:3]
+        out, lse = cuflash.attention_with_kvcache(*arrays[:5], cache_seqlens=xp.asarray(lens),
+                                                  cache_leftpad=xp.asarray(leftpad), rotary_cos=arrays[5],
+                                                  rotary_sin=arrays[6], **kw)
+        return out, lse, caches
+    out, lse, caches = call(cupy, np.float16)
+    ref, ref_lse, ref_caches = call(np, np.float64)
+    base, _, _ = call(np, np.float16)
+    for b in range(q.shape[0]):
+        flash_rule(to_host(out).astype(np.float64)[b], ref[b], base[b].astype(np.float64))
+    fin = np.isfinite(ref_lse)
+    np.testing.assert_allclose(cupy.asnumpy(lse)[fin], ref_lse[fin], rtol=1e-3, atol=1e-3)
+    for got, want in zip(caches, ref_caches):
+        got, want = cupy.asnumpy(got).astype(np.float64), want
+        valid = np.isfinite(want)
+        assert np.array_equal(np.isnan(got), ~valid)
+        np.testing.assert_allclose(got[valid], want[valid], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_compute_sanitizer_clean(tool):
+    """compute-sanitizer finds no memory error (memcheck) and no shared-memory race (racecheck) in the KV-cache
+    kernels: append, rotary, the paged and split-KV forward builds, the merge (sanitize_kvcache.py)."""
+    from gpu_helpers import run_sanitizer
+    run_sanitizer("sanitize_kvcache.py", tool)

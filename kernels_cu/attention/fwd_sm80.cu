@@ -15,6 +15,14 @@
 // the q, k, v, o, lse pointers start at the sequence's first row and every load is clipped at its length,
 // so a tile never reads the next sequence's rows. The grid covers max_seqlen_q rows per sequence; CTAs
 // past their sequence's end return at once. Rows are addressed through seq_rows.cuh.
+//
+// Split-KV (CF_SPLIT_KV, optional, default 0; decoding, where batch x heads x query blocks leaves most SMs
+// idle): gridDim.y CTAs share a query block's visible key tiles in contiguous runs, and each writes its
+// normalized partial output (fp32) and LSE to o_accum / lse_accum; merge_states.cu combines them. A split
+// whose run is empty writes 0 and LSE +inf, which the merge skips.
+//
+// Paged K / V (CF_PAGED, optional, default 0; with CF_VARLEN): a sequence's key rows come through its row of
+// the block table (pages of any size, smem_tile.cuh load_async_paged); its queries as without paging.
 #include "ptx/cp_async.cuh"
 #include "attention/params.cuh"
 #include "attention/block_coords.cuh"
@@ -24,6 +32,41 @@
 #include "attention/warp_gemm.cuh"
 #include "attention/score_mods.cuh"
 #include "attention/online_softmax.cuh"
+
+#ifndef CF_SPLIT_KV
+#define CF_SPLIT_KV 0
+#endif
+#ifndef CF_PAGED
+#define CF_PAGED 0
+#endif
+// The K or V tile of key rows [row0, row0 + kBN) of this CTA's sequence and key/value head into `tile`:
+// through the block table with CF_PAGED, else from the sequence's first row.
+#if CF_PAGED
+#define CF_LOAD_KV(tile, x, row0)                                                                          \
+    KVTile::load_async_paged<kThreads>(tile, (const u16*)p.x + (i64)BlockCoords(p).hk * p.x##_head_stride,   \
+                                       p.block_table + (i64)BlockCoords(p).b * p.block_table_batch_stride,   \
+                                       p.page_size, p.num_pages, p.x##_row_stride, row0, CF_SEQLEN_K,        \
+                                       p.head_dim, tid)
+#else
+#define CF_LOAD_KV(tile, x, row0)                                                                          \
+    KVTile::load_async<kThreads>(tile,                                                                     \
+                                 x##_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_k, total_k, x##_row_stride), \
+                                 p.x##_row_stride, row0, CF_SEQLEN_K, p.head_dim, tid)
+#endif
+#if CF_SPLIT_KV
+// The split's partial states are indexed compactly, query i of sequence b at row b * seqlen_q + i (seqlen_q:
+// the max_seqlen_q bound), whatever the packing of q: (splits, batch * seqlen_q, heads_q, kD) fp32 outputs
+// and (splits, heads_q, batch * seqlen_q) LSEs. Decoding packs a group's query heads as rows spaced heads_q
+// apart in q, and the partial states would otherwise span all of them.
+__device__ __forceinline__ float* split_output_row(const AttentionParams& p, const BlockCoords& c, int m_start) {
+    return p.o_accum + blockIdx.y * p.o_accum_split_stride
+           + (((i64)c.b * p.seqlen_q + m_start) * p.heads_q + c.h) * kD;
+}
+__device__ __forceinline__ float* split_lse_rows(const AttentionParams& p, const BlockCoords& c) {
+    return p.lse_accum + blockIdx.y * p.lse_accum_split_stride + (i64)c.h * p.batch * p.seqlen_q
+           + (i64)c.b * p.seqlen_q;
+}
+#endif
 
 extern "C" __global__ void __launch_bounds__(kThreads, CF_MIN_BLOCKS)
 attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
@@ -44,16 +87,30 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
     const Visibility vis(CF_SEQLEN_Q, CF_SEQLEN_K, p.window_left, p.window_right);
     int n_lo, n_hi;
     vis.key_tiles(m_start, i_last, kBN, &n_lo, &n_hi);
+#if CF_SPLIT_KV
+    {
+        const int per_split = (n_hi - n_lo + (int)gridDim.y - 1) / (int)gridDim.y;
+        n_lo += (int)blockIdx.y * per_split;
+        n_hi = min(n_hi, n_lo + per_split);
+    }
+#endif
 
     if (n_hi <= n_lo) {
-        u16* o = o_ptr(p, bc) CF_FIRST_ROW(cu_seqlens_q, total_q, o_row_stride);
-        float* lse = CF_ROW_STATS(p.lse, bc.b, bc.h);
         // No query row of this block sees any key: zeros and LSE = +inf, without touching K or V.
+#if CF_SPLIT_KV
+        float* lse = split_lse_rows(p, bc);
+        float* oa = split_output_row(p, bc, m_start);
+        for (int c = tid; c < kBM * kD; c += kThreads)
+            if (m_start + c / kD < CF_SEQLEN_Q) oa[(i64)(c / kD) * p.heads_q * kD + c % kD] = 0.f;
+#else
+        float* lse = CF_ROW_STATS(p.lse, bc.b, bc.h);
+        u16* o = o_ptr(p, bc) CF_FIRST_ROW(cu_seqlens_q, total_q, o_row_stride);
         for (int c = tid; c < kBM * (kD / 8); c += kThreads) {
             const int row = c / (kD / 8), col = (c % (kD / 8)) * 8;
             if (m_start + row < CF_SEQLEN_Q && col < p.head_dim)
                 *(uint4*)(o + (i64)(m_start + row) * p.o_row_stride + col) = make_uint4(0, 0, 0, 0);
         }
+#endif
         for (int row = tid; row < kBM; row += kThreads)
             if (m_start + row < CF_SEQLEN_Q) lse[m_start + row] = CF_INF;
         return;
@@ -64,8 +121,7 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
 
     QTile::load_async<kThreads>(sQ, q_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_q, total_q, q_row_stride),
                                 p.q_row_stride, m_start, CF_SEQLEN_Q, p.head_dim, tid);
-    KVTile::load_async<kThreads>(sK, k_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_k, total_k, k_row_stride),
-                                 p.k_row_stride, (n_hi - 1) * kBN, CF_SEQLEN_K, p.head_dim, tid);
+    CF_LOAD_KV(sK, k, (n_hi - 1) * kBN);
     cp_async_commit();
 
     float acc_o[kMS][kDT8][4];
@@ -79,8 +135,7 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
         // K of this tile has landed, and every warp is done reading the previous V: V may be overwritten.
         cp_async_wait<0>();
         __syncthreads();
-        KVTile::load_async<kThreads>(sV, v_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_k, total_k, v_row_stride),
-                                     p.v_row_stride, n_block * kBN, CF_SEQLEN_K, p.head_dim, tid);
+        CF_LOAD_KV(sV, v, n_block * kBN);
         cp_async_commit();
 
         float sc[kMS][kNT8][4];
@@ -95,8 +150,7 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
         cp_async_wait<0>();
         __syncthreads();
         if (n_block > n_lo) {
-            KVTile::load_async<kThreads>(sK, k_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_k, total_k, k_row_stride),
-                                         p.k_row_stride, (n_block - 1) * kBN, CF_SEQLEN_K, p.head_dim, tid);
+            CF_LOAD_KV(sK, k, (n_block - 1) * kBN);
             cp_async_commit();
         }
 
@@ -108,6 +162,28 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
     float row_lse[kMS][2];
     softmax.finalize(acc_o, row_lse, p.scale_log2, natural_score_scale<CF_SOFTCAP, CF_ALIBI>(p.softmax_scale));
 
+#if CF_SPLIT_KV
+    {
+        // fp32 partial output straight from the accumulators: two adjacent columns per store.
+        const BlockCoords c(p);
+        float* oa = split_output_row(p, c, m_start);
+        float* lse = split_lse_rows(p, c);
+        const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+        for (int s = 0; s < kMS; ++s)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int row = warp_row0 + s * 16 + g + hh * 8;
+                if (m_start + row >= CF_SEQLEN_Q) continue;
+                float* dst = oa + (i64)row * p.heads_q * kD + t * 2;
+#pragma unroll
+                for (int d = 0; d < kDT8; ++d)
+                    *(float2*)(dst + d * 8) = make_float2(acc_o[s][d][2 * hh], acc_o[s][d][2 * hh + 1]);
+                if (t == 0) lse[m_start + row] = row_lse[s][hh];
+            }
+        return;
+    }
+#endif
     u16* o = o_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_q, total_q, o_row_stride);
     float* lse = CF_ROW_STATS(p.lse, BlockCoords(p).b, BlockCoords(p).h);
     // Stage O through this warp's own rows of the Q tile (no other warp reads them), then write it out in

@@ -69,6 +69,16 @@ struct AttentionParams {
     // deterministic Hopper backward: (batch, heads_q, ceil(seqlen_q / 64)) turn counters, zeroed by the
     // preprocess
     int* dq_semaphore;
+    // split-KV: fp32 (splits, batch * seqlen_q, heads_q, head_dim_padded) partial outputs, query i of
+    // sequence b at row b * seqlen_q + i
+    float* o_accum;
+    float* lse_accum;           // split-KV: (splits, heads_q, batch * seqlen_q) partial LSEs
+    i64 o_accum_split_stride;   // elements from one split's partial outputs to the next's
+    i64 lse_accum_split_stride;
+    const int* block_table;     // (batch, max_pages) page indices; null when not paged
+    i64 block_table_batch_stride;
+    int page_size;              // rows of a page, any size >= 1
+    int num_pages;              // pages in the caches: page indices are clamped to [0, num_pages)
 };
 
 // Exported so that a GPU test can check the host's mirror of this struct byte for byte in size.

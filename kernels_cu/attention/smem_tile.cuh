@@ -74,4 +74,33 @@ struct SmemTile {
             src += src_step;
         }
     }
+
+    // load_async for a paged K / V (fwd_sm80.cu CF_PAGED): row r is row r % page_size of page pages[r /
+    // page_size], pages of page_size rows back to back from `base` with row stride `row_stride`. Each thread
+    // looks its rows' pages up itself (the lookups of a tile's threads hit the same few entries, from L1);
+    // a page index outside [0, num_pages) is clamped, so no value in the table reads outside the caches.
+    template <int NTHREADS>
+    static __device__ __forceinline__ void load_async_paged(u32 smem, const u16* base, const int* pages,
+                                                            int page_size, int num_pages, i64 row_stride, int row0,
+                                                            int row_limit, int head_dim, int tid) {
+        constexpr int kRowStep = NTHREADS / 8;
+        static_assert(kRowStep % 8 == 0 && ROWS % kRowStep == 0, "rows must split evenly over the threads");
+        const int r = tid >> 3, chunk = tid & 7;
+        const u32 dst = smem + (u32)((r * 64 + ((chunk ^ (r & 7)) << 3)) * 2);
+#pragma unroll
+        for (int i = 0; i < ROWS / kRowStep; ++i) {
+            const int row = row0 + r + i * kRowStep;
+            const bool row_ok = row < row_limit;
+            const u16* src = base;
+            if (row_ok) {
+                const int page = min(max(pages[row / page_size], 0), num_pages - 1);
+                src = base + ((i64)page * page_size + row % page_size) * row_stride + chunk * 8;
+            }
+#pragma unroll
+            for (int blk = 0; blk < DIM / 64; ++blk) {
+                const bool valid = row_ok && (blk * 64 + chunk * 8 < head_dim);
+                cp_async_16(dst + (u32)((blk * ROWS * 64 + i * kRowStep * 64) * 2), valid ? src + blk * 64 : base, valid);
+            }
+        }
+    }
 };
