@@ -9,12 +9,13 @@ allocator, so a call can be captured in a CUDA graph), or by CuPy and handed ove
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import dlpack
+from . import dlpack, recording
 
 
 @dataclass
@@ -224,6 +225,9 @@ def cupy_bfloat16():
 def contiguous_copy(x, fw: str, device: int, stream: int) -> DeviceArray:
     """A C-contiguous copy of a small array (ALiBi slopes, an LSE view), made by the caller's framework
     (CuPy for any other) on ``stream``."""
+    rec = recording.current()
+    if rec is not None:
+        rec.fail("a copy made by the framework")
     if fw == "torch":
         return device_view(x.contiguous(), fw, stream)
     import cupy
@@ -241,13 +245,24 @@ def empty(fw: str, shape, dtype: str, device: int, stream: int):
         if dev is None:
             dev = tables["devices"][device] = tables["torch"].device("cuda", device)
         t = tables["torch"].empty(shape, dtype=tables["dtypes"][dtype], device=dev)
-        return t, DeviceArray(t.data_ptr(), shape, t.stride(), dtype, device, t)
+        view = DeviceArray(t.data_ptr(), shape, t.stride(), dtype, device, t)
+        _recorded(view, t)
+        return t, view
     import cupy
     with cupy.cuda.Device(device), cupy_stream(stream, device):
         # A CuPy without bfloat16 holds bf16 outputs as raw 16-bit words (retyped when exported to JAX).
         c = cupy.empty(shape, dtype=(cupy_bfloat16() or np.uint16) if dtype == "bfloat16" else dtype)
     view = DeviceArray(c.data.ptr, shape, tuple(s // c.dtype.itemsize for s in c.strides), dtype, device, c)
+    _recorded(view, c)
     return (c if fw == "cupy" else None), view
+
+
+def _recorded(view: DeviceArray, owner) -> None:
+    """Tells an active launch recording (recording.py) about an allocation."""
+    rec = recording.current()
+    if rec is not None:
+        item = 2 if view.dtype == "bfloat16" else np.dtype(view.dtype).itemsize
+        rec.allocated(view, owner, math.prod(view.shape) * item)
 
 
 def to_caller(native, view: DeviceArray, fw: str, stream: int):

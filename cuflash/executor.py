@@ -274,6 +274,143 @@ class BoundBackward(_Bound):
         del delta, acc, sem  # freed after enqueueing: stream-ordered allocators reuse them safely
 
 
+class _Replay:
+    """One recorded kernel launch (recording.Recording), its pointers and tensor maps relocated per call."""
+
+    __slots__ = ("fn", "grid", "splits", "threads", "smem", "template", "argv_offsets", "ptr_slots", "map_slots",
+                 "_tls")
+
+    def __init__(self, step):
+        _, self.fn, self.grid, self.splits, self.threads, self.smem, self.template, self.argv_offsets, \
+            self.ptr_slots, maps = step
+        slots = []
+        for offset, view, box, region, add in maps:
+            if view is None:  # the dq accumulator: box is (address, shape, box)
+                make = (lambda p, shape=box[1], b=box[2]: tma.accumulator_map(p, shape, *b))
+            else:
+                make = (lambda p, view=view, box=box: tma.tile_map(
+                    DeviceArray(p, view.shape, view.strides, view.dtype, view.device), box))
+            slots.append((offset, region, add, make, {}))
+        self.map_slots = tuple(slots)
+        self._tls = threading.local()
+
+    def __call__(self, bases: list, stream: int, launch_kernel) -> None:
+        hit = getattr(self._tls, "buf", None)
+        if hit is None:  # one parameter buffer per thread: the driver copies it during the launch call
+            buf = ctypes.create_string_buffer(self.template, len(self.template))
+            addr = ctypes.addressof(buf)
+            argv = (ctypes.c_void_p * len(self.argv_offsets))(*(addr + o for o in self.argv_offsets))
+            hit = self._tls.buf = (buf, addr, argv)
+        buf, addr, argv = hit
+        pack = _U64.pack_into
+        for offset, region, add in self.ptr_slots:
+            pack(buf, offset, bases[region] + add)
+        for offset, region, add, make, cache in self.map_slots:
+            p = bases[region] + add
+            m = cache.get(p)
+            if m is None:
+                if len(cache) >= _MAPS_PER_SLOT:
+                    cache.clear()
+                m = cache[p] = make(p)
+            ctypes.memmove(addr + offset, m, tma.MAP_BYTES)
+        launch_kernel(self.fn, self.grid, self.splits, 1, self.threads, 1, 1, self.smem, stream,
+                      ctypes.addressof(argv), 0)
+
+
+class BoundSequence(_Bound):
+    """A recorded call (recording.Recording) replayed for new arrays of its signature: the outputs allocated
+    by the caller's framework, every other allocation of the call carved from one workspace, then the
+    recorded launches and memsets with their pointers moved to the new arrays. For calls that are a
+    sequence of small kernels (attention_with_kvcache: append, forward, merge), where the general path's
+    per-call Python is most of the time."""
+
+    _ALIGN = 256  # each carved allocation starts where a framework allocation would (TMA needs 16 bytes)
+
+    def __init__(self, rec, fw: str, device: int, dtype: str, outputs: tuple):
+        """``outputs``: the recording's regions of the arrays the call returned, in return order."""
+        super().__init__(fw, device, dtype)
+        import numpy as np
+        if fw == "torch":
+            import torch
+            natives = {dtype: self._dtype, "float32": self._f32, "int32": self._i32, "uint8": torch.uint8}
+        else:
+            natives = {dtype: self._dtype, "float32": self._f32, "int32": self._i32, "uint8": np.uint8}
+        self._u8 = natives["uint8"]
+        self.n_inputs = rec.inputs
+        self.out_specs, self.temps, self.ws_bytes = [], [], 0
+        for j, (shape, dt) in enumerate(rec.allocs):
+            region = rec.inputs + j
+            if region in outputs:
+                self.temps.append((True, len(self.out_specs)))
+                self.out_specs.append((shape, natives[dt]))
+            else:
+                self.temps.append((False, self.ws_bytes))
+                nbytes = rec.regions[region][1]
+                self.ws_bytes += -(-nbytes // self._ALIGN) * self._ALIGN
+        order = [outputs.index(rec.inputs + j) for j in range(len(rec.allocs)) if rec.inputs + j in outputs]
+        self.out_order = tuple(order.index(i) for i in range(len(outputs)))
+        from cupy.cuda import runtime
+
+        from . import ops
+        steps = []
+        for step in rec.steps:
+            if step[0] == "launch":
+                steps.append((0, _Replay(step)))
+            else:
+                kind, region, add, value, count = step
+                steps.append((1 if kind == "memset8" else 2, (region, add, value, count)))
+        self.steps = tuple(steps)
+        self._memset8 = runtime.memsetAsync
+        self._fill_words = ops._fill_words
+
+    def run(self, xs):
+        """The outputs (caller's arrays, in the recorded call's return order) for the caller's arrays ``xs``
+        in the recording's role order (None where absent), or None when the thread's context is not the
+        bound one."""
+        if not self.ready():
+            return None
+        stream = self._stream()
+        ptr = self._ptr
+        bases = [0 if x is None else ptr(x) for x in xs]
+        outs = [self._alloc(shape, dt, stream) for shape, dt in self.out_specs]
+        ws, pw = self._alloc((self.ws_bytes,), self._u8, stream) if self.ws_bytes else (None, 0)
+        for is_out, i in self.temps:
+            bases.append(outs[i][1] if is_out else pw + i)
+        launch_kernel = self._launch_kernel
+        for kind, step in self.steps:
+            if kind == 0:
+                step(bases, stream, launch_kernel)
+            elif kind == 1:
+                region, add, value, count = step
+                self._memset8(bases[region] + add, value, count, stream)
+            else:
+                region, add, value, count = step
+                self._fill_words(DeviceArray(bases[region] + add, (count,), (1,), "int32", self.device), value,
+                                 stream)
+        del ws  # freed after enqueueing: stream-ordered allocators reuse it safely
+        return [outs[i][0] for i in self.out_order]
+
+
+_sequences: dict = {}
+
+
+def clear() -> None:
+    """Forgets every bound call (a test or benchmark that changes how the general path decides)."""
+    _forward.clear()
+    _backward.clear()
+    _sequences.clear()
+
+
+def lookup_sequence(key):
+    return _sequences.get(key)
+
+
+def bind_sequence(key, rec, fw: str, device: int, dtype: str, outputs: tuple) -> None:
+    """Binds a finished recording under ``key`` (see :class:`BoundSequence`); a failed one is not bound."""
+    if rec.failed is None:
+        _remember(_sequences, key, BoundSequence(rec, fw, device, dtype, outputs))
+
+
 def bind_forward(key, fp, fw, views: dict, out_shape: tuple) -> None:
     """Binds ``fp`` (ops.forward's plan) under ``key``: ``views`` the q, k, v and o views it was planned for
     (their geometry fixes the tensor maps), ``out_shape`` the output each run allocates."""

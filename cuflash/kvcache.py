@@ -412,13 +412,15 @@ def _decode_splits(num_splits: int, tiles: int, seqlen_cache: int, head_dim: int
     """Split-KV factor of a packed decoding call of ``tiles`` CTAs (one per sequence and key/value head):
     ``num_splits`` when given (FlashAttention-2's argument: 1 = no split), capped at one key tile a split
     and at what one merge launch takes; 0 = ours: enough splits for two CTAs per SM when the call leaves
-    SMs idle, each split at least two key tiles long."""
+    two thirds of the SMs idle, each split at least two key tiles long. (H200, bf16, head dim 128, 32k
+    keys: without a split the Hopper kernel read 0.47 TB/s with 8 CTAs and 3.7 with 64; split, the Ampere
+    kernel read 3.1-3.3 TB/s with 128-320 CTAs: past about 44 CTAs not splitting wins.)"""
     from . import dispatch, ops
     block_n = dispatch.FWD_SM80_SPLIT_KV_TILES[dispatch.padded_head_dim(head_dim)][1]
     key_tiles = max(1, -(-seqlen_cache // block_n))
     if num_splits == 0:
         sms = ops._sm_count(device)
-        num_splits = 1 if tiles >= sms else -(-2 * sms // tiles)
+        num_splits = 1 if 3 * tiles >= sms else -(-2 * sms // tiles)
         key_tiles = max(1, key_tiles // 2)
     return max(1, min(num_splits, key_tiles, dispatch.MERGE_MAX_STATES))
 
@@ -474,6 +476,82 @@ def _device_rotary_tables(cos, sin, head_dim, dtype, fw, device, stream):
 def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
                       rotary_cos, rotary_sin, rotary_interleaved, causal, window_size, softcap, alibi_slopes,
                       softmax_scale, num_splits, return_lse):
+    """attention_with_kvcache for GPU arrays: a bound call (executor.BoundSequence) when an earlier call had
+    this signature, else the general path, recorded and bound when the arrays are torch's or CuPy's.
+
+    A decode step is a handful of small kernels (append, forward, merge): the general path's validation and
+    planning in Python took 180-190 us a call on the H200 (bf16, batch 1, 1024 keys), where the kernels take
+    10-60; a bound call writes pointers into the recorded launches and enqueues them."""
+    from . import executor, recording
+    xs = (q, k_cache, v_cache, k, v, None if isinstance(cache_seqlens, numbers.Integral) else cache_seqlens,
+          cache_batch_idx, cache_leftpad, block_table, rotary_cos, rotary_sin, alibi_slopes)
+    options = dict(cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                   block_table=block_table, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                   rotary_interleaved=rotary_interleaved, causal=causal, window_size=window_size, softcap=softcap,
+                   alibi_slopes=alibi_slopes, softmax_scale=softmax_scale, num_splits=num_splits,
+                   return_lse=return_lse)
+    key = _bound_key(fw, xs, cache_seqlens, rotary_interleaved, causal, window_size, softcap, softmax_scale,
+                     num_splits, return_lse)
+    if key is None:
+        return _with_kvcache_general(q, k_cache, v_cache, k, v, fw, **options)
+    bound = executor.lookup_sequence(key)
+    if bound is not None:
+        outs = bound.run(xs)
+        if outs is not None:
+            return tuple(outs) if return_lse else outs[0]
+    regions = [None if x is None else _region(x, fw) for x in xs]
+    with recording.Recording(regions) as rec:
+        result = _with_kvcache_general(q, k_cache, v_cache, k, v, fw, **options)
+    returned = result if return_lse else (result,)
+    outputs = tuple(rec.regions.index(_region(x, fw)) if _region(x, fw) in rec.regions[rec.inputs:] else -1
+                    for x in returned)
+    if -1 not in outputs and all(o >= rec.inputs for o in outputs):
+        executor.bind_sequence(key, rec, fw, arrays.device_of(q, fw), arrays.dtype_name(q, fw), outputs)
+    return result
+
+
+def _region(x, fw):
+    """(base address, bytes spanned) of a torch or CuPy array."""
+    from . import recording
+    if fw == "torch":
+        shape, strides, item, ptr = x.shape, x.stride(), x.element_size(), x.data_ptr()
+    else:
+        shape, item, ptr = x.shape, x.dtype.itemsize, x.data.ptr
+        strides = tuple(st // item for st in x.strides)
+    return ptr, recording.extent_bytes(shape, strides, item)
+
+
+def _bound_key(fw, xs, cache_seqlens, rotary_interleaved, causal, window_size, softcap, softmax_scale, num_splits,
+               return_lse):
+    """The signature of a call for executor's bound sequences (executor.key's rule: every array's type,
+    shape, strides, dtype, device and 16-byte alignment, the options with their types, the dispatch
+    environment), or None where a call is not bound: arrays other than torch's or CuPy's (or mixed), CuPy
+    arrays with negative strides, a window that is not a tuple."""
+    from . import executor, launch_plan
+    if fw not in ("torch", "cupy") or window_size.__class__ is not tuple:
+        return None
+    sig = []
+    for x in xs:
+        if x is None:
+            sig.append(None)
+            continue
+        if arrays.framework_of(x) != fw:
+            return None
+        if fw == "cupy" and any(st < 0 for st in x.strides):
+            return None
+        sig.append(x)
+    present = [x for x in sig if x is not None]
+    table = executor.torch_signature(present) if fw == "torch" else executor.cupy_signature(present)
+    layout = tuple(x is None for x in sig)
+    seqlens = cache_seqlens if isinstance(cache_seqlens, numbers.Integral) else None
+    return ("kvcache", fw, layout, table,
+            executor._typed(seqlens, rotary_interleaved, causal, softcap, softmax_scale, num_splits, return_lse,
+                            *window_size), launch_plan.env())
+
+
+def _with_kvcache_general(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_batch_idx, cache_leftpad,
+                          block_table, rotary_cos, rotary_sin, rotary_interleaved, causal, window_size, softcap,
+                          alibi_slopes, softmax_scale, num_splits, return_lse):
     """attention_with_kvcache for GPU arrays (see its Notes): kvcache_append.cu, then varlen.forward_device
     over the caches as packed (batch_cache * seqlen_cache, heads_k, d) views."""
     from . import ops, varlen

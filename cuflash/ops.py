@@ -12,7 +12,7 @@ import math
 import struct
 import threading
 
-from . import arrays, dispatch, jit, launch_plan, params_layout, tma
+from . import arrays, dispatch, jit, launch_plan, params_layout, recording, tma
 from .arrays import DeviceArray
 
 _LOG2E = 1.4426950408889634
@@ -35,10 +35,16 @@ def sm90_params_bytes(n_maps: int) -> int:
 SM90_PARAMS_BYTES = sm90_params_bytes(4)
 
 
-def _launch(launch, stream: int, pointers: dict, maps: tuple = ()) -> None:
+_PTR_OFFSETS = tuple(_PTR_OFFSET.values())
+
+
+def _launch(launch, stream: int, pointers: dict, views=None, accumulator=None) -> None:
     """Launches a plan's kernel (launch_plan.KernelLaunch): its parameter block with ``pointers`` (field name ->
-    address) written in, after the tensor maps the kernel takes first."""
+    address) written in, after the tensor maps the kernel takes first, encoded for ``views`` (name -> the
+    DeviceArray a map tiles) and ``accumulator`` ((address, shape) of the fp32 dq accumulator)."""
     from cupy.cuda import driver
+    maps = tuple(tma.accumulator_map(accumulator[0], accumulator[1], *box) if n == "dq_accum"
+                 else tma.tile_map(views[n], box) for n, box in launch.maps)
     # One by-value struct argument: kernelParams is an array holding one pointer to the struct's bytes,
     # which the driver copies during the launch call (and into a graph node at capture), so the buffer
     # can be reused by the next launch of this thread.
@@ -58,6 +64,12 @@ def _launch(launch, stream: int, pointers: dict, maps: tuple = ()) -> None:
     ctypes.memmove(ctypes.addressof(buf) + offset, launch.block, _BLOCK_BYTES)
     for name, ptr in pointers.items():
         _U64.pack_into(buf, offset + _PTR_OFFSET[name], ptr)
+    rec = recording.current()
+    if rec is not None:
+        specs = tuple((j * tma.MAP_BYTES, None, (accumulator[0], accumulator[1], box)) if n == "dq_accum"
+                      else (j * tma.MAP_BYTES, views[n], box) for j, (n, box) in enumerate(launch.maps))
+        rec.launch(launch.fn.ptr, launch.grid, launch.splits, launch.threads, launch.smem, buf.raw[:size], (0,),
+                   tuple(offset + o for o in _PTR_OFFSETS), specs)
     driver.launchKernel(launch.fn.ptr, launch.grid, launch.splits, 1, launch.threads, 1, 1, launch.smem, stream,
                         ctypes.addressof(argv), 0)
 
@@ -66,6 +78,17 @@ def _launch_args(fn, grid: int, threads: int, stream: int, args: tuple) -> None:
     """Launches a kernel whose parameters are plain scalars and pointers, passed as ctypes values in the
     kernel signature's order (the driver copies them during the call)."""
     from cupy.cuda import driver
+    rec = recording.current()
+    if rec is not None:  # the parameters laid out back to back, each at its own alignment
+        template, offsets, pointer_offsets = b"", [], []
+        for a in args:
+            size = ctypes.sizeof(a)
+            template += bytes(-len(template) % size)
+            offsets.append(len(template))
+            if isinstance(a, ctypes.c_void_p):
+                pointer_offsets.append(len(template))
+            template += bytes(a)
+        rec.launch(fn.ptr, grid, 1, threads, 0, template, offsets, pointer_offsets)
     argv = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
     driver.launchKernel(fn.ptr, grid, 1, 1, threads, 1, 1, 0, stream, ctypes.addressof(argv), 0)
 
@@ -92,6 +115,8 @@ def strided_copy(src: DeviceArray, dst: DeviceArray, *, stream: int, cc: tuple) 
 # merged out's, then n, batch, seqlen, heads, cols (tests/test_kvcache_gpu.py reads cf_merge_params_bytes).
 _MERGE_STATE = "QQ4q3q"
 MERGE_PARAMS = struct.Struct("<" + _MERGE_STATE * dispatch.MERGE_MAX_STATES + _MERGE_STATE + "5i4x")
+_MERGE_POINTER_OFFSETS = tuple(i * struct.calcsize("<" + _MERGE_STATE) + j
+                               for i in range(dispatch.MERGE_MAX_STATES + 1) for j in (0, 8))
 
 
 def merge_states(outs: list, lses: list, out: DeviceArray, lse: DeviceArray, *, stream: int, cc: tuple) -> None:
@@ -116,6 +141,9 @@ def merge_states(outs: list, lses: list, out: DeviceArray, lse: DeviceArray, *, 
     from cupy.cuda import driver
     # One warp a row; past 32 CTAs an SM the grid-stride loop takes the rest.
     grid = min(-(-rows // key.warps), 32 * _sm_count(out.device))
+    rec = recording.current()
+    if rec is not None:
+        rec.launch(fn.ptr, grid, 1, key.threads, 0, buf.raw, (0,), _MERGE_POINTER_OFFSETS)
     driver.launchKernel(fn.ptr, grid, 1, 1, key.threads, 1, 1, 0, stream, ctypes.addressof(argv), 0)
 
 
@@ -210,6 +238,9 @@ def _fill_words(a: DeviceArray, bits: int, stream: int) -> None:
         fn.argtypes = [ctypes.c_uint64, ctypes.c_uint32, ctypes.c_size_t, ctypes.c_void_p]
         fn.restype = ctypes.c_int
         _memset_d32 = fn
+    rec = recording.current()
+    if rec is not None:
+        rec.memset("memset32", a.ptr, bits, count)
     err = _memset_d32(a.ptr, bits, count, stream)
     if err:
         raise RuntimeError(f"cuMemsetD32Async failed (CUresult {err})")
@@ -217,10 +248,17 @@ def _fill_words(a: DeviceArray, bits: int, stream: int) -> None:
 
 def fill_zero(a: DeviceArray, *, stream: int) -> None:
     """Zeroes a contiguous array on ``stream``."""
-    from cupy.cuda import runtime
     nbytes = math.prod(a.shape) * _ITEMSIZE[a.dtype]
     if nbytes:
-        runtime.memsetAsync(a.ptr, 0, nbytes, stream)
+        _memset_bytes(a.ptr, nbytes, stream)
+
+
+def _memset_bytes(ptr: int, nbytes: int, stream: int) -> None:
+    from cupy.cuda import runtime
+    rec = recording.current()
+    if rec is not None:
+        rec.memset("memset8", ptr, 0, nbytes)
+    runtime.memsetAsync(ptr, 0, nbytes, stream)
 
 
 _SM_COUNT: dict = {}
@@ -243,7 +281,7 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, ls
                 "alibi": 0 if alibi is None else alibi.ptr}
     counter_native = _tile_counter(fp, pointers, framework, q.device, stream)
     views = {"q": q, "k": k, "v": v, "o": out}
-    _launch(fp.launch, stream, pointers, tuple(tma.tile_map(views[n], rows) for n, rows in fp.launch.maps))
+    _launch(fp.launch, stream, pointers, views)
     del counter_native  # freed after enqueueing: stream-ordered allocators reuse it safely
     return fp
 
@@ -254,9 +292,8 @@ def _tile_counter(fp, pointers: dict, framework: str, device: int, stream: int):
     array that owns it (None without one), to be kept alive until the launch is enqueued."""
     if not fp.tile_counter:
         return None
-    from cupy.cuda import runtime
     native, counter = arrays.empty(framework, (1,), "int32", device, stream)
-    runtime.memsetAsync(counter.ptr, 0, 4, stream)
+    _memset_bytes(counter.ptr, 4, stream)
     pointers["tile_counter"] = counter.ptr
     return native
 
@@ -302,7 +339,7 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
         return partials
     counter_native = _tile_counter(fp, pointers, framework, q.device, stream)
     views = {"q": q, "k": k, "v": v, "o": out}
-    _launch(fp.launch, stream, pointers, tuple(tma.tile_map(views[n], rows) for n, rows in fp.launch.maps))
+    _launch(fp.launch, stream, pointers, views)
     del counter_native
     return partials
 
@@ -334,9 +371,7 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
     views = {"q": q, "k": k, "v": v, "dout": dout}
     for launch in bp.launches:
         if launch.grid:
-            maps = tuple(tma.accumulator_map(acc.ptr, bp.dq_accum_shape, *box) if n == "dq_accum"
-                         else tma.tile_map(views[n], box) for n, box in launch.maps)
-            _launch(launch, stream, pointers, maps)
+            _launch(launch, stream, pointers, views, None if acc_native is None else (acc.ptr, bp.dq_accum_shape))
     del acc_native, delta_native  # freed after enqueueing: stream-ordered allocators reuse them safely
 
 
@@ -366,8 +401,6 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
         pointers["dq_semaphore"] = semaphore.ptr
     views = {"q": q, "k": k, "v": v, "dout": dout}
     for launch in bp.launches:
-        maps = tuple(tma.accumulator_map(acc.ptr, bp.dq_accum_shape, *box) if n == "dq_accum"
-                     else tma.tile_map(views[n], box) for n, box in launch.maps)
-        _launch(launch, stream, pointers, maps)
+        _launch(launch, stream, pointers, views, None if acc_native is None else (acc.ptr, bp.dq_accum_shape))
     del acc_native, delta_native, semaphore_native  # freed after enqueueing: stream-ordered allocators reuse them
     return bp

@@ -36,11 +36,12 @@ def packing(monkeypatch):
         @staticmethod
         def off():
             monkeypatch.setattr(api, "decode_groups", lambda *a: 1)
-            executor._forward.clear()  # bound calls keep the plan they were bound with
+            executor.clear()  # bound calls keep the plan they were bound with
 
         @staticmethod
         def on():
             monkeypatch.setattr(api, "decode_groups", spy)
+            executor.clear()
 
     def spy(*a):
         g = original(*a)

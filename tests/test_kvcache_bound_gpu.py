@@ -1,0 +1,142 @@
+"""Bound attention_with_kvcache calls on the GPU (executor.BoundSequence, recording.py): the second call of a
+signature replays the first one's launches with its pointers moved to the new arrays. Proved bit for bit
+against the general path on the same inputs (outputs, LSE, and the caches after the in-place append), for
+the shapes a decode loop meets: GQA-packed split-KV and unsplit, unpacked (MQA off), paged caches of page
+size 16, cache_batch_idx, rotary, int and per-sequence cache_seqlens, CuPy and torch; a call that cannot be
+replayed (a copy the framework makes) is never bound; a new int cache_seqlens is a new signature."""
+
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import executor
+
+from gpu_helpers import require_torch_cuda, to_host
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture
+def bound_runs(monkeypatch):
+    """Counts the bound sequence runs that launched."""
+    runs = []
+    original = executor.BoundSequence.run
+
+    def spy(self, xs):
+        res = original(self, xs)
+        runs.append(res is not None)
+        return res
+    monkeypatch.setattr(executor.BoundSequence, "run", spy)
+    executor.clear()
+    yield runs
+    executor.clear()
+
+
+def _same_bits(a, b):
+    ha, hb = to_host(a), to_host(b)
+    assert ha.shape == hb.shape and ha.dtype == hb.dtype
+    assert np.array_equal(ha.view(np.uint8), hb.view(np.uint8))
+
+
+CASES = {
+    # batch, cache rows, heads q/k, head dim, new tokens, kwargs
+    "packed_split": (1, 3000, 32, 8, 128, 1, dict(num_splits=0)),
+    "packed_unsplit": (4, 777, 16, 4, 64, 1, dict(num_splits=1)),
+    "unpacked_window": (3, 500, 8, 8, 128, 1, dict(window_size=(64, 0), causal=True)),
+    "prefill": (2, 900, 8, 2, 128, 33, dict(causal=True)),
+    "paged16": (3, 640, 16, 4, 128, 1, dict(page_size=16)),
+    "paged16_split": (1, 4096, 32, 8, 128, 1, dict(page_size=16, num_splits=0)),
+    "cache_batch_idx": (2, 300, 8, 2, 64, 1, dict(cache_batch_idx=True)),
+    "rotary": (2, 400, 8, 2, 128, 1, dict(rotary=True, causal=True)),
+    "no_new_keys": (2, 1000, 16, 2, 128, 0, dict()),
+}
+
+
+def _make(case, fw, seed):
+    """Host inputs of a case and a function that runs it on fresh device copies: (outputs, caches)."""
+    import cupy
+    batch, rows, hq, hk, d, new, kw = CASES[case]
+    kw = dict(kw)
+    rng = np.random.default_rng(seed)
+    page = kw.pop("page_size", None)
+    lens = rng.integers(0, rows - new, batch).astype(np.int32)
+    lens[0] = rows - new  # one full cache
+    host = {"q": rng.standard_normal((batch, new or 1, hq, d)).astype(np.float16)}
+    if page:
+        pages = batch * (rows // page) + 3
+        host["k_cache"], host["v_cache"] = (rng.standard_normal((pages, page, hk, d)).astype(np.float16)
+                                            for _ in range(2))
+        host["block_table"] = rng.permutation(pages)[:batch * (rows // page)].reshape(batch, -1).astype(np.int32)
+    else:
+        cache_rows = batch + 2 if kw.get("cache_batch_idx") else batch
+        host["k_cache"], host["v_cache"] = (rng.standard_normal((cache_rows, rows, hk, d)).astype(np.float16)
+                                            for _ in range(2))
+    if kw.pop("cache_batch_idx", False):
+        host["cache_batch_idx"] = rng.permutation(batch + 2)[:batch].astype(np.int32)
+    if kw.pop("rotary", False):
+        angles = rng.uniform(0, 6.3, (rows, d // 4))  # rotary_dim d / 2
+        host["rotary_cos"], host["rotary_sin"] = np.cos(angles).astype(np.float16), np.sin(angles).astype(np.float16)
+    if new:
+        host["k"], host["v"] = (rng.standard_normal((batch, new, hk, d)).astype(np.float16) for _ in range(2))
+    host["cache_seqlens"] = lens
+
+    def run():
+        dev = {n: cupy.asarray(x) for n, x in host.items()}
+        if fw == "torch":
+            torch = require_torch_cuda()
+            dev = {n: torch.from_dlpack(x) for n, x in dev.items()}
+        args = {n: x for n, x in dev.items() if n not in ("q", "k_cache", "v_cache", "k", "v")}
+        out = cuflash.attention_with_kvcache(dev["q"], dev["k_cache"], dev["v_cache"], dev.get("k"), dev.get("v"),
+                                             return_lse=True, **args, **kw)
+        return out, (dev["k_cache"], dev["v_cache"])
+    return run
+
+
+@pytest.mark.parametrize("fw", ["cupy", "torch"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bound_call_matches_general_path(case, fw, bound_runs):
+    import cupy
+    _make(case, fw, seed=1)()  # the general path, recorded and bound
+    run = _make(case, fw, seed=2)
+    got, got_caches = run()  # other values, other arrays: bound
+    assert bound_runs == [True]
+    executor.clear()
+    want, want_caches = run()  # the general path on the same inputs
+    cupy.cuda.runtime.deviceSynchronize()
+    assert bound_runs == [True]
+    for a, b in zip(got, want):
+        _same_bits(a, b)
+    for a, b in zip(got_caches, want_caches):
+        _same_bits(a, b)
+    assert np.isfinite(to_host(got[0]).astype(np.float32)).all()
+
+
+def test_int_cache_seqlens_is_part_of_the_signature(bound_runs):
+    import cupy
+    rng = np.random.default_rng(3)
+    q = cupy.asarray(rng.standard_normal((2, 1, 8, 64)).astype(np.float16))
+    kc, vc = (cupy.asarray(rng.standard_normal((2, 256, 2, 64)).astype(np.float16)) for _ in range(2))
+    a = cuflash.attention_with_kvcache(q, kc, vc, cache_seqlens=100)
+    b = cuflash.attention_with_kvcache(q, kc, vc, cache_seqlens=200)  # not the first call's binding
+    assert bound_runs == []
+    c = cuflash.attention_with_kvcache(q, kc, vc, cache_seqlens=100)
+    assert bound_runs == [True]
+    _same_bits(a, c)
+    assert not np.array_equal(to_host(a), to_host(b))
+
+
+def test_a_call_with_a_framework_copy_is_not_bound(bound_runs):
+    """New keys with a non-unit head_dim stride are copied by CuPy (arrays.contiguous_copy): work a replay
+    would not repeat, so the call stays on the general path, with the right answer each time."""
+    import cupy
+    rng = np.random.default_rng(4)
+    q = cupy.asarray(rng.standard_normal((2, 1, 8, 64)).astype(np.float16))
+    host = [rng.standard_normal((2, 256, 2, 64)).astype(np.float16) for _ in range(2)]
+    new = cupy.asarray(rng.standard_normal((2, 1, 2, 128)).astype(np.float16))[..., ::2]
+    outs = []
+    for _ in range(2):
+        kc, vc = (cupy.asarray(x) for x in host)
+        outs.append(cuflash.attention_with_kvcache(q, kc, vc, new, new, cache_seqlens=100))
+    assert bound_runs == []
+    assert not executor._sequences
+    _same_bits(outs[0], outs[1])
