@@ -14,7 +14,9 @@ calls, warm-up excluded; a decode loop's calls after the first are bound, execut
 - the same with the query heads of a group not packed into one tile (api.decode_groups forced to 1): what
   the packing gains;
 - cuflash.attention on the same arrays (the dense path, also packed);
-- SDPA's cuDNN, flash and memory-efficient backends with enable_gqa, where this torch runs them.
+- SDPA's cuDNN, flash and memory-efficient backends with enable_gqa, where this torch runs them;
+- ours and SDPA's cuDNN captured in a CUDA graph and replayed (the GPU's share alone, as a serving loop
+  with graphs runs a step).
 
 Bandwidth counts the cache bytes each call must read once (2 * batch * length * 8 * 128 * 2 bytes); a
 call short enough to be host-bound reads as slow here, as it does in an eager decode loop (microseconds
@@ -51,7 +53,8 @@ def main() -> None:
         rows.append({"batch": batch, "length": length, "tb_per_s": result, "us_per_call": micros})
         best = max((v for k, v in result.items() if k.startswith("SDPA")), default=float("nan"))
         line = "  ".join(f"{k} {v:5.2f}" for k, v in result.items())
-        print(f"b={batch:3d} L={length:6d}  TB/s: {line}  | kvcache {micros['cuflash kvcache']:.1f} us, "
+        print(f"b={batch:3d} L={length:6d}  TB/s: {line}  | kvcache {micros['cuflash kvcache']:.1f} us "
+              f"({micros.get('cuflash kvcache, CUDA graph', float('nan')):.1f} graphed), "
               f"/ best SDPA {result['cuflash kvcache'] / best:.2f}, paged / contiguous "
               f"{result['cuflash kvcache, paged 16'] / result['cuflash kvcache']:.2f}", flush=True)
     prefill = _prefill(torch, args.runs)
@@ -107,6 +110,11 @@ def _decode_cell(torch, batch, length, runs):
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
         cases[name] = sdpa
+    for name in ("cuflash kvcache", "SDPA cudnn"):
+        try:
+            cases[name + ", CUDA graph"] = _graphed(torch, cases[name])
+        except RuntimeError as e:
+            print(f"  {name}, CUDA graph: skipped ({str(e).splitlines()[0][:80]})")
     result, micros = {}, {}
     for name, fn in cases.items():
         try:
@@ -125,6 +133,21 @@ def _decode_cell(torch, batch, length, runs):
         api.decode_groups = original
         executor.clear()
     return result, micros
+
+
+def _graphed(torch, fn):
+    """``fn`` captured in a CUDA graph (warmed up on a side stream first, as torch.cuda.graphs asks): its
+    replay, the GPU time of a decode step without the host's share, as a serving loop runs it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def _prefill(torch, runs, batch=4, cached=8192, new=512):

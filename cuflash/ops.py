@@ -139,8 +139,8 @@ def merge_states(outs: list, lses: list, out: DeviceArray, lse: DeviceArray, *, 
     buf = ctypes.create_string_buffer(MERGE_PARAMS.pack(*fields), MERGE_PARAMS.size)
     argv = (ctypes.c_void_p * 1)(ctypes.addressof(buf))
     from cupy.cuda import driver
-    # One warp a row; past 32 CTAs an SM the grid-stride loop takes the rest.
-    grid = min(-(-rows // key.warps), 32 * _sm_count(out.device))
+    # One CTA a row; past 8 CTAs an SM (of 256 threads: a full SM) the grid-stride loop takes the rest.
+    grid = min(rows, 8 * _sm_count(out.device))
     rec = recording.current()
     if rec is not None:
         rec.launch(fn.ptr, grid, 1, key.threads, 0, buf.raw, (0,), _MERGE_POINTER_OFFSETS)

@@ -2,15 +2,18 @@
 // combine of FlashAttention and FlashInfer's state merge; cuflash.merge_attention_states):
 //     lse = log(sum_i exp(lse_i)),  out = sum_i exp(lse_i - lse) * out_i,
 // in fp32 whatever the element types. A state whose LSE is +inf saw no key (cuflash's convention): it has
-// weight 0 and its out row is never used (0 x NaN would be NaN); a row that no state saw stays 0, LSE +inf.
+// weight 0 and its out row is never read (0 x NaN would be NaN); a row that no state saw stays 0, LSE +inf.
 //
-// One warp a (batch, row, head): lane i < n reads state i's LSE, the warp reduces the max and the sum of
-// exp(lse_i - max), then its lanes stride over the head dim, each column a weighted sum over the states.
+// One CTA a (batch, row, head): warp 0 reduces the states' LSEs to their weights, then the CTA's threads
+// take the row's (state, column) elements, kChunk columns at a time, all of a thread's loads issued before
+// any is used, and sum each column's weighted elements through shared memory. (One warp a row, each lane
+// looping over the states, issued the loads of a column one state after another: merging 16 split-KV
+// states of 32 rows of 128 columns took 10-16 us on the H200 for 256 KB read, 0.4-0.6 us a state.)
 // Strides are in elements, per state, so any views merge without copies. Up to kMaxStates states a launch,
 // their pointers in the parameter block; the host merges more in rounds through fp32 states.
 //
 // Defines: CF_WARPS (warps per CTA), CF_MERGE_IN and CF_MERGE_OUT (element types of the states' and the
-// merged out: 0 fp16, 1 bf16, 2 fp32). grid: any 1-D size (a grid-stride loop over rows).
+// merged out: 0 fp16, 1 bf16, 2 fp32). grid: any 1-D size (a grid-stride loop over rows, one at a time).
 #include "ptx/types.cuh"
 #include "ptx/math.cuh"
 
@@ -20,6 +23,10 @@ constexpr int kThreads = kWarps * 32;
 // 16 states: 16 x 72 bytes of parameters (of the 4 KB a launch may pass), and split-KV and context
 // parallelism rarely merge more in one step.
 constexpr int kMaxStates = 16;
+// Columns merged per pass: a head dim of 128 in one, the (state, column) partial sums 8 KB of shared memory.
+constexpr int kChunk = 128;
+constexpr int kItemsPerThread = kMaxStates * kChunk / kThreads;
+static_assert(kMaxStates * kChunk % kThreads == 0, "the items of a pass must split evenly over the threads");
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 }  // namespace
@@ -71,57 +78,66 @@ __device__ __forceinline__ float warp_sum(float x) {
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads) merge_attention_states(const MergeParams p) {
-    const int lane = threadIdx.x & 31;
+    __shared__ MergeState state[kMaxStates];
+    __shared__ float weight[kMaxStates];
+    __shared__ float partial[kMaxStates][kChunk];
+    __shared__ float row_lse;
+    const int tid = threadIdx.x, lane = tid & 31;
+    // The states' descriptors to shared memory, where a thread may index them at run time (a runtime index
+    // into the parameter block would copy it to local memory): each copied with a compile-time index.
+#pragma unroll
+    for (int i = 0; i < kMaxStates; ++i)
+        if (tid == i && i < p.n) state[i] = p.state[i];
+    __syncthreads();
     const i64 rows = (i64)p.batch * p.seqlen * p.heads;
-    const i64 step = (i64)gridDim.x * kWarps;
-    for (i64 r = (i64)blockIdx.x * kWarps + (threadIdx.x >> 5); r < rows; r += step) {
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
         const int h = (int)(r % p.heads);
         const i64 bs = r / p.heads;
         const int s = (int)(bs % p.seqlen);
         const int b = (int)(bs / p.seqlen);
-        // Lane i holds state i's LSE in log2 units, -inf for a state that saw no key. The states are
-        // indexed with compile-time constants only: a runtime index into the parameter block would copy it
-        // to local memory.
-        float l2 = -CF_INF;
-#pragma unroll
-        for (int i = 0; i < kMaxStates; ++i) {
-            if (i < p.n && lane == i) {
-                const MergeState& st = p.state[i];
+        if (tid < 32) {
+            // Lane i holds state i's LSE in log2 units, -inf for a state that saw no key.
+            float l2 = -CF_INF;
+            if (lane < p.n) {
+                const MergeState& st = state[lane];
                 const float x = st.lse[b * st.lse_stride[0] + h * st.lse_stride[1] + s * st.lse_stride[2]];
                 l2 = x == CF_INF ? -CF_INF : x * kLog2e;
             }
+            const float m = warp_max(l2);
+            const bool empty = m == -CF_INF;
+            const float w = empty ? 0.f : exp2_approx(l2 - m);  // ex2(-inf) = 0: states without keys
+            const float total = warp_sum(w);
+            if (lane < kMaxStates) weight[lane] = empty ? 0.f : w / total;
+            if (lane == 0) row_lse = empty ? CF_INF : (m + log2_approx(total)) * kLn2;
         }
-        const float m = warp_max(l2);
-        const bool empty = m == -CF_INF;
-        const float w = empty ? 0.f : exp2_approx(l2 - m);  // ex2(-inf) = 0: states without keys
-        const float total = warp_sum(w);
-        const float scale = empty ? 0.f : 1.f / total;
-        // Every lane takes every weight before the column loop, whose trip count differs between lanes.
-        float weight[kMaxStates];
+        __syncthreads();
+        for (int c0 = 0; c0 < p.cols; c0 += kChunk) {
+            // Item tid + k * kThreads is column item % kChunk (of this pass) of state item / kChunk.
+            float x[kItemsPerThread];
 #pragma unroll
-        for (int i = 0; i < kMaxStates; ++i) weight[i] = __shfl_sync(0xffffffffu, w, i) * scale;
-        for (int c = lane; c < p.cols; c += 32) {
-            // Every state's element is loaded before any is used, so the loads are in flight together: loaded
-            // under `wi > 0` they issued one after another, a memory latency each (16 x 4 of them took the
-            // 16 us that merging 16 split-KV states of 32 rows took on the H200, for 256 KB read).
-            float x[kMaxStates];
-#pragma unroll
-            for (int i = 0; i < kMaxStates; ++i) {
-                if (i < p.n) {
-                    const MergeState& st = p.state[i];
-                    x[i] = load_element<CF_MERGE_IN>(st.out, b * st.out_stride[0] + s * st.out_stride[1] +
+            for (int k = 0; k < kItemsPerThread; ++k) {
+                const int item = tid + k * kThreads, i = item / kChunk, c = c0 + item % kChunk;
+                x[k] = 0.f;
+                if (i < p.n && c < p.cols && weight[i] > 0.f) {
+                    const MergeState& st = state[i];
+                    x[k] = load_element<CF_MERGE_IN>(st.out, b * st.out_stride[0] + s * st.out_stride[1] +
                                                                  h * st.out_stride[2] + c * st.out_stride[3]);
                 }
             }
-            float acc = 0.f;
 #pragma unroll
-            for (int i = 0; i < kMaxStates; ++i)
-                if (i < p.n && weight[i] > 0.f) acc += weight[i] * x[i];  // (a weight-0 row may hold NaN)
-            store_element<CF_MERGE_OUT>(p.out, b * p.out_stride[0] + s * p.out_stride[1] + h * p.out_stride[2] +
-                                                   c * p.out_stride[3], acc);
+            for (int k = 0; k < kItemsPerThread; ++k) {
+                const int item = tid + k * kThreads, i = item / kChunk;
+                if (i < p.n) partial[i][item % kChunk] = weight[i] * x[k];  // 0 for a weight-0 state
+            }
+            __syncthreads();
+            for (int c = tid; c < kChunk && c0 + c < p.cols; c += kThreads) {
+                float acc = 0.f;
+                for (int i = 0; i < p.n; ++i) acc += partial[i][c];
+                store_element<CF_MERGE_OUT>(p.out, b * p.out_stride[0] + s * p.out_stride[1] + h * p.out_stride[2] +
+                                                       (i64)(c0 + c) * p.out_stride[3], acc);
+            }
+            __syncthreads();
         }
-        if (lane == 0)
-            p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + s * p.lse_stride[2]] =
-                empty ? CF_INF : (m + log2_approx(total)) * kLn2;
+        if (tid == 0) p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + s * p.lse_stride[2]] = row_lse;
     }
 }
