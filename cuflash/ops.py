@@ -364,14 +364,15 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
         acc_native, acc = arrays.empty(framework, bp.dq_accum_shape, "float32", q.device, stream)
     pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "alibi": 0 if alibi is None else alibi.ptr, "o": out.ptr,
                 "lse": lse.ptr, "dout": dout.ptr, "delta": delta.ptr,
-                "dq_accum": 0 if acc_native is None else acc.ptr, "dq": dq.ptr,
+                "dq_accum": 0 if bp.dq_accum_shape is None else acc.ptr, "dq": dq.ptr,
                 "dk": dk.ptr, "dv": dv.ptr, "cu_seqlens_q": cu_seqlens_q.ptr, "cu_seqlens_k": cu_seqlens_k.ptr,
                 "seqused_q": 0 if seqused_q is None else seqused_q.ptr,
                 "seqused_k": 0 if seqused_k is None else seqused_k.ptr}
     views = {"q": q, "k": k, "v": v, "dout": dout}
     for launch in bp.launches:
         if launch.grid:
-            _launch(launch, stream, pointers, views, None if acc_native is None else (acc.ptr, bp.dq_accum_shape))
+            accumulator = None if bp.dq_accum_shape is None else (acc.ptr, bp.dq_accum_shape)
+            _launch(launch, stream, pointers, views, accumulator)
     del acc_native, delta_native  # freed after enqueueing: stream-ordered allocators reuse them safely
 
 
@@ -401,6 +402,6 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
         pointers["dq_semaphore"] = semaphore.ptr
     views = {"q": q, "k": k, "v": v, "dout": dout}
     for launch in bp.launches:
-        _launch(launch, stream, pointers, views, None if acc_native is None else (acc.ptr, bp.dq_accum_shape))
+        _launch(launch, stream, pointers, views, None if bp.dq_accum_shape is None else (acc.ptr, bp.dq_accum_shape))
     del acc_native, delta_native, semaphore_native  # freed after enqueueing: stream-ordered allocators reuse them
     return bp
