@@ -51,11 +51,13 @@ def main() -> None:
         batch, length = (int(x) for x in cell.split("x"))
         result, micros = _decode_cell(torch, batch, length, args.runs)
         rows.append({"batch": batch, "length": length, "tb_per_s": result, "us_per_call": micros})
-        best = max((v for k, v in result.items() if k.startswith("SDPA")), default=float("nan"))
+        best = max((v for k, v in result.items() if k.startswith("SDPA") and "graph" not in k), default=float("nan"))
+        nan = float("nan")
+        graphed = result.get("cuflash kvcache, CUDA graph", nan) / result.get("SDPA cudnn, CUDA graph", nan)
         line = "  ".join(f"{k} {v:5.2f}" for k, v in result.items())
         print(f"b={batch:3d} L={length:6d}  TB/s: {line}  | kvcache {micros['cuflash kvcache']:.1f} us "
-              f"({micros.get('cuflash kvcache, CUDA graph', float('nan')):.1f} graphed), "
-              f"/ best SDPA {result['cuflash kvcache'] / best:.2f}, paged / contiguous "
+              f"({micros.get('cuflash kvcache, CUDA graph', nan):.1f} graphed), / best SDPA "
+              f"{result['cuflash kvcache'] / best:.2f} (graphed / cuDNN graphed {graphed:.2f}), paged / contiguous "
               f"{result['cuflash kvcache, paged 16'] / result['cuflash kvcache']:.2f}", flush=True)
     prefill = _prefill(torch, args.runs)
     print(f"prefill 512 onto 8192 keys, batch 4: kvcache {prefill['kvcache']:.0f} TFLOP/s, dense "

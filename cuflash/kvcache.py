@@ -508,7 +508,9 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
     outputs = tuple(rec.regions.index(_region(x, fw)) if _region(x, fw) in rec.regions[rec.inputs:] else -1
                     for x in returned)
     if -1 not in outputs and all(o >= rec.inputs for o in outputs):
-        executor.bind_sequence(key, rec, fw, arrays.device_of(q, fw), arrays.dtype_name(q, fw), outputs)
+        device = arrays.device_of(q, fw)
+        with arrays.device_scope(fw, device):  # bound to the context the recorded launches ran in
+            executor.bind_sequence(key, rec, fw, device, arrays.dtype_name(q, fw), outputs)
     return result
 
 
