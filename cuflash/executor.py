@@ -18,6 +18,7 @@ with no context yet) the call goes the general path, which makes the right devic
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import struct
 import threading
 
@@ -81,10 +82,13 @@ class _Binding:
     """One kernel launch of a plan (launch_plan.KernelLaunch) with its pointer and tensor-map fields located
     in the parameter block: per call, the pointer table is written in and the maps looked up by address."""
 
-    __slots__ = ("fn", "grid", "splits", "threads", "smem", "size", "prefix", "ptr_slots", "map_slots", "_tls")
+    __slots__ = ("fn", "function", "grid", "splits", "threads", "smem", "size", "prefix", "ptr_slots", "map_slots",
+                 "_tls")
 
     def __init__(self, launch, names: tuple, map_views: dict, accumulator):
-        self.fn, self.grid, self.threads, self.smem = launch.fn.ptr, launch.grid, launch.threads, launch.smem
+        # The function object is kept: it keeps its module loaded while the binding may launch it.
+        self.function, self.fn = launch.fn, launch.fn.ptr
+        self.grid, self.threads, self.smem = launch.grid, launch.threads, launch.smem
         self.splits = launch.splits
         from .ops import sm90_params_bytes
         maps_bytes = len(launch.maps) * tma.MAP_BYTES
@@ -98,7 +102,7 @@ class _Binding:
                 slots.append((j * tma.MAP_BYTES, names.index(name),
                               lambda p, shape=shape, box=box: tma.accumulator_map(p, shape, *box), {}))
             else:
-                view = map_views[name]
+                view = dataclasses.replace(map_views[name], owner=None)  # geometry only: nothing kept alive
                 slots.append((j * tma.MAP_BYTES, names.index(name),
                               lambda p, view=view, box=box: tma.tile_map(
                                   DeviceArray(p, view.shape, view.strides, view.dtype, view.device), box), {}))
@@ -277,12 +281,13 @@ class BoundBackward(_Bound):
 class _Replay:
     """One recorded kernel launch (recording.Recording), its pointers and tensor maps relocated per call."""
 
-    __slots__ = ("fn", "grid", "splits", "threads", "smem", "template", "argv_offsets", "ptr_slots", "map_slots",
-                 "_tls")
+    __slots__ = ("fn", "function", "grid", "splits", "threads", "smem", "template", "argv_offsets", "ptr_slots",
+                 "map_slots", "_tls")
 
     def __init__(self, step):
-        _, self.fn, self.grid, self.splits, self.threads, self.smem, self.template, self.argv_offsets, \
+        _, self.function, self.grid, self.splits, self.threads, self.smem, self.template, self.argv_offsets, \
             self.ptr_slots, maps = step
+        self.fn = self.function.ptr  # (the object kept: it keeps its module loaded)
         slots = []
         for offset, view, box, region, add in maps:
             if view is None:  # the dq accumulator: box is (address, shape, box)

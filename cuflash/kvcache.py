@@ -389,7 +389,17 @@ def _device_index(name, x, batch, fw, device, stream):
     return view if view.strides == (1,) else arrays.contiguous_copy(x, fw, device, stream)
 
 
-def _decode_packed(qv, q, out, groups, batch, heads_q, heads_k, d, fw, device, stream):
+def _copy_rows(view, fw, stream, cc):
+    """A contiguous copy of a 4-D view of 16-bit elements (q, new keys), made by strided_copy.cu into an
+    allocation of ``fw``'s: launches a bound call can replay (recording.py), where a copy made by the
+    framework would keep the call from being bound."""
+    from . import ops
+    _, dst = arrays.empty(fw, view.shape, view.dtype, view.device, stream)
+    ops.strided_copy(view, dst, stream=stream, cc=cc)
+    return dst
+
+
+def _decode_packed(qv, out, groups, batch, heads_q, heads_k, d, fw, stream, cc):
     """One query per sequence with GQA (decoding): the query heads that share a key/value head become the rows
     of that head's tile, so each cache row is read once per key/value head, not once per query head
     (api.decode_groups says when, and why causal and a right window may go). Sequence b's rows are
@@ -398,11 +408,11 @@ def _decode_packed(qv, q, out, groups, batch, heads_q, heads_k, d, fw, device, s
     no row of any head lies past the arrays' memory (TMA may load whole tiles up to it). Returns (q3, out3,
     total, seqused_q)."""
     if qv.strides[0] != heads_q * qv.strides[2] or qv.strides[2] != d or qv.strides[3] != 1:
-        qv = arrays.contiguous_copy(q, fw, device, stream)
+        qv = _copy_rows(qv, fw, stream, cc)
     total = (batch - 1) * heads_q + groups
-    views = [arrays.DeviceArray(x.ptr, (total, heads_k, d), (d, groups * d, 1), x.dtype, device, x.owner)
+    views = [arrays.DeviceArray(x.ptr, (total, heads_k, d), (d, groups * d, 1), x.dtype, out.device, x.owner)
              for x in (qv, out)]
-    _, used_q = arrays.empty(fw, (batch,), "int32", device, stream)
+    _, used_q = arrays.empty(fw, (batch,), "int32", out.device, stream)
     from . import ops
     ops.fill_int32(used_q, groups, stream=stream)
     return views[0], views[1], total, used_q
@@ -501,13 +511,15 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
         outs = bound.run(xs)
         if outs is not None:
             return tuple(outs) if return_lse else outs[0]
+        # Bound in another context (the arrays' device is not this thread's current one): the general path,
+        # without recording the same call again.
+        return _with_kvcache_general(q, k_cache, v_cache, k, v, fw, **options)
     regions = [None if x is None else _region(x, fw) for x in xs]
     with recording.Recording(regions) as rec:
         result = _with_kvcache_general(q, k_cache, v_cache, k, v, fw, **options)
-    returned = result if return_lse else (result,)
-    outputs = tuple(rec.regions.index(_region(x, fw)) if _region(x, fw) in rec.regions[rec.inputs:] else -1
-                    for x in returned)
-    if -1 not in outputs and all(o >= rec.inputs for o in outputs):
+        # The outputs are allocations of the call, found by identity (zero-size ones share an address).
+        outputs = tuple(rec.allocation_of(x) for x in (result if return_lse else (result,)))
+    if rec.failed is None and None not in outputs and all(rec.regions[o][1] > 0 for o in outputs):
         device = arrays.device_of(q, fw)
         with arrays.device_scope(fw, device):  # bound to the context the recorded launches ran in
             executor.bind_sequence(key, rec, fw, device, arrays.dtype_name(q, fw), outputs)
@@ -664,12 +676,11 @@ def _with_kvcache_general(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache
         news = [None, None]
         if k is not None:
             news = [arrays.device_view(x, fw, stream) for x in (k, v)]
-            news = [n if n.strides[3] == 1 else arrays.contiguous_copy(x, fw, device, stream)
-                    for n, x in zip(news, (k, v))]
+            news = [n if n.strides[3] == 1 else _copy_rows(n, fw, stream, cc) for n in news]
         qv = arrays.device_view(q, fw, stream)
         if tables is not None:
             if qv.strides[3] != 1:  # rotary.cu reads rows with a unit column stride
-                qv = arrays.contiguous_copy(q, fw, device, stream)
+                qv = _copy_rows(qv, fw, stream, cc)
             # q and the new keys rotated into copies first, at the positions the cache held before the append
             # (as on the CPU path): the new keys at their own, the queries at theirs when causal or windowed.
             per_row = causal or window != (-1, -1)
@@ -693,7 +704,7 @@ def _with_kvcache_general(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache
         out_native, out = arrays.empty(fw, (batch, seqlen_q, heads_q, d), dtype, device, stream)
         groups = api.decode_groups(seqlen_q, heads_q, heads_k, alibi_slopes, window)
         if groups > 1 and d % 8 == 0 and 0 < batch * heads_q < 1 << 31:
-            packed = _decode_packed(qv, q, out, groups, batch, heads_q, heads_k, d, fw, device, stream)
+            packed = _decode_packed(qv, out, groups, batch, heads_q, heads_k, d, fw, stream, cc)
             q3, out3, total_q, used_q = packed
             ops.kvcache_append(kc, vc, *news, seqlens, seqlens_value, leftpad, cu_q, cu_k, used_k,
                                seqlen_q=heads_q, stream=stream, cc=cc, **paging)
@@ -720,7 +731,7 @@ def _with_kvcache_general(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache
             ops.kvcache_append(kc, vc, *news, seqlens, seqlens_value, leftpad, cu_q, cu_k, used_k,
                                seqlen_q=seqlen_q, stream=stream, cc=cc, **paging)
             if qv.strides[0] != seqlen_q * qv.strides[1]:
-                qv = arrays.contiguous_copy(q, fw, device, stream)
+                qv = _copy_rows(qv, fw, stream, cc)
             q3 = arrays.DeviceArray(qv.ptr, (batch * seqlen_q, heads_q, d), qv.strides[1:], dtype, device, qv.owner)
             out3 = arrays.DeviceArray(out.ptr, (batch * seqlen_q, heads_q, d), out.strides[1:], dtype, device,
                                       out.owner)

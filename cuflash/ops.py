@@ -68,7 +68,7 @@ def _launch(launch, stream: int, pointers: dict, views=None, accumulator=None) -
     if rec is not None:
         specs = tuple((j * tma.MAP_BYTES, None, (accumulator[0], accumulator[1], box)) if n == "dq_accum"
                       else (j * tma.MAP_BYTES, views[n], box) for j, (n, box) in enumerate(launch.maps))
-        rec.launch(launch.fn.ptr, launch.grid, launch.splits, launch.threads, launch.smem, buf.raw[:size], (0,),
+        rec.launch(launch.fn, launch.grid, launch.splits, launch.threads, launch.smem, buf.raw[:size], (0,),
                    tuple(offset + o for o in _PTR_OFFSETS), specs)
     driver.launchKernel(launch.fn.ptr, launch.grid, launch.splits, 1, launch.threads, 1, 1, launch.smem, stream,
                         ctypes.addressof(argv), 0)
@@ -88,7 +88,7 @@ def _launch_args(fn, grid: int, threads: int, stream: int, args: tuple) -> None:
             if isinstance(a, ctypes.c_void_p):
                 pointer_offsets.append(len(template))
             template += bytes(a)
-        rec.launch(fn.ptr, grid, 1, threads, 0, template, offsets, pointer_offsets)
+        rec.launch(fn, grid, 1, threads, 0, template, offsets, pointer_offsets)
     argv = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
     driver.launchKernel(fn.ptr, grid, 1, 1, threads, 1, 1, 0, stream, ctypes.addressof(argv), 0)
 
@@ -143,7 +143,7 @@ def merge_states(outs: list, lses: list, out: DeviceArray, lse: DeviceArray, *, 
     grid = min(rows, 8 * _sm_count(out.device))
     rec = recording.current()
     if rec is not None:
-        rec.launch(fn.ptr, grid, 1, key.threads, 0, buf.raw, (0,), _MERGE_POINTER_OFFSETS)
+        rec.launch(fn, grid, 1, key.threads, 0, buf.raw, (0,), _MERGE_POINTER_OFFSETS)
     driver.launchKernel(fn.ptr, grid, 1, 1, key.threads, 1, 1, 0, stream, ctypes.addressof(argv), 0)
 
 

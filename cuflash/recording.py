@@ -12,6 +12,7 @@ unusable too: a replay must never reach memory of an earlier call.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 _tls = threading.local()
@@ -66,11 +67,19 @@ class Recording:
         self.allocs.append((tuple(view.shape), view.dtype))
         self._keep.append(owner)
 
-    def launch(self, fn: int, grid: int, splits: int, threads: int, smem: int, template: bytes, argv_offsets,
+    def allocation_of(self, array):
+        """The region of the allocation that is ``array`` (the framework array itself), or None."""
+        for j, owner in enumerate(self._keep):
+            if owner is array:
+                return self.inputs + j
+        return None
+
+    def launch(self, fn, grid: int, splits: int, threads: int, smem: int, template: bytes, argv_offsets,
                pointer_offsets, maps=()) -> None:
-        """A kernel launch: ``pointer_offsets`` the byte offsets of device pointers in ``template``;
-        ``maps`` (byte offset, view, box) of tensor maps to re-encode (view None: an accumulator map given as
-        (ptr, shape) in box)."""
+        """A kernel launch: ``fn`` the loaded function (kept: it keeps its module loaded), ``pointer_offsets``
+        the byte offsets of device pointers in ``template``; ``maps`` (byte offset, view, box) of tensor maps
+        to re-encode (view None: an accumulator map given as (ptr, shape, box) in box). Views are kept as
+        geometry only: a bound call must not keep the recorded call's arrays alive."""
         try:
             slots = []
             for off in pointer_offsets:
@@ -80,6 +89,8 @@ class Recording:
             map_slots = []
             for off, view, box in maps:
                 ptr = view.ptr if view is not None else box[0]
+                if view is not None:
+                    view = dataclasses.replace(view, owner=None)
                 map_slots.append((off, view, box, *self.locate(ptr)))
         except Unbindable as e:
             self.fail(str(e))

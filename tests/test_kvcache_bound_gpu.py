@@ -140,3 +140,36 @@ def test_a_call_with_a_framework_copy_is_not_bound(bound_runs):
     assert bound_runs == []
     assert not executor._sequences
     _same_bits(outs[0], outs[1])
+
+
+def test_q_sliced_from_a_fused_projection_is_bound(bound_runs):
+    """q as a view into a fused QKV projection (strided heads): the packed path copies it with
+    strided_copy.cu, which a replay repeats, so the call binds; bit for bit against the general path."""
+    import cupy
+    rng = np.random.default_rng(5)
+    batch, hq, hk, d = 2, 8, 2, 128
+    caches = [rng.standard_normal((batch, 512, hk, d)).astype(np.float16) for _ in range(2)]
+
+    def run(seed):
+        qkv = cupy.asarray(np.random.default_rng(seed).standard_normal((batch, 1, hq + 2 * hk, d)).astype(np.float16))
+        return cuflash.attention_with_kvcache(qkv[:, :, :hq], *(cupy.asarray(c) for c in caches), cache_seqlens=300)
+    run(1)
+    got = run(2)
+    assert bound_runs == [True]
+    executor.clear()
+    _same_bits(got, run(2))
+
+
+def test_a_bound_call_keeps_no_array_of_the_call_it_recorded_alive(bound_runs):
+    """The caches, q and output of the recorded call are freed once the caller drops them (a server frees
+    a request's caches; a bound call must not pin them)."""
+    import gc
+    import weakref
+    torch = require_torch_cuda()
+    q = torch.randn(2, 1, 8, 128, device="cuda", dtype=torch.float16)
+    kc, vc = (torch.randn(2, 512, 2, 128, device="cuda", dtype=torch.float16) for _ in range(2))
+    out = cuflash.attention_with_kvcache(q, kc, vc, cache_seqlens=300)
+    refs = [weakref.ref(x) for x in (q, kc, vc, out)]
+    del q, kc, vc, out
+    gc.collect()
+    assert executor._sequences and all(r() is None for r in refs)

@@ -71,3 +71,34 @@ def test_one_recording_per_thread():
 def test_extent_bytes():
     assert recording.extent_bytes((2, 3, 4), (24, 4, 1), 2) == (24 + 2 * 4 + 3 + 1) * 2
     assert recording.extent_bytes((0, 3), (3, 1), 2) == 0
+
+
+def test_tensor_map_views_keep_no_array_alive():
+    """A recorded tensor map keeps the view's geometry, not its owner: a bound call must not pin the first
+    call's caches (they may be gigabytes, and a server frees them per request)."""
+    import gc
+    import weakref
+
+    from cuflash.arrays import DeviceArray
+
+    class Owner:
+        pass
+    owner = Owner()
+    alive = weakref.ref(owner)
+    rec = _rec()
+    view = DeviceArray(0x8000, (4, 2, 64), (128, 64, 1), "float16", 0, owner)
+    rec.launch(1, 1, 1, 128, 0, bytes(16), (0,), (), maps=((0, view, (64,)),))
+    del owner, view
+    gc.collect()
+    assert rec.failed is None and alive() is None
+    (step,) = rec.steps
+    assert step[9][0][1].shape == (4, 2, 64) and step[9][0][3:] == (1, 0)
+
+
+def test_allocations_are_found_by_identity():
+    """Outputs are found as the allocations they are, not by address: zero-size allocations share one."""
+    rec = _rec()
+    a, b = object(), object()
+    rec.allocated(SimpleNamespace(ptr=0, shape=(0,), dtype="float32"), a, 0)
+    rec.allocated(SimpleNamespace(ptr=0, shape=(0,), dtype="float32"), b, 0)
+    assert rec.allocation_of(b) == 5 and rec.allocation_of(a) == 4 and rec.allocation_of(object()) is None
