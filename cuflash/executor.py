@@ -18,7 +18,6 @@ with no context yet) the call goes the general path, which makes the right devic
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import struct
 import threading
 
@@ -78,46 +77,35 @@ def _remember(table: dict, key, bound) -> None:
     table[key] = bound
 
 
-class _Binding:
-    """One kernel launch of a plan (launch_plan.KernelLaunch) with its pointer and tensor-map fields located
-    in the parameter block: per call, the pointer table is written in and the maps looked up by address."""
+class _Launch:
+    """One kernel launch whose parameter bytes are relocated per call: pointer slots (byte offset, index, add)
+    get ``values[index] + add``, tensor-map slots (byte offset, index, add, make, cache) the map ``make``
+    encodes for that address, remembered per address (a training step or a decode loop brings the same few
+    back). ``values`` are a bound call's addresses: the pointer table of a plan's launch (:func:`_binding`) or
+    the regions of a recorded call (:func:`_replay`). The function object is kept: it keeps its module
+    loaded while the launch may run."""
 
-    __slots__ = ("fn", "function", "grid", "splits", "threads", "smem", "size", "prefix", "ptr_slots", "map_slots",
-                 "_tls")
+    __slots__ = ("function", "fn", "grid", "splits", "threads", "smem", "template", "argv_offsets", "ptr_slots",
+                 "map_slots", "_tls")
 
-    def __init__(self, launch, names: tuple, map_views: dict, accumulator):
-        # The function object is kept: it keeps its module loaded while the binding may launch it.
-        self.function, self.fn = launch.fn, launch.fn.ptr
-        self.grid, self.threads, self.smem = launch.grid, launch.threads, launch.smem
-        self.splits = launch.splits
-        from .ops import sm90_params_bytes
-        maps_bytes = len(launch.maps) * tma.MAP_BYTES
-        self.size = sm90_params_bytes(len(launch.maps)) if launch.maps else len(launch.block)
-        self.prefix = bytes(maps_bytes) + launch.block  # the block with its pointer fields zero
-        self.ptr_slots = tuple((maps_bytes + _PTR_OFFSET[n], i) for i, n in enumerate(names) if n in _PTR_OFFSET)
-        slots = []
-        for j, (name, box) in enumerate(launch.maps):
-            if name == "dq_accum":
-                shape = accumulator
-                slots.append((j * tma.MAP_BYTES, names.index(name),
-                              lambda p, shape=shape, box=box: tma.accumulator_map(p, shape, *box), {}))
-            else:
-                view = dataclasses.replace(map_views[name], owner=None)  # geometry only: nothing kept alive
-                slots.append((j * tma.MAP_BYTES, names.index(name),
-                              lambda p, view=view, box=box: tma.tile_map(
-                                  DeviceArray(p, view.shape, view.strides, view.dtype, view.device), box), {}))
-        self.map_slots = tuple(slots)
+    def __init__(self, function, grid, splits, threads, smem, template: bytes, argv_offsets, ptr_slots, map_slots):
+        self.function, self.fn = function, function.ptr
+        self.grid, self.splits, self.threads, self.smem = grid, splits, threads, smem
+        self.template, self.argv_offsets = template, tuple(argv_offsets)
+        self.ptr_slots = tuple(ptr_slots)
+        self.map_slots = tuple((offset, index, add, make, {}) for offset, index, add, make in map_slots)
         self._tls = threading.local()
 
-    def launch(self, ptrs: list, stream: int, launch_kernel) -> None:
+    def __call__(self, values, stream: int, launch_kernel) -> None:
         hit = getattr(self._tls, "buf", None)
         if hit is None:  # one parameter buffer per thread: the driver copies it during the launch call
-            buf = ctypes.create_string_buffer(self.size)
-            ctypes.memmove(buf, self.prefix, len(self.prefix))
-            hit = self._tls.buf = (buf, ctypes.addressof(buf), (ctypes.c_void_p * 1)(ctypes.addressof(buf)))
+            buf = ctypes.create_string_buffer(self.template, len(self.template))
+            addr = ctypes.addressof(buf)
+            argv = (ctypes.c_void_p * len(self.argv_offsets))(*(addr + o for o in self.argv_offsets))
+            hit = self._tls.buf = (buf, addr, argv)
         buf, addr, argv = hit
-        for offset, i, make, cache in self.map_slots:
-            p = ptrs[i]
+        for offset, index, add, make, cache in self.map_slots:
+            p = values[index] + add
             m = cache.get(p)
             if m is None:
                 if len(cache) >= _MAPS_PER_SLOT:
@@ -125,10 +113,36 @@ class _Binding:
                 m = cache[p] = make(p)
             ctypes.memmove(addr + offset, m, tma.MAP_BYTES)
         pack = _U64.pack_into
-        for offset, i in self.ptr_slots:
-            pack(buf, offset, ptrs[i])
+        for offset, index, add in self.ptr_slots:
+            pack(buf, offset, values[index] + add)
         launch_kernel(self.fn, self.grid, self.splits, 1, self.threads, 1, 1, self.smem, stream,
                       ctypes.addressof(argv), 0)
+
+
+def _tile_map_maker(view, box):
+    """Encodes the tile map of ``view``'s geometry at a given address (the view's owner is not kept)."""
+    shape, strides, dtype, device = view.shape, view.strides, view.dtype, view.device
+    return lambda p: tma.tile_map(DeviceArray(p, shape, strides, dtype, device), box)
+
+
+def _binding(launch, names: tuple, map_views: dict, accumulator) -> _Launch:
+    """A plan's launch (launch_plan.KernelLaunch) with its pointer and tensor-map fields located in the
+    parameter block by name: per call, the pointer table (addresses in ``names``' order) is written in."""
+    from .ops import sm90_params_bytes
+    maps_bytes = len(launch.maps) * tma.MAP_BYTES
+    size = sm90_params_bytes(len(launch.maps)) if launch.maps else len(launch.block)
+    template = bytes(maps_bytes) + launch.block  # the block with its pointer fields zero
+    template += bytes(size - len(template))
+    ptr_slots = [(maps_bytes + _PTR_OFFSET[n], i, 0) for i, n in enumerate(names) if n in _PTR_OFFSET]
+    map_slots = []
+    for j, (name, box) in enumerate(launch.maps):
+        if name == "dq_accum":
+            make = (lambda p, shape=accumulator, box=box: tma.accumulator_map(p, shape, *box))
+        else:
+            make = _tile_map_maker(map_views[name], box)
+        map_slots.append((j * tma.MAP_BYTES, names.index(name), 0, make))
+    return _Launch(launch.fn, launch.grid, launch.splits, launch.threads, launch.smem, template, (0,), ptr_slots,
+                   map_slots)
 
 
 class _Bound:
@@ -203,7 +217,7 @@ class BoundForward(_Bound):
         b, sq, hq = out_shape[:3]
         self.lse_shape = (b, hq, sq)
         self.counter = fp.tile_counter
-        self.binding = _Binding(fp.launch, FORWARD_POINTERS, views, None)
+        self.binding = _binding(fp.launch, FORWARD_POINTERS, views, None)
 
     def run(self, q, k, v):
         """(out, lse) as the caller's arrays, or None when the thread's context is not the bound one."""
@@ -230,7 +244,7 @@ class BoundForward(_Bound):
         if self.counter:
             counter, ptrs[5] = self._alloc((1,), self._i32, stream, "tile_counter")
             self._memset(ptrs[5], 0, 4, stream)
-        self.binding.launch(ptrs, stream, self._launch_kernel)
+        self.binding(ptrs, stream, self._launch_kernel)
         del counter  # freed after enqueueing: stream-ordered allocators reuse it safely
 
 
@@ -245,7 +259,7 @@ class BoundBackward(_Bound):
         self.delta_shape = None if bp.delta_in_dq else (b, hq, sq)
         self.acc_shape, self.sem_shape = bp.dq_accum_shape, bp.dq_semaphore_shape
         map_views = {n: views[n] for n in ("q", "k", "v", "dout")}
-        self.bindings = tuple(_Binding(launch, BACKWARD_POINTERS, map_views, bp.dq_accum_shape)
+        self.bindings = tuple(_binding(launch, BACKWARD_POINTERS, map_views, bp.dq_accum_shape)
                               for launch in bp.launches if launch.grid)
 
     def run(self, dout, q, k, v, out, lse):
@@ -274,52 +288,21 @@ class BoundBackward(_Bound):
         sem, ps = self._alloc(self.sem_shape, self._i32, stream, "dq_semaphore") if self.sem_shape else (None, 0)
         ptrs += (pd, pa, ps)
         for binding in self.bindings:
-            binding.launch(ptrs, stream, self._launch_kernel)
+            binding(ptrs, stream, self._launch_kernel)
         del delta, acc, sem  # freed after enqueueing: stream-ordered allocators reuse them safely
 
 
-class _Replay:
-    """One recorded kernel launch (recording.Recording), its pointers and tensor maps relocated per call."""
-
-    __slots__ = ("fn", "function", "grid", "splits", "threads", "smem", "template", "argv_offsets", "ptr_slots",
-                 "map_slots", "_tls")
-
-    def __init__(self, step):
-        _, self.function, self.grid, self.splits, self.threads, self.smem, self.template, self.argv_offsets, \
-            self.ptr_slots, maps = step
-        self.fn = self.function.ptr  # (the object kept: it keeps its module loaded)
-        slots = []
-        for offset, view, box, region, add in maps:
-            if view is None:  # the dq accumulator: box is (address, shape, box)
-                make = (lambda p, shape=box[1], b=box[2]: tma.accumulator_map(p, shape, *b))
-            else:
-                make = (lambda p, view=view, box=box: tma.tile_map(
-                    DeviceArray(p, view.shape, view.strides, view.dtype, view.device), box))
-            slots.append((offset, region, add, make, {}))
-        self.map_slots = tuple(slots)
-        self._tls = threading.local()
-
-    def __call__(self, bases: list, stream: int, launch_kernel) -> None:
-        hit = getattr(self._tls, "buf", None)
-        if hit is None:  # one parameter buffer per thread: the driver copies it during the launch call
-            buf = ctypes.create_string_buffer(self.template, len(self.template))
-            addr = ctypes.addressof(buf)
-            argv = (ctypes.c_void_p * len(self.argv_offsets))(*(addr + o for o in self.argv_offsets))
-            hit = self._tls.buf = (buf, addr, argv)
-        buf, addr, argv = hit
-        pack = _U64.pack_into
-        for offset, region, add in self.ptr_slots:
-            pack(buf, offset, bases[region] + add)
-        for offset, region, add, make, cache in self.map_slots:
-            p = bases[region] + add
-            m = cache.get(p)
-            if m is None:
-                if len(cache) >= _MAPS_PER_SLOT:
-                    cache.clear()
-                m = cache[p] = make(p)
-            ctypes.memmove(addr + offset, m, tma.MAP_BYTES)
-        launch_kernel(self.fn, self.grid, self.splits, 1, self.threads, 1, 1, self.smem, stream,
-                      ctypes.addressof(argv), 0)
+def _replay(step) -> _Launch:
+    """A recorded launch (recording.Recording's "launch" step) relocated to a bound call's regions."""
+    _, function, grid, splits, threads, smem, template, argv_offsets, ptr_slots, maps = step
+    map_slots = []
+    for offset, view, box, region, add in maps:
+        if view is None:  # the dq accumulator: box is (address, shape, box)
+            make = (lambda p, shape=box[1], b=box[2]: tma.accumulator_map(p, shape, *b))
+        else:
+            make = _tile_map_maker(view, box)
+        map_slots.append((offset, region, add, make))
+    return _Launch(function, grid, splits, threads, smem, template, argv_offsets, ptr_slots, map_slots)
 
 
 class BoundSequence(_Bound):
@@ -360,7 +343,7 @@ class BoundSequence(_Bound):
         steps = []
         for step in rec.steps:
             if step[0] == "launch":
-                steps.append((0, _Replay(step)))
+                steps.append((0, _replay(step)))
             else:
                 kind, region, add, value, count = step
                 steps.append((1 if kind == "memset8" else 2, (region, add, value, count)))
