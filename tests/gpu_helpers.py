@@ -129,6 +129,13 @@ def to_host(x):
     return np.asarray(x)
 
 
+def same_bits(a, b):
+    """Asserts two arrays (any framework, any device) hold the same shape, dtype and bytes."""
+    ha, hb = to_host(a), to_host(b)
+    assert ha.shape == hb.shape and ha.dtype == hb.dtype
+    assert np.array_equal(ha.view(np.uint8), hb.view(np.uint8))
+
+
 def to_np64(x):
     """Any array (bf16 included) as a float64 NumPy array."""
     return to_host(x).astype(np.float64)

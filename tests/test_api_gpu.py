@@ -14,17 +14,11 @@ import cuflash
 from cuflash import reference
 
 from gpu_helpers import (flash_rule, host_randn, inputs, naive_backward_same_dtype, naive_same_dtype, np_dtype,
-                         rand_slopes, randn_like, require_torch_cuda, to_device, to_host, to_np64)
+                         rand_slopes, randn_like, require_torch_cuda, same_bits, to_device, to_host, to_np64)
 
 pytestmark = pytest.mark.gpu
 
 DTYPES = ["float16", "bfloat16"]
-
-
-def _same_bits(a, b):
-    ha, hb = to_host(a), to_host(b)
-    assert ha.shape == hb.shape and ha.dtype == hb.dtype
-    assert np.array_equal(ha.view(np.uint8), hb.view(np.uint8))
 
 
 def _in_fresh_thread(fn):
@@ -69,7 +63,7 @@ def test_calls_from_a_thread_without_a_cuda_context(fw):
     cupy.cuda.runtime.deviceSynchronize()
     assert not had_context, "the new thread already had a CUDA context: this test no longer tests anything"
     for a, b in zip(got, want):
-        _same_bits(a, b)
+        same_bits(a, b)
 
 # --- item 1: CuPy bfloat16 ---------------------------------------------------------------------------------
 
@@ -95,12 +89,12 @@ def test_cupy_bfloat16_bitwise_equals_torch_call():
     out_t, lse_t = cuflash.attention(*t[:3], return_lse=True)
     out_c, lse_c = cuflash.attention(*c[:3], return_lse=True)
     torch.cuda.synchronize()
-    _same_bits(out_c, out_t)
-    _same_bits(lse_c, lse_t)
+    same_bits(out_c, out_t)
+    same_bits(lse_c, lse_t)
     grads_t = cuflash.attention_backward(t[3], *t[:3], out_t, lse_t)
     grads_c = cuflash.attention_backward(c[3], *c[:3], out_c, lse_c)
     for gc, gt in zip(grads_c, grads_t):
-        _same_bits(gc, gt)
+        same_bits(gc, gt)
 
 
 # --- item 2: arrays on another GPU -------------------------------------------------------------------------
@@ -152,8 +146,8 @@ def test_head_dims_off_multiples_of_8(d, dtype):
     width = -(-d // 8) * 8
     pad = lambda x: to_device(np.pad(to_host(x), ((0, 0),) * 3 + ((0, width - d),)))  # noqa: E731
     out_p, lse_p = cuflash.attention(pad(q), pad(k), pad(v), causal=True, softmax_scale=d ** -0.5, return_lse=True)
-    _same_bits(out, to_host(out_p)[..., :d])
-    _same_bits(lse, lse_p)
+    same_bits(out, to_host(out_p)[..., :d])
+    same_bits(lse, lse_p)
 
 
 # --- item 9: views the kernels cannot read in place ----------------------------------------------------------
@@ -183,14 +177,14 @@ def test_non_unit_last_stride_and_misaligned_views():
     for view in (every_other, shifted):
         args = [view(x) for x in (q, k, v)]
         out2, lse2 = cuflash.attention(*args, alibi_slopes=slopes_wide[::2], return_lse=True)
-        _same_bits(out2, out)
-        _same_bits(lse2, lse)
+        same_bits(out2, out)
+        same_bits(lse2, lse)
         lse_strided = cupy.zeros(lse.shape + (2,), np.float32)
         lse_strided[..., 0] = lse
         grads2 = cuflash.attention_backward(view(dout), *args, view(out), lse_strided[..., 0],
                                             alibi_slopes=slopes_wide[::2])
         for a, b in zip(grads2, grads):
-            _same_bits(a, b)
+            same_bits(a, b)
 
 
 # --- item 8: empty inputs -------------------------------------------------------------------------------------
@@ -233,7 +227,7 @@ def test_one_huge_score(family, monkeypatch):
     assert float(lse[0, 0, 0]) == pytest.approx(8 * 133120.0 ** 2, rel=1e-6)
     dout = randn_like(x, 3)
     dq, dk, dv = cuflash.attention_backward(dout, x, x, x, out, lse)
-    _same_bits(dv, dout)
+    same_bits(dv, dout)
     assert np.isfinite(to_np64(dq)).all() and np.isfinite(to_np64(dk)).all()
 
 

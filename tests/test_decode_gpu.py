@@ -12,16 +12,10 @@ import pytest
 import cuflash
 from cuflash import api, executor, reference
 
-from gpu_helpers import flash_rule, inputs, naive_same_dtype, require_torch_cuda, to_host, to_np64
+from gpu_helpers import flash_rule, inputs, naive_same_dtype, require_torch_cuda, same_bits, to_host, to_np64
 from test_kvcache_gpu import _case
 
 pytestmark = pytest.mark.gpu
-
-
-def _same_bits(a, b):
-    ha, hb = to_host(a), to_host(b)
-    assert ha.shape == hb.shape and ha.dtype == hb.dtype
-    assert np.array_equal(ha.view(np.uint8), hb.view(np.uint8))
 
 
 @pytest.fixture
@@ -71,8 +65,8 @@ def test_dense_decode(fw, dtype, opts, packing):
     cupy.cuda.runtime.deviceSynchronize()
     assert packing.groups[0] == (1 if opts.get("window_size", (-1,))[0] >= 0 else 4)
     for out, lse in got:
-        _same_bits(out, want[0])
-        _same_bits(lse, want[1])
+        same_bits(out, want[0])
+        same_bits(lse, want[1])
     flash_rule(to_np64(got[0][0]), ref, base)
 
 
@@ -99,8 +93,8 @@ def test_kvcache_decode(dtype, lens, packing):
     (want_out, want_lse), want_caches = run()
     cupy.cuda.runtime.deviceSynchronize()
     assert packing.groups == [4]
-    _same_bits(out, want_out)
-    _same_bits(lse, want_lse)
+    same_bits(out, want_out)
+    same_bits(lse, want_lse)
     for a, b in zip(caches, want_caches):
         assert bool(cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16)))
     assert np.isfinite(to_host(out).astype(np.float32)).all()

@@ -17,15 +17,9 @@ import pytest
 import cuflash
 from cuflash import executor
 
-from gpu_helpers import inputs, randn_like, require_torch_cuda, to_host
+from gpu_helpers import inputs, randn_like, require_torch_cuda, same_bits, to_host
 
 pytestmark = pytest.mark.gpu
-
-
-def _same_bits(a, b):
-    ha, hb = to_host(a), to_host(b)
-    assert ha.shape == hb.shape and ha.dtype == hb.dtype
-    assert np.array_equal(ha.view(np.uint8), hb.view(np.uint8))
 
 
 @contextlib.contextmanager
@@ -85,12 +79,12 @@ def test_bound_calls_equal_the_general_path(fw, dtype, opts, family, bound_runs,
             want = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True, **opts)
             want_atomic = cuflash.attention_backward(dout, q, k, v, out, lse, **opts)
         cupy.cuda.runtime.deviceSynchronize()
-        _same_bits(out, want_out)
-        _same_bits(lse, want_lse)
+        same_bits(out, want_out)
+        same_bits(lse, want_lse)
         for g, w in zip(grads, want):
-            _same_bits(g, w)
+            same_bits(g, w)
         for g, w in zip(grads_atomic[1:], want_atomic[1:]):
-            _same_bits(g, w)
+            same_bits(g, w)
         np.testing.assert_allclose(to_host(grads_atomic[0]).astype(np.float32),
                                    to_host(want_atomic[0]).astype(np.float32), rtol=2e-2, atol=2e-3)
     # The first seed's calls bound the signatures; the next two ran bound.
@@ -109,7 +103,7 @@ def test_tensor_maps_follow_new_addresses(bound_runs, monkeypatch):
         with general_path(monkeypatch):
             want = cuflash.attention(q, k, v, causal=True)
         cupy.cuda.runtime.deviceSynchronize()
-        _same_bits(got, want)
+        same_bits(got, want)
     assert bound_runs["fwd"] == executor._MAPS_PER_SLOT + 3
 
 
@@ -129,8 +123,8 @@ def test_other_signatures_take_the_general_path(bound_runs):
     off[...] = q
     misaligned = cuflash.attention(off, k, v, causal=True)
     cupy.cuda.runtime.deviceSynchronize()
-    _same_bits(strided, base)
-    _same_bits(misaligned, base)
+    same_bits(strided, base)
+    same_bits(misaligned, base)
     with pytest.raises(TypeError, match="causal"):
         cuflash.attention(q, k, v, causal=1)
     with pytest.raises(TypeError, match="dtype"):
@@ -158,9 +152,9 @@ def test_plan_run_takes_the_bound_path(fw, bound_runs, monkeypatch):
         want_out, _ = cuflash.attention(q, k, v, causal=True, return_lse=True)
         want = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True)
     cupy.cuda.runtime.deviceSynchronize()
-    _same_bits(out, want_out)
+    same_bits(out, want_out)
     for g, w in zip(grads[1:], want[1:]):
-        _same_bits(g, w)
+        same_bits(g, w)
     assert bound_runs == {"fwd": 2, "bwd": 2}
     with pytest.raises(ValueError, match="shape"):
         p.run(q[:, :100], k, v)

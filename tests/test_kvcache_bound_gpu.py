@@ -11,7 +11,7 @@ import pytest
 import cuflash
 from cuflash import executor
 
-from gpu_helpers import require_torch_cuda, to_host
+from gpu_helpers import require_torch_cuda, same_bits, to_host
 
 pytestmark = pytest.mark.gpu
 
@@ -30,12 +30,6 @@ def bound_runs(monkeypatch):
     executor.clear()
     yield runs
     executor.clear()
-
-
-def _same_bits(a, b):
-    ha, hb = to_host(a), to_host(b)
-    assert ha.shape == hb.shape and ha.dtype == hb.dtype
-    assert np.array_equal(ha.view(np.uint8), hb.view(np.uint8))
 
 
 CASES = {
@@ -105,9 +99,9 @@ def test_bound_call_matches_general_path(case, fw, bound_runs):
     cupy.cuda.runtime.deviceSynchronize()
     assert bound_runs == [True]
     for a, b in zip(got, want):
-        _same_bits(a, b)
+        same_bits(a, b)
     for a, b in zip(got_caches, want_caches):
-        _same_bits(a, b)
+        same_bits(a, b)
     assert np.isfinite(to_host(got[0]).astype(np.float32)).all()
 
 
@@ -121,7 +115,7 @@ def test_int_cache_seqlens_is_part_of_the_signature(bound_runs):
     assert bound_runs == []
     c = cuflash.attention_with_kvcache(q, kc, vc, cache_seqlens=100)
     assert bound_runs == [True]
-    _same_bits(a, c)
+    same_bits(a, c)
     assert not np.array_equal(to_host(a), to_host(b))
 
 
@@ -139,7 +133,7 @@ def test_a_call_with_a_framework_copy_is_not_bound(bound_runs):
         outs.append(cuflash.attention_with_kvcache(q, kc, vc, new, new, cache_seqlens=100))
     assert bound_runs == []
     assert not executor._sequences
-    _same_bits(outs[0], outs[1])
+    same_bits(outs[0], outs[1])
 
 
 def test_q_sliced_from_a_fused_projection_is_bound(bound_runs):
@@ -157,7 +151,7 @@ def test_q_sliced_from_a_fused_projection_is_bound(bound_runs):
     got = run(2)
     assert bound_runs == [True]
     executor.clear()
-    _same_bits(got, run(2))
+    same_bits(got, run(2))
 
 
 def test_a_bound_call_keeps_no_array_of_the_call_it_recorded_alive(bound_runs):
