@@ -1,4 +1,5 @@
-"""Bound calls: the per-call fast path of the dense GPU forward and backward (issue 14).
+"""Bound calls: the per-call fast path of the dense GPU forward and backward (issue 14), and of
+attention_with_kvcache (:class:`BoundSequence`, replaying a recording.py recording).
 
 A call is identified by its signature: for each array its type, shape, strides, dtype, device and whether it
 starts on a 16-byte boundary, plus the options (each with its type) and the environment variables that
@@ -119,6 +120,11 @@ class _Launch:
                       ctypes.addressof(argv), 0)
 
 
+def _accumulator_map_maker(shape, box):
+    """Encodes the dq accumulator's map (``shape``) at a given address."""
+    return lambda p: tma.accumulator_map(p, shape, *box)
+
+
 def _tile_map_maker(view, box):
     """Encodes the tile map of ``view``'s geometry at a given address (the view's owner is not kept)."""
     shape, strides, dtype, device = view.shape, view.strides, view.dtype, view.device
@@ -137,7 +143,7 @@ def _binding(launch, names: tuple, map_views: dict, accumulator) -> _Launch:
     map_slots = []
     for j, (name, box) in enumerate(launch.maps):
         if name == "dq_accum":
-            make = (lambda p, shape=accumulator, box=box: tma.accumulator_map(p, shape, *box))
+            make = _accumulator_map_maker(accumulator, box)
         else:
             make = _tile_map_maker(map_views[name], box)
         map_slots.append((j * tma.MAP_BYTES, names.index(name), 0, make))
@@ -298,7 +304,7 @@ def _replay(step) -> _Launch:
     map_slots = []
     for offset, view, box, region, add in maps:
         if view is None:  # the dq accumulator: box is (address, shape, box)
-            make = (lambda p, shape=box[1], b=box[2]: tma.accumulator_map(p, shape, *b))
+            make = _accumulator_map_maker(box[1], box[2])
         else:
             make = _tile_map_maker(view, box)
         map_slots.append((offset, region, add, make))
@@ -324,7 +330,6 @@ class BoundSequence(_Bound):
         else:
             natives = {dtype: self._dtype, "float32": self._f32, "int32": self._i32, "uint8": np.uint8}
         self._u8 = natives["uint8"]
-        self.n_inputs = rec.inputs
         self.out_specs, self.temps, self.ws_bytes = [], [], 0
         for j, (shape, dt) in enumerate(rec.allocs):
             region = rec.inputs + j
@@ -349,7 +354,7 @@ class BoundSequence(_Bound):
                 steps.append((1 if kind == "memset8" else 2, (region, add, value, count)))
         self.steps = tuple(steps)
         self._memset8 = runtime.memsetAsync
-        self._fill_words = ops._fill_words
+        self._memset32 = ops.memset_words
 
     def run(self, xs):
         """The outputs (caller's arrays, in the recorded call's return order) for the caller's arrays ``xs``
@@ -373,8 +378,7 @@ class BoundSequence(_Bound):
                 self._memset8(bases[region] + add, value, count, stream)
             else:
                 region, add, value, count = step
-                self._fill_words(DeviceArray(bases[region] + add, (count,), (1,), "int32", self.device), value,
-                                 stream)
+                self._memset32(bases[region] + add, value, count, stream)
         del ws  # freed after enqueueing: stream-ordered allocators reuse it safely
         return [outs[i][0] for i in self.out_order]
 

@@ -21,7 +21,7 @@ import numbers
 
 import numpy as np
 
-from . import api, arrays, dispatch, reference
+from . import api, arrays, dispatch, executor, launch_plan, recording, reference
 
 _GPU_NOT_IMPLEMENTED = ("{}: runs on the CPU (NumPy path) only so far; the GPU kernels are not implemented yet. "
                         "Pass CPU arrays")
@@ -494,7 +494,6 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
     A decode step is a handful of small kernels (append, forward, merge): the general path's validation and
     planning in Python took 180-190 us a call on the H200 (bf16, batch 1, 1024 keys), where the kernels take
     10-60; a bound call writes pointers into the recorded launches and enqueues them."""
-    from . import executor, recording
     xs = (q, k_cache, v_cache, k, v, None if isinstance(cache_seqlens, numbers.Integral) else cache_seqlens,
           cache_batch_idx, cache_leftpad, block_table, rotary_cos, rotary_sin, alibi_slopes)
     options = dict(cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
@@ -519,7 +518,7 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
         result = _with_kvcache_general(q, k_cache, v_cache, k, v, fw, **options)
         # The outputs are allocations of the call, found by identity (zero-size ones share an address).
         outputs = tuple(rec.allocation_of(x) for x in (result if return_lse else (result,)))
-    if rec.failed is None and None not in outputs and all(rec.regions[o][1] > 0 for o in outputs):
+    if None not in outputs and all(rec.regions[o][1] > 0 for o in outputs):  # (bind_sequence skips a failed one)
         device = arrays.device_of(q, fw)
         with arrays.device_scope(fw, device):  # bound to the context the recorded launches ran in
             executor.bind_sequence(key, rec, fw, device, arrays.dtype_name(q, fw), outputs)
@@ -528,7 +527,6 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
 
 def _region(x, fw):
     """(base address, bytes spanned) of a torch or CuPy array."""
-    from . import recording
     if fw == "torch":
         shape, strides, item, ptr = x.shape, x.stride(), x.element_size(), x.data_ptr()
     else:
@@ -543,7 +541,6 @@ def _bound_key(fw, xs, cache_seqlens, rotary_interleaved, causal, window_size, s
     shape, strides, dtype, device and 16-byte alignment, the options with their types, the dispatch
     environment), or None where a call is not bound: arrays other than torch's or CuPy's (or mixed), CuPy
     arrays with negative strides, a window that is not a tuple."""
-    from . import executor, launch_plan
     if fw not in ("torch", "cupy") or window_size.__class__ is not tuple:
         return None
     sig = []

@@ -229,19 +229,24 @@ def fill_int32(a: DeviceArray, value: int, *, stream: int) -> None:
 
 
 def _fill_words(a: DeviceArray, bits: int, stream: int) -> None:
-    global _memset_d32
     count = math.prod(a.shape)
     if count == 0:
         return
+    rec = recording.current()
+    if rec is not None:
+        rec.memset("memset32", a.ptr, bits, count)
+    memset_words(a.ptr, bits, count, stream)
+
+
+def memset_words(ptr: int, bits: int, count: int, stream: int) -> None:
+    """``count`` 32-bit words from ``ptr`` set to ``bits`` on ``stream`` (cuMemsetD32Async)."""
+    global _memset_d32
     if _memset_d32 is None:
         fn = ctypes.CDLL("libcuda.so.1").cuMemsetD32Async
         fn.argtypes = [ctypes.c_uint64, ctypes.c_uint32, ctypes.c_size_t, ctypes.c_void_p]
         fn.restype = ctypes.c_int
         _memset_d32 = fn
-    rec = recording.current()
-    if rec is not None:
-        rec.memset("memset32", a.ptr, bits, count)
-    err = _memset_d32(a.ptr, bits, count, stream)
+    err = _memset_d32(ptr, bits, count, stream)
     if err:
         raise RuntimeError(f"cuMemsetD32Async failed (CUresult {err})")
 
