@@ -418,21 +418,18 @@ def _decode_packed(qv, out, groups, batch, heads_q, heads_k, d, fw, stream, cc):
     return views[0], views[1], total, used_q
 
 
-def _decode_splits(num_splits: int, tiles: int, seqlen_cache: int, head_dim: int, device: int, hopper: bool) -> int:
+def _decode_splits(num_splits: int, tiles: int, seqlen_cache: int, head_dim: int, device: int) -> int:
     """Split-KV factor of a packed decoding call of ``tiles`` CTAs (one per sequence and key/value head):
     ``num_splits`` when given (FlashAttention-2's argument: 1 = no split), capped at one key tile a split
-    and at what one merge launch takes; 0 = ours: enough splits for two CTAs per SM when the call leaves
-    SMs idle, each split at least two key tiles long. ``hopper``: the unsplit call would run the Hopper
-    kernel (contiguous caches on sm90), which streams a cache faster than the split Ampere kernel once a
-    third of the SMs have a CTA (H200, bf16, head dim 128, 32k keys: unsplit Hopper 0.47 TB/s with 8 CTAs
-    and 3.7 with 64; split Ampere 3.1-3.3 with 128-320 CTAs), so it splits only below that."""
+    and at what one merge launch takes; 0 = ours: enough splits for two work tiles per SM when the call
+    leaves SMs idle, each split at least two key tiles long (one CTA streams a cache at ~58 GB/s through
+    the Hopper kernel's TMA pipeline on the H200: 8 CTAs read 0.47 TB/s, 64 read 3.7)."""
     from . import dispatch, ops
     block_n = dispatch.FWD_SM80_SPLIT_KV_TILES[dispatch.padded_head_dim(head_dim)][1]
     key_tiles = max(1, -(-seqlen_cache // block_n))
     if num_splits == 0:
         sms = ops._sm_count(device)
-        enough = 3 * tiles >= sms if hopper else tiles >= sms
-        num_splits = 1 if enough else -(-2 * sms // tiles)
+        num_splits = 1 if tiles >= sms else -(-2 * sms // tiles)
         key_tiles = max(1, key_tiles // 2)
     return max(1, min(num_splits, key_tiles, dispatch.MERGE_MAX_STATES))
 
@@ -705,8 +702,7 @@ def _with_kvcache_general(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache
             q3, out3, total_q, used_q = packed
             ops.kvcache_append(kc, vc, *news, seqlens, seqlens_value, leftpad, cu_q, cu_k, used_k,
                                seqlen_q=heads_q, stream=stream, cc=cc, **paging)
-            hopper = table is None and dispatch.forward_family(cc) == "fwd_sm90"
-            splits = _decode_splits(num_splits, batch * heads_k, seqlen_cache, d, device, hopper)
+            splits = _decode_splits(num_splits, batch * heads_k, seqlen_cache, d, device)
             lse_packed = None  # split-KV merges straight into the LSE's own layout
             if splits == 1:
                 _, lse_packed = arrays.empty(fw, (heads_k, total_q), "float32", device, stream)

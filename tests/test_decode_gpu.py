@@ -150,3 +150,49 @@ def test_kvcache_decode_many_query_heads(heads, d, num_splits, packing):
                                                      vb.astype(np.float64))
         flash_rule(out[b:b + 1], ref, naive_same_dtype(q[b:b + 1], kb, vb))
         np.testing.assert_allclose(lse[b], ref_lse[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("num_splits", [3, 0])
+def test_kvcache_split_kv_hopper_and_ampere_builds(d, num_splits, packing, monkeypatch):
+    """Split-KV decoding on Hopper runs the Hopper kernel's split build (fwd_sm90.cu CF_SPLIT_KV: (query
+    tile, split) work tiles of persistent CTAs); CUFLASH_FWD_KERNEL=sm80 runs the Ampere one's (splits on
+    gridDim.y). Each follows FlashAttention's rule per sequence, with ragged lengths (one key, a full cache,
+    NaN in the unused slots), and the two agree on the LSE to 1e-5."""
+    import cupy
+    from cuflash import jit, launch_plan
+    from gpu_helpers import skip_unless_hopper
+    skip_unless_hopper()
+    requested = []
+    original = jit.get_function
+
+    def spy(key, *a):
+        requested.append(key.name)
+        return original(key, *a)
+    monkeypatch.setattr(jit, "get_function", spy)
+    rng = np.random.default_rng(d + num_splits)
+    batch, cap, hq, hk = 3, 2000, 16, 4
+    lens = np.array([1, 1999, 777], np.int32)
+    q = rng.standard_normal((batch, 1, hq, d)).astype(np.float16)
+    kc, vc = (rng.standard_normal((batch, cap, hk, d)).astype(np.float16) for _ in range(2))
+    for c in (kc, vc):
+        for b, n in enumerate(lens):
+            c[b, n:] = np.nan
+    results = {}
+    for kernel in ("sm90", "sm80"):
+        monkeypatch.setenv("CUFLASH_FWD_KERNEL", kernel)
+        executor.clear()
+        launch_plan._plans.clear()  # (a cached plan would not ask for its kernel again)
+        requested.clear()
+        out, lse = cuflash.attention_with_kvcache(cupy.asarray(q), cupy.asarray(kc), cupy.asarray(vc),
+                                                  cache_seqlens=cupy.asarray(lens), num_splits=num_splits,
+                                                  return_lse=True)
+        assert any(n.startswith(f"fwd_{kernel}") and "splitkv" in n for n in requested), requested
+        results[kernel] = (to_np64(out), to_host(lse))
+        for b in range(batch):
+            kb, vb = kc[b:b + 1, :lens[b]], vc[b:b + 1, :lens[b]]
+            ref, ref_lse = reference.attention_reference(q[b:b + 1].astype(np.float64), kb.astype(np.float64),
+                                                         vb.astype(np.float64))
+            flash_rule(results[kernel][0][b:b + 1], ref, naive_same_dtype(q[b:b + 1], kb, vb))
+            np.testing.assert_allclose(results[kernel][1][b], ref_lse[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(results["sm90"][1], results["sm80"][1], rtol=1e-5, atol=1e-5)

@@ -79,6 +79,7 @@ struct AttentionParams {
     i64 block_table_batch_stride;
     int page_size;              // rows of a page, any size >= 1
     int num_pages;              // pages in the caches: page indices are clamped to [0, num_pages)
+    i64 num_splits;             // split-KV: work tiles sharing one query tile's key tiles
 };
 
 // Exported so that a GPU test can check the host's mirror of this struct byte for byte in size.
