@@ -418,18 +418,23 @@ def _decode_packed(qv, out, groups, batch, heads_q, heads_k, d, fw, stream, cc):
     return views[0], views[1], total, used_q
 
 
-def _decode_splits(num_splits: int, tiles: int, seqlen_cache: int, head_dim: int, device: int) -> int:
+def _decode_splits(num_splits: int, tiles: int, seqlen_cache: int, head_dim: int, device: int,
+                   unsplit_hopper: bool) -> int:
     """Split-KV factor of a packed decoding call of ``tiles`` CTAs (one per sequence and key/value head):
     ``num_splits`` when given (FlashAttention-2's argument: 1 = no split), capped at one key tile a split
     and at what one merge launch takes; 0 = ours: enough splits for two work tiles per SM when the call
     leaves SMs idle, each split at least two key tiles long (one CTA streams a cache at ~58 GB/s through
-    the Hopper kernel's TMA pipeline on the H200: 8 CTAs read 0.47 TB/s, 64 read 3.7)."""
+    the Hopper kernel's TMA pipeline on the H200: 8 CTAs read 0.47 TB/s, 64 read 3.7).
+    ``unsplit_hopper``: unsplit, the call would run the Hopper kernel, but split it would run the Ampere one
+    (a head dim without the Hopper split build): then it splits only below a third of the SMs (unsplit Hopper
+    read 3.7 TB/s with 64 CTAs where the split Ampere kernel read 3.1-3.3, head dim 128)."""
     from . import dispatch, ops
     block_n = dispatch.FWD_SM80_SPLIT_KV_TILES[dispatch.padded_head_dim(head_dim)][1]
     key_tiles = max(1, -(-seqlen_cache // block_n))
     if num_splits == 0:
         sms = ops._sm_count(device)
-        num_splits = 1 if tiles >= sms else -(-2 * sms // tiles)
+        enough = 3 * tiles >= sms if unsplit_hopper else tiles >= sms
+        num_splits = 1 if enough else -(-2 * sms // tiles)
         key_tiles = max(1, key_tiles // 2)
     return max(1, min(num_splits, key_tiles, dispatch.MERGE_MAX_STATES))
 
@@ -702,7 +707,9 @@ def _with_kvcache_general(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache
             q3, out3, total_q, used_q = packed
             ops.kvcache_append(kc, vc, *news, seqlens, seqlens_value, leftpad, cu_q, cu_k, used_k,
                                seqlen_q=heads_q, stream=stream, cc=cc, **paging)
-            splits = _decode_splits(num_splits, batch * heads_k, seqlen_cache, d, device)
+            unsplit_hopper = (table is None and dispatch.forward_family(cc) == "fwd_sm90"
+                              and dispatch.padded_head_dim(d) not in dispatch.FWD_SM90_SPLIT_KV_HEAD_DIMS)
+            splits = _decode_splits(num_splits, batch * heads_k, seqlen_cache, d, device, unsplit_hopper)
             lse_packed = None  # split-KV merges straight into the LSE's own layout
             if splits == 1:
                 _, lse_packed = arrays.empty(fw, (heads_k, total_q), "float32", device, stream)

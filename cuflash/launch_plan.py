@@ -235,6 +235,8 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     p["num_splits"] = num_splits
     if hopper:
         tiles *= num_splits  # (query tile, split) work tiles
+    if tiles >= 1 << 31:  # the kernels count work tiles in 32-bit ints
+        raise ValueError(f"{tiles} work tiles (query blocks x batch x heads x splits) exceed 2**31 - 1")
         p["bh_group"] = dispatch.launch_group(batch * heads_q, max_seqlen_k, kkey.head_dim)
         maps = (("q", kkey.block_m), ("k", kkey.block_n), ("v", kkey.block_n), ("o", 64))
         grid, use_counter = dispatch.forward_sm90_varlen_schedule(kkey, tiles, sm_count)
