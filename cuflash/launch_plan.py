@@ -230,13 +230,12 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
         p["window_right"] = unbounded if right < 0 else min(right, unbounded)
     p["varlen_lse_head_stride"] = total_q
     p["num_m_blocks"] = m_blocks = -(-max_seqlen_q // kkey.block_m)
-    tiles = m_blocks * batch * heads_q
+    tiles = m_blocks * batch * heads_q * (num_splits if hopper else 1)  # Hopper: (query tile, split) work tiles
+    if tiles >= 1 << 31:  # the kernels count work tiles in 32-bit ints
+        raise ValueError(f"{tiles} work tiles (query blocks x batch x heads x splits) exceed 2**31 - 1")
     maps, grid, use_counter = (), tiles, False
     p["num_splits"] = num_splits
     if hopper:
-        tiles *= num_splits  # (query tile, split) work tiles
-    if tiles >= 1 << 31:  # the kernels count work tiles in 32-bit ints
-        raise ValueError(f"{tiles} work tiles (query blocks x batch x heads x splits) exceed 2**31 - 1")
         p["bh_group"] = dispatch.launch_group(batch * heads_q, max_seqlen_k, kkey.head_dim)
         maps = (("q", kkey.block_m), ("k", kkey.block_n), ("v", kkey.block_n), ("o", 64))
         grid, use_counter = dispatch.forward_sm90_varlen_schedule(kkey, tiles, sm_count)
