@@ -217,8 +217,11 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     p["total_q"], p["total_k"] = total_q, k.shape[1]
     for name in ("q", "k", "v", "o"):
         p[f"{name}_batch_stride"] = 0  # a sequence's rows come from cu_seqlens, not from a batch stride
+    p["page_shift"] = -1
     if paged is not None:
         p["page_size"], p["num_pages"], p["block_table_batch_stride"] = paged
+        if paged[0] & (paged[0] - 1) == 0:  # a power of two: rows split into pages by a shift
+            p["page_shift"] = paged[0].bit_length() - 1
         # cu_seqlens_k places sequence b's keys at b * max_seqlen_k of a virtual packing (its length bound),
         # which may exceed the caches' rows (a table may list a page twice): "unbounded" windows must cover it.
         p["total_k"] = batch * max_seqlen_k

@@ -244,3 +244,21 @@ def test_split_kv_varlen_plan(stub_functions, monkeypatch, family, d):
     else:
         assert fp.launch.splits == splits and fp.launch.grid == batch * hk
     assert fp.accum_shapes == ((splits, batch * groups, hk, d), (splits, hk, batch * groups))
+
+
+@pytest.mark.parametrize("page_size,shift", [(16, 4), (1, 0), (256, 8), (3, -1), (48, -1)])
+def test_paged_plan_page_shift(stub_functions, page_size, shift):
+    """A paged plan runs the sm80 paged build with the page geometry in the parameter block, and a power-of-two
+    page size also as its log2 (the kernel's rows split into pages by a shift and a mask, not a division);
+    other sizes pass -1."""
+    batch, hk, d, max_pages = 4, 2, 128, 8
+    q = _view((1, batch, 8, d), 0x10000, strides=(0, 8 * d, d, 1))
+    k = _view((1, 40 * page_size, hk, d), 0x2000000, strides=(0, hk * d, d, 1))
+    v = _view((1, 40 * page_size, hk, d), 0x3000000, strides=(0, hk * d, d, 1))
+    o = _view((1, batch, 8, d), 0x4000000, strides=(0, 8 * d, d, 1))
+    fp = launch_plan.forward_varlen(q, k, v, o, None, batch=batch, max_seqlen_q=1, max_seqlen_k=max_pages * page_size,
+                                    causal=False, window_size=(-1, -1), softmax_scale=0.1, softcap=0.0, cc=(9, 0),
+                                    sm_count=132, paged=(page_size, 40, max_pages))
+    block = _block(fp.launch)
+    assert "paged" in stub_functions[-1][0]
+    assert (block["page_size"], block["num_pages"], block["page_shift"]) == (page_size, 40, shift)

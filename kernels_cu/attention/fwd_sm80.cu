@@ -45,8 +45,8 @@
 #define CF_LOAD_KV(tile, x, row0)                                                                          \
     KVTile::load_async_paged<kThreads>(tile, (const u16*)p.x + (i64)BlockCoords(p).hk * p.x##_head_stride,   \
                                        p.block_table + (i64)BlockCoords(p).b * p.block_table_batch_stride,   \
-                                       p.page_size, p.num_pages, p.x##_row_stride, row0, CF_SEQLEN_K,        \
-                                       p.head_dim, tid)
+                                       p.page_size, p.page_shift, p.num_pages, p.x##_row_stride, row0,      \
+                                       CF_SEQLEN_K, p.head_dim, tid)
 #else
 #define CF_LOAD_KV(tile, x, row0)                                                                          \
     KVTile::load_async<kThreads>(tile,                                                                     \

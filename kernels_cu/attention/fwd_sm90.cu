@@ -141,8 +141,8 @@ struct WorkTile {
     int row_q, row_k;
     int split;  // split-KV: which run of the tile's key tiles (0 otherwise)
     __device__ __forceinline__ WorkTile(const AttentionParams& a, const Visibility&, int t)
-        : bc(BlockCoords::grouped(a, CF_SPLIT_KV ? t / (int)a.num_splits : t)),
-          vis(0, 0, a.window_left, a.window_right), split(CF_SPLIT_KV ? t % (int)a.num_splits : 0) {
+        : bc(BlockCoords::grouped(a, CF_SPLIT_KV ? t / a.num_splits : t)),
+          vis(0, 0, a.window_left, a.window_right), split(CF_SPLIT_KV ? t % a.num_splits : 0) {
         const SeqContext seq(a, bc.b);
         vis = Visibility(seq.seqlen_q, seq.seqlen_k, a.window_left, a.window_right);
         row_q = seq_first_row(a.cu_seqlens_q, a.total_q, bc.b);
@@ -151,7 +151,7 @@ struct WorkTile {
         m_end = min(m_start + kBM, seq.seqlen_q);
         vis.key_tiles(m_start, m_end - 1, kBN, &n_lo, &n_hi);
 #if CF_SPLIT_KV
-        const int per_split = (n_hi - n_lo + (int)a.num_splits - 1) / (int)a.num_splits;
+        const int per_split = (n_hi - n_lo + a.num_splits - 1) / a.num_splits;
         n_lo = min(n_hi, n_lo + split * per_split);
         n_hi = min(n_hi, n_lo + per_split);
 #endif
@@ -581,7 +581,7 @@ attention_fwd_sm90(const __grid_constant__ ForwardSm90Params p) {
     // The dynamic window is not guaranteed 1024-aligned; the host adds 1024 bytes of slack for this.
     const SmemLayout sm((smem_u32(smem_raw) + 1023) & ~1023u);
     const int tid = threadIdx.x, warp = tid >> 5;
-    const int num_tiles = p.a.num_m_blocks * p.a.batch * p.a.heads_q * (CF_SPLIT_KV ? (int)p.a.num_splits : 1);
+    const int num_tiles = p.a.num_m_blocks * p.a.batch * p.a.heads_q * (CF_SPLIT_KV ? p.a.num_splits : 1);
 
     if (tid == 0) {
         mbar_init(sm.q_full(), 1);
