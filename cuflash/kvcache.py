@@ -406,15 +406,13 @@ def _decode_packed(qv, out, groups, batch, heads_q, heads_k, d, fw, stream, cc):
     b * heads_q + i, i < groups, of (total, heads_k, d) views of q and out with row stride d and head stride
     groups * d (memory order (b, heads_q, d)); ``total`` stops at the last sequence's last used row, so that
     no row of any head lies past the arrays' memory (TMA may load whole tiles up to it). Returns (q3, out3,
-    total, seqused_q)."""
+    total, seqused_q), seqused_q for the caller to fill with ``groups`` (kvcache_append.cu does)."""
     if qv.strides[0] != heads_q * qv.strides[2] or qv.strides[2] != d or qv.strides[3] != 1:
         qv = _copy_rows(qv, fw, stream, cc)
     total = (batch - 1) * heads_q + groups
     views = [arrays.DeviceArray(x.ptr, (total, heads_k, d), (d, groups * d, 1), x.dtype, out.device, x.owner)
              for x in (qv, out)]
     _, used_q = arrays.empty(fw, (batch,), "int32", out.device, stream)
-    from . import ops
-    ops.fill_int32(used_q, groups, stream=stream)
     return views[0], views[1], total, used_q
 
 
@@ -706,7 +704,8 @@ def _with_kvcache_general(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache
             packed = _decode_packed(qv, out, groups, batch, heads_q, heads_k, d, fw, stream, cc)
             q3, out3, total_q, used_q = packed
             ops.kvcache_append(kc, vc, *news, seqlens, seqlens_value, leftpad, cu_q, cu_k, used_k,
-                               seqlen_q=heads_q, stream=stream, cc=cc, **paging)
+                               seqlen_q=heads_q, stream=stream, cc=cc, seqused_q=used_q, seqused_q_value=groups,
+                               **paging)
             unsplit_hopper = (table is None and dispatch.forward_family(cc) == "fwd_sm90"
                               and dispatch.padded_head_dim(d) not in dispatch.FWD_SM90_SPLIT_KV_HEAD_DIMS)
             splits = _decode_splits(num_splits, batch * heads_k, seqlen_cache, d, device, unsplit_hopper)
