@@ -507,11 +507,11 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
         return _with_kvcache_general(q, k_cache, v_cache, k, v, fw, **options)
     bound = executor.lookup_sequence(key)
     if bound is not None:
-        outs = bound.run(xs)
+        outs = bound.run(xs, int(cache_seqlens) if xs[5] is None else 0)
         if outs is not None:
             return tuple(outs) if return_lse else outs[0]
-        # Bound in another context (the arrays' device is not this thread's current one): the general path,
-        # without recording the same call again.
+        # Bound in another context (the arrays' device is not this thread's current one), or an int
+        # cache_seqlens the general path rejects: the general path, without recording the call again.
         return _with_kvcache_general(q, k_cache, v_cache, k, v, fw, **options)
     regions = [None if x is None else _region(x, fw) for x in xs]
     with recording.Recording(regions) as rec:
@@ -556,7 +556,9 @@ def _bound_key(fw, xs, cache_seqlens, rotary_interleaved, causal, window_size, s
     present = [x for x in sig if x is not None]
     table = executor.torch_signature(present) if fw == "torch" else executor.cupy_signature(present)
     layout = tuple(x is None for x in sig)
-    seqlens = cache_seqlens if isinstance(cache_seqlens, numbers.Integral) else None
+    # An int cache_seqlens is not part of it: its value reaches the kernels as one int32 argument of the append
+    # and rotary launches (recording.CallScalar), given per call; its type is (numpy's ints pass as ints).
+    seqlens = int if isinstance(cache_seqlens, numbers.Integral) else None
     return ("kvcache", fw, layout, table,
             executor._typed(seqlens, rotary_interleaved, causal, softcap, softmax_scale, num_splits, return_lse,
                             *window_size), launch_plan.env())
@@ -567,7 +569,7 @@ def _with_kvcache_general(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache
                           alibi_slopes, softmax_scale, num_splits, return_lse):
     """attention_with_kvcache for GPU arrays (see its Notes): kvcache_append.cu, then varlen.forward_device
     over the caches as packed (batch_cache * seqlen_cache, heads_k, d) views."""
-    from . import ops, varlen
+    from . import ops, recording, varlen
     name = "cuflash.attention_with_kvcache"
     if block_table is not None and cache_batch_idx is not None:
         raise ValueError("cache_batch_idx applies to contiguous caches; a paged cache uses block_table")
@@ -642,6 +644,9 @@ def _with_kvcache_general(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache
         seqlens_value, cache_seqlens = int(cache_seqlens), None
         if not 0 <= seqlens_value <= seqlen_cache:
             raise ValueError(f"cache_seqlens={seqlens_value} must lie in [0, {seqlen_cache}]")
+    rec = recording.current()  # a bound call takes an int cache_seqlens per call, up to what passes here
+    if rec is not None:
+        rec.scalar_max = seqlen_cache
     stream = arrays.current_stream(fw, device)
     cc = api._cc(device)
     with arrays.device_scope(fw, device):
@@ -649,9 +654,12 @@ def _with_kvcache_general(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache
         if rotary_cos is not None or rotary_sin is not None:
             tables = _device_rotary_tables(rotary_cos, rotary_sin, d, dtype, fw, device, stream)
             needed = seqlens_value + max(seqlen_q, 0 if k is None else int(k.shape[1]))
-            if cache_seqlens is None and cache_leftpad is None and batch and tables[0].shape[0] < needed:
-                # (with device cache_seqlens / leftpad the kernel clamps the positions instead)
-                raise ValueError(f"rotary_cos has {tables[0].shape[0]} positions; this call needs {needed}")
+            if cache_seqlens is None and cache_leftpad is None and batch:
+                if tables[0].shape[0] < needed:
+                    # (with device cache_seqlens / leftpad the kernel clamps the positions instead)
+                    raise ValueError(f"rotary_cos has {tables[0].shape[0]} positions; this call needs {needed}")
+                if rec is not None:
+                    rec.scalar_max = min(rec.scalar_max, tables[0].shape[0] - (needed - seqlens_value))
         seqlens = _device_index("cache_seqlens", cache_seqlens, batch, fw, device, stream)
         leftpad = _device_index("cache_leftpad", cache_leftpad, batch, fw, device, stream)
         kc, vc = (arrays.device_view(x, fw, stream) for x in (k_cache, v_cache))
