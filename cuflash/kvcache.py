@@ -569,7 +569,7 @@ def _with_kvcache_general(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache
                           alibi_slopes, softmax_scale, num_splits, return_lse):
     """attention_with_kvcache for GPU arrays (see its Notes): kvcache_append.cu, then varlen.forward_device
     over the caches as packed (batch_cache * seqlen_cache, heads_k, d) views."""
-    from . import ops, recording, varlen
+    from . import ops, varlen
     name = "cuflash.attention_with_kvcache"
     if block_table is not None and cache_batch_idx is not None:
         raise ValueError("cache_batch_idx applies to contiguous caches; a paged cache uses block_table")
