@@ -22,8 +22,8 @@ def bound_runs(monkeypatch):
     runs = []
     original = executor.BoundSequence.run
 
-    def spy(self, xs):
-        res = original(self, xs)
+    def spy(self, xs, scalar=0):
+        res = original(self, xs, scalar)
         runs.append(res is not None)
         return res
     monkeypatch.setattr(executor.BoundSequence, "run", spy)
