@@ -113,7 +113,8 @@ def test_int_cache_seqlens_is_given_per_call(bound_runs, rotary):
     import cupy
     rng = np.random.default_rng(3)
     q = cupy.asarray(rng.standard_normal((2, 1, 8, 64)).astype(np.float16))
-    new = cupy.asarray(rng.standard_normal((2, 1, 2, 64)).astype(np.float16))
+    # distinct new keys and values: one array passed as both starts two regions, which no replay can tell apart
+    new_k, new_v = (cupy.asarray(rng.standard_normal((2, 1, 2, 64)).astype(np.float16)) for _ in range(2))
     host = [rng.standard_normal((2, 256, 2, 64)).astype(np.float16) for _ in range(2)]
     kw = {}
     if rotary:
@@ -123,7 +124,7 @@ def test_int_cache_seqlens_is_given_per_call(bound_runs, rotary):
 
     def run(lens):
         kc, vc = (cupy.asarray(x) for x in host)
-        return cuflash.attention_with_kvcache(q, kc, vc, new, new, cache_seqlens=lens, **kw), (kc, vc)
+        return cuflash.attention_with_kvcache(q, kc, vc, new_k, new_v, cache_seqlens=lens, **kw), (kc, vc)
     run(100)
     got, got_caches = run(200)
     assert bound_runs == [True]
@@ -147,7 +148,24 @@ def test_a_call_with_a_framework_copy_is_not_bound(bound_runs):
     rng = np.random.default_rng(4)
     q = cupy.asarray(rng.standard_normal((2, 1, 8, 64)).astype(np.float16))
     host = [rng.standard_normal((2, 256, 2, 64)).astype(np.float16) for _ in range(2)]
-    new = cupy.asarray(rng.standard_normal((2, 1, 2, 128)).astype(np.float16))[..., ::2]
+    new_k, new_v = (cupy.asarray(rng.standard_normal((2, 1, 2, 128)).astype(np.float16))[..., ::2] for _ in range(2))
+    outs = []
+    for _ in range(2):
+        kc, vc = (cupy.asarray(x) for x in host)
+        outs.append(cuflash.attention_with_kvcache(q, kc, vc, new_k, new_v, cache_seqlens=100))
+    assert bound_runs == []
+    assert not executor._sequences
+    same_bits(outs[0], outs[1])
+
+
+def test_one_array_as_new_keys_and_values_is_not_bound(bound_runs):
+    """k and v given as one array start two regions at one address: a replay could not tell which a recorded
+    pointer meant, so the call stays on the general path (right answer, nothing bound)."""
+    import cupy
+    rng = np.random.default_rng(6)
+    q = cupy.asarray(rng.standard_normal((2, 1, 8, 64)).astype(np.float16))
+    host = [rng.standard_normal((2, 256, 2, 64)).astype(np.float16) for _ in range(2)]
+    new = cupy.asarray(rng.standard_normal((2, 1, 2, 64)).astype(np.float16))
     outs = []
     for _ in range(2):
         kc, vc = (cupy.asarray(x) for x in host)
@@ -155,6 +173,9 @@ def test_a_call_with_a_framework_copy_is_not_bound(bound_runs):
     assert bound_runs == []
     assert not executor._sequences
     same_bits(outs[0], outs[1])
+    kc, vc = (cupy.asarray(x) for x in host)
+    want = cuflash.attention_with_kvcache(q, kc, vc, new, new.copy(), cache_seqlens=100)  # distinct: bound
+    same_bits(outs[0], want)
 
 
 def test_q_sliced_from_a_fused_projection_is_bound(bound_runs):
