@@ -136,26 +136,32 @@ def test_int_cache_seqlens_is_given_per_call(bound_runs, rotary):
     run(100)  # bound again
     limit = 239 if rotary else 256  # the last value the general path accepts (rotary: one new key's position)
     run(limit)
-    assert bound_runs == [True, True]
+    assert bound_runs == [True, True, True]
     with pytest.raises(ValueError):
         run(limit + 1)
 
 
-def test_a_call_with_a_framework_copy_is_not_bound(bound_runs):
-    """New keys with a non-unit head_dim stride are copied by CuPy (arrays.contiguous_copy): work a replay
-    would not repeat, so the call stays on the general path, with the right answer each time."""
+def test_new_keys_with_a_strided_head_dim_are_bound(bound_runs):
+    """New keys and values with a non-unit head_dim stride are copied by strided_copy.cu, which a replay
+    repeats: the call binds and matches the general path bit for bit."""
     import cupy
     rng = np.random.default_rng(4)
     q = cupy.asarray(rng.standard_normal((2, 1, 8, 64)).astype(np.float16))
     host = [rng.standard_normal((2, 256, 2, 64)).astype(np.float16) for _ in range(2)]
-    new_k, new_v = (cupy.asarray(rng.standard_normal((2, 1, 2, 128)).astype(np.float16))[..., ::2] for _ in range(2))
-    outs = []
-    for _ in range(2):
+
+    def run(seed):
+        new_k, new_v = (cupy.asarray(np.random.default_rng(seed + i).standard_normal((2, 1, 2, 128))
+                                     .astype(np.float16))[..., ::2] for i in range(2))
         kc, vc = (cupy.asarray(x) for x in host)
-        outs.append(cuflash.attention_with_kvcache(q, kc, vc, new_k, new_v, cache_seqlens=100))
-    assert bound_runs == []
-    assert not executor._sequences
-    same_bits(outs[0], outs[1])
+        return cuflash.attention_with_kvcache(q, kc, vc, new_k, new_v, cache_seqlens=100), (kc, vc)
+    run(1)
+    got, got_caches = run(7)
+    assert bound_runs == [True]
+    executor.clear()
+    want, want_caches = run(7)
+    same_bits(got, want)
+    for a, b in zip(got_caches, want_caches):
+        same_bits(a, b)
 
 
 def test_one_array_as_new_keys_and_values_is_not_bound(bound_runs):
