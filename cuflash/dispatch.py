@@ -351,8 +351,10 @@ def launch_group(bh_count: int, seqlen_k: int, head_dim: int) -> int:
 
 
 def forward_smem_bytes(key: KernelKey) -> int:
-    """Dynamic shared memory of the sm80 forward: the Q tile plus one K and one V tile, 16-bit."""
-    return 2 * key.head_dim * (key.block_m + 2 * key.block_n)
+    """Dynamic shared memory of the sm80 forward (mirrors cf_fwd_sm80_smem_bytes): the Q tile plus one K and
+    one V tile, 16-bit; a paged build adds two stages of a key tile's physical rows (int32)."""
+    paged = 2 * key.block_n * 4 if ("CF_PAGED", 1) in key.extra else 0
+    return 2 * key.head_dim * (key.block_m + 2 * key.block_n) + paged
 
 
 # Backward main kernel (KV-parallel, 8 warps): head dim -> (block_m, block_n, q_stages, a_regs, det) in order
