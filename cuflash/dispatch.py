@@ -249,13 +249,17 @@ def forward_family(cc: tuple) -> str:
 
 
 def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
-                     varlen: bool = False) -> KernelKey:
+                     varlen: bool = False, split_kv: bool = False) -> KernelKey:
     """The Hopper forward's variant. ``varlen``: its variable-length build (CF_VARLEN: packed tensor maps,
     rows from cu_seqlens / seqused, clipped ordinary O stores), a separate variant so that the dense one
-    compiles to the code it had without it."""
+    compiles to the code it had without it. ``split_kv`` (with ``varlen``; head dims in
+    :data:`FWD_SM90_SPLIT_KV_HEAD_DIMS`): the split-KV build (CF_SPLIT_KV, fp32 partial states)."""
     key = _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi)
     if varlen:
         key = dataclasses.replace(key, extra=key.extra + (("CF_VARLEN", 1),))
+    if split_kv:
+        assert varlen and key.head_dim in FWD_SM90_SPLIT_KV_HEAD_DIMS, "split-KV: varlen, a separate O buffer"
+        key = dataclasses.replace(key, extra=key.extra + (("CF_SPLIT_KV", 1),))
     return key
 
 
@@ -267,6 +271,14 @@ def _forward_key_sm90(dtype, d, is_local, softcap, alibi) -> KernelKey:
                                                  ("CF_PINGPONG", pingpong)))
 
 
+def _forward_sm90_separate_o(key: KernelKey) -> bool:
+    """Whether O gets its own shared-memory buffer (mirrors fwd_sm90.cu's kSeparateO)."""
+    stages = dict(key.extra)["CF_STAGES"]
+    q = 2 * key.head_dim * key.block_m
+    kv = 2 * stages * 2 * key.head_dim * key.block_n
+    return 2 * q + kv + 8 * (3 + 4 * stages) + 1024 <= MAX_SMEM[(9, 0)]
+
+
 def forward_sm90_smem_bytes(key: KernelKey) -> int:
     """Dynamic shared memory of attention_fwd_sm90 (mirrors cf_fwd_sm90_smem_bytes): Q, the K/V stages,
     an O staging buffer when it fits (else O goes out through the Q buffer), the mbarriers and the
@@ -275,8 +287,7 @@ def forward_sm90_smem_bytes(key: KernelKey) -> int:
     q = 2 * key.head_dim * key.block_m
     kv = 2 * stages * 2 * key.head_dim * key.block_n
     rest = 8 * (3 + 4 * stages) + 1024  # mbarriers and the work-tile slot
-    separate_o = 2 * q + kv + rest <= MAX_SMEM[(9, 0)]
-    return (2 if separate_o else 1) * q + kv + rest
+    return (2 if _forward_sm90_separate_o(key) else 1) * q + kv + rest
 
 
 # The Hopper kernel loops over work tiles, so its schedule is a launch-time choice (bench/NOTES.md, h6-h9):
@@ -313,10 +324,19 @@ def forward_sm90_varlen_schedule(key: KernelKey, tiles: int, sm_count: int) -> t
     return tiles, False
 
 
+# Head dims whose Hopper forward has the split-KV build: those where O has its own buffer (the build writes
+# its partial states from registers and leaves the Q buffer's release to the main loop).
+FWD_SM90_SPLIT_KV_HEAD_DIMS = tuple(d for d in FWD_SM90_TILES
+                                    if _forward_sm90_separate_o(_forward_key_sm90("bf16", d, False, False, False)))
+
+
 def all_forward_sm90_keys() -> list[KernelKey]:
-    return [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, varlen=vl)
+    keys = [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, varlen=vl)
             for dt in DTYPES for d in PADDED_HEAD_DIMS for loc in (False, True)
             for sc in (False, True) for al in (False, True) for vl in (False, True)]
+    # Decoding's split-KV builds: no mask, no ALiBi (api.decode_groups), as the sm80 ones.
+    return keys + [forward_key_sm90(dt, d, is_local=False, softcap=sc, alibi=False, varlen=True, split_kv=True)
+                   for dt in DTYPES for d in FWD_SM90_SPLIT_KV_HEAD_DIMS for sc in (False, True)]
 
 
 # Bytes of K and V that one launch-order group of (batch, head) pairs may keep in L2 (H100: 50 MB, A100:
@@ -331,8 +351,10 @@ def launch_group(bh_count: int, seqlen_k: int, head_dim: int) -> int:
 
 
 def forward_smem_bytes(key: KernelKey) -> int:
-    """Dynamic shared memory of the sm80 forward: the Q tile plus one K and one V tile, 16-bit."""
-    return 2 * key.head_dim * (key.block_m + 2 * key.block_n)
+    """Dynamic shared memory of the sm80 forward (mirrors cf_fwd_sm80_smem_bytes): the Q tile plus one K and
+    one V tile, 16-bit; a paged build adds two stages of a key tile's physical rows (int32)."""
+    paged = 2 * key.block_n * 4 if ("CF_PAGED", 1) in key.extra else 0
+    return 2 * key.head_dim * (key.block_m + 2 * key.block_n) + paged
 
 
 # Backward main kernel (KV-parallel, 8 warps): head dim -> (block_m, block_n, q_stages, a_regs, det) in order
@@ -679,6 +701,8 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                                                   **mods) for pg in (False, True)]
                         if hopper:
                             found += [forward_key_sm90(dt, d, varlen=vl, **mods) for vl in (False, True)]
+                            if not loc and not al and d in FWD_SM90_SPLIT_KV_HEAD_DIMS:
+                                found.append(forward_key_sm90(dt, d, varlen=True, split_kv=True, **mods))
                             if d in BWD_SM90_TILES:
                                 found += [backward_key_sm90(dt, d, deterministic=det, varlen=vl, **mods)
                                           for det, vl in ((False, False), (True, False), (False, True))]

@@ -27,6 +27,7 @@ from .arrays import DeviceArray
 
 _CACHE_LIMIT = 256
 _U64 = struct.Struct("<Q")
+_I32 = struct.Struct("<i")
 _PTR_OFFSET = {name: params_layout.OFFSETS[name] for name, kind, _, _ in params_layout.FIELDS if kind == "ptr"}
 # Tensor maps remembered per map slot, by address: a training step or a decode loop brings the same few
 # addresses back (caching allocators), and encoding one costs more than the rest of the call.
@@ -87,17 +88,19 @@ class _Launch:
     loaded while the launch may run."""
 
     __slots__ = ("function", "fn", "grid", "splits", "threads", "smem", "template", "argv_offsets", "ptr_slots",
-                 "map_slots", "_tls")
+                 "map_slots", "scalar_slots", "_tls")
 
-    def __init__(self, function, grid, splits, threads, smem, template: bytes, argv_offsets, ptr_slots, map_slots):
+    def __init__(self, function, grid, splits, threads, smem, template: bytes, argv_offsets, ptr_slots, map_slots,
+                 scalar_slots=()):
         self.function, self.fn = function, function.ptr
         self.grid, self.splits, self.threads, self.smem = grid, splits, threads, smem
         self.template, self.argv_offsets = template, tuple(argv_offsets)
         self.ptr_slots = tuple(ptr_slots)
         self.map_slots = tuple((offset, index, add, make, {}) for offset, index, add, make in map_slots)
+        self.scalar_slots = tuple(scalar_slots)  # int32 arguments given per call (recording.CallScalar)
         self._tls = threading.local()
 
-    def __call__(self, values, stream: int, launch_kernel) -> None:
+    def __call__(self, values, stream: int, launch_kernel, scalar: int = 0) -> None:
         hit = getattr(self._tls, "buf", None)
         if hit is None:  # one parameter buffer per thread: the driver copies it during the launch call
             buf = ctypes.create_string_buffer(self.template, len(self.template))
@@ -116,6 +119,8 @@ class _Launch:
         pack = _U64.pack_into
         for offset, index, add in self.ptr_slots:
             pack(buf, offset, values[index] + add)
+        for offset in self.scalar_slots:
+            _I32.pack_into(buf, offset, scalar)
         launch_kernel(self.fn, self.grid, self.splits, 1, self.threads, 1, 1, self.smem, stream,
                       ctypes.addressof(argv), 0)
 
@@ -300,7 +305,7 @@ class BoundBackward(_Bound):
 
 def _replay(step) -> _Launch:
     """A recorded launch (recording.Recording's "launch" step) relocated to a bound call's regions."""
-    _, function, grid, splits, threads, smem, template, argv_offsets, ptr_slots, maps = step
+    _, function, grid, splits, threads, smem, template, argv_offsets, ptr_slots, maps, scalar_offsets = step
     map_slots = []
     for offset, view, box, region, add in maps:
         if view is None:  # the dq accumulator: box is (address, shape, box)
@@ -308,7 +313,8 @@ def _replay(step) -> _Launch:
         else:
             make = _tile_map_maker(view, box)
         map_slots.append((offset, region, add, make))
-    return _Launch(function, grid, splits, threads, smem, template, argv_offsets, ptr_slots, map_slots)
+    return _Launch(function, grid, splits, threads, smem, template, argv_offsets, ptr_slots, map_slots,
+                   scalar_offsets)
 
 
 class BoundSequence(_Bound):
@@ -353,14 +359,16 @@ class BoundSequence(_Bound):
                 kind, region, add, value, count = step
                 steps.append((1 if kind == "memset8" else 2, (region, add, value, count)))
         self.steps = tuple(steps)
+        self.scalar_max = rec.scalar_max
         self._memset8 = runtime.memsetAsync
         self._memset32 = ops.memset_words
 
-    def run(self, xs):
+    def run(self, xs, scalar: int = 0):
         """The outputs (caller's arrays, in the recorded call's return order) for the caller's arrays ``xs``
-        in the recording's role order (None where absent), or None when the thread's context is not the
-        bound one."""
-        if not self.ready():
+        in the recording's role order (None where absent) and the call's CallScalar value ``scalar``, or
+        None when the thread's context is not the bound one or ``scalar`` lies outside [0, scalar_max] (the
+        general path, which raises there)."""
+        if not self.ready() or (self.scalar_max is not None and not 0 <= scalar <= self.scalar_max):
             return None
         stream = self._stream()
         ptr = self._ptr
@@ -372,7 +380,7 @@ class BoundSequence(_Bound):
         launch_kernel = self._launch_kernel
         for kind, step in self.steps:
             if kind == 0:
-                step(bases, stream, launch_kernel)
+                step(bases, stream, launch_kernel, scalar)
             elif kind == 1:
                 region, add, value, count = step
                 self._memset8(bases[region] + add, value, count, stream)

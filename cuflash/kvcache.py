@@ -406,32 +406,32 @@ def _decode_packed(qv, out, groups, batch, heads_q, heads_k, d, fw, stream, cc):
     b * heads_q + i, i < groups, of (total, heads_k, d) views of q and out with row stride d and head stride
     groups * d (memory order (b, heads_q, d)); ``total`` stops at the last sequence's last used row, so that
     no row of any head lies past the arrays' memory (TMA may load whole tiles up to it). Returns (q3, out3,
-    total, seqused_q)."""
+    total, seqused_q), seqused_q for the caller to fill with ``groups`` (kvcache_append.cu does)."""
     if qv.strides[0] != heads_q * qv.strides[2] or qv.strides[2] != d or qv.strides[3] != 1:
         qv = _copy_rows(qv, fw, stream, cc)
     total = (batch - 1) * heads_q + groups
     views = [arrays.DeviceArray(x.ptr, (total, heads_k, d), (d, groups * d, 1), x.dtype, out.device, x.owner)
              for x in (qv, out)]
     _, used_q = arrays.empty(fw, (batch,), "int32", out.device, stream)
-    from . import ops
-    ops.fill_int32(used_q, groups, stream=stream)
     return views[0], views[1], total, used_q
 
 
-def _decode_splits(num_splits: int, tiles: int, seqlen_cache: int, head_dim: int, device: int, hopper: bool) -> int:
+def _decode_splits(num_splits: int, tiles: int, seqlen_cache: int, head_dim: int, device: int,
+                   unsplit_hopper: bool) -> int:
     """Split-KV factor of a packed decoding call of ``tiles`` CTAs (one per sequence and key/value head):
     ``num_splits`` when given (FlashAttention-2's argument: 1 = no split), capped at one key tile a split
-    and at what one merge launch takes; 0 = ours: enough splits for two CTAs per SM when the call leaves
-    SMs idle, each split at least two key tiles long. ``hopper``: the unsplit call would run the Hopper
-    kernel (contiguous caches on sm90), which streams a cache faster than the split Ampere kernel once a
-    third of the SMs have a CTA (H200, bf16, head dim 128, 32k keys: unsplit Hopper 0.47 TB/s with 8 CTAs
-    and 3.7 with 64; split Ampere 3.1-3.3 with 128-320 CTAs), so it splits only below that."""
+    and at what one merge launch takes; 0 = ours: enough splits for two work tiles per SM when the call
+    leaves SMs idle, each split at least two key tiles long (one CTA streams a cache at ~58 GB/s through
+    the Hopper kernel's TMA pipeline on the H200: 8 CTAs read 0.47 TB/s, 64 read 3.7).
+    ``unsplit_hopper``: unsplit, the call would run the Hopper kernel, but split it would run the Ampere one
+    (a head dim without the Hopper split build): then it splits only below a third of the SMs (unsplit Hopper
+    read 3.7 TB/s with 64 CTAs where the split Ampere kernel read 3.1-3.3, head dim 128)."""
     from . import dispatch, ops
     block_n = dispatch.FWD_SM80_SPLIT_KV_TILES[dispatch.padded_head_dim(head_dim)][1]
     key_tiles = max(1, -(-seqlen_cache // block_n))
     if num_splits == 0:
         sms = ops._sm_count(device)
-        enough = 3 * tiles >= sms if hopper else tiles >= sms
+        enough = 3 * tiles >= sms if unsplit_hopper else tiles >= sms
         num_splits = 1 if enough else -(-2 * sms // tiles)
         key_tiles = max(1, key_tiles // 2)
     return max(1, min(num_splits, key_tiles, dispatch.MERGE_MAX_STATES))
@@ -507,11 +507,11 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
         return _with_kvcache_general(q, k_cache, v_cache, k, v, fw, **options)
     bound = executor.lookup_sequence(key)
     if bound is not None:
-        outs = bound.run(xs)
+        outs = bound.run(xs, int(cache_seqlens) if xs[5] is None else 0)
         if outs is not None:
             return tuple(outs) if return_lse else outs[0]
-        # Bound in another context (the arrays' device is not this thread's current one): the general path,
-        # without recording the same call again.
+        # Bound in another context (the arrays' device is not this thread's current one), or an int
+        # cache_seqlens the general path rejects: the general path, without recording the call again.
         return _with_kvcache_general(q, k_cache, v_cache, k, v, fw, **options)
     regions = [None if x is None else _region(x, fw) for x in xs]
     with recording.Recording(regions) as rec:
@@ -556,7 +556,9 @@ def _bound_key(fw, xs, cache_seqlens, rotary_interleaved, causal, window_size, s
     present = [x for x in sig if x is not None]
     table = executor.torch_signature(present) if fw == "torch" else executor.cupy_signature(present)
     layout = tuple(x is None for x in sig)
-    seqlens = cache_seqlens if isinstance(cache_seqlens, numbers.Integral) else None
+    # An int cache_seqlens is not part of it: its value reaches the kernels as one int32 argument of the append
+    # and rotary launches (recording.CallScalar), given per call; its type is (numpy's ints pass as ints).
+    seqlens = int if isinstance(cache_seqlens, numbers.Integral) else None
     return ("kvcache", fw, layout, table,
             executor._typed(seqlens, rotary_interleaved, causal, softcap, softmax_scale, num_splits, return_lse,
                             *window_size), launch_plan.env())
@@ -642,6 +644,9 @@ def _with_kvcache_general(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache
         seqlens_value, cache_seqlens = int(cache_seqlens), None
         if not 0 <= seqlens_value <= seqlen_cache:
             raise ValueError(f"cache_seqlens={seqlens_value} must lie in [0, {seqlen_cache}]")
+    rec = recording.current()  # a bound call takes an int cache_seqlens per call, up to what passes here
+    if rec is not None:
+        rec.scalar_max = seqlen_cache
     stream = arrays.current_stream(fw, device)
     cc = api._cc(device)
     with arrays.device_scope(fw, device):
@@ -649,9 +654,12 @@ def _with_kvcache_general(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache
         if rotary_cos is not None or rotary_sin is not None:
             tables = _device_rotary_tables(rotary_cos, rotary_sin, d, dtype, fw, device, stream)
             needed = seqlens_value + max(seqlen_q, 0 if k is None else int(k.shape[1]))
-            if cache_seqlens is None and cache_leftpad is None and batch and tables[0].shape[0] < needed:
-                # (with device cache_seqlens / leftpad the kernel clamps the positions instead)
-                raise ValueError(f"rotary_cos has {tables[0].shape[0]} positions; this call needs {needed}")
+            if cache_seqlens is None and cache_leftpad is None and batch:
+                if tables[0].shape[0] < needed:
+                    # (with device cache_seqlens / leftpad the kernel clamps the positions instead)
+                    raise ValueError(f"rotary_cos has {tables[0].shape[0]} positions; this call needs {needed}")
+                if rec is not None:
+                    rec.scalar_max = min(rec.scalar_max, tables[0].shape[0] - (needed - seqlens_value))
         seqlens = _device_index("cache_seqlens", cache_seqlens, batch, fw, device, stream)
         leftpad = _device_index("cache_leftpad", cache_leftpad, batch, fw, device, stream)
         kc, vc = (arrays.device_view(x, fw, stream) for x in (k_cache, v_cache))
@@ -704,9 +712,11 @@ def _with_kvcache_general(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache
             packed = _decode_packed(qv, out, groups, batch, heads_q, heads_k, d, fw, stream, cc)
             q3, out3, total_q, used_q = packed
             ops.kvcache_append(kc, vc, *news, seqlens, seqlens_value, leftpad, cu_q, cu_k, used_k,
-                               seqlen_q=heads_q, stream=stream, cc=cc, **paging)
-            hopper = table is None and dispatch.forward_family(cc) == "fwd_sm90"
-            splits = _decode_splits(num_splits, batch * heads_k, seqlen_cache, d, device, hopper)
+                               seqlen_q=heads_q, stream=stream, cc=cc, seqused_q=used_q, seqused_q_value=groups,
+                               **paging)
+            unsplit_hopper = (table is None and dispatch.forward_family(cc) == "fwd_sm90"
+                              and dispatch.padded_head_dim(d) not in dispatch.FWD_SM90_SPLIT_KV_HEAD_DIMS)
+            splits = _decode_splits(num_splits, batch * heads_k, seqlen_cache, d, device, unsplit_hopper)
             lse_packed = None  # split-KV merges straight into the LSE's own layout
             if splits == 1:
                 _, lse_packed = arrays.empty(fw, (heads_k, total_q), "float32", device, stream)

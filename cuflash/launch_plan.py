@@ -179,8 +179,10 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     sequence's end. Work tiles cover max_seqlen_q rows of every sequence; persistent Hopper CTAs take them from
     the tile counter (dispatch.forward_sm90_varlen_schedule). The LSE is (heads_q, total_q).
 
-    ``num_splits`` > 1: the sm80 kernel's split-KV build (decoding), ``num_splits`` CTAs per query block
-    writing fp32 partial states of the shapes ``accum_shapes`` for merge_states.cu to combine.
+    ``num_splits`` > 1: a split-KV build (decoding), ``num_splits`` work tiles per query block writing fp32
+    partial states of the shapes ``accum_shapes`` for merge_states.cu to combine: the Hopper kernel's where
+    it would run unsplit and has the build (dispatch.FWD_SM90_SPLIT_KV_HEAD_DIMS, no mask or ALiBi; the
+    splits are work tiles of its persistent CTAs), else the sm80 kernel's (the splits on gridDim.y).
 
     ``paged`` = (page_size, num_pages, block_table batch stride): the sm80 kernel's paged build; k and v are
     then views of the caches' rows, pages back to back (num_pages * page_size rows), and ``max_seqlen_k``
@@ -193,11 +195,14 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     dtype = "bf16" if q.dtype == "bfloat16" else "fp16"
     local = is_local(causal, window_size)
     split = num_splits > 1
-    # TMA cannot gather a sequence's rows from pages, and the split-KV build is sm80's.
-    hopper = not split and paged is None and dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
+    # TMA cannot gather a sequence's rows from pages; the Hopper split-KV build covers the head dims where O
+    # has its own buffer, without masks or ALiBi (decoding's calls).
+    hopper = (paged is None and dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
+              and (not split or (dispatch.padded_head_dim(q.shape[3]) in dispatch.FWD_SM90_SPLIT_KV_HEAD_DIMS
+                                 and not local and alibi is None)))
     if hopper:
         kkey = dispatch.forward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
-                                         alibi=alibi is not None, varlen=True)
+                                         alibi=alibi is not None, varlen=True, split_kv=split)
         smem = dispatch.forward_sm90_smem_bytes(kkey)
     else:
         kkey = dispatch.forward_key(dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
@@ -212,8 +217,11 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     p["total_q"], p["total_k"] = total_q, k.shape[1]
     for name in ("q", "k", "v", "o"):
         p[f"{name}_batch_stride"] = 0  # a sequence's rows come from cu_seqlens, not from a batch stride
+    p["page_shift"] = -1
     if paged is not None:
         p["page_size"], p["num_pages"], p["block_table_batch_stride"] = paged
+        if paged[0] & (paged[0] - 1) == 0:  # a power of two: rows split into pages by a shift
+            p["page_shift"] = paged[0].bit_length() - 1
         # cu_seqlens_k places sequence b's keys at b * max_seqlen_k of a virtual packing (its length bound),
         # which may exceed the caches' rows (a table may list a page twice): "unbounded" windows must cover it.
         p["total_k"] = batch * max_seqlen_k
@@ -225,8 +233,11 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
         p["window_right"] = unbounded if right < 0 else min(right, unbounded)
     p["varlen_lse_head_stride"] = total_q
     p["num_m_blocks"] = m_blocks = -(-max_seqlen_q // kkey.block_m)
-    tiles = m_blocks * batch * heads_q
+    tiles = m_blocks * batch * heads_q * (num_splits if hopper else 1)  # Hopper: (query tile, split) work tiles
+    if tiles >= 1 << 31:  # the kernels count work tiles in 32-bit ints
+        raise ValueError(f"{tiles} work tiles (query blocks x batch x heads x splits) exceed 2**31 - 1")
     maps, grid, use_counter = (), tiles, False
+    p["num_splits"] = num_splits
     if hopper:
         p["bh_group"] = dispatch.launch_group(batch * heads_q, max_seqlen_k, kkey.head_dim)
         maps = (("q", kkey.block_m), ("k", kkey.block_n), ("v", kkey.block_n), ("o", 64))
@@ -237,7 +248,7 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
         accum_shapes = ((num_splits, rows, heads_q, kkey.head_dim), (num_splits, heads_q, rows))
         p["o_accum_split_stride"] = rows * heads_q * kkey.head_dim
         p["lse_accum_split_stride"] = heads_q * rows
-    launch = KernelLaunch(fn, grid, kkey.threads, smem, p.pack(), maps, num_splits if split else 1)
+    launch = KernelLaunch(fn, grid, kkey.threads, smem, p.pack(), maps, num_splits if split and not hopper else 1)
     return _remember(key, ForwardPlan(launch, use_counter, accum_shapes))
 
 

@@ -80,15 +80,17 @@ def _launch_args(fn, grid: int, threads: int, stream: int, args: tuple) -> None:
     from cupy.cuda import driver
     rec = recording.current()
     if rec is not None:  # the parameters laid out back to back, each at its own alignment
-        template, offsets, pointer_offsets = b"", [], []
+        template, offsets, pointer_offsets, scalar_offsets = b"", [], [], []
         for a in args:
             size = ctypes.sizeof(a)
             template += bytes(-len(template) % size)
             offsets.append(len(template))
             if isinstance(a, ctypes.c_void_p):
                 pointer_offsets.append(len(template))
+            elif isinstance(a, recording.CallScalar):
+                scalar_offsets.append(len(template))
             template += bytes(a)
-        rec.launch(fn, grid, 1, threads, 0, template, offsets, pointer_offsets)
+        rec.launch(fn, grid, 1, threads, 0, template, offsets, pointer_offsets, scalar_offsets=scalar_offsets)
     argv = (ctypes.c_void_p * len(args))(*(ctypes.addressof(a) for a in args))
     driver.launchKernel(fn.ptr, grid, 1, 1, threads, 1, 1, 0, stream, ctypes.addressof(argv), 0)
 
@@ -164,11 +166,13 @@ def dropout_mask(mask: DeviceArray, *, seed: int, offset: int, threshold: int, s
 
 def kvcache_append(k_cache: DeviceArray, v_cache: DeviceArray, k_new, v_new, cache_seqlens, cache_seqlens_value: int,
                    leftpad, cu_q: DeviceArray, cu_k: DeviceArray, seqused_k: DeviceArray, *, seqlen_q: int,
-                   stream: int, cc: tuple, block_table=None, page_size: int = 0) -> None:
+                   stream: int, cc: tuple, block_table=None, page_size: int = 0, seqused_q=None,
+                   seqused_q_value: int = 0) -> None:
     """The KV-cache append and the variable-length indices (kvcache_append.cu): ``k_new``/``v_new`` (batch,
     seqlen_new, heads_k, d) views (or None) into the (batch, seqlen_cache, heads_k, d) caches at
     ``cache_seqlens`` (an int32 view, or None for ``cache_seqlens_value``); writes cu_q, cu_k (batch + 1,)
-    and seqused_k (batch,) for the variable-length forward. Unit column strides. Paged (``block_table`` an
+    and seqused_k (batch,) for the variable-length forward, and ``seqused_q`` (an int32 (batch,) view, or
+    None) set to ``seqused_q_value``. Unit column strides. Paged (``block_table`` an
     int32 (batch, max_pages) view): the caches are (num_pages, page_size, heads, d) views, a sequence's
     capacity max_pages * page_size."""
     batch, seqlen_cache, heads, d = k_cache.shape
@@ -185,9 +189,9 @@ def kvcache_append(k_cache: DeviceArray, v_cache: DeviceArray, k_new, v_new, cac
     news = [(0, (0, 0, 0)) if x is None else (x.ptr, x.strides[:3]) for x in (k_new, v_new)]
     _launch_args(fn, grid, key.threads, stream, (
         ptr(k_cache.ptr), ptr(v_cache.ptr), ptr(news[0][0]), ptr(news[1][0]),
-        ptr(0 if cache_seqlens is None else cache_seqlens.ptr), i32(cache_seqlens_value),
+        ptr(0 if cache_seqlens is None else cache_seqlens.ptr), recording.CallScalar(cache_seqlens_value),
         ptr(0 if leftpad is None else leftpad.ptr), ptr(cu_q.ptr), ptr(cu_k.ptr), ptr(seqused_k.ptr),
-        i32(batch), i32(seqlen_q), i32(seqlen_new), i32(seqlen_cache), i32(heads), i32(d),
+        ptr(0 if seqused_q is None else seqused_q.ptr), i32(seqused_q_value), i32(batch), i32(seqlen_q), i32(seqlen_new), i32(seqlen_cache), i32(heads), i32(d),
         *(i64(x) for x in k_cache.strides[:3]), *(i64(x) for x in v_cache.strides[:3]),
         *(i64(x) for x in news[0][1]), *(i64(x) for x in news[1][1]),
         ptr(0 if block_table is None else block_table.ptr), i64(0 if block_table is None else block_table.strides[0]),
@@ -209,7 +213,8 @@ def rotary(x: DeviceArray, out: DeviceArray, cos: DeviceArray, sin: DeviceArray,
     i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
     _launch_args(fn, grid, key.threads, stream, (
         ptr(out.ptr), ptr(x.ptr), ptr(cos.ptr), ptr(sin.ptr), ptr(0 if cache_seqlens is None else cache_seqlens.ptr),
-        i32(cache_seqlens_value), ptr(0 if leftpad is None else leftpad.ptr), i32(per_row), i32(interleaved),
+        recording.CallScalar(cache_seqlens_value), ptr(0 if leftpad is None else leftpad.ptr), i32(per_row),
+        i32(interleaved),
         i32(batch), i32(seqlen), i32(heads), i32(d), i32(cos.shape[1]), i32(cos.shape[0]), i64(cos.strides[0]),
         *(i64(s_) for s_ in x.strides[:3])))
 

@@ -84,6 +84,11 @@ FIELDS = [
     ("block_table_batch_stride", "i64", None, ""),
     ("page_size", "i32", None, "rows of a page, any size >= 1"),
     ("num_pages", "i32", None, "pages in the caches: page indices are clamped to [0, num_pages)"),
+    # Split-KV in the Hopper forward (fwd_sm90.cu, CF_SPLIT_KV): its persistent CTAs take (query tile,
+    # split) work tiles, so the count comes as a field (fwd_sm80.cu's split build reads gridDim.y).
+    ("num_splits", "i32", None, "split-KV: work tiles sharing one query tile's key tiles"),
+    ("page_shift", "i32", None, "paged: log2(page_size) for a power-of-two page size (a shift and a mask per "
+                                "row instead of a division), else -1"),
 ]
 
 NAMES = [f[0] for f in FIELDS]

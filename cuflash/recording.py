@@ -12,6 +12,7 @@ unusable too: a replay must never reach memory of an earlier call.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import threading
 
@@ -23,6 +24,12 @@ def current():
     return getattr(_tls, "rec", None)
 
 
+class CallScalar(ctypes.c_int32):
+    """An int32 kernel argument that a bound call takes anew each call (attention_with_kvcache's int
+    cache_seqlens), recorded as a slot instead of a constant. ``scalar_max`` on the recording bounds the values
+    the recorded general path would accept (it raises past them; the bound call then runs it)."""
+
+
 class Unbindable(Exception):
     """The recorded call did something a replay could not repeat faithfully."""
 
@@ -31,7 +38,8 @@ class Recording:
     """Collects a call's steps. ``regions`` are (base, nbytes) of the caller's arrays in a fixed role order
     (None for an absent one); allocations made during the call are added after them, in order.
 
-    Steps: ``("launch", fn, grid, splits, threads, smem, template, argv_offsets, ptr_slots, map_slots)`` with
+    Steps: ``("launch", fn, grid, splits, threads, smem, template, argv_offsets, ptr_slots, map_slots,
+    scalar_offsets)`` with
     ``template`` the parameter bytes, ``argv_offsets`` where each kernel parameter starts in them,
     ``ptr_slots`` (byte offset, region, byte offset in the region) and ``map_slots`` (byte offset, view
     geometry, box, region, offset) for TMA descriptors; ``("memset8", region, offset, value, nbytes)`` and
@@ -44,6 +52,7 @@ class Recording:
         self._keep = []  # the allocations themselves, alive until the recording ends (no address reuse)
         self.steps = []
         self.failed = None
+        self.scalar_max = None  # set by the recorded call where it takes a CallScalar
 
     def __enter__(self):
         if current() is not None:
@@ -75,11 +84,12 @@ class Recording:
         return None
 
     def launch(self, fn, grid: int, splits: int, threads: int, smem: int, template: bytes, argv_offsets,
-               pointer_offsets, maps=()) -> None:
+               pointer_offsets, maps=(), scalar_offsets=()) -> None:
         """A kernel launch: ``fn`` the loaded function (kept: it keeps its module loaded), ``pointer_offsets``
         the byte offsets of device pointers in ``template``; ``maps`` (byte offset, view, box) of tensor maps
-        to re-encode (view None: an accumulator map given as (ptr, shape, box) in box). Views are kept as
-        geometry only: a bound call must not keep the recorded call's arrays alive."""
+        to re-encode (view None: an accumulator map given as (ptr, shape, box) in box); ``scalar_offsets``
+        where the call's CallScalar goes. Views are kept as geometry only: a bound call must not keep the
+        recorded call's arrays alive."""
         try:
             slots = []
             for off in pointer_offsets:
@@ -96,7 +106,7 @@ class Recording:
             self.fail(str(e))
             return
         self.steps.append(("launch", fn, grid, splits, threads, smem, bytes(template), tuple(argv_offsets),
-                           tuple(slots), tuple(map_slots)))
+                           tuple(slots), tuple(map_slots), tuple(scalar_offsets)))
 
     def memset(self, kind: str, ptr: int, value: int, count: int) -> None:
         try:

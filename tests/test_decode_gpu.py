@@ -150,3 +150,58 @@ def test_kvcache_decode_many_query_heads(heads, d, num_splits, packing):
                                                      vb.astype(np.float64))
         flash_rule(out[b:b + 1], ref, naive_same_dtype(q[b:b + 1], kb, vb))
         np.testing.assert_allclose(lse[b], ref_lse[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["d64", "d128", "d160_softcap", "d64_softcap", "few_sms", "batch8_8k"])
+def test_kvcache_split_kv_hopper_and_ampere_builds(case, packing, monkeypatch):
+    """Split-KV decoding on Hopper runs the Hopper kernel's split build (fwd_sm90.cu CF_SPLIT_KV: (query
+    tile, split) work tiles of persistent CTAs); CUFLASH_FWD_KERNEL=sm80 runs the Ampere one's (splits on
+    gridDim.y). Each follows FlashAttention's rule per sequence, with ragged lengths (one key, a full cache,
+    NaN in the unused slots), and the two agree on the LSE to 1e-5. Cases: head dims 64 (three consumer
+    warpgroups, ping-pong), 128, 160 (padded to 192), softcap's own tiles at 64; "few_sms" makes the plan
+    believe the GPU has 8 SMs, so 8 persistent CTAs take ~5 work tiles each from the tile counter (the ring
+    and barrier phases carried from split to split); "batch8_8k" is a decode step's size, splits of our
+    choice over more work tiles than SMs."""
+    import cupy
+    from cuflash import jit, launch_plan, ops
+    from gpu_helpers import skip_unless_hopper
+    skip_unless_hopper()
+    d, softcap, num_splits, batch, cap, hq, hk = {
+        "d64": (64, 0.0, 3, 3, 2000, 16, 4), "d128": (128, 0.0, 0, 3, 2000, 16, 4),
+        "d160_softcap": (160, 8.0, 4, 3, 2000, 16, 4), "d64_softcap": (64, 8.0, 5, 3, 2000, 16, 4),
+        "few_sms": (128, 0.0, 3, 3, 2000, 16, 4), "batch8_8k": (128, 0.0, 0, 8, 8192, 32, 8)}[case]
+    if case == "few_sms":
+        monkeypatch.setattr(ops, "_sm_count", lambda device: 8)
+    requested = []
+    original = jit.get_function
+
+    def spy(key, *a):
+        requested.append(key.name)
+        return original(key, *a)
+    monkeypatch.setattr(jit, "get_function", spy)
+    rng = np.random.default_rng(d + num_splits + batch)
+    lens = rng.integers(1, cap, batch).astype(np.int32)
+    lens[:2] = 1, cap
+    q = rng.standard_normal((batch, 1, hq, d)).astype(np.float16)
+    kc, vc = (rng.standard_normal((batch, cap, hk, d)).astype(np.float16) for _ in range(2))
+    for c in (kc, vc):
+        for b, n in enumerate(lens):
+            c[b, n:] = np.nan
+    results = {}
+    for kernel in ("sm90", "sm80"):
+        monkeypatch.setenv("CUFLASH_FWD_KERNEL", kernel)
+        executor.clear()
+        launch_plan._plans.clear()  # (a cached plan would not ask for its kernel again)
+        requested.clear()
+        out, lse = cuflash.attention_with_kvcache(cupy.asarray(q), cupy.asarray(kc), cupy.asarray(vc),
+                                                  cache_seqlens=cupy.asarray(lens), num_splits=num_splits,
+                                                  softcap=softcap, return_lse=True)
+        assert any(n.startswith(f"fwd_{kernel}") and "splitkv" in n for n in requested), requested
+        results[kernel] = (to_np64(out), to_host(lse))
+        for b in range(batch):
+            kb, vb = kc[b:b + 1, :lens[b]], vc[b:b + 1, :lens[b]]
+            ref, ref_lse = reference.attention_reference(q[b:b + 1].astype(np.float64), kb.astype(np.float64),
+                                                         vb.astype(np.float64), softcap=softcap)
+            flash_rule(results[kernel][0][b:b + 1], ref, naive_same_dtype(q[b:b + 1], kb, vb, softcap=softcap))
+            np.testing.assert_allclose(results[kernel][1][b], ref_lse[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(results["sm90"][1], results["sm80"][1], rtol=1e-5, atol=1e-5)

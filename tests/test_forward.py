@@ -208,10 +208,14 @@ def test_empty_query_blocks_and_poisoned_lse():
 
 def test_params_layout_and_smem_formulas_match_kernels():
     """The host's parameter block has the size of the kernels' AttentionParams, and the host's shared
-    memory formulas equal the sizes the backward kernels export."""
+    memory formulas equal the sizes the kernels export (the sm80 forward, paged or not, and the backward)."""
     from cuflash import dispatch, params_layout
     fwd = dispatch.all_forward_keys()[0]
     assert device_int(fwd, "cf_params_bytes") == params_layout.STRUCT.size
+    for paged in (False, True):
+        key = dispatch.forward_key("bfloat16", 128, is_local=False, softcap=False, alibi=False, varlen=True,
+                                   split_kv=True, paged=paged)
+        assert device_int(key, "cf_fwd_sm80_smem_bytes") == dispatch.forward_smem_bytes(key)
     for key in dispatch.all_backward_keys():
         if key.family == "bwd_sm80" and key.head_dim in (64, 256):
             assert device_int(key, "cf_bwd_smem_bytes") == dispatch.backward_smem_bytes(key)

@@ -3,7 +3,7 @@ signature replays the first one's launches with its pointers moved to the new ar
 against the general path on the same inputs (outputs, LSE, and the caches after the in-place append), for
 the shapes a decode loop meets: GQA-packed split-KV and unsplit, unpacked (MQA off), paged caches of page
 size 16, cache_batch_idx, rotary, int and per-sequence cache_seqlens, CuPy and torch; a call that cannot be
-replayed (a copy the framework makes) is never bound; a new int cache_seqlens is a new signature."""
+replayed (a copy the framework makes) is never bound; an int cache_seqlens is given per call."""
 
 import numpy as np
 import pytest
@@ -22,8 +22,8 @@ def bound_runs(monkeypatch):
     runs = []
     original = executor.BoundSequence.run
 
-    def spy(self, xs):
-        res = original(self, xs)
+    def spy(self, xs, scalar=0):
+        res = original(self, xs, scalar)
         runs.append(res is not None)
         return res
     monkeypatch.setattr(executor.BoundSequence, "run", spy)
@@ -105,28 +105,73 @@ def test_bound_call_matches_general_path(case, fw, bound_runs):
     assert np.isfinite(to_host(got[0]).astype(np.float32)).all()
 
 
-def test_int_cache_seqlens_is_part_of_the_signature(bound_runs):
+@pytest.mark.parametrize("rotary", [False, True])
+def test_int_cache_seqlens_is_given_per_call(bound_runs, rotary):
+    """An int cache_seqlens is not part of the signature: a bound call writes it into the append (and rotary)
+    launches each call. Bit for bit against the general path at another value; a value the general path
+    rejects (past the cache, or past the rotary tables' positions) still raises, bound or not."""
     import cupy
     rng = np.random.default_rng(3)
     q = cupy.asarray(rng.standard_normal((2, 1, 8, 64)).astype(np.float16))
-    kc, vc = (cupy.asarray(rng.standard_normal((2, 256, 2, 64)).astype(np.float16)) for _ in range(2))
-    a = cuflash.attention_with_kvcache(q, kc, vc, cache_seqlens=100)
-    b = cuflash.attention_with_kvcache(q, kc, vc, cache_seqlens=200)  # not the first call's binding
-    assert bound_runs == []
-    c = cuflash.attention_with_kvcache(q, kc, vc, cache_seqlens=100)
+    # distinct new keys and values: one array passed as both starts two regions, which no replay can tell apart
+    new_k, new_v = (cupy.asarray(rng.standard_normal((2, 1, 2, 64)).astype(np.float16)) for _ in range(2))
+    host = [rng.standard_normal((2, 256, 2, 64)).astype(np.float16) for _ in range(2)]
+    kw = {}
+    if rotary:
+        angles = rng.uniform(0, 6.3, (240, 16))
+        kw = dict(rotary_cos=cupy.asarray(np.cos(angles).astype(np.float16)),
+                  rotary_sin=cupy.asarray(np.sin(angles).astype(np.float16)), causal=True)
+
+    def run(lens):
+        kc, vc = (cupy.asarray(x) for x in host)
+        return cuflash.attention_with_kvcache(q, kc, vc, new_k, new_v, cache_seqlens=lens, **kw), (kc, vc)
+    run(100)
+    got, got_caches = run(200)
     assert bound_runs == [True]
-    same_bits(a, c)
-    assert not np.array_equal(to_host(a), to_host(b))
+    executor.clear()
+    want, want_caches = run(200)
+    same_bits(got, want)
+    for a, b in zip(got_caches, want_caches):
+        same_bits(a, b)
+    run(100)  # bound again
+    limit = 239 if rotary else 256  # the last value the general path accepts (rotary: one new key's position)
+    run(limit)
+    assert bound_runs == [True, True, True]
+    with pytest.raises(ValueError):
+        run(limit + 1)
 
 
-def test_a_call_with_a_framework_copy_is_not_bound(bound_runs):
-    """New keys with a non-unit head_dim stride are copied by CuPy (arrays.contiguous_copy): work a replay
-    would not repeat, so the call stays on the general path, with the right answer each time."""
+def test_new_keys_with_a_strided_head_dim_are_bound(bound_runs):
+    """New keys and values with a non-unit head_dim stride are copied by strided_copy.cu, which a replay
+    repeats: the call binds and matches the general path bit for bit."""
     import cupy
     rng = np.random.default_rng(4)
     q = cupy.asarray(rng.standard_normal((2, 1, 8, 64)).astype(np.float16))
     host = [rng.standard_normal((2, 256, 2, 64)).astype(np.float16) for _ in range(2)]
-    new = cupy.asarray(rng.standard_normal((2, 1, 2, 128)).astype(np.float16))[..., ::2]
+
+    def run(seed):
+        new_k, new_v = (cupy.asarray(np.random.default_rng(seed + i).standard_normal((2, 1, 2, 128))
+                                     .astype(np.float16))[..., ::2] for i in range(2))
+        kc, vc = (cupy.asarray(x) for x in host)
+        return cuflash.attention_with_kvcache(q, kc, vc, new_k, new_v, cache_seqlens=100), (kc, vc)
+    run(1)
+    got, got_caches = run(7)
+    assert bound_runs == [True]
+    executor.clear()
+    want, want_caches = run(7)
+    same_bits(got, want)
+    for a, b in zip(got_caches, want_caches):
+        same_bits(a, b)
+
+
+def test_one_array_as_new_keys_and_values_is_not_bound(bound_runs):
+    """k and v given as one array start two regions at one address: a replay could not tell which a recorded
+    pointer meant, so the call stays on the general path (right answer, nothing bound)."""
+    import cupy
+    rng = np.random.default_rng(6)
+    q = cupy.asarray(rng.standard_normal((2, 1, 8, 64)).astype(np.float16))
+    host = [rng.standard_normal((2, 256, 2, 64)).astype(np.float16) for _ in range(2)]
+    new = cupy.asarray(rng.standard_normal((2, 1, 2, 64)).astype(np.float16))
     outs = []
     for _ in range(2):
         kc, vc = (cupy.asarray(x) for x in host)
@@ -134,6 +179,9 @@ def test_a_call_with_a_framework_copy_is_not_bound(bound_runs):
     assert bound_runs == []
     assert not executor._sequences
     same_bits(outs[0], outs[1])
+    kc, vc = (cupy.asarray(x) for x in host)
+    want = cuflash.attention_with_kvcache(q, kc, vc, new, new.copy(), cache_seqlens=100)  # distinct arrays
+    same_bits(outs[0], want)
 
 
 def test_q_sliced_from_a_fused_projection_is_bound(bound_runs):

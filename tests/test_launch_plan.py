@@ -217,3 +217,48 @@ def test_varlen_forward_plan(stub_functions, monkeypatch, family):
     assert blk["varlen_lse_head_stride"] == total_q and blk["q_row_stride"] == hq * d
     dense = _block(_fwd(*_qkvo(b=2, sq=300, sk=260, hq=8)).launch)
     assert (dense["total_q"], dense["total_k"]) == (300, 260)
+
+
+@pytest.mark.parametrize("family,d", [("sm90", 128), ("sm90", 256), ("sm80", 128)])
+def test_split_kv_varlen_plan(stub_functions, monkeypatch, family, d):
+    """A split-KV plan (decoding): on Hopper, head dims with the Hopper split build run it with (query tile,
+    split) work tiles of persistent CTAs (gridDim.y 1, the split count in the parameter block); head dim 256
+    and CUFLASH_FWD_KERNEL=sm80 run the sm80 split build with the splits on gridDim.y. Both get the fp32
+    partial-state shapes, query i of sequence b at row b * max_seqlen_q + i."""
+    monkeypatch.setenv(dispatch.FWD_KERNEL_ENV, family)
+    batch, groups, hk, splits = 8, 4, 8, 5
+    total_q = (batch - 1) * groups * hk + groups
+    q = _view((1, total_q, hk, d), 0x10000, strides=(0, d, groups * d, 1))
+    k = _view((1, batch * 4096, hk, d), 0x2000000, strides=(0, hk * d, d, 1))
+    v = _view((1, batch * 4096, hk, d), 0x3000000, strides=(0, hk * d, d, 1))
+    o = _view((1, total_q, hk, d), 0x4000000, strides=(0, d, groups * d, 1))
+    fp = launch_plan.forward_varlen(q, k, v, o, None, batch=batch, max_seqlen_q=groups, max_seqlen_k=4096,
+                                    causal=False, window_size=(-1, -1), softmax_scale=0.1, softcap=0.0, cc=(9, 0),
+                                    sm_count=132, num_splits=splits)
+    key_name = stub_functions[-1][0]
+    hopper = family == "sm90" and d in dispatch.FWD_SM90_SPLIT_KV_HEAD_DIMS
+    assert key_name.startswith("fwd_sm90" if hopper else "fwd_sm80") and "splitkv" in key_name
+    assert _block(fp.launch)["num_splits"] == splits
+    if hopper:
+        assert fp.launch.splits == 1 and fp.launch.grid == 132 and fp.tile_counter  # 320 work tiles
+    else:
+        assert fp.launch.splits == splits and fp.launch.grid == batch * hk
+    assert fp.accum_shapes == ((splits, batch * groups, hk, d), (splits, hk, batch * groups))
+
+
+@pytest.mark.parametrize("page_size,shift", [(16, 4), (1, 0), (256, 8), (3, -1), (48, -1)])
+def test_paged_plan_page_shift(stub_functions, page_size, shift):
+    """A paged plan runs the sm80 paged build with the page geometry in the parameter block, and a power-of-two
+    page size also as its log2 (the kernel's rows split into pages by a shift and a mask, not a division);
+    other sizes pass -1."""
+    batch, hk, d, max_pages = 4, 2, 128, 8
+    q = _view((1, batch, 8, d), 0x10000, strides=(0, 8 * d, d, 1))
+    k = _view((1, 40 * page_size, hk, d), 0x2000000, strides=(0, hk * d, d, 1))
+    v = _view((1, 40 * page_size, hk, d), 0x3000000, strides=(0, hk * d, d, 1))
+    o = _view((1, batch, 8, d), 0x4000000, strides=(0, 8 * d, d, 1))
+    fp = launch_plan.forward_varlen(q, k, v, o, None, batch=batch, max_seqlen_q=1, max_seqlen_k=max_pages * page_size,
+                                    causal=False, window_size=(-1, -1), softmax_scale=0.1, softcap=0.0, cc=(9, 0),
+                                    sm_count=132, paged=(page_size, 40, max_pages))
+    block = _block(fp.launch)
+    assert "paged" in stub_functions[-1][0]
+    assert (block["page_size"], block["num_pages"], block["page_shift"]) == (page_size, 40, shift)

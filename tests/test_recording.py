@@ -102,3 +102,10 @@ def test_allocations_are_found_by_identity():
     rec.allocated(SimpleNamespace(ptr=0, shape=(0,), dtype="float32"), a, 0)
     rec.allocated(SimpleNamespace(ptr=0, shape=(0,), dtype="float32"), b, 0)
     assert rec.allocation_of(b) == 5 and rec.allocation_of(a) == 4 and rec.allocation_of(object()) is None
+
+
+def test_call_scalar_offsets_are_recorded():
+    """A CallScalar argument (an int cache_seqlens) is kept as a slot the bound call fills per call."""
+    rec = _rec()
+    rec.launch(1, 1, 1, 32, 0, bytes(16), (0, 8), (0,), scalar_offsets=(8,))
+    assert rec.steps[0][10] == (8,) and issubclass(recording.CallScalar, __import__("ctypes").c_int32)

@@ -39,20 +39,23 @@
 #ifndef CF_PAGED
 #define CF_PAGED 0
 #endif
-// The K or V tile of key rows [row0, row0 + kBN) of this CTA's sequence and key/value head into `tile`:
-// through the block table with CF_PAGED, else from the sequence's first row.
+// The K or V tile of key tile n_block of this CTA's sequence and key/value head into `tile`: with CF_PAGED
+// through the tile's physical rows (PagedRows, in one of two stages of kBN ints after the V tile: the next
+// tile's rows are written while this tile's V is still being read), else from the sequence's first row.
 #if CF_PAGED
-#define CF_LOAD_KV(tile, x, row0)                                                                          \
-    KVTile::load_async_paged<kThreads>(tile, (const u16*)p.x + (i64)BlockCoords(p).hk * p.x##_head_stride,   \
-                                       p.block_table + (i64)BlockCoords(p).b * p.block_table_batch_stride,   \
-                                       p.page_size, p.num_pages, p.x##_row_stride, row0, CF_SEQLEN_K,        \
-                                       p.head_dim, tid)
+#define CF_LOAD_KV(tile, x, n_block)                                                                       \
+    KVTile::load_async_rows<kThreads>(tile, (const u16*)p.x + (i64)BlockCoords(p).hk * p.x##_head_stride,    \
+                                      page_rows + ((n_block) & 1) * kBN, p.x##_row_stride, p.head_dim, tid)
 #else
-#define CF_LOAD_KV(tile, x, row0)                                                                          \
+#define CF_LOAD_KV(tile, x, n_block)                                                                       \
     KVTile::load_async<kThreads>(tile,                                                                     \
                                  x##_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_k, total_k, x##_row_stride), \
-                                 p.x##_row_stride, row0, CF_SEQLEN_K, p.head_dim, tid)
+                                 p.x##_row_stride, (n_block) * kBN, CF_SEQLEN_K, p.head_dim, tid)
 #endif
+// Dynamic shared memory: Q, K and V tiles, and with CF_PAGED two stages of a key tile's physical rows
+// (dispatch.forward_smem_bytes computes the same; tests compare the two).
+constexpr int kPageRowsBytes = CF_PAGED ? 2 * kBN * (int)sizeof(int) : 0;
+extern "C" __device__ const int cf_fwd_sm80_smem_bytes = QTile::kBytes + 2 * KVTile::kBytes + kPageRowsBytes;
 #if CF_SPLIT_KV
 // The split's partial states are indexed compactly, query i of sequence b at row b * seqlen_q + i (seqlen_q:
 // the max_seqlen_q bound), whatever the packing of q: (splits, batch * seqlen_q, heads_q, kD) fp32 outputs
@@ -121,7 +124,17 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
 
     QTile::load_async<kThreads>(sQ, q_ptr(p, BlockCoords(p)) CF_FIRST_ROW(cu_seqlens_q, total_q, q_row_stride),
                                 p.q_row_stride, m_start, CF_SEQLEN_Q, p.head_dim, tid);
-    CF_LOAD_KV(sK, k, (n_hi - 1) * kBN);
+#if CF_PAGED
+    int* const page_rows = (int*)(smem + QTile::kBytes + 2 * KVTile::kBytes);
+    PagedRows<kBN, kThreads> next_rows;
+    const int* const block_table = p.block_table + (i64)bc.b * p.block_table_batch_stride;
+#define CF_STORE_PAGE_ROWS(n_block) next_rows.store(page_rows + ((n_block) & 1) * kBN, p.page_size, p.page_shift, \
+                                                   p.num_pages, (n_block) * kBN, CF_SEQLEN_K, tid)
+    next_rows.fetch(block_table, p.page_size, p.page_shift, (n_hi - 1) * kBN, CF_SEQLEN_K, tid);
+    CF_STORE_PAGE_ROWS(n_hi - 1);
+    __syncthreads();
+#endif
+    CF_LOAD_KV(sK, k, n_hi - 1);
     cp_async_commit();
 
     float acc_o[kMS][kDT8][4];
@@ -135,8 +148,14 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
         // K of this tile has landed, and every warp is done reading the previous V: V may be overwritten.
         cp_async_wait<0>();
         __syncthreads();
-        CF_LOAD_KV(sV, v, n_block * kBN);
+        CF_LOAD_KV(sV, v, n_block);
         cp_async_commit();
+#if CF_PAGED
+        // The next tile's page indices, loaded now and stored to the other stage after the score tile: the
+        // stage's last readers (tile n_block + 1's V and K loads) are behind the barrier above.
+        if (n_block > n_lo)
+            next_rows.fetch(block_table, p.page_size, p.page_shift, (n_block - 1) * kBN, CF_SEQLEN_K, tid);
+#endif
 
         float sc[kMS][kNT8][4];
         zero_fill(sc);
@@ -146,11 +165,14 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
         apply_score_mods<kMS, kNT8, CF_SOFTCAP, CF_ALIBI>(sc, tc, p.softmax_scale, p.softcap, slope, vis.off);
         mask_tile<CF_IS_LOCAL>(sc, tc, vis, m_start, i_last, n_block * kBN, kBN);
 
+#if CF_PAGED
+        if (n_block > n_lo) CF_STORE_PAGE_ROWS(n_block - 1);
+#endif
         // V of this tile has landed and every warp is done with K: prefetch the next K under softmax + PV.
         cp_async_wait<0>();
         __syncthreads();
         if (n_block > n_lo) {
-            CF_LOAD_KV(sK, k, (n_block - 1) * kBN);
+            CF_LOAD_KV(sK, k, n_block - 1);
             cp_async_commit();
         }
 

@@ -34,7 +34,14 @@
 //
 // Compile-time configuration (cuflash/dispatch.py): CF_DTYPE, CF_HEAD_DIM (64, 128, 192 or 256; a smaller
 // real head_dim is zero-filled by TMA), CF_BLOCK_N, CF_STAGES, CF_CONSUMERS (2 or 3), CF_PINGPONG, CF_IS_LOCAL,
-// CF_SOFTCAP, CF_ALIBI, CF_VARLEN (optional, default 0).
+// CF_SOFTCAP, CF_ALIBI, CF_VARLEN (optional, default 0), CF_SPLIT_KV (optional, default 0; with CF_VARLEN).
+//
+// Split-KV (CF_SPLIT_KV, decoding): each query tile's visible key tiles are shared by p.num_splits work
+// tiles in contiguous runs (split s of tile t is work tile t * num_splits + s, so a tile's splits run side
+// by side), each writing its normalized partial output in fp32 straight from the accumulators, and its LSE,
+// to o_accum / lse_accum at the compact rows fwd_sm80.cu's split build uses; merge_states.cu combines them.
+// An empty split writes 0 and LSE +inf, which the merge skips. Decoding's few CTAs per sequence get the
+// TMA pipeline on every SM this way: unsplit, 8 to 64 CTAs read 0.47 to 3.7 TB/s on the H200.
 #include "ptx/cp_async.cuh"
 #include "ptx/mbarrier.cuh"
 #include "ptx/tma.cuh"
@@ -48,6 +55,9 @@
 
 #ifndef CF_VARLEN
 #define CF_VARLEN 0
+#endif
+#ifndef CF_SPLIT_KV
+#define CF_SPLIT_KV 0
 #endif
 #if CF_VARLEN
 #include "attention/seq_context.cuh"
@@ -92,6 +102,9 @@ constexpr u32 kTileBytes = (kSeparateO ? 2 : 1) * kQBytes + 2 * kStages * kKVByt
 // Without a separate O buffer the next Q would wait for the store, and the loop's extra live state spills at
 // head dim 256: such variants process exactly one tile per CTA (cuflash/dispatch.py launches them so).
 constexpr bool kPersistent = kSeparateO;
+// Split-KV writes its partial outputs from registers; it is built only where O has its own buffer (the
+// persistent variants), so the Q buffer's release stays the one the loop already makes.
+static_assert(!CF_SPLIT_KV || (CF_VARLEN && kSeparateO), "split-KV: variable-length builds with a separate O");
 }  // namespace
 
 // Offsets in the dynamic shared memory (1024-byte aligned base): Q, K stages, V stages, O, then barriers.
@@ -126,8 +139,10 @@ struct WorkTile {
     // This sequence's visibility (its own lengths) and first rows in the packed q / k.
     Visibility vis;
     int row_q, row_k;
+    int split;  // split-KV: which run of the tile's key tiles (0 otherwise)
     __device__ __forceinline__ WorkTile(const AttentionParams& a, const Visibility&, int t)
-        : bc(BlockCoords::grouped(a, t)), vis(0, 0, a.window_left, a.window_right) {
+        : bc(BlockCoords::grouped(a, CF_SPLIT_KV ? t / a.num_splits : t)),
+          vis(0, 0, a.window_left, a.window_right), split(CF_SPLIT_KV ? t % a.num_splits : 0) {
         const SeqContext seq(a, bc.b);
         vis = Visibility(seq.seqlen_q, seq.seqlen_k, a.window_left, a.window_right);
         row_q = seq_first_row(a.cu_seqlens_q, a.total_q, bc.b);
@@ -135,6 +150,11 @@ struct WorkTile {
         m_start = bc.m_block * kBM;
         m_end = min(m_start + kBM, seq.seqlen_q);
         vis.key_tiles(m_start, m_end - 1, kBN, &n_lo, &n_hi);
+#if CF_SPLIT_KV
+        const int per_split = (n_hi - n_lo + a.num_splits - 1) / a.num_splits;
+        n_lo = min(n_hi, n_lo + split * per_split);
+        n_hi = min(n_hi, n_lo + per_split);
+#endif
     }
     // Past this sequence's rows: skipped by the producer and the consumers alike.
     __device__ __forceinline__ bool empty() const { return m_start >= m_end; }
@@ -307,6 +327,9 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         int wg_lo, wg_hi;
         CF_TILE_VIS.key_tiles(wg_row0, wg_row_last, kBN, &wg_lo, &wg_hi);
         if (wg_row0 >= w.m_end || wg_lo >= wg_hi) wg_hi = w.n_lo;
+#if CF_SPLIT_KV
+        wg_hi = max(w.n_lo, min(wg_hi, w.n_hi));  // this split's run only
+#endif
         const int n_tiles = wg_hi - w.n_lo;
         const int skip_front = w.n_hi - wg_hi;
         const int kv0 = kv + skip_front;  // ring position of this warpgroup's first key tile
@@ -477,6 +500,28 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         float row_lse[1][2];
         softmax.finalize(acc_o, row_lse, p.a.scale_log2, natural_score_scale<CF_SOFTCAP, CF_ALIBI>(p.a.softmax_scale));
 
+#if CF_SPLIT_KV
+        {
+            // fp32 partial output straight from the accumulators (two adjacent columns per store), query m
+            // of sequence b at row b * seqlen_q + m (seqlen_q: the max_seqlen_q bound), as fwd_sm80.cu.
+            const int g = lane >> 2, tq = lane & 3;
+            float* oa = p.a.o_accum + w.split * p.a.o_accum_split_stride;
+            float* la = p.a.lse_accum + w.split * p.a.lse_accum_split_stride +
+                        (i64)w.bc.h * p.a.batch * p.a.seqlen_q + (i64)w.bc.b * p.a.seqlen_q;
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int m = wg_row0 + warp_in_wg * 16 + g + 8 * hh;
+                if (m >= w.m_end) continue;
+                float* dst = oa + (((i64)w.bc.b * p.a.seqlen_q + m) * p.a.heads_q + w.bc.h) * kD + tq * 2;
+#pragma unroll
+                for (int d = 0; d < kDT8; ++d)
+                    *(float2*)(dst + d * 8) = make_float2(acc_o[0][d][2 * hh], acc_o[0][d][2 * hh + 1]);
+                if (tq == 0) la[m] = row_lse[0][hh];
+            }
+            continue;  // (persistent: the static_assert above)
+        }
+#endif
+
         // The O rows may be overwritten once the previous tile's store has read them (separate buffer), or
         // once every warp of this warpgroup has retired its last product reading these Q rows.
         if (!CF_VARLEN && elected) tma_store_wait_read();
@@ -536,7 +581,7 @@ attention_fwd_sm90(const __grid_constant__ ForwardSm90Params p) {
     // The dynamic window is not guaranteed 1024-aligned; the host adds 1024 bytes of slack for this.
     const SmemLayout sm((smem_u32(smem_raw) + 1023) & ~1023u);
     const int tid = threadIdx.x, warp = tid >> 5;
-    const int num_tiles = p.a.num_m_blocks * p.a.batch * p.a.heads_q;
+    const int num_tiles = p.a.num_m_blocks * p.a.batch * p.a.heads_q * (CF_SPLIT_KV ? p.a.num_splits : 1);
 
     if (tid == 0) {
         mbar_init(sm.q_full(), 1);

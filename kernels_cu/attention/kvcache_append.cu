@@ -6,6 +6,8 @@
 //   k_cache[b, cache_seqlens[b] + t] = k_new[b, t]   (and v), for t < seqlen_new, rows past the cache dropped
 //   cu_q[i] = i * seqlen_q,  cu_k[i] = i * seqlen_cache + leftpad[i],  cu_k[batch] = batch * seqlen_cache
 //   seqused_k[b] = min(cache_seqlens[b] + seqlen_new, seqlen_cache) - leftpad[b]   (clamped to >= 0)
+//   seqused_q[b] = seqused_q_value   (when seqused_q is not null: decoding's packed query heads, api.py's
+//                                      decode_groups rows of each sequence; one launch fewer than a fill)
 //
 // so that sequence b's keys are rows [leftpad[b], cache_seqlens[b] + seqlen_new) of its cache row and its
 // queries bottom-right aligned to them; cu_k[b + 1] - cu_k[b] >= seqused_k[b] for any leftpad in [0, cache
@@ -27,7 +29,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 kvcache_append(u16* __restrict__ k_cache, u16* __restrict__ v_cache, const u16* __restrict__ k_new,
                const u16* __restrict__ v_new, const int* __restrict__ cache_seqlens, int cache_seqlens_value,
                const int* __restrict__ leftpad, int* __restrict__ cu_q, int* __restrict__ cu_k,
-               int* __restrict__ seqused_k, int batch, int seqlen_q, int seqlen_new, int seqlen_cache, int heads,
+               int* __restrict__ seqused_k, int* __restrict__ seqused_q, int seqused_q_value, int batch, int seqlen_q, int seqlen_new, int seqlen_cache, int heads,
                int head_dim, i64 kc_batch, i64 kc_row, i64 kc_head, i64 vc_batch, i64 vc_row, i64 vc_head,
                i64 kn_batch, i64 kn_row, i64 kn_head, i64 vn_batch, i64 vn_row, i64 vn_head,
                const int* __restrict__ block_table, i64 bt_stride, int page_size, int num_pages) {
@@ -40,6 +42,7 @@ kvcache_append(u16* __restrict__ k_cache, u16* __restrict__ v_cache, const u16* 
         if (b < batch) {
             const int cached = cache_seqlens != nullptr ? cache_seqlens[b] : cache_seqlens_value;
             seqused_k[b] = max(min(cached + seqlen_new, seqlen_cache) - pad, 0);
+            if (seqused_q != nullptr) seqused_q[b] = seqused_q_value;
         }
     }
     const i64 rows = (i64)batch * seqlen_new * heads;

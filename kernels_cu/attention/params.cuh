@@ -79,6 +79,10 @@ struct AttentionParams {
     i64 block_table_batch_stride;
     int page_size;              // rows of a page, any size >= 1
     int num_pages;              // pages in the caches: page indices are clamped to [0, num_pages)
+    int num_splits;             // split-KV: work tiles sharing one query tile's key tiles
+    // paged: log2(page_size) for a power-of-two page size (a shift and a mask per row instead of a
+    // division), else -1
+    int page_shift;
 };
 
 // Exported so that a GPU test can check the host's mirror of this struct byte for byte in size.

@@ -75,32 +75,63 @@ struct SmemTile {
         }
     }
 
-    // load_async for a paged K / V (fwd_sm80.cu CF_PAGED): row r is row r % page_size of page pages[r /
-    // page_size], pages of page_size rows back to back from `base` with row stride `row_stride`. Each thread
-    // looks its rows' pages up itself (the lookups of a tile's threads hit the same few entries, from L1);
-    // a page index outside [0, num_pages) is clamped, so no value in the table reads outside the caches.
+    // load_async for a paged K / V (fwd_sm80.cu CF_PAGED): row i of the tile is cache row `rows[i]` (the
+    // tile's physical rows, staged in shared memory by PagedRows; -1 past the sequence, zero-filled) of
+    // the caches at `base` with row stride `row_stride`. One shared load per row and no arithmetic beyond the
+    // address: the page lookup and the division by the page size happen once per tile, not for K and V each.
     template <int NTHREADS>
-    static __device__ __forceinline__ void load_async_paged(u32 smem, const u16* base, const int* pages,
-                                                            int page_size, int num_pages, i64 row_stride, int row0,
-                                                            int row_limit, int head_dim, int tid) {
+    static __device__ __forceinline__ void load_async_rows(u32 smem, const u16* base, const int* rows, i64 row_stride,
+                                                           int head_dim, int tid) {
         constexpr int kRowStep = NTHREADS / 8;
         static_assert(kRowStep % 8 == 0 && ROWS % kRowStep == 0, "rows must split evenly over the threads");
         const int r = tid >> 3, chunk = tid & 7;
         const u32 dst = smem + (u32)((r * 64 + ((chunk ^ (r & 7)) << 3)) * 2);
 #pragma unroll
         for (int i = 0; i < ROWS / kRowStep; ++i) {
-            const int row = row0 + r + i * kRowStep;
-            const bool row_ok = row < row_limit;
-            const u16* src = base;
-            if (row_ok) {
-                const int page = min(max(pages[row / page_size], 0), num_pages - 1);
-                src = base + ((i64)page * page_size + row % page_size) * row_stride + chunk * 8;
-            }
+            const int row = rows[r + i * kRowStep];
+            const bool row_ok = row >= 0;
+            const u16* src = row_ok ? base + (i64)row * row_stride + chunk * 8 : base;
 #pragma unroll
             for (int blk = 0; blk < DIM / 64; ++blk) {
                 const bool valid = row_ok && (blk * 64 + chunk * 8 < head_dim);
                 cp_async_16(dst + (u32)((blk * ROWS * 64 + i * kRowStep * 64) * 2), valid ? src + blk * 64 : base, valid);
             }
+        }
+    }
+};
+
+// The physical cache rows of a paged key tile (fwd_sm80.cu CF_PAGED), looked up in two steps so that the
+// block table's latency hides under other work: fetch() loads each row's page index (a global load, an L2
+// hit at best: ~300 cycles, which a decode CTA, alone on its SM, would otherwise wait out before every K and
+// V load), store() later turns it into row page * page_size + row % page_size, or -1 past `row_limit`, in
+// shared memory for load_async_rows. Thread t handles rows t, t + NTHREADS, ... of the ROWS.
+// `page_shift` >= 0 (a power-of-two page size, vLLM's 16 among them) replaces the division by a shift.
+// A page index outside [0, num_pages) is clamped, so no value in the table reads outside the caches; rows
+// stay below 2**31 (the host checks the caches' row count).
+template <int ROWS, int NTHREADS>
+struct PagedRows {
+    static constexpr int kPerThread = (ROWS + NTHREADS - 1) / NTHREADS;
+    int entry[kPerThread];
+
+    __device__ __forceinline__ void fetch(const int* pages, int page_size, int page_shift, int row0, int row_limit,
+                                          int tid) {
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j) {
+            const int t = tid + j * NTHREADS, row = row0 + t;
+            entry[j] = 0;
+            if ((ROWS % NTHREADS == 0 || t < ROWS) && row < row_limit)
+                entry[j] = pages[page_shift >= 0 ? row >> page_shift : row / page_size];
+        }
+    }
+
+    __device__ __forceinline__ void store(int* rows, int page_size, int page_shift, int num_pages, int row0,
+                                          int row_limit, int tid) const {
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j) {
+            const int t = tid + j * NTHREADS, row = row0 + t;
+            if (ROWS % NTHREADS != 0 && t >= ROWS) continue;
+            const int in_page = page_shift >= 0 ? row & (page_size - 1) : row % page_size;
+            rows[t] = row < row_limit ? min(max(entry[j], 0), num_pages - 1) * page_size + in_page : -1;
         }
     }
 };
