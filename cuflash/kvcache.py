@@ -139,7 +139,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     variable-length forward attends over each sequence's cache rows: no host synchronization, so the values
     of ``cache_seqlens`` / ``cache_leftpad`` / ``block_table`` are not checked there (new rows past the cache
     are dropped; key ranges are clamped to the cache; page indices to the pages). Paged caches take any page
-    size: on Hopper, power-of-two pages of 8 rows or more are read by TMA a page at a time (the Hopper
+    size: on Hopper, power-of-two pages of 32 rows or more are read by TMA a page at a time (the Hopper
     kernel's paged build); other sizes, and other GPUs, run the sm80 kernel's paged build (keys read row by
     row through the table). Decoding (one query,
     GQA, no ALiBi or left window) runs a key/value head's query heads as the rows of one tile, its keys

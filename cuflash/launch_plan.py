@@ -185,7 +185,7 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     splits are work tiles of its persistent CTAs), else the sm80 kernel's (the splits on gridDim.y).
 
     ``paged`` = (page_size, num_pages, block_table batch stride): a paged build (the Hopper kernel's for
-    power-of-two pages of 8 rows or more, else the sm80 kernel's); k and v are then views of the caches' rows, pages back to back (num_pages * page_size rows), and ``max_seqlen_k``
+    power-of-two pages of 32 rows or more, else the sm80 kernel's); k and v are then views of the caches' rows, pages back to back (num_pages * page_size rows), and ``max_seqlen_k``
     bounds a sequence's keys (its block-table row's capacity)."""
     key = ("fwd_varlen", q.device, cc, _layout(q, k, v, out), _alibi_layout(alibi), batch, max_seqlen_q,
            max_seqlen_k, causal, window_size, softmax_scale, softcap, num_splits, paged, env())
@@ -196,7 +196,7 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     local = is_local(causal, window_size)
     split = num_splits > 1
     # The Hopper kernel reads pages by TMA boxes of whole pages (dispatch.sm90_page_box_rows: power-of-two
-    # sizes from 8 rows); its split-KV build covers the head dims where O has its own buffer, without masks
+    # sizes from 32 rows); its split-KV build covers the head dims where O has its own buffer, without masks
     # or ALiBi (decoding's calls).
     hopper = ((paged is None or dispatch.sm90_page_box_rows(paged[0]) is not None)
               and dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)

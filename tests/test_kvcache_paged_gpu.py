@@ -43,10 +43,11 @@ def _unpaged(pages, table, seqlen):
     return rows[:, :seqlen]
 
 
-@pytest.mark.parametrize("page_size,kernel", [(1, ""), (3, ""), (16, ""), (64, ""), (256, ""), (16, "sm80")])
+@pytest.mark.parametrize("page_size,kernel", [(1, ""), (3, ""), (16, ""), (32, ""), (64, ""), (256, ""),
+                                              (64, "sm80")])
 @pytest.mark.parametrize("case", ["decode", "decode_split3", "chunk_causal", "chunk_window_softcap_alibi"])
 def test_paged_cache_follows_flash_rule(page_size, kernel, case, monkeypatch):
-    """On Hopper, power-of-two pages of 8 rows or more run the Hopper kernel's paged build (a TMA box per
+    """On Hopper, power-of-two pages of 32 rows or more run the Hopper kernel's paged build (a TMA box per
     page); other sizes, and CUFLASH_FWD_KERNEL=sm80, the sm80 kernel's."""
     import cupy
     from cuflash import dispatch, executor, jit, launch_plan
@@ -75,7 +76,7 @@ def test_paged_cache_follows_flash_rule(page_size, kernel, case, monkeypatch):
         block_table=cupy.asarray(table), num_splits=3 if case == "decode_split3" else 0, return_lse=True,
         alibi_slopes=None if slopes is None else cupy.asarray(slopes), **opts)
     cc = divmod(int(cupy.cuda.Device().compute_capability), 10)
-    hopper = not kernel and dispatch.forward_family(cc) == "fwd_sm90" and page_size in (16, 64, 256)
+    hopper = not kernel and dispatch.forward_family(cc) == "fwd_sm90" and page_size in (32, 64, 256)
     family = "fwd_sm90" if hopper else "fwd_sm80"
     assert any(n.startswith(family) and "paged" in n for n in requested), requested
     want_k, want_v = (_expected_cache(c, n, lens) for c, n in ((kc, kn), (vc, vn)))

@@ -246,12 +246,12 @@ def test_split_kv_varlen_plan(stub_functions, monkeypatch, family, d):
     assert fp.accum_shapes == ((splits, batch * groups, hk, d), (splits, hk, batch * groups))
 
 
-@pytest.mark.parametrize("page_size,shift,box", [(16, 4, 16), (1, 0, None), (256, 8, 128), (3, -1, None),
-                                                  (48, -1, None), (8, 3, 8)])
+@pytest.mark.parametrize("page_size,shift,box", [(16, 4, None), (1, 0, None), (256, 8, 128), (3, -1, None),
+                                                  (48, -1, None), (32, 5, 32), (64, 6, 64)])
 def test_paged_plan_page_shift(stub_functions, page_size, shift, box):
     """A paged plan carries the page geometry in the parameter block, and a power-of-two page size also as its
     log2 (rows split into pages by a shift and a mask, not a division); other sizes pass -1. On Hopper,
-    power-of-two pages of 8 rows or more run the Hopper kernel's paged build with K / V tensor-map boxes of
+    power-of-two pages of 32 rows or more run the Hopper kernel's paged build with K / V tensor-map boxes of
     min(page, key tile) rows (``box``); other sizes the sm80 paged build."""
     batch, hk, d, max_pages = 4, 2, 128, 8
     q = _view((1, batch, 8, d), 0x10000, strides=(0, 8 * d, d, 1))
