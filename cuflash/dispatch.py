@@ -249,18 +249,37 @@ def forward_family(cc: tuple) -> str:
 
 
 def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
-                     varlen: bool = False, split_kv: bool = False) -> KernelKey:
+                     varlen: bool = False, split_kv: bool = False, paged: bool = False) -> KernelKey:
     """The Hopper forward's variant. ``varlen``: its variable-length build (CF_VARLEN: packed tensor maps,
     rows from cu_seqlens / seqused, clipped ordinary O stores), a separate variant so that the dense one
     compiles to the code it had without it. ``split_kv`` (with ``varlen``; head dims in
-    :data:`FWD_SM90_SPLIT_KV_HEAD_DIMS`): the split-KV build (CF_SPLIT_KV, fp32 partial states)."""
+    :data:`FWD_SM90_SPLIT_KV_HEAD_DIMS`): the split-KV build (CF_SPLIT_KV, fp32 partial states).
+    ``paged`` (with ``varlen``): keys and values through a block table, a TMA box per page
+    (CF_PAGED; page sizes that :func:`sm90_page_box_rows` accepts)."""
     key = _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi)
     if varlen:
         key = dataclasses.replace(key, extra=key.extra + (("CF_VARLEN", 1),))
     if split_kv:
         assert varlen and key.head_dim in FWD_SM90_SPLIT_KV_HEAD_DIMS, "split-KV: varlen, a separate O buffer"
         key = dataclasses.replace(key, extra=key.extra + (("CF_SPLIT_KV", 1),))
+    if paged:
+        assert varlen, "paged K / V: the variable-length build"
+        key = dataclasses.replace(key, extra=key.extra + (("CF_PAGED", 1),))
     return key
+
+
+def sm90_page_box_rows(page_size: int):
+    """Rows of the Hopper forward's TMA box for pages of ``page_size`` rows, or None where the Hopper kernel
+    cannot read them (the sm80 kernel's paged build then does): a power of two of at least 32 rows, so that
+    a page's rows start on the 128-byte swizzle's 8-row period in shared memory, every key tile (a power of
+    two rows) holds whole pages or lies inside one, and a tile's page indices share one 128-byte line of the
+    table (fwd_sm90.cu prefetch_page_runs). 16-row boxes (vLLM's default page) took 1.66x (batch 8 x 32k) and 1.40x
+    (1 x 128k) the contiguous time on the H200, where the sm80 paged build took 1.48x and 1.35x (bf16,
+    hd128; 64-row boxes: 1.06x and 1.03x). The kernel's box is min(page_size, block_n) (fwd_sm90.cu
+    paged_box_rows)."""
+    if page_size >= 32 and page_size & (page_size - 1) == 0:
+        return page_size
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -334,9 +353,15 @@ def all_forward_sm90_keys() -> list[KernelKey]:
     keys = [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, varlen=vl)
             for dt in DTYPES for d in PADDED_HEAD_DIMS for loc in (False, True)
             for sc in (False, True) for al in (False, True) for vl in (False, True)]
-    # Decoding's split-KV builds: no mask, no ALiBi (api.decode_groups), as the sm80 ones.
-    return keys + [forward_key_sm90(dt, d, is_local=False, softcap=sc, alibi=False, varlen=True, split_kv=True)
-                   for dt in DTYPES for d in FWD_SM90_SPLIT_KV_HEAD_DIMS for sc in (False, True)]
+    # Paged caches take every variable-length build; decoding's split-KV builds, paged or not: no mask, no
+    # ALiBi (api.decode_groups), as the sm80 ones.
+    keys += [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, varlen=True, paged=True)
+             for dt in DTYPES for d in PADDED_HEAD_DIMS for loc in (False, True) for sc in (False, True)
+             for al in (False, True)]
+    return keys + [forward_key_sm90(dt, d, is_local=False, softcap=sc, alibi=False, varlen=True, split_kv=True,
+                                    paged=pg)
+                   for dt in DTYPES for d in FWD_SM90_SPLIT_KV_HEAD_DIMS for sc in (False, True)
+                   for pg in (False, True)]
 
 
 # Bytes of K and V that one launch-order group of (batch, head) pairs may keep in L2 (H100: 50 MB, A100:
@@ -700,9 +725,11 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                             found += [forward_key(dt, d, smem_limit=limit, varlen=True, split_kv=True, paged=pg,
                                                   **mods) for pg in (False, True)]
                         if hopper:
-                            found += [forward_key_sm90(dt, d, varlen=vl, **mods) for vl in (False, True)]
+                            found += [forward_key_sm90(dt, d, varlen=vl, paged=pg, **mods)
+                                      for vl, pg in ((False, False), (True, False), (True, True))]
                             if not loc and not al and d in FWD_SM90_SPLIT_KV_HEAD_DIMS:
-                                found.append(forward_key_sm90(dt, d, varlen=True, split_kv=True, **mods))
+                                found += [forward_key_sm90(dt, d, varlen=True, split_kv=True, paged=pg, **mods)
+                                          for pg in (False, True)]
                             if d in BWD_SM90_TILES:
                                 found += [backward_key_sm90(dt, d, deterministic=det, varlen=vl, **mods)
                                           for det, vl in ((False, False), (True, False), (False, True))]

@@ -1,5 +1,5 @@
-"""attention_with_kvcache over paged caches on the GPU (block_table: fwd_sm80.cu's CF_PAGED build reading
-keys and values through the table, kvcache_append.cu writing the new ones through it): for page sizes 1, 3,
+"""attention_with_kvcache over paged caches on the GPU (block_table: the forward kernels' CF_PAGED builds
+reading keys and values through the table, kvcache_append.cu writing the new ones through it): for page sizes 1, 3,
 16, 64 and 256, pages handed out in a shuffled order with spare pages in between, the appended rows land
 in their pages byte for byte (nothing else touched, NaN in unused slots included) and each sequence
 follows FlashAttention's rule against float64 attention over its valid rows: decoding (packed query heads,
@@ -43,10 +43,24 @@ def _unpaged(pages, table, seqlen):
     return rows[:, :seqlen]
 
 
-@pytest.mark.parametrize("page_size", [1, 3, 16, 64, 256])
+@pytest.mark.parametrize("page_size,kernel", [(1, ""), (3, ""), (16, ""), (32, ""), (64, ""), (256, ""),
+                                              (64, "sm80")])
 @pytest.mark.parametrize("case", ["decode", "decode_split3", "chunk_causal", "chunk_window_softcap_alibi"])
-def test_paged_cache_follows_flash_rule(page_size, case):
+def test_paged_cache_follows_flash_rule(page_size, kernel, case, monkeypatch):
+    """On Hopper, power-of-two pages of 32 rows or more run the Hopper kernel's paged build (a TMA box per
+    page); other sizes, and CUFLASH_FWD_KERNEL=sm80, the sm80 kernel's."""
     import cupy
+    from cuflash import dispatch, executor, jit, launch_plan
+    requested = []
+    original = jit.get_function
+
+    def spy(key, *a):
+        requested.append(key.name)
+        return original(key, *a)
+    monkeypatch.setattr(jit, "get_function", spy)
+    monkeypatch.setenv("CUFLASH_FWD_KERNEL", kernel)
+    launch_plan._plans.clear()  # (a cached plan or a bound call would not ask for its kernel again)
+    executor.clear()
     seqlen_q = 1 if case.startswith("decode") else 4
     q, (kc, vc), (kn, vn), lens = _case("bfloat16", seqlen_q=seqlen_q, seqlen_new=seqlen_q)
     (kp, vp), table = _paged((kc, vc), page_size, np.random.default_rng(page_size))
@@ -61,6 +75,10 @@ def test_paged_cache_follows_flash_rule(page_size, case):
         cupy.asarray(q), dkp, dvp, cupy.asarray(kn), cupy.asarray(vn), cache_seqlens=cupy.asarray(lens),
         block_table=cupy.asarray(table), num_splits=3 if case == "decode_split3" else 0, return_lse=True,
         alibi_slopes=None if slopes is None else cupy.asarray(slopes), **opts)
+    cc = divmod(int(cupy.cuda.Device().compute_capability), 10)
+    hopper = not kernel and dispatch.forward_family(cc) == "fwd_sm90" and page_size in (32, 64, 256)
+    family = "fwd_sm90" if hopper else "fwd_sm80"
+    assert any(n.startswith(family) and "paged" in n for n in requested), requested
     want_k, want_v = (_expected_cache(c, n, lens) for c, n in ((kc, kn), (vc, vn)))
     # Pages not in the table stay as they were; the table's pages hold the appended caches.
     got_kp, got_vp = cupy.asnumpy(dkp), cupy.asnumpy(dvp)

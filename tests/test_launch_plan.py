@@ -246,11 +246,13 @@ def test_split_kv_varlen_plan(stub_functions, monkeypatch, family, d):
     assert fp.accum_shapes == ((splits, batch * groups, hk, d), (splits, hk, batch * groups))
 
 
-@pytest.mark.parametrize("page_size,shift", [(16, 4), (1, 0), (256, 8), (3, -1), (48, -1)])
-def test_paged_plan_page_shift(stub_functions, page_size, shift):
-    """A paged plan runs the sm80 paged build with the page geometry in the parameter block, and a power-of-two
-    page size also as its log2 (the kernel's rows split into pages by a shift and a mask, not a division);
-    other sizes pass -1."""
+@pytest.mark.parametrize("page_size,shift,box", [(16, 4, None), (1, 0, None), (256, 8, 128), (3, -1, None),
+                                                  (48, -1, None), (32, 5, 32), (64, 6, 64)])
+def test_paged_plan_page_shift(stub_functions, page_size, shift, box):
+    """A paged plan carries the page geometry in the parameter block, and a power-of-two page size also as its
+    log2 (rows split into pages by a shift and a mask, not a division); other sizes pass -1. On Hopper,
+    power-of-two pages of 32 rows or more run the Hopper kernel's paged build with K / V tensor-map boxes of
+    min(page, key tile) rows (``box``); other sizes the sm80 paged build."""
     batch, hk, d, max_pages = 4, 2, 128, 8
     q = _view((1, batch, 8, d), 0x10000, strides=(0, 8 * d, d, 1))
     k = _view((1, 40 * page_size, hk, d), 0x2000000, strides=(0, hk * d, d, 1))
@@ -262,3 +264,8 @@ def test_paged_plan_page_shift(stub_functions, page_size, shift):
     block = _block(fp.launch)
     assert "paged" in stub_functions[-1][0]
     assert (block["page_size"], block["num_pages"], block["page_shift"]) == (page_size, 40, shift)
+    if box is None:
+        assert stub_functions[-1][0].startswith("fwd_sm80") and fp.launch.maps == ()
+    else:
+        assert stub_functions[-1][0].startswith("fwd_sm90")
+        assert dict(fp.launch.maps)["k"] == dict(fp.launch.maps)["v"] == box

@@ -45,6 +45,7 @@
 #include "ptx/cp_async.cuh"
 #include "ptx/mbarrier.cuh"
 #include "ptx/tma.cuh"
+#include "ptx/prefetch.cuh"
 #include "ptx/warpgroup.cuh"
 #include "ptx/wgmma.cuh"
 #include "attention/params.cuh"
@@ -58,6 +59,9 @@
 #endif
 #ifndef CF_SPLIT_KV
 #define CF_SPLIT_KV 0
+#endif
+#ifndef CF_PAGED
+#define CF_PAGED 0
 #endif
 #if CF_VARLEN
 #include "attention/seq_context.cuh"
@@ -105,6 +109,7 @@ constexpr bool kPersistent = kSeparateO;
 // Split-KV writes its partial outputs from registers; it is built only where O has its own buffer (the
 // persistent variants), so the Q buffer's release stays the one the loop already makes.
 static_assert(!CF_SPLIT_KV || (CF_VARLEN && kSeparateO), "split-KV: variable-length builds with a separate O");
+static_assert(!CF_PAGED || CF_VARLEN, "paged K / V: variable-length builds");
 }  // namespace
 
 // Offsets in the dynamic shared memory (1024-byte aligned base): Q, K stages, V stages, O, then barriers.
@@ -216,6 +221,47 @@ __device__ __forceinline__ int next_work_tile(const AttentionParams& a, int loca
 __device__ __forceinline__ int stage_of(int kv) { return kv % kStages; }
 __device__ __forceinline__ u32 parity_of(int kv) { return (kv / kStages) & 1; }
 
+#if CF_PAGED
+// Key rows [row0, row0 + kBN) of a sequence in pages (CF_PAGED): one TMA box per page-sized run of rows,
+// each at its page's physical rows of the (cache rows, heads_k, d) maps, whose boxes are paged_box_rows(a)
+// rows high (the host encodes the same: dispatch.sm90_page_box_rows, at least 32 rows, so a tile has at most
+// kBN / 32 runs). A run's rows land where one kBN-row box would have put them: a run starts at a multiple
+// of 8 rows (1024 bytes), the 128-byte swizzle's period, so the consumers read the stage as usual. Runs past
+// the sequence load page 0 (their keys are masked and the V rows zeroed, as for any tail); a page index
+// outside [0, num_pages) is clamped.
+// One thread reads the table. A tile's page indices are consecutive entries of the sequence's table row, at
+// most kBN / 32 = 4 of them (16 bytes, within one 128-byte line): prefetch_page_runs() brings that line
+// into L1 before the producer waits for the stage to free up, and load_page_runs() reads the entries from
+// L1 after it. (Holding the entries in registers across the wait, even one with the row's pointer, made
+// ptxas spill the 32-register producer.)
+__device__ __forceinline__ int paged_box_rows(const AttentionParams& a) { return min(a.page_size, kBN); }
+
+__device__ __forceinline__ const int* page_row(const AttentionParams& a, const BlockCoords& bc) {
+    return a.block_table + (i64)bc.b * a.block_table_batch_stride;
+}
+
+__device__ __forceinline__ void prefetch_page_runs(const AttentionParams& a, const BlockCoords& bc, int row0,
+                                                   int seqlen_k) {
+    if (row0 < seqlen_k) prefetch_global_l1(page_row(a, bc) + (row0 >> a.page_shift));
+}
+
+__device__ __forceinline__ void load_page_runs(const AttentionParams& a, const TmaMap* map, u32 stage_base, u32 full,
+                                               const BlockCoords& bc, int row0, int seqlen_k) {
+    const int box = paged_box_rows(a);
+    const int* pages = page_row(a, bc);
+    for (int r = 0; r < kBN; r += box) {  // (unrolled, the loop made ptxas spill the producer)
+        const int row = row0 + r;
+        int phys = 0;
+        if (row < seqlen_k) {
+            const int page = min(max(pages[row >> a.page_shift], 0), a.num_pages - 1);
+            phys = (page << a.page_shift) + (row & (a.page_size - 1));
+        }
+        for (int c = 0; c < kCol64; ++c)
+            tma_load_4d(stage_base + c * kKVBlock + r * 128, map, full, c * 64, phys, bc.hk, 0);
+    }
+}
+#endif
+
 __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLayout& sm, int num_tiles) {
     const Visibility vis(p.a.seqlen_q, p.a.seqlen_k, p.a.window_left, p.a.window_right);
     tma_prefetch_map(&p.q);
@@ -250,11 +296,18 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
 #endif
         const int n = w.n_tiles();
         auto load = [&](const TmaMap* map, u32 stage_base, u32 full, u32 empty, int j) {
+#if CF_PAGED
+            prefetch_page_runs(p.a, w.bc, (w.n_hi - 1 - j) * kBN, w.vis.seqlen_k);
+#endif
             mbar_wait(empty, parity_of(kv + j) ^ 1);
             mbar_arrive_expect_tx(full, kKVBytes);
+#if CF_PAGED
+            load_page_runs(p.a, map, stage_base, full, w.bc, (w.n_hi - 1 - j) * kBN, w.vis.seqlen_k);
+#else
             for (int c = 0; c < kCol64; ++c)
                 tma_load_4d(stage_base + c * kKVBlock, map, full, c * 64, CF_K_ROW0(w) + (w.n_hi - 1 - j) * kBN,
                             w.bc.hk, CF_TMA_BATCH(w));
+#endif
         };
         auto load_k = [&](int j) {
             const int s = stage_of(kv + j);
