@@ -236,11 +236,13 @@ def _varlen_calls(view, alibi, kw):
     cu = DeviceArray(4096, (3,), (1,), "int32", 0)
     lse = DeviceArray(4096, (2, 64), (64, 1), "float32", 0)
     sizes = dict(max_seqlen_q=40, max_seqlen_k=40)
-    table = dict(block_table=DeviceArray(4096, (2, 4), (4, 1), "int32", 0), page_size=16)
+    # pages of 16 rows (Hopper: row gathers) and of 64 (Hopper: a TMA box per page)
+    tables = [dict(block_table=DeviceArray(4096, (2, 4), (4, 1), "int32", 0), page_size=page) for page in (16, 64)]
     ops.forward_varlen(view(), view(), view(), view(), lse, alibi, cu, cu, None, None, **sizes, **kw)
-    ops.forward_varlen(view(), view(), view(), view(), lse, alibi, cu, cu, None, None, **table, **sizes, **kw)
+    for table in tables:
+        ops.forward_varlen(view(), view(), view(), view(), lse, alibi, cu, cu, None, None, **table, **sizes, **kw)
     if alibi is None and not kw["causal"]:
-        for paged in ({}, table):
+        for paged in [{}] + tables:
             ops.forward_varlen(view(), view(), view(), view(), lse, alibi, cu, cu, None, None, num_splits=4,
                                **paged, **sizes, **kw)
     for det in (False, True):
