@@ -344,6 +344,22 @@ def loaded_families():
     return {name.split("_bf16")[0].split("_fp16")[0] for (name, *_rest) in jit._loaded}
 
 
+def kernel_requests(monkeypatch) -> list:
+    """The names of the kernel variants jit.get_function is asked for from now on (a list that grows), with
+    the plan cache and bound calls cleared so that every call plans (and asks) again."""
+    from cuflash import executor, jit, launch_plan
+    requested = []
+    original = jit.get_function
+
+    def spy(key, *args):
+        requested.append(key.name)
+        return original(key, *args)
+    monkeypatch.setattr(jit, "get_function", spy)
+    launch_plan._plans.clear()
+    executor.clear()
+    return requested
+
+
 def device_int(key, symbol):
     """Reads an `extern "C" __device__ const int` exported by a kernel variant's module (on device 0's arch)."""
     import cupy

@@ -12,7 +12,8 @@ import pytest
 import cuflash
 from cuflash import api, executor, reference
 
-from gpu_helpers import flash_rule, inputs, naive_same_dtype, require_torch_cuda, same_bits, to_host, to_np64
+from gpu_helpers import (flash_rule, inputs, kernel_requests, naive_same_dtype, require_torch_cuda, same_bits,
+                         to_host, to_np64)
 from test_kvcache_gpu import _case
 
 pytestmark = pytest.mark.gpu
@@ -163,7 +164,7 @@ def test_kvcache_split_kv_hopper_and_ampere_builds(case, packing, monkeypatch):
     and barrier phases carried from split to split); "batch8_8k" is a decode step's size, splits of our
     choice over more work tiles than SMs."""
     import cupy
-    from cuflash import jit, launch_plan, ops
+    from cuflash import launch_plan, ops
     from gpu_helpers import skip_unless_hopper
     skip_unless_hopper()
     d, softcap, num_splits, batch, cap, hq, hk = {
@@ -172,13 +173,7 @@ def test_kvcache_split_kv_hopper_and_ampere_builds(case, packing, monkeypatch):
         "few_sms": (128, 0.0, 3, 3, 2000, 16, 4), "batch8_8k": (128, 0.0, 0, 8, 8192, 32, 8)}[case]
     if case == "few_sms":
         monkeypatch.setattr(ops, "_sm_count", lambda device: 8)
-    requested = []
-    original = jit.get_function
-
-    def spy(key, *a):
-        requested.append(key.name)
-        return original(key, *a)
-    monkeypatch.setattr(jit, "get_function", spy)
+    requested = kernel_requests(monkeypatch)
     rng = np.random.default_rng(d + num_splits + batch)
     lens = rng.integers(1, cap, batch).astype(np.int32)
     lens[:2] = 1, cap

@@ -32,6 +32,19 @@ def bound_runs(monkeypatch):
     executor.clear()
 
 
+def _bound_matches_general(run, bound_runs, first, second):
+    """run(first) records and binds; run(second), bound, must equal the general path's run(second) bit for bit
+    (outputs, then the caches after the append). ``run`` returns (outputs, caches)."""
+    run(first)
+    got, got_caches = run(second)
+    assert bound_runs == [True]
+    executor.clear()
+    want, want_caches = run(second)
+    same_bits(got, want)
+    for a, b in zip(got_caches, want_caches):
+        same_bits(a, b)
+
+
 CASES = {
     # batch, cache rows, heads q/k, head dim, new tokens, kwargs
     "packed_split": (1, 3000, 32, 8, 128, 1, dict(num_splits=0)),
@@ -125,14 +138,7 @@ def test_int_cache_seqlens_is_given_per_call(bound_runs, rotary):
     def run(lens):
         kc, vc = (cupy.asarray(x) for x in host)
         return cuflash.attention_with_kvcache(q, kc, vc, new_k, new_v, cache_seqlens=lens, **kw), (kc, vc)
-    run(100)
-    got, got_caches = run(200)
-    assert bound_runs == [True]
-    executor.clear()
-    want, want_caches = run(200)
-    same_bits(got, want)
-    for a, b in zip(got_caches, want_caches):
-        same_bits(a, b)
+    _bound_matches_general(run, bound_runs, 100, 200)
     run(100)  # bound again
     limit = 239 if rotary else 256  # the last value the general path accepts (rotary: one new key's position)
     run(limit)
@@ -154,14 +160,7 @@ def test_new_keys_with_a_strided_head_dim_are_bound(bound_runs):
                                      .astype(np.float16))[..., ::2] for i in range(2))
         kc, vc = (cupy.asarray(x) for x in host)
         return cuflash.attention_with_kvcache(q, kc, vc, new_k, new_v, cache_seqlens=100), (kc, vc)
-    run(1)
-    got, got_caches = run(7)
-    assert bound_runs == [True]
-    executor.clear()
-    want, want_caches = run(7)
-    same_bits(got, want)
-    for a, b in zip(got_caches, want_caches):
-        same_bits(a, b)
+    _bound_matches_general(run, bound_runs, 1, 7)
 
 
 def test_one_array_as_new_keys_and_values_is_not_bound(bound_runs):

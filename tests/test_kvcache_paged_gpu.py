@@ -13,7 +13,7 @@ import pytest
 import cuflash
 from cuflash import reference
 
-from gpu_helpers import flash_rule, naive_same_dtype, to_host
+from gpu_helpers import flash_rule, kernel_requests, naive_same_dtype, to_host
 from test_kvcache_gpu import _case, _expected_cache
 
 pytestmark = pytest.mark.gpu
@@ -50,17 +50,9 @@ def test_paged_cache_follows_flash_rule(page_size, kernel, case, monkeypatch):
     """On Hopper, power-of-two pages of 32 rows or more run the Hopper kernel's paged build (a TMA box per
     page); other sizes, and CUFLASH_FWD_KERNEL=sm80, the sm80 kernel's."""
     import cupy
-    from cuflash import dispatch, executor, jit, launch_plan
-    requested = []
-    original = jit.get_function
-
-    def spy(key, *a):
-        requested.append(key.name)
-        return original(key, *a)
-    monkeypatch.setattr(jit, "get_function", spy)
+    from cuflash import dispatch
     monkeypatch.setenv("CUFLASH_FWD_KERNEL", kernel)
-    launch_plan._plans.clear()  # (a cached plan or a bound call would not ask for its kernel again)
-    executor.clear()
+    requested = kernel_requests(monkeypatch)
     seqlen_q = 1 if case.startswith("decode") else 4
     q, (kc, vc), (kn, vn), lens = _case("bfloat16", seqlen_q=seqlen_q, seqlen_new=seqlen_q)
     (kp, vp), table = _paged((kc, vc), page_size, np.random.default_rng(page_size))

@@ -88,9 +88,7 @@
 #include "attention/fragments.cuh"
 #include "attention/bwd_common.cuh"
 
-#ifndef CF_VARLEN
-#define CF_VARLEN 0
-#endif
+#include "attention/build_flags.cuh"
 #if CF_VARLEN
 #include "attention/seq_context.cuh"
 #endif

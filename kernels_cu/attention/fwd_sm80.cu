@@ -33,12 +33,7 @@
 #include "attention/score_mods.cuh"
 #include "attention/online_softmax.cuh"
 
-#ifndef CF_SPLIT_KV
-#define CF_SPLIT_KV 0
-#endif
-#ifndef CF_PAGED
-#define CF_PAGED 0
-#endif
+#include "attention/build_flags.cuh"
 // The K or V tile of key tile n_block of this CTA's sequence and key/value head into `tile`: with CF_PAGED
 // through the tile's physical rows (PagedRows, in one of two stages of kBN ints after the V tile: the next
 // tile's rows are written while this tile's V is still being read), else from the sequence's first row.

@@ -54,15 +54,7 @@
 #include "attention/online_softmax.cuh"
 #include "attention/fragments.cuh"
 
-#ifndef CF_VARLEN
-#define CF_VARLEN 0
-#endif
-#ifndef CF_SPLIT_KV
-#define CF_SPLIT_KV 0
-#endif
-#ifndef CF_PAGED
-#define CF_PAGED 0
-#endif
+#include "attention/build_flags.cuh"
 #if CF_VARLEN
 #include "attention/seq_context.cuh"
 #endif

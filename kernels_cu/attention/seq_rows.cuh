@@ -15,9 +15,7 @@
 #pragma once
 #include "attention/params.cuh"
 
-#ifndef CF_VARLEN
-#define CF_VARLEN 0
-#endif
+#include "attention/build_flags.cuh"
 #if CF_VARLEN
 #include "attention/seq_context.cuh"
 #define CF_SEQLEN_Q seq.seqlen_q

@@ -1,0 +1,16 @@
+// Defaults of the optional build flags that several attention kernels share; cuflash/dispatch.py defines
+// the ones a variant sets (KernelKey.extra).
+//   CF_VARLEN    variable-length batches: rows from cu_seqlens / seqused (seq_context.cuh)
+//   CF_SPLIT_KV  split-KV decoding: fp32 partial states for merge_states.cu
+//   CF_PAGED     keys and values read through a block table (KV caches in pages)
+#pragma once
+
+#ifndef CF_VARLEN
+#define CF_VARLEN 0
+#endif
+#ifndef CF_SPLIT_KV
+#define CF_SPLIT_KV 0
+#endif
+#ifndef CF_PAGED
+#define CF_PAGED 0
+#endif
