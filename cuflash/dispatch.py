@@ -268,16 +268,22 @@ def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool
     return key
 
 
+def page_shift(page_size: int) -> int:
+    """log2(page_size) for a power-of-two page size (the kernels split rows into pages by a shift and a
+    mask), else -1 (a division)."""
+    return page_size.bit_length() - 1 if page_size > 0 and page_size & (page_size - 1) == 0 else -1
+
+
 def sm90_page_box_rows(page_size: int):
     """Rows of the Hopper forward's TMA box for pages of ``page_size`` rows, or None where the Hopper kernel
     cannot read them (the sm80 kernel's paged build then does): a power of two of at least 32 rows, so that
     a page's rows start on the 128-byte swizzle's 8-row period in shared memory, every key tile (a power of
     two rows) holds whole pages or lies inside one, and a tile's page indices share one 128-byte line of the
-    table (fwd_sm90.cu prefetch_page_runs). 16-row boxes (vLLM's default page) took 1.66x (batch 8 x 32k) and 1.40x
-    (1 x 128k) the contiguous time on the H200, where the sm80 paged build took 1.48x and 1.35x (bf16,
-    hd128; 64-row boxes: 1.06x and 1.03x). The kernel's box is min(page_size, block_n) (fwd_sm90.cu
+    table (fwd_sm90.cu prefetch_page_runs). 16-row boxes (vLLM's default page) took 1.66x (batch 8 x 32k)
+    and 1.40x (1 x 128k) the contiguous time on the H200, where the sm80 paged build took 1.48x and 1.35x
+    (bf16, hd128; 64-row boxes: 1.06x and 1.03x). The kernel's box is min(page_size, block_n) (fwd_sm90.cu
     paged_box_rows)."""
-    if page_size >= 32 and page_size & (page_size - 1) == 0:
+    if page_size >= 32 and page_shift(page_size) >= 0:
         return page_size
     return None
 

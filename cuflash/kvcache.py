@@ -141,10 +141,9 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     are dropped; key ranges are clamped to the cache; page indices to the pages). Paged caches take any page
     size: on Hopper, power-of-two pages of 32 rows or more are read by TMA a page at a time (the Hopper
     kernel's paged build); other sizes, and other GPUs, run the sm80 kernel's paged build (keys read row by
-    row through the table). Decoding (one query,
-    GQA, no ALiBi or left window) runs a key/value head's query heads as the rows of one tile, its keys
-    split over ``num_splits`` CTAs (0: chosen to fill the GPU) whose fp32 partial states merge_states.cu
-    combines.
+    row through the table). Decoding (one query, GQA, no ALiBi or left window) runs a key/value head's query
+    heads as the rows of one tile, its keys split over ``num_splits`` CTAs (0: chosen to fill the GPU) whose
+    fp32 partial states merge_states.cu combines.
     """
     name = "cuflash.attention_with_kvcache"
     if (rotary_cos is None) != (rotary_sin is None):

@@ -185,8 +185,9 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     splits are work tiles of its persistent CTAs), else the sm80 kernel's (the splits on gridDim.y).
 
     ``paged`` = (page_size, num_pages, block_table batch stride): a paged build (the Hopper kernel's for
-    power-of-two pages of 32 rows or more, else the sm80 kernel's); k and v are then views of the caches' rows, pages back to back (num_pages * page_size rows), and ``max_seqlen_k``
-    bounds a sequence's keys (its block-table row's capacity)."""
+    power-of-two pages of 32 rows or more, else the sm80 kernel's); k and v are then views of the caches'
+    rows, pages back to back (num_pages * page_size rows), and ``max_seqlen_k`` bounds a sequence's keys
+    (its block-table row's capacity)."""
     key = ("fwd_varlen", q.device, cc, _layout(q, k, v, out), _alibi_layout(alibi), batch, max_seqlen_q,
            max_seqlen_k, causal, window_size, softmax_scale, softcap, num_splits, paged, env())
     hit = _plans.get(key)
@@ -223,8 +224,7 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     p["page_shift"] = -1
     if paged is not None:
         p["page_size"], p["num_pages"], p["block_table_batch_stride"] = paged
-        if paged[0] & (paged[0] - 1) == 0:  # a power of two: rows split into pages by a shift
-            p["page_shift"] = paged[0].bit_length() - 1
+        p["page_shift"] = dispatch.page_shift(paged[0])
         # cu_seqlens_k places sequence b's keys at b * max_seqlen_k of a virtual packing (its length bound),
         # which may exceed the caches' rows (a table may list a page twice): "unbounded" windows must cover it.
         p["total_k"] = batch * max_seqlen_k

@@ -191,7 +191,8 @@ def kvcache_append(k_cache: DeviceArray, v_cache: DeviceArray, k_new, v_new, cac
         ptr(k_cache.ptr), ptr(v_cache.ptr), ptr(news[0][0]), ptr(news[1][0]),
         ptr(0 if cache_seqlens is None else cache_seqlens.ptr), recording.CallScalar(cache_seqlens_value),
         ptr(0 if leftpad is None else leftpad.ptr), ptr(cu_q.ptr), ptr(cu_k.ptr), ptr(seqused_k.ptr),
-        ptr(0 if seqused_q is None else seqused_q.ptr), i32(seqused_q_value), i32(batch), i32(seqlen_q), i32(seqlen_new), i32(seqlen_cache), i32(heads), i32(d),
+        ptr(0 if seqused_q is None else seqused_q.ptr), i32(seqused_q_value),
+        i32(batch), i32(seqlen_q), i32(seqlen_new), i32(seqlen_cache), i32(heads), i32(d),
         *(i64(x) for x in k_cache.strides[:3]), *(i64(x) for x in v_cache.strides[:3]),
         *(i64(x) for x in news[0][1]), *(i64(x) for x in news[1][1]),
         ptr(0 if block_table is None else block_table.ptr), i64(0 if block_table is None else block_table.strides[0]),
@@ -213,9 +214,9 @@ def rotary(x: DeviceArray, out: DeviceArray, cos: DeviceArray, sin: DeviceArray,
     i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
     _launch_args(fn, grid, key.threads, stream, (
         ptr(out.ptr), ptr(x.ptr), ptr(cos.ptr), ptr(sin.ptr), ptr(0 if cache_seqlens is None else cache_seqlens.ptr),
-        recording.CallScalar(cache_seqlens_value), ptr(0 if leftpad is None else leftpad.ptr), i32(per_row),
-        i32(interleaved),
-        i32(batch), i32(seqlen), i32(heads), i32(d), i32(cos.shape[1]), i32(cos.shape[0]), i64(cos.strides[0]),
+        recording.CallScalar(cache_seqlens_value), ptr(0 if leftpad is None else leftpad.ptr),
+        i32(per_row), i32(interleaved), i32(batch), i32(seqlen), i32(heads), i32(d), i32(cos.shape[1]),
+        i32(cos.shape[0]), i64(cos.strides[0]),
         *(i64(s_) for s_ in x.strides[:3])))
 
 

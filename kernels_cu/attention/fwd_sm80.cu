@@ -22,7 +22,7 @@
 // whose run is empty writes 0 and LSE +inf, which the merge skips.
 //
 // Paged K / V (CF_PAGED, optional, default 0; with CF_VARLEN): a sequence's key rows come through its row of
-// the block table (pages of any size, smem_tile.cuh load_async_paged); its queries as without paging.
+// the block table (pages of any size: smem_tile.cuh PagedRows, load_async_rows); its queries as without paging.
 #include "ptx/cp_async.cuh"
 #include "attention/params.cuh"
 #include "attention/block_coords.cuh"

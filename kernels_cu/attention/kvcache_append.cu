@@ -29,7 +29,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 kvcache_append(u16* __restrict__ k_cache, u16* __restrict__ v_cache, const u16* __restrict__ k_new,
                const u16* __restrict__ v_new, const int* __restrict__ cache_seqlens, int cache_seqlens_value,
                const int* __restrict__ leftpad, int* __restrict__ cu_q, int* __restrict__ cu_k,
-               int* __restrict__ seqused_k, int* __restrict__ seqused_q, int seqused_q_value, int batch, int seqlen_q, int seqlen_new, int seqlen_cache, int heads,
+               int* __restrict__ seqused_k, int* __restrict__ seqused_q, int seqused_q_value, int batch,
+               int seqlen_q, int seqlen_new, int seqlen_cache, int heads,
                int head_dim, i64 kc_batch, i64 kc_row, i64 kc_head, i64 vc_batch, i64 vc_row, i64 vc_head,
                i64 kn_batch, i64 kn_row, i64 kn_head, i64 vn_batch, i64 vn_row, i64 vn_head,
                const int* __restrict__ block_table, i64 bt_stride, int page_size, int num_pages) {
