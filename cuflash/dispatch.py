@@ -54,7 +54,7 @@ def padded_head_dim(head_dim: int) -> int:
 # How extra defines appear in variant names: a prefix followed by the value, or (flag name,) shown when set.
 _EXTRA_LABELS = {"CF_DETERMINISTIC": ("det",), "CF_BWD_A_REGS": ("preg",), "CF_Q_STAGES": "st", "CF_STAGES": "st",
                  "CF_CONSUMERS": "cw", "CF_PINGPONG": ("pp",), "CF_VARLEN": ("varlen",),
-                 "CF_SPLIT_KV": ("splitkv",), "CF_PAGED": ("paged",)}
+                 "CF_SPLIT_KV": ("splitkv",), "CF_PAGED": ("paged",), "CF_PAGE_GATHER": ("gather",)}
 
 
 @dataclass(frozen=True)
@@ -249,13 +249,15 @@ def forward_family(cc: tuple) -> str:
 
 
 def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
-                     varlen: bool = False, split_kv: bool = False, paged: bool = False) -> KernelKey:
+                     varlen: bool = False, split_kv: bool = False, paged: bool = False,
+                     page_gather: bool = False) -> KernelKey:
     """The Hopper forward's variant. ``varlen``: its variable-length build (CF_VARLEN: packed tensor maps,
     rows from cu_seqlens / seqused, clipped ordinary O stores), a separate variant so that the dense one
     compiles to the code it had without it. ``split_kv`` (with ``varlen``; head dims in
     :data:`FWD_SM90_SPLIT_KV_HEAD_DIMS`): the split-KV build (CF_SPLIT_KV, fp32 partial states).
     ``paged`` (with ``varlen``): keys and values through a block table, a TMA box per page
-    (CF_PAGED; page sizes that :func:`sm90_page_box_rows` accepts)."""
+    (CF_PAGED; page sizes that :func:`sm90_page_box_rows` accepts), or with ``page_gather`` rows gathered
+    by the producer warp's cp.async (CF_PAGE_GATHER; any page size)."""
     key = _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi)
     if varlen:
         key = dataclasses.replace(key, extra=key.extra + (("CF_VARLEN", 1),))
@@ -265,6 +267,9 @@ def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool
     if paged:
         assert varlen, "paged K / V: the variable-length build"
         key = dataclasses.replace(key, extra=key.extra + (("CF_PAGED", 1),))
+    if page_gather:
+        assert paged, "row gathers: the paged build"
+        key = dataclasses.replace(key, extra=key.extra + (("CF_PAGE_GATHER", 1),))
     return key
 
 
@@ -275,8 +280,8 @@ def page_shift(page_size: int) -> int:
 
 
 def sm90_page_box_rows(page_size: int):
-    """Rows of the Hopper forward's TMA box for pages of ``page_size`` rows, or None where the Hopper kernel
-    cannot read them (the sm80 kernel's paged build then does): a power of two of at least 32 rows, so that
+    """Rows of the Hopper forward's TMA box for pages of ``page_size`` rows, or None where it reads them by
+    row gathers instead (the CF_PAGE_GATHER build): a power of two of at least 32 rows, so that
     a page's rows start on the 128-byte swizzle's 8-row period in shared memory, every key tile (a power of
     two rows) holds whole pages or lies inside one, and a tile's page indices share one 128-byte line of the
     table (fwd_sm90.cu prefetch_page_runs). 16-row boxes (vLLM's default page) took 1.66x (batch 8 x 32k)
@@ -361,13 +366,13 @@ def all_forward_sm90_keys() -> list[KernelKey]:
             for sc in (False, True) for al in (False, True) for vl in (False, True)]
     # Paged caches take every variable-length build; decoding's split-KV builds, paged or not: no mask, no
     # ALiBi (api.decode_groups), as the sm80 ones.
-    keys += [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, varlen=True, paged=True)
+    keys += [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, varlen=True, paged=True, page_gather=g)
              for dt in DTYPES for d in PADDED_HEAD_DIMS for loc in (False, True) for sc in (False, True)
-             for al in (False, True)]
+             for al in (False, True) for g in (False, True)]
     return keys + [forward_key_sm90(dt, d, is_local=False, softcap=sc, alibi=False, varlen=True, split_kv=True,
-                                    paged=pg)
+                                    paged=pg, page_gather=g)
                    for dt in DTYPES for d in FWD_SM90_SPLIT_KV_HEAD_DIMS for sc in (False, True)
-                   for pg in (False, True)]
+                   for pg, g in ((False, False), (True, False), (True, True))]
 
 
 # Bytes of K and V that one launch-order group of (batch, head) pairs may keep in L2 (H100: 50 MB, A100:
@@ -731,11 +736,12 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                             found += [forward_key(dt, d, smem_limit=limit, varlen=True, split_kv=True, paged=pg,
                                                   **mods) for pg in (False, True)]
                         if hopper:
-                            found += [forward_key_sm90(dt, d, varlen=vl, paged=pg, **mods)
-                                      for vl, pg in ((False, False), (True, False), (True, True))]
+                            layouts = ((False, False), (True, False), (True, True))  # (paged, page_gather)
+                            found += [forward_key_sm90(dt, d, varlen=vl, paged=pg, page_gather=g, **mods)
+                                      for vl, pg, g in ((False, False, False),) + tuple((True,) + x for x in layouts)]
                             if not loc and not al and d in FWD_SM90_SPLIT_KV_HEAD_DIMS:
-                                found += [forward_key_sm90(dt, d, varlen=True, split_kv=True, paged=pg, **mods)
-                                          for pg in (False, True)]
+                                found += [forward_key_sm90(dt, d, varlen=True, split_kv=True, paged=pg, page_gather=g,
+                                                           **mods) for pg, g in layouts]
                             if d in BWD_SM90_TILES:
                                 found += [backward_key_sm90(dt, d, deterministic=det, varlen=vl, **mods)
                                           for det, vl in ((False, False), (True, False), (False, True))]

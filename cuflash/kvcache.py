@@ -139,11 +139,11 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     variable-length forward attends over each sequence's cache rows: no host synchronization, so the values
     of ``cache_seqlens`` / ``cache_leftpad`` / ``block_table`` are not checked there (new rows past the cache
     are dropped; key ranges are clamped to the cache; page indices to the pages). Paged caches take any page
-    size: on Hopper, power-of-two pages of 32 rows or more are read by TMA a page at a time (the Hopper
-    kernel's paged build); other sizes, and other GPUs, run the sm80 kernel's paged build (keys read row by
-    row through the table). Decoding (one query, GQA, no ALiBi or left window) runs a key/value head's query
-    heads as the rows of one tile, its keys split over ``num_splits`` CTAs (0: chosen to fill the GPU) whose
-    fp32 partial states merge_states.cu combines.
+    size: on Hopper, power-of-two pages of 32 rows or more are read by TMA a page at a time, other sizes by
+    the producer warp's row gathers (the Hopper kernel's paged builds); other GPUs run the sm80 kernel's
+    paged build (keys read row by row through the table). Decoding (one query, GQA, no ALiBi or left window)
+    runs a key/value head's query heads as the rows of one tile, its keys split over ``num_splits`` CTAs (0:
+    chosen to fill the GPU) whose fp32 partial states merge_states.cu combines.
     """
     name = "cuflash.attention_with_kvcache"
     if (rotary_cos is None) != (rotary_sin is None):
@@ -715,8 +715,7 @@ def _with_kvcache_general(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache
             ops.kvcache_append(kc, vc, *news, seqlens, seqlens_value, leftpad, cu_q, cu_k, used_k,
                                seqlen_q=heads_q, stream=stream, cc=cc, seqused_q=used_q, seqused_q_value=groups,
                                **paging)
-            hopper_reads = table is None or dispatch.sm90_page_box_rows(page_size) is not None
-            unsplit_hopper = (hopper_reads and dispatch.forward_family(cc) == "fwd_sm90"
+            unsplit_hopper = (dispatch.forward_family(cc) == "fwd_sm90"
                               and dispatch.padded_head_dim(d) not in dispatch.FWD_SM90_SPLIT_KV_HEAD_DIMS)
             splits = _decode_splits(num_splits, batch * heads_k, seqlen_cache, d, device, unsplit_hopper)
             lse_packed = None  # split-KV merges straight into the LSE's own layout

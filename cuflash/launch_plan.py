@@ -184,10 +184,10 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     it would run unsplit and has the build (dispatch.FWD_SM90_SPLIT_KV_HEAD_DIMS, no mask or ALiBi; the
     splits are work tiles of its persistent CTAs), else the sm80 kernel's (the splits on gridDim.y).
 
-    ``paged`` = (page_size, num_pages, block_table batch stride): a paged build (the Hopper kernel's for
-    power-of-two pages of 32 rows or more, else the sm80 kernel's); k and v are then views of the caches'
-    rows, pages back to back (num_pages * page_size rows), and ``max_seqlen_k`` bounds a sequence's keys
-    (its block-table row's capacity)."""
+    ``paged`` = (page_size, num_pages, block_table batch stride): a paged build (on Hopper the Hopper
+    kernel's: a TMA box per page for power-of-two pages of 32 rows or more, row gathers otherwise; elsewhere
+    the sm80 kernel's); k and v are then views of the caches' rows, pages back to back (num_pages *
+    page_size rows), and ``max_seqlen_k`` bounds a sequence's keys (its block-table row's capacity)."""
     key = ("fwd_varlen", q.device, cc, _layout(q, k, v, out), _alibi_layout(alibi), batch, max_seqlen_q,
            max_seqlen_k, causal, window_size, softmax_scale, softcap, num_splits, paged, env())
     hit = _plans.get(key)
@@ -197,16 +197,16 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     local = is_local(causal, window_size)
     split = num_splits > 1
     # The Hopper kernel reads pages by TMA boxes of whole pages (dispatch.sm90_page_box_rows: power-of-two
-    # sizes from 32 rows); its split-KV build covers the head dims where O has its own buffer, without masks
-    # or ALiBi (decoding's calls).
-    hopper = ((paged is None or dispatch.sm90_page_box_rows(paged[0]) is not None)
-              and dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
+    # sizes from 32 rows), other sizes by row gathers; its split-KV build covers the head dims where O has
+    # its own buffer, without masks or ALiBi (decoding's calls).
+    gather = paged is not None and dispatch.sm90_page_box_rows(paged[0]) is None
+    hopper = (dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
               and (not split or (dispatch.padded_head_dim(q.shape[3]) in dispatch.FWD_SM90_SPLIT_KV_HEAD_DIMS
                                  and not local and alibi is None)))
     if hopper:
         kkey = dispatch.forward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
                                          alibi=alibi is not None, varlen=True, split_kv=split,
-                                         paged=paged is not None)
+                                         paged=paged is not None, page_gather=gather)
         smem = dispatch.forward_sm90_smem_bytes(kkey)
     else:
         kkey = dispatch.forward_key(dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
@@ -243,7 +243,9 @@ def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceAr
     p["num_splits"] = num_splits
     if hopper:
         p["bh_group"] = dispatch.launch_group(batch * heads_q, max_seqlen_k, kkey.head_dim)
-        kv_box = kkey.block_n if paged is None else min(dispatch.sm90_page_box_rows(paged[0]), kkey.block_n)
+        kv_box = kkey.block_n  # (row gathers load K / V without the maps)
+        if paged is not None and not gather:
+            kv_box = min(dispatch.sm90_page_box_rows(paged[0]), kkey.block_n)
         maps = (("q", kkey.block_m), ("k", kv_box), ("v", kv_box), ("o", 64))
         grid, use_counter = dispatch.forward_sm90_varlen_schedule(kkey, tiles, sm_count)
     accum_shapes = None

@@ -44,11 +44,11 @@ def _unpaged(pages, table, seqlen):
 
 
 @pytest.mark.parametrize("page_size,kernel", [(1, ""), (3, ""), (16, ""), (32, ""), (64, ""), (256, ""),
-                                              (64, "sm80")])
+                                              (3, "sm80"), (64, "sm80")])
 @pytest.mark.parametrize("case", ["decode", "decode_split3", "chunk_causal", "chunk_window_softcap_alibi"])
 def test_paged_cache_follows_flash_rule(page_size, kernel, case, monkeypatch):
     """On Hopper, power-of-two pages of 32 rows or more run the Hopper kernel's paged build (a TMA box per
-    page); other sizes, and CUFLASH_FWD_KERNEL=sm80, the sm80 kernel's."""
+    page), other sizes its row-gather build; CUFLASH_FWD_KERNEL=sm80 (and other GPUs) the sm80 kernel's."""
     import cupy
     from cuflash import dispatch
     monkeypatch.setenv("CUFLASH_FWD_KERNEL", kernel)
@@ -68,9 +68,10 @@ def test_paged_cache_follows_flash_rule(page_size, kernel, case, monkeypatch):
         block_table=cupy.asarray(table), num_splits=3 if case == "decode_split3" else 0, return_lse=True,
         alibi_slopes=None if slopes is None else cupy.asarray(slopes), **opts)
     cc = divmod(int(cupy.cuda.Device().compute_capability), 10)
-    hopper = not kernel and dispatch.forward_family(cc) == "fwd_sm90" and page_size in (32, 64, 256)
+    hopper = not kernel and dispatch.forward_family(cc) == "fwd_sm90"
+    gather = hopper and page_size not in (32, 64, 256)
     family = "fwd_sm90" if hopper else "fwd_sm80"
-    assert any(n.startswith(family) and "paged" in n for n in requested), requested
+    assert any(n.startswith(family) and "paged" in n and ("gather" in n) == gather for n in requested), requested
     want_k, want_v = (_expected_cache(c, n, lens) for c, n in ((kc, kn), (vc, vn)))
     # Pages not in the table stay as they were; the table's pages hold the appended caches.
     got_kp, got_vp = cupy.asnumpy(dkp), cupy.asnumpy(dvp)

@@ -248,24 +248,30 @@ def test_split_kv_varlen_plan(stub_functions, monkeypatch, family, d):
 
 @pytest.mark.parametrize("page_size,shift,box", [(16, 4, None), (1, 0, None), (256, 8, 128), (3, -1, None),
                                                   (48, -1, None), (32, 5, 32), (64, 6, 64)])
-def test_paged_plan_page_shift(stub_functions, page_size, shift, box):
+@pytest.mark.parametrize("cc", [(9, 0), (8, 0)])
+def test_paged_plan_page_shift(stub_functions, page_size, shift, box, cc):
     """A paged plan carries the page geometry in the parameter block, and a power-of-two page size also as its
     log2 (rows split into pages by a shift and a mask, not a division); other sizes pass -1. On Hopper,
     power-of-two pages of 32 rows or more run the Hopper kernel's paged build with K / V tensor-map boxes of
-    min(page, key tile) rows (``box``); other sizes the sm80 paged build."""
+    min(page, key tile) rows (``box``), other sizes its row-gather build (K / V maps of whole tiles, unused);
+    on an A100 every size runs the sm80 paged build."""
     batch, hk, d, max_pages = 4, 2, 128, 8
     q = _view((1, batch, 8, d), 0x10000, strides=(0, 8 * d, d, 1))
     k = _view((1, 40 * page_size, hk, d), 0x2000000, strides=(0, hk * d, d, 1))
     v = _view((1, 40 * page_size, hk, d), 0x3000000, strides=(0, hk * d, d, 1))
     o = _view((1, batch, 8, d), 0x4000000, strides=(0, 8 * d, d, 1))
     fp = launch_plan.forward_varlen(q, k, v, o, None, batch=batch, max_seqlen_q=1, max_seqlen_k=max_pages * page_size,
-                                    causal=False, window_size=(-1, -1), softmax_scale=0.1, softcap=0.0, cc=(9, 0),
+                                    causal=False, window_size=(-1, -1), softmax_scale=0.1, softcap=0.0, cc=cc,
                                     sm_count=132, paged=(page_size, 40, max_pages))
     block = _block(fp.launch)
-    assert "paged" in stub_functions[-1][0]
+    name = stub_functions[-1][0]
+    assert "paged" in name
     assert (block["page_size"], block["num_pages"], block["page_shift"]) == (page_size, 40, shift)
-    if box is None:
-        assert stub_functions[-1][0].startswith("fwd_sm80") and fp.launch.maps == ()
+    if cc == (8, 0):
+        assert name.startswith("fwd_sm80") and fp.launch.maps == ()
+    elif box is None:
+        assert name.startswith("fwd_sm90") and "gather" in name
+        assert dict(fp.launch.maps)["k"] == dict(fp.launch.maps)["v"] == 128
     else:
-        assert stub_functions[-1][0].startswith("fwd_sm90")
+        assert name.startswith("fwd_sm90") and "gather" not in name
         assert dict(fp.launch.maps)["k"] == dict(fp.launch.maps)["v"] == box

@@ -55,6 +55,9 @@
 #include "attention/fragments.cuh"
 
 #include "attention/build_flags.cuh"
+#ifndef CF_PAGE_GATHER  // (this kernel's alone: row gathers for pages TMA boxes do not take)
+#define CF_PAGE_GATHER 0
+#endif
 #if CF_VARLEN
 #include "attention/seq_context.cuh"
 #endif
@@ -102,6 +105,16 @@ constexpr bool kPersistent = kSeparateO;
 // persistent variants), so the Q buffer's release stays the one the loop already makes.
 static_assert(!CF_SPLIT_KV || (CF_VARLEN && kSeparateO), "split-KV: variable-length builds with a separate O");
 static_assert(!CF_PAGED || CF_VARLEN, "paged K / V: variable-length builds");
+static_assert(!CF_PAGE_GATHER || CF_PAGED, "row gathers: a paged build");
+// Arrivals that complete a K / V stage's full barrier: TMA's one expect_tx arrival, or with row gathers the
+// producer warp's 32 lanes, each arriving once its own cp.async copies have landed.
+constexpr int kKVFullArrivals = CF_PAGE_GATHER ? 32 : 1;
+
+// A K / V stage's full barrier has completed: with row gathers its rows came through cp.async, generic-proxy
+// writes, which the waiting thread fences before its wgmma reads them through the async proxy.
+__device__ __forceinline__ void gathered_stage_ready() {
+    if (CF_PAGE_GATHER) fence_proxy_async_smem();
+}
 }  // namespace
 
 // Offsets in the dynamic shared memory (1024-byte aligned base): Q, K stages, V stages, O, then barriers.
@@ -252,13 +265,53 @@ __device__ __forceinline__ void load_page_runs(const AttentionParams& a, const T
             tma_load_4d(stage_base + c * kKVBlock + r * 128, map, full, c * 64, phys, bc.hk, 0);
     }
 }
+
+#if CF_PAGE_GATHER
+// Pages of any size (CF_PAGE_GATHER): the producer warp gathers key rows [row0, row0 + kBN) with cp.async,
+// 16 bytes a lane, into the layout TMA's 128-byte swizzle gives a stage (chunk c of row r at chunk
+// c ^ (r % 8) of the row's 128 bytes in each 64-column block), so the consumers read it as usual. Lane l
+// copies chunk l % 8 of rows l / 8 + 4i; rows past the sequence and columns past head_dim are zero-filled
+// without a read. Each lane then arrives on `full` when its copies have landed (kKVFullArrivals), and the
+// consumers fence the generic-proxy writes before wgmma reads them (gathered_stage_ready). Small pages as
+// TMA boxes cost a box per page: 16-row boxes read 0.60x the contiguous rate (bench/NOTES.md).
+__device__ __forceinline__ void gather_paged_kv(const AttentionParams& a, const void* base, i64 head_stride,
+                                                i64 row_stride, u32 stage_base, u32 full, const BlockCoords& bc,
+                                                int row0, int seqlen_k, int lane) {
+    const u16* src_head = (const u16*)base + (i64)bc.hk * head_stride + (lane & 7) * 8;
+    const int* pages = page_row(a, bc);
+    const int chunk = lane & 7;
+#pragma unroll 1  // (the 32-register producer: unrolled, ptxas spills at head dim 192)
+    for (int r = lane >> 3; r < kBN; r += 4) {
+        const int row = row0 + r;
+        const bool row_ok = row < seqlen_k;
+        const u16* src = src_head;
+        if (row_ok) {
+            const int index = a.page_shift >= 0 ? row >> a.page_shift : row / a.page_size;
+            const int page = min(max(pages[index], 0), a.num_pages - 1);
+            src += ((i64)page * a.page_size + (row - index * a.page_size)) * row_stride;
+        }
+        const u32 dst = stage_base + r * 128 + ((chunk ^ (r & 7)) << 4);
+        for (int c = 0; c < kCol64; ++c) {
+            const bool valid = row_ok && c * 64 + chunk * 8 < a.head_dim;
+            cp_async_16(dst + c * kKVBlock, valid ? src + c * 64 : src_head, valid);
+        }
+    }
+    cp_async_mbar_arrive_noinc(full);
+}
+#endif
 #endif
 
+// The producer: one thread, or with row gathers (CF_PAGE_GATHER) one warp whose lane 0 (the leader) alone
+// takes work tiles, arms barriers and issues TMA, while every lane gathers K and V rows.
 __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLayout& sm, int num_tiles) {
+    const int lane = threadIdx.x & 31;
+    const bool leader = !CF_PAGE_GATHER || lane == 0;
     const Visibility vis(p.a.seqlen_q, p.a.seqlen_k, p.a.window_left, p.a.window_right);
-    tma_prefetch_map(&p.q);
-    tma_prefetch_map(&p.k);
-    tma_prefetch_map(&p.v);
+    if (leader) {
+        tma_prefetch_map(&p.q);
+        tma_prefetch_map(&p.k);
+        tma_prefetch_map(&p.v);
+    }
     int kv = 0;
     // With dynamic tiles a final index >= num_tiles, published without a Q, ends the consumers.
     const bool dynamic = dynamic_tiles(p.a);
@@ -266,7 +319,12 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
     int uses = 0;  // the Q buffer's use count: work tiles past their sequence's rows do not use it
 #endif
     for (int local = 0;; ++local) {  // local: this CTA's work tiles so far (dense: the Q buffer's use count)
+#if CF_PAGE_GATHER
+        int t = leader ? next_work_tile(p.a, local) : 0;
+        t = __shfl_sync(0xffffffffu, t, 0);
+#else
         const int t = next_work_tile(p.a, local);
+#endif
         if (t >= num_tiles) {
             if (dynamic) {
 #if CF_VARLEN
@@ -274,8 +332,10 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
 #else
                 mbar_wait(sm.q_empty(), (local & 1) ^ 1);
 #endif
-                asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(sm.tile), "r"(t) : "memory");
-                mbar_arrive(sm.q_full());
+                if (leader) {
+                    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(sm.tile), "r"(t) : "memory");
+                    mbar_arrive(sm.q_full());
+                }
             }
             return;
         }
@@ -288,6 +348,13 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
 #endif
         const int n = w.n_tiles();
         auto load = [&](const TmaMap* map, u32 stage_base, u32 full, u32 empty, int j) {
+#if CF_PAGE_GATHER
+            const bool is_k = map == &p.k;
+            mbar_wait(empty, parity_of(kv + j) ^ 1);
+            gather_paged_kv(p.a, is_k ? p.a.k : p.a.v, is_k ? p.a.k_head_stride : p.a.v_head_stride,
+                            is_k ? p.a.k_row_stride : p.a.v_row_stride, stage_base, full, w.bc,
+                            (w.n_hi - 1 - j) * kBN, w.vis.seqlen_k, lane);
+#else
 #if CF_PAGED
             prefetch_page_runs(p.a, w.bc, (w.n_hi - 1 - j) * kBN, w.vis.seqlen_k);
 #endif
@@ -299,6 +366,7 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
             for (int c = 0; c < kCol64; ++c)
                 tma_load_4d(stage_base + c * kKVBlock, map, full, c * 64, CF_K_ROW0(w) + (w.n_hi - 1 - j) * kBN,
                             w.bc.hk, CF_TMA_BATCH(w));
+#endif
 #endif
         };
         auto load_k = [&](int j) {
@@ -313,11 +381,13 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
         // the previous tile's last product that reads it has retired (or its O has left, at head dim 256).
         if (n > 0) load_k(0);
         mbar_wait(sm.q_empty(), (use & 1) ^ 1);
-        if (dynamic) asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(sm.tile), "r"(t) : "memory");
-        mbar_arrive_expect_tx(sm.q_full(), kQBytes);
-        for (int c = 0; c < kCol64; ++c)
-            tma_load_4d(sm.q + c * kQBlock, &p.q, sm.q_full(), c * 64, CF_Q_ROW0(w) + w.m_start, w.bc.h,
-                        CF_TMA_BATCH(w));
+        if (leader) {
+            if (dynamic) asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(sm.tile), "r"(t) : "memory");
+            mbar_arrive_expect_tx(sm.q_full(), kQBytes);
+            for (int c = 0; c < kCol64; ++c)
+                tma_load_4d(sm.q + c * kQBlock, &p.q, sm.q_full(), c * 64, CF_Q_ROW0(w) + w.m_start, w.bc.h,
+                            CF_TMA_BATCH(w));
+        }
         // Issue order follows the consumers' use: K_j, then V_{j-1} (they multiply P_{j-1}.V_{j-1} after
         // S_j = Q.K_j^T is issued), so a stage's K is never queued behind a V still being read.
         for (int j = 1; j < n; ++j) {
@@ -495,6 +565,7 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
             const int s = stage_of(kv0);
             float sc[1][kNT8][4];
             mbar_wait(sm.k_full(s), parity_of(kv0));
+            gathered_stage_ready();
             take_turn();
             wgmma::fence();
             issue_qk(sc, s);
@@ -511,6 +582,7 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
             float sc[1][kNT8][4];
             mbar_wait(sm.k_full(s), parity_of(kv0 + it));
             mbar_wait(sm.v_full(prev), parity_of(kv0 + it - 1));
+            gathered_stage_ready();
             zero_v_tail(prev, wg_hi - it);
             take_turn();
             wgmma::fence();
@@ -531,6 +603,7 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         if (n_tiles > 0) {
             const int s = stage_of(kv0 + n_tiles - 1);
             mbar_wait(sm.v_full(s), parity_of(kv0 + n_tiles - 1));
+            gathered_stage_ready();
             zero_v_tail(s, wg_hi - n_tiles);
             take_turn();
             wgmma::fence();
@@ -632,8 +705,8 @@ attention_fwd_sm90(const __grid_constant__ ForwardSm90Params p) {
         mbar_init(sm.q_full(), 1);
         mbar_init(sm.q_empty(), kConsumers * 128);
         for (int s = 0; s < kStages; ++s) {
-            mbar_init(sm.k_full(s), 1);
-            mbar_init(sm.v_full(s), 1);
+            mbar_init(sm.k_full(s), kKVFullArrivals);
+            mbar_init(sm.v_full(s), kKVFullArrivals);
             mbar_init(sm.k_empty(s), kConsumers * 128);
             mbar_init(sm.v_empty(s), kConsumers * 128);
         }
@@ -643,7 +716,7 @@ attention_fwd_sm90(const __grid_constant__ ForwardSm90Params p) {
 
     if (warp < 4) {
         setmaxnreg_dec<kProducerRegs>();
-        if (tid == 0) produce(p, sm, num_tiles);
+        if (CF_PAGE_GATHER ? warp == 0 : tid == 0) produce(p, sm, num_tiles);
         return;
     }
     setmaxnreg_inc<kConsumerRegs>();

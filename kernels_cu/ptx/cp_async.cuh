@@ -22,3 +22,9 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 // must follow before other threads' copies may be read).
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
+
+// Makes the mbarrier at `bar` receive one arrival once every cp.async this thread has issued so far has
+// landed (.noinc: the arrival counts toward the barrier's expected count, set at its init).
+__device__ __forceinline__ void cp_async_mbar_arrive_noinc(u32 bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(bar) : "memory");
+}
