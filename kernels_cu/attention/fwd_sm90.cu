@@ -115,6 +115,12 @@ constexpr int kKVFullArrivals = CF_PAGE_GATHER ? 32 : 1;
 __device__ __forceinline__ void gathered_stage_ready() {
     if (CF_PAGE_GATHER) fence_proxy_async_smem();
 }
+
+// A gathering lane about to exit waits for its last copies (and so for their pending barrier arrivals):
+// the PTX ISA does not say what becomes of them once the thread has exited.
+__device__ __forceinline__ void gather_drain() {
+    if (CF_PAGE_GATHER) asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
 }  // namespace
 
 // Offsets in the dynamic shared memory (1024-byte aligned base): Q, K stages, V stages, O, then barriers.
@@ -326,17 +332,17 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
         const int t = next_work_tile(p.a, local);
 #endif
         if (t >= num_tiles) {
-            if (dynamic) {
+            // (the Q barrier is the leader's alone: a lane that polled a parity late could miss a phase)
+            if (dynamic && leader) {
 #if CF_VARLEN
                 mbar_wait(sm.q_empty(), (uses & 1) ^ 1);
 #else
                 mbar_wait(sm.q_empty(), (local & 1) ^ 1);
 #endif
-                if (leader) {
-                    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(sm.tile), "r"(t) : "memory");
-                    mbar_arrive(sm.q_full());
-                }
+                asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(sm.tile), "r"(t) : "memory");
+                mbar_arrive(sm.q_full());
             }
+            gather_drain();
             return;
         }
         const WorkTile w(p.a, vis, t);
@@ -380,8 +386,8 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
         // The tile's first K goes out before the wait for the Q buffer, which the consumers free only once
         // the previous tile's last product that reads it has retired (or its O has left, at head dim 256).
         if (n > 0) load_k(0);
-        mbar_wait(sm.q_empty(), (use & 1) ^ 1);
         if (leader) {
+            mbar_wait(sm.q_empty(), (use & 1) ^ 1);
             if (dynamic) asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(sm.tile), "r"(t) : "memory");
             mbar_arrive_expect_tx(sm.q_full(), kQBytes);
             for (int c = 0; c < kCol64; ++c)
@@ -396,7 +402,10 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
         }
         if (n > 0) load_v(n - 1);
         kv += n;
-        if (!kPersistent) return;
+        if (!kPersistent) {
+            gather_drain();
+            return;
+        }
     }
 }
 
@@ -528,7 +537,7 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         // consumer warpgroup zeroes the rows itself (the same zeros) before its own product, so no warpgroup
         // waits for another; the stage is rewritten by TMA only after all of them have released it.
         auto zero_v_tail = [&](int s, int n_block) {
-#if CF_VARLEN
+#if CF_VARLEN && !CF_PAGE_GATHER  // (row gathers zero-fill the rows past the sequence themselves)
             const int valid = w.vis.seqlen_k - n_block * kBN;
             if (valid >= kBN) return;
             const int tid = warp_in_wg * 32 + lane;
