@@ -233,8 +233,9 @@ def _forward_key(dtype, d, is_local, softcap, alibi, smem_limit, _tiles_env) -> 
 # at 16k, +9-16% for causal 4k-16k once each warpgroup walked only its own key tiles (h10); it cost
 # 2-14% at head dims 128/256 (bench/NOTES.md, h5 and h10).
 FWD_SM90_TILES = {64: (3, 128, 4, 1), 128: (2, 128, 2, 0), 192: (2, 64, 2, 0), 256: (2, 64, 2, 0)}
-# softcap's tanh needs registers that three consumer warpgroups (160 each) do not have.
-FWD_SM90_SOFTCAP_TILES = {64: (2, 128, 4, 0)}
+# Two consumer warpgroups where three (160 registers each) lack registers: softcap's tanh, and row gathers
+# (their 40-register producer leaves 152, at which ptxas spilled 48 bytes).
+FWD_SM90_TWO_CONSUMER_TILES = {64: (2, 128, 4, 0)}
 
 # Which forward kernel runs on compute capability 9.0: "sm90" (default) or "sm80" (the mma.sync kernel,
 # kept selectable for comparison and as a fallback). Other GPUs always run sm80.
@@ -258,7 +259,7 @@ def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool
     ``paged`` (with ``varlen``): keys and values through a block table, a TMA box per page
     (CF_PAGED; page sizes that :func:`sm90_page_box_rows` accepts), or with ``page_gather`` rows gathered
     by the producer warp's cp.async (CF_PAGE_GATHER; any page size)."""
-    key = _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi)
+    key = _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, page_gather)
     if varlen:
         key = dataclasses.replace(key, extra=key.extra + (("CF_VARLEN", 1),))
     if split_kv:
@@ -294,11 +295,21 @@ def sm90_page_box_rows(page_size: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_key_sm90(dtype, d, is_local, softcap, alibi) -> KernelKey:
-    consumers, bn, stages, pingpong = (softcap and FWD_SM90_SOFTCAP_TILES.get(d)) or FWD_SM90_TILES[d]
+def _forward_key_sm90(dtype, d, is_local, softcap, alibi, two_consumers=False) -> KernelKey:
+    tiles = FWD_SM90_TWO_CONSUMER_TILES.get(d) if softcap or two_consumers else None
+    consumers, bn, stages, pingpong = tiles or FWD_SM90_TILES[d]
     return KernelKey("fwd_sm90", "attention_fwd_sm90", dtype, d, is_local, softcap, alibi, 64 * consumers, bn,
                      4 * (1 + consumers), extra=(("CF_STAGES", stages), ("CF_CONSUMERS", consumers),
                                                  ("CF_PINGPONG", pingpong)))
+
+
+def _forward_sm90_fixed_bytes(key: KernelKey) -> int:
+    """Shared memory of attention_fwd_sm90 besides its tiles: the mbarriers and work-tile slots (with row
+    gathers the producer's two), the row gathers' cache rows per stage (kGatherRowBytes), and 1024 bytes of
+    slack to align the swizzled tiles."""
+    extra = dict(key.extra)
+    stages, gather = extra["CF_STAGES"], extra.get("CF_PAGE_GATHER", 0)
+    return 8 * (3 + 4 * stages + gather) + gather * stages * key.block_n * 8 * 4 + 1024
 
 
 def _forward_sm90_separate_o(key: KernelKey) -> bool:
@@ -306,18 +317,17 @@ def _forward_sm90_separate_o(key: KernelKey) -> bool:
     stages = dict(key.extra)["CF_STAGES"]
     q = 2 * key.head_dim * key.block_m
     kv = 2 * stages * 2 * key.head_dim * key.block_n
-    return 2 * q + kv + 8 * (3 + 4 * stages) + 1024 <= MAX_SMEM[(9, 0)]
+    return 2 * q + kv + _forward_sm90_fixed_bytes(key) <= MAX_SMEM[(9, 0)]
 
 
 def forward_sm90_smem_bytes(key: KernelKey) -> int:
     """Dynamic shared memory of attention_fwd_sm90 (mirrors cf_fwd_sm90_smem_bytes): Q, the K/V stages,
-    an O staging buffer when it fits (else O goes out through the Q buffer), the mbarriers and the
-    work-tile slot, and 1024 bytes of slack to align the swizzled tiles."""
+    an O staging buffer when it fits (else O goes out through the Q buffer), and the rest
+    (:func:`_forward_sm90_fixed_bytes`)."""
     stages = dict(key.extra)["CF_STAGES"]
     q = 2 * key.head_dim * key.block_m
     kv = 2 * stages * 2 * key.head_dim * key.block_n
-    rest = 8 * (3 + 4 * stages) + 1024  # mbarriers and the work-tile slot
-    return (2 if _forward_sm90_separate_o(key) else 1) * q + kv + rest
+    return (2 if _forward_sm90_separate_o(key) else 1) * q + kv + _forward_sm90_fixed_bytes(key)
 
 
 # The Hopper kernel loops over work tiles, so its schedule is a launch-time choice (bench/NOTES.md, h6-h9):

@@ -88,15 +88,35 @@ static_assert(kD % 64 == 0 && kBN % 16 == 0 && kBN <= 256, "tile shape");
 // Register split of the 64K-register file: 128 x 32 + 256 x 232 = 63488 with two consumer warpgroups,
 // 128 x 32 + 384 x 160 = 65536 with three (then S, P and O must fit 160: head dim 64 only). With two, the
 // consumers peak near 200 registers (head dim 256), while 24 for the producer made ptxas spill its
-// work-tile arithmetic in some causal/window variants.
-constexpr int kProducerRegs = 32;
-constexpr int kConsumerRegs = kConsumers == 2 ? 232 : 160;
+// work-tile arithmetic in some causal/window variants. Row gathers (CF_PAGE_GATHER) hold a cache row per
+// copied row besides (8 at 128-row tiles): ptxas spilled 4-12 bytes at 48 and 56 and none at 64, so
+// 128 x 64 + 256 x 216 = 63488 (no consumer spills at 216); three consumers would keep 138 (the host
+// builds two at hd64).
+constexpr int kProducerRegs = CF_PAGE_GATHER ? 64 : 32;
+constexpr int kConsumerRegs = kConsumers == 2 ? (CF_PAGE_GATHER ? 216 : 232) : 160;
 static_assert(kConsumers == 2 || (kConsumers == 3 && kD == 64), "three consumer warpgroups only at head dim 64");
+static_assert(!CF_PAGE_GATHER || kConsumers == 2, "row gathers: two consumer warpgroups");
+static_assert(!CF_PAGE_GATHER || kStages >= 2, "row gathers: a V tile reads the rows its K tile left in its stage");
 // Named barriers: 1..kConsumers for each warpgroup's epilogue, then one "your turn" barrier per consumer.
 constexpr int kTurnBarrier0 = 1 + kConsumers;
-constexpr int kBarrierBytes = 8 * (3 + 4 * kStages);  // the last 8 bytes hold the current work tile index
+// Row gathers: the producer warpgroup's barrier, at which its threads take the leader's work tile index.
+constexpr int kGatherBarrier = kTurnBarrier0 + kConsumers;
+static_assert(kGatherBarrier < 16, "named barriers");
+// The last 8 bytes hold the current work tile index, with row gathers preceded by the producer warpgroup's
+// two alternating slots for the next one (two: the leader writes one while lagging threads read the other).
+constexpr int kBarrierBytes = 8 * (3 + 4 * kStages + (CF_PAGE_GATHER ? 1 : 0));
+// Threads that gather K / V rows (CF_PAGE_GATHER): the whole producer warpgroup. One warp, each row's
+// address a dependent chain behind its table read, read 0.72 TB/s at page 16 against 3.7 contiguous (b=8 x
+// 32k, hd128, H200); four warps 2.1.
+constexpr int kGatherThreads = 128;
+// Row gathers: each K stage's cache rows, kept for the V tile that follows it into the same stage, one int
+// per row and gathering thread (8 threads copy a row: each keeps its own, so none waits for another).
+constexpr int kGatherRowStep = kGatherThreads / 8;  // rows between a thread's rows
+constexpr int kGatherStageRowBytes = kBN * 8 * 4;
+constexpr int kGatherRowBytes = CF_PAGE_GATHER ? kStages * kGatherStageRowBytes : 0;
 constexpr int kSmemLimit = 232448;  // sm_90 opt-in maximum per CTA
-constexpr bool kSeparateO = 2 * kQBytes + 2 * kStages * kKVBytes + kBarrierBytes + 1024 <= kSmemLimit;
+constexpr bool kSeparateO =
+    2 * kQBytes + 2 * kStages * kKVBytes + kBarrierBytes + kGatherRowBytes + 1024 <= kSmemLimit;
 constexpr u32 kTileBytes = (kSeparateO ? 2 : 1) * kQBytes + 2 * kStages * kKVBytes;
 // Without a separate O buffer the next Q would wait for the store, and the loop's extra live state spills at
 // head dim 256: such variants process exactly one tile per CTA (cuflash/dispatch.py launches them so).
@@ -106,9 +126,9 @@ constexpr bool kPersistent = kSeparateO;
 static_assert(!CF_SPLIT_KV || (CF_VARLEN && kSeparateO), "split-KV: variable-length builds with a separate O");
 static_assert(!CF_PAGED || CF_VARLEN, "paged K / V: variable-length builds");
 static_assert(!CF_PAGE_GATHER || CF_PAGED, "row gathers: a paged build");
-// Arrivals that complete a K / V stage's full barrier: TMA's one expect_tx arrival, or with row gathers the
-// producer warp's 32 lanes, each arriving once its own cp.async copies have landed.
-constexpr int kKVFullArrivals = CF_PAGE_GATHER ? 32 : 1;
+// Arrivals that complete a K / V stage's full barrier: TMA's one expect_tx arrival, or with row gathers
+// every gathering thread's, each once its own cp.async copies have landed.
+constexpr int kKVFullArrivals = CF_PAGE_GATHER ? kGatherThreads : 1;
 
 // A K / V stage's full barrier has completed: with row gathers its rows came through cp.async, generic-proxy
 // writes, which the waiting thread fences before its wgmma reads them through the async proxy.
@@ -116,7 +136,7 @@ __device__ __forceinline__ void gathered_stage_ready() {
     if (CF_PAGE_GATHER) fence_proxy_async_smem();
 }
 
-// A gathering lane about to exit waits for its last copies (and so for their pending barrier arrivals):
+// A gathering thread about to exit waits for its last copies (and so for their pending barrier arrivals):
 // the PTX ISA does not say what becomes of them once the thread has exited.
 __device__ __forceinline__ void gather_drain() {
     if (CF_PAGE_GATHER) asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -125,11 +145,12 @@ __device__ __forceinline__ void gather_drain() {
 
 // Offsets in the dynamic shared memory (1024-byte aligned base): Q, K stages, V stages, O, then barriers.
 struct SmemLayout {
-    u32 q, k, v, o, bars, tile;
+    u32 q, k, v, o, bars, tile, gather_tile, gather_rows;
     __device__ __forceinline__ explicit SmemLayout(u32 base)
         : q(base), k(base + kQBytes), v(base + kQBytes + kStages * kKVBytes),
           o(kSeparateO ? base + kQBytes + 2 * kStages * kKVBytes : base), bars(base + kTileBytes),
-          tile(bars + kBarrierBytes - 8) {}
+          tile(bars + kBarrierBytes - 8), gather_tile(bars + kBarrierBytes - 16),
+          gather_rows(bars + kBarrierBytes) {}
     __device__ __forceinline__ u32 k_stage(int s) const { return k + s * kKVBytes; }
     __device__ __forceinline__ u32 v_stage(int s) const { return v + s * kKVBytes; }
     __device__ __forceinline__ u32 q_full() const { return bars; }
@@ -139,7 +160,7 @@ struct SmemLayout {
     __device__ __forceinline__ u32 k_empty(int s) const { return bars + 8 * (2 + 2 * kStages + s); }
     __device__ __forceinline__ u32 v_empty(int s) const { return bars + 8 * (2 + 3 * kStages + s); }
 };
-extern "C" __device__ const int cf_fwd_sm90_smem_bytes = kTileBytes + kBarrierBytes + 1024;
+extern "C" __device__ const int cf_fwd_sm90_smem_bytes = kTileBytes + kBarrierBytes + kGatherRowBytes + 1024;
 extern "C" __device__ const int cf_fwd_sm90_persistent = kPersistent;
 
 // One work tile: its query rows [m_start, m_end) and the key tiles [n_lo, n_hi) they can see.
@@ -273,29 +294,45 @@ __device__ __forceinline__ void load_page_runs(const AttentionParams& a, const T
 }
 
 #if CF_PAGE_GATHER
-// Pages of any size (CF_PAGE_GATHER): the producer warp gathers key rows [row0, row0 + kBN) with cp.async,
-// 16 bytes a lane, into the layout TMA's 128-byte swizzle gives a stage (chunk c of row r at chunk
-// c ^ (r % 8) of the row's 128 bytes in each 64-column block), so the consumers read it as usual. Lane l
-// copies chunk l % 8 of rows l / 8 + 4i; rows past the sequence and columns past head_dim are zero-filled
-// without a read. Each lane then arrives on `full` when its copies have landed (kKVFullArrivals), and the
-// consumers fence the generic-proxy writes before wgmma reads them (gathered_stage_ready). Small pages as
-// TMA boxes cost a box per page: 16-row boxes read 0.60x the contiguous rate (bench/NOTES.md).
+// Pages of any size (CF_PAGE_GATHER): the producer warpgroup gathers key rows [row0, row0 + kBN) with
+// cp.async, 16 bytes a thread, into the layout TMA's 128-byte swizzle gives a stage (chunk c of row r at
+// chunk c ^ (r % 8) of the row's 128 bytes in each 64-column block), so the consumers read it as usual.
+// Thread i copies chunk i % 8 of rows i / 8 + 16j; rows past the sequence and columns past head_dim are
+// zero-filled without a read. Each thread then arrives on `full` when its copies have landed
+// (kKVFullArrivals), and the consumers fence the generic-proxy writes before wgmma reads them
+// (gathered_stage_ready). Small pages as TMA boxes cost a box per page: 16-row boxes read 0.60x the
+// contiguous rate (bench/NOTES.md).
 __device__ __forceinline__ void gather_paged_kv(const AttentionParams& a, const void* base, i64 head_stride,
                                                 i64 row_stride, u32 stage_base, u32 full, const BlockCoords& bc,
-                                                int row0, int seqlen_k, int lane) {
-    const u16* src_head = (const u16*)base + (i64)bc.hk * head_stride + (lane & 7) * 8;
+                                                int row0, int seqlen_k, int thread, u32 rows, bool same_rows) {
+    constexpr int kRowStep = kGatherRowStep;
+    static_assert(kBN % kRowStep == 0, "every gathering thread copies as many rows");
+    const u16* src_head = (const u16*)base + (i64)bc.hk * head_stride + (thread & 7) * 8;
     const int* pages = page_row(a, bc);
-    const int chunk = lane & 7;
-#pragma unroll 1  // (the 32-register producer: unrolled, ptxas spills at head dim 192)
-    for (int r = lane >> 3; r < kBN; r += 4) {
-        const int row = row0 + r;
-        const bool row_ok = row < seqlen_k;
-        const u16* src = src_head;
-        if (row_ok) {
+    const int chunk = thread & 7;
+    // All of the thread's table reads go out before its copies (one after another, each behind its own
+    // load: 2.1 TB/s at page 16; together: 2.9), and a V tile takes the rows its K tile left in `rows`
+    // (each thread its own: no barrier; 3.2 TB/s against 3.7 contiguous, b=8 x 32k, hd128). Rows past the
+    // sequence read its last row's entry and copy nothing.
+    constexpr int kRows = kBN / kRowStep;
+    int cache_row[kRows];
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+        const u32 slot = rows + 4 * (i * kGatherThreads + thread);
+        if (same_rows) {
+            asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(cache_row[i]) : "r"(slot));
+        } else {
+            const int row = min(row0 + (thread >> 3) + i * kRowStep, seqlen_k - 1);
             const int index = a.page_shift >= 0 ? row >> a.page_shift : row / a.page_size;
-            const int page = min(max(pages[index], 0), a.num_pages - 1);
-            src += ((i64)page * a.page_size + (row - index * a.page_size)) * row_stride;
+            cache_row[i] = min(max(pages[index], 0), a.num_pages - 1) * a.page_size + row - index * a.page_size;
+            asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(slot), "r"(cache_row[i]) : "memory");
         }
+    }
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+        const int r = (thread >> 3) + i * kRowStep;
+        const bool row_ok = row0 + r < seqlen_k;
+        const u16* src = src_head + (i64)cache_row[i] * row_stride;
         const u32 dst = stage_base + r * 128 + ((chunk ^ (r & 7)) << 4);
         for (int c = 0; c < kCol64; ++c) {
             const bool valid = row_ok && c * 64 + chunk * 8 < a.head_dim;
@@ -307,11 +344,11 @@ __device__ __forceinline__ void gather_paged_kv(const AttentionParams& a, const 
 #endif
 #endif
 
-// The producer: one thread, or with row gathers (CF_PAGE_GATHER) one warp whose lane 0 (the leader) alone
-// takes work tiles, arms barriers and issues TMA, while every lane gathers K and V rows.
+// The producer: one thread, or with row gathers (CF_PAGE_GATHER) the warpgroup, whose thread 0 (the leader)
+// alone takes work tiles, arms barriers and issues TMA, while every thread gathers K and V rows.
 __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLayout& sm, int num_tiles) {
-    const int lane = threadIdx.x & 31;
-    const bool leader = !CF_PAGE_GATHER || lane == 0;
+    const int thread = threadIdx.x;  // (the producer warpgroup is the first)
+    const bool leader = !CF_PAGE_GATHER || thread == 0;
     const Visibility vis(p.a.seqlen_q, p.a.seqlen_k, p.a.window_left, p.a.window_right);
     if (leader) {
         tma_prefetch_map(&p.q);
@@ -326,13 +363,19 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
 #endif
     for (int local = 0;; ++local) {  // local: this CTA's work tiles so far (dense: the Q buffer's use count)
 #if CF_PAGE_GATHER
-        int t = leader ? next_work_tile(p.a, local) : 0;
-        t = __shfl_sync(0xffffffffu, t, 0);
+        // The leader's index reaches the warpgroup through slot local % 2; the leader rewrites a slot only
+        // after the next barrier, which every thread reaches once done reading it.
+        const u32 slot = sm.gather_tile + 4 * (local & 1);
+        if (leader)
+            asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(slot), "r"(next_work_tile(p.a, local)) : "memory");
+        named_barrier_sync(kGatherBarrier, kGatherThreads);
+        int t;
+        asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(t) : "r"(slot) : "memory");
 #else
         const int t = next_work_tile(p.a, local);
 #endif
         if (t >= num_tiles) {
-            // (the Q barrier is the leader's alone: a lane that polled a parity late could miss a phase)
+            // (the Q barrier is the leader's alone: a thread that polled a parity late could miss a phase)
             if (dynamic && leader) {
 #if CF_VARLEN
                 mbar_wait(sm.q_empty(), (uses & 1) ^ 1);
@@ -359,7 +402,8 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
             mbar_wait(empty, parity_of(kv + j) ^ 1);
             gather_paged_kv(p.a, is_k ? p.a.k : p.a.v, is_k ? p.a.k_head_stride : p.a.v_head_stride,
                             is_k ? p.a.k_row_stride : p.a.v_row_stride, stage_base, full, w.bc,
-                            (w.n_hi - 1 - j) * kBN, w.vis.seqlen_k, lane);
+                            (w.n_hi - 1 - j) * kBN, w.vis.seqlen_k, thread,
+                            sm.gather_rows + stage_of(kv + j) * kGatherStageRowBytes, !is_k);
 #else
 #if CF_PAGED
             prefetch_page_runs(p.a, w.bc, (w.n_hi - 1 - j) * kBN, w.vis.seqlen_k);
@@ -725,7 +769,7 @@ attention_fwd_sm90(const __grid_constant__ ForwardSm90Params p) {
 
     if (warp < 4) {
         setmaxnreg_dec<kProducerRegs>();
-        if (CF_PAGE_GATHER ? warp == 0 : tid == 0) produce(p, sm, num_tiles);
+        if (CF_PAGE_GATHER || tid == 0) produce(p, sm, num_tiles);
         return;
     }
     setmaxnreg_inc<kConsumerRegs>();
