@@ -65,15 +65,22 @@ def check_dropout(dropout_p, where):
     return p
 
 
-def _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset):
-    """``(p, seed, offset)`` for a call with dropout, None without. The GPU kernels have no dropout variant
-    yet (NotImplementedError); on the CPU path p > 0 needs an int seed."""
+def gpu_dropout_backward_missing(p) -> NotImplementedError:
+    """The error of a dropout call whose backward would run on GPU arrays (no backward kernel has dropout)."""
+    return NotImplementedError(_DROPOUT_NOT_IMPLEMENTED.format(p, "the GPU backward (its kernels)") +
+                               "; the GPU forward and the CPU path (NumPy arrays, torch CPU tensors) have it")
+
+
+def _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset, backward=False, needs_backward=False):
+    """``(p, seed, offset)`` for a call with dropout, None without; p > 0 needs an int seed. On GPU arrays the
+    forward kernels have it (the sm80 kernel's dropout build), the backward kernels not yet: a backward, or a
+    forward whose backward will run (``needs_backward``: torch tensors that require grad), raises
+    NotImplementedError before any launch."""
     p = _check_probability(dropout_p)
     if p == 0:
         return None
-    if call.on_gpu:
-        raise NotImplementedError(_DROPOUT_NOT_IMPLEMENTED.format(p, "GPU arrays (the kernels)") +
-                                  "; the CPU path (NumPy arrays, torch CPU tensors) has it")
+    if call.on_gpu and (backward or needs_backward):
+        raise gpu_dropout_backward_missing(p)
     from .dropout import check_seed
     if dropout_seed is None:
         raise TypeError(f"dropout_p={p} needs dropout_seed (an int in [0, 2**64)); the forward and the backward "
@@ -390,8 +397,9 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
         Attention dropout: each probability is kept with probability ``1 - p`` (to within 2**-17) and
         scaled by ``1 / (1 - p)``; the LSE is the softmax's, before dropout. The mask is a pure function of
         ``dropout_seed``, ``dropout_offset`` and (batch, head, query, key) (:func:`cuflash.dropout_mask`
-        returns it; cuflash/dropout.py gives the Philox4x32-10 counter layout). CPU path only so far: GPU
-        arrays with ``dropout_p > 0`` raise NotImplementedError.
+        returns it; cuflash/dropout.py gives the Philox4x32-10 counter layout). GPU arrays: the sm80
+        kernel's dropout build (on Hopper too); torch tensors that require grad raise NotImplementedError
+        (the GPU backward has no dropout yet).
     dropout_seed, dropout_offset : int in [0, 2**64)
         The generator's key and counter offset; ``dropout_seed`` is required when ``dropout_p > 0``. Pass
         the same values to :func:`attention_backward`.
@@ -421,7 +429,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     ValueError
         Shapes, devices or values out of range (the message names the argument).
     NotImplementedError
-        ``dropout_p > 0`` on GPU arrays.
+        ``dropout_p > 0`` with torch GPU tensors that require grad (no GPU backward has dropout yet).
 
     Notes
     -----
@@ -447,10 +455,11 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     causal, scale, window, softcap, alibi = _check_options(call, causal, softmax_scale, window_size, softcap,
                                                            alibi_slopes)
     return_lse = _check_flag("return_lse", return_lse)
-    dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset)
+    needs_grad = call.fw == "torch" and _needs_autograd(q, k, v)
+    dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset, needs_backward=needs_grad)
     attn_mask = _check_attn_mask(call, attn_mask)
     block_mask = _check_block_mask(call, block_mask)
-    if call.fw == "torch" and _needs_autograd(q, k, v):
+    if needs_grad:
         from . import torch as torch_adapter
         return torch_adapter.attention(q, k, v, causal=causal, softmax_scale=scale, window_size=window,
                                        softcap=softcap, alibi_slopes=alibi, return_lse=return_lse,
@@ -531,12 +540,13 @@ def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, d
         else:
             qv, kv, vv = (_device_input(call, x, stream, cc) for x in (q, k, v))
             work = out_work
-            groups = decode_groups(call.seqlen_q, call.heads_q, call.heads_k, alibi, window)
+            # (packed heads would change the rows dropout's draws are keyed by)
+            groups = 1 if dropout else decode_groups(call.seqlen_q, call.heads_q, call.heads_k, alibi, window)
             if groups > 1:
                 qv, work = (pack_query_heads(x, groups) for x in (qv, out_work))
                 kwargs.update(causal=False, window_size=(-1, -1))
             fp = ops.forward(qv, kv, vv, work, lse_view, _device_alibi(alibi, call.fw, stream), stream=stream,
-                             cc=cc, framework=call.fw, **kwargs)
+                             cc=cc, framework=call.fw, dropout=dropout, **kwargs)
             _finish_output(out_view, out_work, stream, cc)
             if bind_key is not None and alibi is None and _in_place(call, qv, kv, vv):
                 executor.bind_forward(bind_key, fp, call.fw, {"q": qv, "k": kv, "v": vv, "o": work},
@@ -598,7 +608,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     TypeError, ValueError
         As :func:`attention`, and for ``dout``/``out``/``lse`` whose shape, dtype or device do not match.
     NotImplementedError
-        ``dropout_p > 0`` on GPU arrays.
+        ``dropout_p > 0`` on GPU arrays (no GPU backward has dropout yet).
 
     Notes
     -----
@@ -625,7 +635,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     causal, scale, window, softcap, alibi = _check_options(call, causal, softmax_scale, window_size, softcap,
                                                            alibi_slopes)
     deterministic = _check_flag("deterministic", deterministic)
-    dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset)
+    dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset, backward=True)
     attn_mask = _check_attn_mask(call, attn_mask)
     block_mask = _check_block_mask(call, block_mask)
     _check_backward_arrays(call, dout, out, lse)

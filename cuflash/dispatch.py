@@ -37,6 +37,9 @@ FWD_SM80_VARLEN_PTXAS_OPT = {64: 1}
 # ... and at head dim 128 they push the 128-row tile past 255 registers with softcap and a mask (12 bytes
 # at -O1, 36-160 at -O2/-O3): the variable-length build takes 64-row tiles there.
 FWD_SM80_VARLEN_TILES = {128: (64, 64, 4, 1, 1)}
+# Dropout's draws (philox.cuh) do the same with a causal or window mask at head dim 128 (20-44 bytes for
+# sm_90a at -O1 and -O3): the dropout build takes 64-row tiles there too.
+FWD_SM80_DROPOUT_TILES = {128: (64, 64, 4, 1, 1)}
 # The split-KV build (decoding: a query block is a key/value head's group of query heads, 4-16 rows): the
 # smallest query block the warp layout allows (16 rows a warp, 4 warps), so few rows go to waste, and 128-key
 # tiles to keep many loads in flight per CTA. (block_m, block_n, warps, min blocks, ptxas -O).
@@ -54,7 +57,7 @@ def padded_head_dim(head_dim: int) -> int:
 # How extra defines appear in variant names: a prefix followed by the value, or (flag name,) shown when set.
 _EXTRA_LABELS = {"CF_DETERMINISTIC": ("det",), "CF_BWD_A_REGS": ("preg",), "CF_Q_STAGES": "st", "CF_STAGES": "st",
                  "CF_CONSUMERS": "cw", "CF_PINGPONG": ("pp",), "CF_VARLEN": ("varlen",),
-                 "CF_SPLIT_KV": ("splitkv",), "CF_PAGED": ("paged",)}
+                 "CF_SPLIT_KV": ("splitkv",), "CF_PAGED": ("paged",), "CF_DROPOUT": ("dropout",)}
 
 
 @dataclass(frozen=True)
@@ -184,14 +187,24 @@ def max_smem(major: int, minor: int) -> int:
 
 def forward_key(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
                 smem_limit: int = MAX_SMEM[(9, 0)], varlen: bool = False, split_kv: bool = False,
-                paged: bool = False) -> KernelKey:
+                paged: bool = False, dropout: bool = False) -> KernelKey:
     """The sm80 forward's variant. ``varlen``: the variable-length build (CF_VARLEN, seq_context.cuh reads
     each sequence's rows from cu_seqlens / seqused), a separate variant so that the dense one compiles to the
     same code as without it (its 252-254 registers at head dim 64 leave no room for the lookups).
     ``split_kv`` (with ``varlen``): the split-KV build for decoding (CF_SPLIT_KV, fp32 partial outputs).
-    ``paged`` (with ``varlen``): keys and values read through a block table (CF_PAGED, KV caches in pages)."""
+    ``paged`` (with ``varlen``): keys and values read through a block table (CF_PAGED, KV caches in pages).
+    ``dropout`` (dense): attention dropout (CF_DROPOUT, philox.cuh)."""
     key = _forward_key(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, smem_limit,
                        os.environ.get("CUFLASH_FWD_TILES", ""))
+    if dropout:
+        assert not varlen, "dropout: the dense build"
+        key = dataclasses.replace(key, extra=key.extra + (("CF_DROPOUT", 1),))
+        tiles = FWD_SM80_DROPOUT_TILES.get(key.head_dim)
+        if tiles:  # smaller than every dense tile: within every shared-memory limit
+            bm, bn, warps, min_blocks, opt = tiles
+            key = dataclasses.replace(key, block_m=bm, block_n=bn, warps=warps, min_blocks=min_blocks,
+                                      ptxas_opt=opt)
+        return key
     if not varlen:
         return key
     key = dataclasses.replace(key, extra=key.extra + (("CF_VARLEN", 1),),
@@ -560,13 +573,13 @@ def all_forward_keys() -> list[KernelKey]:
 
 def all_forward_keys_for(smem_limit: int) -> list[KernelKey]:
     keys = [
-        forward_key(dt, d, is_local=loc, softcap=sc, alibi=al, smem_limit=smem_limit, varlen=vl)
+        forward_key(dt, d, is_local=loc, softcap=sc, alibi=al, smem_limit=smem_limit, varlen=vl, dropout=dr)
         for dt in DTYPES
         for d in PADDED_HEAD_DIMS
         for loc in (False, True)
         for sc in (False, True)
         for al in (False, True)
-        for vl in (False, True)
+        for vl, dr in ((False, False), (True, False), (False, True))
     ]
     # Paged caches take every variable-length build; split-KV decoding packs a group's query heads as rows: no
     # ALiBi, no mask (api.decode_groups), paged or not.
@@ -725,7 +738,8 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                     for al in (False, True):
                         mods = dict(is_local=loc, softcap=sc, alibi=al)
                         found = [forward_key(dt, d, smem_limit=limit, **mods),
-                                 forward_key(dt, d, smem_limit=limit, varlen=True, **mods)]
+                                 forward_key(dt, d, smem_limit=limit, varlen=True, **mods),
+                                 forward_key(dt, d, smem_limit=limit, dropout=True, **mods)]
                         found.append(forward_key(dt, d, smem_limit=limit, varlen=True, paged=True, **mods))
                         if not loc and not al:  # decoding's split-KV builds (api.decode_groups)
                             found += [forward_key(dt, d, smem_limit=limit, varlen=True, split_kv=True, paged=pg,

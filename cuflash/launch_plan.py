@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from . import dispatch, jit, params_layout, tma
+from . import dispatch, dropout, jit, params_layout, tma
 from .arrays import DeviceArray
 
 _LOG2E = 1.4426950408889634
@@ -133,10 +133,12 @@ def _remember(key, plan):
 
 
 def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi, *, causal: bool, window_size,
-            softmax_scale: float, softcap: float, cc: tuple, sm_count: int) -> ForwardPlan:
-    """The forward's plan for these views (cached on their layout and the flags)."""
+            softmax_scale: float, softcap: float, cc: tuple, sm_count: int, dropout_p: float = 0.0) -> ForwardPlan:
+    """The forward's plan for these views (cached on their layout and the flags). ``dropout_p`` > 0: the sm80
+    kernel's dropout build (the Hopper kernel has none yet) with p's keep threshold and scale in the block;
+    each call writes its seed and offset (ops.forward)."""
     key = ("fwd", q.device, cc, _layout(q, k, v, out), _alibi_layout(alibi), causal, window_size, softmax_scale,
-           softcap, env())
+           softcap, dropout_p, env())
     hit = _plans.get(key)
     if hit is not None:
         return hit
@@ -144,17 +146,20 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, al
     local = is_local(causal, window_size)
     # The Hopper kernel reads and writes through TMA; a view TMA cannot describe (a broadcast head, say)
     # runs on the sm80 kernel instead, which handles any 16-byte-aligned layout.
-    hopper = dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
+    hopper = dropout_p == 0 and dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
     if hopper:
         kkey = dispatch.forward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
                                          alibi=alibi is not None)
         smem = dispatch.forward_sm90_smem_bytes(kkey)
     else:
         kkey = dispatch.forward_key(dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
-                                    smem_limit=dispatch.max_smem(*cc))
+                                    smem_limit=dispatch.max_smem(*cc), dropout=dropout_p > 0)
         smem = dispatch.forward_smem_bytes(kkey)
     fn = jit.get_function(kkey, dispatch.compile_arch(*cc), q.device, smem)
     p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap)
+    if dropout_p > 0:
+        p["dropout_threshold"] = dropout.keep_threshold(dropout_p)
+        p["dropout_scale"] = 1.0 / (1.0 - dropout_p)
     p.set_strides("o", out)
     batch, seqlen_q, heads_q = q.shape[:3]
     p["num_m_blocks"] = m_blocks = -(-seqlen_q // kkey.block_m)

@@ -167,9 +167,11 @@ def _host32(x):
     return to_host(x).astype(np.float32)
 
 
-def _naive_forward(q, k, v, dtype, causal, softmax_scale, window_size, softcap, alibi_slopes):
+def _naive_forward(q, k, v, dtype, causal, softmax_scale, window_size, softcap, alibi_slopes, dropout=None):
     """Forward of the same-dtype naive attention. Inputs are float32 arrays holding input-dtype values;
-    returns the output (b, sq, hq, d) and what the backward needs, all float32 holding dtype values."""
+    returns the output (b, sq, hq, d) and what the backward needs, all float32 holding dtype values.
+    ``dropout`` (keep mask (b, hq, sq, sk), p): the probabilities dropped and scaled as torch's dropout does
+    (p * mask * 1 / (1 - p), rounded) before P.V."""
     r = lambda x: round_to(x, dtype)  # noqa: E731
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
@@ -199,20 +201,24 @@ def _naive_forward(q, k, v, dtype, causal, softmax_scale, window_size, softcap, 
     e = np.exp(s - np.where(empty, np.float32(0), m))
     l = e.sum(axis=-1, keepdims=True, dtype=np.float32)
     p = r(np.where(empty, np.float32(0), e / np.where(empty, np.float32(1), l)))  # softmax, float32 inside
-    out = r(p @ vh)                               # einsum, output rounded
+    pv = p
+    if dropout is not None:
+        keep, drop_p = dropout
+        pv = r(np.where(keep, p * np.float32(1.0 / (1.0 - drop_p)), np.float32(0)))
+    out = r(pv @ vh)                              # einsum, output rounded
     return out.transpose(0, 2, 1, 3), (qh, kh, vh, p, t, scale, g)
 
 
 def naive_same_dtype(q, k, v, *, dtype=None, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
-                     alibi_slopes=None):
+                     alibi_slopes=None, dropout=None):
     """The same attention math in the input dtype with plain ops (matmul, scale, softcap, ALiBi, mask,
     softmax, matmul), each rounded to the dtype: the error yardstick of FlashAttention's rule.
 
     q, k, v: arrays of any library (their values must be representable in ``dtype``, which defaults to
-    q's dtype). Returns the float64 output ``(b, sq, hq, d)``."""
+    q's dtype); ``dropout`` as :func:`_naive_forward` takes it. Returns the float64 output ``(b, sq, hq, d)``."""
     dtype = dtype_name(q) if dtype is None else dtype_name(dtype)
     out, _ = _naive_forward(_host32(q), _host32(k), _host32(v), dtype, causal, softmax_scale, window_size,
-                            softcap, alibi_slopes)
+                            softcap, alibi_slopes, dropout)
     return out.astype(np.float64)
 
 

@@ -220,6 +220,7 @@ def _runtime_keys(monkeypatch, cc) -> set:
                             kw = dict(causal=causal, window_size=(-1, -1), softmax_scale=0.1, softcap=softcap,
                                       stream=0, cc=cc, framework="cupy")
                             ops.forward(view(), view(), view(), view(), view(), alibi, **kw)
+                            ops.forward(view(), view(), view(), view(), view(), alibi, dropout=(0.1, 1, 0), **kw)
                             for det in (False, True):
                                 try:
                                     ops.backward(view(), view(), view(), view(), view(), view(), alibi, view(),

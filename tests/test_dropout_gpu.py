@@ -1,0 +1,98 @@
+"""Attention dropout in the GPU forward (fwd_sm80.cu's CF_DROPOUT build, which Hopper runs too): the output
+follows FlashAttention's rule against float64 attention with the NumPy path's mask (cuflash/dropout.py) for
+the same seed and offset, so the kernel drops exactly the elements the NumPy path drops (a single wrong
+element at p = 0.5 moves the output far past the rule); the LSE is the softmax's, before dropout; odd
+sizes, masks, GQA, softcap and ALiBi; torch tensors without grad; the plan's threshold and scale."""
+
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import dropout, reference
+
+from gpu_helpers import flash_rule, inputs, naive_same_dtype, to_host
+
+pytestmark = pytest.mark.gpu
+
+CASES = {
+    # b, sq, sk, hq, hk, d, dtype, kwargs
+    "hd64": (2, 257, 300, 4, 4, 64, "float16", {}),
+    "hd128_causal_gqa": (1, 190, 333, 8, 2, 128, "bfloat16", dict(causal=True)),
+    "hd96_window_softcap": (2, 100, 161, 2, 1, 96, "bfloat16", dict(window_size=(30, 7), softcap=20.0)),
+    "hd256_alibi": (1, 77, 129, 2, 2, 256, "float16", dict(alibi=True)),
+    "hd192_one_query": (3, 1, 500, 4, 2, 192, "float16", {}),
+}
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_dropout_forward_matches_the_numpy_mask(case, p):
+    import cupy
+    b, sq, sk, hq, hk, d, dtype, kw = CASES[case]
+    kw = dict(kw)
+    q, k, v = inputs(b, sq, sk, hq, hk, d, dtype, seed=len(case))
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = cupy.asarray(np.random.default_rng(1).random(hq).astype(np.float32) * 0.3)
+    seed, offset = 0x1234_5678_9ABC_DEF0 + len(case), 7 + (1 << 40)
+    out, lse = cuflash.attention(q, k, v, dropout_p=p, dropout_seed=seed, dropout_offset=offset, return_lse=True,
+                                 **kw)
+    keep = dropout.dropout_mask(b, hq, sq, sk, dropout_p=p, dropout_seed=seed, dropout_offset=offset)
+    slopes = None if "alibi_slopes" not in kw else cupy.asnumpy(kw.pop("alibi_slopes"))
+    q64, k64, v64 = (to_host(x).astype(np.float64) for x in (q, k, v))
+    ref, ref_lse = reference.attention_reference(q64, k64, v64, alibi_slopes=slopes, dropout_p=p, dropout_seed=seed,
+                                                 dropout_offset=offset, **kw)
+    base = naive_same_dtype(q, k, v, alibi_slopes=slopes, dropout=(keep, p), **kw)
+    flash_rule(to_host(out).astype(np.float64), ref, base)
+    fin = np.isfinite(ref_lse)
+    np.testing.assert_allclose(cupy.asnumpy(lse)[fin], ref_lse[fin], rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_forward_seed_and_offset_pick_the_mask():
+    """Two seeds (or two offsets) give two masks: the outputs differ; the same seed and offset give the same
+    output bit for bit."""
+    import cupy
+    q, k, v = inputs(1, 128, 128, 2, 2, 64, "float16", seed=3)
+    run = lambda s, o: cupy.asnumpy(cuflash.attention(q, k, v, dropout_p=0.2, dropout_seed=s, dropout_offset=o))  # noqa: E731
+    a = run(1, 0)
+    np.testing.assert_array_equal(a.view(np.uint16), run(1, 0).view(np.uint16))
+    assert not np.array_equal(a, run(2, 0))
+    assert not np.array_equal(a, run(1, 1))
+
+
+def test_dropout_forward_torch_tensors_without_grad():
+    """torch CUDA tensors (no grad): flash_attn_func draws the seed from torch's generator, so
+    torch.manual_seed reproduces the output, and S_dmask marks the dropped entries of the probabilities the
+    NumPy path computes; with grad the call raises NotImplementedError before launching."""
+    from gpu_helpers import require_torch_cuda
+    torch = require_torch_cuda()
+    from cuflash.torch import flash_attn_func
+    q, k, v = (torch.randn(1, 96, 2, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    torch.manual_seed(11)
+    out, _, s_dmask = flash_attn_func(q, k, v, dropout_p=0.3, return_attn_probs=True)
+    torch.manual_seed(11)
+    again = flash_attn_func(q, k, v, dropout_p=0.3)
+    assert torch.equal(out, again)
+    probs = s_dmask.float().abs()
+    kept = (s_dmask > 0).float()
+    want = torch.einsum("bhqk,bkhd->bqhd", probs * kept / 0.7, v.float())
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+    with pytest.raises(NotImplementedError, match="GPU backward"):
+        flash_attn_func(q.requires_grad_(), k, v, dropout_p=0.3)
+
+
+def test_dropout_plan_takes_the_sm80_build_with_threshold_and_scale():
+    """The plan of a dropout call is the sm80 kernel's dropout build on any GPU, its block holding
+    round((1 - p) * 65536) and 1 / (1 - p)."""
+    import cupy
+    from cuflash import launch_plan, params_layout
+    q, k, v = inputs(1, 64, 64, 2, 2, 64, "bfloat16", seed=0)
+    launch_plan._plans.clear()
+    cuflash.attention(q, k, v, dropout_p=0.25, dropout_seed=1)
+    cupy.cuda.runtime.deviceSynchronize()
+    plans = [pl for key, pl in launch_plan._plans.items() if key[0] == "fwd" and 0.25 in key]
+    assert len(plans) == 1
+    fields = params_layout.STRUCT.unpack(plans[0].launch.block)
+    block = dict(zip(params_layout.NAMES, fields))
+    assert plans[0].launch.maps == ()
+    assert block["dropout_threshold"] == dropout.keep_threshold(0.25) == 49152
+    assert block["dropout_scale"] == pytest.approx(1 / 0.75)
