@@ -65,22 +65,12 @@ def check_dropout(dropout_p, where):
     return p
 
 
-def gpu_dropout_backward_missing(p) -> NotImplementedError:
-    """The error of a dropout call whose backward would run on GPU arrays (no backward kernel has dropout)."""
-    return NotImplementedError(_DROPOUT_NOT_IMPLEMENTED.format(p, "the GPU backward (its kernels)") +
-                               "; the GPU forward and the CPU path (NumPy arrays, torch CPU tensors) have it")
-
-
-def _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset, backward=False, needs_backward=False):
-    """``(p, seed, offset)`` for a call with dropout, None without; p > 0 needs an int seed. On GPU arrays the
-    forward kernels have it (the sm80 kernel's dropout build), the backward kernels not yet: a backward, or a
-    forward whose backward will run (``needs_backward``: torch tensors that require grad), raises
-    NotImplementedError before any launch."""
+def _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset):
+    """``(p, seed, offset)`` for a call with dropout, None without; p > 0 needs an int seed (the CPU path and
+    the GPU kernels' dropout builds draw the same mask from it)."""
     p = _check_probability(dropout_p)
     if p == 0:
         return None
-    if call.on_gpu and (backward or needs_backward):
-        raise gpu_dropout_backward_missing(p)
     from .dropout import check_seed
     if dropout_seed is None:
         raise TypeError(f"dropout_p={p} needs dropout_seed (an int in [0, 2**64)); the forward and the backward "
@@ -398,8 +388,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
         scaled by ``1 / (1 - p)``; the LSE is the softmax's, before dropout. The mask is a pure function of
         ``dropout_seed``, ``dropout_offset`` and (batch, head, query, key) (:func:`cuflash.dropout_mask`
         returns it; cuflash/dropout.py gives the Philox4x32-10 counter layout). GPU arrays: the sm80
-        kernel's dropout build (on Hopper too); torch tensors that require grad raise NotImplementedError
-        (the GPU backward has no dropout yet).
+        kernels' dropout builds, forward and backward (on Hopper too, for now).
     dropout_seed, dropout_offset : int in [0, 2**64)
         The generator's key and counter offset; ``dropout_seed`` is required when ``dropout_p > 0``. Pass
         the same values to :func:`attention_backward`.
@@ -429,7 +418,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     ValueError
         Shapes, devices or values out of range (the message names the argument).
     NotImplementedError
-        ``dropout_p > 0`` with torch GPU tensors that require grad (no GPU backward has dropout yet).
+        ``attn_mask`` or ``block_mask`` on GPU arrays.
 
     Notes
     -----
@@ -455,11 +444,10 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     causal, scale, window, softcap, alibi = _check_options(call, causal, softmax_scale, window_size, softcap,
                                                            alibi_slopes)
     return_lse = _check_flag("return_lse", return_lse)
-    needs_grad = call.fw == "torch" and _needs_autograd(q, k, v)
-    dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset, needs_backward=needs_grad)
+    dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset)
     attn_mask = _check_attn_mask(call, attn_mask)
     block_mask = _check_block_mask(call, block_mask)
-    if needs_grad:
+    if call.fw == "torch" and _needs_autograd(q, k, v):
         from . import torch as torch_adapter
         return torch_adapter.attention(q, k, v, causal=causal, softmax_scale=scale, window_size=window,
                                        softcap=softcap, alibi_slopes=alibi, return_lse=return_lse,
@@ -608,7 +596,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     TypeError, ValueError
         As :func:`attention`, and for ``dout``/``out``/``lse`` whose shape, dtype or device do not match.
     NotImplementedError
-        ``dropout_p > 0`` on GPU arrays (no GPU backward has dropout yet).
+        ``attn_mask`` or ``block_mask`` on GPU arrays.
 
     Notes
     -----
@@ -635,7 +623,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     causal, scale, window, softcap, alibi = _check_options(call, causal, softmax_scale, window_size, softcap,
                                                            alibi_slopes)
     deterministic = _check_flag("deterministic", deterministic)
-    dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset, backward=True)
+    dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset)
     attn_mask = _check_attn_mask(call, attn_mask)
     block_mask = _check_block_mask(call, block_mask)
     _check_backward_arrays(call, dout, out, lse)
@@ -684,7 +672,8 @@ def _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softc
                 lse_view = arrays.contiguous_copy(lse, call.fw, device, stream)
             bp = ops.backward(views["dout"], views["q"], views["k"], views["v"], views["out"], lse_view,
                               _device_alibi(alibi, call.fw, stream), *(work for _, _, work in grads),
-                              deterministic=deterministic, stream=stream, cc=cc, framework=call.fw, **kwargs)
+                              deterministic=deterministic, stream=stream, cc=cc, framework=call.fw, dropout=dropout,
+                              **kwargs)
             for _, view, work in grads:
                 _finish_output(view, work, stream, cc)
             if bind_key is not None and alibi is None and lse_in_place and _in_place(call, *views.values()):

@@ -417,6 +417,17 @@ BWD_SM80_TILES = {
 BWD_SM80_SOFTCAP_ALIBI_PTXAS_OPT = {128: 1}
 # Deterministic dQ kernel (Q-parallel, 4 warps): head dim -> (block_m, block_n).
 BWD_DQ_SM80_TILES = {64: (64, 64), 128: (64, 64), 192: (64, 64), 256: (64, 32)}
+# The dropout builds (CF_DROPOUT: a Philox draw per lane per pair of n8 tiles, philox.cuh) need registers the
+# fastest tiles do not have: with the tiles above they spilled 4-84 bytes (hd64's 128-query tile, hd128
+# and hd256 with masks or softcap, the dQ kernel at hd192 with softcap and ALiBi). These spill nothing:
+BWD_SM80_DROPOUT_TILES = {
+    64: [(64, 128, 2, 1, True), (64, 64, 1, 1, True)],
+    128: [(64, 64, 2, 0, True), (64, 64, 1, 0, True)],
+    192: BWD_SM80_TILES[192],
+    256: BWD_SM80_TILES[256],
+}
+BWD_SM80_DROPOUT_PTXAS_OPT = {256: 1}
+BWD_DQ_SM80_DROPOUT_TILES = {192: (64, 32)}
 BWD_PREPOST_ROWS = 64  # query rows per CTA of the pre/post-processing kernels (kRows in bwd_prepost.cu)
 # ptxas optimisation level of the variable-length sm80 backward by head dim, where -O3 spills.
 BWD_SM80_VARLEN_PTXAS_OPT = {128: 1, 256: 1}
@@ -436,23 +447,27 @@ def dq_smem_bytes(key: KernelKey) -> int:
 
 
 def backward_keys(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool, deterministic: bool,
-                  smem_limit: int = MAX_SMEM[(9, 0)]):
-    """(preprocess key, postprocess key, main key, deterministic dQ key or None) for one backward call."""
-    return _backward_keys(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, deterministic, smem_limit)
+                  smem_limit: int = MAX_SMEM[(9, 0)], dropout: bool = False):
+    """(preprocess key, postprocess key, main key, deterministic dQ key or None) for one backward call;
+    ``dropout``: the main and dQ kernels' dropout builds (CF_DROPOUT, philox.cuh)."""
+    return _backward_keys(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, deterministic, smem_limit,
+                          dropout)
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_keys(dtype, d, is_local, softcap, alibi, deterministic, smem_limit):
+def _backward_keys(dtype, d, is_local, softcap, alibi, deterministic, smem_limit, dropout=False):
     pre = KernelKey("bwd_prepost", "attention_bwd_preprocess", dtype, d, block_m=BWD_PREPOST_ROWS, warps=8)
     post = KernelKey("bwd_prepost", "attention_bwd_postprocess", dtype, d, block_m=BWD_PREPOST_ROWS, warps=8)
     main = None
-    for bm, bn, stages, a_regs, det in BWD_SM80_TILES[d]:
+    drop = (("CF_DROPOUT", 1),) if dropout else ()
+    for bm, bn, stages, a_regs, det in (BWD_SM80_DROPOUT_TILES if dropout else BWD_SM80_TILES)[d]:
         if deterministic and not det:
             continue
+        opt = BWD_SM80_SOFTCAP_ALIBI_PTXAS_OPT.get(d, 3) if softcap and alibi else 3
         main = KernelKey("bwd_sm80", "attention_bwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, 8,
                          extra=(("CF_DETERMINISTIC", int(deterministic)), ("CF_Q_STAGES", stages),
-                                ("CF_BWD_A_REGS", a_regs)),
-                         ptxas_opt=BWD_SM80_SOFTCAP_ALIBI_PTXAS_OPT.get(d, 3) if softcap and alibi else 3)
+                                ("CF_BWD_A_REGS", a_regs)) + drop,
+                         ptxas_opt=BWD_SM80_DROPOUT_PTXAS_OPT.get(d, opt) if dropout else opt)
         if backward_smem_bytes(main) <= smem_limit:
             break
     else:
@@ -461,8 +476,9 @@ def _backward_keys(dtype, d, is_local, softcap, alibi, deterministic, smem_limit
             f"block; this GPU allows {smem_limit}")
     dq = None
     if deterministic:
-        bm, bn = BWD_DQ_SM80_TILES[d]
-        dq = KernelKey("bwd_dq_sm80", "attention_bwd_dq_sm80", dtype, d, is_local, softcap, alibi, bm, bn, 4)
+        bm, bn = (dropout and BWD_DQ_SM80_DROPOUT_TILES.get(d)) or BWD_DQ_SM80_TILES[d]
+        dq = KernelKey("bwd_dq_sm80", "attention_bwd_dq_sm80", dtype, d, is_local, softcap, alibi, bm, bn, 4,
+                       extra=drop)
     return pre, post, main, dq
 
 
@@ -657,7 +673,9 @@ def all_backward_keys() -> list[KernelKey]:
                     for al in (False, True):
                         for det in (False, True):
                             for limit in (MAX_SMEM[(9, 0)], MAX_SMEM[(8, 0)]):
-                                for builder in (backward_keys, backward_varlen_keys):
+                                builders = (backward_keys, backward_varlen_keys,
+                                            functools.partial(backward_keys, dropout=True))
+                                for builder in builders:
                                     try:
                                         ks = builder(dt, d, is_local=loc, softcap=sc, alibi=al, deterministic=det,
                                                      smem_limit=limit)
@@ -754,7 +772,8 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                                 found += [backward_key_sm90(dt, d, deterministic=det, varlen=vl, **mods)
                                           for det, vl in ((False, False), (True, False), (False, True))]
                         for det in (False, True):
-                            for builder in (backward_keys, backward_varlen_keys):
+                            for builder in (backward_keys, backward_varlen_keys,
+                                            functools.partial(backward_keys, dropout=True)):
                                 try:
                                     found += builder(dt, d, deterministic=det, smem_limit=limit, **mods)
                                 except NotImplementedError:  # the runtime raises the same for such a call

@@ -306,13 +306,14 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
 
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi,
              dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, *, causal: bool, window_size, softmax_scale: float,
-             softcap: float, deterministic: bool, cc: tuple) -> BackwardPlan:
+             softcap: float, deterministic: bool, cc: tuple, dropout_p: float = 0.0) -> BackwardPlan:
     """The backward's plan: preprocess (delta, zero dQ accumulator) -> KV-parallel main kernel (dK, dV, dQ
     summed into the fp32 accumulator: atomics on sm80, TMA reductions on the Hopper kernel) -> postprocess
     (dQ). Deterministic mode: the Hopper kernel adds in a fixed order (turn counters the preprocess zeroes);
-    on sm80 a Q-parallel dQ kernel replaces the accumulation and the postprocess."""
+    on sm80 a Q-parallel dQ kernel replaces the accumulation and the postprocess. ``dropout_p`` > 0: the sm80
+    kernels' dropout builds on every GPU, p's threshold and scale in the block (seed and offset per call)."""
     key = ("bwd", q.device, cc, _layout(dout, q, k, v, out, dq, dk, dv), _alibi_layout(alibi), causal, window_size,
-           softmax_scale, softcap, deterministic, env())
+           softmax_scale, softcap, deterministic, dropout_p, env())
     hit = _plans.get(key)
     if hit is not None:
         return hit
@@ -321,12 +322,13 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     local = is_local(causal, window_size)
     pre, post, main, dq_key = dispatch.backward_keys(
         dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
-        deterministic=deterministic, smem_limit=dispatch.max_smem(*cc))
+        deterministic=deterministic, smem_limit=dispatch.max_smem(*cc), dropout=dropout_p > 0)
     batch, seqlen_q, heads_q = q.shape[:3]
     seqlen_k, heads_k = k.shape[1], k.shape[2]
     dev = q.device
     # The Hopper main kernel reads Q, K, V and dO through TMA; views TMA cannot describe run on sm80.
-    hopper = dispatch.backward_family(cc, q.shape[3], deterministic) == "bwd_sm90" and tma.supports(q, k, v, dout)
+    hopper = (dropout_p == 0 and dispatch.backward_family(cc, q.shape[3], deterministic) == "bwd_sm90"
+              and tma.supports(q, k, v, dout))
     dq_kernel = deterministic and not hopper
     # delta (fp32, batch x heads x seqlen_q) is read only up to the main kernel, and with accumulated dQ the
     # only writer of dq is the postprocess, after it: so delta borrows dq's first bytes (dq holds head_dim / 2
@@ -339,6 +341,9 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap)
     for name, a in (("o", out), ("do", dout), ("dq", dq), ("dk", dk), ("dv", dv)):
         p.set_strides(name, a)
+    if dropout_p > 0:
+        p["dropout_threshold"] = dropout.keep_threshold(dropout_p)
+        p["dropout_scale"] = 1.0 / (1.0 - dropout_p)
     main, smem, maps = _backward_main(main, hopper, dtype, q.shape[3], is_local=local, softcap=softcap > 0,
                                       alibi=alibi is not None, deterministic=deterministic)
     launches = _backward_launches(p, arch, dev, pre, post, main, smem, maps, dq_key if dq_kernel else None,

@@ -399,11 +399,12 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
              lse: DeviceArray, alibi, dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, *, causal: bool, window_size,
              softmax_scale: float, softcap: float, deterministic: bool, stream: int, cc: tuple,
-             framework: str) -> launch_plan.BackwardPlan:
+             framework: str, dropout=None) -> launch_plan.BackwardPlan:
     """The backward's kernels (launch_plan.backward says which), with workspaces from the caller's framework on its
-    stream (CUDA-graph capture needs that)."""
+    stream (CUDA-graph capture needs that); ``dropout`` None or the forward's (p, seed, offset)."""
     bp = launch_plan.backward(dout, q, k, v, out, alibi, dq, dk, dv, causal=causal, window_size=window_size,
-                       softmax_scale=softmax_scale, softcap=softcap, deterministic=deterministic, cc=cc)
+                              softmax_scale=softmax_scale, softcap=softcap, deterministic=deterministic, cc=cc,
+                              dropout_p=0.0 if dropout is None else dropout[0])
     batch, seqlen_q, heads_q = q.shape[:3]
     delta_native = acc_native = acc = None
     if bp.delta_in_dq:
@@ -413,6 +414,8 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
         delta_ptr = delta.ptr
     pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "alibi": 0 if alibi is None else alibi.ptr, "o": out.ptr,
                 "lse": lse.ptr, "dout": dout.ptr, "delta": delta_ptr, "dq": dq.ptr, "dk": dk.ptr, "dv": dv.ptr}
+    if dropout is not None:
+        pointers["dropout_seed"], pointers["dropout_offset"] = dropout[1], dropout[2]
     if bp.dq_accum_shape is not None:
         acc_native, acc = arrays.empty(framework, bp.dq_accum_shape, "float32", q.device, stream)
         pointers["dq_accum"] = acc.ptr

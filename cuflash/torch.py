@@ -378,9 +378,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     ``deterministic=True`` makes the backward bitwise reproducible. The returned LSE (``return_lse``) is
     not differentiated through. Dropout (``dropout_p > 0``) on CPU tensors: without ``dropout_seed`` a seed
     is drawn from torch's default generator (``torch.manual_seed`` reproduces the mask), and the backward
-    replays the forward's mask. CUDA tensors: the forward (the sm80 kernel's dropout build, also on Hopper;
-    the seed from torch's default CPU generator, so a CUDA graph replays one mask); tensors that require grad
-    raise NotImplementedError until the backward kernels have dropout.
+    replays the forward's mask. CUDA tensors run the sm80 kernels' dropout builds (on Hopper too, for now);
+    the seed comes from torch's default CPU generator, so a CUDA graph replays one mask.
     ``attn_mask`` as :func:`cuflash.attention` takes it (CPU tensors so far); it is not differentiated, so
     a mask that requires grad raises NotImplementedError. ``block_mask`` (a :class:`cuflash.BlockMask` or a
     FlexAttention one) reaches the op as its dense element mask, combined with ``attn_mask`` (CPU tensors).
@@ -396,8 +395,6 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     softmax_scale = api._check_real("softmax_scale", softmax_scale, allow_none=True, positive=True)
     dropout_p = api._check_probability(dropout_p)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if dropout_p and q.is_cuda and needs_grad:  # before drawing a seed or launching the forward
-        raise api.gpu_dropout_backward_missing(dropout_p)
     seed, offset = _dropout_seed(q, dropout_p, dropout_seed, dropout_offset)
     softmax_scale = _default_scale(q, softmax_scale)
     left, right = api._check_window(window_size)
@@ -419,8 +416,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     None without dropout and, with ``dropout_p > 0``, the attention probabilities (batch, heads, seqlen_q,
     seqlen_k) in q's dtype with the dropped entries negated (for tests: quadratic memory; FlashAttention-2
     pads the last two dims to multiples of 128, cuflash does not). ``dropout_p > 0``: the seed comes from
-    torch's default generator (see :func:`attention`); CUDA tensors that require grad raise
-    NotImplementedError so far (no backward kernel has dropout yet).
+    torch's default generator (see :func:`attention`).
     """
     seed = None
     if dropout_p:

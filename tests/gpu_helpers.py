@@ -223,12 +223,14 @@ def naive_same_dtype(q, k, v, *, dtype=None, causal=False, softmax_scale=None, w
 
 
 def naive_backward_same_dtype(dout, q, k, v, *, dtype=None, causal=False, softmax_scale=None,
-                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
+                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout=None):
     """Gradients of :func:`naive_same_dtype` computed the way autograd through its ops computes them in the
     input dtype: dV = P^T dO, dP = dO V^T (each rounded), dS = P * (dP - rowsum(dP * P)) in float32 rounded
     once (softmax backward), then back through softcap (x softcap, x (1 - tanh^2), / softcap, each rounded)
     and the scale (rounded), dQ = dS K, dK = dS^T Q (rounded), and for GQA the sum over a key/value head's
-    query heads in float32, rounded. Returns float64 ``(dq, dk, dv)`` with the shapes of q, k, v."""
+    query heads in float32, rounded. ``dropout`` (keep mask, p) as :func:`_naive_forward`: dV takes the
+    dropped P, and dP goes back through the dropout (x mask x 1 / (1 - p), rounded) before the softmax.
+    Returns float64 ``(dq, dk, dv)`` with the shapes of q, k, v."""
     dtype = dtype_name(q) if dtype is None else dtype_name(dtype)
     r = lambda x: round_to(x, dtype)  # noqa: E731
     q32, k32 = _host32(q), _host32(k)
@@ -237,8 +239,15 @@ def naive_backward_same_dtype(dout, q, k, v, *, dtype=None, causal=False, softma
     b, sq, hq, d = q32.shape
     sk, hk = k32.shape[1], k32.shape[2]
     do = np.ascontiguousarray(_host32(dout).transpose(0, 2, 1, 3))   # (b, hq, sq, d)
-    dvh = r(p.swapaxes(-1, -2) @ do)                                  # (b, hq, sk, d)
+    pv, keep_scale = p, None
+    if dropout is not None:
+        keep, drop_p = dropout
+        keep_scale = np.where(keep, np.float32(1.0 / (1.0 - drop_p)), np.float32(0))
+        pv = r(p * keep_scale)                                        # the dropped P of the forward
+    dvh = r(pv.swapaxes(-1, -2) @ do)                                 # (b, hq, sk, d)
     dp = r(do @ vh.swapaxes(-1, -2))                                  # (b, hq, sq, sk)
+    if keep_scale is not None:
+        dp = r(dp * keep_scale)                                       # back through the dropout
     delta = (dp * p).sum(axis=-1, keepdims=True, dtype=np.float32)
     ds = r(p * (dp - delta))                                          # softmax backward
     del dp

@@ -1,8 +1,9 @@
-"""Attention dropout in the GPU forward (fwd_sm80.cu's CF_DROPOUT build, which Hopper runs too): the output
-follows FlashAttention's rule against float64 attention with the NumPy path's mask (cuflash/dropout.py) for
-the same seed and offset, so the kernel drops exactly the elements the NumPy path drops (a single wrong
-element at p = 0.5 moves the output far past the rule); the LSE is the softmax's, before dropout; odd
-sizes, masks, GQA, softcap and ALiBi; torch tensors without grad; the plan's threshold and scale."""
+"""Attention dropout on the GPU (the sm80 kernels' CF_DROPOUT builds, which Hopper runs too): the output and
+the gradients follow FlashAttention's rule against float64 attention with the NumPy path's mask
+(cuflash/dropout.py) for the same seed and offset, so the kernels drop exactly the elements the NumPy path
+drops, and the backward replays the forward's mask (a single wrong element at p = 0.5 moves the output or a
+gradient far past the rule); the LSE is the softmax's, before dropout; odd sizes, masks, GQA, softcap and
+ALiBi, deterministic mode bitwise; torch autograd with torch.manual_seed; the plans' threshold and scale."""
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ import pytest
 import cuflash
 from cuflash import dropout, reference
 
-from gpu_helpers import flash_rule, inputs, naive_same_dtype, to_host
+from gpu_helpers import (flash_rule, inputs, naive_backward_same_dtype, naive_same_dtype, randn_like, to_host,
+                         to_np64)
 
 pytestmark = pytest.mark.gpu
 
@@ -47,6 +49,35 @@ def test_dropout_forward_matches_the_numpy_mask(case, p):
     np.testing.assert_allclose(cupy.asnumpy(lse)[fin], ref_lse[fin], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_dropout_backward_replays_the_mask(case, deterministic):
+    import cupy
+    b, sq, sk, hq, hk, d, dtype, kw = CASES[case]
+    kw = dict(kw)
+    q, k, v = inputs(b, sq, sk, hq, hk, d, dtype, seed=len(case) + 1)
+    p, seed, offset = 0.3, 99 + len(case), 5
+    slopes = None
+    if kw.pop("alibi", False):
+        slopes = np.random.default_rng(1).random(hq).astype(np.float32) * 0.3
+        kw["alibi_slopes"] = cupy.asarray(slopes)
+    drop = dict(dropout_p=p, dropout_seed=seed, dropout_offset=offset)
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **drop, **kw)
+    dout = randn_like(out, 17)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=deterministic, **drop, **kw)
+    if deterministic:
+        again = cuflash.attention_backward(dout, q, k, v, out, lse, deterministic=True, **drop, **kw)
+        for a, c in zip(grads, again):
+            np.testing.assert_array_equal(to_host(a).view(np.uint16), to_host(c).view(np.uint16))
+    kw.pop("alibi_slopes", None)
+    keep = dropout.dropout_mask(b, hq, sq, sk, **drop)
+    host = [to_host(x).astype(np.float64) for x in (dout, q, k, v)]
+    ref = reference.attention_backward_reference(*host, alibi_slopes=slopes, **drop, **kw)
+    base = naive_backward_same_dtype(dout, q, k, v, alibi_slopes=slopes, dropout=(keep, p), **kw)
+    for g, r, n in zip(grads, ref, base):
+        flash_rule(to_np64(g), r, n, factor=3.0)
+
+
 def test_dropout_forward_seed_and_offset_pick_the_mask():
     """Two seeds (or two offsets) give two masks: the outputs differ; the same seed and offset give the same
     output bit for bit."""
@@ -59,10 +90,11 @@ def test_dropout_forward_seed_and_offset_pick_the_mask():
     assert not np.array_equal(a, run(1, 1))
 
 
-def test_dropout_forward_torch_tensors_without_grad():
-    """torch CUDA tensors (no grad): flash_attn_func draws the seed from torch's generator, so
-    torch.manual_seed reproduces the output, and S_dmask marks the dropped entries of the probabilities the
-    NumPy path computes; with grad the call raises NotImplementedError before launching."""
+def test_dropout_torch_autograd():
+    """torch CUDA tensors: flash_attn_func draws the seed from torch's generator, so torch.manual_seed
+    reproduces the output and the gradients; S_dmask marks the dropped entries of the probabilities the
+    NumPy path computes; the backward replays the forward's mask (gradients against the CPU path run on the
+    same values with the same seed, in float32)."""
     from gpu_helpers import require_torch_cuda
     torch = require_torch_cuda()
     from cuflash.torch import flash_attn_func
@@ -76,8 +108,16 @@ def test_dropout_forward_torch_tensors_without_grad():
     kept = (s_dmask > 0).float()
     want = torch.einsum("bhqk,bkhd->bqhd", probs * kept / 0.7, v.float())
     torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
-    with pytest.raises(NotImplementedError, match="GPU backward"):
-        flash_attn_func(q.requires_grad_(), k, v, dropout_p=0.3)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    cpu = [x.detach().float().cpu().requires_grad_() for x in (q, k, v)]
+    dout = torch.randn_like(out)
+    grads = []
+    for xs in (leaves, cpu):
+        torch.manual_seed(12)
+        o = flash_attn_func(*xs, dropout_p=0.3)
+        grads.append(torch.autograd.grad(o, xs, dout.to(o.device, o.dtype)))
+    for g, c in zip(*grads):
+        torch.testing.assert_close(g.float().cpu(), c, atol=3e-2, rtol=3e-2)
 
 
 def test_dropout_plan_takes_the_sm80_build_with_threshold_and_scale():
