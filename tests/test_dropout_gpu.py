@@ -1,9 +1,10 @@
 """Attention dropout on the GPU (the sm80 kernels' CF_DROPOUT builds, which Hopper runs too): the output and
 the gradients follow FlashAttention's rule against float64 attention with the NumPy path's mask
-(cuflash/dropout.py) for the same seed and offset, so the kernels drop exactly the elements the NumPy path
-drops, and the backward replays the forward's mask (a single wrong element at p = 0.5 moves the output or a
-gradient far past the rule); the LSE is the softmax's, before dropout; odd sizes, masks, GQA, softcap and
-ALiBi, deterministic mode bitwise; torch autograd with torch.manual_seed; the plans' threshold and scale."""
+(cuflash/dropout.py) for the same seed and offset; the LSE is the softmax's, before dropout; odd sizes,
+masks, GQA, softcap and ALiBi, deterministic mode bitwise; torch autograd with torch.manual_seed; the plans'
+threshold and scale. The rule alone would miss a few wrong elements (one flipped element at bf16 often stays
+within it), so an exact oracle checks the mask element by element in every kernel: with Q = K = I / 2 and
+V = I, O is P Z / (1 - p) itself, dV (for dO = I) its transpose, and dQ, dK are dS itself."""
 
 import numpy as np
 import pytest
@@ -56,7 +57,7 @@ def test_dropout_backward_replays_the_mask(case, deterministic):
     b, sq, sk, hq, hk, d, dtype, kw = CASES[case]
     kw = dict(kw)
     q, k, v = inputs(b, sq, sk, hq, hk, d, dtype, seed=len(case) + 1)
-    p, seed, offset = 0.3, 99 + len(case), 5
+    p, seed, offset = 0.3, 0xF00D_0000_0000_0063 + len(case), 5 + (3 << 33)
     slopes = None
     if kw.pop("alibi", False):
         slopes = np.random.default_rng(1).random(hq).astype(np.float32) * 0.3
@@ -76,6 +77,49 @@ def test_dropout_backward_replays_the_mask(case, deterministic):
     base = naive_backward_same_dtype(dout, q, k, v, alibi_slopes=slopes, dropout=(keep, p), **kw)
     for g, r, n in zip(grads, ref, base):
         flash_rule(to_np64(g), r, n, factor=3.0)
+
+
+@pytest.mark.parametrize("d,n,deterministic", [(64, 64, False), (128, 128, True), (256, 200, False)])
+def test_dropout_mask_exact_oracle(d, n, deterministic):
+    """Q = K = I / 2 (n rows of the d-dim identity), V = I: every probability is positive, O[i, j] =
+    P_ij Z_ij / (1 - p), so O's zeros are exactly the dropped elements; dV for dO = I is O transposed; for a
+    random dO, dQ[i, j] = dK[j, i] = scale / 2 * dS_ij with dS_ij = P_ij (dO_ij Z_ij / (1 - p) - D_i), each
+    element nearer the value its kept/dropped state gives than the one the opposite state would."""
+    import cupy
+    b, h, p = 1, 2, 0.4
+    seed, offset = (1 << 63) + 12345, (7 << 32) + 3
+    eye = np.zeros((b, n, h, d), np.float32)
+    eye[:, np.arange(n), :, np.arange(n)] = 1.0
+    q = cupy.asarray((eye * 0.5).astype(np.float16))
+    v = cupy.asarray(eye.astype(np.float16))
+    drop = dict(dropout_p=p, dropout_seed=seed, dropout_offset=offset)
+    out, lse = cuflash.attention(q, q, v, return_lse=True, **drop)
+    keep = dropout.dropout_mask(b, h, n, n, **drop)                                  # (b, h, i, j)
+    got = to_host(out).astype(np.float64)[..., :n].transpose(0, 2, 1, 3)           # (b, h, i, j)
+    np.testing.assert_array_equal(got != 0, keep)
+    scale = d ** -0.5
+    s = np.full((n, n), 0.0)
+    s[np.arange(n), np.arange(n)] = 0.25 * scale
+    prob = np.exp(s - s.max(axis=1, keepdims=True))
+    prob /= prob.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(got, np.where(keep, prob / (1 - p), 0.0), rtol=1e-2)
+    # dV for dO = I: row j of dV holds column j of P Z / (1 - p)
+    _, _, dv = cuflash.attention_backward(v, q, q, v, out, lse, deterministic=deterministic, **drop)
+    np.testing.assert_array_equal((to_host(dv).astype(np.float64)[..., :n] != 0).transpose(0, 2, 3, 1), keep)
+    # dQ, dK for a random dO
+    rng = np.random.default_rng(d)
+    dout_h = rng.standard_normal((b, n, h, d)).astype(np.float16)
+    dq, dk, _ = cuflash.attention_backward(cupy.asarray(dout_h), q, q, v, out, lse, deterministic=deterministic,
+                                           **drop)
+    do = dout_h.astype(np.float64)[..., :n].transpose(0, 2, 1, 3)                   # dP_ij = dO_i . v_j
+    o = np.where(keep, prob / (1 - p), 0.0)
+    delta = (o * do).sum(axis=-1, keepdims=True)
+    want = 0.5 * scale * prob * (np.where(keep, do / (1 - p), 0.0) - delta)
+    flip = 0.5 * scale * prob * (np.where(keep, 0.0, do / (1 - p)) - delta)
+    sharp = np.abs(do) > 0.5  # where the two states differ clearly
+    for g in (to_host(dq).astype(np.float64)[..., :n].transpose(0, 2, 1, 3),
+              to_host(dk).astype(np.float64)[..., :n].transpose(0, 2, 3, 1)):
+        assert (np.abs(g - want) < np.abs(g - flip))[sharp].all()
 
 
 def test_dropout_forward_seed_and_offset_pick_the_mask():

@@ -40,7 +40,8 @@
 #if CF_DROPOUT
 #include "attention/philox.cuh"
 #endif
-static_assert(!CF_DROPOUT || !CF_SPLIT_KV, "dropout: no split-KV build (decoding does not train)");
+// (draws keyed by rows within the sequence need the dense layout's row numbers: no varlen, split or paged)
+static_assert(!CF_DROPOUT || (!CF_SPLIT_KV && !CF_VARLEN && !CF_PAGED), "dropout: the dense build only");
 // The K or V tile of key tile n_block of this CTA's sequence and key/value head into `tile`: with CF_PAGED
 // through the tile's physical rows (PagedRows, in one of two stages of kBN ints after the V tile: the next
 // tile's rows are written while this tile's V is still being read), else from the sequence's first row.
