@@ -248,6 +248,8 @@ def _forward_key(dtype, d, is_local, softcap, alibi, smem_limit, _tiles_env) -> 
 FWD_SM90_TILES = {64: (3, 128, 4, 1), 128: (2, 128, 2, 0), 192: (2, 64, 2, 0), 256: (2, 64, 2, 0)}
 # softcap's tanh needs registers that three consumer warpgroups (160 each) do not have.
 FWD_SM90_SOFTCAP_TILES = {64: (2, 128, 4, 0)}
+# ... nor dropout's draws (128-184 bytes of spills with three).
+FWD_SM90_DROPOUT_TILES = {64: (2, 128, 4, 0)}
 
 # Which forward kernel runs on compute capability 9.0: "sm90" (default) or "sm80" (the mma.sync kernel,
 # kept selectable for comparison and as a fallback). Other GPUs always run sm80.
@@ -262,13 +264,19 @@ def forward_family(cc: tuple) -> str:
 
 
 def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
-                     varlen: bool = False, split_kv: bool = False, paged: bool = False) -> KernelKey:
+                     varlen: bool = False, split_kv: bool = False, paged: bool = False,
+                     dropout: bool = False) -> KernelKey:
     """The Hopper forward's variant. ``varlen``: its variable-length build (CF_VARLEN: packed tensor maps,
     rows from cu_seqlens / seqused, clipped ordinary O stores), a separate variant so that the dense one
     compiles to the code it had without it. ``split_kv`` (with ``varlen``; head dims in
     :data:`FWD_SM90_SPLIT_KV_HEAD_DIMS`): the split-KV build (CF_SPLIT_KV, fp32 partial states).
     ``paged`` (with ``varlen``): keys and values through a block table, a TMA box per page
-    (CF_PAGED; page sizes that :func:`sm90_page_box_rows` accepts)."""
+    (CF_PAGED; page sizes that :func:`sm90_page_box_rows` accepts). ``dropout`` (dense): attention dropout
+    (CF_DROPOUT, philox.cuh)."""
+    if dropout:
+        assert not varlen, "dropout: the dense build"
+        key = _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, dropout=True)
+        return dataclasses.replace(key, extra=key.extra + (("CF_DROPOUT", 1),))
     key = _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi)
     if varlen:
         key = dataclasses.replace(key, extra=key.extra + (("CF_VARLEN", 1),))
@@ -302,8 +310,9 @@ def sm90_page_box_rows(page_size: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_key_sm90(dtype, d, is_local, softcap, alibi) -> KernelKey:
-    consumers, bn, stages, pingpong = (softcap and FWD_SM90_SOFTCAP_TILES.get(d)) or FWD_SM90_TILES[d]
+def _forward_key_sm90(dtype, d, is_local, softcap, alibi, dropout=False) -> KernelKey:
+    consumers, bn, stages, pingpong = ((softcap and FWD_SM90_SOFTCAP_TILES.get(d))
+                                       or (dropout and FWD_SM90_DROPOUT_TILES.get(d)) or FWD_SM90_TILES[d])
     return KernelKey("fwd_sm90", "attention_fwd_sm90", dtype, d, is_local, softcap, alibi, 64 * consumers, bn,
                      4 * (1 + consumers), extra=(("CF_STAGES", stages), ("CF_CONSUMERS", consumers),
                                                  ("CF_PINGPONG", pingpong)))
@@ -369,9 +378,10 @@ FWD_SM90_SPLIT_KV_HEAD_DIMS = tuple(d for d in FWD_SM90_TILES
 
 
 def all_forward_sm90_keys() -> list[KernelKey]:
-    keys = [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, varlen=vl)
+    keys = [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, varlen=vl, dropout=dr)
             for dt in DTYPES for d in PADDED_HEAD_DIMS for loc in (False, True)
-            for sc in (False, True) for al in (False, True) for vl in (False, True)]
+            for sc in (False, True) for al in (False, True)
+            for vl, dr in ((False, False), (True, False), (False, True))]
     # Paged caches take every variable-length build; decoding's split-KV builds, paged or not: no mask, no
     # ALiBi (api.decode_groups), as the sm80 ones.
     keys += [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, varlen=True, paged=True)
@@ -763,8 +773,9 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                             found += [forward_key(dt, d, smem_limit=limit, varlen=True, split_kv=True, paged=pg,
                                                   **mods) for pg in (False, True)]
                         if hopper:
-                            found += [forward_key_sm90(dt, d, varlen=vl, paged=pg, **mods)
-                                      for vl, pg in ((False, False), (True, False), (True, True))]
+                            found += [forward_key_sm90(dt, d, varlen=vl, paged=pg, dropout=dr, **mods)
+                                      for vl, pg, dr in ((False, False, False), (True, False, False),
+                                                         (True, True, False), (False, False, True))]
                             if not loc and not al and d in FWD_SM90_SPLIT_KV_HEAD_DIMS:
                                 found += [forward_key_sm90(dt, d, varlen=True, split_kv=True, paged=pg, **mods)
                                           for pg in (False, True)]

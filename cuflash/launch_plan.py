@@ -134,9 +134,9 @@ def _remember(key, plan):
 
 def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi, *, causal: bool, window_size,
             softmax_scale: float, softcap: float, cc: tuple, sm_count: int, dropout_p: float = 0.0) -> ForwardPlan:
-    """The forward's plan for these views (cached on their layout and the flags). ``dropout_p`` > 0: the sm80
-    kernel's dropout build (the Hopper kernel has none yet) with p's keep threshold and scale in the block;
-    each call writes its seed and offset (ops.forward)."""
+    """The forward's plan for these views (cached on their layout and the flags). ``dropout_p`` > 0: the
+    kernel's dropout build with p's keep threshold and scale in the block; each call writes its seed and
+    offset (ops.forward)."""
     key = ("fwd", q.device, cc, _layout(q, k, v, out), _alibi_layout(alibi), causal, window_size, softmax_scale,
            softcap, dropout_p, env())
     hit = _plans.get(key)
@@ -146,10 +146,10 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, al
     local = is_local(causal, window_size)
     # The Hopper kernel reads and writes through TMA; a view TMA cannot describe (a broadcast head, say)
     # runs on the sm80 kernel instead, which handles any 16-byte-aligned layout.
-    hopper = dropout_p == 0 and dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
+    hopper = dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
     if hopper:
         kkey = dispatch.forward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
-                                         alibi=alibi is not None)
+                                         alibi=alibi is not None, dropout=dropout_p > 0)
         smem = dispatch.forward_sm90_smem_bytes(kkey)
     else:
         kkey = dispatch.forward_key(dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,

@@ -378,8 +378,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     ``deterministic=True`` makes the backward bitwise reproducible. The returned LSE (``return_lse``) is
     not differentiated through. Dropout (``dropout_p > 0``) on CPU tensors: without ``dropout_seed`` a seed
     is drawn from torch's default generator (``torch.manual_seed`` reproduces the mask), and the backward
-    replays the forward's mask. CUDA tensors run the sm80 kernels' dropout builds (on Hopper too, for now);
-    the seed comes from torch's default CPU generator, so a CUDA graph replays one mask.
+    replays the forward's mask. CUDA tensors run the kernels' dropout builds (the backward's is sm80's, on
+    Hopper too for now); the seed comes from torch's default CPU generator, so a CUDA graph replays one mask.
     ``attn_mask`` as :func:`cuflash.attention` takes it (CPU tensors so far); it is not differentiated, so
     a mask that requires grad raises NotImplementedError. ``block_mask`` (a :class:`cuflash.BlockMask` or a
     FlexAttention one) reaches the op as its dense element mask, combined with ``attn_mask`` (CPU tensors).

@@ -1,4 +1,5 @@
-"""Attention dropout on the GPU (the sm80 kernels' CF_DROPOUT builds, which Hopper runs too): the output and
+"""Attention dropout on the GPU (the forward kernels' CF_DROPOUT builds, Hopper's and sm80's; the backward's
+sm80 builds, which Hopper runs too): the output and
 the gradients follow FlashAttention's rule against float64 attention with the NumPy path's mask
 (cuflash/dropout.py) for the same seed and offset; the LSE is the softmax's, before dropout; odd sizes,
 masks, GQA, softcap and ALiBi, deterministic mode bitwise; torch autograd with torch.manual_seed; the plans'
@@ -79,13 +80,16 @@ def test_dropout_backward_replays_the_mask(case, deterministic):
         flash_rule(to_np64(g), r, n, factor=3.0)
 
 
+@pytest.mark.parametrize("kernel", ["", "sm80"])
 @pytest.mark.parametrize("d,n,deterministic", [(64, 64, False), (128, 128, True), (256, 200, False)])
-def test_dropout_mask_exact_oracle(d, n, deterministic):
+def test_dropout_mask_exact_oracle(d, n, deterministic, kernel, monkeypatch):
     """Q = K = I / 2 (n rows of the d-dim identity), V = I: every probability is positive, O[i, j] =
     P_ij Z_ij / (1 - p), so O's zeros are exactly the dropped elements; dV for dO = I is O transposed; for a
     random dO, dQ[i, j] = dK[j, i] = scale / 2 * dS_ij with dS_ij = P_ij (dO_ij Z_ij / (1 - p) - D_i), each
-    element nearer the value its kept/dropped state gives than the one the opposite state would."""
+    element nearer the value its kept/dropped state gives than the one the opposite state would.
+    CUFLASH_FWD_KERNEL=sm80 runs the sm80 forward on a Hopper GPU too."""
     import cupy
+    monkeypatch.setenv("CUFLASH_FWD_KERNEL", kernel)
     b, h, p = 1, 2, 0.4
     seed, offset = (1 << 63) + 12345, (7 << 32) + 3
     eye = np.zeros((b, n, h, d), np.float32)
@@ -164,11 +168,11 @@ def test_dropout_torch_autograd():
         torch.testing.assert_close(g.float().cpu(), c, atol=3e-2, rtol=3e-2)
 
 
-def test_dropout_plan_takes_the_sm80_build_with_threshold_and_scale():
-    """The plan of a dropout call is the sm80 kernel's dropout build on any GPU, its block holding
-    round((1 - p) * 65536) and 1 / (1 - p)."""
+def test_dropout_plan_takes_the_dropout_build_with_threshold_and_scale():
+    """The plan of a dropout call is the forward kernel's dropout build (the Hopper kernel's on Hopper: its
+    tensor maps), its block holding round((1 - p) * 65536) and 1 / (1 - p)."""
     import cupy
-    from cuflash import launch_plan, params_layout
+    from cuflash import dispatch, launch_plan, params_layout
     q, k, v = inputs(1, 64, 64, 2, 2, 64, "bfloat16", seed=0)
     launch_plan._plans.clear()
     cuflash.attention(q, k, v, dropout_p=0.25, dropout_seed=1)
@@ -177,6 +181,7 @@ def test_dropout_plan_takes_the_sm80_build_with_threshold_and_scale():
     assert len(plans) == 1
     fields = params_layout.STRUCT.unpack(plans[0].launch.block)
     block = dict(zip(params_layout.NAMES, fields))
-    assert plans[0].launch.maps == ()
+    cc = divmod(int(cupy.cuda.Device().compute_capability), 10)
+    assert (plans[0].launch.maps != ()) == (dispatch.forward_family(cc) == "fwd_sm90")
     assert block["dropout_threshold"] == dropout.keep_threshold(0.25) == 49152
     assert block["dropout_scale"] == pytest.approx(1 / 0.75)
