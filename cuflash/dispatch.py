@@ -197,7 +197,7 @@ def forward_key(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, ali
     key = _forward_key(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, smem_limit,
                        os.environ.get("CUFLASH_FWD_TILES", ""))
     if dropout:
-        assert not varlen, "dropout: the dense build"
+        assert not (varlen or split_kv or paged), "dropout: the dense build"
         key = dataclasses.replace(key, extra=key.extra + (("CF_DROPOUT", 1),))
         tiles = FWD_SM80_DROPOUT_TILES.get(key.head_dim)
         if tiles:  # smaller than every dense tile: within every shared-memory limit
@@ -274,7 +274,7 @@ def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool
     (CF_PAGED; page sizes that :func:`sm90_page_box_rows` accepts). ``dropout`` (dense): attention dropout
     (CF_DROPOUT, philox.cuh)."""
     if dropout:
-        assert not varlen, "dropout: the dense build"
+        assert not (varlen or split_kv or paged), "dropout: the dense build"
         key = _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, dropout=True)
         return dataclasses.replace(key, extra=key.extra + (("CF_DROPOUT", 1),))
     key = _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi)

@@ -25,6 +25,9 @@ CASES = {
     "hd96_window_softcap": (2, 100, 161, 2, 1, 96, "bfloat16", dict(window_size=(30, 7), softcap=20.0)),
     "hd256_alibi": (1, 77, 129, 2, 2, 256, "float16", dict(alibi=True)),
     "hd192_one_query": (3, 1, 500, 4, 2, 192, "float16", {}),
+    # more work tiles than SMs: the Hopper forward's persistent schedules (static; causal: the tile counter)
+    "hd128_many_tiles_causal": (4, 600, 600, 16, 16, 128, "bfloat16", dict(causal=True)),
+    "hd64_many_tiles": (4, 700, 700, 16, 4, 64, "float16", {}),
 }
 
 

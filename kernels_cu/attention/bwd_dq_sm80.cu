@@ -21,9 +21,7 @@
 //   192      | 64 | 64 | 122880
 //   256      | 64 | 32 | 114688
 #include "ptx/cp_async.cuh"
-#ifndef CF_DROPOUT
-#define CF_DROPOUT 0
-#endif
+#include "attention/build_flags.cuh"
 #if CF_DROPOUT
 #include "attention/philox.cuh"
 #endif

@@ -98,9 +98,7 @@
 #ifndef CF_Q_STAGES
 #define CF_Q_STAGES 2
 #endif
-#ifndef CF_DROPOUT
-#define CF_DROPOUT 0
-#endif
+#include "attention/build_flags.cuh"
 #if CF_DROPOUT
 #include "attention/philox.cuh"
 #endif
