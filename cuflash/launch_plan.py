@@ -83,7 +83,7 @@ def is_local(causal: bool, window_size) -> bool:
 
 
 def _common(q: DeviceArray, k: DeviceArray, v: DeviceArray, alibi, causal: bool, window_size, softmax_scale: float,
-            softcap: float) -> _Block:
+            softcap: float, dropout_p: float = 0.0) -> _Block:
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_k = k.shape[1], k.shape[2]
     p = _Block()
@@ -106,6 +106,9 @@ def _common(q: DeviceArray, k: DeviceArray, v: DeviceArray, alibi, causal: bool,
     # With softcap or ALiBi the kernel turns raw products into final scores before the softmax, so the
     # exponent multiplier is log2(e) alone; otherwise the scale folds into it.
     p["scale_log2"] = _LOG2E if (softcap > 0 or alibi is not None) else softmax_scale * _LOG2E
+    if dropout_p > 0:  # (the seed and offset are a call's: ops.py writes them per launch)
+        p["dropout_threshold"] = dropout.keep_threshold(dropout_p)
+        p["dropout_scale"] = 1.0 / (1.0 - dropout_p)
     return p
 
 
@@ -156,10 +159,7 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, al
                                     smem_limit=dispatch.max_smem(*cc), dropout=dropout_p > 0)
         smem = dispatch.forward_smem_bytes(kkey)
     fn = jit.get_function(kkey, dispatch.compile_arch(*cc), q.device, smem)
-    p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap)
-    if dropout_p > 0:
-        p["dropout_threshold"] = dropout.keep_threshold(dropout_p)
-        p["dropout_scale"] = 1.0 / (1.0 - dropout_p)
+    p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap, dropout_p)
     p.set_strides("o", out)
     batch, seqlen_q, heads_q = q.shape[:3]
     p["num_m_blocks"] = m_blocks = -(-seqlen_q // kkey.block_m)
@@ -338,12 +338,9 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     semaphore_shape = None
     if hopper and deterministic:
         semaphore_shape = (batch, heads_q, math.ceil(seqlen_q / dispatch.BWD_SM90_DQ_TURN_ROWS))
-    p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap)
+    p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap, dropout_p)
     for name, a in (("o", out), ("do", dout), ("dq", dq), ("dk", dk), ("dv", dv)):
         p.set_strides(name, a)
-    if dropout_p > 0:
-        p["dropout_threshold"] = dropout.keep_threshold(dropout_p)
-        p["dropout_scale"] = 1.0 / (1.0 - dropout_p)
     main, smem, maps = _backward_main(main, hopper, dtype, q.shape[3], is_local=local, softcap=softcap > 0,
                                       alibi=alibi is not None, deterministic=deterministic)
     launches = _backward_launches(p, arch, dev, pre, post, main, smem, maps, dq_key if dq_kernel else None,
