@@ -25,6 +25,7 @@ Usage::
     python bench/bench_attention.py --full --plot      # the whole grid, with PNG charts
     python bench/bench_attention.py --memory           # peak extra memory of fwd+bwd, longest seqlen
     python bench/bench_attention.py --jit              # cold compile, warm start, per-call host overhead
+    python bench/bench_attention.py --dropout 0.1 --hdims 64,128 --seqlens 16k --causal no   # issue 17
     python bench/plot.py bench/results/<gpu>/results-<stamp>.json   # re-plot a saved run
 
 Results go to ``bench/results/<gpu-name-slug>/results-<stamp>.{json,csv}`` (``--out`` changes the root).
@@ -68,7 +69,11 @@ QUICK_DTYPES = ("bf16",)
 PASS_FACTOR = {"fwd": (1, 1), "bwd": (5, 2), "fwdbwd": (7, 2)}  # multiplier of the forward count, as n/d
 PASS_TITLE = {"fwd": "Forward", "bwd": "Backward", "fwdbwd": "Forward + Backward"}
 
-IMPLS = ("cuflash", "cuflash_sm80", "flash", "cudnn", "efficient", "math", "jax_cudnn", "jax_cuflash", "jax_xla")
+IMPLS = ("cuflash", "cuflash_sm80", "cuflash_nodropout", "flash", "cudnn", "efficient", "math", "jax_cudnn",
+         "jax_cuflash", "jax_xla")
+# Attention dropout of every torch-side contender (--dropout): cuflash and SDPA's backends take the same p;
+# "cuflash_nodropout" is ours without it, the issue's yardstick for what dropout costs.
+DROPOUT = {"p": 0.0}
 # Under jax.jit on JAX arrays (DLPack views of the same inputs); not in the default set but jax_cudnn.
 JAX_IMPLS = ("jax_cudnn", "jax_cuflash", "jax_xla")
 IMPL_LABEL = {
@@ -181,6 +186,8 @@ def build_parser(prog="bench_attention.py") -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--sets", type=int, default=3, help="distinct input sets rotated through (default 3)")
     p.add_argument("--no-verify", action="store_true", help="skip the cuflash-vs-SDPA output sanity check")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="attention dropout p of every torch contender (JAX left out); adds cuflash_nodropout")
     p.add_argument("--progress", action="store_true", help="show a progress bar instead of per-row lines")
     p.add_argument("--no-save", action="store_true", help="do not write JSON/CSV")
     return p
@@ -203,7 +210,12 @@ def parse_args(argv=None, prog="bench_attention.py"):
     args.max_seqlen_search = args.max_seqlen_search[0]
     args.jax_passes = ("fwd",) if args.quick else ALL_PASSES
     if args.impls is None:
-        args.impls = [i for i in IMPLS if not (args.quick and i == "math") and i not in ("jax_cuflash", "jax_xla")]
+        args.impls = [i for i in IMPLS if not (args.quick and i == "math") and i not in ("jax_cuflash", "jax_xla")
+                      and (i != "cuflash_nodropout" or args.dropout > 0)
+                      and not (args.dropout > 0 and i in JAX_IMPLS)]
+    if not 0.0 <= args.dropout < 1.0:
+        raise SystemExit(f"--dropout must be in [0, 1), got {args.dropout}")
+    DROPOUT["p"] = args.dropout
     if args.min_runs is None:
         args.min_runs = 10 if args.quick else 30
     if args.budget is None:
@@ -401,7 +413,7 @@ def _sdpa(torch, backend):
         # SDPA wants (b, h, s, d): transposed views of the same (b, s, h, d) storage, no copies.
         with sdpa_kernel(be):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=causal)
+                                               is_causal=causal, dropout_p=DROPOUT["p"])
         return o.transpose(1, 2)
 
     return run
@@ -409,12 +421,14 @@ def _sdpa(torch, backend):
 
 def torch_impl(torch, impl, cuflash):
     """(forward callable for torch tensors, differentiable callable or None) of a torch-side implementation."""
-    if impl == "cuflash":
+    if impl in ("cuflash", "cuflash_nodropout"):
         if cuflash is None:
             raise Skip("cuflash not importable")
-        fwd = lambda q, k, v, causal: cuflash.attention(q, k, v, causal=causal)  # noqa: E731
+        p = DROPOUT["p"] if impl == "cuflash" else 0.0
+        drop = dict(dropout_p=p, dropout_seed=1) if p else {}  # (the torch function draws its own seed)
+        fwd = lambda q, k, v, causal: cuflash.attention(q, k, v, causal=causal, **drop)  # noqa: E731
         tfn = _cuflash_torch_fn(cuflash)
-        diff = None if tfn is None else (lambda q, k, v, causal: tfn(q, k, v, causal=causal))  # noqa: E731
+        diff = None if tfn is None else (lambda q, k, v, causal: tfn(q, k, v, causal=causal, dropout_p=p))  # noqa: E731
         return fwd, diff
     if impl == "cuflash_sm80":
         # The mma.sync kernels on a GPU that would otherwise run the Hopper ones (measure_torch selects them).
@@ -621,7 +635,7 @@ def run_grid(args, torch, cuflash, jax, progress_cb=None) -> list:
                     ms, n, note = measure_torch(torch, impl, cfg, sets, cuflash, timing)
                 row.ms, row.runs, row.note = ms, n, note
                 row.tflops = cfg.flops / (ms * 1e-3) / 1e12
-                if impl == "cuflash" and cfg.pass_ == "fwd" and not args.no_verify:
+                if impl == "cuflash" and cfg.pass_ == "fwd" and not args.no_verify and not DROPOUT["p"]:
                     err, against = verify_cuflash(torch, cuflash, cfg, sets)
                     if err is not None:
                         row.note = f"max|diff| vs {against} {err:.2e}"

@@ -66,14 +66,11 @@ def check_dropout(dropout_p, where):
 
 
 def _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset):
-    """``(p, seed, offset)`` for a call with dropout, None without. The GPU kernels have no dropout variant
-    yet (NotImplementedError); on the CPU path p > 0 needs an int seed."""
+    """``(p, seed, offset)`` for a call with dropout, None without; p > 0 needs an int seed (the CPU path and
+    the GPU kernels' dropout builds draw the same mask from it)."""
     p = _check_probability(dropout_p)
     if p == 0:
         return None
-    if call.on_gpu:
-        raise NotImplementedError(_DROPOUT_NOT_IMPLEMENTED.format(p, "GPU arrays (the kernels)") +
-                                  "; the CPU path (NumPy arrays, torch CPU tensors) has it")
     from .dropout import check_seed
     if dropout_seed is None:
         raise TypeError(f"dropout_p={p} needs dropout_seed (an int in [0, 2**64)); the forward and the backward "
@@ -390,8 +387,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
         Attention dropout: each probability is kept with probability ``1 - p`` (to within 2**-17) and
         scaled by ``1 / (1 - p)``; the LSE is the softmax's, before dropout. The mask is a pure function of
         ``dropout_seed``, ``dropout_offset`` and (batch, head, query, key) (:func:`cuflash.dropout_mask`
-        returns it; cuflash/dropout.py gives the Philox4x32-10 counter layout). CPU path only so far: GPU
-        arrays with ``dropout_p > 0`` raise NotImplementedError.
+        returns it; cuflash/dropout.py gives the Philox4x32-10 counter layout). GPU arrays: the forward
+        kernels' dropout builds and the sm80 backward's (which Hopper runs for dropout, for now).
     dropout_seed, dropout_offset : int in [0, 2**64)
         The generator's key and counter offset; ``dropout_seed`` is required when ``dropout_p > 0``. Pass
         the same values to :func:`attention_backward`.
@@ -421,7 +418,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     ValueError
         Shapes, devices or values out of range (the message names the argument).
     NotImplementedError
-        ``dropout_p > 0`` on GPU arrays.
+        ``attn_mask`` or ``block_mask`` on GPU arrays.
 
     Notes
     -----
@@ -531,12 +528,13 @@ def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, d
         else:
             qv, kv, vv = (_device_input(call, x, stream, cc) for x in (q, k, v))
             work = out_work
-            groups = decode_groups(call.seqlen_q, call.heads_q, call.heads_k, alibi, window)
+            # (packed heads would change the rows dropout's draws are keyed by)
+            groups = 1 if dropout else decode_groups(call.seqlen_q, call.heads_q, call.heads_k, alibi, window)
             if groups > 1:
                 qv, work = (pack_query_heads(x, groups) for x in (qv, out_work))
                 kwargs.update(causal=False, window_size=(-1, -1))
             fp = ops.forward(qv, kv, vv, work, lse_view, _device_alibi(alibi, call.fw, stream), stream=stream,
-                             cc=cc, framework=call.fw, **kwargs)
+                             cc=cc, framework=call.fw, dropout=dropout, **kwargs)
             _finish_output(out_view, out_work, stream, cc)
             if bind_key is not None and alibi is None and _in_place(call, qv, kv, vv):
                 executor.bind_forward(bind_key, fp, call.fw, {"q": qv, "k": kv, "v": vv, "o": work},
@@ -598,7 +596,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     TypeError, ValueError
         As :func:`attention`, and for ``dout``/``out``/``lse`` whose shape, dtype or device do not match.
     NotImplementedError
-        ``dropout_p > 0`` on GPU arrays.
+        ``attn_mask`` or ``block_mask`` on GPU arrays.
 
     Notes
     -----
@@ -674,7 +672,8 @@ def _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softc
                 lse_view = arrays.contiguous_copy(lse, call.fw, device, stream)
             bp = ops.backward(views["dout"], views["q"], views["k"], views["v"], views["out"], lse_view,
                               _device_alibi(alibi, call.fw, stream), *(work for _, _, work in grads),
-                              deterministic=deterministic, stream=stream, cc=cc, framework=call.fw, **kwargs)
+                              deterministic=deterministic, stream=stream, cc=cc, framework=call.fw, dropout=dropout,
+                              **kwargs)
             for _, view, work in grads:
                 _finish_output(view, work, stream, cc)
             if bind_key is not None and alibi is None and lse_in_place and _in_place(call, *views.values()):

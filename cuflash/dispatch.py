@@ -37,6 +37,9 @@ FWD_SM80_VARLEN_PTXAS_OPT = {64: 1}
 # ... and at head dim 128 they push the 128-row tile past 255 registers with softcap and a mask (12 bytes
 # at -O1, 36-160 at -O2/-O3): the variable-length build takes 64-row tiles there.
 FWD_SM80_VARLEN_TILES = {128: (64, 64, 4, 1, 1)}
+# Dropout's draws (philox.cuh) do the same with a causal or window mask at head dim 128 (20-44 bytes for
+# sm_90a at -O1 and -O3): the dropout build takes 64-row tiles there too.
+FWD_SM80_DROPOUT_TILES = {128: (64, 64, 4, 1, 1)}
 # The split-KV build (decoding: a query block is a key/value head's group of query heads, 4-16 rows): the
 # smallest query block the warp layout allows (16 rows a warp, 4 warps), so few rows go to waste, and 128-key
 # tiles to keep many loads in flight per CTA. (block_m, block_n, warps, min blocks, ptxas -O).
@@ -54,7 +57,8 @@ def padded_head_dim(head_dim: int) -> int:
 # How extra defines appear in variant names: a prefix followed by the value, or (flag name,) shown when set.
 _EXTRA_LABELS = {"CF_DETERMINISTIC": ("det",), "CF_BWD_A_REGS": ("preg",), "CF_Q_STAGES": "st", "CF_STAGES": "st",
                  "CF_CONSUMERS": "cw", "CF_PINGPONG": ("pp",), "CF_VARLEN": ("varlen",),
-                 "CF_SPLIT_KV": ("splitkv",), "CF_PAGED": ("paged",), "CF_PAGE_GATHER": ("gather",)}
+                 "CF_SPLIT_KV": ("splitkv",), "CF_PAGED": ("paged",), "CF_PAGE_GATHER": ("gather",),
+                 "CF_DROPOUT": ("dropout",)}
 
 
 @dataclass(frozen=True)
@@ -184,14 +188,24 @@ def max_smem(major: int, minor: int) -> int:
 
 def forward_key(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
                 smem_limit: int = MAX_SMEM[(9, 0)], varlen: bool = False, split_kv: bool = False,
-                paged: bool = False) -> KernelKey:
+                paged: bool = False, dropout: bool = False) -> KernelKey:
     """The sm80 forward's variant. ``varlen``: the variable-length build (CF_VARLEN, seq_context.cuh reads
     each sequence's rows from cu_seqlens / seqused), a separate variant so that the dense one compiles to the
     same code as without it (its 252-254 registers at head dim 64 leave no room for the lookups).
     ``split_kv`` (with ``varlen``): the split-KV build for decoding (CF_SPLIT_KV, fp32 partial outputs).
-    ``paged`` (with ``varlen``): keys and values read through a block table (CF_PAGED, KV caches in pages)."""
+    ``paged`` (with ``varlen``): keys and values read through a block table (CF_PAGED, KV caches in pages).
+    ``dropout`` (dense): attention dropout (CF_DROPOUT, philox.cuh)."""
     key = _forward_key(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, smem_limit,
                        os.environ.get("CUFLASH_FWD_TILES", ""))
+    if dropout:
+        assert not (varlen or split_kv or paged), "dropout: the dense build"
+        key = dataclasses.replace(key, extra=key.extra + (("CF_DROPOUT", 1),))
+        tiles = FWD_SM80_DROPOUT_TILES.get(key.head_dim)
+        if tiles:  # smaller than every dense tile: within every shared-memory limit
+            bm, bn, warps, min_blocks, opt = tiles
+            key = dataclasses.replace(key, block_m=bm, block_n=bn, warps=warps, min_blocks=min_blocks,
+                                      ptxas_opt=opt)
+        return key
     if not varlen:
         return key
     key = dataclasses.replace(key, extra=key.extra + (("CF_VARLEN", 1),),
@@ -233,8 +247,8 @@ def _forward_key(dtype, d, is_local, softcap, alibi, smem_limit, _tiles_env) -> 
 # at 16k, +9-16% for causal 4k-16k once each warpgroup walked only its own key tiles (h10); it cost
 # 2-14% at head dims 128/256 (bench/NOTES.md, h5 and h10).
 FWD_SM90_TILES = {64: (3, 128, 4, 1), 128: (2, 128, 2, 0), 192: (2, 64, 2, 0), 256: (2, 64, 2, 0)}
-# Two consumer warpgroups where three (160 registers each) lack registers: softcap's tanh, and row gathers
-# (their 40-register producer leaves 152, at which ptxas spilled 48 bytes).
+# Two consumer warpgroups where three (160 registers each) lack registers: softcap's tanh, dropout's draws
+# (128-184 bytes of spills with three), and row gathers (their 64-register producer would leave 138).
 FWD_SM90_TWO_CONSUMER_TILES = {64: (2, 128, 4, 0)}
 
 # Which forward kernel runs on compute capability 9.0: "sm90" (default) or "sm80" (the mma.sync kernel,
@@ -251,14 +265,19 @@ def forward_family(cc: tuple) -> str:
 
 def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
                      varlen: bool = False, split_kv: bool = False, paged: bool = False,
-                     page_gather: bool = False) -> KernelKey:
+                     page_gather: bool = False, dropout: bool = False) -> KernelKey:
     """The Hopper forward's variant. ``varlen``: its variable-length build (CF_VARLEN: packed tensor maps,
     rows from cu_seqlens / seqused, clipped ordinary O stores), a separate variant so that the dense one
     compiles to the code it had without it. ``split_kv`` (with ``varlen``; head dims in
     :data:`FWD_SM90_SPLIT_KV_HEAD_DIMS`): the split-KV build (CF_SPLIT_KV, fp32 partial states).
     ``paged`` (with ``varlen``): keys and values through a block table, a TMA box per page
     (CF_PAGED; page sizes that :func:`sm90_page_box_rows` accepts), or with ``page_gather`` rows gathered
-    by the producer warp's cp.async (CF_PAGE_GATHER; any page size)."""
+    by the producer warpgroup's cp.async (CF_PAGE_GATHER; any page size). ``dropout`` (dense): attention
+    dropout (CF_DROPOUT, philox.cuh)."""
+    if dropout:
+        assert not (varlen or split_kv or paged), "dropout: the dense build"
+        key = _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, True)
+        return dataclasses.replace(key, extra=key.extra + (("CF_DROPOUT", 1),))
     key = _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, page_gather)
     if varlen:
         key = dataclasses.replace(key, extra=key.extra + (("CF_VARLEN", 1),))
@@ -371,9 +390,10 @@ FWD_SM90_SPLIT_KV_HEAD_DIMS = tuple(d for d in FWD_SM90_TILES
 
 
 def all_forward_sm90_keys() -> list[KernelKey]:
-    keys = [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, varlen=vl)
+    keys = [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, varlen=vl, dropout=dr)
             for dt in DTYPES for d in PADDED_HEAD_DIMS for loc in (False, True)
-            for sc in (False, True) for al in (False, True) for vl in (False, True)]
+            for sc in (False, True) for al in (False, True)
+            for vl, dr in ((False, False), (True, False), (False, True))]
     # Paged caches take every variable-length build; decoding's split-KV builds, paged or not: no mask, no
     # ALiBi (api.decode_groups), as the sm80 ones.
     keys += [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, varlen=True, paged=True, page_gather=g)
@@ -419,6 +439,17 @@ BWD_SM80_TILES = {
 BWD_SM80_SOFTCAP_ALIBI_PTXAS_OPT = {128: 1}
 # Deterministic dQ kernel (Q-parallel, 4 warps): head dim -> (block_m, block_n).
 BWD_DQ_SM80_TILES = {64: (64, 64), 128: (64, 64), 192: (64, 64), 256: (64, 32)}
+# The dropout builds (CF_DROPOUT: a Philox draw per lane per pair of n8 tiles, philox.cuh) need registers the
+# fastest tiles do not have: with the tiles above they spilled 4-84 bytes (hd64's 128-query tile, hd128
+# and hd256 with masks or softcap, the dQ kernel at hd192 with softcap and ALiBi). These spill nothing:
+BWD_SM80_DROPOUT_TILES = {
+    64: [(64, 128, 2, 1, True), (64, 64, 1, 1, True)],
+    128: [(64, 64, 2, 0, True), (64, 64, 1, 0, True)],
+    192: BWD_SM80_TILES[192],
+    256: BWD_SM80_TILES[256],
+}
+BWD_SM80_DROPOUT_PTXAS_OPT = {256: 1}
+BWD_DQ_SM80_DROPOUT_TILES = {192: (64, 32)}
 BWD_PREPOST_ROWS = 64  # query rows per CTA of the pre/post-processing kernels (kRows in bwd_prepost.cu)
 # ptxas optimisation level of the variable-length sm80 backward by head dim, where -O3 spills.
 BWD_SM80_VARLEN_PTXAS_OPT = {128: 1, 256: 1}
@@ -438,23 +469,27 @@ def dq_smem_bytes(key: KernelKey) -> int:
 
 
 def backward_keys(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool, deterministic: bool,
-                  smem_limit: int = MAX_SMEM[(9, 0)]):
-    """(preprocess key, postprocess key, main key, deterministic dQ key or None) for one backward call."""
-    return _backward_keys(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, deterministic, smem_limit)
+                  smem_limit: int = MAX_SMEM[(9, 0)], dropout: bool = False):
+    """(preprocess key, postprocess key, main key, deterministic dQ key or None) for one backward call;
+    ``dropout``: the main and dQ kernels' dropout builds (CF_DROPOUT, philox.cuh)."""
+    return _backward_keys(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, deterministic, smem_limit,
+                          dropout)
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_keys(dtype, d, is_local, softcap, alibi, deterministic, smem_limit):
+def _backward_keys(dtype, d, is_local, softcap, alibi, deterministic, smem_limit, dropout=False):
     pre = KernelKey("bwd_prepost", "attention_bwd_preprocess", dtype, d, block_m=BWD_PREPOST_ROWS, warps=8)
     post = KernelKey("bwd_prepost", "attention_bwd_postprocess", dtype, d, block_m=BWD_PREPOST_ROWS, warps=8)
     main = None
-    for bm, bn, stages, a_regs, det in BWD_SM80_TILES[d]:
+    drop = (("CF_DROPOUT", 1),) if dropout else ()
+    for bm, bn, stages, a_regs, det in (BWD_SM80_DROPOUT_TILES if dropout else BWD_SM80_TILES)[d]:
         if deterministic and not det:
             continue
+        opt = BWD_SM80_SOFTCAP_ALIBI_PTXAS_OPT.get(d, 3) if softcap and alibi else 3
         main = KernelKey("bwd_sm80", "attention_bwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, 8,
                          extra=(("CF_DETERMINISTIC", int(deterministic)), ("CF_Q_STAGES", stages),
-                                ("CF_BWD_A_REGS", a_regs)),
-                         ptxas_opt=BWD_SM80_SOFTCAP_ALIBI_PTXAS_OPT.get(d, 3) if softcap and alibi else 3)
+                                ("CF_BWD_A_REGS", a_regs)) + drop,
+                         ptxas_opt=BWD_SM80_DROPOUT_PTXAS_OPT.get(d, opt) if dropout else opt)
         if backward_smem_bytes(main) <= smem_limit:
             break
     else:
@@ -463,8 +498,9 @@ def _backward_keys(dtype, d, is_local, softcap, alibi, deterministic, smem_limit
             f"block; this GPU allows {smem_limit}")
     dq = None
     if deterministic:
-        bm, bn = BWD_DQ_SM80_TILES[d]
-        dq = KernelKey("bwd_dq_sm80", "attention_bwd_dq_sm80", dtype, d, is_local, softcap, alibi, bm, bn, 4)
+        bm, bn = (dropout and BWD_DQ_SM80_DROPOUT_TILES.get(d)) or BWD_DQ_SM80_TILES[d]
+        dq = KernelKey("bwd_dq_sm80", "attention_bwd_dq_sm80", dtype, d, is_local, softcap, alibi, bm, bn, 4,
+                       extra=drop)
     return pre, post, main, dq
 
 
@@ -575,13 +611,13 @@ def all_forward_keys() -> list[KernelKey]:
 
 def all_forward_keys_for(smem_limit: int) -> list[KernelKey]:
     keys = [
-        forward_key(dt, d, is_local=loc, softcap=sc, alibi=al, smem_limit=smem_limit, varlen=vl)
+        forward_key(dt, d, is_local=loc, softcap=sc, alibi=al, smem_limit=smem_limit, varlen=vl, dropout=dr)
         for dt in DTYPES
         for d in PADDED_HEAD_DIMS
         for loc in (False, True)
         for sc in (False, True)
         for al in (False, True)
-        for vl in (False, True)
+        for vl, dr in ((False, False), (True, False), (False, True))
     ]
     # Paged caches take every variable-length build; split-KV decoding packs a group's query heads as rows: no
     # ALiBi, no mask (api.decode_groups), paged or not.
@@ -659,7 +695,9 @@ def all_backward_keys() -> list[KernelKey]:
                     for al in (False, True):
                         for det in (False, True):
                             for limit in (MAX_SMEM[(9, 0)], MAX_SMEM[(8, 0)]):
-                                for builder in (backward_keys, backward_varlen_keys):
+                                builders = (backward_keys, backward_varlen_keys,
+                                            functools.partial(backward_keys, dropout=True))
+                                for builder in builders:
                                     try:
                                         ks = builder(dt, d, is_local=loc, softcap=sc, alibi=al, deterministic=det,
                                                      smem_limit=limit)
@@ -740,15 +778,17 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                     for al in (False, True):
                         mods = dict(is_local=loc, softcap=sc, alibi=al)
                         found = [forward_key(dt, d, smem_limit=limit, **mods),
-                                 forward_key(dt, d, smem_limit=limit, varlen=True, **mods)]
+                                 forward_key(dt, d, smem_limit=limit, varlen=True, **mods),
+                                 forward_key(dt, d, smem_limit=limit, dropout=True, **mods)]
                         found.append(forward_key(dt, d, smem_limit=limit, varlen=True, paged=True, **mods))
                         if not loc and not al:  # decoding's split-KV builds (api.decode_groups)
                             found += [forward_key(dt, d, smem_limit=limit, varlen=True, split_kv=True, paged=pg,
                                                   **mods) for pg in (False, True)]
                         if hopper:
                             layouts = ((False, False), (True, False), (True, True))  # (paged, page_gather)
-                            found += [forward_key_sm90(dt, d, varlen=vl, paged=pg, page_gather=g, **mods)
-                                      for vl, pg, g in ((False, False, False),) + tuple((True,) + x for x in layouts)]
+                            found += [forward_key_sm90(dt, d, varlen=True, paged=pg, page_gather=g, **mods)
+                                      for pg, g in layouts]
+                            found += [forward_key_sm90(dt, d, dropout=dr, **mods) for dr in (False, True)]
                             if not loc and not al and d in FWD_SM90_SPLIT_KV_HEAD_DIMS:
                                 found += [forward_key_sm90(dt, d, varlen=True, split_kv=True, paged=pg, page_gather=g,
                                                            **mods) for pg, g in layouts]
@@ -756,7 +796,8 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                                 found += [backward_key_sm90(dt, d, deterministic=det, varlen=vl, **mods)
                                           for det, vl in ((False, False), (True, False), (False, True))]
                         for det in (False, True):
-                            for builder in (backward_keys, backward_varlen_keys):
+                            for builder in (backward_keys, backward_varlen_keys,
+                                            functools.partial(backward_keys, dropout=True)):
                                 try:
                                     found += builder(dt, d, deterministic=det, smem_limit=limit, **mods)
                                 except NotImplementedError:  # the runtime raises the same for such a call

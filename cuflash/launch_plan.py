@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from . import dispatch, jit, params_layout, tma
+from . import dispatch, dropout, jit, params_layout, tma
 from .arrays import DeviceArray
 
 _LOG2E = 1.4426950408889634
@@ -83,7 +83,7 @@ def is_local(causal: bool, window_size) -> bool:
 
 
 def _common(q: DeviceArray, k: DeviceArray, v: DeviceArray, alibi, causal: bool, window_size, softmax_scale: float,
-            softcap: float) -> _Block:
+            softcap: float, dropout_p: float = 0.0) -> _Block:
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_k = k.shape[1], k.shape[2]
     p = _Block()
@@ -106,6 +106,9 @@ def _common(q: DeviceArray, k: DeviceArray, v: DeviceArray, alibi, causal: bool,
     # With softcap or ALiBi the kernel turns raw products into final scores before the softmax, so the
     # exponent multiplier is log2(e) alone; otherwise the scale folds into it.
     p["scale_log2"] = _LOG2E if (softcap > 0 or alibi is not None) else softmax_scale * _LOG2E
+    if dropout_p > 0:  # (the seed and offset are a call's: ops.py writes them per launch)
+        p["dropout_threshold"] = dropout.keep_threshold(dropout_p)
+        p["dropout_scale"] = 1.0 / (1.0 - dropout_p)
     return p
 
 
@@ -133,10 +136,12 @@ def _remember(key, plan):
 
 
 def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi, *, causal: bool, window_size,
-            softmax_scale: float, softcap: float, cc: tuple, sm_count: int) -> ForwardPlan:
-    """The forward's plan for these views (cached on their layout and the flags)."""
+            softmax_scale: float, softcap: float, cc: tuple, sm_count: int, dropout_p: float = 0.0) -> ForwardPlan:
+    """The forward's plan for these views (cached on their layout and the flags). ``dropout_p`` > 0: the
+    kernel's dropout build with p's keep threshold and scale in the block; each call writes its seed and
+    offset (ops.forward)."""
     key = ("fwd", q.device, cc, _layout(q, k, v, out), _alibi_layout(alibi), causal, window_size, softmax_scale,
-           softcap, env())
+           softcap, dropout_p, env())
     hit = _plans.get(key)
     if hit is not None:
         return hit
@@ -147,14 +152,14 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, al
     hopper = dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
     if hopper:
         kkey = dispatch.forward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
-                                         alibi=alibi is not None)
+                                         alibi=alibi is not None, dropout=dropout_p > 0)
         smem = dispatch.forward_sm90_smem_bytes(kkey)
     else:
         kkey = dispatch.forward_key(dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
-                                    smem_limit=dispatch.max_smem(*cc))
+                                    smem_limit=dispatch.max_smem(*cc), dropout=dropout_p > 0)
         smem = dispatch.forward_smem_bytes(kkey)
     fn = jit.get_function(kkey, dispatch.compile_arch(*cc), q.device, smem)
-    p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap)
+    p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap, dropout_p)
     p.set_strides("o", out)
     batch, seqlen_q, heads_q = q.shape[:3]
     p["num_m_blocks"] = m_blocks = -(-seqlen_q // kkey.block_m)
@@ -303,13 +308,14 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
 
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi,
              dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, *, causal: bool, window_size, softmax_scale: float,
-             softcap: float, deterministic: bool, cc: tuple) -> BackwardPlan:
+             softcap: float, deterministic: bool, cc: tuple, dropout_p: float = 0.0) -> BackwardPlan:
     """The backward's plan: preprocess (delta, zero dQ accumulator) -> KV-parallel main kernel (dK, dV, dQ
     summed into the fp32 accumulator: atomics on sm80, TMA reductions on the Hopper kernel) -> postprocess
     (dQ). Deterministic mode: the Hopper kernel adds in a fixed order (turn counters the preprocess zeroes);
-    on sm80 a Q-parallel dQ kernel replaces the accumulation and the postprocess."""
+    on sm80 a Q-parallel dQ kernel replaces the accumulation and the postprocess. ``dropout_p`` > 0: the sm80
+    kernels' dropout builds on every GPU, p's threshold and scale in the block (seed and offset per call)."""
     key = ("bwd", q.device, cc, _layout(dout, q, k, v, out, dq, dk, dv), _alibi_layout(alibi), causal, window_size,
-           softmax_scale, softcap, deterministic, env())
+           softmax_scale, softcap, deterministic, dropout_p, env())
     hit = _plans.get(key)
     if hit is not None:
         return hit
@@ -318,12 +324,13 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     local = is_local(causal, window_size)
     pre, post, main, dq_key = dispatch.backward_keys(
         dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
-        deterministic=deterministic, smem_limit=dispatch.max_smem(*cc))
+        deterministic=deterministic, smem_limit=dispatch.max_smem(*cc), dropout=dropout_p > 0)
     batch, seqlen_q, heads_q = q.shape[:3]
     seqlen_k, heads_k = k.shape[1], k.shape[2]
     dev = q.device
     # The Hopper main kernel reads Q, K, V and dO through TMA; views TMA cannot describe run on sm80.
-    hopper = dispatch.backward_family(cc, q.shape[3], deterministic) == "bwd_sm90" and tma.supports(q, k, v, dout)
+    hopper = (dropout_p == 0 and dispatch.backward_family(cc, q.shape[3], deterministic) == "bwd_sm90"
+              and tma.supports(q, k, v, dout))
     dq_kernel = deterministic and not hopper
     # delta (fp32, batch x heads x seqlen_q) is read only up to the main kernel, and with accumulated dQ the
     # only writer of dq is the postprocess, after it: so delta borrows dq's first bytes (dq holds head_dim / 2
@@ -333,7 +340,7 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     semaphore_shape = None
     if hopper and deterministic:
         semaphore_shape = (batch, heads_q, math.ceil(seqlen_q / dispatch.BWD_SM90_DQ_TURN_ROWS))
-    p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap)
+    p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap, dropout_p)
     for name, a in (("o", out), ("do", dout), ("dq", dq), ("dk", dk), ("dv", dv)):
         p.set_strides(name, a)
     main, smem, maps = _backward_main(main, hopper, dtype, q.shape[3], is_local=local, softcap=softcap > 0,

@@ -17,8 +17,11 @@ from .arrays import DeviceArray
 
 _LOG2E = 1.4426950408889634
 
-# Pointer fields of the parameter block, by byte offset (params_layout.py describes the block).
+# Pointer fields of the parameter block, by byte offset (params_layout.py describes the block), and every
+# 8-byte field a call writes into a plan's block: the pointers and the dropout generator's seed and offset.
 _PTR_OFFSET = {name: params_layout.OFFSETS[name] for name, kind, _, _ in params_layout.FIELDS if kind == "ptr"}
+_WORD_OFFSET = {name: params_layout.OFFSETS[name] for name, kind, _, _ in params_layout.FIELDS
+                if kind in ("ptr", "u64")}
 _BLOCK_BYTES = params_layout.STRUCT.size
 _U64 = struct.Struct("<Q")
 
@@ -40,8 +43,9 @@ _PTR_OFFSETS = tuple(_PTR_OFFSET.values())
 
 def _launch(launch, stream: int, pointers: dict, views=None, accumulator=None) -> None:
     """Launches a plan's kernel (launch_plan.KernelLaunch): its parameter block with ``pointers`` (field name ->
-    address) written in, after the tensor maps the kernel takes first, encoded for ``views`` (name -> the
-    DeviceArray a map tiles) and ``accumulator`` ((address, shape) of the fp32 dq accumulator)."""
+    address, or the value of a 64-bit per-call field: dropout_seed, dropout_offset) written in, after the
+    tensor maps the kernel takes first, encoded for ``views`` (name -> the DeviceArray a map tiles) and
+    ``accumulator`` ((address, shape) of the fp32 dq accumulator)."""
     from cupy.cuda import driver
     maps = tuple(tma.accumulator_map(accumulator[0], accumulator[1], *box) if n == "dq_accum"
                  else tma.tile_map(views[n], box) for n, box in launch.maps)
@@ -63,7 +67,7 @@ def _launch(launch, stream: int, pointers: dict, views=None, accumulator=None) -
         offset += tma.MAP_BYTES
     ctypes.memmove(ctypes.addressof(buf) + offset, launch.block, _BLOCK_BYTES)
     for name, ptr in pointers.items():
-        _U64.pack_into(buf, offset + _PTR_OFFSET[name], ptr)
+        _U64.pack_into(buf, offset + _WORD_OFFSET[name], ptr)
     rec = recording.current()
     if rec is not None:
         specs = tuple((j * tma.MAP_BYTES, None, (accumulator[0], accumulator[1], box)) if n == "dq_accum"
@@ -285,11 +289,16 @@ def _sm_count(device: int) -> int:
 
 def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, lse: DeviceArray, alibi, *,
             causal: bool, window_size, softmax_scale: float, softcap: float, stream: int, cc: tuple,
-            framework: str) -> launch_plan.ForwardPlan:
+            framework: str, dropout=None) -> launch_plan.ForwardPlan:
+    """The dense forward (launch_plan.forward) into ``out`` and ``lse``; ``dropout`` None or (p, seed,
+    offset): p picks the plan, seed and offset go into this launch only."""
     fp = launch_plan.forward(q, k, v, out, alibi, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
-                      softcap=softcap, cc=cc, sm_count=_sm_count(q.device))
+                             softcap=softcap, cc=cc, sm_count=_sm_count(q.device),
+                             dropout_p=0.0 if dropout is None else dropout[0])
     pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "o": out.ptr, "lse": lse.ptr,
                 "alibi": 0 if alibi is None else alibi.ptr}
+    if dropout is not None:
+        pointers["dropout_seed"], pointers["dropout_offset"] = dropout[1], dropout[2]
     counter_native = _tile_counter(fp, pointers, framework, q.device, stream)
     views = {"q": q, "k": k, "v": v, "o": out}
     _launch(fp.launch, stream, pointers, views)
@@ -390,11 +399,12 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
              lse: DeviceArray, alibi, dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, *, causal: bool, window_size,
              softmax_scale: float, softcap: float, deterministic: bool, stream: int, cc: tuple,
-             framework: str) -> launch_plan.BackwardPlan:
+             framework: str, dropout=None) -> launch_plan.BackwardPlan:
     """The backward's kernels (launch_plan.backward says which), with workspaces from the caller's framework on its
-    stream (CUDA-graph capture needs that)."""
+    stream (CUDA-graph capture needs that); ``dropout`` None or the forward's (p, seed, offset)."""
     bp = launch_plan.backward(dout, q, k, v, out, alibi, dq, dk, dv, causal=causal, window_size=window_size,
-                       softmax_scale=softmax_scale, softcap=softcap, deterministic=deterministic, cc=cc)
+                              softmax_scale=softmax_scale, softcap=softcap, deterministic=deterministic, cc=cc,
+                              dropout_p=0.0 if dropout is None else dropout[0])
     batch, seqlen_q, heads_q = q.shape[:3]
     delta_native = acc_native = acc = None
     if bp.delta_in_dq:
@@ -404,6 +414,8 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
         delta_ptr = delta.ptr
     pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "alibi": 0 if alibi is None else alibi.ptr, "o": out.ptr,
                 "lse": lse.ptr, "dout": dout.ptr, "delta": delta_ptr, "dq": dq.ptr, "dk": dk.ptr, "dv": dv.ptr}
+    if dropout is not None:
+        pointers["dropout_seed"], pointers["dropout_offset"] = dropout[1], dropout[2]
     if bp.dq_accum_shape is not None:
         acc_native, acc = arrays.empty(framework, bp.dq_accum_shape, "float32", q.device, stream)
         pointers["dq_accum"] = acc.ptr

@@ -21,6 +21,7 @@ import numpy as np
 _KINDS = {
     "ptr": (None, "Q", np.uint64),
     "i64": ("i64", "q", np.int64),
+    "u64": ("u64", "Q", np.uint64),
     "i32": ("int", "i", np.int32),
     "f32": ("float", "f", np.float32),
 }
@@ -89,6 +90,12 @@ FIELDS = [
     ("num_splits", "i32", None, "split-KV: work tiles sharing one query tile's key tiles"),
     ("page_shift", "i32", None, "paged: log2(page_size) for a power-of-two page size (a shift and a mask per "
                                 "row instead of a division), else -1"),
+    # Attention dropout (CF_DROPOUT; philox.cuh draws what cuflash/dropout.py draws): the generator's key
+    # and counter offset, given per call; the keep threshold and the kept values' scale, per plan.
+    ("dropout_seed", "u64", None, "Philox key (seed mod 2^32, (seed >> 32) ^ (offset >> 32))"),
+    ("dropout_offset", "u64", None, "Philox counter word 3 (offset mod 2^32)"),
+    ("dropout_threshold", "i32", None, "a 16-bit draw below this keeps its element: round((1 - p) * 65536)"),
+    ("dropout_scale", "f32", None, "1 / (1 - p), applied to the kept probabilities"),
 ]
 
 NAMES = [f[0] for f in FIELDS]

@@ -353,8 +353,6 @@ def _dropout_seed(q, dropout_p, dropout_seed, dropout_offset):
     if dropout_seed is None:
         if not dropout_p:
             return 0, 0
-        if q.is_cuda:  # before drawing: the op raises NotImplementedError for CUDA tensors with dropout
-            return 0, 0
         dropout_seed = _draw_seed()
     from .dropout import check_seed
     return (_to_i64(check_seed("dropout_seed", dropout_seed)), _to_i64(check_seed("dropout_offset", dropout_offset)))
@@ -380,7 +378,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     ``deterministic=True`` makes the backward bitwise reproducible. The returned LSE (``return_lse``) is
     not differentiated through. Dropout (``dropout_p > 0``) on CPU tensors: without ``dropout_seed`` a seed
     is drawn from torch's default generator (``torch.manual_seed`` reproduces the mask), and the backward
-    replays the forward's mask; CUDA tensors raise NotImplementedError until the kernels have dropout.
+    replays the forward's mask. CUDA tensors run the kernels' dropout builds (the backward's is sm80's, on
+    Hopper too for now); the seed comes from torch's default CPU generator, so a CUDA graph replays one mask.
     ``attn_mask`` as :func:`cuflash.attention` takes it (CPU tensors so far); it is not differentiated, so
     a mask that requires grad raises NotImplementedError. ``block_mask`` (a :class:`cuflash.BlockMask` or a
     FlexAttention one) reaches the op as its dense element mask, combined with ``attn_mask`` (CPU tensors).
@@ -395,11 +394,12 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     softcap = api._check_real("softcap", softcap, nonneg=True)
     softmax_scale = api._check_real("softmax_scale", softmax_scale, allow_none=True, positive=True)
     dropout_p = api._check_probability(dropout_p)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     seed, offset = _dropout_seed(q, dropout_p, dropout_seed, dropout_offset)
     softmax_scale = _default_scale(q, softmax_scale)
     left, right = api._check_window(window_size)
     args = (causal, softmax_scale, left, right, softcap, deterministic, dropout_p, seed, offset)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if needs_grad:
         q, k, v, alibi_slopes, attn_mask = _distinct(q, k, v, alibi_slopes, attn_mask)
         out, lse = _Attention.apply(q, k, v, alibi_slopes, attn_mask, args)
     else:
@@ -416,10 +416,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     None without dropout and, with ``dropout_p > 0``, the attention probabilities (batch, heads, seqlen_q,
     seqlen_k) in q's dtype with the dropped entries negated (for tests: quadratic memory; FlashAttention-2
     pads the last two dims to multiples of 128, cuflash does not). ``dropout_p > 0``: the seed comes from
-    torch's default generator (see :func:`attention`); CPU tensors only so far.
+    torch's default generator (see :func:`attention`).
     """
     seed = None
-    if dropout_p and not q.is_cuda:
+    if dropout_p:
         seed = _draw_seed()
     out, lse = attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                          softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True, deterministic=deterministic,
@@ -429,12 +429,15 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     if not dropout_p:
         return out, lse, None
     from . import dropout, reference
-    arrays = [x.detach().numpy() for x in (q, k)]
-    slopes = None if alibi_slopes is None else alibi_slopes.detach().numpy()
-    probs = reference.attention_probs(*arrays, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
-                                      softcap=softcap, alibi_slopes=slopes)
+
+    def host(x):  # (CUDA tensors as float32 copies: NumPy has no bfloat16)
+        x = x.detach()
+        return x.to("cpu", torch.float32).numpy() if x.is_cuda else x.numpy()
+    slopes = None if alibi_slopes is None else host(alibi_slopes)
+    probs = reference.attention_probs(host(q), host(k), causal=causal, softmax_scale=softmax_scale,
+                                      window_size=window_size, softcap=softcap, alibi_slopes=slopes)
     keep = dropout.dropout_mask(*probs.shape, dropout_p=dropout_p, dropout_seed=seed)
-    return out, lse, torch.from_numpy(np.where(keep, probs, -probs)).to(q.dtype)
+    return out, lse, torch.from_numpy(np.where(keep, probs, -probs)).to(q.device, q.dtype)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),

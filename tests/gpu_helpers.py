@@ -167,9 +167,11 @@ def _host32(x):
     return to_host(x).astype(np.float32)
 
 
-def _naive_forward(q, k, v, dtype, causal, softmax_scale, window_size, softcap, alibi_slopes):
+def _naive_forward(q, k, v, dtype, causal, softmax_scale, window_size, softcap, alibi_slopes, dropout=None):
     """Forward of the same-dtype naive attention. Inputs are float32 arrays holding input-dtype values;
-    returns the output (b, sq, hq, d) and what the backward needs, all float32 holding dtype values."""
+    returns the output (b, sq, hq, d) and what the backward needs, all float32 holding dtype values.
+    ``dropout`` (keep mask (b, hq, sq, sk), p): the probabilities dropped and scaled as torch's dropout does
+    (p * mask * 1 / (1 - p), rounded) before P.V."""
     r = lambda x: round_to(x, dtype)  # noqa: E731
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
@@ -199,30 +201,36 @@ def _naive_forward(q, k, v, dtype, causal, softmax_scale, window_size, softcap, 
     e = np.exp(s - np.where(empty, np.float32(0), m))
     l = e.sum(axis=-1, keepdims=True, dtype=np.float32)
     p = r(np.where(empty, np.float32(0), e / np.where(empty, np.float32(1), l)))  # softmax, float32 inside
-    out = r(p @ vh)                               # einsum, output rounded
+    pv = p
+    if dropout is not None:
+        keep, drop_p = dropout
+        pv = r(np.where(keep, p * np.float32(1.0 / (1.0 - drop_p)), np.float32(0)))
+    out = r(pv @ vh)                              # einsum, output rounded
     return out.transpose(0, 2, 1, 3), (qh, kh, vh, p, t, scale, g)
 
 
 def naive_same_dtype(q, k, v, *, dtype=None, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
-                     alibi_slopes=None):
+                     alibi_slopes=None, dropout=None):
     """The same attention math in the input dtype with plain ops (matmul, scale, softcap, ALiBi, mask,
     softmax, matmul), each rounded to the dtype: the error yardstick of FlashAttention's rule.
 
     q, k, v: arrays of any library (their values must be representable in ``dtype``, which defaults to
-    q's dtype). Returns the float64 output ``(b, sq, hq, d)``."""
+    q's dtype); ``dropout`` as :func:`_naive_forward` takes it. Returns the float64 output ``(b, sq, hq, d)``."""
     dtype = dtype_name(q) if dtype is None else dtype_name(dtype)
     out, _ = _naive_forward(_host32(q), _host32(k), _host32(v), dtype, causal, softmax_scale, window_size,
-                            softcap, alibi_slopes)
+                            softcap, alibi_slopes, dropout)
     return out.astype(np.float64)
 
 
 def naive_backward_same_dtype(dout, q, k, v, *, dtype=None, causal=False, softmax_scale=None,
-                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
+                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout=None):
     """Gradients of :func:`naive_same_dtype` computed the way autograd through its ops computes them in the
     input dtype: dV = P^T dO, dP = dO V^T (each rounded), dS = P * (dP - rowsum(dP * P)) in float32 rounded
     once (softmax backward), then back through softcap (x softcap, x (1 - tanh^2), / softcap, each rounded)
     and the scale (rounded), dQ = dS K, dK = dS^T Q (rounded), and for GQA the sum over a key/value head's
-    query heads in float32, rounded. Returns float64 ``(dq, dk, dv)`` with the shapes of q, k, v."""
+    query heads in float32, rounded. ``dropout`` (keep mask, p) as :func:`_naive_forward`: dV takes the
+    dropped P, and dP goes back through the dropout (x mask x 1 / (1 - p), rounded) before the softmax.
+    Returns float64 ``(dq, dk, dv)`` with the shapes of q, k, v."""
     dtype = dtype_name(q) if dtype is None else dtype_name(dtype)
     r = lambda x: round_to(x, dtype)  # noqa: E731
     q32, k32 = _host32(q), _host32(k)
@@ -231,8 +239,15 @@ def naive_backward_same_dtype(dout, q, k, v, *, dtype=None, causal=False, softma
     b, sq, hq, d = q32.shape
     sk, hk = k32.shape[1], k32.shape[2]
     do = np.ascontiguousarray(_host32(dout).transpose(0, 2, 1, 3))   # (b, hq, sq, d)
-    dvh = r(p.swapaxes(-1, -2) @ do)                                  # (b, hq, sk, d)
+    pv, keep_scale = p, None
+    if dropout is not None:
+        keep, drop_p = dropout
+        keep_scale = np.where(keep, np.float32(1.0 / (1.0 - drop_p)), np.float32(0))
+        pv = r(p * keep_scale)                                        # the dropped P of the forward
+    dvh = r(pv.swapaxes(-1, -2) @ do)                                 # (b, hq, sk, d)
     dp = r(do @ vh.swapaxes(-1, -2))                                  # (b, hq, sq, sk)
+    if keep_scale is not None:
+        dp = r(dp * keep_scale)                                       # back through the dropout
     delta = (dp * p).sum(axis=-1, keepdims=True, dtype=np.float32)
     ds = r(p * (dp - delta))                                          # softmax backward
     del dp

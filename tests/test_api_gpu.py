@@ -329,16 +329,18 @@ def test_varlen_cu_seqlens_dtype_checked_before_launch():
         cuflash.attention_varlen(q, q, q, cu.astype(cupy.int64), cu, 6, 6)
 
 
-def test_dropout_on_gpu_arrays_raises_before_launching():
-    """GPU arrays with dropout_p > 0 raise NotImplementedError naming the GPU kernels (the CPU path has
-    dropout; the kernels do not yet), forward and backward, seed or not; dropout_p = 0 runs."""
+def test_dropout_on_gpu_arrays_needs_a_seed():
+    """GPU arrays with dropout_p > 0 need dropout_seed, forward and backward (TypeError before any launch);
+    with one both run (test_dropout_gpu.py checks their values); dropout_p = 0 needs none."""
     q, k, v = inputs(1, 64, 64, 2, 2, 64, "float16", seed=0)
     out, lse = cuflash.attention(q, k, v, return_lse=True, dropout_p=0.0)
-    for seed in (None, 5):
-        with pytest.raises(NotImplementedError, match="dropout is not implemented for GPU arrays"):
-            cuflash.attention(q, k, v, dropout_p=0.1, dropout_seed=seed)
-        with pytest.raises(NotImplementedError, match="dropout is not implemented for GPU arrays"):
-            cuflash.attention_backward(out, q, k, v, out, lse, dropout_p=0.1, dropout_seed=seed)
+    with pytest.raises(TypeError, match="needs dropout_seed"):
+        cuflash.attention(q, k, v, dropout_p=0.1)
+    with pytest.raises(TypeError, match="needs dropout_seed"):
+        cuflash.attention_backward(out, q, k, v, out, lse, dropout_p=0.1)
+    out, lse = cuflash.attention(q, k, v, dropout_p=0.1, dropout_seed=5, return_lse=True)
+    grads = cuflash.attention_backward(out, q, k, v, out, lse, dropout_p=0.1, dropout_seed=5)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
 
 
 def test_attn_mask_on_gpu_arrays_raises_before_launching():

@@ -220,12 +220,14 @@ def _runtime_keys(monkeypatch, cc) -> set:
                             kw = dict(causal=causal, window_size=(-1, -1), softmax_scale=0.1, softcap=softcap,
                                       stream=0, cc=cc, framework="cupy")
                             ops.forward(view(), view(), view(), view(), view(), alibi, **kw)
+                            ops.forward(view(), view(), view(), view(), view(), alibi, dropout=(0.1, 1, 0), **kw)
                             for det in (False, True):
-                                try:
-                                    ops.backward(view(), view(), view(), view(), view(), view(), alibi, view(),
-                                                 view(), view(), deterministic=det, **kw)
-                                except NotImplementedError:  # this GPU's shared memory cannot run it
-                                    continue
+                                for drop in (None, (0.1, 1, 0)):
+                                    try:
+                                        ops.backward(view(), view(), view(), view(), view(), view(), alibi, view(),
+                                                     view(), view(), deterministic=det, dropout=drop, **kw)
+                                    except NotImplementedError:  # this GPU's shared memory cannot run it
+                                        continue
                             _varlen_calls(view, alibi, kw)
     return asked
 

@@ -275,3 +275,25 @@ def test_paged_plan_page_shift(stub_functions, page_size, shift, box, cc):
     else:
         assert name.startswith("fwd_sm90") and "gather" not in name
         assert dict(fp.launch.maps)["k"] == dict(fp.launch.maps)["v"] == box
+
+
+@pytest.mark.parametrize("cc", [(9, 0), (8, 0)])
+def test_dropout_plans_carry_threshold_and_scale(stub_functions, cc):
+    """A dropout forward plan runs the forward kernel's dropout build (Hopper's on Hopper), a dropout backward
+    plan the sm80 dropout builds on any GPU (deterministic: the dQ kernel's too); every launch's block holds
+    round((1 - p) * 65536) and 1 / (1 - p), and p is part of the plan's key."""
+    q, k, v, o = _qkvo()
+    fp = _fwd(q, k, v, o, cc=cc, dropout_p=0.25)
+    assert "dropout" in stub_functions[-1][0]
+    assert stub_functions[-1][0].startswith("fwd_sm90" if cc == (9, 0) else "fwd_sm80")
+    assert (_block(fp.launch)["dropout_threshold"], _block(fp.launch)["dropout_scale"]) == (49152, np.float32(1 / 0.75))
+    assert _fwd(q, k, v, o, cc=cc, dropout_p=0.5) is not fp and _fwd(q, k, v, o, cc=cc) is not fp
+    dout, dq, dk, dv = (_view(x.shape, 0x9000000 + i * 0x1000000) for i, x in enumerate((q, q, k, v)))
+    for det in (False, True):
+        bp = launch_plan.backward(dout, q, k, v, o, None, dq, dk, dv, causal=False, window_size=(-1, -1),
+                                  softmax_scale=0.1, softcap=0.0, deterministic=det, cc=cc, dropout_p=0.25)
+        names = [launch.fn[1] for launch in bp.launches]
+        assert names[1].startswith("bwd_sm80") and "dropout" in names[1]
+        assert ("dropout" in names[2]) == det  # the dQ kernel, or the postprocess
+        for launch in bp.launches:
+            assert _block(launch)["dropout_threshold"] == 49152

@@ -3,6 +3,7 @@
 //   CF_VARLEN    variable-length batches: rows from cu_seqlens / seqused (seq_context.cuh)
 //   CF_SPLIT_KV  split-KV decoding: fp32 partial states for merge_states.cu
 //   CF_PAGED     keys and values read through a block table (KV caches in pages)
+//   CF_DROPOUT   attention dropout (philox.cuh's draws)
 #pragma once
 
 #ifndef CF_VARLEN
@@ -13,4 +14,7 @@
 #endif
 #ifndef CF_PAGED
 #define CF_PAGED 0
+#endif
+#ifndef CF_DROPOUT
+#define CF_DROPOUT 0
 #endif

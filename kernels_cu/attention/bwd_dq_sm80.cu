@@ -21,6 +21,10 @@
 //   192      | 64 | 64 | 122880
 //   256      | 64 | 32 | 114688
 #include "ptx/cp_async.cuh"
+#include "attention/build_flags.cuh"
+#if CF_DROPOUT
+#include "attention/philox.cuh"
+#endif
 #include "attention/params.cuh"
 #include "attention/block_coords.cuh"
 #include "attention/query_tiles.cuh"
@@ -141,6 +145,12 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
             // The exact exponent form on every tile (bwd_common.cuh: kernels without a per-tile choice).
             const auto ex = BwdExponent<true>::make<CF_SOFTCAP, CF_ALIBI>(p.softmax_scale, p.scale_log2);
             const float softcap = p.softcap;
+#if CF_DROPOUT
+            // dS = P (dP Z / (1 - p) - delta) with the forward's keep mask Z (philox.cuh).
+            dropout_fragments(dp, dropout_key(p.dropout_seed, p.dropout_offset), p.dropout_offset,
+                              (u32)(BlockCoords(p).b * p.heads_q + BlockCoords(p).h), m_start + warp_row0, n_start,
+                              lane, (u32)p.dropout_threshold, p.dropout_scale);
+#endif
 #pragma unroll
             for (int s = 0; s < kMS; ++s)
 #pragma unroll

@@ -98,6 +98,10 @@
 #ifndef CF_Q_STAGES
 #define CF_Q_STAGES 2
 #endif
+#include "attention/build_flags.cuh"
+#if CF_DROPOUT
+#include "attention/philox.cuh"
+#endif
 
 namespace {
 constexpr int kD = CF_HEAD_DIM;
@@ -316,11 +320,27 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
             const float softcap = p.softcap;
             const unsigned char* s_lse = smem + kSmemLSE + st * kBM * 4;
             const unsigned char* s_delta = smem + kSmemDelta + st * kBM * 4;
+#if CF_DROPOUT
+            // Dropout (philox.cuh, the forward's draws): dS = P (dP Z / (1 - p) - delta) with the keep mask Z,
+            // and dV takes P Z / (1 - p); delta = rowsum(dO O) already holds the dropped O.
+            const PhiloxKey drop_key = dropout_key(p.dropout_seed, p.dropout_offset);
+            const u32 drop_bh = (u32)(BwdCoords(p).b * p.heads_q + h);
+            u32 draws[kSKS];
+#endif
 #pragma unroll
             for (int n = 0; n < kSNT8; ++n) {
                 const int qc = q_col0 + n * 8 + t2;
                 const float2 lse2 = *(const float2*)(s_lse + qc * 4);
                 const float2 del2 = *(const float2*)(s_delta + qc * 4);
+#if CF_DROPOUT
+                if ((n & 1) == 0) {
+#pragma unroll
+                    for (int s = 0; s < kSKS; ++s)
+                        draws[s] = dropout_draw_transposed(drop_key, p.dropout_offset, drop_bh, m_start + q_col0,
+                                                           n_start + key_row0 + s * 16, n, lane,
+                                                           (u32)p.dropout_threshold);
+                }
+#endif
 #pragma unroll
                 for (int s = 0; s < kSKS; ++s)
 #pragma unroll
@@ -328,9 +348,16 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
                     const int i = m_start + qc + (e & 1);
                     const int j = n_start + key_row0 + s * 16 + g + (e >> 1) * 8;
                     const bool visible = !need_mask || (i < CF_SEQLEN_Q && vis.visible(i, j));
+#if CF_DROPOUT
+                    const bool kept = transposed_keep(draws[s], n & 1, e, lane);
+                    dp[s][n][e] = kept ? dp[s][n][e] * p.dropout_scale : 0.f;
+#endif
                     sc[s][n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(
                         sc[s][n][e], dp[s][n][e], (e & 1) ? lse2.y : lse2.x, (e & 1) ? del2.y : del2.x,
                         visible, ex, pre, softcap, slope, i + vis.off - j);
+#if CF_DROPOUT
+                    sc[s][n][e] = kept ? sc[s][n][e] * p.dropout_scale : 0.f;
+#endif
                 }
             }
         }

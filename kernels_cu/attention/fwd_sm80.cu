@@ -21,6 +21,9 @@
 // normalized partial output (fp32) and LSE to o_accum / lse_accum; merge_states.cu combines them. A split
 // whose run is empty writes 0 and LSE +inf, which the merge skips.
 //
+// Dropout (CF_DROPOUT, optional, default 0): the probabilities of P.V are dropped by philox.cuh's draws for
+// (batch, head, query row, key) and the kept ones scaled by 1 / (1 - p), as cuflash/dropout.py keys them.
+//
 // Paged K / V (CF_PAGED, optional, default 0; with CF_VARLEN): a sequence's key rows come through its row of
 // the block table (pages of any size: smem_tile.cuh PagedRows, load_async_rows); its queries as without paging.
 #include "ptx/cp_async.cuh"
@@ -34,6 +37,11 @@
 #include "attention/online_softmax.cuh"
 
 #include "attention/build_flags.cuh"
+#if CF_DROPOUT
+#include "attention/philox.cuh"
+#endif
+// (draws keyed by rows within the sequence need the dense layout's row numbers: no varlen, split or paged)
+static_assert(!CF_DROPOUT || (!CF_SPLIT_KV && !CF_VARLEN && !CF_PAGED), "dropout: the dense build only");
 // The K or V tile of key tile n_block of this CTA's sequence and key/value head into `tile`: with CF_PAGED
 // through the tile's physical rows (PagedRows, in one of two stages of kBN ints after the V tile: the next
 // tile's rows are written while this tile's V is still being read), else from the sequence's first row.
@@ -172,12 +180,27 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
         }
 
         softmax.update(sc, acc_o, p.scale_log2);
+#if CF_DROPOUT
+        // After the row sums took every probability (the LSE is the softmax's, before dropout): the dropped
+        // ones leave P.V; the kept ones' 1 / (1 - p) is applied to O once, at the end.
+        dropout_fragments(sc, dropout_key(p.dropout_seed, p.dropout_offset), p.dropout_offset,
+                          (u32)(bc.b * p.heads_q + bc.h), m_start + warp_row0, n_block * kBN, lane,
+                          (u32)p.dropout_threshold);
+#endif
 
         gemm_accum_rows<kMS, kBN, kD, KVTile>(acc_o, sc, v_addr);
     }
 
     float row_lse[kMS][2];
     softmax.finalize(acc_o, row_lse, p.scale_log2, natural_score_scale<CF_SOFTCAP, CF_ALIBI>(p.softmax_scale));
+#if CF_DROPOUT
+#pragma unroll
+    for (int s = 0; s < kMS; ++s)
+#pragma unroll
+        for (int d = 0; d < kDT8; ++d)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_o[s][d][e] *= p.dropout_scale;
+#endif
 
 #if CF_SPLIT_KV
     {

@@ -58,6 +58,9 @@
 #ifndef CF_PAGE_GATHER  // (this kernel's alone: row gathers for pages TMA boxes do not take)
 #define CF_PAGE_GATHER 0
 #endif
+#if CF_DROPOUT
+#include "attention/philox.cuh"
+#endif
 #if CF_VARLEN
 #include "attention/seq_context.cuh"
 #endif
@@ -125,6 +128,7 @@ constexpr bool kPersistent = kSeparateO;
 // persistent variants), so the Q buffer's release stays the one the loop already makes.
 static_assert(!CF_SPLIT_KV || (CF_VARLEN && kSeparateO), "split-KV: variable-length builds with a separate O");
 static_assert(!CF_PAGED || CF_VARLEN, "paged K / V: variable-length builds");
+static_assert(!CF_DROPOUT || (!CF_VARLEN && !CF_SPLIT_KV && !CF_PAGED), "dropout: the dense build only");
 static_assert(!CF_PAGE_GATHER || CF_PAGED, "row gathers: a paged build");
 // Arrivals that complete a K / V stage's full barrier: TMA's one expect_tx arrival, or with row gathers
 // every gathering thread's, each once its own cp.async copies have landed.
@@ -535,6 +539,14 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
                                                              CF_TILE_VIS.off);
             mask_tile<CF_IS_LOCAL>(sc, tc, CF_TILE_VIS, wg_row0, wg_row_last, n_block * kBN, kBN);
             softmax.exponentiate(sc, alpha, p.a.scale_log2);
+#if CF_DROPOUT
+            // The row sums took every probability (the LSE is the softmax's); the dropped ones leave P.V and
+            // the kept ones' 1 / (1 - p) is applied to O at the end (the accumulator layout is mma.sync's, so
+            // philox.cuh's fragment helper applies as in fwd_sm80.cu).
+            dropout_fragments(sc, dropout_key(p.a.dropout_seed, p.a.dropout_offset), p.a.dropout_offset,
+                              (u32)(w.bc.b * p.a.heads_q + w.bc.h), warp_row0, n_block * kBN, lane,
+                              (u32)p.a.dropout_threshold);
+#endif
         };
         // The accumulator layout of two neighbouring n8 column groups is the A-fragment layout of one k16
         // step (as with mma.sync), so P goes to the second product straight from registers.
@@ -670,6 +682,10 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
 
         float row_lse[1][2];
         softmax.finalize(acc_o, row_lse, p.a.scale_log2, natural_score_scale<CF_SOFTCAP, CF_ALIBI>(p.a.softmax_scale));
+#if CF_DROPOUT
+#pragma unroll
+        for (int e = 0; e < kD / 2; ++e) reinterpret_cast<float(&)[kD / 2]>(acc_o)[e] *= p.a.dropout_scale;
+#endif
 
 #if CF_SPLIT_KV
         {

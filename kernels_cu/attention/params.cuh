@@ -83,6 +83,10 @@ struct AttentionParams {
     // paged: log2(page_size) for a power-of-two page size (a shift and a mask per row instead of a
     // division), else -1
     int page_shift;
+    u64 dropout_seed;           // Philox key (seed mod 2^32, (seed >> 32) ^ (offset >> 32))
+    u64 dropout_offset;         // Philox counter word 3 (offset mod 2^32)
+    int dropout_threshold;      // a 16-bit draw below this keeps its element: round((1 - p) * 65536)
+    float dropout_scale;        // 1 / (1 - p), applied to the kept probabilities
 };
 
 // Exported so that a GPU test can check the host's mirror of this struct byte for byte in size.

@@ -47,3 +47,56 @@ __device__ __forceinline__ u32 dropout_keep8(PhiloxKey key, u64 offset, u32 bh, 
     }
     return bits;
 }
+
+// Drops elements of a thread's mma.sync m16n8 accumulator fragments (score tile rows row0 + 16 s + g (+8),
+// keys col0 + 8 n + 2 (lane % 4) (+1); col0 a multiple of 8, so key group col0 / 8 + n is one Philox call
+// per row): dropped elements become 0, kept ones are multiplied by `kept_scale` (the forward passes 1 and
+// scales O once at the end; the dQ kernel's dP takes 1 / (1 - p) here). The four
+// lanes of a quad hold the same two rows of an n8 tile, so they share draws: for each pair of n8 tiles lane
+// t of the quad draws (row half t % 2, tile t / 2), and the quad trades the four results by shuffles, one
+// Philox call per lane per pair instead of four (a call is ~70 instructions, against 16 mma per m16 x n8
+// block of the forward at head dim 128).
+template <int MS, int NT8>
+__device__ __forceinline__ void dropout_fragments(float (&sc)[MS][NT8][4], PhiloxKey key, u64 offset, u32 bh,
+                                                  int row0, int col0, int lane, u32 threshold,
+                                                  float kept_scale = 1.f) {
+    static_assert(NT8 % 2 == 0, "n8 tiles go in pairs");
+    const int g = lane >> 2, t = lane & 3, quad = lane & ~3;
+#pragma unroll
+    for (int s = 0; s < MS; ++s) {
+#pragma unroll
+        for (int np = 0; np < NT8; np += 2) {
+            const u32 row = (u32)(row0 + s * 16 + g + (t & 1) * 8);
+            const u32 group = (u32)(col0 >> 3) + (u32)(np + (t >> 1));
+            const u32 bits = dropout_keep8(key, offset, bh, row, group, threshold);
+#pragma unroll
+            for (int nn = 0; nn < 2; ++nn)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const u32 mine = __shfl_sync(0xffffffffu, bits, quad | h | (nn << 1)) >> (2 * t);
+                    sc[s][np + nn][2 * h] = (mine & 1u) ? sc[s][np + nn][2 * h] * kept_scale : 0.f;
+                    sc[s][np + nn][2 * h + 1] = (mine & 2u) ? sc[s][np + nn][2 * h + 1] * kept_scale : 0.f;
+                }
+        }
+    }
+}
+
+// The draws of a transposed score fragment pair (the KV-parallel backward's S^T: rows keys key0 + g (+8),
+// columns queries q0 + 8 n + 2 (lane % 4) (+1), key0 a multiple of 8), for n8 tiles n0 and n0 + 1: the 8
+// lanes of one lane % 4 hold the same two queries and two key groups, so each lane draws one of the 16
+// (query, group) pairs of its lane % 4 (tile n0 + g / 4, query + g % 2, group + (g / 2) % 2) and
+// transposed_keep() fetches the one an element needs.
+__device__ __forceinline__ u32 dropout_draw_transposed(PhiloxKey key, u64 offset, u32 bh, int q0, int key0, int n0,
+                                                       int lane, u32 threshold) {
+    const int g = lane >> 2, t2 = (lane & 3) * 2;
+    const u32 query = (u32)(q0 + (n0 + (g >> 2)) * 8 + t2 + (g & 1));
+    const u32 group = (u32)(key0 >> 3) + (u32)((g >> 1) & 1);
+    return dropout_keep8(key, offset, bh, query, group, threshold);
+}
+
+// Whether element e of n8 tile n0 + nn (nn = 0 or 1) of the transposed fragment above is kept: the draw of
+// lane ((4 nn + 2 (e / 2) + e % 2) * 4 + lane % 4), bit g (key key0 + g + 8 (e / 2) within its group).
+__device__ __forceinline__ bool transposed_keep(u32 draw, int nn, int e, int lane) {
+    const int src = ((nn * 4 + (e >> 1) * 2 + (e & 1)) << 2) | (lane & 3);
+    return (__shfl_sync(0xffffffffu, draw, src) >> (lane >> 2)) & 1u;
+}
