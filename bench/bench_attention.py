@@ -79,6 +79,7 @@ JAX_IMPLS = ("jax_cudnn", "jax_cuflash", "jax_xla")
 IMPL_LABEL = {
     "cuflash": "cuflash",
     "cuflash_sm80": "cuflash (sm80 kernel)",
+    "cuflash_nodropout": "cuflash, no dropout",
     "flash": "SDPA flash",
     "cudnn": "SDPA cuDNN",
     "efficient": "SDPA mem-efficient",
@@ -87,8 +88,9 @@ IMPL_LABEL = {
     "jax_cuflash": "cuflash.jax",
     "jax_xla": "JAX XLA",
 }
-SHORT = {"cuflash": "cuflash", "cuflash_sm80": "cf-sm80", "flash": "flash", "cudnn": "cudnn", "efficient": "mem-eff", "math": "math",
-         "jax_cudnn": "jax-cudnn", "jax_cuflash": "jax-cf", "jax_xla": "jax-xla"}
+SHORT = {"cuflash": "cuflash", "cuflash_sm80": "cf-sm80", "cuflash_nodropout": "cf-nodrop", "flash": "flash",
+         "cudnn": "cudnn", "efficient": "mem-eff", "math": "math", "jax_cudnn": "jax-cudnn", "jax_cuflash": "jax-cf",
+         "jax_xla": "jax-xla"}
 MATH_SCORE_LIMIT = 8e9  # bytes of one float32 score matrix above which the math backend is skipped
 
 # The setting for the --memory and longest-seqlen searches.
