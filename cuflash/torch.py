@@ -21,21 +21,35 @@ from . import api, executor, kvcache, varlen
 _lib = torch.library.Library("cuflash", "DEF")
 _lib.define(
     "fwd(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, bool causal, float softmax_scale, "
-    "int window_left, int window_right, float softcap, bool deterministic, float dropout_p, int dropout_seed, "
-    "int dropout_offset, Tensor? attn_mask) -> (Tensor, Tensor)")
+    "int window_left, int window_right, float softcap, bool deterministic, float dropout_p, "
+    "Tensor? dropout_state, Tensor? attn_mask) -> (Tensor, Tensor)")
 _lib.define(
     "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? alibi_slopes, bool causal, "
     "float softmax_scale, int window_left, int window_right, float softcap, bool deterministic, float dropout_p, "
-    "int dropout_seed, int dropout_offset, Tensor? attn_mask) -> (Tensor, Tensor, Tensor)")
+    "Tensor? dropout_state, Tensor? attn_mask) -> (Tensor, Tensor, Tensor)")
 
 
-# Dropout seeds and offsets are 64-bit unsigned (cuflash/dropout.py); the schemas' ints are int64.
+# Dropout's (seed, offset) reach the ops as `dropout_state`, an int64 CPU tensor of 2 (None without dropout):
+# a tensor, not two ints, so that torch.compile(fullgraph=True) traces a seed drawn from torch's generator
+# (torch.randint in the graph) where an int would need the value at trace time (a graph break). Seeds and
+# offsets are 64-bit unsigned (cuflash/dropout.py), stored as the int64 of the same bits.
 def _to_i64(x: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x
 
 
 def _to_u64(x: int) -> int:
     return x + (1 << 64) if x < 0 else x
+
+
+def _state_ints(dropout_state):
+    """(seed, offset) as unsigned ints of a `dropout_state` tensor, or (None, 0) without one."""
+    if dropout_state is None:
+        return None, 0
+    if dropout_state.dtype != torch.int64 or tuple(dropout_state.shape) != (2,) or dropout_state.is_cuda:
+        raise TypeError(f"dropout_state must be an int64 CPU tensor of shape (2,) (seed, offset), got "
+                        f"{dropout_state.dtype} {tuple(dropout_state.shape)} on {dropout_state.device}")
+    seed, offset = dropout_state.tolist()
+    return _to_u64(seed), _to_u64(offset)
 
 
 def _options(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap):
@@ -45,7 +59,7 @@ def _options(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_r
 
 
 def _fwd(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap, deterministic, dropout_p,
-         dropout_seed, dropout_offset, attn_mask):
+         dropout_state, attn_mask):
     key = None
     if alibi_slopes is None and attn_mask is None and dropout_p == 0 and q.is_cuda:
         # A call with the signature of an earlier plain one runs its bound launch (executor.py).
@@ -57,19 +71,19 @@ def _fwd(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right
                 return res
     call, (causal, scale, window, softcap, alibi) = _options(q, k, v, alibi_slopes, causal, softmax_scale,
                                                              window_left, window_right, softcap)
-    dropout = api._check_dropout_args(call, dropout_p, _to_u64(dropout_seed), _to_u64(dropout_offset))
+    dropout = api._check_dropout_args(call, dropout_p, *_state_ints(dropout_state))
     attn_mask = api._check_attn_mask(call, attn_mask)
     return api._forward(call, q, k, v, alibi, causal, scale, window, softcap, True, dropout, attn_mask,
                         bind_key=key)
 
 
 def _bwd(dout, q, k, v, out, lse, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap,
-         deterministic, dropout_p, dropout_seed, dropout_offset, attn_mask):
+         deterministic, dropout_p, dropout_state, attn_mask):
+    seed, offset = _state_ints(dropout_state)
     return api.attention_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale,
                                   window_size=(window_left, window_right), softcap=softcap,
                                   alibi_slopes=alibi_slopes, deterministic=deterministic, dropout_p=dropout_p,
-                                  dropout_seed=_to_u64(dropout_seed), dropout_offset=_to_u64(dropout_offset),
-                                  attn_mask=attn_mask)
+                                  dropout_seed=seed, dropout_offset=offset, attn_mask=attn_mask)
 
 
 _lib.define(
@@ -128,7 +142,7 @@ for _device in ("CUDA", "CPU"):
 
 @torch.library.register_fake("cuflash::fwd")
 def _fwd_fake(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap, deterministic,
-              dropout_p, dropout_seed, dropout_offset, attn_mask):
+              dropout_p, dropout_state, attn_mask):
     # Validation runs here too, so that a traced (torch.compile) call rejects bad input at trace time.
     call, _ = _options(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap)
     api._check_attn_mask(call, attn_mask)
@@ -163,7 +177,7 @@ def _kvcache_fwd_fake(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_s
 
 @torch.library.register_fake("cuflash::bwd")
 def _bwd_fake(dout, q, k, v, out, lse, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap,
-              deterministic, dropout_p, dropout_seed, dropout_offset, attn_mask):
+              deterministic, dropout_p, dropout_state, attn_mask):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -210,10 +224,11 @@ class _Attention(torch.autograd.Function):
     # C++ input scan). With _distinct's fast path, flash_attn_func fwd + grad with the ops stubbed went from
     # ~50 to ~30 us over a do-nothing Function's (this 2-core VM, CPU tensors).
     @staticmethod
-    def forward(ctx, q, k, v, alibi_slopes, attn_mask, options):
-        out, lse = _op(torch.ops.cuflash.fwd, _fwd)(q, k, v, alibi_slopes, *options, attn_mask)
-        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, attn_mask)
-        ctx.options = options  # dropout: the same seed and offset replay the forward's mask
+    def forward(ctx, q, k, v, alibi_slopes, attn_mask, dropout_state, options):
+        out, lse = _op(torch.ops.cuflash.fwd, _fwd)(q, k, v, alibi_slopes, *options, dropout_state, attn_mask)
+        # dropout: the same seed and offset replay the forward's mask
+        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, attn_mask, dropout_state)
+        ctx.options = options
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -221,10 +236,10 @@ class _Attention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # no double backward: an error, not silent zeros
     def backward(ctx, dout, dlse):
         # Gradients flow through `out` only; like FlashAttention, the LSE output is treated as a constant.
-        q, k, v, out, lse, alibi_slopes, attn_mask = ctx.saved_tensors
+        q, k, v, out, lse, alibi_slopes, attn_mask, dropout_state = ctx.saved_tensors
         dq, dk, dv = _op(torch.ops.cuflash.bwd, _bwd)(dout.contiguous(), q, k, v, out, lse, alibi_slopes,
-                                                      *ctx.options, attn_mask)
-        return dq, dk, dv, None, None, None
+                                                      *ctx.options, dropout_state, attn_mask)
+        return dq, dk, dv, None, None, None, None
 
 
 class _VarlenAttention(torch.autograd.Function):
@@ -342,20 +357,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return (out, lse) if return_softmax_lse else out
 
 
-def _draw_seed() -> int:
-    """A dropout seed from torch's default generator (torch.manual_seed reproduces it), in int64's range."""
-    return int(torch.randint(0, (1 << 63) - 1, (), dtype=torch.int64))
-
-
-def _dropout_seed(q, dropout_p, dropout_seed, dropout_offset):
-    """(seed, offset) as int64 for the op schemas: the caller's, or, without a seed and with dropout_p > 0, a
-    seed drawn from torch's default generator (so that torch.manual_seed reproduces a run)."""
+def _dropout_state(dropout_p, dropout_seed, dropout_offset):
+    """The ops' `dropout_state`: None without dropout (and no seed); the caller's (seed, offset); or, without a
+    seed and with dropout_p > 0, a seed drawn from torch's default CPU generator (torch.manual_seed
+    reproduces a run; under torch.compile the draw is part of the graph) and offset 0."""
+    from .dropout import check_seed
+    offset = _to_i64(check_seed("dropout_offset", dropout_offset))
     if dropout_seed is None:
         if not dropout_p:
-            return 0, 0
-        dropout_seed = _draw_seed()
-    from .dropout import check_seed
-    return (_to_i64(check_seed("dropout_seed", dropout_seed)), _to_i64(check_seed("dropout_offset", dropout_offset)))
+            return None
+        drawn = torch.randint(0, (1 << 63) - 1, (1,), dtype=torch.int64)
+        return torch.cat([drawn, torch.tensor([offset], dtype=torch.int64)])
+    return torch.tensor([_to_i64(check_seed("dropout_seed", dropout_seed)), offset], dtype=torch.int64)
 
 
 def _with_block_mask(q, k, attn_mask, block_mask):
@@ -376,10 +389,11 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     """Differentiable :func:`cuflash.attention` for torch tensors (same arguments and semantics).
 
     ``deterministic=True`` makes the backward bitwise reproducible. The returned LSE (``return_lse``) is
-    not differentiated through. Dropout (``dropout_p > 0``) on CPU tensors: without ``dropout_seed`` a seed
-    is drawn from torch's default generator (``torch.manual_seed`` reproduces the mask), and the backward
-    replays the forward's mask. CUDA tensors run the kernels' dropout builds (the backward's is sm80's, on
-    Hopper too for now); the seed comes from torch's default CPU generator, so a CUDA graph replays one mask.
+    not differentiated through. Dropout (``dropout_p > 0``): without ``dropout_seed`` a seed is drawn from
+    torch's default CPU generator (``torch.manual_seed`` reproduces the mask; under ``torch.compile`` the
+    draw is part of the graph, so ``fullgraph=True`` holds), and the backward replays the forward's mask.
+    CUDA tensors run the kernels' dropout builds (the backward's is sm80's, on Hopper too for now); the seed
+    is drawn on the host, so a captured CUDA graph replays one mask.
     ``attn_mask`` as :func:`cuflash.attention` takes it (CPU tensors so far); it is not differentiated, so
     a mask that requires grad raises NotImplementedError. ``block_mask`` (a :class:`cuflash.BlockMask` or a
     FlexAttention one) reaches the op as its dense element mask, combined with ``attn_mask`` (CPU tensors).
@@ -388,23 +402,28 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
         attn_mask = _with_block_mask(q, k, attn_mask, block_mask)
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("attn_mask requires grad; cuflash does not differentiate the mask (detach it)")
+    dropout_p = api._check_probability(dropout_p)
+    out, lse = _attention(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, deterministic,
+                          dropout_p, _dropout_state(dropout_p, dropout_seed, dropout_offset), attn_mask)
+    return (out, lse) if return_lse else out
+
+
+def _attention(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, deterministic, dropout_p,
+               dropout_state, attn_mask):
+    """(out, lse), through autograd when q, k or v need grad (``dropout_p`` checked already)."""
     # The options checked as cuflash.attention checks them, before either path: the op schema would convert
     # causal=1 or a 0-d tensor that the autograd path, calling the implementation, rejects.
     causal, deterministic = api._check_flag("causal", causal), api._check_flag("deterministic", deterministic)
     softcap = api._check_real("softcap", softcap, nonneg=True)
     softmax_scale = api._check_real("softmax_scale", softmax_scale, allow_none=True, positive=True)
-    dropout_p = api._check_probability(dropout_p)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    seed, offset = _dropout_seed(q, dropout_p, dropout_seed, dropout_offset)
     softmax_scale = _default_scale(q, softmax_scale)
     left, right = api._check_window(window_size)
-    args = (causal, softmax_scale, left, right, softcap, deterministic, dropout_p, seed, offset)
+    args = (causal, softmax_scale, left, right, softcap, deterministic, dropout_p)
     if needs_grad:
         q, k, v, alibi_slopes, attn_mask = _distinct(q, k, v, alibi_slopes, attn_mask)
-        out, lse = _Attention.apply(q, k, v, alibi_slopes, attn_mask, args)
-    else:
-        out, lse = torch.ops.cuflash.fwd(q, k, v, alibi_slopes, *args, attn_mask)
-    return (out, lse) if return_lse else out
+        return _Attention.apply(q, k, v, alibi_slopes, attn_mask, dropout_state, args)
+    return torch.ops.cuflash.fwd(q, k, v, alibi_slopes, *args, dropout_state, attn_mask)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -418,16 +437,15 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     pads the last two dims to multiples of 128, cuflash does not). ``dropout_p > 0``: the seed comes from
     torch's default generator (see :func:`attention`).
     """
-    seed = None
-    if dropout_p:
-        seed = _draw_seed()
-    out, lse = attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
-                         softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True, deterministic=deterministic,
-                         dropout_p=dropout_p, dropout_seed=seed)
+    dropout_p = api._check_probability(dropout_p)
+    state = _dropout_state(dropout_p, None, 0)
+    out, lse = _attention(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, deterministic,
+                          dropout_p, state, None)
     if not return_attn_probs:
         return out
     if not dropout_p:
         return out, lse, None
+    seed = _state_ints(state)[0]
     from . import dropout, reference
 
     def host(x):  # (CUDA tensors as float32 copies: NumPy has no bfloat16)
@@ -480,8 +498,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         ``enable_gqa``, ``scale <= 0`` (which SDPA takes; cuflash's kernels need a positive scale); and
         whatever :func:`cuflash.attention` raises for its arguments.
     NotImplementedError
-        A value head dim other than the query's; on CUDA tensors, ``attn_mask``, ``dropout_p > 0`` and
-        ``is_causal`` with L < S (the kernels take no element mask yet).
+        A value head dim other than the query's; on CUDA tensors, ``attn_mask`` and ``is_causal`` with
+        L < S (the kernels take no element mask yet).
     """
     if query.dim() not in (3, 4) or key.dim() != query.dim() or value.dim() != query.dim():
         raise ValueError(f"query, key and value must all be 4-D (batch, heads, seqlen, head_dim) or 3-D (batch, "

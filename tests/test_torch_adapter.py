@@ -42,8 +42,9 @@ def test_gradcheck_with_every_feature():
 def test_opcheck_forward_and_backward_ops():
     """torch.library.opcheck validates the fake implementations and registrations of both ops."""
     q, k, v = (t.detach().float() for t in _qkv())
-    for drop in ((0.0, 0, 0), (0.2, 7, 3), (0.2, -5, 0)):  # a negative int64 seed is 2**64 - 5
-        args = (None, True, 0.25, -1, -1, 0.0, False) + drop + (None,)
+    for p, state in ((0.0, None), (0.2, [7, 3]), (0.2, [-5, 0])):  # a negative int64 seed is 2**64 - 5
+        state = None if state is None else torch.tensor(state, dtype=torch.int64)
+        args = (None, True, 0.25, -1, -1, 0.0, False, p, state, None)
         torch.library.opcheck(torch.ops.cuflash.fwd.default, (q, k, v) + args)
         out, lse = torch.ops.cuflash.fwd(q, k, v, *args)
         torch.library.opcheck(torch.ops.cuflash.bwd.default, (torch.randn_like(out), q, k, v, out, lse) + args)
@@ -65,6 +66,35 @@ def test_torch_compile_fullgraph():
     q, k, v = _qkv(dtype=torch.float32)
     f = lambda q, k, v: (ct.attention(q, k, v, causal=True) ** 2).sum()
     _assert_compiled_matches_eager(torch.compile(f, fullgraph=True, backend="aot_eager"), f, q, k, v)
+
+
+def test_torch_compile_fullgraph_with_dropout():
+    """Dropout with the seed drawn from torch's generator compiles with fullgraph=True (the draw is a tensor
+    op in the graph, not an int read at trace time), and after the same torch.manual_seed the compiled
+    function gives eager's output and gradients: it draws the same seed."""
+    q, k, v = _qkv(dtype=torch.float32)
+    f = lambda q, k, v: (ct.flash_attn_func(q, k, v, dropout_p=0.3, causal=True) ** 2).sum()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(3)
+    loss_c = compiled(q, k, v)
+    grads_c = torch.autograd.grad(loss_c, (q, k, v))
+    torch.manual_seed(3)
+    loss_e = f(q, k, v)
+    grads_e = torch.autograd.grad(loss_e, (q, k, v))
+    torch.testing.assert_close(loss_c, loss_e, rtol=0, atol=0)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.manual_seed(4)  # another seed, another mask
+    assert not torch.equal(compiled(q, k, v), loss_c)
+
+
+def test_dropout_state_is_checked():
+    """The ops' dropout_state must be an int64 CPU tensor of (seed, offset): anything else is a TypeError
+    naming it, before any work."""
+    q, k, v = (t.detach().float() for t in _qkv())
+    for bad in (torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1, 2, 3]), torch.tensor(1)):
+        with pytest.raises(TypeError, match="dropout_state must be an int64 CPU tensor"):
+            torch.ops.cuflash.fwd(q, k, v, None, False, 0.25, -1, -1, 0.0, False, 0.2, bad, None)
 
 
 @pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
@@ -412,7 +442,7 @@ def test_float64_lse_under_torch_compile_and_opcheck():
     """The forward op's fake gave a float32 LSE for float64 inputs (the real op returns float64): opcheck's
     fake-tensor test failed and inductor computed with the wrong dtype (2e12 against 27.9 in eager)."""
     q, k, v = _small_qkv(False, torch.float64)
-    args = (q, k, v, None, True, 0.25, -1, -1, 0.0, False, 0.0, 0, 0, None)
+    args = (q, k, v, None, True, 0.25, -1, -1, 0.0, False, 0.0, None, None)
     torch.library.opcheck(torch.ops.cuflash.fwd.default, args)
 
     def f(q, k, v):

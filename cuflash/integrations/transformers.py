@@ -41,9 +41,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         What the registered mask function built: None when no token is padded, else the 2-D padding mask
         (1 = real token), served by variable-length attention. A 4-D mask raises NotImplementedError.
     dropout : float
-        Attention dropout (transformers passes the model's rate in training): unpadded batches on the CPU
-        path, the seed drawn from torch's default generator; CUDA tensors and padded / packed batches raise
-        NotImplementedError for ``dropout > 0``.
+        Attention dropout (transformers passes the model's rate in training): unpadded batches, CPU or
+        CUDA, the seed drawn from torch's default generator; padded / packed batches (variable-length
+        attention) raise NotImplementedError for ``dropout > 0``.
     scaling : float, optional
         Softmax scale; default ``head_dim ** -0.5``.
     sliding_window : int, optional
@@ -61,7 +61,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     Raises
     ------
     NotImplementedError
-        A 4-D mask, ``dropout > 0`` on CUDA tensors or with padding / packing, attention sinks (``s_aux``), a
+        A 4-D mask, ``dropout > 0`` with padding / packing, attention sinks (``s_aux``), a
         value head dim that differs from the query's, packed sequences (position ids that restart) with a
         KV cache.
 
