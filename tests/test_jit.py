@@ -271,6 +271,18 @@ def test_keys_for_arch_are_exactly_what_the_runtime_runs(arch, monkeypatch):
     assert ({"fwd_sm90", "bwd_sm90"} <= {k.family for k in built}) == (arch == "sm_90a")
 
 
+@pytest.mark.parametrize("arch", sorted(ARCH_CC))
+def test_keys_for_arch_fit_the_arch_shared_memory(arch):
+    """Every sm80-family forward and backward variant keys_for_arch lists for a target fits that target's
+    shared memory (a tile override that ignored the limit would ask a 99 KB GPU for 128 KB at launch)."""
+    limit = dispatch.max_smem(*ARCH_CC[arch])
+    for key in dispatch.keys_for_arch(arch):
+        if key.family == "fwd_sm80":
+            assert dispatch.forward_smem_bytes(key) <= limit, key.name
+        elif key.family == "bwd_sm80":
+            assert dispatch.backward_smem_bytes(key) <= limit, key.name
+
+
 def _record_compiles(monkeypatch):
     done = []
     monkeypatch.setattr(jit, "cubin_for", lambda key, arch: done.append((key.name, arch)) or b"")
