@@ -366,9 +366,11 @@ def _dropout_state(dropout_p, dropout_seed, dropout_offset):
     if dropout_seed is None:
         if not dropout_p:
             return None
-        drawn = torch.randint(0, (1 << 63) - 1, (1,), dtype=torch.int64)
-        return torch.cat([drawn, torch.tensor([offset], dtype=torch.int64)])
-    return torch.tensor([_to_i64(check_seed("dropout_seed", dropout_seed)), offset], dtype=torch.int64)
+        # (on the CPU whatever torch.set_default_device says: the ops read the state on the host)
+        drawn = torch.randint(0, (1 << 63) - 1, (1,), dtype=torch.int64, device="cpu")
+        return torch.cat([drawn, torch.tensor([offset], dtype=torch.int64, device="cpu")])
+    return torch.tensor([_to_i64(check_seed("dropout_seed", dropout_seed)), offset], dtype=torch.int64,
+                        device="cpu")
 
 
 def _with_block_mask(q, k, attn_mask, block_mask):

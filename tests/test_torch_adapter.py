@@ -88,6 +88,21 @@ def test_torch_compile_fullgraph_with_dropout():
     assert not torch.equal(compiled(q, k, v), loss_c)
 
 
+def test_dropout_seed_drawn_on_the_cpu_under_a_default_device():
+    """With torch.set_default_device set (to the meta device here, as a stand-in for "cuda"), the dropout
+    state is still drawn and read on the CPU: same output as without it after the same manual_seed."""
+    q, k, v = (t.detach().float() for t in _qkv())
+    torch.manual_seed(2)
+    want = ct.flash_attn_func(q, k, v, dropout_p=0.4)
+    torch.set_default_device("meta")
+    try:
+        torch.manual_seed(2)
+        got = ct.flash_attn_func(q, k, v, dropout_p=0.4)
+    finally:
+        torch.set_default_device(None)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_dropout_state_is_checked():
     """The ops' dropout_state must be an int64 CPU tensor of (seed, offset): anything else is a TypeError
     naming it, before any work."""
