@@ -3,10 +3,11 @@ against PyTorch's varlen / padded paths, in one process.
 
     python bench/bench_varlen.py [--tokens 16384] [--hdims 64,128] [--runs 20] [--out bench/results]
 
-``--tokens`` tokens are split into random lengths between 64 and 4096 (mean about 1k; seed 0). TFLOP/s are
+``--tokens`` tokens are split into random lengths between 64 and 4096, log-uniform (mean about 1k; seed 0). TFLOP/s are
 counted per sequence: the sum over sequences of 4 * heads * len_q * len_k * head_dim, halved for causal
 (the grid's own convention, bench_attention.py), x2.5 for the backward. Contenders, forward and backward,
-CUDA events around back-to-back calls (median of --runs samples of 4 calls, warm-up excluded), bf16:
+CUDA events around back-to-back calls (median of --runs samples of 4 calls, warm-up excluded; the best such
+median of --rounds interleaved rounds), bf16:
 
 - cuflash.attention_varlen on the packed (tokens, heads, d) arrays;
 - the dense cuflash.attention on a batch of equal total work: tokens / L sequences of the length L whose
@@ -31,9 +32,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def lengths(tokens: int, rng) -> list[int]:
+    """Lengths log-uniform on [64, 4096] (mean (4096 - 64) / ln 64 = 969, the issue's "about 1k"; a uniform
+    draw would average 2080), the last one cut to what is left."""
     out, left = [], tokens
     while left > 0:
-        n = int(min(left, rng.integers(64, 4097)))
+        n = int(min(left, round(float(np.exp(rng.uniform(np.log(64), np.log(4096)))))))
         out.append(n)
         left -= n
     return out
@@ -84,6 +87,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--hdims", default="64,128")
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each contender's best median counts")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
@@ -114,17 +118,20 @@ def main() -> None:
                                                     return_lse=True)
             out_d, lse_d = cuflash.attention(dq, dk, dv, causal=causal, return_lse=True)
             name, torch_fwd, torch_bwd = _torch_contender(lens, q, k, v, do_var, causal)
-            times = {
-                "fwd": (results_io.median_ms(lambda: cuflash.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=causal),
-                              args.runs),
-                        results_io.median_ms(lambda: cuflash.attention(dq, dk, dv, causal=causal), args.runs),
-                        results_io.median_ms(torch_fwd, args.runs)),
-                "bwd": (results_io.median_ms(lambda: cuflash.attention_varlen_backward(do_var, q, k, v, out_v, lse_v, cu, cu, max(lens),
-                                                                        max(lens), causal=causal), args.runs),
-                        results_io.median_ms(lambda: cuflash.attention_backward(do_eq, dq, dk, dv, out_d, lse_d, causal=causal),
-                              args.runs),
-                        results_io.median_ms(torch_bwd, args.runs)),
+            calls = {
+                "fwd": (lambda: cuflash.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=causal),
+                        lambda: cuflash.attention(dq, dk, dv, causal=causal), torch_fwd),
+                "bwd": (lambda: cuflash.attention_varlen_backward(do_var, q, k, v, out_v, lse_v, cu, cu, max(lens),
+                                                                  max(lens), causal=causal),
+                        lambda: cuflash.attention_backward(do_eq, dq, dk, dv, out_d, lse_d, causal=causal),
+                        torch_bwd),
             }
+            # The contenders alternate for --rounds rounds and each keeps its best median: a single median
+            # moved by up to 5% between runs on the lent H200, as much as the 0.9x target's margin.
+            times = {p: [float("inf")] * 3 for p in calls}
+            for _ in range(args.rounds):
+                for pass_, fns in calls.items():
+                    times[pass_] = [min(t, results_io.median_ms(fn, args.runs)) for t, fn in zip(times[pass_], fns)]
             for pass_, (t_var, t_dense, t_torch) in times.items():
                 mult = 2.5 if pass_ == "bwd" else 1.0
                 row = dict(d=d, causal=causal, pass_=pass_, varlen_tflops=mult * work / t_var / 1e9,
