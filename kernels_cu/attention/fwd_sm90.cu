@@ -25,8 +25,9 @@
 // sequence's first row. A tile at a sequence's end then brings in the next sequence's rows (or, past the
 // packed rows, TMA's zeros): their keys are masked like any tail, and, since 0 x NaN is NaN, the V rows past
 // the sequence's keys are zeroed in shared memory before the tail tile's P.V; Q rows past it give rows of O
-// that are never stored, because O leaves through ordinary stores clipped at the sequence's length (a TMA
-// store would write them into the next sequence). Work tiles past a sequence's rows are skipped by the
+// that are never stored: a warpgroup's 64 rows leave by TMA store only when all lie inside the sequence, the
+// sequence's last rows through ordinary stores clipped at its length (a TMA store would write them into the
+// next sequence). Work tiles past a sequence's rows are skipped by the
 // producer and the consumers alike; the tiles go in plain query-block order (no short first tile). A
 // persistent launch takes them from the tile counter: with the static order, whose slots are mostly tiles
 // past short sequences' ends, and tiles whose cost follows their sequence's length, some CTAs ran two or
@@ -45,6 +46,7 @@
 #include "ptx/cp_async.cuh"
 #include "ptx/mbarrier.cuh"
 #include "ptx/tma.cuh"
+#include "ptx/vector_memory.cuh"
 #include "ptx/prefetch.cuh"
 #include "ptx/warpgroup.cuh"
 #include "ptx/wgmma.cuh"
@@ -711,7 +713,7 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
 
         // The O rows may be overwritten once the previous tile's store has read them (separate buffer), or
         // once every warp of this warpgroup has retired its last product reading these Q rows.
-        if (!CF_VARLEN && elected) tma_store_wait_read();
+        if (elected) tma_store_wait_read();
         named_barrier_sync(1 + cw, 128);
         const int g = lane >> 2, tq = lane & 3;
 #if CF_VARLEN
@@ -730,36 +732,36 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
             if (tq == 0 && wg_row0 + r < w.m_end) lse[wg_row0 + r] = row_lse[0][hh];
         }
 #if CF_VARLEN
-        // Ordinary 16-byte stores, rows clipped at the sequence's length (see the top).
-        named_barrier_sync(1 + cw, 128);
-        {
+        // The sequence's last rows: ordinary 16-byte stores clipped at its length (see the top). Whole
+        // 64-row blocks inside the sequence take the TMA store below, as dense tiles do: all-ordinary stores
+        // made the epilogue 3x the dense one's stall samples (hd128, 32 x 512 causal: the kernel 14% slower).
+        if (wg_row0 + 64 > w.m_end) {
+            named_barrier_sync(1 + cw, 128);
             u16* o = (u16*)p.a.o + (i64)w.bc.h * p.a.o_head_stride + (i64)w.row_q * p.a.o_row_stride;
             const int tid = warp_in_wg * 32 + lane;
             for (int c = tid; c < 64 * kDT8; c += 128) {
                 const int r = c / kDT8, d = c % kDT8;  // row within this warpgroup's 64, 8-column group
-                if (wg_row0 + r < w.m_end && d * 8 < p.a.head_dim) {
-                    uint4 x;
-                    const u32 addr = o_rows + (d / 8) * kQBlock + r * 128 + (((d % 8) ^ (r & 7)) << 4);
-                    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                                 : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w) : "r"(addr));
-                    *(uint4*)(o + (i64)(wg_row0 + r) * p.a.o_row_stride + d * 8) = x;
-                }
+                if (wg_row0 + r < w.m_end && d * 8 < p.a.head_dim)
+                    st_global_v4(o + (i64)(wg_row0 + r) * p.a.o_row_stride + d * 8,
+                                 ld_shared_v4(o_rows + (d / 8) * kQBlock + r * 128 + (((d % 8) ^ (r & 7)) << 4)));
+            }
+        } else
+#endif
+        {
+            fence_proxy_async_smem();
+            named_barrier_sync(1 + cw, 128);
+            if (elected && wg_row0 < w.m_end) {  // an idle warpgroup of a short first tile holds the next tile's rows
+                for (int c = 0; c < kCol64; ++c)
+                    tma_store_4d(&p.o, o_rows + c * kQBlock, c * 64, CF_Q_ROW0(w) + wg_row0, w.bc.h, CF_TMA_BATCH(w));
+                tma_store_commit();
             }
         }
-#else
-        fence_proxy_async_smem();
-        named_barrier_sync(1 + cw, 128);
-        if (elected && wg_row0 < w.m_end) {  // an idle warpgroup of a short first tile holds the next tile's rows
-            for (int c = 0; c < kCol64; ++c) tma_store_4d(&p.o, o_rows + c * kQBlock, c * 64, wg_row0, w.bc.h, w.bc.b);
-            tma_store_commit();
-        }
-#endif
         if (!kPersistent) break;
     }
     // The last hand-over has no next tile to open: the first warpgroup takes it, so that no arrival is
     // left on the barrier (each barrier then sees as many arrivals as waits).
     if (CF_PINGPONG && cw == 0) named_barrier_sync(kTurnBarrier0, 256);
-    if (!CF_VARLEN && elected) tma_store_wait_read();  // shared memory must outlive the last store's reads
+    if (elected) tma_store_wait_read();  // shared memory must outlive the last store's reads
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
