@@ -401,6 +401,24 @@ def clear() -> None:
     _sequences.clear()
 
 
+def sequence_key(kind: str, fw: str, xs, options: tuple):
+    """The signature of a recorded call (:class:`BoundSequence`) of ``kind`` on the arrays ``xs`` (None where
+    absent) with ``options``: :func:`key`'s rule (every array's type, shape, strides, dtype, device and
+    16-byte alignment, the options with their types, the dispatch environment). None where a call is not
+    bound: arrays other than torch's or CuPy's, or of both, and CuPy arrays with negative strides."""
+    from .arrays import framework_of
+    if fw not in ("torch", "cupy"):
+        return None
+    present = []
+    for x in xs:
+        if x is not None:
+            if framework_of(x) != fw or (fw == "cupy" and any(st < 0 for st in x.strides)):
+                return None
+            present.append(x)
+    table = torch_signature(present) if fw == "torch" else cupy_signature(present)
+    return (kind, fw, tuple(x is None for x in xs), table, _typed(*options), launch_plan.env())
+
+
 def lookup_sequence(key):
     return _sequences.get(key)
 

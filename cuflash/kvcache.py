@@ -21,7 +21,7 @@ import numbers
 
 import numpy as np
 
-from . import api, arrays, dispatch, executor, launch_plan, recording, reference
+from . import api, arrays, dispatch, executor, recording, reference
 
 _GPU_NOT_IMPLEMENTED = ("{}: runs on the CPU (NumPy path) only so far; the GPU kernels are not implemented yet. "
                         "Pass CPU arrays")
@@ -514,7 +514,7 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
         # Bound in another context (the arrays' device is not this thread's current one), or an int
         # cache_seqlens the general path rejects: the general path, without recording the call again.
         return _with_kvcache_general(q, k_cache, v_cache, k, v, fw, **options)
-    regions = [None if x is None else _region(x, fw) for x in xs]
+    regions = [None if x is None else recording.array_region(x, fw) for x in xs]
     with recording.Recording(regions) as rec:
         result = _with_kvcache_general(q, k_cache, v_cache, k, v, fw, **options)
         # The outputs are allocations of the call, found by identity (zero-size ones share an address).
@@ -526,43 +526,17 @@ def _with_kvcache_gpu(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_bat
     return result
 
 
-def _region(x, fw):
-    """(base address, bytes spanned) of a torch or CuPy array."""
-    if fw == "torch":
-        shape, strides, item, ptr = x.shape, x.stride(), x.element_size(), x.data_ptr()
-    else:
-        shape, item, ptr = x.shape, x.dtype.itemsize, x.data.ptr
-        strides = tuple(st // item for st in x.strides)
-    return ptr, recording.extent_bytes(shape, strides, item)
-
-
 def _bound_key(fw, xs, cache_seqlens, rotary_interleaved, causal, window_size, softcap, softmax_scale, num_splits,
                return_lse):
-    """The signature of a call for executor's bound sequences (executor.key's rule: every array's type,
-    shape, strides, dtype, device and 16-byte alignment, the options with their types, the dispatch
-    environment), or None where a call is not bound: arrays other than torch's or CuPy's (or mixed), CuPy
-    arrays with negative strides, a window that is not a tuple."""
-    if fw not in ("torch", "cupy") or window_size.__class__ is not tuple:
+    """The signature of a call for executor's bound sequences (executor.sequence_key), or None where a call is
+    not bound (there, and for a window that is not a tuple)."""
+    if window_size.__class__ is not tuple:
         return None
-    sig = []
-    for x in xs:
-        if x is None:
-            sig.append(None)
-            continue
-        if arrays.framework_of(x) != fw:
-            return None
-        if fw == "cupy" and any(st < 0 for st in x.strides):
-            return None
-        sig.append(x)
-    present = [x for x in sig if x is not None]
-    table = executor.torch_signature(present) if fw == "torch" else executor.cupy_signature(present)
-    layout = tuple(x is None for x in sig)
     # An int cache_seqlens is not part of it: its value reaches the kernels as one int32 argument of the append
     # and rotary launches (recording.CallScalar), given per call; its type is (numpy's ints pass as ints).
     seqlens = int if isinstance(cache_seqlens, numbers.Integral) else None
-    return ("kvcache", fw, layout, table,
-            executor._typed(seqlens, rotary_interleaved, causal, softcap, softmax_scale, num_splits, return_lse,
-                            *window_size), launch_plan.env())
+    return executor.sequence_key("kvcache", fw, xs, (seqlens, rotary_interleaved, causal, softcap, softmax_scale,
+                                                     num_splits, return_lse, *window_size))
 
 
 def _with_kvcache_general(q, k_cache, v_cache, k, v, fw, *, cache_seqlens, cache_batch_idx, cache_leftpad,

@@ -127,6 +127,16 @@ class Recording:
         return inside[0], p - self.regions[inside[0]][0]
 
 
+def array_region(x, fw: str) -> tuple:
+    """(base address, bytes spanned) of a torch or CuPy array: its region in a :class:`Recording`."""
+    if fw == "torch":
+        shape, strides, item, ptr = x.shape, x.stride(), x.element_size(), x.data_ptr()
+    else:
+        shape, item, ptr = x.shape, x.dtype.itemsize, x.data.ptr
+        strides = tuple(st // item for st in x.strides)
+    return ptr, extent_bytes(shape, strides, item)
+
+
 def extent_bytes(shape, strides, itemsize: int) -> int:
     """Bytes from an array's first element to one past its last (0 when empty; strides in elements, >= 0)."""
     if 0 in shape:

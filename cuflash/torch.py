@@ -99,9 +99,8 @@ _lib.define(
 
 def _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, seqused_q, seqused_k,
                 causal, softmax_scale, window_left, window_right, softcap):
-    call = varlen._VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
-    return varlen._attention_varlen(call, q, k, v, causal, softmax_scale, (window_left, window_right), softcap,
-                                    alibi_slopes, True)
+    return varlen.forward_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
+                               causal, softmax_scale, (window_left, window_right), softcap, alibi_slopes, True)
 
 
 def _varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,

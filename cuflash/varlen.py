@@ -26,7 +26,7 @@ import numbers
 
 import numpy as np
 
-from . import api, arrays, reference
+from . import api, arrays, executor, recording, reference
 
 
 class _VarlenCall:
@@ -303,15 +303,75 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         or run past the packed arrays, ``seqused`` outside [0, length], ``max_seqlen`` below the longest
         sequence (value checks: CPU path only, see the module docstring). Each names the argument.
     """
-    call = _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
-    return_lse = api._check_flag("return_lse", return_lse)
-    if call.fw == "torch" and api._needs_autograd(q, k, v):
+    if arrays.framework_of(q) == "torch" and api._needs_autograd(q, k, v):
+        _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)  # checks
+        return_lse = api._check_flag("return_lse", return_lse)
         from . import torch as torch_adapter
         return torch_adapter.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                               causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                                               softcap=softcap, alibi_slopes=alibi_slopes, seqused_q=seqused_q,
                                               seqused_k=seqused_k, return_lse=return_lse)
-    return _attention_varlen(call, q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, return_lse)
+    return forward_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
+                        causal, softmax_scale, window_size, softcap, alibi_slopes, return_lse)
+
+
+def forward_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, causal,
+                 softmax_scale, window_size, softcap, alibi_slopes, return_lse):
+    """attention_varlen without autograd (the torch op runs this too): for torch and CuPy arrays on a GPU the
+    bound call (executor.BoundSequence) when an earlier call had this signature, else the general path,
+    recorded and bound. The general path's checks and planning cost 180-290 us a call on the H200's host,
+    more than the kernels take at 16k tokens (bench/NOTES.md, "Variable-length batches"); a bound call
+    allocates the outputs and enqueues the recorded fills and launch."""
+    key, xs = _sequence_key("varlen_forward", (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+                                               alibi_slopes), window_size,
+                            (max_seqlen_q, max_seqlen_k, causal, softmax_scale, softcap, return_lse))
+    if key is not None:
+        bound = executor.lookup_sequence(key)
+        if bound is not None:
+            outs = bound.run(xs)
+            if outs is not None:
+                return tuple(outs) if return_lse else outs[0]
+            key = None  # bound in another context: the general path, not recorded again
+    call = _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
+    return_lse = api._check_flag("return_lse", return_lse)
+    general = lambda: _attention_varlen(call, q, k, v, causal, softmax_scale, window_size, softcap,  # noqa: E731
+                                        alibi_slopes, return_lse)
+    if key is None or not call.on_gpu:
+        return general()
+    return _record(key, call, xs, general, lambda result: result if return_lse else (result,))
+
+
+def _sequence_key(kind, xs, window_size, options):
+    """(executor.sequence_key of a call on ``xs`` (q first), the arrays the recording and the bound call
+    take), or (None, xs) for a window that is not a tuple (the general path checks and normalizes it).
+
+    An array passed twice (self-attention's one cu_seqlens for q and k) would make the recording's pointers
+    ambiguous (recording.py: a pointer must match one array); its repeats become None in the arrays taken, and
+    which argument repeats which is part of the key."""
+    if window_size.__class__ is not tuple:
+        return None, xs
+    first, taken, repeats = {}, [], []
+    for i, x in enumerate(xs):
+        j = None if x is None else first.setdefault(id(x), i)
+        taken.append(x if j is None or j == i else None)
+        if j is not None and j != i:
+            repeats.append((i, j))
+    taken = tuple(taken)
+    key = executor.sequence_key(kind, arrays.framework_of(xs[0]), taken, (*options, *window_size, *repeats))
+    return key, taken
+
+
+def _record(key, call, xs, general, outputs_of):
+    """Runs ``general()`` under a launch recording and binds it under ``key`` when its outputs
+    (``outputs_of(result)``) are allocations of the call; returns the result."""
+    regions = [None if x is None else recording.array_region(x, call.fw) for x in xs]
+    with recording.Recording(regions) as rec:
+        result = general()
+        outputs = tuple(rec.allocation_of(x) for x in outputs_of(result))
+    if None not in outputs and all(rec.regions[o][1] > 0 for o in outputs):
+        with arrays.device_scope(call.fw, call.device):  # bound to the context the recorded launches ran in
+            executor.bind_sequence(key, rec, call.fw, call.device, call.dtype, outputs)
+    return result
 
 
 def _attention_varlen(call, q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, return_lse):
@@ -360,7 +420,28 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     TypeError, ValueError, NotImplementedError
         As :func:`attention_varlen`, and for ``dout``/``out``/``lse`` of the wrong shape or dtype.
     """
+    key, xs = _sequence_key("varlen_backward", (dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
+                                                seqused_k, alibi_slopes), window_size,
+                            (max_seqlen_q, max_seqlen_k, causal, softmax_scale, softcap, deterministic))
+    if key is not None:  # a bound call, as in forward_call
+        bound = executor.lookup_sequence(key)
+        if bound is not None:
+            grads = bound.run(xs)
+            if grads is not None:
+                return tuple(grads)
+            key = None
     call = _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
+    if key is not None and call.on_gpu:
+        general = lambda: _backward(call, dout, q, k, v, out, lse, causal, softmax_scale, window_size,  # noqa: E731
+                                    softcap, alibi_slopes, deterministic)
+        return _record(key, call, xs, general, tuple)
+    return _backward(call, dout, q, k, v, out, lse, causal, softmax_scale, window_size, softcap, alibi_slopes,
+                     deterministic)
+
+
+def _backward(call, dout, q, k, v, out, lse, causal, softmax_scale, window_size, softcap, alibi_slopes,
+              deterministic):
+    """attention_varlen_backward after the arrays' checks of _VarlenCall."""
     causal, scale, window, softcap, alibi = api._check_options(call, causal, softmax_scale, window_size, softcap,
                                                                alibi_slopes)
     deterministic = api._check_flag("deterministic", deterministic)

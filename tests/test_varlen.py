@@ -119,3 +119,20 @@ def test_bad_arguments_raise_named_errors(change, exc, text):
     with pytest.raises(exc, match=text.replace("(", r"\(").replace(")", r"\)")):
         cuflash.attention_varlen(q, k, v, args["cu_q"], args["cu_k"], args["max_q"], args["max_k"],
                                  seqused_k=args["seqused_k"])
+
+
+def test_bound_call_key_takes_a_repeated_array_once():
+    """varlen._sequence_key (the bound-call signature): one cu_seqlens object passed for q and k is taken once
+    (its repeat becomes None, so the recording's pointers stay unambiguous) and the key tells that call from
+    one with two equal but distinct arrays; a window that is not a tuple gives no key."""
+    torch = pytest.importorskip("torch")
+    from cuflash import varlen
+    q = torch.zeros(6, 2, 8, dtype=torch.float16)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    opts = (6, 6, True, None, 0.0, False)
+    key_one, taken = varlen._sequence_key("varlen_forward", (q, q, q, cu, cu, None, None, None), (-1, -1), opts)
+    assert taken == (q, None, None, cu, None, None, None, None)
+    key_two, taken = varlen._sequence_key("varlen_forward", (q, q, q, cu, cu.clone(), None, None, None), (-1, -1),
+                                          opts)
+    assert taken[3] is cu and taken[4] is not None and key_one != key_two
+    assert varlen._sequence_key("varlen_forward", (q, q, q, cu, cu, None, None, None), [-1, -1], opts)[0] is None
