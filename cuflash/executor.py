@@ -401,6 +401,16 @@ def clear() -> None:
     _sequences.clear()
 
 
+def view_identity(x, fw: str) -> tuple:
+    """What makes two torch or CuPy arrays the same view: address, shape, strides and dtype (raises for other
+    kinds of array)."""
+    if fw == "torch":
+        return (x.data_ptr(), x.shape, x.stride(), x.dtype)
+    if fw == "cupy":
+        return (x.data.ptr, x.shape, x.strides, x.dtype)
+    raise TypeError(f"no view identity for {fw} arrays")
+
+
 def sequence_key(kind: str, fw: str, xs, options: tuple):
     """The signature of a recorded call (:class:`BoundSequence`) of ``kind`` on the arrays ``xs`` (None where
     absent) with ``options``: :func:`key`'s rule (every array's type, shape, strides, dtype, device and

@@ -303,7 +303,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         or run past the packed arrays, ``seqused`` outside [0, length], ``max_seqlen`` below the longest
         sequence (value checks: CPU path only, see the module docstring). Each names the argument.
     """
-    if arrays.framework_of(q) == "torch" and api._needs_autograd(q, k, v):
+    if arrays.framework_of(q) == "torch" and _needs_autograd(q, k, v):
         _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)  # checks
         return_lse = api._check_flag("return_lse", return_lse)
         from . import torch as torch_adapter
@@ -313,6 +313,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                                               seqused_k=seqused_k, return_lse=return_lse)
     return forward_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
                         causal, softmax_scale, window_size, softcap, alibi_slopes, return_lse)
+
+
+def _needs_autograd(*xs) -> bool:
+    """Whether a torch call must go through autograd; arrays of another kind among them (which the checks then
+    refuse) do not count."""
+    import torch
+    return torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in xs)
 
 
 def forward_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, causal,
@@ -336,7 +343,7 @@ def forward_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     return_lse = api._check_flag("return_lse", return_lse)
     general = lambda: _attention_varlen(call, q, k, v, causal, softmax_scale, window_size, softcap,  # noqa: E731
                                         alibi_slopes, return_lse)
-    if key is None or not call.on_gpu:
+    if not _second_sighting(key) or not call.on_gpu:
         return general()
     return _record(key, call, xs, general, lambda result: result if return_lse else (result,))
 
@@ -345,20 +352,44 @@ def _sequence_key(kind, xs, window_size, options):
     """(executor.sequence_key of a call on ``xs`` (q first), the arrays the recording and the bound call
     take), or (None, xs) for a window that is not a tuple (the general path checks and normalizes it).
 
-    An array passed twice (self-attention's one cu_seqlens for q and k) would make the recording's pointers
-    ambiguous (recording.py: a pointer must match one array); its repeats become None in the arrays taken, and
-    which argument repeats which is part of the key."""
+    An array passed twice (self-attention's one cu_seqlens for q and k; the torch adapter's autograd
+    Functions pass a repeat as a fresh view of the same memory) would make the recording's pointers ambiguous
+    (recording.py: a pointer must match one array); its repeats become None in the arrays taken, and which
+    argument repeats which is part of the key. Every argument here is only read, so views that coincide may
+    share one region."""
     if window_size.__class__ is not tuple:
         return None, xs
+    fw = arrays.framework_of(xs[0])
     first, taken, repeats = {}, [], []
     for i, x in enumerate(xs):
-        j = None if x is None else first.setdefault(id(x), i)
+        j = None
+        if x is not None:
+            try:
+                j = first.setdefault(executor.view_identity(x, fw), i)
+            except (AttributeError, TypeError, RuntimeError):  # not a torch / CuPy array: the checks say which
+                return None, xs
         taken.append(x if j is None or j == i else None)
         if j is not None and j != i:
             repeats.append((i, j))
     taken = tuple(taken)
-    key = executor.sequence_key(kind, arrays.framework_of(xs[0]), taken, (*options, *window_size, *repeats))
-    return key, taken
+    return executor.sequence_key(kind, fw, taken, (*options, tuple(window_size), tuple(repeats))), taken
+
+
+# Signatures seen once: a call is recorded and bound the second time its signature comes, so that calls
+# whose shapes change every time (packed training batches: new total lengths and max_seqlen each step) do
+# not pay for a recording each, nor evict the bound calls that repeat (executor keeps 256).
+_seen: set = set()
+
+
+def _second_sighting(key) -> bool:
+    if key is None:
+        return False
+    if key in _seen:
+        return True
+    if len(_seen) >= 4096:
+        _seen.clear()
+    _seen.add(key)
+    return False
 
 
 def _record(key, call, xs, general, outputs_of):
@@ -431,7 +462,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
                 return tuple(grads)
             key = None
     call = _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
-    if key is not None and call.on_gpu:
+    if _second_sighting(key) and call.on_gpu:
         general = lambda: _backward(call, dout, q, k, v, out, lse, causal, softmax_scale, window_size,  # noqa: E731
                                     softcap, alibi_slopes, deterministic)
         return _record(key, call, xs, general, tuple)

@@ -136,3 +136,21 @@ def test_bound_call_key_takes_a_repeated_array_once():
                                           opts)
     assert taken[3] is cu and taken[4] is not None and key_one != key_two
     assert varlen._sequence_key("varlen_forward", (q, q, q, cu, cu, None, None, None), [-1, -1], opts)[0] is None
+    # a fresh view of the same memory (what the autograd Functions pass for a repeat) is a repeat too
+    assert varlen._sequence_key("varlen_forward", (q, q, q, cu, cu.view_as(cu), None, None, None), (-1, -1),
+                                opts)[0] == key_one
+    # same layout of present arrays, different repeats: (q, k, q) against (q, k, k)
+    k = torch.ones(6, 2, 8, dtype=torch.float16)
+    assert (varlen._sequence_key("varlen_forward", (q, k, q, cu, cu, None, None, None), (-1, -1), opts)[0]
+            != varlen._sequence_key("varlen_forward", (q, k, k, cu, cu, None, None, None), (-1, -1), opts)[0])
+
+
+def test_mixed_array_kinds_raise_type_error_before_autograd_routing():
+    """A torch q with NumPy k / v: the documented TypeError naming the argument, not an AttributeError from
+    the autograd check."""
+    torch = pytest.importorskip("torch")
+    q = torch.zeros(6, 2, 8, dtype=torch.float32)
+    k = np.zeros((6, 2, 8), np.float32)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    with pytest.raises(TypeError, match="k is a numpy array"):
+        cuflash.attention_varlen(q, k, k, cu, cu, 6, 6)

@@ -319,7 +319,7 @@ def test_torch_varlen_compile_fullgraph_on_cuda():
 @pytest.mark.parametrize("opts", [dict(causal=True), dict(window_size=(40, 7))])
 @pytest.mark.parametrize("one_cu", [False, True])
 def test_bound_calls_equal_the_general_path(fw, opts, one_cu, monkeypatch):
-    """The second call of a signature replays the first one's recorded launches (executor.BoundSequence):
+    """The third call of a signature replays the second one's recorded launches (executor.BoundSequence):
     on new values and new cu_seqlens (the last sequence shorter, so more rows stay uncovered and must come
     out zero although the allocator may hand back the first call's memory), the bound forward (with and
     without the LSE) and backward (dK, dV bit for bit; deterministic dQ bit for bit, atomic dQ to fp32
@@ -356,17 +356,26 @@ def test_bound_calls_equal_the_general_path(fw, opts, one_cu, monkeypatch):
                                                    deterministic=det, **opts) for det in (False, True)]
         return out, lse, out_only, grads
 
+    from cuflash import varlen
+    varlen._seen.clear()
     try:
-        # (LENS_Q for both sides: shapes must match the signature; the second call's lengths differ)
-        run(inputs(1, LENS_Q))
+        # A signature is recorded the second time it comes and replayed from the third. All calls' arrays
+        # stay alive, so the bound call cannot find the recorded call's addresses again by chance.
+        first = inputs(1, LENS_Q)
+        recorded = inputs(3, LENS_Q)
+        kept = [run(first), run(recorded)]
+        assert runs == []
         lens = [17, 0, 1, 1000, 33, 100]
         second = inputs(2, lens)
         got = run(second)
         assert runs == [True] * 4
+        ptr = (lambda x: x.data_ptr()) if fw == "torch" else (lambda x: x.data.ptr)
+        assert ptr(got[0]) not in {ptr(r[0]) for r in kept} and ptr(second[0]) != ptr(recorded[0])
         executor.clear()
         want = run(second)
     finally:
         executor.clear()
+        varlen._seen.clear()
     for a, b in zip(got[:3], want[:3]):
         same_bits(a, b)
     (dq, dk, dv), (dq_det, dk_det, dv_det) = got[3]
