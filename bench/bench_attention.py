@@ -74,6 +74,9 @@ IMPLS = ("cuflash", "cuflash_sm80", "cuflash_nodropout", "flash", "cudnn", "effi
 # Attention dropout of every torch-side contender (--dropout): cuflash and SDPA's backends take the same p;
 # "cuflash_nodropout" is ours without it, the issue's yardstick for what dropout costs.
 DROPOUT = {"p": 0.0}
+# --mask bool: every torch contender gets one dense boolean attn_mask (seqlen, seqlen), about half of it True,
+# drawn once per seqlen (seed 0); SDPA's flash backend takes no mask and is skipped.
+MASK = {"kind": None, "cache": {}}
 # Under jax.jit on JAX arrays (DLPack views of the same inputs); not in the default set but jax_cudnn.
 JAX_IMPLS = ("jax_cudnn", "jax_cuflash", "jax_xla")
 IMPL_LABEL = {
@@ -190,6 +193,8 @@ def build_parser(prog="bench_attention.py") -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the cuflash-vs-SDPA output sanity check")
     p.add_argument("--dropout", type=float, default=0.0,
                    help="attention dropout p of every torch contender (JAX left out); adds cuflash_nodropout")
+    p.add_argument("--mask", choices=("none", "bool"), default="none",
+                   help="bool: a dense boolean attn_mask for every torch contender (issue 18's dense-mask cell)")
     p.add_argument("--progress", action="store_true", help="show a progress bar instead of per-row lines")
     p.add_argument("--no-save", action="store_true", help="do not write JSON/CSV")
     return p
@@ -218,6 +223,9 @@ def parse_args(argv=None, prog="bench_attention.py"):
     if not 0.0 <= args.dropout < 1.0:
         raise SystemExit(f"--dropout must be in [0, 1), got {args.dropout}")
     DROPOUT["p"] = args.dropout
+    MASK["kind"] = None if args.mask == "none" else args.mask
+    if MASK["kind"]:
+        args.impls = [i for i in args.impls if i not in JAX_IMPLS]
     if args.min_runs is None:
         args.min_runs = 10 if args.quick else 30
     if args.budget is None:
@@ -404,18 +412,32 @@ def _cuflash_torch_fn(cuflash):
     return fn
 
 
+def bench_mask(torch, seqlen):
+    """The --mask bool mask for ``seqlen``: (seqlen, seqlen) bool on the GPU, or None without --mask."""
+    if MASK["kind"] is None:
+        return None
+    hit = MASK["cache"].get(seqlen)
+    if hit is None:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        hit = MASK["cache"][seqlen] = torch.rand(seqlen, seqlen, device="cuda", generator=gen) < 0.5
+    return hit
+
+
 def _sdpa(torch, backend):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
 
     be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
           "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]
+    if MASK["kind"] is not None and backend == "flash":
+        raise Skip("SDPA's flash backend takes no attn_mask")
 
     def run(q, k, v, causal):
         # SDPA wants (b, h, s, d): transposed views of the same (b, s, h, d) storage, no copies.
         with sdpa_kernel(be):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=causal, dropout_p=DROPOUT["p"])
+                                               attn_mask=bench_mask(torch, q.shape[1]), is_causal=causal,
+                                               dropout_p=DROPOUT["p"])
         return o.transpose(1, 2)
 
     return run
@@ -428,9 +450,11 @@ def torch_impl(torch, impl, cuflash):
             raise Skip("cuflash not importable")
         p = DROPOUT["p"] if impl == "cuflash" else 0.0
         drop = dict(dropout_p=p, dropout_seed=1) if p else {}  # (the torch function draws its own seed)
-        fwd = lambda q, k, v, causal: cuflash.attention(q, k, v, causal=causal, **drop)  # noqa: E731
+        mask = (lambda q: bench_mask(torch, q.shape[1])) if MASK["kind"] else (lambda q: None)  # noqa: E731
+        fwd = lambda q, k, v, causal: cuflash.attention(q, k, v, causal=causal, attn_mask=mask(q), **drop)  # noqa: E731
         tfn = _cuflash_torch_fn(cuflash)
-        diff = None if tfn is None else (lambda q, k, v, causal: tfn(q, k, v, causal=causal, dropout_p=p))  # noqa: E731
+        diff = None if tfn is None else (lambda q, k, v, causal: tfn(q, k, v, causal=causal, dropout_p=p,  # noqa: E731
+                                                                     attn_mask=mask(q)))
         return fwd, diff
     if impl == "cuflash_sm80":
         # The mma.sync kernels on a GPU that would otherwise run the Hopper ones (measure_torch selects them).
@@ -529,7 +553,8 @@ def verify_cuflash(torch, cuflash, cfg, sets):
     """Max |cuflash - SDPA| of the forward on the first input set (a cheap guard against timing garbage)."""
     q, k, v, _ = sets[0]
     with torch.no_grad():
-        ours = cuflash.attention(q.detach(), k.detach(), v.detach(), causal=cfg.causal)
+        ours = cuflash.attention(q.detach(), k.detach(), v.detach(), causal=cfg.causal,
+                                 attn_mask=bench_mask(torch, q.shape[1]))
         for be in ("flash", "cudnn", "efficient"):
             try:
                 ref = _sdpa(torch, be)(q.detach(), k.detach(), v.detach(), cfg.causal)
@@ -1006,10 +1031,14 @@ def main(argv=None, prog="bench_attention.py") -> int:
     jax = import_jax() if set(JAX_IMPLS) & set(args.impls) and not (args.memory_only or args.jit_only) else None
     env = environment(torch, jax, cuflash)
     env["command"] = " ".join([prog] + (sys.argv[1:] if argv is None else list(argv)))
+    env["mask"] = MASK["kind"]
     print(f"{env.get('gpu')} (cc {env.get('compute_capability')}), torch {env.get('torch')}, "
           f"cupy {env.get('cupy', '-')}, jax {env.get('jax', '-')}, cuflash {env.get('cuflash', '-')}")
     if cuflash is not None and _cuflash_torch_fn(cuflash) is None:
         print("note: cuflash.torch.attention not found: cuflash backward columns are skipped")
+    if MASK["kind"] and cuflash is not None and not getattr(cuflash.api, "_GPU_ATTN_MASK", True):
+        print("note: GPU attn_mask is switched on for this run (its kernels await their first verified GPU run)")
+        cuflash.api._GPU_ATTN_MASK = True
     torch.backends.cuda.matmul.allow_tf32 = False
     rows, extra = [], {}
     if not (args.memory_only or args.jit_only):

@@ -197,10 +197,17 @@ def _check_options(call, causal, softmax_scale, window_size, softcap, alibi_slop
 _MASK_DTYPES_CPU = ("bool", "float16", "float32", "float64")
 
 
+# Whether GPU arrays take an attn_mask: the kernels' element-mask builds (attn_mask.cuh) are compiled and
+# spill-free, but have not yet run on a GPU; tests/test_attn_mask_gpu.py switches this on to check them
+# there, and it becomes the default once they pass.
+_GPU_ATTN_MASK = False
+
+
 def _check_attn_mask(call, attn_mask):
     """``attn_mask``: None, or a bool / float array of q's type (a NumPy array goes with CPU arrays) on q's
-    device, broadcastable to (batch, heads_q, seqlen_q, seqlen_k). GPU arrays raise NotImplementedError
-    (the kernels take no element mask yet)."""
+    device, broadcastable to (batch, heads_q, seqlen_q, seqlen_k); on GPU arrays bool or q's dtype. GPU
+    arrays raise NotImplementedError until the kernels' element-mask builds are verified there
+    (``_GPU_ATTN_MASK``)."""
     if attn_mask is None:
         return None
     mfw = arrays.framework_of(attn_mask)
@@ -218,11 +225,40 @@ def _check_attn_mask(call, attn_mask):
     if dev != call.device:
         raise ValueError(f"attn_mask is on device {dev} but {call.names[0]} is on {call.device}")
     if call.on_gpu:
-        raise NotImplementedError("attn_mask is not implemented for GPU arrays yet (the kernels take no element "
-                                  "mask); the CPU path (NumPy arrays, torch CPU tensors) has it")
+        if not _GPU_ATTN_MASK:
+            raise NotImplementedError("attn_mask is not implemented for GPU arrays yet (the kernels' element-mask "
+                                      "builds await their first GPU run); the CPU path (NumPy arrays, torch CPU "
+                                      "tensors) has it")
+        if dt not in ("bool", call.dtype):
+            raise TypeError(f"attn_mask on GPU arrays must be bool or {call.dtype} (q's dtype), got {dt}")
+        return attn_mask
     if dt == "bfloat16":
         raise TypeError("attn_mask is bfloat16; the CPU path takes bool or float16/32/64 masks")
     return attn_mask
+
+
+def _check_gpu_mask_options(call, attn_mask, alibi, dropout) -> None:
+    """An attn_mask on GPU arrays with ALiBi or dropout: NotImplementedError before anything is allocated (the
+    kernels' element-mask builds have neither)."""
+    if attn_mask is None or not call.on_gpu:
+        return
+    for feature, value in (("alibi_slopes", alibi), ("dropout", dropout)):
+        if value is not None:
+            raise NotImplementedError(f"attn_mask together with {feature} is not implemented for GPU arrays yet "
+                                      f"(the CPU path has it)")
+
+
+def _device_mask(call, attn_mask, stream):
+    """The attn_mask as a (batch, heads_q, seqlen_q, seqlen_k) device view: its own strides, 0 on the
+    dimensions it broadcasts (leading ones it lacks, and size-1 ones); the dtype named as checked."""
+    if attn_mask is None:
+        return None
+    view = arrays.device_view(attn_mask, call.fw, stream)
+    full = (call.batch, call.heads_q, call.seqlen_q, call.seqlen_k)
+    pad = 4 - len(view.shape)
+    shape, strides = (1,) * pad + tuple(view.shape), (0,) * pad + tuple(view.strides)
+    strides = tuple(0 if m == 1 else st for m, st in zip(shape, strides))
+    return arrays.DeviceArray(view.ptr, full, strides, arrays.dtype_name(attn_mask, call.fw), view.device, view.owner)
 
 
 def _check_block_mask(call, block_mask):
@@ -446,6 +482,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     return_lse = _check_flag("return_lse", return_lse)
     dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset)
     attn_mask = _check_attn_mask(call, attn_mask)
+    _check_gpu_mask_options(call, attn_mask, alibi, dropout)
     block_mask = _check_block_mask(call, block_mask)
     if call.fw == "torch" and _needs_autograd(q, k, v):
         from . import torch as torch_adapter
@@ -528,13 +565,15 @@ def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, d
         else:
             qv, kv, vv = (_device_input(call, x, stream, cc) for x in (q, k, v))
             work = out_work
-            # (packed heads would change the rows dropout's draws are keyed by)
-            groups = 1 if dropout else decode_groups(call.seqlen_q, call.heads_q, call.heads_k, alibi, window)
+            # (packed heads would change the rows dropout's draws and a mask's rows are keyed by)
+            groups = (1 if dropout or attn_mask is not None
+                      else decode_groups(call.seqlen_q, call.heads_q, call.heads_k, alibi, window))
             if groups > 1:
                 qv, work = (pack_query_heads(x, groups) for x in (qv, out_work))
                 kwargs.update(causal=False, window_size=(-1, -1))
             fp = ops.forward(qv, kv, vv, work, lse_view, _device_alibi(alibi, call.fw, stream), stream=stream,
-                             cc=cc, framework=call.fw, dropout=dropout, **kwargs)
+                             cc=cc, framework=call.fw, dropout=dropout, mask=_device_mask(call, attn_mask, stream),
+                             **kwargs)
             _finish_output(out_view, out_work, stream, cc)
             if bind_key is not None and alibi is None and _in_place(call, qv, kv, vv):
                 executor.bind_forward(bind_key, fp, call.fw, {"q": qv, "k": kv, "v": vv, "o": work},
@@ -625,6 +664,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     deterministic = _check_flag("deterministic", deterministic)
     dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset)
     attn_mask = _check_attn_mask(call, attn_mask)
+    _check_gpu_mask_options(call, attn_mask, alibi, dropout)
     block_mask = _check_block_mask(call, block_mask)
     _check_backward_arrays(call, dout, out, lse)
     return _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, deterministic, dropout,
@@ -673,7 +713,7 @@ def _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softc
             bp = ops.backward(views["dout"], views["q"], views["k"], views["v"], views["out"], lse_view,
                               _device_alibi(alibi, call.fw, stream), *(work for _, _, work in grads),
                               deterministic=deterministic, stream=stream, cc=cc, framework=call.fw, dropout=dropout,
-                              **kwargs)
+                              mask=_device_mask(call, attn_mask, stream), **kwargs)
             for _, view, work in grads:
                 _finish_output(view, work, stream, cc)
             if bind_key is not None and alibi is None and lse_in_place and _in_place(call, *views.values()):

@@ -40,6 +40,11 @@ FWD_SM80_VARLEN_TILES = {128: (64, 64, 4, 1, 1)}
 # Dropout's draws (philox.cuh) do the same with a causal or window mask at head dim 128 (20-44 bytes for
 # sm_90a at -O1 and -O3): the dropout build takes 64-row tiles there too.
 FWD_SM80_DROPOUT_TILES = {128: (64, 64, 4, 1, 1)}
+# An element mask (CF_ATTN_MASK, attn_mask.cuh) reads a mask element per score, whose addresses need
+# registers the 128-row tiles of head dims 64 and 128 do not have (16-84 bytes of spills for sm_90a): 64-row
+# tiles there; at 256, 32-key tiles (the 64-key ones spilled 4-20 bytes on sm_80, sm_86 and sm_90a, at -O1
+# too, and with 64 rows).
+FWD_SM80_MASK_TILES = {64: (64, 64, 4, 1, 3), 128: (64, 64, 4, 1, 3), 256: (128, 32, 8, 1, 3)}
 # The split-KV build (decoding: a query block is a key/value head's group of query heads, 4-16 rows): the
 # smallest query block the warp layout allows (16 rows a warp, 4 warps), so few rows go to waste, and 128-key
 # tiles to keep many loads in flight per CTA. (block_m, block_n, warps, min blocks, ptxas -O).
@@ -54,11 +59,15 @@ def padded_head_dim(head_dim: int) -> int:
     raise ValueError(f"head_dim={head_dim} exceeds the largest supported head dim 256")
 
 
+# The element-mask builds (CF_ATTN_MASK) by the mask's kind: the kernels read one byte per element of a
+# boolean mask (True = attend), one 16-bit value of q's dtype of an additive one.
+ATTN_MASK_KINDS = {"bool": 1, "additive": 2}
+
 # How extra defines appear in variant names: a prefix followed by the value, or (flag name,) shown when set.
 _EXTRA_LABELS = {"CF_DETERMINISTIC": ("det",), "CF_BWD_A_REGS": ("preg",), "CF_Q_STAGES": "st", "CF_STAGES": "st",
                  "CF_CONSUMERS": "cw", "CF_PINGPONG": ("pp",), "CF_VARLEN": ("varlen",),
                  "CF_SPLIT_KV": ("splitkv",), "CF_PAGED": ("paged",), "CF_PAGE_GATHER": ("gather",),
-                 "CF_DROPOUT": ("dropout",)}
+                 "CF_DROPOUT": ("dropout",), "CF_ATTN_MASK": "mask"}
 
 
 @dataclass(frozen=True)
@@ -188,15 +197,25 @@ def max_smem(major: int, minor: int) -> int:
 
 def forward_key(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
                 smem_limit: int = MAX_SMEM[(9, 0)], varlen: bool = False, split_kv: bool = False,
-                paged: bool = False, dropout: bool = False) -> KernelKey:
+                paged: bool = False, dropout: bool = False, attn_mask: int = 0) -> KernelKey:
     """The sm80 forward's variant. ``varlen``: the variable-length build (CF_VARLEN, seq_context.cuh reads
     each sequence's rows from cu_seqlens / seqused), a separate variant so that the dense one compiles to the
     same code as without it (its 252-254 registers at head dim 64 leave no room for the lookups).
     ``split_kv`` (with ``varlen``): the split-KV build for decoding (CF_SPLIT_KV, fp32 partial outputs).
     ``paged`` (with ``varlen``): keys and values read through a block table (CF_PAGED, KV caches in pages).
-    ``dropout`` (dense): attention dropout (CF_DROPOUT, philox.cuh)."""
+    ``dropout`` (dense): attention dropout (CF_DROPOUT, philox.cuh). ``attn_mask`` (dense, no ALiBi or
+    dropout): an element mask, 1 boolean or 2 additive (CF_ATTN_MASK, attn_mask.cuh)."""
     key = _forward_key(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, smem_limit,
                        os.environ.get("CUFLASH_FWD_TILES", ""))
+    if attn_mask:
+        assert not (varlen or split_kv or paged or dropout or alibi), "attn_mask: the dense build, no ALiBi"
+        key = dataclasses.replace(key, extra=key.extra + (("CF_ATTN_MASK", attn_mask),))
+        tiles = FWD_SM80_MASK_TILES.get(key.head_dim)
+        if tiles:  # smaller than every dense tile: within every shared-memory limit
+            bm, bn, warps, min_blocks, opt = tiles
+            key = dataclasses.replace(key, block_m=bm, block_n=bn, warps=warps, min_blocks=min_blocks,
+                                      ptxas_opt=opt)
+        return key
     if dropout:
         assert not (varlen or split_kv or paged), "dropout: the dense build"
         key = dataclasses.replace(key, extra=key.extra + (("CF_DROPOUT", 1),))
@@ -450,6 +469,12 @@ BWD_SM80_DROPOUT_TILES = {
 }
 BWD_SM80_DROPOUT_PTXAS_OPT = {256: 1}
 BWD_DQ_SM80_DROPOUT_TILES = {192: (64, 32)}
+# The element-mask builds (CF_ATTN_MASK) where the tiles above spill with the mask's reads: hd128 with softcap
+# (8-12 bytes for sm_80 with 128 keys), hd256 (4 bytes for sm_90a at -O3), the dQ kernel at hd192 with
+# softcap (12-44 bytes).
+BWD_SM80_MASK_TILES = {128: [(64, 64, 2, 0, True), (64, 64, 1, 0, True)]}
+BWD_SM80_MASK_PTXAS_OPT = {256: 1}
+BWD_DQ_SM80_MASK_TILES = {192: (64, 32)}
 BWD_PREPOST_ROWS = 64  # query rows per CTA of the pre/post-processing kernels (kRows in bwd_prepost.cu)
 # ptxas optimisation level of the variable-length sm80 backward by head dim, where -O3 spills.
 BWD_SM80_VARLEN_PTXAS_OPT = {128: 1, 256: 1}
@@ -469,27 +494,33 @@ def dq_smem_bytes(key: KernelKey) -> int:
 
 
 def backward_keys(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool, deterministic: bool,
-                  smem_limit: int = MAX_SMEM[(9, 0)], dropout: bool = False):
+                  smem_limit: int = MAX_SMEM[(9, 0)], dropout: bool = False, attn_mask: int = 0):
     """(preprocess key, postprocess key, main key, deterministic dQ key or None) for one backward call;
-    ``dropout``: the main and dQ kernels' dropout builds (CF_DROPOUT, philox.cuh)."""
+    ``dropout``: the main and dQ kernels' dropout builds (CF_DROPOUT, philox.cuh); ``attn_mask`` (no ALiBi or
+    dropout): their element-mask builds, 1 boolean or 2 additive (CF_ATTN_MASK, attn_mask.cuh)."""
     return _backward_keys(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, deterministic, smem_limit,
-                          dropout)
+                          dropout, attn_mask)
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_keys(dtype, d, is_local, softcap, alibi, deterministic, smem_limit, dropout=False):
+def _backward_keys(dtype, d, is_local, softcap, alibi, deterministic, smem_limit, dropout=False, attn_mask=0):
+    assert not (attn_mask and (dropout or alibi)), "attn_mask: no ALiBi or dropout"
     pre = KernelKey("bwd_prepost", "attention_bwd_preprocess", dtype, d, block_m=BWD_PREPOST_ROWS, warps=8)
     post = KernelKey("bwd_prepost", "attention_bwd_postprocess", dtype, d, block_m=BWD_PREPOST_ROWS, warps=8)
     main = None
-    drop = (("CF_DROPOUT", 1),) if dropout else ()
-    for bm, bn, stages, a_regs, det in (BWD_SM80_DROPOUT_TILES if dropout else BWD_SM80_TILES)[d]:
+    drop = (("CF_DROPOUT", 1),) if dropout else (("CF_ATTN_MASK", attn_mask),) if attn_mask else ()
+    tiles = BWD_SM80_DROPOUT_TILES if dropout else BWD_SM80_TILES
+    if attn_mask:
+        tiles = {**BWD_SM80_TILES, **BWD_SM80_MASK_TILES}
+    for bm, bn, stages, a_regs, det in tiles[d]:
         if deterministic and not det:
             continue
         opt = BWD_SM80_SOFTCAP_ALIBI_PTXAS_OPT.get(d, 3) if softcap and alibi else 3
         main = KernelKey("bwd_sm80", "attention_bwd_sm80", dtype, d, is_local, softcap, alibi, bm, bn, 8,
                          extra=(("CF_DETERMINISTIC", int(deterministic)), ("CF_Q_STAGES", stages),
                                 ("CF_BWD_A_REGS", a_regs)) + drop,
-                         ptxas_opt=BWD_SM80_DROPOUT_PTXAS_OPT.get(d, opt) if dropout else opt)
+                         ptxas_opt=(BWD_SM80_DROPOUT_PTXAS_OPT.get(d, opt) if dropout
+                                    else BWD_SM80_MASK_PTXAS_OPT.get(d, opt) if attn_mask else opt))
         if backward_smem_bytes(main) <= smem_limit:
             break
     else:
@@ -498,7 +529,8 @@ def _backward_keys(dtype, d, is_local, softcap, alibi, deterministic, smem_limit
             f"block; this GPU allows {smem_limit}")
     dq = None
     if deterministic:
-        bm, bn = (dropout and BWD_DQ_SM80_DROPOUT_TILES.get(d)) or BWD_DQ_SM80_TILES[d]
+        bm, bn = ((dropout and BWD_DQ_SM80_DROPOUT_TILES.get(d)) or (attn_mask and BWD_DQ_SM80_MASK_TILES.get(d))
+                  or BWD_DQ_SM80_TILES[d])
         dq = KernelKey("bwd_dq_sm80", "attention_bwd_dq_sm80", dtype, d, is_local, softcap, alibi, bm, bn, 4,
                        extra=drop)
     return pre, post, main, dq
@@ -624,6 +656,10 @@ def all_forward_keys_for(smem_limit: int) -> list[KernelKey]:
     keys += [forward_key(dt, d, is_local=loc, softcap=sc, alibi=al, smem_limit=smem_limit, varlen=True, paged=True)
              for dt in DTYPES for d in PADDED_HEAD_DIMS for loc in (False, True) for sc in (False, True)
              for al in (False, True)]
+    # Element masks: dense, no ALiBi (api refuses a mask with ALiBi or dropout on GPU arrays).
+    keys += [forward_key(dt, d, is_local=loc, softcap=sc, alibi=False, smem_limit=smem_limit, attn_mask=m)
+             for dt in DTYPES for d in PADDED_HEAD_DIMS for loc in (False, True) for sc in (False, True)
+             for m in ATTN_MASK_KINDS.values()]
     return keys + [forward_key(dt, d, is_local=False, softcap=sc, alibi=False, smem_limit=smem_limit, varlen=True,
                                split_kv=True, paged=pg)
                    for dt in DTYPES for d in PADDED_HEAD_DIMS for sc in (False, True) for pg in (False, True)]
@@ -697,6 +733,9 @@ def all_backward_keys() -> list[KernelKey]:
                             for limit in (MAX_SMEM[(9, 0)], MAX_SMEM[(8, 0)]):
                                 builders = (backward_keys, backward_varlen_keys,
                                             functools.partial(backward_keys, dropout=True))
+                                if not al:
+                                    builders += tuple(functools.partial(backward_keys, attn_mask=m)
+                                                      for m in ATTN_MASK_KINDS.values())
                                 for builder in builders:
                                     try:
                                         ks = builder(dt, d, is_local=loc, softcap=sc, alibi=al, deterministic=det,
@@ -780,6 +819,8 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                         found = [forward_key(dt, d, smem_limit=limit, **mods),
                                  forward_key(dt, d, smem_limit=limit, varlen=True, **mods),
                                  forward_key(dt, d, smem_limit=limit, dropout=True, **mods)]
+                        masks = () if al else tuple(ATTN_MASK_KINDS.values())  # (on Hopper too: sm80 runs them)
+                        found += [forward_key(dt, d, smem_limit=limit, attn_mask=m, **mods) for m in masks]
                         found.append(forward_key(dt, d, smem_limit=limit, varlen=True, paged=True, **mods))
                         if not loc and not al:  # decoding's split-KV builds (api.decode_groups)
                             found += [forward_key(dt, d, smem_limit=limit, varlen=True, split_kv=True, paged=pg,
@@ -797,7 +838,8 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                                           for det, vl in ((False, False), (True, False), (False, True))]
                         for det in (False, True):
                             for builder in (backward_keys, backward_varlen_keys,
-                                            functools.partial(backward_keys, dropout=True)):
+                                            functools.partial(backward_keys, dropout=True),
+                                            *(functools.partial(backward_keys, attn_mask=m) for m in masks)):
                                 try:
                                     found += builder(dt, d, deterministic=det, smem_limit=limit, **mods)
                                 except NotImplementedError:  # the runtime raises the same for such a call

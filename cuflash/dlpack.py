@@ -11,11 +11,11 @@ import ctypes
 
 KDL_CPU = 1
 KDL_CUDA = 2
-_KDL_INT, _KDL_UINT, _KDL_FLOAT, _KDL_BFLOAT = 0, 1, 2, 4
+_KDL_INT, _KDL_UINT, _KDL_FLOAT, _KDL_BFLOAT, _KDL_BOOL = 0, 1, 2, 4, 6
 
 _DTYPE_FROM_DL = {
     (_KDL_FLOAT, 16): "float16", (_KDL_FLOAT, 32): "float32", (_KDL_FLOAT, 64): "float64",
-    (_KDL_BFLOAT, 16): "bfloat16",
+    (_KDL_BFLOAT, 16): "bfloat16", (_KDL_BOOL, 8): "bool",  # (bool: an attn_mask, one byte an element)
 }
 _DL_FROM_DTYPE = {v: k for k, v in _DTYPE_FROM_DL.items()}
 

@@ -83,7 +83,7 @@ def is_local(causal: bool, window_size) -> bool:
 
 
 def _common(q: DeviceArray, k: DeviceArray, v: DeviceArray, alibi, causal: bool, window_size, softmax_scale: float,
-            softcap: float, dropout_p: float = 0.0) -> _Block:
+            softcap: float, dropout_p: float = 0.0, mask=None) -> _Block:
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_k = k.shape[1], k.shape[2]
     p = _Block()
@@ -103,9 +103,13 @@ def _common(q: DeviceArray, k: DeviceArray, v: DeviceArray, alibi, causal: bool,
     p["window_right"] = unbounded if right < 0 else min(right, unbounded)
     p["softmax_scale"] = softmax_scale
     p["softcap"] = softcap
-    # With softcap or ALiBi the kernel turns raw products into final scores before the softmax, so the
-    # exponent multiplier is log2(e) alone; otherwise the scale folds into it.
-    p["scale_log2"] = _LOG2E if (softcap > 0 or alibi is not None) else softmax_scale * _LOG2E
+    # With softcap, ALiBi or an additive mask the kernel turns raw products into final scores before the
+    # softmax (score_mods.cuh), so the exponent multiplier is log2(e) alone; otherwise the scale folds into it.
+    scaled = softcap > 0 or alibi is not None or mask_kind(mask) == dispatch.ATTN_MASK_KINDS["additive"]
+    p["scale_log2"] = _LOG2E if scaled else softmax_scale * _LOG2E
+    if mask is not None:  # (its address is a call's: ops.py writes it per launch)
+        for name, stride in zip(("batch", "head", "row", "col"), mask.strides):
+            p[f"mask_{name}_stride"] = stride
     if dropout_p > 0:  # (the seed and offset are a call's: ops.py writes them per launch)
         p["dropout_threshold"] = dropout.keep_threshold(dropout_p)
         p["dropout_scale"] = 1.0 / (1.0 - dropout_p)
@@ -119,6 +123,17 @@ def _layout(*views) -> tuple:
 
 def _alibi_layout(alibi) -> tuple | None:
     return None if alibi is None else (alibi.shape, alibi.strides)
+
+
+def mask_kind(mask) -> int:
+    """The kernels' CF_ATTN_MASK for an attn_mask view: 0 without one, else dispatch.ATTN_MASK_KINDS'."""
+    if mask is None:
+        return 0
+    return dispatch.ATTN_MASK_KINDS["bool" if mask.dtype == "bool" else "additive"]
+
+
+def _mask_layout(mask) -> tuple | None:
+    return None if mask is None else (mask.dtype, mask.strides)
 
 
 def env() -> tuple:
@@ -136,12 +151,15 @@ def _remember(key, plan):
 
 
 def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi, *, causal: bool, window_size,
-            softmax_scale: float, softcap: float, cc: tuple, sm_count: int, dropout_p: float = 0.0) -> ForwardPlan:
+            softmax_scale: float, softcap: float, cc: tuple, sm_count: int, dropout_p: float = 0.0,
+            mask=None) -> ForwardPlan:
     """The forward's plan for these views (cached on their layout and the flags). ``dropout_p`` > 0: the
     kernel's dropout build with p's keep threshold and scale in the block; each call writes its seed and
-    offset (ops.forward)."""
+    offset (ops.forward). ``mask``: an attn_mask view (batch, heads_q, seqlen_q, seqlen_k), strides 0 where
+    broadcast: the sm80 kernel's element-mask build on every GPU (attn_mask.cuh); each call writes its
+    address."""
     key = ("fwd", q.device, cc, _layout(q, k, v, out), _alibi_layout(alibi), causal, window_size, softmax_scale,
-           softcap, dropout_p, env())
+           softcap, dropout_p, _mask_layout(mask), env())
     hit = _plans.get(key)
     if hit is not None:
         return hit
@@ -149,17 +167,18 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, al
     local = is_local(causal, window_size)
     # The Hopper kernel reads and writes through TMA; a view TMA cannot describe (a broadcast head, say)
     # runs on the sm80 kernel instead, which handles any 16-byte-aligned layout.
-    hopper = dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
+    hopper = dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out) and mask is None
     if hopper:
         kkey = dispatch.forward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
                                          alibi=alibi is not None, dropout=dropout_p > 0)
         smem = dispatch.forward_sm90_smem_bytes(kkey)
     else:
         kkey = dispatch.forward_key(dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
-                                    smem_limit=dispatch.max_smem(*cc), dropout=dropout_p > 0)
+                                    smem_limit=dispatch.max_smem(*cc), dropout=dropout_p > 0,
+                                    attn_mask=mask_kind(mask))
         smem = dispatch.forward_smem_bytes(kkey)
     fn = jit.get_function(kkey, dispatch.compile_arch(*cc), q.device, smem)
-    p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap, dropout_p)
+    p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap, dropout_p, mask)
     p.set_strides("o", out)
     batch, seqlen_q, heads_q = q.shape[:3]
     p["num_m_blocks"] = m_blocks = -(-seqlen_q // kkey.block_m)
@@ -308,14 +327,15 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
 
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi,
              dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, *, causal: bool, window_size, softmax_scale: float,
-             softcap: float, deterministic: bool, cc: tuple, dropout_p: float = 0.0) -> BackwardPlan:
+             softcap: float, deterministic: bool, cc: tuple, dropout_p: float = 0.0, mask=None) -> BackwardPlan:
     """The backward's plan: preprocess (delta, zero dQ accumulator) -> KV-parallel main kernel (dK, dV, dQ
     summed into the fp32 accumulator: atomics on sm80, TMA reductions on the Hopper kernel) -> postprocess
     (dQ). Deterministic mode: the Hopper kernel adds in a fixed order (turn counters the preprocess zeroes);
     on sm80 a Q-parallel dQ kernel replaces the accumulation and the postprocess. ``dropout_p`` > 0: the sm80
-    kernels' dropout builds on every GPU, p's threshold and scale in the block (seed and offset per call)."""
+    kernels' dropout builds on every GPU, p's threshold and scale in the block (seed and offset per call);
+    ``mask`` (as :func:`forward`): the sm80 kernels' element-mask builds on every GPU."""
     key = ("bwd", q.device, cc, _layout(dout, q, k, v, out, dq, dk, dv), _alibi_layout(alibi), causal, window_size,
-           softmax_scale, softcap, deterministic, dropout_p, env())
+           softmax_scale, softcap, deterministic, dropout_p, _mask_layout(mask), env())
     hit = _plans.get(key)
     if hit is not None:
         return hit
@@ -324,12 +344,13 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     local = is_local(causal, window_size)
     pre, post, main, dq_key = dispatch.backward_keys(
         dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
-        deterministic=deterministic, smem_limit=dispatch.max_smem(*cc), dropout=dropout_p > 0)
+        deterministic=deterministic, smem_limit=dispatch.max_smem(*cc), dropout=dropout_p > 0,
+        attn_mask=mask_kind(mask))
     batch, seqlen_q, heads_q = q.shape[:3]
     seqlen_k, heads_k = k.shape[1], k.shape[2]
     dev = q.device
     # The Hopper main kernel reads Q, K, V and dO through TMA; views TMA cannot describe run on sm80.
-    hopper = (dropout_p == 0 and dispatch.backward_family(cc, q.shape[3], deterministic) == "bwd_sm90"
+    hopper = (dropout_p == 0 and mask is None and dispatch.backward_family(cc, q.shape[3], deterministic) == "bwd_sm90"
               and tma.supports(q, k, v, dout))
     dq_kernel = deterministic and not hopper
     # delta (fp32, batch x heads x seqlen_q) is read only up to the main kernel, and with accumulated dQ the
@@ -340,7 +361,7 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     semaphore_shape = None
     if hopper and deterministic:
         semaphore_shape = (batch, heads_q, math.ceil(seqlen_q / dispatch.BWD_SM90_DQ_TURN_ROWS))
-    p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap, dropout_p)
+    p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap, dropout_p, mask)
     for name, a in (("o", out), ("do", dout), ("dq", dq), ("dk", dk), ("dv", dv)):
         p.set_strides(name, a)
     main, smem, maps = _backward_main(main, hopper, dtype, q.shape[3], is_local=local, softcap=softcap > 0,

@@ -289,14 +289,15 @@ def _sm_count(device: int) -> int:
 
 def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, lse: DeviceArray, alibi, *,
             causal: bool, window_size, softmax_scale: float, softcap: float, stream: int, cc: tuple,
-            framework: str, dropout=None) -> launch_plan.ForwardPlan:
+            framework: str, dropout=None, mask=None) -> launch_plan.ForwardPlan:
     """The dense forward (launch_plan.forward) into ``out`` and ``lse``; ``dropout`` None or (p, seed,
-    offset): p picks the plan, seed and offset go into this launch only."""
+    offset): p picks the plan, seed and offset go into this launch only; ``mask`` None or the attn_mask's
+    (batch, heads_q, seqlen_q, seqlen_k) view (launch_plan.forward)."""
     fp = launch_plan.forward(q, k, v, out, alibi, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
                              softcap=softcap, cc=cc, sm_count=_sm_count(q.device),
-                             dropout_p=0.0 if dropout is None else dropout[0])
+                             dropout_p=0.0 if dropout is None else dropout[0], mask=mask)
     pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "o": out.ptr, "lse": lse.ptr,
-                "alibi": 0 if alibi is None else alibi.ptr}
+                "alibi": 0 if alibi is None else alibi.ptr, "attn_mask": 0 if mask is None else mask.ptr}
     if dropout is not None:
         pointers["dropout_seed"], pointers["dropout_offset"] = dropout[1], dropout[2]
     counter_native = _tile_counter(fp, pointers, framework, q.device, stream)
@@ -399,12 +400,13 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
              lse: DeviceArray, alibi, dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, *, causal: bool, window_size,
              softmax_scale: float, softcap: float, deterministic: bool, stream: int, cc: tuple,
-             framework: str, dropout=None) -> launch_plan.BackwardPlan:
+             framework: str, dropout=None, mask=None) -> launch_plan.BackwardPlan:
     """The backward's kernels (launch_plan.backward says which), with workspaces from the caller's framework on its
-    stream (CUDA-graph capture needs that); ``dropout`` None or the forward's (p, seed, offset)."""
+    stream (CUDA-graph capture needs that); ``dropout`` None or the forward's (p, seed, offset); ``mask`` as
+    :func:`forward`'s."""
     bp = launch_plan.backward(dout, q, k, v, out, alibi, dq, dk, dv, causal=causal, window_size=window_size,
                               softmax_scale=softmax_scale, softcap=softcap, deterministic=deterministic, cc=cc,
-                              dropout_p=0.0 if dropout is None else dropout[0])
+                              dropout_p=0.0 if dropout is None else dropout[0], mask=mask)
     batch, seqlen_q, heads_q = q.shape[:3]
     delta_native = acc_native = acc = None
     if bp.delta_in_dq:
@@ -413,7 +415,8 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
         delta_native, delta = arrays.empty(framework, (batch, heads_q, seqlen_q), "float32", q.device, stream)
         delta_ptr = delta.ptr
     pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "alibi": 0 if alibi is None else alibi.ptr, "o": out.ptr,
-                "lse": lse.ptr, "dout": dout.ptr, "delta": delta_ptr, "dq": dq.ptr, "dk": dk.ptr, "dv": dv.ptr}
+                "lse": lse.ptr, "dout": dout.ptr, "delta": delta_ptr, "dq": dq.ptr, "dk": dk.ptr, "dv": dv.ptr,
+                "attn_mask": 0 if mask is None else mask.ptr}
     if dropout is not None:
         pointers["dropout_seed"], pointers["dropout_offset"] = dropout[1], dropout[2]
     if bp.dq_accum_shape is not None:

@@ -96,6 +96,13 @@ FIELDS = [
     ("dropout_offset", "u64", None, "Philox counter word 3 (offset mod 2^32)"),
     ("dropout_threshold", "i32", None, "a 16-bit draw below this keeps its element: round((1 - p) * 65536)"),
     ("dropout_scale", "f32", None, "1 / (1 - p), applied to the kept probabilities"),
+    # An element mask (CF_ATTN_MASK, attn_mask.cuh): element (b, h, i, j) at attn_mask + b * mask_batch_stride
+    # + h * mask_head_stride + i * mask_row_stride + j * mask_col_stride (elements; 0 where broadcast).
+    ("attn_mask", "ptr", "const void*", "bool bytes or q's 16-bit dtype; null without a mask"),
+    ("mask_batch_stride", "i64", None, ""),
+    ("mask_head_stride", "i64", None, ""),
+    ("mask_row_stride", "i64", None, ""),
+    ("mask_col_stride", "i64", None, ""),
 ]
 
 NAMES = [f[0] for f in FIELDS]

@@ -73,6 +73,7 @@ def _fwd(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right
                                                              window_left, window_right, softcap)
     dropout = api._check_dropout_args(call, dropout_p, *_state_ints(dropout_state))
     attn_mask = api._check_attn_mask(call, attn_mask)
+    api._check_gpu_mask_options(call, attn_mask, alibi, dropout)
     return api._forward(call, q, k, v, alibi, causal, scale, window, softcap, True, dropout, attn_mask,
                         bind_key=key)
 

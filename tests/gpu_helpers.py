@@ -167,11 +167,13 @@ def _host32(x):
     return to_host(x).astype(np.float32)
 
 
-def _naive_forward(q, k, v, dtype, causal, softmax_scale, window_size, softcap, alibi_slopes, dropout=None):
+def _naive_forward(q, k, v, dtype, causal, softmax_scale, window_size, softcap, alibi_slopes, dropout=None,
+                   attn_mask=None):
     """Forward of the same-dtype naive attention. Inputs are float32 arrays holding input-dtype values;
     returns the output (b, sq, hq, d) and what the backward needs, all float32 holding dtype values.
     ``dropout`` (keep mask (b, hq, sq, sk), p): the probabilities dropped and scaled as torch's dropout does
-    (p * mask * 1 / (1 - p), rounded) before P.V."""
+    (p * mask * 1 / (1 - p), rounded) before P.V. ``attn_mask`` (host, broadcastable to (b, hq, sq, sk)):
+    bool hides keys, a float one is added to the scaled scores (rounded), as SDPA's math backend does."""
     r = lambda x: round_to(x, dtype)  # noqa: E731
     b, sq, hq, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
@@ -195,6 +197,12 @@ def _naive_forward(q, k, v, dtype, causal, softmax_scale, window_size, softcap, 
         bias = r(r(slopes)[:, :, None, None] * dist)           # slope (in the dtype) * dist
         s = r(s - bias)
     vis = reference.visible_mask(sq, sk, causal, window_size)
+    if attn_mask is not None:
+        mask = np.asarray(attn_mask)
+        if mask.dtype == np.bool_:
+            vis = vis & mask
+        else:
+            s = r(s + mask.astype(np.float32))
     s = np.where(vis, s, np.float32(-np.inf))
     m = s.max(axis=-1, keepdims=True)
     empty = ~np.isfinite(m)                       # a row that sees no key: softmax NaN -> nan_to_num -> 0
@@ -210,7 +218,7 @@ def _naive_forward(q, k, v, dtype, causal, softmax_scale, window_size, softcap, 
 
 
 def naive_same_dtype(q, k, v, *, dtype=None, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
-                     alibi_slopes=None, dropout=None):
+                     alibi_slopes=None, dropout=None, attn_mask=None):
     """The same attention math in the input dtype with plain ops (matmul, scale, softcap, ALiBi, mask,
     softmax, matmul), each rounded to the dtype: the error yardstick of FlashAttention's rule.
 
@@ -218,12 +226,12 @@ def naive_same_dtype(q, k, v, *, dtype=None, causal=False, softmax_scale=None, w
     q's dtype); ``dropout`` as :func:`_naive_forward` takes it. Returns the float64 output ``(b, sq, hq, d)``."""
     dtype = dtype_name(q) if dtype is None else dtype_name(dtype)
     out, _ = _naive_forward(_host32(q), _host32(k), _host32(v), dtype, causal, softmax_scale, window_size,
-                            softcap, alibi_slopes, dropout)
+                            softcap, alibi_slopes, dropout, attn_mask)
     return out.astype(np.float64)
 
 
 def naive_backward_same_dtype(dout, q, k, v, *, dtype=None, causal=False, softmax_scale=None,
-                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout=None):
+                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None, dropout=None, attn_mask=None):
     """Gradients of :func:`naive_same_dtype` computed the way autograd through its ops computes them in the
     input dtype: dV = P^T dO, dP = dO V^T (each rounded), dS = P * (dP - rowsum(dP * P)) in float32 rounded
     once (softmax backward), then back through softcap (x softcap, x (1 - tanh^2), / softcap, each rounded)
@@ -235,7 +243,7 @@ def naive_backward_same_dtype(dout, q, k, v, *, dtype=None, causal=False, softma
     r = lambda x: round_to(x, dtype)  # noqa: E731
     q32, k32 = _host32(q), _host32(k)
     _, (qh, kh, vh, p, t, scale, g) = _naive_forward(q32, k32, _host32(v), dtype, causal, softmax_scale,
-                                                     window_size, softcap, alibi_slopes)
+                                                     window_size, softcap, alibi_slopes, attn_mask=attn_mask)
     b, sq, hq, d = q32.shape
     sk, hk = k32.shape[1], k32.shape[2]
     do = np.ascontiguousarray(_host32(dout).transpose(0, 2, 1, 3))   # (b, hq, sq, d)

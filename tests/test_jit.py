@@ -197,7 +197,7 @@ ARCH_CC = {"sm_80": (8, 0), "sm_86": (8, 6), "sm_87": (8, 7), "sm_89": (8, 9), "
 def _runtime_keys(monkeypatch, cc) -> set:
     """Every (variant name, target) that ops.forward and ops.backward (and their variable-length forms) ask
     the JIT for on a GPU of compute capability ``cc``, over all dtypes, head dims 8..256, masks, softcap,
-    ALiBi, deterministic mode and views that TMA can or cannot address. Launches are stubbed out: this records the runtime's choices only."""
+    ALiBi, dropout, element masks (attn_mask), deterministic mode and views that TMA can or cannot address. Launches are stubbed out: this records the runtime's choices only."""
     asked = set()
     monkeypatch.setattr(ops.jit, "get_function", lambda key, arch, dev, smem: asked.add((key, arch)))
     monkeypatch.setattr(ops, "_launch", lambda *a, **k: None)
@@ -227,6 +227,17 @@ def _runtime_keys(monkeypatch, cc) -> set:
                                         ops.backward(view(), view(), view(), view(), view(), view(), alibi, view(),
                                                      view(), view(), deterministic=det, dropout=drop, **kw)
                                     except NotImplementedError:  # this GPU's shared memory cannot run it
+                                        continue
+                            # element masks (boolean, additive): no ALiBi with them (api refuses it)
+                            masks = [] if alibi is not None else [
+                                DeviceArray(4096, (1, 2, 64, 64), (0, 0, 64, 1), mdt, 0) for mdt in ("bool", dtype)]
+                            for mask in masks:
+                                ops.forward(view(), view(), view(), view(), view(), None, mask=mask, **kw)
+                                for det in (False, True):
+                                    try:
+                                        ops.backward(view(), view(), view(), view(), view(), view(), None, view(),
+                                                     view(), view(), deterministic=det, mask=mask, **kw)
+                                    except NotImplementedError:
                                         continue
                             _varlen_calls(view, alibi, kw)
     return asked

@@ -4,6 +4,7 @@
 //   CF_SPLIT_KV  split-KV decoding: fp32 partial states for merge_states.cu
 //   CF_PAGED     keys and values read through a block table (KV caches in pages)
 //   CF_DROPOUT   attention dropout (philox.cuh's draws)
+//   CF_ATTN_MASK an element mask (attn_mask.cuh): 1 boolean (True = attend), 2 additive in q's dtype
 #pragma once
 
 #ifndef CF_VARLEN
@@ -17,4 +18,7 @@
 #endif
 #ifndef CF_DROPOUT
 #define CF_DROPOUT 0
+#endif
+#ifndef CF_ATTN_MASK
+#define CF_ATTN_MASK 0
 #endif

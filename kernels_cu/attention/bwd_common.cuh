@@ -128,10 +128,10 @@ template <bool EXACT>
 struct BwdExponent {
     float scale;  // multiplies the score: score_scale (exact) or score_scale * log2 e (fast)
     // scale_log2: the host's softmax_scale * log2 e (AttentionParams::scale_log2), the forward's own c.
-    template <bool SOFTCAP, bool ALIBI>
+    template <bool SOFTCAP, bool ALIBI, bool ADD = false>
     __device__ __forceinline__ static BwdExponent make(float softmax_scale, float scale_log2) {
-        return BwdExponent{EXACT ? natural_score_scale<SOFTCAP, ALIBI>(softmax_scale)
-                                 : ((SOFTCAP || ALIBI) ? kLog2e : scale_log2)};
+        return BwdExponent{EXACT ? natural_score_scale<SOFTCAP, ALIBI, ADD>(softmax_scale)
+                                 : ((SOFTCAP || ALIBI || ADD) ? kLog2e : scale_log2)};
     }
     // What an element subtracts for its row: lse (exact) or lse * log2 e (fast); +inf stays +inf (P = 0).
     __device__ __forceinline__ static float row_term(float lse) { return EXACT ? lse : lse * kLog2e; }
@@ -152,36 +152,41 @@ __device__ __forceinline__ bool lse_needs_exact(float lse) {
 
 // The backward recomputation of one score element, shared by the KV-parallel and the Q-parallel kernels:
 // from the raw q.k product `x`, query i and key j,
-//   s  = x                                         (no softcap / ALiBi; score_scale = softmax_scale)
-//   s  = softcap * tanh(scale * x / softcap) - slope * |i + off - j|   (otherwise; score_scale = 1)
+//   s  = x                                         (no softcap / ALiBi / additive mask; score_scale = softmax_scale)
+//   s  = softcap * tanh(scale * x / softcap) - slope * |i + off - j| + add   (otherwise; score_scale = 1)
 //   P  = 2^((s score_scale - lse) log2 e)      (0 where masked: s = -inf; 0 on rows with lse = +inf),
 //        in the form `ex` picks (BwdExponent; `row` is ex.row_term(lse))
 //   dS = P (dP - D) [* (1 - tanh^2)]  -- neither softmax_scale nor any 16-bit rounding is applied here.
+// With an attn_mask (MASK; attn_mask.cuh) `add` is its term: 0 or -inf for a boolean mask, the mask's
+// value for an additive one (ADD: the scaled form, as the forward's apply_score_mods).
 // bwd_probability returns P and the softcap factor 1 - tanh^2 (1 without softcap); without softcap, a
 // kernel can take P before dP is ready and finish dS = P (dP - D) later.
-template <bool SOFTCAP, bool ALIBI, bool EXACT>
+template <bool SOFTCAP, bool ALIBI, bool EXACT, bool ADD = false, bool MASK = false>
 __device__ __forceinline__ float bwd_probability(float x, float row, bool visible, BwdExponent<EXACT> ex, float pre,
-                                                 float softcap, float slope, int dist, float& dtanh) {
+                                                 float softcap, float slope, int dist, float& dtanh,
+                                                 float add = 0.f) {
     dtanh = 1.f;
     if (SOFTCAP) {
         const float t = tanh_accurate(x * pre);
         x = softcap * t;
         dtanh = fmaf(-t, t, 1.f);
-    } else if (ALIBI) {
+    } else if (ALIBI || ADD) {
         x *= pre;
     }
     if (ALIBI) x -= slope * fabsf((float)dist);
+    if (MASK) x += add;
     if (!visible) x = -CF_INF;
     return ex(x, row);
 }
 
 // P and, overwriting `dp` (dO.v on entry), dS in one step.
-template <bool SOFTCAP, bool ALIBI, bool EXACT>
+template <bool SOFTCAP, bool ALIBI, bool EXACT, bool ADD = false, bool MASK = false>
 __device__ __forceinline__ float bwd_score_element(float x, float& dp, float row, float delta, bool visible,
                                                    BwdExponent<EXACT> ex, float pre, float softcap, float slope,
-                                                   int dist) {
+                                                   int dist, float add = 0.f) {
     float dtanh;
-    const float pr = bwd_probability<SOFTCAP, ALIBI, EXACT>(x, row, visible, ex, pre, softcap, slope, dist, dtanh);
+    const float pr = bwd_probability<SOFTCAP, ALIBI, EXACT, ADD, MASK>(x, row, visible, ex, pre, softcap, slope,
+                                                                       dist, dtanh, add);
     float ds = pr * (dp - delta);
     if (SOFTCAP) ds *= dtanh;
     dp = ds;

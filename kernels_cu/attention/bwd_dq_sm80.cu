@@ -25,6 +25,10 @@
 #if CF_DROPOUT
 #include "attention/philox.cuh"
 #endif
+#if CF_ATTN_MASK
+#include "attention/attn_mask.cuh"
+#endif
+static_assert(!CF_ATTN_MASK || (!CF_VARLEN && !CF_DROPOUT), "attn_mask: the dense build only");
 #include "attention/params.cuh"
 #include "attention/block_coords.cuh"
 #include "attention/query_tiles.cuh"
@@ -143,8 +147,12 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
             const float slope = CF_ALIBI ? p.alibi[(i64)BlockCoords(p).b * p.alibi_batch_stride + BlockCoords(p).h] : 0.f;
             const float pre = CF_SOFTCAP ? p.softmax_scale / p.softcap : p.softmax_scale;
             // The exact exponent form on every tile (bwd_common.cuh: kernels without a per-tile choice).
-            const auto ex = BwdExponent<true>::make<CF_SOFTCAP, CF_ALIBI>(p.softmax_scale, p.scale_log2);
+            const auto ex = BwdExponent<true>::make<CF_SOFTCAP, CF_ALIBI, CF_ATTN_MASK == 2>(p.softmax_scale,
+                                                                                          p.scale_log2);
             const float softcap = p.softcap;
+#if CF_ATTN_MASK
+            const unsigned char* mask_head = attn_mask_head(p, BlockCoords(p).b, BlockCoords(p).h);
+#endif
 #if CF_DROPOUT
             // dS = P (dP Z / (1 - p) - delta) with the forward's keep mask Z (philox.cuh).
             dropout_fragments(dp, dropout_key(p.dropout_seed, p.dropout_offset), p.dropout_offset,
@@ -160,9 +168,14 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
                         const int i = m_start + warp_row0 + s * 16 + g + (e >> 1) * 8;
                         const int j = n_start + n * 8 + t2 + (e & 1);
                         const bool visible = !need_mask || vis.visible(i, j);
-                        bwd_score_element<CF_SOFTCAP, CF_ALIBI>(sc[s][n][e], dp[s][n][e], lse[s][e >> 1],
-                                                                delta[s][e >> 1], visible, ex, pre, softcap, slope,
-                                                                i + vis.off - j);
+#if CF_ATTN_MASK
+                        const float add = i < CF_SEQLEN_Q && j < CF_SEQLEN_K ? attn_mask_term(mask_head, p, i, j) : 0.f;
+#else
+                        const float add = 0.f;
+#endif
+                        bwd_score_element<CF_SOFTCAP, CF_ALIBI, true, CF_ATTN_MASK == 2, CF_ATTN_MASK != 0>(
+                            sc[s][n][e], dp[s][n][e], lse[s][e >> 1], delta[s][e >> 1], visible, ex, pre, softcap,
+                            slope, i + vis.off - j, add);
                     }
         }
 

@@ -102,6 +102,10 @@
 #if CF_DROPOUT
 #include "attention/philox.cuh"
 #endif
+#if CF_ATTN_MASK
+#include "attention/attn_mask.cuh"  // the forward's element mask, read again per score (every tile)
+#endif
+static_assert(!CF_ATTN_MASK || (!CF_VARLEN && !CF_DROPOUT), "attn_mask: the dense build only");
 
 namespace {
 constexpr int kD = CF_HEAD_DIM;
@@ -316,8 +320,12 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
             const float slope = CF_ALIBI ? p.alibi[(i64)BwdCoords(p).b * p.alibi_batch_stride + h] : 0.f;
             const float pre = CF_SOFTCAP ? p.softmax_scale / p.softcap : p.softmax_scale;
             // The exact exponent form on every tile (bwd_common.cuh: kernels without a per-tile choice).
-            const auto ex = BwdExponent<true>::make<CF_SOFTCAP, CF_ALIBI>(p.softmax_scale, p.scale_log2);
+            const auto ex = BwdExponent<true>::make<CF_SOFTCAP, CF_ALIBI, CF_ATTN_MASK == 2>(p.softmax_scale,
+                                                                                          p.scale_log2);
             const float softcap = p.softcap;
+#if CF_ATTN_MASK
+            const unsigned char* mask_head = attn_mask_head(p, BwdCoords(p).b, h);
+#endif
             const unsigned char* s_lse = smem + kSmemLSE + st * kBM * 4;
             const unsigned char* s_delta = smem + kSmemDelta + st * kBM * 4;
 #if CF_DROPOUT
@@ -352,9 +360,14 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
                     const bool kept = transposed_keep(draws[s], n & 1, e, lane);
                     dp[s][n][e] = kept ? dp[s][n][e] * p.dropout_scale : 0.f;
 #endif
-                    sc[s][n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(
+#if CF_ATTN_MASK
+                    const float add = i < CF_SEQLEN_Q && j < CF_SEQLEN_K ? attn_mask_term(mask_head, p, i, j) : 0.f;
+#else
+                    const float add = 0.f;
+#endif
+                    sc[s][n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI, true, CF_ATTN_MASK == 2, CF_ATTN_MASK != 0>(
                         sc[s][n][e], dp[s][n][e], (e & 1) ? lse2.y : lse2.x, (e & 1) ? del2.y : del2.x,
-                        visible, ex, pre, softcap, slope, i + vis.off - j);
+                        visible, ex, pre, softcap, slope, i + vis.off - j, add);
 #if CF_DROPOUT
                     sc[s][n][e] = kept ? sc[s][n][e] * p.dropout_scale : 0.f;
 #endif

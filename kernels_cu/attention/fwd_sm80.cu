@@ -11,6 +11,9 @@
 //   zero-padded on load), CF_BLOCK_M, CF_BLOCK_N, CF_WARPS, CF_MIN_BLOCKS, CF_IS_LOCAL (causal or
 //   window), CF_SOFTCAP, CF_ALIBI, CF_VARLEN (optional, default 0).
 //
+// An element mask (CF_ATTN_MASK, optional, default 0; attn_mask.cuh): each score tile takes the mask's terms
+// after the visibility mask; a row the mask leaves without keys gives zeros and LSE +inf as any empty row.
+//
 // Variable-length batches (CF_VARLEN, seq_context.cuh): a CTA's rows and keys are those of its sequence;
 // the q, k, v, o, lse pointers start at the sequence's first row and every load is clipped at its length,
 // so a tile never reads the next sequence's rows. The grid covers max_seqlen_q rows per sequence; CTAs
@@ -40,6 +43,10 @@
 #if CF_DROPOUT
 #include "attention/philox.cuh"
 #endif
+#if CF_ATTN_MASK
+#include "attention/attn_mask.cuh"
+#endif
+static_assert(!CF_ATTN_MASK || (!CF_SPLIT_KV && !CF_VARLEN && !CF_PAGED && !CF_DROPOUT), "attn_mask: the dense build only");
 // (draws keyed by rows within the sequence need the dense layout's row numbers: no varlen, split or paged)
 static_assert(!CF_DROPOUT || (!CF_SPLIT_KV && !CF_VARLEN && !CF_PAGED), "dropout: the dense build only");
 // The K or V tile of key tile n_block of this CTA's sequence and key/value head into `tile`: with CF_PAGED
@@ -165,8 +172,12 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
         gemm_rows_rows<kMS, kBN, kD, QTile, KVTile>(sc, q_addr, k_addr);
 
         const TileCoords<kMS, kNT8> tc(m_start + warp_row0, n_block * kBN, lane);
-        apply_score_mods<kMS, kNT8, CF_SOFTCAP, CF_ALIBI>(sc, tc, p.softmax_scale, p.softcap, slope, vis.off);
+        apply_score_mods<kMS, kNT8, CF_SOFTCAP, CF_ALIBI, CF_ATTN_MASK == 2>(sc, tc, p.softmax_scale, p.softcap, slope,
+                                                                         vis.off);
         mask_tile<CF_IS_LOCAL>(sc, tc, vis, m_start, i_last, n_block * kBN, kBN);
+#if CF_ATTN_MASK
+        apply_attn_mask(sc, tc, p, attn_mask_head(p, BlockCoords(p).b, BlockCoords(p).h), CF_SEQLEN_Q, CF_SEQLEN_K);
+#endif
 
 #if CF_PAGED
         if (n_block > n_lo) CF_STORE_PAGE_ROWS(n_block - 1);
@@ -192,7 +203,8 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
     }
 
     float row_lse[kMS][2];
-    softmax.finalize(acc_o, row_lse, p.scale_log2, natural_score_scale<CF_SOFTCAP, CF_ALIBI>(p.softmax_scale));
+    softmax.finalize(acc_o, row_lse, p.scale_log2,
+                     natural_score_scale<CF_SOFTCAP, CF_ALIBI, CF_ATTN_MASK == 2>(p.softmax_scale));
 #if CF_DROPOUT
 #pragma unroll
     for (int s = 0; s < kMS; ++s)

@@ -87,6 +87,11 @@ struct AttentionParams {
     u64 dropout_offset;         // Philox counter word 3 (offset mod 2^32)
     int dropout_threshold;      // a 16-bit draw below this keeps its element: round((1 - p) * 65536)
     float dropout_scale;        // 1 / (1 - p), applied to the kept probabilities
+    const void* attn_mask;      // bool bytes or q's 16-bit dtype; null without a mask
+    i64 mask_batch_stride;
+    i64 mask_head_stride;
+    i64 mask_row_stride;
+    i64 mask_col_stride;
 };
 
 // Exported so that a GPU test can check the host's mirror of this struct byte for byte in size.

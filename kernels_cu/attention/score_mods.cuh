@@ -15,11 +15,14 @@ struct TileCoords {
 
 // Turns raw q.k products into final scores: softcap * tanh(scale * x / softcap), then the ALiBi bias
 // -slope * |i + off - j|. Without either modification the raw products stay as they are and the softmax
-// folds the scale into its exponent instead (one FMA fewer per element).
-template <int MS, int NT8, bool SOFTCAP, bool ALIBI>
+// folds the scale into its exponent instead (one FMA fewer per element). ADD (an additive attn_mask, added
+// after this in attn_mask.cuh) needs the scaled form too: its values are natural-log units and may be a
+// dtype's lowest finite value (Hugging Face's masks), which divided by the scale would overflow to -inf
+// and turn a fully masked row's uniform softmax into an empty row.
+template <int MS, int NT8, bool SOFTCAP, bool ALIBI, bool ADD = false>
 __device__ __forceinline__ void apply_score_mods(float (&sc)[MS][NT8][4], const TileCoords<MS, NT8>& tc,
                                                  float softmax_scale, float softcap, float slope, int off) {
-    if (!SOFTCAP && !ALIBI) return;
+    if (!SOFTCAP && !ALIBI && !ADD) return;
     const float pre = SOFTCAP ? softmax_scale / softcap : softmax_scale;
 #pragma unroll
     for (int s = 0; s < MS; ++s)
@@ -35,10 +38,10 @@ __device__ __forceinline__ void apply_score_mods(float (&sc)[MS][NT8][4], const 
 }
 
 // The factor that turns the values the softmax sees into natural-log scores: raw q.k products still need
-// softmax_scale, while apply_score_mods has applied it already when softcap or ALiBi is on.
-template <bool SOFTCAP, bool ALIBI>
+// softmax_scale, while apply_score_mods has applied it already when softcap, ALiBi or an additive mask is on.
+template <bool SOFTCAP, bool ALIBI, bool ADD = false>
 __device__ __forceinline__ float natural_score_scale(float softmax_scale) {
-    return (SOFTCAP || ALIBI) ? 1.f : softmax_scale;
+    return (SOFTCAP || ALIBI || ADD) ? 1.f : softmax_scale;
 }
 
 // Per row, the visible columns relative to this thread's first one are [lo, hi]; an element's own offset

@@ -1,0 +1,44 @@
+// An element mask over the scores (CF_ATTN_MASK; SDPA's attn_mask, broadcast to (batch, heads_q, seqlen_q,
+// seqlen_k) through its strides, a broadcast dimension with stride 0): 1 = boolean, one byte per element,
+// nonzero = attend; 2 = additive, q's 16-bit dtype, added to the scaled score (natural-log units, so the
+// kernels take score_mods.cuh's scaled form: ADD). Built into the dense sm80 forward and backward only.
+// Elements are read straight from global memory where a score needs them: a mask is read once per
+// (query, key) pair a CTA computes, as the scores are.
+#pragma once
+#include "attention/build_flags.cuh"
+#include "attention/params.cuh"
+#include "attention/score_mods.cuh"
+
+constexpr bool kAttnMask = CF_ATTN_MASK != 0;
+constexpr bool kAdditiveMask = CF_ATTN_MASK == 2;
+constexpr int kMaskBytes = kAdditiveMask ? 2 : 1;
+static_assert(CF_ATTN_MASK >= 0 && CF_ATTN_MASK <= 2, "CF_ATTN_MASK: 0 none, 1 boolean, 2 additive");
+
+// The first mask byte of (batch b, query head h).
+__device__ __forceinline__ const unsigned char* attn_mask_head(const AttentionParams& p, int b, int h) {
+    return (const unsigned char*)p.attn_mask + ((i64)b * p.mask_batch_stride + (i64)h * p.mask_head_stride) * kMaskBytes;
+}
+
+// The term query i and key j add to their scaled score: 0 or -inf (boolean), the mask's value (additive).
+__device__ __forceinline__ float attn_mask_term(const unsigned char* head, const AttentionParams& p, int i, int j) {
+    const unsigned char* e = head + ((i64)i * p.mask_row_stride + (i64)j * p.mask_col_stride) * kMaskBytes;
+    if (kAdditiveMask) return to_float(*(const u16*)e);
+    return *e ? 0.f : -CF_INF;
+}
+
+// Adds the mask's terms to a warp's score tile (score_mods.cuh's layout); elements past seqlen_q or seqlen_k
+// read nothing (the visibility mask removes them).
+template <int MS, int NT8>
+__device__ __forceinline__ void apply_attn_mask(float (&sc)[MS][NT8][4], const TileCoords<MS, NT8>& tc,
+                                                const AttentionParams& p, const unsigned char* head, int seqlen_q,
+                                                int seqlen_k) {
+#pragma unroll
+    for (int s = 0; s < MS; ++s)
+#pragma unroll
+        for (int n = 0; n < NT8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = tc.row(s, e), j = tc.col(n, e);
+                if (i < seqlen_q && j < seqlen_k) sc[s][n][e] += attn_mask_term(head, p, i, j);
+            }
+}

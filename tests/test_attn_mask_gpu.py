@@ -1,0 +1,162 @@
+"""attn_mask on GPU arrays (api -> launch_plan -> the sm80 forward and backward kernels' element-mask builds,
+attn_mask.cuh; on Hopper too, where the dense calls run the wgmma kernels): boolean (True = attend) and additive
+(q's dtype, added to the scaled scores) masks, broadcast over batch, heads and rows through stride-0 views,
+with causal masks, windows, softcap and GQA, fp16 / bf16, head dims 64 to 256 and odd ones, follow
+FlashAttention's rule against the float64 reference (2x the same-dtype naive error forward, 3x for the
+gradients; the naive attention takes the same mask); rows the mask leaves without keys give zeros and LSE
++inf, and zero gradients; an additive mask of the dtype's lowest value on a whole row leaves the uniform
+average; deterministic dQ is bitwise repeatable; the torch SDPA stand-in with a CUDA mask matches SDPA's
+math backend. The kernels' mask builds await their first GPU run: api._GPU_ATTN_MASK is
+switched on here."""
+
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import api, reference
+
+from gpu_helpers import (flash_rule, inputs, naive_backward_same_dtype, naive_same_dtype, np_dtype,
+                         randn_like, require_torch_cuda, same_bits, to_device, to_host)
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def gpu_masks(monkeypatch):
+    monkeypatch.setattr(api, "_GPU_ATTN_MASK", True)
+
+
+# name: (batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, mask shape, kind, options)
+CASES = {
+    "full_bool_gqa": (2, 130, 197, 4, 2, 64, "bhqk", "bool", dict()),
+    "rows_additive_causal": (1, 257, 257, 4, 4, 128, "qk", "additive", dict(causal=True)),
+    "keys_bool_window_hd96": (2, 100, 300, 2, 1, 96, "b11k", "bool", dict(window_size=(40, 5))),
+    "heads_additive_softcap_hd256": (1, 64, 512, 8, 2, 256, "1hqk", "additive", dict(softcap=20.0)),
+    "batch_bool_hd192": (3, 33, 77, 2, 2, 192, "b1qk", "bool", dict()),
+}
+_SHAPES = {"bhqk": lambda b, h, q, k: (b, h, q, k), "qk": lambda b, h, q, k: (q, k),
+           "b11k": lambda b, h, q, k: (b, 1, 1, k), "1hqk": lambda b, h, q, k: (1, h, q, k),
+           "b1qk": lambda b, h, q, k: (b, 1, q, k)}
+
+
+def _mask(case, dtype, seed):
+    """(host mask, device mask): random with about 30% of the pairs hidden, and where the mask has a query-row
+    dimension, rows 3 and 5 hidden whole (every key masked)."""
+    b, sq, sk, hq, _, _, layout, kind, _ = CASES[case]
+    shape = _SHAPES[layout](b, hq, sq, sk)
+    rng = np.random.default_rng(seed)
+    hide = rng.random(shape) < 0.3
+    if layout not in ("b11k",):
+        hide[..., [3, 5], :] = True
+    if kind == "bool":
+        host = ~hide
+        return host, to_device(host)
+    host = (rng.standard_normal(shape) * 2).astype(np_dtype(dtype))
+    host[hide] = -np.inf
+    return host.astype(np.float64), to_device(host)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_and_backward_follow_flash_rule(case, dtype):
+    b, sq, sk, hq, hk, d, layout, kind, opts = CASES[case]
+    q, k, v = inputs(b, sq, sk, hq, hk, d, dtype, seed=len(case))
+    host_mask, mask = _mask(case, dtype, seed=7)
+    out, lse = cuflash.attention(q, k, v, attn_mask=mask, return_lse=True, **opts)
+    q64, k64, v64 = (to_host(x).astype(np.float64) for x in (q, k, v))
+    ref, ref_lse = reference.attention_reference(q64, k64, v64, attn_mask=host_mask, **opts)
+    base = naive_same_dtype(q, k, v, attn_mask=host_mask, **opts)
+    flash_rule(to_host(out).astype(np.float64), ref, base)
+    got_lse = to_host(lse)
+    np.testing.assert_array_equal(np.isinf(got_lse), np.isinf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(got_lse[finite], ref_lse[finite], rtol=1e-4, atol=1e-3)
+    if layout != "b11k":  # rows 3 and 5 see no key: zeros, LSE +inf
+        assert not np.any(to_host(out).astype(np.float32)[:, [3, 5]])
+        assert np.all(np.isinf(got_lse[:, :, [3, 5]]))
+
+    dout = randn_like(out, seed=3)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, attn_mask=mask, **opts)
+    refs = reference.attention_backward_reference(to_host(dout).astype(np.float64), q64, k64, v64,
+                                                  attn_mask=host_mask, **opts)
+    bases = naive_backward_same_dtype(dout, q, k, v, attn_mask=host_mask, **opts)
+    for g, r, bse in zip(grads, refs, bases):
+        flash_rule(to_host(g).astype(np.float64), r, bse, factor=3.0)
+    if layout != "b11k":
+        assert not np.any(to_host(grads[0]).astype(np.float32)[:, [3, 5]])
+
+
+def test_deterministic_backward_is_bitwise_repeatable():
+    """deterministic=True with a mask: the Q-parallel dQ kernel's mask build; two runs give the same bits and
+    follow the rule as the atomic dQ does."""
+    case = "full_bool_gqa"
+    b, sq, sk, hq, hk, d, _, _, opts = CASES[case]
+    q, k, v = inputs(b, sq, sk, hq, hk, d, "bfloat16", seed=5)
+    host_mask, mask = _mask(case, "bfloat16", seed=8)
+    out, lse = cuflash.attention(q, k, v, attn_mask=mask, return_lse=True)
+    dout = randn_like(out, seed=4)
+    first = cuflash.attention_backward(dout, q, k, v, out, lse, attn_mask=mask, deterministic=True)
+    second = cuflash.attention_backward(dout, q, k, v, out, lse, attn_mask=mask, deterministic=True)
+    for a, c in zip(first, second):
+        same_bits(a, c)
+    q64, k64, v64 = (to_host(x).astype(np.float64) for x in (q, k, v))
+    refs = reference.attention_backward_reference(to_host(dout).astype(np.float64), q64, k64, v64,
+                                                  attn_mask=host_mask)
+    bases = naive_backward_same_dtype(dout, q, k, v, attn_mask=host_mask)
+    for g, r, bse in zip(first, refs, bases):
+        flash_rule(to_host(g).astype(np.float64), r, bse, factor=3.0)
+
+
+def test_lowest_finite_additive_mask_gives_the_uniform_average():
+    """An additive mask of the dtype's lowest finite value on every key of a row (Hugging Face's padding
+    masks) leaves that row a uniform softmax, the mean of V, as the math has it: the mask is added in the
+    scaled form, where the value does not overflow to -inf."""
+    q, k, v = inputs(1, 64, 96, 2, 2, 64, "float16", seed=9)
+    lowest = np.finfo(np.float16).min
+    host = np.zeros((64, 96), np.float16)
+    host[10] = lowest
+    out = cuflash.attention(q, k, v, attn_mask=to_device(host))
+    want = to_host(v).astype(np.float64).mean(axis=1)  # (1, heads, d)
+    np.testing.assert_allclose(to_host(out).astype(np.float64)[:, 10], want, atol=2e-3)
+
+
+def test_mask_with_alibi_or_dropout_raises_before_launch():
+    q, k, v = inputs(1, 16, 16, 2, 2, 64, "float16", seed=1)
+    mask = to_device(np.ones((16, 16), bool))
+    import cupy
+    with pytest.raises(NotImplementedError, match="alibi_slopes"):
+        cuflash.attention(q, k, v, attn_mask=mask, alibi_slopes=cupy.ones(2, cupy.float32))
+    with pytest.raises(NotImplementedError, match="dropout"):
+        cuflash.attention(q, k, v, attn_mask=mask, dropout_p=0.1, dropout_seed=1)
+    with pytest.raises(TypeError, match="bool or float16"):
+        cuflash.attention(q, k, v, attn_mask=to_device(np.ones((16, 16), np.float32)))
+
+
+def test_torch_sdpa_stand_in_with_a_cuda_mask_matches_sdpa_math():
+    """cuflash.torch.scaled_dot_product_attention with a CUDA boolean mask, forward and backward, against
+    SDPA's math backend in float64 (FlashAttention's rule with SDPA's own bf16 math as the yardstick)."""
+    require_torch_cuda()
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import cuflash.torch as ct
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 150, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    mask = torch.rand(2, 1, 150, 150, device="cuda", generator=gen) > 0.3  # (no row left empty: SDPA gives NaN)
+    assert mask.any(dim=-1).all()
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = ct.scaled_dot_product_attention(*leaves, attn_mask=mask)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
+        ref = F.scaled_dot_product_attention(*ref_leaves, attn_mask=mask)
+        ref.backward(dout.double())
+        base_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        base = F.scaled_dot_product_attention(*base_leaves, attn_mask=mask)
+        base.backward(dout)
+    host = lambda t: t.detach().double().cpu().numpy()  # noqa: E731
+    flash_rule(host(out), host(ref), host(base))
+    for ours, r, bse in zip(leaves, ref_leaves, base_leaves):
+        flash_rule(host(ours.grad), host(r.grad), host(bse.grad), factor=3.0)
