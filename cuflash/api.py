@@ -515,8 +515,10 @@ def _bound_key(xs, causal, softmax_scale, window_size, softcap, flag, dropout_p)
 
 
 def _needs_autograd(*tensors) -> bool:
+    """Whether a torch call must go through autograd; arrays of another kind among them (which the checks
+    refuse) do not count."""
     import torch
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
 
 
 def _dropout_kwargs(dropout):

@@ -303,7 +303,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         or run past the packed arrays, ``seqused`` outside [0, length], ``max_seqlen`` below the longest
         sequence (value checks: CPU path only, see the module docstring). Each names the argument.
     """
-    if arrays.framework_of(q) == "torch" and _needs_autograd(q, k, v):
+    if arrays.framework_of(q) == "torch" and api._needs_autograd(q, k, v):
         _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)  # checks
         return_lse = api._check_flag("return_lse", return_lse)
         from . import torch as torch_adapter
@@ -313,13 +313,6 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                                               seqused_k=seqused_k, return_lse=return_lse)
     return forward_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
                         causal, softmax_scale, window_size, softcap, alibi_slopes, return_lse)
-
-
-def _needs_autograd(*xs) -> bool:
-    """Whether a torch call must go through autograd; arrays of another kind among them (which the checks then
-    refuse) do not count."""
-    import torch
-    return torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in xs)
 
 
 def forward_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, causal,
