@@ -412,14 +412,20 @@ def _cuflash_torch_fn(cuflash):
     return fn
 
 
-def bench_mask(torch, seqlen):
-    """The --mask bool mask for ``seqlen``: (seqlen, seqlen) bool on the GPU, or None without --mask."""
+def bench_mask(torch, seqlen, causal=False):
+    """The --mask bool mask for ``seqlen``: (seqlen, seqlen) bool on the GPU, or None without --mask.
+    ``causal``: the mask with the causal triangle folded in, for SDPA, which refuses attn_mask with
+    is_causal (cuflash takes both and intersects them)."""
     if MASK["kind"] is None:
         return None
-    hit = MASK["cache"].get(seqlen)
+    hit = MASK["cache"].get((seqlen, causal))
     if hit is None:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        hit = MASK["cache"][seqlen] = torch.rand(seqlen, seqlen, device="cuda", generator=gen) < 0.5
+        if causal:
+            hit = bench_mask(torch, seqlen) & torch.ones(seqlen, seqlen, device="cuda", dtype=torch.bool).tril()
+        else:
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            hit = torch.rand(seqlen, seqlen, device="cuda", generator=gen) < 0.5
+        MASK["cache"][(seqlen, causal)] = hit
     return hit
 
 
@@ -434,9 +440,10 @@ def _sdpa(torch, backend):
 
     def run(q, k, v, causal):
         # SDPA wants (b, h, s, d): transposed views of the same (b, s, h, d) storage, no copies.
+        mask = bench_mask(torch, q.shape[1], causal)
         with sdpa_kernel(be):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=bench_mask(torch, q.shape[1]), is_causal=causal,
+                                               attn_mask=mask, is_causal=causal and mask is None,
                                                dropout_p=DROPOUT["p"])
         return o.transpose(1, 2)
 

@@ -624,7 +624,10 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     dropout_p, dropout_seed, dropout_offset
         As passed to the forward: the backward replays the forward's mask from them.
     attn_mask, block_mask : optional
-        As passed to the forward (no gradient is computed for a mask).
+        As passed to the forward (no gradient is computed for a mask). P is recomputed from the float32 LSE
+        (Notes), so a row whose every visible key carries a huge additive term (bfloat16's lowest value on
+        a whole row: its LSE is that value, which float32 holds to about 1e31) gets P = 1 per key instead
+        of the uniform 1 / seqlen_k on the GPU; its gradients are right only where that row's ``dout`` is zero (masked padding rows, whose loss is masked).
 
     Returns
     -------

@@ -4,7 +4,7 @@ attn_mask.cuh; on Hopper too, where the dense calls run the wgmma kernels): bool
 with causal masks, windows, softcap and GQA, fp16 / bf16, head dims 64 to 256 and odd ones, follow
 FlashAttention's rule against the float64 reference (2x the same-dtype naive error forward, 3x for the
 gradients; the naive attention takes the same mask); rows the mask leaves without keys give zeros and LSE
-+inf, and zero gradients; an additive mask of the dtype's lowest value on a whole row leaves the uniform
++inf, and zero gradients; an additive mask of bfloat16's lowest value on a whole row leaves the uniform
 average; deterministic dQ is bitwise repeatable; the torch SDPA stand-in with a CUDA mask matches SDPA's
 math backend. The kernels' mask builds await their first GPU run: api._GPU_ATTN_MASK is
 switched on here."""
@@ -107,17 +107,21 @@ def test_deterministic_backward_is_bitwise_repeatable():
         flash_rule(to_host(g).astype(np.float64), r, bse, factor=3.0)
 
 
-def test_lowest_finite_additive_mask_gives_the_uniform_average():
-    """An additive mask of the dtype's lowest finite value on every key of a row (Hugging Face's padding
-    masks) leaves that row a uniform softmax, the mean of V, as the math has it: the mask is added in the
-    scaled form, where the value does not overflow to -inf."""
-    q, k, v = inputs(1, 64, 96, 2, 2, 64, "float16", seed=9)
-    lowest = np.finfo(np.float16).min
-    host = np.zeros((64, 96), np.float16)
-    host[10] = lowest
-    out = cuflash.attention(q, k, v, attn_mask=to_device(host))
-    want = to_host(v).astype(np.float64).mean(axis=1)  # (1, heads, d)
-    np.testing.assert_allclose(to_host(out).astype(np.float64)[:, 10], want, atol=2e-3)
+def test_lowest_bf16_additive_mask_gives_the_uniform_average():
+    """An additive bfloat16 mask of bfloat16's lowest finite value (-3.39e38, Hugging Face's padding masks)
+    on every key of a row swamps that row's scores, in float32 as in the float64 reference: the row's softmax
+    is uniform, its output the mean of V. The kernels add the mask in the scaled form, where the value stays
+    finite; divided by the scale (the raw form) it would overflow to -inf and leave the row empty (zeros)."""
+    q, k, v = inputs(1, 64, 96, 2, 2, 64, "bfloat16", seed=9)
+    host = np.zeros((64, 96), np.float32)
+    host[10] = -3.3895313892515355e38  # bfloat16's lowest finite value
+    host[20, ::2] = -3.3895313892515355e38  # half of a row: those keys drop out
+    mask = to_device(host.astype(np_dtype("bfloat16")))
+    out = cuflash.attention(q, k, v, attn_mask=mask)
+    q64, k64, v64 = (to_host(x).astype(np.float64) for x in (q, k, v))
+    ref, _ = reference.attention_reference(q64, k64, v64, attn_mask=host.astype(np.float64))
+    np.testing.assert_allclose(ref[:, 10], v64.mean(axis=1), atol=1e-12)  # the math: the uniform average
+    flash_rule(to_host(out).astype(np.float64), ref, naive_same_dtype(q, k, v, attn_mask=host))
 
 
 def test_mask_with_alibi_or_dropout_raises_before_launch():

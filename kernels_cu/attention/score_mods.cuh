@@ -16,9 +16,9 @@ struct TileCoords {
 // Turns raw q.k products into final scores: softcap * tanh(scale * x / softcap), then the ALiBi bias
 // -slope * |i + off - j|. Without either modification the raw products stay as they are and the softmax
 // folds the scale into its exponent instead (one FMA fewer per element). ADD (an additive attn_mask, added
-// after this in attn_mask.cuh) needs the scaled form too: its values are natural-log units and may be a
-// dtype's lowest finite value (Hugging Face's masks), which divided by the scale would overflow to -inf
-// and turn a fully masked row's uniform softmax into an empty row.
+// after this in attn_mask.cuh) needs the scaled form too: its values are natural-log units and may be
+// bfloat16's lowest finite value (Hugging Face's masks), which divided by the scale would overflow to -inf
+// and turn a row masked whole into an empty one (zeros) where the math has the uniform average.
 template <int MS, int NT8, bool SOFTCAP, bool ALIBI, bool ADD = false>
 __device__ __forceinline__ void apply_score_mods(float (&sc)[MS][NT8][4], const TileCoords<MS, NT8>& tc,
                                                  float softmax_scale, float softcap, float slope, int off) {
