@@ -195,6 +195,16 @@ def max_smem(major: int, minor: int) -> int:
     return MAX_SMEM.get((major, minor), MAX_SMEM_DEFAULT)
 
 
+def _with_tiles(key: KernelKey, tiles) -> KernelKey:
+    """``key`` with the forward tiles ``tiles`` = (block_m, block_n, warps, min blocks, ptxas -O), or as it is
+    for None. The builds' own tables hold tiles smaller than every dense one: within every shared-memory
+    limit."""
+    if not tiles:
+        return key
+    bm, bn, warps, min_blocks, opt = tiles
+    return dataclasses.replace(key, block_m=bm, block_n=bn, warps=warps, min_blocks=min_blocks, ptxas_opt=opt)
+
+
 def forward_key(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
                 smem_limit: int = MAX_SMEM[(9, 0)], varlen: bool = False, split_kv: bool = False,
                 paged: bool = False, dropout: bool = False, attn_mask: int = 0) -> KernelKey:
@@ -210,29 +220,16 @@ def forward_key(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, ali
     if attn_mask:
         assert not (varlen or split_kv or paged or dropout or alibi), "attn_mask: the dense build, no ALiBi"
         key = dataclasses.replace(key, extra=key.extra + (("CF_ATTN_MASK", attn_mask),))
-        tiles = FWD_SM80_MASK_TILES.get(key.head_dim)
-        if tiles:  # smaller than every dense tile: within every shared-memory limit
-            bm, bn, warps, min_blocks, opt = tiles
-            key = dataclasses.replace(key, block_m=bm, block_n=bn, warps=warps, min_blocks=min_blocks,
-                                      ptxas_opt=opt)
-        return key
+        return _with_tiles(key, FWD_SM80_MASK_TILES.get(key.head_dim))
     if dropout:
         assert not (varlen or split_kv or paged), "dropout: the dense build"
         key = dataclasses.replace(key, extra=key.extra + (("CF_DROPOUT", 1),))
-        tiles = FWD_SM80_DROPOUT_TILES.get(key.head_dim)
-        if tiles:  # smaller than every dense tile: within every shared-memory limit
-            bm, bn, warps, min_blocks, opt = tiles
-            key = dataclasses.replace(key, block_m=bm, block_n=bn, warps=warps, min_blocks=min_blocks,
-                                      ptxas_opt=opt)
-        return key
+        return _with_tiles(key, FWD_SM80_DROPOUT_TILES.get(key.head_dim))
     if not varlen:
         return key
     key = dataclasses.replace(key, extra=key.extra + (("CF_VARLEN", 1),),
                               ptxas_opt=FWD_SM80_VARLEN_PTXAS_OPT.get(key.head_dim, key.ptxas_opt))
-    tiles = FWD_SM80_VARLEN_TILES.get(key.head_dim)
-    if tiles:  # smaller than every dense tile: within every shared-memory limit
-        bm, bn, warps, min_blocks, opt = tiles
-        key = dataclasses.replace(key, block_m=bm, block_n=bn, warps=warps, min_blocks=min_blocks, ptxas_opt=opt)
+    key = _with_tiles(key, FWD_SM80_VARLEN_TILES.get(key.head_dim))
     if split_kv:
         bm, bn, warps, min_blocks, opt = FWD_SM80_SPLIT_KV_TILES[key.head_dim]
         key = dataclasses.replace(key, extra=key.extra + (("CF_SPLIT_KV", 1),), block_m=bm, block_n=bn, warps=warps,

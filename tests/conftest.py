@@ -50,3 +50,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def sequence_runs(monkeypatch):
+    """Records whether each executor.BoundSequence run launched (a bound call replaying a recorded one:
+    attention_with_kvcache, the variable-length functions); every bound call is forgotten before and after."""
+    from cuflash import executor
+    runs = []
+    original = executor.BoundSequence.run
+
+    def spy(self, xs, scalar=0):
+        res = original(self, xs, scalar)
+        runs.append(res is not None)
+        return res
+    monkeypatch.setattr(executor.BoundSequence, "run", spy)
+    executor.clear()
+    yield runs
+    executor.clear()

@@ -16,28 +16,12 @@ from gpu_helpers import require_torch_cuda, same_bits, to_host
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture
-def bound_runs(monkeypatch):
-    """Counts the bound sequence runs that launched."""
-    runs = []
-    original = executor.BoundSequence.run
-
-    def spy(self, xs, scalar=0):
-        res = original(self, xs, scalar)
-        runs.append(res is not None)
-        return res
-    monkeypatch.setattr(executor.BoundSequence, "run", spy)
-    executor.clear()
-    yield runs
-    executor.clear()
-
-
-def _bound_matches_general(run, bound_runs, first, second):
+def _bound_matches_general(run, sequence_runs, first, second):
     """run(first) records and binds; run(second), bound, must equal the general path's run(second) bit for bit
     (outputs, then the caches after the append). ``run`` returns (outputs, caches)."""
     run(first)
     got, got_caches = run(second)
-    assert bound_runs == [True]
+    assert sequence_runs == [True]
     executor.clear()
     want, want_caches = run(second)
     same_bits(got, want)
@@ -101,16 +85,16 @@ def _make(case, fw, seed):
 
 @pytest.mark.parametrize("fw", ["cupy", "torch"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bound_call_matches_general_path(case, fw, bound_runs):
+def test_bound_call_matches_general_path(case, fw, sequence_runs):
     import cupy
     _make(case, fw, seed=1)()  # the general path, recorded and bound
     run = _make(case, fw, seed=2)
     got, got_caches = run()  # other values, other arrays: bound
-    assert bound_runs == [True]
+    assert sequence_runs == [True]
     executor.clear()
     want, want_caches = run()  # the general path on the same inputs
     cupy.cuda.runtime.deviceSynchronize()
-    assert bound_runs == [True]
+    assert sequence_runs == [True]
     for a, b in zip(got, want):
         same_bits(a, b)
     for a, b in zip(got_caches, want_caches):
@@ -119,7 +103,7 @@ def test_bound_call_matches_general_path(case, fw, bound_runs):
 
 
 @pytest.mark.parametrize("rotary", [False, True])
-def test_int_cache_seqlens_is_given_per_call(bound_runs, rotary):
+def test_int_cache_seqlens_is_given_per_call(sequence_runs, rotary):
     """An int cache_seqlens is not part of the signature: a bound call writes it into the append (and rotary)
     launches each call. Bit for bit against the general path at another value; a value the general path
     rejects (past the cache, or past the rotary tables' positions) still raises, bound or not."""
@@ -138,16 +122,16 @@ def test_int_cache_seqlens_is_given_per_call(bound_runs, rotary):
     def run(lens):
         kc, vc = (cupy.asarray(x) for x in host)
         return cuflash.attention_with_kvcache(q, kc, vc, new_k, new_v, cache_seqlens=lens, **kw), (kc, vc)
-    _bound_matches_general(run, bound_runs, 100, 200)
+    _bound_matches_general(run, sequence_runs, 100, 200)
     run(100)  # bound again
     limit = 239 if rotary else 256  # the last value the general path accepts (rotary: one new key's position)
     run(limit)
-    assert bound_runs == [True, True, True]
+    assert sequence_runs == [True, True, True]
     with pytest.raises(ValueError):
         run(limit + 1)
 
 
-def test_new_keys_with_a_strided_head_dim_are_bound(bound_runs):
+def test_new_keys_with_a_strided_head_dim_are_bound(sequence_runs):
     """New keys and values with a non-unit head_dim stride are copied by strided_copy.cu, which a replay
     repeats: the call binds and matches the general path bit for bit."""
     import cupy
@@ -160,10 +144,10 @@ def test_new_keys_with_a_strided_head_dim_are_bound(bound_runs):
                                      .astype(np.float16))[..., ::2] for i in range(2))
         kc, vc = (cupy.asarray(x) for x in host)
         return cuflash.attention_with_kvcache(q, kc, vc, new_k, new_v, cache_seqlens=100), (kc, vc)
-    _bound_matches_general(run, bound_runs, 1, 7)
+    _bound_matches_general(run, sequence_runs, 1, 7)
 
 
-def test_one_array_as_new_keys_and_values_is_not_bound(bound_runs):
+def test_one_array_as_new_keys_and_values_is_not_bound(sequence_runs):
     """k and v given as one array start two regions at one address: a replay could not tell which a recorded
     pointer meant, so the call stays on the general path (right answer, nothing bound)."""
     import cupy
@@ -175,7 +159,7 @@ def test_one_array_as_new_keys_and_values_is_not_bound(bound_runs):
     for _ in range(2):
         kc, vc = (cupy.asarray(x) for x in host)
         outs.append(cuflash.attention_with_kvcache(q, kc, vc, new, new, cache_seqlens=100))
-    assert bound_runs == []
+    assert sequence_runs == []
     assert not executor._sequences
     same_bits(outs[0], outs[1])
     kc, vc = (cupy.asarray(x) for x in host)
@@ -183,7 +167,7 @@ def test_one_array_as_new_keys_and_values_is_not_bound(bound_runs):
     same_bits(outs[0], want)
 
 
-def test_q_sliced_from_a_fused_projection_is_bound(bound_runs):
+def test_q_sliced_from_a_fused_projection_is_bound(sequence_runs):
     """q as a view into a fused QKV projection (strided heads): the packed path copies it with
     strided_copy.cu, which a replay repeats, so the call binds; bit for bit against the general path."""
     import cupy
@@ -196,12 +180,12 @@ def test_q_sliced_from_a_fused_projection_is_bound(bound_runs):
         return cuflash.attention_with_kvcache(qkv[:, :, :hq], *(cupy.asarray(c) for c in caches), cache_seqlens=300)
     run(1)
     got = run(2)
-    assert bound_runs == [True]
+    assert sequence_runs == [True]
     executor.clear()
     same_bits(got, run(2))
 
 
-def test_a_bound_call_keeps_no_array_of_the_call_it_recorded_alive(bound_runs):
+def test_a_bound_call_keeps_no_array_of_the_call_it_recorded_alive(sequence_runs):
     """The caches, q and output of the recorded call are freed once the caller drops them (a server frees
     a request's caches; a bound call must not pin them)."""
     import gc

@@ -318,7 +318,7 @@ def test_torch_varlen_compile_fullgraph_on_cuda():
 @pytest.mark.parametrize("fw", ["cupy", "torch"])
 @pytest.mark.parametrize("opts", [dict(causal=True), dict(window_size=(40, 7))])
 @pytest.mark.parametrize("one_cu", [False, True])
-def test_bound_calls_equal_the_general_path(fw, opts, one_cu, monkeypatch):
+def test_bound_calls_equal_the_general_path(fw, opts, one_cu, sequence_runs):
     """The third call of a signature replays the second one's recorded launches (executor.BoundSequence):
     on new values and new cu_seqlens (the last sequence shorter, so more rows stay uncovered and must come
     out zero although the allocator may hand back the first call's memory), the bound forward (with and
@@ -330,16 +330,7 @@ def test_bound_calls_equal_the_general_path(fw, opts, one_cu, monkeypatch):
     if fw == "torch":
         require_torch_cuda()
         import torch
-    runs = []
-    original = executor.BoundSequence.run
-
-    def spy(self, xs, scalar=0):
-        res = original(self, xs, scalar)
-        runs.append(res is not None)
-        return res
-    monkeypatch.setattr(executor.BoundSequence, "run", spy)
-    executor.clear()
-
+    runs = sequence_runs
     def inputs(seed, lens):
         host, dev, _, _ = _packed("bfloat16", hq=8, hk=2, d=128, seed=seed)
         cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
