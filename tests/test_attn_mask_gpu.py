@@ -164,3 +164,42 @@ def test_torch_sdpa_stand_in_with_a_cuda_mask_matches_sdpa_math():
     flash_rule(host(out), host(ref), host(base))
     for ours, r, bse in zip(leaves, ref_leaves, base_leaves):
         flash_rule(host(ours.grad), host(r.grad), host(bse.grad), factor=3.0)
+
+
+def test_strided_masks_and_plans_per_layout():
+    """Masks that are not contiguous views (a transposed (seqlen_k, seqlen_q) array's .T, every other column of
+    a wider one, a torch expand) give what their contiguous copies give, forward and backward (deterministic,
+    additive): each layout gets its own plan (strides in the plan's key), so a contiguous mask's plan is
+    never reused for a strided one."""
+    import cupy
+    q, k, v = inputs(2, 70, 90, 4, 2, 64, "float16", seed=12)
+    rng = np.random.default_rng(13)
+    base = (rng.standard_normal((90, 70)) * 2).astype(np.float16)
+    base[rng.random((90, 70)) < 0.3] = -np.inf
+    wide = cupy.asarray(np.repeat(base.T, 2, axis=1))  # (70, 180): the mask is every other column
+    views = [cupy.asarray(base).T, wide[:, ::2]]
+    dense = cupy.ascontiguousarray(views[0])
+    want, want_lse = cuflash.attention(q, k, v, attn_mask=dense, return_lse=True)
+    dout = randn_like(want, seed=14)
+    want_grads = cuflash.attention_backward(dout, q, k, v, want, want_lse, attn_mask=dense, deterministic=True)
+    for view in views:
+        assert not view.flags.c_contiguous
+        out, lse = cuflash.attention(q, k, v, attn_mask=view, return_lse=True)
+        same_bits(out, want)
+        same_bits(lse, want_lse)
+        grads = cuflash.attention_backward(dout, q, k, v, out, lse, attn_mask=view, deterministic=True)
+        for g, w in zip(grads, want_grads):
+            same_bits(g, w)
+
+
+def test_torch_expanded_bool_mask():
+    """A torch bool mask expanded over batch and heads (stride-0 dimensions from torch itself) through
+    cuflash.attention on CUDA tensors equals the same mask materialized."""
+    require_torch_cuda()
+    import torch
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(2, 64, 4, 64, device="cuda", dtype=torch.float16, generator=gen) for _ in range(3))
+    m = torch.rand(64, 64, device="cuda", generator=gen) > 0.4
+    expanded = m.expand(2, 4, 64, 64)
+    same_bits(cuflash.attention(q, k, v, attn_mask=expanded),
+              cuflash.attention(q, k, v, attn_mask=expanded.contiguous()))
