@@ -97,3 +97,25 @@ def test_torch_cpu_mask_differentiates_q_k_v_only():
         np.testing.assert_allclose(g.numpy(), r, atol=1e-10)
     with pytest.raises(NotImplementedError, match="attn_mask requires grad"):
         cuflash.attention(q, k, v, attn_mask=torch.zeros(SQ, SK, dtype=torch.float64, requires_grad=True))
+
+
+@pytest.mark.parametrize("shape,want", [
+    ((5, 7), (0, 0, 7, 1)),            # (seqlen_q, seqlen_k): shared by every batch and head
+    ((2, 1, 1, 7), (7, 0, 0, 1)),      # per batch, one row of keys
+    ((1, 3, 5, 7), (0, 35, 7, 1)),     # per head
+    ((7,), (0, 0, 0, 1)),              # one row of keys for everything
+])
+def test_device_mask_view_broadcasts_with_zero_strides(shape, want):
+    """api._device_mask (what the GPU kernels get): the mask as a (batch, heads_q, seqlen_q, seqlen_k) view
+    with its own strides and 0 on every dimension it broadcasts (missing leading ones and size-1 ones); the
+    dtype named as checked; the same address (no copy)."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from cuflash import api
+    mask = torch.zeros(shape, dtype=torch.bool)
+    call = SimpleNamespace(fw="torch", batch=2, heads_q=3, seqlen_q=5, seqlen_k=7)
+    view = api._device_mask(call, mask, stream=0)
+    assert view.shape == (2, 3, 5, 7) and view.strides == want
+    assert view.dtype == "bool" and view.ptr == mask.data_ptr()
+    assert api._device_mask(call, None, stream=0) is None
