@@ -9,7 +9,6 @@
 #include "attention/params.cuh"
 #include "attention/score_mods.cuh"
 
-constexpr bool kAttnMask = CF_ATTN_MASK != 0;
 constexpr bool kAdditiveMask = CF_ATTN_MASK == 2;
 constexpr int kMaskBytes = kAdditiveMask ? 2 : 1;
 static_assert(CF_ATTN_MASK >= 0 && CF_ATTN_MASK <= 2, "CF_ATTN_MASK: 0 none, 1 boolean, 2 additive");
@@ -26,8 +25,14 @@ __device__ __forceinline__ float attn_mask_term(const unsigned char* head, const
     return *e ? 0.f : -CF_INF;
 }
 
-// Adds the mask's terms to a warp's score tile (score_mods.cuh's layout); elements past seqlen_q or seqlen_k
-// read nothing (the visibility mask removes them).
+// attn_mask_term inside the (seqlen_q, seqlen_k) problem, 0 outside it without a read (the visibility mask
+// removes those elements): what every kernel adds per score.
+__device__ __forceinline__ float attn_mask_add(const unsigned char* head, const AttentionParams& p, int i, int j,
+                                               int seqlen_q, int seqlen_k) {
+    return i < seqlen_q && j < seqlen_k ? attn_mask_term(head, p, i, j) : 0.f;
+}
+
+// Adds the mask's terms to a warp's score tile (score_mods.cuh's layout).
 template <int MS, int NT8>
 __device__ __forceinline__ void apply_attn_mask(float (&sc)[MS][NT8][4], const TileCoords<MS, NT8>& tc,
                                                 const AttentionParams& p, const unsigned char* head, int seqlen_q,
@@ -37,8 +42,6 @@ __device__ __forceinline__ void apply_attn_mask(float (&sc)[MS][NT8][4], const T
 #pragma unroll
         for (int n = 0; n < NT8; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int i = tc.row(s, e), j = tc.col(n, e);
-                if (i < seqlen_q && j < seqlen_k) sc[s][n][e] += attn_mask_term(head, p, i, j);
-            }
+            for (int e = 0; e < 4; ++e)
+                sc[s][n][e] += attn_mask_add(head, p, tc.row(s, e), tc.col(n, e), seqlen_q, seqlen_k);
 }

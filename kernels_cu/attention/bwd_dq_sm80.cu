@@ -169,7 +169,7 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
                         const int j = n_start + n * 8 + t2 + (e & 1);
                         const bool visible = !need_mask || vis.visible(i, j);
 #if CF_ATTN_MASK
-                        const float add = i < CF_SEQLEN_Q && j < CF_SEQLEN_K ? attn_mask_term(mask_head, p, i, j) : 0.f;
+                        const float add = attn_mask_add(mask_head, p, i, j, CF_SEQLEN_Q, CF_SEQLEN_K);
 #else
                         const float add = 0.f;
 #endif

@@ -361,7 +361,7 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
                     dp[s][n][e] = kept ? dp[s][n][e] * p.dropout_scale : 0.f;
 #endif
 #if CF_ATTN_MASK
-                    const float add = i < CF_SEQLEN_Q && j < CF_SEQLEN_K ? attn_mask_term(mask_head, p, i, j) : 0.f;
+                    const float add = attn_mask_add(mask_head, p, i, j, CF_SEQLEN_Q, CF_SEQLEN_K);
 #else
                     const float add = 0.f;
 #endif
