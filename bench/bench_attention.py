@@ -1043,9 +1043,6 @@ def main(argv=None, prog="bench_attention.py") -> int:
           f"cupy {env.get('cupy', '-')}, jax {env.get('jax', '-')}, cuflash {env.get('cuflash', '-')}")
     if cuflash is not None and _cuflash_torch_fn(cuflash) is None:
         print("note: cuflash.torch.attention not found: cuflash backward columns are skipped")
-    if MASK["kind"] and cuflash is not None and not getattr(cuflash.api, "_GPU_ATTN_MASK", True):
-        print("note: GPU attn_mask is switched on for this run (its kernels await their first verified GPU run)")
-        cuflash.api._GPU_ATTN_MASK = True
     torch.backends.cuda.matmul.allow_tf32 = False
     rows, extra = [], {}
     if not (args.memory_only or args.jit_only):

@@ -197,17 +197,9 @@ def _check_options(call, causal, softmax_scale, window_size, softcap, alibi_slop
 _MASK_DTYPES_CPU = ("bool", "float16", "float32", "float64")
 
 
-# Whether GPU arrays take an attn_mask: the kernels' element-mask builds (attn_mask.cuh) are compiled and
-# spill-free, but have not yet run on a GPU; tests/test_attn_mask_gpu.py switches this on to check them
-# there, and it becomes the default once they pass.
-_GPU_ATTN_MASK = False
-
-
 def _check_attn_mask(call, attn_mask):
     """``attn_mask``: None, or a bool / float array of q's type (a NumPy array goes with CPU arrays) on q's
-    device, broadcastable to (batch, heads_q, seqlen_q, seqlen_k); on GPU arrays bool or q's dtype. GPU
-    arrays raise NotImplementedError until the kernels' element-mask builds are verified there
-    (``_GPU_ATTN_MASK``)."""
+    device, broadcastable to (batch, heads_q, seqlen_q, seqlen_k); on GPU arrays bool or q's dtype."""
     if attn_mask is None:
         return None
     mfw = arrays.framework_of(attn_mask)
@@ -225,10 +217,6 @@ def _check_attn_mask(call, attn_mask):
     if dev != call.device:
         raise ValueError(f"attn_mask is on device {dev} but {call.names[0]} is on {call.device}")
     if call.on_gpu:
-        if not _GPU_ATTN_MASK:
-            raise NotImplementedError("attn_mask is not implemented for GPU arrays yet (the kernels' element-mask "
-                                      "builds await their first GPU run); the CPU path (NumPy arrays, torch CPU "
-                                      "tensors) has it")
         if dt not in ("bool", call.dtype):
             raise TypeError(f"attn_mask on GPU arrays must be bool or {call.dtype} (q's dtype), got {dt}")
         return attn_mask

@@ -500,8 +500,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         ``enable_gqa``, ``scale <= 0`` (which SDPA takes; cuflash's kernels need a positive scale); and
         whatever :func:`cuflash.attention` raises for its arguments.
     NotImplementedError
-        A value head dim other than the query's; on CUDA tensors, ``attn_mask`` and ``is_causal`` with
-        L < S (the kernels take no element mask yet).
+        A value head dim other than the query's; on CUDA tensors, ``attn_mask`` (or ``is_causal`` with L < S,
+        which becomes a mask) together with ``dropout_p > 0``.
     """
     if query.dim() not in (3, 4) or key.dim() != query.dim() or value.dim() != query.dim():
         raise ValueError(f"query, key and value must all be 4-D (batch, heads, seqlen, head_dim) or 3-D (batch, "

@@ -6,8 +6,7 @@ FlashAttention's rule against the float64 reference (2x the same-dtype naive err
 gradients; the naive attention takes the same mask); rows the mask leaves without keys give zeros and LSE
 +inf, and zero gradients; an additive mask of bfloat16's lowest value on a whole row leaves the uniform
 average; deterministic dQ is bitwise repeatable; the torch SDPA stand-in with a CUDA mask matches SDPA's
-math backend. The kernels' mask builds await their first GPU run: api._GPU_ATTN_MASK is
-switched on here."""
+math backend."""
 
 import numpy as np
 import pytest
@@ -19,11 +18,6 @@ from gpu_helpers import (flash_rule, inputs, naive_backward_same_dtype, naive_sa
                          randn_like, require_torch_cuda, same_bits, to_device, to_host)
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def gpu_masks(monkeypatch):
-    monkeypatch.setattr(api, "_GPU_ATTN_MASK", True)
 
 
 # name: (batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, mask shape, kind, options)
