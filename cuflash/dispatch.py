@@ -279,9 +279,15 @@ def forward_family(cc: tuple) -> str:
     return "fwd_sm90" if (choice == "sm90" and tuple(cc) == (9, 0)) else "fwd_sm80"
 
 
+# ptxas levels of the Hopper forward's element-mask builds that spill at -O3: (head dim, causal/window
+# without softcap, mask kind) -> level. The boolean causal/window build at head dim 128 spilled 4 bytes at
+# -O3 and -O2, none at -O1.
+FWD_SM90_MASK_PTXAS_OPT = {(128, True, 1): 1}
+
+
 def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
                      varlen: bool = False, split_kv: bool = False, paged: bool = False,
-                     page_gather: bool = False, dropout: bool = False) -> KernelKey:
+                     page_gather: bool = False, dropout: bool = False, attn_mask: int = 0) -> KernelKey:
     """The Hopper forward's variant. ``varlen``: its variable-length build (CF_VARLEN: packed tensor maps,
     rows from cu_seqlens / seqused, clipped ordinary O stores), a separate variant so that the dense one
     compiles to the code it had without it. ``split_kv`` (with ``varlen``; head dims in
@@ -289,7 +295,14 @@ def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool
     ``paged`` (with ``varlen``): keys and values through a block table, a TMA box per page
     (CF_PAGED; page sizes that :func:`sm90_page_box_rows` accepts), or with ``page_gather`` rows gathered
     by the producer warpgroup's cp.async (CF_PAGE_GATHER; any page size). ``dropout`` (dense): attention
-    dropout (CF_DROPOUT, philox.cuh)."""
+    dropout (CF_DROPOUT, philox.cuh). ``attn_mask`` (dense, no ALiBi or dropout): an element mask, 1 boolean
+    or 2 additive (CF_ATTN_MASK, attn_mask.cuh), on two consumer warpgroups (the mask's addressing does not fit
+    three's 160 registers at head dim 64)."""
+    if attn_mask:
+        assert not (varlen or split_kv or paged or dropout or alibi), "attn_mask: the dense build, no ALiBi"
+        key = _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, True)
+        opt = FWD_SM90_MASK_PTXAS_OPT.get((key.head_dim, is_local and not softcap, attn_mask), key.ptxas_opt)
+        return dataclasses.replace(key, extra=key.extra + (("CF_ATTN_MASK", attn_mask),), ptxas_opt=opt)
     if dropout:
         assert not (varlen or split_kv or paged), "dropout: the dense build"
         key = _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, True)
@@ -415,6 +428,9 @@ def all_forward_sm90_keys() -> list[KernelKey]:
     keys += [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, varlen=True, paged=True, page_gather=g)
              for dt in DTYPES for d in PADDED_HEAD_DIMS for loc in (False, True) for sc in (False, True)
              for al in (False, True) for g in (False, True)]
+    keys += [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=False, attn_mask=m)
+             for dt in DTYPES for d in PADDED_HEAD_DIMS for loc in (False, True) for sc in (False, True)
+             for m in ATTN_MASK_KINDS.values()]
     return keys + [forward_key_sm90(dt, d, is_local=False, softcap=sc, alibi=False, varlen=True, split_kv=True,
                                     paged=pg, page_gather=g)
                    for dt in DTYPES for d in FWD_SM90_SPLIT_KV_HEAD_DIMS for sc in (False, True)
@@ -602,14 +618,16 @@ def backward_family(cc: tuple, head_dim: int, deterministic: bool) -> str:
 
 
 def backward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
-                      deterministic: bool = False, varlen: bool = False) -> KernelKey:
-    """The Hopper backward's variant; ``varlen``: its variable-length build (CF_VARLEN, not deterministic)."""
+                      deterministic: bool = False, varlen: bool = False, attn_mask: int = 0) -> KernelKey:
+    """The Hopper backward's variant; ``varlen``: its variable-length build (CF_VARLEN, not deterministic);
+    ``attn_mask`` (dense, no ALiBi): an element mask, 1 boolean or 2 additive (CF_ATTN_MASK, attn_mask.cuh)."""
     if deterministic and varlen:
         raise ValueError("the Hopper backward has no deterministic variable-length build")
+    assert not (attn_mask and (varlen or alibi)), "attn_mask: the dense build, no ALiBi"
     d = padded_head_dim(head_dim)
     bm, stages = BWD_SM90_TILES[d]
     extra = ((("CF_STAGES", stages),) + ((("CF_DETERMINISTIC", 1),) if deterministic else ())
-             + ((("CF_VARLEN", 1),) if varlen else ()))
+             + ((("CF_VARLEN", 1),) if varlen else ()) + ((("CF_ATTN_MASK", attn_mask),) if attn_mask else ()))
     return KernelKey("bwd_sm90", "attention_bwd_sm90", dtype, d, is_local, softcap, alibi, bm, BWD_SM90_BLOCK_N,
                      12, extra=extra)
 
@@ -631,6 +649,13 @@ def all_backward_sm90_keys() -> list[KernelKey]:
             for dt in DTYPES for d in BWD_SM90_TILES for loc in (False, True)
             for sc in (False, True) for al in (False, True) for det, vl in ((False, False), (True, False),
                                                                           (False, True))]
+
+
+def all_backward_sm90_mask_keys() -> list[KernelKey]:
+    """The Hopper backward's element-mask builds (dense, no ALiBi)."""
+    return [backward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=False, deterministic=det, attn_mask=m)
+            for dt in DTYPES for d in BWD_SM90_TILES for loc in (False, True) for sc in (False, True)
+            for det in (False, True) for m in ATTN_MASK_KINDS.values()]
 
 
 def all_forward_keys() -> list[KernelKey]:
@@ -753,7 +778,7 @@ def all_keys() -> list[KernelKey]:
             keys[k.name] = k
     for k in all_forward_sm90_keys():
         keys[k.name] = k
-    for k in all_backward_keys() + all_backward_sm90_keys():
+    for k in all_backward_keys() + all_backward_sm90_keys() + all_backward_sm90_mask_keys():
         keys[k.name] = k
     keys[STRIDED_COPY_KEY.name] = STRIDED_COPY_KEY
     for k in all_merge_states_keys():
@@ -816,7 +841,9 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                         found = [forward_key(dt, d, smem_limit=limit, **mods),
                                  forward_key(dt, d, smem_limit=limit, varlen=True, **mods),
                                  forward_key(dt, d, smem_limit=limit, dropout=True, **mods)]
-                        masks = () if al else tuple(ATTN_MASK_KINDS.values())  # (on Hopper too: sm80 runs them)
+                        # (on Hopper the sm80 builds serve head dims 192/256 in the backward and views TMA
+                        # cannot describe)
+                        masks = () if al else tuple(ATTN_MASK_KINDS.values())
                         found += [forward_key(dt, d, smem_limit=limit, attn_mask=m, **mods) for m in masks]
                         found.append(forward_key(dt, d, smem_limit=limit, varlen=True, paged=True, **mods))
                         if not loc and not al:  # decoding's split-KV builds (api.decode_groups)
@@ -827,12 +854,15 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                             found += [forward_key_sm90(dt, d, varlen=True, paged=pg, page_gather=g, **mods)
                                       for pg, g in layouts]
                             found += [forward_key_sm90(dt, d, dropout=dr, **mods) for dr in (False, True)]
+                            found += [forward_key_sm90(dt, d, attn_mask=m, **mods) for m in masks]
                             if not loc and not al and d in FWD_SM90_SPLIT_KV_HEAD_DIMS:
                                 found += [forward_key_sm90(dt, d, varlen=True, split_kv=True, paged=pg, page_gather=g,
                                                            **mods) for pg, g in layouts]
                             if d in BWD_SM90_TILES:
                                 found += [backward_key_sm90(dt, d, deterministic=det, varlen=vl, **mods)
                                           for det, vl in ((False, False), (True, False), (False, True))]
+                                found += [backward_key_sm90(dt, d, deterministic=det, attn_mask=m, **mods)
+                                          for det in (False, True) for m in masks]
                         for det in (False, True):
                             for builder in (backward_keys, backward_varlen_keys,
                                             functools.partial(backward_keys, dropout=True),

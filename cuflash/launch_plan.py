@@ -156,8 +156,7 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, al
     """The forward's plan for these views (cached on their layout and the flags). ``dropout_p`` > 0: the
     kernel's dropout build with p's keep threshold and scale in the block; each call writes its seed and
     offset (ops.forward). ``mask``: an attn_mask view (batch, heads_q, seqlen_q, seqlen_k), strides 0 where
-    broadcast: the sm80 kernel's element-mask build on every GPU (attn_mask.cuh); each call writes its
-    address."""
+    broadcast: the kernels' element-mask builds (attn_mask.cuh); each call writes its address."""
     key = ("fwd", q.device, cc, _layout(q, k, v, out), _alibi_layout(alibi), causal, window_size, softmax_scale,
            softcap, dropout_p, _mask_layout(mask), env())
     hit = _plans.get(key)
@@ -167,10 +166,10 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, al
     local = is_local(causal, window_size)
     # The Hopper kernel reads and writes through TMA; a view TMA cannot describe (a broadcast head, say)
     # runs on the sm80 kernel instead, which handles any 16-byte-aligned layout.
-    hopper = dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out) and mask is None
+    hopper = dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
     if hopper:
         kkey = dispatch.forward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
-                                         alibi=alibi is not None, dropout=dropout_p > 0)
+                                         alibi=alibi is not None, dropout=dropout_p > 0, attn_mask=mask_kind(mask))
         smem = dispatch.forward_sm90_smem_bytes(kkey)
     else:
         kkey = dispatch.forward_key(dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
@@ -333,7 +332,7 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     (dQ). Deterministic mode: the Hopper kernel adds in a fixed order (turn counters the preprocess zeroes);
     on sm80 a Q-parallel dQ kernel replaces the accumulation and the postprocess. ``dropout_p`` > 0: the sm80
     kernels' dropout builds on every GPU, p's threshold and scale in the block (seed and offset per call);
-    ``mask`` (as :func:`forward`): the sm80 kernels' element-mask builds on every GPU."""
+    ``mask`` (as :func:`forward`): the kernels' element-mask builds."""
     key = ("bwd", q.device, cc, _layout(dout, q, k, v, out, dq, dk, dv), _alibi_layout(alibi), causal, window_size,
            softmax_scale, softcap, deterministic, dropout_p, _mask_layout(mask), env())
     hit = _plans.get(key)
@@ -350,7 +349,7 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     seqlen_k, heads_k = k.shape[1], k.shape[2]
     dev = q.device
     # The Hopper main kernel reads Q, K, V and dO through TMA; views TMA cannot describe run on sm80.
-    hopper = (dropout_p == 0 and mask is None and dispatch.backward_family(cc, q.shape[3], deterministic) == "bwd_sm90"
+    hopper = (dropout_p == 0 and dispatch.backward_family(cc, q.shape[3], deterministic) == "bwd_sm90"
               and tma.supports(q, k, v, dout))
     dq_kernel = deterministic and not hopper
     # delta (fp32, batch x heads x seqlen_q) is read only up to the main kernel, and with accumulated dQ the
@@ -365,7 +364,8 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     for name, a in (("o", out), ("do", dout), ("dq", dq), ("dk", dk), ("dv", dv)):
         p.set_strides(name, a)
     main, smem, maps = _backward_main(main, hopper, dtype, q.shape[3], is_local=local, softcap=softcap > 0,
-                                      alibi=alibi is not None, deterministic=deterministic)
+                                      alibi=alibi is not None, deterministic=deterministic,
+                                      attn_mask=mask_kind(mask))
     launches = _backward_launches(p, arch, dev, pre, post, main, smem, maps, dq_key if dq_kernel else None,
                                   batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_k=heads_k)
     acc_shape = None if dq_kernel else (batch, seqlen_q, heads_q, main.head_dim)

@@ -1,5 +1,6 @@
-"""attn_mask on GPU arrays (api -> launch_plan -> the sm80 forward and backward kernels' element-mask builds,
-attn_mask.cuh; on Hopper too, where the dense calls run the wgmma kernels): boolean (True = attend) and additive
+"""attn_mask on GPU arrays (api -> launch_plan -> the kernels' element-mask builds, attn_mask.cuh: on Hopper the
+wgmma forward and backward (head dims 64 / 128; the sm80 backward above), and the sm80 kernels everywhere,
+which Hopper runs too under CUFLASH_FWD_KERNEL / CUFLASH_BWD_KERNEL=sm80): boolean (True = attend) and additive
 (q's dtype, added to the scaled scores) masks, broadcast over batch, heads and rows through stride-0 views,
 with causal masks, windows, softcap and GQA, fp16 / bf16, head dims 64 to 256 and odd ones, follow
 FlashAttention's rule against the float64 reference (2x the same-dtype naive error forward, 3x for the
@@ -12,9 +13,9 @@ import numpy as np
 import pytest
 
 import cuflash
-from cuflash import api, reference
+from cuflash import reference
 
-from gpu_helpers import (flash_rule, inputs, naive_backward_same_dtype, naive_same_dtype, np_dtype,
+from gpu_helpers import (flash_rule, inputs, kernel_requests, naive_backward_same_dtype, naive_same_dtype, np_dtype,
                          randn_like, require_torch_cuda, same_bits, to_device, to_host)
 
 pytestmark = pytest.mark.gpu
@@ -50,9 +51,29 @@ def _mask(case, dtype, seed):
     return host.astype(np.float64), to_device(host)
 
 
+@pytest.fixture(params=["default", "sm80"])
+def family(request, monkeypatch):
+    """The kernels a dense masked call runs: the GPU's own (the wgmma ones on Hopper), or the sm80 ones."""
+    if request.param == "sm80":
+        monkeypatch.setenv("CUFLASH_FWD_KERNEL", "sm80")
+        monkeypatch.setenv("CUFLASH_BWD_KERNEL", "sm80")
+    return request.param
+
+
+def _expect_families(family, head_dim, requested):
+    """The kernel variants asked for (gpu_helpers.kernel_requests) are the mask builds of the families the
+    calls should have run."""
+    import cupy
+    hopper = int(cupy.cuda.Device().compute_capability) == 90 and family == "default"
+    masked = {name.split("_bf16")[0].split("_fp16")[0] for name in requested if "_mask" in name}
+    assert ("fwd_sm90" if hopper else "fwd_sm80") in masked, requested
+    assert ("bwd_sm90" if hopper and head_dim <= 128 else "bwd_sm80") in masked, requested
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_forward_and_backward_follow_flash_rule(case, dtype):
+def test_forward_and_backward_follow_flash_rule(case, dtype, family, monkeypatch):
+    requested = kernel_requests(monkeypatch)
     b, sq, sk, hq, hk, d, layout, kind, opts = CASES[case]
     q, k, v = inputs(b, sq, sk, hq, hk, d, dtype, seed=len(case))
     host_mask, mask = _mask(case, dtype, seed=7)
@@ -78,11 +99,12 @@ def test_forward_and_backward_follow_flash_rule(case, dtype):
         flash_rule(to_host(g).astype(np.float64), r, bse, factor=3.0)
     if layout != "b11k":
         assert not np.any(to_host(grads[0]).astype(np.float32)[:, [3, 5]])
+    _expect_families(family, d, requested)
 
 
-def test_deterministic_backward_is_bitwise_repeatable():
-    """deterministic=True with a mask: the Q-parallel dQ kernel's mask build; two runs give the same bits and
-    follow the rule as the atomic dQ does."""
+def test_deterministic_backward_is_bitwise_repeatable(family):
+    """deterministic=True with a mask (Hopper's turn-ordered dQ, or the sm80 Q-parallel dQ kernel's mask
+    build): two runs give the same bits and follow the rule as the atomic dQ does."""
     case = "full_bool_gqa"
     b, sq, sk, hq, hk, d, _, _, opts = CASES[case]
     q, k, v = inputs(b, sq, sk, hq, hk, d, "bfloat16", seed=5)

@@ -32,16 +32,53 @@ __device__ __forceinline__ float attn_mask_add(const unsigned char* head, const 
     return i < seqlen_q && j < seqlen_k ? attn_mask_term(head, p, i, j) : 0.f;
 }
 
-// Adds the mask's terms to a warp's score tile (score_mods.cuh's layout).
+// The mask elements a thread reads in one score tile, from its first (query i0, key j0): one pointer and two
+// bounds, so that an element's address is its compile-time offset (di, dj) times the strides, not a 64-bit
+// address rebuilt per element (the Hopper backward's P^T tile).
+struct MaskWindow {
+    const unsigned char* base;
+    i64 row_step, col_step;  // bytes
+    int rows, cols;          // offsets di < rows, dj < cols lie inside the (seqlen_q, seqlen_k) problem
+
+    __device__ __forceinline__ MaskWindow(const unsigned char* head, const AttentionParams& p, int i0, int j0,
+                                          int seqlen_q, int seqlen_k)
+        : row_step(p.mask_row_stride * kMaskBytes), col_step(p.mask_col_stride * kMaskBytes),
+          rows(seqlen_q - i0), cols(seqlen_k - j0) {
+        base = head + ((i64)i0 * row_step + (i64)j0 * col_step);
+    }
+    // attn_mask_term of (i0 + di, j0 + dj) inside the problem, 0 outside it without a read.
+    __device__ __forceinline__ float term(int di, int dj) const {
+        if (di >= rows || dj >= cols) return 0.f;
+        const unsigned char* e = base + (di * row_step + dj * col_step);
+        return kAdditiveMask ? to_float(*(const u16*)e) : (*e ? 0.f : -CF_INF);
+    }
+};
+
+// Adds the mask's terms to a warp's score tile (score_mods.cuh's layout): a pointer per row (rows past
+// seqlen_q skipped), then each element's offset its compile-time column n * 8 + e times the column stride.
+// (Offsets from one pointer for all of a thread's elements, as MaskWindow, made the Hopper forward spill 4-104
+// bytes at head dim 128; this form, none but one variant's 4.)
 template <int MS, int NT8>
 __device__ __forceinline__ void apply_attn_mask(float (&sc)[MS][NT8][4], const TileCoords<MS, NT8>& tc,
                                                 const AttentionParams& p, const unsigned char* head, int seqlen_q,
                                                 int seqlen_k) {
+    const i64 col_step = p.mask_col_stride * kMaskBytes;
+    const int col0 = tc.col(0, 0);
+    const int cols = seqlen_k - col0;  // this thread's columns n * 8 + e below this exist
 #pragma unroll
     for (int s = 0; s < MS; ++s)
 #pragma unroll
-        for (int n = 0; n < NT8; ++n)
+        for (int hh = 0; hh < 2; ++hh) {
+            const int i = tc.row(s, 2 * hh);
+            if (i >= seqlen_q) continue;
+            const unsigned char* row = head + ((i64)i * p.mask_row_stride * kMaskBytes + (i64)col0 * col_step);
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-                sc[s][n][e] += attn_mask_add(head, p, tc.row(s, e), tc.col(n, e), seqlen_q, seqlen_k);
+            for (int n = 0; n < NT8; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    if (n * 8 + e >= cols) continue;
+                    const unsigned char* el = row + (n * 8 + e) * col_step;
+                    sc[s][n][2 * hh + e] += kAdditiveMask ? to_float(*(const u16*)el) : (*el ? 0.f : -CF_INF);
+                }
+        }
 }

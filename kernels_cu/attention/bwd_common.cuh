@@ -4,6 +4,7 @@
 #include "ptx/math.cuh"
 #include "attention/params.cuh"
 #include "attention/score_mods.cuh"
+#include "attention/build_flags.cuh"
 
 #ifndef CF_DETERMINISTIC
 #define CF_DETERMINISTIC 0
@@ -140,9 +141,10 @@ struct BwdExponent {
     }
 };
 
-// Where a kernel chooses the form per tile (bwd_sm90.cu): not with softcap or ALiBi, which transform the
-// score inside the element loop (no pre-pass can shift it) and whose elements already cost a tanh or a bias.
-constexpr bool kChooseExponent = !CF_SOFTCAP && !CF_ALIBI;
+// Where a kernel chooses the form per tile (bwd_sm90.cu): not with softcap, ALiBi or an additive mask, which
+// transform the score inside the element loop (no pre-pass can shift it) and whose elements already cost a
+// tanh, a bias or a load. A boolean mask's term (0 or -inf) leaves either form exact.
+constexpr bool kChooseExponent = !CF_SOFTCAP && !CF_ALIBI && CF_ATTN_MASK != 2;
 
 // Whether LSE value `lse` of a real row needs the exact form (+inf marks a row that saw no key: P = 0 in
 // either form; NaN takes the exact one).

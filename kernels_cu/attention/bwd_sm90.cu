@@ -66,7 +66,10 @@
 // Compile-time configuration (cuflash/dispatch.py): CF_DTYPE, CF_HEAD_DIM (64 or 128; a smaller real head
 // dim is zero-filled by TMA), CF_BLOCK_M (64 at head dim 128, 128 at head dim 64: the dK, dV, S^T and dP^T
 // accumulators then take 64 + 64 + 32 + 32 or 32 + 32 + 64 + 64 of the 240 registers), CF_BLOCK_N = 128,
-// CF_STAGES, CF_IS_LOCAL, CF_SOFTCAP, CF_ALIBI, CF_DETERMINISTIC, CF_VARLEN (optional, default 0).
+// CF_STAGES, CF_IS_LOCAL, CF_SOFTCAP, CF_ALIBI, CF_DETERMINISTIC, CF_VARLEN (optional, default 0),
+// CF_ATTN_MASK (optional, default 0; attn_mask.cuh, dense builds without ALiBi: each element of P^T takes the
+// mask's term, read from global memory per element as bwd_sm80.cu does; an additive mask takes the exact
+// exponent form on every tile, as softcap does).
 //
 // Variable-length batches (CF_VARLEN, seq_context.cuh): the tensor maps cover the packed arrays and a CTA
 // offsets its TMA rows by its sequence's first rows; CTAs past a sequence's keys return at once. Tiles at a
@@ -92,6 +95,10 @@
 #if CF_VARLEN
 #include "attention/seq_context.cuh"
 #endif
+#if CF_ATTN_MASK
+#include "attention/attn_mask.cuh"
+#endif
+static_assert(!CF_ATTN_MASK || (!CF_VARLEN && !CF_ALIBI), "attn_mask: the dense build, no ALiBi");
 static_assert(!(CF_VARLEN && CF_DETERMINISTIC), "the variable-length build has no deterministic turns");
 
 // A CTA's sequence: lengths and first rows in the packed arrays (variable-length build); empty in the dense
@@ -156,8 +163,9 @@ constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = 240;
 // P^T from S^T while dP^T is still running, dS^T once it has retired: keeps P^T in fp32 across the wait
 // (kBM / 2 more live registers), which fits at head dim 128 and not at 64 (BM 128); softcap's dS also needs
-// 1 - tanh^2 of every element, so it computes both at once after both products.
-constexpr bool kEarlyP = !CF_SOFTCAP && kBM == 64;
+// 1 - tanh^2 of every element, so it computes both at once after both products. An additive mask's causal
+// and window builds spilled 4 bytes with it (its term adds a load and the scaled form per element).
+constexpr bool kEarlyP = !CF_SOFTCAP && kBM == 64 && !(CF_ATTN_MASK == 2 && CF_IS_LOCAL);
 // dQ one tile late with mbarrier hand-offs (kDeferDq, see the top) at BM 128 (head dim 64): +7-10% there on
 // the H200. At BM 64 (head dim 128) it cost 5-12% in every order of the products tried (with dK's A from
 // registers ptxas also spilled 20-48 bytes), so that tile keeps both warpgroups in step with a named barrier
@@ -399,7 +407,7 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
 #endif
 
     const float pre = CF_SOFTCAP ? a.softmax_scale / a.softcap : a.softmax_scale;
-    const float score_scale = natural_score_scale<CF_SOFTCAP, CF_ALIBI>(a.softmax_scale);
+    const float score_scale = natural_score_scale<CF_SOFTCAP, CF_ALIBI, CF_ATTN_MASK == 2>(a.softmax_scale);
     using Exponent = BwdExponent<!kChooseExponent>;
 
     // dQ = dS.K of tile j over all 128 keys, once both warpgroups have stored its dS^T: A = dS read from dS^T
@@ -486,7 +494,8 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
             exact_tile = form != 0;
         }
         const Exponent ex = kChooseExponent ? Exponent{exact_tile ? kLog2e : a.scale_log2}
-                                          : Exponent::template make<CF_SOFTCAP, CF_ALIBI>(a.softmax_scale, a.scale_log2);
+                                          : Exponent::template make<CF_SOFTCAP, CF_ALIBI, CF_ATTN_MASK == 2>(a.softmax_scale,
+                                                                                            a.scale_log2);
         mbar_wait(sm.do_full(s), ph);
 #if CF_VARLEN
         zero_query_tail(sm.dout(s), m0, tile_seqlen_q);
@@ -502,6 +511,9 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
             const int i_last = min(m0 + kBM, CF_TILE_SEQLEN_Q) - 1;
             const bool need_mask = tv.tile_needs_mask<CF_IS_LOCAL>(m0, i_last, n_start, kBN);
             const float slope = CF_ALIBI ? a.alibi[(i64)bc.b * a.alibi_batch_stride + h] : 0.f;
+#if CF_ATTN_MASK
+            const unsigned char* mask_head = attn_mask_head(a, bc.b, h);
+#endif
             auto load2 = [&](u32 addr) {
                 float2 r;
                 asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(r.x), "=f"(r.y) : "r"(addr));
@@ -533,14 +545,21 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
                     const int j = key_row0 + g + (e >> 1) * 8;
                     const bool visible = !need_mask || tv.visible(i, j);
                     const float row = (e & 1) ? lse2.y : lse2.x;  // the LSE's row term (warp 1)
+#if CF_ATTN_MASK
+                    const float add = attn_mask_add(mask_head, a, i, j, CF_TILE_SEQLEN_Q, a.seqlen_k);
+#else
+                    const float add = 0.f;
+#endif
                     if (!kEarlyP) {
-                        sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI>(sc[n][e], dp[n][e], row, (e & 1) ? del2.y : del2.x,
-                                                                     visible, ex, pre, a.softcap, slope,
-                                                                     i + tv.off - j);
+                        sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI, !kChooseExponent, CF_ATTN_MASK == 2,
+                                                     CF_ATTN_MASK != 0>(
+                            sc[n][e], dp[n][e], row, (e & 1) ? del2.y : del2.x, visible, ex, pre, a.softcap, slope,
+                            i + tv.off - j, add);
                     } else {
                         float unused;
-                        sc[n][e] = bwd_probability<CF_SOFTCAP, CF_ALIBI>(sc[n][e], row, visible, ex, pre,
-                                                                    a.softcap, slope, i + tv.off - j, unused);
+                        sc[n][e] = bwd_probability<CF_SOFTCAP, CF_ALIBI, !kChooseExponent, CF_ATTN_MASK == 2,
+                                                   CF_ATTN_MASK != 0>(
+                            sc[n][e], row, visible, ex, pre, a.softcap, slope, i + tv.off - j, unused, add);
                     }
                 }
                 pack_pair(ap, n, sc[n]);

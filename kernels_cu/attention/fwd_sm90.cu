@@ -37,6 +37,10 @@
 // real head_dim is zero-filled by TMA), CF_BLOCK_N, CF_STAGES, CF_CONSUMERS (2 or 3), CF_PINGPONG, CF_IS_LOCAL,
 // CF_SOFTCAP, CF_ALIBI, CF_VARLEN (optional, default 0), CF_SPLIT_KV (optional, default 0; with CF_VARLEN).
 //
+// An element mask (CF_ATTN_MASK, optional, default 0; attn_mask.cuh, dense builds without ALiBi): each score
+// tile takes the mask's terms after the visibility mask, read from global memory per score as fwd_sm80.cu
+// does; a row the mask leaves without keys gives zeros and LSE +inf.
+//
 // Split-KV (CF_SPLIT_KV, decoding): each query tile's visible key tiles are shared by p.num_splits work
 // tiles in contiguous runs (split s of tile t is work tile t * num_splits + s, so a tile's splits run side
 // by side), each writing its normalized partial output in fp32 straight from the accumulators, and its LSE,
@@ -65,6 +69,9 @@
 #endif
 #if CF_VARLEN
 #include "attention/seq_context.cuh"
+#endif
+#if CF_ATTN_MASK
+#include "attention/attn_mask.cuh"
 #endif
 
 // Launch parameters: the four tensor maps first (64-byte aligned, as TMA requires), then the shared
@@ -131,6 +138,7 @@ constexpr bool kPersistent = kSeparateO;
 static_assert(!CF_SPLIT_KV || (CF_VARLEN && kSeparateO), "split-KV: variable-length builds with a separate O");
 static_assert(!CF_PAGED || CF_VARLEN, "paged K / V: variable-length builds");
 static_assert(!CF_DROPOUT || (!CF_VARLEN && !CF_SPLIT_KV && !CF_PAGED), "dropout: the dense build only");
+static_assert(!CF_ATTN_MASK || (!CF_VARLEN && !CF_DROPOUT && !CF_ALIBI), "attn_mask: the dense build, no ALiBi");
 static_assert(!CF_PAGE_GATHER || CF_PAGED, "row gathers: a paged build");
 // Arrivals that complete a K / V stage's full barrier: TMA's one expect_tx arrival, or with row gathers
 // every gathering thread's, each once its own cp.async copies have landed.
@@ -537,9 +545,12 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         // Raw products -> unnormalised probabilities; alpha rescales O to the new row maxima.
         auto softmax_tile = [&](float (&sc)[1][kNT8][4], int n_block, float (&alpha)[1][2]) {
             const TileCoords<1, kNT8> tc(warp_row0, n_block * kBN, lane);
-            apply_score_mods<1, kNT8, CF_SOFTCAP, CF_ALIBI>(sc, tc, p.a.softmax_scale, p.a.softcap, slope,
-                                                             CF_TILE_VIS.off);
+            apply_score_mods<1, kNT8, CF_SOFTCAP, CF_ALIBI, CF_ATTN_MASK == 2>(sc, tc, p.a.softmax_scale, p.a.softcap,
+                                                                             slope, CF_TILE_VIS.off);
             mask_tile<CF_IS_LOCAL>(sc, tc, CF_TILE_VIS, wg_row0, wg_row_last, n_block * kBN, kBN);
+#if CF_ATTN_MASK
+            apply_attn_mask(sc, tc, p.a, attn_mask_head(p.a, w.bc.b, w.bc.h), p.a.seqlen_q, p.a.seqlen_k);
+#endif
             softmax.exponentiate(sc, alpha, p.a.scale_log2);
 #if CF_DROPOUT
             // The row sums took every probability (the LSE is the softmax's); the dropped ones leave P.V and
@@ -683,7 +694,7 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         kv = kv0 + n_tiles;
 
         float row_lse[1][2];
-        softmax.finalize(acc_o, row_lse, p.a.scale_log2, natural_score_scale<CF_SOFTCAP, CF_ALIBI>(p.a.softmax_scale));
+        softmax.finalize(acc_o, row_lse, p.a.scale_log2, natural_score_scale<CF_SOFTCAP, CF_ALIBI, CF_ATTN_MASK == 2>(p.a.softmax_scale));
 #if CF_DROPOUT
 #pragma unroll
         for (int e = 0; e < kD / 2; ++e) reinterpret_cast<float(&)[kD / 2]>(acc_o)[e] *= p.a.dropout_scale;
