@@ -67,7 +67,7 @@ ATTN_MASK_KINDS = {"bool": 1, "additive": 2}
 _EXTRA_LABELS = {"CF_DETERMINISTIC": ("det",), "CF_BWD_A_REGS": ("preg",), "CF_Q_STAGES": "st", "CF_STAGES": "st",
                  "CF_CONSUMERS": "cw", "CF_PINGPONG": ("pp",), "CF_VARLEN": ("varlen",),
                  "CF_SPLIT_KV": ("splitkv",), "CF_PAGED": ("paged",), "CF_PAGE_GATHER": ("gather",),
-                 "CF_DROPOUT": ("dropout",), "CF_ATTN_MASK": "mask"}
+                 "CF_DROPOUT": ("dropout",), "CF_ATTN_MASK": "mask", "CF_MASK_STAGE": ("staged",)}
 
 
 @dataclass(frozen=True)
@@ -283,11 +283,16 @@ def forward_family(cc: tuple) -> str:
 # without softcap, mask kind) -> level. The boolean causal/window build at head dim 128 spilled 4 bytes at
 # -O3 and -O2, none at -O1.
 FWD_SM90_MASK_PTXAS_OPT = {(128, True, 1): 1}
+# (head dim, causal/window, softcap) of the Hopper forward whose staged boolean mask build (CF_MASK_STAGE)
+# spills at every ptxas level (8-12 bytes): those read the mask from global memory instead. The same without
+# softcap is spill-free at -O1 (above).
+FWD_SM90_UNSTAGED = {(128, True, True)}
 
 
 def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
                      varlen: bool = False, split_kv: bool = False, paged: bool = False,
-                     page_gather: bool = False, dropout: bool = False, attn_mask: int = 0) -> KernelKey:
+                     page_gather: bool = False, dropout: bool = False, attn_mask: int = 0,
+                     mask_stage: bool = False) -> KernelKey:
     """The Hopper forward's variant. ``varlen``: its variable-length build (CF_VARLEN: packed tensor maps,
     rows from cu_seqlens / seqused, clipped ordinary O stores), a separate variant so that the dense one
     compiles to the code it had without it. ``split_kv`` (with ``varlen``; head dims in
@@ -297,12 +302,15 @@ def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool
     by the producer warpgroup's cp.async (CF_PAGE_GATHER; any page size). ``dropout`` (dense): attention
     dropout (CF_DROPOUT, philox.cuh). ``attn_mask`` (dense, no ALiBi or dropout): an element mask, 1 boolean
     or 2 additive (CF_ATTN_MASK, attn_mask.cuh), on two consumer warpgroups (the mask's addressing does not fit
-    three's 160 registers at head dim 64)."""
+    three's 160 registers at head dim 64). ``mask_stage`` (a boolean mask whose rows are 16-byte aligned runs of
+    bytes, :func:`mask_stageable`): the mask staged in shared memory by 16-byte copies (CF_MASK_STAGE)."""
     if attn_mask:
         assert not (varlen or split_kv or paged or dropout or alibi), "attn_mask: the dense build, no ALiBi"
+        assert not mask_stage or attn_mask == ATTN_MASK_KINDS["bool"], "staged masks: boolean ones"
         key = _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, True)
         opt = FWD_SM90_MASK_PTXAS_OPT.get((key.head_dim, is_local and not softcap, attn_mask), key.ptxas_opt)
-        return dataclasses.replace(key, extra=key.extra + (("CF_ATTN_MASK", attn_mask),), ptxas_opt=opt)
+        stage = (("CF_MASK_STAGE", 1),) if mask_stage and (key.head_dim, is_local, softcap) not in FWD_SM90_UNSTAGED else ()
+        return dataclasses.replace(key, extra=key.extra + (("CF_ATTN_MASK", attn_mask),) + stage, ptxas_opt=opt)
     if dropout:
         assert not (varlen or split_kv or paged), "dropout: the dense build"
         key = _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, True)
@@ -352,12 +360,22 @@ def _forward_key_sm90(dtype, d, is_local, softcap, alibi, two_consumers=False) -
 
 
 def _forward_sm90_fixed_bytes(key: KernelKey) -> int:
-    """Shared memory of attention_fwd_sm90 besides its tiles: the mbarriers and work-tile slots (with row
+    """Shared memory of attention_fwd_sm90 besides its tiles: a staged mask's two buffers per consumer
+    warpgroup (kMaskStageBytes: 64 rows x block_n bytes each), the mbarriers and work-tile slots (with row
     gathers the producer's two), the row gathers' cache rows per stage (kGatherRowBytes), and 1024 bytes of
     slack to align the swizzled tiles."""
     extra = dict(key.extra)
     stages, gather = extra["CF_STAGES"], extra.get("CF_PAGE_GATHER", 0)
-    return 8 * (3 + 4 * stages + gather) + gather * stages * key.block_n * 8 * 4 + 1024
+    mask_stage = extra.get("CF_MASK_STAGE", 0) * extra["CF_CONSUMERS"] * 2 * 64 * key.block_n
+    return mask_stage + 8 * (3 + 4 * stages + gather) + gather * stages * key.block_n * 8 * 4 + 1024
+
+
+def mask_stageable(mask) -> bool:
+    """Whether the Hopper forward can stage an attn_mask view (batch, heads_q, seqlen_q, seqlen_k) in shared
+    memory by 16-byte copies: boolean, keys contiguous, and every row's first byte 16-byte aligned (address
+    and the batch, head and row strides multiples of 16; 0 where it broadcasts)."""
+    return (mask.dtype == "bool" and mask.strides[3] == 1 and mask.ptr % 16 == 0
+            and all(st % 16 == 0 for st in mask.strides[:3]))
 
 
 def _forward_sm90_separate_o(key: KernelKey) -> bool:
@@ -428,9 +446,9 @@ def all_forward_sm90_keys() -> list[KernelKey]:
     keys += [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, varlen=True, paged=True, page_gather=g)
              for dt in DTYPES for d in PADDED_HEAD_DIMS for loc in (False, True) for sc in (False, True)
              for al in (False, True) for g in (False, True)]
-    keys += [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=False, attn_mask=m)
+    keys += [forward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=False, attn_mask=m, mask_stage=st)
              for dt in DTYPES for d in PADDED_HEAD_DIMS for loc in (False, True) for sc in (False, True)
-             for m in ATTN_MASK_KINDS.values()]
+             for m, st in ((1, False), (1, True), (2, False))]
     return keys + [forward_key_sm90(dt, d, is_local=False, softcap=sc, alibi=False, varlen=True, split_kv=True,
                                     paged=pg, page_gather=g)
                    for dt in DTYPES for d in FWD_SM90_SPLIT_KV_HEAD_DIMS for sc in (False, True)
@@ -855,6 +873,9 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                                       for pg, g in layouts]
                             found += [forward_key_sm90(dt, d, dropout=dr, **mods) for dr in (False, True)]
                             found += [forward_key_sm90(dt, d, attn_mask=m, **mods) for m in masks]
+                            if masks:
+                                found.append(forward_key_sm90(dt, d, attn_mask=ATTN_MASK_KINDS["bool"],
+                                                              mask_stage=True, **mods))
                             if not loc and not al and d in FWD_SM90_SPLIT_KV_HEAD_DIMS:
                                 found += [forward_key_sm90(dt, d, varlen=True, split_kv=True, paged=pg, page_gather=g,
                                                            **mods) for pg, g in layouts]

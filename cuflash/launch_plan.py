@@ -133,7 +133,7 @@ def mask_kind(mask) -> int:
 
 
 def _mask_layout(mask) -> tuple | None:
-    return None if mask is None else (mask.dtype, mask.strides)
+    return None if mask is None else (mask.dtype, mask.strides, mask.ptr % 16 == 0)
 
 
 def env() -> tuple:
@@ -169,7 +169,8 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, al
     hopper = dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
     if hopper:
         kkey = dispatch.forward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
-                                         alibi=alibi is not None, dropout=dropout_p > 0, attn_mask=mask_kind(mask))
+                                         alibi=alibi is not None, dropout=dropout_p > 0, attn_mask=mask_kind(mask),
+                                         mask_stage=mask is not None and dispatch.mask_stageable(mask))
         smem = dispatch.forward_sm90_smem_bytes(kkey)
     else:
         kkey = dispatch.forward_key(dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,

@@ -5,6 +5,7 @@
 //   CF_PAGED     keys and values read through a block table (KV caches in pages)
 //   CF_DROPOUT   attention dropout (philox.cuh's draws)
 //   CF_ATTN_MASK an element mask (attn_mask.cuh): 1 boolean (True = attend), 2 additive in q's dtype
+//   CF_MASK_STAGE a boolean mask staged in shared memory by 16-byte copies (its rows 16-byte aligned)
 #pragma once
 
 #ifndef CF_VARLEN
@@ -21,4 +22,7 @@
 #endif
 #ifndef CF_ATTN_MASK
 #define CF_ATTN_MASK 0
+#endif
+#ifndef CF_MASK_STAGE
+#define CF_MASK_STAGE 0
 #endif

@@ -39,7 +39,8 @@
 //
 // An element mask (CF_ATTN_MASK, optional, default 0; attn_mask.cuh, dense builds without ALiBi): each score
 // tile takes the mask's terms after the visibility mask, read from global memory per score as fwd_sm80.cu
-// does; a row the mask leaves without keys gives zeros and LSE +inf.
+// does, or for a boolean mask whose rows are 16-byte aligned runs of bytes staged in shared memory
+// (CF_MASK_STAGE, below); a row the mask leaves without keys gives zeros and LSE +inf.
 //
 // Split-KV (CF_SPLIT_KV, decoding): each query tile's visible key tiles are shared by p.num_splits work
 // tiles in contiguous runs (split s of tile t is work tile t * num_splits + s, so a tile's splits run side
@@ -127,8 +128,18 @@ constexpr int kGatherRowStep = kGatherThreads / 8;  // rows between a thread's r
 constexpr int kGatherStageRowBytes = kBN * 8 * 4;
 constexpr int kGatherRowBytes = CF_PAGE_GATHER ? kStages * kGatherStageRowBytes : 0;
 constexpr int kSmemLimit = 232448;  // sm_90 opt-in maximum per CTA
-constexpr bool kSeparateO =
-    2 * kQBytes + 2 * kStages * kKVBytes + kBarrierBytes + kGatherRowBytes + 1024 <= kSmemLimit;
+// Staged boolean masks (CF_MASK_STAGE): each consumer warpgroup copies its 64 rows x kBN keys of the mask
+// (a byte each) into one of two buffers with 16-byte cp.async, one key tile ahead, and reads its fragments
+// from there. Read straight from global memory, a warp's byte loads touch 8 rows (8 cache lines) per
+// instruction: ~4,000 L1 wavefronts per 128-key tile against ~2,000 cycles of products, 3.6x below the
+// unmasked kernel at head dim 128 (bench/NOTES.md). Rows are XOR-swizzled by 16-byte chunk (chunk c of row r
+// at c ^ (r % chunks)), so that the 8 rows a warp reads at once fall in 8 different bank groups.
+constexpr int kMaskChunks = kBN / 16;        // 16-byte chunks of a mask row
+constexpr u32 kMaskBufBytes = 64 * kBN;      // one warpgroup's rows of one key tile
+constexpr u32 kMaskStageBytes = CF_MASK_STAGE ? kConsumers * 2 * kMaskBufBytes : 0;
+static_assert(!CF_MASK_STAGE || CF_ATTN_MASK == 1, "staged masks: boolean ones");
+constexpr bool kSeparateO = 2 * kQBytes + 2 * kStages * kKVBytes + kMaskStageBytes + kBarrierBytes + kGatherRowBytes
+                            + 1024 <= kSmemLimit;
 constexpr u32 kTileBytes = (kSeparateO ? 2 : 1) * kQBytes + 2 * kStages * kKVBytes;
 // Without a separate O buffer the next Q would wait for the store, and the loop's extra live state spills at
 // head dim 256: such variants process exactly one tile per CTA (cuflash/dispatch.py launches them so).
@@ -162,7 +173,7 @@ struct SmemLayout {
     u32 q, k, v, o, bars, tile, gather_tile, gather_rows;
     __device__ __forceinline__ explicit SmemLayout(u32 base)
         : q(base), k(base + kQBytes), v(base + kQBytes + kStages * kKVBytes),
-          o(kSeparateO ? base + kQBytes + 2 * kStages * kKVBytes : base), bars(base + kTileBytes),
+          o(kSeparateO ? base + kQBytes + 2 * kStages * kKVBytes : base), bars(base + kTileBytes + kMaskStageBytes),
           tile(bars + kBarrierBytes - 8), gather_tile(bars + kBarrierBytes - 16),
           gather_rows(bars + kBarrierBytes) {}
     __device__ __forceinline__ u32 k_stage(int s) const { return k + s * kKVBytes; }
@@ -173,8 +184,13 @@ struct SmemLayout {
     __device__ __forceinline__ u32 v_full(int s) const { return bars + 8 * (2 + kStages + s); }
     __device__ __forceinline__ u32 k_empty(int s) const { return bars + 8 * (2 + 2 * kStages + s); }
     __device__ __forceinline__ u32 v_empty(int s) const { return bars + 8 * (2 + 3 * kStages + s); }
+    // Consumer warpgroup cw's mask buffer `buf` (0 or 1), between the tiles and the barriers.
+    __device__ __forceinline__ u32 mask_stage(int cw, int buf) const {
+        return bars - kMaskStageBytes + (2 * cw + buf) * kMaskBufBytes;
+    }
 };
-extern "C" __device__ const int cf_fwd_sm90_smem_bytes = kTileBytes + kBarrierBytes + kGatherRowBytes + 1024;
+extern "C" __device__ const int cf_fwd_sm90_smem_bytes = kTileBytes + kMaskStageBytes + kBarrierBytes + kGatherRowBytes
+                                                         + 1024;
 extern "C" __device__ const int cf_fwd_sm90_persistent = kPersistent;
 
 // One work tile: its query rows [m_start, m_end) and the key tiles [n_lo, n_hi) they can see.
@@ -542,13 +558,65 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
                                       wgmma::desc_advance(v_desc, kk * 16 * 128), 1);
             wgmma::commit();
         };
+        // Staged masks: this warpgroup's rows of key tile `it`'s mask (its it-th, n_block wg_hi - 1 - it) into
+        // buffer it % 2. Bytes past seqlen_q or seqlen_k are zero-filled (masked: those scores are masked or
+        // never stored anyway).
+        auto stage_mask = [&](int it) {
+#if CF_MASK_STAGE
+            const int n_block = wg_hi - 1 - it;
+            const u32 buf = sm.mask_stage(cw, it & 1);
+            const unsigned char* head = attn_mask_head(p.a, w.bc.b, w.bc.h);
+            const int wg_tid = warp_in_wg * 32 + lane;
+#pragma unroll
+            for (int k = 0; k < 64 * kMaskChunks / 128; ++k) {
+                const int c = wg_tid + 128 * k;
+                const int r = c / kMaskChunks, cc = c % kMaskChunks;
+                const int i = wg_row0 + r, j = n_block * kBN + cc * 16;
+                const int bytes = i < p.a.seqlen_q ? min(max(p.a.seqlen_k - j, 0), 16) : 0;
+                cp_async_16_bytes(buf + r * kBN + ((cc ^ (r % kMaskChunks)) << 4),
+                                  bytes > 0 ? head + ((i64)i * p.a.mask_row_stride + j) : head, bytes);
+            }
+            cp_async_commit();
+#else
+            (void)it;
+#endif
+        };
         // Raw products -> unnormalised probabilities; alpha rescales O to the new row maxima.
         auto softmax_tile = [&](float (&sc)[1][kNT8][4], int n_block, float (&alpha)[1][2]) {
             const TileCoords<1, kNT8> tc(warp_row0, n_block * kBN, lane);
             apply_score_mods<1, kNT8, CF_SOFTCAP, CF_ALIBI, CF_ATTN_MASK == 2>(sc, tc, p.a.softmax_scale, p.a.softcap,
                                                                              slope, CF_TILE_VIS.off);
             mask_tile<CF_IS_LOCAL>(sc, tc, CF_TILE_VIS, wg_row0, wg_row_last, n_block * kBN, kBN);
-#if CF_ATTN_MASK
+#if CF_MASK_STAGE
+            {
+                // Every thread's copies of this tile have landed and every thread is done reading the other
+                // buffer (the previous tile): the next tile's copies may go there.
+                const int it = wg_hi - 1 - n_block;
+                cp_async_wait<0>();
+                named_barrier_sync(1 + cw, 128);
+                if (it + 1 < n_tiles) stage_mask(it + 1);
+                const u32 buf = sm.mask_stage(cw, it & 1);
+                const int tq = lane & 3;
+                const u32 sel = (2 * tq) | ((2 * tq + 1) << 4);  // bytes 2t, 2t+1 of a (lo, hi) word pair
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int r = warp_in_wg * 16 + (lane >> 2) + 8 * hh;
+#pragma unroll
+                    for (int kk = 0; kk < kMaskChunks; ++kk) {
+                        u32 x, y, z, v;
+                        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                                     : "=r"(x), "=r"(y), "=r"(z), "=r"(v)
+                                     : "r"(buf + r * kBN + ((kk ^ (r % kMaskChunks)) << 4)));
+                        const u32 lo = __byte_perm(x, y, sel), hi = __byte_perm(z, v, sel);  // n8 groups 2kk, 2kk+1
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            if (((lo >> (8 * e)) & 0xffu) == 0) sc[0][2 * kk][2 * hh + e] = -CF_INF;
+                            if (((hi >> (8 * e)) & 0xffu) == 0) sc[0][2 * kk + 1][2 * hh + e] = -CF_INF;
+                        }
+                    }
+                }
+            }
+#elif CF_ATTN_MASK
             apply_attn_mask(sc, tc, p.a, attn_mask_head(p.a, w.bc.b, w.bc.h), p.a.seqlen_q, p.a.seqlen_k);
 #endif
             softmax.exponentiate(sc, alpha, p.a.scale_log2);
@@ -642,6 +710,7 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         if (n_tiles > 0) {
             const int s = stage_of(kv0);
             float sc[1][kNT8][4];
+            stage_mask(0);
             mbar_wait(sm.k_full(s), parity_of(kv0));
             gathered_stage_ready();
             take_turn();
