@@ -636,16 +636,23 @@ def backward_family(cc: tuple, head_dim: int, deterministic: bool) -> str:
 
 
 def backward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
-                      deterministic: bool = False, varlen: bool = False, attn_mask: int = 0) -> KernelKey:
+                      deterministic: bool = False, varlen: bool = False, attn_mask: int = 0,
+                      mask_stage: bool = False) -> KernelKey:
     """The Hopper backward's variant; ``varlen``: its variable-length build (CF_VARLEN, not deterministic);
-    ``attn_mask`` (dense, no ALiBi): an element mask, 1 boolean or 2 additive (CF_ATTN_MASK, attn_mask.cuh)."""
+    ``attn_mask`` (dense, no ALiBi): an element mask, 1 boolean or 2 additive (CF_ATTN_MASK, attn_mask.cuh);
+    ``mask_stage`` (a boolean mask :func:`mask_stageable` takes): staged in shared memory by 16-byte copies
+    (CF_MASK_STAGE) where the query tile is 64 rows (head dim 128; at head dim 64 the 128-row tile's buffers do
+    not fit beside the rest), else ignored."""
     if deterministic and varlen:
         raise ValueError("the Hopper backward has no deterministic variable-length build")
     assert not (attn_mask and (varlen or alibi)), "attn_mask: the dense build, no ALiBi"
+    assert not mask_stage or attn_mask == ATTN_MASK_KINDS["bool"], "staged masks: boolean ones"
     d = padded_head_dim(head_dim)
     bm, stages = BWD_SM90_TILES[d]
+    stage = mask_stage and bm == 64
     extra = ((("CF_STAGES", stages),) + ((("CF_DETERMINISTIC", 1),) if deterministic else ())
-             + ((("CF_VARLEN", 1),) if varlen else ()) + ((("CF_ATTN_MASK", attn_mask),) if attn_mask else ()))
+             + ((("CF_VARLEN", 1),) if varlen else ()) + ((("CF_ATTN_MASK", attn_mask),) if attn_mask else ())
+             + ((("CF_MASK_STAGE", 1),) if stage else ()))
     return KernelKey("bwd_sm90", "attention_bwd_sm90", dtype, d, is_local, softcap, alibi, bm, BWD_SM90_BLOCK_N,
                      12, extra=extra)
 
@@ -654,12 +661,16 @@ def backward_sm90_smem_bytes(key: KernelKey) -> int:
     """Dynamic shared memory of attention_bwd_sm90 (mirrors cf_bwd_sm90_smem_bytes): K and V, the Q and dO
     stages, two dS^T buffers, the LSE, delta and exact-form LSE stages with 128 bytes of per-stage exponent
     flags, the two warpgroups' fp32 dQ blocks from the next 1024-byte boundary (128-byte swizzled boxes),
-    the mbarriers, 1024 bytes of alignment slack."""
+    the mbarriers, a staged mask's two buffers per consumer warpgroup (CF_MASK_STAGE: block_m x 64 bytes each,
+    from the next 16-byte boundary), 1024 bytes of alignment slack."""
     stages = dict(key.extra)["CF_STAGES"]
     d, bm, bn = key.head_dim, key.block_m, key.block_n
     dq_cols = d // 2 if bm == 64 else d
     before_dq = 2 * bn * d * 2 + 2 * stages * bm * d * 2 + 2 * bn * bm * 2 + 3 * stages * bm * 4 + 128
-    return -(-before_dq // 1024) * 1024 + 2 * 64 * dq_cols * 4 + 8 * (9 + 3 * stages) + 1024
+    end = -(-before_dq // 1024) * 1024 + 2 * 64 * dq_cols * 4 + 8 * (9 + 3 * stages)
+    if dict(key.extra).get("CF_MASK_STAGE"):
+        end = -(-end // 16) * 16 + 2 * 2 * bm * 64
+    return end + 1024
 
 
 def all_backward_sm90_keys() -> list[KernelKey]:
@@ -671,9 +682,10 @@ def all_backward_sm90_keys() -> list[KernelKey]:
 
 def all_backward_sm90_mask_keys() -> list[KernelKey]:
     """The Hopper backward's element-mask builds (dense, no ALiBi)."""
-    return [backward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=False, deterministic=det, attn_mask=m)
+    return [backward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=False, deterministic=det, attn_mask=m,
+                              mask_stage=st)
             for dt in DTYPES for d in BWD_SM90_TILES for loc in (False, True) for sc in (False, True)
-            for det in (False, True) for m in ATTN_MASK_KINDS.values()]
+            for det in (False, True) for m, st in ((1, False), (1, True), (2, False))]
 
 
 def all_forward_keys() -> list[KernelKey]:
@@ -882,8 +894,10 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                             if d in BWD_SM90_TILES:
                                 found += [backward_key_sm90(dt, d, deterministic=det, varlen=vl, **mods)
                                           for det, vl in ((False, False), (True, False), (False, True))]
-                                found += [backward_key_sm90(dt, d, deterministic=det, attn_mask=m, **mods)
-                                          for det in (False, True) for m in masks]
+                                found += [backward_key_sm90(dt, d, deterministic=det, attn_mask=m, mask_stage=st,
+                                                            **mods)
+                                          for det in (False, True) for m in masks
+                                          for st in ((False, True) if m == ATTN_MASK_KINDS["bool"] else (False,))]
                         for det in (False, True):
                             for builder in (backward_keys, backward_varlen_keys,
                                             functools.partial(backward_keys, dropout=True),

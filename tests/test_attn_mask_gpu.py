@@ -32,6 +32,7 @@ CASES = {
     "staged_bool_causal_gqa": (2, 200, 256, 4, 2, 128, "bhqk", "bool", dict(causal=True)),
     "staged_bool_window_hd64": (1, 300, 320, 2, 2, 64, "qk", "bool", dict(window_size=(100, 20))),
     "staged_bool_softcap_hd256": (1, 130, 192, 2, 1, 256, "1hqk", "bool", dict(softcap=15.0)),
+    "staged_bool_keys_broadcast_rows": (2, 100, 320, 2, 1, 128, "b11k", "bool", dict()),
 }
 _SHAPES = {"bhqk": lambda b, h, q, k: (b, h, q, k), "qk": lambda b, h, q, k: (q, k),
            "b11k": lambda b, h, q, k: (b, 1, 1, k), "1hqk": lambda b, h, q, k: (1, h, q, k),
@@ -53,6 +54,13 @@ def _mask(case, dtype, seed):
     host = (rng.standard_normal(shape) * 2).astype(np_dtype(dtype))
     host[hide] = -np.inf
     return host.astype(np.float64), to_device(host)
+
+
+@pytest.fixture(autouse=True)
+def staged_backward(monkeypatch):
+    """The Hopper backward's staged-mask build, off by default until it has passed here on a GPU."""
+    from cuflash import launch_plan
+    monkeypatch.setattr(launch_plan, "STAGE_BACKWARD_MASKS", True)
 
 
 @pytest.fixture(params=["default", "sm80"])
@@ -105,13 +113,15 @@ def test_forward_and_backward_follow_flash_rule(case, dtype, family, monkeypatch
     if layout != "b11k":
         assert not np.any(to_host(grads[0]).astype(np.float32)[:, [3, 5]])
     if _expect_families(family, d, requested) and case.startswith("staged"):
-        assert any("_staged" in name for name in requested), requested
+        assert any(n.startswith("fwd_sm90") and "_staged" in n for n in requested), requested
+        if d == 128:  # (the Hopper backward stages at its 64-query tiles, head dim 128)
+            assert any(n.startswith("bwd_sm90") and "_staged" in n for n in requested), requested
 
 
 def test_staged_mask_rows_longer_than_seqlen_k():
-    """A boolean mask sliced from wider rows (row stride 336 bytes, seqlen_k 330): the Hopper forward stages it
-    (the rows are 16-byte aligned) and its last 16-byte copy of each row takes 10 bytes, zero-filling the rest;
-    the result follows the rule, and the 6 bytes past each row (set True here) never count."""
+    """A boolean mask sliced from wider rows (row stride 336 bytes, seqlen_k 330): the Hopper kernels stage it
+    (the rows are 16-byte aligned) and the last 16-byte copy of each row takes 10 bytes, zero-filling the rest;
+    forward and backward follow the rule, and the 6 bytes past each row (set True here) never count."""
     q, k, v = inputs(2, 100, 330, 2, 2, 128, "bfloat16", seed=11)
     rng = np.random.default_rng(12)
     wide = rng.random((100, 336)) < 0.7
@@ -123,6 +133,12 @@ def test_staged_mask_rows_longer_than_seqlen_k():
     q64, k64, v64 = (to_host(x).astype(np.float64) for x in (q, k, v))
     ref, _ = reference.attention_reference(q64, k64, v64, attn_mask=host)
     flash_rule(to_host(out).astype(np.float64), ref, naive_same_dtype(q, k, v, attn_mask=host))
+    out, lse = cuflash.attention(q, k, v, attn_mask=mask, return_lse=True)
+    dout = randn_like(out, seed=13)
+    grads = cuflash.attention_backward(dout, q, k, v, out, lse, attn_mask=mask)
+    refs = reference.attention_backward_reference(to_host(dout).astype(np.float64), q64, k64, v64, attn_mask=host)
+    for g, r, bse in zip(grads, refs, naive_backward_same_dtype(dout, q, k, v, attn_mask=host)):
+        flash_rule(to_host(g).astype(np.float64), r, bse, factor=3.0)
 
 
 def test_deterministic_backward_is_bitwise_repeatable(family):

@@ -103,12 +103,15 @@ def test_tiles_at_tails_with_gqa(sq, sk, d, causal):
 
 def test_params_and_smem_formulas_match_sm90_kernel():
     """ops.py packs exactly sizeof(BackwardSm90Params) (five tensor maps), and dispatch's shared-memory formula and
-    dQ reduction box match the kernel's, for both tile configurations."""
+    dQ reduction box match the kernel's, for both tile configurations and the staged-mask build."""
     from gpu_helpers import device_int
     for d in dispatch.BWD_SM90_TILES:
         key = dispatch.backward_key_sm90("bf16", d, is_local=False, softcap=False, alibi=False)
         assert device_int(key, "cf_bwd_sm90_params_bytes") == ops.sm90_params_bytes(5)
         assert device_int(key, "cf_bwd_sm90_smem_bytes") == dispatch.backward_sm90_smem_bytes(key)
+        staged = dispatch.backward_key_sm90("bf16", d, is_local=False, softcap=False, alibi=False, attn_mask=1,
+                                            mask_stage=True)
+        assert device_int(staged, "cf_bwd_sm90_smem_bytes") == dispatch.backward_sm90_smem_bytes(staged)
         assert device_int(key, "cf_bwd_sm90_dq_box_cols") == dispatch.BWD_SM90_DQ_BOX[1]
         assert device_int(key, "cf_dq_turn_rows") == dispatch.BWD_SM90_DQ_TURN_ROWS == dispatch.BWD_PREPOST_ROWS
 

@@ -68,8 +68,9 @@
 // accumulators then take 64 + 64 + 32 + 32 or 32 + 32 + 64 + 64 of the 240 registers), CF_BLOCK_N = 128,
 // CF_STAGES, CF_IS_LOCAL, CF_SOFTCAP, CF_ALIBI, CF_DETERMINISTIC, CF_VARLEN (optional, default 0),
 // CF_ATTN_MASK (optional, default 0; attn_mask.cuh, dense builds without ALiBi: each element of P^T takes the
-// mask's term, read from global memory per element as bwd_sm80.cu does; an additive mask takes the exact
-// exponent form on every tile, as softcap does).
+// mask's term, read from global memory per element as bwd_sm80.cu does, or for a boolean mask of 16-byte
+// aligned rows at head dim 128 staged in shared memory (CF_MASK_STAGE, below); an additive mask takes the
+// exact exponent form on every tile, as softcap does).
 //
 // Variable-length batches (CF_VARLEN, seq_context.cuh): the tensor maps cover the packed arrays and a CTA
 // offsets its TMA rows by its sequence's first rows; CTAs past a sequence's keys return at once. Tiles at a
@@ -194,9 +195,20 @@ constexpr u32 kSmemTileForm = kSmemLseExact + kStages * kBM * 4;  // per stage: 
 constexpr u32 kSmemDq = (kSmemTileForm + 128 + 1023) / 1024 * 1024;  // the 128-byte swizzle wants 1024-byte boxes
 constexpr u32 kSmemBars = kSmemDq + 2 * kDqBytes;
 constexpr u32 kBarrierBytes = 8 * (9 + 3 * kStages);
+// Staged boolean masks (CF_MASK_STAGE, head dim 128): each consumer warpgroup copies its 64 keys x kBM queries
+// of the mask (a byte each) into one of two buffers with 16-byte cp.async, one query tile ahead, and reads
+// its P^T elements from there; read from global memory per element, a tile's loads sat behind the score
+// products with nothing to hide them (both warpgroups move in step): 3.8x below the unmasked kernel. A row
+// (query) is 4 chunks of 16 bytes, chunk c of row r at c ^ ((r / 2) % 4): the 4 rows a warp reads at once
+// (2t + e % 2 for its lanes' t) then fall in 4 different bank groups.
+constexpr u32 kMaskBufBytes = kBM * 64;
+constexpr u32 kSmemMask = (kSmemBars + kBarrierBytes + 15) / 16 * 16;
+constexpr u32 kSmemEnd = CF_MASK_STAGE ? kSmemMask + 2 * 2 * kMaskBufBytes : kSmemBars + kBarrierBytes;
+static_assert(!CF_MASK_STAGE || (CF_ATTN_MASK == 1 && kBM == 64), "staged masks: boolean ones, 64-query tiles");
+constexpr int kMaskBarrier0 = 4;  // + cw: named barrier (one warpgroup): its mask copies of a tile have landed
 }  // namespace
 
-extern "C" __device__ const int cf_bwd_sm90_smem_bytes = kSmemBars + kBarrierBytes + 1024;
+extern "C" __device__ const int cf_bwd_sm90_smem_bytes = kSmemEnd + 1024;
 extern "C" __device__ const int cf_bwd_sm90_dq_box_cols = kDqBoxCols;  // the host's dq_accum tensor map box
 extern "C" __device__ const int cf_dq_turn_rows = kDqTurnRows;  // the host's dq_semaphore size
 
@@ -235,6 +247,10 @@ struct SmemLayout {
     // the dQ product that read it. One arrival per warp, as on dq_full.
     __device__ __forceinline__ u32 ds_full(int b) const { return base + kSmemBars + 8 * (5 + 3 * kStages + b); }
     __device__ __forceinline__ u32 ds_empty(int b) const { return base + kSmemBars + 8 * (7 + 3 * kStages + b); }
+    // Staged masks: consumer warpgroup cw's buffer `buf` (0 or 1).
+    __device__ __forceinline__ u32 mask_stage(int cw, int buf) const {
+        return base + kSmemMask + (2 * cw + buf) * kMaskBufBytes;
+    }
 };
 
 // Query tiles of this CTA: iteration it is query head hk * group + it / n_m, query tile m_lo + it % n_m.
@@ -450,6 +466,28 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         __syncwarp();
         if (lane == 0) mbar_arrive(sm.dq_full(cw));
     };
+    // Staged masks: this warpgroup's 64 keys x the queries of query tile `it` into buffer it % 2. Bytes past
+    // seqlen_q or seqlen_k are zero-filled (masked; P is 0 there anyway).
+    auto stage_mask = [&](int it) {
+#if CF_MASK_STAGE
+        const u32 buf = sm.mask_stage(cw, it & 1);
+        const unsigned char* head = attn_mask_head(a, bc.b, qw.head(bc.hk, it));
+        const int m0 = qw.m_start(it), j0 = n_start + cw * 64;
+        const int wg_tid = warp_in_wg * 32 + lane;
+#pragma unroll
+        for (int k = 0; k < kBM * 4 / 128; ++k) {
+            const int c = wg_tid + 128 * k;
+            const int r = c / 4, cc = c % 4;
+            const int i = m0 + r, j = j0 + cc * 16;
+            const int bytes = i < a.seqlen_q ? min(max(a.seqlen_k - j, 0), 16) : 0;
+            cp_async_16_bytes(buf + r * 64 + ((cc ^ ((r >> 1) & 3)) << 4),
+                              bytes > 0 ? head + ((i64)i * a.mask_row_stride + j) : head, bytes);
+        }
+        cp_async_commit();
+#else
+        (void)it;
+#endif
+    };
     // One query tile; with_prev: the dQ product of tile it - 1 is interleaved. The first tile is a separate
     // inlined call with a constant false (not a run-time it > 0 test in the loop) so that ptxas sees
     // straight-line wgmma pipelines: with the test, it serialized every wgmma (C7514) and spilled 380 bytes.
@@ -511,7 +549,15 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
             const int i_last = min(m0 + kBM, CF_TILE_SEQLEN_Q) - 1;
             const bool need_mask = tv.tile_needs_mask<CF_IS_LOCAL>(m0, i_last, n_start, kBN);
             const float slope = CF_ALIBI ? a.alibi[(i64)bc.b * a.alibi_batch_stride + h] : 0.f;
-#if CF_ATTN_MASK
+#if CF_MASK_STAGE
+            // Every copy of this tile has landed and every thread of the warpgroup is done with the other
+            // buffer (the previous tile's): the next tile's copies may go there. This thread's element (n, e)
+            // is query row 8n + 2t + e % 2, key column 16 warp + g + 8 (e / 2), chunk warp_in_wg ^ t.
+            cp_async_wait<0>();
+            named_barrier_sync(kMaskBarrier0 + cw, 128);
+            if (it + 1 < qw.n_iters) stage_mask(it + 1);
+            const u32 mask_lane = sm.mask_stage(cw, it & 1) + 2 * t * 64 + ((warp_in_wg ^ t) << 4) + g;
+#elif CF_ATTN_MASK
             const unsigned char* mask_head = attn_mask_head(a, bc.b, h);
 #endif
             auto load2 = [&](u32 addr) {
@@ -545,7 +591,12 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
                     const int j = key_row0 + g + (e >> 1) * 8;
                     const bool visible = !need_mask || tv.visible(i, j);
                     const float row = (e & 1) ? lse2.y : lse2.x;  // the LSE's row term (warp 1)
-#if CF_ATTN_MASK
+#if CF_MASK_STAGE
+                    u32 byte;
+                    asm volatile("ld.shared.u8 %0, [%1];\n"
+                                 : "=r"(byte) : "r"(mask_lane + (n * 8 + (e & 1)) * 64 + (e >> 1) * 8));
+                    const float add = byte != 0 ? 0.f : -CF_INF;
+#elif CF_ATTN_MASK
                     const float add = attn_mask_add(mask_head, a, i, j, CF_TILE_SEQLEN_Q, a.seqlen_k);
 #else
                     const float add = 0.f;
@@ -651,6 +702,7 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
             mbar_arrive(sm.empty(s));
         }
     };
+    if (qw.n_iters > 0) stage_mask(0);
     if (!kDeferDq) {
 #pragma unroll 1
         for (int it = 0; it < qw.n_iters; ++it) tile(it, false);
