@@ -419,8 +419,9 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     attn_mask : array, optional
         Broadcastable to (batch, heads_q, seqlen_q, seqlen_k), as SDPA's: bool (True = attend; combined with
         ``causal`` / ``window_size``) or float (added to the scores after scaling, softcap and ALiBi;
-        ``-inf`` masks). Rows that see no key give zeros and LSE +inf. Not differentiated. CPU path only
-        so far (GPU arrays raise NotImplementedError).
+        ``-inf`` masks). Rows that see no key give zeros and LSE +inf. Not differentiated. On GPU arrays:
+        bool or q's dtype, read in place through its strides (stride 0 where it broadcasts); not with
+        ``alibi_slopes`` or dropout there.
     block_mask : cuflash.BlockMask or torch FlexAttention BlockMask, optional
         Block sparsity: key blocks the mask skips are never computed; partial blocks take its element
         mask. Combines with every option above. CPU path only so far (GPU arrays raise
@@ -442,7 +443,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     ValueError
         Shapes, devices or values out of range (the message names the argument).
     NotImplementedError
-        ``attn_mask`` or ``block_mask`` on GPU arrays.
+        ``block_mask`` on GPU arrays; ``attn_mask`` with ``alibi_slopes`` or dropout on GPU arrays.
 
     Notes
     -----
@@ -628,7 +629,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     TypeError, ValueError
         As :func:`attention`, and for ``dout``/``out``/``lse`` whose shape, dtype or device do not match.
     NotImplementedError
-        ``attn_mask`` or ``block_mask`` on GPU arrays.
+        ``block_mask`` on GPU arrays; ``attn_mask`` with ``alibi_slopes`` or dropout on GPU arrays.
 
     Notes
     -----

@@ -396,7 +396,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     draw is part of the graph, so ``fullgraph=True`` holds), and the backward replays the forward's mask.
     CUDA tensors run the kernels' dropout builds (the backward's is sm80's, on Hopper too for now); the seed
     is drawn on the host, so a captured CUDA graph replays one mask.
-    ``attn_mask`` as :func:`cuflash.attention` takes it (CPU tensors so far); it is not differentiated, so
+    ``attn_mask`` as :func:`cuflash.attention` takes it (CPU or CUDA tensors); it is not differentiated, so
     a mask that requires grad raises NotImplementedError. ``block_mask`` (a :class:`cuflash.BlockMask` or a
     FlexAttention one) reaches the op as its dense element mask, combined with ``attn_mask`` (CPU tensors).
     """
