@@ -52,7 +52,8 @@ def _dense_geometry(shape: tuple, keep: int) -> tuple:
 @functools.lru_cache(maxsize=1024)
 def callback(kind: str, options: tuple, platform: str):
     """The buffer_callback body for one traced call: ``kind`` (fwd, bwd, varlen_fwd, varlen_bwd) with its
-    static ``options`` (the last one: whether an ALiBi operand is present, else a placeholder is). One body
+    static ``options`` (the last one: whether an ALiBi operand is present, else a placeholder is; for the
+    dense kinds the one before it whether an attn_mask operand follows the arrays). One body
     per (kind, options, platform): JAX caches a compiled call by its body among the primitive's parameters,
     so a new body per call would compile (and keep) a new executable for every call made outside jit."""
     if platform == "cpu":
@@ -83,18 +84,21 @@ def _run_cpu(kind, options, arrays, rets):
         for ret, x in zip(rets, results):
             ret[...] = x
         return
-    causal, scale, window, softcap, drop, _ = options
+    causal, scale, window, softcap, drop, has_mask, _ = options
+    # (a mask comes 4-D, after the arrays; its calls run unbatched, so vmap adds no leading axis to fold)
+    mask = arrays.pop() if has_mask else None
     if kind == "fwd":
         q, k, v = (x.reshape(_merge_leading(x.shape, 4)) for x in arrays)
         call = api._Call(q, k, v)
-        out, lse = api._forward(call, q, k, v, alibi, causal, scale, window, softcap, True, drop)
+        out, lse = api._forward(call, q, k, v, alibi, causal, scale, window, softcap, True, drop, mask)
         rets[0][...] = out.reshape(rets[0].shape)
         rets[1][...] = lse.reshape(rets[1].shape)
     else:
         dout, q, k, v, out = (x.reshape(_merge_leading(x.shape, 4)) for x in arrays[:5])
         lse = arrays[5].reshape(_merge_leading(arrays[5].shape, 3))
         call = api._Call(q, k, v)
-        grads = api._backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, False, drop)
+        grads = api._backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, False, drop,
+                              mask)
         for ret, g in zip(rets, grads):
             ret[...] = g.reshape(ret.shape)
 
@@ -120,7 +124,7 @@ def _device_of_stream(stream: int) -> int:
 def _run_cuda(kind, options, args, rets, stream: int, bound_key):
     from . import api, arrays, ops, varlen
     key = None
-    if kind in ("fwd", "bwd") and not options[-1]:  # a dense call without ALiBi may run bound (executor.py)
+    if kind in ("fwd", "bwd") and not options[-1] and not options[-2]:  # no ALiBi, no mask: may run bound
         # The buffers a launch binds (the ALiBi placeholder is not one): q, k, v, out, lse for the forward;
         # dout, q, k, v, out, lse, dq, dk, dv for the backward.
         used = (*args[:3], *rets) if kind == "fwd" else (*args[:6], *rets)
@@ -164,7 +168,9 @@ def _run_cuda(kind, options, args, rets, stream: int, bound_key):
                 varlen.backward_device(dout, q, k, v, out, view(5, 2), alibi, index,
                                        [view(n_args + i, 3) for i in range(3)], deterministic=False, **kw)
         return
-    causal, scale, window, softcap, drop, has_alibi = options
+    causal, scale, window, softcap, drop, has_mask, has_alibi = options
+    if has_mask:  # (cuflash.jax refuses them at trace time on a GPU backend)
+        raise NotImplementedError("cuflash.jax: attn_mask on the GPU is not implemented yet")
     if drop is not None:
         raise NotImplementedError("cuflash.jax: dropout on the GPU is not implemented yet (the kernels have no "
                                   "dropout)")

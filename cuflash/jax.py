@@ -1,5 +1,5 @@
-"""JAX adapter: cuflash attention (dense, :func:`attention`, and packed sequences, :func:`attention_varlen`)
-inside ``jax.jit``, differentiable through ``jax.custom_vjp`` (our backward) and batchable under ``jax.vmap``.
+"""JAX adapter: cuflash attention (dense, :func:`attention`, with masks on CPU JAX, and packed sequences,
+:func:`attention_varlen`) inside ``jax.jit``, differentiable through ``jax.custom_vjp`` (our backward) and batchable under ``jax.vmap``.
 
 The only module of cuflash besides the transformers integration that imports JAX. Arguments are checked at
 trace time, from shapes and dtypes, with the same rules and messages as :func:`cuflash.attention` (the GPU
@@ -82,9 +82,10 @@ def _static(**named):
     return dict(zip(named, out))
 
 
-def _check(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, dropout):
+def _check(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, dropout, attn_mask=None):
     """api's checks on shape-only stand-ins (GPU or CPU rules, by JAX's default backend); returns the
-    resolved static options (the operands are JAX arrays: attention checked them)."""
+    resolved static options (the operands are JAX arrays: attention checked them), the last one whether an
+    attn_mask operand goes with the call."""
     stand_in = _DeviceShape if _on_gpu() else _shape_only
     call = api._Call(*(stand_in(x) for x in (q, k, v)))
     alibi = None if alibi_slopes is None else stand_in(alibi_slopes)
@@ -94,7 +95,30 @@ def _check(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, d
     if drop is not None and _on_gpu():
         raise NotImplementedError("cuflash.jax: dropout on the GPU is not implemented yet (the kernels have no "
                                   "dropout); dropout runs on CPU JAX")
-    return call, (causal, scale, window, softcap, drop)
+    if attn_mask is not None:
+        if _on_gpu():
+            raise NotImplementedError("cuflash.jax: attn_mask and block_mask on the GPU are not implemented yet; "
+                                      "they run on CPU JAX (and cuflash.attention takes attn_mask on GPU arrays)")
+        api._check_attn_mask(call, _shape_only(attn_mask))
+    return call, (causal, scale, window, softcap, drop, attn_mask is not None)
+
+
+def _with_block_mask(q, k, attn_mask, block_mask):
+    """``attn_mask`` with a block mask's dense element mask folded in (a trace-time constant: the custom call
+    takes arrays, not the object); the block mask is checked for this problem first."""
+    from .block_mask import checked
+    b, sq, hq = q.shape[:3]
+    dense = jnp.asarray(checked(block_mask, b, hq, sq, k.shape[1], _on_gpu()).to_dense())
+    if attn_mask is None:
+        return dense
+    if attn_mask.dtype == jnp.bool_:
+        return attn_mask & dense
+    return jnp.where(dense, attn_mask, jnp.asarray(-jnp.inf, attn_mask.dtype))
+
+
+def _mask_4d(attn_mask):
+    """The mask with leading size-1 dimensions up to (batch, heads_q, seqlen_q, seqlen_k) (a reshape, no copy)."""
+    return attn_mask.reshape((1,) * (4 - attn_mask.ndim) + tuple(attn_mask.shape))
 
 
 def _lse_dtype(q):
@@ -116,39 +140,50 @@ def _custom_call(kind, opts, shapes, operands, alibi, sequential=False):
     return call(*operands, extra)
 
 
-def _call_forward(opts, q, k, v, alibi):
+def _sequential(opts) -> bool:
+    """Dropout (keyed by the batch index) and attn_mask (whose broadcast batch would not fold with vmap's axis)
+    calls run one mapped call at a time."""
+    return opts[4] is not None or opts[5]
+
+
+def _call_forward(opts, q, k, v, alibi, mask):
     shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct((q.shape[0], q.shape[2], q.shape[1]), _lse_dtype(q)))
-    return _custom_call("fwd", opts, shapes, (q, k, v), alibi, sequential=opts[4] is not None)
+    operands = (q, k, v) if mask is None else (q, k, v, mask)
+    return _custom_call("fwd", opts, shapes, operands, alibi, sequential=_sequential(opts))
 
 
-def _call_backward(opts, dout, q, k, v, out, lse, alibi):
+def _call_backward(opts, dout, q, k, v, out, lse, alibi, mask):
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-    return _custom_call("bwd", opts, shapes, (dout, q, k, v, out, lse), alibi, sequential=opts[4] is not None)
+    operands = (dout, q, k, v, out, lse) if mask is None else (dout, q, k, v, out, lse, mask)
+    return _custom_call("bwd", opts, shapes, operands, alibi, sequential=_sequential(opts))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(opts, q, k, v, alibi):
-    return _call_forward(opts, q, k, v, alibi)
+def _attention(opts, q, k, v, alibi, mask):
+    return _call_forward(opts, q, k, v, alibi, mask)
 
 
-def _attention_fwd(opts, q, k, v, alibi):
-    out, lse = _call_forward(opts, q, k, v, alibi)
-    return (out, lse), (q, k, v, alibi, out, lse)
+def _attention_fwd(opts, q, k, v, alibi, mask):
+    out, lse = _call_forward(opts, q, k, v, alibi, mask)
+    return (out, lse), (q, k, v, alibi, mask, out, lse)
 
 
 def _attention_bwd(opts, residuals, cotangents):
-    q, k, v, alibi, out, lse = residuals
+    q, k, v, alibi, mask, out, lse = residuals
     dout, _ = cotangents  # the LSE output is not differentiated through (as in FlashAttention)
-    dq, dk, dv = _call_backward(opts, dout, q, k, v, out, lse, alibi)
-    return dq, dk, dv, None if alibi is None else jnp.zeros_like(alibi)
+    dq, dk, dv = _call_backward(opts, dout, q, k, v, out, lse, alibi, mask)
+    # (the mask is not differentiated: a float one gets a zero cotangent, a boolean one none)
+    mask_ct = None if mask is None or mask.dtype == jnp.bool_ else jnp.zeros_like(mask)
+    return dq, dk, dv, None if alibi is None else jnp.zeros_like(alibi), mask_ct
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
-              alibi_slopes=None, return_lse=False, dropout_p=0.0, dropout_seed=None, dropout_offset=0):
+              alibi_slopes=None, return_lse=False, dropout_p=0.0, dropout_seed=None, dropout_offset=0,
+              attn_mask=None, block_mask=None):
     """:func:`cuflash.attention` for JAX arrays, usable inside ``jax.jit``, ``jax.grad`` and ``jax.vmap``.
 
     Parameters
@@ -158,6 +193,12 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     causal, softmax_scale, window_size, softcap, alibi_slopes, return_lse, dropout_p, dropout_seed,
     dropout_offset
         As :func:`cuflash.attention`; all but ``alibi_slopes`` are static (Python values at trace time).
+    attn_mask : jax array, optional
+        As :func:`cuflash.attention`: bool (True = attend) or float (added to the scores), broadcastable to
+        (batch, heads_q, seqlen_q, seqlen_k); traced, not differentiated. CPU JAX only so far.
+    block_mask : cuflash.BlockMask or torch FlexAttention BlockMask, optional
+        Static (a trace-time object); its dense element mask is folded into ``attn_mask`` as a constant of
+        the traced computation (no block skipping on this path). CPU JAX only so far.
 
     Returns
     -------
@@ -169,25 +210,27 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     TypeError, ValueError
         As :func:`cuflash.attention`, at trace time.
     NotImplementedError
-        ``dropout_p > 0`` on a GPU backend (the kernels have no dropout yet).
+        ``dropout_p > 0``, ``attn_mask`` or ``block_mask`` on a GPU backend.
 
     Notes
     -----
     Gradients come from cuflash's backward (``jax.custom_vjp``); ``alibi_slopes`` gets a zero cotangent.
-    ``jax.vmap`` folds the mapped axis into the batch (one launch); with ``alibi_slopes`` or dropout the mapped
-    calls run one after another (each example keeps the mask it gets alone). The options are static: Python
+    ``jax.vmap`` folds the mapped axis into the batch (one launch); with ``alibi_slopes``, dropout or a mask
+    the mapped calls run one after another (each example keeps the mask it gets alone). The options are static: Python
     values at trace time (a concrete 0-d JAX array is taken as its value); ``dropout_seed`` too, so a jitted
     step draws the same mask every step unless its seed is a static argument.
     """
-    _jax_operands(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
-    q, k, v, alibi_slopes = _as_jax(q, k, v, alibi_slopes)
+    _jax_operands(q=q, k=k, v=v, alibi_slopes=alibi_slopes, attn_mask=attn_mask)
+    q, k, v, alibi_slopes, attn_mask = _as_jax(q, k, v, alibi_slopes, attn_mask)
     o = _static(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
                 return_lse=return_lse, dropout_p=dropout_p, dropout_seed=dropout_seed, dropout_offset=dropout_offset)
+    if block_mask is not None:
+        attn_mask = _with_block_mask(q, k, attn_mask, block_mask)
     call, opts = _check(q, k, v, o["causal"], o["softmax_scale"], o["window_size"], o["softcap"], alibi_slopes,
-                        (o["dropout_p"], o["dropout_seed"], o["dropout_offset"]))
+                        (o["dropout_p"], o["dropout_seed"], o["dropout_offset"]), attn_mask)
     del call
     return_lse = api._check_flag("return_lse", o["return_lse"])
-    out, lse = _attention(opts, q, k, v, alibi_slopes)
+    out, lse = _attention(opts, q, k, v, alibi_slopes, None if attn_mask is None else _mask_4d(attn_mask))
     return (out, lse) if return_lse else out
 
 

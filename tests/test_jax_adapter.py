@@ -202,6 +202,65 @@ def test_gpu_rules_at_trace_time(monkeypatch):
         cfj._check(q[None], k[None], v[None], True, None, (-1, -1), 0.0, None, (0.0, None, 0))
 
 
+@pytest.mark.parametrize("kind", ["bool_2d", "additive_heads", "bool_causal"])
+def test_attn_mask_under_jit_and_grad_equals_reference(kind):
+    """attn_mask as a traced operand under jit: a boolean (seqlen_q, seqlen_k) mask, an additive float mask per
+    (batch, head) (broadcast over rows: shape (batch, heads, 1, seqlen_k)), a boolean one with causal; out, LSE
+    and the gradients equal the float64 reference with that mask; a float mask gets a zero cotangent."""
+    q, k, v, do = _inputs()
+    rng = np.random.default_rng(5)
+    if kind == "additive_heads":
+        mask = np.where(rng.random((2, 4, 1, 23)) < 0.8, rng.standard_normal((2, 4, 1, 23)), -np.inf).astype(np.float32)
+        opts = dict()
+    else:
+        mask = rng.random((17, 23)) < 0.7
+        mask[3] = False  # a row that sees no key: zeros, LSE +inf
+        opts = dict(causal=True) if kind == "bool_causal" else dict()
+    out, lse = jax.jit(lambda q, k, v, m: cfj.attention(q, k, v, attn_mask=m, return_lse=True, **opts))(q, k, v, mask)
+    ref, ref_lse = reference.attention_reference(q, k, v, attn_mask=mask, **opts)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(lse), ref_lse, atol=2e-5, rtol=2e-5)
+    argnums = (0, 1, 2, 3) if mask.dtype != bool else (0, 1, 2)
+    loss = lambda q, k, v, m: (cfj.attention(q, k, v, attn_mask=m, **opts) * do).sum()  # noqa: E731
+    grads = jax.jit(jax.grad(loss, argnums=argnums))(q, k, v, mask)
+    for g, r in zip(grads, reference.attention_backward_reference(do, q, k, v, attn_mask=mask, **opts)):
+        np.testing.assert_allclose(np.asarray(g), r, atol=1e-4, rtol=1e-4)
+    if mask.dtype != bool:
+        assert grads[3].shape == mask.shape and not np.any(np.asarray(grads[3]))
+
+
+def test_attn_mask_vmap_and_block_mask():
+    """vmap over per-example masks runs each mapped call with its own mask; a cuflash.BlockMask (static) gives
+    what its dense mask gives as attn_mask."""
+    from cuflash import BlockMask
+    q, k, v, _ = _inputs()
+    rng = np.random.default_rng(6)
+    masks = rng.random((2, 17, 23)) < 0.6
+    outs = jax.jit(jax.vmap(lambda q, k, v, m: cfj.attention(q, k, v, attn_mask=m)))(
+        jnp.stack([q, 0.5 * q]), jnp.stack([k, k]), jnp.stack([v, v]), masks)
+    for i, qi in enumerate((q, 0.5 * q)):
+        np.testing.assert_allclose(np.asarray(outs[i]), reference.attention_reference(qi, k, v, attn_mask=masks[i])[0],
+                                   atol=2e-5, rtol=2e-5)
+    bm = BlockMask.from_dense(masks[0], block_size=8)
+    out = jax.jit(lambda q, k, v: cfj.attention(q, k, v, block_mask=bm, causal=True))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), reference.attention_reference(q, k, v, attn_mask=masks[0],
+                                                                              causal=True)[0], atol=2e-5, rtol=2e-5)
+
+
+def test_attn_mask_errors_at_trace_time(monkeypatch):
+    """A mask that does not broadcast raises ValueError naming attn_mask; bfloat16 masks are refused on CPU JAX
+    (as by the NumPy path); a GPU backend refuses masks at trace time with NotImplementedError."""
+    q, k, v, _ = _inputs()
+    with pytest.raises(ValueError, match="attn_mask must broadcast"):
+        jax.jit(lambda q, k, v: cfj.attention(q, k, v, attn_mask=jnp.ones((5, 23), bool)))(q, k, v)
+    with pytest.raises(TypeError, match="bfloat16"):
+        jax.jit(lambda q, k, v: cfj.attention(q, k, v, attn_mask=jnp.zeros((17, 23), jnp.bfloat16)))(q, k, v)
+    monkeypatch.setattr(cfj, "_on_gpu", lambda: True)
+    qd, kd, vd = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        cfj._check(qd, kd, vd, False, None, (-1, -1), 0.0, None, (0.0, None, 0), jnp.ones((17, 23), bool))
+
+
 @pytest.mark.parametrize("make,exc,match", [
     (lambda q, k, v: cfj.attention(q[:, :, :3], k, v), ValueError, "heads_q"),
     (lambda q, k, v: cfj.attention(q, k, v, window_size=(1,)), ValueError, "window_size"),
@@ -228,7 +287,7 @@ def test_callback_errors_reach_jax_as_exceptions():
     from jax.experimental.buffer_callback import buffer_callback
 
     from cuflash import _jax_callback
-    body = _jax_callback.callback("fwd", ("not", "the", "options", 0, 0, False), "cpu")
+    body = _jax_callback.callback("fwd", ("not", "the", "options", 0, 0, False, False), "cpu")
     q = jnp.ones((1, 4, 1, 8), jnp.float32)
     call = buffer_callback(body, (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((1, 1, 4), jnp.float32)))
     with pytest.raises(Exception, match="(?s)buffer callback.*TypeError"):
