@@ -354,6 +354,27 @@ def test_sdpa_stand_in_equals_torch_sdpa(name):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("kw", [dict(attn_mask="bool"), dict(is_causal=True)])
+def test_sdpa_stand_in_compiles_fullgraph(kw):
+    """The SDPA stand-in with a boolean mask, and with SDPA's top-left causal mask at L < S (which becomes a
+    mask), compiles with fullgraph=True and gives eager's loss and gradients."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 9, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 13, 16, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    kw = dict(kw)
+    if kw.get("attn_mask") == "bool":
+        kw["attn_mask"] = torch.rand(9, 13, generator=g) > 0.3
+
+    def f(q, k, v):
+        return ct.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss_c, loss = compiled(q, k, v), f(q, k, v)
+    torch.testing.assert_close(loss_c, loss)
+    for a, b in zip(torch.autograd.grad(loss_c, (q, k, v)), torch.autograd.grad(loss, (q, k, v))):
+        torch.testing.assert_close(a, b)
+
+
 def test_sdpa_stand_in_3d_and_errors():
     import torch.nn.functional as F
     q, k, v = (torch.randn(2, 7, 8, dtype=torch.float64) for _ in range(3))
