@@ -202,6 +202,9 @@ def _check_attn_mask(call, attn_mask):
     device, broadcastable to (batch, heads_q, seqlen_q, seqlen_k); on GPU arrays bool or q's dtype."""
     if attn_mask is None:
         return None
+    if not (hasattr(attn_mask, "shape") and hasattr(attn_mask, "dtype")):
+        raise TypeError(f"attn_mask must be an array (bool or float, broadcastable to (batch, heads_q, seqlen_q, "
+                        f"seqlen_k)), got {type(attn_mask).__name__}")
     mfw = arrays.framework_of(attn_mask)
     if mfw != call.fw and not (mfw == "numpy" and not call.on_gpu):
         raise TypeError(f"attn_mask is a {mfw} array but {call.names[0]} is a {call.fw} array")
@@ -473,7 +476,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     attn_mask = _check_attn_mask(call, attn_mask)
     _check_gpu_mask_options(call, attn_mask, alibi, dropout)
     block_mask = _check_block_mask(call, block_mask)
-    if call.fw == "torch" and _needs_autograd(q, k, v):
+    if call.fw == "torch" and _needs_autograd(q, k, v, attn_mask):  # (a mask that needs grad: refused there)
         from . import torch as torch_adapter
         return torch_adapter.attention(q, k, v, causal=causal, softmax_scale=scale, window_size=window,
                                        softcap=softcap, alibi_slopes=alibi, return_lse=return_lse,

@@ -21,6 +21,15 @@ import numpy as np
 DEFAULT_BLOCK_SIZE = 128  # the kernels' key-tile width on sm80 and sm90
 
 
+def _block_sizes(block_size) -> tuple:
+    """(query, key) block sizes from an int or a pair, both positive ints; ValueError naming block_size."""
+    pair = (block_size, block_size) if np.isscalar(block_size) else tuple(block_size)
+    if len(pair) != 2 or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
+                                 for n in pair):
+        raise ValueError(f"block_size must be a positive int or a pair of them, got {block_size!r}")
+    return int(pair[0]), int(pair[1])
+
+
 def _lists(table: np.ndarray):
     """(num, indices) of the True columns of a (..., n_rows, n_cols) bool table, ascending, zero-padded."""
     num = table.sum(-1, dtype=np.int32)
@@ -65,10 +74,7 @@ class BlockMask:
 
     def __init__(self, kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None, *,
                  block_size=DEFAULT_BLOCK_SIZE, seq_lengths, mask=None):
-        bq, bk = (block_size, block_size) if np.isscalar(block_size) else tuple(block_size)
-        if int(bq) < 1 or int(bk) < 1:
-            raise ValueError(f"block_size must be positive, got {block_size}")
-        self.block_size = (int(bq), int(bk))
+        self.block_size = _block_sizes(block_size)
         self.seq_lengths = tuple(int(n) for n in seq_lengths)
         sq, sk = self.seq_lengths
         self.num_q_blocks, self.num_kv_blocks = -(-sq // self.block_size[0]), -(-sk // self.block_size[1])
@@ -79,6 +85,16 @@ class BlockMask:
         if full_kv_num_blocks is not None:
             self.full_kv_num_blocks, self.full_kv_indices = self._check_lists("full_kv", full_kv_num_blocks,
                                                                               full_kv_indices)
+            if self.full_kv_num_blocks.shape[:2] != self.kv_num_blocks.shape[:2]:
+                raise ValueError(f"full_kv_num_blocks has (B, H) = {self.full_kv_num_blocks.shape[:2]} but "
+                                 f"kv_num_blocks {self.kv_num_blocks.shape[:2]}; they must be the same")
+        if mask is not None and not callable(mask):
+            m = np.asarray(mask)
+            if m.dtype != np.bool_:
+                raise TypeError(f"mask must be a bool array (True = attend) or a callable, got dtype {m.dtype}")
+            if not 2 <= m.ndim <= 4 or any(n not in (1, want) for n, want in zip(m.shape[-2:], (sq, sk))):
+                raise ValueError(f"mask must broadcast to (B, H, seqlen_q, seqlen_k) with (seqlen_q, seqlen_k) = "
+                                 f"({sq}, {sk}), got shape {m.shape}")
         self.mask = mask
         self._partial = _table(self.kv_num_blocks, self.kv_indices, self.num_kv_blocks)
         self._full = (np.zeros_like(self._partial) if self.full_kv_num_blocks is None
@@ -136,16 +152,19 @@ class BlockMask:
             m = m[None, None]
         if m.ndim != 4:
             raise ValueError(f"mask must be (B, H, seqlen_q, seqlen_k) or (seqlen_q, seqlen_k), got shape {m.shape}")
-        bq, bk = (block_size, block_size) if np.isscalar(block_size) else tuple(block_size)
+        bq, bk = _block_sizes(block_size)
         anyb, allb = _block_reduce(m, bq, bk)
         return cls._from_tables(anyb & ~allb, allb, (bq, bk), m.shape[2:], m)
 
     @classmethod
     def from_mask_fn(cls, fn, batch, heads, seqlen_q, seqlen_k, block_size=DEFAULT_BLOCK_SIZE) -> "BlockMask":
         """The block mask of ``fn(b, h, q_idx, kv_idx)`` (evaluated on broadcastable int64 NumPy index arrays,
-        one query block at a time; ``batch`` / ``heads`` may be 1 when ``fn`` ignores them). ``fn`` stays the
-        element mask of partial blocks."""
-        bq, bk = (block_size, block_size) if np.isscalar(block_size) else tuple(block_size)
+        one query block at a time; ``batch`` / ``heads`` may be 1 or None, as FlexAttention's
+        ``create_block_mask`` takes them, when the block lists may broadcast: the lists are then those of
+        batch / head 0, while partial blocks still evaluate ``fn`` at each real index). ``fn`` stays the element
+        mask of partial blocks."""
+        bq, bk = _block_sizes(block_size)
+        batch, heads = (1 if n is None else n for n in (batch, heads))
         b = np.arange(batch)[:, None, None, None]
         h = np.arange(heads)[None, :, None, None]
         kv = np.arange(seqlen_k)[None, None, None, :]
@@ -185,31 +204,40 @@ class BlockMask:
                              f"({batch}, {heads_q}, {seqlen_q}, {seqlen_k})")
 
     def dense_tile(self, b, h, rows, cols) -> np.ndarray:
-        """The element mask of rows ``rows[0]:rows[1]``, keys ``cols[0]:cols[1]`` for the (batch, head) index
-        arrays ``b``, ``h`` (same shape S): bool S + (n_rows, n_cols)."""
-        b = np.asarray(b) % self._full.shape[0] if self._full.shape[0] == 1 else np.asarray(b)
-        h = np.asarray(h) % self._full.shape[1] if self._full.shape[1] == 1 else np.asarray(h)
+        """The element mask of rows ``rows[0]:rows[1]``, keys ``cols[0]:cols[1]`` for the problem's (batch,
+        head) index arrays ``b``, ``h`` (same shape S): bool S + (n_rows, n_cols). Lists with B or H of 1 apply
+        to every batch or head; the element mask of partial blocks is taken at the real (b, h) (as
+        FlexAttention calls ``mask_mod``), a dense one through its own broadcasting."""
+        b, h = np.asarray(b), np.asarray(h)
+        tb = b % self._full.shape[0] if self._full.shape[0] == 1 else b
+        th = h % self._full.shape[1] if self._full.shape[1] == 1 else h
         i = np.arange(*rows)
         j = np.arange(*cols)
         qb, kb = i // self.block_size[0], j // self.block_size[1]
-        sel = (b[..., None, None], h[..., None, None], qb[:, None], kb[None, :])
+        sel = (tb[..., None, None], th[..., None, None], qb[:, None], kb[None, :])
         out = self._full[sel]
         partial = self._partial[sel]
         if partial.any():
             if callable(self.mask):
                 elem = np.asarray(self.mask(b[..., None, None], h[..., None, None], i[:, None], j[None, :]), bool)
             else:
-                m = np.asarray(self.mask)
-                m = m[None, None] if m.ndim == 2 else m
+                m = self._mask_4d()
                 bb = b % m.shape[0] if m.shape[0] == 1 else b
                 hh = h % m.shape[1] if m.shape[1] == 1 else h
                 elem = m[bb[..., None, None], hh[..., None, None], i[:, None], j[None, :]]
             out = out | (partial & np.broadcast_to(elem, partial.shape))
         return out
 
-    def to_dense(self) -> np.ndarray:
-        """The full element mask, bool (B, H, seqlen_q, seqlen_k) (for tests and small problems)."""
-        b, h = self.shape[:2]
+    def _mask_4d(self) -> np.ndarray:
+        m = np.asarray(self.mask)
+        return m.reshape((1,) * (4 - m.ndim) + m.shape)
+
+    def to_dense(self, batch=None, heads=None) -> np.ndarray:
+        """The full element mask, bool (batch, heads, seqlen_q, seqlen_k); ``batch`` / ``heads`` default to the
+        lists' B / H (which may be 1), and must be given where the element mask depends on the batch or head
+        index while the lists broadcast (for tests and small problems)."""
+        b = self.shape[0] if batch is None else int(batch)
+        h = self.shape[1] if heads is None else int(heads)
         return self.dense_tile(np.arange(b)[:, None] + np.zeros((1, h), int), np.zeros((b, 1), int) + np.arange(h),
                                (0, self.seq_lengths[0]), (0, self.seq_lengths[1]))
 

@@ -108,7 +108,7 @@ def _with_block_mask(q, k, attn_mask, block_mask):
     takes arrays, not the object); the block mask is checked for this problem first."""
     from .block_mask import checked
     b, sq, hq = q.shape[:3]
-    dense = jnp.asarray(checked(block_mask, b, hq, sq, k.shape[1], _on_gpu()).to_dense())
+    dense = jnp.asarray(checked(block_mask, b, hq, sq, k.shape[1], _on_gpu()).to_dense(b, hq))
     if attn_mask is None:
         return dense
     if attn_mask.dtype == jnp.bool_:

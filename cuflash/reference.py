@@ -148,7 +148,7 @@ def _reference_scores(q, k, causal, softmax_scale, window_size, softcap,
     mask = visible_mask(sq, sk, causal, window_size)
     s, mask = _apply_attn_mask(s, mask, _full_mask(attn_mask, s.shape))
     if block_mask is not None:
-        mask = mask & np.broadcast_to(block_mask.to_dense(), s.shape)
+        mask = mask & block_mask.to_dense(s.shape[0], s.shape[1])
     return s, mask, tanh, scale
 
 

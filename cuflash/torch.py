@@ -373,11 +373,24 @@ def _dropout_state(dropout_p, dropout_seed, dropout_offset):
                         device="cpu")
 
 
+def _tensor(x):
+    """A NumPy array (which cuflash.attention takes beside CPU tensors) as a CPU tensor sharing its memory, for
+    the op schema and autograd's saved tensors; anything else as it is (the checks judge it)."""
+    return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+
+
+@torch.compiler.assume_constant_result
+def _dense_block_mask(block_mask, batch, heads, seqlen_q, seqlen_k, on_gpu):
+    """A block mask's dense element mask (bool (batch, heads, seqlen_q, seqlen_k) CPU tensor), checked for the
+    problem. torch.compile takes the result as a constant of the graph instead of tracing the NumPy work."""
+    from .block_mask import checked
+    return torch.from_numpy(checked(block_mask, batch, heads, seqlen_q, seqlen_k, on_gpu).to_dense(batch, heads))
+
+
 def _with_block_mask(q, k, attn_mask, block_mask):
     """``attn_mask`` with a block mask's dense element mask folded in (the ops take tensors, not the object)."""
-    from .block_mask import checked
     b, sq, hq = q.shape[:3]
-    dense = torch.from_numpy(checked(block_mask, b, hq, sq, k.shape[1], q.is_cuda).to_dense())
+    dense = _dense_block_mask(block_mask, int(b), int(hq), int(sq), int(k.shape[1]), q.is_cuda)
     if attn_mask is None:
         return dense
     if attn_mask.dtype == torch.bool:
@@ -400,10 +413,11 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     a mask that requires grad raises NotImplementedError. ``block_mask`` (a :class:`cuflash.BlockMask` or a
     FlexAttention one) reaches the op as its dense element mask, combined with ``attn_mask`` (CPU tensors).
     """
-    if block_mask is not None:
-        attn_mask = _with_block_mask(q, k, attn_mask, block_mask)
+    attn_mask, alibi_slopes = _tensor(attn_mask), _tensor(alibi_slopes)
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("attn_mask requires grad; cuflash does not differentiate the mask (detach it)")
+    if block_mask is not None:  # (its dense mask needs no grad)
+        attn_mask = _with_block_mask(q, k, attn_mask, block_mask)
     dropout_p = api._check_probability(dropout_p)
     out, lse = _attention(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, deterministic,
                           dropout_p, _dropout_state(dropout_p, dropout_seed, dropout_offset), attn_mask)
@@ -511,6 +525,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                   f"cuflash needs them equal")
     if is_causal and attn_mask is not None:
         raise ValueError("attn_mask and is_causal=True were both given; SDPA takes one or the other")
+    attn_mask = _tensor(attn_mask)
     three = query.dim() == 3
     if three:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)

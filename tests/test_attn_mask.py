@@ -76,7 +76,8 @@ def test_all_true_and_zero_masks_change_nothing():
     (np.ones((3, HQ, SQ, SK), bool), ValueError, "attn_mask must broadcast"),
     (np.ones((1, 1, 1, SQ, SK), bool), ValueError, "attn_mask must broadcast"),
     (np.ones((SQ, SK), np.int32), TypeError, "attn_mask must be bool"),
-    ([[True]], TypeError, "expected an array"),
+    ([[True]], TypeError, "attn_mask must be an array"),
+    (True, TypeError, "attn_mask must be an array"),
 ])
 def test_bad_masks_raise_naming_attn_mask(mask, exc, match):
     q, k, v, _ = _inputs()

@@ -107,10 +107,58 @@ def test_skipped_blocks_are_not_computed(monkeypatch):
     (lambda: BlockMask(np.ones((1, 1, 4), np.int32), np.zeros((1, 1, 4, 4), np.int32), np.ones((1, 1, 4), np.int32),
                        seq_lengths=(100, 100), block_size=32), ValueError, "go together"),
     (lambda: BlockMask.from_dense(np.ones((4, 4), np.int8)), TypeError, "mask must be bool"),
+    (lambda: BlockMask.from_dense(np.ones((4, 4), bool), block_size=0), ValueError, "block_size must be"),
+    (lambda: BlockMask.from_dense(np.ones((4, 4), bool), block_size=(2,)), ValueError, "block_size must be"),
+    (lambda: BlockMask.from_mask_fn(lambda b, h, q, kv: q >= kv, 1, 1, 8, 8, block_size=-1), ValueError,
+     "block_size must be"),
+    (lambda: BlockMask(np.ones((1, 1, 1), np.int32), np.zeros((1, 1, 1, 1), np.int32), block_size=8,
+                       seq_lengths=(8, 8), mask=np.ones((3, 3), bool)), ValueError, "mask must broadcast"),
+    (lambda: BlockMask(np.ones((1, 1, 1), np.int32), np.zeros((1, 1, 1, 1), np.int32), block_size=8,
+                       seq_lengths=(8, 8), mask=np.ones((8, 8), np.float32)), TypeError, "mask must be a bool"),
+    (lambda: BlockMask(np.ones((2, 1, 1), np.int32), np.zeros((2, 1, 1, 1), np.int32), np.zeros((1, 1, 1), np.int32),
+                       np.zeros((1, 1, 1, 1), np.int32), block_size=8, seq_lengths=(8, 8)), ValueError,
+     "must be the same"),
 ])
 def test_malformed_block_masks_raise(make, exc, match):
     with pytest.raises(exc, match=match):
         make()
+
+
+def test_broadcast_lists_take_the_element_mask_at_each_batch_and_head():
+    """Lists with B = H = 1 whose blocks are all partial, over an element mask that depends on the batch and
+    head: partial blocks evaluate the mask at the real (b, h), a dense (B, H, ...) mask and a function alike
+    (as FlexAttention calls mask_mod); the result equals the reference with the full dense mask. And
+    from_mask_fn takes batch / heads None (FlexAttention's broadcast) for a mask that ignores them."""
+    q, k, v, do = _inputs()
+    lens = np.array([SK, 40])
+
+    def fn(b, h, q_idx, kv_idx):
+        return (kv_idx < lens[b]) & ((h != 3) | (kv_idx <= q_idx + 25))
+
+    idx = np.ix_(np.arange(B), np.arange(HQ), np.arange(SQ), np.arange(SK))
+    dense = np.broadcast_to(fn(*idx), (B, HQ, SQ, SK))
+    every = _lists_of(np.ones((1, 1, -(-SQ // 16), -(-SK // 16)), bool))
+    for bm in (BlockMask(*every, block_size=16, seq_lengths=(SQ, SK), mask=fn),
+               BlockMask(*every, block_size=16, seq_lengths=(SQ, SK), mask=dense)):
+        assert bm.shape[:2] == (1, 1)
+        np.testing.assert_array_equal(bm.to_dense(B, HQ), dense)
+        out = cuflash.attention(q, k, v, block_mask=bm)
+        ref, _ = reference.attention_reference(q, k, v, attn_mask=dense)
+        np.testing.assert_allclose(out, ref, atol=1e-12)
+        for g, r in zip(cuflash.attention_backward(do, q, k, v, out, cuflash.attention(q, k, v, block_mask=bm,
+                                                                                         return_lse=True)[1],
+                                                   block_mask=bm),
+                        reference.attention_backward_reference(do, q, k, v, attn_mask=dense)):
+            np.testing.assert_allclose(g, r, atol=1e-11)
+    causal = BlockMask.from_mask_fn(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + 25, None, None, SQ, SK, 16)
+    np.testing.assert_array_equal(causal.to_dense()[0, 0], np.arange(SK)[None] <= np.arange(SQ)[:, None] + 25)
+
+
+def _lists_of(table):
+    """(num, indices) of a bool block table, as BlockMask takes them."""
+    num = table.sum(-1).astype(np.int32)
+    idx = np.argsort(~table, axis=-1, kind="stable").astype(np.int32)
+    return num, idx
 
 
 def test_block_mask_for_another_problem_raises():

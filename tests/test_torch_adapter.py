@@ -375,6 +375,53 @@ def test_sdpa_stand_in_compiles_fullgraph(kw):
         torch.testing.assert_close(a, b)
 
 
+def test_numpy_mask_and_slopes_with_tensors_under_autograd():
+    """cuflash.attention takes a NumPy attn_mask / alibi_slopes beside CPU tensors, also when autograd is on
+    (the adapter turns them into tensors sharing their memory), and the gradients are the reference's."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 5, 2, 8, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
+    mask = np.tril(np.ones((5, 5), bool))
+    slopes = np.array([0.3, 0.7], np.float32)
+    out = cuflash.attention(q, k, v, attn_mask=mask, alibi_slopes=slopes)
+    dout = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    qn, kn, vn = (x.detach().numpy() for x in (q, k, v))
+    refs = reference.attention_backward_reference(dout.numpy(), qn, kn, vn, attn_mask=mask, alibi_slopes=slopes)
+    for a, r in zip(grads, refs):
+        np.testing.assert_allclose(a.numpy(), r, atol=1e-10)
+    out = ct.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    assert out.shape == (1, 2, 5, 8)
+
+
+def test_mask_that_requires_grad_is_refused():
+    """A mask that requires grad (a learned bias) raises NotImplementedError instead of silently getting no
+    gradient, through cuflash.attention even when q, k and v need none."""
+    x = torch.randn(1, 3, 2, 4, dtype=torch.float64)
+    bias = torch.zeros(3, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="attn_mask requires grad"):
+        cuflash.attention(x, x, x, attn_mask=bias)
+    with torch.no_grad():
+        cuflash.attention(x, x, x, attn_mask=bias)
+
+
+def test_block_mask_compiles_fullgraph():
+    """cuflash.torch.attention with a cuflash.BlockMask compiles with fullgraph=True (its dense mask is a
+    constant of the graph) and gives eager's loss and gradients."""
+    m = np.random.default_rng(0).random((9, 13)) < 0.6
+    bm = cuflash.BlockMask.from_dense(m, block_size=(2, 3))
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 9, 4, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 13, 2, 8, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+
+    def f(q, k, v):
+        return ct.attention(q, k, v, block_mask=bm).square().sum()
+
+    loss_c, loss = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v), f(q, k, v)
+    torch.testing.assert_close(loss_c, loss)
+    for a, b in zip(torch.autograd.grad(loss_c, (q, k, v)), torch.autograd.grad(loss, (q, k, v))):
+        torch.testing.assert_close(a, b)
+
+
 def test_sdpa_stand_in_3d_and_errors():
     import torch.nn.functional as F
     q, k, v = (torch.randn(2, 7, 8, dtype=torch.float64) for _ in range(3))
