@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _jax_callback, api, varlen
+from . import _jax_callback, api, reference, varlen
 
 
 def _shape_only(x):
@@ -169,12 +169,43 @@ def _attention_fwd(opts, q, k, v, alibi, mask):
     return (out, lse), (q, k, v, alibi, mask, out, lse)
 
 
+def _mask_cotangent(opts, q, k, v, alibi, mask, out, lse, dout):
+    """The gradient of an additive mask: dS = P (dP - D), the gradient of the scores it is added to, summed over
+    the dimensions the mask broadcasts (dP = dO.V^T with the dropout keep mask and 1 / (1 - p), D = rowsum(dO O),
+    P recomputed from the LSE; FlashAttention-2's backward, Algorithm 4 of the paper), in jnp on the whole
+    (batch, heads, seqlen_q, seqlen_k) score matrix: the CPU path's. Under jit, unused (no gradient asked of
+    the mask), XLA drops it."""
+    causal, scale, window, softcap, drop, _ = opts
+    b, sq, hq, _ = q.shape
+    sk, group = k.shape[1], q.shape[2] // k.shape[2]
+    f = _lse_dtype(q)
+    keys, values = (jnp.repeat(x.astype(f), group, axis=2) for x in (k, v))
+    s = scale * jnp.einsum("bqhd,bkhd->bhqk", q.astype(f), keys)
+    if softcap > 0:
+        s = softcap * jnp.tanh(s / softcap)
+    if alibi is not None:
+        slopes = jnp.broadcast_to(alibi.astype(f), (b, hq)) if alibi.ndim == 1 else alibi.astype(f)
+        dist = np.abs(np.arange(sq)[:, None] + (sk - sq) - np.arange(sk)[None, :])
+        s = s - slopes[:, :, None, None] * dist.astype(np.dtype(f))
+    s = s + mask.astype(f)
+    visible = reference.visible_mask(sq, sk, causal, window)
+    p = jnp.where(visible, jnp.exp(s - lse[..., None]), 0)  # (rows with LSE +inf: 0)
+    dp = jnp.einsum("bqhd,bkhd->bhqk", dout.astype(f), values)
+    if drop is not None:
+        keep, inv = reference._dropout_keep((b, hq, sq, sk), *drop)
+        dp = dp * (keep * inv)
+    ds = p * (dp - jnp.einsum("bqhd,bqhd->bhq", dout.astype(f), out.astype(f))[..., None])
+    axes = tuple(i for i, n in enumerate(mask.shape) if n == 1 and ds.shape[i] != 1)
+    return ds.sum(axis=axes, keepdims=True).astype(mask.dtype)
+
+
 def _attention_bwd(opts, residuals, cotangents):
     q, k, v, alibi, mask, out, lse = residuals
     dout, _ = cotangents  # the LSE output is not differentiated through (as in FlashAttention)
     dq, dk, dv = _call_backward(opts, dout, q, k, v, out, lse, alibi, mask)
-    # (the mask is not differentiated: a float one gets a zero cotangent, a boolean one none)
-    mask_ct = None if mask is None or mask.dtype == jnp.bool_ else jnp.zeros_like(mask)
+    mask_ct = None
+    if mask is not None and mask.dtype != jnp.bool_:
+        mask_ct = _mask_cotangent(opts, q, k, v, alibi, mask, out, lse, dout)
     return dq, dk, dv, None if alibi is None else jnp.zeros_like(alibi), mask_ct
 
 
@@ -195,7 +226,10 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
         As :func:`cuflash.attention`; all but ``alibi_slopes`` are static (Python values at trace time).
     attn_mask : jax array, optional
         As :func:`cuflash.attention`: bool (True = attend) or float (added to the scores), broadcastable to
-        (batch, heads_q, seqlen_q, seqlen_k); traced, not differentiated. CPU JAX only so far.
+        (batch, heads_q, seqlen_q, seqlen_k); traced. A float mask is differentiable (a learned bias): its
+        gradient is that of the scores it is added to, summed over the dimensions it broadcasts, computed on
+        the whole score matrix (O(seqlen_q x seqlen_k) memory, only where asked for under jit). CPU JAX only so
+        far.
     block_mask : cuflash.BlockMask or torch FlexAttention BlockMask, optional
         Static (a trace-time object); its dense element mask is folded into ``attn_mask`` as a constant of
         the traced computation (no block skipping on this path). CPU JAX only so far.

@@ -206,7 +206,8 @@ def test_gpu_rules_at_trace_time(monkeypatch):
 def test_attn_mask_under_jit_and_grad_equals_reference(kind):
     """attn_mask as a traced operand under jit: a boolean (seqlen_q, seqlen_k) mask, an additive float mask per
     (batch, head) (broadcast over rows: shape (batch, heads, 1, seqlen_k)), a boolean one with causal; out, LSE
-    and the gradients equal the float64 reference with that mask; a float mask gets a zero cotangent."""
+    and the gradients equal the float64 reference with that mask; a float mask's gradient (a learned bias)
+    equals jax.nn.dot_product_attention's gradient of its bias."""
     q, k, v, do = _inputs()
     rng = np.random.default_rng(5)
     if kind == "additive_heads":
@@ -226,7 +227,10 @@ def test_attn_mask_under_jit_and_grad_equals_reference(kind):
     for g, r in zip(grads, reference.attention_backward_reference(do, q, k, v, attn_mask=mask, **opts)):
         np.testing.assert_allclose(np.asarray(g), r, atol=1e-4, rtol=1e-4)
     if mask.dtype != bool:
-        assert grads[3].shape == mask.shape and not np.any(np.asarray(grads[3]))
+        rep = lambda x: jnp.repeat(x, 2, axis=2)  # noqa: E731  (heads_k 2 -> heads_q 4)
+        theirs = jax.grad(lambda m: (jax.nn.dot_product_attention(q, rep(k), rep(v), bias=m) * do).sum())(mask)
+        assert grads[3].shape == mask.shape
+        np.testing.assert_allclose(np.asarray(grads[3]), np.asarray(theirs), atol=1e-4, rtol=1e-4)
 
 
 def test_attn_mask_vmap_and_block_mask():
