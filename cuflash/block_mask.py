@@ -197,11 +197,17 @@ class BlockMask:
     # -- evaluation -----------------------------------------------------------------------------------------
 
     def check_for(self, batch, heads_q, seqlen_q, seqlen_k) -> None:
-        """Raises ValueError unless this mask applies to a (batch, heads_q, seqlen_q, seqlen_k) problem."""
+        """Raises ValueError unless this mask, its element mask included, applies to a (batch, heads_q,
+        seqlen_q, seqlen_k) problem."""
         b, h = self.shape[:2]
         if (b not in (1, batch) or h not in (1, heads_q) or self.seq_lengths != (seqlen_q, seqlen_k)):
             raise ValueError(f"block_mask is for shape {self.shape} (B, H may be 1); the problem is "
                              f"({batch}, {heads_q}, {seqlen_q}, {seqlen_k})")
+        if self.mask is not None and not callable(self.mask):
+            mb, mh = self._mask_4d().shape[:2]
+            if mb not in (1, batch) or mh not in (1, heads_q):
+                raise ValueError(f"block_mask's element mask has (B, H) = ({mb}, {mh}); the problem's (batch, heads_q) "
+                                 f"is ({batch}, {heads_q}) (each may be 1)")
 
     def dense_tile(self, b, h, rows, cols) -> np.ndarray:
         """The element mask of rows ``rows[0]:rows[1]``, keys ``cols[0]:cols[1]`` for the problem's (batch,

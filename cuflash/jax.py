@@ -229,7 +229,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
         (batch, heads_q, seqlen_q, seqlen_k); traced. A float mask is differentiable (a learned bias): its
         gradient is that of the scores it is added to, summed over the dimensions it broadcasts, computed on
         the whole score matrix (O(seqlen_q x seqlen_k) memory, only where asked for under jit). CPU JAX only so
-        far.
+        far. Outside jit the gradient of the other arguments computes it too (XLA drops it only under jit).
     block_mask : cuflash.BlockMask or torch FlexAttention BlockMask, optional
         Static (a trace-time object); its dense element mask is folded into ``attn_mask`` as a constant of
         the traced computation (no block skipping on this path). CPU JAX only so far.
@@ -258,11 +258,12 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     q, k, v, alibi_slopes, attn_mask = _as_jax(q, k, v, alibi_slopes, attn_mask)
     o = _static(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
                 return_lse=return_lse, dropout_p=dropout_p, dropout_seed=dropout_seed, dropout_offset=dropout_offset)
-    if block_mask is not None:
-        attn_mask = _with_block_mask(q, k, attn_mask, block_mask)
     call, opts = _check(q, k, v, o["causal"], o["softmax_scale"], o["window_size"], o["softcap"], alibi_slopes,
                         (o["dropout_p"], o["dropout_seed"], o["dropout_offset"]), attn_mask)
     del call
+    if block_mask is not None:  # (after the checks: q, k and attn_mask are valid for folding)
+        attn_mask = _with_block_mask(q, k, attn_mask, block_mask)
+        opts = (*opts[:5], True)
     return_lse = api._check_flag("return_lse", o["return_lse"])
     out, lse = _attention(opts, q, k, v, alibi_slopes, None if attn_mask is None else _mask_4d(attn_mask))
     return (out, lse) if return_lse else out

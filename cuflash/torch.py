@@ -388,11 +388,21 @@ def _dense_block_mask(block_mask, batch, heads, seqlen_q, seqlen_k, on_gpu):
 
 
 def _with_block_mask(q, k, attn_mask, block_mask):
-    """``attn_mask`` with a block mask's dense element mask folded in (the ops take tensors, not the object)."""
+    """``attn_mask`` with a block mask's dense element mask folded in (the ops take tensors, not the object),
+    after the checks that folding needs (q and k 4-D, the mask bool or float and broadcastable), so that bad
+    arguments are named as the op's checks would name them."""
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be 4-D (batch, seqlen, heads, head_dim), got {q.dim()}-D and {k.dim()}-D")
     b, sq, hq = q.shape[:3]
     dense = _dense_block_mask(block_mask, int(b), int(hq), int(sq), int(k.shape[1]), q.is_cuda)
     if attn_mask is None:
         return dense
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool (True = attend) or a float dtype (added to the scores), got "
+                        f"{attn_mask.dtype}")
+    if attn_mask.dim() > 4 or any(m not in (1, n) for m, n in zip(attn_mask.shape[::-1], dense.shape[::-1])):
+        raise ValueError(f"attn_mask must broadcast to (batch, heads_q, seqlen_q, seqlen_k) = {tuple(dense.shape)}, "
+                         f"got shape {tuple(attn_mask.shape)}")
     if attn_mask.dtype == torch.bool:
         return attn_mask & dense
     return attn_mask.masked_fill(~dense, float("-inf"))
@@ -412,8 +422,15 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     ``attn_mask`` as :func:`cuflash.attention` takes it (CPU or CUDA tensors); it is not differentiated, so
     a mask that requires grad raises NotImplementedError. ``block_mask`` (a :class:`cuflash.BlockMask` or a
     FlexAttention one) reaches the op as its dense element mask, combined with ``attn_mask`` (CPU tensors).
+    Under ``torch.compile`` that dense mask is a constant of the graph, guarded by the BlockMask object: a
+    new BlockMask compiles the function again (and ``fullgraph=True`` fails past torch's recompile limit, 8),
+    and changing a BlockMask in place is not seen; a training loop that builds a mask per step should pass
+    its dense mask as ``attn_mask``, an input of the graph.
     """
     attn_mask, alibi_slopes = _tensor(attn_mask), _tensor(alibi_slopes)
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a tensor (bool or float, broadcastable to (batch, heads_q, seqlen_q, "
+                        f"seqlen_k)), got {type(attn_mask).__name__}")
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("attn_mask requires grad; cuflash does not differentiate the mask (detach it)")
     if block_mask is not None:  # (its dense mask needs no grad)

@@ -163,6 +163,10 @@ def _lists_of(table):
 
 def test_block_mask_for_another_problem_raises():
     q, k, v, _ = _inputs()
+    lists = (np.ones((1, 1, -(-SQ // 16)), np.int32), np.zeros((1, 1, -(-SQ // 16), 1), np.int32))
+    with pytest.raises(ValueError, match="element mask has"):  # (B, H) of the element mask: before any work
+        cuflash.attention(q, k, v, block_mask=BlockMask(*lists, block_size=16, seq_lengths=(SQ, SK),
+                                                        mask=np.ones((3, 1, SQ, SK), bool)))
     with pytest.raises(ValueError, match="block_mask is for shape"):
         cuflash.attention(q, k, v, block_mask=BlockMask.from_dense(np.ones((SQ, SK + 1), bool)))
     with pytest.raises(TypeError, match="block_mask must be a cuflash.BlockMask"):

@@ -404,6 +404,20 @@ def test_mask_that_requires_grad_is_refused():
         cuflash.attention(x, x, x, attn_mask=bias)
 
 
+def test_block_mask_with_bad_arguments_names_them():
+    """With a block_mask, the adapter's own checks (before folding the masks) name q, attn_mask."""
+    bm = cuflash.BlockMask.from_dense(np.ones((8, 8), bool), block_size=4)
+    t = torch.randn(4, 8, 2, 4)
+    with pytest.raises(ValueError, match="attn_mask must broadcast"):
+        ct.attention(t, t, t, attn_mask=torch.ones(3, 8), block_mask=bm)
+    with pytest.raises(TypeError, match="attn_mask must be bool"):
+        ct.attention(t, t, t, attn_mask=torch.ones(8, 8, dtype=torch.int32), block_mask=bm)
+    with pytest.raises(TypeError, match="attn_mask must be a tensor"):
+        ct.attention(t, t, t, attn_mask=[[1.0]])
+    with pytest.raises(ValueError, match="must be 4-D"):
+        ct.attention(t[0], t[0], t[0], block_mask=bm)
+
+
 def test_block_mask_compiles_fullgraph():
     """cuflash.torch.attention with a cuflash.BlockMask compiles with fullgraph=True (its dense mask is a
     constant of the graph) and gives eager's loss and gradients."""
