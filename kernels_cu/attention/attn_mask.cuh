@@ -1,9 +1,10 @@
 // An element mask over the scores (CF_ATTN_MASK; SDPA's attn_mask, broadcast to (batch, heads_q, seqlen_q,
 // seqlen_k) through its strides, a broadcast dimension with stride 0): 1 = boolean, one byte per element,
 // nonzero = attend; 2 = additive, q's 16-bit dtype, added to the scaled score (natural-log units, so the
-// kernels take score_mods.cuh's scaled form: ADD). Built into the dense sm80 forward and backward only.
-// Elements are read straight from global memory where a score needs them: a mask is read once per
-// (query, key) pair a CTA computes, as the scores are.
+// kernels take score_mods.cuh's scaled form: ADD). Built into the dense forward and backward kernels, sm80
+// and Hopper. Here elements are read straight from global memory where a score needs them (a mask is read
+// once per (query, key) pair a CTA computes, as the scores are); the Hopper kernels stage boolean masks of
+// 16-byte aligned rows in shared memory instead (CF_MASK_STAGE, fwd_sm90.cu and bwd_sm90.cu).
 #pragma once
 #include "attention/build_flags.cuh"
 #include "attention/params.cuh"
@@ -32,32 +33,10 @@ __device__ __forceinline__ float attn_mask_add(const unsigned char* head, const 
     return i < seqlen_q && j < seqlen_k ? attn_mask_term(head, p, i, j) : 0.f;
 }
 
-// The mask elements a thread reads in one score tile, from its first (query i0, key j0): one pointer and two
-// bounds, so that an element's address is its compile-time offset (di, dj) times the strides, not a 64-bit
-// address rebuilt per element (the Hopper backward's P^T tile).
-struct MaskWindow {
-    const unsigned char* base;
-    i64 row_step, col_step;  // bytes
-    int rows, cols;          // offsets di < rows, dj < cols lie inside the (seqlen_q, seqlen_k) problem
-
-    __device__ __forceinline__ MaskWindow(const unsigned char* head, const AttentionParams& p, int i0, int j0,
-                                          int seqlen_q, int seqlen_k)
-        : row_step(p.mask_row_stride * kMaskBytes), col_step(p.mask_col_stride * kMaskBytes),
-          rows(seqlen_q - i0), cols(seqlen_k - j0) {
-        base = head + ((i64)i0 * row_step + (i64)j0 * col_step);
-    }
-    // attn_mask_term of (i0 + di, j0 + dj) inside the problem, 0 outside it without a read.
-    __device__ __forceinline__ float term(int di, int dj) const {
-        if (di >= rows || dj >= cols) return 0.f;
-        const unsigned char* e = base + (di * row_step + dj * col_step);
-        return kAdditiveMask ? to_float(*(const u16*)e) : (*e ? 0.f : -CF_INF);
-    }
-};
-
 // Adds the mask's terms to a warp's score tile (score_mods.cuh's layout): a pointer per row (rows past
 // seqlen_q skipped), then each element's offset its compile-time column n * 8 + e times the column stride.
-// (Offsets from one pointer for all of a thread's elements, as MaskWindow, made the Hopper forward spill 4-104
-// bytes at head dim 128; this form, none but one variant's 4.)
+// (Offsets from one pointer for all of a thread's elements made the Hopper forward spill 4-104 bytes at head
+// dim 128; this form, none but one variant's 4, which -O1 removes.)
 template <int MS, int NT8>
 __device__ __forceinline__ void apply_attn_mask(float (&sc)[MS][NT8][4], const TileCoords<MS, NT8>& tc,
                                                 const AttentionParams& p, const unsigned char* head, int seqlen_q,
