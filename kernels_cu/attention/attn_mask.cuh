@@ -9,6 +9,7 @@
 #include "attention/build_flags.cuh"
 #include "attention/params.cuh"
 #include "attention/score_mods.cuh"
+#include "ptx/cp_async.cuh"
 
 constexpr bool kAdditiveMask = CF_ATTN_MASK == 2;
 constexpr int kMaskBytes = kAdditiveMask ? 2 : 1;
@@ -60,4 +61,32 @@ __device__ __forceinline__ void apply_attn_mask(float (&sc)[MS][NT8][4], const T
                     sc[s][n][2 * hh + e] += kAdditiveMask ? to_float(*(const u16*)el) : (*el ? 0.f : -CF_INF);
                 }
         }
+}
+
+// Staged boolean masks (CF_MASK_STAGE, the Hopper kernels): a warpgroup's ROWS x (16 CHUNKS) bytes of the mask,
+// queries i0.. by keys j0.., in shared memory, a row's 16-byte chunk c at chunk c ^ ((row >> SHIFT) % CHUNKS):
+// the swizzle that spreads the rows one warp reads at once over different bank groups (SHIFT 0 when those
+// are consecutive rows, 1 when they are every other row).
+template <int CHUNKS, int SHIFT>
+__device__ __forceinline__ u32 staged_mask_offset(int row, int chunk) {
+    return row * CHUNKS * 16 + ((chunk ^ ((row >> SHIFT) % CHUNKS)) << 4);
+}
+
+// Issues the copies of one staged tile with 16-byte cp.async (one commit group): bytes past seqlen_q or
+// seqlen_k are zero-filled, i.e. masked (those scores are masked or never stored anyway). The rows must be
+// 16-byte aligned runs of bytes (dispatch.mask_stageable).
+template <int ROWS, int CHUNKS, int SHIFT, int THREADS>
+__device__ __forceinline__ void stage_mask_tile(u32 buf, const unsigned char* head, const AttentionParams& p, int i0,
+                                                int j0, int tid) {
+    static_assert(ROWS * CHUNKS % THREADS == 0 && (CHUNKS & (CHUNKS - 1)) == 0, "whole copies per thread");
+#pragma unroll
+    for (int k = 0; k < ROWS * CHUNKS / THREADS; ++k) {
+        const int c = tid + THREADS * k;
+        const int r = c / CHUNKS, cc = c % CHUNKS;
+        const int i = i0 + r, j = j0 + cc * 16;
+        const int bytes = i < p.seqlen_q ? min(max(p.seqlen_k - j, 0), 16) : 0;
+        cp_async_16_bytes(buf + staged_mask_offset<CHUNKS, SHIFT>(r, cc),
+                          bytes > 0 ? head + ((i64)i * p.mask_row_stride + j) : head, bytes);
+    }
+    cp_async_commit();
 }

@@ -466,24 +466,12 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         __syncwarp();
         if (lane == 0) mbar_arrive(sm.dq_full(cw));
     };
-    // Staged masks: this warpgroup's 64 keys x the queries of query tile `it` into buffer it % 2. Bytes past
-    // seqlen_q or seqlen_k are zero-filled (masked; P is 0 there anyway).
+    // Staged masks: this warpgroup's 64 keys x the queries of query tile `it` into buffer it % 2
+    // (attn_mask.cuh: stage_mask_tile; its rows are queries, P is 0 past seqlen_q anyway).
     auto stage_mask = [&](int it) {
 #if CF_MASK_STAGE
-        const u32 buf = sm.mask_stage(cw, it & 1);
-        const unsigned char* head = attn_mask_head(a, bc.b, qw.head(bc.hk, it));
-        const int m0 = qw.m_start(it), j0 = n_start + cw * 64;
-        const int wg_tid = warp_in_wg * 32 + lane;
-#pragma unroll
-        for (int k = 0; k < kBM * 4 / 128; ++k) {
-            const int c = wg_tid + 128 * k;
-            const int r = c / 4, cc = c % 4;
-            const int i = m0 + r, j = j0 + cc * 16;
-            const int bytes = i < a.seqlen_q ? min(max(a.seqlen_k - j, 0), 16) : 0;
-            cp_async_16_bytes(buf + r * 64 + ((cc ^ ((r >> 1) & 3)) << 4),
-                              bytes > 0 ? head + ((i64)i * a.mask_row_stride + j) : head, bytes);
-        }
-        cp_async_commit();
+        stage_mask_tile<kBM, 4, 1, 128>(sm.mask_stage(cw, it & 1), attn_mask_head(a, bc.b, qw.head(bc.hk, it)), a,
+                                        qw.m_start(it), n_start + cw * 64, warp_in_wg * 32 + lane);
 #else
         (void)it;
 #endif
@@ -556,7 +544,7 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
             cp_async_wait<0>();
             named_barrier_sync(kMaskBarrier0 + cw, 128);
             if (it + 1 < qw.n_iters) stage_mask(it + 1);
-            const u32 mask_lane = sm.mask_stage(cw, it & 1) + 2 * t * 64 + ((warp_in_wg ^ t) << 4) + g;
+            const u32 mask_lane = sm.mask_stage(cw, it & 1) + staged_mask_offset<4, 1>(2 * t, warp_in_wg) + g;
 #elif CF_ATTN_MASK
             const unsigned char* mask_head = attn_mask_head(a, bc.b, h);
 #endif

@@ -558,25 +558,12 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
                                       wgmma::desc_advance(v_desc, kk * 16 * 128), 1);
             wgmma::commit();
         };
-        // Staged masks: this warpgroup's rows of key tile `it`'s mask (its it-th, n_block wg_hi - 1 - it) into
-        // buffer it % 2. Bytes past seqlen_q or seqlen_k are zero-filled (masked: those scores are masked or
-        // never stored anyway).
+        // Staged masks: this warpgroup's rows of its it-th key tile's mask (n_block wg_hi - 1 - it) into buffer
+        // it % 2 (attn_mask.cuh: stage_mask_tile).
         auto stage_mask = [&](int it) {
 #if CF_MASK_STAGE
-            const int n_block = wg_hi - 1 - it;
-            const u32 buf = sm.mask_stage(cw, it & 1);
-            const unsigned char* head = attn_mask_head(p.a, w.bc.b, w.bc.h);
-            const int wg_tid = warp_in_wg * 32 + lane;
-#pragma unroll
-            for (int k = 0; k < 64 * kMaskChunks / 128; ++k) {
-                const int c = wg_tid + 128 * k;
-                const int r = c / kMaskChunks, cc = c % kMaskChunks;
-                const int i = wg_row0 + r, j = n_block * kBN + cc * 16;
-                const int bytes = i < p.a.seqlen_q ? min(max(p.a.seqlen_k - j, 0), 16) : 0;
-                cp_async_16_bytes(buf + r * kBN + ((cc ^ (r % kMaskChunks)) << 4),
-                                  bytes > 0 ? head + ((i64)i * p.a.mask_row_stride + j) : head, bytes);
-            }
-            cp_async_commit();
+            stage_mask_tile<64, kMaskChunks, 0, 128>(sm.mask_stage(cw, it & 1), attn_mask_head(p.a, w.bc.b, w.bc.h),
+                                                     p.a, wg_row0, (wg_hi - 1 - it) * kBN, warp_in_wg * 32 + lane);
 #else
             (void)it;
 #endif
@@ -603,11 +590,8 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
                     const int r = warp_in_wg * 16 + (lane >> 2) + 8 * hh;
 #pragma unroll
                     for (int kk = 0; kk < kMaskChunks; ++kk) {
-                        u32 x, y, z, v;
-                        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                                     : "=r"(x), "=r"(y), "=r"(z), "=r"(v)
-                                     : "r"(buf + r * kBN + ((kk ^ (r % kMaskChunks)) << 4)));
-                        const u32 lo = __byte_perm(x, y, sel), hi = __byte_perm(z, v, sel);  // n8 groups 2kk, 2kk+1
+                        const uint4 x = ld_shared_v4(buf + staged_mask_offset<kMaskChunks, 0>(r, kk));
+                        const u32 lo = __byte_perm(x.x, x.y, sel), hi = __byte_perm(x.z, x.w, sel);  // n8 groups 2kk, 2kk+1
 #pragma unroll
                         for (int e = 0; e < 2; ++e) {
                             if (((lo >> (8 * e)) & 0xffu) == 0) sc[0][2 * kk][2 * hh + e] = -CF_INF;

@@ -10,16 +10,14 @@ __device__ __forceinline__ u32 smem_u32(const void* p) {
     return a;
 }
 
-__device__ __forceinline__ void cp_async_16(u32 smem_addr, const void* gmem, bool valid) {
-    int src_bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                 :: "r"(smem_addr), "l"(gmem), "r"(src_bytes));
-}
-
 // The first `src_bytes` (0 to 16) bytes from global memory, the rest of the 16 zero-filled.
 __device__ __forceinline__ void cp_async_16_bytes(u32 smem_addr, const void* gmem, int src_bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                  :: "r"(smem_addr), "l"(gmem), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_16(u32 smem_addr, const void* gmem, bool valid) {
+    cp_async_16_bytes(smem_addr, gmem, valid ? 16 : 0);
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
