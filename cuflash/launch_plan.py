@@ -125,11 +125,6 @@ def _alibi_layout(alibi) -> tuple | None:
     return None if alibi is None else (alibi.shape, alibi.strides)
 
 
-# Whether the Hopper backward stages boolean masks in shared memory (its CF_MASK_STAGE build: compiled and
-# spill-free on sm_90a, not yet run on a GPU; tests/test_attn_mask_gpu.py switches it on to check it there).
-STAGE_BACKWARD_MASKS = False
-
-
 def mask_kind(mask) -> int:
     """The kernels' CF_ATTN_MASK for an attn_mask view: 0 without one, else dispatch.ATTN_MASK_KINDS'."""
     if mask is None:
@@ -340,7 +335,7 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     kernels' dropout builds on every GPU, p's threshold and scale in the block (seed and offset per call);
     ``mask`` (as :func:`forward`): the kernels' element-mask builds."""
     key = ("bwd", q.device, cc, _layout(dout, q, k, v, out, dq, dk, dv), _alibi_layout(alibi), causal, window_size,
-           softmax_scale, softcap, deterministic, dropout_p, _mask_layout(mask), STAGE_BACKWARD_MASKS, env())
+           softmax_scale, softcap, deterministic, dropout_p, _mask_layout(mask), env())
     hit = _plans.get(key)
     if hit is not None:
         return hit
@@ -372,8 +367,7 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     main, smem, maps = _backward_main(main, hopper, dtype, q.shape[3], is_local=local, softcap=softcap > 0,
                                       alibi=alibi is not None, deterministic=deterministic,
                                       attn_mask=mask_kind(mask),
-                                      mask_stage=STAGE_BACKWARD_MASKS and mask is not None
-                                      and dispatch.mask_stageable(mask))
+                                      mask_stage=mask is not None and dispatch.mask_stageable(mask))
     launches = _backward_launches(p, arch, dev, pre, post, main, smem, maps, dq_key if dq_kernel else None,
                                   batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_k=heads_k)
     acc_shape = None if dq_kernel else (batch, seqlen_q, heads_q, main.head_dim)

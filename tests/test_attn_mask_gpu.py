@@ -56,13 +56,6 @@ def _mask(case, dtype, seed):
     return host.astype(np.float64), to_device(host)
 
 
-@pytest.fixture(autouse=True)
-def staged_backward(monkeypatch):
-    """The Hopper backward's staged-mask build, off by default until it has passed here on a GPU."""
-    from cuflash import launch_plan
-    monkeypatch.setattr(launch_plan, "STAGE_BACKWARD_MASKS", True)
-
-
 @pytest.fixture(params=["default", "sm80"])
 def family(request, monkeypatch):
     """The kernels a dense masked call runs: the GPU's own (the wgmma ones on Hopper), or the sm80 ones."""

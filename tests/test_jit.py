@@ -13,7 +13,7 @@ import pytest
 from gpu_helpers import nvrtc_available
 
 import cuflash
-from cuflash import dispatch, jit, launch_plan, ops
+from cuflash import dispatch, jit, ops
 from cuflash.arrays import DeviceArray
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,9 +200,6 @@ def _runtime_keys(monkeypatch, cc) -> set:
     ALiBi, dropout, element masks (attn_mask), deterministic mode and views that TMA can or cannot address. Launches are stubbed out: this records the runtime's choices only."""
     asked = set()
     monkeypatch.setattr(ops.jit, "get_function", lambda key, arch, dev, smem: asked.add((key, arch)))
-    # The Hopper backward's staged-mask build, which keys_for_arch lists (precompile builds it) while its
-    # switch awaits a GPU run.
-    monkeypatch.setattr(launch_plan, "STAGE_BACKWARD_MASKS", True)
     monkeypatch.setattr(ops, "_launch", lambda *a, **k: None)
     monkeypatch.setattr(ops, "fill_zero", lambda *a, **k: None)
     monkeypatch.setattr(ops, "fill_float32", lambda *a, **k: None)
