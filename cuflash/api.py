@@ -252,13 +252,21 @@ def _device_mask(call, attn_mask, stream):
     return arrays.DeviceArray(view.ptr, full, strides, arrays.dtype_name(attn_mask, call.fw), view.device, view.owner)
 
 
-def _check_block_mask(call, block_mask):
+def _check_block_mask(call, block_mask, attn_mask, alibi, dropout, deterministic=False):
     """``block_mask``: None, or a :class:`cuflash.BlockMask` / torch FlexAttention ``BlockMask`` for this
-    problem (block_mask.checked)."""
+    problem (block_mask.checked). On GPU arrays NotImplementedError, before anything is allocated, for what the
+    block-sparse kernels lack: another attn_mask, ALiBi, dropout, deterministic mode."""
     if block_mask is None:
         return None
     from .block_mask import checked
-    return checked(block_mask, call.batch, call.heads_q, call.seqlen_q, call.seqlen_k, call.on_gpu)
+    block_mask = checked(block_mask, call.batch, call.heads_q, call.seqlen_q, call.seqlen_k)
+    if call.on_gpu:
+        for feature, value in (("attn_mask", attn_mask), ("alibi_slopes", alibi), ("dropout", dropout),
+                               ("deterministic=True", deterministic or None)):
+            if value is not None:
+                raise NotImplementedError(f"block_mask together with {feature} is not implemented for GPU arrays "
+                                          f"yet (the CPU path has it)")
+    return block_mask
 
 
 def _to_numpy(x, fw):
@@ -475,7 +483,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset)
     attn_mask = _check_attn_mask(call, attn_mask)
     _check_gpu_mask_options(call, attn_mask, alibi, dropout)
-    block_mask = _check_block_mask(call, block_mask)
+    block_mask = _check_block_mask(call, block_mask, attn_mask, alibi, dropout)
     if call.fw == "torch" and _needs_autograd(q, k, v, attn_mask):  # (a mask that needs grad: refused there)
         from . import torch as torch_adapter
         return torch_adapter.attention(q, k, v, causal=causal, softmax_scale=scale, window_size=window,
@@ -560,14 +568,14 @@ def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, d
             qv, kv, vv = (_device_input(call, x, stream, cc) for x in (q, k, v))
             work = out_work
             # (packed heads would change the rows dropout's draws and a mask's rows are keyed by)
-            groups = (1 if dropout or attn_mask is not None
+            groups = (1 if dropout or attn_mask is not None or block_mask is not None
                       else decode_groups(call.seqlen_q, call.heads_q, call.heads_k, alibi, window))
             if groups > 1:
                 qv, work = (pack_query_heads(x, groups) for x in (qv, out_work))
                 kwargs.update(causal=False, window_size=(-1, -1))
             fp = ops.forward(qv, kv, vv, work, lse_view, _device_alibi(alibi, call.fw, stream), stream=stream,
                              cc=cc, framework=call.fw, dropout=dropout, mask=_device_mask(call, attn_mask, stream),
-                             **kwargs)
+                             block_mask=block_mask, **kwargs)
             _finish_output(out_view, out_work, stream, cc)
             if bind_key is not None and alibi is None and _in_place(call, qv, kv, vv):
                 executor.bind_forward(bind_key, fp, call.fw, {"q": qv, "k": kv, "v": vv, "o": work},
@@ -662,7 +670,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset)
     attn_mask = _check_attn_mask(call, attn_mask)
     _check_gpu_mask_options(call, attn_mask, alibi, dropout)
-    block_mask = _check_block_mask(call, block_mask)
+    block_mask = _check_block_mask(call, block_mask, attn_mask, alibi, dropout, deterministic)
     _check_backward_arrays(call, dout, out, lse)
     return _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, deterministic, dropout,
                      attn_mask, block_mask, bind_key=key)
@@ -710,7 +718,7 @@ def _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softc
             bp = ops.backward(views["dout"], views["q"], views["k"], views["v"], views["out"], lse_view,
                               _device_alibi(alibi, call.fw, stream), *(work for _, _, work in grads),
                               deterministic=deterministic, stream=stream, cc=cc, framework=call.fw, dropout=dropout,
-                              mask=_device_mask(call, attn_mask, stream), **kwargs)
+                              mask=_device_mask(call, attn_mask, stream), block_mask=block_mask, **kwargs)
             for _, view, work in grads:
                 _finish_output(view, work, stream, cc)
             if bind_key is not None and alibi is None and lse_in_place and _in_place(call, *views.values()):

@@ -12,13 +12,66 @@ other block is skipped. The int32 arrays are FlexAttention's (torch.nn.attention
 
 B and H may be 1 (broadcast over batch / heads). Without full lists, the partial lists hold every block a
 query block sees.
+
+:meth:`BlockMask.kernel_tables` turns the block lists into what the GPU kernels walk (:class:`KernelTables`):
+per (batch, head, tile) of a kernel's grid the tiles of the other side to visit, at the kernel's own tile
+granularity, with causal / window visibility folded in, and a store of the element masks of partial blocks.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 DEFAULT_BLOCK_SIZE = 128  # the kernels' key-tile width on sm80 and sm90
+
+# Element masks are evaluated this many elements at a time (at most _STORE_CHUNK_BLOCKS blocks): the mask
+# function's int64 temporaries (1 MiB) stay in cache and NumPy's per-call cost is still spread over 8 blocks of
+# 128 x 128. Measured on a 16k x 16k mask: 4M-element chunks 1.8x slower; 256k-element ones (2 MiB temporaries)
+# up to 3x slower, apparently fresh pages on every allocation.
+_STORE_CHUNK_ELEMENTS = 1 << 17
+_STORE_CHUNK_BLOCKS = 256
+_EMPTY, _FULL = -2, -1  # codes of a block / tile in the (.., n_rows, n_cols) code tables; >= 0: store index
+_TILE_BITS = 16  # the backward packs (g << 16) | mt into one int32
+_MAX_GROUP = 1 << 14
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KernelTables:
+    """The block-sparse tables of one kernel launch (:meth:`BlockMask.kernel_tables`), host NumPy arrays,
+    read-only (they are cached on the :class:`BlockMask`; copy before changing them).
+
+    Attributes
+    ----------
+    store : uint8 ndarray (P, block_q, block_k), C-contiguous
+        Element masks of partial blocks (1 = attend; rows / columns past the sequence 0). P >= 1: an
+        all-zero block where no block needs one, so the device pointer is always valid.
+    lists : int32 ndarray (R, list_len, 2)
+        Row ``r = b * batch_stride + h * head_stride + tile``: the tiles to visit, ``counts[r]`` of them, then
+        zeros. Forward: ``h`` the query head, ``tile`` the query tile ``mt``, entries ``(nt, pidx)`` with the key
+        tile ``nt`` ascending. Backward: ``h`` the KV head, ``tile`` the key tile ``nt``, entries
+        ``((g << 16) | mt, pidx)`` for the query heads ``h * group + g`` of the group, ``g`` then ``mt``
+        ascending. ``pidx``: the index in ``store`` of the tile's block mask, -1 where the tile is attended
+        whole.
+    counts : int32 ndarray (R,)
+        Entries of each row.
+    batch_stride, head_stride : int
+        Rows per batch / head index; 0 where the tables broadcast over it.
+    list_len : int
+        Entries per row, >= 1.
+    block_q, block_k : int
+        The mask's block sizes (the store's block shape).
+    """
+
+    store: np.ndarray
+    lists: np.ndarray
+    counts: np.ndarray
+    batch_stride: int
+    head_stride: int
+    list_len: int
+    block_q: int
+    block_k: int
 
 
 def _block_sizes(block_size) -> tuple:
@@ -105,6 +158,11 @@ class BlockMask:
         swap = lambda t: np.swapaxes(t, -1, -2)  # noqa: E731
         self.q_num_blocks, self.q_indices = _lists(swap(self._partial))
         self.full_q_num_blocks, self.full_q_indices = _lists(swap(self._full))
+        # kernel_tables' caches: evaluating the element mask is the expensive part and depends only on the
+        # problem's (batch, heads_q); the tables depend on every argument.
+        self._store_cache = {}
+        self._tables_cache = {}
+        self._device_cache = {}  # (device, host array id) -> (host, device array)
 
     def _check_lists(self, name, num, idx):
         num, idx = np.asarray(num), np.asarray(idx)
@@ -247,11 +305,292 @@ class BlockMask:
         return self.dense_tile(np.arange(b)[:, None] + np.zeros((1, h), int), np.zeros((b, 1), int) + np.arange(h),
                                (0, self.seq_lengths[0]), (0, self.seq_lengths[1]))
 
+    # -- kernel tables -----------------------------------------------------------------------------------------
 
-def checked(block_mask, batch, heads_q, seqlen_q, seqlen_k, on_gpu) -> BlockMask:
+    def kernel_tables(self, *, batch, heads_q, heads_k, direction, tile_m, tile_n, window_left,
+                      window_right) -> KernelTables:
+        """The tables a block-sparse kernel walks, at its tile granularity (host arrays; the caller uploads).
+
+        A kernel tile ``(mt, nt)`` (query rows ``mt * tile_m`` on, keys ``nt * tile_n`` on) lies inside the block
+        ``(mt * tile_m // block_q, nt * tile_n // block_k)`` and is listed only where that block is attended
+        (full, or partial with an element mask not all False on the tile) and some query of the tile may see
+        some key of it: with ``off = seqlen_k - seqlen_q``, query i sees key j iff ``i + off - window_left <= j
+        <= i + off + window_right``. Visibility is folded into the element masks too (blocks the window cuts get
+        a store entry of their mask AND visibility), so the kernels apply none of their own.
+
+        Parameters
+        ----------
+        batch, heads_q, heads_k : int
+            The problem's batch size and query / KV heads (``heads_q % heads_k == 0``); ``batch`` and
+            ``heads_q`` must match the lists' B and H where those are not 1.
+        direction : {"fwd", "bwd"}
+            "fwd": one row per (batch, query head, query tile) listing key tiles; "bwd": one row per (batch,
+            KV head, key tile) listing (query head of the group, query tile) pairs.
+        tile_m, tile_n : int
+            The kernel's query-tile rows and key-tile columns; they must divide ``block_size``.
+        window_left, window_right : int
+            The visibility window (causal: ``window_right = 0``; unbounded: ``seqlen_q + seqlen_k``).
+
+        Returns
+        -------
+        KernelTables
+            Cached on this mask per argument tuple (the partial-block store per (batch, heads_q)).
+
+        Raises
+        ------
+        ValueError
+            Tiles that do not divide the blocks, a problem the mask does not apply to, ``heads_q`` not a multiple
+            of ``heads_k``, an unknown direction, or (backward) a query-tile index over 16 bits or a group
+            over 2**14 heads.
+
+        Notes
+        -----
+        The tables broadcast over the batch (``batch_stride`` 0) where the lists' B is 1 and the element mask
+        does not depend on the batch (None, or a dense mask of batch dim 1); likewise over heads. A callable
+        element mask may depend on (b, h), so it is evaluated at every real (b, h). A partial block whose element
+        mask is all True over its real elements is treated as full, one all False as empty; identical partial
+        masks share one store entry. At tile level, a tile of a partial block whose mask is all False there is
+        dropped, and one whose mask is all True there (inside the sequence) gets pidx -1.
+        """
+        ints = dict(batch=batch, heads_q=heads_q, heads_k=heads_k, tile_m=tile_m, tile_n=tile_n,
+                    window_left=window_left, window_right=window_right)
+        for name, v in ints.items():
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                raise TypeError(f"{name} must be an int, got {v!r}")
+        if direction not in ("fwd", "bwd"):
+            raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
+        batch, heads_q, heads_k, tile_m, tile_n, window_left, window_right = (int(v) for v in ints.values())
+        key = (batch, heads_q, heads_k, direction, tile_m, tile_n, window_left, window_right)
+        hit = self._tables_cache.get(key)
+        if hit is not None:
+            return hit
+        for name in ("batch", "heads_q", "heads_k", "tile_m", "tile_n"):
+            if ints[name] < 1:
+                raise ValueError(f"{name} must be >= 1, got {ints[name]}")
+        bq, bk = self.block_size
+        if bq % tile_m or bk % tile_n:
+            raise ValueError(f"the kernel's tiles ({tile_m}, {tile_n}) must divide the mask's block_size ({bq}, {bk}) "
+                             f"(block_size[0] % tile_m == 0 and block_size[1] % tile_n == 0)")
+        if heads_q % heads_k:
+            raise ValueError(f"heads_q ({heads_q}) must be a multiple of heads_k ({heads_k})")
+        sq, sk = self.seq_lengths
+        self.check_for(batch, heads_q, sq, sk)
+        n_mt, n_nt = -(-sq // tile_m), -(-sk // tile_n)
+        group = heads_q // heads_k
+        if direction == "bwd" and (n_mt > 1 << _TILE_BITS or group > _MAX_GROUP):
+            raise ValueError(f"the backward's tables pack (g << {_TILE_BITS}) | mt: {n_mt} query tiles (at most "
+                             f"{1 << _TILE_BITS}) and a group of {group} query heads per KV head (at most "
+                             f"{_MAX_GROUP})")
+
+        store, code = self._fold_visibility(*self._partial_store(batch, heads_q), window_left, window_right)
+        tiles = self._tile_codes(store, code, tile_m, tile_n, window_left, window_right)
+        bg, hg = code.shape[:2]
+        if direction == "fwd":
+            # Rows (bg, hg, mt), entries over nt: the code table's own layout.
+            per_head = n_mt
+            rows = tiles.reshape(bg * hg * n_mt, n_nt)
+            first = np.broadcast_to(np.arange(n_nt, dtype=np.int32), rows.shape)
+        else:
+            # Rows (bg, hk, nt), entries over (g, mt), g major: the query heads h = hk * group + g of each KV
+            # head side by side. Tables broadcast over heads (hg == 1) serve every g alike.
+            per_head = n_nt
+            t = np.swapaxes(tiles, 2, 3)  # (bg, hg, n_nt, n_mt)
+            if hg == 1:
+                t = np.broadcast_to(t[:, :, :, None, :], (bg, 1, n_nt, group, n_mt))
+            else:
+                t = t.reshape(bg, heads_k, group, n_nt, n_mt).transpose(0, 1, 3, 2, 4)
+            rows = t.reshape(bg * t.shape[1] * n_nt, group * n_mt)
+            col = np.arange(group * n_mt, dtype=np.int32)
+            first = np.broadcast_to(((col // n_mt) << _TILE_BITS) | (col % n_mt), rows.shape)
+        lists, counts = _pack_lists(rows != _EMPTY, first, rows)
+        heads_rows = (1 if hg == 1 else heads_k if direction == "bwd" else heads_q) * per_head
+        out = KernelTables(store=store, lists=lists, counts=counts,
+                           batch_stride=0 if bg == 1 else heads_rows, head_stride=0 if hg == 1 else per_head,
+                           list_len=int(lists.shape[1]), block_q=bq, block_k=bk)
+        for a in (lists, counts):
+            a.flags.writeable = False  # shared through the cache
+        self._tables_cache[key] = out
+        return out
+
+    def device_tables(self, device: int, **kwargs) -> "DeviceTables":
+        """:meth:`kernel_tables` (same keyword arguments) on CUDA device ``device``: their addresses and strides,
+        for a kernel's parameter block. Uploaded once per device and host array (the store serves every
+        tiling of a window) and kept with this mask; the copies finish before this returns, so a kernel on
+        any stream may read them. The first call for a tiling must not be inside a CUDA-graph capture (warm
+        up first, as with any allocation)."""
+        import cupy
+        t = self.kernel_tables(**kwargs)
+        ptrs = []
+        for host in (t.store, t.lists, t.counts):
+            hit = self._device_cache.get((device, id(host)))
+            if hit is None:
+                with cupy.cuda.Device(device):
+                    dev = cupy.asarray(host)
+                    cupy.cuda.get_current_stream().synchronize()
+                hit = self._device_cache[(device, id(host))] = (host, dev)  # (host kept: its id stays its own)
+            ptrs.append(hit[1].data.ptr)
+        return DeviceTables(*ptrs, t.batch_stride, t.head_stride, t.list_len)
+
+    def _table_grid(self, batch, heads_q) -> tuple:
+        """(Bg, Hg): the (batch, head) extent of the kernel tables, 1 where nothing depends on that index."""
+        mask_dims = (1, 1) if self.mask is None else None if callable(self.mask) else self._mask_4d().shape[:2]
+        lists_dims = self._full.shape[:2]
+        return tuple(1 if n == 1 and mask_dims is not None and mask_dims[i] == 1 else want
+                     for i, (n, want) in enumerate(zip(lists_dims, (batch, heads_q))))
+
+    def _partial_store(self, batch, heads_q) -> tuple:
+        """(store, code) for a (batch, heads_q) problem, cached: the uint8 (P, bq, bk) element masks of partial
+        blocks (deduplicated; P >= 1) and the int32 (Bg, Hg, nQ, nKV) table of each block's code (_EMPTY,
+        _FULL, or its store index)."""
+        key = (batch, heads_q)
+        hit = self._store_cache.get(key)
+        if hit is not None:
+            return hit
+        bg, hg = self._table_grid(batch, heads_q)
+        grid = (bg, hg) + self._full.shape[2:]
+        code = np.where(np.broadcast_to(self._full, grid), _FULL, _EMPTY).astype(np.int32)
+        bq, bk = self.block_size
+        sq, sk = self.seq_lengths
+        b, h, qb, kb = (x.astype(np.int64) for x in np.nonzero(np.broadcast_to(self._partial, grid)))
+        # Real elements per block: edge blocks hold fewer, and "all True" means all True over those.
+        real = np.minimum(bq, sq - qb * bq) * np.minimum(bk, sk - kb * bk)
+        step = max(1, min(_STORE_CHUNK_BLOCKS, _STORE_CHUNK_ELEMENTS // (bq * bk)))
+        entries, seen = [], {}
+        for s in range(0, len(b), step):
+            sl = slice(s, s + step)
+            flat = self._element_blocks(b[sl], h[sl], qb[sl], kb[sl]).reshape(len(b[sl]), -1)
+            n_true = np.count_nonzero(flat, axis=1)
+            codes = np.where(n_true == 0, _EMPTY, _FULL)  # all False / all True over the real elements
+            mixed = np.flatnonzero((n_true > 0) & (n_true < real[sl]))
+            # Identical masks (a sliding window's diagonal blocks, heads a callable treats alike) share an
+            # entry: keyed by their packed bits, exact, 1/8 of the bytes to hash.
+            for i, bits in zip(mixed, np.packbits(flat[mixed], axis=1)):
+                kbytes = bits.tobytes()
+                p = seen.get(kbytes)
+                if p is None:
+                    p = seen[kbytes] = len(entries)
+                    entries.append(flat[i].reshape(bq, bk).copy())  # a copy: the chunk is freed
+                codes[i] = p
+            code[b[sl], h[sl], qb[sl], kb[sl]] = codes
+        store = (np.stack(entries) if entries else np.zeros((1, bq, bk), bool)).view(np.uint8)
+        store = np.ascontiguousarray(store)
+        for a in (store, code):
+            a.flags.writeable = False
+        self._store_cache[key] = (store, code)
+        return store, code
+
+    def _element_blocks(self, b, h, qb, kb) -> np.ndarray:
+        """The element mask of blocks ``(qb, kb)`` at the real ``(b, h)`` (1-d int64 arrays of n), bool (n, bq,
+        bk), False past the sequence, in one call of the mask function / one gather."""
+        bq, bk = self.block_size
+        sq, sk = self.seq_lengths
+        q = qb[:, None, None] * bq + np.arange(bq)[None, :, None]
+        kv = kb[:, None, None] * bk + np.arange(bk)[None, None, :]
+        # Indices past the sequence are clipped to the last real one (the mask function or array may not
+        # accept them) and their results zeroed below.
+        qc, kc = np.minimum(q, sq - 1), np.minimum(kv, sk - 1)
+        b3, h3 = b[:, None, None], h[:, None, None]
+        shape = (len(b), bq, bk)
+        if callable(self.mask):
+            elem = np.broadcast_to(np.asarray(self.mask(b3, h3, qc, kc), dtype=bool), shape)
+        else:
+            m = self._mask_4d()
+            idx = tuple(np.zeros_like(x) if n == 1 else x for n, x in zip(m.shape, (b3, h3, qc, kc)))
+            elem = np.broadcast_to(m[idx], shape)
+        if q[:, -1, 0].max() < sq and kv[:, 0, -1].max() < sk:
+            return elem  # no block reaches past the sequence
+        return elem & (q < sq) & (kv < sk)
+
+    def _fold_visibility(self, store, code, window_left, window_right) -> tuple:
+        """(store, code) with the causal / window visibility folded in, so that the kernels need no
+        visibility mask of their own: blocks no query of which sees a key of it become _EMPTY, and attended
+        blocks the window cuts take a store entry of their element mask (all True for a full block) AND
+        visibility, appended to the store (shared by every (b, h) and every cut block with the same bits)."""
+        bq, bk = self.block_size
+        sq, sk = self.seq_lengths
+        off = sk - sq
+        m0 = np.arange(code.shape[2], dtype=np.int64)[:, None] * bq
+        n0 = np.arange(code.shape[3], dtype=np.int64)[None, :] * bk
+        m1, n1 = np.minimum(m0 + bq, sq) - 1, np.minimum(n0 + bk, sk) - 1
+        seen = (n0 <= m1 + off + window_right) & (n1 >= m0 + off - window_left)
+        whole = (n1 <= m0 + off + window_right) & (n0 >= m1 + off - window_left)
+        code = np.where(seen, code, _EMPTY).astype(np.int32)
+        cut = np.nonzero((code != _EMPTY) & ~whole)
+        if not len(cut[0]):
+            return store, code
+        i = np.arange(bq, dtype=np.int64)[:, None]
+        j = np.arange(bk, dtype=np.int64)[None, :]
+        entries, by_block = [], {}
+        by_bits = {blk.tobytes(): n for n, blk in enumerate(np.packbits(store.reshape(len(store), -1) != 0, axis=1))}
+        for b, h, qb, kb in zip(*cut):
+            p = int(code[b, h, qb, kb])
+            idx = by_block.get((p, qb, kb))
+            if idx is None:
+                rows, cols = qb * bq + i, kb * bk + j
+                inside = (rows < sq) & (cols < sk)
+                visible = (cols <= rows + off + window_right) & (cols >= rows + off - window_left) & inside
+                entry = visible & (store[p] != 0) if p >= 0 else visible
+                n_true = np.count_nonzero(entry)
+                if n_true == 0 or n_true == np.count_nonzero(inside):  # (as _partial_store classifies)
+                    idx = _EMPTY if n_true == 0 else _FULL
+                else:
+                    bits = np.packbits(entry).tobytes()
+                    idx = by_bits.get(bits)
+                    if idx is None:
+                        idx = by_bits[bits] = len(store) + len(entries)
+                        entries.append(entry)
+                by_block[(p, qb, kb)] = idx
+            code[b, h, qb, kb] = idx
+        if not entries:
+            code.flags.writeable = False
+            return store, code
+        store = np.ascontiguousarray(np.concatenate([store, np.stack(entries).view(np.uint8)]))
+        for a in (store, code):
+            a.flags.writeable = False
+        return store, code
+
+    def _tile_codes(self, store, code, tile_m, tile_n, window_left, window_right) -> np.ndarray:
+        """int32 (Bg, Hg, n_mt, n_nt): each kernel tile's code (_EMPTY: not visited, _FULL: no element mask, else
+        its store index), its block's code refined by visibility and by the tile's part of the block mask."""
+        bq, bk = self.block_size
+        sq, sk = self.seq_lengths
+        m0 = np.arange(0, sq, tile_m, dtype=np.int64)
+        n0 = np.arange(0, sk, tile_n, dtype=np.int64)
+        m1, n1 = np.minimum(m0 + tile_m, sq) - 1, np.minimum(n0 + tile_n, sk) - 1
+        off = sk - sq
+        visible = ((n0[None, :] <= m1[:, None] + off + window_right) &
+                   (n1[None, :] >= m0[:, None] + off - window_left))
+        tiles = code[:, :, (m0 // bq)[:, None], (n0 // bk)[None, :]]
+        tiles = np.where(visible, tiles, _EMPTY).astype(np.int32)
+        sel = np.nonzero(tiles >= 0)
+        if len(sel[0]):
+            # A block mask can be all False (or all True) on some of the tiles inside its block: those tiles are
+            # dropped (or read no mask). A tile reaching past the sequence is never "all True" here, since the
+            # store holds zeros there, so the test is on the store alone, whichever block an entry serves.
+            rq, rk = bq // tile_m, bk // tile_n
+            sub = store.reshape(len(store), rq, tile_m, rk, tile_n)
+            sub_any, sub_all = sub.any(axis=(2, 4)), sub.all(axis=(2, 4))
+            p = tiles[sel]
+            pos = (p, (sel[2] * tile_m % bq) // tile_m, (sel[3] * tile_n % bk) // tile_n)
+            tiles[sel] = np.where(~sub_any[pos], _EMPTY, np.where(sub_all[pos], _FULL, p))
+        return tiles
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceTables:
+    """A :class:`KernelTables` on one device (:meth:`BlockMask.device_tables`): addresses and strides."""
+
+    store: int
+    lists: int
+    counts: int
+    batch_stride: int
+    head_stride: int
+    list_len: int
+
+
+def checked(block_mask, batch, heads_q, seqlen_q, seqlen_k) -> BlockMask:
     """``block_mask`` as a :class:`BlockMask` (a torch FlexAttention one converted) made for a (batch, heads_q,
-    seqlen_q, seqlen_k) problem. Raises TypeError / ValueError naming it, and NotImplementedError for GPU
-    arrays (the kernels do not skip key blocks yet)."""
+    seqlen_q, seqlen_k) problem. Raises TypeError / ValueError naming it."""
     if not isinstance(block_mask, BlockMask):
         if type(block_mask).__name__ == "BlockMask" and hasattr(block_mask, "mask_mod"):
             block_mask = BlockMask.from_flex(block_mask)
@@ -259,9 +598,6 @@ def checked(block_mask, batch, heads_q, seqlen_q, seqlen_k, on_gpu) -> BlockMask
             raise TypeError(f"block_mask must be a cuflash.BlockMask (or a torch FlexAttention BlockMask), got "
                             f"{type(block_mask).__name__}")
     block_mask.check_for(batch, heads_q, seqlen_q, seqlen_k)
-    if on_gpu:
-        raise NotImplementedError("block_mask is not implemented for GPU arrays yet (the kernels do not skip key "
-                                  "blocks); the CPU path (NumPy arrays, torch CPU tensors) has it")
     return block_mask
 
 
@@ -288,3 +624,16 @@ def _block_reduce(m, bq, bk):
     pad_all[:, :, :sq, :sk] = m
     shape = (bsz, hsz, nq, bq, nk, bk)
     return pad_any.reshape(shape).any(axis=(3, 5)), pad_all.reshape(shape).all(axis=(3, 5))
+
+
+def _pack_lists(keep, first, second) -> tuple:
+    """(lists, counts) of a bool (R, C) table: per row the (first, second) pairs of its True columns in column
+    order, int32 (R, L, 2) with L = max(1, most per row) and zeros past counts[r], and counts int32 (R,)."""
+    counts = np.count_nonzero(keep, axis=1).astype(np.int32)
+    width = max(1, int(counts.max(initial=0)))
+    lists = np.zeros((keep.shape[0], width, 2), np.int32)
+    r, c = np.nonzero(keep)  # row-major: columns ascending within each row
+    pos = np.arange(len(r)) - (np.cumsum(counts, dtype=np.int64) - counts)[r]
+    lists[r, pos, 0] = first[r, c]
+    lists[r, pos, 1] = second[r, c]
+    return lists, counts

@@ -67,7 +67,8 @@ ATTN_MASK_KINDS = {"bool": 1, "additive": 2}
 _EXTRA_LABELS = {"CF_DETERMINISTIC": ("det",), "CF_BWD_A_REGS": ("preg",), "CF_Q_STAGES": "st", "CF_STAGES": "st",
                  "CF_CONSUMERS": "cw", "CF_PINGPONG": ("pp",), "CF_VARLEN": ("varlen",),
                  "CF_SPLIT_KV": ("splitkv",), "CF_PAGED": ("paged",), "CF_PAGE_GATHER": ("gather",),
-                 "CF_DROPOUT": ("dropout",), "CF_ATTN_MASK": "mask", "CF_MASK_STAGE": ("staged",)}
+                 "CF_DROPOUT": ("dropout",), "CF_ATTN_MASK": "mask", "CF_MASK_STAGE": ("staged",),
+                 "CF_BLOCK_SPARSE": ("sparse",)}
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,7 @@ FWD_SM90_UNSTAGED = {(128, True, True)}
 def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
                      varlen: bool = False, split_kv: bool = False, paged: bool = False,
                      page_gather: bool = False, dropout: bool = False, attn_mask: int = 0,
-                     mask_stage: bool = False) -> KernelKey:
+                     mask_stage: bool = False, block_sparse: bool = False) -> KernelKey:
     """The Hopper forward's variant. ``varlen``: its variable-length build (CF_VARLEN: packed tensor maps,
     rows from cu_seqlens / seqused, clipped ordinary O stores), a separate variant so that the dense one
     compiles to the code it had without it. ``split_kv`` (with ``varlen``; head dims in
@@ -303,14 +304,19 @@ def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool
     dropout (CF_DROPOUT, philox.cuh). ``attn_mask`` (dense, no ALiBi or dropout): an element mask, 1 boolean
     or 2 additive (CF_ATTN_MASK, attn_mask.cuh), on two consumer warpgroups (the mask's addressing does not fit
     three's 160 registers at head dim 64). ``mask_stage`` (a boolean mask whose rows are 16-byte aligned runs of
-    bytes, :func:`mask_stageable`): the mask staged in shared memory by 16-byte copies (CF_MASK_STAGE)."""
+    bytes, :func:`mask_stageable`): the mask staged in shared memory by 16-byte copies (CF_MASK_STAGE).
+    ``block_sparse`` (with a boolean ``attn_mask``): key tiles from block_mask.py's lists, partial blocks' masks
+    from its store (CF_BLOCK_SPARSE, block_sparse.cuh)."""
+    assert not block_sparse or (attn_mask == ATTN_MASK_KINDS["bool"] and not is_local), "block sparsity: boolean"
     if attn_mask:
         assert not (varlen or split_kv or paged or dropout or alibi), "attn_mask: the dense build, no ALiBi"
         assert not mask_stage or attn_mask == ATTN_MASK_KINDS["bool"], "staged masks: boolean ones"
         key = _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, True)
         opt = FWD_SM90_MASK_PTXAS_OPT.get((key.head_dim, is_local and not softcap, attn_mask), key.ptxas_opt)
         stage = (("CF_MASK_STAGE", 1),) if mask_stage and (key.head_dim, is_local, softcap) not in FWD_SM90_UNSTAGED else ()
-        return dataclasses.replace(key, extra=key.extra + (("CF_ATTN_MASK", attn_mask),) + stage, ptxas_opt=opt)
+        sparse = (("CF_BLOCK_SPARSE", 1),) if block_sparse else ()
+        return dataclasses.replace(key, extra=key.extra + (("CF_ATTN_MASK", attn_mask),) + stage + sparse,
+                                   ptxas_opt=opt)
     if dropout:
         assert not (varlen or split_kv or paged), "dropout: the dense build"
         key = _forward_key_sm90(dtype, padded_head_dim(head_dim), is_local, softcap, alibi, True)
@@ -637,22 +643,25 @@ def backward_family(cc: tuple, head_dim: int, deterministic: bool) -> str:
 
 def backward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
                       deterministic: bool = False, varlen: bool = False, attn_mask: int = 0,
-                      mask_stage: bool = False) -> KernelKey:
+                      mask_stage: bool = False, block_sparse: bool = False) -> KernelKey:
     """The Hopper backward's variant; ``varlen``: its variable-length build (CF_VARLEN, not deterministic);
     ``attn_mask`` (dense, no ALiBi): an element mask, 1 boolean or 2 additive (CF_ATTN_MASK, attn_mask.cuh);
     ``mask_stage`` (a boolean mask :func:`mask_stageable` takes): staged in shared memory by 16-byte copies
     (CF_MASK_STAGE) where the query tile is 64 rows (head dim 128; at head dim 64 the 128-row tile's buffers do
-    not fit beside the rest), else ignored."""
+    not fit beside the rest), else ignored. ``block_sparse`` (a boolean ``attn_mask``, not deterministic):
+    query tiles from block_mask.py's lists (CF_BLOCK_SPARSE, block_sparse.cuh)."""
     if deterministic and varlen:
         raise ValueError("the Hopper backward has no deterministic variable-length build")
     assert not (attn_mask and (varlen or alibi)), "attn_mask: the dense build, no ALiBi"
     assert not mask_stage or attn_mask == ATTN_MASK_KINDS["bool"], "staged masks: boolean ones"
+    assert not block_sparse or (attn_mask == ATTN_MASK_KINDS["bool"] and not deterministic and not is_local), \
+        "block sparsity: a boolean mask, causal / window folded in, not deterministic"
     d = padded_head_dim(head_dim)
     bm, stages = BWD_SM90_TILES[d]
     stage = mask_stage and bm == 64
     extra = ((("CF_STAGES", stages),) + ((("CF_DETERMINISTIC", 1),) if deterministic else ())
              + ((("CF_VARLEN", 1),) if varlen else ()) + ((("CF_ATTN_MASK", attn_mask),) if attn_mask else ())
-             + ((("CF_MASK_STAGE", 1),) if stage else ()))
+             + ((("CF_MASK_STAGE", 1),) if stage else ()) + ((("CF_BLOCK_SPARSE", 1),) if block_sparse else ()))
     return KernelKey("bwd_sm90", "attention_bwd_sm90", dtype, d, is_local, softcap, alibi, bm, BWD_SM90_BLOCK_N,
                      12, extra=extra)
 
@@ -886,8 +895,9 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                             found += [forward_key_sm90(dt, d, dropout=dr, **mods) for dr in (False, True)]
                             found += [forward_key_sm90(dt, d, attn_mask=m, **mods) for m in masks]
                             if masks:
-                                found.append(forward_key_sm90(dt, d, attn_mask=ATTN_MASK_KINDS["bool"],
-                                                              mask_stage=True, **mods))
+                                found += [forward_key_sm90(dt, d, attn_mask=ATTN_MASK_KINDS["bool"],
+                                                           mask_stage=True, block_sparse=bs, **mods)
+                                          for bs in ((False, True) if not loc else (False,))]
                             if not loc and not al and d in FWD_SM90_SPLIT_KV_HEAD_DIMS:
                                 found += [forward_key_sm90(dt, d, varlen=True, split_kv=True, paged=pg, page_gather=g,
                                                            **mods) for pg, g in layouts]
@@ -898,6 +908,9 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                                                             **mods)
                                           for det in (False, True) for m in masks
                                           for st in ((False, True) if m == ATTN_MASK_KINDS["bool"] else (False,))]
+                                if masks and not loc:
+                                    found.append(backward_key_sm90(dt, d, attn_mask=ATTN_MASK_KINDS["bool"],
+                                                                   mask_stage=True, block_sparse=True, **mods))
                         for det in (False, True):
                             for builder in (backward_keys, backward_varlen_keys,
                                             functools.partial(backward_keys, dropout=True),

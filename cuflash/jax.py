@@ -108,7 +108,11 @@ def _with_block_mask(q, k, attn_mask, block_mask):
     takes arrays, not the object); the block mask is checked for this problem first."""
     from .block_mask import checked
     b, sq, hq = q.shape[:3]
-    dense = jnp.asarray(checked(block_mask, b, hq, sq, k.shape[1], _on_gpu()).to_dense(b, hq))
+    block_mask = checked(block_mask, b, hq, sq, k.shape[1])
+    if _on_gpu():
+        raise NotImplementedError("cuflash.jax: block_mask on the GPU is not implemented yet; it runs on CPU JAX "
+                                  "(and cuflash.attention takes it on GPU arrays)")
+    dense = jnp.asarray(block_mask.to_dense(b, hq))
     if attn_mask is None:
         return dense
     if attn_mask.dtype == jnp.bool_:

@@ -43,6 +43,8 @@ class ForwardPlan:
     # split-KV: the fp32 partial outputs' and LSEs' shapes, (splits, batch * max_seqlen_q, heads_q, padded
     # head dim) and (splits, heads_q, batch * max_seqlen_q); None otherwise
     accum_shapes: tuple | None = None
+    # block sparsity: (tile_m, tile_n, window_left, window_right), what block_mask.py's kernel tables need
+    block_tables: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class BackwardPlan:
     delta_in_dq: bool    # delta borrows dq's first bytes (else a float32 (batch, heads_q, seqlen_q) workspace)
     dq_accum_shape: tuple | None  # the fp32 dQ accumulator's shape; None with the sm80 deterministic dQ kernel
     dq_semaphore_shape: tuple | None  # int32 turn counters of the deterministic Hopper kernel, else None
+    block_tables: tuple | None = None  # as ForwardPlan's
 
 
 class _Block:
@@ -150,15 +153,34 @@ def _remember(key, plan):
     return plan
 
 
+def _block_sparse_fields(p: _Block, block_size: tuple, kkey) -> tuple:
+    """A block-sparse plan's fields: the partial-block masks' geometry (block_sparse.cuh), and the plan's
+    block_tables. NotImplementedError unless the kernel's tiles nest inside the mask's blocks."""
+    bq, bk = block_size
+    if bq % kkey.block_m or bk % kkey.block_n:
+        raise NotImplementedError(f"block_mask with block_size {block_size} on GPU arrays: this kernel's tiles are "
+                                  f"{kkey.block_m} x {kkey.block_n}, so the block size must be a multiple of them "
+                                  f"(the default, 128, is)")
+    p["mask_row_stride"], p["mask_col_stride"], p["block_q"] = bk, 1, bq
+    return kkey.block_m, kkey.block_n, p["window_left"], p["window_right"]
+
+
+def _no_block_sparse_kernel(what: str):
+    return NotImplementedError(f"block_mask on GPU arrays runs on the Hopper kernels (compute capability 9.0, views "
+                               f"TMA can address{what}); this call has none")
+
+
 def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi, *, causal: bool, window_size,
             softmax_scale: float, softcap: float, cc: tuple, sm_count: int, dropout_p: float = 0.0,
-            mask=None) -> ForwardPlan:
+            mask=None, block_size=None) -> ForwardPlan:
     """The forward's plan for these views (cached on their layout and the flags). ``dropout_p`` > 0: the
     kernel's dropout build with p's keep threshold and scale in the block; each call writes its seed and
     offset (ops.forward). ``mask``: an attn_mask view (batch, heads_q, seqlen_q, seqlen_k), strides 0 where
-    broadcast: the kernels' element-mask builds (attn_mask.cuh); each call writes its address."""
+    broadcast: the kernels' element-mask builds (attn_mask.cuh); each call writes its address. ``block_size``:
+    a block mask's (query, key) block size: the Hopper kernel's block-sparse build (causal / window folded
+    into the mask's tables, so its non-local build); each call writes the tables' addresses and strides."""
     key = ("fwd", q.device, cc, _layout(q, k, v, out), _alibi_layout(alibi), causal, window_size, softmax_scale,
-           softcap, dropout_p, _mask_layout(mask), env())
+           softcap, dropout_p, _mask_layout(mask), block_size, env())
     hit = _plans.get(key)
     if hit is not None:
         return hit
@@ -167,7 +189,14 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, al
     # The Hopper kernel reads and writes through TMA; a view TMA cannot describe (a broadcast head, say)
     # runs on the sm80 kernel instead, which handles any 16-byte-aligned layout.
     hopper = dispatch.forward_family(cc) == "fwd_sm90" and tma.supports(q, k, v, out)
-    if hopper:
+    if block_size is not None:
+        if not hopper:
+            raise _no_block_sparse_kernel("")
+        kkey = dispatch.forward_key_sm90(dtype, q.shape[3], is_local=False, softcap=softcap > 0, alibi=False,
+                                         attn_mask=dispatch.ATTN_MASK_KINDS["bool"], mask_stage=True,
+                                         block_sparse=True)
+        smem = dispatch.forward_sm90_smem_bytes(kkey)
+    elif hopper:
         kkey = dispatch.forward_key_sm90(dtype, q.shape[3], is_local=local, softcap=softcap > 0,
                                          alibi=alibi is not None, dropout=dropout_p > 0, attn_mask=mask_kind(mask),
                                          mask_stage=mask is not None and dispatch.mask_stageable(mask))
@@ -179,6 +208,7 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, al
         smem = dispatch.forward_smem_bytes(kkey)
     fn = jit.get_function(kkey, dispatch.compile_arch(*cc), q.device, smem)
     p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap, dropout_p, mask)
+    tables = None if block_size is None else _block_sparse_fields(p, block_size, kkey)
     p.set_strides("o", out)
     batch, seqlen_q, heads_q = q.shape[:3]
     p["num_m_blocks"] = m_blocks = -(-seqlen_q // kkey.block_m)
@@ -190,7 +220,8 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, al
     tiles = m_blocks * batch * heads_q
     grid, use_counter = (dispatch.forward_sm90_schedule(kkey, tiles, k.shape[1], sm_count) if hopper
                          else (tiles, False))
-    return _remember(key, ForwardPlan(KernelLaunch(fn, grid, kkey.threads, smem, p.pack(), maps), use_counter))
+    return _remember(key, ForwardPlan(KernelLaunch(fn, grid, kkey.threads, smem, p.pack(), maps), use_counter,
+                                      block_tables=tables))
 
 
 def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi, *, batch: int,
@@ -327,21 +358,23 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
 
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, alibi,
              dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, *, causal: bool, window_size, softmax_scale: float,
-             softcap: float, deterministic: bool, cc: tuple, dropout_p: float = 0.0, mask=None) -> BackwardPlan:
+             softcap: float, deterministic: bool, cc: tuple, dropout_p: float = 0.0, mask=None,
+             block_size=None) -> BackwardPlan:
     """The backward's plan: preprocess (delta, zero dQ accumulator) -> KV-parallel main kernel (dK, dV, dQ
     summed into the fp32 accumulator: atomics on sm80, TMA reductions on the Hopper kernel) -> postprocess
     (dQ). Deterministic mode: the Hopper kernel adds in a fixed order (turn counters the preprocess zeroes);
     on sm80 a Q-parallel dQ kernel replaces the accumulation and the postprocess. ``dropout_p`` > 0: the sm80
     kernels' dropout builds on every GPU, p's threshold and scale in the block (seed and offset per call);
-    ``mask`` (as :func:`forward`): the kernels' element-mask builds."""
+    ``mask`` (as :func:`forward`): the kernels' element-mask builds; ``block_size`` (as :func:`forward`): the
+    Hopper kernel's block-sparse build, head dims 64 and 128, not deterministic."""
     key = ("bwd", q.device, cc, _layout(dout, q, k, v, out, dq, dk, dv), _alibi_layout(alibi), causal, window_size,
-           softmax_scale, softcap, deterministic, dropout_p, _mask_layout(mask), env())
+           softmax_scale, softcap, deterministic, dropout_p, _mask_layout(mask), block_size, env())
     hit = _plans.get(key)
     if hit is not None:
         return hit
     dtype = "bf16" if q.dtype == "bfloat16" else "fp16"
     arch = dispatch.compile_arch(*cc)
-    local = is_local(causal, window_size)
+    local = is_local(causal, window_size) and block_size is None
     pre, post, main, dq_key = dispatch.backward_keys(
         dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
         deterministic=deterministic, smem_limit=dispatch.max_smem(*cc), dropout=dropout_p > 0,
@@ -352,6 +385,10 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     # The Hopper main kernel reads Q, K, V and dO through TMA; views TMA cannot describe run on sm80.
     hopper = (dropout_p == 0 and dispatch.backward_family(cc, q.shape[3], deterministic) == "bwd_sm90"
               and tma.supports(q, k, v, dout))
+    if block_size is not None and (not hopper or deterministic):
+        raise (NotImplementedError("block_mask with deterministic=True on GPU arrays (the deterministic kernels "
+                                   "add dQ in turns over every key tile)") if deterministic
+               else _no_block_sparse_kernel(", head dims up to 128 in the backward"))
     dq_kernel = deterministic and not hopper
     # delta (fp32, batch x heads x seqlen_q) is read only up to the main kernel, and with accumulated dQ the
     # only writer of dq is the postprocess, after it: so delta borrows dq's first bytes (dq holds head_dim / 2
@@ -364,14 +401,17 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     p = _common(q, k, v, alibi, causal, window_size, softmax_scale, softcap, dropout_p, mask)
     for name, a in (("o", out), ("do", dout), ("dq", dq), ("dk", dk), ("dv", dv)):
         p.set_strides(name, a)
+    sparse = block_size is not None
     main, smem, maps = _backward_main(main, hopper, dtype, q.shape[3], is_local=local, softcap=softcap > 0,
                                       alibi=alibi is not None, deterministic=deterministic,
-                                      attn_mask=mask_kind(mask),
-                                      mask_stage=mask is not None and dispatch.mask_stageable(mask))
+                                      attn_mask=dispatch.ATTN_MASK_KINDS["bool"] if sparse else mask_kind(mask),
+                                      mask_stage=sparse or (mask is not None and dispatch.mask_stageable(mask)),
+                                      block_sparse=sparse)
+    tables = _block_sparse_fields(p, block_size, main) if sparse else None
     launches = _backward_launches(p, arch, dev, pre, post, main, smem, maps, dq_key if dq_kernel else None,
                                   batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_k=heads_k)
     acc_shape = None if dq_kernel else (batch, seqlen_q, heads_q, main.head_dim)
-    return _remember(key, BackwardPlan(launches, delta_in_dq, acc_shape, semaphore_shape))
+    return _remember(key, BackwardPlan(launches, delta_in_dq, acc_shape, semaphore_shape, tables))
 
 
 def _backward_main(sm80_main, hopper: bool, dtype: str, head_dim: int, **variant) -> tuple:

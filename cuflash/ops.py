@@ -18,10 +18,11 @@ from .arrays import DeviceArray
 _LOG2E = 1.4426950408889634
 
 # Pointer fields of the parameter block, by byte offset (params_layout.py describes the block), and every
-# 8-byte field a call writes into a plan's block: the pointers and the dropout generator's seed and offset.
+# 8-byte field a call writes into a plan's block: the pointers, the dropout generator's seed and offset, and
+# a block mask's table geometry (block_*: its own, not the plan's).
 _PTR_OFFSET = {name: params_layout.OFFSETS[name] for name, kind, _, _ in params_layout.FIELDS if kind == "ptr"}
 _WORD_OFFSET = {name: params_layout.OFFSETS[name] for name, kind, _, _ in params_layout.FIELDS
-                if kind in ("ptr", "u64")}
+                if kind in ("ptr", "u64") or name.startswith("block_")}
 _BLOCK_BYTES = params_layout.STRUCT.size
 _U64 = struct.Struct("<Q")
 
@@ -289,15 +290,19 @@ def _sm_count(device: int) -> int:
 
 def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, lse: DeviceArray, alibi, *,
             causal: bool, window_size, softmax_scale: float, softcap: float, stream: int, cc: tuple,
-            framework: str, dropout=None, mask=None) -> launch_plan.ForwardPlan:
+            framework: str, dropout=None, mask=None, block_mask=None) -> launch_plan.ForwardPlan:
     """The dense forward (launch_plan.forward) into ``out`` and ``lse``; ``dropout`` None or (p, seed,
     offset): p picks the plan, seed and offset go into this launch only; ``mask`` None or the attn_mask's
-    (batch, heads_q, seqlen_q, seqlen_k) view (launch_plan.forward)."""
+    (batch, heads_q, seqlen_q, seqlen_k) view (launch_plan.forward); ``block_mask`` None or a checked
+    cuflash.BlockMask, whose tables (uploaded once per device and tiling) this launch reads."""
     fp = launch_plan.forward(q, k, v, out, alibi, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
                              softcap=softcap, cc=cc, sm_count=_sm_count(q.device),
-                             dropout_p=0.0 if dropout is None else dropout[0], mask=mask)
+                             dropout_p=0.0 if dropout is None else dropout[0], mask=mask,
+                             block_size=None if block_mask is None else block_mask.block_size)
     pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "o": out.ptr, "lse": lse.ptr,
                 "alibi": 0 if alibi is None else alibi.ptr, "attn_mask": 0 if mask is None else mask.ptr}
+    if fp.block_tables is not None:
+        pointers.update(_block_pointers(block_mask, "fwd", q, k, fp.block_tables))
     if dropout is not None:
         pointers["dropout_seed"], pointers["dropout_offset"] = dropout[1], dropout[2]
     counter_native = _tile_counter(fp, pointers, framework, q.device, stream)
@@ -305,6 +310,15 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, ls
     _launch(fp.launch, stream, pointers, views)
     del counter_native  # freed after enqueueing: stream-ordered allocators reuse it safely
     return fp
+
+
+def _block_pointers(block_mask, direction: str, q: DeviceArray, k: DeviceArray, tables: tuple) -> dict:
+    """The parameter-block fields of a block mask's device tables for this kernel's tiling (plan.block_tables)."""
+    t = block_mask.device_tables(q.device, direction=direction, batch=q.shape[0], heads_q=q.shape[2],
+                                 heads_k=k.shape[2], tile_m=tables[0], tile_n=tables[1], window_left=tables[2],
+                                 window_right=tables[3])
+    return {"attn_mask": t.store, "block_lists": t.lists, "block_counts": t.counts,
+            "block_batch_stride": t.batch_stride, "block_head_stride": t.head_stride, "block_list_len": t.list_len}
 
 
 def _tile_counter(fp, pointers: dict, framework: str, device: int, stream: int):
@@ -400,13 +414,14 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
 def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray,
              lse: DeviceArray, alibi, dq: DeviceArray, dk: DeviceArray, dv: DeviceArray, *, causal: bool, window_size,
              softmax_scale: float, softcap: float, deterministic: bool, stream: int, cc: tuple,
-             framework: str, dropout=None, mask=None) -> launch_plan.BackwardPlan:
+             framework: str, dropout=None, mask=None, block_mask=None) -> launch_plan.BackwardPlan:
     """The backward's kernels (launch_plan.backward says which), with workspaces from the caller's framework on its
-    stream (CUDA-graph capture needs that); ``dropout`` None or the forward's (p, seed, offset); ``mask`` as
-    :func:`forward`'s."""
+    stream (CUDA-graph capture needs that); ``dropout`` None or the forward's (p, seed, offset); ``mask`` and
+    ``block_mask`` as :func:`forward`'s."""
     bp = launch_plan.backward(dout, q, k, v, out, alibi, dq, dk, dv, causal=causal, window_size=window_size,
                               softmax_scale=softmax_scale, softcap=softcap, deterministic=deterministic, cc=cc,
-                              dropout_p=0.0 if dropout is None else dropout[0], mask=mask)
+                              dropout_p=0.0 if dropout is None else dropout[0], mask=mask,
+                              block_size=None if block_mask is None else block_mask.block_size)
     batch, seqlen_q, heads_q = q.shape[:3]
     delta_native = acc_native = acc = None
     if bp.delta_in_dq:
@@ -417,6 +432,8 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     pointers = {"q": q.ptr, "k": k.ptr, "v": v.ptr, "alibi": 0 if alibi is None else alibi.ptr, "o": out.ptr,
                 "lse": lse.ptr, "dout": dout.ptr, "delta": delta_ptr, "dq": dq.ptr, "dk": dk.ptr, "dv": dv.ptr,
                 "attn_mask": 0 if mask is None else mask.ptr}
+    if bp.block_tables is not None:
+        pointers.update(_block_pointers(block_mask, "bwd", q, k, bp.block_tables))
     if dropout is not None:
         pointers["dropout_seed"], pointers["dropout_offset"] = dropout[1], dropout[2]
     if bp.dq_accum_shape is not None:

@@ -242,6 +242,36 @@ class _Attention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+class _BlockSparseAttention(torch.autograd.Function):
+    """Autograd around the core API's block-sparse path (CUDA tensors with a block mask): the BlockMask object
+    rides on the Function, which no op schema takes, so torch.compile runs this part eagerly (a graph break)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_mask, options):
+        causal, scale, window, softcap, deterministic = options
+        out, lse = api.attention(q, k, v, causal=causal, softmax_scale=scale, window_size=window, softcap=softcap,
+                                 return_lse=True, block_mask=block_mask)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.block_mask, ctx.options = block_mask, options
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        causal, scale, window, softcap, deterministic = ctx.options
+        dq, dk, dv = api.attention_backward(dout.contiguous(), q, k, v, out, lse, causal=causal, softmax_scale=scale,
+                                            window_size=window, softcap=softcap, deterministic=deterministic,
+                                            block_mask=ctx.block_mask)
+        return dq, dk, dv, None, None
+
+
+@torch.compiler.disable
+def _block_sparse(q, k, v, block_mask, options):
+    return _BlockSparseAttention.apply(q, k, v, block_mask, options)
+
+
 class _VarlenAttention(torch.autograd.Function):
     """Autograd around the variable-length ops (as _Attention for the dense ones)."""
 
@@ -380,11 +410,11 @@ def _tensor(x):
 
 
 @torch.compiler.assume_constant_result
-def _dense_block_mask(block_mask, batch, heads, seqlen_q, seqlen_k, on_gpu):
+def _dense_block_mask(block_mask, batch, heads, seqlen_q, seqlen_k):
     """A block mask's dense element mask (bool (batch, heads, seqlen_q, seqlen_k) CPU tensor), checked for the
     problem. torch.compile takes the result as a constant of the graph instead of tracing the NumPy work."""
     from .block_mask import checked
-    return torch.from_numpy(checked(block_mask, batch, heads, seqlen_q, seqlen_k, on_gpu).to_dense(batch, heads))
+    return torch.from_numpy(checked(block_mask, batch, heads, seqlen_q, seqlen_k).to_dense(batch, heads))
 
 
 def _with_block_mask(q, k, attn_mask, block_mask):
@@ -394,7 +424,7 @@ def _with_block_mask(q, k, attn_mask, block_mask):
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be 4-D (batch, seqlen, heads, head_dim), got {q.dim()}-D and {k.dim()}-D")
     b, sq, hq = q.shape[:3]
-    dense = _dense_block_mask(block_mask, int(b), int(hq), int(sq), int(k.shape[1]), q.is_cuda)
+    dense = _dense_block_mask(block_mask, int(b), int(hq), int(sq), int(k.shape[1]))
     if attn_mask is None:
         return dense
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
@@ -421,11 +451,13 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     is drawn on the host, so a captured CUDA graph replays one mask.
     ``attn_mask`` as :func:`cuflash.attention` takes it (CPU or CUDA tensors); it is not differentiated, so
     a mask that requires grad raises NotImplementedError. ``block_mask`` (a :class:`cuflash.BlockMask` or a
-    FlexAttention one) reaches the op as its dense element mask, combined with ``attn_mask`` (CPU tensors).
-    Under ``torch.compile`` that dense mask is a constant of the graph, guarded by the BlockMask object: a
-    new BlockMask compiles the function again (and ``fullgraph=True`` fails past torch's recompile limit, 8),
-    and changing a BlockMask in place is not seen; a training loop that builds a mask per step should pass
-    its dense mask as ``attn_mask``, an input of the graph.
+    FlexAttention one): on CUDA tensors the block-sparse kernels (cuflash.attention's GPU path; under
+    ``torch.compile`` that call runs eagerly, a graph break, so ``fullgraph=True`` refuses it); on CPU tensors
+    it reaches the op as its dense element mask, combined with ``attn_mask``. Under ``torch.compile`` that
+    dense mask is a constant of the graph, guarded by the BlockMask object: a new BlockMask compiles the
+    function again (and ``fullgraph=True`` fails past torch's recompile limit, 8), and changing a BlockMask in
+    place is not seen; a training loop that builds a mask per step should pass its dense mask as
+    ``attn_mask``, an input of the graph.
     """
     attn_mask, alibi_slopes = _tensor(attn_mask), _tensor(alibi_slopes)
     if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
@@ -433,6 +465,17 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
                         f"seqlen_k)), got {type(attn_mask).__name__}")
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("attn_mask requires grad; cuflash does not differentiate the mask (detach it)")
+    if block_mask is not None and getattr(q, "is_cuda", False):
+        if attn_mask is not None or alibi_slopes is not None or dropout_p != 0:
+            api.attention(q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                          dropout_seed=0, block_mask=block_mask)  # raises what the kernels lack, naming it
+        options = (api._check_flag("causal", causal), _default_scale(q, softmax_scale), tuple(window_size),
+                   softcap, api._check_flag("deterministic", deterministic))
+        if options[4]:
+            raise NotImplementedError("block_mask together with deterministic=True is not implemented for GPU arrays "
+                                      "yet (the CPU path has it)")
+        out, lse = _block_sparse(q, k, v, block_mask, options)
+        return (out, lse) if return_lse else out
     if block_mask is not None:  # (its dense mask needs no grad)
         attn_mask = _with_block_mask(q, k, attn_mask, block_mask)
     dropout_p = api._check_probability(dropout_p)

@@ -6,6 +6,7 @@
 //   CF_DROPOUT   attention dropout (philox.cuh's draws)
 //   CF_ATTN_MASK an element mask (attn_mask.cuh): 1 boolean (True = attend), 2 additive in q's dtype
 //   CF_MASK_STAGE a boolean mask staged in shared memory by 16-byte copies (its rows 16-byte aligned)
+//   CF_BLOCK_SPARSE block sparsity: tiles from per-tile lists, partial blocks' masks (block_sparse.cuh)
 #pragma once
 
 #ifndef CF_VARLEN
@@ -25,4 +26,7 @@
 #endif
 #ifndef CF_MASK_STAGE
 #define CF_MASK_STAGE 0
+#endif
+#ifndef CF_BLOCK_SPARSE
+#define CF_BLOCK_SPARSE 0
 #endif

@@ -71,6 +71,11 @@
 // mask's term, read from global memory per element as bwd_sm80.cu does, or for a boolean mask of 16-byte
 // aligned rows at head dim 128 staged in shared memory (CF_MASK_STAGE, below); an additive mask takes the
 // exact exponent form on every tile, as softcap does).
+// CF_BLOCK_SPARSE (optional, default 0; with a boolean CF_ATTN_MASK, block_sparse.cuh): a CTA walks its
+// (KV head, key tile) list of (query head, query tile) pairs instead of every visible query tile of the
+// group's heads, and applies the element mask only on tiles of partial blocks; causal and window
+// visibility come folded into the lists and masks (no CF_IS_LOCAL). Not deterministic (the turns count
+// every key tile of a query tile).
 //
 // Variable-length batches (CF_VARLEN, seq_context.cuh): the tensor maps cover the packed arrays and a CTA
 // offsets its TMA rows by its sequence's first rows; CTAs past a sequence's keys return at once. Tiles at a
@@ -99,7 +104,12 @@
 #if CF_ATTN_MASK
 #include "attention/attn_mask.cuh"
 #endif
+#if CF_BLOCK_SPARSE
+#include "attention/block_sparse.cuh"
+#endif
 static_assert(!CF_ATTN_MASK || (!CF_VARLEN && !CF_ALIBI), "attn_mask: the dense build, no ALiBi");
+static_assert(!CF_BLOCK_SPARSE || (CF_ATTN_MASK == 1 && !CF_DETERMINISTIC && !CF_IS_LOCAL),
+              "block sparsity: boolean masks (causal / window folded in), not deterministic");
 static_assert(!(CF_VARLEN && CF_DETERMINISTIC), "the variable-length build has no deterministic turns");
 
 // A CTA's sequence: lengths and first rows in the packed arrays (variable-length build); empty in the dense
@@ -253,6 +263,23 @@ struct SmemLayout {
     }
 };
 
+#if CF_BLOCK_SPARSE
+// Query tiles of this CTA from its list: iteration it is entry it, ((head in group) << 16 | query tile,
+// partial-block mask or -1).
+struct QueryWalk {
+    const int2* list;
+    int n_iters, group;
+    __device__ __forceinline__ QueryWalk(const AttentionParams& a, const BwdCoords& bc) {
+        const i64 row = block_row(a, bc.b, bc.hk, bc.n_block);
+        list = a.block_lists + row * a.block_list_len;
+        n_iters = block_count(a, row);
+        group = a.heads_q / a.heads_k;
+    }
+    __device__ __forceinline__ int head(int hk, int it) const { return hk * group + (list[it].x >> 16); }
+    __device__ __forceinline__ int m_start(int it) const { return (list[it].x & 0xffff) * kBM; }
+    __device__ __forceinline__ int partial(int it) const { return list[it].y; }
+};
+#else
 // Query tiles of this CTA: iteration it is query head hk * group + it / n_m, query tile m_lo + it % n_m.
 struct QueryWalk {
     int m_lo, n_m, n_iters, group;
@@ -267,6 +294,7 @@ struct QueryWalk {
     __device__ __forceinline__ int head(int hk, int it) const { return hk * group + it / n_m; }
     __device__ __forceinline__ int m_start(int it) const { return (m_lo + it % n_m) * kBM; }
 };
+#endif
 
 __device__ __forceinline__ int stage_of(int it) { return it % kStages; }
 __device__ __forceinline__ u32 parity_of(int it) { return (it / kStages) & 1; }
@@ -469,7 +497,12 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
     // Staged masks: this warpgroup's 64 keys x the queries of query tile `it` into buffer it % 2
     // (attn_mask.cuh: stage_mask_tile; its rows are queries, P is 0 past seqlen_q anyway).
     auto stage_mask = [&](int it) {
-#if CF_MASK_STAGE
+#if CF_MASK_STAGE && CF_BLOCK_SPARSE
+        const int pidx = qw.partial(it), m0 = qw.m_start(it);
+        if (pidx >= 0)  // (a full block: nothing staged)
+            stage_mask_tile<kBM, 4, 1, 128>(sm.mask_stage(cw, it & 1), partial_mask_head(a, pidx, m0, n_start), a, m0,
+                                            n_start + cw * 64, warp_in_wg * 32 + lane);
+#elif CF_MASK_STAGE
         stage_mask_tile<kBM, 4, 1, 128>(sm.mask_stage(cw, it & 1), attn_mask_head(a, bc.b, qw.head(bc.hk, it)), a,
                                         qw.m_start(it), n_start + cw * 64, warp_in_wg * 32 + lane);
 #else
@@ -536,6 +569,12 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         {
             const int i_last = min(m0 + kBM, CF_TILE_SEQLEN_Q) - 1;
             const bool need_mask = tv.tile_needs_mask<CF_IS_LOCAL>(m0, i_last, n_start, kBN);
+#if CF_BLOCK_SPARSE
+            const int pidx = qw.partial(it);
+            const bool partial = pidx >= 0;  // full blocks take no element mask
+#else
+            constexpr bool partial = true;
+#endif
             const float slope = CF_ALIBI ? a.alibi[(i64)bc.b * a.alibi_batch_stride + h] : 0.f;
 #if CF_MASK_STAGE
             // Every copy of this tile has landed and every thread of the warpgroup is done with the other
@@ -545,6 +584,8 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
             named_barrier_sync(kMaskBarrier0 + cw, 128);
             if (it + 1 < qw.n_iters) stage_mask(it + 1);
             const u32 mask_lane = sm.mask_stage(cw, it & 1) + staged_mask_offset<4, 1>(2 * t, warp_in_wg) + g;
+#elif CF_ATTN_MASK && CF_BLOCK_SPARSE
+            const unsigned char* mask_head = partial_mask_head(a, max(pidx, 0), m0, n_start);
 #elif CF_ATTN_MASK
             const unsigned char* mask_head = attn_mask_head(a, bc.b, h);
 #endif
@@ -583,9 +624,9 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
                     u32 byte;
                     asm volatile("ld.shared.u8 %0, [%1];\n"
                                  : "=r"(byte) : "r"(mask_lane + (n * 8 + (e & 1)) * 64 + (e >> 1) * 8));
-                    const float add = byte != 0 ? 0.f : -CF_INF;
+                    const float add = !partial || byte != 0 ? 0.f : -CF_INF;
 #elif CF_ATTN_MASK
-                    const float add = attn_mask_add(mask_head, a, i, j, CF_TILE_SEQLEN_Q, a.seqlen_k);
+                    const float add = partial ? attn_mask_add(mask_head, a, i, j, CF_TILE_SEQLEN_Q, a.seqlen_k) : 0.f;
 #else
                     const float add = 0.f;
 #endif
@@ -747,7 +788,11 @@ attention_bwd_sm90(const __grid_constant__ BackwardSm90Params p) {
     const BwdCoords bc = BwdCoords::head_major(p.a, kKeyBlocksDescending);
     const SeqRows sr(p.a, bc.b);
 #endif
+#if CF_BLOCK_SPARSE
+    const QueryWalk qw(p.a, bc);
+#else
     const QueryWalk qw(p.a, sr, vis, bc.n_block * kBN);
+#endif
 
     if (tid == 0) {
 #if CF_VARLEN

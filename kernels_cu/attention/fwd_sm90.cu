@@ -42,6 +42,13 @@
 // does, or for a boolean mask whose rows are 16-byte aligned runs of bytes staged in shared memory
 // (CF_MASK_STAGE, below); a row the mask leaves without keys gives zeros and LSE +inf.
 //
+// Block sparsity (CF_BLOCK_SPARSE, with a staged or read boolean mask; block_sparse.cuh): a work tile walks
+// the key tiles of its (batch, head, query tile) list instead of a range, last to first, and applies the
+// element mask only on tiles of partial blocks (from the list's store). Causal and window visibility come
+// folded into the lists and masks (a build without CF_IS_LOCAL: its per-warpgroup skip and its state
+// made the local builds spill 4-12 bytes), so the tiles start at multiples of the tile height and both
+// warpgroups walk the same list.
+//
 // Split-KV (CF_SPLIT_KV, decoding): each query tile's visible key tiles are shared by p.num_splits work
 // tiles in contiguous runs (split s of tile t is work tile t * num_splits + s, so a tile's splits run side
 // by side), each writing its normalized partial output in fp32 straight from the accumulators, and its LSE,
@@ -73,6 +80,9 @@
 #endif
 #if CF_ATTN_MASK
 #include "attention/attn_mask.cuh"
+#endif
+#if CF_BLOCK_SPARSE
+#include "attention/block_sparse.cuh"
 #endif
 
 // Launch parameters: the four tensor maps first (64-byte aligned, as TMA requires), then the shared
@@ -151,6 +161,8 @@ static_assert(!CF_PAGED || CF_VARLEN, "paged K / V: variable-length builds");
 static_assert(!CF_DROPOUT || (!CF_VARLEN && !CF_SPLIT_KV && !CF_PAGED), "dropout: the dense build only");
 static_assert(!CF_ATTN_MASK || (!CF_VARLEN && !CF_DROPOUT && !CF_ALIBI), "attn_mask: the dense build, no ALiBi");
 static_assert(!CF_PAGE_GATHER || CF_PAGED, "row gathers: a paged build");
+static_assert(!CF_BLOCK_SPARSE || (CF_ATTN_MASK == 1 && !CF_IS_LOCAL && kConsumers == 2 && !CF_PINGPONG),
+              "block sparsity: a boolean-mask build (causal / window folded into the masks), 128-row tiles");
 // Arrivals that complete a K / V stage's full barrier: TMA's one expect_tx arrival, or with row gathers
 // every gathering thread's, each once its own cp.async copies have landed.
 constexpr int kKVFullArrivals = CF_PAGE_GATHER ? kGatherThreads : 1;
@@ -236,10 +248,26 @@ struct WorkTile {
             m_start = bc.m_block * kBM;
             m_end = min(m_start + kBM, a.seqlen_q);
         }
+#if CF_BLOCK_SPARSE
+        (void)vis;
+        n_lo = 0;  // positions in the tile's list
+        n_hi = block_count(a, block_row(a, bc.b, bc.h, bc.m_block));
+#else
         vis.key_tiles(m_start, m_end - 1, kBN, &n_lo, &n_hi);
+#endif
     }
 #endif
     __device__ __forceinline__ int n_tiles() const { return n_hi - n_lo; }
+    // The key tile at position pos of [n_lo, n_hi): itself, or with block sparsity the list's entry (its
+    // partial-block mask in .y).
+#if CF_BLOCK_SPARSE
+    __device__ __forceinline__ int2 entry(const AttentionParams& a, int pos) const {
+        return block_entry(a, block_row(a, bc.b, bc.h, bc.m_block), pos);
+    }
+    __device__ __forceinline__ int key_tile(const AttentionParams& a, int pos) const { return entry(a, pos).x; }
+#else
+    __device__ __forceinline__ int key_tile(const AttentionParams&, int pos) const { return pos; }
+#endif
 };
 
 // TMA coordinates of a work tile's rows: dense, (row, head, batch) of the 4-D maps; variable-length, the
@@ -444,7 +472,8 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
             load_page_runs(p.a, map, stage_base, full, w.bc, (w.n_hi - 1 - j) * kBN, w.vis.seqlen_k);
 #else
             for (int c = 0; c < kCol64; ++c)
-                tma_load_4d(stage_base + c * kKVBlock, map, full, c * 64, CF_K_ROW0(w) + (w.n_hi - 1 - j) * kBN,
+                tma_load_4d(stage_base + c * kKVBlock, map, full, c * 64,
+                            CF_K_ROW0(w) + w.key_tile(p.a, w.n_hi - 1 - j) * kBN,
                             w.bc.hk, CF_TMA_BATCH(w));
 #endif
 #endif
@@ -523,8 +552,12 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         // live through the loop, which the 160- and 168-register budgets do not have. The stages of
         // skipped key tiles are released at once, after their loads land (see pass_key_tile).
         int wg_lo, wg_hi;
+#if CF_BLOCK_SPARSE
+        wg_hi = wg_row0 >= w.m_end ? w.n_lo : w.n_hi;  // the tile's list (the lists are per query tile)
+#else
         CF_TILE_VIS.key_tiles(wg_row0, wg_row_last, kBN, &wg_lo, &wg_hi);
         if (wg_row0 >= w.m_end || wg_lo >= wg_hi) wg_hi = w.n_lo;
+#endif
 #if CF_SPLIT_KV
         wg_hi = max(w.n_lo, min(wg_hi, w.n_hi));  // this split's run only
 #endif
@@ -558,18 +591,33 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
                                       wgmma::desc_advance(v_desc, kk * 16 * 128), 1);
             wgmma::commit();
         };
-        // Staged masks: this warpgroup's rows of its it-th key tile's mask (n_block wg_hi - 1 - it) into buffer
-        // it % 2 (attn_mask.cuh: stage_mask_tile).
+        // Staged masks: this warpgroup's rows of its it-th key tile's mask (position wg_hi - 1 - it) into buffer
+        // it % 2 (attn_mask.cuh: stage_mask_tile); with block sparsity only a partial block's, from the store.
         auto stage_mask = [&](int it) {
-#if CF_MASK_STAGE
+#if CF_MASK_STAGE && CF_BLOCK_SPARSE
+            const int2 e = w.entry(p.a, wg_hi - 1 - it);
+            if (e.y >= 0)
+                stage_mask_tile<64, kMaskChunks, 0, 128>(sm.mask_stage(cw, it & 1),
+                                                         partial_mask_head(p.a, e.y, wg_row0, e.x * kBN), p.a,
+                                                         wg_row0, e.x * kBN, warp_in_wg * 32 + lane);
+#elif CF_MASK_STAGE
             stage_mask_tile<64, kMaskChunks, 0, 128>(sm.mask_stage(cw, it & 1), attn_mask_head(p.a, w.bc.b, w.bc.h),
                                                      p.a, wg_row0, (wg_hi - 1 - it) * kBN, warp_in_wg * 32 + lane);
 #else
             (void)it;
 #endif
         };
-        // Raw products -> unnormalised probabilities; alpha rescales O to the new row maxima.
-        auto softmax_tile = [&](float (&sc)[1][kNT8][4], int n_block, float (&alpha)[1][2]) {
+        // Raw products -> unnormalised probabilities; alpha rescales O to the new row maxima. pos: the key
+        // tile's position in [n_lo, wg_hi).
+        auto softmax_tile = [&](float (&sc)[1][kNT8][4], int pos, float (&alpha)[1][2]) {
+#if CF_BLOCK_SPARSE
+            const int2 entry = w.entry(p.a, pos);
+            const int n_block = entry.x;
+            const bool partial = entry.y >= 0;  // full blocks take no element mask
+#else
+            const int n_block = pos;
+            constexpr bool partial = true;
+#endif
             const TileCoords<1, kNT8> tc(warp_row0, n_block * kBN, lane);
             apply_score_mods<1, kNT8, CF_SOFTCAP, CF_ALIBI, CF_ATTN_MASK == 2>(sc, tc, p.a.softmax_scale, p.a.softcap,
                                                                              slope, CF_TILE_VIS.off);
@@ -578,28 +626,34 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
             {
                 // Every thread's copies of this tile have landed and every thread is done reading the other
                 // buffer (the previous tile): the next tile's copies may go there.
-                const int it = wg_hi - 1 - n_block;
+                const int it = wg_hi - 1 - pos;
                 cp_async_wait<0>();
                 named_barrier_sync(1 + cw, 128);
                 if (it + 1 < n_tiles) stage_mask(it + 1);
                 const u32 buf = sm.mask_stage(cw, it & 1);
-                const int tq = lane & 3;
-                const u32 sel = (2 * tq) | ((2 * tq + 1) << 4);  // bytes 2t, 2t+1 of a (lo, hi) word pair
+                if (partial) {  // (a full block: nothing staged)
+                    const int tq = lane & 3;
+                    const u32 sel = (2 * tq) | ((2 * tq + 1) << 4);  // bytes 2t, 2t+1 of a (lo, hi) word pair
 #pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    const int r = warp_in_wg * 16 + (lane >> 2) + 8 * hh;
+                    for (int hh = 0; hh < 2; ++hh) {
+                        const int r = warp_in_wg * 16 + (lane >> 2) + 8 * hh;
 #pragma unroll
-                    for (int kk = 0; kk < kMaskChunks; ++kk) {
-                        const uint4 x = ld_shared_v4(buf + staged_mask_offset<kMaskChunks, 0>(r, kk));
-                        const u32 lo = __byte_perm(x.x, x.y, sel), hi = __byte_perm(x.z, x.w, sel);  // n8 groups 2kk, 2kk+1
+                        for (int kk = 0; kk < kMaskChunks; ++kk) {
+                            const uint4 x = ld_shared_v4(buf + staged_mask_offset<kMaskChunks, 0>(r, kk));
+                            const u32 lo = __byte_perm(x.x, x.y, sel), hi = __byte_perm(x.z, x.w, sel);  // n8 groups 2kk, 2kk+1
 #pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            if (((lo >> (8 * e)) & 0xffu) == 0) sc[0][2 * kk][2 * hh + e] = -CF_INF;
-                            if (((hi >> (8 * e)) & 0xffu) == 0) sc[0][2 * kk + 1][2 * hh + e] = -CF_INF;
+                            for (int e = 0; e < 2; ++e) {
+                                if (((lo >> (8 * e)) & 0xffu) == 0) sc[0][2 * kk][2 * hh + e] = -CF_INF;
+                                if (((hi >> (8 * e)) & 0xffu) == 0) sc[0][2 * kk + 1][2 * hh + e] = -CF_INF;
+                            }
                         }
                     }
                 }
             }
+#elif CF_ATTN_MASK && CF_BLOCK_SPARSE
+            if (partial)
+                apply_attn_mask(sc, tc, p.a, partial_mask_head(p.a, entry.y, warp_row0, n_block * kBN), p.a.seqlen_q,
+                                p.a.seqlen_k);
 #elif CF_ATTN_MASK
             apply_attn_mask(sc, tc, p.a, attn_mask_head(p.a, w.bc.b, w.bc.h), p.a.seqlen_q, p.a.seqlen_k);
 #endif

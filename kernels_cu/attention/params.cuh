@@ -92,6 +92,13 @@ struct AttentionParams {
     i64 mask_head_stride;
     i64 mask_row_stride;
     i64 mask_col_stride;
+    // row r at block_lists + r * block_list_len; r = b * block_batch_stride + h * block_head_stride + tile
+    const int2* block_lists;
+    const int* block_counts;    // entries of each row
+    i64 block_batch_stride;     // rows; 0 where the lists broadcast
+    i64 block_head_stride;
+    i64 block_list_len;         // entries a row holds
+    i64 block_q;                // query rows of a partial-block mask (8-byte fields: ops.py writes them per call)
 };
 
 // Exported so that a GPU test can check the host's mirror of this struct byte for byte in size.
