@@ -56,6 +56,10 @@ class KernelTables:
         whole.
     counts : int32 ndarray (R,)
         Entries of each row.
+    order : int32 ndarray (batch * heads * tiles,)
+        Launch order of the kernel's grid cells ``(b * heads + h) * tiles + tile`` (heads: query heads forward,
+        KV heads backward; tiles: query tiles forward, key tiles backward): lists over twice the mean length
+        first, longest first, then the others in cell order.
     batch_stride, head_stride : int
         Rows per batch / head index; 0 where the tables broadcast over it.
     list_len : int
@@ -72,6 +76,7 @@ class KernelTables:
     list_len: int
     block_q: int
     block_k: int
+    order: np.ndarray
 
 
 def _block_sizes(block_size) -> tuple:
@@ -404,10 +409,21 @@ class BlockMask:
             first = np.broadcast_to(((col // n_mt) << _TILE_BITS) | (col % n_mt), rows.shape)
         lists, counts = _pack_lists(rows != _EMPTY, first, rows)
         heads_rows = (1 if hg == 1 else heads_k if direction == "bwd" else heads_q) * per_head
-        out = KernelTables(store=store, lists=lists, counts=counts,
-                           batch_stride=0 if bg == 1 else heads_rows, head_stride=0 if hg == 1 else per_head,
-                           list_len=int(lists.shape[1]), block_q=bq, block_k=bk)
-        for a in (lists, counts):
+        batch_stride, head_stride = 0 if bg == 1 else heads_rows, 0 if hg == 1 else per_head
+        # Launch order of the grid cells (b * heads + h) * per_head + tile of every real (b, h): the long lists
+        # (over twice the mean: global tokens' key tiles, say) first, longest first, then the rest in the head-
+        # major order, whose neighbours share K / V (forward) or Q / dO (backward) in L2. Sorting every cell by
+        # length mixed the heads and cost 17% in the backward of a document mask (H200, bench/NOTES.md).
+        heads = heads_k if direction == "bwd" else heads_q
+        cell = np.arange(batch * heads * per_head, dtype=np.int64)
+        row = (cell // (heads * per_head) * batch_stride + cell // per_head % heads * head_stride + cell % per_head)
+        length = counts[row].astype(np.int64)
+        long = length > 2 * length.mean()
+        order = np.argsort(-np.where(long, length, 0), kind="stable").astype(np.int32)
+        out = KernelTables(store=store, lists=lists, counts=counts, batch_stride=batch_stride,
+                           head_stride=head_stride, list_len=int(lists.shape[1]), block_q=bq, block_k=bk,
+                           order=order)
+        for a in (lists, counts, order):
             a.flags.writeable = False  # shared through the cache
         self._tables_cache[key] = out
         return out
@@ -421,7 +437,7 @@ class BlockMask:
         import cupy
         t = self.kernel_tables(**kwargs)
         ptrs = []
-        for host in (t.store, t.lists, t.counts):
+        for host in (t.store, t.lists, t.counts, t.order):
             hit = self._device_cache.get((device, id(host)))
             if hit is None:
                 with cupy.cuda.Device(device):
@@ -429,7 +445,7 @@ class BlockMask:
                     cupy.cuda.get_current_stream().synchronize()
                 hit = self._device_cache[(device, id(host))] = (host, dev)  # (host kept: its id stays its own)
             ptrs.append(hit[1].data.ptr)
-        return DeviceTables(*ptrs, t.batch_stride, t.head_stride, t.list_len)
+        return DeviceTables(*ptrs, t.batch_stride, t.head_stride, t.list_len)  # (store, lists, counts, order, ..)
 
     def _table_grid(self, batch, heads_q) -> tuple:
         """(Bg, Hg): the (batch, head) extent of the kernel tables, 1 where nothing depends on that index."""
@@ -583,6 +599,7 @@ class DeviceTables:
     store: int
     lists: int
     counts: int
+    order: int
     batch_stride: int
     head_stride: int
     list_len: int

@@ -317,7 +317,7 @@ def _block_pointers(block_mask, direction: str, q: DeviceArray, k: DeviceArray, 
     t = block_mask.device_tables(q.device, direction=direction, batch=q.shape[0], heads_q=q.shape[2],
                                  heads_k=k.shape[2], tile_m=tables[0], tile_n=tables[1], window_left=tables[2],
                                  window_right=tables[3])
-    return {"attn_mask": t.store, "block_lists": t.lists, "block_counts": t.counts,
+    return {"attn_mask": t.store, "block_lists": t.lists, "block_counts": t.counts, "block_order": t.order,
             "block_batch_stride": t.batch_stride, "block_head_stride": t.head_stride, "block_list_len": t.list_len}
 
 

@@ -113,6 +113,8 @@ FIELDS = [
     ("block_head_stride", "i64", None, ""),
     ("block_list_len", "i64", None, "entries a row holds"),
     ("block_q", "i64", None, "query rows of a partial-block mask (8-byte fields: ops.py writes them per call)"),
+    ("block_order", "ptr", "const int*", "launch order, heaviest lists first: work tile / CTA i takes grid cell "
+                                         "block_order[i] = (b * heads + h) * tiles + tile"),
 ]
 
 NAMES = [f[0] for f in FIELDS]

@@ -187,6 +187,18 @@ def _check(bm, t, dense, *, direction, heads_k, tile_m, tile_n, wl, wr, batch=BA
     assert not (target & ~covered).any(), "a visible attended element outside every listed tile"
     assert (recon == target).all(), f"{(recon != target).sum()} elements differ from the brute force"
 
+    # The launch order: a permutation of the grid cells, lists over twice the mean length first (longest
+    # first), then the rest in cell order.
+    heads = heads_k if direction == "bwd" else heads_q
+    per = t.order.size // (batch * heads)
+    cell = np.arange(t.order.size)
+    row = cell // (heads * per) * t.batch_stride + cell // per % heads * t.head_stride + cell % per
+    lengths = t.counts[row]
+    n_long = int((lengths > 2 * lengths.mean()).sum())
+    assert np.array_equal(np.sort(t.order), cell)
+    assert (np.diff(lengths[t.order[:n_long]]) <= 0).all() and (lengths[t.order[:n_long]] > 2 * lengths.mean()).all()
+    assert (np.diff(t.order[n_long:]) > 0).all()
+
     if direction == "bwd" and hg == 1:  # one table serves the group: each g lists the same query tiles
         for r in range(len(t.counts)):
             e = t.lists[r, :t.counts[r]]

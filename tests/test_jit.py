@@ -254,7 +254,7 @@ class _StubBlockMask:
 
     def device_tables(self, device, **kwargs):
         from cuflash.block_mask import DeviceTables
-        return DeviceTables(4096, 4096, 4096, 0, 0, 1)
+        return DeviceTables(4096, 4096, 4096, 4096, 0, 0, 1)
 
 
 def _block_sparse_calls(view, kw):

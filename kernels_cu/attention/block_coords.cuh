@@ -29,6 +29,14 @@ struct BlockCoords {
         return BlockCoords(p, p.num_m_blocks - 1 - r / width, first + r % width);
     }
 
+    // Work tile `tile` of a block-sparse launch (block_sparse.cuh): the host orders them by list length,
+    // longest first, so that the static schedule pairs heavy tiles with light ones instead of ending on a
+    // long one; tiles of equal length keep query-block order within a head, whose neighbours share K / V.
+    __device__ __forceinline__ static BlockCoords listed(const AttentionParams& p, int tile) {
+        const int cell = p.block_order[tile];
+        return BlockCoords(p, cell % p.num_m_blocks, cell / p.num_m_blocks);
+    }
+
 private:
     __device__ __forceinline__ BlockCoords(const AttentionParams& p, int m, int bh) : m_block(m) { set_head(p, bh); }
     __device__ __forceinline__ void set_head(const AttentionParams& p, int bh) {

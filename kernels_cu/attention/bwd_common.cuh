@@ -41,6 +41,13 @@ struct BwdCoords {
         return BwdCoords(p, descending ? p.num_n_blocks - 1 - n : n, (int)(blockIdx.x / p.num_n_blocks));
     }
 
+    // Block-sparse launches (block_sparse.cuh): CTAs in the host's order, longest query-tile lists first
+    // (a key block that every query sees, global tokens, would otherwise start last and run alone).
+    __device__ __forceinline__ static BwdCoords listed(const AttentionParams& p) {
+        const int cell = p.block_order[blockIdx.x];
+        return BwdCoords(p, cell % p.num_n_blocks, cell / p.num_n_blocks);
+    }
+
 private:
     __device__ __forceinline__ BwdCoords(const AttentionParams& p, int n, int bh) : n_block(n) { set_head(p, bh); }
     __device__ __forceinline__ void set_head(const AttentionParams& p, int bh) {

@@ -785,7 +785,7 @@ attention_bwd_sm90(const __grid_constant__ BackwardSm90Params p) {
     const Visibility vis(sr.seqlen_q, sr.seqlen_k, p.a.window_left, p.a.window_right);
 #else
     const Visibility vis(p.a.seqlen_q, p.a.seqlen_k, p.a.window_left, p.a.window_right);
-    const BwdCoords bc = BwdCoords::head_major(p.a, kKeyBlocksDescending);
+    const BwdCoords bc = CF_BLOCK_SPARSE ? BwdCoords::listed(p.a) : BwdCoords::head_major(p.a, kKeyBlocksDescending);
     const SeqRows sr(p.a, bc.b);
 #endif
 #if CF_BLOCK_SPARSE

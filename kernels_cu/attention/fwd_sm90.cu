@@ -239,7 +239,7 @@ struct WorkTile {
     __device__ __forceinline__ bool empty() const { return m_start >= m_end; }
 #else
     __device__ __forceinline__ WorkTile(const AttentionParams& a, const Visibility& vis, int t)
-        : bc(BlockCoords::grouped(a, t)) {
+        : bc(CF_BLOCK_SPARSE ? BlockCoords::listed(a, t) : BlockCoords::grouped(a, t)) {
         if (CF_IS_LOCAL) {
             const int head = (a.seqlen_q - (a.num_m_blocks - 1) * kBM + 63) & ~63;
             m_start = bc.m_block == 0 ? 0 : head + (bc.m_block - 1) * kBM;

@@ -99,6 +99,9 @@ struct AttentionParams {
     i64 block_head_stride;
     i64 block_list_len;         // entries a row holds
     i64 block_q;                // query rows of a partial-block mask (8-byte fields: ops.py writes them per call)
+    // launch order, heaviest lists first: work tile / CTA i takes grid cell block_order[i] = (b * heads +
+    // h) * tiles + tile
+    const int* block_order;
 };
 
 // Exported so that a GPU test can check the host's mirror of this struct byte for byte in size.
