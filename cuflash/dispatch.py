@@ -417,7 +417,12 @@ FWD_SM90_COUNTER_MAX_SEQLEN_K = 2048
 
 
 def forward_sm90_schedule(key: KernelKey, tiles: int, seqlen_k: int, sm_count: int) -> tuple:
-    """(grid size, whether the CTAs take tiles from a global counter) of one Hopper forward launch."""
+    """(grid size, whether the CTAs take tiles from a global counter) of one Hopper forward launch. Block-sparse
+    launches stay persistent at every length: their work tiles are short (a few key tiles each), so one
+    tile's epilogue under the next one's loads is worth more than at dense lengths past
+    FWD_SM90_PERSISTENT_MAX_SEQLEN_K; the host's order (longest lists first) balances the static schedule."""
+    if key.head_dim <= FWD_SM90_PERSISTENT_MAX_HEAD_DIM and tiles > sm_count and ("CF_BLOCK_SPARSE", 1) in key.extra:
+        return sm_count, False
     if key.head_dim <= FWD_SM90_PERSISTENT_MAX_HEAD_DIM and tiles > sm_count:
         if key.is_local and seqlen_k <= FWD_SM90_COUNTER_MAX_SEQLEN_K:
             return sm_count, True
