@@ -435,8 +435,9 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
         ``alibi_slopes`` or dropout there.
     block_mask : cuflash.BlockMask or torch FlexAttention BlockMask, optional
         Block sparsity: key blocks the mask skips are never computed; partial blocks take its element
-        mask. Combines with every option above. CPU path only so far (GPU arrays raise
-        NotImplementedError).
+        mask. Combines with every option above on the CPU path; on GPU arrays the Hopper kernels'
+        block-sparse builds run it (causal / window folded into the mask's tables; not with attn_mask,
+        ALiBi or dropout), their tables built on the host and uploaded once per mask, device and tiling.
 
     Returns
     -------
@@ -454,7 +455,9 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     ValueError
         Shapes, devices or values out of range (the message names the argument).
     NotImplementedError
-        ``block_mask`` on GPU arrays; ``attn_mask`` with ``alibi_slopes`` or dropout on GPU arrays.
+        ``block_mask`` on GPU arrays other than the Hopper kernels' (another GPU, views TMA cannot address, block
+        sizes the tiles do not divide; the backward at head dims over 128) or with attn_mask, ALiBi, dropout or
+        deterministic mode; ``attn_mask`` with ``alibi_slopes`` or dropout on GPU arrays.
 
     Notes
     -----
@@ -640,7 +643,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     TypeError, ValueError
         As :func:`attention`, and for ``dout``/``out``/``lse`` whose shape, dtype or device do not match.
     NotImplementedError
-        ``block_mask`` on GPU arrays; ``attn_mask`` with ``alibi_slopes`` or dropout on GPU arrays.
+        ``block_mask`` on GPU arrays other than the Hopper kernels' (another GPU, views TMA cannot address, block
+        sizes the tiles do not divide; the backward at head dims over 128) or with attn_mask, ALiBi, dropout or
+        deterministic mode; ``attn_mask`` with ``alibi_slopes`` or dropout on GPU arrays.
 
     Notes
     -----

@@ -21,6 +21,7 @@ granularity, with causal / window visibility folded in, and a store of the eleme
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import numpy as np
 
@@ -32,6 +33,8 @@ DEFAULT_BLOCK_SIZE = 128  # the kernels' key-tile width on sm80 and sm90
 # up to 3x slower, apparently fresh pages on every allocation.
 _STORE_CHUNK_ELEMENTS = 1 << 17
 _STORE_CHUNK_BLOCKS = 256
+_RETIRED: list = []  # device caches of dropped masks, freed at the next upload (BlockMask.device_tables)
+_FLEX: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # FlexAttention BlockMask -> its conversion
 _EMPTY, _FULL = -2, -1  # codes of a block / tile in the (.., n_rows, n_cols) code tables; >= 0: store index
 _TILE_BITS = 16  # the backward packs (g << 16) | mt into one int32
 _MAX_GROUP = 1 << 14
@@ -165,9 +168,14 @@ class BlockMask:
         self.full_q_num_blocks, self.full_q_indices = _lists(swap(self._full))
         # kernel_tables' caches: evaluating the element mask is the expensive part and depends only on the
         # problem's (batch, heads_q); the tables depend on every argument.
+        # (batch, heads_q) -> the partial store; (batch, heads_q, window_left, window_right) -> the folded one.
         self._store_cache = {}
         self._tables_cache = {}
         self._device_cache = {}  # (device, host array id) -> (host, device array)
+        # A mask dropped while a kernel on another stream still reads its uploads must not hand their memory to
+        # the next upload (CuPy's pool reuses it at once, on the null stream): it goes to _RETIRED instead,
+        # which the next upload frees after synchronizing the device.
+        weakref.finalize(self, _RETIRED.append, self._device_cache)
 
     def _check_lists(self, name, num, idx):
         num, idx = np.asarray(num), np.asarray(idx)
@@ -387,7 +395,12 @@ class BlockMask:
                              f"{1 << _TILE_BITS}) and a group of {group} query heads per KV head (at most "
                              f"{_MAX_GROUP})")
 
-        store, code = self._fold_visibility(*self._partial_store(batch, heads_q), window_left, window_right)
+        key_fold = (batch, heads_q, window_left, window_right)  # (forward and backward share one folded store)
+        folded = self._store_cache.get(key_fold)
+        if folded is None:
+            folded = self._store_cache[key_fold] = self._fold_visibility(*self._partial_store(batch, heads_q),
+                                                                         window_left, window_right)
+        store, code = folded
         tiles = self._tile_codes(store, code, tile_m, tile_n, window_left, window_right)
         bg, hg = code.shape[:2]
         if direction == "fwd":
@@ -441,6 +454,9 @@ class BlockMask:
             hit = self._device_cache.get((device, id(host)))
             if hit is None:
                 with cupy.cuda.Device(device):
+                    if _RETIRED:  # every kernel that may read a dropped mask's tables has finished
+                        cupy.cuda.runtime.deviceSynchronize()
+                        _RETIRED.clear()
                     dev = cupy.asarray(host)
                     cupy.cuda.get_current_stream().synchronize()
                 hit = self._device_cache[(device, id(host))] = (host, dev)  # (host kept: its id stays its own)
@@ -610,7 +626,18 @@ def checked(block_mask, batch, heads_q, seqlen_q, seqlen_k) -> BlockMask:
     seqlen_q, seqlen_k) problem. Raises TypeError / ValueError naming it."""
     if not isinstance(block_mask, BlockMask):
         if type(block_mask).__name__ == "BlockMask" and hasattr(block_mask, "mask_mod"):
-            block_mask = BlockMask.from_flex(block_mask)
+            # Converted once per FlexAttention mask, so that its tables and uploads are made once too.
+            try:
+                converted = _FLEX.get(block_mask)
+            except TypeError:  # (not weak-referenceable)
+                converted = None
+            if converted is None:
+                converted = BlockMask.from_flex(block_mask)
+                try:
+                    _FLEX[block_mask] = converted
+                except TypeError:
+                    pass
+            block_mask = converted
         else:
             raise TypeError(f"block_mask must be a cuflash.BlockMask (or a torch FlexAttention BlockMask), got "
                             f"{type(block_mask).__name__}")

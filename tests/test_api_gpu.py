@@ -343,13 +343,11 @@ def test_dropout_on_gpu_arrays_needs_a_seed():
     assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
 
 
-def test_attn_mask_on_gpu_arrays_raises_before_launching():
-    """GPU arrays with attn_mask raise NotImplementedError naming the mask (the CPU path has it); a mask of
-    the wrong shape is still a ValueError first."""
+def test_attn_mask_that_does_not_broadcast_raises_before_launching():
+    """A GPU mask of the wrong shape is a ValueError naming attn_mask (tests/test_attn_mask_gpu.py runs the
+    masks that fit)."""
     import cupy
     q, k, v = inputs(1, 64, 64, 2, 2, 64, "float16", seed=0)
-    with pytest.raises(NotImplementedError, match="attn_mask is not implemented for GPU arrays"):
-        cuflash.attention(q, k, v, attn_mask=cupy.ones((64, 64), bool))
     with pytest.raises(ValueError, match="attn_mask must broadcast"):
         cuflash.attention(q, k, v, attn_mask=cupy.ones((64, 65), bool))
 
@@ -367,8 +365,9 @@ def test_sdpa_stand_in_on_cuda_equals_cuflash():
         assert torch.equal(got, want)
 
 
-def test_block_mask_on_gpu_arrays_raises_before_launching():
-    """GPU arrays with a block mask raise NotImplementedError naming it (the CPU path has it)."""
+def test_block_mask_with_blocks_the_tiles_do_not_divide_raises_before_launching():
+    """A block mask of 32 x 32 blocks on GPU arrays: NotImplementedError naming block_size (the kernels' tiles
+    nest in 128-blocks; tests/test_block_mask_gpu.py runs those), before any kernel."""
     q, k, v = inputs(1, 64, 64, 2, 2, 64, "float16", seed=0)
-    with pytest.raises(NotImplementedError, match="block_mask is not implemented for GPU arrays"):
+    with pytest.raises(NotImplementedError, match="block_size|block_mask on GPU arrays runs on the Hopper"):
         cuflash.attention(q, k, v, block_mask=cuflash.BlockMask.from_dense(np.ones((64, 64), bool), 32))
