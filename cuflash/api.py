@@ -252,10 +252,12 @@ def _device_mask(call, attn_mask, stream):
     return arrays.DeviceArray(view.ptr, full, strides, arrays.dtype_name(attn_mask, call.fw), view.device, view.owner)
 
 
-def _check_block_mask(call, block_mask, attn_mask, alibi, dropout, deterministic=False):
+def _check_block_mask(call, block_mask, attn_mask, alibi, dropout, deterministic=False, backward=False):
     """``block_mask``: None, or a :class:`cuflash.BlockMask` / torch FlexAttention ``BlockMask`` for this
     problem (block_mask.checked). On GPU arrays NotImplementedError, before anything is allocated, for what the
-    block-sparse kernels lack: another attn_mask, ALiBi, dropout, deterministic mode."""
+    block-sparse kernels lack: another attn_mask, ALiBi, dropout, deterministic mode, a GPU other than Hopper,
+    a head dim without the backward's build (``backward``), blocks their tiles do not divide (launch_plan
+    checks the views TMA must address)."""
     if block_mask is None:
         return None
     from .block_mask import checked
@@ -266,6 +268,20 @@ def _check_block_mask(call, block_mask, attn_mask, alibi, dropout, deterministic
             if value is not None:
                 raise NotImplementedError(f"block_mask together with {feature} is not implemented for GPU arrays "
                                           f"yet (the CPU path has it)")
+        from . import dispatch
+        cc = _cc(call.device)
+        if dispatch.forward_family(cc) != "fwd_sm90":
+            raise NotImplementedError("block_mask on GPU arrays runs on the Hopper kernels (compute capability 9.0); "
+                                      "this GPU has none (the CPU path has it)")
+        for back in (False, True) if backward else (False,):
+            tiles = dispatch.block_sparse_tiles(call.head_dim, back)
+            if tiles is None or (back and dispatch.backward_family(cc, call.head_dim, False) != "bwd_sm90"):
+                raise NotImplementedError("block_mask on GPU arrays runs on the Hopper kernels (the backward at "
+                                          f"head dims up to 128); head dim {call.head_dim} has none")
+            if block_mask.block_size[0] % tiles[0] or block_mask.block_size[1] % tiles[1]:
+                raise NotImplementedError(f"block_mask with block_size {block_mask.block_size} on GPU arrays: the "
+                                          f"kernel's tiles are {tiles[0]} x {tiles[1]}, so the block size must be a "
+                                          f"multiple of them (the default, 128, is)")
     return block_mask
 
 
@@ -675,7 +691,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset)
     attn_mask = _check_attn_mask(call, attn_mask)
     _check_gpu_mask_options(call, attn_mask, alibi, dropout)
-    block_mask = _check_block_mask(call, block_mask, attn_mask, alibi, dropout, deterministic)
+    block_mask = _check_block_mask(call, block_mask, attn_mask, alibi, dropout, deterministic, backward=True)
     _check_backward_arrays(call, dout, out, lse)
     return _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, deterministic, dropout,
                      attn_mask, block_mask, bind_key=key)

@@ -336,6 +336,17 @@ def forward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool
     return key
 
 
+def block_sparse_tiles(head_dim: int, backward: bool):
+    """(tile_m, tile_n) of the Hopper kernels' block-sparse build at this head dim, forward or backward (the
+    tiles a block mask's blocks must be multiples of); None where there is no such build."""
+    d = padded_head_dim(head_dim)
+    if backward:
+        return (BWD_SM90_TILES[d][0], BWD_SM90_BLOCK_N) if d in BWD_SM90_TILES else None
+    key = forward_key_sm90("bf16", d, is_local=False, softcap=False, alibi=False,
+                           attn_mask=ATTN_MASK_KINDS["bool"], mask_stage=True, block_sparse=True)
+    return key.block_m, key.block_n
+
+
 def page_shift(page_size: int) -> int:
     """log2(page_size) for a power-of-two page size (the kernels split rows into pages by a shift and a
     mask), else -1 (a division)."""

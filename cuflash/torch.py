@@ -471,9 +471,10 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
                           dropout_seed=0, block_mask=block_mask)  # raises what the kernels lack, naming it
         options = (api._check_flag("causal", causal), _default_scale(q, softmax_scale), tuple(window_size),
                    softcap, api._check_flag("deterministic", deterministic))
-        if options[4]:
-            raise NotImplementedError("block_mask together with deterministic=True is not implemented for GPU arrays "
-                                      "yet (the CPU path has it)")
+        # What the backward lacks raises now, not at loss.backward(): deterministic mode, head dims over 128.
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        block_mask = api._check_block_mask(api._Call(q, k, v), block_mask, None, None, None, options[4],
+                                           backward=needs_grad)
         out, lse = _block_sparse(q, k, v, block_mask, options)
         return (out, lse) if return_lse else out
     if block_mask is not None:  # (its dense mask needs no grad)

@@ -195,3 +195,30 @@ def test_torch_flex_block_mask_and_autograd():
                                atol=1e-12)
     for g, r in zip(grads, reference.attention_backward_reference(do.numpy(), *arrays, attn_mask=want)):
         np.testing.assert_allclose(g.numpy(), r, atol=1e-11)
+
+
+def test_gpu_rules_raise_before_anything_is_allocated(monkeypatch):
+    """api._check_block_mask's GPU rules, on a stand-in call (no GPU needed): a GPU other than Hopper, a head
+    dim without the backward's build, blocks the kernels' tiles do not divide, and the options the block-sparse
+    kernels lack raise NotImplementedError naming them; a 128-block mask at head dim 128 passes."""
+    import types
+
+    from cuflash import api
+    bm = BlockMask.from_dense(np.tril(np.ones((256, 256), bool)))
+    call = types.SimpleNamespace(batch=1, heads_q=2, seqlen_q=256, seqlen_k=256, head_dim=128, on_gpu=True, device=0)
+    monkeypatch.setattr(api, "_cc", lambda device: (9, 0))
+    assert api._check_block_mask(call, bm, None, None, None, backward=True) is bm
+    with pytest.raises(NotImplementedError, match="block_size"):
+        api._check_block_mask(call, BlockMask.from_dense(np.ones((256, 256), bool), block_size=64), None, None, None)
+    with pytest.raises(NotImplementedError, match="head dims up to 128"):
+        api._check_block_mask(types.SimpleNamespace(**{**vars(call), "head_dim": 256}), bm, None, None, None,
+                              backward=True)
+    api._check_block_mask(types.SimpleNamespace(**{**vars(call), "head_dim": 256}), bm, None, None, None)
+    for kwargs, name in ((dict(attn_mask=object()), "attn_mask"), (dict(alibi=object()), "alibi_slopes"),
+                         (dict(dropout=(0.1, 1, 0)), "dropout"), (dict(deterministic=True), "deterministic")):
+        args = {"attn_mask": None, "alibi": None, "dropout": None, "deterministic": False, **kwargs}
+        with pytest.raises(NotImplementedError, match=name):
+            api._check_block_mask(call, bm, args["attn_mask"], args["alibi"], args["dropout"], args["deterministic"])
+    monkeypatch.setattr(api, "_cc", lambda device: (8, 0))
+    with pytest.raises(NotImplementedError, match="Hopper"):
+        api._check_block_mask(call, bm, None, None, None)
