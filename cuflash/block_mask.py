@@ -136,7 +136,11 @@ class BlockMask:
     def __init__(self, kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None, *,
                  block_size=DEFAULT_BLOCK_SIZE, seq_lengths, mask=None):
         self.block_size = _block_sizes(block_size)
-        self.seq_lengths = tuple(int(n) for n in seq_lengths)
+        lengths = tuple(seq_lengths)
+        if len(lengths) != 2 or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0
+                                        for n in lengths):
+            raise ValueError(f"seq_lengths must be (seqlen_q, seqlen_k), two ints >= 0, got {seq_lengths!r}")
+        self.seq_lengths = tuple(int(n) for n in lengths)
         sq, sk = self.seq_lengths
         self.num_q_blocks, self.num_kv_blocks = -(-sq // self.block_size[0]), -(-sk // self.block_size[1])
         self.kv_num_blocks, self.kv_indices = self._check_lists("kv", kv_num_blocks, kv_indices)
@@ -244,7 +248,15 @@ class BlockMask:
         allb = np.zeros_like(anyb)
         for i in range(n_q):
             q = np.arange(i * bq, min((i + 1) * bq, seqlen_q))[None, None, :, None]
-            m = np.broadcast_to(np.asarray(fn(b, h, q, kv), dtype=bool), (batch, heads, q.shape[2], seqlen_k))
+            r = np.asarray(fn(b, h, q, kv))
+            if r.dtype != np.bool_:  # (a score-style 0 / -inf function would otherwise come out inverted)
+                raise TypeError(f"fn must return bools (True = attend), got dtype {r.dtype}")
+            try:
+                m = np.broadcast_to(r, (batch, heads, q.shape[2], seqlen_k))
+            except ValueError:
+                raise ValueError(f"fn(b, h, q_idx, kv_idx) returned shape {r.shape}, which does not broadcast to "
+                                 f"(batch, heads, query block, seqlen_k) = {(batch, heads, q.shape[2], seqlen_k)}"
+                                 ) from None
             a, z = _block_reduce(m, bq, bk)
             anyb[:, :, i], allb[:, :, i] = a[:, :, 0], z[:, :, 0]
         return cls._from_tables(anyb & ~allb, allb, (bq, bk), (seqlen_q, seqlen_k), fn)
@@ -380,6 +392,9 @@ class BlockMask:
         for name in ("batch", "heads_q", "heads_k", "tile_m", "tile_n"):
             if ints[name] < 1:
                 raise ValueError(f"{name} must be >= 1, got {ints[name]}")
+        for name in ("window_left", "window_right"):
+            if ints[name] < 0:
+                raise ValueError(f"{name} must be >= 0 (unbounded: seqlen_q + seqlen_k), got {ints[name]}")
         bq, bk = self.block_size
         if bq % tile_m or bk % tile_n:
             raise ValueError(f"the kernel's tiles ({tile_m}, {tile_n}) must divide the mask's block_size ({bq}, {bk}) "

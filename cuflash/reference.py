@@ -415,6 +415,13 @@ class _Tiles:
                  block_mask=None):
         self.dropout = dropout  # None or (p, seed, offset)
         self.block_mask = block_mask
+        if block_mask is not None:
+            # Tiles of the mask's blocks (where those are not tiny), so that a tile lies in one block and the
+            # blocks the mask skips are skipped whole; _attended answers "any block here?" without the
+            # element mask (at 4k, 9% visible: 3.7 s with 1k x 2k tiles that mostly held a visible block).
+            self._attended = block_mask._full | block_mask._partial
+            if not block_q and not block_k and min(block_mask.block_size) >= 32:
+                block_q, block_k = block_mask.block_size
         self.attn_mask = None
         if attn_mask is not None:
             b, sq, hq = q.shape[:3]
@@ -463,6 +470,9 @@ class _Tiles:
         """The block mask's element mask of a tile in the tile's row layout (as :meth:`keep`), or None."""
         if self.block_mask is None:
             return None
+        bq, bk = self.block_mask.block_size
+        if not self._attended[:, :, q0 // bq:(q1 - 1) // bq + 1, k0 // bk:(k1 - 1) // bk + 1].any():
+            return np.zeros((1, 1, 1), bool)  # (no block here: the caller skips the tile)
         hh = np.arange(h0, h1)
         heads = (hh % self.hk)[:, None] * self.g + np.arange(self.g)   # (n, g) query heads
         z = self.block_mask.dense_tile((hh // self.hk)[:, None] + 0 * heads, heads, (q0, q1), (k0, k1))

@@ -222,3 +222,20 @@ def test_gpu_rules_raise_before_anything_is_allocated(monkeypatch):
     monkeypatch.setattr(api, "_cc", lambda device: (8, 0))
     with pytest.raises(NotImplementedError, match="Hopper"):
         api._check_block_mask(call, bm, None, None, None)
+
+
+def test_constructors_refuse_what_would_be_misread():
+    """A mask function returning scores (0 / -inf) or ints would be read inverted or as truthy: TypeError; a
+    result of the wrong shape names fn; negative or fractional lengths, and negative kernel windows (-1 is the
+    API's "unbounded", not the tables'), are ValueErrors."""
+    with pytest.raises(TypeError, match="fn must return bools"):
+        BlockMask.from_mask_fn(lambda b, h, q, k: np.where(q >= k, 0.0, -np.inf), None, None, 70, 90, 16)
+    with pytest.raises(ValueError, match="fn"):
+        BlockMask.from_mask_fn(lambda b, h, q, k: np.ones((3, 5), bool), None, None, 70, 90, 16)
+    for lengths in ((-5, 64), (256.9, 256), (64,)):
+        with pytest.raises(ValueError, match="seq_lengths"):
+            BlockMask(np.zeros((1, 1, 1), np.int32), np.zeros((1, 1, 1, 1), np.int32), seq_lengths=lengths)
+    bm = BlockMask.from_dense(np.tril(np.ones((64, 64), bool)), 32)
+    with pytest.raises(ValueError, match="window_left"):
+        bm.kernel_tables(batch=1, heads_q=1, heads_k=1, direction="fwd", tile_m=32, tile_n=32, window_left=-1,
+                         window_right=0)

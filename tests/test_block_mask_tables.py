@@ -19,11 +19,10 @@ TILES = [(128, 128), (128, 64), (64, 128)]
 
 
 def _windows(sq, sk):
-    """(window_left, window_right): unbounded, causal, a sliding window, and the band |i - j| <= 1, whose edges
-    fall exactly on tile boundaries (key tile n0 = m0 + tile_m and n1 = m0 - 1 are just visible), so that a
+    """(window_left, window_right): unbounded, causal, a sliding window, and the band |i + off - j| <= 1 (off =
+    seqlen_k - seqlen_q), three keys wide, whose edges cross every tile boundary near the diagonal, so that a
     filter off by one loses attended elements."""
-    off = sk - sq
-    return [(sq + sk, sq + sk), (sq + sk, 0), (150, 40), (off + 1, 1 - off)]
+    return [(sq + sk, sq + sk), (sq + sk, 0), (150, 40), (1, 1)]
 
 
 def _random_dense(rng, shape):
