@@ -105,14 +105,15 @@ FIELDS = [
     ("mask_col_stride", "i64", None, ""),
     # Block sparsity (CF_BLOCK_SPARSE, block_mask.py's kernel tables): per (batch, head, tile) a list of the
     # tiles to visit with the index of each one's partial-block mask (-1: a full block, no element mask), the
-    # masks bool (P, block_q, mask_row_stride) at attn_mask. All written per call (a mask's own geometry).
+    # masks bool (P, block_q, mask_row_stride) at attn_mask. Lists, strides and lengths are a mask's own:
+    # ops.py writes them per call (8-byte fields, as pointers are).
     ("block_lists", "ptr", "const int2*", "row r at block_lists + r * block_list_len; r = b * block_batch_stride "
                                           "+ h * block_head_stride + tile"),
     ("block_counts", "ptr", "const int*", "entries of each row"),
     ("block_batch_stride", "i64", None, "rows; 0 where the lists broadcast"),
     ("block_head_stride", "i64", None, ""),
     ("block_list_len", "i64", None, "entries a row holds"),
-    ("block_q", "i64", None, "query rows of a partial-block mask (8-byte fields: ops.py writes them per call)"),
+    ("block_q", "i64", None, "query rows of a partial-block mask (the plan's; the fields above are the call's)"),
     ("block_order", "ptr", "const int*", "launch order, heaviest lists first: work tile / CTA i takes grid cell "
                                          "block_order[i] = (b * heads + h) * tiles + tile"),
 ]

@@ -98,7 +98,7 @@ struct AttentionParams {
     i64 block_batch_stride;     // rows; 0 where the lists broadcast
     i64 block_head_stride;
     i64 block_list_len;         // entries a row holds
-    i64 block_q;                // query rows of a partial-block mask (8-byte fields: ops.py writes them per call)
+    i64 block_q;                // query rows of a partial-block mask (the plan's; the fields above are the call's)
     // launch order, heaviest lists first: work tile / CTA i takes grid cell block_order[i] = (b * heads +
     // h) * tiles + tile
     const int* block_order;
