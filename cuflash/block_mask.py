@@ -479,7 +479,8 @@ class BlockMask:
         return DeviceTables(*ptrs, t.batch_stride, t.head_stride, t.list_len)  # (store, lists, counts, order, ..)
 
     def _table_grid(self, batch, heads_q) -> tuple:
-        """(Bg, Hg): the (batch, head) extent of the kernel tables, 1 where nothing depends on that index."""
+        """(Bg, Hg): the (batch, head) extent on which this mask varies for a (batch, heads_q) problem, 1 where
+        nothing depends on that index (the kernel tables' extent; the adapters' dense masks broadcast so)."""
         mask_dims = (1, 1) if self.mask is None else None if callable(self.mask) else self._mask_4d().shape[:2]
         lists_dims = self._full.shape[:2]
         return tuple(1 if n == 1 and mask_dims is not None and mask_dims[i] == 1 else want

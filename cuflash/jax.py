@@ -112,7 +112,7 @@ def _with_block_mask(q, k, attn_mask, block_mask):
     if _on_gpu():
         raise NotImplementedError("cuflash.jax: block_mask on the GPU is not implemented yet; it runs on CPU JAX "
                                   "(and cuflash.attention takes it on GPU arrays)")
-    dense = jnp.asarray(block_mask.to_dense(b, hq))
+    dense = jnp.asarray(block_mask.to_dense(*block_mask._table_grid(b, hq)))  # (1 where it broadcasts)
     if attn_mask is None:
         return dense
     if attn_mask.dtype == jnp.bool_:

@@ -414,7 +414,10 @@ def _dense_block_mask(block_mask, batch, heads, seqlen_q, seqlen_k):
     """A block mask's dense element mask (bool (batch, heads, seqlen_q, seqlen_k) CPU tensor), checked for the
     problem. torch.compile takes the result as a constant of the graph instead of tracing the NumPy work."""
     from .block_mask import checked
-    return torch.from_numpy(checked(block_mask, batch, heads, seqlen_q, seqlen_k).to_dense(batch, heads))
+    block_mask = checked(block_mask, batch, heads, seqlen_q, seqlen_k)
+    # (batch or heads of 1 where nothing depends on them: the mask then broadcasts instead of taking
+    # batch * heads * seqlen_q * seqlen_k bytes, 1 GiB at 4 x 16 x 4k)
+    return torch.from_numpy(block_mask.to_dense(*block_mask._table_grid(batch, heads)))
 
 
 def _with_block_mask(q, k, attn_mask, block_mask):
