@@ -228,14 +228,14 @@ def _check_attn_mask(call, attn_mask):
     return attn_mask
 
 
-def _check_gpu_mask_options(call, attn_mask, alibi, dropout) -> None:
-    """An attn_mask on GPU arrays with ALiBi or dropout: NotImplementedError before anything is allocated (the
-    kernels' element-mask builds have neither)."""
-    if attn_mask is None or not call.on_gpu:
+def _check_gpu_mask_options(call, name, mask, options) -> None:
+    """A mask (``name``: attn_mask, block_mask) on GPU arrays with one of ``options`` ((feature, value or None)
+    pairs) that its kernel builds lack: NotImplementedError before anything is allocated."""
+    if mask is None or not call.on_gpu:
         return
-    for feature, value in (("alibi_slopes", alibi), ("dropout", dropout)):
+    for feature, value in options:
         if value is not None:
-            raise NotImplementedError(f"attn_mask together with {feature} is not implemented for GPU arrays yet "
+            raise NotImplementedError(f"{name} together with {feature} is not implemented for GPU arrays yet "
                                       f"(the CPU path has it)")
 
 
@@ -262,12 +262,10 @@ def _check_block_mask(call, block_mask, attn_mask, alibi, dropout, deterministic
         return None
     from .block_mask import checked
     block_mask = checked(block_mask, call.batch, call.heads_q, call.seqlen_q, call.seqlen_k)
+    _check_gpu_mask_options(call, "block_mask", block_mask, (("attn_mask", attn_mask), ("alibi_slopes", alibi),
+                                                             ("dropout", dropout),
+                                                             ("deterministic=True", deterministic or None)))
     if call.on_gpu:
-        for feature, value in (("attn_mask", attn_mask), ("alibi_slopes", alibi), ("dropout", dropout),
-                               ("deterministic=True", deterministic or None)):
-            if value is not None:
-                raise NotImplementedError(f"block_mask together with {feature} is not implemented for GPU arrays "
-                                          f"yet (the CPU path has it)")
         from . import dispatch
         cc = _cc(call.device)
         if dispatch.forward_family(cc) != "fwd_sm90":
@@ -278,10 +276,7 @@ def _check_block_mask(call, block_mask, attn_mask, alibi, dropout, deterministic
             if tiles is None or (back and dispatch.backward_family(cc, call.head_dim, False) != "bwd_sm90"):
                 raise NotImplementedError("block_mask on GPU arrays runs on the Hopper kernels (the backward at "
                                           f"head dims up to 128); head dim {call.head_dim} has none")
-            if block_mask.block_size[0] % tiles[0] or block_mask.block_size[1] % tiles[1]:
-                raise NotImplementedError(f"block_mask with block_size {block_mask.block_size} on GPU arrays: the "
-                                          f"kernel's tiles are {tiles[0]} x {tiles[1]}, so the block size must be a "
-                                          f"multiple of them (the default, 128, is)")
+            dispatch.check_block_sparse_tiles(block_mask.block_size, tiles)
     return block_mask
 
 
@@ -501,7 +496,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     return_lse = _check_flag("return_lse", return_lse)
     dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset)
     attn_mask = _check_attn_mask(call, attn_mask)
-    _check_gpu_mask_options(call, attn_mask, alibi, dropout)
+    _check_gpu_mask_options(call, "attn_mask", attn_mask, (("alibi_slopes", alibi), ("dropout", dropout)))
     block_mask = _check_block_mask(call, block_mask, attn_mask, alibi, dropout)
     if call.fw == "torch" and _needs_autograd(q, k, v, attn_mask):  # (a mask that needs grad: refused there)
         from . import torch as torch_adapter
@@ -690,7 +685,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     deterministic = _check_flag("deterministic", deterministic)
     dropout = _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset)
     attn_mask = _check_attn_mask(call, attn_mask)
-    _check_gpu_mask_options(call, attn_mask, alibi, dropout)
+    _check_gpu_mask_options(call, "attn_mask", attn_mask, (("alibi_slopes", alibi), ("dropout", dropout)))
     block_mask = _check_block_mask(call, block_mask, attn_mask, alibi, dropout, deterministic, backward=True)
     _check_backward_arrays(call, dout, out, lse)
     return _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softcap, deterministic, dropout,

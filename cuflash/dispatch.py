@@ -347,6 +347,15 @@ def block_sparse_tiles(head_dim: int, backward: bool):
     return key.block_m, key.block_n
 
 
+def check_block_sparse_tiles(block_size: tuple, tiles: tuple) -> None:
+    """NotImplementedError unless a block mask's (query, key) block size is a multiple of a block-sparse
+    kernel's tiles (block_sparse.cuh: a tile reads its element mask from one block)."""
+    if block_size[0] % tiles[0] or block_size[1] % tiles[1]:
+        raise NotImplementedError(f"block_mask with block_size {tuple(block_size)} on GPU arrays: the kernel's tiles "
+                                  f"are {tiles[0]} x {tiles[1]}, so the block size must be a multiple of them (the "
+                                  f"default, 128, is)")
+
+
 def page_shift(page_size: int) -> int:
     """log2(page_size) for a power-of-two page size (the kernels split rows into pages by a shift and a
     mask), else -1 (a division)."""

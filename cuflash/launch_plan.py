@@ -157,10 +157,7 @@ def _block_sparse_fields(p: _Block, block_size: tuple, kkey) -> tuple:
     """A block-sparse plan's fields: the partial-block masks' geometry (block_sparse.cuh), and the plan's
     block_tables. NotImplementedError unless the kernel's tiles nest inside the mask's blocks."""
     bq, bk = block_size
-    if bq % kkey.block_m or bk % kkey.block_n:
-        raise NotImplementedError(f"block_mask with block_size {block_size} on GPU arrays: this kernel's tiles are "
-                                  f"{kkey.block_m} x {kkey.block_n}, so the block size must be a multiple of them "
-                                  f"(the default, 128, is)")
+    dispatch.check_block_sparse_tiles(block_size, (kkey.block_m, kkey.block_n))
     p["mask_row_stride"], p["mask_col_stride"], p["block_q"] = bk, 1, bq
     return kkey.block_m, kkey.block_n, p["window_left"], p["window_right"]
 

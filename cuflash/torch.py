@@ -73,7 +73,7 @@ def _fwd(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right
                                                              window_left, window_right, softcap)
     dropout = api._check_dropout_args(call, dropout_p, *_state_ints(dropout_state))
     attn_mask = api._check_attn_mask(call, attn_mask)
-    api._check_gpu_mask_options(call, attn_mask, alibi, dropout)
+    api._check_gpu_mask_options(call, "attn_mask", attn_mask, (("alibi_slopes", alibi), ("dropout", dropout)))
     return api._forward(call, q, k, v, alibi, causal, scale, window, softcap, True, dropout, attn_mask,
                         bind_key=key)
 
@@ -468,21 +468,18 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
                         f"seqlen_k)), got {type(attn_mask).__name__}")
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("attn_mask requires grad; cuflash does not differentiate the mask (detach it)")
+    dropout_p = api._check_probability(dropout_p)
     if block_mask is not None and getattr(q, "is_cuda", False):
-        if attn_mask is not None or alibi_slopes is not None or dropout_p != 0:
-            api.attention(q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                          dropout_seed=0, block_mask=block_mask)  # raises what the kernels lack, naming it
         options = (api._check_flag("causal", causal), _default_scale(q, softmax_scale), tuple(window_size),
                    softcap, api._check_flag("deterministic", deterministic))
         # What the backward lacks raises now, not at loss.backward(): deterministic mode, head dims over 128.
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        block_mask = api._check_block_mask(api._Call(q, k, v), block_mask, None, None, None, options[4],
-                                           backward=needs_grad)
+        block_mask = api._check_block_mask(api._Call(q, k, v), block_mask, attn_mask, alibi_slopes,
+                                           dropout_p or None, options[4], backward=needs_grad)
         out, lse = _block_sparse(q, k, v, block_mask, options)
         return (out, lse) if return_lse else out
     if block_mask is not None:  # (its dense mask needs no grad)
         attn_mask = _with_block_mask(q, k, attn_mask, block_mask)
-    dropout_p = api._check_probability(dropout_p)
     out, lse = _attention(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, deterministic,
                           dropout_p, _dropout_state(dropout_p, dropout_seed, dropout_offset), attn_mask)
     return (out, lse) if return_lse else out
