@@ -636,6 +636,8 @@ def backward_varlen_keys(dtype: str, head_dim: int, *, is_local: bool, softcap: 
 # 192 and 256 run the sm80 kernel.
 BWD_SM90_TILES = {64: (128, 2), 128: (64, 2)}
 BWD_SM90_BLOCK_N = 128
+# The dropout builds (CF_DROPOUT) take ptxas -O1 at head dim 64 and with ALiBi: at -O3 the draws spilled 4-28
+# bytes there on sm_90a (hd64's 128-query tile holds S^T and dP^T in 128 registers), none at -O1.
 # fp32 columns of the boxes in which the Hopper backward adds dQ into dq_accum (cf_bwd_sm90_dq_box_cols):
 # 128 bytes, the widest box the 128-byte swizzle allows; 64 query rows a box.
 BWD_SM90_DQ_BOX = (64, 32)
@@ -668,16 +670,18 @@ def backward_family(cc: tuple, head_dim: int, deterministic: bool) -> str:
 
 def backward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
                       deterministic: bool = False, varlen: bool = False, attn_mask: int = 0,
-                      mask_stage: bool = False, block_sparse: bool = False) -> KernelKey:
+                      mask_stage: bool = False, block_sparse: bool = False, dropout: bool = False) -> KernelKey:
     """The Hopper backward's variant; ``varlen``: its variable-length build (CF_VARLEN, not deterministic);
     ``attn_mask`` (dense, no ALiBi): an element mask, 1 boolean or 2 additive (CF_ATTN_MASK, attn_mask.cuh);
     ``mask_stage`` (a boolean mask :func:`mask_stageable` takes): staged in shared memory by 16-byte copies
     (CF_MASK_STAGE) where the query tile is 64 rows (head dim 128; at head dim 64 the 128-row tile's buffers do
     not fit beside the rest), else ignored. ``block_sparse`` (a boolean ``attn_mask``, not deterministic):
-    query tiles from block_mask.py's lists (CF_BLOCK_SPARSE, block_sparse.cuh)."""
+    query tiles from block_mask.py's lists (CF_BLOCK_SPARSE, block_sparse.cuh). ``dropout`` (dense, no
+    ``attn_mask``): the forward's keep mask drawn again per tile (CF_DROPOUT, philox.cuh)."""
     if deterministic and varlen:
         raise ValueError("the Hopper backward has no deterministic variable-length build")
-    assert not (attn_mask and (varlen or alibi)), "attn_mask: the dense build, no ALiBi"
+    assert not (attn_mask and (varlen or alibi or dropout)), "attn_mask: the dense build, no ALiBi or dropout"
+    assert not (dropout and varlen), "dropout: the dense build"
     assert not mask_stage or attn_mask == ATTN_MASK_KINDS["bool"], "staged masks: boolean ones"
     assert not block_sparse or (attn_mask == ATTN_MASK_KINDS["bool"] and not deterministic and not is_local), \
         "block sparsity: a boolean mask, causal / window folded in, not deterministic"
@@ -686,9 +690,11 @@ def backward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: boo
     stage = mask_stage and bm == 64
     extra = ((("CF_STAGES", stages),) + ((("CF_DETERMINISTIC", 1),) if deterministic else ())
              + ((("CF_VARLEN", 1),) if varlen else ()) + ((("CF_ATTN_MASK", attn_mask),) if attn_mask else ())
-             + ((("CF_MASK_STAGE", 1),) if stage else ()) + ((("CF_BLOCK_SPARSE", 1),) if block_sparse else ()))
+             + ((("CF_MASK_STAGE", 1),) if stage else ()) + ((("CF_BLOCK_SPARSE", 1),) if block_sparse else ())
+             + ((("CF_DROPOUT", 1),) if dropout else ()))
+    opt = 1 if dropout and (d == 64 or alibi) else 3
     return KernelKey("bwd_sm90", "attention_bwd_sm90", dtype, d, is_local, softcap, alibi, bm, BWD_SM90_BLOCK_N,
-                     12, extra=extra)
+                     12, extra=extra, ptxas_opt=opt)
 
 
 def backward_sm90_smem_bytes(key: KernelKey) -> int:
@@ -711,7 +717,10 @@ def all_backward_sm90_keys() -> list[KernelKey]:
     return [backward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, deterministic=det, varlen=vl)
             for dt in DTYPES for d in BWD_SM90_TILES for loc in (False, True)
             for sc in (False, True) for al in (False, True) for det, vl in ((False, False), (True, False),
-                                                                          (False, True))]
+                                                                          (False, True))] + [
+        backward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, deterministic=det, dropout=True)
+        for dt in DTYPES for d in BWD_SM90_TILES for loc in (False, True) for sc in (False, True)
+        for al in (False, True) for det in (False, True)]
 
 
 def all_backward_sm90_mask_keys() -> list[KernelKey]:
@@ -929,6 +938,8 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                             if d in BWD_SM90_TILES:
                                 found += [backward_key_sm90(dt, d, deterministic=det, varlen=vl, **mods)
                                           for det, vl in ((False, False), (True, False), (False, True))]
+                                found += [backward_key_sm90(dt, d, deterministic=det, dropout=True, **mods)
+                                          for det in (False, True)]
                                 found += [backward_key_sm90(dt, d, deterministic=det, attn_mask=m, mask_stage=st,
                                                             **mods)
                                           for det in (False, True) for m in masks

@@ -360,8 +360,9 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     """The backward's plan: preprocess (delta, zero dQ accumulator) -> KV-parallel main kernel (dK, dV, dQ
     summed into the fp32 accumulator: atomics on sm80, TMA reductions on the Hopper kernel) -> postprocess
     (dQ). Deterministic mode: the Hopper kernel adds in a fixed order (turn counters the preprocess zeroes);
-    on sm80 a Q-parallel dQ kernel replaces the accumulation and the postprocess. ``dropout_p`` > 0: the sm80
-    kernels' dropout builds on every GPU, p's threshold and scale in the block (seed and offset per call);
+    on sm80 a Q-parallel dQ kernel replaces the accumulation and the postprocess. ``dropout_p`` > 0: the
+    kernels' dropout builds (the Hopper kernel's where it runs), p's threshold and scale in the block (seed and
+    offset per call);
     ``mask`` (as :func:`forward`): the kernels' element-mask builds; ``block_size`` (as :func:`forward`): the
     Hopper kernel's block-sparse build, head dims 64 and 128, not deterministic."""
     key = ("bwd", q.device, cc, _layout(dout, q, k, v, out, dq, dk, dv), _alibi_layout(alibi), causal, window_size,
@@ -380,8 +381,7 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     seqlen_k, heads_k = k.shape[1], k.shape[2]
     dev = q.device
     # The Hopper main kernel reads Q, K, V and dO through TMA; views TMA cannot describe run on sm80.
-    hopper = (dropout_p == 0 and dispatch.backward_family(cc, q.shape[3], deterministic) == "bwd_sm90"
-              and tma.supports(q, k, v, dout))
+    hopper = dispatch.backward_family(cc, q.shape[3], deterministic) == "bwd_sm90" and tma.supports(q, k, v, dout)
     if block_size is not None and (not hopper or deterministic):
         raise (NotImplementedError("block_mask with deterministic=True on GPU arrays (the deterministic kernels "
                                    "add dQ in turns over every key tile)") if deterministic
@@ -403,7 +403,7 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
                                       alibi=alibi is not None, deterministic=deterministic,
                                       attn_mask=dispatch.ATTN_MASK_KINDS["bool"] if sparse else mask_kind(mask),
                                       mask_stage=sparse or (mask is not None and dispatch.mask_stageable(mask)),
-                                      block_sparse=sparse)
+                                      block_sparse=sparse, dropout=dropout_p > 0)
     tables = _block_sparse_fields(p, block_size, main) if sparse else None
     launches = _backward_launches(p, arch, dev, pre, post, main, smem, maps, dq_key if dq_kernel else None,
                                   batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_k=heads_k)

@@ -1,5 +1,5 @@
-"""Attention dropout on the GPU (the forward kernels' CF_DROPOUT builds, Hopper's and sm80's; the backward's
-sm80 builds, which Hopper runs too): the output and
+"""Attention dropout on the GPU (the forward and backward kernels' CF_DROPOUT builds, Hopper's and sm80's): the
+output and
 the gradients follow FlashAttention's rule against float64 attention with the NumPy path's mask
 (cuflash/dropout.py) for the same seed and offset; the LSE is the softmax's, before dropout; odd sizes,
 masks, GQA, softcap and ALiBi, deterministic mode bitwise; torch autograd with torch.manual_seed; the plans'
@@ -90,9 +90,10 @@ def test_dropout_mask_exact_oracle(d, n, deterministic, kernel, monkeypatch):
     P_ij Z_ij / (1 - p), so O's zeros are exactly the dropped elements; dV for dO = I is O transposed; for a
     random dO, dQ[i, j] = dK[j, i] = scale / 2 * dS_ij with dS_ij = P_ij (dO_ij Z_ij / (1 - p) - D_i), each
     element nearer the value its kept/dropped state gives than the one the opposite state would.
-    CUFLASH_FWD_KERNEL=sm80 runs the sm80 forward on a Hopper GPU too."""
+    CUFLASH_FWD_KERNEL=sm80 and CUFLASH_BWD_KERNEL=sm80 run the sm80 kernels on a Hopper GPU too."""
     import cupy
     monkeypatch.setenv("CUFLASH_FWD_KERNEL", kernel)
+    monkeypatch.setenv("CUFLASH_BWD_KERNEL", kernel)
     b, h, p = 1, 2, 0.4
     seed, offset = (1 << 63) + 12345, (7 << 32) + 3
     eye = np.zeros((b, n, h, d), np.float32)
@@ -188,3 +189,26 @@ def test_dropout_plan_takes_the_dropout_build_with_threshold_and_scale():
     assert (plans[0].launch.maps != ()) == (dispatch.forward_family(cc) == "fwd_sm90")
     assert block["dropout_threshold"] == dropout.keep_threshold(0.25) == 49152
     assert block["dropout_scale"] == pytest.approx(1 / 0.75)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_dropout_backward_plan_takes_the_hopper_dropout_build(d):
+    """On Hopper the backward of a dropout call runs the Hopper kernel's dropout build (tensor maps, CF_DROPOUT)
+    with p's threshold and scale in its block; elsewhere the sm80 kernel's."""
+    import cupy
+    from cuflash import dispatch, launch_plan, params_layout
+    q, k, v = inputs(1, 130, 130, 2, 2, d, "bfloat16", seed=0)
+    drop = dict(dropout_p=0.2, dropout_seed=3)
+    out, lse = cuflash.attention(q, k, v, return_lse=True, **drop)
+    launch_plan._plans.clear()
+    cuflash.attention_backward(randn_like(out, 1), q, k, v, out, lse, **drop)
+    cupy.cuda.runtime.deviceSynchronize()
+    plans = [pl for key, pl in launch_plan._plans.items() if key[0] == "bwd"]
+    assert len(plans) == 1
+    main = plans[0].launches[1]
+    cc = divmod(int(cupy.cuda.Device().compute_capability), 10)
+    assert (main.maps != ()) == (dispatch.backward_family(cc, d, False) == "bwd_sm90")
+    block = dict(zip(params_layout.NAMES, params_layout.STRUCT.unpack(main.block)))
+    assert block["dropout_threshold"] == dropout.keep_threshold(0.2)
+    assert block["dropout_scale"] == pytest.approx(1 / 0.8)
+

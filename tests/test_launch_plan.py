@@ -280,8 +280,9 @@ def test_paged_plan_page_shift(stub_functions, page_size, shift, box, cc):
 @pytest.mark.parametrize("cc", [(9, 0), (8, 0)])
 def test_dropout_plans_carry_threshold_and_scale(stub_functions, cc):
     """A dropout forward plan runs the forward kernel's dropout build (Hopper's on Hopper), a dropout backward
-    plan the sm80 dropout builds on any GPU (deterministic: the dQ kernel's too); every launch's block holds
-    round((1 - p) * 65536) and 1 / (1 - p), and p is part of the plan's key."""
+    plan the Hopper backward's dropout build on Hopper (deterministic too: its dQ turns) and the sm80 dropout
+    builds elsewhere (deterministic: the dQ kernel's too); every launch's block holds round((1 - p) * 65536)
+    and 1 / (1 - p), and p is part of the plan's key."""
     q, k, v, o = _qkvo()
     fp = _fwd(q, k, v, o, cc=cc, dropout_p=0.25)
     assert "dropout" in stub_functions[-1][0]
@@ -293,7 +294,8 @@ def test_dropout_plans_carry_threshold_and_scale(stub_functions, cc):
         bp = launch_plan.backward(dout, q, k, v, o, None, dq, dk, dv, causal=False, window_size=(-1, -1),
                                   softmax_scale=0.1, softcap=0.0, deterministic=det, cc=cc, dropout_p=0.25)
         names = [launch.fn[1] for launch in bp.launches]
-        assert names[1].startswith("bwd_sm80") and "dropout" in names[1]
-        assert ("dropout" in names[2]) == det  # the dQ kernel, or the postprocess
+        assert names[1].startswith("bwd_sm90" if cc == (9, 0) else "bwd_sm80") and "dropout" in names[1]
+        assert ("det" in names[1]) == det
+        assert ("dropout" in names[2]) == (det and cc != (9, 0))  # the sm80 dQ kernel, or the postprocess
         for launch in bp.launches:
             assert _block(launch)["dropout_threshold"] == 49152

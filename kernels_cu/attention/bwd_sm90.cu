@@ -76,6 +76,9 @@
 // group's heads, and applies the element mask only on tiles of partial blocks; causal and window
 // visibility come folded into the lists and masks (no CF_IS_LOCAL). Not deterministic (the turns count
 // every key tile of a query tile).
+// CF_DROPOUT (optional, default 0; dense builds, philox.cuh): the forward's keep mask Z is drawn again per
+// tile (the transposed draws of bwd_sm80.cu) while S^T and dP^T run; dV takes P Z / (1 - p) and
+// dS = P (dP Z / (1 - p) - delta), delta = rowsum(dO O) of the dropped O (the preprocess).
 //
 // Variable-length batches (CF_VARLEN, seq_context.cuh): the tensor maps cover the packed arrays and a CTA
 // offsets its TMA rows by its sequence's first rows; CTAs past a sequence's keys return at once. Tiles at a
@@ -107,7 +110,11 @@
 #if CF_BLOCK_SPARSE
 #include "attention/block_sparse.cuh"
 #endif
-static_assert(!CF_ATTN_MASK || (!CF_VARLEN && !CF_ALIBI), "attn_mask: the dense build, no ALiBi");
+#if CF_DROPOUT
+#include "attention/philox.cuh"
+#endif
+static_assert(!CF_ATTN_MASK || (!CF_VARLEN && !CF_ALIBI && !CF_DROPOUT), "attn_mask: the dense build, no ALiBi or dropout");
+static_assert(!CF_DROPOUT || !CF_VARLEN, "dropout: the dense build");
 static_assert(!CF_BLOCK_SPARSE || (CF_ATTN_MASK == 1 && !CF_DETERMINISTIC && !CF_IS_LOCAL),
               "block sparsity: boolean masks (causal / window folded in), not deterministic");
 static_assert(!(CF_VARLEN && CF_DETERMINISTIC), "the variable-length build has no deterministic turns");
@@ -182,6 +189,8 @@ constexpr bool kEarlyP = !CF_SOFTCAP && kBM == 64 && !(CF_ATTN_MASK == 2 && CF_I
 // registers ptxas also spilled 20-48 bytes), so that tile keeps both warpgroups in step with a named barrier
 // before dQ of the same tile.
 constexpr bool kDeferDq = kBM == 128;
+// Dropout: a lane's keep bits of a tile (4 elements of each of its kNT8 n8 groups), one bit each.
+constexpr int kKeepWords = kNT8 / 8;
 constexpr int kDsBarrier = 1;  // named barrier (lockstep mode): both consumer warpgroups' dS^T rows are stored
 #if CF_VARLEN
 // Named barriers of the variable-length build (both consumer warpgroups): the K / V tail rows are zeroed; a
@@ -533,6 +542,32 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
             }
             wgmma::commit();
         };
+#if CF_DROPOUT
+        // This lane's keep bits of the tile: the forward's draws (philox.cuh; S^T is the sm80 KV-parallel
+        // kernel's transposed fragment, one draw per lane per pair of n8 groups), element e of n8 group
+        // n = 2 p + nn at bit 4 (4 nn + 2 (e / 2) + e % 2) + p % 4 of word p / 4 (transposed_keep_bits).
+        // Drawn while S^T runs at BM 64; at BM 128, whose S^T alone is 64 registers, before it is issued
+        // (with it in flight the draws spilled 12 bytes).
+        u32 keep[kKeepWords] = {};
+        auto draw_keep = [&]() {
+            // The key through loop_variant: hoisted out of the tile loop, its ten round keys (20 registers)
+            // would stay live across every product.
+            const PhiloxKey key0 = dropout_key(a.dropout_seed, a.dropout_offset);
+            const PhiloxKey drop_key{loop_variant(key0.k0), loop_variant(key0.k1)};
+            const u32 drop_bh = (u32)(bc.b * a.heads_q + h);
+#pragma unroll
+            for (int n = 0; n < kNT8; n += 2) {
+                const u32 draw = dropout_draw_transposed(drop_key, a.dropout_offset, drop_bh, m0, key_row0, n,
+                                                         lane, (u32)a.dropout_threshold);
+                keep[n / 8] |= transposed_keep_bits(draw, lane) << ((n / 2) % 4);
+            }
+        };
+        auto kept = [&](int n, int e) {
+            const int bit = 4 * (4 * (n % 2) + 2 * (e / 2) + e % 2) + (n / 2) % 4;
+            return ((keep[n / 8] >> bit) & 1u) != 0;
+        };
+        if (kBM == 128) draw_keep();
+#endif
         mbar_wait(sm.q_full(s), ph);
 #if CF_VARLEN
         int tile_seqlen_q, tile_seqlen_k;
@@ -546,6 +581,9 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         const Visibility& tv = vis;
 #endif
         issue_scores(sc, k_rows, sm.q(s));
+#if CF_DROPOUT
+        if (kBM == 64) draw_keep();
+#endif
         bool exact_tile = false;  // warp 1's exponent form for this tile (see the top)
         if (kChooseExponent) {
             u32 form;
@@ -631,10 +669,16 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
                     const float add = 0.f;
 #endif
                     if (!kEarlyP) {
+#if CF_DROPOUT
+                        dp[n][e] = kept(n, e) ? dp[n][e] * a.dropout_scale : 0.f;
+#endif
                         sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI, !kChooseExponent, CF_ATTN_MASK == 2,
                                                      CF_ATTN_MASK != 0>(
                             sc[n][e], dp[n][e], row, (e & 1) ? del2.y : del2.x, visible, ex, pre, a.softcap, slope,
                             i + tv.off - j, add);
+#if CF_DROPOUT
+                        sc[n][e] = kept(n, e) ? sc[n][e] * a.dropout_scale : 0.f;
+#endif
                     } else {
                         float unused;
                         sc[n][e] = bwd_probability<CF_SOFTCAP, CF_ALIBI, !kChooseExponent, CF_ATTN_MASK == 2,
@@ -642,7 +686,18 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
                             sc[n][e], row, visible, ex, pre, a.softcap, slope, i + tv.off - j, unused, add);
                     }
                 }
+#if CF_DROPOUT
+                if (kEarlyP) {  // dV takes P Z / (1 - p); dS below needs P itself
+                    float dropped[4];
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) dropped[e] = kept(n, e) ? sc[n][e] * a.dropout_scale : 0.f;
+                    pack_pair(ap, n, dropped);
+                } else {
+                    pack_pair(ap, n, sc[n]);
+                }
+#else
                 pack_pair(ap, n, sc[n]);
+#endif
                 if (!kEarlyP) pack_pair(ads, n, dp[n]);
             }
             if (kEarlyP) {
@@ -652,7 +707,12 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
                 for (int n = 0; n < kNT8; ++n) {
                     const float2 del2 = load2(sm.delta(s) + (n * 8 + 2 * t) * 4);
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) dp[n][e] = sc[n][e] * (dp[n][e] - ((e & 1) ? del2.y : del2.x));
+                    for (int e = 0; e < 4; ++e) {
+#if CF_DROPOUT
+                        dp[n][e] = kept(n, e) ? dp[n][e] * a.dropout_scale : 0.f;
+#endif
+                        dp[n][e] = sc[n][e] * (dp[n][e] - ((e & 1) ? del2.y : del2.x));
+                    }
                     pack_pair(ads, n, dp[n]);
                 }
             }

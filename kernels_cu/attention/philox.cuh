@@ -100,3 +100,21 @@ __device__ __forceinline__ bool transposed_keep(u32 draw, int nn, int e, int lan
     const int src = ((nn * 4 + (e >> 1) * 2 + (e & 1)) << 2) | (lane & 3);
     return (__shfl_sync(0xffffffffu, draw, src) >> (lane >> 2)) & 1u;
 }
+
+// All of a lane's keep bits of the n8 tile pair above at once, for kernels where per-element shuffles cost
+// registers (bwd_sm90.cu: 64 shuffles a tile spilled 20-170 bytes): bit 4 k of the result, k = 4 nn + 2 (e / 2)
+// + e % 2, is transposed_keep(draw, nn, e, lane); the other bits are 0. Eight ballots gather bit b of every
+// lane's draw (lane L = 4 k + t at bit L), a lane keeps the ballot of its own key row g = lane / 4 (a tree
+// of selects on g's bits) and shifts its column t = lane % 4 down to bit 0.
+__device__ __forceinline__ u32 transposed_keep_bits(u32 draw, int lane) {
+    u32 ballot[8];
+#pragma unroll
+    for (int b = 0; b < 8; ++b) ballot[b] = __ballot_sync(0xffffffffu, (draw >> b) & 1u);
+    const int g = lane >> 2;
+#pragma unroll
+    for (int level = 1; level < 8; level *= 2)
+#pragma unroll
+        for (int b = 0; b < 8; b += 2 * level) ballot[b] = (g & level) ? ballot[b + level] : ballot[b];
+    return (ballot[0] >> (lane & 3)) & 0x11111111u;
+}
+
