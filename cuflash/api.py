@@ -434,7 +434,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
         scaled by ``1 / (1 - p)``; the LSE is the softmax's, before dropout. The mask is a pure function of
         ``dropout_seed``, ``dropout_offset`` and (batch, head, query, key) (:func:`cuflash.dropout_mask`
         returns it; cuflash/dropout.py gives the Philox4x32-10 counter layout). GPU arrays: the forward
-        kernels' dropout builds and the sm80 backward's (which Hopper runs for dropout, for now).
+        and backward kernels' dropout builds (Hopper's wgmma kernels on compute capability 9.0, head dims up
+        to 128 in the backward; the sm80 kernels elsewhere).
     dropout_seed, dropout_offset : int in [0, 2**64)
         The generator's key and counter offset; ``dropout_seed`` is required when ``dropout_p > 0``. Pass
         the same values to :func:`attention_backward`.
