@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 
@@ -65,17 +66,46 @@ def check_dropout(dropout_p, where):
     return p
 
 
+class _Dropout(NamedTuple):
+    """A checked dropout request: p, the (seed, offset) ints, and ``state``, the caller's device array of
+    (seed, offset) that the kernels read when they run (GPU arrays; then seed = offset = 0), or None."""
+    p: float
+    seed: int
+    offset: int
+    state: object = None
+
+
 def _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset):
-    """``(p, seed, offset)`` for a call with dropout, None without; p > 0 needs an int seed (the CPU path and
-    the GPU kernels' dropout builds draw the same mask from it)."""
+    """A :class:`_Dropout` for a call with dropout, None without; p > 0 needs a seed (the CPU path and the GPU
+    kernels' dropout builds draw the same mask from it): an int, or an array of two 64-bit integers (seed,
+    offset) on the inputs' device (read on the host for the CPU path; by the kernels, as they run, for GPU
+    arrays), which takes no dropout_offset."""
     p = _check_probability(dropout_p)
     if p == 0:
         return None
     from .dropout import check_seed
     if dropout_seed is None:
-        raise TypeError(f"dropout_p={p} needs dropout_seed (an int in [0, 2**64)); the forward and the backward "
-                        f"given the same dropout_seed and dropout_offset draw the same mask")
-    return p, check_seed("dropout_seed", dropout_seed), check_seed("dropout_offset", dropout_offset)
+        raise TypeError(f"dropout_p={p} needs dropout_seed (an int in [0, 2**64), or a device array of (seed, "
+                        f"offset)); the forward and the backward given the same seed and offset draw the same mask")
+    if not (hasattr(dropout_seed, "shape") and hasattr(dropout_seed, "dtype")):
+        return _Dropout(p, check_seed("dropout_seed", dropout_seed), check_seed("dropout_offset", dropout_offset))
+    fw = arrays.framework_of(dropout_seed)
+    if fw != call.fw and not (fw == "numpy" and not call.on_gpu):
+        raise TypeError(f"dropout_seed is a {fw} array but {call.names[0]} is a {call.fw} array")
+    dt = arrays.dtype_name(dropout_seed, fw)
+    if dt not in ("int64", "uint64") or tuple(dropout_seed.shape) != (2,):
+        raise TypeError(f"dropout_seed as an array must hold (seed, offset): shape (2,) of int64 or uint64, got "
+                        f"{dt} of shape {tuple(dropout_seed.shape)}")
+    if dropout_offset.__class__ is not int or dropout_offset != 0:
+        raise ValueError(f"dropout_offset must be 0 (the default) when dropout_seed is an array of (seed, offset), "
+                         f"got {dropout_offset!r}")
+    dev = arrays.device_of(dropout_seed, fw)
+    if dev != call.device:
+        raise ValueError(f"dropout_seed is on device {dev} but {call.names[0]} is on {call.device}")
+    if not call.on_gpu:
+        seed, offset = (int(x) % (1 << 64) for x in np.asarray(_to_numpy(dropout_seed, fw)).tolist())
+        return _Dropout(p, seed, offset)
+    return _Dropout(p, 0, 0, dropout_seed)
 
 
 def _check_window(window_size):
@@ -438,7 +468,10 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
         to 128 in the backward; the sm80 kernels elsewhere).
     dropout_seed, dropout_offset : int in [0, 2**64)
         The generator's key and counter offset; ``dropout_seed`` is required when ``dropout_p > 0``. Pass
-        the same values to :func:`attention_backward`.
+        the same values to :func:`attention_backward`. ``dropout_seed`` may instead be an array of two
+        int64 or uint64 (seed, offset) (bits as uint64) on the inputs' device, with ``dropout_offset`` 0: GPU
+        kernels read it when they run, so a CUDA graph that refills it before each replay draws new masks
+        (how ``cuflash.torch`` draws from torch's generator); the CPU path reads it on the host.
     attn_mask : array, optional
         Broadcastable to (batch, heads_q, seqlen_q, seqlen_k), as SDPA's: bool (True = attend; combined with
         ``causal`` / ``window_size``) or float (added to the scores after scaling, softcap and ALiBi;
@@ -537,7 +570,21 @@ def _needs_autograd(*tensors) -> bool:
 
 
 def _dropout_kwargs(dropout):
-    return {} if dropout is None else dict(dropout_p=dropout[0], dropout_seed=dropout[1], dropout_offset=dropout[2])
+    if dropout is None:
+        return {}
+    if dropout.state is not None:
+        return dict(dropout_p=dropout.p, dropout_seed=dropout.state)
+    return dict(dropout_p=dropout.p, dropout_seed=dropout.seed, dropout_offset=dropout.offset)
+
+
+def _device_dropout(dropout, fw, stream):
+    """``dropout`` for ops: its device state array as a view (strides must be 1: the kernels read two words)."""
+    if dropout is None or dropout.state is None:
+        return dropout
+    view = arrays.device_view(dropout.state, fw, stream)
+    if view.strides != (1,):
+        raise ValueError(f"dropout_seed as an array must be contiguous, got strides {view.strides} (elements)")
+    return dropout._replace(state=view)
 
 
 def _cpu_extras(dropout, attn_mask, block_mask):
@@ -589,7 +636,8 @@ def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, d
                 qv, work = (pack_query_heads(x, groups) for x in (qv, out_work))
                 kwargs.update(causal=False, window_size=(-1, -1))
             fp = ops.forward(qv, kv, vv, work, lse_view, _device_alibi(alibi, call.fw, stream), stream=stream,
-                             cc=cc, framework=call.fw, dropout=dropout, mask=_device_mask(call, attn_mask, stream),
+                             cc=cc, framework=call.fw, dropout=_device_dropout(dropout, call.fw, stream),
+                             mask=_device_mask(call, attn_mask, stream),
                              block_mask=block_mask, **kwargs)
             _finish_output(out_view, out_work, stream, cc)
             if bind_key is not None and alibi is None and _in_place(call, qv, kv, vv):
@@ -734,8 +782,9 @@ def _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softc
                 lse_view = arrays.contiguous_copy(lse, call.fw, device, stream)
             bp = ops.backward(views["dout"], views["q"], views["k"], views["v"], views["out"], lse_view,
                               _device_alibi(alibi, call.fw, stream), *(work for _, _, work in grads),
-                              deterministic=deterministic, stream=stream, cc=cc, framework=call.fw, dropout=dropout,
-                              mask=_device_mask(call, attn_mask, stream), block_mask=block_mask, **kwargs)
+                              deterministic=deterministic, stream=stream, cc=cc, framework=call.fw,
+                              dropout=_device_dropout(dropout, call.fw, stream), mask=_device_mask(call, attn_mask, stream),
+                              block_mask=block_mask, **kwargs)
             for _, view, work in grads:
                 _finish_output(view, work, stream, cc)
             if bind_key is not None and alibi is None and lse_in_place and _in_place(call, *views.values()):

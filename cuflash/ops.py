@@ -291,8 +291,9 @@ def _sm_count(device: int) -> int:
 def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, lse: DeviceArray, alibi, *,
             causal: bool, window_size, softmax_scale: float, softcap: float, stream: int, cc: tuple,
             framework: str, dropout=None, mask=None, block_mask=None) -> launch_plan.ForwardPlan:
-    """The dense forward (launch_plan.forward) into ``out`` and ``lse``; ``dropout`` None or (p, seed,
-    offset): p picks the plan, seed and offset go into this launch only; ``mask`` None or the attn_mask's
+    """The dense forward (launch_plan.forward) into ``out`` and ``lse``; ``dropout`` None or an
+    api._Dropout (p, seed, offset, device state view or None): p picks the plan, the rest goes into this launch
+    only; ``mask`` None or the attn_mask's
     (batch, heads_q, seqlen_q, seqlen_k) view (launch_plan.forward); ``block_mask`` None or a checked
     cuflash.BlockMask, whose tables (uploaded once per device and tiling) this launch reads."""
     fp = launch_plan.forward(q, k, v, out, alibi, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
@@ -304,7 +305,9 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, ls
     if fp.block_tables is not None:
         pointers.update(_block_pointers(block_mask, "fwd", q, k, fp.block_tables))
     if dropout is not None:
-        pointers["dropout_seed"], pointers["dropout_offset"] = dropout[1], dropout[2]
+        pointers["dropout_seed"], pointers["dropout_offset"] = dropout.seed, dropout.offset
+        if dropout.state is not None:
+            pointers["dropout_rng"] = dropout.state.ptr
     counter_native = _tile_counter(fp, pointers, framework, q.device, stream)
     views = {"q": q, "k": k, "v": v, "o": out}
     _launch(fp.launch, stream, pointers, views)
@@ -416,7 +419,7 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
              softmax_scale: float, softcap: float, deterministic: bool, stream: int, cc: tuple,
              framework: str, dropout=None, mask=None, block_mask=None) -> launch_plan.BackwardPlan:
     """The backward's kernels (launch_plan.backward says which), with workspaces from the caller's framework on its
-    stream (CUDA-graph capture needs that); ``dropout`` None or the forward's (p, seed, offset); ``mask`` and
+    stream (CUDA-graph capture needs that); ``dropout`` None or the forward's api._Dropout; ``mask`` and
     ``block_mask`` as :func:`forward`'s."""
     bp = launch_plan.backward(dout, q, k, v, out, alibi, dq, dk, dv, causal=causal, window_size=window_size,
                               softmax_scale=softmax_scale, softcap=softcap, deterministic=deterministic, cc=cc,
@@ -435,7 +438,9 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     if bp.block_tables is not None:
         pointers.update(_block_pointers(block_mask, "bwd", q, k, bp.block_tables))
     if dropout is not None:
-        pointers["dropout_seed"], pointers["dropout_offset"] = dropout[1], dropout[2]
+        pointers["dropout_seed"], pointers["dropout_offset"] = dropout.seed, dropout.offset
+        if dropout.state is not None:
+            pointers["dropout_rng"] = dropout.state.ptr
     if bp.dq_accum_shape is not None:
         acc_native, acc = arrays.empty(framework, bp.dq_accum_shape, "float32", q.device, stream)
         pointers["dq_accum"] = acc.ptr

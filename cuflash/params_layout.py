@@ -116,6 +116,9 @@ FIELDS = [
     ("block_q", "i64", None, "query rows of a partial-block mask (the plan's; the fields above are the call's)"),
     ("block_order", "ptr", "const int*", "launch order, heaviest lists first: work tile / CTA i takes grid cell "
                                          "block_order[i] = (b * heads + h) * tiles + tile"),
+    # Dropout's (seed, offset) as a device array that the kernels read when they run (philox.cuh,
+    # dropout_seed), so that a captured CUDA graph draws new masks as the array changes between replays.
+    ("dropout_rng", "ptr", "const u64*", "(seed, offset) in place of dropout_seed / dropout_offset; null: those"),
 ]
 
 NAMES = [f[0] for f in FIELDS]

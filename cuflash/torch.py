@@ -29,9 +29,11 @@ _lib.define(
     "Tensor? dropout_state, Tensor? attn_mask) -> (Tensor, Tensor, Tensor)")
 
 
-# Dropout's (seed, offset) reach the ops as `dropout_state`, an int64 CPU tensor of 2 (None without dropout):
-# a tensor, not two ints, so that torch.compile(fullgraph=True) traces a seed drawn from torch's generator
-# (torch.randint in the graph) where an int would need the value at trace time (a graph break). Seeds and
+# Dropout's (seed, offset) reach the ops as `dropout_state`, an int64 tensor of 2 (None without dropout): a
+# tensor, not two ints, so that torch.compile(fullgraph=True) traces a seed drawn from torch's generator
+# (torch.randint in the graph) where an int would need the value at trace time (a graph break). On the CPU
+# the ops read it on the host; a CUDA state (drawn for CUDA inputs) goes to the kernels as a device array
+# they read when they run, so a CUDA graph's replays draw new masks as torch's own dropout does. Seeds and
 # offsets are 64-bit unsigned (cuflash/dropout.py), stored as the int64 of the same bits.
 def _to_i64(x: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x
@@ -42,12 +44,15 @@ def _to_u64(x: int) -> int:
 
 
 def _state_ints(dropout_state):
-    """(seed, offset) as unsigned ints of a `dropout_state` tensor, or (None, 0) without one."""
+    """(seed, offset) as cuflash.attention takes them: unsigned ints of a CPU `dropout_state`, (the tensor
+    itself, 0) for a CUDA one (the kernels read it), (None, 0) without one."""
     if dropout_state is None:
         return None, 0
-    if dropout_state.dtype != torch.int64 or tuple(dropout_state.shape) != (2,) or dropout_state.is_cuda:
-        raise TypeError(f"dropout_state must be an int64 CPU tensor of shape (2,) (seed, offset), got "
+    if dropout_state.dtype != torch.int64 or tuple(dropout_state.shape) != (2,):
+        raise TypeError(f"dropout_state must be an int64 tensor of shape (2,) (seed, offset), got "
                         f"{dropout_state.dtype} {tuple(dropout_state.shape)} on {dropout_state.device}")
+    if dropout_state.is_cuda:
+        return dropout_state, 0
     seed, offset = dropout_state.tolist()
     return _to_u64(seed), _to_u64(offset)
 
@@ -387,20 +392,42 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return (out, lse) if return_softmax_lse else out
 
 
-def _dropout_state(dropout_p, dropout_seed, dropout_offset):
+def _dropout_state(dropout_p, dropout_seed, dropout_offset, device=None):
     """The ops' `dropout_state`: None without dropout (and no seed); the caller's (seed, offset); or, without a
-    seed and with dropout_p > 0, a seed drawn from torch's default CPU generator (torch.manual_seed
-    reproduces a run; under torch.compile the draw is part of the graph) and offset 0."""
+    seed and with dropout_p > 0, one drawn from torch's default generator of the inputs' ``device``; a tensor
+    ``dropout_seed`` of (seed, offset) as it is
+    (torch.manual_seed reproduces a run; under torch.compile the draw is part of the graph). On a CUDA device
+    the draw stays there (one torch.randint kernel, which a CUDA graph replays with fresh numbers): seed and
+    offset both drawn, or the caller's dropout_offset written in when it is not 0; on the CPU, a seed and the
+    caller's offset."""
     from .dropout import check_seed
+    if isinstance(dropout_seed, torch.Tensor):  # the caller's (seed, offset), read where it lives
+        if dropout_seed.dtype not in (torch.int64, torch.uint64) or tuple(dropout_seed.shape) != (2,):
+            raise TypeError(f"dropout_seed as a tensor must hold (seed, offset): shape (2,) of int64, got "
+                            f"{dropout_seed.dtype} of shape {tuple(dropout_seed.shape)}")
+        if dropout_offset.__class__ is not int or dropout_offset != 0:
+            raise ValueError(f"dropout_offset must be 0 (the default) when dropout_seed is a tensor of (seed, "
+                             f"offset), got {dropout_offset!r}")
+        return dropout_seed.view(torch.int64)
     offset = _to_i64(check_seed("dropout_offset", dropout_offset))
     if dropout_seed is None:
         if not dropout_p:
             return None
+        if device is not None and device.type == "cuda":
+            state = torch.randint(0, (1 << 63) - 1, (2,), dtype=torch.int64, device=device)
+            if offset:
+                state[1] = offset
+            return state
         # (on the CPU whatever torch.set_default_device says: the ops read the state on the host)
         drawn = torch.randint(0, (1 << 63) - 1, (1,), dtype=torch.int64, device="cpu")
         return torch.cat([drawn, torch.tensor([offset], dtype=torch.int64, device="cpu")])
     return torch.tensor([_to_i64(check_seed("dropout_seed", dropout_seed)), offset], dtype=torch.int64,
                         device="cpu")
+
+
+def _device(x):
+    """A tensor's device (None for anything else: the checks judge it)."""
+    return x.device if isinstance(x, torch.Tensor) else None
 
 
 def _tensor(x):
@@ -447,11 +474,11 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     """Differentiable :func:`cuflash.attention` for torch tensors (same arguments and semantics).
 
     ``deterministic=True`` makes the backward bitwise reproducible. The returned LSE (``return_lse``) is
-    not differentiated through. Dropout (``dropout_p > 0``): without ``dropout_seed`` a seed is drawn from
-    torch's default CPU generator (``torch.manual_seed`` reproduces the mask; under ``torch.compile`` the
-    draw is part of the graph, so ``fullgraph=True`` holds), and the backward replays the forward's mask.
-    CUDA tensors run the kernels' dropout builds (the backward's is sm80's, on Hopper too for now); the seed
-    is drawn on the host, so a captured CUDA graph replays one mask.
+    not differentiated through. Dropout (``dropout_p > 0``): without ``dropout_seed`` a (seed, offset) is drawn
+    from torch's default generator of the inputs' device (``torch.manual_seed`` reproduces the mask; under
+    ``torch.compile`` the draw is part of the graph, so ``fullgraph=True`` holds), and the backward replays the
+    forward's mask. CUDA tensors run the kernels' dropout builds, which read the drawn state on the device
+    as they run: a captured CUDA graph draws a new mask at every replay, as torch's own dropout does.
     ``attn_mask`` as :func:`cuflash.attention` takes it (CPU or CUDA tensors); it is not differentiated, so
     a mask that requires grad raises NotImplementedError. ``block_mask`` (a :class:`cuflash.BlockMask` or a
     FlexAttention one): on CUDA tensors the block-sparse kernels (cuflash.attention's GPU path; under
@@ -481,7 +508,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     if block_mask is not None:  # (its dense mask needs no grad)
         attn_mask = _with_block_mask(q, k, attn_mask, block_mask)
     out, lse = _attention(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, deterministic,
-                          dropout_p, _dropout_state(dropout_p, dropout_seed, dropout_offset), attn_mask)
+                          dropout_p, _dropout_state(dropout_p, dropout_seed, dropout_offset, _device(q)), attn_mask)
     return (out, lse) if return_lse else out
 
 
@@ -515,14 +542,14 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     torch's default generator (see :func:`attention`).
     """
     dropout_p = api._check_probability(dropout_p)
-    state = _dropout_state(dropout_p, None, 0)
+    state = _dropout_state(dropout_p, None, 0, _device(q))
     out, lse = _attention(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, deterministic,
                           dropout_p, state, None)
     if not return_attn_probs:
         return out
     if not dropout_p:
         return out, lse, None
-    seed = _state_ints(state)[0]
+    seed, offset = (_to_u64(x) for x in state.tolist())  # (a CUDA state: a sync; S_dmask is for tests)
     from . import dropout, reference
 
     def host(x):  # (CUDA tensors as float32 copies: NumPy has no bfloat16)
@@ -531,7 +558,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     slopes = None if alibi_slopes is None else host(alibi_slopes)
     probs = reference.attention_probs(host(q), host(k), causal=causal, softmax_scale=softmax_scale,
                                       window_size=window_size, softcap=softcap, alibi_slopes=slopes)
-    keep = dropout.dropout_mask(*probs.shape, dropout_p=dropout_p, dropout_seed=seed)
+    keep = dropout.dropout_mask(*probs.shape, dropout_p=dropout_p, dropout_seed=seed, dropout_offset=offset)
     return out, lse, torch.from_numpy(np.where(keep, probs, -probs)).to(q.device, q.dtype)
 
 

@@ -161,3 +161,24 @@ def test_device_generator_draws_the_numpy_mask(seed, offset, p):
                              like=torch.zeros(1, device="cuda"))
     assert t.dtype == torch.bool and t.is_cuda
     np.testing.assert_array_equal(t.cpu().numpy(), want)
+
+
+def test_seed_as_an_array_is_checked():
+    """dropout_seed as an array must be two 64-bit integers (seed, offset) of the inputs' array type, with
+    dropout_offset left at 0; each mistake raises naming the argument, and the right one equals the ints."""
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((1, 9, 2, 16)) for _ in range(3))
+    want = cuflash.attention(q, k, v, dropout_p=0.25, dropout_seed=7, dropout_offset=9)
+    got = cuflash.attention(q, k, v, dropout_p=0.25, dropout_seed=np.array([7, 9], np.int64))
+    np.testing.assert_array_equal(got, want)
+    for bad in (np.array([7, 9], np.int32), np.array([7, 9, 1]), np.array(7)):
+        with pytest.raises(TypeError, match="dropout_seed as an array"):
+            cuflash.attention(q, k, v, dropout_p=0.25, dropout_seed=bad)
+    with pytest.raises(ValueError, match="dropout_offset must be 0"):
+        cuflash.attention(q, k, v, dropout_p=0.25, dropout_seed=np.array([7, 9]), dropout_offset=1)
+    grads = cuflash.attention_backward(q, q, k, v, want, *cuflash.attention(q, k, v, return_lse=True)[1:],
+                                       dropout_p=0.25, dropout_seed=np.array([7, 9], np.uint64))
+    ref = cuflash.attention_backward(q, q, k, v, want, *cuflash.attention(q, k, v, return_lse=True)[1:],
+                                     dropout_p=0.25, dropout_seed=7, dropout_offset=9)
+    for g, r in zip(grads, ref):
+        np.testing.assert_array_equal(g, r)

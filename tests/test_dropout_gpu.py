@@ -212,3 +212,71 @@ def test_dropout_backward_plan_takes_the_hopper_dropout_build(d):
     assert block["dropout_threshold"] == dropout.keep_threshold(0.2)
     assert block["dropout_scale"] == pytest.approx(1 / 0.8)
 
+
+
+@pytest.mark.parametrize("kernel", ["", "sm80"])
+def test_dropout_device_state_equals_the_int_seed(kernel, monkeypatch):
+    """(seed, offset) as a device array, read by the kernels as they run, draws exactly what the int seed and
+    offset do: forward and backward bit for bit, the Hopper kernels and (CUFLASH_*_KERNEL=sm80) the sm80 ones,
+    seeds past 2**63 included; a non-contiguous state is refused."""
+    import cupy
+    monkeypatch.setenv("CUFLASH_FWD_KERNEL", kernel)
+    monkeypatch.setenv("CUFLASH_BWD_KERNEL", kernel)
+    q, k, v = inputs(2, 190, 257, 4, 2, 128, "bfloat16", seed=11)
+    seed, offset = (1 << 63) + 0xABCDEF, (9 << 32) + 17
+    ints = dict(dropout_p=0.3, dropout_seed=seed, dropout_offset=offset)
+    state = dict(dropout_p=0.3, dropout_seed=cupy.asarray(np.array([seed, offset], np.uint64)))
+    out, lse = cuflash.attention(q, k, v, causal=True, return_lse=True, **ints)
+    out2, lse2 = cuflash.attention(q, k, v, causal=True, return_lse=True, **state)
+    np.testing.assert_array_equal(to_host(out2).view(np.uint16), to_host(out).view(np.uint16))
+    dout = randn_like(out, 3)
+    for det in (False, True):
+        want = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, deterministic=det, **ints)
+        got = cuflash.attention_backward(dout, q, k, v, out, lse, causal=True, deterministic=det, **state)
+        for i in (0, 1, 2) if det else (1, 2):  # (without turns dQ's order of additions varies by run)
+            np.testing.assert_array_equal(to_host(got[i]).view(np.uint16), to_host(want[i]).view(np.uint16))
+    strided = cupy.asarray(np.array([seed, 0, offset, 0], np.uint64))[::2]
+    with pytest.raises(ValueError, match="contiguous"):
+        cuflash.attention(q, k, v, dropout_p=0.3, dropout_seed=strided)
+
+
+def test_dropout_cuda_graph_draws_a_new_mask_each_replay():
+    """cuflash.torch draws (seed, offset) on the device with torch's generator, so a forward + backward captured
+    in a CUDA graph draws a new mask at every replay, as torch's own dropout does, and the backward replays
+    its forward's: with Q = K = I / 2 and V = I (the oracle above) O's zeros are the mask and, for dO = I,
+    dV's zeros its transpose. torch.manual_seed reproduces eager calls."""
+    import torch
+    import cuflash.torch as ct
+    n, d, p = 64, 64, 0.5
+    eye = torch.zeros(1, n, 2, d, device="cuda")
+    eye[0, torch.arange(n), :, torch.arange(n)] = 1.0
+    q = (eye * 0.5).half().requires_grad_(True)
+    v = eye.half().requires_grad_(True)
+    dout = eye.half()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            ct.flash_attn_func(q, q, v, dropout_p=p).backward(dout)
+            q.grad = v.grad = None
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ct.flash_attn_func(q, q, v, dropout_p=p)
+        out.backward(dout)
+    masks = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        kept = out[0, :, :, :n].permute(1, 0, 2) != 0                    # (h, i, j)
+        kept_v = v.grad[0, :, :, :n].permute(1, 2, 0) != 0               # dV[j, h, i] -> (h, i, j)
+        assert torch.equal(kept, kept_v)
+        assert 0.3 < kept.float().mean().item() < 0.7
+        masks.append(kept.clone())
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+    with torch.no_grad():
+        torch.manual_seed(5)
+        a = ct.flash_attn_func(q, q, v, dropout_p=p)
+        torch.manual_seed(5)
+        b = ct.flash_attn_func(q, q, v, dropout_p=p)
+    assert torch.equal(a, b)

@@ -104,12 +104,31 @@ def test_dropout_seed_drawn_on_the_cpu_under_a_default_device():
 
 
 def test_dropout_state_is_checked():
-    """The ops' dropout_state must be an int64 CPU tensor of (seed, offset): anything else is a TypeError
-    naming it, before any work."""
+    """The ops' dropout_state must be an int64 tensor of (seed, offset): anything else is a TypeError naming
+    it, before any work. A tensor dropout_seed of cuflash.torch.attention is held to the same, and takes no
+    dropout_offset."""
     q, k, v = (t.detach().float() for t in _qkv())
     for bad in (torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1, 2, 3]), torch.tensor(1)):
-        with pytest.raises(TypeError, match="dropout_state must be an int64 CPU tensor"):
+        with pytest.raises(TypeError, match="dropout_state must be an int64 tensor"):
             torch.ops.cuflash.fwd(q, k, v, None, False, 0.25, -1, -1, 0.0, False, 0.2, bad, None)
+        with pytest.raises(TypeError, match="dropout_seed as a tensor"):
+            ct.attention(q, k, v, dropout_p=0.2, dropout_seed=bad)
+    with pytest.raises(ValueError, match="dropout_offset must be 0"):
+        ct.attention(q, k, v, dropout_p=0.2, dropout_seed=torch.tensor([1, 2]), dropout_offset=3)
+
+
+def test_dropout_tensor_seed_equals_the_int_seed():
+    """A (seed, offset) tensor as dropout_seed draws what the ints do (CPU path: read on the host), with bits
+    above 2**63 as int64's negative values; the functional API takes a NumPy (seed, offset) array the same way."""
+    import cuflash
+    q, k, v = (t.detach().float() for t in _qkv())
+    seed, offset = (1 << 63) + 99, 5
+    want = ct.attention(q, k, v, dropout_p=0.3, dropout_seed=seed, dropout_offset=offset)
+    state = torch.tensor([seed - (1 << 64), offset], dtype=torch.int64)
+    torch.testing.assert_close(ct.attention(q, k, v, dropout_p=0.3, dropout_seed=state), want, rtol=0, atol=0)
+    qn, kn, vn = (x.numpy() for x in (q, k, v))
+    got = cuflash.attention(qn, kn, vn, dropout_p=0.3, dropout_seed=np.array([seed, offset], np.uint64))
+    np.testing.assert_array_equal(got, want.numpy())
 
 
 @pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])

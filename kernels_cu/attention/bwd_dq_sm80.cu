@@ -155,9 +155,9 @@ attention_bwd_dq_sm80(const __grid_constant__ AttentionParams p) {
 #endif
 #if CF_DROPOUT
             // dS = P (dP Z / (1 - p) - delta) with the forward's keep mask Z (philox.cuh).
-            dropout_fragments(dp, dropout_key(p.dropout_seed, p.dropout_offset), p.dropout_offset,
-                              (u32)(BlockCoords(p).b * p.heads_q + BlockCoords(p).h), m_start + warp_row0, n_start,
-                              lane, (u32)p.dropout_threshold, p.dropout_scale);
+            const DropoutCall drop = dropout_call(p.dropout_rng, p.dropout_seed, p.dropout_offset);
+            dropout_fragments(dp, drop.key, drop.offset, (u32)(BlockCoords(p).b * p.heads_q + BlockCoords(p).h),
+                              m_start + warp_row0, n_start, lane, (u32)p.dropout_threshold, p.dropout_scale);
 #endif
 #pragma unroll
             for (int s = 0; s < kMS; ++s)

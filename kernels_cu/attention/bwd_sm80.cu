@@ -331,7 +331,7 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
 #if CF_DROPOUT
             // Dropout (philox.cuh, the forward's draws): dS = P (dP Z / (1 - p) - delta) with the keep mask Z,
             // and dV takes P Z / (1 - p); delta = rowsum(dO O) already holds the dropped O.
-            const PhiloxKey drop_key = dropout_key(p.dropout_seed, p.dropout_offset);
+            const DropoutCall drop = dropout_call(p.dropout_rng, p.dropout_seed, p.dropout_offset);
             const u32 drop_bh = (u32)(BwdCoords(p).b * p.heads_q + h);
             u32 draws[kSKS];
 #endif
@@ -344,7 +344,7 @@ attention_bwd_sm80(const __grid_constant__ AttentionParams p) {
                 if ((n & 1) == 0) {
 #pragma unroll
                     for (int s = 0; s < kSKS; ++s)
-                        draws[s] = dropout_draw_transposed(drop_key, p.dropout_offset, drop_bh, m_start + q_col0,
+                        draws[s] = dropout_draw_transposed(drop.key, drop.offset, drop_bh, m_start + q_col0,
                                                            n_start + key_row0 + s * 16, n, lane,
                                                            (u32)p.dropout_threshold);
                 }

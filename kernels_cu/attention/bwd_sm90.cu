@@ -552,12 +552,12 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         auto draw_keep = [&]() {
             // The key through loop_variant: hoisted out of the tile loop, its ten round keys (20 registers)
             // would stay live across every product.
-            const PhiloxKey key0 = dropout_key(a.dropout_seed, a.dropout_offset);
-            const PhiloxKey drop_key{loop_variant(key0.k0), loop_variant(key0.k1)};
+            const DropoutCall drop = dropout_call(a.dropout_rng, a.dropout_seed, a.dropout_offset);
+            const PhiloxKey drop_key{loop_variant(drop.key.k0), loop_variant(drop.key.k1)};
             const u32 drop_bh = (u32)(bc.b * a.heads_q + h);
 #pragma unroll
             for (int n = 0; n < kNT8; n += 2) {
-                const u32 draw = dropout_draw_transposed(drop_key, a.dropout_offset, drop_bh, m0, key_row0, n,
+                const u32 draw = dropout_draw_transposed(drop_key, drop.offset, drop_bh, m0, key_row0, n,
                                                          lane, (u32)a.dropout_threshold);
                 keep[n / 8] |= transposed_keep_bits(draw, lane) << ((n / 2) % 4);
             }

@@ -194,9 +194,10 @@ attention_fwd_sm80(const __grid_constant__ AttentionParams p) {
 #if CF_DROPOUT
         // After the row sums took every probability (the LSE is the softmax's, before dropout): the dropped
         // ones leave P.V; the kept ones' 1 / (1 - p) is applied to O once, at the end.
-        dropout_fragments(sc, dropout_key(p.dropout_seed, p.dropout_offset), p.dropout_offset,
-                          (u32)(bc.b * p.heads_q + bc.h), m_start + warp_row0, n_block * kBN, lane,
-                          (u32)p.dropout_threshold);
+        with_dropout_call(p.dropout_rng, p.dropout_seed, p.dropout_offset, [&](const DropoutCall& drop) {
+            dropout_fragments(sc, drop.key, drop.offset, (u32)(bc.b * p.heads_q + bc.h), m_start + warp_row0,
+                              n_block * kBN, lane, (u32)p.dropout_threshold);
+        });
 #endif
 
         gemm_accum_rows<kMS, kBN, kD, KVTile>(acc_o, sc, v_addr);

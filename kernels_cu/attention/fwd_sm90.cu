@@ -662,9 +662,10 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
             // The row sums took every probability (the LSE is the softmax's); the dropped ones leave P.V and
             // the kept ones' 1 / (1 - p) is applied to O at the end (the accumulator layout is mma.sync's, so
             // philox.cuh's fragment helper applies as in fwd_sm80.cu).
-            dropout_fragments(sc, dropout_key(p.a.dropout_seed, p.a.dropout_offset), p.a.dropout_offset,
-                              (u32)(w.bc.b * p.a.heads_q + w.bc.h), warp_row0, n_block * kBN, lane,
-                              (u32)p.a.dropout_threshold);
+            with_dropout_call(p.a.dropout_rng, p.a.dropout_seed, p.a.dropout_offset, [&](const DropoutCall& drop) {
+                dropout_fragments(sc, drop.key, drop.offset, (u32)(w.bc.b * p.a.heads_q + w.bc.h), warp_row0,
+                                  n_block * kBN, lane, (u32)p.a.dropout_threshold);
+            });
 #endif
         };
         // The accumulator layout of two neighbouring n8 column groups is the A-fragment layout of one k16

@@ -102,6 +102,7 @@ struct AttentionParams {
     // launch order, heaviest lists first: work tile / CTA i takes grid cell block_order[i] = (b * heads +
     // h) * tiles + tile
     const int* block_order;
+    const u64* dropout_rng;     // (seed, offset) in place of dropout_seed / dropout_offset; null: those
 };
 
 // Exported so that a GPU test can check the host's mirror of this struct byte for byte in size.

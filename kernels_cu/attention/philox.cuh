@@ -34,6 +34,32 @@ __device__ __forceinline__ PhiloxKey dropout_key(u64 seed, u64 offset) {
     return PhiloxKey{(u32)seed, (u32)(seed >> 32) ^ (u32)(offset >> 32)};
 }
 
+// A call's key and offset: the parameter block's (seed, offset), or, where the caller passed them as a
+// device array (`rng` non-null: AttentionParams::dropout_rng), the array's two words as the kernel runs, so
+// that a captured CUDA graph draws the masks of whatever the array holds at each replay.
+struct DropoutCall {
+    PhiloxKey key;
+    u64 offset;
+};
+__device__ __forceinline__ DropoutCall dropout_call(const u64* rng, u64 seed, u64 offset) {
+    if (rng != nullptr) {
+        asm volatile("ld.global.nc.u64 %0, [%1];\n" : "=l"(seed) : "l"(rng));
+        asm volatile("ld.global.nc.u64 %0, [%1];\n" : "=l"(offset) : "l"(rng + 1));
+    }
+    return DropoutCall{dropout_key(seed, offset), offset};
+}
+
+// f(dropout_call(...)) in two inlined copies, one per source: on the parameter block's path the seed and
+// offset stay constant-bank operands instead of registers merged with the loaded ones, which the register-
+// bound forwards cannot spare (a merged value spilled 4-52 bytes in the Hopper forward at head dim 128).
+template <class F>
+__device__ __forceinline__ void with_dropout_call(const u64* rng, u64 seed, u64 offset, F&& f) {
+    if (rng == nullptr)
+        f(dropout_call(nullptr, seed, offset));
+    else
+        f(dropout_call(rng, 0, 0));
+}
+
 // Keep bits of keys 8 g .. 8 g + 7 of query row `row` of (batch * heads + head) `bh`: bit t set iff key
 // 8 g + t is kept.
 __device__ __forceinline__ u32 dropout_keep8(PhiloxKey key, u64 offset, u32 bh, u32 row, u32 group, u32 threshold) {
