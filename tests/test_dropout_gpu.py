@@ -143,12 +143,13 @@ def test_dropout_forward_seed_and_offset_pick_the_mask():
 
 
 def test_dropout_torch_autograd():
-    """torch CUDA tensors: flash_attn_func draws the seed from torch's generator, so torch.manual_seed
-    reproduces the output and the gradients; S_dmask marks the dropped entries of the probabilities the
-    NumPy path computes; the backward replays the forward's mask (gradients against the CPU path run on the
-    same values with the same seed, in float32)."""
+    """torch CUDA tensors: flash_attn_func draws (seed, offset) from torch's CUDA generator (one
+    torch.randint of 2 int64), so torch.manual_seed reproduces the output and the gradients; S_dmask marks the
+    dropped entries of the probabilities the NumPy path computes; the backward replays the forward's mask
+    (gradients against cuflash.torch.attention on the CPU given that draw as its seed, in float32)."""
     from gpu_helpers import require_torch_cuda
     torch = require_torch_cuda()
+    import cuflash.torch as ct
     from cuflash.torch import flash_attn_func
     q, k, v = (torch.randn(1, 96, 2, 64, device="cuda", dtype=torch.float16) for _ in range(3))
     torch.manual_seed(11)
@@ -163,11 +164,13 @@ def test_dropout_torch_autograd():
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     cpu = [x.detach().float().cpu().requires_grad_() for x in (q, k, v)]
     dout = torch.randn_like(out)
-    grads = []
-    for xs in (leaves, cpu):
-        torch.manual_seed(12)
-        o = flash_attn_func(*xs, dropout_p=0.3)
-        grads.append(torch.autograd.grad(o, xs, dout.to(o.device, o.dtype)))
+    torch.manual_seed(12)
+    state = torch.randint(0, (1 << 63) - 1, (2,), dtype=torch.int64, device="cuda").cpu()
+    torch.manual_seed(12)
+    o = flash_attn_func(*leaves, dropout_p=0.3)
+    grads = [torch.autograd.grad(o, leaves, dout)]
+    o = ct.attention(*cpu, dropout_p=0.3, dropout_seed=state)
+    grads.append(torch.autograd.grad(o, cpu, dout.cpu().float()))
     for g, c in zip(*grads):
         torch.testing.assert_close(g.float().cpu(), c, atol=3e-2, rtol=3e-2)
 
