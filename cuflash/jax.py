@@ -91,6 +91,8 @@ def _check(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, d
     alibi = None if alibi_slopes is None else stand_in(alibi_slopes)
     causal, scale, window, softcap, _ = api._check_options(call, causal, softmax_scale, window_size, softcap, alibi)
     p, seed, offset = dropout
+    if hasattr(seed, "shape"):  # (cuflash.attention's device (seed, offset) arrays are for its array API)
+        raise TypeError(f"dropout_seed must be an int (static under jax.jit), got {type(seed).__name__}")
     drop = api._check_dropout_args(call, p, seed, offset)
     if drop is not None and _on_gpu():
         raise NotImplementedError("cuflash.jax: dropout on the GPU is not implemented yet (the kernels have no "
@@ -196,7 +198,7 @@ def _mask_cotangent(opts, q, k, v, alibi, mask, out, lse, dout):
     p = jnp.where(visible, jnp.exp(s - lse[..., None]), 0)  # (rows with LSE +inf: 0)
     dp = jnp.einsum("bqhd,bkhd->bhqk", dout.astype(f), values)
     if drop is not None:
-        keep, inv = reference._dropout_keep((b, hq, sq, sk), *drop)
+        keep, inv = reference._dropout_keep((b, hq, sq, sk), drop.p, drop.seed, drop.offset)
         dp = dp * (keep * inv)
     ds = p * (dp - jnp.einsum("bqhd,bqhd->bhq", dout.astype(f), out.astype(f))[..., None])
     axes = tuple(i for i, n in enumerate(mask.shape) if n == 1 and ds.shape[i] != 1)

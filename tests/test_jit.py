@@ -13,7 +13,7 @@ import pytest
 from gpu_helpers import nvrtc_available
 
 import cuflash
-from cuflash import dispatch, jit, ops
+from cuflash import api, dispatch, jit, ops
 from cuflash.arrays import DeviceArray
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,9 +220,10 @@ def _runtime_keys(monkeypatch, cc) -> set:
                             kw = dict(causal=causal, window_size=(-1, -1), softmax_scale=0.1, softcap=softcap,
                                       stream=0, cc=cc, framework="cupy")
                             ops.forward(view(), view(), view(), view(), view(), alibi, **kw)
-                            ops.forward(view(), view(), view(), view(), view(), alibi, dropout=(0.1, 1, 0), **kw)
+                            ops.forward(view(), view(), view(), view(), view(), alibi,
+                                        dropout=api._Dropout(0.1, 1, 0), **kw)
                             for det in (False, True):
-                                for drop in (None, (0.1, 1, 0)):
+                                for drop in (None, api._Dropout(0.1, 1, 0)):
                                     try:
                                         ops.backward(view(), view(), view(), view(), view(), view(), alibi, view(),
                                                      view(), view(), deterministic=det, dropout=drop, **kw)
