@@ -96,7 +96,7 @@ def _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset):
     if dt not in ("int64", "uint64") or tuple(dropout_seed.shape) != (2,):
         raise TypeError(f"dropout_seed as an array must hold (seed, offset): shape (2,) of int64 or uint64, got "
                         f"{dt} of shape {tuple(dropout_seed.shape)}")
-    if dropout_offset.__class__ is not int or dropout_offset != 0:
+    if isinstance(dropout_offset, bool) or not isinstance(dropout_offset, numbers.Integral) or dropout_offset != 0:
         raise ValueError(f"dropout_offset must be 0 (the default) when dropout_seed is an array of (seed, offset), "
                          f"got {dropout_offset!r}")
     dev = arrays.device_of(dropout_seed, fw)
@@ -105,6 +105,10 @@ def _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset):
     if not call.on_gpu:
         seed, offset = (int(x) % (1 << 64) for x in np.asarray(_to_numpy(dropout_seed, fw)).tolist())
         return _Dropout(p, seed, offset)
+    view = arrays.device_view(dropout_seed, fw, arrays.current_stream(fw, dev))
+    if view.strides != (1,) or view.ptr % 8:
+        raise ValueError(f"dropout_seed as an array must be contiguous and 8-byte aligned (the kernels read its two "
+                         f"words), got strides {view.strides} (elements) at address {view.ptr:#x}")
     return _Dropout(p, 0, 0, dropout_seed)
 
 
@@ -578,13 +582,10 @@ def _dropout_kwargs(dropout):
 
 
 def _device_dropout(dropout, fw, stream):
-    """``dropout`` for ops: its device state array as a view (strides must be 1: the kernels read two words)."""
+    """``dropout`` for ops: its device state array (checked by _check_dropout_args) as a view."""
     if dropout is None or dropout.state is None:
         return dropout
-    view = arrays.device_view(dropout.state, fw, stream)
-    if view.strides != (1,):
-        raise ValueError(f"dropout_seed as an array must be contiguous, got strides {view.strides} (elements)")
-    return dropout._replace(state=view)
+    return dropout._replace(state=arrays.device_view(dropout.state, fw, stream))
 
 
 def _cpu_extras(dropout, attn_mask, block_mask):
@@ -599,8 +600,8 @@ def _cpu_extras(dropout, attn_mask, block_mask):
 
 def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, dropout=None, attn_mask=None,
              block_mask=None, bind_key=None):
-    """The forward on validated arguments (the PyTorch custom op enters here); ``dropout`` is None or
-    ``(p, seed, offset)``, ``attn_mask`` None or a checked mask (both CPU path only: checked before). A plain
+    """The forward on validated arguments (the PyTorch custom op enters here); ``dropout`` is None or a
+    :class:`_Dropout`, ``attn_mask`` None or a checked mask (both CPU path only: checked before). A plain
     GPU call (every input read in place, no ALiBi) leaves its plan bound under ``bind_key`` (executor.py)."""
     kwargs = dict(causal=causal, softmax_scale=scale, window_size=window, softcap=softcap)
 

@@ -123,3 +123,19 @@ def test_sm90_backward_keys_fit_hopper_shared_memory(d):
         assert key.head_dim == dispatch.padded_head_dim(d)
         assert dispatch.backward_sm90_smem_bytes(key) <= dispatch.MAX_SMEM[(9, 0)]
         assert key.archs == ("sm_90a",) and key.threads == 384 and key.block_n == 128
+
+
+def test_hopper_backward_dropout_builds_and_their_ptxas_level():
+    """The Hopper backward's dropout builds (CF_DROPOUT) are listed for sm_90a, deterministic ones too, and take
+    ptxas -O1 exactly where -O3 spilled on sm_90a (head dim 64, and ALiBi at 128: bench/NOTES.md); the
+    element-mask and variable-length builds refuse dropout."""
+    keys = [k for k in dispatch.keys_for_arch("sm_90a") if k.family == "bwd_sm90" and ("CF_DROPOUT", 1) in k.extra]
+    assert len(keys) == 2 * 2 * 2 * 2 * 2 * 2  # dtypes x head dims x local x softcap x alibi x deterministic
+    for k in keys:
+        assert k.ptxas_opt == (1 if k.head_dim == 64 or k.alibi else 3), k.name
+    plain = dispatch.backward_key_sm90("bf16", 128, is_local=False, softcap=False, alibi=False)
+    assert plain.ptxas_opt == 3 and ("CF_DROPOUT", 1) not in plain.extra
+    with pytest.raises(AssertionError):
+        dispatch.backward_key_sm90("bf16", 128, is_local=False, softcap=False, alibi=False, attn_mask=1, dropout=True)
+    with pytest.raises(AssertionError):
+        dispatch.backward_key_sm90("bf16", 128, is_local=False, softcap=False, alibi=False, varlen=True, dropout=True)

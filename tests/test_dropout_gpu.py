@@ -210,7 +210,11 @@ def test_dropout_backward_plan_takes_the_hopper_dropout_build(d):
     assert len(plans) == 1
     main = plans[0].launches[1]
     cc = divmod(int(cupy.cuda.Device().compute_capability), 10)
-    assert (main.maps != ()) == (dispatch.backward_family(cc, d, False) == "bwd_sm90")
+    hopper = dispatch.backward_family(cc, d, False) == "bwd_sm90"
+    assert (main.maps != ()) == hopper
+    from cuflash import jit
+    name = next(slot[0] for slot, (_, fn) in jit._loaded.items() if fn is main.fn)
+    assert name.startswith("bwd_sm90" if hopper else "bwd_sm80") and "dropout" in name
     block = dict(zip(params_layout.NAMES, params_layout.STRUCT.unpack(main.block)))
     assert block["dropout_threshold"] == dropout.keep_threshold(0.2)
     assert block["dropout_scale"] == pytest.approx(1 / 0.8)

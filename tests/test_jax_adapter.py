@@ -480,3 +480,23 @@ def test_operands_and_options_as_jax_takes_them():
         cfj.attention(q, q, q, window_size=jnp.array([2, 0]))
     with pytest.raises(TypeError, match="causal.*static"):
         jax.jit(lambda a, c: cfj.attention(a, a, a, causal=c))(q, True)
+
+
+def test_float_mask_gradient_with_dropout():
+    """The gradient of a float attn_mask (a learned bias) with dropout equals JAX's own autodiff of the same
+    math with cuflash's keep mask (cuflash.dropout_mask): dS = P (dP Z / (1 - p) - D)."""
+    import cuflash
+    rng = np.random.default_rng(8)
+    q, k, v, do = (jnp.asarray(rng.standard_normal((1, 9, 2, 16)), jnp.float32) for _ in range(4))
+    mask = jnp.asarray(rng.standard_normal((1, 2, 9, 9)), jnp.float32)
+    p, seed = 0.25, 3
+    keep = jnp.asarray(cuflash.dropout_mask(1, 2, 9, 9, dropout_p=p, dropout_seed=seed))
+
+    def theirs(m):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / 4.0 + m
+        probs = jax.nn.softmax(s, axis=-1) * keep / (1 - p)
+        return (jnp.einsum("bhqk,bkhd->bqhd", probs, v) * do).sum()
+
+    ours = jax.grad(lambda m: (cfj.attention(q, k, v, attn_mask=m, dropout_p=p, dropout_seed=seed) * do).sum())
+    np.testing.assert_allclose(np.asarray(jax.jit(ours)(mask)), np.asarray(jax.grad(theirs)(mask)), atol=1e-5,
+                               rtol=1e-4)
