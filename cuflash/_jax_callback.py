@@ -124,7 +124,8 @@ def _device_of_stream(stream: int) -> int:
 def _run_cuda(kind, options, args, rets, stream: int, bound_key):
     from . import api, arrays, ops, varlen
     key = None
-    if kind in ("fwd", "bwd") and not options[-1] and not options[-2]:  # no ALiBi, no mask: may run bound
+    if kind in ("fwd", "bwd") and not options[-1] and not options[-2] and options[4] is None:
+        # (no ALiBi, mask or dropout: may run bound)
         # The buffers a launch binds (the ALiBi placeholder is not one): q, k, v, out, lse for the forward;
         # dout, q, k, v, out, lse, dq, dk, dv for the backward.
         used = (*args[:3], *rets) if kind == "fwd" else (*args[:6], *rets)
@@ -171,9 +172,6 @@ def _run_cuda(kind, options, args, rets, stream: int, bound_key):
     causal, scale, window, softcap, drop, has_mask, has_alibi = options
     if has_mask:  # (cuflash.jax refuses them at trace time on a GPU backend)
         raise NotImplementedError("cuflash.jax: attn_mask on the GPU is not implemented yet")
-    if drop is not None:
-        raise NotImplementedError("cuflash.jax: dropout on the GPU is not implemented yet (the kernels have no "
-                                  "dropout)")
     alibi = view(n_args - 1, 1) if has_alibi else None
     in_place = all(p % 16 == 0 for p in ptrs) and shapes[0][-1] % 8 == 0 and alibi is None
     with arrays.device_scope("cupy", device):
@@ -181,7 +179,7 @@ def _run_cuda(kind, options, args, rets, stream: int, bound_key):
             q, k, v = (view(i, 4) for i in range(3))
             out, lse = view(n_args, 4), view(n_args + 1, 3)
             fp = ops.forward(q, k, v, out, lse, alibi, causal=causal, window_size=window, softmax_scale=scale,
-                             softcap=softcap, stream=stream, cc=cc, framework="cupy")
+                             softcap=softcap, stream=stream, cc=cc, framework="cupy", dropout=drop)
             # (bound when there is a query and a key at least)
             if key is not None and in_place and 0 not in shapes[0] and shapes[1][-3]:
                 executor.bind_forward(key, fp, "jax", {"q": q, "k": k, "v": v, "o": out}, out.shape)
@@ -191,7 +189,7 @@ def _run_cuda(kind, options, args, rets, stream: int, bound_key):
             dq, dk, dv = (view(n_args + i, 4) for i in range(3))
             bp = ops.backward(dout, q, k, v, out, lse, alibi, dq, dk, dv, causal=causal, window_size=window,
                               softmax_scale=scale, softcap=softcap, deterministic=False, stream=stream, cc=cc,
-                              framework="cupy")
+                              framework="cupy", dropout=drop)
             if key is not None and in_place and 0 not in shapes[1] and shapes[2][-3]:
                 executor.bind_backward(key, bp, "jax", {"dout": dout, "q": q, "k": k, "v": v, "o": out, "lse": lse},
                                        (dq, dk, dv))

@@ -94,9 +94,6 @@ def _check(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, d
     if hasattr(seed, "shape"):  # (cuflash.attention's device (seed, offset) arrays are for its array API)
         raise TypeError(f"dropout_seed must be an int (static under jax.jit), got {type(seed).__name__}")
     drop = api._check_dropout_args(call, p, seed, offset)
-    if drop is not None and _on_gpu():
-        raise NotImplementedError("cuflash.jax: dropout on the GPU is not implemented yet (the kernels have no "
-                                  "dropout); dropout runs on CPU JAX")
     if attn_mask is not None:
         if _on_gpu():
             raise NotImplementedError("cuflash.jax: attn_mask and block_mask on the GPU are not implemented yet; "
@@ -250,7 +247,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     TypeError, ValueError
         As :func:`cuflash.attention`, at trace time.
     NotImplementedError
-        ``dropout_p > 0``, ``attn_mask`` or ``block_mask`` on a GPU backend.
+        ``attn_mask`` or ``block_mask`` on a GPU backend.
 
     Notes
     -----
