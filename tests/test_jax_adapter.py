@@ -17,6 +17,14 @@ import cuflash.jax as cfj  # noqa: E402
 from cuflash import reference  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _cpu_jax_for_cpu_tests(request):
+    """The tests without the gpu mark are CPU JAX's: cuflash.jax picks its path by JAX's default backend, so
+    where that is a GPU (a CUDA jaxlib) they skip, and the gpu-marked ones test that path."""
+    if request.node.get_closest_marker("gpu") is None and jax.default_backend() != "cpu":
+        pytest.skip(f"a CPU JAX test; JAX's default backend here is {jax.default_backend()}")
+
+
 def _inputs(dtype=np.float32, b=2, sq=17, sk=23, hq=4, hk=2, d=16, seed=0):
     rng = np.random.default_rng(seed)
     return tuple(rng.standard_normal(s).astype(dtype) for s in ((b, sq, hq, d), (b, sk, hk, d), (b, sk, hk, d),
