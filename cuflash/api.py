@@ -85,17 +85,21 @@ def _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset):
         return None
     from .dropout import check_seed
     if dropout_seed is None:
-        raise TypeError(f"dropout_p={p} needs dropout_seed (an int in [0, 2**64), or a device array of (seed, "
-                        f"offset)); the forward and the backward given the same seed and offset draw the same mask")
-    if not (hasattr(dropout_seed, "shape") and hasattr(dropout_seed, "dtype")):
+        raise TypeError(f"dropout_p={p} needs dropout_seed (an int in [0, 2**64); cuflash.attention also takes an "
+                        f"array of (seed, offset)); the forward and the backward given the same seed and offset draw "
+                        f"the same mask")
+    is_array = hasattr(dropout_seed, "shape") and hasattr(dropout_seed, "dtype")
+    if isinstance(dropout_seed, numbers.Integral) or not is_array:  # (NumPy integer scalars are ints here)
         return _Dropout(p, check_seed("dropout_seed", dropout_seed), check_seed("dropout_offset", dropout_offset))
     fw = arrays.framework_of(dropout_seed)
     if fw != call.fw and not (fw == "numpy" and not call.on_gpu):
         raise TypeError(f"dropout_seed is a {fw} array but {call.names[0]} is a {call.fw} array")
     dt = arrays.dtype_name(dropout_seed, fw)
-    if dt not in ("int64", "uint64") or tuple(dropout_seed.shape) != (2,):
-        raise TypeError(f"dropout_seed as an array must hold (seed, offset): shape (2,) of int64 or uint64, got "
-                        f"{dt} of shape {tuple(dropout_seed.shape)}")
+    if dt not in ("int64", "uint64"):
+        raise TypeError(f"dropout_seed as an array must hold (seed, offset) as int64 or uint64, got {dt}")
+    if tuple(dropout_seed.shape) != (2,):
+        raise ValueError(f"dropout_seed as an array must hold (seed, offset): shape (2,), got "
+                         f"{tuple(dropout_seed.shape)}")
     if isinstance(dropout_offset, bool) or not isinstance(dropout_offset, numbers.Integral) or dropout_offset != 0:
         raise ValueError(f"dropout_offset must be 0 (the default) when dropout_seed is an array of (seed, offset), "
                          f"got {dropout_offset!r}")

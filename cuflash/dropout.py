@@ -15,10 +15,14 @@ SC 2011), the generator FlashAttention-2 and torch's CUDA dropout use. Element (
 and takes the 16-bit half ``(j % 8) % 2`` (low half first) of output word ``(j % 8) // 2``: one Philox call
 serves eight neighbouring keys of a row. The element is kept iff that 16-bit value is below
 ``round((1 - p) * 65536)``, so the keep probability is ``1 - p`` to within 2**-17, and kept probabilities
-are scaled by ``1 / (1 - p)``.
+are scaled by ``1 / (1 - p)``. The key takes the offset's high word xor the seed's, so (seed, offset) and
+(seed ^ d << 32, offset ^ d << 32) draw the same mask: calls that must differ should differ in the seed's or
+the offset's low word (a fresh random seed per call, as cuflash.torch draws, does).
 """
 
 from __future__ import annotations
+
+import numbers
 
 import numpy as np
 
@@ -61,7 +65,6 @@ def keep_threshold(dropout_p: float) -> int:
 
 def check_seed(name: str, value) -> int:
     """A dropout seed or offset: an int in [0, 2**64)."""
-    import numbers
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     value = int(value)
@@ -110,7 +113,13 @@ def dropout_mask(batch, heads, seqlen_q, seqlen_k, *, dropout_p, dropout_seed, d
     -------
     bool array, shape (batch, heads, seqlen_q, seqlen_k): NumPy, or ``like``'s type on its device.
     """
+    from .api import _check_probability
     seed, offset = check_seed("dropout_seed", dropout_seed), check_seed("dropout_offset", dropout_offset)
+    dropout_p = _check_probability(dropout_p)
+    for name, n in zip(("batch", "heads", "seqlen_q", "seqlen_k"), (batch, heads, seqlen_q, seqlen_k)):
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {n!r}")
+    batch, heads, seqlen_q, seqlen_k = (int(n) for n in (batch, heads, seqlen_q, seqlen_k))
     if like is not None:
         from . import arrays
         fw = arrays.framework_of(like)
@@ -124,11 +133,6 @@ def dropout_mask(batch, heads, seqlen_q, seqlen_k, *, dropout_p, dropout_seed, d
 def _mask_on_device(fw, device, shape, dropout_p, seed, offset):
     """dropout_mask drawn by dropout_mask.cu into a bool array of framework ``fw`` on GPU ``device``."""
     from . import api, arrays, ops
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    for name, n in zip(("batch", "heads", "seqlen_q", "seqlen_k"), shape):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {n!r}")
     stream = arrays.current_stream(fw, device)
     with arrays.device_scope(fw, device):
         native, mask = arrays.empty(fw, shape, "bool", device, stream)

@@ -13,6 +13,8 @@ XLA's buffers; on CPU JAX it runs the NumPy path (float16/32/64).
 
 from __future__ import annotations
 
+import numbers
+
 from functools import partial
 
 import jax
@@ -91,7 +93,7 @@ def _check(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, d
     alibi = None if alibi_slopes is None else stand_in(alibi_slopes)
     causal, scale, window, softcap, _ = api._check_options(call, causal, softmax_scale, window_size, softcap, alibi)
     p, seed, offset = dropout
-    if hasattr(seed, "shape"):  # (cuflash.attention's device (seed, offset) arrays are for its array API)
+    if hasattr(seed, "shape") and not isinstance(seed, numbers.Integral):  # ((seed, offset) arrays: array API only)
         raise TypeError(f"dropout_seed must be an int (static under jax.jit), got {type(seed).__name__}")
     drop = api._check_dropout_args(call, p, seed, offset)
     if attn_mask is not None:
@@ -253,9 +255,10 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     -----
     Gradients come from cuflash's backward (``jax.custom_vjp``); ``alibi_slopes`` gets a zero cotangent.
     ``jax.vmap`` folds the mapped axis into the batch (one launch); with ``alibi_slopes``, dropout or a mask
-    the mapped calls run one after another (each example keeps the mask it gets alone). The options are static: Python
-    values at trace time (a concrete 0-d JAX array is taken as its value); ``dropout_seed`` too, so a jitted
-    step draws the same mask every step unless its seed is a static argument.
+    the mapped calls run one after another (each example keeps the mask it gets alone: with dropout, one
+    static seed gives every mapped example the same mask). The options are static: Python values at trace
+    time (a concrete 0-d JAX array is taken as its value); ``dropout_seed`` too, so a jitted step draws the
+    same mask every step unless its seed is a static argument.
     """
     _jax_operands(q=q, k=k, v=v, alibi_slopes=alibi_slopes, attn_mask=attn_mask)
     q, k, v, alibi_slopes, attn_mask = _as_jax(q, k, v, alibi_slopes, attn_mask)

@@ -63,6 +63,23 @@ def _options(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_r
     return call, opts
 
 
+def _first_order(backward):
+    """A Function's backward that takes part in first-order gradients only. once_differentiable alone raises
+    only when the incoming gradient requires grad; for torch.autograd.grad(..., create_graph=True) of a loss
+    whose gradient does not ((out).sum()), it would hand back gradients without a graph, and a term built on
+    them (a gradient penalty) would silently contribute nothing. Grad mode is on inside a backward exactly
+    when the caller asked create_graph=True, so that raises here (torch.compile's tracing excepted)."""
+    inner = torch.autograd.function.once_differentiable(backward)
+
+    def run(ctx, *grads):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError("cuflash's attention backward is not differentiable: second-order gradients "
+                               "(create_graph=True) are not supported")
+        return inner(ctx, *grads)
+    run.__name__, run.__doc__ = backward.__name__, backward.__doc__
+    return run
+
+
 def _fwd(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap, deterministic, dropout_p,
          dropout_state, attn_mask):
     key = None
@@ -238,7 +255,7 @@ class _Attention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # no double backward: an error, not silent zeros
+    @_first_order
     def backward(ctx, dout, dlse):
         # Gradients flow through `out` only; like FlashAttention, the LSE output is treated as a constant.
         q, k, v, out, lse, alibi_slopes, attn_mask, dropout_state = ctx.saved_tensors
@@ -262,7 +279,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         causal, scale, window, softcap, deterministic = ctx.options
@@ -293,7 +310,7 @@ class _VarlenAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_q, cu_k, alibi_slopes, seqused_q, seqused_k = ctx.saved_tensors
         max_q, max_k, causal, scale, left, right, softcap, deterministic = ctx.options
@@ -401,6 +418,8 @@ def _dropout_state(dropout_p, dropout_seed, dropout_offset, device=None):
     offset both drawn, or the caller's dropout_offset written in when it is not 0; on the CPU, a seed and the
     caller's offset."""
     from .dropout import check_seed
+    if isinstance(dropout_seed, np.ndarray) and dropout_seed.ndim:  # (a NumPy (seed, offset): as a CPU tensor)
+        dropout_seed = torch.from_numpy(np.ascontiguousarray(dropout_seed))
     if isinstance(dropout_seed, torch.Tensor):  # the caller's (seed, offset), read where it lives
         if dropout_seed.dtype not in (torch.int64, torch.uint64) or tuple(dropout_seed.shape) != (2,):
             raise TypeError(f"dropout_seed as a tensor must hold (seed, offset): shape (2,) of int64 or uint64, "
@@ -552,8 +571,16 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         return out
     if not dropout_p:
         return out, lse, None
-    seed, offset = (_to_u64(x) for x in state.tolist())  # (a CUDA state: a sync; S_dmask is for tests)
+    return out, lse, _s_dmask(q, k, state, dropout_p, causal, softmax_scale, window_size, softcap, alibi_slopes)
+
+
+@torch.compiler.disable  # (NumPy on the host, and the state read back: a graph break under torch.compile)
+def _s_dmask(q, k, state, dropout_p, causal, softmax_scale, window_size, softcap, alibi_slopes):
+    """FlashAttention-2's S_dmask: the probabilities (batch, heads, seqlen_q, seqlen_k) in q's dtype, the
+    dropped entries negated, from the NumPy path and the mask of ``state`` (a CUDA state is read back: a sync;
+    S_dmask is for tests)."""
     from . import dropout, reference
+    seed, offset = (_to_u64(x) for x in state.tolist())
 
     def host(x):  # (CUDA tensors as float32 copies: NumPy has no bfloat16)
         x = x.detach()
@@ -562,7 +589,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     probs = reference.attention_probs(host(q), host(k), causal=causal, softmax_scale=softmax_scale,
                                       window_size=window_size, softcap=softcap, alibi_slopes=slopes)
     keep = dropout.dropout_mask(*probs.shape, dropout_p=dropout_p, dropout_seed=seed, dropout_offset=offset)
-    return out, lse, torch.from_numpy(np.where(keep, probs, -probs)).to(q.device, q.dtype)
+    return torch.from_numpy(np.where(keep, probs, -probs)).to(q.device, q.dtype)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),

@@ -171,9 +171,14 @@ def test_seed_as_an_array_is_checked():
     want = cuflash.attention(q, k, v, dropout_p=0.25, dropout_seed=7, dropout_offset=9)
     got = cuflash.attention(q, k, v, dropout_p=0.25, dropout_seed=np.array([7, 9], np.int64))
     np.testing.assert_array_equal(got, want)
-    for bad in (np.array([7, 9], np.int32), np.array([7, 9, 1]), np.array(7)):
-        with pytest.raises(TypeError, match="dropout_seed as an array"):
+    with pytest.raises(TypeError, match="dropout_seed as an array"):
+        cuflash.attention(q, k, v, dropout_p=0.25, dropout_seed=np.array([7, 9], np.int32))
+    for bad in (np.array([7, 9, 1]), np.array([[7, 9]]), np.array(7)):
+        with pytest.raises(ValueError, match="dropout_seed as an array"):
             cuflash.attention(q, k, v, dropout_p=0.25, dropout_seed=bad)
+    for scalar in (np.int64(7), np.uint64(7)):  # NumPy integer scalars are ints
+        np.testing.assert_array_equal(cuflash.attention(q, k, v, dropout_p=0.25, dropout_seed=scalar,
+                                                        dropout_offset=np.int64(9)), want)
     with pytest.raises(ValueError, match="dropout_offset must be 0"):
         cuflash.attention(q, k, v, dropout_p=0.25, dropout_seed=np.array([7, 9]), dropout_offset=1)
     grads = cuflash.attention_backward(q, q, k, v, want, *cuflash.attention(q, k, v, return_lse=True)[1:],
@@ -182,3 +187,18 @@ def test_seed_as_an_array_is_checked():
                                      dropout_p=0.25, dropout_seed=7, dropout_offset=9)
     for g, r in zip(grads, ref):
         np.testing.assert_array_equal(g, r)
+
+
+def test_dropout_mask_checks_its_arguments():
+    """cuflash.dropout_mask refuses what cuflash.attention refuses (p outside [0, 1), non-numbers, negative or
+    non-integer sizes), on the NumPy path as on the device one."""
+    for bad, exc in ((dict(dropout_p=1.0), ValueError), (dict(dropout_p=-0.1), ValueError),
+                     (dict(dropout_p="0.1"), TypeError), (dict(dropout_p=True), TypeError),
+                     (dict(dropout_p=float("nan")), ValueError)):
+        with pytest.raises(exc, match="dropout_p"):
+            cuflash.dropout_mask(1, 1, 4, 8, dropout_seed=1, **bad)
+    for sizes, name in (((-1, 1, 4, 8), "batch"), ((1, 1, 4, -3), "seqlen_k"), ((1, 2.0, 4, 8), "heads")):
+        with pytest.raises(ValueError, match=name):
+            cuflash.dropout_mask(*sizes, dropout_p=0.5, dropout_seed=1)
+    assert cuflash.dropout_mask(np.int64(1), 1, 4, 8, dropout_p=0.5, dropout_seed=1).shape == (1, 1, 4, 8)
+

@@ -117,6 +117,20 @@ def test_dropout_state_is_checked():
         ct.attention(q, k, v, dropout_p=0.2, dropout_seed=torch.tensor([1, 2]), dropout_offset=3)
 
 
+def test_s_dmask_under_torch_compile():
+    """flash_attn_func(return_attn_probs=True) with dropout compiles (S_dmask, NumPy on the host, is a graph
+    break) and gives eager's S_dmask for the same seed."""
+    q, k, v = (t.detach().float() for t in _qkv())
+    f = torch.compile(lambda q, k, v: ct.flash_attn_func(q, k, v, dropout_p=0.3, return_attn_probs=True),
+                      backend="aot_eager")
+    torch.manual_seed(4)
+    out, _, s_dmask = f(q, k, v)
+    torch.manual_seed(4)
+    want_out, _, want = ct.flash_attn_func(q, k, v, dropout_p=0.3, return_attn_probs=True)
+    torch.testing.assert_close(s_dmask, want, rtol=0, atol=0)
+    torch.testing.assert_close(out, want_out)
+
+
 def test_dropout_tensor_seed_equals_the_int_seed():
     """A (seed, offset) tensor as dropout_seed draws what the ints do (CPU path: read on the host), with bits
     above 2**63 as int64's negative values; the functional API takes a NumPy (seed, offset) array the same way."""
@@ -126,6 +140,8 @@ def test_dropout_tensor_seed_equals_the_int_seed():
     want = ct.attention(q, k, v, dropout_p=0.3, dropout_seed=seed, dropout_offset=offset)
     state = torch.tensor([seed - (1 << 64), offset], dtype=torch.int64)
     torch.testing.assert_close(ct.attention(q, k, v, dropout_p=0.3, dropout_seed=state), want, rtol=0, atol=0)
+    as_numpy = ct.attention(q, k, v, dropout_p=0.3, dropout_seed=np.array([seed, offset], np.uint64))
+    torch.testing.assert_close(as_numpy, want, rtol=0, atol=0)
     qn, kn, vn = (x.numpy() for x in (q, k, v))
     got = cuflash.attention(qn, kn, vn, dropout_p=0.3, dropout_seed=np.array([seed, offset], np.uint64))
     np.testing.assert_array_equal(got, want.numpy())
@@ -572,11 +588,16 @@ def test_float64_lse_under_torch_compile_and_opcheck():
 
 def test_double_backward_raises():
     """A second-order gradient through the attention raises instead of silently dropping the term (the
-    backward is not differentiable)."""
+    backward is not differentiable): create_graph=True raises whether the loss's gradient at the output
+    depends on it ((out ** 2).sum()) or not (out.sum(), where once_differentiable alone returned gradients
+    without a graph and a gradient penalty built on them contributed nothing); first-order gradients, and
+    those of a graph that merely has grad mode on around the forward, are unaffected."""
     q, k, v = _small_qkv(True)
-    dq, = torch.autograd.grad((ct.flash_attn_func(q, k, v) ** 2).sum(), q, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate|once_differentiable|grad"):
-        (dq ** 2).sum().backward()
+    for loss in (lambda o: (o ** 2).sum(), lambda o: o.sum()):
+        with pytest.raises(RuntimeError, match="second-order"):
+            torch.autograd.grad(loss(ct.flash_attn_func(q, k, v)), q, create_graph=True)
+    g, = torch.autograd.grad(ct.flash_attn_func(q, k, v).sum(), q)
+    assert g.grad_fn is None and torch.isfinite(g).all()
 
 
 def test_tensor_subclasses_are_torch_tensors():
