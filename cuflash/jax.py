@@ -74,6 +74,8 @@ def _static(**named):
             if x.ndim:
                 raise TypeError(f"{name} must be a Python value (static under jax.jit), got a JAX array of shape "
                                 f"{tuple(x.shape)}")
+            if not (jnp.issubdtype(x.dtype, jnp.number) or jnp.issubdtype(x.dtype, jnp.bool_)):
+                raise TypeError(f"{name} must be a Python value, got a JAX array of dtype {x.dtype}")  # (PRNG keys)
             try:
                 x = x.item()
             except jax.errors.ConcretizationTypeError:

@@ -538,3 +538,12 @@ def test_gpu_dropout_under_jit_grad_and_vmap():
     for i in range(2):
         alone = cuflash.attention(cq[i:i + 1], ck[i:i + 1], cv[i:i + 1], causal=True, **drop)
         np.testing.assert_array_equal(_f32(batched[i]), cupy.asnumpy(alone.astype(cupy.float32)))
+
+
+def test_prng_key_as_dropout_seed_is_named():
+    """A typed JAX PRNG key is not a seed: a TypeError naming dropout_seed (its .item() raised
+    NotImplementedError from inside JAX)."""
+    q, k, v, _ = _inputs()
+    with pytest.raises(TypeError, match="dropout_seed"):
+        cfj.attention(q, k, v, dropout_p=0.1, dropout_seed=jax.random.key(0))
+
