@@ -68,11 +68,25 @@ def check_dropout(dropout_p, where):
 
 class _Dropout(NamedTuple):
     """A checked dropout request: p, the (seed, offset) ints, and ``state``, the caller's device array of
-    (seed, offset) that the kernels read when they run (GPU arrays; then seed = offset = 0), or None."""
+    (seed, offset) that the kernels read when they run (GPU arrays; then seed = offset = 0), or None, with
+    ``state_view`` its DeviceArray view (the address ops.py writes)."""
     p: float
     seed: int
     offset: int
     state: object = None
+    state_view: object = None
+
+
+def _check_seed_array(what, dtype, shape, dropout_offset):
+    """The rules of a (seed, offset) array given as ``dropout_seed`` (``what``: "an array", "a tensor"): int64
+    or uint64 (TypeError), shape (2,) (ValueError), and dropout_offset left at 0 (ValueError)."""
+    if dtype not in ("int64", "uint64"):
+        raise TypeError(f"dropout_seed as {what} must hold (seed, offset) as int64 or uint64, got {dtype}")
+    if tuple(shape) != (2,):
+        raise ValueError(f"dropout_seed as {what} must hold (seed, offset): shape (2,), got {tuple(shape)}")
+    if isinstance(dropout_offset, bool) or not isinstance(dropout_offset, numbers.Integral) or dropout_offset != 0:
+        raise ValueError(f"dropout_offset must be 0 (the default) when dropout_seed is {what} of (seed, offset), "
+                         f"got {dropout_offset!r}")
 
 
 def _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset):
@@ -94,15 +108,7 @@ def _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset):
     fw = arrays.framework_of(dropout_seed)
     if fw != call.fw and not (fw == "numpy" and not call.on_gpu):
         raise TypeError(f"dropout_seed is a {fw} array but {call.names[0]} is a {call.fw} array")
-    dt = arrays.dtype_name(dropout_seed, fw)
-    if dt not in ("int64", "uint64"):
-        raise TypeError(f"dropout_seed as an array must hold (seed, offset) as int64 or uint64, got {dt}")
-    if tuple(dropout_seed.shape) != (2,):
-        raise ValueError(f"dropout_seed as an array must hold (seed, offset): shape (2,), got "
-                         f"{tuple(dropout_seed.shape)}")
-    if isinstance(dropout_offset, bool) or not isinstance(dropout_offset, numbers.Integral) or dropout_offset != 0:
-        raise ValueError(f"dropout_offset must be 0 (the default) when dropout_seed is an array of (seed, offset), "
-                         f"got {dropout_offset!r}")
+    _check_seed_array("an array", arrays.dtype_name(dropout_seed, fw), dropout_seed.shape, dropout_offset)
     dev = arrays.device_of(dropout_seed, fw)
     if dev != call.device:
         raise ValueError(f"dropout_seed is on device {dev} but {call.names[0]} is on {call.device}")
@@ -113,7 +119,7 @@ def _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset):
     if view.strides != (1,) or view.ptr % 8:
         raise ValueError(f"dropout_seed as an array must be contiguous and 8-byte aligned (the kernels read its two "
                          f"words), got strides {view.strides} (elements) at address {view.ptr:#x}")
-    return _Dropout(p, 0, 0, dropout_seed)
+    return _Dropout(p, 0, 0, dropout_seed, view)
 
 
 def _check_window(window_size):
@@ -585,12 +591,6 @@ def _dropout_kwargs(dropout):
     return dict(dropout_p=dropout.p, dropout_seed=dropout.seed, dropout_offset=dropout.offset)
 
 
-def _device_dropout(dropout, fw, stream):
-    """``dropout`` for ops: its device state array (checked by _check_dropout_args) as a view."""
-    if dropout is None or dropout.state is None:
-        return dropout
-    return dropout._replace(state=arrays.device_view(dropout.state, fw, stream))
-
 
 def _cpu_extras(dropout, attn_mask, block_mask):
     """The CPU path's keyword arguments for dropout, attn_mask and block_mask (checked before)."""
@@ -641,7 +641,7 @@ def _forward(call, q, k, v, alibi, causal, scale, window, softcap, return_lse, d
                 qv, work = (pack_query_heads(x, groups) for x in (qv, out_work))
                 kwargs.update(causal=False, window_size=(-1, -1))
             fp = ops.forward(qv, kv, vv, work, lse_view, _device_alibi(alibi, call.fw, stream), stream=stream,
-                             cc=cc, framework=call.fw, dropout=_device_dropout(dropout, call.fw, stream),
+                             cc=cc, framework=call.fw, dropout=dropout,
                              mask=_device_mask(call, attn_mask, stream),
                              block_mask=block_mask, **kwargs)
             _finish_output(out_view, out_work, stream, cc)
@@ -788,7 +788,7 @@ def _backward(call, dout, q, k, v, out, lse, alibi, causal, scale, window, softc
             bp = ops.backward(views["dout"], views["q"], views["k"], views["v"], views["out"], lse_view,
                               _device_alibi(alibi, call.fw, stream), *(work for _, _, work in grads),
                               deterministic=deterministic, stream=stream, cc=cc, framework=call.fw,
-                              dropout=_device_dropout(dropout, call.fw, stream), mask=_device_mask(call, attn_mask, stream),
+                              dropout=dropout, mask=_device_mask(call, attn_mask, stream),
                               block_mask=block_mask, **kwargs)
             for _, view, work in grads:
                 _finish_output(view, work, stream, cc)

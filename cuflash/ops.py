@@ -292,7 +292,7 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, ls
             causal: bool, window_size, softmax_scale: float, softcap: float, stream: int, cc: tuple,
             framework: str, dropout=None, mask=None, block_mask=None) -> launch_plan.ForwardPlan:
     """The dense forward (launch_plan.forward) into ``out`` and ``lse``; ``dropout`` None or an
-    api._Dropout (p, seed, offset, device state view or None): p picks the plan, the rest goes into this launch
+    api._Dropout (p, seed, offset, a device state and its view, or None): p picks the plan, the rest goes into this launch
     only; ``mask`` None or the attn_mask's
     (batch, heads_q, seqlen_q, seqlen_k) view (launch_plan.forward); ``block_mask`` None or a checked
     cuflash.BlockMask, whose tables (uploaded once per device and tiling) this launch reads."""
@@ -306,8 +306,8 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, ls
         pointers.update(_block_pointers(block_mask, "fwd", q, k, fp.block_tables))
     if dropout is not None:
         pointers["dropout_seed"], pointers["dropout_offset"] = dropout.seed, dropout.offset
-        if dropout.state is not None:
-            pointers["dropout_rng"] = dropout.state.ptr
+        if dropout.state_view is not None:
+            pointers["dropout_rng"] = dropout.state_view.ptr
     counter_native = _tile_counter(fp, pointers, framework, q.device, stream)
     views = {"q": q, "k": k, "v": v, "o": out}
     _launch(fp.launch, stream, pointers, views)
@@ -439,8 +439,8 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
         pointers.update(_block_pointers(block_mask, "bwd", q, k, bp.block_tables))
     if dropout is not None:
         pointers["dropout_seed"], pointers["dropout_offset"] = dropout.seed, dropout.offset
-        if dropout.state is not None:
-            pointers["dropout_rng"] = dropout.state.ptr
+        if dropout.state_view is not None:
+            pointers["dropout_rng"] = dropout.state_view.ptr
     if bp.dq_accum_shape is not None:
         acc_native, acc = arrays.empty(framework, bp.dq_accum_shape, "float32", q.device, stream)
         pointers["dq_accum"] = acc.ptr

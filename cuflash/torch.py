@@ -421,12 +421,8 @@ def _dropout_state(dropout_p, dropout_seed, dropout_offset, device=None):
     if isinstance(dropout_seed, np.ndarray) and dropout_seed.ndim:  # (a NumPy (seed, offset): as a CPU tensor)
         dropout_seed = torch.from_numpy(np.ascontiguousarray(dropout_seed))
     if isinstance(dropout_seed, torch.Tensor):  # the caller's (seed, offset), read where it lives
-        if dropout_seed.dtype not in (torch.int64, torch.uint64) or tuple(dropout_seed.shape) != (2,):
-            raise TypeError(f"dropout_seed as a tensor must hold (seed, offset): shape (2,) of int64 or uint64, "
-                            f"got {dropout_seed.dtype} of shape {tuple(dropout_seed.shape)}")
-        if isinstance(dropout_offset, bool) or not isinstance(dropout_offset, numbers.Integral) or dropout_offset:
-            raise ValueError(f"dropout_offset must be 0 (the default) when dropout_seed is a tensor of (seed, "
-                             f"offset), got {dropout_offset!r}")
+        api._check_seed_array("a tensor", str(dropout_seed.dtype).removeprefix("torch."), dropout_seed.shape,
+                              dropout_offset)
         if device is not None and dropout_seed.device != device:
             raise ValueError(f"dropout_seed is on {dropout_seed.device} but q is on {device}")
         return dropout_seed.view(torch.int64)

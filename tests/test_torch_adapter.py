@@ -105,13 +105,13 @@ def test_dropout_seed_drawn_on_the_cpu_under_a_default_device():
 
 def test_dropout_state_is_checked():
     """The ops' dropout_state must be an int64 tensor of (seed, offset): anything else is a TypeError naming
-    it, before any work. A tensor dropout_seed of cuflash.torch.attention is held to the same, and takes no
-    dropout_offset."""
+    it, before any work. A tensor dropout_seed of cuflash.torch.attention is held to cuflash.attention's rules
+    for (seed, offset) arrays (a dtype is a TypeError, a shape a ValueError) and takes no dropout_offset."""
     q, k, v = (t.detach().float() for t in _qkv())
     for bad in (torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1, 2, 3]), torch.tensor(1)):
         with pytest.raises(TypeError, match="dropout_state must be an int64 tensor"):
             torch.ops.cuflash.fwd(q, k, v, None, False, 0.25, -1, -1, 0.0, False, 0.2, bad, None)
-        with pytest.raises(TypeError, match="dropout_seed as a tensor"):
+        with pytest.raises(TypeError if bad.dtype != torch.int64 else ValueError, match="dropout_seed as a tensor"):
             ct.attention(q, k, v, dropout_p=0.2, dropout_seed=bad)
     with pytest.raises(ValueError, match="dropout_offset must be 0"):
         ct.attention(q, k, v, dropout_p=0.2, dropout_seed=torch.tensor([1, 2]), dropout_offset=3)
