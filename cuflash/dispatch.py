@@ -341,7 +341,7 @@ def block_sparse_tiles(head_dim: int, backward: bool):
     tiles a block mask's blocks must be multiples of); None where there is no such build."""
     d = padded_head_dim(head_dim)
     if backward:
-        return (BWD_SM90_TILES[d][0], BWD_SM90_BLOCK_N) if d in BWD_SM90_TILES else None
+        return BWD_SM90_TILES[d][:2] if d in BWD_SM90_TILES and d not in BWD_SM90_WIDE else None
     key = forward_key_sm90("bf16", d, is_local=False, softcap=False, alibi=False,
                            attn_mask=ATTN_MASK_KINDS["bool"], mask_stage=True, block_sparse=True)
     return key.block_m, key.block_n
@@ -630,12 +630,16 @@ def backward_varlen_keys(dtype: str, head_dim: int, *, is_local: bool, softcap: 
 
 
 # Hopper backward main kernel (bwd_sm90.cu), used on compute capability 9.0, deterministic mode included (its
-# CTAs then add into dQ in turns, bwd_sm90.cu): padded head dim -> (block_m, stages).
-# 128 keys a CTA in two consumer warpgroups; block_m queries per step keeps the dK, dV, S^T and dP^T
-# accumulators within 240 registers (64 + 64 + 32 + 32 at hd128; 32 + 32 + 64 + 64 at hd64). Head dims
-# 192 and 256 run the sm80 kernel.
-BWD_SM90_TILES = {64: (128, 2), 128: (64, 2)}
-BWD_SM90_BLOCK_N = 128
+# CTAs then add into dQ in turns, bwd_sm90.cu): padded head dim -> (block_m, block_n, stages).
+# Head dims 64 / 128: 128 keys a CTA in two consumer warpgroups; block_m queries per step keeps the dK, dV, S^T
+# and dP^T accumulators within 240 registers (64 + 64 + 32 + 32 at hd128; 32 + 32 + 64 + 64 at hd64).
+# Head dims 192 / 256 (BWD_SM90_WIDE, bwd_sm90_wide.cuh): 64 keys a CTA, one warpgroup computing dV^T and the
+# other dK^T (128 accumulator registers at hd256); shared memory allows one Q / dO stage at hd256 (216 KB of
+# the 227), two at hd192.
+BWD_SM90_TILES = {64: (128, 128, 2), 128: (64, 128, 2), 192: (64, 64, 2), 256: (64, 64, 1)}
+# The wide head dims' build is the dense one (no variable-length, element-mask or block-sparse build: those
+# run the sm80 kernels there).
+BWD_SM90_WIDE = (192, 256)
 # The dropout builds (CF_DROPOUT) take ptxas -O1 at head dim 64 and with ALiBi: at -O3 the draws spilled 4-28
 # bytes there on sm_90a (hd64's 128-query tile holds S^T and dP^T in 128 registers), none at -O1.
 # fp32 columns of the boxes in which the Hopper backward adds dQ into dq_accum (cf_bwd_sm90_dq_box_cols):
@@ -658,14 +662,18 @@ def allowed_spill_bytes(key: KernelKey) -> int:
     return 0
 
 
-def backward_family(cc: tuple, head_dim: int, deterministic: bool) -> str:
+def backward_family(cc: tuple, head_dim: int, deterministic: bool, *, varlen: bool = False,
+                    attn_mask: bool = False) -> str:
     """"bwd_sm90" or "bwd_sm80" for the main backward kernel; CUFLASH_BWD_KERNEL=sm80 keeps the mma.sync
-    kernel on Hopper (for comparison)."""
+    kernel on Hopper (for comparison). ``varlen`` / ``attn_mask``: the call needs that build, which the Hopper
+    kernel lacks at head dims 192 and 256 (BWD_SM90_WIDE)."""
     choice = os.environ.get(BWD_KERNEL_ENV, "") or "sm90"
     if choice not in ("sm80", "sm90"):
         raise ValueError(f"{BWD_KERNEL_ENV}={choice!r}; expected 'sm80' or 'sm90'")
     hopper = choice == "sm90" and tuple(cc) == (9, 0)
-    return "bwd_sm90" if hopper and padded_head_dim(head_dim) in BWD_SM90_TILES else "bwd_sm80"
+    d = padded_head_dim(head_dim)
+    covered = d in BWD_SM90_TILES and not (d in BWD_SM90_WIDE and (varlen or attn_mask))
+    return "bwd_sm90" if hopper and covered else "bwd_sm80"
 
 
 def backward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: bool, alibi: bool,
@@ -686,28 +694,32 @@ def backward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: boo
     assert not block_sparse or (attn_mask == ATTN_MASK_KINDS["bool"] and not deterministic and not is_local), \
         "block sparsity: a boolean mask, causal / window folded in, not deterministic"
     d = padded_head_dim(head_dim)
-    bm, stages = BWD_SM90_TILES[d]
+    assert not (d in BWD_SM90_WIDE and (varlen or attn_mask)), "head dims 192 / 256: the dense build"
+    bm, bn, stages = BWD_SM90_TILES[d]
     stage = mask_stage and bm == 64
     extra = ((("CF_STAGES", stages),) + ((("CF_DETERMINISTIC", 1),) if deterministic else ())
              + ((("CF_VARLEN", 1),) if varlen else ()) + ((("CF_ATTN_MASK", attn_mask),) if attn_mask else ())
              + ((("CF_MASK_STAGE", 1),) if stage else ()) + ((("CF_BLOCK_SPARSE", 1),) if block_sparse else ())
              + ((("CF_DROPOUT", 1),) if dropout else ()))
     opt = 1 if dropout and (d == 64 or alibi) else 3
-    return KernelKey("bwd_sm90", "attention_bwd_sm90", dtype, d, is_local, softcap, alibi, bm, BWD_SM90_BLOCK_N,
+    return KernelKey("bwd_sm90", "attention_bwd_sm90", dtype, d, is_local, softcap, alibi, bm, bn,
                      12, extra=extra, ptxas_opt=opt)
 
 
 def backward_sm90_smem_bytes(key: KernelKey) -> int:
     """Dynamic shared memory of attention_bwd_sm90 (mirrors cf_bwd_sm90_smem_bytes): K and V, the Q and dO
-    stages, two dS^T buffers, the LSE, delta and exact-form LSE stages with 128 bytes of per-stage exponent
-    flags, the two warpgroups' fp32 dQ blocks from the next 1024-byte boundary (128-byte swizzled boxes),
-    the mbarriers, a staged mask's two buffers per consumer warpgroup (CF_MASK_STAGE: block_m x 64 bytes each,
-    from the next 16-byte boundary), 1024 bytes of alignment slack."""
+    stages, two dS^T buffers (and at head dims 192 / 256 one P^T buffer), the LSE, delta and exact-form LSE
+    stages with 128 bytes of per-stage exponent flags, the two warpgroups' fp32 dQ blocks from the next
+    1024-byte boundary (128-byte swizzled boxes), the mbarriers (one more at 192 / 256), a staged mask's two
+    buffers per consumer warpgroup (CF_MASK_STAGE: block_m x 64 bytes each, from the next 16-byte boundary),
+    1024 bytes of alignment slack."""
     stages = dict(key.extra)["CF_STAGES"]
     d, bm, bn = key.head_dim, key.block_m, key.block_n
-    dq_cols = d // 2 if bm == 64 else d
-    before_dq = 2 * bn * d * 2 + 2 * stages * bm * d * 2 + 2 * bn * bm * 2 + 3 * stages * bm * 4 + 128
-    end = -(-before_dq // 1024) * 1024 + 2 * 64 * dq_cols * 4 + 8 * (9 + 3 * stages)
+    wide = d in BWD_SM90_WIDE
+    dq_cols = (128, d - 128) if wide else (d // 2,) * 2 if bm == 64 else (d, d)
+    before_dq = (2 * bn * d * 2 + 2 * stages * bm * d * 2 + (3 if wide else 2) * bn * bm * 2
+                 + 3 * stages * bm * 4 + 128)
+    end = -(-before_dq // 1024) * 1024 + 64 * sum(dq_cols) * 4 + 8 * (9 + wide + 3 * stages)
     if dict(key.extra).get("CF_MASK_STAGE"):
         end = -(-end // 16) * 16 + 2 * 2 * bm * 64
     return end + 1024
@@ -717,7 +729,8 @@ def all_backward_sm90_keys() -> list[KernelKey]:
     return [backward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, deterministic=det, varlen=vl)
             for dt in DTYPES for d in BWD_SM90_TILES for loc in (False, True)
             for sc in (False, True) for al in (False, True) for det, vl in ((False, False), (True, False),
-                                                                          (False, True))] + [
+                                                                          (False, True))
+            if not (vl and d in BWD_SM90_WIDE)] + [
         backward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, deterministic=det, dropout=True)
         for dt in DTYPES for d in BWD_SM90_TILES for loc in (False, True) for sc in (False, True)
         for al in (False, True) for det in (False, True)]
@@ -727,8 +740,8 @@ def all_backward_sm90_mask_keys() -> list[KernelKey]:
     """The Hopper backward's element-mask builds (dense, no ALiBi)."""
     return [backward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=False, deterministic=det, attn_mask=m,
                               mask_stage=st)
-            for dt in DTYPES for d in BWD_SM90_TILES for loc in (False, True) for sc in (False, True)
-            for det in (False, True) for m, st in ((1, False), (1, True), (2, False))]
+            for dt in DTYPES for d in BWD_SM90_TILES if d not in BWD_SM90_WIDE for loc in (False, True)
+            for sc in (False, True) for det in (False, True) for m, st in ((1, False), (1, True), (2, False))]
 
 
 def all_forward_keys() -> list[KernelKey]:
@@ -897,8 +910,8 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
     these never misses at run time.
 
     Compute capability 9.0 (``sm_90a``) runs both the wgmma families and the sm80 ones: views TMA cannot
-    address, head dims 192/256 in the backward and CUFLASH_FWD_KERNEL/CUFLASH_BWD_KERNEL all fall back to
-    sm80. Every other GPU runs the sm80 families only. Kernels of any other family in
+    address, the variable-length and element-mask backward at head dims 192/256 and
+    CUFLASH_FWD_KERNEL/CUFLASH_BWD_KERNEL all fall back to sm80. Every other GPU runs the sm80 families only. Kernels of any other family in
     :func:`all_keys` (helpers such as layout copies) have no tiles to choose and run on every target.
     """
     major, minor = arch_compute_capability(arch)
@@ -935,7 +948,10 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                             if not loc and not al and d in FWD_SM90_SPLIT_KV_HEAD_DIMS:
                                 found += [forward_key_sm90(dt, d, varlen=True, split_kv=True, paged=pg, page_gather=g,
                                                            **mods) for pg, g in layouts]
-                            if d in BWD_SM90_TILES:
+                            if d in BWD_SM90_WIDE:
+                                found += [backward_key_sm90(dt, d, deterministic=det, dropout=dr, **mods)
+                                          for det in (False, True) for dr in (False, True)]
+                            elif d in BWD_SM90_TILES:
                                 found += [backward_key_sm90(dt, d, deterministic=det, varlen=vl, **mods)
                                           for det, vl in ((False, False), (True, False), (False, True))]
                                 found += [backward_key_sm90(dt, d, deterministic=det, dropout=True, **mods)

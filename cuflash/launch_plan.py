@@ -333,7 +333,7 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
     pre, post, main, dq_key = dispatch.backward_varlen_keys(
         dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
         deterministic=deterministic, smem_limit=dispatch.max_smem(*cc))
-    hopper = (not deterministic and dispatch.backward_family(cc, q.shape[3], False) == "bwd_sm90"
+    hopper = (not deterministic and dispatch.backward_family(cc, q.shape[3], False, varlen=True) == "bwd_sm90"
               and tma.supports(q, k, v, dout))
     main, smem, maps = _backward_main(main, hopper, dtype, q.shape[3], is_local=local, softcap=softcap > 0,
                                       alibi=alibi is not None, varlen=True)
@@ -381,7 +381,9 @@ def backward(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: DeviceArray, 
     seqlen_k, heads_k = k.shape[1], k.shape[2]
     dev = q.device
     # The Hopper main kernel reads Q, K, V and dO through TMA; views TMA cannot describe run on sm80.
-    hopper = dispatch.backward_family(cc, q.shape[3], deterministic) == "bwd_sm90" and tma.supports(q, k, v, dout)
+    hopper = (dispatch.backward_family(cc, q.shape[3], deterministic,
+                                       attn_mask=mask is not None or block_size is not None) == "bwd_sm90"
+              and tma.supports(q, k, v, dout))
     if block_size is not None and (not hopper or deterministic):
         raise (NotImplementedError("block_mask with deterministic=True on GPU arrays (the deterministic kernels "
                                    "add dQ in turns over every key tile)") if deterministic

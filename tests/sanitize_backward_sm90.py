@@ -1,4 +1,4 @@
-"""Runs the Hopper backward at odd sizes (seqlens 1, 17, 1000; both tile configurations; causal; GQA; deterministic turns
+"""Runs the Hopper backward at odd sizes (seqlens 1, 17, 1000; every tile configuration; causal; GQA; deterministic turns
 and the dropout build too) for
 compute-sanitizer: `compute-sanitizer --tool memcheck|racecheck python tests/sanitize_backward_sm90.py`.
 CuPy only, so the sanitizer does not have to follow a deep-learning framework's start-up. The gradients'
@@ -11,7 +11,7 @@ import cuflash
 from gpu_helpers import poison_cupy_pool  # tests/ is this script's directory, first on sys.path
 
 rng = cp.random.default_rng(0)
-for d in (64, 128):
+for d in (64, 128, 192, 256):
     for sq, sk in ((1, 1), (17, 17), (1000, 1000), (17, 1000), (1000, 17)):
         for causal in (False, True):
             q = rng.standard_normal((2, sq, 2, d), dtype=cp.float32).astype(cp.float16)

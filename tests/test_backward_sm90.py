@@ -40,7 +40,7 @@ def test_broadcast_heads_use_sm80():
     assert "bwd_sm90" not in loaded_families() and "bwd_sm80" in loaded_families()
 
 
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 192, 256])
 @pytest.mark.parametrize("mask", [{}, {"causal": True}, {"window_size": (300, 40)}])
 def test_deterministic_hopper_exact_and_bitwise_repeatable(d, mask):
     """deterministic=True runs the Hopper kernel (its CTAs add into dQ in turns): gradients pass the rule with
@@ -90,11 +90,12 @@ def test_deterministic_sm80_kernels_on_hopper(monkeypatch):
 
 
 @pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (63, 65), (129, 127), (191, 385), (385, 191), (1000, 1000)])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 160, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_tiles_at_tails_with_gqa(sq, sk, d, causal):
-    """Query tiles of 64 (hd128) or 128 (hd64) rows and 128-key CTAs: rows on both sides of every tile and
-    warpgroup boundary are exact, sq != sk both ways, batch 3, three query heads per key/value head."""
+    """Query tiles of 64 (hd128, hd160/256) or 128 (hd64) rows and 128-key (64 at hd160/256) CTAs: rows on both
+    sides of every tile and warpgroup boundary are exact, sq != sk both ways, batch 3, three query heads per
+    key/value head; head dim 160 runs the hd192 build with TMA's zero columns."""
     q, k, v = _inputs(3, sq, sk, 6, 2, d, "bfloat16", seed=sq + 7 * sk + d)
     jit._loaded.clear()
     _check(q, k, v, causal=causal)
@@ -103,15 +104,16 @@ def test_tiles_at_tails_with_gqa(sq, sk, d, causal):
 
 def test_params_and_smem_formulas_match_sm90_kernel():
     """ops.py packs exactly sizeof(BackwardSm90Params) (five tensor maps), and dispatch's shared-memory formula and
-    dQ reduction box match the kernel's, for both tile configurations and the staged-mask build."""
+    dQ reduction box match the kernel's, for every tile configuration and the staged-mask build."""
     from gpu_helpers import device_int
     for d in dispatch.BWD_SM90_TILES:
         key = dispatch.backward_key_sm90("bf16", d, is_local=False, softcap=False, alibi=False)
         assert device_int(key, "cf_bwd_sm90_params_bytes") == ops.sm90_params_bytes(5)
         assert device_int(key, "cf_bwd_sm90_smem_bytes") == dispatch.backward_sm90_smem_bytes(key)
-        staged = dispatch.backward_key_sm90("bf16", d, is_local=False, softcap=False, alibi=False, attn_mask=1,
-                                            mask_stage=True)
-        assert device_int(staged, "cf_bwd_sm90_smem_bytes") == dispatch.backward_sm90_smem_bytes(staged)
+        if d not in dispatch.BWD_SM90_WIDE:
+            staged = dispatch.backward_key_sm90("bf16", d, is_local=False, softcap=False, alibi=False, attn_mask=1,
+                                                mask_stage=True)
+            assert device_int(staged, "cf_bwd_sm90_smem_bytes") == dispatch.backward_sm90_smem_bytes(staged)
         assert device_int(key, "cf_bwd_sm90_dq_box_cols") == dispatch.BWD_SM90_DQ_BOX[1]
         assert device_int(key, "cf_dq_turn_rows") == dispatch.BWD_SM90_DQ_TURN_ROWS == dispatch.BWD_PREPOST_ROWS
 
@@ -119,6 +121,23 @@ def test_params_and_smem_formulas_match_sm90_kernel():
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_clean(tool):
     """compute-sanitizer finds no memory error (memcheck) and no shared-memory race (racecheck) in the
-    Hopper backward at seqlens 1, 17 and 1000, both tile configurations, causal and not, GQA, deterministic and
-    with dropout."""
+    Hopper backward at seqlens 1, 17 and 1000, every tile configuration (head dims 64, 128, 192, 256), causal and
+    not, GQA, deterministic and with dropout."""
     run_sanitizer("sanitize_backward_sm90.py", tool)
+
+
+@pytest.mark.parametrize("d", [192, 256])
+def test_wide_head_dims_score_mods_and_varlen(d):
+    """Head dims 192 / 256 (bwd_sm90_wide.cuh): softcap, ALiBi with causal, a window with softcap and ALiBi, and
+    both dtypes pass the rule on the Hopper kernel (test_varlen_gpu.py checks that variable-length batches there
+    take the sm80 kernel: the wide build is the dense one)."""
+    from gpu_helpers import rand_slopes, scaled
+    for dtype in ("float16", "bfloat16"):
+        q, k, v = _inputs(2, 257, 300, 4, 2, d, dtype, seed=d)
+        q = scaled(q, 2)
+        slopes = rand_slopes((2, 4), seed=d + 1)
+        jit._loaded.clear()
+        _check(q, k, v, softcap=6.0)
+        _check(q, k, v, alibi_slopes=slopes[0], causal=True)
+        _check(q, k, v, softcap=4.0, alibi_slopes=slopes, window_size=(40, 20))
+        assert "bwd_sm90" in loaded_families() and "bwd_sm80" not in loaded_families()

@@ -94,10 +94,11 @@ def test_varlen_launch_schedule():
 
 
 def test_hopper_backward_selection(monkeypatch):
-    """CC 9.0 runs bwd_sm90 for head dims up to 128, deterministic mode included (a variant of its own);
-    CUFLASH_BWD_KERNEL=sm80 switches back; head dims 192/256 and other GPUs run bwd_sm80."""
+    """CC 9.0 runs bwd_sm90 at every head dim, deterministic mode included (a variant of its own);
+    CUFLASH_BWD_KERNEL=sm80 switches back; other GPUs, and the variable-length and element-mask calls at head
+    dims 192/256 (which have no Hopper build), run bwd_sm80."""
     monkeypatch.delenv(dispatch.BWD_KERNEL_ENV, raising=False)
-    for d in (8, 64, 96, 128):
+    for d in (8, 64, 96, 128, 160, 192, 256):
         assert dispatch.backward_family((9, 0), d, False) == "bwd_sm90"
         assert dispatch.backward_family((9, 0), d, True) == "bwd_sm90"
         assert dispatch.backward_family((8, 0), d, False) == "bwd_sm80"
@@ -105,8 +106,9 @@ def test_hopper_backward_selection(monkeypatch):
         det = dispatch.backward_key_sm90("bf16", d, is_local=False, softcap=False, alibi=False, deterministic=True)
         plain = dispatch.backward_key_sm90("bf16", d, is_local=False, softcap=False, alibi=False)
         assert ("CF_DETERMINISTIC", 1) in det.extra and det.name != plain.name
-    for d in (160, 192, 256):
-        assert dispatch.backward_family((9, 0), d, False) == "bwd_sm80"
+        wide = dispatch.padded_head_dim(d) > 128
+        for flag in ("varlen", "attn_mask"):
+            assert dispatch.backward_family((9, 0), d, False, **{flag: True}) == ("bwd_sm80" if wide else "bwd_sm90")
     monkeypatch.setenv(dispatch.BWD_KERNEL_ENV, "sm80")
     assert dispatch.backward_family((9, 0), 128, False) == "bwd_sm80"
     monkeypatch.setenv(dispatch.BWD_KERNEL_ENV, "wgmma")
@@ -114,15 +116,25 @@ def test_hopper_backward_selection(monkeypatch):
         dispatch.backward_family((9, 0), 128, False)
 
 
-@pytest.mark.parametrize("d", [8, 64, 96, 128])
+@pytest.mark.parametrize("d", [8, 64, 96, 128, 160, 192, 256])
 def test_sm90_backward_keys_fit_hopper_shared_memory(d):
     """Every Hopper backward variant fits the 227 KB a CTA may use, builds only for sm_90a, and runs a
-    producer plus two consumer warpgroups over 128 keys."""
+    producer plus two consumer warpgroups over 128 keys (64 at head dims 192/256, whose build is the dense
+    one: no variable-length or element-mask key)."""
+    wide = dispatch.padded_head_dim(d) > 128
     for local in (False, True):
-        key = dispatch.backward_key_sm90("fp16", d, is_local=local, softcap=True, alibi=True)
-        assert key.head_dim == dispatch.padded_head_dim(d)
-        assert dispatch.backward_sm90_smem_bytes(key) <= dispatch.MAX_SMEM[(9, 0)]
-        assert key.archs == ("sm_90a",) and key.threads == 384 and key.block_n == 128
+        for det in (False, True):
+            key = dispatch.backward_key_sm90("fp16", d, is_local=local, softcap=True, alibi=True, deterministic=det,
+                                             dropout=True)
+            assert key.head_dim == dispatch.padded_head_dim(d)
+            assert dispatch.backward_sm90_smem_bytes(key) <= dispatch.MAX_SMEM[(9, 0)]
+            assert key.archs == ("sm_90a",) and key.threads == 384 and key.block_n == (64 if wide else 128)
+    if wide:
+        with pytest.raises(AssertionError):
+            dispatch.backward_key_sm90("bf16", d, is_local=False, softcap=False, alibi=False, varlen=True)
+        with pytest.raises(AssertionError):
+            dispatch.backward_key_sm90("bf16", d, is_local=False, softcap=False, alibi=False, attn_mask=1)
+        assert dispatch.block_sparse_tiles(d, True) is None
 
 
 def test_hopper_backward_dropout_builds_and_their_ptxas_level():
@@ -130,7 +142,7 @@ def test_hopper_backward_dropout_builds_and_their_ptxas_level():
     ptxas -O1 exactly where -O3 spilled on sm_90a (head dim 64, and ALiBi at 128: bench/NOTES.md); the
     element-mask and variable-length builds refuse dropout."""
     keys = [k for k in dispatch.keys_for_arch("sm_90a") if k.family == "bwd_sm90" and ("CF_DROPOUT", 1) in k.extra]
-    assert len(keys) == 2 * 2 * 2 * 2 * 2 * 2  # dtypes x head dims x local x softcap x alibi x deterministic
+    assert len(keys) == 2 * 4 * 2 * 2 * 2 * 2  # dtypes x head dims x local x softcap x alibi x deterministic
     for k in keys:
         assert k.ptxas_opt == (1 if k.head_dim == 64 or k.alibi else 3), k.name
     plain = dispatch.backward_key_sm90("bf16", 128, is_local=False, softcap=False, alibi=False)

@@ -194,7 +194,7 @@ def test_dropout_plan_takes_the_dropout_build_with_threshold_and_scale():
     assert block["dropout_scale"] == pytest.approx(1 / 0.75)
 
 
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_dropout_backward_plan_takes_the_hopper_dropout_build(d):
     """On Hopper the backward of a dropout call runs the Hopper kernel's dropout build (tensor maps, CF_DROPOUT)
     with p's threshold and scale in its block; elsewhere the sm80 kernel's."""

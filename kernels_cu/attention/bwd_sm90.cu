@@ -171,12 +171,20 @@ constexpr u32 kQBytes = kQBlock * kCol64;
 constexpr u32 kKBytes = kKBlock * kCol64;
 constexpr u32 kDSBlock = kBN * 128;     // dS^T tile: rows are keys, kBM / 64 column blocks of queries
 constexpr u32 kDSBytes = kDSBlock * (kBM / 64);
-// dQ split between the two consumer warpgroups (see the top): N of each one's product.
-constexpr int kDqN = kBM == 64 ? kD / 2 : kD;
+// Head dims 192 and 256: 64 keys a CTA, the work of a step split another way (bwd_sm90_wide.cuh).
+constexpr bool kWide = kD > 128;
+// dQ split between the two consumer warpgroups (see the top and bwd_sm90_wide.cuh): N of each one's product
+// (kDqCols0 for warpgroup 0, kDqCols1 for warpgroup 1), whole 64-column blocks of K.
+constexpr int kDqCols0 = kWide ? 128 : (kBM == 64 ? kD / 2 : kD);
+constexpr int kDqCols1 = kWide ? kD - 128 : kDqCols0;
+constexpr int kDqN = kDqCols0;                // the head-dim-64/128 builds' one size
 constexpr int kDqBoxCols = 32;                // fp32 columns of a dQ reduction box: 128 bytes, the swizzle span
 constexpr u32 kDqBoxBytes = 64 * kDqBoxCols * 4;
-static_assert(kBN == 128, "two consumer warpgroups of 64 keys");
-static_assert((kD == 128 && kBM == 64) || (kD == 64 && kBM == 128), "tile shapes with a whole column block per dQ split");
+static_assert(kWide ? (kBN == 64 && kBM == 64 && kD % 64 == 0)
+                    : (kBN == 128 && ((kD == 128 && kBM == 64) || (kD == 64 && kBM == 128))),
+              "two consumer warpgroups of 64 keys (head dims 64 / 128) or of 32 queries (192 / 256), whole column "
+              "blocks per dQ split");
+static_assert(!kWide || (!CF_VARLEN && !CF_ATTN_MASK), "head dims 192 / 256: the dense build, no element mask");
 constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = 240;
 // P^T from S^T while dP^T is still running, dS^T once it has retired: keeps P^T in fp32 across the wait
@@ -206,14 +214,16 @@ constexpr u32 kSmemV = kSmemK + kKBytes;
 constexpr u32 kSmemQ = kSmemV + kKBytes;
 constexpr u32 kSmemDO = kSmemQ + kStages * kQBytes;
 constexpr u32 kSmemDS = kSmemDO + kStages * kQBytes;
-constexpr u32 kSmemLse = kSmemDS + 2 * kDSBytes;
+constexpr u32 kSmemPT = kSmemDS + 2 * kDSBytes;  // head dims 192 / 256: the one P^T buffer
+constexpr u32 kSmemLse = kSmemPT + (kWide ? kDSBytes : 0);
 constexpr u32 kSmemDelta = kSmemLse + kStages * kBM * 4;
-constexpr u32 kDqBytes = 64 * kDqN * 4;  // one warpgroup's fp32 dQ block, rows of kDqN floats
+constexpr u32 kDqBytes0 = 64 * kDqCols0 * 4;  // warpgroup 0's fp32 dQ block, rows of kDqCols0 floats
+constexpr u32 kDqBytes1 = 64 * kDqCols1 * 4;
 constexpr u32 kSmemLseExact = kSmemDelta + kStages * kBM * 4;  // natural LSE rows of exact-form tiles
 constexpr u32 kSmemTileForm = kSmemLseExact + kStages * kBM * 4;  // per stage: 1 = exact form; 128 bytes
 constexpr u32 kSmemDq = (kSmemTileForm + 128 + 1023) / 1024 * 1024;  // the 128-byte swizzle wants 1024-byte boxes
-constexpr u32 kSmemBars = kSmemDq + 2 * kDqBytes;
-constexpr u32 kBarrierBytes = 8 * (9 + 3 * kStages);
+constexpr u32 kSmemBars = kSmemDq + kDqBytes0 + kDqBytes1;
+constexpr u32 kBarrierBytes = 8 * (9 + kWide + 3 * kStages);
 // Staged boolean masks (CF_MASK_STAGE, head dim 128): each consumer warpgroup copies its 64 keys x kBM queries
 // of the mask (a byte each) into one of two buffers with 16-byte cp.async, one query tile ahead, and reads
 // its P^T elements from there; read from global memory per element, a tile's loads sat behind the score
@@ -247,7 +257,8 @@ struct SmemLayout {
     // Variable-length build: the CTA's sequence lengths (seqlen_q, seqlen_k), which the consumers re-read
     // per tile rather than keep in registers (kept, head dim 64 spilled 4 bytes).
     __device__ __forceinline__ u32 seq_lengths() const { return base + kSmemTileForm + 64; }
-    __device__ __forceinline__ u32 dq(int cw) const { return base + kSmemDq + cw * kDqBytes; }
+    __device__ __forceinline__ u32 pt() const { return base + kSmemPT; }
+    __device__ __forceinline__ u32 dq(int cw) const { return base + kSmemDq + cw * kDqBytes0; }
     // kv_full: K and V landed. q_full[s]: Q and the LSE / delta rows (TMA bytes + 32 arrivals of warp 1).
     // do_full[s]: dO. empty[s]: both consumer warpgroups are done with stage s.
     // Every consumer thread arrives on empty[s] (each read LSE / delta rows that the producer overwrites
@@ -266,6 +277,9 @@ struct SmemLayout {
     // the dQ product that read it. One arrival per warp, as on dq_full.
     __device__ __forceinline__ u32 ds_full(int b) const { return base + kSmemBars + 8 * (5 + 3 * kStages + b); }
     __device__ __forceinline__ u32 ds_empty(int b) const { return base + kSmemBars + 8 * (7 + 3 * kStages + b); }
+    // Head dims 192 / 256: warpgroup 0's dV^T product of the step has retired, so the P^T buffer is free (one
+    // arrival per warp of warpgroup 0).
+    __device__ __forceinline__ u32 pt_free() const { return base + kSmemBars + 8 * (9 + 3 * kStages); }
     // Staged masks: consumer warpgroup cw's buffer `buf` (0 or 1).
     __device__ __forceinline__ u32 mask_stage(int cw, int buf) const {
         return base + kSmemMask + (2 * cw + buf) * kMaskBufBytes;
@@ -372,8 +386,10 @@ __device__ __forceinline__ void produce_row_stats(const BackwardSm90Params& p, c
     }
 }
 
-// Warpgroup w's dQ block of an iteration: 64 rows x kDqN head-dim columns of dq_accum, at these coordinates.
-__device__ __forceinline__ int dq_col0(int cw) { return kBM == 64 ? cw * kDqN : 0; }
+// Warpgroup w's dQ block of an iteration: 64 rows x dq_cols(w) head-dim columns of dq_accum, at these
+// coordinates.
+__device__ __forceinline__ int dq_cols(int cw) { return cw == 0 ? kDqCols0 : kDqCols1; }
+__device__ __forceinline__ int dq_col0(int cw) { return kBM == 64 ? cw * kDqCols0 : 0; }
 __device__ __forceinline__ int dq_row0(int m0, int cw) { return m0 + (kBM == 128 ? cw * 64 : 0); }
 
 // One thread drains dQ: as each consumer warpgroup's block lands in shared memory, a TMA reduction adds it
@@ -393,10 +409,11 @@ __device__ __forceinline__ void drain_dq(const BackwardSm90Params& p, const Smem
             wait_flag_equals(turn_counter, kKeyBlocksDescending ? n_hi - 1 - bc.n_block : bc.n_block - n_lo);
             fence_proxy_async_global();  // the earlier turns' sums, seen through the acquire, before our reductions
         }
+#pragma unroll
         for (int cw = 0; cw < 2; ++cw) {
             mbar_wait(sm.dq_full(cw), it & 1);
 #pragma unroll
-            for (int c = 0; c < kDqN / kDqBoxCols; ++c)
+            for (int c = 0; c < dq_cols(cw) / kDqBoxCols; ++c)
                 tma_reduce_add_4d(&p.dq_accum, sm.dq(cw) + c * kDqBoxBytes, dq_col0(cw) + c * kDqBoxCols,
                                   CF_Q_ROW(sr) dq_row0(m0, cw), h, CF_TMA_BATCH(bc));
             tma_store_commit();
@@ -425,6 +442,9 @@ __device__ __forceinline__ void zero_tile_rows(u32 tile, u32 block_bytes, int fr
 }
 #endif
 
+#if CF_HEAD_DIM > 128
+#include "attention/bwd_sm90_wide.cuh"
+#else
 __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemLayout& sm, const QueryWalk& qw,
                                         const BwdCoords& bc, const SeqRows& sr, const Visibility& vis, int cw,
                                         int warp_in_wg, int lane) {
@@ -831,6 +851,7 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         }
     }
 }
+#endif
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 attention_bwd_sm90(const __grid_constant__ BackwardSm90Params p) {
@@ -871,6 +892,7 @@ attention_bwd_sm90(const __grid_constant__ BackwardSm90Params p) {
             mbar_init(sm.ds_full(cw), 8);
             mbar_init(sm.ds_empty(cw), 8);
         }
+        if (kWide) mbar_init(sm.pt_free(), 4);
         mbar_fence_init();
     }
     __syncthreads();
@@ -883,5 +905,9 @@ attention_bwd_sm90(const __grid_constant__ BackwardSm90Params p) {
         return;
     }
     setmaxnreg_inc<kConsumerRegs>();
+#if CF_HEAD_DIM > 128
+    consume_wide(p, sm, qw, bc, sr, vis, warpgroup_index() - 1, warp & 3, tid & 31);
+#else
     consume(p, sm, qw, bc, sr, vis, warpgroup_index() - 1, warp & 3, tid & 31);
+#endif
 }
