@@ -5,7 +5,9 @@
 //
 // attention_bwd_sm90
 //   grid  = num_n_blocks * batch * heads_k CTAs, head-major (BwdCoords::head_major, bwd_common.cuh),
-//           num_n_blocks = ceil(seqlen_k / 128); block = 384 threads; dynamic smem = cf_bwd_sm90_smem_bytes.
+//           num_n_blocks = ceil(seqlen_k / CF_BLOCK_N); block = 384 threads; dynamic smem = cf_bwd_sm90_smem_bytes.
+//   Below: head dims 64 and 128. Head dims 192 and 256 keep the producer, the dQ drain and the pipeline and
+//   split a step's work between the consumer warpgroups another way (64 keys a CTA: bwd_sm90_wide.cuh).
 //   A CTA owns 128 keys of kv head hk: K and V stay in shared memory while it walks every query tile of
 //   CF_BLOCK_M rows, of every query head of its GQA group, that can see them (dK/dV are exact group sums,
 //   written once).
@@ -63,9 +65,10 @@
 // Softcap and ALiBi transform s inside the loop, where no pre-pass can shift it: they always take the exact
 // form (kChooseExponent).
 //
-// Compile-time configuration (cuflash/dispatch.py): CF_DTYPE, CF_HEAD_DIM (64 or 128; a smaller real head
-// dim is zero-filled by TMA), CF_BLOCK_M (64 at head dim 128, 128 at head dim 64: the dK, dV, S^T and dP^T
-// accumulators then take 64 + 64 + 32 + 32 or 32 + 32 + 64 + 64 of the 240 registers), CF_BLOCK_N = 128,
+// Compile-time configuration (cuflash/dispatch.py): CF_DTYPE, CF_HEAD_DIM (64, 128, 192 or 256; a smaller real
+// head dim is zero-filled by TMA), CF_BLOCK_M (64 at head dim 128, 128 at head dim 64: the dK, dV, S^T and dP^T
+// accumulators then take 64 + 64 + 32 + 32 or 32 + 32 + 64 + 64 of the 240 registers; 64 at 192 / 256),
+// CF_BLOCK_N (128; 64 at 192 / 256),
 // CF_STAGES, CF_IS_LOCAL, CF_SOFTCAP, CF_ALIBI, CF_DETERMINISTIC, CF_VARLEN (optional, default 0),
 // CF_ATTN_MASK (optional, default 0; attn_mask.cuh, dense builds without ALiBi: each element of P^T takes the
 // mask's term, read from global memory per element as bwd_sm80.cu does, or for a boolean mask of 16-byte
