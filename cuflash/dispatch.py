@@ -637,8 +637,8 @@ def backward_varlen_keys(dtype: str, head_dim: int, *, is_local: bool, softcap: 
 # other dK^T (128 accumulator registers at hd256); shared memory allows one Q / dO stage at hd256 (216 KB of
 # the 227), two at hd192.
 BWD_SM90_TILES = {64: (128, 128, 2), 128: (64, 128, 2), 192: (64, 64, 2), 256: (64, 64, 1)}
-# The wide head dims' build is the dense one (no variable-length, element-mask or block-sparse build: those
-# run the sm80 kernels there).
+# The wide head dims have the dense and variable-length builds (no element-mask or block-sparse one: those run
+# the sm80 kernels there).
 BWD_SM90_WIDE = (192, 256)
 # The dropout builds (CF_DROPOUT) take ptxas -O1 at head dim 64 and with ALiBi: at -O3 the draws spilled 4-28
 # bytes there on sm_90a (hd64's 128-query tile holds S^T and dP^T in 128 registers), none at -O1.
@@ -662,17 +662,16 @@ def allowed_spill_bytes(key: KernelKey) -> int:
     return 0
 
 
-def backward_family(cc: tuple, head_dim: int, deterministic: bool, *, varlen: bool = False,
-                    attn_mask: bool = False) -> str:
+def backward_family(cc: tuple, head_dim: int, deterministic: bool, *, attn_mask: bool = False) -> str:
     """"bwd_sm90" or "bwd_sm80" for the main backward kernel; CUFLASH_BWD_KERNEL=sm80 keeps the mma.sync
-    kernel on Hopper (for comparison). ``varlen`` / ``attn_mask``: the call needs that build, which the Hopper
+    kernel on Hopper (for comparison). ``attn_mask``: the call needs the element-mask build, which the Hopper
     kernel lacks at head dims 192 and 256 (BWD_SM90_WIDE)."""
     choice = os.environ.get(BWD_KERNEL_ENV, "") or "sm90"
     if choice not in ("sm80", "sm90"):
         raise ValueError(f"{BWD_KERNEL_ENV}={choice!r}; expected 'sm80' or 'sm90'")
     hopper = choice == "sm90" and tuple(cc) == (9, 0)
     d = padded_head_dim(head_dim)
-    covered = d in BWD_SM90_TILES and not (d in BWD_SM90_WIDE and (varlen or attn_mask))
+    covered = d in BWD_SM90_TILES and not (d in BWD_SM90_WIDE and attn_mask)
     return "bwd_sm90" if hopper and covered else "bwd_sm80"
 
 
@@ -694,14 +693,17 @@ def backward_key_sm90(dtype: str, head_dim: int, *, is_local: bool, softcap: boo
     assert not block_sparse or (attn_mask == ATTN_MASK_KINDS["bool"] and not deterministic and not is_local), \
         "block sparsity: a boolean mask, causal / window folded in, not deterministic"
     d = padded_head_dim(head_dim)
-    assert not (d in BWD_SM90_WIDE and (varlen or attn_mask)), "head dims 192 / 256: the dense build"
+    assert not (d in BWD_SM90_WIDE and attn_mask), "head dims 192 / 256: no element-mask build"
     bm, bn, stages = BWD_SM90_TILES[d]
     stage = mask_stage and bm == 64
     extra = ((("CF_STAGES", stages),) + ((("CF_DETERMINISTIC", 1),) if deterministic else ())
              + ((("CF_VARLEN", 1),) if varlen else ()) + ((("CF_ATTN_MASK", attn_mask),) if attn_mask else ())
              + ((("CF_MASK_STAGE", 1),) if stage else ()) + ((("CF_BLOCK_SPARSE", 1),) if block_sparse else ())
              + ((("CF_DROPOUT", 1),) if dropout else ()))
-    opt = 1 if dropout and (d == 64 or alibi) else 3
+    # -O1 where -O3 spilled on sm_90a: dropout at head dim 64 or with ALiBi (above), and the head-dim-256
+    # variable-length build with softcap (8-12 bytes at -O3 and -O2, none at -O1: softcap's dS keeps S^T and
+    # dP^T in fp32 through the element loop beside the 128 dK^T / dV^T registers and the sequence's rows).
+    opt = 1 if (dropout and (d == 64 or alibi)) or (varlen and softcap and d == 256) else 3
     return KernelKey("bwd_sm90", "attention_bwd_sm90", dtype, d, is_local, softcap, alibi, bm, bn,
                      12, extra=extra, ptxas_opt=opt)
 
@@ -729,8 +731,7 @@ def all_backward_sm90_keys() -> list[KernelKey]:
     return [backward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, deterministic=det, varlen=vl)
             for dt in DTYPES for d in BWD_SM90_TILES for loc in (False, True)
             for sc in (False, True) for al in (False, True) for det, vl in ((False, False), (True, False),
-                                                                          (False, True))
-            if not (vl and d in BWD_SM90_WIDE)] + [
+                                                                          (False, True))] + [
         backward_key_sm90(dt, d, is_local=loc, softcap=sc, alibi=al, deterministic=det, dropout=True)
         for dt in DTYPES for d in BWD_SM90_TILES for loc in (False, True) for sc in (False, True)
         for al in (False, True) for det in (False, True)]
@@ -948,14 +949,12 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                             if not loc and not al and d in FWD_SM90_SPLIT_KV_HEAD_DIMS:
                                 found += [forward_key_sm90(dt, d, varlen=True, split_kv=True, paged=pg, page_gather=g,
                                                            **mods) for pg, g in layouts]
-                            if d in BWD_SM90_WIDE:
-                                found += [backward_key_sm90(dt, d, deterministic=det, dropout=dr, **mods)
-                                          for det in (False, True) for dr in (False, True)]
-                            elif d in BWD_SM90_TILES:
+                            if d in BWD_SM90_TILES:
                                 found += [backward_key_sm90(dt, d, deterministic=det, varlen=vl, **mods)
                                           for det, vl in ((False, False), (True, False), (False, True))]
                                 found += [backward_key_sm90(dt, d, deterministic=det, dropout=True, **mods)
                                           for det in (False, True)]
+                            if d in BWD_SM90_TILES and d not in BWD_SM90_WIDE:
                                 found += [backward_key_sm90(dt, d, deterministic=det, attn_mask=m, mask_stage=st,
                                                             **mods)
                                           for det in (False, True) for m in masks

@@ -333,7 +333,7 @@ def backward_varlen(dout: DeviceArray, q: DeviceArray, k: DeviceArray, v: Device
     pre, post, main, dq_key = dispatch.backward_varlen_keys(
         dtype, q.shape[3], is_local=local, softcap=softcap > 0, alibi=alibi is not None,
         deterministic=deterministic, smem_limit=dispatch.max_smem(*cc))
-    hopper = (not deterministic and dispatch.backward_family(cc, q.shape[3], False, varlen=True) == "bwd_sm90"
+    hopper = (not deterministic and dispatch.backward_family(cc, q.shape[3], False) == "bwd_sm90"
               and tma.supports(q, k, v, dout))
     main, smem, maps = _backward_main(main, hopper, dtype, q.shape[3], is_local=local, softcap=softcap > 0,
                                       alibi=alibi is not None, varlen=True)

@@ -129,8 +129,7 @@ def test_compute_sanitizer_clean(tool):
 @pytest.mark.parametrize("d", [192, 256])
 def test_wide_head_dims_score_mods_and_varlen(d):
     """Head dims 192 / 256 (bwd_sm90_wide.cuh): softcap, ALiBi with causal, a window with softcap and ALiBi, and
-    both dtypes pass the rule on the Hopper kernel (test_varlen_gpu.py checks that variable-length batches there
-    take the sm80 kernel: the wide build is the dense one)."""
+    both dtypes pass the rule on the Hopper kernel (test_varlen_gpu.py runs its variable-length build)."""
     from gpu_helpers import rand_slopes, scaled
     for dtype in ("float16", "bfloat16"):
         q, k, v = _inputs(2, 257, 300, 4, 2, d, dtype, seed=d)

@@ -187,7 +187,7 @@ static_assert(kWide ? (kBN == 64 && kBM == 64 && kD % 64 == 0)
                     : (kBN == 128 && ((kD == 128 && kBM == 64) || (kD == 64 && kBM == 128))),
               "two consumer warpgroups of 64 keys (head dims 64 / 128) or of 32 queries (192 / 256), whole column "
               "blocks per dQ split");
-static_assert(!kWide || (!CF_VARLEN && !CF_ATTN_MASK), "head dims 192 / 256: the dense build, no element mask");
+static_assert(!kWide || !CF_ATTN_MASK, "head dims 192 / 256: no element-mask build");
 constexpr int kProducerRegs = 24;
 constexpr int kConsumerRegs = 240;
 // P^T from S^T while dP^T is still running, dS^T once it has retired: keeps P^T in fp32 across the wait
@@ -443,6 +443,28 @@ __device__ __forceinline__ void zero_tile_rows(u32 tile, u32 block_bytes, int fr
         asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" :: "r"(addr), "r"(0u) : "memory");
     }
 }
+
+// Key rows of K and V past the sequence's keys, zeroed by both consumer warpgroups (warpgroup cw takes rows
+// [cw kBN / 2, (cw + 1) kBN / 2) of the CTA's kBN) before either's products read them: S^T / dP^T read a
+// warpgroup's own rows, but dQ reads all of them, hence the barrier.
+__device__ __forceinline__ void zero_key_tail(const SmemLayout& sm, int n_start, int seqlen_k, int cw, int wg_tid) {
+    if (n_start + kBN <= seqlen_k) return;  // CTA-uniform: both warpgroups reach the barrier or neither
+    constexpr int kHalf = kBN / 2;
+    const int from = cw * kHalf + max(0, min(kHalf, seqlen_k - n_start - cw * kHalf));
+    zero_tile_rows(sm.k(), kKBlock, from, cw * kHalf + kHalf, wg_tid, 128);
+    zero_tile_rows(sm.v(), kKBlock, from, cw * kHalf + kHalf, wg_tid, 128);
+    fence_proxy_async_smem();
+    named_barrier_sync(kKvTailBarrier, 256);
+}
+
+// Q or dO rows of a stage past the sequence's queries, split between both consumer warpgroups (both take
+// every query tile, so both reach the barrier), before either's products read the stage.
+__device__ __forceinline__ void zero_query_tail(u32 tile, int m0, int seqlen_q, int cw, int wg_tid) {
+    if (m0 + kBM <= seqlen_q) return;
+    zero_tile_rows(tile, kQBlock, seqlen_q - m0, kBM, cw * 128 + wg_tid, 256);
+    fence_proxy_async_smem();
+    named_barrier_sync(kQTailBarrier, 256);
+}
 #endif
 
 #if CF_HEAD_DIM > 128
@@ -465,21 +487,7 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
     mbar_wait(sm.kv_full(), 0);
 #if CF_VARLEN
     const int wg_tid = warp_in_wg * 32 + lane;
-    if (n_start + kBN > sr.seqlen_k) {  // this CTA holds the sequence's last keys (see the top)
-        const int from = cw * 64 + max(0, min(64, sr.seqlen_k - n_start - cw * 64));
-        zero_tile_rows(sm.k(), kKBlock, from, cw * 64 + 64, wg_tid, 128);
-        zero_tile_rows(sm.v(), kKBlock, from, cw * 64 + 64, wg_tid, 128);
-        fence_proxy_async_smem();
-        named_barrier_sync(kKvTailBarrier, 256);
-    }
-    // Q or dO rows of a stage past the sequence's queries, split between both consumer warpgroups (both take
-    // every query tile, so both reach the barrier), before either's products read the stage.
-    auto zero_query_tail = [&](u32 tile, int m0, int seqlen_q) {
-        if (m0 + kBM <= seqlen_q) return;
-        zero_tile_rows(tile, kQBlock, seqlen_q - m0, kBM, cw * 128 + wg_tid, 256);
-        fence_proxy_async_smem();
-        named_barrier_sync(kQTailBarrier, 256);
-    };
+    zero_key_tail(sm, n_start, sr.seqlen_k, cw, wg_tid);  // this CTA holds the sequence's last keys (see the top)
 #endif
 
     const float pre = CF_SOFTCAP ? a.softmax_scale / a.softcap : a.softmax_scale;
@@ -597,7 +605,7 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n"
                      : "=r"(tile_seqlen_q), "=r"(tile_seqlen_k) : "r"(sm.seq_lengths()) : "memory");
         const Visibility tv(tile_seqlen_q, tile_seqlen_k, a.window_left, a.window_right);
-        zero_query_tail(sm.q(s), m0, tile_seqlen_q);
+        zero_query_tail(sm.q(s), m0, tile_seqlen_q, cw, wg_tid);
 #define CF_TILE_SEQLEN_Q tile_seqlen_q
 #else
 #define CF_TILE_SEQLEN_Q a.seqlen_q
@@ -618,7 +626,7 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
                                                                                             a.scale_log2);
         mbar_wait(sm.do_full(s), ph);
 #if CF_VARLEN
-        zero_query_tail(sm.dout(s), m0, tile_seqlen_q);
+        zero_query_tail(sm.dout(s), m0, tile_seqlen_q, cw, wg_tid);
 #endif
         issue_scores(dp, v_rows, sm.dout(s));
         // P^T, then dS^T, packed to 16-bit A fragments as they are made (two neighbouring n8 groups of an

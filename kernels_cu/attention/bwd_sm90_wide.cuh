@@ -100,6 +100,10 @@ __device__ __forceinline__ void consume_wide(const BackwardSm90Params& p, const 
     float acc[kWideBlocks][kBN / 8][4];
     zero_fill(acc);
     mbar_wait(sm.kv_full(), 0);
+#if CF_VARLEN
+    const int wg_tid = warp_in_wg * 32 + lane;
+    zero_key_tail(sm, n_start, sr.seqlen_k, cw, wg_tid);  // rows past the sequence's keys (bwd_sm90.cu's top)
+#endif
 
     const float pre = CF_SOFTCAP ? a.softmax_scale / a.softcap : a.softmax_scale;
     const float score_scale = natural_score_scale<CF_SOFTCAP, CF_ALIBI, false>(a.softmax_scale);
@@ -132,6 +136,16 @@ __device__ __forceinline__ void consume_wide(const BackwardSm90Params& p, const 
             wgmma::commit();
         };
         mbar_wait(sm.q_full(s), ph);
+#if CF_VARLEN
+        int tile_seqlen_q, tile_seqlen_k;  // re-read per tile, as bwd_sm90.cu's consumer does
+        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n"
+                     : "=r"(tile_seqlen_q), "=r"(tile_seqlen_k) : "r"(sm.seq_lengths()) : "memory");
+        const Visibility tv(tile_seqlen_q, tile_seqlen_k, a.window_left, a.window_right);
+        zero_query_tail(sm.q(s), m0, tile_seqlen_q, cw, wg_tid);
+#else
+        const int tile_seqlen_q = a.seqlen_q;
+        const Visibility& tv = vis;
+#endif
         issue_scores(sc, sm.k(), sm.q(s));
 #if CF_DROPOUT
         // This lane's keep bits (philox.cuh, as bwd_sm90.cu's draw_keep), drawn while S^T runs.
@@ -162,14 +176,17 @@ __device__ __forceinline__ void consume_wide(const BackwardSm90Params& p, const 
                                             : Exponent::template make<CF_SOFTCAP, CF_ALIBI, false>(a.softmax_scale,
                                                                                                    a.scale_log2);
         mbar_wait(sm.do_full(s), ph);
+#if CF_VARLEN
+        zero_query_tail(sm.dout(s), m0, tile_seqlen_q, cw, wg_tid);
+#endif
         issue_scores(dp, sm.v(), sm.dout(s));
 
         // P^T and dS^T of this warpgroup's queries. Element e of n8 group n: key key_row0 + g + 8 (e / 2), query
         // q0 + 8 n + 2 t + e % 2 (stage row cw * 32 + 8 n + 2 t + e % 2). Rows past seqlen_q carry lse = +inf.
         u32 pt[kWideNT8][2], dst[kWideNT8][2];  // 16-bit pairs (e = 0, 1) and (e = 2, 3)
         {
-            const int i_last = min(m0 + kBM, a.seqlen_q) - 1;
-            const bool need_mask = vis.tile_needs_mask<CF_IS_LOCAL>(m0, i_last, n_start, kBN);
+            const int i_last = min(m0 + kBM, tile_seqlen_q) - 1;
+            const bool need_mask = tv.tile_needs_mask<CF_IS_LOCAL>(m0, i_last, n_start, kBN);
             const float slope = CF_ALIBI ? a.alibi[(i64)bc.b * a.alibi_batch_stride + h] : 0.f;
             auto load2 = [&](u32 addr) {
                 float2 r;
@@ -196,7 +213,7 @@ __device__ __forceinline__ void consume_wide(const BackwardSm90Params& p, const 
                 for (int e = 0; e < 4; ++e) {
                     const int i = m0 + qc + (e & 1);
                     const int j = key_row0 + g + (e >> 1) * 8;
-                    const bool visible = !need_mask || vis.visible(i, j);
+                    const bool visible = !need_mask || tv.visible(i, j);
                     const float row = (e & 1) ? lse2.y : lse2.x;
                     if (!kWideEarlyP) {
 #if CF_DROPOUT
@@ -204,11 +221,11 @@ __device__ __forceinline__ void consume_wide(const BackwardSm90Params& p, const 
 #endif
                         sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI, !kChooseExponent>(
                             sc[n][e], dp[n][e], row, (e & 1) ? del2.y : del2.x, visible, ex, pre, a.softcap, slope,
-                            i + vis.off - j);
+                            i + tv.off - j);
                     } else {
                         float unused;
                         sc[n][e] = bwd_probability<CF_SOFTCAP, CF_ALIBI, !kChooseExponent>(
-                            sc[n][e], row, visible, ex, pre, a.softcap, slope, i + vis.off - j, unused);
+                            sc[n][e], row, visible, ex, pre, a.softcap, slope, i + tv.off - j, unused);
                     }
                 }
             }
@@ -280,10 +297,15 @@ __device__ __forceinline__ void consume_wide(const BackwardSm90Params& p, const 
             wide_dq_and_release<kDqCols1>(sm, acc, cw, warp_in_wg, lane, it, s);
     }
 
-    // Epilogue: dV = (dV^T)^T, dK = softmax_scale (dK^T)^T, 16-bit, keys < seqlen_k, head-dim columns < head_dim.
+    // Epilogue: dV = (dV^T)^T, dK = softmax_scale (dK^T)^T, 16-bit, keys < seqlen_k (the sequence's, clipped and
+    // offset to its rows in the variable-length build), head-dim columns < head_dim.
     u16* out = cw == 0 ? (u16*)a.dv + (i64)bc.b * a.dv_batch_stride + (i64)bc.hk * a.dv_head_stride
                        : (u16*)a.dk + (i64)bc.b * a.dk_batch_stride + (i64)bc.hk * a.dk_head_stride;
     const i64 row_stride = cw == 0 ? a.dv_row_stride : a.dk_row_stride;
+#if CF_VARLEN
+    const SeqRows keys(a, bc.b);  // re-read here rather than kept live through the loop (as bwd_sm90.cu)
+    out += (i64)keys.row_k * row_stride;
+#endif
     const float scale = cw == 0 ? 1.f : a.softmax_scale;
 #pragma unroll
     for (int b = 0; b < kWideBlocks; ++b)
@@ -296,7 +318,7 @@ __device__ __forceinline__ void consume_wide(const BackwardSm90Params& p, const 
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int j = n_start + n * 8 + 2 * t + e;
-                    if (j < a.seqlen_k) out[(i64)j * row_stride + d] = from_float(acc[b][n][2 * hh + e] * scale);
+                    if (j < CF_SEQLEN_K(a, keys)) out[(i64)j * row_stride + d] = from_float(acc[b][n][2 * hh + e] * scale);
                 }
         }
 }
