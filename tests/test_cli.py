@@ -287,6 +287,9 @@ def test_full_grid_is_flashattention2_grid(bench):
         assert c.batch == 16384 // c.seqlen and c.batch * c.seqlen == 16384
     c = next(c for c in grid if c.head_dim == 128 and c.seqlen == 512)
     assert (c.batch, c.heads) == (32, 16)
+    # a head dim that does not divide 2048 gets the nearest whole number of heads
+    odd = bench.build_grid(bench.parse_args(["--hdims", "192", "--seqlens", "2k", "--passes", "bwd"]))
+    assert {(c.heads, c.batch) for c in odd} == {(11, 8)}
 
 
 def test_quick_grid_and_options(bench):
