@@ -317,7 +317,8 @@ def _check_block_mask(call, block_mask, attn_mask, alibi, dropout, deterministic
                                       "this GPU has none (the CPU path has it)")
         for back in (False, True) if backward else (False,):
             tiles = dispatch.block_sparse_tiles(call.head_dim, back)
-            if tiles is None or (back and dispatch.backward_family(cc, call.head_dim, False) != "bwd_sm90"):
+            if tiles is None or (back and dispatch.backward_family(cc, call.head_dim, False, attn_mask=True)
+                                 != "bwd_sm90"):
                 raise NotImplementedError("block_mask on GPU arrays runs on the Hopper kernels (the backward at "
                                           f"head dims up to 128); head dim {call.head_dim} has none")
             dispatch.check_block_sparse_tiles(block_mask.block_size, tiles)

@@ -634,11 +634,11 @@ def backward_varlen_keys(dtype: str, head_dim: int, *, is_local: bool, softcap: 
 # Head dims 64 / 128: 128 keys a CTA in two consumer warpgroups; block_m queries per step keeps the dK, dV, S^T
 # and dP^T accumulators within 240 registers (64 + 64 + 32 + 32 at hd128; 32 + 32 + 64 + 64 at hd64).
 # Head dims 192 / 256 (BWD_SM90_WIDE, bwd_sm90_wide.cuh): 64 keys a CTA, one warpgroup computing dV^T and the
-# other dK^T (128 accumulator registers at hd256); shared memory allows one Q / dO stage at hd256 (216 KB of
-# the 227), two at hd192.
+# other dK^T (128 accumulator registers at hd256); shared memory allows one Q / dO stage at hd256 (223,336 of
+# the 232,448 bytes), two at hd192.
 BWD_SM90_TILES = {64: (128, 128, 2), 128: (64, 128, 2), 192: (64, 64, 2), 256: (64, 64, 1)}
-# The wide head dims have the dense and variable-length builds (no element-mask or block-sparse one: those run
-# the sm80 kernels there).
+# The wide head dims have the dense and variable-length builds, no element-mask one (such calls run the sm80
+# kernel there) and no block-sparse one (api refuses block_mask with a backward there).
 BWD_SM90_WIDE = (192, 256)
 # The dropout builds (CF_DROPOUT) take ptxas -O1 at head dim 64 and with ALiBi: at -O3 the draws spilled 4-28
 # bytes there on sm_90a (hd64's 128-query tile holds S^T and dP^T in 128 registers), none at -O1.
@@ -911,7 +911,7 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
     these never misses at run time.
 
     Compute capability 9.0 (``sm_90a``) runs both the wgmma families and the sm80 ones: views TMA cannot
-    address, the variable-length and element-mask backward at head dims 192/256 and
+    address, the element-mask backward at head dims 192/256 and
     CUFLASH_FWD_KERNEL/CUFLASH_BWD_KERNEL all fall back to sm80. Every other GPU runs the sm80 families only. Kernels of any other family in
     :func:`all_keys` (helpers such as layout copies) have no tiles to choose and run on every target.
     """
@@ -928,8 +928,8 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
                         found = [forward_key(dt, d, smem_limit=limit, **mods),
                                  forward_key(dt, d, smem_limit=limit, varlen=True, **mods),
                                  forward_key(dt, d, smem_limit=limit, dropout=True, **mods)]
-                        # (on Hopper the sm80 builds serve head dims 192/256 in the backward and views TMA
-                        # cannot describe)
+                        # (on Hopper the sm80 builds serve the element-mask backward at head dims 192/256 and
+                        # views TMA cannot describe)
                         masks = () if al else tuple(ATTN_MASK_KINDS.values())
                         found += [forward_key(dt, d, smem_limit=limit, attn_mask=m, **mods) for m in masks]
                         found.append(forward_key(dt, d, smem_limit=limit, varlen=True, paged=True, **mods))

@@ -12,7 +12,7 @@ rng = np.random.default_rng(0)
 lens_q, lens_k = [17, 0, 1, 1000, 129, 64], [20, 5, 0, 1000, 127, 200]
 cu_q = cp.asarray(np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32))
 cu_k = cp.asarray(np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32))
-for d in (64, 128, 256):
+for d in (64, 128, 192, 256):
     for causal in (False, True):
         q = rng.standard_normal((sum(lens_q) + 3, 4, d)).astype(np.float16)
         k = rng.standard_normal((sum(lens_k) + 3, 2, d)).astype(np.float16)

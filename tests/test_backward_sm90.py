@@ -127,7 +127,7 @@ def test_compute_sanitizer_clean(tool):
 
 
 @pytest.mark.parametrize("d", [192, 256])
-def test_wide_head_dims_score_mods_and_varlen(d):
+def test_wide_head_dims_score_mods(d):
     """Head dims 192 / 256 (bwd_sm90_wide.cuh): softcap, ALiBi with causal, a window with softcap and ALiBi, and
     both dtypes pass the rule on the Hopper kernel (test_varlen_gpu.py runs its variable-length build)."""
     from gpu_helpers import rand_slopes, scaled

@@ -3,7 +3,7 @@ forward built with CF_VARLEN, seq_context.cuh): every packed sequence equals the
 under FlashAttention's rule (its same-dtype naive error x 2), with lengths 0, 1, 17, 1000, seqlen_q != seqlen_k,
 causal, windows, softcap, ALiBi shared and per sequence, GQA, fp16 / bf16 and an odd head dim; NaN stored in
 the rows no sequence covers never reaches an output, which are zeros with LSE +inf there; seqused shortens
-sequences; the backward (the sm80 backward kernels' variable-length builds) passes the gradient rule per
+sequences; the backward (the Hopper or sm80 backward kernels' variable-length builds) passes the gradient rule per
 sequence under the same conditions, and torch autograd through flash_attn_varlen_func reaches it."""
 
 import numpy as np
@@ -167,7 +167,7 @@ def test_deterministic_backward_exact_and_bitwise_repeatable(causal):
 
 @pytest.mark.parametrize("family", ["sm90", "sm80"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("d", [64, 128, 72, 256])
+@pytest.mark.parametrize("d", [64, 128, 72, 160, 256])
 @pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(window_size=(50, 10), softcap=5.0),
                                   dict(alibi="per_sequence", causal=True)])
 def test_backward_each_sequence_follows_flash_rule(family, dtype, d, opts, monkeypatch):

@@ -87,8 +87,8 @@
 // offsets its TMA rows by its sequence's first rows; CTAs past a sequence's keys return at once. Tiles at a
 // sequence's end bring in another sequence's rows (or NaN in rows no sequence covers), and a masked P of 0
 // does not cancel them (0 x NaN is NaN, and every product sums over both tile dimensions), so their rows are
-// zeroed in shared memory before use: K and V once (each warpgroup its 64 keys, then a barrier of both, since
-// dQ reads all 128), Q and dO per query tile at the sequence's end (the rows split between the warpgroups,
+// zeroed in shared memory before use: K and V once (each warpgroup its kBN / 2 keys, then a barrier of both,
+// since dQ reads all kBN), Q and dO per query tile at the sequence's end (the rows split between the warpgroups,
 // then a barrier of both). Rows past the sequence's queries then give P = 0 (LSE +inf) and
 // dS = 0, so the dQ reductions add +0 into the next sequence's rows. dK and dV go out clipped at the
 // sequence's keys. Deterministic mode is not built for it (the sm80 kernels serve it).
@@ -155,7 +155,7 @@ struct SeqRows {
 // Launch parameters: the tensor maps, then the shared block (cuflash/ops.py packs the same bytes).
 struct BackwardSm90Params {
     TmaMap q, k, v, dout;
-    TmaMap dq_accum;  // fp32, box 64 x 64, unswizzled
+    TmaMap dq_accum;  // fp32, boxes of 64 rows x kDqBoxCols, 128-byte swizzle
     AttentionParams a;
 };
 extern "C" __device__ const int cf_bwd_sm90_params_bytes = sizeof(BackwardSm90Params);

@@ -21,12 +21,14 @@
 // The stage (Q, dO, LSE and delta rows) is released once dV^T / dK^T have retired, while dQ still runs.
 //
 // Shared memory at D = 256 (the case that decides): K and V 64 KB, Q and dO 64 KB a stage, two dS^T buffers
-// and one P^T buffer 24 KB, the dQ blocks 64 KB: 216 KB with one stage (227 KB is the limit; a second P^T
-// buffer would pass it by 104 bytes with the alignment slack). So P^T has one buffer, which warpgroup 1
-// rewrites for step it + 1 only after warpgroup 0's dV^T product of step it, its reader, has retired
-// (pt_free); warpgroup 0 itself writes it after its own product. dS^T is read by both warpgroups and keeps
-// two buffers: a warpgroup writes buffer it % 2 after the barrier of step it - 1, which the other passes only
-// after its products of step it - 2 have retired. D = 192 fits two stages (219 KB).
+// and one P^T buffer 24 KB, the dQ blocks 64 KB: 223,336 bytes with one stage and the alignment slack, of the
+// 232,448 a CTA may use; a second stage does not fit. D = 192 fits two stages (224,384 bytes), but not with a
+// second P^T buffer as well (128 bytes over). So P^T has one buffer, which warpgroup 1 rewrites for step
+// it + 1 only after warpgroup 0's dV^T product of step it, its reader, has retired (pt_free; by then warpgroup
+// 1 has run its dK^T, dQ and the next scores, so the wait rarely blocks); warpgroup 0 itself writes it after
+// its own product. dS^T is read by both warpgroups and keeps two buffers: a warpgroup writes buffer it % 2
+// after the barrier of step it - 1, which the other passes only after its products of step it - 2 have
+// retired.
 #pragma once
 
 namespace {
