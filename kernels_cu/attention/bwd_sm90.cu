@@ -433,6 +433,31 @@ __device__ __forceinline__ void drain_dq(const BackwardSm90Params& p, const Smem
     tma_store_wait_all();
 }
 
+// A consumer warpgroup's retired dQ block of iteration j (64 query rows x N head-dim columns, as wgmma left it)
+// into its shared buffer, once the drain's reduction of iteration j - 1 has read that, in dq_accum's layout
+// (bwd_prepost.cu: a lane's columns 2t, 2t+1 of both n8 groups of a 16-column group are four consecutive
+// floats, chunk 4 (n % 2) + t of a 128-byte box row, swizzled); then dq_full for the drain thread.
+template <int N>
+__device__ __forceinline__ void hand_over_dq(const SmemLayout& sm, const float (&acc)[N / 8][4], int cw, int j,
+                                             int warp_in_wg, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    mbar_wait(sm.dq_empty(cw), (j & 1) ^ 1);
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int r = warp_in_wg * 16 + g + 8 * hh;
+#pragma unroll
+        for (int n = 0; n < N / 16; ++n) {
+            const u32 addr = sm.dq(cw) + (n / 2) * kDqBoxBytes + r * 128 + (((4 * (n % 2) + t) ^ (r & 7)) << 4);
+            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n"
+                         :: "r"(addr), "f"(acc[2 * n][2 * hh]), "f"(acc[2 * n][2 * hh + 1]),
+                            "f"(acc[2 * n + 1][2 * hh]), "f"(acc[2 * n + 1][2 * hh + 1]) : "memory");
+        }
+    }
+    fence_proxy_async_smem();
+    __syncwarp();
+    if (lane == 0) mbar_arrive(sm.dq_full(cw));
+}
+
 #if CF_VARLEN
 // Variable-length build: zeroes rows [from, to) of a 128-byte-swizzled tile (column blocks of block_bytes,
 // 128-byte rows: a whole row is zeroed, so the swizzle does not matter), `threads` threads from `tid`.
@@ -518,21 +543,7 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
             __syncwarp();
             if (lane == 0) mbar_arrive(sm.ds_empty(j & 1));
         }
-        mbar_wait(sm.dq_empty(cw), (j & 1) ^ 1);
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const int r = warp_in_wg * 16 + g + 8 * hh;
-#pragma unroll
-            for (int n = 0; n < kDqN / 16; ++n) {
-                const u32 addr = sm.dq(cw) + (n / 2) * kDqBoxBytes + r * 128 + (((4 * (n % 2) + t) ^ (r & 7)) << 4);
-                asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n"
-                             :: "r"(addr), "f"(acc[2 * n][2 * hh]), "f"(acc[2 * n][2 * hh + 1]),
-                                "f"(acc[2 * n + 1][2 * hh]), "f"(acc[2 * n + 1][2 * hh + 1]) : "memory");
-            }
-        }
-        fence_proxy_async_smem();
-        __syncwarp();
-        if (lane == 0) mbar_arrive(sm.dq_full(cw));
+        hand_over_dq<kDqN>(sm, acc, cw, j, warp_in_wg, lane);
     };
     // Staged masks: this warpgroup's 64 keys x the queries of query tile `it` into buffer it % 2
     // (attn_mask.cuh: stage_mask_tile; its rows are queries, P is 0 past seqlen_q anyway).

@@ -47,12 +47,10 @@ static_assert(kBN == 64 && kBM == 64, "the wide partition: 64 keys a CTA, 64 que
 
 // dQ of step `it` over warpgroup cw's N head-dim columns (from column dq_col0(cw)), issued after its dV^T / dK^T
 // product (`acc`): once that has retired the stage goes back to the producer (and, for warpgroup 0, the P^T
-// buffer to warpgroup 1), once dQ has, its block goes to shared memory in dq_accum's layout (bwd_prepost.cu; as
-// store_dq in bwd_sm90.cu) for the drain thread.
+// buffer to warpgroup 1), once dQ has, its block goes to the drain thread (hand_over_dq, bwd_sm90.cu).
 template <int N>
 __device__ __forceinline__ void wide_dq_and_release(const SmemLayout& sm, float (&acc)[kWideBlocks][kBN / 8][4],
                                                     int cw, int warp_in_wg, int lane, int it, int s) {
-    const int g = lane >> 2, t = lane & 3;
     float acc_dq[N / 8][4];
     const u64 a_desc = wgmma::desc_sw128(sm.ds(it & 1), kDSBlock, 1024);
     const u64 b_desc = wgmma::desc_sw128(sm.k() + cw * 2 * kKBlock, kKBlock, 1024);
@@ -71,21 +69,7 @@ __device__ __forceinline__ void wide_dq_and_release(const SmemLayout& sm, float 
     mbar_arrive(sm.empty(s));
     wgmma::wait<0>();
     wgmma::fence_operand(reinterpret_cast<float(&)[N / 2]>(acc_dq));
-    mbar_wait(sm.dq_empty(cw), (it & 1) ^ 1);
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-        const int r = warp_in_wg * 16 + g + 8 * hh;
-#pragma unroll
-        for (int n = 0; n < N / 16; ++n) {
-            const u32 addr = sm.dq(cw) + (n / 2) * kDqBoxBytes + r * 128 + (((4 * (n % 2) + t) ^ (r & 7)) << 4);
-            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n"
-                         :: "r"(addr), "f"(acc_dq[2 * n][2 * hh]), "f"(acc_dq[2 * n][2 * hh + 1]),
-                            "f"(acc_dq[2 * n + 1][2 * hh]), "f"(acc_dq[2 * n + 1][2 * hh + 1]) : "memory");
-        }
-    }
-    fence_proxy_async_smem();
-    __syncwarp();
-    if (lane == 0) mbar_arrive(sm.dq_full(cw));
+    hand_over_dq<N>(sm, acc_dq, cw, it, warp_in_wg, lane);
 }
 
 
