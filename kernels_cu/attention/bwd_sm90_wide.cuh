@@ -42,7 +42,6 @@ constexpr int kWideBarrier = 1;  // named barrier: both warpgroups' P^T and dS^T
 // P from S^T while dP^T still runs, as kEarlyP in bwd_sm90.cu; softcap's dS needs 1 - tanh^2 of each element.
 constexpr bool kWideEarlyP = !CF_SOFTCAP;
 static_assert(kBN == 64 && kBM == 64, "the wide partition: 64 keys a CTA, 64 queries a step");
-
 }  // namespace
 
 // dQ of step `it` over warpgroup cw's N head-dim columns (from column dq_col0(cw)), issued after its dV^T / dK^T
@@ -53,7 +52,7 @@ __device__ __forceinline__ void wide_dq_and_release(const SmemLayout& sm, float 
                                                     int cw, int warp_in_wg, int lane, int it, int s) {
     float acc_dq[N / 8][4];
     const u64 a_desc = wgmma::desc_sw128(sm.ds(it & 1), kDSBlock, 1024);
-    const u64 b_desc = wgmma::desc_sw128(sm.k() + cw * 2 * kKBlock, kKBlock, 1024);
+    const u64 b_desc = wgmma::desc_sw128(sm.k() + cw * 2 * kKBlock, kKBlock, 1024);  // column 128 cw of K
     wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk)
@@ -71,7 +70,6 @@ __device__ __forceinline__ void wide_dq_and_release(const SmemLayout& sm, float 
     wgmma::fence_operand(reinterpret_cast<float(&)[N / 2]>(acc_dq));
     hand_over_dq<N>(sm, acc_dq, cw, it, warp_in_wg, lane);
 }
-
 
 __device__ __forceinline__ void consume_wide(const BackwardSm90Params& p, const SmemLayout& sm, const QueryWalk& qw,
                                              const BwdCoords& bc, const SeqRows& sr, const Visibility& vis, int cw,
