@@ -79,6 +79,8 @@ def keep_tile(seed: int, offset: int, dropout_p: float, bh, rows, cols) -> np.nd
     bh = np.asarray(bh, dtype=np.uint64)
     i0, i1 = rows
     j0, j1 = cols
+    if i1 <= i0 or j1 <= j0 or bh.size == 0:  # an empty tile (a sequence without queries or keys)
+        return np.zeros(bh.shape + (max(i1 - i0, 0), max(j1 - j0, 0)), bool)
     g0, g1 = j0 // KEYS_PER_DRAW, -(-j1 // KEYS_PER_DRAW)
     lead = bh.shape
     c0 = np.arange(g0, g1, dtype=np.uint64)

@@ -413,7 +413,7 @@ class _Tiles:
     def __init__(self, q, k, causal, softmax_scale, window_size, softcap,
                  alibi_slopes, block_q, block_k, dropout=None, attn_mask=None,
                  block_mask=None):
-        self.dropout = dropout  # None or (p, seed, offset)
+        self.dropout = dropout  # None or (p, seed, offset, batch index of the first example)
         self.block_mask = block_mask
         if block_mask is not None:
             # Tiles of the mask's blocks (where those are not tiny), so that a tile lies in one block and the
@@ -482,9 +482,9 @@ class _Tiles:
         """The dropout keep mask of a tile as the tile's rows lay it out: bool ``(h1 - h0, (q1 - q0) * g,
         k1 - k0)``, row ``t * g + r`` of matrix ``bi * heads_k + kv`` being query head ``kv * g + r``."""
         from . import dropout
-        p, seed, offset = self.dropout
+        p, seed, offset, batch0 = self.dropout
         hh = np.arange(h0, h1)
-        bh = ((hh // self.hk) * self.hq + (hh % self.hk) * self.g)[:, None] + np.arange(self.g)
+        bh = ((hh // self.hk + batch0) * self.hq + (hh % self.hk) * self.g)[:, None] + np.arange(self.g)
         z = dropout.keep_tile(seed, offset, p, bh, (q0, q1), (k0, k1))  # (n, g, rows, keys)
         return z.transpose(0, 2, 1, 3).reshape(h1 - h0, (q1 - q0) * self.g, k1 - k0)
 
@@ -523,14 +523,14 @@ def _tile_scores(t, qt, kt, s, tanh, h0, h1, q0, q1, k0, k1, masked, visible=Non
         np.copyto(s, t.acc(-np.inf), where=~visible)
 
 
-def _dropout_args(dropout_p, dropout_seed, dropout_offset):
-    return (dropout_p, dropout_seed, dropout_offset) if dropout_p else None
+def _dropout_args(dropout_p, dropout_seed, dropout_offset, dropout_batch=0):
+    return (dropout_p, dropout_seed, dropout_offset, dropout_batch) if dropout_p else None
 
 
 def attention_numpy(q, k, v, *, causal=False, softmax_scale=None,
                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                     block_q=None, block_k=None, dropout_p=0.0, dropout_seed=None,
-                    dropout_offset=0, attn_mask=None, block_mask=None):
+                    dropout_offset=0, attn_mask=None, block_mask=None, dropout_batch=0):
     """Tiled FlashAttention forward on the CPU.
 
     Iterates over head chunks and query blocks and, inside, over the key
@@ -549,6 +549,9 @@ def attention_numpy(q, k, v, *, causal=False, softmax_scale=None,
     other keyword arguments
         As for :func:`attention_reference` (dropout: each tile's probabilities are masked before the
         ``P V`` product, never in the row sums).
+    dropout_batch : int
+        The batch index that example 0 takes in the dropout mask's key (cuflash/dropout.py): a packed
+        sequence's index, so that sequence ``i`` of a variable-length call draws the mask of batch ``i``.
 
     Returns
     -------
@@ -562,7 +565,7 @@ def attention_numpy(q, k, v, *, causal=False, softmax_scale=None,
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     t = _Tiles(q, k, causal, softmax_scale, window_size, softcap,
                alibi_slopes, block_q, block_k,
-               _dropout_args(dropout_p, dropout_seed, dropout_offset), attn_mask,
+               _dropout_args(dropout_p, dropout_seed, dropout_offset, dropout_batch), attn_mask,
                block_mask)
     acc, d, g = t.acc, t.d, t.g
     if t.empty:
@@ -636,7 +639,7 @@ def attention_backward_numpy(dout, q, k, v, out, lse, *, causal=False,
                              softmax_scale=None, window_size=(-1, -1),
                              softcap=0.0, alibi_slopes=None, block_q=None,
                              block_k=None, dropout_p=0.0, dropout_seed=None,
-                             dropout_offset=0, attn_mask=None, block_mask=None):
+                             dropout_offset=0, attn_mask=None, block_mask=None, dropout_batch=0):
     """Tiled FlashAttention backward on the CPU.
 
     Computes ``D = rowsum(dout * out)``, then, per head chunk and query block,
@@ -665,7 +668,7 @@ def attention_backward_numpy(dout, q, k, v, out, lse, *, causal=False,
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     t = _Tiles(q, k, causal, softmax_scale, window_size, softcap,
                alibi_slopes, block_q, block_k,
-               _dropout_args(dropout_p, dropout_seed, dropout_offset), attn_mask,
+               _dropout_args(dropout_p, dropout_seed, dropout_offset, dropout_batch), attn_mask,
                block_mask)
     acc, d, g = t.acc, t.d, t.g
     if t.empty:

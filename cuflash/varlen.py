@@ -34,6 +34,7 @@ class _VarlenCall:
 
     def __init__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k):
         self.fw = arrays.framework_of(q)
+        self.names = ("q", "k", "v")
         for name, x in (("k", k), ("v", v)):
             fw = arrays.framework_of(x)
             if fw != self.fw:
@@ -255,6 +256,22 @@ def _options(call, causal, softmax_scale, window_size, softcap, alibi_slopes):
     return dict(causal=causal, softmax_scale=scale, window_size=window, softcap=softcap), slopes
 
 
+def _dropout(call, dropout_p, dropout_seed, dropout_offset):
+    """api._check_dropout_args for a variable-length call: None without dropout; GPU arrays have no dropout
+    build of the variable-length kernels yet (NotImplementedError, before anything runs)."""
+    if call.on_gpu and api._check_probability(dropout_p) > 0:
+        raise NotImplementedError("dropout_p > 0 in the variable-length functions on GPU arrays is not implemented "
+                                  "yet (the CPU path has it; cuflash.attention has it on GPU arrays)")
+    return api._check_dropout_args(call, dropout_p, dropout_seed, dropout_offset)
+
+
+def _dropout_kwargs(drop, i):
+    """The CPU path's dropout arguments for sequence i: the dense call's mask of batch index i."""
+    if drop is None:
+        return {}
+    return dict(dropout_p=drop.p, dropout_seed=drop.seed, dropout_offset=drop.offset, dropout_batch=i)
+
+
 def _row_slopes(slopes, i):
     """Sequence i's ALiBi slopes: (heads,) slopes are shared, (batch, heads) ones are per sequence."""
     return slopes if slopes is None or slopes.ndim == 1 else slopes[i]
@@ -262,7 +279,7 @@ def _row_slopes(slopes, i):
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
                      softmax_scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, seqused_q=None,
-                     seqused_k=None, return_lse=False):
+                     seqused_k=None, return_lse=False, dropout_p=0.0, dropout_seed=None, dropout_offset=0):
     """Attention over packed sequences of different lengths (FlashAttention-2's varlen layout).
 
     Parameters
@@ -288,6 +305,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return_lse : bool
         Also return the log-sum-exp, float32 (float64 for float64 inputs), shape (heads_q, total_q)
         (FlashAttention-2's varlen layout), natural log, ``+inf`` for rows that see no key.
+    dropout_p, dropout_seed, dropout_offset
+        Attention dropout as for :func:`cuflash.attention` (the keep rule, the ``1 / (1 - p)`` scaling, the LSE
+        before dropout). Sequence ``i`` draws the mask that a dense call with the same seed and offset draws
+        for batch index ``i`` (rows and keys counted from the sequence's start): a packed batch of sequences of
+        one length equals that dense batch. CPU path only for now.
 
     Returns
     -------
@@ -301,8 +323,19 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     TypeError, ValueError
         Arguments of the wrong type, dtype, shape or device, ``cu_seqlens`` that do not start at 0, decrease
         or run past the packed arrays, ``seqused`` outside [0, length], ``max_seqlen`` below the longest
-        sequence (value checks: CPU path only, see the module docstring). Each names the argument.
+        sequence (value checks: CPU path only, see the module docstring), ``dropout_p > 0`` without a seed.
+        Each names the argument.
+    NotImplementedError
+        ``dropout_p > 0`` on GPU arrays, or on torch tensors that require grad.
     """
+    if api._check_probability(dropout_p) > 0:
+        call = _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
+        drop = _dropout(call, dropout_p, dropout_seed, dropout_offset)
+        if call.fw == "torch" and api._needs_autograd(q, k, v):
+            raise NotImplementedError("dropout_p > 0 in the variable-length functions with torch autograd is not "
+                                      "implemented yet (call it under torch.no_grad(), or use cuflash.attention)")
+        return _attention_varlen(call, q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes,
+                                 api._check_flag("return_lse", return_lse), drop)
     if arrays.framework_of(q) == "torch" and api._needs_autograd(q, k, v):
         _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)  # checks
         return_lse = api._check_flag("return_lse", return_lse)
@@ -398,8 +431,10 @@ def _record(key, call, xs, general, outputs_of):
     return result
 
 
-def _attention_varlen(call, q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, return_lse):
-    """attention_varlen after its checks of the arrays (no autograd routing: the torch op runs this)."""
+def _attention_varlen(call, q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, return_lse,
+                      drop=None):
+    """attention_varlen after its checks of the arrays (no autograd routing: the torch op runs this); ``drop``
+    an api._Dropout (CPU path) or None."""
     if call.on_gpu:
         causal, scale, window, softcap, alibi = api._check_options(call, causal, softmax_scale, window_size, softcap,
                                                                    alibi_slopes)
@@ -413,7 +448,7 @@ def _attention_varlen(call, q, k, v, causal, softmax_scale, window_size, softcap
     lse = np.full((call.heads_q, call.total_q), np.inf, dtype=np.float64 if qn.dtype == np.float64 else np.float32)
     for i, (rq, rk) in enumerate(call.sequences()):
         o, l_ = reference.attention_numpy(qn[None, rq], kn[None, rk], vn[None, rk],
-                                          alibi_slopes=_row_slopes(slopes, i), **kwargs)
+                                          alibi_slopes=_row_slopes(slopes, i), **kwargs, **_dropout_kwargs(drop, i))
         out[rq], lse[:, rq] = o[0], l_[0]
     out = api._from_numpy(out, call.fw)
     return (out, api._from_numpy(lse, call.fw)) if return_lse else out
@@ -421,7 +456,8 @@ def _attention_varlen(call, q, k, v, causal, softmax_scale, window_size, softcap
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                               causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0,
-                              alibi_slopes=None, seqused_q=None, seqused_k=None, deterministic=False):
+                              alibi_slopes=None, seqused_q=None, seqused_k=None, deterministic=False, dropout_p=0.0,
+                              dropout_seed=None, dropout_offset=0):
     """Gradients of :func:`attention_varlen` with respect to q, k and v.
 
     Parameters
@@ -431,9 +467,9 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     lse : array, shape (heads_q, total_q)
         The forward's ``return_lse=True`` log-sum-exp (float32 for GPU arrays).
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, and the keywords
-        Exactly as passed to the forward. ``deterministic``: on GPU arrays dQ is then computed by a
-        query-parallel kernel instead of atomic additions, so repeats are bitwise identical (the CPU path
-        always is).
+        Exactly as passed to the forward (the dropout arguments too: the backward replays the forward's mask).
+        ``deterministic``: on GPU arrays dQ is then computed by a query-parallel kernel instead of atomic
+        additions, so repeats are bitwise identical (the CPU path always is).
 
     Returns
     -------
@@ -444,6 +480,11 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     TypeError, ValueError, NotImplementedError
         As :func:`attention_varlen`, and for ``dout``/``out``/``lse`` of the wrong shape or dtype.
     """
+    if api._check_probability(dropout_p) > 0:
+        call = _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
+        drop = _dropout(call, dropout_p, dropout_seed, dropout_offset)
+        return _backward(call, dout, q, k, v, out, lse, causal, softmax_scale, window_size, softcap, alibi_slopes,
+                         deterministic, drop)
     key, xs = _sequence_key("varlen_backward", (dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q,
                                                 seqused_k, alibi_slopes), window_size,
                             (max_seqlen_q, max_seqlen_k, causal, softmax_scale, softcap, deterministic))
@@ -464,8 +505,8 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
 
 
 def _backward(call, dout, q, k, v, out, lse, causal, softmax_scale, window_size, softcap, alibi_slopes,
-              deterministic):
-    """attention_varlen_backward after the arrays' checks of _VarlenCall."""
+              deterministic, drop=None):
+    """attention_varlen_backward after the arrays' checks of _VarlenCall; ``drop`` as _attention_varlen's."""
     causal, scale, window, softcap, alibi = api._check_options(call, causal, softmax_scale, window_size, softcap,
                                                                alibi_slopes)
     deterministic = api._check_flag("deterministic", deterministic)
@@ -490,7 +531,8 @@ def _backward(call, dout, q, k, v, out, lse, causal, softmax_scale, window_size,
     dq, dk, dv = (np.zeros(x.shape, dtype=x.dtype) for x in (qn, kn, vn))
     for i, (rq, rk) in enumerate(call.sequences()):
         g = reference.attention_backward_numpy(dn[None, rq], qn[None, rq], kn[None, rk], vn[None, rk], on[None, rq],
-                                               ln[None, :, rq], alibi_slopes=_row_slopes(slopes, i), **kwargs)
+                                               ln[None, :, rq], alibi_slopes=_row_slopes(slopes, i), **kwargs,
+                                               **_dropout_kwargs(drop, i))
         dq[rq], dk[rk], dv[rk] = g[0][0], g[1][0], g[2][0]
     return tuple(api._from_numpy(g, call.fw) for g in (dq, dk, dv))
 

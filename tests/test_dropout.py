@@ -202,3 +202,15 @@ def test_dropout_mask_checks_its_arguments():
             cuflash.dropout_mask(*sizes, dropout_p=0.5, dropout_seed=1)
     assert cuflash.dropout_mask(np.int64(1), 1, 4, 8, dropout_p=0.5, dropout_seed=1).shape == (1, 1, 4, 8)
 
+
+
+def test_empty_sizes_give_empty_masks():
+    """A size of 0 anywhere gives an empty mask of that shape (a packed sequence without queries or keys draws
+    one), and attention with dropout over zero queries or zero keys runs."""
+    for sizes in ((2, 3, 0, 5), (2, 3, 4, 0), (0, 3, 4, 5)):
+        mask = cuflash.dropout_mask(*sizes, dropout_p=0.5, dropout_seed=1)
+        assert mask.shape == sizes and mask.dtype == bool
+    q, k = np.ones((1, 0, 2, 8)), np.ones((1, 5, 2, 8))
+    assert cuflash.attention(q, k, k, dropout_p=0.5, dropout_seed=3).shape == (1, 0, 2, 8)
+    out = cuflash.attention(k, q, q, dropout_p=0.5, dropout_seed=3)
+    assert out.shape == (1, 5, 2, 8) and not out.any()

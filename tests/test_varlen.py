@@ -154,3 +154,70 @@ def test_mixed_array_kinds_raise_type_error_before_autograd_routing():
     cu = torch.tensor([0, 6], dtype=torch.int32)
     with pytest.raises(TypeError, match="k is a numpy array"):
         cuflash.attention_varlen(q, k, k, cu, cu, 6, 6)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(causal=True), dict(window_size=(6, 2), softcap=1.5)])
+def test_dropout_each_sequence_draws_its_batch_index_mask(opts):
+    """dropout_p: sequence i draws the keep mask of batch index i of a dense call with the same seed and
+    offset (rows and keys from the sequence's start), forward and backward: each sequence's output, LSE
+    and gradients equal the float64 reference of that sequence with that mask; the mask really drops
+    (the output differs from p = 0) and the seed picks it."""
+    q, k, v, dout, cu_q, cu_k = _packed(LENS_Q, LENS_K, seed=5)
+    drop = dict(dropout_p=0.3, dropout_seed=(1 << 63) + 11, dropout_offset=(3 << 32) + 7)
+    out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, 100, 100, return_lse=True, **drop, **opts)
+    grads = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, 100, 100, **drop, **opts)
+    for i in range(len(LENS_Q)):
+        rq, rk = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        sq, sk = rq.stop - rq.start, rk.stop - rk.start
+        # the dense call of batch i + 1 whose example i is this sequence: its mask for example i
+        qs, ks, vs, ds = (np.zeros((i + 1, n, *x.shape[1:])) for x, n in ((q, sq), (k, sk), (v, sk), (dout, sq)))
+        qs[i], ks[i], vs[i], ds[i] = q[rq], k[rk], v[rk], dout[rq]
+        ref_out, ref_lse = reference.attention_reference(qs, ks, vs, **drop, **opts)
+        np.testing.assert_allclose(out[rq], ref_out[i], atol=1e-12)
+        np.testing.assert_allclose(lse[:, rq], ref_lse[i], atol=1e-12)
+        ref_g = reference.attention_backward_reference(ds, qs, ks, vs, **drop, **opts)
+        for g, r, rows in zip(grads, ref_g, (rq, rk, rk)):
+            np.testing.assert_allclose(g[rows], r[i], atol=1e-11)
+    plain = cuflash.attention_varlen(q, k, v, cu_q, cu_k, 100, 100, **opts)
+    other = cuflash.attention_varlen(q, k, v, cu_q, cu_k, 100, 100, **dict(drop, dropout_seed=12), **opts)
+    rows = slice(0, cu_q[-1])
+    assert not np.allclose(out[rows], plain[rows]) and not np.allclose(out[rows], other[rows])
+    assert np.all(out[cu_q[-1]:] == 0) and np.isfinite(grads[0]).all()
+
+
+def test_dropout_equal_lengths_equal_the_dense_batch():
+    """A packed batch of sequences of one length with dropout equals cuflash.attention on that dense batch with
+    the same seed and offset (outputs and gradients), GQA included."""
+    b, n = 3, 37
+    q, k, v, dout, cu_q, cu_k = _packed([n] * b, [n] * b, spare=0, seed=9)
+    drop = dict(dropout_p=0.25, dropout_seed=99, dropout_offset=4)
+    out, lse = cuflash.attention_varlen(q, k, v, cu_q, cu_k, n, n, causal=True, return_lse=True, **drop)
+    grads = cuflash.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, n, n, causal=True, **drop)
+    dense = [x.reshape(b, n, *x.shape[1:]) for x in (q, k, v, dout)]
+    d_out, d_lse = cuflash.attention(*dense[:3], causal=True, return_lse=True, **drop)
+    d_grads = cuflash.attention_backward(dense[3], *dense[:3], d_out, d_lse, causal=True, **drop)
+    np.testing.assert_allclose(out.reshape(b, n, *out.shape[1:]), d_out, atol=1e-12)
+    for g, dg in zip(grads, d_grads):
+        np.testing.assert_allclose(g.reshape(dg.shape), dg, atol=1e-11)
+
+
+def test_dropout_arguments():
+    """dropout_p > 0 needs a seed (TypeError naming dropout_seed); p outside [0, 1) is a ValueError; torch
+    tensors that require grad with dropout raise NotImplementedError (the torch op has no dropout yet)."""
+    q, k, v, dout, cu_q, cu_k = _packed(LENS_Q, LENS_K)
+    with pytest.raises(TypeError, match="dropout_seed"):
+        cuflash.attention_varlen(q, k, v, cu_q, cu_k, 100, 100, dropout_p=0.1)
+    with pytest.raises(ValueError, match="dropout_p"):
+        cuflash.attention_varlen(q, k, v, cu_q, cu_k, 100, 100, dropout_p=1.0, dropout_seed=1)
+    with pytest.raises(TypeError, match="dropout_seed"):
+        cuflash.attention_varlen_backward(dout, q, k, v, q, np.zeros((4, q.shape[0])), cu_q, cu_k, 100, 100,
+                                          dropout_p=0.1)
+    torch = pytest.importorskip("torch")
+    tq, tk, tv = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
+    tcu_q, tcu_k = torch.from_numpy(cu_q), torch.from_numpy(cu_k)
+    with pytest.raises(NotImplementedError, match="autograd"):
+        cuflash.attention_varlen(tq, tk, tv, tcu_q, tcu_k, 100, 100, dropout_p=0.1, dropout_seed=1)
+    with torch.no_grad():
+        out = cuflash.attention_varlen(tq, tk, tv, tcu_q, tcu_k, 100, 100, dropout_p=0.1, dropout_seed=1)
+    np.testing.assert_array_equal(out.numpy(), cuflash.attention_varlen(q, k, v, cu_q, cu_k, 100, 100, dropout_p=0.1,
+                                                                        dropout_seed=1))
