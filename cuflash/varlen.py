@@ -328,7 +328,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     NotImplementedError
         ``dropout_p > 0`` on GPU arrays, or on torch tensors that require grad.
     """
-    if api._check_probability(dropout_p) > 0:
+    if not (type(dropout_p) is float and dropout_p == 0.0) and api._check_probability(dropout_p) > 0:
         call = _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
         drop = _dropout(call, dropout_p, dropout_seed, dropout_offset)
         if call.fw == "torch" and api._needs_autograd(q, k, v):
@@ -480,7 +480,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     TypeError, ValueError, NotImplementedError
         As :func:`attention_varlen`, and for ``dout``/``out``/``lse`` of the wrong shape or dtype.
     """
-    if api._check_probability(dropout_p) > 0:
+    if not (type(dropout_p) is float and dropout_p == 0.0) and api._check_probability(dropout_p) > 0:
         call = _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
         drop = _dropout(call, dropout_p, dropout_seed, dropout_offset)
         return _backward(call, dout, q, k, v, out, lse, causal, softmax_scale, window_size, softcap, alibi_slopes,
