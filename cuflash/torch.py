@@ -112,27 +112,37 @@ def _bwd(dout, q, k, v, out, lse, alibi_slopes, causal, softmax_scale, window_le
 _lib.define(
     "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
     "int max_seqlen_k, Tensor? alibi_slopes, Tensor? seqused_q, Tensor? seqused_k, bool causal, float softmax_scale, "
-    "int window_left, int window_right, float softcap) -> (Tensor, Tensor)")
+    "int window_left, int window_right, float softcap, float dropout_p, Tensor? dropout_state) -> (Tensor, Tensor)")
 _lib.define(
     "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
     "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? alibi_slopes, Tensor? seqused_q, "
     "Tensor? seqused_k, bool causal, float softmax_scale, int window_left, int window_right, float softcap, "
-    "bool deterministic) -> (Tensor, Tensor, Tensor)")
+    "bool deterministic, float dropout_p, Tensor? dropout_state) -> (Tensor, Tensor, Tensor)")
 
 
 def _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, seqused_q, seqused_k,
-                causal, softmax_scale, window_left, window_right, softcap):
+                causal, softmax_scale, window_left, window_right, softcap, dropout_p, dropout_state):
+    if dropout_p:  # (the CPU path; GPU tensors raise NotImplementedError there)
+        seed, offset = _state_ints(dropout_state)
+        return varlen.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                                       softmax_scale=softmax_scale, window_size=(window_left, window_right),
+                                       softcap=softcap, alibi_slopes=alibi_slopes, seqused_q=seqused_q,
+                                       seqused_k=seqused_k, return_lse=True, dropout_p=dropout_p, dropout_seed=seed,
+                                       dropout_offset=offset)
     return varlen.forward_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
                                causal, softmax_scale, (window_left, window_right), softcap, alibi_slopes, True)
 
 
 def _varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
-                seqused_q, seqused_k, causal, softmax_scale, window_left, window_right, softcap, deterministic):
+                seqused_q, seqused_k, causal, softmax_scale, window_left, window_right, softcap, deterministic,
+                dropout_p, dropout_state):
+    seed, offset = _state_ints(dropout_state)
     return varlen.attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                             max_seqlen_k, causal=causal, softmax_scale=softmax_scale,
                                             window_size=(window_left, window_right), softcap=softcap,
                                             alibi_slopes=alibi_slopes, seqused_q=seqused_q, seqused_k=seqused_k,
-                                            deterministic=deterministic)
+                                            deterministic=deterministic, dropout_p=dropout_p, dropout_seed=seed,
+                                            dropout_offset=offset)
 
 
 _lib.define(
@@ -175,7 +185,7 @@ def _fwd_fake(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_
 
 @torch.library.register_fake("cuflash::varlen_fwd")
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, seqused_q,
-                     seqused_k, causal, softmax_scale, window_left, window_right, softcap):
+                     seqused_k, causal, softmax_scale, window_left, window_right, softcap, dropout_p, dropout_state):
     # Shapes only: the checks that read cu_seqlens' values run in the implementation, before any work.
     total_q, hq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((hq, total_q), dtype=torch.float64 if q.dtype == torch.float64
@@ -184,7 +194,8 @@ def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 @torch.library.register_fake("cuflash::varlen_bwd")
 def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
-                     seqused_q, seqused_k, causal, softmax_scale, window_left, window_right, softcap, deterministic):
+                     seqused_q, seqused_k, causal, softmax_scale, window_left, window_right, softcap, deterministic,
+                     dropout_p, dropout_state):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -299,41 +310,48 @@ class _VarlenAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, seqused_q,
-                seqused_k, causal, softmax_scale, window_left, window_right, softcap, deterministic):
+                seqused_k, causal, softmax_scale, window_left, window_right, softcap, dropout_p, dropout_state,
+                deterministic):
         args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, seqused_q, seqused_k, causal,
                 softmax_scale, window_left, window_right, softcap)
-        out, lse = torch.ops.cuflash.varlen_fwd(q, k, v, *args)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seqused_q, seqused_k)
+        out, lse = torch.ops.cuflash.varlen_fwd(q, k, v, *args, dropout_p, dropout_state)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seqused_q, seqused_k,
+                              dropout_state)
         ctx.options = (max_seqlen_q, max_seqlen_k, causal, softmax_scale, window_left, window_right, softcap,
-                       deterministic)
+                       deterministic, dropout_p)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     @_first_order
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_q, cu_k, alibi_slopes, seqused_q, seqused_k = ctx.saved_tensors
-        max_q, max_k, causal, scale, left, right, softcap, deterministic = ctx.options
+        q, k, v, out, lse, cu_q, cu_k, alibi_slopes, seqused_q, seqused_k, dropout_state = ctx.saved_tensors
+        max_q, max_k, causal, scale, left, right, softcap, deterministic, dropout_p = ctx.options
         dq, dk, dv = torch.ops.cuflash.varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
                                                   alibi_slopes, seqused_q, seqused_k, causal, scale, left, right,
-                                                  softcap, deterministic)
-        return (dq, dk, dv) + (None,) * 13
+                                                  softcap, deterministic, dropout_p, dropout_state)
+        return (dq, dk, dv) + (None,) * 15
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
                      softmax_scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, seqused_q=None,
-                     seqused_k=None, return_lse=False, deterministic=False):
+                     seqused_k=None, return_lse=False, deterministic=False, dropout_p=0.0, dropout_seed=None,
+                     dropout_offset=0):
     """Differentiable :func:`cuflash.attention_varlen` for torch tensors (same arguments and semantics;
     ``deterministic=True`` makes the backward bitwise reproducible; the LSE is not differentiated through).
-    :func:`cuflash.attention_varlen` itself comes here for tensors that require grad."""
+    :func:`cuflash.attention_varlen` itself comes here for tensors that require grad. ``dropout_p > 0``
+    without a seed draws one from torch's default generator, as :func:`attention` does (CPU tensors for now:
+    CUDA tensors raise NotImplementedError)."""
+    dropout_p = api._check_probability(dropout_p)
+    state = _dropout_state(dropout_p, dropout_seed, dropout_offset, _device(q))
     softmax_scale = _default_scale(q, softmax_scale)
     left, right = api._check_window(window_size)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, seqused_q, seqused_k,
             causal, softmax_scale, left, right, softcap)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _VarlenAttention.apply(*_distinct(*args), deterministic)
+        out, lse = _VarlenAttention.apply(*_distinct(*args), dropout_p, state, deterministic)
     else:
-        out, lse = torch.ops.cuflash.varlen_fwd(*args)
+        out, lse = torch.ops.cuflash.varlen_fwd(*args, dropout_p, state)
     return (out, lse) if return_lse else out
 
 
@@ -346,14 +364,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     q (total_q, heads, head_dim), k/v (total_k, heads_k, head_dim), ``cu_seqlens`` int32 (batch + 1,).
     Returns ``out``, or ``(out, softmax_lse (heads, total_q), None)`` with ``return_attn_probs=True``. CPU and
     CUDA tensors, forward and backward (``deterministic=True``: a bitwise-repeatable backward); ``block_table``
-    (paged KV) raises NotImplementedError; ``dropout_p > 0`` too.
+    (paged KV) raises NotImplementedError; ``dropout_p > 0`` (seed and offset from torch's default generator, as
+    :func:`flash_attn_func`) on CPU tensors, NotImplementedError on CUDA ones for now.
     """
-    api.check_dropout(dropout_p, "variable-length attention")
     if block_table is not None:
         raise NotImplementedError("block_table (paged KV cache) is not implemented in cuflash yet")
     out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                                 softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
-                                alibi_slopes=alibi_slopes, return_lse=True, deterministic=deterministic)
+                                alibi_slopes=alibi_slopes, return_lse=True, deterministic=deterministic,
+                                dropout_p=dropout_p)
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -309,7 +309,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         Attention dropout as for :func:`cuflash.attention` (the keep rule, the ``1 / (1 - p)`` scaling, the LSE
         before dropout). Sequence ``i`` draws the mask that a dense call with the same seed and offset draws
         for batch index ``i`` (rows and keys counted from the sequence's start): a packed batch of sequences of
-        one length equals that dense batch. CPU path only for now.
+        one length equals that dense batch. CPU path only for now (with torch autograd too, through
+        :func:`cuflash.torch.attention_varlen`, which draws a seed from torch's generator when none is given).
 
     Returns
     -------
@@ -326,24 +327,23 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         sequence (value checks: CPU path only, see the module docstring), ``dropout_p > 0`` without a seed.
         Each names the argument.
     NotImplementedError
-        ``dropout_p > 0`` on GPU arrays, or on torch tensors that require grad.
+        ``dropout_p > 0`` on GPU arrays.
     """
-    if not (type(dropout_p) is float and dropout_p == 0.0) and api._check_probability(dropout_p) > 0:
-        call = _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
-        drop = _dropout(call, dropout_p, dropout_seed, dropout_offset)
-        if call.fw == "torch" and api._needs_autograd(q, k, v):
-            raise NotImplementedError("dropout_p > 0 in the variable-length functions with torch autograd is not "
-                                      "implemented yet (call it under torch.no_grad(), or use cuflash.attention)")
-        return _attention_varlen(call, q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes,
-                                 api._check_flag("return_lse", return_lse), drop)
     if arrays.framework_of(q) == "torch" and api._needs_autograd(q, k, v):
-        _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)  # checks
+        call = _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
+        _dropout(call, dropout_p, dropout_seed, dropout_offset)  # (checks)
         return_lse = api._check_flag("return_lse", return_lse)
         from . import torch as torch_adapter
         return torch_adapter.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                               causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                                               softcap=softcap, alibi_slopes=alibi_slopes, seqused_q=seqused_q,
-                                              seqused_k=seqused_k, return_lse=return_lse)
+                                              seqused_k=seqused_k, return_lse=return_lse, dropout_p=dropout_p,
+                                              dropout_seed=dropout_seed, dropout_offset=dropout_offset)
+    if not (type(dropout_p) is float and dropout_p == 0.0) and api._check_probability(dropout_p) > 0:
+        call = _VarlenCall(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
+        drop = _dropout(call, dropout_p, dropout_seed, dropout_offset)
+        return _attention_varlen(call, q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes,
+                                 api._check_flag("return_lse", return_lse), drop)
     return forward_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
                         causal, softmax_scale, window_size, softcap, alibi_slopes, return_lse)
 

@@ -260,13 +260,38 @@ def test_flash_attn_varlen_gradcheck():
     assert torch.autograd.gradcheck(f, (q, k, v))
 
 
-def test_opcheck_varlen_ops():
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_opcheck_varlen_ops(dropout_p):
     q, k, v, cu_q, cu_k = (x.detach() if x.dtype != torch.int32 else x for x in _packed([3, 5], [4, 6]))
     args = (cu_q, cu_k, 5, 6, None, None, None, True, 0.3, -1, -1, 0.0)
-    torch.library.opcheck(torch.ops.cuflash.varlen_fwd.default, (q, k, v, *args))
-    out, lse = torch.ops.cuflash.varlen_fwd(q, k, v, *args)
+    state = torch.tensor([11, 2], dtype=torch.int64) if dropout_p else None
+    torch.library.opcheck(torch.ops.cuflash.varlen_fwd.default, (q, k, v, *args, dropout_p, state))
+    out, lse = torch.ops.cuflash.varlen_fwd(q, k, v, *args, dropout_p, state)
     torch.library.opcheck(torch.ops.cuflash.varlen_bwd.default, (torch.randn_like(out), q, k, v, out, lse, *args,
-                                                                 True))
+                                                                 True, dropout_p, state))
+
+
+def test_flash_attn_varlen_func_dropout_on_cpu_tensors():
+    """dropout_p > 0 on CPU tensors: the seed comes from torch's default generator (torch.manual_seed repeats
+    the output and gradients bit for bit, another seed gives another mask), the gradients pass gradcheck with
+    the mask held fixed, and cuflash.attention_varlen with an int seed equals the functional call with it."""
+    q, k, v, cu_q, cu_k = _packed([3, 0, 4], [5, 2, 4])
+
+    def run(seed):
+        torch.manual_seed(seed)
+        out = ct.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 5, dropout_p=0.4, causal=True)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        return out.detach(), grads
+
+    (o1, g1), (o2, g2), (o3, _) = run(0), run(0), run(1)
+    assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2)) and not torch.equal(o1, o3)
+    f = lambda q, k, v: cuflash.attention_varlen(q, k, v, cu_q, cu_k, 4, 5, causal=True, dropout_p=0.4,  # noqa: E731
+                                                 dropout_seed=7, dropout_offset=3)
+    assert torch.autograd.gradcheck(f, (q, k, v))
+    plain = [x.detach().numpy() for x in (q, k, v)]
+    want = cuflash.attention_varlen(*plain, cu_q.numpy(), cu_k.numpy(), 4, 5, causal=True, dropout_p=0.4,
+                                    dropout_seed=7, dropout_offset=3)
+    np.testing.assert_array_equal(f(q, k, v).detach().numpy(), want)
 
 
 def test_varlen_packed_functions_read_in_place_and_differentiate():

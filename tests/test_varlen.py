@@ -202,8 +202,8 @@ def test_dropout_equal_lengths_equal_the_dense_batch():
 
 
 def test_dropout_arguments():
-    """dropout_p > 0 needs a seed (TypeError naming dropout_seed); p outside [0, 1) is a ValueError; torch
-    tensors that require grad with dropout raise NotImplementedError (the torch op has no dropout yet)."""
+    """dropout_p > 0 needs a seed (TypeError naming dropout_seed); p outside [0, 1) is a ValueError; CPU torch
+    tensors, with and without autograd, take the NumPy call's mask for the same int seed."""
     q, k, v, dout, cu_q, cu_k = _packed(LENS_Q, LENS_K)
     with pytest.raises(TypeError, match="dropout_seed"):
         cuflash.attention_varlen(q, k, v, cu_q, cu_k, 100, 100, dropout_p=0.1)
@@ -215,9 +215,10 @@ def test_dropout_arguments():
     torch = pytest.importorskip("torch")
     tq, tk, tv = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
     tcu_q, tcu_k = torch.from_numpy(cu_q), torch.from_numpy(cu_k)
-    with pytest.raises(NotImplementedError, match="autograd"):
-        cuflash.attention_varlen(tq, tk, tv, tcu_q, tcu_k, 100, 100, dropout_p=0.1, dropout_seed=1)
+    want = cuflash.attention_varlen(q, k, v, cu_q, cu_k, 100, 100, dropout_p=0.1, dropout_seed=1)
+    out = cuflash.attention_varlen(tq, tk, tv, tcu_q, tcu_k, 100, 100, dropout_p=0.1, dropout_seed=1)
+    assert out.requires_grad
+    np.testing.assert_array_equal(out.detach().numpy(), want)
     with torch.no_grad():
         out = cuflash.attention_varlen(tq, tk, tv, tcu_q, tcu_k, 100, 100, dropout_p=0.1, dropout_seed=1)
-    np.testing.assert_array_equal(out.numpy(), cuflash.attention_varlen(q, k, v, cu_q, cu_k, 100, 100, dropout_p=0.1,
-                                                                        dropout_seed=1))
+    np.testing.assert_array_equal(out.numpy(), want)
