@@ -99,9 +99,9 @@ def _check_dropout_args(call, dropout_p, dropout_seed, dropout_offset):
         return None
     from .dropout import check_seed
     if dropout_seed is None:
-        raise TypeError(f"dropout_p={p} needs dropout_seed (an int in [0, 2**64); cuflash.attention also takes an "
-                        f"array of (seed, offset)); the forward and the backward given the same seed and offset draw "
-                        f"the same mask")
+        raise TypeError(f"dropout_p={p} needs dropout_seed (an int in [0, 2**64), or an array of (seed, offset)); "
+                        f"the forward and the backward given the same seed and offset draw the same mask (the "
+                        f"cuflash.torch functions draw one from torch's generator when none is given)")
     is_array = hasattr(dropout_seed, "shape") and hasattr(dropout_seed, "dtype")
     if isinstance(dropout_seed, numbers.Integral) or not is_array:  # (NumPy integer scalars are ints here)
         return _Dropout(p, check_seed("dropout_seed", dropout_seed), check_seed("dropout_offset", dropout_offset))

@@ -437,8 +437,8 @@ def _dropout_state(dropout_p, dropout_seed, dropout_offset, device=None):
     offset both drawn, or the caller's dropout_offset written in when it is not 0; on the CPU, a seed and the
     caller's offset."""
     from .dropout import check_seed
-    if isinstance(dropout_seed, np.ndarray) and dropout_seed.ndim:  # (a NumPy (seed, offset): as a CPU tensor)
-        dropout_seed = torch.from_numpy(np.ascontiguousarray(dropout_seed))
+    if isinstance(dropout_seed, np.ndarray):  # a NumPy (seed, offset): copied into a CPU tensor, since autograd
+        dropout_seed = torch.tensor(dropout_seed)  # cannot see the caller advancing the array before the backward
     if isinstance(dropout_seed, torch.Tensor):  # the caller's (seed, offset), read where it lives
         api._check_seed_array("a tensor", str(dropout_seed.dtype).removeprefix("torch."), dropout_seed.shape,
                               dropout_offset)

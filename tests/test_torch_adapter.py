@@ -657,3 +657,24 @@ def test_kvcache_append_is_seen_by_autograd_and_options_are_checked():
         cuflash.attention_with_kvcache(q.numpy(), kc.numpy(), vc.numpy(), cache_seqlens=2, num_splits=1.5)
     out = ct.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=np.int64(2))
     torch.testing.assert_close(out, ct.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=2))
+
+
+def test_numpy_seed_array_is_copied_for_the_backward():
+    """A NumPy (seed, offset) array advanced by the caller between the forward and the backward (as one steps an
+    offset) does not change the mask the backward replays: the adapter holds its own copy (autograd cannot see
+    writes to NumPy memory)."""
+    q, k, v, cu_q, cu_k = _packed([3, 4], [5, 4])
+    state = np.array([1234, 0], np.uint64)
+    out = ct.attention_varlen(q, k, v, cu_q, cu_k, 4, 5, dropout_p=0.5, dropout_seed=state)
+    state[1] += 1
+    got = torch.autograd.grad(out.sum(), (q, k, v))
+    again = ct.attention_varlen(q, k, v, cu_q, cu_k, 4, 5, dropout_p=0.5, dropout_seed=np.array([1234, 0], np.uint64))
+    want = torch.autograd.grad(again.sum(), (q, k, v))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    qd, kd, vd = (torch.randn(1, 6, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    state = np.array([99, 5], np.int64)
+    out = ct.attention(qd, kd, vd, dropout_p=0.5, dropout_seed=state)
+    state[0] += 1
+    got = torch.autograd.grad(out.sum(), (qd, kd, vd))
+    again = ct.attention(qd, kd, vd, dropout_p=0.5, dropout_seed=np.array([99, 5], np.int64))
+    assert all(torch.equal(a, b) for a, b in zip(got, torch.autograd.grad(again.sum(), (qd, kd, vd))))
