@@ -200,8 +200,6 @@ constexpr bool kEarlyP = !CF_SOFTCAP && kBM == 64 && !(CF_ATTN_MASK == 2 && CF_I
 // registers ptxas also spilled 20-48 bytes), so that tile keeps both warpgroups in step with a named barrier
 // before dQ of the same tile.
 constexpr bool kDeferDq = kBM == 128;
-// Dropout: a lane's keep bits of a tile (4 elements of each of its kNT8 n8 groups), one bit each.
-constexpr int kKeepWords = kNT8 / 8;
 constexpr int kDsBarrier = 1;  // named barrier (lockstep mode): both consumer warpgroups' dS^T rows are stored
 #if CF_VARLEN
 // Named barriers of the variable-length build (both consumer warpgroups): the K / V tail rows are zeroed; a
@@ -458,6 +456,53 @@ __device__ __forceinline__ void hand_over_dq(const SmemLayout& sm, const float (
     if (lane == 0) mbar_arrive(sm.dq_full(cw));
 }
 
+// S^T = K.Q^T or dP^T = V.dO^T of one consumer warpgroup: its 64 key rows at `key_rows` (A) against the N
+// query rows at `query_rows` (B), both K-major: the k16 step moves 32 bytes along a row and to the next
+// column block every four steps (wgmma.cuh). `query_rows` may start a whole number of 8-row swizzle groups
+// into the tile (bwd_sm90_wide.cuh's 32-query halves).
+template <int N>
+__device__ __forceinline__ void issue_score_product(float (&acc)[N / 8][4], u32 key_rows, u32 query_rows) {
+    const u64 key_desc = wgmma::desc_sw128(key_rows, 16, 1024);
+    const u64 query_desc = wgmma::desc_sw128(query_rows, 16, 1024);
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+        const u32 off = (kk % 4) * 32;
+        WgmmaShape<N>::ss(reinterpret_cast<float(&)[N / 2]>(acc),
+                          wgmma::desc_advance(key_desc, (kk / 4) * kKBlock + off),
+                          wgmma::desc_advance(query_desc, (kk / 4) * kQBlock + off), kk > 0);
+    }
+    wgmma::commit();
+}
+
+#if CF_DROPOUT
+// A lane's keep bits of a transposed score tile (S^T: rows keys from key_row0, NT8 n8 groups of queries from
+// q0): the forward's draws (philox.cuh; the sm80 KV-parallel kernel's transposed fragment, one draw per lane
+// per pair of n8 groups), element e of n8 group n = 2 p + nn at bit 4 (4 nn + 2 (e / 2) + e % 2) + p % 4 of
+// word p / 4 (transposed_keep_bits).
+template <int NT8>
+struct TransposedKeep {
+    u32 words[(NT8 + 7) / 8] = {};
+    __device__ __forceinline__ void draw(const AttentionParams& a, int b, int h, int q0, int key_row0, int lane) {
+        // The key through loop_variant: hoisted out of the tile loop, its ten round keys (20 registers) would
+        // stay live across every product.
+        const DropoutCall drop = dropout_call(a.dropout_rng, a.dropout_seed, a.dropout_offset);
+        const PhiloxKey drop_key{loop_variant(drop.key.k0), loop_variant(drop.key.k1)};
+        const u32 drop_bh = (u32)(b * a.heads_q + h);
+#pragma unroll
+        for (int n = 0; n < NT8; n += 2) {
+            const u32 draw = dropout_draw_transposed(drop_key, drop.offset, drop_bh, q0, key_row0, n, lane,
+                                                     (u32)a.dropout_threshold);
+            words[n / 8] |= transposed_keep_bits(draw, lane) << ((n / 2) % 4);
+        }
+    }
+    __device__ __forceinline__ bool kept(int n, int e) const {
+        const int bit = 4 * (4 * (n % 2) + 2 * (e / 2) + e % 2) + (n / 2) % 4;
+        return ((words[n / 8] >> bit) & 1u) != 0;
+    }
+};
+#endif
+
 #if CF_VARLEN
 // Variable-length build: zeroes rows [from, to) of a 128-byte-swizzled tile (column blocks of block_bytes,
 // 128-byte rows: a whole row is zeroed, so the swizzle does not matter), `threads` threads from `tid`.
@@ -568,46 +613,17 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         const u32 ph = parity_of(it);
         const int h = qw.head(bc.hk, it), m0 = qw.m_start(it);
 
-        // S^T = K.Q^T and dP^T = V.dO^T: K-major operands, the k16 step moves 32 bytes along a row and to
-        // the next column block every four steps (wgmma.cuh).
+        // S^T = K.Q^T and dP^T = V.dO^T (issue_score_product).
         float sc[kNT8][4], dp[kNT8][4];
         auto issue_scores = [&](float (&acc)[kNT8][4], u32 key_rows, u32 query_tile) {
-            const u64 key_desc = wgmma::desc_sw128(key_rows, 16, 1024);
-            const u64 query_desc = wgmma::desc_sw128(query_tile, 16, 1024);
-            wgmma::fence();
-#pragma unroll
-            for (int kk = 0; kk < kD / 16; ++kk) {
-                const u32 off = (kk % 4) * 32;
-                WgmmaShape<kBM>::ss(reinterpret_cast<float(&)[kBM / 2]>(acc),
-                                    wgmma::desc_advance(key_desc, (kk / 4) * kKBlock + off),
-                                    wgmma::desc_advance(query_desc, (kk / 4) * kQBlock + off), kk > 0);
-            }
-            wgmma::commit();
+            issue_score_product<kBM>(acc, key_rows, query_tile);
         };
 #if CF_DROPOUT
-        // This lane's keep bits of the tile: the forward's draws (philox.cuh; S^T is the sm80 KV-parallel
-        // kernel's transposed fragment, one draw per lane per pair of n8 groups), element e of n8 group
-        // n = 2 p + nn at bit 4 (4 nn + 2 (e / 2) + e % 2) + p % 4 of word p / 4 (transposed_keep_bits).
-        // Drawn while S^T runs at BM 64; at BM 128, whose S^T alone is 64 registers, before it is issued
-        // (with it in flight the draws spilled 12 bytes).
-        u32 keep[kKeepWords] = {};
-        auto draw_keep = [&]() {
-            // The key through loop_variant: hoisted out of the tile loop, its ten round keys (20 registers)
-            // would stay live across every product.
-            const DropoutCall drop = dropout_call(a.dropout_rng, a.dropout_seed, a.dropout_offset);
-            const PhiloxKey drop_key{loop_variant(drop.key.k0), loop_variant(drop.key.k1)};
-            const u32 drop_bh = (u32)(bc.b * a.heads_q + h);
-#pragma unroll
-            for (int n = 0; n < kNT8; n += 2) {
-                const u32 draw = dropout_draw_transposed(drop_key, drop.offset, drop_bh, m0, key_row0, n,
-                                                         lane, (u32)a.dropout_threshold);
-                keep[n / 8] |= transposed_keep_bits(draw, lane) << ((n / 2) % 4);
-            }
-        };
-        auto kept = [&](int n, int e) {
-            const int bit = 4 * (4 * (n % 2) + 2 * (e / 2) + e % 2) + (n / 2) % 4;
-            return ((keep[n / 8] >> bit) & 1u) != 0;
-        };
+        // This lane's keep bits of the tile (TransposedKeep). Drawn while S^T runs at BM 64; at BM 128, whose
+        // S^T alone is 64 registers, before it is issued (with it in flight the draws spilled 12 bytes).
+        TransposedKeep<kNT8> keep;
+        auto draw_keep = [&]() { keep.draw(a, bc.b, h, m0, key_row0, lane); };
+        auto kept = [&](int n, int e) { return keep.kept(n, e); };
         if (kBM == 128) draw_keep();
 #endif
         mbar_wait(sm.q_full(s), ph);

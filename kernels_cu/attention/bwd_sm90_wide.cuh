@@ -37,7 +37,6 @@ constexpr int kWideBlocks = kD / 64;
 // A warpgroup's share of the step's queries in S^T and dP^T.
 constexpr int kWideQueries = kBM / 2;
 constexpr int kWideNT8 = kWideQueries / 8;
-constexpr int kWideKeepWords = (kWideNT8 + 7) / 8;
 constexpr int kWideBarrier = 1;  // named barrier: both warpgroups' P^T and dS^T rows are stored
 // P from S^T while dP^T still runs, as kEarlyP in bwd_sm90.cu; softcap's dS needs 1 - tanh^2 of each element.
 constexpr bool kWideEarlyP = !CF_SOFTCAP;
@@ -102,22 +101,11 @@ __device__ __forceinline__ void consume_wide(const BackwardSm90Params& p, const 
         const int q0 = m0 + cw * kWideQueries;  // this warpgroup's first query
 #endif
 
-        // K-major operands as in bwd_sm90.cu's issue_scores: the k16 step moves 32 bytes along a row and to the
-        // next column block every four steps; this warpgroup's queries start 32 rows (4096 bytes, a whole
-        // number of 8-row swizzle groups) into each column block.
+        // S^T and dP^T of this warpgroup's queries (issue_score_product), which start 32 rows (4096 bytes, a
+        // whole number of 8-row swizzle groups) into each column block of the stage.
         float sc[kWideNT8][4], dp[kWideNT8][4];
         auto issue_scores = [&](float (&acc_s)[kWideNT8][4], u32 key_tile, u32 query_tile) {
-            const u64 key_desc = wgmma::desc_sw128(key_tile, 16, 1024);
-            const u64 query_desc = wgmma::desc_sw128(query_tile + cw * kWideQueries * 128, 16, 1024);
-            wgmma::fence();
-#pragma unroll
-            for (int kk = 0; kk < kD / 16; ++kk) {
-                const u32 off = (kk % 4) * 32;
-                WgmmaShape<kWideQueries>::ss(reinterpret_cast<float(&)[kWideQueries / 2]>(acc_s),
-                                             wgmma::desc_advance(key_desc, (kk / 4) * kKBlock + off),
-                                             wgmma::desc_advance(query_desc, (kk / 4) * kQBlock + off), kk > 0);
-            }
-            wgmma::commit();
+            issue_score_product<kWideQueries>(acc_s, key_tile, query_tile + cw * kWideQueries * 128);
         };
         mbar_wait(sm.q_full(s), ph);
 #if CF_VARLEN
@@ -132,23 +120,10 @@ __device__ __forceinline__ void consume_wide(const BackwardSm90Params& p, const 
 #endif
         issue_scores(sc, sm.k(), sm.q(s));
 #if CF_DROPOUT
-        // This lane's keep bits (philox.cuh, as bwd_sm90.cu's draw_keep), drawn while S^T runs.
-        u32 keep[kWideKeepWords] = {};
-        {
-            const DropoutCall drop = dropout_call(a.dropout_rng, a.dropout_seed, a.dropout_offset);
-            const PhiloxKey drop_key{loop_variant(drop.key.k0), loop_variant(drop.key.k1)};
-            const u32 drop_bh = (u32)(bc.b * a.heads_q + h);
-#pragma unroll
-            for (int n = 0; n < kWideNT8; n += 2) {
-                const u32 draw = dropout_draw_transposed(drop_key, drop.offset, drop_bh, q0, key_row0, n, lane,
-                                                         (u32)a.dropout_threshold);
-                keep[n / 8] |= transposed_keep_bits(draw, lane) << ((n / 2) % 4);
-            }
-        }
-        auto kept = [&](int n, int e) {
-            const int bit = 4 * (4 * (n % 2) + 2 * (e / 2) + e % 2) + (n / 2) % 4;
-            return ((keep[n / 8] >> bit) & 1u) != 0;
-        };
+        // This lane's keep bits (TransposedKeep, bwd_sm90.cu), drawn while S^T runs.
+        TransposedKeep<kWideNT8> keep;
+        keep.draw(a, bc.b, h, q0, key_row0, lane);
+        auto kept = [&](int n, int e) { return keep.kept(n, e); };
 #endif
         bool exact_tile = false;
         if (kChooseExponent) {
