@@ -911,8 +911,8 @@ def keys_for_arch(arch: str) -> list[KernelKey]:
     these never misses at run time.
 
     Compute capability 9.0 (``sm_90a``) runs both the wgmma families and the sm80 ones: views TMA cannot
-    address, the element-mask backward at head dims 192/256 and
-    CUFLASH_FWD_KERNEL/CUFLASH_BWD_KERNEL all fall back to sm80. Every other GPU runs the sm80 families only. Kernels of any other family in
+    address, the element-mask backward at head dims 192/256 and CUFLASH_FWD_KERNEL/CUFLASH_BWD_KERNEL all fall
+    back to sm80. Every other GPU runs the sm80 families only. Kernels of any other family in
     :func:`all_keys` (helpers such as layout copies) have no tiles to choose and run on every target.
     """
     major, minor = arch_compute_capability(arch)

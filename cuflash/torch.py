@@ -343,6 +343,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     without a seed draws one from torch's default generator, as :func:`attention` does (CPU tensors for now:
     CUDA tensors raise NotImplementedError)."""
     dropout_p = api._check_probability(dropout_p)
+    varlen.refuse_gpu_dropout(isinstance(q, torch.Tensor) and q.is_cuda, dropout_p)  # (before a seed is drawn)
     state = _dropout_state(dropout_p, dropout_seed, dropout_offset, _device(q))
     softmax_scale = _default_scale(q, softmax_scale)
     left, right = api._check_window(window_size)

@@ -256,12 +256,17 @@ def _options(call, causal, softmax_scale, window_size, softcap, alibi_slopes):
     return dict(causal=causal, softmax_scale=scale, window_size=window, softcap=softcap), slopes
 
 
-def _dropout(call, dropout_p, dropout_seed, dropout_offset):
-    """api._check_dropout_args for a variable-length call: None without dropout; GPU arrays have no dropout
-    build of the variable-length kernels yet (NotImplementedError, before anything runs)."""
-    if call.on_gpu and api._check_probability(dropout_p) > 0:
+def refuse_gpu_dropout(on_gpu: bool, dropout_p) -> None:
+    """GPU arrays have no dropout build of the variable-length kernels yet: NotImplementedError for
+    ``dropout_p > 0`` there, before anything runs (cuflash.torch calls it before drawing a seed)."""
+    if on_gpu and api._check_probability(dropout_p) > 0:
         raise NotImplementedError("dropout_p > 0 in the variable-length functions on GPU arrays is not implemented "
                                   "yet (the CPU path has it; cuflash.attention has it on GPU arrays)")
+
+
+def _dropout(call, dropout_p, dropout_seed, dropout_offset):
+    """api._check_dropout_args for a variable-length call: None without dropout (refuse_gpu_dropout first)."""
+    refuse_gpu_dropout(call.on_gpu, dropout_p)
     return api._check_dropout_args(call, dropout_p, dropout_seed, dropout_offset)
 
 

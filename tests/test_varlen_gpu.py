@@ -377,3 +377,24 @@ def test_bound_calls_equal_the_general_path(fw, opts, one_cu, sequence_runs):
     hq, hw = (to_host(x).astype(np.float32) for x in (dq, wq))
     np.testing.assert_allclose(hq, hw, rtol=0, atol=2e-2 * float(np.abs(hw).max()))
     assert not np.any(to_host(got[0]).astype(np.float32)[sum(lens):])  # uncovered rows: zeros
+
+
+def test_dropout_on_gpu_arrays_raises_before_any_work():
+    """dropout_p > 0 in the variable-length functions on GPU arrays (CuPy; torch CUDA tensors, autograd or not)
+    raises NotImplementedError naming it, before any launch: torch's CUDA generator draws no seed for it."""
+    import cupy
+    torch = pytest.importorskip("torch")
+    from cuflash.torch import flash_attn_varlen_func
+    _, (q, k, v), cu_q, cu_k = _packed("float16")
+    args = (cupy.asarray(cu_q), cupy.asarray(cu_k), max(LENS_Q), max(LENS_K))
+    with pytest.raises(NotImplementedError, match="dropout_p > 0 in the variable-length"):
+        cuflash.attention_varlen(q, k, v, *args, dropout_p=0.1, dropout_seed=1)
+    with pytest.raises(NotImplementedError, match="dropout_p > 0 in the variable-length"):
+        cuflash.attention_varlen_backward(q, q, k, v, q, cupy.zeros((4, q.shape[0]), cupy.float32), *args,
+                                          dropout_p=0.1, dropout_seed=1)
+    tq, tk, tv = (torch.as_tensor(x, device="cuda").requires_grad_() for x in (q, k, v))
+    tcu_q, tcu_k = torch.from_numpy(cu_q).cuda(), torch.from_numpy(cu_k).cuda()
+    rng = torch.cuda.get_rng_state()
+    with pytest.raises(NotImplementedError, match="dropout_p > 0 in the variable-length"):
+        flash_attn_varlen_func(tq, tk, tv, tcu_q, tcu_k, max(LENS_Q), max(LENS_K), dropout_p=0.1)
+    assert torch.equal(torch.cuda.get_rng_state(), rng)
