@@ -200,6 +200,12 @@ constexpr bool kEarlyP = !CF_SOFTCAP && kBM == 64 && !(CF_ATTN_MASK == 2 && CF_I
 // registers ptxas also spilled 20-48 bytes), so that tile keeps both warpgroups in step with a named barrier
 // before dQ of the same tile.
 constexpr bool kDeferDq = kBM == 128;
+// Lockstep at head dim 128 (see consume's tile): S^T of the next query tile issued behind dQ and dK of this
+// one, the LSE rows of a tile loaded before its S^T is waited for, and the element loop without the mask test
+// on tiles that need none; in the builds whose registers hold the extra 32 accumulators and 16 row terms
+// (softcap, element masks, variable-length batches and ALiBi with dropout spilled 4-160 bytes with them).
+// H200, same process: +4% at 2k (full and causal), +0% at 16k (bench/NOTES.md, hb10).
+constexpr bool kPrefetchScores = !kDeferDq && !CF_SOFTCAP && !CF_ATTN_MASK && !CF_VARLEN && !(CF_ALIBI && CF_DROPOUT);
 constexpr int kDsBarrier = 1;  // named barrier (lockstep mode): both consumer warpgroups' dS^T rows are stored
 #if CF_VARLEN
 // Named barriers of the variable-length build (both consumer warpgroups): the K / V tail rows are zeroed; a
@@ -605,19 +611,26 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         (void)it;
 #endif
     };
-    // One query tile; with_prev: the dQ product of tile it - 1 is interleaved. The first tile is a separate
-    // inlined call with a constant false (not a run-time it > 0 test in the loop) so that ptxas sees
-    // straight-line wgmma pipelines: with the test, it serialized every wgmma (C7514) and spilled 380 bytes.
-    auto tile = [&](int it, bool with_prev) {
+    // S^T = K.Q^T of query tile it (issue_score_product), once its Q and row statistics have landed.
+    auto begin_scores = [&](int it, float (&acc)[kNT8][4]) {
+        mbar_wait(sm.q_full(stage_of(it)), parity_of(it));
+        issue_score_product<kBM>(acc, k_rows, sm.q(stage_of(it)));
+    };
+    // One query tile; with_prev: the dQ product of tile it - 1 is interleaved (deferred). kPrefetchScores: S^T
+    // of the tile is already in sc_prefetched, and with next, S^T of tile it + 1 goes there, issued behind dQ
+    // and dK so that the tensor cores have it to run while dQ's block is stored and handed over (ncu, hd128
+    // 16k: those stores and their proxy fence were 18% of the consumers' samples, and dK alone did not cover
+    // them).
+    // with_prev and next are constants at each inlined call (the first or last tile is a call of its own, not
+    // a run-time test in the loop) so that ptxas sees straight-line wgmma pipelines: with the test, it
+    // serialized every wgmma (C7514) and spilled 380 bytes.
+    auto tile = [&](int it, bool with_prev, float (&sc_prefetched)[kNT8][4], bool next) {
         const int s = stage_of(it);
         const u32 ph = parity_of(it);
         const int h = qw.head(bc.hk, it), m0 = qw.m_start(it);
 
-        // S^T = K.Q^T and dP^T = V.dO^T (issue_score_product).
-        float sc[kNT8][4], dp[kNT8][4];
-        auto issue_scores = [&](float (&acc)[kNT8][4], u32 key_rows, u32 query_tile) {
-            issue_score_product<kBM>(acc, key_rows, query_tile);
-        };
+        float sc_local[kNT8][4], dp[kNT8][4];
+        float (&sc)[kNT8][4] = kPrefetchScores ? sc_prefetched : sc_local;
 #if CF_DROPOUT
         // This lane's keep bits of the tile (TransposedKeep). Drawn while S^T runs at BM 64; at BM 128, whose
         // S^T alone is 64 registers, before it is issued (with it in flight the draws spilled 12 bytes).
@@ -626,7 +639,7 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         auto kept = [&](int n, int e) { return keep.kept(n, e); };
         if (kBM == 128) draw_keep();
 #endif
-        mbar_wait(sm.q_full(s), ph);
+        if (!kPrefetchScores) mbar_wait(sm.q_full(s), ph);
 #if CF_VARLEN
         int tile_seqlen_q, tile_seqlen_k;
         asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n"
@@ -638,7 +651,7 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
 #define CF_TILE_SEQLEN_Q a.seqlen_q
         const Visibility& tv = vis;
 #endif
-        issue_scores(sc, k_rows, sm.q(s));
+        if (!kPrefetchScores) issue_score_product<kBM>(sc, k_rows, sm.q(s));
 #if CF_DROPOUT
         if (kBM == 64) draw_keep();
 #endif
@@ -655,7 +668,7 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
 #if CF_VARLEN
         zero_query_tail(sm.dout(s), m0, tile_seqlen_q, cw, wg_tid);
 #endif
-        issue_scores(dp, v_rows, sm.dout(s));
+        issue_score_product<kBM>(dp, v_rows, sm.dout(s));
         // P^T, then dS^T, packed to 16-bit A fragments as they are made (two neighbouring n8 groups of an
         // accumulator are one k16 step of an A operand). Element e of n8 group n: key key_row0 + g + 8 (e / 2),
         // query m0 + 8 n + 2 t + e % 2. Rows past seqlen_q carry lse = +inf (P = 0), so only keys past
@@ -694,6 +707,12 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
                 frag[n / 2][2 * (n % 2)] = pack2(x[0], x[1]);
                 frag[n / 2][2 * (n % 2) + 1] = pack2(x[2], x[3]);
             };
+            // kPrefetchScores: the tile's LSE row terms in registers before S^T is waited for; loaded beside
+            // their first use, each load's latency stood in front of an exponential (ncu, hd128 16k: 4% of the
+            // consumers' samples). BM 128 has no 32 registers to spare for them (28 bytes of spills).
+            float2 lse_rows[kPrefetchScores ? kNT8 : 1];
+#pragma unroll
+            for (int n = 0; n < kNT8 && kPrefetchScores; ++n) lse_rows[n] = load2(sm.lse(s) + (n * 8 + 2 * t) * 4);
             wgmma::wait<kEarlyP ? 1 : 0>();
             wgmma::fence_operand(reinterpret_cast<float(&)[kBM / 2]>(sc));
             if (!kEarlyP) wgmma::fence_operand(reinterpret_cast<float(&)[kBM / 2]>(dp));
@@ -705,59 +724,68 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
                     for (int e = 0; e < 4; ++e) sc[n][e] = fmaf(sc[n][e], score_scale, -((e & 1) ? lse2.y : lse2.x));
                 }
             }
+            // kPrefetchScores: the element loop is compiled twice, with and without the visibility test. In one
+            // loop the test's predicated instructions issued for every element of every tile (ncu, hd128 16k:
+            // 10 of the 14 instructions an element), though only tiles at a mask's edge need it.
+            auto elements = [&](const bool masked) {
 #pragma unroll
-            for (int n = 0; n < kNT8; ++n) {
-                const int qc = n * 8 + 2 * t;
-                const float2 lse2 = load2(sm.lse(s) + qc * 4);
-                const float2 del2 = kEarlyP ? make_float2(0.f, 0.f) : load2(sm.delta(s) + qc * 4);
+                for (int n = 0; n < kNT8; ++n) {
+                    const int qc = n * 8 + 2 * t;
+                    const float2 lse2 = kPrefetchScores ? lse_rows[kPrefetchScores ? n : 0]
+                                                        : load2(sm.lse(s) + qc * 4);
+                    const float2 del2 = kEarlyP ? make_float2(0.f, 0.f) : load2(sm.delta(s) + qc * 4);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int i = m0 + qc + (e & 1);
-                    const int j = key_row0 + g + (e >> 1) * 8;
-                    const bool visible = !need_mask || tv.visible(i, j);
-                    const float row = (e & 1) ? lse2.y : lse2.x;  // the LSE's row term (warp 1)
+                    for (int e = 0; e < 4; ++e) {
+                        const int i = m0 + qc + (e & 1);
+                        const int j = key_row0 + g + (e >> 1) * 8;
+                        const bool visible = !masked || tv.visible(i, j);
+                        const float row = (e & 1) ? lse2.y : lse2.x;  // the LSE's row term (warp 1)
 #if CF_MASK_STAGE
-                    u32 byte;
-                    asm volatile("ld.shared.u8 %0, [%1];\n"
-                                 : "=r"(byte) : "r"(mask_lane + (n * 8 + (e & 1)) * 64 + (e >> 1) * 8));
-                    const float add = !partial || byte != 0 ? 0.f : -CF_INF;
+                        u32 byte;
+                        asm volatile("ld.shared.u8 %0, [%1];\n"
+                                     : "=r"(byte) : "r"(mask_lane + (n * 8 + (e & 1)) * 64 + (e >> 1) * 8));
+                        const float add = !partial || byte != 0 ? 0.f : -CF_INF;
 #elif CF_ATTN_MASK
-                    const float add = partial ? attn_mask_add(mask_head, a, i, j, CF_TILE_SEQLEN_Q, a.seqlen_k) : 0.f;
+                        const float add =
+                            partial ? attn_mask_add(mask_head, a, i, j, CF_TILE_SEQLEN_Q, a.seqlen_k) : 0.f;
 #else
-                    const float add = 0.f;
+                        const float add = 0.f;
 #endif
-                    if (!kEarlyP) {
+                        if (!kEarlyP) {
 #if CF_DROPOUT
-                        dp[n][e] = kept(n, e) ? dp[n][e] * a.dropout_scale : 0.f;
+                            dp[n][e] = kept(n, e) ? dp[n][e] * a.dropout_scale : 0.f;
 #endif
-                        sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI, !kChooseExponent, CF_ATTN_MASK == 2,
-                                                     CF_ATTN_MASK != 0>(
-                            sc[n][e], dp[n][e], row, (e & 1) ? del2.y : del2.x, visible, ex, pre, a.softcap, slope,
-                            i + tv.off - j, add);
+                            sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI, !kChooseExponent, CF_ATTN_MASK == 2,
+                                                         CF_ATTN_MASK != 0>(
+                                sc[n][e], dp[n][e], row, (e & 1) ? del2.y : del2.x, visible, ex, pre, a.softcap, slope,
+                                i + tv.off - j, add);
 #if CF_DROPOUT
-                        sc[n][e] = kept(n, e) ? sc[n][e] * a.dropout_scale : 0.f;
+                            sc[n][e] = kept(n, e) ? sc[n][e] * a.dropout_scale : 0.f;
 #endif
-                    } else {
-                        float unused;
-                        sc[n][e] = bwd_probability<CF_SOFTCAP, CF_ALIBI, !kChooseExponent, CF_ATTN_MASK == 2,
-                                                   CF_ATTN_MASK != 0>(
-                            sc[n][e], row, visible, ex, pre, a.softcap, slope, i + tv.off - j, unused, add);
+                        } else {
+                            float unused;
+                            sc[n][e] = bwd_probability<CF_SOFTCAP, CF_ALIBI, !kChooseExponent, CF_ATTN_MASK == 2,
+                                                       CF_ATTN_MASK != 0>(
+                                sc[n][e], row, visible, ex, pre, a.softcap, slope, i + tv.off - j, unused, add);
+                        }
                     }
-                }
 #if CF_DROPOUT
-                if (kEarlyP) {  // dV takes P Z / (1 - p); dS below needs P itself
-                    float dropped[4];
+                    if (kEarlyP) {  // dV takes P Z / (1 - p); dS below needs P itself
+                        float dropped[4];
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) dropped[e] = kept(n, e) ? sc[n][e] * a.dropout_scale : 0.f;
-                    pack_pair(ap, n, dropped);
-                } else {
-                    pack_pair(ap, n, sc[n]);
-                }
+                        for (int e = 0; e < 4; ++e) dropped[e] = kept(n, e) ? sc[n][e] * a.dropout_scale : 0.f;
+                        pack_pair(ap, n, dropped);
+                    } else {
+                        pack_pair(ap, n, sc[n]);
+                    }
 #else
-                pack_pair(ap, n, sc[n]);
+                    pack_pair(ap, n, sc[n]);
 #endif
-                if (!kEarlyP) pack_pair(ads, n, dp[n]);
-            }
+                    if (!kEarlyP) pack_pair(ads, n, dp[n]);
+                }
+            };
+            if (kPrefetchScores && !need_mask) elements(false);
+            else elements(need_mask);
             if (kEarlyP) {
                 wgmma::wait<0>();
                 wgmma::fence_operand(reinterpret_cast<float(&)[kBM / 2]>(dp));
@@ -844,19 +872,33 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
             issue_dk();
             wgmma::commit();
             wgmma::wait<1>();  // dV and dQ retired; dK still reads the stage's Q
+            if (next) {
+                // Issued once dV has retired, whose A operand (P^T, 16 registers) is then free.
+                wgmma::discard_operand(reinterpret_cast<float(&)[kBM / 2]>(sc));  // P^T's values: dS^T is made
+                begin_scores(it + 1, sc);
+            }
             store_dq(acc_dq, it);
-            wgmma::wait<0>();
+            wgmma::wait<0>();  // S^T of tile it + 1 as well: ptxas serializes every wgmma (C7514) when one is
+                               // still in flight at the loop's back edge
             mbar_arrive(sm.empty(s));
         }
     };
     if (qw.n_iters > 0) stage_mask(0);
-    if (!kDeferDq) {
+    if (kPrefetchScores && qw.n_iters > 0) {
+        float sc[kNT8][4];
+        begin_scores(0, sc);
 #pragma unroll 1
-        for (int it = 0; it < qw.n_iters; ++it) tile(it, false);
+        for (int it = 0; it + 1 < qw.n_iters; ++it) tile(it, false, sc, true);
+        tile(qw.n_iters - 1, false, sc, false);
+    } else if (!kDeferDq) {
+        float unused[kNT8][4];
+#pragma unroll 1
+        for (int it = 0; it < qw.n_iters; ++it) tile(it, false, unused, false);
     } else if (qw.n_iters > 0) {
-        tile(0, false);
+        float unused[kNT8][4];
+        tile(0, false, unused, false);
 #pragma unroll 1
-        for (int it = 1; it < qw.n_iters; ++it) tile(it, true);
+        for (int it = 1; it < qw.n_iters; ++it) tile(it, true, unused, false);
         float acc_dq[kDqN / 8][4];
         issue_dq(acc_dq, qw.n_iters - 1);
         wgmma::wait<0>();

@@ -61,4 +61,13 @@ __device__ __forceinline__ void fence_operand(float (&d)[R]) {
     for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
 }
 
+// Ends the life of an accumulator's old values before a product that overwrites it (scale-d 0 on its first
+// k step): the mma asm takes the accumulator as a read-write operand, so without this the compiler keeps the
+// old values live up to the product. No instruction.
+template <int R>
+__device__ __forceinline__ void discard_operand(float (&d)[R]) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) asm volatile("" : "=f"(d[i]));
+}
+
 }  // namespace wgmma
