@@ -30,7 +30,7 @@
 //        same sums as 16-byte red.global.add from the consumers cost 30-45% of the kernel's time on an H100.
 //   dQ needs both warpgroups' dS^T rows. Two schedules (kDeferDq):
 //   - lockstep (BM 64): dV; dS^T stored while it runs; a named barrier of both warpgroups; dQ of tile it;
-//     dK, which runs while dQ's block is stored.
+//     dK, which runs while dQ's block is stored (with kPrefetchScores, together with S^T of tile it + 1).
 //   - deferred (BM 128): dV, dK, then dQ of tile it - 1 back to back; dS^T of tile it stored while dQ runs,
 //     then dQ's block. The hand-off becomes an mbarrier wait (ds_full) on rows stored an iteration earlier,
 //     not a rendezvous, so the warpgroups drift apart and one's exponentials and stores run while the
@@ -201,11 +201,16 @@ constexpr bool kEarlyP = !CF_SOFTCAP && kBM == 64 && !(CF_ATTN_MASK == 2 && CF_I
 // before dQ of the same tile.
 constexpr bool kDeferDq = kBM == 128;
 // Lockstep at head dim 128 (see consume's tile): S^T of the next query tile issued behind dQ and dK of this
-// one, the LSE rows of a tile loaded before its S^T is waited for, and the element loop without the mask test
-// on tiles that need none; in the builds whose registers hold the extra 32 accumulators and 16 row terms
-// (softcap, element masks, variable-length batches and ALiBi with dropout spilled 4-160 bytes with them).
-// H200, same process: +4% at 2k (full and causal), +0% at 16k (bench/NOTES.md, hb10).
-constexpr bool kPrefetchScores = !kDeferDq && !CF_SOFTCAP && !CF_ATTN_MASK && !CF_VARLEN && !(CF_ALIBI && CF_DROPOUT);
+// one, the tile's LSE rows loaded in one batch ahead of the exponentials, and the element loop without the
+// mask test on tiles that need none. H200, same process: +2-4% at 2k (full and causal, MHA and GQA), 0-2%
+// at 16k (bench/NOTES.md, hb10). Not in the builds whose registers do not hold the extra 32 accumulators and
+// 16 row terms (softcap, element masks, variable-length batches, ALiBi with dropout: 4-160 bytes of spills),
+// nor with dropout (its draws overlapped S^T, which would now be done before they start) or deterministic
+// turns (a CTA's dQ hand-off would also wait for its next Q tile), neither measured with it. It needs two
+// stages: the next tile's S^T waits for its stage before this tile's is released.
+constexpr bool kPrefetchScores = !kWide && !kDeferDq && !CF_SOFTCAP && !CF_ATTN_MASK && !CF_VARLEN && !CF_DROPOUT &&
+                                 !CF_DETERMINISTIC;
+static_assert(!kPrefetchScores || kStages >= 2, "S^T of the next tile waits for a stage of its own");
 constexpr int kDsBarrier = 1;  // named barrier (lockstep mode): both consumer warpgroups' dS^T rows are stored
 #if CF_VARLEN
 // Named barriers of the variable-length build (both consumer warpgroups): the K / V tail rows are zeroed; a
@@ -629,6 +634,8 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
         const u32 ph = parity_of(it);
         const int h = qw.head(bc.hk, it), m0 = qw.m_start(it);
 
+        // Without kPrefetchScores S^T's accumulators are this tile's own (sc_prefetched is a dummy): declared
+        // here, they are not live across the loop.
         float sc_local[kNT8][4], dp[kNT8][4];
         float (&sc)[kNT8][4] = kPrefetchScores ? sc_prefetched : sc_local;
 #if CF_DROPOUT
@@ -707,9 +714,9 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
                 frag[n / 2][2 * (n % 2)] = pack2(x[0], x[1]);
                 frag[n / 2][2 * (n % 2) + 1] = pack2(x[2], x[3]);
             };
-            // kPrefetchScores: the tile's LSE row terms in registers before S^T is waited for; loaded beside
-            // their first use, each load's latency stood in front of an exponential (ncu, hd128 16k: 4% of the
-            // consumers' samples). BM 128 has no 32 registers to spare for them (28 bytes of spills).
+            // kPrefetchScores: the tile's LSE row terms in registers in one batch; loaded beside their first
+            // use, each load's latency stood in front of an exponential (ncu, hd128 16k: 4% of the consumers'
+            // samples). BM 128 has no 32 registers to spare for them (28 bytes of spills).
             float2 lse_rows[kPrefetchScores ? kNT8 : 1];
 #pragma unroll
             for (int n = 0; n < kNT8 && kPrefetchScores; ++n) lse_rows[n] = load2(sm.lse(s) + (n * 8 + 2 * t) * 4);
@@ -890,15 +897,15 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
 #pragma unroll 1
         for (int it = 0; it + 1 < qw.n_iters; ++it) tile(it, false, sc, true);
         tile(qw.n_iters - 1, false, sc, false);
-    } else if (!kDeferDq) {
-        float unused[kNT8][4];
+    } else if (!kPrefetchScores && !kDeferDq) {
+        float dummy[kNT8][4];
 #pragma unroll 1
-        for (int it = 0; it < qw.n_iters; ++it) tile(it, false, unused, false);
-    } else if (qw.n_iters > 0) {
-        float unused[kNT8][4];
-        tile(0, false, unused, false);
+        for (int it = 0; it < qw.n_iters; ++it) tile(it, false, dummy, false);
+    } else if (kDeferDq && qw.n_iters > 0) {
+        float dummy[kNT8][4];
+        tile(0, false, dummy, false);
 #pragma unroll 1
-        for (int it = 1; it < qw.n_iters; ++it) tile(it, true, unused, false);
+        for (int it = 1; it < qw.n_iters; ++it) tile(it, true, dummy, false);
         float acc_dq[kDqN / 8][4];
         issue_dq(acc_dq, qw.n_iters - 1);
         wgmma::wait<0>();
