@@ -885,8 +885,8 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
                 begin_scores(it + 1, sc);
             }
             store_dq(acc_dq, it);
-            wgmma::wait<0>();  // S^T of tile it + 1 as well: ptxas serializes every wgmma (C7514) when one is
-                               // still in flight at the loop's back edge
+            wgmma::wait<0>();  // with next, S^T of tile it + 1 as well: ptxas serializes every wgmma (C7514)
+                               // when one is still in flight at the loop's back edge
             mbar_arrive(sm.empty(s));
         }
     };
