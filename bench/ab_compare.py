@@ -6,12 +6,14 @@
 Imports the checkout's cuflash as ``cuflash`` and the other tree's as ``cuflash_base`` (each compiles and
 caches its own kernels), then times cuflash.attention (forward) and attention_backward on CuPy bf16 inputs
 of the FlashAttention-2 grid (batch x seqlen = 16k tokens, hidden 2048) with CUDA events, the two trees'
-samples interleaved one by one so that clocks, temperature and neighbours weigh on both alike. A sample
+samples interleaved one by one (each contender taking every position in turn) so that clocks, temperature
+and neighbours weigh on all alike. A sample
 is --calls back-to-back calls between two events, so that the GPU time, not the host's per-call cost
 (which issue 14 measures on its own), decides the ratio. --groups runs GQA cells too (heads_q / heads_k);
 --cudnn adds torch SDPA's cuDNN backend as a third contender in the same interleave (its ratio printed as
 new/cudnn), on the same bf16 buffers viewed as torch tensors in SDPA's (batch, heads, seqlen, dim) layout.
---deterministic runs the checkout's backward in deterministic mode (against --base . : that mode's cost).
+--deterministic runs the checkout's backward in deterministic mode (against --base . : that mode's cost);
+with --base-deterministic the base tree's too (an A/B of that mode).
 Warm-up excluded, median of --runs samples each; prints a table and one JSON line per cell (TFLOP/s as in
 bench_attention.py: 4 B H S^2 D, halved for causal, x2.5 for the backward).
 """
@@ -50,6 +52,8 @@ def main():
     ap.add_argument("--cudnn", action="store_true", help="time torch SDPA's cuDNN backend alongside")
     ap.add_argument("--deterministic", action="store_true",
                     help="the checkout's backward runs with deterministic=True (with --base . : what it costs)")
+    ap.add_argument("--base-deterministic", action="store_true",
+                    help="with --deterministic, the base tree's backward too")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     import cupy
@@ -76,7 +80,7 @@ def main():
                         if out.dtype != q.dtype:  # a tree from before CuPy bfloat16 outputs: raw 16-bit words
                             out = out.view(q.dtype)
                         calls[("fwd", label)] = lambda cf=cf: cf.attention(q, k, v, causal=causal)
-                        det = args.deterministic and label == "new"
+                        det = args.deterministic and (label == "new" or args.base_deterministic)
                         calls[("bwd", label)] = (lambda cf=cf, out=out, lse=lse, det=det:
                                                  cf.attention_backward(do, q, k, v, out, lse, causal=causal,
                                                                        deterministic=det))
@@ -87,7 +91,7 @@ def main():
                     for pass_ in passes:
                         times = {lab: [] for lab in labels}
                         for i in range(args.runs + 5):
-                            for label in (labels if i % 2 else labels[::-1]):
+                            for label in labels[i % len(labels):] + labels[:i % len(labels)]:
                                 start, stop = cupy.cuda.Event(), cupy.cuda.Event()
                                 start.record()
                                 for _ in range(args.calls):

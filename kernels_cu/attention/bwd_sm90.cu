@@ -211,6 +211,12 @@ constexpr bool kDeferDq = kBM == 128;
 constexpr bool kPrefetchScores = !kWide && !kDeferDq && !CF_SOFTCAP && !CF_ATTN_MASK && !CF_VARLEN && !CF_DROPOUT &&
                                  !CF_DETERMINISTIC;
 static_assert(!kPrefetchScores || kStages >= 2, "S^T of the next tile waits for a stage of its own");
+// The element loop compiled twice, with and without the visibility test, the lean copy on tiles that need no
+// mask (see the loop): with the prefetch, and in the builds that take it without spilling more than hd64's 24
+// bytes (dispatch.allowed_spill_bytes). H200, same process: hd64 +4-19%, deterministic hd128 +4-9%
+// (bench/NOTES.md, hb11). ALiBi at hd64 spilled 108-116 bytes, softcap about 300; the others are not measured.
+constexpr bool kLeanElements = kPrefetchScores || (!CF_SOFTCAP && !CF_ATTN_MASK && !CF_VARLEN && !CF_DROPOUT &&
+                                                   (kBM == 128 ? !CF_ALIBI : CF_DETERMINISTIC));
 constexpr int kDsBarrier = 1;  // named barrier (lockstep mode): both consumer warpgroups' dS^T rows are stored
 #if CF_VARLEN
 // Named barriers of the variable-length build (both consumer warpgroups): the K / V tail rows are zeroed; a
@@ -731,7 +737,7 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
                     for (int e = 0; e < 4; ++e) sc[n][e] = fmaf(sc[n][e], score_scale, -((e & 1) ? lse2.y : lse2.x));
                 }
             }
-            // kPrefetchScores: the element loop is compiled twice, with and without the visibility test. In one
+            // kLeanElements: the element loop is compiled twice, with and without the visibility test. In one
             // loop the test's predicated instructions issued for every element of every tile (ncu, hd128 16k:
             // 10 of the 14 instructions an element), though only tiles at a mask's edge need it.
             auto elements = [&](const bool masked) {
@@ -791,7 +797,7 @@ __device__ __forceinline__ void consume(const BackwardSm90Params& p, const SmemL
                     if (!kEarlyP) pack_pair(ads, n, dp[n]);
                 }
             };
-            if (kPrefetchScores && !need_mask) elements(false);
+            if (kLeanElements && !need_mask) elements(false);
             else elements(need_mask);
             if (kEarlyP) {
                 wgmma::wait<0>();
