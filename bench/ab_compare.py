@@ -12,6 +12,8 @@ is --calls back-to-back calls between two events, so that the GPU time, not the 
 (which issue 14 measures on its own), decides the ratio. --groups runs GQA cells too (heads_q / heads_k);
 --cudnn adds torch SDPA's cuDNN backend as a third contender in the same interleave (its ratio printed as
 new/cudnn), on the same bf16 buffers viewed as torch tensors in SDPA's (batch, heads, seqlen, dim) layout.
+--varlen times the variable-length functions instead, on 16k tokens packed from bench_varlen.py's lengths
+(--seqlens is ignored; TFLOP/s counted per sequence; no cuDNN contender).
 --deterministic runs the checkout's backward in deterministic mode (against --base . : that mode's cost);
 with --base-deterministic the base tree's too (an A/B of that mode).
 Warm-up excluded, median of --runs samples each; prints a table and one JSON line per cell (TFLOP/s as in
@@ -54,6 +56,7 @@ def main():
                     help="the checkout's backward runs with deterministic=True (with --base . : what it costs)")
     ap.add_argument("--base-deterministic", action="store_true",
                     help="with --deterministic, the base tree's backward too")
+    ap.add_argument("--varlen", action="store_true", help="packed sequences through the variable-length functions")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     import cupy
@@ -66,21 +69,37 @@ def main():
     causals = {"both": (False, True), "true": (True,), "false": (False,)}[args.causal]
     ratios = {p: [] for p in passes}
     sdpa = _cudnn_calls() if args.cudnn else None
+    if args.varlen:
+        sys.path.insert(0, str(REPO / "bench"))
+        from bench_varlen import lengths
+        lens = lengths(16384, np.random.default_rng(0))
+        cu = cupy.asarray(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+        print(f"{len(lens)} sequences of {min(lens)}..{max(lens)} tokens", flush=True)
+        args.seqlens, sdpa = str(max(lens)), None
     for d in (int(x) for x in args.hdims.split(",")):
         for s in (int(x) for x in args.seqlens.split(",")):
             for group in (int(x) for x in args.groups.split(",")):
                 b, h = 16384 // s, 2048 // d
-                q, do = (cupy.asarray(rng.standard_normal((b, s, h, d), dtype=np.float32).astype(bf16)) for _ in range(2))
-                k, v = (cupy.asarray(rng.standard_normal((b, s, h // group, d), dtype=np.float32).astype(bf16))
+                shape = (16384,) if args.varlen else (b, s)
+                q, do = (cupy.asarray(rng.standard_normal(shape + (h, d), dtype=np.float32).astype(bf16)) for _ in range(2))
+                k, v = (cupy.asarray(rng.standard_normal(shape + (h // group, d), dtype=np.float32).astype(bf16))
                         for _ in range(2))
                 for causal in causals:
                     calls = {}
                     for label, cf in trees.items():
+                        det = args.deterministic and (label == "new" or args.base_deterministic)
+                        if args.varlen:
+                            out, lse = cf.attention_varlen(q, k, v, cu, cu, s, s, causal=causal, return_lse=True)
+                            calls[("fwd", label)] = lambda cf=cf: cf.attention_varlen(q, k, v, cu, cu, s, s,
+                                                                                      causal=causal)
+                            calls[("bwd", label)] = (lambda cf=cf, out=out, lse=lse, det=det:
+                                                     cf.attention_varlen_backward(do, q, k, v, out, lse, cu, cu, s, s,
+                                                                                  causal=causal, deterministic=det))
+                            continue
                         out, lse = cf.attention(q, k, v, causal=causal, return_lse=True)
                         if out.dtype != q.dtype:  # a tree from before CuPy bfloat16 outputs: raw 16-bit words
                             out = out.view(q.dtype)
                         calls[("fwd", label)] = lambda cf=cf: cf.attention(q, k, v, causal=causal)
-                        det = args.deterministic and (label == "new" or args.base_deterministic)
                         calls[("bwd", label)] = (lambda cf=cf, out=out, lse=lse, det=det:
                                                  cf.attention_backward(do, q, k, v, out, lse, causal=causal,
                                                                        deterministic=det))
@@ -100,7 +119,8 @@ def main():
                                 stop.synchronize()
                                 if i >= 5:
                                     times[label].append(cupy.cuda.get_elapsed_time(start, stop) / args.calls)
-                        flops = 4 * b * h * s * s * d * (0.5 if causal else 1) * (2.5 if pass_ == "bwd" else 1)
+                        work = sum(n * n for n in lens) if args.varlen else b * s * s
+                        flops = 4 * h * work * d * (0.5 if causal else 1) * (2.5 if pass_ == "bwd" else 1)
                         tf = {lab: flops / statistics.median(t) / 1e9 for lab, t in times.items()}
                         ratio = tf["new"] / tf["base"]
                         ratios[pass_].append(ratio)

@@ -655,15 +655,15 @@ def allowed_spill_bytes(key: KernelKey) -> int:
     backward's variable-length build at head dim 64 (BM 128, 240 registers), unmasked and causal without
     softcap or ALiBi, spills 4 bytes at -O3 and -O2 and none at -O1; at -O3 it measured 2.8% (full) and
     3.9% (causal) faster than the spill-free -O1 build (H200, bench/NOTES.md, "Hopper variable-length
-    kernels"), so it ships at -O3 with the spill. Its dense builds without softcap, ALiBi or dropout (the ones
-    with the element loop compiled with and without the mask test, kLeanElements in bwd_sm90.cu) spill 24
-    bytes: 7-16% faster than the spill-free single loop (H200, bench/NOTES.md, "hb11")."""
+    kernels"), so it ships at -O3 with the spill. With the element loop compiled with and without the mask
+    test (kLeanElements in bwd_sm90.cu) that build spills 36 bytes and the dense builds without softcap,
+    ALiBi or dropout 24: 4-26% faster than with the single loop (H200, bench/NOTES.md, "hb11")."""
     if key.family != "bwd_sm90" or key.head_dim != 64 or key.softcap or key.alibi or key.ptxas_opt != 3:
         return 0
     extra = dict(key.extra)
     if extra.get("CF_ATTN_MASK") or extra.get("CF_BLOCK_SPARSE") or extra.get("CF_DROPOUT"):
         return 0
-    return 4 if extra.get("CF_VARLEN") else 24
+    return 36 if extra.get("CF_VARLEN") else 24
 
 
 def backward_family(cc: tuple, head_dim: int, deterministic: bool, *, attn_mask: bool = False) -> str:

@@ -213,10 +213,11 @@ constexpr bool kPrefetchScores = !kWide && !kDeferDq && !CF_SOFTCAP && !CF_ATTN_
 static_assert(!kPrefetchScores || kStages >= 2, "S^T of the next tile waits for a stage of its own");
 // The element loop compiled twice, with and without the visibility test, the lean copy on tiles that need no
 // mask (see the loop): with the prefetch, and in the builds that take it without spilling more than hd64's 24
-// bytes (dispatch.allowed_spill_bytes). H200, same process: hd64 +4-19%, deterministic hd128 +4-9%
-// (bench/NOTES.md, hb11). ALiBi at hd64 spilled 108-116 bytes, softcap about 300; the others are not measured.
-constexpr bool kLeanElements = kPrefetchScores || (!CF_SOFTCAP && !CF_ATTN_MASK && !CF_VARLEN && !CF_DROPOUT &&
-                                                   (kBM == 128 ? !CF_ALIBI : CF_DETERMINISTIC));
+// bytes (36 in its variable-length build; dispatch.allowed_spill_bytes). H200, same process: hd64 +4-19%
+// (variable-length +26%), hd128 deterministic +4-9%, variable-length +8% (bench/NOTES.md, hb11). ALiBi at
+// hd64 spilled 108-116 bytes, softcap about 300; dropout and hd128 softcap (4 bytes) are not measured.
+constexpr bool kLeanElements = kPrefetchScores || (!CF_SOFTCAP && !CF_ATTN_MASK && !CF_DROPOUT &&
+                                                   (kBM == 128 ? !CF_ALIBI : CF_DETERMINISTIC || CF_VARLEN));
 constexpr int kDsBarrier = 1;  // named barrier (lockstep mode): both consumer warpgroups' dS^T rows are stored
 #if CF_VARLEN
 // Named barriers of the variable-length build (both consumer warpgroups): the K / V tail rows are zeroed; a
