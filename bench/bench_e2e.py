@@ -17,6 +17,14 @@ Configs (batch x seqlen = 8192 tokens):
     hd128-2k   16 query / 4 KV heads of 128, batch 4 x 2048
     hd128-4k   the same heads, batch 2 x 4096
 
+Attention's share of a step, and the ceiling it puts on any attention kernel (Amdahl): one more step of each
+copy runs under torch.profiler, which sums the device time of the attention kernels (names matching
+ATTENTION_KERNELS: cuDNN's and FlashAttention's SDPA kernels, cuflash's ``attention_*`` and layout copies)
+against all kernels. ``ceiling_free`` is the step speedup over SDPA if cuflash's attention kernels took no
+time at all (cuflash's step less their time); ``ceiling_peak`` if they ran at --peak-tflops (the chip's dense 16-bit tensor peak: 989 for H100 / H200 SXM,
+from NVIDIA's datasheets) on its FLOPs (4 B H S^2 D per layer, halved for causal, x3.5 for forward plus
+backward, as bench_attention.py counts them). A kernel cannot beat ``ceiling_peak``.
+
 Prints a table, writes ``e2e-<stamp>.json`` and a PNG under ``<out>/<gpu-slug>/``. Skips (exit 0, a line
 saying why) without transformers or a CUDA GPU.
 """
@@ -24,6 +32,7 @@ saying why) without transformers or a CUDA GPU.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -38,6 +47,7 @@ CONFIGS = {
     "hd128-4k": dict(heads=16, kv_heads=4, batch=2, seqlen=4096),
 }
 HIDDEN, LAYERS, VOCAB = 2048, 8, 32000
+ATTENTION_KERNELS = re.compile(r"attention_|strided_copy|flash|fmha|sdpa", re.IGNORECASE)
 
 
 def build(transformers, torch, cfg: dict, attn: str, state=None):
@@ -51,7 +61,7 @@ def build(transformers, torch, cfg: dict, attn: str, state=None):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 
-def run_config(transformers, torch, name: str, cfg: dict, attn_cf: str, steps: int) -> dict:
+def run_config(transformers, torch, name: str, cfg: dict, attn_cf: str, steps: int, peak_tflops: float) -> dict:
     torch.manual_seed(0)
     sdpa, opt_sdpa = build(transformers, torch, cfg, "sdpa")
     ours, opt_ours = build(transformers, torch, cfg, attn_cf, sdpa.state_dict())
@@ -75,12 +85,42 @@ def run_config(transformers, torch, name: str, cfg: dict, attn_cf: str, steps: i
                 times[label].append(start.elapsed_time(stop))
         if i >= 3:
             diffs.append(abs(losses["sdpa"] - losses["cuflash"]))
+    attn_ms = {label: attention_ms(torch, model, opt, ids)
+               for label, model, opt in (("sdpa", sdpa, opt_sdpa), ("cuflash", ours, opt_ours))}
     del sdpa, ours, opt_sdpa, opt_ours
     torch.cuda.empty_cache()
     ms = {k: statistics.median(v) for k, v in times.items()}
-    return {"config": name, **cfg, "head_dim": HIDDEN // cfg["heads"], "ms_sdpa": round(ms["sdpa"], 2),
+    head_dim = HIDDEN // cfg["heads"]
+    flops = LAYERS * 4 * cfg["batch"] * cfg["heads"] * cfg["seqlen"] ** 2 * head_dim * 0.5 * 3.5
+    at_peak = flops / (peak_tflops * 1e9)
+    rest = ms["cuflash"] - attn_ms["cuflash"][0]  # cuflash's step without its attention kernels
+    return {"config": name, **cfg, "head_dim": head_dim, "ms_sdpa": round(ms["sdpa"], 2),
             "ms_cuflash": round(ms["cuflash"], 2), "speedup": round(ms["sdpa"] / ms["cuflash"], 3),
-            "max_loss_diff": round(max(diffs), 5)}
+            "max_loss_diff": round(max(diffs), 5),
+            "attn_ms_sdpa": round(attn_ms["sdpa"][0], 3), "attn_ms_cuflash": round(attn_ms["cuflash"][0], 3),
+            "kernel_ms_sdpa": round(attn_ms["sdpa"][1], 2), "kernel_ms_cuflash": round(attn_ms["cuflash"][1], 2),
+            "attn_ms_at_peak": round(at_peak, 3), "ceiling_free": round(ms["sdpa"] / rest, 3),
+            "ceiling_peak": round(ms["sdpa"] / (rest + at_peak), 3)}
+
+
+def attention_ms(torch, model, opt, ids) -> tuple:
+    """(attention kernels, all kernels) device milliseconds of one training step, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    attn = total = 0.0
+    for e in prof.key_averages():
+        us = e.self_device_time_total
+        if e.device_type == torch.autograd.DeviceType.CUDA and us > 0:
+            total += us
+            if ATTENTION_KERNELS.search(e.key):
+                attn += us
+    return attn / 1e3, total / 1e3
 
 
 def main() -> None:
@@ -88,6 +128,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="dense 16-bit tensor peak of the GPU (TFLOP/s) for ceiling_peak; 989: H100 / H200 SXM")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     try:
@@ -102,16 +144,19 @@ def main() -> None:
     import cuflash.integrations.transformers as cf_hf
     attn_cf = cf_hf.register()
     rows = []
-    print(f"{'config':<10} {'batch x seqlen':>15} {'SDPA ms':>9} {'cuflash ms':>11} {'speedup':>8} {'max |dloss|':>12}")
+    print(f"{'config':<10} {'batch x seqlen':>15} {'SDPA ms':>9} {'cuflash ms':>11} {'speedup':>8} {'max |dloss|':>12}"
+          f" {'attn ms SDPA':>13} {'attn ms ours':>13} {'at peak':>8} {'ceiling free':>13} {'ceiling peak':>13}")
     for name in args.configs.split(","):
-        r = run_config(transformers, torch, name, CONFIGS[name], attn_cf, args.steps)
+        r = run_config(transformers, torch, name, CONFIGS[name], attn_cf, args.steps, args.peak_tflops)
         rows.append(r)
         print(f"{name:<10} {r['batch']:>7} x {r['seqlen']:<5} {r['ms_sdpa']:>9.2f} {r['ms_cuflash']:>11.2f} "
-              f"{r['speedup']:>7.3f}x {r['max_loss_diff']:>12.5f}", flush=True)
+              f"{r['speedup']:>7.3f}x {r['max_loss_diff']:>12.5f} {r['attn_ms_sdpa']:>13.2f} {r['attn_ms_cuflash']:>13.2f}"
+              f" {r['attn_ms_at_peak']:>8.2f} {r['ceiling_free']:>12.3f}x {r['ceiling_peak']:>12.3f}x", flush=True)
     gpu = torch.cuda.get_device_name()
     path = results_io.result_path(args.out, gpu, "e2e")
     results_io.write_json(path, {"gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
                                  "layers": LAYERS, "hidden": HIDDEN, "vocab": VOCAB, "steps": args.steps,
+                                 "peak_tflops": args.peak_tflops,
                                  "rows": rows})
     plt = results_io.pyplot()
     if plt is None:
