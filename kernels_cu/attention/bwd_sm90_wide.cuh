@@ -163,31 +163,37 @@ __device__ __forceinline__ void consume_wide(const BackwardSm90Params& p, const 
                     for (int e = 0; e < 4; ++e) sc[n][e] = fmaf(sc[n][e], score_scale, -((e & 1) ? lse2.y : lse2.x));
                 }
             }
+            // Compiled with and without the visibility test, the lean copy on tiles that need no mask (as
+            // kLeanElements in bwd_sm90.cu).
+            auto elements = [&](const bool masked) {
 #pragma unroll
-            for (int n = 0; n < kWideNT8; ++n) {
-                const int qc = cw * kWideQueries + n * 8 + 2 * t;
-                const float2 lse2 = load2(sm.lse(s) + qc * 4);
-                const float2 del2 = kWideEarlyP ? make_float2(0.f, 0.f) : load2(sm.delta(s) + qc * 4);
+                for (int n = 0; n < kWideNT8; ++n) {
+                    const int qc = cw * kWideQueries + n * 8 + 2 * t;
+                    const float2 lse2 = load2(sm.lse(s) + qc * 4);
+                    const float2 del2 = kWideEarlyP ? make_float2(0.f, 0.f) : load2(sm.delta(s) + qc * 4);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int i = m0 + qc + (e & 1);
-                    const int j = key_row0 + g + (e >> 1) * 8;
-                    const bool visible = !need_mask || tv.visible(i, j);
-                    const float row = (e & 1) ? lse2.y : lse2.x;
-                    if (!kWideEarlyP) {
+                    for (int e = 0; e < 4; ++e) {
+                        const int i = m0 + qc + (e & 1);
+                        const int j = key_row0 + g + (e >> 1) * 8;
+                        const bool visible = !masked || tv.visible(i, j);
+                        const float row = (e & 1) ? lse2.y : lse2.x;
+                        if (!kWideEarlyP) {
 #if CF_DROPOUT
-                        dp[n][e] = kept(n, e) ? dp[n][e] * a.dropout_scale : 0.f;
+                            dp[n][e] = kept(n, e) ? dp[n][e] * a.dropout_scale : 0.f;
 #endif
-                        sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI, !kChooseExponent>(
-                            sc[n][e], dp[n][e], row, (e & 1) ? del2.y : del2.x, visible, ex, pre, a.softcap, slope,
-                            i + tv.off - j);
-                    } else {
-                        float unused;
-                        sc[n][e] = bwd_probability<CF_SOFTCAP, CF_ALIBI, !kChooseExponent>(
-                            sc[n][e], row, visible, ex, pre, a.softcap, slope, i + tv.off - j, unused);
+                            sc[n][e] = bwd_score_element<CF_SOFTCAP, CF_ALIBI, !kChooseExponent>(
+                                sc[n][e], dp[n][e], row, (e & 1) ? del2.y : del2.x, visible, ex, pre, a.softcap, slope,
+                                i + tv.off - j);
+                        } else {
+                            float unused;
+                            sc[n][e] = bwd_probability<CF_SOFTCAP, CF_ALIBI, !kChooseExponent>(
+                                sc[n][e], row, visible, ex, pre, a.softcap, slope, i + tv.off - j, unused);
+                        }
                     }
                 }
-            }
+            };
+            if (need_mask) elements(true);
+            else elements(false);
             if (kWideEarlyP) {  // dS = P (dP - delta) once dP^T has retired
                 wgmma::wait<0>();
                 wgmma::fence_operand(reinterpret_cast<float(&)[kWideQueries / 2]>(dp));
