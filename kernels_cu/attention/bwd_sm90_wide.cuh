@@ -40,6 +40,9 @@ constexpr int kWideNT8 = kWideQueries / 8;
 constexpr int kWideBarrier = 1;  // named barrier: both warpgroups' P^T and dS^T rows are stored
 // P from S^T while dP^T still runs, as kEarlyP in bwd_sm90.cu; softcap's dS needs 1 - tanh^2 of each element.
 constexpr bool kWideEarlyP = !CF_SOFTCAP;
+// The element loop's lean copy (below): H200, same process, +2-5% at head dims 192 / 256 (bench/NOTES.md, hb11);
+// the deterministic builds measured 0.97-1.01x with it and keep one loop.
+constexpr bool kWideLean = !CF_DETERMINISTIC;
 static_assert(kBN == 64 && kBM == 64, "the wide partition: 64 keys a CTA, 64 queries a step");
 }  // namespace
 
@@ -164,7 +167,7 @@ __device__ __forceinline__ void consume_wide(const BackwardSm90Params& p, const 
                 }
             }
             // Compiled with and without the visibility test, the lean copy on tiles that need no mask (as
-            // kLeanElements in bwd_sm90.cu).
+            // kLeanElements in bwd_sm90.cu; kWideLean).
             auto elements = [&](const bool masked) {
 #pragma unroll
                 for (int n = 0; n < kWideNT8; ++n) {
@@ -192,8 +195,8 @@ __device__ __forceinline__ void consume_wide(const BackwardSm90Params& p, const 
                     }
                 }
             };
-            if (need_mask) elements(true);
-            else elements(false);
+            if (kWideLean && !need_mask) elements(false);
+            else elements(need_mask);
             if (kWideEarlyP) {  // dS = P (dP - delta) once dP^T has retired
                 wgmma::wait<0>();
                 wgmma::fence_operand(reinterpret_cast<float(&)[kWideQueries / 2]>(dp));
