@@ -58,6 +58,8 @@ def main():
                     help="with --deterministic, the base tree's backward too")
     ap.add_argument("--varlen", action="store_true", help="packed sequences through the variable-length functions")
     args = ap.parse_args()
+    if args.base_deterministic and not args.deterministic:
+        ap.error("--base-deterministic needs --deterministic")
     sys.path.insert(0, str(REPO))
     import cupy
     import ml_dtypes
@@ -90,6 +92,8 @@ def main():
                         det = args.deterministic and (label == "new" or args.base_deterministic)
                         if args.varlen:
                             out, lse = cf.attention_varlen(q, k, v, cu, cu, s, s, causal=causal, return_lse=True)
+                            if out.dtype != q.dtype:  # as below
+                                out = out.view(q.dtype)
                             calls[("fwd", label)] = lambda cf=cf: cf.attention_varlen(q, k, v, cu, cu, s, s,
                                                                                       causal=causal)
                             calls[("bwd", label)] = (lambda cf=cf, out=out, lse=lse, det=det:

@@ -21,9 +21,11 @@ Attention's share of a step, and the ceiling it puts on any attention kernel (Am
 copy runs under torch.profiler, which sums the device time of the attention kernels (names matching
 ATTENTION_KERNELS: cuDNN's and FlashAttention's SDPA kernels, cuflash's ``attention_*`` and layout copies)
 against all kernels. ``ceiling_free`` is the step speedup over SDPA if cuflash's attention kernels took no
-time at all (cuflash's step less their time); ``ceiling_peak`` if they ran at --peak-tflops (the chip's dense 16-bit tensor peak: 989 for H100 / H200 SXM,
-from NVIDIA's datasheets) on its FLOPs (4 B H S^2 D per layer, halved for causal, x3.5 for forward plus
-backward, as bench_attention.py counts them). A kernel cannot beat ``ceiling_peak``.
+time at all (cuflash's step less their time); ``ceiling_peak`` if they ran at --peak-tflops (the chip's
+dense 16-bit tensor peak: 989 for H100 / H200 SXM, from NVIDIA's datasheets) on their FLOPs (4 B H S^2 D per
+layer, halved for causal, x3.5 for forward plus backward, as bench_attention.py counts them). A kernel
+cannot beat ``ceiling_peak``. Kernel time is subtracted from the step's wall time, which holds while
+attention does not overlap other kernels (one stream).
 
 Prints a table, writes ``e2e-<stamp>.json`` and a PNG under ``<out>/<gpu-slug>/``. Skips (exit 0, a line
 saying why) without transformers or a CUDA GPU.

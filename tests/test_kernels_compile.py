@@ -22,8 +22,8 @@ _TARGETS = [(k, arch) for k in dispatch.all_keys() for arch in k.archs]
 @pytest.mark.parametrize("key,arch", _TARGETS, ids=[f"{k.name}-{a}" for k, a in _TARGETS])
 def test_variant_compiles_without_spills(key, arch):
     """NVRTC accepts the variant for each architecture it ships for (sm_80 and sm_90a; the wgmma kernels
-    sm_90a only), ptxas reports no spill beyond the variant's measured allowance (zero for all but the
-    hd64 variable-length Hopper backward, dispatch.allowed_spill_bytes) and does not serialize wgmma."""
+    sm_90a only), ptxas reports no spill beyond the variant's measured allowance (zero for all but some
+    head-dim-64 Hopper backward builds, dispatch.allowed_spill_bytes) and does not serialize wgmma."""
     cubin, log = jit.compile_cubin(key, arch)
     assert cubin[:4] == b"\x7fELF"
     assert jit.spill_bytes(log) <= dispatch.allowed_spill_bytes(key), f"{key.name} for {arch} spills:\n{log}"

@@ -201,9 +201,8 @@ constexpr bool kEarlyP = !CF_SOFTCAP && kBM == 64 && !(CF_ATTN_MASK == 2 && CF_I
 // before dQ of the same tile.
 constexpr bool kDeferDq = kBM == 128;
 // Lockstep at head dim 128 (see consume's tile): S^T of the next query tile issued behind dQ and dK of this
-// one, the tile's LSE rows loaded in one batch ahead of the exponentials, and the element loop without the
-// mask test on tiles that need none. H200, same process: +2-4% at 2k (full and causal, MHA and GQA), 0-2%
-// at 16k (bench/NOTES.md, hb10). Not in the builds whose registers do not hold the extra 32 accumulators and
+// one, and the tile's LSE rows loaded in one batch ahead of the exponentials (with kLeanElements, below).
+// H200, same process: +2-4% at 2k (full and causal, MHA and GQA), 0-2% at 16k (bench/NOTES.md, hb10). Not in the builds whose registers do not hold the extra 32 accumulators and
 // 16 row terms (softcap, element masks, variable-length batches, ALiBi with dropout: 4-160 bytes of spills),
 // nor with dropout (its draws overlapped S^T, which would now be done before they start) or deterministic
 // turns (a CTA's dQ hand-off would also wait for its next Q tile), neither measured with it. It needs two
@@ -214,8 +213,9 @@ static_assert(!kPrefetchScores || kStages >= 2, "S^T of the next tile waits for 
 // The element loop compiled twice, with and without the visibility test, the lean copy on tiles that need no
 // mask (see the loop): with the prefetch, and in the builds that take it without spilling more than hd64's 24
 // bytes (36 in its variable-length build; dispatch.allowed_spill_bytes). H200, same process: hd64 +4-19%
-// (variable-length +26%), hd128 deterministic +4-9%, variable-length +8% (bench/NOTES.md, hb11). ALiBi at
-// hd64 spilled 108-116 bytes, softcap about 300; dropout and hd128 softcap (4 bytes) are not measured.
+// (variable-length +26%), hd128 deterministic +4-9%, variable-length +8% (bench/NOTES.md, hb11; the hd128
+// ALiBi builds among them were not measured apart). ALiBi at hd64 spilled 108-116 bytes, softcap about 300;
+// dropout and hd128 softcap (4 bytes) are not measured.
 constexpr bool kLeanElements = kPrefetchScores || (!CF_SOFTCAP && !CF_ATTN_MASK && !CF_DROPOUT &&
                                                    (kBM == 128 ? !CF_ALIBI : CF_DETERMINISTIC || CF_VARLEN));
 constexpr int kDsBarrier = 1;  // named barrier (lockstep mode): both consumer warpgroups' dS^T rows are stored

@@ -41,7 +41,7 @@ constexpr int kWideBarrier = 1;  // named barrier: both warpgroups' P^T and dS^T
 // P from S^T while dP^T still runs, as kEarlyP in bwd_sm90.cu; softcap's dS needs 1 - tanh^2 of each element.
 constexpr bool kWideEarlyP = !CF_SOFTCAP;
 // The element loop's lean copy (below): H200, same process, +2-5% at head dims 192 / 256 (bench/NOTES.md, hb11);
-// the deterministic builds measured 0.97-1.01x with it and keep one loop.
+// the deterministic builds measured 0.97-1.01x with it at head dim 256 and keep one loop.
 constexpr bool kWideLean = !CF_DETERMINISTIC;
 static_assert(kBN == 64 && kBM == 64, "the wide partition: 64 keys a CTA, 64 queries a step");
 }  // namespace
