@@ -202,11 +202,12 @@ constexpr bool kEarlyP = !CF_SOFTCAP && kBM == 64 && !(CF_ATTN_MASK == 2 && CF_I
 constexpr bool kDeferDq = kBM == 128;
 // Lockstep at head dim 128 (see consume's tile): S^T of the next query tile issued behind dQ and dK of this
 // one, and the tile's LSE rows loaded in one batch ahead of the exponentials (with kLeanElements, below).
-// H200, same process: +2-4% at 2k (full and causal, MHA and GQA), 0-2% at 16k (bench/NOTES.md, hb10). Not in the builds whose registers do not hold the extra 32 accumulators and
-// 16 row terms (softcap, element masks, variable-length batches, ALiBi with dropout: 4-160 bytes of spills),
-// nor with dropout (its draws overlapped S^T, which would now be done before they start) or deterministic
-// turns (a CTA's dQ hand-off would also wait for its next Q tile), neither measured with it. It needs two
-// stages: the next tile's S^T waits for its stage before this tile's is released.
+// H200, same process: +2-4% at 2k (full and causal, MHA and GQA), 0-2% at 16k (bench/NOTES.md, hb10). Not in
+// the builds whose registers do not hold the extra 32 accumulators and 16 row terms (softcap, element masks,
+// variable-length batches, ALiBi with dropout: 4-160 bytes of spills), nor with dropout (its draws
+// overlapped S^T, which would now be done before they start) or deterministic turns (a CTA's dQ hand-off
+// would also wait for its next Q tile), neither measured with it. It needs two stages: the next tile's S^T
+// waits for its stage before this tile's is released.
 constexpr bool kPrefetchScores = !kWide && !kDeferDq && !CF_SOFTCAP && !CF_ATTN_MASK && !CF_VARLEN && !CF_DROPOUT &&
                                  !CF_DETERMINISTIC;
 static_assert(!kPrefetchScores || kStages >= 2, "S^T of the next tile waits for a stage of its own");
