@@ -101,6 +101,7 @@
 #include "attention/params.cuh"
 #include "attention/mask.cuh"
 #include "attention/fragments.cuh"
+#include "attention/score_product.cuh"
 #include "attention/bwd_common.cuh"
 
 #include "attention/build_flags.cuh"
@@ -476,21 +477,14 @@ __device__ __forceinline__ void hand_over_dq(const SmemLayout& sm, const float (
 }
 
 // S^T = K.Q^T or dP^T = V.dO^T of one consumer warpgroup: its 64 key rows at `key_rows` (A) against the N
-// query rows at `query_rows` (B), both K-major: the k16 step moves 32 bytes along a row and to the next
-// column block every four steps (wgmma.cuh). `query_rows` may start a whole number of 8-row swizzle groups
-// into the tile (bwd_sm90_wide.cuh's 32-query halves).
+// query rows at `query_rows` (B), both K-major (score_product.cuh). `query_rows` may start a whole number of
+// 8-row swizzle groups into the tile (bwd_sm90_wide.cuh's 32-query halves).
 template <int N>
 __device__ __forceinline__ void issue_score_product(float (&acc)[N / 8][4], u32 key_rows, u32 query_rows) {
     const u64 key_desc = wgmma::desc_sw128(key_rows, 16, 1024);
     const u64 query_desc = wgmma::desc_sw128(query_rows, 16, 1024);
     wgmma::fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-        const u32 off = (kk % 4) * 32;
-        WgmmaShape<N>::ss(reinterpret_cast<float(&)[N / 2]>(acc),
-                          wgmma::desc_advance(key_desc, (kk / 4) * kKBlock + off),
-                          wgmma::desc_advance(query_desc, (kk / 4) * kQBlock + off), kk > 0);
-    }
+    kmajor_score_product<N, kD>(reinterpret_cast<float(&)[N / 2]>(acc), key_desc, kKBlock, query_desc, kQBlock);
     wgmma::commit();
 }
 

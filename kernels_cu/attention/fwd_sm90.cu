@@ -67,6 +67,7 @@
 #include "attention/score_mods.cuh"
 #include "attention/online_softmax.cuh"
 #include "attention/fragments.cuh"
+#include "attention/score_product.cuh"
 
 #include "attention/build_flags.cuh"
 #ifndef CF_PAGE_GATHER  // (this kernel's alone: row gathers for pages TMA boxes do not take)
@@ -574,13 +575,7 @@ __device__ __forceinline__ void consume(const ForwardSm90Params& p, const SmemLa
         auto issue_qk = [&](float (&sc)[1][kNT8][4], int s) {
             const u64 q_desc = wgmma::desc_sw128(q_rows, 16, 1024);
             const u64 k_desc = wgmma::desc_sw128(sm.k_stage(s), 16, 1024);
-#pragma unroll
-            for (int kk = 0; kk < kD / 16; ++kk) {
-                const u32 off = (kk % 4) * 32;
-                WgmmaShape<kBN>::ss(reinterpret_cast<float(&)[kBN / 2]>(sc),
-                                    wgmma::desc_advance(q_desc, (kk / 4) * kQBlock + off),
-                                    wgmma::desc_advance(k_desc, (kk / 4) * kKVBlock + off), kk > 0);
-            }
+            kmajor_score_product<kBN, kD>(reinterpret_cast<float(&)[kBN / 2]>(sc), q_desc, kQBlock, k_desc, kKVBlock);
             wgmma::commit();
         };
         auto issue_pv = [&](const u32 (&pa)[kBN / 16][4], int s) {
