@@ -213,13 +213,13 @@ constexpr bool kPrefetchScores = !kWide && !kDeferDq && !CF_SOFTCAP && !CF_ATTN_
                                  !CF_DETERMINISTIC;
 static_assert(!kPrefetchScores || kStages >= 2, "S^T of the next tile waits for a stage of its own");
 // The element loop compiled twice, with and without the visibility test, the lean copy on tiles that need no
-// mask (see the loop): with the prefetch, and in the builds that take it without spilling more than hd64's 24
-// bytes (36 in its variable-length build; dispatch.allowed_spill_bytes). H200, same process: hd64 +4-19%
+// mask (see the loop): in every build that takes it without spilling more than hd64's 24 bytes (36 in its
+// variable-length build; dispatch.allowed_spill_bytes), the prefetch builds among them. H200, same process: hd64 +4-19%
 // (variable-length +26%), hd128 deterministic +4-9%, variable-length +8% (bench/NOTES.md, hb11; the hd128
 // ALiBi builds among them were not measured apart). ALiBi at hd64 spilled 108-116 bytes, softcap about 300;
 // dropout and hd128 softcap (4 bytes) are not measured.
-constexpr bool kLeanElements = kPrefetchScores || (!CF_SOFTCAP && !CF_ATTN_MASK && !CF_DROPOUT &&
-                                                   (kBM == 128 ? !CF_ALIBI : CF_DETERMINISTIC || CF_VARLEN));
+constexpr bool kLeanElements = !CF_SOFTCAP && !CF_ATTN_MASK && !CF_DROPOUT && !(kBM == 128 && CF_ALIBI);
+static_assert(kLeanElements || !kPrefetchScores, "the prefetch builds take the lean loop (hb10)");
 constexpr int kDsBarrier = 1;  // named barrier (lockstep mode): both consumer warpgroups' dS^T rows are stored
 #if CF_VARLEN
 // Named barriers of the variable-length build (both consumer warpgroups): the K / V tail rows are zeroed; a
