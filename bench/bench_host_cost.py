@@ -3,9 +3,11 @@
     python bench/bench_host_cost.py [--calls 2000] [--profile] [--out bench/results]
 
 At tiny shapes a call's GPU work takes a few microseconds, so back-to-back calls run at the speed of the
-host: the wall clock per call (time.perf_counter over --calls calls, then one synchronize, median of 5
-repeats, warm-up excluded) is the host cost a decode loop or a small model's eager step pays per
-attention. Rows:
+host: the wall clock per call (time.perf_counter over --calls calls, then one synchronize; warm-up excluded)
+is the host cost a decode loop or a small model's eager step pays per attention. The cases of a shape take
+turns (--rounds rounds, each case timed once a round; the median per case), so that a host whose speed
+drifts during the run (the lent machines' do, by up to 2x between leases) shifts every case alike and the
+ratios stay comparable. Rows:
 
     forward            cuflash.attention on CuPy arrays and on torch tensors, cuflash.torch.flash_attn_func,
                        F.scaled_dot_product_attention with the flash and the cuDNN backend
@@ -39,18 +41,35 @@ REPO = Path(__file__).resolve().parent.parent
 SHAPES = [(1, 128, 8, 64), (4, 256, 16, 128)]
 
 
-def per_call_us(fn, sync, calls: int, repeats: int = 5) -> float:
-    for _ in range(20):
+def timed_us(fn, sync, calls: int) -> float:
+    """Wall clock per call of ``calls`` back-to-back calls and one synchronize, in microseconds."""
+    t = time.perf_counter()
+    for _ in range(calls):
         fn()
     sync()
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        samples.append((time.perf_counter() - t) / calls * 1e6)
-    return statistics.median(samples)
+    return (time.perf_counter() - t) / calls * 1e6
+
+
+def interleaved_us(cases: dict, calls_of, rounds: int) -> dict:
+    """{name: median us per call} of ``cases`` ({name: (call, synchronize)}) timed in turns, ``rounds``
+    times each after a warm-up; a case that raises RuntimeError on its warm-up (a backend this build or
+    GPU lacks) is reported as its message instead."""
+    live, res = {}, {}
+    for name, (fn, sync) in cases.items():
+        try:
+            for _ in range(20):
+                fn()
+            sync()
+        except RuntimeError as e:
+            res[name] = str(e).splitlines()[0][:80]
+            continue
+        live[name] = (fn, sync)
+    samples = {name: [] for name in live}
+    for _ in range(rounds):
+        for name, (fn, sync) in live.items():
+            samples[name].append(timed_us(fn, sync, calls_of(name)))
+    res.update({name: statistics.median(v) for name, v in samples.items()})
+    return res
 
 
 CHAIN = 16  # attention calls inside one jitted function ("chained" rows report the time per attention)
@@ -114,9 +133,23 @@ class _LastResult:
         self.block(self.last)
 
 
+def _print_ratios(rows: list, shape: str) -> None:
+    """Issue 14's two ratios for ``shape``: cuflash's forward calls and flash_attn_func forward + backward
+    against SDPA flash's."""
+    us = {r["case"]: r["us_per_call"] for r in rows if r["shape"] == shape}
+    for ours, theirs in (("forward: cuflash.attention (torch)", "forward: SDPA flash"),
+                         ("forward: cuflash.attention (CuPy)", "forward: SDPA flash"),
+                         ("forward: flash_attn_func", "forward: SDPA flash"),
+                         ("fwd+bwd autograd: flash_attn_func", "fwd+bwd autograd: SDPA flash")):
+        if ours in us and theirs in us:
+            print(f"{shape:>20}  ratio {ours.split(': ')[1]} / SDPA flash ({ours.split(':')[0]}): "
+                  f"{us[ours] / us[theirs]:.2f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--calls", type=int, default=2000, help="calls per timing (autograd and JAX rows: a quarter)")
+    ap.add_argument("--rounds", type=int, default=7, help="timings per case, in turns with the other cases")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--jax", action="store_true", help="add the JAX rows (cuflash.jax against JAX's cuDNN)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -178,17 +211,17 @@ def main() -> None:
             cases[f"fwd+bwd autograd: SDPA {name}"] = sdpa_train
         if args.jax:
             cases.update(_jax_cases(tq, tk, tv))
-        for name, fn in cases.items():
-            fn, sync = fn if isinstance(fn, tuple) else (fn, sync_t)
-            calls = args.calls // 4 if "autograd" in name or "grad" in name or "chained" in name else args.calls
-            try:
-                us = per_call_us(fn, sync, calls)
-            except RuntimeError as e:  # a backend this build or GPU lacks
-                print(f"{name}: unavailable ({str(e).splitlines()[0][:80]})")
+        cases = {name: fn if isinstance(fn, tuple) else (fn, sync_t) for name, fn in cases.items()}
+        timed = interleaved_us(cases, lambda name: args.calls // 4 if "grad" in name or "chained" in name
+                               else args.calls, args.rounds)
+        for name, us in timed.items():
+            if isinstance(us, str):  # a backend this build or GPU lacks
+                print(f"{name}: unavailable ({us})")
                 continue
             us /= CHAIN if "chained" in name else 1
             rows.append({"case": name, "shape": shape, "us_per_call": round(us, 1)})
             print(f"{shape:>20}  {name:<46} {us:8.1f} us", flush=True)
+        _print_ratios(rows, shape)
         if args.profile and (b, s, h, d) == SHAPES[0]:
             prof = cProfile.Profile()
             prof.enable()
@@ -201,7 +234,8 @@ def main() -> None:
             print(text.getvalue()[:6000])
     gpu = torch.cuda.get_device_name()
     results_io.write_json(results_io.result_path(args.out, gpu, "host-cost"),
-                          {"gpu": gpu, "torch": torch.__version__, "calls": args.calls, "rows": rows})
+                          {"gpu": gpu, "torch": torch.__version__, "calls": args.calls, "rounds": args.rounds,
+                           "rows": rows})
 
 if __name__ == "__main__":
     main()

@@ -44,7 +44,7 @@ _backward: dict = {}
 def _typed(*values) -> tuple:
     """Option values with their types: ``causal=1`` must not hit the entry that ``causal=True`` made (the
     general path rejects the first)."""
-    return tuple((v.__class__, v) for v in values)
+    return (*map(type, values), *values)
 
 
 def torch_signature(xs) -> tuple:
@@ -73,6 +73,26 @@ def lookup_backward(key):
     return _backward.get(key)
 
 
+def bind_backward_of_forward(forward: BoundForward, deterministic: bool, backward_key) -> None:
+    """Files the bound backward of ``backward_key`` (if the general path bound one) with the bound forward it
+    differentiates (torch only), under ``deterministic``: q, k and v are that forward's, out and lse its
+    outputs, so only dout, out and lse remain to be checked per call (:func:`run_backward_of_forward`); an
+    autograd step then looks nothing up by signature in its backward."""
+    bound = _backward.get(backward_key) if backward_key is not None else None
+    if bound is not None:
+        sigs = backward_key[1]  # (dout, q, k, v, out, lse)'s signatures
+        forward.backwards[deterministic] = (bound, (sigs[0], sigs[4], sigs[5]))
+
+
+def run_backward_of_forward(forward: BoundForward, deterministic: bool, dout, q, k, v, out, lse):
+    """(dq, dk, dv) from the bound backward filed with ``forward``, or None (none filed, dout, out or lse
+    unlike the filed call's, or another context current): the general path then runs."""
+    hit = forward.backwards.get(deterministic)
+    if hit is None or torch_signature((dout, out, lse)) != hit[1]:
+        return None
+    return hit[0].run(dout, q, k, v, out, lse)
+
+
 def _remember(table: dict, key, bound) -> None:
     if len(table) >= _CACHE_LIMIT:
         table.clear()
@@ -80,21 +100,22 @@ def _remember(table: dict, key, bound) -> None:
 
 
 class _Launch:
-    """One kernel launch whose parameter bytes are relocated per call: pointer slots (byte offset, index, add)
-    get ``values[index] + add``, tensor-map slots (byte offset, index, add, make, cache) the map ``make``
-    encodes for that address, remembered per address (a training step or a decode loop brings the same few
-    back). ``values`` are a bound call's addresses: the pointer table of a plan's launch (:func:`_binding`) or
-    the regions of a recorded call (:func:`_replay`). The function object is kept: it keeps its module
-    loaded while the launch may run."""
+    """Kernel launches from one parameter buffer whose bytes are relocated per call: pointer slots (byte
+    offset, index, add) get ``values[index] + add``, tensor-map slots (byte offset, index, add, make, cache)
+    the map ``make`` encodes for that address, remembered per address (a training step or a decode loop
+    brings the same few back). ``values`` are a bound call's addresses: the pointer table of a plan's launch
+    (:func:`_binding`) or the regions of a recorded call (:func:`_replay`). ``kernels`` are (function, grid,
+    splits, threads, smem, argv_offsets), launched in order once the buffer is written: several when they
+    take the same parameter bytes (the backward's preprocess, main kernel and postprocess share one block,
+    which is then written once per call instead of three times). The function objects are kept: they keep
+    their modules loaded while the launches may run."""
 
-    __slots__ = ("function", "fn", "grid", "splits", "threads", "smem", "template", "argv_offsets", "ptr_slots",
-                 "map_slots", "scalar_slots", "_tls")
+    __slots__ = ("functions", "kernels", "template", "ptr_slots", "map_slots", "scalar_slots", "_tls")
 
-    def __init__(self, function, grid, splits, threads, smem, template: bytes, argv_offsets, ptr_slots, map_slots,
-                 scalar_slots=()):
-        self.function, self.fn = function, function.ptr
-        self.grid, self.splits, self.threads, self.smem = grid, splits, threads, smem
-        self.template, self.argv_offsets = template, tuple(argv_offsets)
+    def __init__(self, kernels, template: bytes, ptr_slots, map_slots, scalar_slots=()):
+        self.functions = tuple(k[0] for k in kernels)
+        self.kernels = tuple((k[0].ptr, *k[1:5], tuple(k[5])) for k in kernels)
+        self.template = template
         self.ptr_slots = tuple(ptr_slots)
         self.map_slots = tuple((offset, index, add, make, {}) for offset, index, add, make in map_slots)
         self.scalar_slots = tuple(scalar_slots)  # int32 arguments given per call (recording.CallScalar)
@@ -105,9 +126,12 @@ class _Launch:
         if hit is None:  # one parameter buffer per thread: the driver copies it during the launch call
             buf = ctypes.create_string_buffer(self.template, len(self.template))
             addr = ctypes.addressof(buf)
-            argv = (ctypes.c_void_p * len(self.argv_offsets))(*(addr + o for o in self.argv_offsets))
-            hit = self._tls.buf = (buf, addr, argv)
-        buf, addr, argv = hit
+            launches = []
+            for fn, grid, splits, threads, smem, offsets in self.kernels:
+                argv = (ctypes.c_void_p * len(offsets))(*(addr + o for o in offsets))
+                launches.append((fn, grid, splits, threads, smem, ctypes.addressof(argv), argv))
+            hit = self._tls.buf = (buf, addr, tuple(launches))
+        buf, addr, launches = hit
         for offset, index, add, make, cache in self.map_slots:
             p = values[index] + add
             m = cache.get(p)
@@ -121,8 +145,8 @@ class _Launch:
             pack(buf, offset, values[index] + add)
         for offset in self.scalar_slots:
             _I32.pack_into(buf, offset, scalar)
-        launch_kernel(self.fn, self.grid, self.splits, 1, self.threads, 1, 1, self.smem, stream,
-                      ctypes.addressof(argv), 0)
+        for fn, grid, splits, threads, smem, argv, _ in launches:
+            launch_kernel(fn, grid, splits, 1, threads, 1, 1, smem, stream, argv, 0)
 
 
 def _accumulator_map_maker(shape, box):
@@ -136,24 +160,38 @@ def _tile_map_maker(view, box):
     return lambda p: tma.tile_map(DeviceArray(p, shape, strides, dtype, device), box)
 
 
-def _binding(launch, names: tuple, map_views: dict, accumulator) -> _Launch:
-    """A plan's launch (launch_plan.KernelLaunch) with its pointer and tensor-map fields located in the
-    parameter block by name: per call, the pointer table (addresses in ``names``' order) is written in."""
+def _bindings(launches, names: tuple, map_views: dict, accumulator) -> tuple:
+    """A plan's launches (launch_plan.KernelLaunch, in order) as :class:`_Launch` objects with their pointer
+    and tensor-map fields located in the parameter block by name (per call, the pointer table, addresses
+    in ``names``' order, is written in); consecutive launches with the same block share one, each kernel
+    reading it at its own start (after the tensor maps for the one that has them)."""
     from .ops import sm90_params_bytes
-    maps_bytes = len(launch.maps) * tma.MAP_BYTES
-    size = sm90_params_bytes(len(launch.maps)) if launch.maps else len(launch.block)
-    template = bytes(maps_bytes) + launch.block  # the block with its pointer fields zero
-    template += bytes(size - len(template))
-    ptr_slots = [(maps_bytes + _PTR_OFFSET[n], i, 0) for i, n in enumerate(names) if n in _PTR_OFFSET]
-    map_slots = []
-    for j, (name, box) in enumerate(launch.maps):
-        if name == "dq_accum":
-            make = _accumulator_map_maker(accumulator, box)
+    groups = []
+    for launch in launches:
+        if groups and groups[-1][0].block == launch.block and not (launch.maps and any(g.maps for g in groups[-1])):
+            groups[-1].append(launch)
         else:
-            make = _tile_map_maker(map_views[name], box)
-        map_slots.append((j * tma.MAP_BYTES, names.index(name), 0, make))
-    return _Launch(launch.fn, launch.grid, launch.splits, launch.threads, launch.smem, template, (0,), ptr_slots,
-                   map_slots)
+            groups.append([launch])
+    out = []
+    for group in groups:
+        with_maps = [launch for launch in group if launch.maps]
+        maps = with_maps[0].maps if with_maps else ()
+        maps_bytes = len(maps) * tma.MAP_BYTES
+        size = sm90_params_bytes(len(maps)) if maps else len(group[0].block)
+        template = bytes(maps_bytes) + group[0].block  # the block with its pointer fields zero
+        template += bytes(size - len(template))
+        ptr_slots = [(maps_bytes + _PTR_OFFSET[n], i, 0) for i, n in enumerate(names) if n in _PTR_OFFSET]
+        map_slots = []
+        for j, (name, box) in enumerate(maps):
+            if name == "dq_accum":
+                make = _accumulator_map_maker(accumulator, box)
+            else:
+                make = _tile_map_maker(map_views[name], box)
+            map_slots.append((j * tma.MAP_BYTES, names.index(name), 0, make))
+        kernels = [(launch.fn, launch.grid, launch.splits, launch.threads, launch.smem,
+                    (0 if launch.maps else maps_bytes,)) for launch in group]
+        out.append(_Launch(kernels, template, ptr_slots, map_slots))
+    return tuple(out)
 
 
 class _Bound:
@@ -228,7 +266,10 @@ class BoundForward(_Bound):
         b, sq, hq = out_shape[:3]
         self.lse_shape = (b, hq, sq)
         self.counter = fp.tile_counter
-        self.binding = _binding(fp.launch, FORWARD_POINTERS, views, None)
+        self.backwards = {}  # deterministic -> (BoundBackward, signatures of dout, out, lse): see bind_backward_of_forward
+        from .ops import stream_tile_counter
+        self._stream_counter = stream_tile_counter
+        self.binding, = _bindings((fp.launch,), FORWARD_POINTERS, views, None)
 
     def run(self, q, k, v):
         """(out, lse) as the caller's arrays, or None when the thread's context is not the bound one."""
@@ -253,8 +294,10 @@ class BoundForward(_Bound):
         counter = None
         ptrs.append(0)
         if self.counter:
-            counter, ptrs[5] = self._alloc((1,), self._i32, stream, "tile_counter")
-            self._memset(ptrs[5], 0, 4, stream)
+            ptrs[5] = None if self.fw == "jax" else self._stream_counter(self.fw, self.device, stream)
+            if ptrs[5] is None:  # (JAX: the bound call's own workspace, on XLA's one stream)
+                counter, ptrs[5] = self._alloc((1,), self._i32, stream, "tile_counter")
+                self._memset(ptrs[5], 0, 4, stream)
         self.binding(ptrs, stream, self._launch_kernel)
         del counter  # freed after enqueueing: stream-ordered allocators reuse it safely
 
@@ -270,8 +313,8 @@ class BoundBackward(_Bound):
         self.delta_shape = None if bp.delta_in_dq else (b, hq, sq)
         self.acc_shape, self.sem_shape = bp.dq_accum_shape, bp.dq_semaphore_shape
         map_views = {n: views[n] for n in ("q", "k", "v", "dout")}
-        self.bindings = tuple(_binding(launch, BACKWARD_POINTERS, map_views, bp.dq_accum_shape)
-                              for launch in bp.launches if launch.grid)
+        self.bindings = _bindings([launch for launch in bp.launches if launch.grid], BACKWARD_POINTERS, map_views,
+                                  bp.dq_accum_shape)
 
     def run(self, dout, q, k, v, out, lse):
         """(dq, dk, dv) as the caller's arrays, or None when the thread's context is not the bound one."""
@@ -313,7 +356,7 @@ def _replay(step) -> _Launch:
         else:
             make = _tile_map_maker(view, box)
         map_slots.append((offset, region, add, make))
-    return _Launch(function, grid, splits, threads, smem, template, argv_offsets, ptr_slots, map_slots,
+    return _Launch(((function, grid, splits, threads, smem, argv_offsets),), template, ptr_slots, map_slots,
                    scalar_offsets)
 
 

@@ -325,15 +325,49 @@ def _block_pointers(block_mask, direction: str, q: DeviceArray, k: DeviceArray, 
 
 
 def _tile_counter(fp, pointers: dict, framework: str, device: int, stream: int):
-    """Persistent CTAs take tiles from an int32 counter that starts at zero on the caller's stream: allocated
-    and zeroed here when the plan asks for one (its pointer goes into ``pointers``); returns the framework
-    array that owns it (None without one), to be kept alive until the launch is enqueued."""
+    """Persistent CTAs take tiles from an int32 counter that is zero when the launch starts: the stream's
+    (:func:`stream_tile_counter`) or, where that is None, one allocated and zeroed here (its pointer goes
+    into ``pointers``). Returns the framework array that owns a new counter (None otherwise), to be kept
+    alive until the launch is enqueued."""
     if not fp.tile_counter:
+        return None
+    ptr = stream_tile_counter(framework, device, stream)
+    if ptr is not None:
+        pointers["tile_counter"] = ptr
         return None
     native, counter = arrays.empty(framework, (1,), "int32", device, stream)
     _memset_bytes(counter.ptr, 4, stream)
     pointers["tile_counter"] = counter.ptr
     return native
+
+
+# Work-tile counters by (device, stream): see stream_tile_counter. 1024 streams at most (4 bytes each, in
+# the framework's pool); a call on a stream past those allocates its own.
+_stream_counters: dict = {}
+_STREAM_COUNTERS_MAX = 1024
+_PER_THREAD_STREAM = 2  # cudaStreamPerThread / CU_STREAM_PER_THREAD: one handle, a different stream per thread
+
+
+def stream_tile_counter(framework: str, device: int, stream: int):
+    """The address of ``stream``'s work-tile counter for persistent Hopper forwards, zero whenever a launch
+    on the stream starts: the last CTA of each launch to take a tile puts it back to zero (fwd_sm90.cu,
+    ``produce``), and launches on one stream run one after another, so one counter serves them all and a
+    call needs neither an allocation nor a memset (issue 14). None where a call must have its own: while
+    ``stream`` is being captured into a CUDA graph (a graph's replays may run beside eager launches on that
+    stream; its own counter and memset node come from the graph's pool) or a launch recording is active (a
+    replay must not reach memory of the recorded call), and past the table's limit."""
+    from cupy.cuda import runtime
+    if recording.current() is not None or runtime.streamIsCapturing(stream) != runtime.streamCaptureStatusNone:
+        return None
+    key = (device, stream, threading.get_ident() if stream == _PER_THREAD_STREAM else 0)
+    hit = _stream_counters.get(key)
+    if hit is None:
+        if len(_stream_counters) >= _STREAM_COUNTERS_MAX:
+            return None
+        native, counter = arrays.empty(framework, (1,), "int32", device, stream)
+        _memset_bytes(counter.ptr, 4, stream)
+        hit = _stream_counters[key] = (counter.owner if native is None else native, counter.ptr)
+    return hit[1]
 
 
 def forward_varlen(q: DeviceArray, k: DeviceArray, v: DeviceArray, out: DeviceArray, lse: DeviceArray, alibi,

@@ -72,7 +72,9 @@ def _first_order(backward):
     inner = torch.autograd.function.once_differentiable(backward)
 
     def run(ctx, *grads):
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)  # (what once_differentiable does with grad mode off)
+        if not torch.compiler.is_compiling():
             raise RuntimeError("cuflash's attention backward is not differentiable: second-order gradients "
                                "(create_graph=True) are not supported")
         return inner(ctx, *grads)
@@ -82,6 +84,14 @@ def _first_order(backward):
 
 def _fwd(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap, deterministic, dropout_p,
          dropout_state, attn_mask):
+    return _fwd_bound(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap, dropout_p,
+                      dropout_state, attn_mask)[:2]
+
+
+def _fwd_bound(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap, dropout_p,
+               dropout_state, attn_mask):
+    """The forward's (out, lse, bound): ``bound`` the executor.BoundForward of the call's signature (a plain
+    CUDA call, after its first), with which the backward finds its own bound call; else None."""
     key = None
     if alibi_slopes is None and attn_mask is None and dropout_p == 0 and q.is_cuda:
         # A call with the signature of an earlier plain one runs its bound launch (executor.py).
@@ -90,14 +100,15 @@ def _fwd(q, k, v, alibi_slopes, causal, softmax_scale, window_left, window_right
         if bound is not None:
             res = bound.run(q, k, v)
             if res is not None:
-                return res
+                return (*res, bound)
     call, (causal, scale, window, softcap, alibi) = _options(q, k, v, alibi_slopes, causal, softmax_scale,
                                                              window_left, window_right, softcap)
     dropout = api._check_dropout_args(call, dropout_p, *_state_ints(dropout_state))
     attn_mask = api._check_attn_mask(call, attn_mask)
     api._check_gpu_mask_options(call, "attn_mask", attn_mask, (("alibi_slopes", alibi), ("dropout", dropout)))
-    return api._forward(call, q, k, v, alibi, causal, scale, window, softcap, True, dropout, attn_mask,
-                        bind_key=key)
+    out, lse = api._forward(call, q, k, v, alibi, causal, scale, window, softcap, True, dropout, attn_mask,
+                            bind_key=key)
+    return out, lse, None if key is None else executor.lookup_forward(key)
 
 
 def _bwd(dout, q, k, v, out, lse, alibi_slopes, causal, softmax_scale, window_left, window_right, softcap,
@@ -258,20 +269,43 @@ class _Attention(torch.autograd.Function):
     # ~50 to ~30 us over a do-nothing Function's (this 2-core VM, CPU tensors).
     @staticmethod
     def forward(ctx, q, k, v, alibi_slopes, attn_mask, dropout_state, options):
-        out, lse = _op(torch.ops.cuflash.fwd, _fwd)(q, k, v, alibi_slopes, *options, dropout_state, attn_mask)
+        causal, scale, left, right, softcap, deterministic, dropout_p = options
+        if torch.compiler.is_compiling():
+            out, lse = torch.ops.cuflash.fwd(q, k, v, alibi_slopes, *options, dropout_state, attn_mask)
+            ctx.bound = None
+        else:
+            out, lse, ctx.bound = _fwd_bound(q, k, v, alibi_slopes, causal, scale, left, right, softcap, dropout_p,
+                                             dropout_state, attn_mask)
         # dropout: the same seed and offset replay the forward's mask
         ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, attn_mask, dropout_state)
         ctx.options = options
         ctx.mark_non_differentiable(lse)
+        # The LSE gets no gradient: without this the engine would allocate and zero one for every backward
+        # (a fill kernel on the engine's thread; 6 of the 47 us of a stubbed step on this 2-core VM).
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     @_first_order
     def backward(ctx, dout, dlse):
         # Gradients flow through `out` only; like FlashAttention, the LSE output is treated as a constant.
+        if dout is None:
+            return None, None, None, None, None, None, None
         q, k, v, out, lse, alibi_slopes, attn_mask, dropout_state = ctx.saved_tensors
-        dq, dk, dv = _op(torch.ops.cuflash.bwd, _bwd)(dout.contiguous(), q, k, v, out, lse, alibi_slopes,
-                                                      *ctx.options, dropout_state, attn_mask)
+        dout = dout.contiguous()
+        if ctx.bound is not None:
+            # The backward of a bound forward: its own bound call is filed with it, so only dout, out and lse
+            # are checked here (bench/NOTES.md, "Host cost: the autograd step").
+            res = executor.run_backward_of_forward(ctx.bound, ctx.options[5], dout, q, k, v, out, lse)
+            if res is not None:
+                return (*res, None, None, None, None)
+        dq, dk, dv = _op(torch.ops.cuflash.bwd, _bwd)(dout, q, k, v, out, lse, alibi_slopes, *ctx.options,
+                                                      dropout_state, attn_mask)
+        if ctx.bound is not None:
+            causal, scale, left, right, softcap, deterministic, dropout_p = ctx.options
+            executor.bind_backward_of_forward(
+                ctx.bound, deterministic, api._bound_key((dout, q, k, v, out, lse), causal, scale, (left, right),
+                                                         softcap, deterministic, dropout_p))
         return dq, dk, dv, None, None, None, None
 
 
@@ -287,11 +321,14 @@ class _BlockSparseAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.block_mask, ctx.options = block_mask, options
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # (as _Attention)
         return out, lse
 
     @staticmethod
     @_first_order
     def backward(ctx, dout, dlse):
+        if dout is None:
+            return None, None, None, None, None
         q, k, v, out, lse = ctx.saved_tensors
         causal, scale, window, softcap, deterministic = ctx.options
         dq, dk, dv = api.attention_backward(dout.contiguous(), q, k, v, out, lse, causal=causal, softmax_scale=scale,
@@ -320,11 +357,14 @@ class _VarlenAttention(torch.autograd.Function):
         ctx.options = (max_seqlen_q, max_seqlen_k, causal, softmax_scale, window_left, window_right, softcap,
                        deterministic, dropout_p)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # (as _Attention)
         return out, lse
 
     @staticmethod
     @_first_order
     def backward(ctx, dout, dlse):
+        if dout is None:
+            return (None,) * 18
         q, k, v, out, lse, cu_q, cu_k, alibi_slopes, seqused_q, seqused_k, dropout_state = ctx.saved_tensors
         max_q, max_k, causal, scale, left, right, softcap, deterministic, dropout_p = ctx.options
         dq, dk, dv = torch.ops.cuflash.varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
@@ -446,6 +486,8 @@ def _dropout_state(dropout_p, dropout_seed, dropout_offset, device=None):
         if device is not None and dropout_seed.device != device:
             raise ValueError(f"dropout_seed is on {dropout_seed.device} but q is on {device}")
         return dropout_seed.view(torch.int64)
+    if dropout_seed is None and not dropout_p and dropout_offset.__class__ is int and dropout_offset == 0:
+        return None  # (the common call, without the checks below: 2.3 us of a 47 us step on this VM)
     offset = _to_i64(check_seed("dropout_offset", dropout_offset))
     if dropout_seed is None:
         if not dropout_p:
@@ -553,16 +595,23 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
 def _attention(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, deterministic, dropout_p,
                dropout_state, attn_mask):
     """(out, lse), through autograd when q, k or v need grad (``dropout_p`` checked already)."""
-    # The options checked as cuflash.attention checks them, before either path: the op schema would convert
-    # causal=1 or a 0-d tensor that the autograd path, calling the implementation, rejects.
-    causal, deterministic = api._check_flag("causal", causal), api._check_flag("deterministic", deterministic)
-    softcap = api._check_real("softcap", softcap, nonneg=True)
-    softmax_scale = api._check_real("softmax_scale", softmax_scale, allow_none=True, positive=True)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    softmax_scale = _default_scale(q, softmax_scale)
-    left, right = api._check_window(window_size)
-    args = (causal, softmax_scale, left, right, softcap, deterministic, dropout_p)
-    if needs_grad:
+    if (causal.__class__ is bool and deterministic.__class__ is bool and softmax_scale is None
+            and softcap.__class__ is float and softcap == 0.0 and window_size.__class__ is tuple
+            and window_size == (-1, -1) and window_size[0].__class__ is int and window_size[1].__class__ is int
+            and q.__class__ is torch.Tensor and q.dim() == 4):
+        # The options every check below passes unchanged (each default, a bool causal and deterministic), in
+        # fewer steps: a small model's eager step pays this per attention.
+        args = (causal, q.shape[3] ** -0.5 if q.shape[3] > 0 else 1.0, -1, -1, 0.0, deterministic, dropout_p)
+    else:
+        # The options checked as cuflash.attention checks them, before either path: the op schema would
+        # convert causal=1 or a 0-d tensor that the autograd path, calling the implementation, rejects.
+        causal, deterministic = api._check_flag("causal", causal), api._check_flag("deterministic", deterministic)
+        softcap = api._check_real("softcap", softcap, nonneg=True)
+        softmax_scale = api._check_real("softmax_scale", softmax_scale, allow_none=True, positive=True)
+        softmax_scale = _default_scale(q, softmax_scale)
+        left, right = api._check_window(window_size)
+        args = (causal, softmax_scale, left, right, softcap, deterministic, dropout_p)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         q, k, v, alibi_slopes, attn_mask = _distinct(q, k, v, alibi_slopes, attn_mask)
         return _Attention.apply(q, k, v, alibi_slopes, attn_mask, dropout_state, args)
     return torch.ops.cuflash.fwd(q, k, v, alibi_slopes, *args, dropout_state, attn_mask)
@@ -579,8 +628,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     pads the last two dims to multiples of 128, cuflash does not). ``dropout_p > 0``: the seed comes from
     torch's default generator (see :func:`attention`).
     """
-    dropout_p = api._check_probability(dropout_p)
-    state = _dropout_state(dropout_p, None, 0, _device(q))
+    if dropout_p.__class__ is float and dropout_p == 0.0:  # (the checks below, done)
+        state = None
+    else:
+        dropout_p = api._check_probability(dropout_p)
+        state = _dropout_state(dropout_p, None, 0, _device(q))
     out, lse = _attention(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, deterministic,
                           dropout_p, state, None)
     if not return_attn_probs:

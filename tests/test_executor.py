@@ -6,7 +6,10 @@ the bound forward and backward give the same bits (torch and CuPy, fp16 and bf16
 softcap, the Hopper and the sm80 forward); they really run (a spy counts them); their tensor maps follow new
 addresses (more arrays than a slot remembers); a call whose signature differs from the bound one in
 strides, alignment, dtype or an option's type goes the general path and gets its checks (errors included);
-plan.run takes the bound path; a bound call captured in a CUDA graph replays with new inputs.
+plan.run takes the bound path; a bound call captured in a CUDA graph replays with new inputs; an autograd
+step's backward finds its bound call through its forward's. Without a GPU: launches that share a parameter
+block write it once and each kernel reads it at its own start; the dispatch environment in a signature
+follows os.environ.
 """
 
 import contextlib
@@ -19,7 +22,6 @@ from cuflash import executor
 
 from gpu_helpers import inputs, randn_like, require_torch_cuda, same_bits, to_host
 
-pytestmark = pytest.mark.gpu
 
 
 @contextlib.contextmanager
@@ -60,6 +62,7 @@ def _arrays(fw, b, s, hq, hk, d, dtype, seed):
 OPTIONS = [dict(), dict(causal=True), dict(window_size=(40, 7), softcap=8.0)]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("fw", ["cupy", "torch"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("opts", OPTIONS, ids=["full", "causal", "window_softcap"])
@@ -91,6 +94,7 @@ def test_bound_calls_equal_the_general_path(fw, dtype, opts, family, bound_runs,
     assert bound_runs == {"fwd": 2, "bwd": 4}
 
 
+@pytest.mark.gpu
 def test_tensor_maps_follow_new_addresses(bound_runs, monkeypatch):
     """More live input arrays than a map slot remembers (executor._MAPS_PER_SLOT): each bound call reads its
     own arrays."""
@@ -107,6 +111,7 @@ def test_tensor_maps_follow_new_addresses(bound_runs, monkeypatch):
     assert bound_runs["fwd"] == executor._MAPS_PER_SLOT + 3
 
 
+@pytest.mark.gpu
 def test_other_signatures_take_the_general_path(bound_runs):
     """After a contiguous, aligned fp16 call is bound: a strided view, a view off a 16-byte boundary, another
     dtype and an option of another type each go the general path (the bound call never runs for them), with
@@ -138,6 +143,7 @@ def test_other_signatures_take_the_general_path(bound_runs):
     assert bound_runs["fwd"] == 1
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("fw", ["cupy", "torch"])
 def test_plan_run_takes_the_bound_path(fw, bound_runs, monkeypatch):
     """cuflash.plan's run and run_backward run bound after their first call, and still reject arrays of
@@ -160,6 +166,40 @@ def test_plan_run_takes_the_bound_path(fw, bound_runs, monkeypatch):
         p.run(q[:, :100], k, v)
 
 
+@pytest.mark.gpu
+def test_autograd_backward_found_through_its_forward(bound_runs, monkeypatch):
+    """flash_attn_func's backward, from the second step on, runs the bound backward filed with its bound
+    forward (executor.run_backward_of_forward, counted), with the general path's bits (deterministic); a
+    dout at another 16-byte alignment is not that call's and goes the general path, with the same bits."""
+    torch = require_torch_cuda()
+    from cuflash.torch import flash_attn_func
+    hits = {"n": 0}
+    original = executor.run_backward_of_forward
+
+    def spy(*args):
+        res = original(*args)
+        hits["n"] += res is not None
+        return res
+    monkeypatch.setattr(executor, "run_backward_of_forward", spy)
+
+    def step(q, k, v, dout):
+        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+        return torch.autograd.grad(flash_attn_func(q, k, v, causal=True, deterministic=True), (q, k, v), dout)
+    for seed in range(3):
+        q, k, v, dout = _arrays("torch", 2, 333, 4, 2, 64, "bfloat16", seed)
+        got = step(q, k, v, dout)
+        with monkeypatch.context() as m:  # (the forward bound: its bits are the general path's, proved above)
+            m.setattr(executor, "lookup_backward", lambda key: None)
+            m.setattr(executor, "run_backward_of_forward", lambda *args: None)
+            want = step(q, k, v, dout)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert hits["n"] == 2
+    odd = torch.empty(dout.numel() + 1, dtype=dout.dtype, device=dout.device)[1:].view(dout.shape)
+    odd.copy_(dout)
+    assert all(torch.equal(a, b) for a, b in zip(step(q, k, v, odd), want)) and hits["n"] == 2
+
+
+@pytest.mark.gpu
 def test_torch_bound_call_in_a_cuda_graph(bound_runs):
     """flash_attn_func forward and backward, bound by eager calls, captured in a CUDA graph: replays with new
     inputs copied in equal eager calls on those inputs."""
@@ -190,3 +230,62 @@ def test_torch_bound_call_in_a_cuda_graph(bound_runs):
     for a, b in zip(captured[1:], want[1:]):
         assert torch.equal(a, b)
     torch.testing.assert_close(captured[0], want[0], rtol=2e-2, atol=2e-3)
+
+
+def _fake_launch(grid, maps, block, name):
+    import types
+
+    from cuflash.launch_plan import KernelLaunch
+    return KernelLaunch(types.SimpleNamespace(ptr=name), grid, 128, 0, block, maps)
+
+
+def test_launches_sharing_a_block_write_it_once():
+    """The backward's preprocess, main kernel (tensor maps first) and postprocess share one parameter block:
+    bound, they are one buffer whose pointer fields are written once per call, the main kernel reading it
+    from its start and the other two after the maps; a launch with another block (the deterministic dQ
+    kernel's) gets its own buffer. Every kernel's argument is the block with this call's pointers."""
+    import ctypes
+
+    from cuflash import params_layout, tma
+    block = bytes(range(256)) * (params_layout.STRUCT.size // 256) + bytes(params_layout.STRUCT.size % 256)
+    other = bytes(len(block))
+    maps = (("q", 64), ("k", 128))
+    launches = [_fake_launch(3, (), block, 1), _fake_launch(5, maps, block, 2), _fake_launch(3, (), block, 3),
+                _fake_launch(7, (), other, 4)]
+    from cuflash.arrays import DeviceArray
+    views = {n: DeviceArray(0, (1, 256, 2, 64), (32768, 128, 64, 1), "bfloat16", 0, None) for n in ("q", "k")}
+    names = ("q", "k", "dq")
+    bound = executor._bindings(launches, names, views, None)
+    assert [[k[0] for k in b.kernels] for b in bound] == [[1, 2, 3], [4]]
+    assert [k[5] for k in bound[0].kernels] == [(2 * tma.MAP_BYTES,), (0,), (2 * tma.MAP_BYTES,)]
+    for b in bound:  # (no real tensor maps on the CPU)
+        b.map_slots = tuple((off, i, add, lambda p: bytes(tma.MAP_BYTES), cache) for off, i, add, _, cache in b.map_slots)
+    seen = []
+
+    def launch_kernel(fn, gx, gy, gz, bx, by, bz, smem, stream, argv, extra):
+        start = ctypes.cast(argv, ctypes.POINTER(ctypes.c_void_p))[0]
+        start += 2 * tma.MAP_BYTES if fn == 2 else 0  # (the main kernel's maps come first)
+        seen.append((fn, gx, ctypes.string_at(start, len(block))))
+    values = [0x7000_0000_1000, 0x7000_0000_2000, 0x7000_0000_3000]
+    for b in bound:
+        b(values, 0, launch_kernel)
+    assert [(fn, gx) for fn, gx, _ in seen] == [(1, 3), (2, 5), (3, 3), (4, 7)]
+    for fn, _, got in seen:
+        want = bytearray(block if fn != 4 else other)
+        for name, value in zip(names, values):
+            off = params_layout.OFFSETS[name]
+            want[off:off + 8] = value.to_bytes(8, "little")
+        assert got == bytes(want)
+
+
+def test_signature_environment_follows_os_environ(monkeypatch):
+    """The dispatch environment in every bound-call and plan key (read from os.environ's own table) changes
+    when a steering variable is set or removed between calls."""
+    from cuflash import dispatch, launch_plan
+    monkeypatch.delenv(dispatch.FWD_KERNEL_ENV, raising=False)
+    before = launch_plan.env()
+    monkeypatch.setenv(dispatch.FWD_KERNEL_ENV, "sm80")
+    during = launch_plan.env()
+    monkeypatch.delenv(dispatch.FWD_KERNEL_ENV)
+    assert before != during and launch_plan.env() == before
+    assert len({before, during}) == 2

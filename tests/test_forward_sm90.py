@@ -11,7 +11,8 @@ import cuflash
 from cuflash import dispatch, jit, ops, reference
 
 from gpu_helpers import (flash_rule, host_randn, loaded_families, naive_same_dtype, poison_cupy_pool, raw_words,
-                         run_sanitizer, skip_unless_hopper, synchronize, to_device, to_host, to_np64)
+                         require_torch_cuda, run_sanitizer, skip_unless_hopper, synchronize, to_device, to_host,
+                         to_np64)
 
 pytestmark = pytest.mark.gpu
 
@@ -113,20 +114,58 @@ def test_persistent_masked_tiles(d, window):
 
 
 def test_tile_counter_reset_between_back_to_back_calls():
-    """Each causal call on the counter schedule zeroes its tile counter on the caller's stream before the
-    kernel: 50 calls queued without a synchronisation in between (the counter's memory reused from one
-    call to the next) all give the output of a lone synchronised call, bit for bit. A counter left at the
-    previous call's final value would skip every tile and leave the NaN-poisoned outputs in place."""
-    q, k, v = _rand(4, 1000, 16, 128, seed=21), _rand(4, 1000, 16, 128, seed=22), _rand(4, 1000, 16, 128, seed=23)
+    """Causal calls on the counter schedule share their stream's tile counter, which each launch's last CTA
+    to take a tile puts back to zero (ops.stream_tile_counter): 50 calls of alternating sizes (different
+    tile counts) queued without a synchronisation in between all give the output of a lone synchronised
+    call, bit for bit, on two streams at once, and the counters read zero afterwards. A counter left at
+    the previous call's final value would skip every tile and leave the NaN-poisoned outputs in place."""
+    shapes = ((4, 1000, 16), (3, 2000, 8))
+    inputs = [[_rand(b, s, h, 128, seed=21 + 3 * i + j) for j in range(3)] for i, (b, s, h) in enumerate(shapes)]
     key = dispatch.forward_key_sm90("bf16", 128, is_local=True, softcap=False, alibi=False)
-    assert dispatch.forward_sm90_schedule(key, -(-1000 // key.block_m) * 4 * 16, 1000, ops._sm_count(0))[1]
+    for b, s, h in shapes:
+        assert dispatch.forward_sm90_schedule(key, -(-s // key.block_m) * b * h, s, ops._sm_count(0))[1]
+    refs = []
+    for q, k, v in inputs:
+        refs.append(cuflash.attention(q, k, v, causal=True))
+        synchronize()
+        _ref_check(q, k, v, refs[-1], causal=True)
+    streams = [cp.cuda.Stream(non_blocking=True) for _ in range(2)]
+    poison_cupy_pool([inputs[0][0].nbytes] * 50 + [4 * 16 * 1000 * 4] * 50)
+    outs = []
+    for i in range(50):
+        with streams[i % 2]:
+            outs.append((i // 2 % 2, cuflash.attention(*inputs[i // 2 % 2], causal=True)))
+    synchronize()
+    for s in streams:
+        s.synchronize()
+    assert all(o.dtype == refs[j].dtype and bool(cp.array_equal(raw_words(o), raw_words(refs[j]))) for j, o in outs)
+    counters = [ops._stream_counters[(0, s.ptr, 0)] for s in streams]
+    assert [int(owner[0]) for owner, _ in counters] == [0, 0]
+
+
+def test_tile_counter_in_a_cuda_graph():
+    """A causal forward captured into a CUDA graph gets its own counter and memset node from the graph's
+    pool, not the stream's: replays interleaved with eager calls on the current stream, without a
+    synchronisation in between, all give the eager result bit for bit."""
+    torch = require_torch_cuda()
+    q, k, v = (torch.randn(4, 1000, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     ref = cuflash.attention(q, k, v, causal=True)
-    synchronize()
-    _ref_check(q, k, v, ref, causal=True)
-    poison_cupy_pool([q.nbytes] * 50 + [4 * 16 * 1000 * 4] * 50)
-    outs = [cuflash.attention(q, k, v, causal=True) for _ in range(50)]
-    synchronize()
-    assert all(o.dtype == ref.dtype and bool(cp.array_equal(raw_words(o), raw_words(ref))) for o in outs)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        cuflash.attention(q, k, v, causal=True)  # (the stream's counter made before the capture)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = cuflash.attention(q, k, v, causal=True)
+    replays, eager = [], []
+    for _ in range(5):
+        captured.view(torch.int16).fill_(-1)  # NaN
+        graph.replay()
+        replays.append(captured.clone())
+        eager.append(cuflash.attention(q, k, v, causal=True))
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, ref) for o in replays + eager)
 
 
 def test_params_and_smem_formulas_match_sm90_kernel():

@@ -436,6 +436,11 @@ __device__ __forceinline__ void produce(const ForwardSm90Params& p, const SmemLa
         if (t >= num_tiles) {
             // (the Q barrier is the leader's alone: a thread that polled a parity late could miss a phase)
             if (dynamic && leader) {
+                // Every CTA's leader takes tiles until its first index past the end, so the counter is
+                // incremented num_tiles + (CTAs) times and the last of those increments returns the largest
+                // index: its CTA puts the counter back to zero for the next launch on the stream, which is
+                // how the host can keep one counter per stream instead of zeroing a new one per call.
+                if (t == num_tiles + (int)(gridDim.x * gridDim.y) - 1) *p.a.tile_counter = 0;
 #if CF_VARLEN
                 mbar_wait(sm.q_empty(), (uses & 1) ^ 1);
 #else
