@@ -81,14 +81,18 @@ def bind_backward_of_forward(forward: BoundForward, deterministic: bool, backwar
     bound = _backward.get(backward_key) if backward_key is not None else None
     if bound is not None:
         sigs = backward_key[1]  # (dout, q, k, v, out, lse)'s signatures
-        forward.backwards[deterministic] = (bound, (sigs[0], sigs[4], sigs[5]))
+        if sigs[4][5] == sigs[5][5] == 0:  # (out and lse 16-byte aligned, as run_backward_of_forward checks)
+            forward.backwards[deterministic] = (bound, sigs[0])
 
 
 def run_backward_of_forward(forward: BoundForward, deterministic: bool, dout, q, k, v, out, lse):
-    """(dq, dk, dv) from the bound backward filed with ``forward``, or None (none filed, dout, out or lse
-    unlike the filed call's, or another context current): the general path then runs."""
+    """(dq, dk, dv) from the bound backward filed with ``forward``, or None (none filed, dout unlike the filed
+    call's, out or lse off a 16-byte boundary, or another context current): the general path then runs.
+    out and lse are ``forward``'s outputs, allocated alike every call but for their addresses; this runs on
+    autograd's device thread, where each check costs several times what it does on the caller's."""
     hit = forward.backwards.get(deterministic)
-    if hit is None or torch_signature((dout, out, lse)) != hit[1]:
+    if (hit is None or (out.data_ptr() | lse.data_ptr()) & 15
+            or (dout.__class__, dout.shape, dout.stride(), dout.dtype, dout.device, dout.data_ptr() & 15) != hit[1]):
         return None
     return hit[0].run(dout, q, k, v, out, lse)
 
